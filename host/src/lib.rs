@@ -1,0 +1,11 @@
+//! pagedserve: an LLM server in the spirit of vLLM (PagedAttention, continuous batching) whose
+//! scheduling, sampling and filtering policies are sandboxed WebAssembly components.
+//!
+//! This crate is the native host. Data flows one way: model loading (`model`) and tokenization
+//! (`tokenizer`) feed the runner (`runner`), which runs batches of sequences through the CPU
+//! reference forward (`model::cpu`) over a paged KV cache (`kv_cache`).
+
+pub mod kv_cache;
+pub mod model;
+pub mod runner;
+pub mod tokenizer;

@@ -1,0 +1,5 @@
+//! The `pagedserve` command line.
+
+fn main() {
+    println!("pagedserve");
+}
