@@ -7,5 +7,8 @@
 
 pub mod kv_cache;
 pub mod model;
+pub mod loader;
 pub mod runner;
+pub mod sampling;
+pub mod sched;
 pub mod tokenizer;

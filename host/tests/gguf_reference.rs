@@ -6,44 +6,12 @@
 //! `PAGEDSERVE_REFERENCE`, else `<repo>/../shared/reference/smollm2_subset.json`. A missing
 //! model fails the tests (run `scripts/fetch-model.sh`); nothing is skipped silently.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
 
+use common::{model_path, reference};
 use pagedserve::model::gguf::{GgmlType, GgufFile};
-use serde_json::Value;
-
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn reference_path() -> PathBuf {
-    match std::env::var_os("PAGEDSERVE_REFERENCE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/reference/smollm2_subset.json"
-        )),
-    }
-}
-
-fn model_path() -> PathBuf {
-    match std::env::var_os("PAGEDSERVE_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models")).join(MODEL_FILE),
-    }
-}
-
-fn reference() -> &'static Value {
-    static REF: OnceLock<Value> = OnceLock::new();
-    REF.get_or_init(|| {
-        let path = reference_path();
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "cannot read the reference {} ({e}); set PAGEDSERVE_REFERENCE",
-                path.display()
-            )
-        });
-        serde_json::from_str(&text).expect("reference JSON parses")
-    })
-}
 
 fn model() -> &'static GgufFile {
     static MODEL: OnceLock<GgufFile> = OnceLock::new();

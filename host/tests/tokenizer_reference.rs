@@ -2,64 +2,19 @@
 //! (`shared/reference/smollm2_subset.json`): tokenization ids and round trips, the chat
 //! template, and streaming detokenization of the greedy continuations.
 //!
-//! The reference file is found through `PAGEDSERVE_REFERENCE`, else at
-//! `<repo>/../shared/reference/smollm2_subset.json`. The tokenizer spec comes from
-//! [`load_spec`]. When either is missing the tests print why and pass without checking, unless
-//! `PAGEDSERVE_REQUIRE_REFERENCE=1`, which turns a missing file into a failure.
+//! The tokenizer is built from the default model's GGUF metadata; a missing model or reference
+//! file fails the tests (see `common`).
 
-use std::path::PathBuf;
+mod common;
 
+use pagedserve::model::gguf::GgufFile;
 use pagedserve::tokenizer::{ChatMessage, GgufTokenizerSpec, IncrementalDetokenizer, Tokenizer};
 use serde_json::Value;
 
-fn reference_path() -> PathBuf {
-    match std::env::var_os("PAGEDSERVE_REFERENCE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/reference/smollm2_subset.json"
-        )),
-    }
-}
-
-/// Skip (return `None`) or, with `PAGEDSERVE_REQUIRE_REFERENCE=1`, fail.
-fn missing<T>(what: &str) -> Option<T> {
-    if std::env::var("PAGEDSERVE_REQUIRE_REFERENCE").is_ok_and(|v| v == "1") {
-        panic!("{what} (PAGEDSERVE_REQUIRE_REFERENCE=1)");
-    }
-    eprintln!("skipping: {what}");
-    None
-}
-
-fn reference() -> Option<Value> {
-    let path = reference_path();
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("reference JSON parses")),
-        Err(e) => missing(&format!("cannot read reference {}: {e}", path.display())),
-    }
-}
-
-/// The SmolLM2 GGUF's tokenizer metadata.
-// TODO(main): replace with GgufTokenizerSpec::from_gguf(&GgufFile::open(model)?) on
-// /work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf (or the project's model path). Until the
-// GGUF reader lands this reads a JSON dump of the `tokenizer.ggml.*` keys made with gguf-py
-// (path overridable with PAGEDSERVE_TOKENIZER_SPEC).
-fn load_spec() -> Option<GgufTokenizerSpec> {
-    let path = std::env::var_os("PAGEDSERVE_TOKENIZER_SPEC")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/smollm2_tokenizer_spec.json"));
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("tokenizer spec JSON parses")),
-        Err(e) => missing(&format!(
-            "cannot read tokenizer spec {}: {e}",
-            path.display()
-        )),
-    }
-}
-
 fn setup() -> Option<(Value, Tokenizer)> {
-    let reference = reference()?;
-    let spec = load_spec()?;
+    let reference = common::reference().clone();
+    let file = GgufFile::open(&common::model_path()).expect("opening the default model");
+    let spec = GgufTokenizerSpec::from_gguf(&file).expect("tokenizer metadata");
     assert_eq!(spec.model, "gpt2");
     assert_eq!(spec.pre.as_deref(), Some("smollm"));
     let tok = Tokenizer::from_gguf_spec(&spec).expect("tokenizer builds from the GGUF spec");

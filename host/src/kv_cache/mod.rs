@@ -1,1 +1,68 @@
-//! The paged KV cache: fixed-size blocks of keys and values, addressed through block tables.
+//! The paged KV cache's bookkeeping: the layout every backend stores keys and values in, the pool
+//! of physical blocks that sequences' block tables point into, and the manager that hands them out.
+//!
+//! Layout contract (shared by the CPU and GPU backends): per layer, one key array and one value
+//! array of shape `[num_blocks, num_kv_heads, block_size, head_dim]`. Token `t` of a sequence
+//! lives in block `block_table[t / block_size]` at offset `t % block_size`; its *slot* is
+//! `block * block_size + offset`.
+
+mod block_pool;
+mod manager;
+
+pub use self::block_pool::{BlockHash, BlockId, BlockPool};
+pub use self::manager::{KvCacheManager, PrefixCacheStats, SeqBlocks};
+
+/// Default number of tokens per block, as in vLLM.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheLayout {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheLayout {
+    /// Floats in one layer's key (or value) array.
+    pub fn layer_len(&self) -> usize {
+        self.num_blocks * self.num_kv_heads * self.block_size * self.head_dim
+    }
+
+    /// Index of the first float of (`slot`, `kv_head`) in a layer's array.
+    #[inline]
+    pub fn offset(&self, slot: usize, kv_head: usize) -> usize {
+        let (block, in_block) = (slot / self.block_size, slot % self.block_size);
+        ((block * self.num_kv_heads + kv_head) * self.block_size + in_block) * self.head_dim
+    }
+
+    /// Bytes one block takes over all layers, keys and values, at `bytes_per_value`.
+    pub fn block_bytes(&self, bytes_per_value: usize) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * bytes_per_value
+    }
+
+    /// Blocks needed to hold `num_tokens` tokens.
+    pub fn blocks_for(&self, num_tokens: usize) -> usize {
+        num_tokens.div_ceil(self.block_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_follow_the_layout_contract() {
+        let layout = KvCacheLayout { num_layers: 2, num_blocks: 4, block_size: 16, num_kv_heads: 3, head_dim: 8 };
+        assert_eq!(layout.layer_len(), 4 * 3 * 16 * 8);
+        assert_eq!(layout.offset(0, 0), 0);
+        assert_eq!(layout.offset(1, 0), 8);
+        assert_eq!(layout.offset(0, 1), 16 * 8);
+        // Slot 17 is block 1, offset 1.
+        assert_eq!(layout.offset(17, 2), ((3 + 2) * 16 + 1) * 8);
+        assert_eq!(layout.blocks_for(0), 0);
+        assert_eq!(layout.blocks_for(16), 1);
+        assert_eq!(layout.blocks_for(17), 2);
+    }
+}

@@ -1,4 +1,41 @@
 //! Model definitions and loading: the Llama-family configuration, weight sources (GGUF files,
 //! Hugging Face directories, deterministic dummy weights) and the CPU reference forward.
 
+pub mod config;
+pub mod cpu;
 pub mod gguf;
+pub mod rope;
+pub mod sources;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use self::config::{ModelConfig, RopeScaling};
+pub use self::weights::{LayerWeights, LlamaWeights, Tensor, WeightSource};
+
+/// Errors of model loading, one enum for the subsystem; messages name the file, key or tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    #[error("invalid model file: {0}")]
+    Format(String),
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("tensor `{0}` is missing from the checkpoint")]
+    MissingTensor(String),
+    #[error("invalid forward input: {0}")]
+    Input(String),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io { path: path.to_path_buf(), source }
+    }
+}

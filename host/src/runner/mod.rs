@@ -1,1 +1,7 @@
-//! Batch inputs for a forward pass: token ids, positions, slot mapping and block tables.
+//! Running sequences through the model: batch inputs (token ids, positions, slot mapping, block
+//! tables) and a simple offline generator that drives many sequences through one forward pass.
+
+mod batch;
+pub mod generate;
+
+pub use self::batch::{BatchError, ForwardBatch, SeqInBatch};

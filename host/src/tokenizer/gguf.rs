@@ -79,6 +79,43 @@ pub struct GgufTokenizerSpec {
 }
 
 impl GgufTokenizerSpec {
+    /// Reads the `tokenizer.*` keys of a GGUF file.
+    pub fn from_gguf(file: &crate::model::gguf::GgufFile) -> Result<Self, TokenizerError> {
+        let model = file
+            .get_str("tokenizer.ggml.model")
+            .ok_or_else(|| TokenizerError::InvalidSpec("GGUF: `tokenizer.ggml.model` is missing".into()))?
+            .to_string();
+        let tokens = file
+            .get_str_array("tokenizer.ggml.tokens")
+            .ok_or_else(|| TokenizerError::InvalidSpec("GGUF: `tokenizer.ggml.tokens` is missing".into()))?
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let id = |key: &str| file.get_u64(key).and_then(|v| u32::try_from(v).ok());
+        Ok(GgufTokenizerSpec {
+            model,
+            pre: file.get_str("tokenizer.ggml.pre").map(str::to_string),
+            tokens,
+            token_types: file
+                .get_i64_array("tokenizer.ggml.token_type")
+                .map(|types| types.into_iter().map(|t| t as i32).collect())
+                .unwrap_or_default(),
+            merges: file
+                .get_str_array("tokenizer.ggml.merges")
+                .map(|merges| merges.into_iter().map(str::to_string).collect())
+                .unwrap_or_default(),
+            scores: file.get_f32_array("tokenizer.ggml.scores").unwrap_or_default(),
+            bos_token_id: id("tokenizer.ggml.bos_token_id"),
+            eos_token_id: id("tokenizer.ggml.eos_token_id"),
+            unknown_token_id: id("tokenizer.ggml.unknown_token_id"),
+            padding_token_id: id("tokenizer.ggml.padding_token_id"),
+            add_bos_token: file.get_bool("tokenizer.ggml.add_bos_token"),
+            add_eos_token: file.get_bool("tokenizer.ggml.add_eos_token"),
+            add_space_prefix: file.get_bool("tokenizer.ggml.add_space_prefix"),
+            chat_template: file.get_str("tokenizer.chat_template").map(str::to_string),
+        })
+    }
+
     /// The token type of `id`, [`token_type::NORMAL`] when the GGUF has no type array.
     pub fn token_type(&self, id: usize) -> i32 {
         self.token_types

@@ -33,7 +33,7 @@ pub fn dequantize(
 ) -> Result<(), GgufError> {
     let (bs, ts) = (ty.block_size(), ty.type_size());
     let size_err = |detail: String| GgufError::DequantSize { ty, detail };
-    if n_elements % bs != 0 {
+    if !n_elements.is_multiple_of(bs) {
         return Err(size_err(format!(
             "{n_elements} elements is not a multiple of the block size {bs}"
         )));

@@ -190,7 +190,7 @@ fn check_tensor(
     let n_bytes = (n_elements / ty.block_size())
         .checked_mul(ty.type_size())
         .ok_or_else(|| bad_tensor(&t.name, format!("shape {:?} has too many bytes", t.shape)))?;
-    if t.offset % alignment != 0 {
+    if !t.offset.is_multiple_of(alignment) {
         return Err(bad_tensor(
             &t.name,
             format!(

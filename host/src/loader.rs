@@ -1,0 +1,124 @@
+//! Loading what a model path names: a GGUF file, a Hugging Face directory, or a configuration
+//! for dummy weights; and the tokenizer that comes with it. This is an edge of the program, so it
+//! speaks `anyhow` and adds the path to every error.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+use crate::model::cpu::CpuModel;
+use crate::model::gguf::GgufFile;
+use crate::model::sources::{DummySource, GgufSource, SafetensorsSource};
+use crate::model::{LlamaWeights, ModelConfig};
+use crate::tokenizer::{GgufTokenizerSpec, Tokenizer};
+
+/// File name of the embedded default model, under `models/` of the repository.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormat {
+    /// A `.gguf` file is GGUF; a directory is a Hugging Face checkpoint.
+    Auto,
+    Gguf,
+    Safetensors,
+    /// Random weights of the shape the path's config describes (GGUF metadata or config.json).
+    Dummy,
+}
+
+pub struct LoadedModel {
+    /// A short name for the API (`/v1/models`) and metrics.
+    pub name: String,
+    pub model: CpuModel,
+    /// `None` only for dummy weights described by a bare `config.json`.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// The default model's path: `$PAGEDSERVE_MODEL`, else `models/<DEFAULT_MODEL_FILE>` under the
+/// current directory or under the repository this binary was built from.
+pub fn default_model_path() -> PathBuf {
+    if let Ok(path) = std::env::var("PAGEDSERVE_MODEL") {
+        return PathBuf::from(path);
+    }
+    let local = Path::new("models").join(DEFAULT_MODEL_FILE);
+    if local.exists() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models").join(DEFAULT_MODEL_FILE)
+}
+
+pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
+    let started = Instant::now();
+    let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+    let format = match format {
+        LoadFormat::Auto if is_gguf => LoadFormat::Gguf,
+        LoadFormat::Auto if path.is_dir() => LoadFormat::Safetensors,
+        LoadFormat::Auto => bail!(
+            "{}: not a .gguf file or a model directory (is the model fetched? run scripts/fetch-model.sh)",
+            path.display()
+        ),
+        other => other,
+    };
+    let name = model_name(path);
+    let loaded = match format {
+        LoadFormat::Gguf | LoadFormat::Dummy if is_gguf => {
+            let file = GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let tokenizer = Tokenizer::from_gguf_spec(&GgufTokenizerSpec::from_gguf(&file)?)
+                .with_context(|| format!("building the tokenizer of {}", path.display()))?;
+            let source = GgufSource::from_file(file)?;
+            let config = source.config()?;
+            let weights = if format == LoadFormat::Dummy {
+                LlamaWeights::load(&config, &DummySource::new(0))?
+            } else {
+                LlamaWeights::load(&config, &source)?
+            };
+            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer: Some(tokenizer) }
+        }
+        LoadFormat::Gguf => bail!("{}: --load-format gguf needs a .gguf file", path.display()),
+        LoadFormat::Safetensors | LoadFormat::Dummy => {
+            let (dir, config_path) = if path.is_dir() {
+                (path.to_path_buf(), path.join("config.json"))
+            } else {
+                (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
+            };
+            let json: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", config_path.display()))?;
+            let config = ModelConfig::from_hf_json(&json).with_context(|| config_path.display().to_string())?;
+            let weights = if format == LoadFormat::Dummy {
+                LlamaWeights::load(&config, &DummySource::new(0))?
+            } else {
+                LlamaWeights::load(&config, &SafetensorsSource::open(&dir)?)
+                    .with_context(|| format!("loading weights from {}", dir.display()))?
+            };
+            let tokenizer_json = dir.join("tokenizer.json");
+            let tokenizer = if tokenizer_json.exists() {
+                let tokenizer_config = dir.join("tokenizer_config.json");
+                Some(
+                    Tokenizer::from_file(&tokenizer_json, tokenizer_config.exists().then_some(tokenizer_config.as_path()))
+                        .with_context(|| format!("loading {}", tokenizer_json.display()))?,
+                )
+            } else if format == LoadFormat::Dummy {
+                None
+            } else {
+                bail!("{}: tokenizer.json is missing", dir.display());
+            };
+            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer }
+        }
+        LoadFormat::Auto => unreachable!("resolved above"),
+    };
+    tracing::info!(
+        model = %loaded.name,
+        parameters = loaded.model.config().num_parameters(),
+        seconds = started.elapsed().as_secs_f32(),
+        "model loaded"
+    );
+    Ok(loaded)
+}
+
+/// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`; a directory -> its name.
+fn model_name(path: &Path) -> String {
+    let stem = if path.is_dir() { path.file_name() } else { path.file_stem() };
+    stem.map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string())
+}

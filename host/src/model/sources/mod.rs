@@ -1,0 +1,10 @@
+//! Weight sources: each maps Hugging Face tensor names onto one storage format and hands back
+//! float32 tensors in Hugging Face's layout (see `weights::WeightSource`).
+
+mod dummy;
+mod gguf;
+mod safetensors;
+
+pub use self::dummy::DummySource;
+pub use self::gguf::GgufSource;
+pub use self::safetensors::SafetensorsSource;

@@ -1,0 +1,109 @@
+//! Hugging Face checkpoints: every `*.safetensors` file of a model directory (one file or many
+//! shards), memory-mapped, in float32, float16 or bfloat16, converted to float32 on load.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::model::{ModelError, Tensor, WeightSource};
+
+pub struct SafetensorsSource {
+    files: Vec<(PathBuf, Mmap)>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsSource {
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(ModelError::Format(format!("no *.safetensors file in {}", dir.display())));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: the map is read-only and the file is not expected to change while we run;
+            // this is how every safetensors loader reads checkpoints.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let names = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?
+                .1
+                .tensors()
+                .into_keys()
+                .collect::<Vec<_>>();
+            for name in names {
+                index.insert(name, i);
+            }
+            files.push((path, mmap));
+        }
+        Ok(SafetensorsSource { files, index })
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn load(&self, hf_name: &str, _expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
+        let Some(&file_index) = self.index.get(hf_name) else {
+            return Ok(None);
+        };
+        let (path, mmap) = &self.files[file_index];
+        let tensors = SafeTensors::deserialize(mmap)
+            .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
+        let view = tensors
+            .tensor(hf_name)
+            .map_err(|e| ModelError::Format(format!("{}: `{hf_name}`: {e}", path.display())))?;
+        let bytes = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "`{hf_name}` in {} has dtype {other:?} (supported: F32, F16, BF16)",
+                    path.display()
+                )))
+            }
+        };
+        Tensor::new(view.shape().to_vec(), data).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    #[test]
+    fn reads_sharded_mixed_dtypes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f32_bytes: Vec<u8> = [1.0f32, -2.5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf16_bytes: Vec<u8> = [0.5f32, 3.0, -1.0]
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let a = TensorView::new(Dtype::F32, vec![2], &f32_bytes).unwrap();
+        let b = TensorView::new(Dtype::BF16, vec![1, 3], &bf16_bytes).unwrap();
+        safetensors::serialize_to_file([("a", a)], None, &dir.path().join("model-00001.safetensors")).unwrap();
+        safetensors::serialize_to_file([("b", b)], None, &dir.path().join("model-00002.safetensors")).unwrap();
+
+        let source = SafetensorsSource::open(dir.path()).unwrap();
+        assert_eq!(source.load("a", &[2]).unwrap().unwrap().data, vec![1.0, -2.5]);
+        let b = source.load("b", &[1, 3]).unwrap().unwrap();
+        assert_eq!((b.shape, b.data), (vec![1, 3], vec![0.5, 3.0, -1.0]));
+        assert!(source.load("missing", &[1]).unwrap().is_none());
+    }
+}

@@ -1,0 +1,139 @@
+//! One forward pass's inputs: the new tokens of every sequence in the batch (prefill chunks and
+//! decode tokens alike), their positions, the cache slot each token's key and value go to, and
+//! each sequence's block table.
+//!
+//! Invariants (checked by `push_seq`): a sequence's block table covers every position it writes
+//! and reads; its new tokens take positions `start_pos..start_pos + len`, and attention for the
+//! token at position `p` reads positions `0..=p` of the same sequence from the cache.
+
+use std::ops::Range;
+
+use crate::kv_cache::BlockId;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BatchError {
+    #[error("sequence {seq}: block table of {blocks} blocks cannot hold {tokens} tokens at block size {block_size}")]
+    BlockTableTooShort { seq: usize, blocks: usize, tokens: usize, block_size: usize },
+    #[error("sequence {seq}: a chunk needs at least one token")]
+    EmptyChunk { seq: usize },
+    #[error("sequence {seq}: block id {block} is outside the pool of {num_blocks} blocks")]
+    BlockOutOfRange { seq: usize, block: BlockId, num_blocks: usize },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqInBatch {
+    /// This sequence's tokens in the batch's flat token list.
+    pub tokens: Range<usize>,
+    /// Tokens of this sequence already in the cache before this pass (its first new position).
+    pub start_pos: usize,
+    pub block_table: Vec<BlockId>,
+}
+
+impl SeqInBatch {
+    /// Tokens in the cache after this pass.
+    pub fn context_len(&self) -> usize {
+        self.start_pos + self.tokens.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardBatch {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Cache slot of each token (`block * block_size + offset`).
+    pub slot_mapping: Vec<u32>,
+    /// Index into `seqs` of each token.
+    pub token_seq: Vec<u32>,
+    pub seqs: Vec<SeqInBatch>,
+    /// Tokens whose logits the caller wants, in order (usually each sequence's last token).
+    pub logits_rows: Vec<usize>,
+}
+
+impl ForwardBatch {
+    pub fn new(block_size: usize, num_blocks: usize) -> Self {
+        ForwardBatch {
+            block_size,
+            num_blocks,
+            token_ids: Vec::new(),
+            positions: Vec::new(),
+            slot_mapping: Vec::new(),
+            token_seq: Vec::new(),
+            seqs: Vec::new(),
+            logits_rows: Vec::new(),
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Adds a sequence's chunk: `new_tokens` at positions `start_pos..`. If `want_logits`, the
+    /// logits of its last token are computed. Returns the sequence's index in the batch.
+    pub fn push_seq(
+        &mut self,
+        new_tokens: &[u32],
+        start_pos: usize,
+        block_table: &[BlockId],
+        want_logits: bool,
+    ) -> Result<usize, BatchError> {
+        let seq = self.seqs.len();
+        if new_tokens.is_empty() {
+            return Err(BatchError::EmptyChunk { seq });
+        }
+        let end = start_pos + new_tokens.len();
+        if block_table.len() * self.block_size < end {
+            return Err(BatchError::BlockTableTooShort {
+                seq,
+                blocks: block_table.len(),
+                tokens: end,
+                block_size: self.block_size,
+            });
+        }
+        if let Some(&block) = block_table.iter().find(|&&b| b as usize >= self.num_blocks) {
+            return Err(BatchError::BlockOutOfRange { seq, block, num_blocks: self.num_blocks });
+        }
+        let first = self.token_ids.len();
+        for (i, &token) in new_tokens.iter().enumerate() {
+            let pos = start_pos + i;
+            let block = block_table[pos / self.block_size] as usize;
+            self.token_ids.push(token);
+            self.positions.push(pos as u32);
+            self.slot_mapping.push((block * self.block_size + pos % self.block_size) as u32);
+            self.token_seq.push(seq as u32);
+        }
+        if want_logits {
+            self.logits_rows.push(self.token_ids.len() - 1);
+        }
+        self.seqs.push(SeqInBatch { tokens: first..self.token_ids.len(), start_pos, block_table: block_table.to_vec() });
+        Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_mapping_follows_block_tables() {
+        let mut batch = ForwardBatch::new(4, 16);
+        // A prefill chunk of 6 tokens in blocks [7, 2], then a decode token at position 9 in [3, 5, 11].
+        batch.push_seq(&[10, 11, 12, 13, 14, 15], 0, &[7, 2], true).unwrap();
+        batch.push_seq(&[99], 9, &[3, 5, 11], true).unwrap();
+        assert_eq!(batch.positions, vec![0, 1, 2, 3, 4, 5, 9]);
+        assert_eq!(batch.slot_mapping, vec![28, 29, 30, 31, 8, 9, 45]);
+        assert_eq!(batch.token_seq, vec![0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(batch.logits_rows, vec![5, 6]);
+        assert_eq!(batch.seqs[1].context_len(), 10);
+    }
+
+    #[test]
+    fn rejects_short_block_tables_and_bad_ids() {
+        let mut batch = ForwardBatch::new(4, 8);
+        assert!(matches!(batch.push_seq(&[1; 5], 0, &[0], false), Err(BatchError::BlockTableTooShort { .. })));
+        assert!(matches!(batch.push_seq(&[1], 0, &[8], false), Err(BatchError::BlockOutOfRange { .. })));
+        assert!(matches!(batch.push_seq(&[], 0, &[0], false), Err(BatchError::EmptyChunk { .. })));
+        assert_eq!(batch.num_tokens(), 0);
+    }
+}

@@ -1,0 +1,13 @@
+//! Native sampling: turns one sequence's logits into its next token under the request's
+//! `SamplingParams` (greedy, temperature, top-k, top-p, min-p, presence / frequency / repetition
+//! penalties, logit bias, seeded randomness) and reports log-probabilities.
+//!
+//! Determinism: each sequence owns its random generator, seeded from the request's `seed` (and the
+//! sample's index for `n > 1`), so a seeded request draws the same tokens whatever else shares its
+//! batch.
+
+mod params;
+mod sampler;
+
+pub use self::params::{SamplingParams, SamplingParamsError};
+pub use self::sampler::{argmax, log_softmax_f64, Sampled, SequenceSampler, TokenLogprob};

@@ -1,0 +1,422 @@
+//! The scheduling mechanism: every engine step it asks the policy for a ranking of all sequences,
+//! then walks it, giving each sequence the tokens it needs next (a prefill chunk or one decode
+//! token) under the step's token budget and sequence limit, and the KV blocks to hold them.
+//! When blocks run out, the lowest-ranked running sequences are preempted (recompute: their
+//! blocks are freed and they start over later, with identical output).
+//!
+//! vLLM V1's rule drives it: a sequence has `num_computed` tokens catching up with its token
+//! count; prefill, chunked prefill, decode and resumption after preemption are all that one rule.
+
+mod policy;
+
+use std::collections::HashMap;
+
+pub use self::policy::{
+    fcfs_ranking, native_policy, validate_ranking, Budget, Fcfs, PolicyError, Priority, SchedulingPolicy, SeqId,
+    SeqView,
+};
+use crate::kv_cache::{BlockId, KvCacheManager, SeqBlocks};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most sequences holding KV blocks at once.
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step (prefill chunks plus decode tokens).
+    pub max_num_batched_tokens: usize,
+}
+
+/// One sequence as the scheduler keeps it.
+#[derive(Debug)]
+pub struct SchedSeq {
+    pub id: SeqId,
+    pub priority: i32,
+    pub tenant: String,
+    pub arrival: u64,
+    /// Prompt, then generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Tokens whose keys and values are in the cache.
+    pub num_computed: usize,
+    pub max_tokens: usize,
+    pub blocks: SeqBlocks,
+    pub running: bool,
+    pub num_preemptions: u32,
+}
+
+impl SchedSeq {
+    pub fn new(id: SeqId, tokens: Vec<u32>, max_tokens: usize, priority: i32, tenant: String, arrival: u64) -> Self {
+        SchedSeq {
+            id,
+            priority,
+            tenant,
+            arrival,
+            prompt_len: tokens.len(),
+            tokens,
+            num_computed: 0,
+            max_tokens,
+            blocks: SeqBlocks::default(),
+            running: false,
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn num_generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: SeqId,
+    /// First position computed in this step.
+    pub start: usize,
+    pub num_new: usize,
+    /// This step reaches the sequence's last token, so its logits are sampled.
+    pub samples: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct SchedulerOutput {
+    pub scheduled: Vec<ScheduledSeq>,
+    pub preempted: Vec<SeqId>,
+    /// Copy-on-write block copies the backend must make before the forward pass.
+    pub copies: Vec<(BlockId, BlockId)>,
+    pub num_tokens: usize,
+    /// Set when the policy's answer was rejected and FCFS was used instead.
+    pub policy_fault: Option<PolicyError>,
+}
+
+pub struct Scheduler {
+    config: SchedulerConfig,
+    policy: Box<dyn SchedulingPolicy>,
+    seqs: HashMap<SeqId, SchedSeq>,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig, policy: Box<dyn SchedulingPolicy>) -> Self {
+        Scheduler { config, policy, seqs: HashMap::new() }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    pub fn policy_name(&self) -> &str {
+        self.policy.name()
+    }
+
+    /// Replaces the policy between steps; returns the previous one.
+    pub fn set_policy(&mut self, policy: Box<dyn SchedulingPolicy>) -> Box<dyn SchedulingPolicy> {
+        std::mem::replace(&mut self.policy, policy)
+    }
+
+    pub fn add(&mut self, seq: SchedSeq) {
+        let previous = self.seqs.insert(seq.id, seq);
+        assert!(previous.is_none(), "sequence id reused");
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&SchedSeq> {
+        self.seqs.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: SeqId) -> Option<&mut SchedSeq> {
+        self.seqs.get_mut(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.seqs.values().filter(|s| s.running).count()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.seqs.len() - self.num_running()
+    }
+
+    /// Takes a sequence out (finished or aborted) and gives its blocks back.
+    pub fn remove(&mut self, id: SeqId, kv: &mut KvCacheManager) -> Option<SchedSeq> {
+        let mut seq = self.seqs.remove(&id)?;
+        kv.free(&mut seq.blocks);
+        Some(seq)
+    }
+
+    /// A running copy of `parent` under `id` that shares its blocks (the `n` samples of a request).
+    pub fn fork(&mut self, parent: SeqId, id: SeqId, kv: &mut KvCacheManager) {
+        let p = &self.seqs[&parent];
+        let child = SchedSeq {
+            id,
+            priority: p.priority,
+            tenant: p.tenant.clone(),
+            arrival: p.arrival,
+            tokens: p.tokens.clone(),
+            prompt_len: p.prompt_len,
+            num_computed: p.num_computed,
+            max_tokens: p.max_tokens,
+            blocks: kv.fork(&p.blocks),
+            running: p.running,
+            num_preemptions: 0,
+        };
+        self.add(child);
+    }
+
+    fn views(seqs: &HashMap<SeqId, SchedSeq>) -> Vec<SeqView<'_>> {
+        seqs.values()
+            .map(|s| SeqView {
+                id: s.id,
+                priority: s.priority,
+                tenant: &s.tenant,
+                arrival: s.arrival,
+                prompt_tokens: s.prompt_len as u32,
+                computed_tokens: s.num_computed as u32,
+                generated_tokens: s.num_generated() as u32,
+                max_tokens: s.max_tokens as u32,
+                blocks_held: s.blocks.num_blocks() as u32,
+                running: s.running,
+            })
+            .collect()
+    }
+
+    /// Decides this step's batch.
+    pub fn schedule(&mut self, kv: &mut KvCacheManager) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        if self.seqs.is_empty() {
+            return out;
+        }
+        let budget = Budget {
+            free_blocks: kv.num_free_blocks() as u32,
+            total_blocks: kv.num_blocks() as u32,
+            block_size: kv.block_size() as u32,
+            token_budget: self.config.max_num_batched_tokens as u32,
+            max_seqs: self.config.max_num_seqs as u32,
+        };
+        let ranking = {
+            let views = Self::views(&self.seqs);
+            match self.policy.rank(&views, &budget).and_then(|r| validate_ranking(&views, &r).map(|()| r)) {
+                Ok(ranking) => ranking,
+                Err(fault) => {
+                    out.policy_fault = Some(fault);
+                    fcfs_ranking(&views)
+                }
+            }
+        };
+
+        let mut token_budget = self.config.max_num_batched_tokens;
+        let mut slots = self.config.max_num_seqs;
+        // Sequences at `tail` and beyond are out of this step (preempted, or not admissible).
+        let mut tail = ranking.len();
+        let mut pos = 0;
+        while pos < tail {
+            let id = ranking[pos];
+            pos += 1;
+            let seq = self.seqs.get_mut(&id).expect("validated ranking");
+            if slots == 0 {
+                if seq.running {
+                    Self::preempt(seq, kv);
+                    out.preempted.push(id);
+                }
+                continue;
+            }
+            if !seq.running && token_budget == 0 {
+                continue;
+            }
+            if !seq.running && seq.blocks.num_blocks() == 0 {
+                seq.num_computed = kv.match_prefix(&mut seq.blocks, &seq.tokens);
+            }
+            let num_new = (seq.tokens.len() - seq.num_computed).min(token_budget);
+            let admitted = num_new == 0
+                || loop {
+                    let seq = self.seqs.get_mut(&id).unwrap();
+                    let total = seq.num_computed + num_new;
+                    if kv.allocate(&mut seq.blocks, seq.num_computed, total, &mut out.copies) {
+                        break true;
+                    }
+                    // Out of blocks: the lowest-ranked running sequence below this one yields.
+                    let victim = (pos..tail).rev().find(|&i| self.seqs[&ranking[i]].running);
+                    match victim {
+                        Some(i) => {
+                            let victim_seq = self.seqs.get_mut(&ranking[i]).unwrap();
+                            Self::preempt(victim_seq, kv);
+                            out.preempted.push(ranking[i]);
+                            tail = i;
+                        }
+                        None => break false,
+                    }
+                };
+            let seq = self.seqs.get_mut(&id).unwrap();
+            if !admitted {
+                if seq.running {
+                    Self::preempt(seq, kv);
+                    out.preempted.push(id);
+                } else {
+                    // Give back the prefix-cache hits it took; it stays waiting.
+                    kv.free(&mut seq.blocks);
+                    seq.num_computed = 0;
+                }
+                continue;
+            }
+            if num_new == 0 {
+                // Running, but no token budget left this step: it keeps its slot and blocks.
+                slots -= 1;
+                continue;
+            }
+            seq.running = true;
+            slots -= 1;
+            token_budget -= num_new;
+            out.num_tokens += num_new;
+            out.scheduled.push(ScheduledSeq {
+                id,
+                start: seq.num_computed,
+                num_new,
+                samples: seq.num_computed + num_new == seq.tokens.len(),
+            });
+        }
+        out
+    }
+
+    fn preempt(seq: &mut SchedSeq, kv: &mut KvCacheManager) {
+        kv.free(&mut seq.blocks);
+        seq.num_computed = 0;
+        seq.running = false;
+        seq.num_preemptions += 1;
+    }
+
+    /// Records that the scheduled tokens were computed (their keys and values are cached).
+    pub fn step_done(&mut self, output: &SchedulerOutput, kv: &mut KvCacheManager) {
+        for s in &output.scheduled {
+            if let Some(seq) = self.seqs.get_mut(&s.id) {
+                seq.num_computed = s.start + s.num_new;
+                kv.commit(&mut seq.blocks, &seq.tokens, seq.num_computed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerConfig {
+        SchedulerConfig { max_num_seqs, max_num_batched_tokens }
+    }
+
+    fn seq(id: SeqId, prompt_len: usize, priority: i32) -> SchedSeq {
+        SchedSeq::new(id, (0..prompt_len as u32).map(|t| t + id as u32 * 1000).collect(), 100, priority, String::new(), id)
+    }
+
+    /// Runs a step as the engine would: every sampling sequence appends a token.
+    fn step(s: &mut Scheduler, kv: &mut KvCacheManager) -> SchedulerOutput {
+        let out = s.schedule(kv);
+        s.step_done(&out, kv);
+        for sch in &out.scheduled {
+            if sch.samples {
+                s.get_mut(sch.id).unwrap().tokens.push(7);
+            }
+        }
+        kv.check_invariants();
+        out
+    }
+
+    #[test]
+    fn chunked_prefill_under_the_token_budget_then_decode() {
+        let mut kv = KvCacheManager::new(32, 4, false);
+        let mut s = Scheduler::new(config(8, 8), Box::new(Fcfs));
+        s.add(seq(1, 10, 0));
+        s.add(seq(2, 3, 0));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![ScheduledSeq { id: 1, start: 0, num_new: 8, samples: false }]);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(
+            out.scheduled,
+            vec![
+                ScheduledSeq { id: 1, start: 8, num_new: 2, samples: true },
+                ScheduledSeq { id: 2, start: 0, num_new: 3, samples: true },
+            ]
+        );
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.num_tokens, 2, "two decode tokens");
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_lowest_ranked_and_it_resumes_later() {
+        // 4 blocks of 4 tokens; two sequences of 7 tokens each need 2 blocks, then a third.
+        let mut kv = KvCacheManager::new(4, 4, false);
+        let mut s = Scheduler::new(config(8, 64), Box::new(Fcfs));
+        s.add(seq(1, 7, 0));
+        s.add(seq(2, 7, 0));
+        step(&mut s, &mut kv); // both prefilled, 8 tokens each now
+        let out = step(&mut s, &mut kv); // decode at position 7: still fits
+        assert!(out.preempted.is_empty());
+        // Position 8 needs a third block each: only seq 1 can have it, seq 2 (newer) yields.
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.preempted, vec![2]);
+        assert_eq!(out.scheduled.len(), 1);
+        assert!(!s.get(2).unwrap().running && s.get(2).unwrap().num_computed == 0);
+        // Once seq 1 finishes, seq 2 recomputes everything it had.
+        s.remove(1, &mut kv);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![ScheduledSeq { id: 2, start: 0, num_new: 9, samples: true }]);
+        s.remove(2, &mut kv);
+        assert_eq!(kv.num_free_blocks(), 4);
+    }
+
+    #[test]
+    fn priority_policy_preempts_for_a_more_urgent_arrival_when_slots_are_full() {
+        let mut kv = KvCacheManager::new(64, 4, false);
+        let mut s = Scheduler::new(config(2, 64), Box::new(Priority));
+        s.add(seq(1, 4, 5));
+        s.add(seq(2, 4, 5));
+        step(&mut s, &mut kv);
+        s.add(seq(3, 4, 0)); // more urgent, arrives last
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.preempted, vec![2]);
+        let ids: Vec<SeqId> = out.scheduled.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![3, 1]);
+    }
+
+    struct Garbage;
+    impl SchedulingPolicy for Garbage {
+        fn name(&self) -> &str {
+            "garbage"
+        }
+        fn rank(&mut self, _: &[SeqView<'_>], _: &Budget) -> Result<Vec<SeqId>, PolicyError> {
+            Ok(vec![42, 42])
+        }
+    }
+
+    #[test]
+    fn an_invalid_ranking_falls_back_to_fcfs() {
+        let mut kv = KvCacheManager::new(8, 4, false);
+        let mut s = Scheduler::new(config(8, 64), Box::new(Garbage));
+        s.add(seq(1, 3, 0));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.policy_fault, Some(PolicyError::UnknownId(42)));
+        assert_eq!(out.scheduled.len(), 1);
+    }
+
+    #[test]
+    fn prefix_hits_skip_computed_tokens_and_forks_share_blocks() {
+        let mut kv = KvCacheManager::new(16, 4, true);
+        let mut s = Scheduler::new(config(8, 64), Box::new(Fcfs));
+        s.add(seq(1, 9, 0));
+        step(&mut s, &mut kv);
+        let shared_prompt = s.get(1).unwrap().tokens[..9].to_vec();
+        s.add(SchedSeq::new(2, shared_prompt, 100, 0, String::new(), 2));
+        let out = step(&mut s, &mut kv);
+        let second = out.scheduled.iter().find(|x| x.id == 2).unwrap();
+        assert_eq!((second.start, second.num_new), (8, 1), "two full blocks came from the cache");
+
+        s.fork(2, 3, &mut kv);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.copies.len(), 1, "the fork copies the shared partial block on its first write");
+        for id in [1, 2, 3] {
+            s.remove(id, &mut kv);
+        }
+        assert_eq!(kv.num_free_blocks(), 16);
+    }
+}

@@ -1,0 +1,61 @@
+//! `pagedserve generate` on the real default model: the greedy continuations of the reference
+//! prompts, text and ids, through the real binary.
+
+use std::process::Command;
+
+use pagedserve_tests::{binary, ids, model_path, reference};
+
+fn generate(args: &[&str]) -> (String, String) {
+    let output = Command::new(binary())
+        .arg("generate")
+        .arg("--model")
+        .arg(model_path())
+        .args(args)
+        .output()
+        .expect("running pagedserve");
+    let stdout = String::from_utf8(output.stdout).expect("utf-8 output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "pagedserve generate failed: {stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn plain_and_chat_prompts_give_the_reference_continuations() {
+    let reference = reference();
+    for prompt in reference["greedy"]["prompts"].as_array().unwrap() {
+        let expected = ids(&prompt["new_ids"]);
+        let max_tokens = expected.len().to_string();
+        let mut args = vec!["--max-tokens", &max_tokens, "--ignore-eos", "--print-ids"];
+        let text = if prompt["kind"] == "chat" {
+            args.push("--chat");
+            prompt["messages"][0]["content"].as_str().unwrap()
+        } else {
+            prompt["prompt_text"].as_str().unwrap()
+        };
+        args.extend(["--prompt", text]);
+        let (stdout, _) = generate(&args);
+        let ids_line = stdout.lines().last().unwrap();
+        assert_eq!(ids_line, format!("{expected:?}"), "{text:?}");
+        // The streamed text is the reference text with special tokens skipped.
+        let streamed = &stdout[..stdout.len() - ids_line.len() - 1];
+        assert_eq!(streamed.trim_end_matches('\n'), prompt["new_text_skip_special"].as_str().unwrap().trim_end_matches('\n'));
+    }
+}
+
+#[test]
+fn generation_stops_at_end_of_sequence() {
+    let (stdout, stderr) = generate(&["--chat", "--prompt", "What is the capital of France?", "--max-tokens", "32"]);
+    assert_eq!(stdout.trim_end(), "The capital of France is Paris.");
+    assert!(stderr.contains("8 generated"), "stops after <|im_end|>: {stderr}");
+}
+
+#[test]
+fn a_missing_model_is_a_clear_error() {
+    let output = Command::new(binary())
+        .args(["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
+}
