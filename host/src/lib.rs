@@ -7,7 +7,9 @@
 
 pub mod kv_cache;
 pub mod model;
+pub mod engine;
 pub mod loader;
+pub mod metrics;
 pub mod runner;
 pub mod sampling;
 pub mod sched;

@@ -1,7 +1,9 @@
 //! Running sequences through the model: batch inputs (token ids, positions, slot mapping, block
 //! tables) and a simple offline generator that drives many sequences through one forward pass.
 
+mod backend;
 mod batch;
 pub mod generate;
 
+pub use self::backend::{CpuBackend, ModelBackend};
 pub use self::batch::{BatchError, ForwardBatch, SeqInBatch};

@@ -11,6 +11,11 @@ pub struct CpuKvCache {
 }
 
 impl CpuKvCache {
+    /// Bytes of cache memory for `layout` (float32 keys and values).
+    pub fn bytes_for(layout: &KvCacheLayout) -> usize {
+        layout.block_bytes(4) * layout.num_blocks
+    }
+
     pub fn new(layout: KvCacheLayout) -> Self {
         let layer = || vec![0.0f32; layout.layer_len()];
         CpuKvCache {
@@ -31,6 +36,14 @@ impl CpuKvCache {
             let at = self.layout.offset(slot, kv_head);
             self.keys[layer][at..at + hd].copy_from_slice(&keys[kv_head * hd..(kv_head + 1) * hd]);
             self.values[layer][at..at + hd].copy_from_slice(&values[kv_head * hd..(kv_head + 1) * hd]);
+        }
+    }
+
+    /// Copies block `src` over block `dst` in every layer (copy-on-write of a shared block).
+    pub fn copy_block(&mut self, src: usize, dst: usize) {
+        let len = self.layout.num_kv_heads * self.layout.block_size * self.layout.head_dim;
+        for array in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            array.copy_within(src * len..(src + 1) * len, dst * len);
         }
     }
 

@@ -1,0 +1,399 @@
+//! The engine core: one `step` schedules a batch, runs the model, samples, and turns new tokens
+//! into stream events. It owns the scheduler, the KV-cache manager, the backend and every live
+//! request; it runs on the engine thread and never awaits.
+//!
+//! Requests and sequences: a request has `n` samples; each sample is a sequence in the scheduler.
+//! A request starts as one sequence; when its prompt is prefilled, the other `n - 1` samples are
+//! forked from it and share its prompt blocks (copy-on-write), each drawing its first token from
+//! the same logits with its own generator.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::output::TextStream;
+use super::request::{FinishReason, GenerateRequest, RequestId, RequestTimings, StopReason, StreamEvent, Usage};
+use super::EngineError;
+use crate::kv_cache::KvCacheManager;
+use crate::metrics::Metrics;
+use crate::runner::{ForwardBatch, ModelBackend};
+use crate::sampling::{Sampled, SequenceSampler};
+use crate::sched::{SchedSeq, Scheduler, SchedulerOutput, SchedulingPolicy, SeqId};
+use crate::tokenizer::Tokenizer;
+
+struct RequestState {
+    events: UnboundedSender<StreamEvent>,
+    request: GenerateRequest,
+    /// Sequence of each sample; a sample not yet forked has no entry.
+    samples: Vec<SeqId>,
+    finished_samples: usize,
+    completion_tokens: usize,
+    arrival: Instant,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+struct SampleState {
+    request: RequestId,
+    index: usize,
+    sampler: SequenceSampler,
+    text: TextStream,
+    last_token_at: Option<Instant>,
+}
+
+pub struct EngineCore {
+    backend: Box<dyn ModelBackend>,
+    tokenizer: Arc<Tokenizer>,
+    metrics: Arc<Metrics>,
+    scheduler: Scheduler,
+    kv: KvCacheManager,
+    requests: HashMap<RequestId, RequestState>,
+    samples: HashMap<SeqId, SampleState>,
+    next_seq: SeqId,
+    next_arrival: u64,
+    max_model_len: usize,
+    /// End-of-sequence tokens of the model (honoured unless `ignore_eos`).
+    eos_tokens: Vec<u32>,
+    last_prefix_stats: crate::kv_cache::PrefixCacheStats,
+}
+
+impl EngineCore {
+    pub fn new(
+        backend: Box<dyn ModelBackend>,
+        tokenizer: Arc<Tokenizer>,
+        metrics: Arc<Metrics>,
+        scheduler: Scheduler,
+        prefix_caching: bool,
+        max_model_len: usize,
+    ) -> Self {
+        let layout = *backend.kv_layout();
+        let eos_tokens = tokenizer.eos_token_ids().to_vec();
+        EngineCore {
+            backend,
+            tokenizer,
+            metrics,
+            scheduler,
+            kv: KvCacheManager::new(layout.num_blocks, layout.block_size, prefix_caching),
+            requests: HashMap::new(),
+            samples: HashMap::new(),
+            next_seq: 0,
+            next_arrival: 0,
+            max_model_len,
+            eos_tokens,
+            last_prefix_stats: Default::default(),
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.scheduler.is_empty()
+    }
+
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn num_waiting_requests(&self) -> usize {
+        self.requests.values().filter(|r| r.first_scheduled.is_none()).count()
+    }
+
+    pub fn kv_usage(&self) -> f64 {
+        self.kv.usage()
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.kv.num_free_blocks()
+    }
+
+    pub fn set_policy(&mut self, policy: Box<dyn SchedulingPolicy>) -> Box<dyn SchedulingPolicy> {
+        self.scheduler.set_policy(policy)
+    }
+
+    pub fn add_request(&mut self, id: RequestId, request: GenerateRequest, events: UnboundedSender<StreamEvent>) {
+        let seq_id = self.new_seq_id();
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let seq = SchedSeq::new(
+            seq_id,
+            request.prompt_tokens.clone(),
+            request.max_tokens,
+            request.priority,
+            request.tenant.clone(),
+            arrival,
+        );
+        self.samples.insert(seq_id, self.sample_state(id, 0, &request));
+        self.scheduler.add(seq);
+        self.requests.insert(
+            id,
+            RequestState {
+                events,
+                request,
+                samples: vec![seq_id],
+                finished_samples: 0,
+                completion_tokens: 0,
+                arrival: Instant::now(),
+                first_scheduled: None,
+                first_token: None,
+            },
+        );
+    }
+
+    fn new_seq_id(&mut self) -> SeqId {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn sample_state(&self, request: RequestId, index: usize, r: &GenerateRequest) -> SampleState {
+        SampleState {
+            request,
+            index,
+            sampler: SequenceSampler::new(r.sampling.clone(), &r.prompt_tokens, index as u64),
+            text: TextStream::new(
+                &self.tokenizer,
+                &r.prompt_tokens,
+                r.skip_special_tokens,
+                r.stop.clone(),
+                r.include_stop_str_in_output,
+            ),
+            last_token_at: None,
+        }
+    }
+
+    /// Drops a request (client gone): its sequences leave and their blocks return to the pool.
+    pub fn abort(&mut self, id: RequestId) {
+        if let Some(state) = self.requests.remove(&id) {
+            for seq in state.samples {
+                self.scheduler.remove(seq, &mut self.kv);
+                self.samples.remove(&seq);
+            }
+            self.metrics.request_success.with_label_values(&[FinishReason::Abort.as_str()]).inc();
+        }
+    }
+
+    /// Fails every request (the engine is going down).
+    pub fn fail_all(&mut self, error: EngineError) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            if let Some(state) = self.requests.get(&id) {
+                let _ = state.events.send(StreamEvent::Error(error.clone()));
+            }
+            self.abort(id);
+        }
+    }
+
+    /// One engine step. Returns the number of tokens computed (0: nothing to do).
+    pub fn step(&mut self) -> usize {
+        let output = self.scheduler.schedule(&mut self.kv);
+        if let Some(fault) = &output.policy_fault {
+            tracing::warn!(policy = self.scheduler.policy_name(), %fault, "scheduling policy fault; used FCFS");
+            self.metrics
+                .scheduler_policy_faults
+                .with_label_values(&[self.scheduler.policy_name(), fault.reason()])
+                .inc();
+        }
+        self.metrics.num_preemptions.inc_by(output.preempted.len() as u64);
+        if output.scheduled.is_empty() {
+            self.fail_unschedulable();
+            self.update_gauges();
+            return 0;
+        }
+        let now = Instant::now();
+        for scheduled in &output.scheduled {
+            let request = self.samples[&scheduled.id].request;
+            let state = self.requests.get_mut(&request).expect("live request");
+            if state.first_scheduled.is_none() {
+                state.first_scheduled = Some(now);
+                self.metrics.request_queue_time.observe((now - state.arrival).as_secs_f64());
+            }
+        }
+        match self.run_batch(&output) {
+            Ok(logits) => {
+                self.scheduler.step_done(&output, &mut self.kv);
+                self.process_samples(&output, logits);
+            }
+            Err(error) => {
+                tracing::error!(%error, "forward pass failed");
+                let requests: Vec<RequestId> =
+                    output.scheduled.iter().map(|s| self.samples[&s.id].request).collect();
+                for id in requests {
+                    if let Some(state) = self.requests.get(&id) {
+                        let _ = state.events.send(StreamEvent::Error(EngineError::Forward(error.to_string())));
+                    }
+                    self.abort(id);
+                }
+            }
+        }
+        self.metrics.iteration_tokens.observe(output.num_tokens as f64);
+        self.update_gauges();
+        output.num_tokens
+    }
+
+    fn run_batch(&mut self, output: &SchedulerOutput) -> Result<Vec<f32>, crate::model::ModelError> {
+        if !output.copies.is_empty() {
+            self.backend.copy_blocks(&output.copies);
+        }
+        let layout = *self.backend.kv_layout();
+        let mut batch = ForwardBatch::new(layout.block_size, layout.num_blocks);
+        for s in &output.scheduled {
+            let seq = self.scheduler.get(s.id).expect("scheduled sequence");
+            batch
+                .push_seq(&seq.tokens[s.start..s.start + s.num_new], s.start, seq.blocks.table(), s.samples)
+                .map_err(|e| crate::model::ModelError::Input(e.to_string()))?;
+        }
+        self.backend.forward(&batch)
+    }
+
+    fn process_samples(&mut self, output: &SchedulerOutput, mut logits: Vec<f32>) {
+        let vocab = self.backend.config().vocab_size;
+        let sampling: Vec<SeqId> = output.scheduled.iter().filter(|s| s.samples).map(|s| s.id).collect();
+        for (row, seq_id) in sampling.into_iter().enumerate() {
+            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
+            let request_id = self.samples[&seq_id].request;
+            // First sample of an n > 1 request: fork the others from the prefilled prompt.
+            let request = &self.requests[&request_id];
+            if request.samples.len() < request.request.n {
+                let parent_logits = row_logits.to_vec();
+                for index in 1..request.request.n {
+                    let child = self.new_seq_id();
+                    self.scheduler.fork(seq_id, child, &mut self.kv);
+                    let state = self.sample_state(request_id, index, &self.requests[&request_id].request);
+                    self.samples.insert(child, state);
+                    self.requests.get_mut(&request_id).unwrap().samples.push(child);
+                    let mut child_logits = parent_logits.clone();
+                    self.emit_token(child, &mut child_logits);
+                }
+            }
+            self.emit_token(seq_id, row_logits);
+        }
+    }
+
+    /// Samples the next token of `seq_id` from `logits`, appends it, streams it, and finishes the
+    /// sample if it should stop.
+    fn emit_token(&mut self, seq_id: SeqId, logits: &mut [f32]) {
+        let now = Instant::now();
+        let sample = self.samples.get_mut(&seq_id).expect("live sample");
+        let sampled: Sampled = sample.sampler.sample(logits);
+        let token = sampled.token;
+        let seq = self.scheduler.get_mut(seq_id).expect("live sequence");
+        seq.tokens.push(token);
+        let generated = seq.num_generated();
+        let total_len = seq.tokens.len();
+        let state = self.requests.get_mut(&sample.request).expect("live request");
+        state.completion_tokens += 1;
+        self.metrics.generation_tokens.inc();
+        if state.first_token.is_none() {
+            state.first_token = Some(now);
+            self.metrics.prompt_tokens.inc_by(state.request.prompt_tokens.len() as u64);
+            self.metrics.time_to_first_token.observe((now - state.arrival).as_secs_f64());
+        }
+        if let Some(last) = sample.last_token_at.replace(now) {
+            self.metrics.time_per_output_token.observe((now - last).as_secs_f64());
+        }
+
+        let r = &state.request;
+        let mut finish = None;
+        let is_eos = !r.ignore_eos && self.eos_tokens.contains(&token);
+        if is_eos {
+            finish = Some((FinishReason::Stop, None));
+        } else if r.stop_token_ids.contains(&token) {
+            finish = Some((FinishReason::Stop, Some(StopReason::Token(token))));
+        }
+        // The end-of-sequence token itself is not text of the answer.
+        let mut delta = if is_eos { Ok(Default::default()) } else { sample.text.push(&self.tokenizer, token) };
+        if let Ok(d) = &delta {
+            if let Some(stop) = &d.stopped_by {
+                finish = Some((FinishReason::Stop, Some(StopReason::String(stop.clone()))));
+            }
+        }
+        if finish.is_none() && (generated >= r.max_tokens || total_len >= self.max_model_len) {
+            finish = Some((FinishReason::Length, None));
+        }
+        if finish.is_some() && delta.as_ref().is_ok_and(|d| d.stopped_by.is_none()) {
+            // Release whatever text was held back (not after a stop string: that text is cut).
+            match sample.text.finish(&self.tokenizer) {
+                Ok(tail) => {
+                    if let Ok(d) = &mut delta {
+                        d.text.push_str(&tail.text);
+                        if let Some(stop) = tail.stopped_by {
+                            finish = Some((FinishReason::Stop, Some(StopReason::String(stop))));
+                        }
+                    }
+                }
+                Err(e) => delta = Err(e),
+            }
+        }
+        let delta = match delta {
+            Ok(d) => d,
+            Err(error) => {
+                let request = sample.request;
+                let _ = state.events.send(StreamEvent::Error(EngineError::Detokenize(error.to_string())));
+                self.abort(request);
+                return;
+            }
+        };
+        let index = sample.index;
+        let logprobs = if r.sampling.logprobs.is_some() { vec![sampled] } else { Vec::new() };
+        let _ = state.events.send(StreamEvent::Delta { index, token_ids: vec![token], text: delta.text, logprobs });
+        if let Some((reason, stop_reason)) = finish {
+            let _ = state.events.send(StreamEvent::Finished { index, reason, stop_reason });
+            self.finish_sample(seq_id, reason);
+        }
+    }
+
+    fn finish_sample(&mut self, seq_id: SeqId, reason: FinishReason) {
+        let sample = self.samples.remove(&seq_id).expect("live sample");
+        self.scheduler.remove(seq_id, &mut self.kv);
+        let state = self.requests.get_mut(&sample.request).expect("live request");
+        state.finished_samples += 1;
+        if state.finished_samples < state.request.n {
+            return;
+        }
+        let state = self.requests.remove(&sample.request).expect("live request");
+        let now = Instant::now();
+        let usage = Usage { prompt_tokens: state.request.prompt_tokens.len(), completion_tokens: state.completion_tokens };
+        let timings = RequestTimings {
+            queue: state.first_scheduled.map_or_else(Default::default, |t| t - state.arrival),
+            time_to_first_token: state.first_token.map_or_else(Default::default, |t| t - state.arrival),
+            total: now - state.arrival,
+        };
+        self.metrics.e2e_request_latency.observe(timings.total.as_secs_f64());
+        self.metrics.request_prompt_tokens.observe(usage.prompt_tokens as f64);
+        self.metrics.request_generation_tokens.observe(usage.completion_tokens as f64);
+        self.metrics.request_success.with_label_values(&[reason.as_str()]).inc();
+        let _ = state.events.send(StreamEvent::Done { usage, timings });
+    }
+
+    /// Sequences that wait while nothing runs can never be scheduled (validation should have
+    /// refused them): fail them rather than spin.
+    fn fail_unschedulable(&mut self) {
+        if self.scheduler.num_running() > 0 || self.scheduler.is_empty() {
+            return;
+        }
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            if let Some(state) = self.requests.get(&id) {
+                let _ = state.events.send(StreamEvent::Error(EngineError::TooLarge(format!(
+                    "the request needs more KV-cache blocks than the {} the server has",
+                    self.kv.num_blocks()
+                ))));
+            }
+            self.abort(id);
+        }
+    }
+
+    fn update_gauges(&mut self) {
+        let running = self
+            .requests
+            .values()
+            .filter(|r| r.samples.iter().any(|s| self.scheduler.get(*s).is_some_and(|seq| seq.running)))
+            .count();
+        self.metrics.num_requests_running.set(running as i64);
+        self.metrics.num_requests_waiting.set((self.requests.len() - running) as i64);
+        self.metrics.kv_cache_usage_perc.set(self.kv.usage());
+        let stats = self.kv.prefix_cache_stats();
+        self.metrics.prefix_cache_queries.inc_by(stats.queries - self.last_prefix_stats.queries);
+        self.metrics.prefix_cache_hits.inc_by(stats.hits - self.last_prefix_stats.hits);
+        self.last_prefix_stats = stats;
+    }
+}

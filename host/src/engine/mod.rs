@@ -1,0 +1,214 @@
+//! The engine: its own thread running the step loop (schedule, run the model, sample, emit),
+//! reached by the HTTP side through a cloneable `EngineHandle`. Commands go in over a channel that
+//! never blocks the sender; each request's events come back over its own unbounded channel. The
+//! engine thread never awaits, the HTTP side never blocks.
+//!
+//! Dropping a `RequestStream` before it ends aborts the request: its blocks are back in the pool
+//! within one step.
+
+mod core;
+mod output;
+mod request;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+pub use self::core::EngineCore;
+pub use self::output::{TextDelta, TextStream};
+pub use self::request::{
+    FinishReason, GenerateRequest, RequestId, RequestTimings, StopReason, StreamEvent, Usage,
+};
+use crate::metrics::Metrics;
+use crate::runner::ModelBackend;
+use crate::sched::{Scheduler, SchedulerConfig, SchedulingPolicy};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the waiting queue is full ({0} requests); retry later")]
+    QueueFull(usize),
+    #[error("the engine is not running")]
+    Unavailable,
+    #[error("forward pass failed: {0}")]
+    Forward(String),
+    #[error("detokenizing failed: {0}")]
+    Detokenize(String),
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl EngineError {
+    /// A stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EngineError::QueueFull(_) => "queue_full",
+            EngineError::Unavailable => "unavailable",
+            EngineError::Forward(_) => "forward",
+            EngineError::Detokenize(_) => "detokenize",
+            EngineError::TooLarge(_) => "too_large",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    pub max_model_len: usize,
+    /// Most requests waiting to start before new ones are refused.
+    pub max_queue: usize,
+    pub prefix_caching: bool,
+}
+
+enum Command {
+    Add { id: RequestId, request: GenerateRequest, events: tokio::sync::mpsc::UnboundedSender<StreamEvent> },
+    Abort(RequestId),
+    SetPolicy(Box<dyn SchedulingPolicy>),
+    Shutdown,
+}
+
+/// State the engine thread publishes for the HTTP side, without a round trip.
+struct Shared {
+    next_id: AtomicU64,
+    /// Requests submitted whose first step has not come yet (the waiting queue).
+    waiting: AtomicUsize,
+    alive: AtomicBool,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    max_queue: usize,
+}
+
+/// The events of one request. Dropping it before `Done` aborts the request.
+pub struct RequestStream {
+    pub id: RequestId,
+    events: UnboundedReceiver<StreamEvent>,
+    handle: EngineHandle,
+    ended: bool,
+}
+
+impl RequestStream {
+    /// The next event; `None` once the request is over.
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        if self.ended {
+            return None;
+        }
+        match self.events.recv().await {
+            Some(event) => {
+                if matches!(event, StreamEvent::Done { .. } | StreamEvent::Error(_)) {
+                    self.ended = true;
+                }
+                Some(event)
+            }
+            None => {
+                // The engine dropped the request without a last word: it went down.
+                self.ended = true;
+                Some(StreamEvent::Error(EngineError::Unavailable))
+            }
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.handle.commands.send(Command::Abort(self.id));
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn spawn(
+        backend: Box<dyn ModelBackend>,
+        tokenizer: Arc<Tokenizer>,
+        metrics: Arc<Metrics>,
+        policy: Box<dyn SchedulingPolicy>,
+        config: EngineConfig,
+    ) -> (EngineHandle, JoinHandle<()>) {
+        let (commands, inbox) = mpsc::channel();
+        let shared = Arc::new(Shared { next_id: AtomicU64::new(1), waiting: AtomicUsize::new(0), alive: AtomicBool::new(true) });
+        let scheduler = Scheduler::new(config.scheduler, policy);
+        let core = EngineCore::new(backend, tokenizer, metrics, scheduler, config.prefix_caching, config.max_model_len);
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("pagedserve-engine".into())
+            .spawn(move || run(core, inbox, thread_shared))
+            .expect("spawning the engine thread");
+        (EngineHandle { commands, shared, max_queue: config.max_queue }, thread)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// Queues a request. Refused when the waiting queue is full or the engine is down.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, EngineError> {
+        if !self.is_alive() {
+            return Err(EngineError::Unavailable);
+        }
+        let waiting = self.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        if waiting >= self.max_queue {
+            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::QueueFull(self.max_queue));
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events) = unbounded_channel();
+        if self.commands.send(Command::Add { id, request, events: events_tx }).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Unavailable);
+        }
+        Ok(RequestStream { id, events, handle: self.clone(), ended: false })
+    }
+
+    /// Replaces the scheduling policy between two steps.
+    pub fn set_policy(&self, policy: Box<dyn SchedulingPolicy>) -> Result<(), EngineError> {
+        self.commands.send(Command::SetPolicy(policy)).map_err(|_| EngineError::Unavailable)
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+    }
+}
+
+fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+        // Idle: sleep until a command comes. Busy: take what is there and step.
+        let first = if core.has_work() {
+            inbox.try_recv().ok()
+        } else {
+            match inbox.recv_timeout(Duration::from_secs(1)) {
+                Ok(command) => Some(command),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        for command in first.into_iter().chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
+            match command {
+                Command::Add { id, request, events } => core.add_request(id, request, events),
+                Command::Abort(id) => core.abort(id),
+                Command::SetPolicy(policy) => {
+                    let old = core.set_policy(policy);
+                    tracing::info!(old = old.name(), "scheduling policy replaced");
+                }
+                Command::Shutdown => {
+                    core.fail_all(EngineError::Unavailable);
+                    return;
+                }
+            }
+        }
+        core.step();
+        shared.waiting.store(core.num_waiting_requests(), Ordering::Release);
+    }));
+    shared.alive.store(false, Ordering::Release);
+    if result.is_err() {
+        tracing::error!("the engine thread panicked; requests in flight fail with 503");
+    }
+}

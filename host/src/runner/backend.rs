@@ -1,0 +1,52 @@
+//! The seam between the engine and a model backend: run a `ForwardBatch` against the backend's
+//! own KV-cache memory, and copy blocks for copy-on-write. The CPU backend is the reference;
+//! the CUDA backend implements the same trait.
+
+use crate::kv_cache::{BlockId, KvCacheLayout};
+use crate::model::cpu::{CpuKvCache, CpuModel};
+use crate::model::{ModelConfig, ModelError};
+use crate::runner::ForwardBatch;
+
+pub trait ModelBackend: Send {
+    fn config(&self) -> &ModelConfig;
+
+    fn kv_layout(&self) -> &KvCacheLayout;
+
+    /// Copies whole blocks (every layer, keys and values), `(source, destination)` pairs in order.
+    fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]);
+
+    /// Runs the batch and returns logits `[batch.logits_rows.len(), vocab_size]`.
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError>;
+}
+
+pub struct CpuBackend {
+    model: CpuModel,
+    cache: CpuKvCache,
+}
+
+impl CpuBackend {
+    pub fn new(model: CpuModel, num_blocks: usize, block_size: usize) -> Self {
+        let cache = CpuKvCache::new(model.kv_layout(num_blocks, block_size));
+        CpuBackend { model, cache }
+    }
+}
+
+impl ModelBackend for CpuBackend {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn kv_layout(&self) -> &KvCacheLayout {
+        self.cache.layout()
+    }
+
+    fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {
+        for &(src, dst) in copies {
+            self.cache.copy_block(src as usize, dst as usize);
+        }
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
+        self.model.forward(batch, &mut self.cache)
+    }
+}
