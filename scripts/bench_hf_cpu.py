@@ -21,6 +21,13 @@ de-quantizes every tensor (here Q4_1) to float32: the measured model is a plain
 float32 LlamaForCausalLM with the same weights values as the GGUF, not a
 quantized kernel. Everything runs offline (HF_HUB_OFFLINE=1 is forced).
 
+Run it on an otherwise idle machine. torch's CPU kernels use OpenMP, whose
+threads spin at barriers: with --threads equal to the core count and other work
+(e.g. a cargo build) on the same cores, single matmuls stall for whole scheduler
+time slices and the numbers become erratic and several times too slow. The 1-min
+load average is printed (and put in the JSON) so that such runs can be spotted;
+on a busy machine --threads 1 gives steadier, if lower, numbers.
+
 Requirements (pip, PyPI only; the versions this was written and run with; also in
 scripts/requirements-bench.txt):
     torch==2.15.0          # the PyPI Linux wheel is the CUDA build (+cu132) and
@@ -49,6 +56,7 @@ import time
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantization progress bar
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GGUF = os.path.join(REPO_ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -84,6 +92,7 @@ def main():
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
@@ -101,8 +110,12 @@ def main():
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos if eos is not None else 0)
     attn_impl = getattr(cfg, "_attn_implementation", None)
 
+    load_before = os.getloadavg()[0]
     say(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads (os.cpu_count() = {os.cpu_count()})")
+        f"{torch.get_num_threads()} threads (os.cpu_count() = {os.cpu_count()}), "
+        f"1-min load average {load_before:.2f}")
+    if load_before > 0.5:
+        say("warning: the machine is not idle; timings may be noisy and too slow")
     say(f"model {os.path.basename(args.gguf)} -> {type(model).__name__} ({n_params / 1e6:.1f}M parameters, "
         f"dtype {','.join(param_dtypes)}, attention {attn_impl}), loaded in {load_s:.1f} s")
     say(f"prompt {args.prompt_len} tokens, {args.gen_len} generated per sequence, "
@@ -194,6 +207,8 @@ def main():
             "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
+            "loadavg_1min_before": load_before,
+            "loadavg_1min_after": os.getloadavg()[0],
             "model": os.path.basename(args.gguf),
             "model_class": type(model).__name__,
             "parameters": n_params,

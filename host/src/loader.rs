@@ -3,6 +3,7 @@
 //! speaks `anyhow` and adds the path to every error.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -31,7 +32,7 @@ pub struct LoadedModel {
     pub name: String,
     pub model: CpuModel,
     /// `None` only for dummy weights described by a bare `config.json`.
-    pub tokenizer: Option<Tokenizer>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
 /// The default model's path: `$PAGEDSERVE_MODEL`, else `models/<DEFAULT_MODEL_FILE>` under the
@@ -72,7 +73,7 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
             } else {
                 LlamaWeights::load(&config, &source)?
             };
-            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer: Some(tokenizer) }
+            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer: Some(Arc::new(tokenizer)) }
         }
         LoadFormat::Gguf => bail!("{}: --load-format gguf needs a .gguf file", path.display()),
         LoadFormat::Safetensors | LoadFormat::Dummy => {
@@ -104,7 +105,7 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
             } else {
                 bail!("{}: tokenizer.json is missing", dir.display());
             };
-            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer }
+            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer: tokenizer.map(Arc::new) }
         }
         LoadFormat::Auto => unreachable!("resolved above"),
     };

@@ -168,6 +168,7 @@ impl EngineCore {
                 self.samples.remove(&seq);
             }
             self.metrics.request_success.with_label_values(&[FinishReason::Abort.as_str()]).inc();
+            self.metrics.kv_cache_usage_perc.set(self.kv.usage());
         }
     }
 
@@ -361,6 +362,8 @@ impl EngineCore {
         self.metrics.request_prompt_tokens.observe(usage.prompt_tokens as f64);
         self.metrics.request_generation_tokens.observe(usage.completion_tokens as f64);
         self.metrics.request_success.with_label_values(&[reason.as_str()]).inc();
+        // Published before `Done`, so a client that saw its request end sees its blocks returned.
+        self.metrics.kv_cache_usage_perc.set(self.kv.usage());
         let _ = state.events.send(StreamEvent::Done { usage, timings });
     }
 

@@ -10,6 +10,8 @@ mod kv_storage;
 pub mod matmul;
 pub mod ops;
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 pub use self::attention::paged_attention;
@@ -21,16 +23,18 @@ use super::{LlamaWeights, ModelConfig, ModelError};
 use crate::kv_cache::KvCacheLayout;
 use crate::runner::ForwardBatch;
 
+/// Cheap to clone: clones share the weights.
+#[derive(Clone)]
 pub struct CpuModel {
     config: ModelConfig,
-    weights: LlamaWeights,
+    weights: Arc<LlamaWeights>,
     rope: Rope,
 }
 
 impl CpuModel {
     pub fn new(config: ModelConfig, weights: LlamaWeights) -> Self {
         let rope = Rope::new(&config);
-        CpuModel { config, weights, rope }
+        CpuModel { config, weights: Arc::new(weights), rope }
     }
 
     pub fn config(&self) -> &ModelConfig {
