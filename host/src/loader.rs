@@ -87,12 +87,7 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
             )
             .with_context(|| format!("parsing {}", config_path.display()))?;
             let config = ModelConfig::from_hf_json(&json).with_context(|| config_path.display().to_string())?;
-            let weights = if format == LoadFormat::Dummy {
-                LlamaWeights::load(&config, &DummySource::new(0))?
-            } else {
-                LlamaWeights::load(&config, &SafetensorsSource::open(&dir)?)
-                    .with_context(|| format!("loading weights from {}", dir.display()))?
-            };
+            // The tokenizer first: a missing one should not cost a full weight load to find out.
             let tokenizer_json = dir.join("tokenizer.json");
             let tokenizer = if tokenizer_json.exists() {
                 let tokenizer_config = dir.join("tokenizer_config.json");
@@ -104,6 +99,12 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
                 None
             } else {
                 bail!("{}: tokenizer.json is missing", dir.display());
+            };
+            let weights = if format == LoadFormat::Dummy {
+                LlamaWeights::load(&config, &DummySource::new(0))?
+            } else {
+                LlamaWeights::load(&config, &SafetensorsSource::open(&dir)?)
+                    .with_context(|| format!("loading weights from {}", dir.display()))?
             };
             LoadedModel { name, model: CpuModel::new(config, weights), tokenizer: tokenizer.map(Arc::new) }
         }
@@ -120,6 +121,47 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
 
 /// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`; a directory -> its name.
 fn model_name(path: &Path) -> String {
-    let stem = if path.is_dir() { path.file_name() } else { path.file_stem() };
-    stem.map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string())
+    if path.is_dir() {
+        // `.` or `..` have no name of their own; the directory they stand for does.
+        let dir = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        return dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string());
+    }
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names() {
+        assert_eq!(model_name(Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf")), "SmolLM2-135M-Instruct.Q4_1");
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("Qwen2-0.5B");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        assert_eq!(model_name(&dir), "Qwen2-0.5B");
+        assert_eq!(model_name(&dir.join("")), "Qwen2-0.5B", "trailing slash");
+        assert_eq!(model_name(&dir.join("sub").join("..")), "Qwen2-0.5B", "`..` resolves to the directory");
+        assert_eq!(model_name(Path::new("/")), "model");
+    }
+
+    #[test]
+    fn errors_name_the_path_and_the_fix() {
+        let err = load(Path::new("no/such/model.bin"), LoadFormat::Auto).err().unwrap().to_string();
+        assert!(err.contains("no/such/model.bin") && err.contains("fetch-model.sh"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(dir.path(), LoadFormat::Gguf).err().unwrap().to_string();
+        assert!(err.contains("needs a .gguf file"), "{err}");
+        let err = format!("{:#}", load(dir.path(), LoadFormat::Safetensors).err().unwrap());
+        assert!(err.contains("config.json"), "{err}");
+        // A missing tokenizer is reported before any weight is looked for.
+        let config = serde_json::json!({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "vocab_size": 10});
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = format!("{:#}", load(dir.path(), LoadFormat::Safetensors).err().unwrap());
+        assert!(err.contains("tokenizer.json is missing"), "{err}");
+        let dummy = load(dir.path(), LoadFormat::Dummy).unwrap();
+        assert!(dummy.tokenizer.is_none());
+        assert_eq!(dummy.model.config().head_dim, 4);
+    }
 }

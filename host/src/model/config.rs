@@ -152,11 +152,17 @@ impl ModelConfig {
             Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
             _ => Vec::new(),
         };
+        // Qwen2 always has Q/K/V biases; Llama's `attention_bias` also puts one on the output
+        // projection, and `mlp_bias` on the MLP, which this implementation does not carry.
+        let attention_bias = architecture == "qwen2";
+        for key in ["attention_bias", "mlp_bias"] {
+            if !attention_bias && json.get(key).and_then(Value::as_bool) == Some(true) {
+                return Err(ModelError::Unsupported(format!("config.json: `{key}: true` for model_type {architecture}")));
+            }
+        }
+        let default_max_positions = if architecture == "llama" { 2048 } else { 32768 };
         let config = ModelConfig {
-            attention_bias: json
-                .get("attention_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(architecture == "qwen2"),
+            attention_bias,
             architecture,
             hidden_size,
             intermediate_size: get_usize("intermediate_size")?,
@@ -168,7 +174,7 @@ impl ModelConfig {
             rms_norm_eps: opt_f32("rms_norm_eps").unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(4096),
+            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(default_max_positions),
             tie_word_embeddings: json
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -241,6 +247,10 @@ mod tests {
         assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
         j["model_type"] = json!("qwen2");
         assert!(ModelConfig::from_hf_json(&j).unwrap().attention_bias);
+        j["model_type"] = json!("llama");
+        j["attention_bias"] = json!(true);
+        let err = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
+        assert!(err.contains("attention_bias"), "{err}");
     }
 
     #[test]

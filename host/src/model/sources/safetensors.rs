@@ -17,12 +17,31 @@ pub struct SafetensorsSource {
 }
 
 impl SafetensorsSource {
-    pub fn open(dir: &Path) -> Result<Self, ModelError> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+    /// The shards `model.safetensors.index.json` names, if the directory has one (repositories
+    /// may ship other `*.safetensors` files beside the shards); else every `*.safetensors` file.
+    fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+        let index_path = dir.join("model.safetensors.index.json");
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let index: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Format(format!("{}: {e}", index_path.display())))?;
+            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                ModelError::Format(format!("{}: `weight_map` is missing", index_path.display()))
+            })?;
+            let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
+        Ok(std::fs::read_dir(dir)
             .map_err(|e| ModelError::io(dir, e))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
-            .collect();
+            .collect())
+    }
+
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let mut paths = Self::shard_paths(dir)?;
         paths.sort();
         if paths.is_empty() {
             return Err(ModelError::Format(format!("no *.safetensors file in {}", dir.display())));
@@ -105,5 +124,13 @@ mod tests {
         let b = source.load("b", &[1, 3]).unwrap().unwrap();
         assert_eq!((b.shape, b.data), (vec![1, 3], vec![0.5, 3.0, -1.0]));
         assert!(source.load("missing", &[1]).unwrap().is_none());
+
+        // With an index, only the files it names are read.
+        let stray = TensorView::new(Dtype::F32, vec![2], &f32_bytes).unwrap();
+        safetensors::serialize_to_file([("a", stray)], None, &dir.path().join("consolidated.safetensors")).unwrap();
+        let index = serde_json::json!({"weight_map": {"a": "model-00001.safetensors", "b": "model-00002.safetensors"}});
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let source = SafetensorsSource::open(dir.path()).unwrap();
+        assert_eq!(source.files.len(), 2);
     }
 }
