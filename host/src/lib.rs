@@ -7,6 +7,7 @@
 
 pub mod kv_cache;
 pub mod model;
+pub mod bench;
 pub mod engine;
 pub mod loader;
 pub mod metrics;

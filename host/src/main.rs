@@ -22,8 +22,9 @@ struct Cli {
 enum Command {
     /// Generate a continuation of one prompt, streaming it to the terminal (greedy).
     Generate(GenerateArgs),
-    /// Measure CPU decode throughput at several batch sizes.
-    Bench(BenchArgs),
+    /// Benchmarks: `bench decode` (fixed batches) and `bench serve` (the engine under load).
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Args)]
@@ -68,6 +69,42 @@ struct GenerateArgs {
     print_ids: bool,
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Decode throughput of the model at fixed batch sizes.
+    Decode(BenchArgs),
+    /// The serving engine under a ShareGPT-like load from closed-loop clients.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 64)]
+    num_requests: usize,
+    /// Clients, each sending its next request when the previous one finishes.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_model_len: usize,
+    /// KV-cache blocks of 16 tokens [default: enough for every client at the longest length]
+    #[arg(long)]
+    num_kv_blocks: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the workload (prompt ids and output lengths) as JSON, for baselines to replay.
+    #[arg(long)]
+    dump_workload: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
@@ -93,7 +130,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
-        Command::Bench(args) => bench(args),
+        Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
+        Command::Bench(BenchCommand::Serve(args)) => bench_serve(args),
     }
 }
 
@@ -148,12 +186,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.gen_len >= 2, "--gen-len must be at least 2");
+fn bench_decode(args: BenchArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let model = &loaded.model;
-    let vocab = model.config().vocab_size as u32;
-    let block_size = pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
     println!(
         "model {} ({:.1}M parameters), {} threads, prompt {} tokens, {} generated per sequence, median of {}",
         loaded.name,
@@ -165,32 +200,60 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("{:>6} {:>12} {:>16} {:>14}", "batch", "prefill s", "decode tok/s", "ms/step");
     for &batch in &args.batch_sizes {
-        // Distinct deterministic prompts so no two sequences are alike.
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|b| (0..args.prompt_len).map(|i| ((b * 7919 + i * 104_729) as u32 % (vocab - 100)) + 100).collect())
-            .collect();
-        let blocks = batch * (args.prompt_len + args.gen_len).div_ceil(block_size);
-        let mut runs = Vec::new();
-        for _ in 0..args.repeats.max(1) {
-            let mut generator = Generator::new(model, blocks, block_size);
-            let options = GenerateOptions { max_new_tokens: args.gen_len, stop_token_ids: Vec::new(), prefill_chunk: None };
-            let started = Instant::now();
-            let mut first_token_at = None;
-            let mut tokens = 0usize;
-            generator.generate(&prompts, &options, |_, _| {
-                tokens += 1;
-                if tokens == batch {
-                    first_token_at = Some(Instant::now());
-                }
-            })?;
-            let prefill = first_token_at.expect("every sequence made a token") - started;
-            let decode = first_token_at.unwrap().elapsed().as_secs_f64();
-            let decode_tokens = batch * (args.gen_len - 1);
-            runs.push((prefill.as_secs_f64(), decode_tokens as f64 / decode, decode / (args.gen_len - 1) as f64));
-        }
-        runs.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let (prefill, tokens_per_s, step) = runs[runs.len() / 2];
-        println!("{batch:>6} {prefill:>12.3} {tokens_per_s:>16.1} {:>14.1}", step * 1e3);
+        let r = pagedserve::bench::decode::run(model, batch, args.prompt_len, args.gen_len, args.repeats)?;
+        println!(
+            "{:>6} {:>12.3} {:>16.1} {:>14.1}",
+            r.batch,
+            r.prefill_seconds,
+            r.decode_tokens_per_second,
+            r.step_seconds * 1e3
+        );
     }
+    Ok(())
+}
+
+fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
+    use pagedserve::bench::serve;
+    let loaded = args.model.load()?;
+    let tokenizer = loaded.tokenizer.clone().context("this model has no tokenizer")?;
+    let block_size = pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
+    let num_blocks = args.num_kv_blocks.unwrap_or(args.concurrency * args.max_model_len.div_ceil(block_size));
+    if let Some(path) = &args.dump_workload {
+        let workload =
+            serve::sharegpt_like_workload(args.num_requests, loaded.model.config().vocab_size, args.max_model_len, args.seed);
+        std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
+    }
+    let backend = pagedserve::runner::CpuBackend::new(loaded.model, num_blocks, block_size);
+    let options = serve::ServeOptions {
+        num_requests: args.num_requests,
+        concurrency: args.concurrency,
+        scheduler: pagedserve::sched::SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+        },
+        max_model_len: args.max_model_len,
+        seed: args.seed,
+    };
+    let r = serve::run(Box::new(backend), tokenizer, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} requests, {} clients, {} threads: {:.1} s, {} prompt + {} output tokens",
+        r.requests,
+        r.concurrency,
+        rayon::current_num_threads(),
+        r.seconds,
+        r.prompt_tokens,
+        r.output_tokens
+    );
+    println!("output throughput     {:>10.1} tokens/s", r.output_tokens_per_second);
+    println!("total throughput      {:>10.1} tokens/s", r.total_tokens_per_second);
+    println!("median TTFT           {:>10.1} ms", r.median_ttft_ms);
+    println!("median TPOT           {:>10.1} ms", r.median_tpot_ms);
+    println!("preemptions           {:>10}", r.preemptions);
+    println!("KV-cache occupancy    {:>10.1} %  (allocated slots holding tokens)", r.kv_occupancy * 100.0);
+    println!("engine steps          {:>10}", r.steps);
     Ok(())
 }

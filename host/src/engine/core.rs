@@ -106,6 +106,15 @@ impl EngineCore {
         self.kv.num_free_blocks()
     }
 
+    /// (tokens whose keys and values are cached, slots of the blocks sequences hold): how much of
+    /// the allocated KV memory holds real tokens. Counts a block shared by forks once per holder's
+    /// tokens, so it is exact for requests with `n = 1`.
+    pub fn kv_occupancy(&self) -> (usize, usize) {
+        let tokens = self.scheduler.seqs().filter(|s| s.blocks.num_blocks() > 0).map(|s| s.num_computed).sum();
+        let slots = (self.kv.num_blocks() - self.kv.num_free_blocks()) * self.kv.block_size();
+        (tokens, slots)
+    }
+
     pub fn set_policy(&mut self, policy: Box<dyn SchedulingPolicy>) -> Box<dyn SchedulingPolicy> {
         self.scheduler.set_policy(policy)
     }

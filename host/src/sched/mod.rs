@@ -127,6 +127,10 @@ impl Scheduler {
         self.seqs.len()
     }
 
+    pub fn seqs(&self) -> impl Iterator<Item = &SchedSeq> {
+        self.seqs.values()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.seqs.is_empty()
     }
