@@ -8,6 +8,7 @@
 pub mod kv_cache;
 pub mod model;
 pub mod bench;
+pub mod cuda;
 pub mod engine;
 pub mod loader;
 pub mod metrics;

@@ -25,6 +25,8 @@ enum Command {
     /// Benchmarks: `bench decode` (fixed batches) and `bench serve` (the engine under load).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Check the GPU path against the CPU path: every kernel, the forward, greedy tokens.
+    Check(CheckArgs),
 }
 
 #[derive(Args)]
@@ -75,6 +77,39 @@ enum BenchCommand {
     Decode(BenchArgs),
     /// The serving engine under a ShareGPT-like load from closed-loop clients.
     Serve(BenchServeArgs),
+    /// GPU kernels and decode steps against the copy bandwidth measured in the same run.
+    Gpu(BenchGpuArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Only `cuda` has anything to check against the CPU reference.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// HF transformers' reference outputs (smollm2_subset.json) for the greedy checks
+    /// [default: ../shared/reference/smollm2_subset.json beside the repository, if present]
+    #[arg(long, env = "PAGEDSERVE_REFERENCE")]
+    reference: Option<PathBuf>,
+    /// Only compile the kernels with NVRTC for this architecture (e.g. sm_90); needs no GPU.
+    #[arg(long)]
+    compile_only: Option<String>,
+}
+
+#[derive(Args)]
+struct BenchGpuArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Batch sizes for the default model's decode step.
+    #[arg(long, value_delimiter = ',', default_value = "1,256")]
+    batch_sizes: Vec<usize>,
+    /// Context length (cached positions) of each decoding sequence.
+    #[arg(long, default_value_t = 512)]
+    context: usize,
+    /// Also run the Llama-3.1-8B-shaped dummy model (16 GB of weights).
+    #[arg(long)]
+    llama_8b: bool,
 }
 
 #[derive(Args)]
@@ -132,6 +167,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
         Command::Bench(BenchCommand::Serve(args)) => bench_serve(args),
+        Command::Bench(BenchCommand::Gpu(args)) => bench_gpu(args),
+        Command::Check(args) => check(args),
     }
 }
 
@@ -255,5 +292,110 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     println!("preemptions           {:>10}", r.preemptions);
     println!("KV-cache occupancy    {:>10.1} %  (allocated slots holding tokens)", r.kv_occupancy * 100.0);
     println!("engine steps          {:>10}", r.steps);
+    Ok(())
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    use pagedserve::cuda::{check, GpuDevice};
+    anyhow::ensure!(args.device == "cuda", "`--device {}`: only cuda is checked against the CPU path", args.device);
+    if let Some(arch) = &args.compile_only {
+        pagedserve::cuda::kernels::compile_all(arch)?;
+        println!("every kernel module compiles for {arch}");
+        return Ok(());
+    }
+    let dev = GpuDevice::new(0)?;
+    println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
+    let mut rows = check::kernel_checks(&dev)?;
+    let loaded = args.model.load()?;
+    let reference_path = args.reference.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2_subset.json")
+    });
+    let reference: Option<serde_json::Value> =
+        std::fs::read_to_string(&reference_path).ok().and_then(|text| serde_json::from_str(&text).ok());
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()).unwrap_or_default()
+    };
+    let prompts: Vec<Vec<u32>> = match &reference {
+        Some(r) => r["greedy"]["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt_ids"])).collect(),
+        None => pagedserve::bench::decode::synthetic_prompts(4, 23, loaded.model.config().vocab_size),
+    };
+    rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
+    match &reference {
+        Some(r) if loaded.name.starts_with("SmolLM2-135M") => {
+            for p in r["greedy"]["prompts"].as_array().unwrap() {
+                let margins: Vec<f64> =
+                    p["top1_top2_logit_margin"].as_array().unwrap().iter().filter_map(|m| m.as_f64()).collect();
+                let mut row =
+                    check::check_greedy(&dev, &loaded.model, &ids(&p["prompt_ids"]), &ids(&p["new_ids"]), Some(&margins), 0.1)?;
+                row.name = format!("greedy vs HF ({})", p["kind"].as_str().unwrap_or(""));
+                rows.push(row);
+            }
+        }
+        _ if args.model.load_format == LoadFormat::Dummy => {
+            // Random weights give near-uniform logits: greedy tokens are all near-ties.
+            println!("(greedy checks skipped: dummy weights have no meaningful argmax)");
+        }
+        _ => {
+            // No reference for this model: the CPU path's greedy tokens are the expectation.
+            for prompt in &prompts {
+                let expected = Generator::new(&loaded.model, 64, 16)
+                    .generate(std::slice::from_ref(prompt), &GenerateOptions { max_new_tokens: 16, stop_token_ids: vec![], prefill_chunk: None }, |_, _| {})?
+                    .remove(0);
+                let mut row = check::check_greedy(&dev, &loaded.model, prompt, &expected, None, 0.0)?;
+                row.name = "greedy vs CPU".into();
+                rows.push(row);
+            }
+        }
+    }
+    if !check::print_table(&rows) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
+    use pagedserve::bench::gpu;
+    use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
+    let dev = GpuDevice::new(0)?;
+    println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
+    let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
+    println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
+    let attn = gpu::attention_decode(&dev, 64, 2048, 32, 8, 128)?;
+    println!(
+        "paged attention 8B layout b64 c2048  {:>10.3} ms  {:>7.0} GB/s  {:>5.1}% of copy",
+        attn.ms,
+        attn.gbps,
+        100.0 * attn.gbps / copy
+    );
+    let loaded = args.model.load()?;
+    let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
+    let mut backend = GpuBackend::new(
+        GpuModel::from_cpu(dev.clone(), &loaded.model)?,
+        max_batch * args.context.div_ceil(16),
+        16,
+    )?;
+    for &batch in &args.batch_sizes {
+        let ms = gpu::decode_step_ms(&mut backend, batch, args.context, 30)?;
+        println!(
+            "{} decode step b{batch:<4} c{}   {:>10.3} ms  {:>9.0} tokens/s",
+            loaded.name,
+            args.context,
+            ms,
+            batch as f64 / (ms * 1e-3)
+        );
+    }
+    if args.llama_8b {
+        drop(backend);
+        let (batch, context) = (64, 2048);
+        let mut big = gpu::llama_8b_backend(&dev, batch, context)?;
+        let ms = gpu::decode_step_ms(&mut big, batch, context, 10)?;
+        let c = big.model().config().clone();
+        let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
+        let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;
+        println!(
+            "Llama-3.1-8B dummy decode b{batch} c{context}  {ms:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
+            ms / floor_ms
+        );
+    }
     Ok(())
 }

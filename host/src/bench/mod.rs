@@ -2,6 +2,7 @@
 //! model at fixed batch sizes, and the serving engine under a ShareGPT-like load.
 
 pub mod decode;
+pub mod gpu;
 pub mod serve;
 
 /// The median of `values` (sorted in place); `NaN` for none.

@@ -74,6 +74,30 @@ impl LlamaWeights {
         self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
     }
 
+    /// A copy with every matrix passed through `f` (norm weights and biases unchanged): e.g. the
+    /// weights rounded to bfloat16, to judge the GPU's arithmetic apart from its weight precision.
+    pub fn map_matrices(&self, f: impl Fn(f32) -> f32 + Sync) -> LlamaWeights {
+        let map = |m: &Vec<f32>| m.iter().map(|&v| f(v)).collect::<Vec<f32>>();
+        LlamaWeights {
+            embed_tokens: map(&self.embed_tokens),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerWeights {
+                    attn_norm: l.attn_norm.clone(),
+                    qkv_proj: map(&l.qkv_proj),
+                    qkv_bias: l.qkv_bias.clone(),
+                    o_proj: map(&l.o_proj),
+                    ffn_norm: l.ffn_norm.clone(),
+                    gate_up_proj: map(&l.gate_up_proj),
+                    down_proj: map(&l.down_proj),
+                })
+                .collect(),
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.as_ref().map(map),
+        }
+    }
+
     /// Assembles every weight of `config` from `source`, checking each shape.
     pub fn load(config: &ModelConfig, source: &dyn WeightSource) -> Result<Self, ModelError> {
         let h = config.hidden_size;

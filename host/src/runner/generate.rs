@@ -6,9 +6,9 @@
 //! has its own scheduler but the same batch contract.
 
 use crate::kv_cache::{KvCacheManager, SeqBlocks};
-use crate::model::cpu::{CpuKvCache, CpuModel};
+use crate::model::cpu::CpuModel;
 use crate::model::ModelError;
-use crate::runner::ForwardBatch;
+use crate::runner::{CpuBackend, ForwardBatch, ModelBackend};
 use crate::sampling::argmax;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,16 +40,26 @@ pub struct GenerateOptions {
     pub prefill_chunk: Option<usize>,
 }
 
-pub struct Generator<'m> {
-    model: &'m CpuModel,
-    cache: CpuKvCache,
+pub struct Generator<B: ModelBackend> {
+    backend: B,
     kv: KvCacheManager,
 }
 
-impl<'m> Generator<'m> {
-    pub fn new(model: &'m CpuModel, num_blocks: usize, block_size: usize) -> Self {
-        let layout = model.kv_layout(num_blocks, block_size);
-        Generator { model, cache: CpuKvCache::new(layout), kv: KvCacheManager::new(num_blocks, block_size, false) }
+impl Generator<CpuBackend> {
+    /// A generator on the CPU backend with a cache of `num_blocks` blocks.
+    pub fn new(model: &CpuModel, num_blocks: usize, block_size: usize) -> Self {
+        Self::with_backend(CpuBackend::new(model.clone(), num_blocks, block_size))
+    }
+}
+
+impl<B: ModelBackend> Generator<B> {
+    pub fn with_backend(backend: B) -> Self {
+        let layout = *backend.kv_layout();
+        Generator { backend, kv: KvCacheManager::new(layout.num_blocks, layout.block_size, false) }
+    }
+
+    pub fn backend(&mut self) -> &mut B {
+        &mut self.backend
     }
 
     pub fn num_free_blocks(&self) -> usize {
@@ -115,8 +125,8 @@ impl<'m> Generator<'m> {
             if batch.num_tokens() == 0 {
                 return Ok(());
             }
-            let logits = self.model.forward(&batch, &mut self.cache)?;
-            let vocab = self.model.config().vocab_size;
+            let logits = self.backend.forward(&batch)?;
+            let vocab = self.backend.config().vocab_size;
             for (row, &i) in sampled.iter().enumerate() {
                 let token = argmax(&logits[row * vocab..(row + 1) * vocab]) as u32;
                 let seq = &mut seqs[i];

@@ -1,0 +1,165 @@
+//! GPU benchmarks (`pagedserve bench gpu`), each beside the ceiling it is judged by, measured in
+//! the same run: device-to-device copy bandwidth; paged-attention decode for a Llama-3.1-8B head
+//! layout against that bandwidth; decode step time of the default model at batch 1 and 256; and
+//! the step time of a Llama-3.1-8B-shaped dummy model against its bandwidth floor (weights plus
+//! KV bytes over measured bandwidth). Times are medians over repeated runs after a warm-up,
+//! taken with CUDA events.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::bf16;
+
+use super::median;
+use crate::cuda::launch::attention_splits;
+use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel};
+use crate::model::ModelConfig;
+use crate::runner::ForwardBatch;
+
+fn ptr<T>(dev: &GpuDevice, s: &CudaSlice<T>) -> u64 {
+    s.device_ptr(&dev.stream).0
+}
+
+/// Median milliseconds of `f` over `repeats` runs after `warmup`, timed with events.
+pub fn time_ms(dev: &GpuDevice, warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<(), CudaError>) -> Result<f64, CudaError> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = dev.context.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = dev.context.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(&dev.stream)?;
+        f()?;
+        end.record(&dev.stream)?;
+        end.synchronize()?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    Ok(median(&mut times))
+}
+
+/// Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
+pub fn copy_bandwidth(dev: &GpuDevice, bytes: usize) -> Result<f64, CudaError> {
+    let src = dev.stream.alloc_zeros::<u8>(bytes)?;
+    let dst = dev.stream.alloc_zeros::<u8>(bytes)?;
+    let (s, d) = (ptr(dev, &src), ptr(dev, &dst));
+    let ms = time_ms(dev, 3, 20, || {
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, dev.stream.cu_stream())? };
+        Ok(())
+    })?;
+    Ok(2.0 * bytes as f64 / (ms * 1e-3) / 1e9)
+}
+
+pub struct AttentionBench {
+    pub ms: f64,
+    pub bytes: usize,
+    pub gbps: f64,
+}
+
+/// Decode attention (one query token per sequence) over `context` cached positions.
+pub fn attention_decode(
+    dev: &GpuDevice,
+    batch: usize,
+    context: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<AttentionBench, CudaError> {
+    use crate::cuda::launch::pack_block_tables;
+    let block_size = 16;
+    let blocks_per_seq = context.div_ceil(block_size);
+    let num_blocks = batch * blocks_per_seq;
+    let mut fb = ForwardBatch::new(block_size, num_blocks);
+    for b in 0..batch {
+        // Interleave sequences' blocks so each table is scattered across the pool.
+        let table: Vec<u32> = (0..blocks_per_seq).map(|i| (i * batch + b) as u32).collect();
+        fb.push_seq(&[1], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    let cache_len = num_blocks * kv_heads * block_size * head_dim;
+    let random = |n: usize, seed: u64| -> Vec<bf16> {
+        (0..n).map(|i| bf16::from_f32((((i as u64 * 2654435761 + seed) % 2001) as f32 / 1000.0) - 1.0)).collect()
+    };
+    let stream = &dev.stream;
+    let k = stream.clone_htod(&random(cache_len, 1))?;
+    let v = stream.clone_htod(&random(cache_len, 2))?;
+    let q = stream.clone_htod(&random(batch * heads * head_dim, 3))?;
+    let out = stream.alloc_zeros::<bf16>(batch * heads * head_dim)?;
+    let (tables, max_blocks) = pack_block_tables(&fb);
+    let tables = stream.clone_htod(&tables)?;
+    let seqs = stream.clone_htod(&fb.token_seq)?;
+    let positions = stream.clone_htod(&fb.positions)?;
+    let splits = attention_splits(context, batch * kv_heads, dev.num_sms);
+    let rows = (batch * heads * splits).max(1);
+    let (po, pm, ps) =
+        (stream.alloc_zeros::<f32>(rows * head_dim)?, stream.alloc_zeros::<f32>(rows)?, stream.alloc_zeros::<f32>(rows)?);
+    let args = crate::cuda::AttentionArgs {
+        out: ptr(dev, &out),
+        q: ptr(dev, &q),
+        q_stride: heads * head_dim,
+        k_cache: ptr(dev, &k),
+        v_cache: ptr(dev, &v),
+        block_tables: ptr(dev, &tables),
+        token_seq: ptr(dev, &seqs),
+        positions: ptr(dev, &positions),
+        max_blocks,
+        num_tokens: batch,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        block_size,
+        splits,
+        partials: (ptr(dev, &po), ptr(dev, &pm), ptr(dev, &ps)),
+    };
+    let ms = time_ms(dev, 5, 50, || crate::cuda::launch_attention(dev, &args))?;
+    // K and V of every cached position, read once; q and out are negligible.
+    let bytes = 2 * batch * context * kv_heads * head_dim * 2;
+    Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9 })
+}
+
+/// Median milliseconds of one decode step of `batch` sequences at `context` positions each
+/// (greedy tokens computed on the device; only they come back).
+pub fn decode_step_ms(backend: &mut GpuBackend, batch: usize, context: usize, repeats: usize) -> Result<f64, CudaError> {
+    let block_size = backend.cache().layout().block_size;
+    let blocks_per_seq = context.div_ceil(block_size);
+    let num_blocks = backend.cache().layout().num_blocks;
+    let mut fb = ForwardBatch::new(block_size, num_blocks);
+    for b in 0..batch {
+        let table: Vec<u32> = (0..blocks_per_seq).map(|i| ((b * blocks_per_seq + i) % num_blocks) as u32).collect();
+        fb.push_seq(&[(b % 1000) as u32 + 100], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    let dev = backend.model().device().clone();
+    time_ms(&dev, 3, repeats, || backend.forward_argmax(&fb).map(|_| ()))
+}
+
+/// The Llama-3.1-8B shape (for dummy weights).
+pub fn llama_8b_config() -> ModelConfig {
+    ModelConfig {
+        architecture: "llama".into(),
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        vocab_size: 128_256,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_scaling: Some(crate::model::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        }),
+        max_position_embeddings: 131_072,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        bos_token_id: Some(128_000),
+        eos_token_ids: vec![128_001],
+    }
+}
+
+/// A dummy 8B model with a cache for `batch` sequences of `context` tokens.
+pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize) -> Result<GpuBackend, CudaError> {
+    let model = GpuModel::dummy(dev.clone(), llama_8b_config(), 0)?;
+    GpuBackend::new(model, batch * context.div_ceil(16), 16)
+}

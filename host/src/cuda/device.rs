@@ -1,0 +1,51 @@
+//! One GPU: its context, the stream all work goes to, a cuBLAS handle, the compiled kernels and
+//! the device facts launch configurations need.
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+
+use super::kernels::Kernels;
+use super::CudaError;
+
+pub struct GpuDevice {
+    pub context: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    pub kernels: Kernels,
+    pub name: String,
+    pub arch: String,
+    pub num_sms: usize,
+}
+
+impl GpuDevice {
+    pub fn new(ordinal: usize) -> Result<Arc<Self>, CudaError> {
+        if !super::is_available() {
+            return Err(CudaError::Unavailable(
+                "no CUDA driver or no GPU found (is libcuda.so on the library path?)".into(),
+            ));
+        }
+        let context = CudaContext::new(ordinal)?;
+        let stream = context.default_stream();
+        let blas = CudaBlas::new(stream.clone())?;
+        let (major, minor) = context.compute_capability()?;
+        let arch = format!("sm_{major}{minor}");
+        let num_sms = context
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        let kernels = Kernels::load(&context, &arch)?;
+        let name = context.name()?;
+        tracing::info!(gpu = %name, %arch, num_sms, "CUDA device ready");
+        Ok(Arc::new(GpuDevice { context, stream, blas, kernels, name, arch, num_sms }))
+    }
+
+    pub fn function(&self, name: &str) -> &CudaFunction {
+        self.kernels.get(name)
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), CudaError> {
+        Ok(self.context.mem_get_info()?)
+    }
+}

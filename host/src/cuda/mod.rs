@@ -1,0 +1,34 @@
+//! The CUDA backend: cudarc with dynamic loading (the binary builds and runs without CUDA and
+//! picks the GPU when one is there), kernels from `kernels/` compiled by NVRTC at start-up and
+//! cached on disk, cuBLAS GEMMs in bfloat16 with float32 accumulation, and the GPU forward of the
+//! Llama family behind the same `ModelBackend` contract as the CPU path.
+
+pub mod check;
+mod device;
+mod gemm;
+pub mod kernels;
+pub mod launch;
+mod model;
+
+pub use self::device::GpuDevice;
+pub use self::model::{launch_attention, AttentionArgs, GpuBackend, GpuModel};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("CUDA is not available: {0}")]
+    Unavailable(String),
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
+    #[error("compiling kernel module `{module}`: {message}")]
+    Compile { module: String, message: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Whether a CUDA driver and at least one GPU can be found, without panicking when not.
+pub fn is_available() -> bool {
+    std::panic::catch_unwind(|| cudarc::driver::CudaContext::device_count().map(|n| n > 0).unwrap_or(false))
+        .unwrap_or(false)
+}

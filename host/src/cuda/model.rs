@@ -1,0 +1,646 @@
+//! The GPU forward of the Llama family in bfloat16 (float32 residual stream and accumulation),
+//! with the CPU path's batch contract: a `ForwardBatch` mixing prefill chunks and decode tokens,
+//! keys and values written through the slot mapping into a paged cache
+//! `[num_blocks, num_kv_heads, block_size, head_dim]` per layer, logits for the requested rows.
+//!
+//! All work goes to one stream; buffers are owned here and grown as batches grow, and every
+//! launch takes raw device pointers into them.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::gemm::{linear, OutType};
+use super::launch::{attention_splits, pack_block_tables, row_threads, ATTENTION_PARTITION, ATTENTION_THREADS};
+use super::{CudaError, GpuDevice};
+use crate::kv_cache::{BlockId, KvCacheLayout};
+use crate::model::cpu::CpuModel;
+use crate::model::rope::Rope;
+use crate::model::{ModelConfig, ModelError, RopeScaling};
+use crate::runner::{ForwardBatch, ModelBackend};
+
+struct GpuLayer {
+    attn_norm: CudaSlice<f32>,
+    qkv_proj: CudaSlice<bf16>,
+    qkv_bias: Option<CudaSlice<f32>>,
+    o_proj: CudaSlice<bf16>,
+    ffn_norm: CudaSlice<f32>,
+    gate_up_proj: CudaSlice<bf16>,
+    down_proj: CudaSlice<bf16>,
+}
+
+pub struct GpuModel {
+    dev: Arc<GpuDevice>,
+    config: ModelConfig,
+    embed_tokens: CudaSlice<bf16>,
+    layers: Vec<GpuLayer>,
+    final_norm: CudaSlice<f32>,
+    lm_head: Option<CudaSlice<bf16>>,
+    inv_freq: CudaSlice<f32>,
+    position_scale: f32,
+}
+
+fn ptr<T>(dev: &GpuDevice, slice: &CudaSlice<T>) -> CUdeviceptr {
+    slice.device_ptr(&dev.stream).0
+}
+
+fn upload_bf16(dev: &GpuDevice, values: &[f32]) -> Result<CudaSlice<bf16>, CudaError> {
+    let converted: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+    Ok(dev.stream.clone_htod(&converted)?)
+}
+
+impl GpuModel {
+    /// Uploads the CPU model's weights, rounded to bfloat16 (norm weights and biases stay float32).
+    pub fn from_cpu(dev: Arc<GpuDevice>, cpu: &CpuModel) -> Result<Self, CudaError> {
+        let config = cpu.config().clone();
+        let w = cpu.weights();
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(GpuLayer {
+                    attn_norm: dev.stream.clone_htod(&l.attn_norm)?,
+                    qkv_proj: upload_bf16(&dev, &l.qkv_proj)?,
+                    qkv_bias: l.qkv_bias.as_ref().map(|b| dev.stream.clone_htod(b)).transpose()?,
+                    o_proj: upload_bf16(&dev, &l.o_proj)?,
+                    ffn_norm: dev.stream.clone_htod(&l.ffn_norm)?,
+                    gate_up_proj: upload_bf16(&dev, &l.gate_up_proj)?,
+                    down_proj: upload_bf16(&dev, &l.down_proj)?,
+                })
+            })
+            .collect::<Result<Vec<_>, CudaError>>()?;
+        let (inv_freq, position_scale) = rope_tables(&config);
+        Ok(GpuModel {
+            embed_tokens: upload_bf16(&dev, &w.embed_tokens)?,
+            final_norm: dev.stream.clone_htod(&w.final_norm)?,
+            lm_head: w.lm_head.as_ref().map(|h| upload_bf16(&dev, h)).transpose()?,
+            inv_freq: dev.stream.clone_htod(&inv_freq)?,
+            position_scale,
+            layers,
+            config,
+            dev,
+        })
+    }
+
+    /// Deterministic random weights made on the device (`--load-format dummy` for shapes too big
+    /// to build on the host): matrices uniform with standard deviation 0.02, norms ones.
+    pub fn dummy(dev: Arc<GpuDevice>, config: ModelConfig, seed: u64) -> Result<Self, CudaError> {
+        config.validate().map_err(|e| CudaError::Config(e.to_string()))?;
+        let mut counter = seed;
+        let mut random = |n: usize| -> Result<CudaSlice<bf16>, CudaError> {
+            counter = counter.wrapping_add(0x1000_0000_0000);
+            let mut out = dev.stream.alloc_zeros::<bf16>(n)?;
+            let scale = 0.02f32 * 3f32.sqrt();
+            let n64 = n as u64;
+            let cfg = LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            unsafe {
+                dev.stream
+                    .launch_builder(dev.function("init_uniform_bf16"))
+                    .arg(&mut out)
+                    .arg(&n64)
+                    .arg(&counter)
+                    .arg(&scale)
+                    .launch(cfg)?;
+            }
+            Ok(out)
+        };
+        let h = config.hidden_size;
+        let (q, kv, inter) = (config.q_size(), config.kv_size(), config.intermediate_size);
+        let ones = |n: usize| dev.stream.clone_htod(&vec![1.0f32; n]);
+        let mut layers = Vec::new();
+        for _ in 0..config.num_hidden_layers {
+            layers.push(GpuLayer {
+                attn_norm: ones(h)?,
+                qkv_proj: random((q + 2 * kv) * h)?,
+                qkv_bias: if config.attention_bias { Some(dev.stream.alloc_zeros::<f32>(q + 2 * kv)?) } else { None },
+                o_proj: random(h * q)?,
+                ffn_norm: ones(h)?,
+                gate_up_proj: random(2 * inter * h)?,
+                down_proj: random(h * inter)?,
+            });
+        }
+        let (inv_freq, position_scale) = rope_tables(&config);
+        Ok(GpuModel {
+            embed_tokens: random(config.vocab_size * h)?,
+            final_norm: ones(h)?,
+            lm_head: if config.tie_word_embeddings { None } else { Some(random(config.vocab_size * h)?) },
+            inv_freq: dev.stream.clone_htod(&inv_freq)?,
+            position_scale,
+            layers,
+            config,
+            dev,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Arc<GpuDevice> {
+        &self.dev
+    }
+
+    /// Bytes of weights read by one forward pass (bf16 matrices, f32 norms).
+    pub fn weight_bytes(&self) -> usize {
+        let c = &self.config;
+        let matrices = c.num_parameters() - c.hidden_size * (2 * c.num_hidden_layers + 1);
+        matrices * 2 + c.hidden_size * (2 * c.num_hidden_layers + 1) * 4
+    }
+}
+
+fn rope_tables(config: &ModelConfig) -> (Vec<f32>, f32) {
+    let rope = Rope::new(config);
+    let scale = match &config.rope_scaling {
+        Some(RopeScaling::Linear { factor }) => *factor,
+        _ => 1.0,
+    };
+    (rope.inv_freq().to_vec(), scale)
+}
+
+/// Keys and values of every layer on the device.
+pub struct GpuKvCache {
+    layout: KvCacheLayout,
+    keys: Vec<CudaSlice<bf16>>,
+    values: Vec<CudaSlice<bf16>>,
+}
+
+impl GpuKvCache {
+    pub fn new(dev: &GpuDevice, layout: KvCacheLayout) -> Result<Self, CudaError> {
+        let alloc = || dev.stream.alloc_zeros::<bf16>(layout.layer_len());
+        Ok(GpuKvCache {
+            keys: (0..layout.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?,
+            values: (0..layout.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?,
+            layout,
+        })
+    }
+
+    /// Blocks that fit in `bytes` of device memory for this model.
+    pub fn blocks_for_bytes(config: &ModelConfig, block_size: usize, bytes: usize) -> usize {
+        let per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * block_size * config.head_dim * 2;
+        bytes / per_block
+    }
+
+    pub fn layout(&self) -> &KvCacheLayout {
+        &self.layout
+    }
+
+    /// Raw key and value array pointers of `layer` (for kernel checks).
+    pub fn layer_ptrs(&self, dev: &GpuDevice, layer: usize) -> (CUdeviceptr, CUdeviceptr) {
+        (ptr(dev, &self.keys[layer]), ptr(dev, &self.values[layer]))
+    }
+}
+
+/// Per-batch buffers, grown to the largest batch seen.
+#[derive(Default)]
+struct Scratch {
+    capacity_tokens: usize,
+    capacity_rows: usize,
+    capacity_partials: usize,
+    x: Option<CudaSlice<f32>>,
+    h: Option<CudaSlice<bf16>>,
+    qkv: Option<CudaSlice<bf16>>,
+    attn: Option<CudaSlice<bf16>>,
+    proj: Option<CudaSlice<bf16>>,
+    gate_up: Option<CudaSlice<bf16>>,
+    act: Option<CudaSlice<bf16>>,
+    final_h: Option<CudaSlice<bf16>>,
+    logits: Option<CudaSlice<f32>>,
+    part_out: Option<CudaSlice<f32>>,
+    part_max: Option<CudaSlice<f32>>,
+    part_sum: Option<CudaSlice<f32>>,
+    /// Every index array of a batch, packed, so a step makes one upload into one allocation.
+    indices: Option<CudaSlice<u32>>,
+    capacity_indices: usize,
+}
+
+/// Device pointers to the batch's index arrays (all inside `Scratch::indices`).
+struct BatchArrays {
+    tokens: CUdeviceptr,
+    positions: CUdeviceptr,
+    slots: CUdeviceptr,
+    token_seq: CUdeviceptr,
+    block_tables: CUdeviceptr,
+    rows: CUdeviceptr,
+    max_blocks: usize,
+}
+
+pub struct GpuBackend {
+    model: GpuModel,
+    cache: GpuKvCache,
+    scratch: Scratch,
+}
+
+impl GpuBackend {
+    pub fn new(model: GpuModel, num_blocks: usize, block_size: usize) -> Result<Self, CudaError> {
+        let c = model.config();
+        let layout = KvCacheLayout {
+            num_layers: c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        if !matches!(c.head_dim, 64 | 128) {
+            return Err(CudaError::Config(format!("head_dim {} (the CUDA kernels support 64 and 128)", c.head_dim)));
+        }
+        if c.gqa_group_size() > 8 {
+            return Err(CudaError::Config(format!("GQA group of {} (the CUDA kernels support up to 8)", c.gqa_group_size())));
+        }
+        let cache = GpuKvCache::new(&model.dev, layout)?;
+        Ok(GpuBackend { model, cache, scratch: Scratch::default() })
+    }
+
+    pub fn model(&self) -> &GpuModel {
+        &self.model
+    }
+
+    pub fn cache(&self) -> &GpuKvCache {
+        &self.cache
+    }
+
+    fn ensure_scratch(&mut self, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
+        let dev = &self.model.dev;
+        let c = &self.model.config;
+        let s = &mut self.scratch;
+        if tokens > s.capacity_tokens {
+            let t = tokens.next_power_of_two();
+            let qkv = c.q_size() + 2 * c.kv_size();
+            s.x = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.h = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.qkv = Some(dev.stream.alloc_zeros(t * qkv)?);
+            s.attn = Some(dev.stream.alloc_zeros(t * c.q_size())?);
+            s.proj = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.gate_up = Some(dev.stream.alloc_zeros(t * 2 * c.intermediate_size)?);
+            s.act = Some(dev.stream.alloc_zeros(t * c.intermediate_size)?);
+            s.capacity_tokens = t;
+        }
+        if rows > s.capacity_rows {
+            let r = rows.next_power_of_two();
+            s.final_h = Some(dev.stream.alloc_zeros(r * c.hidden_size)?);
+            s.logits = Some(dev.stream.alloc_zeros(r * c.vocab_size)?);
+            s.capacity_rows = r;
+        }
+        if partials > s.capacity_partials {
+            let p = partials.next_power_of_two();
+            s.part_out = Some(dev.stream.alloc_zeros(p * c.head_dim)?);
+            s.part_max = Some(dev.stream.alloc_zeros(p)?);
+            s.part_sum = Some(dev.stream.alloc_zeros(p)?);
+            s.capacity_partials = p;
+        }
+        Ok(())
+    }
+
+    fn upload(&mut self, batch: &ForwardBatch) -> Result<BatchArrays, CudaError> {
+        let dev = self.model.dev.clone();
+        let (tables, max_blocks) = pack_block_tables(batch);
+        let n = batch.num_tokens();
+        let mut packed: Vec<u32> = Vec::with_capacity(4 * n + tables.len() + batch.logits_rows.len() + 1);
+        packed.extend_from_slice(&batch.token_ids);
+        packed.extend_from_slice(&batch.positions);
+        packed.extend_from_slice(&batch.slot_mapping);
+        packed.extend_from_slice(&batch.token_seq);
+        packed.extend_from_slice(&tables);
+        packed.extend(batch.logits_rows.iter().map(|&r| r as u32));
+        packed.push(0);
+        let s = &mut self.scratch;
+        if packed.len() > s.capacity_indices {
+            let capacity = packed.len().next_power_of_two();
+            s.indices = Some(dev.stream.alloc_zeros(capacity)?);
+            s.capacity_indices = capacity;
+        }
+        let indices = s.indices.as_mut().unwrap();
+        dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
+        let base = ptr(&dev, indices);
+        let at = |offset: usize| base + (offset * 4) as u64;
+        Ok(BatchArrays {
+            tokens: at(0),
+            positions: at(n),
+            slots: at(2 * n),
+            token_seq: at(3 * n),
+            block_tables: at(4 * n),
+            rows: at(4 * n + tables.len()),
+            max_blocks,
+        })
+    }
+
+    /// Runs the batch and returns the logits of its requested rows, `[rows, vocab]`, on the host.
+    pub fn forward_logits(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, CudaError> {
+        let c = self.model.config.clone();
+        let n = batch.num_tokens();
+        let rows = batch.logits_rows.len();
+        if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(CudaError::Config(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        let max_context = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
+        let splits = attention_splits(max_context, n * c.num_key_value_heads, self.model.dev.num_sms);
+        self.ensure_scratch(n, rows, if splits > 1 { n * c.num_attention_heads * splits } else { 0 })?;
+        let arrays = self.upload(batch)?;
+        self.run_layers(batch, &arrays, splits)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let dev = self.model.dev.clone();
+        let s = &self.scratch;
+        let logits = s.logits.as_ref().unwrap();
+        let mut host = vec![0.0f32; rows * c.vocab_size];
+        dev.stream.memcpy_dtoh(&logits.slice(..rows * c.vocab_size), &mut host)?;
+        Ok(host)
+    }
+
+    /// Runs the batch and returns the greedy token of each requested row; only those integers
+    /// cross to the host.
+    pub fn forward_argmax(&mut self, batch: &ForwardBatch) -> Result<Vec<u32>, CudaError> {
+        let c = self.model.config.clone();
+        let n = batch.num_tokens();
+        let rows = batch.logits_rows.len();
+        let max_context = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
+        let splits = attention_splits(max_context, n * c.num_key_value_heads, self.model.dev.num_sms);
+        self.ensure_scratch(n, rows, if splits > 1 { n * c.num_attention_heads * splits } else { 0 })?;
+        let arrays = self.upload(batch)?;
+        self.run_layers(batch, &arrays, splits)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let dev = self.model.dev.clone();
+        let tokens = dev.stream.alloc_zeros::<u32>(rows)?;
+        let vocab = c.vocab_size as i32;
+        unsafe {
+            dev.stream
+                .launch_builder(dev.function("argmax_rows"))
+                .arg(&tokens)
+                .arg(self.scratch.logits.as_ref().unwrap())
+                .arg(&vocab)
+                .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })?;
+        }
+        Ok(dev.stream.clone_dtoh(&tokens)?)
+    }
+
+    fn run_layers(&mut self, batch: &ForwardBatch, a: &BatchArrays, splits: usize) -> Result<(), CudaError> {
+        let dev = self.model.dev.clone();
+        let m = &self.model;
+        let c = &m.config;
+        let s = &self.scratch;
+        let n = batch.num_tokens();
+        let rows = batch.logits_rows.len();
+        let (h, q_size, kv_size, inter) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
+        let qkv_size = q_size + 2 * kv_size;
+        let x = ptr(&dev, s.x.as_ref().unwrap());
+        let hn = ptr(&dev, s.h.as_ref().unwrap());
+        let qkv = ptr(&dev, s.qkv.as_ref().unwrap());
+        let attn = ptr(&dev, s.attn.as_ref().unwrap());
+        let proj = ptr(&dev, s.proj.as_ref().unwrap());
+        let gate_up = ptr(&dev, s.gate_up.as_ref().unwrap());
+        let act = ptr(&dev, s.act.as_ref().unwrap());
+        let null: CUdeviceptr = 0;
+        let (part_out, part_max, part_sum) = if splits > 1 {
+            (
+                ptr(&dev, s.part_out.as_ref().unwrap()),
+                ptr(&dev, s.part_max.as_ref().unwrap()),
+                ptr(&dev, s.part_sum.as_ref().unwrap()),
+            )
+        } else {
+            (null, null, null)
+        };
+        let rows_cfg = |width: usize| LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (row_threads(width), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (hidden_i, inter_i, eps) = (h as i32, inter as i32, c.rms_norm_eps);
+        let layout = *self.cache.layout();
+        let (num_heads, num_kv_heads, head_dim) = (c.num_attention_heads as i32, c.num_key_value_heads as i32, c.head_dim as i32);
+        let block_size = layout.block_size as i32;
+        let interleaved = 0i32;
+        let stream = &dev.stream;
+
+        unsafe {
+            stream
+                .launch_builder(dev.function("embedding_gather"))
+                .arg(&x)
+                .arg(&ptr(&dev, &m.embed_tokens))
+                .arg(&a.tokens)
+                .arg(&hidden_i)
+                .launch(rows_cfg(h))?;
+            for (i, layer) in m.layers.iter().enumerate() {
+                // The previous layer's MLP output joins the residual stream here.
+                let delta = if i == 0 { null } else { proj };
+                stream
+                    .launch_builder(dev.function("fused_add_rmsnorm"))
+                    .arg(&x)
+                    .arg(&delta)
+                    .arg(&layer.attn_norm)
+                    .arg(&hn)
+                    .arg(&hidden_i)
+                    .arg(&eps)
+                    .launch(rows_cfg(h))?;
+                linear(&dev, qkv, OutType::Bf16, hn, ptr(&dev, &layer.qkv_proj), n, h, qkv_size)?;
+                if let Some(bias) = &layer.qkv_bias {
+                    let cols = qkv_size as i32;
+                    stream
+                        .launch_builder(dev.function("add_bias"))
+                        .arg(&qkv)
+                        .arg(bias)
+                        .arg(&cols)
+                        .launch(rows_cfg(qkv_size))?;
+                }
+                let (k_cache, v_cache) = self.cache.layer_ptrs(&dev, i);
+                stream
+                    .launch_builder(dev.function("rope_and_cache"))
+                    .arg(&qkv)
+                    .arg(&a.positions)
+                    .arg(&a.slots)
+                    .arg(&m.inv_freq)
+                    .arg(&k_cache)
+                    .arg(&v_cache)
+                    .arg(&num_heads)
+                    .arg(&num_kv_heads)
+                    .arg(&head_dim)
+                    .arg(&block_size)
+                    .arg(&m.position_scale)
+                    .arg(&interleaved)
+                    .launch(rows_cfg((c.num_attention_heads + c.num_key_value_heads) * c.head_dim / 2))?;
+                launch_attention(
+                    &dev,
+                    &AttentionArgs {
+                        out: attn,
+                        q: qkv,
+                        q_stride: qkv_size,
+                        k_cache,
+                        v_cache,
+                        block_tables: a.block_tables,
+                        token_seq: a.token_seq,
+                        positions: a.positions,
+                        max_blocks: a.max_blocks,
+                        num_tokens: n,
+                        num_heads: c.num_attention_heads,
+                        num_kv_heads: c.num_key_value_heads,
+                        head_dim: c.head_dim,
+                        block_size: layout.block_size,
+                        splits,
+                        partials: (part_out, part_max, part_sum),
+                    },
+                )?;
+                linear(&dev, proj, OutType::Bf16, attn, ptr(&dev, &layer.o_proj), n, q_size, h)?;
+                stream
+                    .launch_builder(dev.function("fused_add_rmsnorm"))
+                    .arg(&x)
+                    .arg(&proj)
+                    .arg(&layer.ffn_norm)
+                    .arg(&hn)
+                    .arg(&hidden_i)
+                    .arg(&eps)
+                    .launch(rows_cfg(h))?;
+                linear(&dev, gate_up, OutType::Bf16, hn, ptr(&dev, &layer.gate_up_proj), n, h, 2 * inter)?;
+                stream
+                    .launch_builder(dev.function("silu_and_mul"))
+                    .arg(&act)
+                    .arg(&gate_up)
+                    .arg(&inter_i)
+                    .launch(rows_cfg(inter))?;
+                linear(&dev, proj, OutType::Bf16, act, ptr(&dev, &layer.down_proj), n, inter, h)?;
+            }
+            // The last MLP output joins the residual; only the wanted rows are normalised.
+            stream
+                .launch_builder(dev.function("fused_add_rmsnorm"))
+                .arg(&x)
+                .arg(&proj)
+                .arg(&m.final_norm)
+                .arg(&null)
+                .arg(&hidden_i)
+                .arg(&eps)
+                .launch(rows_cfg(h))?;
+            if rows > 0 {
+                let final_h = ptr(&dev, s.final_h.as_ref().unwrap());
+                stream
+                    .launch_builder(dev.function("rmsnorm_rows"))
+                    .arg(&x)
+                    .arg(&a.rows)
+                    .arg(&m.final_norm)
+                    .arg(&final_h)
+                    .arg(&hidden_i)
+                    .arg(&eps)
+                    .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 })?;
+                let lm_head = m.lm_head.as_ref().unwrap_or(&m.embed_tokens);
+                let logits = ptr(&dev, s.logits.as_ref().unwrap());
+                linear(&dev, logits, OutType::F32, final_h, ptr(&dev, lm_head), rows, h, c.vocab_size)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Device pointers and sizes of one attention launch (see `kernels/paged_attention.cu`).
+pub struct AttentionArgs {
+    pub out: CUdeviceptr,
+    pub q: CUdeviceptr,
+    pub q_stride: usize,
+    pub k_cache: CUdeviceptr,
+    pub v_cache: CUdeviceptr,
+    pub block_tables: CUdeviceptr,
+    pub token_seq: CUdeviceptr,
+    pub positions: CUdeviceptr,
+    pub max_blocks: usize,
+    pub num_tokens: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Split-K partitions; with more than one, `partials` must hold
+    /// `num_tokens * num_heads * splits` rows.
+    pub splits: usize,
+    pub partials: (CUdeviceptr, CUdeviceptr, CUdeviceptr),
+}
+
+/// Paged attention (and the split-K reduction when `splits > 1`).
+pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
+    let kernel = dev.function(if a.head_dim == 64 { "paged_attention_hd64" } else { "paged_attention_hd128" });
+    let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
+    let (heads, kv_heads, block_size) = (a.num_heads as i32, a.num_kv_heads as i32, a.block_size as i32);
+    let scale = 1.0 / (a.head_dim as f32).sqrt();
+    let partition = if a.splits > 1 { ATTENTION_PARTITION as i32 } else { i32::MAX };
+    let (part_out, part_max, part_sum) = a.partials;
+    unsafe {
+        dev.stream
+            .launch_builder(kernel)
+            .arg(&a.out)
+            .arg(&part_out)
+            .arg(&part_max)
+            .arg(&part_sum)
+            .arg(&a.q)
+            .arg(&a.k_cache)
+            .arg(&a.v_cache)
+            .arg(&a.block_tables)
+            .arg(&a.token_seq)
+            .arg(&a.positions)
+            .arg(&q_stride)
+            .arg(&max_blocks)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&block_size)
+            .arg(&scale)
+            .arg(&partition)
+            .launch(LaunchConfig {
+                grid_dim: (a.num_tokens as u32, a.num_kv_heads as u32, a.splits as u32),
+                block_dim: (ATTENTION_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
+        if a.splits > 1 {
+            let (splits, hd) = (a.splits as i32, a.head_dim as i32);
+            dev.stream
+                .launch_builder(dev.function("attention_reduce"))
+                .arg(&a.out)
+                .arg(&part_out)
+                .arg(&part_max)
+                .arg(&part_sum)
+                .arg(&splits)
+                .arg(&hd)
+                .launch(LaunchConfig {
+                    grid_dim: ((a.num_tokens * a.num_heads) as u32, 1, 1),
+                    block_dim: (a.head_dim as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                })?;
+        }
+    }
+    Ok(())
+}
+
+impl ModelBackend for GpuBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    fn kv_layout(&self) -> &KvCacheLayout {
+        self.cache.layout()
+    }
+
+    fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {
+        let dev = self.model.dev.clone();
+        let layout = *self.cache.layout();
+        let len = layout.num_kv_heads * layout.block_size * layout.head_dim;
+        for array in self.cache.keys.iter().chain(self.cache.values.iter()) {
+            let base = ptr(&dev, array);
+            for &(src, dst) in copies {
+                let bytes = (len * 2) as u64;
+                // SAFETY: distinct blocks of one live allocation never overlap; same stream as
+                // every kernel that reads or writes the cache.
+                let result = unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        base + dst as u64 * bytes,
+                        base + src as u64 * bytes,
+                        bytes as usize,
+                        dev.stream.cu_stream(),
+                    )
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "copy-on-write block copy failed");
+                }
+            }
+        }
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
+        self.forward_logits(batch).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
+    }
+}

@@ -1,0 +1,189 @@
+// Paged attention: every query token attends, causally, to positions 0..=pos of its own sequence,
+// reading keys and values through the sequence's block table. One thread block per (token, KV
+// head, split): the block's warps share the `group` query heads of that KV head (grouped-query
+// attention, each key and value read once per group), and take 32 keys at a time, one per lane,
+// with an online softmax. Long contexts are cut into `num_splits` partitions processed by
+// separate blocks (split-K, "flash decoding"), whose partial results `attention_reduce` merges.
+//
+// Layouts: q rows of `q_stride` elements holding [num_heads, HD] bf16 (the Q part of the QKV
+// projection's output); out [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads, block_size, HD]
+// bf16; block_tables [num_seqs, max_blocks] u32; partials (split-K only) float
+// [tokens, num_heads, num_splits, HD] plus max and sum [tokens, num_heads, num_splits].
+
+#define MAX_GROUP 8
+#define WARPS 8
+
+template <int HD>
+__device__ void paged_attention_impl(
+    __nv_bfloat16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
+    float* __restrict__ part_sum, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+    const __nv_bfloat16* __restrict__ v_cache, const u32* __restrict__ block_tables, const u32* __restrict__ token_seq,
+    const u32* __restrict__ positions, int q_stride, int max_blocks, int num_heads, int num_kv_heads,
+    int block_size, float scale, int partition) {
+    constexpr int DPL = HD / 32;  // dimensions per lane
+    const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
+    const int group = num_heads / num_kv_heads;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int context = positions[t] + 1;
+    const int begin = split * partition;
+    const int end = min(context, begin + partition);
+    const u32* table = block_tables + (u64)token_seq[t] * max_blocks;
+
+    __shared__ float q_s[MAX_GROUP][HD];
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD;
+        q_s[g][d] = __bfloat162float(q[(u64)t * q_stride + (kv_head * group + g) * HD + d]) * scale;
+    }
+    __syncthreads();
+
+    float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][DPL];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < DPL; j++) acc[g][j] = 0.0f;
+    }
+
+    for (int base = begin + warp * 32; base < end; base += WARPS * 32) {
+        const int p = base + lane;
+        const bool valid = p < end;
+        float s[MAX_GROUP];
+        if (valid) {
+            const u64 slot_block = table[p / block_size];
+            const __nv_bfloat16* key =
+                k_cache + ((slot_block * num_kv_heads + kv_head) * block_size + p % block_size) * HD;
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
+#pragma unroll
+            for (int d0 = 0; d0 < HD; d0 += 8) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(key + d0);
+                const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float2 kv = __bfloat1622float2(pairs[e]);
+#pragma unroll
+                    for (int g = 0; g < MAX_GROUP; g++)
+                        if (g < group) s[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; g++) s[g] = -INFINITY;
+        }
+        float p_lane[MAX_GROUP];
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            if (g >= group) continue;
+            const float chunk_max = warp_max(s[g]);
+            const float new_m = fmaxf(m[g], chunk_max);
+            const float correction = __expf(m[g] - new_m);
+            p_lane[g] = valid ? __expf(s[g] - new_m) : 0.0f;
+            l[g] = l[g] * correction + warp_sum(p_lane[g]);
+#pragma unroll
+            for (int j = 0; j < DPL; j++) acc[g][j] *= correction;
+            m[g] = new_m;
+        }
+        // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. The loop
+        // runs a fixed 32 times (predicated) so it unrolls and several value loads are in flight.
+        const int keys = min(32, end - base);
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            if (j >= keys) break;
+            const int pj = base + j;
+            const u64 slot_block = table[pj / block_size];
+            const __nv_bfloat16* value =
+                v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
+            float v[DPL];
+#pragma unroll
+            for (int e = 0; e < DPL; e += 2) {
+                const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(value + e));
+                v[e] = pair.x;
+                v[e + 1] = pair.y;
+            }
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; g++) {
+                if (g >= group) continue;
+                const float w = __shfl_sync(0xffffffff, p_lane[g], j);
+#pragma unroll
+                for (int e = 0; e < DPL; e++) acc[g][e] += w * v[e];
+            }
+        }
+    }
+
+    // Merge the warps' partial softmax states.
+    __shared__ float m_s[WARPS][MAX_GROUP], l_s[WARPS][MAX_GROUP];
+    __shared__ float acc_s[WARPS][MAX_GROUP][HD];
+    if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            m_s[warp][g] = m[g];
+            l_s[warp][g] = l[g];
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++)
+        if (g < group)
+#pragma unroll
+            for (int e = 0; e < DPL; e++) acc_s[warp][g][lane * DPL + e] = acc[g][e];
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD;
+        float big = -INFINITY;
+        for (int w = 0; w < WARPS; w++) big = fmaxf(big, m_s[w][g]);
+        float total = 0.0f, value = 0.0f;
+        for (int w = 0; w < WARPS; w++) {
+            const float f = m_s[w][g] == -INFINITY ? 0.0f : __expf(m_s[w][g] - big);
+            total += l_s[w][g] * f;
+            value += acc_s[w][g][d] * f;
+        }
+        const int head = kv_head * group + g;
+        if (num_splits == 1) {
+            out[((u64)t * num_heads + head) * HD + d] = __float2bfloat16(total > 0.0f ? value / total : 0.0f);
+        } else {
+            const u64 at = ((u64)t * num_heads + head) * num_splits + split;
+            part_out[at * HD + d] = value;
+            if (d == 0) {
+                part_max[at] = big;
+                part_sum[at] = total;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_hd64(
+    __nv_bfloat16* out, float* part_out, float* part_max, float* part_sum, const __nv_bfloat16* q,
+    const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const u32* block_tables, const u32* token_seq,
+    const u32* positions, int q_stride, int max_blocks, int num_heads, int num_kv_heads, int block_size,
+    float scale, int partition) {
+    paged_attention_impl<64>(out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq,
+                             positions, q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_hd128(
+    __nv_bfloat16* out, float* part_out, float* part_max, float* part_sum, const __nv_bfloat16* q,
+    const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const u32* block_tables, const u32* token_seq,
+    const u32* positions, int q_stride, int max_blocks, int num_heads, int num_kv_heads, int block_size,
+    float scale, int partition) {
+    paged_attention_impl<128>(out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq,
+                              positions, q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition);
+}
+
+// Merges split-K partials: one block per (token, head), one thread per dimension.
+extern "C" __global__ void attention_reduce(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_out,
+                                            const float* __restrict__ part_max, const float* __restrict__ part_sum,
+                                            int num_splits, int head_dim) {
+    const u64 th = blockIdx.x;  // token * num_heads + head
+    float big = -INFINITY;
+    for (int s = 0; s < num_splits; s++) big = fmaxf(big, part_max[th * num_splits + s]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float total = 0.0f, value = 0.0f;
+        for (int s = 0; s < num_splits; s++) {
+            const float mx = part_max[th * num_splits + s];
+            const float f = mx == -INFINITY ? 0.0f : __expf(mx - big);
+            total += part_sum[th * num_splits + s] * f;
+            value += part_out[(th * num_splits + s) * head_dim + d] * f;
+        }
+        out[th * head_dim + d] = __float2bfloat16(total > 0.0f ? value / total : 0.0f);
+    }
+}

@@ -1,0 +1,78 @@
+//! pagedserve's CUDA kernels, embedded as source so the host can compile them at start-up with
+//! NVRTC for whatever GPU it finds (sm_90 on Hopper). Each module is `common.cuh` followed by one
+//! `*.cu` file; `source_hash` keys the on-disk cache of compiled modules.
+
+use sha2::{Digest, Sha256};
+
+/// Helpers every module starts with.
+pub const COMMON: &str = include_str!("../common.cuh");
+
+/// One compilation unit: a name and its `*.cu` source (without `COMMON`).
+#[derive(Debug, Clone, Copy)]
+pub struct KernelModule {
+    pub name: &'static str,
+    pub source: &'static str,
+    /// The `extern "C"` kernels it defines.
+    pub functions: &'static [&'static str],
+}
+
+pub const MODULES: &[KernelModule] = &[
+    KernelModule { name: "embedding", source: include_str!("../embedding.cu"), functions: &["embedding_gather"] },
+    KernelModule {
+        name: "rmsnorm",
+        source: include_str!("../rmsnorm.cu"),
+        functions: &["fused_add_rmsnorm", "rmsnorm_rows"],
+    },
+    KernelModule {
+        name: "rope_cache",
+        source: include_str!("../rope_cache.cu"),
+        functions: &["rope_and_cache", "add_bias"],
+    },
+    KernelModule { name: "activation", source: include_str!("../activation.cu"), functions: &["silu_and_mul"] },
+    KernelModule {
+        name: "paged_attention",
+        source: include_str!("../paged_attention.cu"),
+        functions: &["paged_attention_hd64", "paged_attention_hd128", "attention_reduce"],
+    },
+    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16"] },
+];
+
+impl KernelModule {
+    /// The full source NVRTC compiles: the common header inlined, then the module.
+    pub fn full_source(&self) -> String {
+        let common = COMMON.replace("#pragma once", "");
+        format!("{common}\n// ---- {}.cu ----\n{}", self.name, self.source)
+    }
+
+    /// Hex sha256 of the full source and the target architecture: the compile-cache key.
+    pub fn source_hash(&self, arch: &str) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(self.full_source().as_bytes());
+        hasher.update(arch.as_bytes());
+        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_declared_function_is_defined_extern_c() {
+        for module in MODULES {
+            for function in module.functions {
+                let needle = format!("{function}(");
+                assert!(module.source.contains(&needle), "{} does not define {function}", module.name);
+            }
+            assert!(module.full_source().contains("warp_sum"), "common helpers are prepended");
+        }
+    }
+
+    #[test]
+    fn hash_depends_on_source_and_architecture() {
+        let m = MODULES[0];
+        assert_eq!(m.source_hash("sm_90"), m.source_hash("sm_90"));
+        assert_ne!(m.source_hash("sm_90"), m.source_hash("sm_80"));
+        assert_ne!(MODULES[0].source_hash("sm_90"), MODULES[1].source_hash("sm_90"));
+    }
+}
