@@ -32,8 +32,8 @@ mod slot;
 
 pub use self::config::{PluginEntry, PluginsConfig};
 pub use self::filter::{FilterFault, FilterParams, FilterRequest, FilterVerdict, OutputVerdict};
-pub use self::registry::{PluginInfo, PluginRegistry, RegistryError, VersionInfo};
-pub use self::runtime::{PluginLimits, PluginRuntime};
+pub use self::registry::{sha256_hex, PluginInfo, PluginRegistry, RegistryError, VersionInfo};
+pub use self::runtime::{CompileError, PluginLimits, PluginRuntime};
 pub use self::sampler::{top_candidates, PluginSampleInput, PluginSampled};
 pub use self::scheduler::WasmScheduler;
 pub use self::slot::PluginSlot;

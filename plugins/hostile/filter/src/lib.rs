@@ -1,6 +1,6 @@
 //! A hostile filter for the host's containment tests; its configuration names how it misbehaves
 //! in `on-request` (`ok` lets everything through):
-//! `loop`, `trap`, `memory`, `bad-status` (rejects with status 200), `huge-message` (a 16 MiB
+//! `loop`, `trap`, `memory`, `bad-status` (rejects with status 200), `huge-message` (a 1 MiB
 //! rejection message).
 
 use std::hint::black_box;
@@ -28,11 +28,11 @@ impl Guest for Hostile {
             "memory" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                    hoard.push(black_box(Vec::<u8>::with_capacity(8 << 20)));
                 }
             }
             "bad-status" => reject(200, "not an error status"),
-            "huge-message" => reject(400, "x".repeat(16 << 20)),
+            "huge-message" => reject(400, "x".repeat(1 << 20)),
             _ => RequestVerdict::Continue,
         }
     }

@@ -41,7 +41,7 @@ impl Guest for Hostile {
             "memory" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                    hoard.push(black_box(Vec::<u8>::with_capacity(8 << 20)));
                 }
             }
             "trap" => panic!("hostile sampler traps"),

@@ -1,8 +1,8 @@
 //! A hostile scheduler for the host's containment tests: its configuration names how it
 //! misbehaves in `rank` (`ok` behaves like fcfs):
-//! `loop` (never returns), `memory` (allocates without end), `trap` (panics: `unreachable`),
-//! `recursion` (unbounded recursion), `unknown-ids`, `duplicates`, `missing`, `huge` (an answer of
-//! millions of ids), `error` (returns an error string).
+//! `loop` (never returns), `memory` (allocates 8 MiB blocks without end), `trap` (panics: `unreachable`),
+//! `recursion` (unbounded recursion), `unknown-ids`, `duplicates`, `missing`, `huge` (an answer of a
+//! million ids), `error` (returns an error string).
 
 use std::hint::black_box;
 use std::sync::Mutex;
@@ -23,7 +23,7 @@ pub fn recurse(depth: u64) -> u64 {
 pub fn allocate_forever() -> usize {
     let mut hoard: Vec<Vec<u8>> = Vec::new();
     loop {
-        hoard.push(black_box(vec![1u8; 1 << 20]));
+        hoard.push(black_box(Vec::<u8>::with_capacity(8 << 20)));
         black_box(&hoard);
     }
 }
@@ -64,7 +64,7 @@ impl Guest for Hostile {
             "missing" => {
                 order.pop();
             }
-            "huge" => return Ok((0..4_000_000u64).collect()),
+            "huge" => return Ok((0..1_000_000u64).collect()),
             "error" => return Err("hostile scheduler refuses".into()),
             _ => {}
         }
