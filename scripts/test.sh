@@ -6,6 +6,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/setup.sh
-./scripts/build-plugins.sh
 (cd plugins && cargo test --quiet)
 cargo test --release --workspace "$@"
