@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: set-up (model), then every unit and end-to-end test, built optimized
-# (the tests run the real model on the CPU).
+# The whole test suite: set-up (model), the Wasm plugins (built for wasm32-wasip2, their logic
+# unit-tested natively), then every unit and end-to-end test of the host, built optimized (the
+# tests run the real model on the CPU and the real plugin components).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/setup.sh
+(cd plugins && cargo test --quiet)
 cargo test --release --workspace "$@"

@@ -3,10 +3,12 @@
 //!
 //! This crate is the native host. Data flows one way: model loading (`model`) and tokenization
 //! (`tokenizer`) feed the runner (`runner`), which runs batches of sequences through the CPU
-//! reference forward (`model::cpu`) over a paged KV cache (`kv_cache`).
+//! reference forward (`model::cpu`) over a paged KV cache (`kv_cache`). Scheduling policies, sampling
+//! strategies and request filters can be WebAssembly components (`plugin`).
 
 pub mod kv_cache;
 pub mod model;
+pub mod plugin;
 pub mod bench;
 pub mod cuda;
 pub mod engine;

@@ -1,5 +1,5 @@
-//! The `pagedserve` command line: `generate` (try the model in a terminal) and `bench` (CPU
-//! decode throughput).
+//! The `pagedserve` command line: `generate` (try the model in a terminal) and `bench` (decode
+//! throughput, the engine under load, the cost of a scheduler call).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,7 +22,8 @@ struct Cli {
 enum Command {
     /// Generate a continuation of one prompt, streaming it to the terminal (greedy).
     Generate(GenerateArgs),
-    /// Benchmarks: `bench decode` (fixed batches) and `bench serve` (the engine under load).
+    /// Benchmarks: `bench decode` (fixed batches), `bench serve` (the engine under load) and
+    /// `bench scheduler` (one scheduling-policy call, Wasm plugin against native).
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Check the GPU path against the CPU path: every kernel, the forward, greedy tokens.
@@ -79,6 +80,8 @@ enum BenchCommand {
     Serve(BenchServeArgs),
     /// GPU kernels and decode steps against the copy bandwidth measured in the same run.
     Gpu(BenchGpuArgs),
+    /// The cost of one scheduler call with a large queue: a Wasm scheduler plugin against native FCFS.
+    Scheduler(BenchSchedulerArgs),
 }
 
 #[derive(Args)]
@@ -110,6 +113,22 @@ struct BenchGpuArgs {
     /// Also run the Llama-3.1-8B-shaped dummy model (16 GB of weights).
     #[arg(long)]
     llama_8b: bool,
+}
+
+#[derive(Args)]
+struct BenchSchedulerArgs {
+    /// The scheduler component to measure.
+    #[arg(long, default_value = "plugins/dist/fcfs.wasm")]
+    plugin: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    running: usize,
+    #[arg(long, default_value_t = 1000)]
+    waiting: usize,
+    #[arg(long, default_value_t = 2000)]
+    iterations: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -169,6 +188,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Serve(args)) => bench_serve(args),
         Command::Bench(BenchCommand::Gpu(args)) => bench_gpu(args),
         Command::Check(args) => check(args),
+        Command::Bench(BenchCommand::Scheduler(args)) => bench_scheduler(args),
     }
 }
 
@@ -246,6 +266,27 @@ fn bench_decode(args: BenchArgs) -> anyhow::Result<()> {
             r.step_seconds * 1e3
         );
     }
+    Ok(())
+}
+
+fn bench_scheduler(args: BenchSchedulerArgs) -> anyhow::Result<()> {
+    let component = std::fs::read(&args.plugin)
+        .with_context(|| format!("reading {} (build the plugins with scripts/build-plugins.sh)", args.plugin.display()))?;
+    let r = pagedserve::bench::scheduler::run(&component, args.running, args.waiting, args.iterations)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "scheduler call, {} running + {} waiting sequences, median of {} calls ({})",
+        r.running,
+        r.waiting,
+        r.iterations,
+        args.plugin.display()
+    );
+    println!("wasm plugin rank      {:>10.1} us  (p99 {:.1} us)", r.wasm_median_us, r.wasm_p99_us);
+    println!("native fcfs rank      {:>10.1} us", r.native_fcfs_median_us);
+    println!("ranking validation    {:>10.1} us  (paid by every policy)", r.validate_median_us);
     Ok(())
 }
 

@@ -3,8 +3,8 @@
 //! so existing dashboards port by renaming the prefix. Every series is labelled with the model name.
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -27,6 +27,18 @@ pub struct Metrics {
     pub request_generation_tokens: Histogram,
     pub iteration_tokens: Histogram,
     pub scheduler_policy_faults: IntCounterVec,
+    /// Plugin calls by kind and name (each engine step's scheduler call, sampler batch, filter call).
+    pub plugin_calls: IntCounterVec,
+    pub plugin_call_duration: HistogramVec,
+    /// Plugin faults by kind, name and reason (`trap`, `deadline`, `limit`, `invalid_output`).
+    pub plugin_faults: IntCounterVec,
+    /// Changes of a plugin's active version (install, activate, rollback, remove) or of the
+    /// scheduler plugin in use.
+    pub plugin_swaps: IntCounterVec,
+    /// Rollbacks, by the admin or the circuit breaker.
+    pub plugin_rollbacks: IntCounterVec,
+    /// 1 for the active version of each plugin: kind, name, version, sha256.
+    pub plugin_active_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -112,6 +124,37 @@ impl Metrics {
                 &["policy", "reason"]
             )
             .expect("valid counter")),
+            plugin_calls: register!(IntCounterVec::new(
+                Opts::new("plugin_calls_total", "Plugin calls, by kind and name."),
+                &["kind", "name"]
+            )
+            .expect("valid counter")),
+            plugin_call_duration: register!(HistogramVec::new(
+                HistogramOpts::new("plugin_call_duration_seconds", "Wall time of plugin calls, by kind and name.")
+                    .buckets(exponential_buckets(1e-6, 2.5, 16).expect("valid buckets")),
+                &["kind", "name"]
+            )
+            .expect("valid histogram")),
+            plugin_faults: register!(IntCounterVec::new(
+                Opts::new("plugin_faults_total", "Plugin faults, by kind, name and reason."),
+                &["kind", "name", "reason"]
+            )
+            .expect("valid counter")),
+            plugin_swaps: register!(IntCounterVec::new(
+                Opts::new("plugin_swaps_total", "Plugin version changes and scheduler swaps, by kind and name."),
+                &["kind", "name"]
+            )
+            .expect("valid counter")),
+            plugin_rollbacks: register!(IntCounterVec::new(
+                Opts::new("plugin_rollbacks_total", "Plugin rollbacks (admin or circuit breaker), by kind and name."),
+                &["kind", "name"]
+            )
+            .expect("valid counter")),
+            plugin_active_info: register!(IntGaugeVec::new(
+                Opts::new("plugin_active_info", "The active version of each plugin (value 1)."),
+                &["kind", "name", "version", "sha256"]
+            )
+            .expect("valid gauge")),
             registry,
         }
     }

@@ -1,8 +1,10 @@
 //! Benchmarks the binary runs on itself (`pagedserve bench ...`): raw decode throughput of the
-//! model at fixed batch sizes, and the serving engine under a ShareGPT-like load.
+//! model at fixed batch sizes, the serving engine under a ShareGPT-like load, and the cost of a
+//! scheduling-policy call (Wasm plugin against native).
 
 pub mod decode;
 pub mod gpu;
+pub mod scheduler;
 pub mod serve;
 
 /// The median of `values` (sorted in place); `NaN` for none.

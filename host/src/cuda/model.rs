@@ -215,6 +215,40 @@ struct Scratch {
     capacity_indices: usize,
 }
 
+impl Scratch {
+    /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
+    fn ensure(&mut self, dev: &GpuDevice, c: &ModelConfig, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
+        let s = self;
+        if tokens > s.capacity_tokens {
+            let t = tokens.next_power_of_two();
+            let qkv = c.q_size() + 2 * c.kv_size();
+            s.x = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.h = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.qkv = Some(dev.stream.alloc_zeros(t * qkv)?);
+            s.attn = Some(dev.stream.alloc_zeros(t * c.q_size())?);
+            s.proj = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.gate_up = Some(dev.stream.alloc_zeros(t * 2 * c.intermediate_size)?);
+            s.act = Some(dev.stream.alloc_zeros(t * c.intermediate_size)?);
+            s.capacity_tokens = t;
+        }
+        if rows > s.capacity_rows {
+            let r = rows.next_power_of_two();
+            s.final_h = Some(dev.stream.alloc_zeros(r * c.hidden_size)?);
+            s.logits = Some(dev.stream.alloc_zeros(r * c.vocab_size)?);
+            s.capacity_rows = r;
+        }
+        if partials > s.capacity_partials {
+            let p = partials.next_power_of_two();
+            s.part_out = Some(dev.stream.alloc_zeros(p * c.head_dim)?);
+            s.part_max = Some(dev.stream.alloc_zeros(p)?);
+            s.part_sum = Some(dev.stream.alloc_zeros(p)?);
+            s.capacity_partials = p;
+        }
+        Ok(())
+    }
+
+}
+
 /// Device pointers to the batch's index arrays (all inside `Scratch::indices`).
 struct BatchArrays {
     tokens: CUdeviceptr,
@@ -261,35 +295,8 @@ impl GpuBackend {
     }
 
     fn ensure_scratch(&mut self, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
-        let dev = &self.model.dev;
-        let c = &self.model.config;
-        let s = &mut self.scratch;
-        if tokens > s.capacity_tokens {
-            let t = tokens.next_power_of_two();
-            let qkv = c.q_size() + 2 * c.kv_size();
-            s.x = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.h = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.qkv = Some(dev.stream.alloc_zeros(t * qkv)?);
-            s.attn = Some(dev.stream.alloc_zeros(t * c.q_size())?);
-            s.proj = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.gate_up = Some(dev.stream.alloc_zeros(t * 2 * c.intermediate_size)?);
-            s.act = Some(dev.stream.alloc_zeros(t * c.intermediate_size)?);
-            s.capacity_tokens = t;
-        }
-        if rows > s.capacity_rows {
-            let r = rows.next_power_of_two();
-            s.final_h = Some(dev.stream.alloc_zeros(r * c.hidden_size)?);
-            s.logits = Some(dev.stream.alloc_zeros(r * c.vocab_size)?);
-            s.capacity_rows = r;
-        }
-        if partials > s.capacity_partials {
-            let p = partials.next_power_of_two();
-            s.part_out = Some(dev.stream.alloc_zeros(p * c.head_dim)?);
-            s.part_max = Some(dev.stream.alloc_zeros(p)?);
-            s.part_sum = Some(dev.stream.alloc_zeros(p)?);
-            s.capacity_partials = p;
-        }
-        Ok(())
+        let dev = self.model.dev.clone();
+        self.scratch.ensure(&dev, &self.model.config, tokens, rows, partials)
     }
 
     fn upload(&mut self, batch: &ForwardBatch) -> Result<BatchArrays, CudaError> {
@@ -337,7 +344,7 @@ impl GpuBackend {
         let splits = attention_splits(max_context, n * c.num_key_value_heads, self.model.dev.num_sms);
         self.ensure_scratch(n, rows, if splits > 1 { n * c.num_attention_heads * splits } else { 0 })?;
         let arrays = self.upload(batch)?;
-        self.run_layers(batch, &arrays, splits)?;
+        self.run_layers(&self.scratch, n, rows, &arrays, splits)?;
         if rows == 0 {
             return Ok(Vec::new());
         }
@@ -359,7 +366,7 @@ impl GpuBackend {
         let splits = attention_splits(max_context, n * c.num_key_value_heads, self.model.dev.num_sms);
         self.ensure_scratch(n, rows, if splits > 1 { n * c.num_attention_heads * splits } else { 0 })?;
         let arrays = self.upload(batch)?;
-        self.run_layers(batch, &arrays, splits)?;
+        self.run_layers(&self.scratch, n, rows, &arrays, splits)?;
         if rows == 0 {
             return Ok(Vec::new());
         }
@@ -377,13 +384,12 @@ impl GpuBackend {
         Ok(dev.stream.clone_dtoh(&tokens)?)
     }
 
-    fn run_layers(&mut self, batch: &ForwardBatch, a: &BatchArrays, splits: usize) -> Result<(), CudaError> {
+    /// Enqueues the whole forward for `n` tokens and `rows` logits rows on the stream, with the
+    /// buffers of `s` (no host synchronisation, no allocation: it can be captured in a graph).
+    fn run_layers(&self, s: &Scratch, n: usize, rows: usize, a: &BatchArrays, splits: usize) -> Result<(), CudaError> {
         let dev = self.model.dev.clone();
         let m = &self.model;
         let c = &m.config;
-        let s = &self.scratch;
-        let n = batch.num_tokens();
-        let rows = batch.logits_rows.len();
         let (h, q_size, kv_size, inter) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
         let qkv_size = q_size + 2 * kv_size;
         let x = ptr(&dev, s.x.as_ref().unwrap());

@@ -6,6 +6,11 @@
 //! A request starts as one sequence; when its prompt is prefilled, the other `n - 1` samples are
 //! forked from it and share its prompt blocks (copy-on-write), each drawing its first token from
 //! the same logits with its own generator.
+//!
+//! Sampler plugins: a request naming one (`sampler`) has its tokens picked by that plugin. The
+//! host applies the request's logit bias and penalties, takes the top-N candidates of each such
+//! sequence, and calls each plugin once per step for all its sequences. A plugin fault fails only
+//! the requests of that call (an `Error` event, their blocks freed); the rest of the batch goes on.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use super::request::{FinishReason, GenerateRequest, RequestId, RequestTimings, S
 use super::EngineError;
 use crate::kv_cache::KvCacheManager;
 use crate::metrics::Metrics;
+use crate::plugin::{top_candidates, PluginRegistry, PluginSampleInput};
 use crate::runner::{ForwardBatch, ModelBackend};
 use crate::sampling::{Sampled, SequenceSampler};
 use crate::sched::{SchedSeq, Scheduler, SchedulerOutput, SchedulingPolicy, SeqId};
@@ -57,7 +63,11 @@ pub struct EngineCore {
     /// End-of-sequence tokens of the model (honoured unless `ignore_eos`).
     eos_tokens: Vec<u32>,
     last_prefix_stats: crate::kv_cache::PrefixCacheStats,
+    plugins: Option<Arc<PluginRegistry>>,
 }
+
+/// Tokens of a sequence's recent past a sampler plugin sees.
+const PLUGIN_RECENT_TOKENS: usize = 64;
 
 impl EngineCore {
     pub fn new(
@@ -83,6 +93,7 @@ impl EngineCore {
             max_model_len,
             eos_tokens,
             last_prefix_stats: Default::default(),
+            plugins: None,
         }
     }
 
@@ -119,7 +130,23 @@ impl EngineCore {
         self.scheduler.set_policy(policy)
     }
 
+    pub fn policy_name(&self) -> &str {
+        self.scheduler.policy_name()
+    }
+
+    pub fn set_plugins(&mut self, plugins: Arc<PluginRegistry>) {
+        self.plugins = Some(plugins);
+    }
+
     pub fn add_request(&mut self, id: RequestId, request: GenerateRequest, events: UnboundedSender<StreamEvent>) {
+        if let Some(name) = &request.sampler {
+            let loaded = self.plugins.as_ref().and_then(|p| p.sampler(name)).is_some_and(|s| s.active_version().is_some());
+            if !loaded {
+                let _ = events.send(StreamEvent::Error(EngineError::Plugin(format!("no sampler plugin `{name}` is loaded"))));
+                self.metrics.request_failure.with_label_values(&["plugin"]).inc();
+                return;
+            }
+        }
         let seq_id = self.new_seq_id();
         let arrival = self.next_arrival;
         self.next_arrival += 1;
@@ -257,6 +284,8 @@ impl EngineCore {
     fn process_samples(&mut self, output: &SchedulerOutput, mut logits: Vec<f32>) {
         let vocab = self.backend.config().vocab_size;
         let sampling: Vec<SeqId> = output.scheduled.iter().filter(|s| s.samples).map(|s| s.id).collect();
+        // Sequences whose sampler is a plugin: their candidates, per plugin, sampled after the loop.
+        let mut deferred: Vec<(String, Vec<PluginSampleInput>)> = Vec::new();
         for (row, seq_id) in sampling.into_iter().enumerate() {
             let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
             let request_id = self.samples[&seq_id].request;
@@ -271,19 +300,104 @@ impl EngineCore {
                     self.samples.insert(child, state);
                     self.requests.get_mut(&request_id).unwrap().samples.push(child);
                     let mut child_logits = parent_logits.clone();
-                    self.emit_token(child, &mut child_logits);
+                    self.sample_or_defer(child, &mut child_logits, &mut deferred);
                 }
             }
-            self.emit_token(seq_id, row_logits);
+            self.sample_or_defer(seq_id, row_logits, &mut deferred);
+        }
+        for (name, inputs) in deferred {
+            self.run_sampler_plugin(&name, inputs, vocab);
         }
     }
 
-    /// Samples the next token of `seq_id` from `logits`, appends it, streams it, and finishes the
-    /// sample if it should stop.
+    /// Samples natively, or (the request chose a sampler plugin) queues the sequence's candidates
+    /// for the plugin's call of this step.
+    fn sample_or_defer(&mut self, seq_id: SeqId, logits: &mut [f32], deferred: &mut Vec<(String, Vec<PluginSampleInput>)>) {
+        let request_id = self.samples[&seq_id].request;
+        let Some(name) = self.requests[&request_id].request.sampler.clone() else {
+            return self.emit_token(seq_id, logits);
+        };
+        let top_n = match self.plugins.as_ref().and_then(|p| p.sampler(&name)) {
+            Some(slot) => slot.sampler_top_n().map_err(|e| e.to_string()),
+            None => Err(format!("sampler plugin `{name}` is not loaded")),
+        };
+        let top_n = match top_n {
+            Ok(n) => n as usize,
+            Err(message) => return self.fail_request(request_id, EngineError::Plugin(message)),
+        };
+        let sample = &self.samples[&seq_id];
+        sample.sampler.apply_bias_and_penalties(logits);
+        let (token_ids, candidate_logits) = top_candidates(logits, top_n);
+        let seq = self.scheduler.get(seq_id).expect("live sequence");
+        let params = sample.sampler.params();
+        let input = PluginSampleInput {
+            seq: seq_id,
+            token_ids,
+            logits: candidate_logits,
+            recent_tokens: seq.tokens[seq.tokens.len().saturating_sub(PLUGIN_RECENT_TOKENS)..].to_vec(),
+            generated_tokens: seq.num_generated() as u32,
+            temperature: Some(params.temperature),
+            // The samples of a request draw apart, as the native sampler's do.
+            seed: params.seed.map(|s| s.wrapping_add((sample.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+        };
+        match deferred.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, inputs)) => inputs.push(input),
+            None => deferred.push((name, vec![input])),
+        }
+    }
+
+    /// One call of sampler plugin `name` for this step's sequences that chose it. On a fault,
+    /// exactly the requests of those sequences fail.
+    fn run_sampler_plugin(&mut self, name: &str, inputs: Vec<PluginSampleInput>, vocab: usize) {
+        // A sequence may be gone already (a sibling sample failed its request this step).
+        let inputs: Vec<PluginSampleInput> = inputs.into_iter().filter(|i| self.samples.contains_key(&i.seq)).collect();
+        if inputs.is_empty() {
+            return;
+        }
+        let result = match self.plugins.as_ref().and_then(|p| p.sampler(name)) {
+            Some(slot) => slot.sample(&inputs, vocab).map_err(|e| e.to_string()),
+            None => Err(format!("sampler plugin `{name}` is not loaded")),
+        };
+        match result {
+            Ok(outputs) => {
+                for (input, out) in inputs.iter().zip(outputs) {
+                    let Some(sample) = self.samples.get_mut(&input.seq) else { continue };
+                    sample.sampler.observe(out.token);
+                    let sampled = Sampled { token: out.token, logprob: out.logprob.unwrap_or(f32::NAN), top: Vec::new() };
+                    self.emit_sampled(input.seq, sampled);
+                }
+            }
+            Err(message) => {
+                let mut failed: Vec<RequestId> = inputs.iter().filter_map(|i| self.samples.get(&i.seq)).map(|s| s.request).collect();
+                failed.sort_unstable();
+                failed.dedup();
+                for request in failed {
+                    self.fail_request(request, EngineError::Plugin(message.clone()));
+                }
+            }
+        }
+    }
+
+    /// Ends a request with an error event and frees its blocks.
+    fn fail_request(&mut self, id: RequestId, error: EngineError) {
+        if let Some(state) = self.requests.get(&id) {
+            self.metrics.request_failure.with_label_values(&[error.label()]).inc();
+            let _ = state.events.send(StreamEvent::Error(error));
+        }
+        self.abort(id);
+    }
+
+    /// Samples the next token of `seq_id` from `logits` natively, then emits it.
     fn emit_token(&mut self, seq_id: SeqId, logits: &mut [f32]) {
-        let now = Instant::now();
         let sample = self.samples.get_mut(&seq_id).expect("live sample");
         let sampled: Sampled = sample.sampler.sample(logits);
+        self.emit_sampled(seq_id, sampled);
+    }
+
+    /// Appends a sampled token, streams it, and finishes the sample if it should stop.
+    fn emit_sampled(&mut self, seq_id: SeqId, sampled: Sampled) {
+        let now = Instant::now();
+        let sample = self.samples.get_mut(&seq_id).expect("live sample");
         let token = sampled.token;
         let seq = self.scheduler.get_mut(seq_id).expect("live sequence");
         seq.tokens.push(token);

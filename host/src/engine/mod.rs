@@ -24,6 +24,7 @@ pub use self::request::{
     FinishReason, GenerateRequest, RequestId, RequestTimings, StopReason, StreamEvent, Usage,
 };
 use crate::metrics::Metrics;
+use crate::plugin::PluginRegistry;
 use crate::runner::ModelBackend;
 use crate::sched::{Scheduler, SchedulerConfig, SchedulingPolicy};
 use crate::tokenizer::Tokenizer;
@@ -40,6 +41,9 @@ pub enum EngineError {
     Detokenize(String),
     #[error("{0}")]
     TooLarge(String),
+    /// A plugin the request depends on failed or is not loaded (the message names it).
+    #[error("{0}")]
+    Plugin(String),
 }
 
 impl EngineError {
@@ -51,6 +55,7 @@ impl EngineError {
             EngineError::Forward(_) => "forward",
             EngineError::Detokenize(_) => "detokenize",
             EngineError::TooLarge(_) => "too_large",
+            EngineError::Plugin(_) => "plugin",
         }
     }
 }
@@ -68,6 +73,7 @@ enum Command {
     Add { id: RequestId, request: GenerateRequest, events: tokio::sync::mpsc::UnboundedSender<StreamEvent> },
     Abort(RequestId),
     SetPolicy(Box<dyn SchedulingPolicy>),
+    SetPlugins(Arc<PluginRegistry>),
     Shutdown,
 }
 
@@ -173,6 +179,11 @@ impl EngineHandle {
         self.commands.send(Command::SetPolicy(policy)).map_err(|_| EngineError::Unavailable)
     }
 
+    /// Gives the engine the plugin registry (sampler plugins are looked up there).
+    pub fn set_plugins(&self, plugins: Arc<PluginRegistry>) -> Result<(), EngineError> {
+        self.commands.send(Command::SetPlugins(plugins)).map_err(|_| EngineError::Unavailable)
+    }
+
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
     }
@@ -196,8 +207,9 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
                 Command::Abort(id) => core.abort(id),
                 Command::SetPolicy(policy) => {
                     let old = core.set_policy(policy);
-                    tracing::info!(old = old.name(), "scheduling policy replaced");
+                    tracing::info!(old = old.name(), new = core.policy_name(), "scheduling policy replaced");
                 }
+                Command::SetPlugins(plugins) => core.set_plugins(plugins),
                 Command::Shutdown => {
                     core.fail_all(EngineError::Unavailable);
                     return;

@@ -28,6 +28,8 @@ pub struct GenerateRequest {
     /// Lower is more urgent (vLLM's convention).
     pub priority: i32,
     pub tenant: String,
+    /// A sampler plugin to pick this request's tokens instead of the native sampler.
+    pub sampler: Option<String>,
 }
 
 impl GenerateRequest {
@@ -45,6 +47,7 @@ impl GenerateRequest {
             include_stop_str_in_output: false,
             priority: 0,
             tenant: String::new(),
+            sampler: None,
         }
     }
 }

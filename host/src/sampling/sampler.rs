@@ -68,7 +68,8 @@ impl SequenceSampler {
         Sampled { token: token as u32, logprob, top }
     }
 
-    fn apply_bias_and_penalties(&self, logits: &mut [f32]) {
+    /// Adds the logit bias and applies the penalties to `logits` (what `sample` does first).
+    pub fn apply_bias_and_penalties(&self, logits: &mut [f32]) {
         for (&token, &bias) in &self.params.logit_bias {
             if let Some(l) = logits.get_mut(token as usize) {
                 *l += bias;

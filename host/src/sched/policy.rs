@@ -8,8 +8,6 @@
 //! Native policies: `Fcfs` (arrival order) and `Priority` (lower `priority` value first, as vLLM,
 //! then arrival). The Wasm scheduler plugins implement the same trait.
 
-use std::collections::HashSet;
-
 pub type SeqId = u64;
 
 /// What a policy sees of one sequence.
@@ -68,20 +66,23 @@ pub trait SchedulingPolicy: Send {
     fn rank(&mut self, seqs: &[SeqView<'_>], budget: &Budget) -> Result<Vec<SeqId>, PolicyError>;
 }
 
-/// Checks that `ranking` is a permutation of the ids in `seqs`.
+/// Checks that `ranking` is a permutation of the ids in `seqs` (sorted ids and a seen-bitmap:
+/// a few microseconds for a thousand sequences, paid every step).
 pub fn validate_ranking(seqs: &[SeqView<'_>], ranking: &[SeqId]) -> Result<(), PolicyError> {
-    let known: HashSet<SeqId> = seqs.iter().map(|s| s.id).collect();
-    let mut seen = HashSet::with_capacity(ranking.len());
+    let mut known: Vec<SeqId> = seqs.iter().map(|s| s.id).collect();
+    known.sort_unstable();
+    let mut seen = vec![false; known.len()];
     for &id in ranking {
-        if !known.contains(&id) {
+        let Ok(i) = known.binary_search(&id) else {
             return Err(PolicyError::UnknownId(id));
-        }
-        if !seen.insert(id) {
+        };
+        if std::mem::replace(&mut seen[i], true) {
             return Err(PolicyError::DuplicateId(id));
         }
     }
-    if seen.len() != known.len() {
-        return Err(PolicyError::Missing(known.len() - seen.len()));
+    let missing = seen.iter().filter(|&&s| !s).count();
+    if missing > 0 {
+        return Err(PolicyError::Missing(missing));
     }
     Ok(())
 }

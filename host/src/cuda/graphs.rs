@@ -1,0 +1,171 @@
+//! CUDA graphs for decode steps: the whole forward of a batch where every sequence computes one
+//! token, captured once per batch-size bucket (`launch::GRAPH_BUCKETS`) and replayed with one
+//! launch instead of hundreds, so small batches stop paying per-kernel launch costs.
+//!
+//! A graph replays fixed pointers and grid sizes, so everything it touches is static: its own
+//! scratch buffers, one index buffer laid out for the bucket (block tables `max_blocks` wide),
+//! split-K sized for `max_context`. A batch smaller than its bucket is padded with idle rows that
+//! attend only to themselves in the backend's reserved trash block.
+
+use std::collections::HashMap;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::launch::{attention_splits, graph_bucket, GRAPH_BUCKETS};
+use super::model::{BatchArrays, GpuBackend, Scratch};
+use super::CudaError;
+use crate::runner::ForwardBatch;
+
+pub(crate) struct DecodeGraphs {
+    pub scratch: Scratch,
+    indices: CudaSlice<u32>,
+    tokens_out: CudaSlice<u32>,
+    max_blocks: usize,
+    max_context: usize,
+    graphs: HashMap<usize, CudaGraph>,
+}
+
+/// The packed index arrays of one bucket (see `layout`): real rows from `batch`, the rest idle.
+fn pack(batch: Option<&ForwardBatch>, bucket: usize, max_blocks: usize, trash_block: u32, block_size: usize) -> Vec<u32> {
+    let mut packed = vec![0u32; 5 * bucket + bucket * max_blocks];
+    let (tokens, rest) = packed.split_at_mut(bucket);
+    let (positions, rest) = rest.split_at_mut(bucket);
+    let (slots, rest) = rest.split_at_mut(bucket);
+    let (token_seq, rest) = rest.split_at_mut(bucket);
+    let (tables, rows) = rest.split_at_mut(bucket * max_blocks);
+    let real = batch.map_or(0, |b| b.num_tokens());
+    for i in 0..bucket {
+        token_seq[i] = i as u32;
+        rows[i] = i as u32;
+        if i < real {
+            let b = batch.unwrap();
+            tokens[i] = b.token_ids[i];
+            positions[i] = b.positions[i];
+            slots[i] = b.slot_mapping[i];
+            let table = &b.seqs[b.token_seq[i] as usize].block_table;
+            tables[i * max_blocks..i * max_blocks + table.len()].copy_from_slice(table);
+        } else {
+            slots[i] = trash_block * block_size as u32;
+            tables[i * max_blocks] = trash_block;
+        }
+    }
+    packed
+}
+
+/// Device pointers of a bucket's arrays inside the index buffer.
+fn layout(base: u64, bucket: usize, max_blocks: usize) -> BatchArrays {
+    let at = |offset: usize| base + (offset * 4) as u64;
+    BatchArrays {
+        tokens: at(0),
+        positions: at(bucket),
+        slots: at(2 * bucket),
+        token_seq: at(3 * bucket),
+        block_tables: at(4 * bucket),
+        rows: at(4 * bucket + bucket * max_blocks),
+        max_blocks,
+    }
+}
+
+impl GpuBackend {
+    /// Captures a decode graph for every bucket up to `max_batch`, for sequences of at most
+    /// `max_context` tokens.
+    pub fn capture_decode_graphs(&mut self, max_batch: usize, max_context: usize) -> Result<usize, CudaError> {
+        let dev = self.model().device().clone();
+        let c = self.model().config().clone();
+        let layout = *self.cache().layout();
+        let max_blocks = max_context.div_ceil(layout.block_size);
+        let largest = graph_bucket(max_batch).ok_or_else(|| CudaError::Config(format!("no graph bucket holds {max_batch}")))?;
+        let max_splits = attention_splits(max_context, c.num_key_value_heads, dev.num_sms);
+        let mut scratch = Scratch::default();
+        scratch.ensure(&dev, &c, largest, largest, largest * c.num_attention_heads * max_splits)?;
+        let mut indices = dev.stream.alloc_zeros::<u32>(5 * largest + largest * max_blocks)?;
+        let tokens_out = dev.stream.alloc_zeros::<u32>(largest)?;
+        let base = super::model::ptr(&dev, &indices);
+        let mut graphs = HashMap::new();
+        for &bucket in GRAPH_BUCKETS.iter().filter(|&&b| b <= largest) {
+            let packed = pack(None, bucket, max_blocks, self.trash_block(), layout.block_size);
+            dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
+            let arrays = layout(base, bucket, max_blocks);
+            let splits = attention_splits(max_context, bucket * c.num_key_value_heads, dev.num_sms);
+            // A warm-up run outside the capture lets cuBLAS pick its kernels first.
+            self.run_layers(&scratch, bucket, bucket, &arrays, splits)?;
+            self.launch_argmax(&scratch, &tokens_out, bucket)?;
+            dev.stream.synchronize()?;
+            dev.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            let enqueued = self
+                .run_layers(&scratch, bucket, bucket, &arrays, splits)
+                .and_then(|()| self.launch_argmax(&scratch, &tokens_out, bucket));
+            let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0))?;
+            enqueued?;
+            let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
+            graph.upload()?;
+            graphs.insert(bucket, graph);
+        }
+        let captured = graphs.len();
+        self.graphs = Some(DecodeGraphs { scratch, indices, tokens_out, max_blocks, max_context, graphs });
+        Ok(captured)
+    }
+
+    fn launch_argmax(&self, scratch: &Scratch, out: &CudaSlice<u32>, rows: usize) -> Result<(), CudaError> {
+        let dev = self.model().device();
+        let vocab = self.model().config().vocab_size as i32;
+        unsafe {
+            dev.stream
+                .launch_builder(dev.function("argmax_rows"))
+                .arg(out)
+                .arg(scratch.logits.as_ref().expect("scratch sized"))
+                .arg(&vocab)
+                .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })?;
+        }
+        Ok(())
+    }
+
+    /// The greedy tokens of a decode batch through its bucket's graph; `None` when the batch
+    /// does not qualify (not all single-token, too big, context too long, no graphs captured).
+    pub fn decode_argmax_graph(&mut self, batch: &ForwardBatch) -> Option<Result<Vec<u32>, CudaError>> {
+        let graphs = self.graphs.as_ref()?;
+        let n = batch.num_tokens();
+        let decode_only = batch.seqs.len() == n && batch.logits_rows.len() == n;
+        let fits = batch.seqs.iter().all(|s| s.block_table.len() <= graphs.max_blocks && s.context_len() <= graphs.max_context);
+        let bucket = graph_bucket(n)?;
+        if !decode_only || !fits || !graphs.graphs.contains_key(&bucket) {
+            return None;
+        }
+        let block_size = self.cache().layout().block_size;
+        let packed = pack(Some(batch), bucket, graphs.max_blocks, self.trash_block(), block_size);
+        let dev = self.model().device().clone();
+        let graphs = self.graphs.as_mut().unwrap();
+        let result = (|| {
+            dev.stream.memcpy_htod(&packed, &mut graphs.indices.slice_mut(..packed.len()))?;
+            graphs.graphs[&bucket].launch()?;
+            let mut tokens = vec![0u32; n];
+            dev.stream.memcpy_dtoh(&graphs.tokens_out.slice(..n), &mut tokens)?;
+            Ok(tokens)
+        })();
+        Some(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_pads_idle_rows_into_the_trash_block() {
+        let mut batch = ForwardBatch::new(16, 10);
+        batch.push_seq(&[7], 20, &[3, 4], true).unwrap();
+        batch.push_seq(&[8], 0, &[5], true).unwrap();
+        let packed = pack(Some(&batch), 4, 3, 9, 16);
+        let arrays = layout(0, 4, 3);
+        let at = |ptr: u64, i: usize| packed[ptr as usize / 4 + i];
+        assert_eq!((at(arrays.tokens, 0), at(arrays.tokens, 1), at(arrays.tokens, 2)), (7, 8, 0));
+        assert_eq!((at(arrays.positions, 0), at(arrays.positions, 3)), (20, 0));
+        assert_eq!(at(arrays.slots, 0), 4 * 16 + 4, "position 20 is block 4, offset 4");
+        assert_eq!(at(arrays.slots, 3), 9 * 16, "idle rows write to the trash block");
+        let tables: Vec<u32> = (0..12).map(|i| at(arrays.block_tables, i)).collect();
+        assert_eq!(tables, vec![3, 4, 0, 5, 0, 0, 9, 0, 0, 9, 0, 0]);
+        assert_eq!((0..4).map(|i| at(arrays.rows, i)).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(packed.len(), 5 * 4 + 4 * 3);
+    }
+}

@@ -1,0 +1,345 @@
+//! The plugin registry: per kind, the plugins by name, each a `PluginSlot` with its versions
+//! (sha256, size, load time), the active one and its history. Backs the admin API
+//! (`PUT /admin/plugins/{kind}/{name}`, `GET /admin/plugins`, activate, rollback, remove), the
+//! start-up configuration (`PluginsConfig`), the engine (scheduler policy, sampler lookups) and
+//! the HTTP layer (request filters, in the order they were first installed).
+//!
+//! Loading compiles on the caller's thread (the admin listener's, never the engine's); a
+//! component is refused — leaving what is active unchanged — when it is too large, its sha256 is
+//! not the expected one, it is not a component of the kind's world, or its `configure` fails.
+//! Scheduler swaps go through `EngineHandle::set_policy` (between two engine steps); a new version
+//! of the scheduler in use takes effect at the next step. Every change is logged with who asked,
+//! the old and new hash and the result.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::filter::{FilterFault, FilterRequest, FilterVerdict, OutputVerdict};
+use super::runtime::{CompileError, PluginRuntime};
+use super::scheduler::WasmScheduler;
+use super::slot::{PluginSlot, PluginVersion};
+use super::PluginKind;
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::sched::native_policy;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("plugin names are 1 to 64 characters of a-z, 0-9, `-` and `_`; got `{0}`")]
+    BadName(String),
+    #[error("the upload is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("sha256 mismatch: expected {expected}, the upload has {actual}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("{0}")]
+    Compile(CompileError),
+    #[error("the plugin's set-up failed: {0}")]
+    Setup(String),
+    #[error("no {kind} plugin named `{name}`")]
+    NotFound { kind: PluginKind, name: String },
+    #[error("{0}")]
+    Version(String),
+    #[error("the engine is not running")]
+    EngineDown,
+}
+
+impl RegistryError {
+    /// The HTTP status the admin API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RegistryError::BadName(_) | RegistryError::HashMismatch { .. } => 400,
+            RegistryError::TooLarge { .. } => 413,
+            RegistryError::Compile(CompileError::TooLarge { .. }) => 413,
+            RegistryError::Compile(_) | RegistryError::Setup(_) => 422,
+            RegistryError::NotFound { .. } => 404,
+            RegistryError::Version(_) => 409,
+            RegistryError::EngineDown => 503,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionInfo {
+    pub version: u32,
+    pub sha256: String,
+    pub size: usize,
+    pub active: bool,
+    /// Disabled by the circuit breaker.
+    pub disabled: bool,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PluginInfo {
+    pub kind: &'static str,
+    pub name: String,
+    pub active_version: Option<u32>,
+    /// For schedulers: whether it is the engine's policy now.
+    pub in_use: bool,
+    pub faults_in_window: usize,
+    pub versions: Vec<VersionInfo>,
+}
+
+pub struct PluginRegistry {
+    runtime: Arc<PluginRuntime>,
+    metrics: Arc<Metrics>,
+    slots: Mutex<BTreeMap<(PluginKind, String), Arc<PluginSlot>>>,
+    /// Filters in the order they run.
+    filter_order: Mutex<Vec<String>>,
+    engine: Mutex<Option<EngineHandle>>,
+    /// The scheduler plugin the engine uses (`None`: a native policy).
+    scheduler_in_use: Mutex<Option<String>>,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_name(name: &str) -> Result<(), RegistryError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::BadName(name.to_string()))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PluginRegistry {
+    pub fn new(runtime: Arc<PluginRuntime>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(PluginRegistry {
+            runtime,
+            metrics,
+            slots: Mutex::new(BTreeMap::new()),
+            filter_order: Mutex::new(Vec::new()),
+            engine: Mutex::new(None),
+            scheduler_in_use: Mutex::new(None),
+        })
+    }
+
+    pub fn runtime(&self) -> &Arc<PluginRuntime> {
+        &self.runtime
+    }
+
+    /// Connects the engine: it looks sampler plugins up here, and scheduler swaps reach it.
+    pub fn attach_engine(self: &Arc<Self>, engine: EngineHandle) -> Result<(), RegistryError> {
+        engine.set_plugins(self.clone()).map_err(|_| RegistryError::EngineDown)?;
+        *lock(&self.engine) = Some(engine);
+        Ok(())
+    }
+
+    pub fn slot(&self, kind: PluginKind, name: &str) -> Option<Arc<PluginSlot>> {
+        lock(&self.slots).get(&(kind, name.to_string())).cloned()
+    }
+
+    fn slot_or_404(&self, kind: PluginKind, name: &str) -> Result<Arc<PluginSlot>, RegistryError> {
+        self.slot(kind, name).ok_or_else(|| RegistryError::NotFound { kind, name: name.to_string() })
+    }
+
+    /// The sampler plugin `name`, if one is loaded (active or not).
+    pub fn sampler(&self, name: &str) -> Option<Arc<PluginSlot>> {
+        self.slot(PluginKind::Sampler, name)
+    }
+
+    /// Loads a new version of `kind`/`name` from `bytes` and activates it. `expected_sha256`
+    /// (hex) must match when given. On any error nothing changes.
+    pub fn install(
+        &self,
+        kind: PluginKind,
+        name: &str,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+        config: &str,
+        who: &str,
+    ) -> Result<VersionInfo, RegistryError> {
+        let old = self.slot(kind, name).and_then(|s| {
+            let inner = s.lock();
+            inner.active.and_then(|a| inner.version(a).map(|v| v.sha256.clone()))
+        });
+        let result = self.install_inner(kind, name, bytes, expected_sha256, config);
+        match &result {
+            Ok(v) => tracing::info!(who, %kind, name, old = ?old, new = %v.sha256, version = v.version, "plugin installed"),
+            Err(e) => tracing::warn!(who, %kind, name, old = ?old, error = %e, "plugin install refused"),
+        }
+        result
+    }
+
+    fn install_inner(
+        &self,
+        kind: PluginKind,
+        name: &str,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+        config: &str,
+    ) -> Result<VersionInfo, RegistryError> {
+        check_name(name)?;
+        let limit = self.runtime.limits().max_component_bytes;
+        if bytes.len() > limit {
+            return Err(RegistryError::TooLarge { size: bytes.len(), limit });
+        }
+        let sha256 = sha256_hex(bytes);
+        if let Some(expected) = expected_sha256 {
+            if !expected.trim().eq_ignore_ascii_case(&sha256) {
+                return Err(RegistryError::HashMismatch { expected: expected.trim().to_lowercase(), actual: sha256 });
+            }
+        }
+        let compiled = self.runtime.compile(kind, bytes).map_err(RegistryError::Compile)?;
+        let version = PluginVersion {
+            version: 0,
+            sha256,
+            size: bytes.len(),
+            config: config.to_string(),
+            compiled,
+            loaded_at: SystemTime::now(),
+            disabled: false,
+        };
+        let slot = self
+            .slot(kind, name)
+            .unwrap_or_else(|| Arc::new(PluginSlot::new(kind, name, self.runtime.clone(), self.metrics.clone())));
+        let live = slot.instantiate(&version).map_err(|(_, message)| RegistryError::Setup(message))?;
+        let number = slot.add_version(version, live);
+        lock(&self.slots).entry((kind, name.to_string())).or_insert_with(|| slot.clone());
+        if kind == PluginKind::Filter {
+            let mut order = lock(&self.filter_order);
+            if !order.iter().any(|n| n == name) {
+                order.push(name.to_string());
+            }
+        }
+        Ok(self.version_info(&slot, number).expect("just added"))
+    }
+
+    fn version_info(&self, slot: &PluginSlot, version: u32) -> Option<VersionInfo> {
+        let inner = slot.lock();
+        let v = inner.version(version)?;
+        Some(VersionInfo {
+            version: v.version,
+            sha256: v.sha256.clone(),
+            size: v.size,
+            active: inner.active == Some(version),
+            disabled: v.disabled,
+            loaded_at: v.loaded_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        })
+    }
+
+    /// Makes version `version` of `kind`/`name` the active one.
+    pub fn activate(&self, kind: PluginKind, name: &str, version: u32, who: &str) -> Result<(), RegistryError> {
+        let slot = self.slot_or_404(kind, name)?;
+        let result = slot.activate(version).map_err(RegistryError::Version);
+        tracing::info!(who, %kind, name, version, ok = result.is_ok(), "plugin activate");
+        result
+    }
+
+    /// Restores the version active before the current one (none: the kind's native fallback).
+    pub fn rollback(&self, kind: PluginKind, name: &str, who: &str) -> Result<Option<u32>, RegistryError> {
+        let slot = self.slot_or_404(kind, name)?;
+        let result = slot.rollback().map_err(RegistryError::Version);
+        tracing::info!(who, %kind, name, result = ?result, "plugin rollback");
+        result
+    }
+
+    /// Unloads every version of `kind`/`name`. A scheduler in use is replaced by native FCFS.
+    pub fn remove(&self, kind: PluginKind, name: &str, who: &str) -> Result<(), RegistryError> {
+        let slot = lock(&self.slots)
+            .remove(&(kind, name.to_string()))
+            .ok_or_else(|| RegistryError::NotFound { kind, name: name.to_string() })?;
+        slot.clear();
+        lock(&self.filter_order).retain(|n| n != name);
+        if kind == PluginKind::Scheduler && lock(&self.scheduler_in_use).as_deref() == Some(name) {
+            self.use_native_scheduler("fcfs", who)?;
+        }
+        tracing::info!(who, %kind, name, "plugin removed");
+        Ok(())
+    }
+
+    /// Makes the scheduler plugin `name` the engine's policy (from the next step on).
+    pub fn use_scheduler(&self, name: &str, who: &str) -> Result<(), RegistryError> {
+        let slot = self.slot_or_404(PluginKind::Scheduler, name)?;
+        let engine = lock(&self.engine).clone().ok_or(RegistryError::EngineDown)?;
+        engine.set_policy(Box::new(WasmScheduler::new(slot))).map_err(|_| RegistryError::EngineDown)?;
+        let old = lock(&self.scheduler_in_use).replace(name.to_string());
+        self.metrics.plugin_swaps.with_label_values(&["scheduler", name]).inc();
+        tracing::info!(who, old = ?old, new = name, "scheduler plugin in use");
+        Ok(())
+    }
+
+    /// Makes a native policy (`fcfs`, `priority`) the engine's policy.
+    pub fn use_native_scheduler(&self, policy: &str, who: &str) -> Result<(), RegistryError> {
+        let native = native_policy(policy).ok_or_else(|| RegistryError::NotFound { kind: PluginKind::Scheduler, name: policy.into() })?;
+        let engine = lock(&self.engine).clone().ok_or(RegistryError::EngineDown)?;
+        engine.set_policy(native).map_err(|_| RegistryError::EngineDown)?;
+        let old = lock(&self.scheduler_in_use).take();
+        tracing::info!(who, old = ?old, new = policy, "native scheduling policy in use");
+        Ok(())
+    }
+
+    /// What is loaded, per kind and name, with versions and hashes.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let slots: Vec<Arc<PluginSlot>> = lock(&self.slots).values().cloned().collect();
+        let in_use = lock(&self.scheduler_in_use).clone();
+        slots
+            .iter()
+            .map(|slot| {
+                let (active, faults, numbers) = {
+                    let inner = slot.lock();
+                    (inner.active, inner.faults_in_window(), inner.versions.iter().map(|v| v.version).collect::<Vec<_>>())
+                };
+                PluginInfo {
+                    kind: slot.kind().as_str(),
+                    name: slot.name().to_string(),
+                    active_version: active,
+                    in_use: slot.kind() == PluginKind::Scheduler && in_use.as_deref() == Some(slot.name()),
+                    faults_in_window: faults,
+                    versions: numbers.into_iter().filter_map(|n| self.version_info(slot, n)).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Names of the filters, in the order they run.
+    pub fn filters(&self) -> Vec<String> {
+        lock(&self.filter_order).clone()
+    }
+
+    /// Runs every filter on a request, in order: `Modify` rewrites the parameters the next filter
+    /// sees, the first `Reject` ends it. Answers `Modify` with the final parameters if any filter
+    /// rewrote them. A fault, or a filter disabled with nothing to restore, fails closed.
+    pub fn filter_request(&self, request: &FilterRequest) -> Result<FilterVerdict, FilterFault> {
+        let mut current = request.clone();
+        let mut modified = false;
+        for name in self.filters() {
+            let Some(slot) = self.slot(PluginKind::Filter, &name) else { continue };
+            match slot.on_request(&current).map_err(|error| FilterFault { plugin: name.clone(), error })? {
+                FilterVerdict::Continue => {}
+                FilterVerdict::Modify(params) => {
+                    current.params = params;
+                    modified = true;
+                }
+                reject @ FilterVerdict::Reject { .. } => return Ok(reject),
+            }
+        }
+        Ok(if modified { FilterVerdict::Modify(current.params) } else { FilterVerdict::Continue })
+    }
+
+    /// Runs every filter's `on-output`; the first `Stop` wins.
+    pub fn filter_output(&self, tenant: &str, text_so_far: &str, generated_tokens: u32) -> Result<OutputVerdict, FilterFault> {
+        for name in self.filters() {
+            let Some(slot) = self.slot(PluginKind::Filter, &name) else { continue };
+            let verdict = slot
+                .on_output(tenant, text_so_far, generated_tokens)
+                .map_err(|error| FilterFault { plugin: name.clone(), error })?;
+            if let OutputVerdict::Stop(_) = verdict {
+                return Ok(verdict);
+            }
+        }
+        Ok(OutputVerdict::Continue)
+    }
+}
