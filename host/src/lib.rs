@@ -5,6 +5,7 @@
 //! (`tokenizer`) feed the runner (`runner`), which runs batches of sequences through the CPU
 //! reference forward (`model::cpu`) over a paged KV cache (`kv_cache`).
 
+pub mod api;
 pub mod kv_cache;
 pub mod model;
 pub mod engine;
@@ -13,4 +14,6 @@ pub mod metrics;
 pub mod runner;
 pub mod sampling;
 pub mod sched;
+pub mod server;
 pub mod tokenizer;
+pub mod validation;

@@ -1,5 +1,7 @@
-//! The `pagedserve` command line: `generate` (try the model in a terminal) and `bench` (CPU
-//! decode throughput).
+//! The `pagedserve` command line: `serve` (the OpenAI-compatible HTTP server), `generate` (try
+//! the model in a terminal) and `bench` (CPU decode throughput).
+
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Generate a continuation of one prompt, streaming it to the terminal (greedy).
     Generate(GenerateArgs),
     /// Measure CPU decode throughput at several batch sizes.
@@ -27,20 +31,20 @@ enum Command {
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A .gguf file or a Hugging Face model directory [default: the embedded SmolLM2-135M-Instruct]
     #[arg(long, env = "PAGEDSERVE_MODEL")]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// How to read `--model`; `dummy` makes random weights of its shape.
-    #[arg(long, value_enum, default_value = "auto")]
-    load_format: LoadFormat,
+    #[arg(long, value_enum, default_value = "auto", env = "PAGEDSERVE_LOAD_FORMAT")]
+    pub(crate) load_format: LoadFormat,
     /// Worker threads for the CPU forward [default: all cores]
     #[arg(long, env = "PAGEDSERVE_THREADS")]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
 }
 
 impl ModelArgs {
-    fn load(&self) -> anyhow::Result<loader::LoadedModel> {
+    pub(crate) fn load(&self) -> anyhow::Result<loader::LoadedModel> {
         if let Some(threads) = self.threads {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("setting up threads")?;
         }
@@ -87,11 +91,15 @@ struct BenchArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The server logs each request at info; the terminal commands stay quiet.
+    let default_filter = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Serve(args) => serve::serve(args),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench(args),
     }
