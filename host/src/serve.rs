@@ -34,6 +34,10 @@ pub enum Policy {
 /// Default CPU memory for the KV cache when neither `--num-kv-blocks` nor
 /// `--kv-cache-memory-gb` is given.
 const DEFAULT_KV_CACHE_GB: f64 = 1.0;
+/// Labels of `pagedserve_request_failure_total`: the server's own and the engine's.
+const FAILURE_LABELS: [&str; 8] =
+    ["invalid_request", "body_too_large", "model_not_found", "queue_full", "unavailable", "forward", "detokenize", "too_large"];
+
 /// Default ceiling of `--max-model-len` (the model's own context may be larger).
 const DEFAULT_MAX_MODEL_LEN_CAP: usize = 8192;
 
@@ -141,6 +145,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Policy::Fcfs => "fcfs",
         Policy::Priority => "priority",
     };
+    // Every labelled series exists from the start, at zero, so dashboards and rate() see them.
+    for reason in ["stop", "length", "abort"] {
+        metrics.request_success.with_label_values(&[reason]).reset();
+    }
+    for label in FAILURE_LABELS {
+        metrics.request_failure.with_label_values(&[label]).reset();
+    }
+    for reason in ["invalid_output", "failed"] {
+        metrics.scheduler_policy_faults.with_label_values(&[policy_name, reason]).reset();
+    }
     let policy = native_policy(policy_name).with_context(|| format!("no native scheduling policy {policy_name}"))?;
     let vocab_size = config.vocab_size;
     let backend = CpuBackend::new(loaded.model, num_blocks, args.block_size);
@@ -164,6 +178,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_name: model_name.clone(),
         model_root: path.display().to_string(),
         created: pagedserve_now(),
+        max_request_body: args.max_request_body,
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -179,7 +194,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let bound = listener.local_addr()?;
         tracing::info!(model = %model_name, %bound, policy = policy_name, "serving");
         eprintln!("pagedserve listening on http://{bound}");
-        server::serve(listener, state, args.max_request_body, shutdown_signal()).await.context("serving HTTP")
+        server::serve(listener, state, shutdown_signal()).await.context("serving HTTP")
     });
     engine.shutdown();
     let _ = engine_thread.join();

@@ -92,13 +92,6 @@ impl From<EngineError> for ApiError {
 
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(rejection: axum::extract::rejection::BytesRejection) -> Self {
-        let status = rejection.status();
-        let label = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_request" };
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body is larger than the server's limit (--max-request-body)".to_string()
-        } else {
-            rejection.body_text()
-        };
-        ApiError::new(status, message, None, label)
+        ApiError::new(rejection.status(), rejection.body_text(), None, "invalid_request")
     }
 }

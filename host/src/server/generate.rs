@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
 
+use super::body::RequestBody;
 use super::error::ApiError;
 use super::render::{chat_logprobs, push_completion_logprobs, response_id, stop_reason_json};
 use super::{unix_now, AppState};
@@ -37,15 +37,15 @@ enum Kind {
     Chat,
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(State(state): State<Arc<AppState>>, body: RequestBody) -> Response {
     respond(state, Kind::Completion, body).await
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: RequestBody) -> Response {
     respond(state, Kind::Chat, body).await
 }
 
-async fn respond(state: Arc<AppState>, kind: Kind, body: Result<Bytes, BytesRejection>) -> Response {
+async fn respond(state: Arc<AppState>, kind: Kind, body: RequestBody) -> Response {
     let result = match Generation::start(state.clone(), kind, body) {
         Ok(generation) if generation.valid.stream => Ok(generation.into_sse()),
         Ok(generation) => generation.collect().await,
@@ -93,17 +93,16 @@ struct Generation {
 }
 
 impl Generation {
-    fn start(state: Arc<AppState>, kind: Kind, body: Result<Bytes, BytesRejection>) -> Result<Self, ApiError> {
+    fn start(state: Arc<AppState>, kind: Kind, body: RequestBody) -> Result<Self, ApiError> {
         let started = Instant::now();
-        let body = body?;
         let valid = match kind {
             Kind::Completion => {
-                let request: CompletionRequest = api::parse_json(&body)?;
+                let request: CompletionRequest = api::parse_json(&body.0)?;
                 state.check_model(request.params.model.as_deref())?;
                 state.validator.completion(request)?
             }
             Kind::Chat => {
-                let request: ChatCompletionRequest = api::parse_json(&body)?;
+                let request: ChatCompletionRequest = api::parse_json(&body.0)?;
                 state.check_model(request.params.model.as_deref())?;
                 state.validator.chat(request)?
             }

@@ -9,6 +9,7 @@
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
 //! `GET /metrics`, `POST /tokenize`, `POST /detokenize`.
 
+mod body;
 mod error;
 mod generate;
 mod render;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub model_root: String,
     /// Unix seconds the server started.
     pub created: u64,
+    /// Largest request body in bytes (`--max-request-body`).
+    pub max_request_body: usize,
 }
 
 impl AppState {
@@ -54,7 +57,8 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>, max_request_body: usize) -> Router {
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_request_body = state.max_request_body;
     Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
@@ -71,10 +75,9 @@ pub fn router(state: Arc<AppState>, max_request_body: usize) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
-    max_request_body: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, max_request_body)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
 /// Unix seconds now.

@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::body::RequestBody;
 use super::error::ApiError;
 use super::AppState;
 use crate::api::{self, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
@@ -42,9 +41,9 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
 
 pub async fn tokenize(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let request: TokenizeRequest = api::parse_json(&body?)?;
+    let request: TokenizeRequest = api::parse_json(&body.0)?;
     let v = &state.validator;
     let (tokens, model, return_strs) = match request {
         TokenizeRequest::Chat { messages, model, add_generation_prompt, add_special_tokens, return_token_strs } => {
@@ -69,9 +68,9 @@ pub async fn tokenize(
 
 pub async fn detokenize(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let request: DetokenizeRequest = api::parse_json(&body?)?;
+    let request: DetokenizeRequest = api::parse_json(&body.0)?;
     state.check_model(request.model.as_deref())?;
     state.validator.check_ids("tokens", &request.tokens)?;
     let prompt = state
