@@ -3,7 +3,10 @@
 //!
 //! This crate is the native host. Data flows one way: model loading (`model`) and tokenization
 //! (`tokenizer`) feed the runner (`runner`), which runs batches of sequences through the CPU
-//! reference forward (`model::cpu`) over a paged KV cache (`kv_cache`).
+//! reference forward (`model::cpu`) over a paged KV cache (`kv_cache`). In the server, HTTP
+//! requests (`server`, wire types in `api`) are checked and tokenized by `validation` and handed to
+//! the engine thread (`engine`), which schedules (`sched`), runs and samples (`sampling`) them and
+//! streams events back.
 
 pub mod api;
 pub mod kv_cache;

@@ -114,7 +114,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(n) => n,
         None => {
             let gib = args.kv_cache_memory_gb.unwrap_or(DEFAULT_KV_CACHE_GB);
-            if !(gib > 0.0) {
+            if gib.is_nan() || gib <= 0.0 {
                 bail!("--kv-cache-memory-gb must be positive, got {gib}");
             }
             (gib * (1u64 << 30) as f64 / block_bytes as f64) as usize
