@@ -333,3 +333,116 @@ impl Validator {
         Ok(sampling)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::parse_json;
+    use crate::tokenizer::gguf::token_type;
+    use crate::tokenizer::GgufTokenizerSpec;
+
+    /// A byte-level tokenizer with no merges: one token per byte after two control tokens, and a
+    /// chat template.
+    fn validator(max_model_len: usize) -> Validator {
+        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let byte_char = |b: u8| {
+            if printable(b) {
+                char::from(b)
+            } else {
+                char::from_u32(256 + (0..b).filter(|&x| !printable(x)).count() as u32).unwrap()
+            }
+        };
+        let mut tokens = vec!["<|end|>".to_string(), "<|start|>".to_string()];
+        tokens.extend((0..=255u8).map(|b| byte_char(b).to_string()));
+        let mut token_types = vec![token_type::CONTROL; 2];
+        token_types.extend([token_type::NORMAL; 256]);
+        let spec = GgufTokenizerSpec {
+            model: "gpt2".into(),
+            pre: Some("default".into()),
+            tokens,
+            token_types,
+            eos_token_id: Some(0),
+            bos_token_id: Some(1),
+            add_bos_token: Some(false),
+            chat_template: Some("{% for m in messages %}<|start|>{{ m.content }}<|end|>{% endfor %}".into()),
+            ..Default::default()
+        };
+        let tokenizer = Tokenizer::from_gguf_spec(&spec).unwrap();
+        Validator::new(Arc::new(tokenizer), max_model_len, 258)
+    }
+
+    fn completion(v: &Validator, json: &str) -> Result<ValidRequest, ValidationError> {
+        v.completion(parse_json(json.as_bytes()).unwrap())
+    }
+
+    fn chat(v: &Validator, json: &str) -> Result<ValidRequest, ValidationError> {
+        v.chat(parse_json(json.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn limits_and_defaults() {
+        let v = validator(16);
+        let r = completion(&v, r#"{"prompt": "abcd"}"#).unwrap();
+        assert_eq!(r.requests[0].prompt_tokens.len(), 4);
+        assert_eq!(r.requests[0].max_tokens, 12, "default: the rest of the context");
+        assert_eq!(r.requests[0].sampling.temperature, 1.0);
+        let r = completion(&v, r#"{"prompt": ["ab", "c"], "n": 3, "max_tokens": 5, "stop": "x", "top_k": -1}"#).unwrap();
+        assert_eq!((r.requests.len(), r.n, r.num_choices()), (2, 3, 6));
+        assert_eq!(r.requests[1].stop, ["x"]);
+        assert_eq!(r.requests[1].sampling.top_k, 0);
+
+        let e = completion(&v, r#"{"prompt": "abcd", "max_tokens": 13}"#).unwrap_err();
+        assert_eq!(e.field(), "max_tokens");
+        assert!(e.to_string().contains("maximum context length is 16 tokens"), "{e}");
+        assert!(e.to_string().contains("17 tokens (4 in the input, 13 in the completion)"), "{e}");
+        assert_eq!(completion(&v, r#"{"prompt": "0123456789abcdef"}"#).unwrap_err().field(), "prompt");
+        assert_eq!(completion(&v, r#"{"prompt": ""}"#).unwrap_err().field(), "prompt");
+        assert_eq!(completion(&v, r#"{"prompt": [[]]}"#).unwrap_err().field(), "prompt");
+        assert_eq!(completion(&v, r#"{"prompt": [300]}"#).unwrap_err().field(), "prompt");
+        assert_eq!(completion(&v, r#"{"prompt": "a", "max_tokens": 0}"#).unwrap_err().field(), "max_tokens");
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let v = validator(64);
+        for (json, field) in [
+            (r#"{"prompt": "a", "top_p": 1.5}"#, "top_p"),
+            (r#"{"prompt": "a", "temperature": 3}"#, "temperature"),
+            (r#"{"prompt": "a", "top_k": -2}"#, "top_k"),
+            (r#"{"prompt": "a", "n": 17}"#, "n"),
+            (r#"{"prompt": "a", "n": 0}"#, "n"),
+            (r#"{"prompt": "a", "stop": ["1","2","3","4","5","6","7","8","9"]}"#, "stop"),
+            (r#"{"prompt": "a", "stop": [""]}"#, "stop"),
+            (r#"{"prompt": "a", "stop_token_ids": [999]}"#, "stop_token_ids"),
+            (r#"{"prompt": "a", "logit_bias": {"x": 1}}"#, "logit_bias"),
+            (r#"{"prompt": "a", "logit_bias": {"999": 1}}"#, "logit_bias"),
+            (r#"{"prompt": "a", "logprobs": 6}"#, "logprobs"),
+            (r#"{"prompt": "a", "echo": true, "logprobs": 1}"#, "echo"),
+            (r#"{"prompt": "a", "suffix": "z"}"#, "suffix"),
+            (r#"{"prompt": "a", "sampler": "mirostat"}"#, "sampler"),
+        ] {
+            let e = completion(&v, json).unwrap_err();
+            assert_eq!(e.field(), field, "{json}: {e}");
+            assert!(e.to_string().contains(field) || field == "sampler", "{json}: {e}");
+        }
+        let e = completion(&v, r#"{"prompt": "a", "sampler": "mirostat"}"#).unwrap_err();
+        assert_eq!(e.to_string(), "no sampler plugin named mirostat is loaded");
+    }
+
+    #[test]
+    fn chat_requests() {
+        let v = validator(64);
+        let r = chat(&v, r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_completion_tokens": 5,
+                             "logprobs": true, "top_logprobs": 2}"#)
+        .unwrap();
+        assert_eq!(r.requests[0].prompt_tokens, [1, 2 + b'h' as u32, 2 + b'i' as u32, 0]);
+        assert_eq!(r.requests[0].max_tokens, 5, "max_completion_tokens wins");
+        assert_eq!(r.logprobs, Some(2));
+        assert_eq!(r.requests[0].sampling.logprobs, Some(2));
+        let e = chat(&v, r#"{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}"#).unwrap_err();
+        assert_eq!(e.field(), "top_logprobs");
+        let e = chat(&v, r#"{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99}"#).unwrap_err();
+        assert_eq!(e.field(), "max_completion_tokens");
+        assert_eq!(chat(&v, r#"{"messages": []}"#).unwrap_err().field(), "messages");
+    }
+}

@@ -53,6 +53,8 @@ pub fn ids(value: &Value) -> Vec<u32> {
 /// The server runs under a small `sh` wrapper that kills it when the wrapper's stdin closes, so a
 /// server held in a `static` (shared by the tests of one binary) still goes away when the test
 /// process exits.
+///
+/// The binary is `binary()`: `target/release/pagedserve` of this build, or `$PAGEDSERVE_BIN`.
 pub struct Server {
     child: std::process::Child,
     /// `http://127.0.0.1:PORT`
@@ -80,7 +82,9 @@ impl Server {
     pub fn start(args: &[&str]) -> Server {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
-        let script = r#""$0" "$@" & pid=$!; trap 'kill $pid 2>/dev/null' EXIT; read _ignored; kill $pid 2>/dev/null; wait $pid"#;
+        // The server runs in the background; a watcher kills it once stdin closes; the wrapper
+        // exits with the server (so a server that fails to start is seen at once).
+        let script = r#"exec 3<&0; "$0" "$@" & pid=$!; (read _ignored <&3; kill $pid 2>/dev/null) & wait $pid"#;
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(script)
@@ -111,9 +115,17 @@ impl Server {
             .build()
             .into();
         let mut server = Server { child, base: String::new(), log, agent };
-        match address_rx.recv_timeout(std::time::Duration::from_secs(120)) {
-            Ok(base) => server.base = base,
-            Err(_) => panic!("pagedserve did not print its address:\n{}", server.log()),
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(base) = address_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                server.base = base;
+                break;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                panic!("pagedserve serve exited ({status}) before listening:\n{}", server.log());
+            }
+            assert!(std::time::Instant::now() < deadline, "pagedserve did not print its address:\n{}", server.log());
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while server.get("/health").status != 200 {

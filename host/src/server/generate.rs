@@ -27,7 +27,7 @@ use crate::api::{
     ChatLogprob, ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
     CompletionResponse, UsageInfo,
 };
-use crate::engine::{FinishReason, StreamEvent};
+use crate::engine::{EngineError, FinishReason, StreamEvent};
 use crate::sampling::Sampled;
 use crate::validation::ValidRequest;
 
@@ -46,16 +46,16 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: RequestB
 }
 
 async fn respond(state: Arc<AppState>, kind: Kind, body: RequestBody) -> Response {
-    let result = match Generation::start(state.clone(), kind, body) {
-        Ok(generation) if generation.valid.stream => Ok(generation.into_sse()),
-        Ok(generation) => generation.collect().await,
-        Err(error) => Err(error),
-    };
-    result.unwrap_or_else(|error| {
-        state.metrics.request_failure.with_label_values(&[error.label]).inc();
-        tracing::info!(status = error.status.as_u16(), param = error.param.as_deref(), "request refused: {}", error.message);
-        error.into_response()
-    })
+    match Generation::start(state.clone(), kind, body) {
+        Ok(generation) if generation.valid.stream => generation.into_sse(),
+        // Failures after the start were counted and logged where they happened.
+        Ok(generation) => generation.collect().await.unwrap_or_else(IntoResponse::into_response),
+        Err(error) => {
+            state.metrics.request_failure.with_label_values(&[error.label]).inc();
+            tracing::info!(status = error.status.as_u16(), param = error.param.as_deref(), "request refused: {}", error.message);
+            error.into_response()
+        }
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = (usize, StreamEvent)> + Send>>;
@@ -133,9 +133,8 @@ impl Generation {
 
     async fn next_update(&mut self) -> Result<Update, ApiError> {
         loop {
-            let Some((prompt, event)) = self.events.next().await else {
-                return Err(crate::engine::EngineError::Unavailable.into());
-            };
+            // Every engine stream ends with `Done` or `Error`; running dry first means the engine died.
+            let (prompt, event) = self.events.next().await.unwrap_or((0, StreamEvent::Error(EngineError::Unavailable)));
             match event {
                 StreamEvent::Delta { index, text, logprobs, .. } => {
                     let choice = prompt * self.valid.n + index;
