@@ -1,5 +1,8 @@
-//! The `pagedserve` command line: `generate` (try the model in a terminal) and `bench` (decode
-//! throughput, the engine under load, the cost of a scheduler call).
+//! The `pagedserve` command line: `serve` (the OpenAI-compatible HTTP server), `generate` (try
+//! the model in a terminal), `check` (the GPU path against the CPU path) and `bench` (decode
+//! throughput, the engine under load, GPU kernels, the cost of a scheduler call).
+
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Generate a continuation of one prompt, streaming it to the terminal (greedy).
     Generate(GenerateArgs),
     /// Benchmarks: `bench decode` (fixed batches), `bench serve` (the engine under load) and
@@ -31,20 +36,20 @@ enum Command {
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A .gguf file or a Hugging Face model directory [default: the embedded SmolLM2-135M-Instruct]
     #[arg(long, env = "PAGEDSERVE_MODEL")]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// How to read `--model`; `dummy` makes random weights of its shape.
-    #[arg(long, value_enum, default_value = "auto")]
-    load_format: LoadFormat,
+    #[arg(long, value_enum, default_value = "auto", env = "PAGEDSERVE_LOAD_FORMAT")]
+    pub(crate) load_format: LoadFormat,
     /// Worker threads for the CPU forward [default: all cores]
     #[arg(long, env = "PAGEDSERVE_THREADS")]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
 }
 
 impl ModelArgs {
-    fn load(&self) -> anyhow::Result<loader::LoadedModel> {
+    pub(crate) fn load(&self) -> anyhow::Result<loader::LoadedModel> {
         if let Some(threads) = self.threads {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("setting up threads")?;
         }
@@ -178,11 +183,15 @@ struct BenchArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The server logs each request at info; the terminal commands stay quiet.
+    let default_filter = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Serve(args) => serve::serve(args),
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
         Command::Bench(BenchCommand::Serve(args)) => bench_serve(args),
@@ -361,6 +370,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         None => pagedserve::bench::decode::synthetic_prompts(4, 23, loaded.model.config().vocab_size),
     };
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
+    rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
     match &reference {
         Some(r) if loaded.name.starts_with("SmolLM2-135M") => {
             for p in r["greedy"]["prompts"].as_array().unwrap() {
@@ -415,21 +425,29 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         max_batch * args.context.div_ceil(16),
         16,
     )?;
+    let mut eager = Vec::new();
     for &batch in &args.batch_sizes {
-        let ms = gpu::decode_step_ms(&mut backend, batch, args.context, 30)?;
+        eager.push(gpu::decode_step_ms(&mut backend, batch, args.context, 30, false)?);
+    }
+    let captured = backend.capture_decode_graphs(max_batch, args.context + 16)?;
+    println!("captured {captured} decode graphs");
+    for (&batch, &ms) in args.batch_sizes.iter().zip(&eager) {
+        let graph_ms = gpu::decode_step_ms(&mut backend, batch, args.context, 30, true)?;
         println!(
-            "{} decode step b{batch:<4} c{}   {:>10.3} ms  {:>9.0} tokens/s",
+            "{} decode step b{batch:<4} c{}  without graphs {:>8.3} ms {:>9.0} tok/s | with graphs {:>8.3} ms {:>9.0} tok/s",
             loaded.name,
             args.context,
             ms,
-            batch as f64 / (ms * 1e-3)
+            batch as f64 / (ms * 1e-3),
+            graph_ms,
+            batch as f64 / (graph_ms * 1e-3)
         );
     }
     if args.llama_8b {
         drop(backend);
         let (batch, context) = (64, 2048);
         let mut big = gpu::llama_8b_backend(&dev, batch, context)?;
-        let ms = gpu::decode_step_ms(&mut big, batch, context, 10)?;
+        let ms = gpu::decode_step_ms(&mut big, batch, context, 10, false)?;
         let c = big.model().config().clone();
         let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
         let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;

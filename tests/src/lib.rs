@@ -47,3 +47,215 @@ pub fn reference() -> Value {
 pub fn ids(value: &Value) -> Vec<u32> {
     value.as_array().expect("an array of ids").iter().map(|v| v.as_u64().expect("an id") as u32).collect()
 }
+
+/// A `pagedserve serve` process on a free port, with the real model; killed on drop.
+///
+/// The server runs under a small `sh` wrapper that kills it when the wrapper's stdin closes, so a
+/// server held in a `static` (shared by the tests of one binary) still goes away when the test
+/// process exits.
+///
+/// The binary is `binary()`: `target/release/pagedserve` of this build, or `$PAGEDSERVE_BIN`.
+pub struct Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    agent: ureq::Agent,
+}
+
+/// An HTTP answer: status, headers of interest, body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+impl Server {
+    /// Starts `pagedserve serve --model <default> --port 0 ARGS` and waits until `/health` is 200.
+    pub fn start(args: &[&str]) -> Server {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        // The server runs in the background; a watcher kills it once stdin closes; the wrapper
+        // exits with the server (so a server that fails to start is seen at once).
+        let script = r#"exec 3<&0; "$0" "$@" & pid=$!; (read _ignored <&3; kill $pid 2>/dev/null) & wait $pid"#;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(binary())
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model_path())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting pagedserve serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (address_tx, address_rx) = std::sync::mpsc::channel();
+        let thread_log = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("listening on http://") {
+                    let _ = address_tx.send(line[at + "listening on ".len()..].trim().to_string());
+                }
+                thread_log.lock().unwrap().push(line);
+            }
+        });
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(600)))
+            .build()
+            .into();
+        let mut server = Server { child, base: String::new(), log, agent };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(base) = address_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                server.base = base;
+                break;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                panic!("pagedserve serve exited ({status}) before listening:\n{}", server.log());
+            }
+            assert!(std::time::Instant::now() < deadline, "pagedserve did not print its address:\n{}", server.log());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while server.get("/health").status != 200 {
+            assert!(std::time::Instant::now() < deadline, "/health never became 200:\n{}", server.log());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn reply(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+        let mut response = response.expect("HTTP request");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = response.body_mut().with_config().limit(64 << 20).read_to_string().expect("reading the body");
+        Reply { status, content_type, body }
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        Self::reply(self.agent.get(&self.url(path)).call())
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Reply {
+        Self::reply(self.agent.post(&self.url(path)).send_json(body))
+    }
+
+    /// POSTs raw bytes as JSON.
+    pub fn post_raw(&self, path: &str, body: &str) -> Reply {
+        Self::reply(self.agent.post(&self.url(path)).header("content-type", "application/json").send(body))
+    }
+
+    /// POSTs and expects 200 with a JSON body.
+    pub fn post_ok(&self, path: &str, body: &Value) -> Value {
+        let reply = self.post(path, body);
+        assert_eq!(reply.status, 200, "{path} {body}: {}", reply.body);
+        reply.json()
+    }
+
+    /// The text of choice 0 of a completion (`text`) or chat completion (`message.content`).
+    pub fn complete(&self, path: &str, body: &Value) -> String {
+        let answer = self.post_ok(path, body);
+        let choice = &answer["choices"][0];
+        choice["text"].as_str().or(choice["message"]["content"].as_str()).expect("choice text").to_string()
+    }
+
+    /// POSTs with `stream: true` and returns every `data:` chunk before `[DONE]` (which must come).
+    pub fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
+        use std::io::BufRead;
+        let mut body = body.clone();
+        body["stream"] = true.into();
+        let response = self.agent.post(&self.url(path)).send_json(&body).expect("HTTP request");
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_string();
+        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        let mut chunks = Vec::new();
+        for line in reader.lines() {
+            let line = line.expect("reading the stream");
+            if line.is_empty() {
+                continue;
+            }
+            let data = line.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data line: {line:?}"));
+            if data == "[DONE]" {
+                return chunks;
+            }
+            chunks.push(serde_json::from_str(data).expect("chunk JSON"));
+        }
+        panic!("the stream ended without [DONE]: {chunks:?}");
+    }
+
+    /// `/metrics`, parsed by a real Prometheus text parser.
+    pub fn scrape(&self) -> prometheus_parse::Scrape {
+        let reply = self.get("/metrics");
+        assert_eq!(reply.status, 200);
+        prometheus_parse::Scrape::parse(reply.body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+    }
+
+    /// The sum of a counter or gauge over its series (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.scrape()
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Closing stdin makes the wrapper kill the server and wait for it.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The concatenated text of streamed chunks for choice `index` (completions' `text` or chat's
+/// `delta.content`), and its `finish_reason`.
+pub fn stream_text(chunks: &[Value], index: u64) -> (String, Option<String>) {
+    let mut text = String::new();
+    let mut finish = None;
+    for chunk in chunks {
+        for choice in chunk["choices"].as_array().unwrap() {
+            if choice["index"].as_u64() != Some(index) {
+                continue;
+            }
+            if let Some(t) = choice["text"].as_str().or(choice["delta"]["content"].as_str()) {
+                text.push_str(t);
+            }
+            if let Some(f) = choice["finish_reason"].as_str() {
+                assert!(finish.is_none(), "two finish_reasons for choice {index}");
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    (text, finish)
+}

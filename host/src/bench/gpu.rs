@@ -117,8 +117,15 @@ pub fn attention_decode(
 }
 
 /// Median milliseconds of one decode step of `batch` sequences at `context` positions each
-/// (greedy tokens computed on the device; only they come back).
-pub fn decode_step_ms(backend: &mut GpuBackend, batch: usize, context: usize, repeats: usize) -> Result<f64, CudaError> {
+/// (greedy tokens computed on the device; only they come back), through the captured CUDA graph
+/// of its bucket when `graphs` (see `GpuBackend::capture_decode_graphs`), else kernel by kernel.
+pub fn decode_step_ms(
+    backend: &mut GpuBackend,
+    batch: usize,
+    context: usize,
+    repeats: usize,
+    graphs: bool,
+) -> Result<f64, CudaError> {
     let block_size = backend.cache().layout().block_size;
     let blocks_per_seq = context.div_ceil(block_size);
     let num_blocks = backend.cache().layout().num_blocks;
@@ -128,6 +135,14 @@ pub fn decode_step_ms(backend: &mut GpuBackend, batch: usize, context: usize, re
         fb.push_seq(&[(b % 1000) as u32 + 100], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
     }
     let dev = backend.model().device().clone();
+    if graphs {
+        return time_ms(&dev, 3, repeats, || {
+            backend
+                .decode_argmax_graph(&fb)
+                .unwrap_or_else(|| Err(CudaError::Config("this batch has no captured graph".into())))
+                .map(|_| ())
+        });
+    }
     time_ms(&dev, 3, repeats, || backend.forward_argmax(&fb).map(|_| ()))
 }
 

@@ -7,12 +7,15 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 use super::kernels::Kernels;
+
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 use super::CudaError;
 
 pub struct GpuDevice {
     pub context: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
+    _blas_workspace: cudarc::driver::CudaSlice<u8>,
     pub kernels: Kernels,
     pub name: String,
     pub arch: String,
@@ -27,8 +30,22 @@ impl GpuDevice {
             ));
         }
         let context = CudaContext::new(ordinal)?;
-        let stream = context.default_stream();
+        // One stream for everything, so no cross-stream events are needed; not the legacy
+        // default stream, which CUDA graphs cannot capture.
+        unsafe { context.disable_event_tracking() };
+        let stream = context.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
+        // cuBLAS gets its workspace up front: it must not allocate inside a graph capture.
+        let workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)?;
+        unsafe {
+            let (workspace_ptr, _) = cudarc::driver::DevicePtr::device_ptr(&workspace, &stream);
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace_ptr as *mut std::ffi::c_void,
+                CUBLAS_WORKSPACE_BYTES,
+            )
+            .result()?;
+        }
         let (major, minor) = context.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
         let num_sms = context
@@ -37,7 +54,7 @@ impl GpuDevice {
         let kernels = Kernels::load(&context, &arch)?;
         let name = context.name()?;
         tracing::info!(gpu = %name, %arch, num_sms, "CUDA device ready");
-        Ok(Arc::new(GpuDevice { context, stream, blas, kernels, name, arch, num_sms }))
+        Ok(Arc::new(GpuDevice { context, stream, blas, _blas_workspace: workspace, kernels, name, arch, num_sms }))
     }
 
     pub fn function(&self, name: &str) -> &CudaFunction {

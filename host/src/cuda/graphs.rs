@@ -17,13 +17,21 @@ use super::model::{BatchArrays, GpuBackend, Scratch};
 use super::CudaError;
 use crate::runner::ForwardBatch;
 
+/// A captured graph. Graph handles are plain driver objects that any thread may launch once the
+/// context is bound (cudarc binds it on every launch); the backend that owns them moves to the
+/// engine thread and is used there alone.
+struct SendGraph(CudaGraph);
+// SAFETY: see above; the handle is never used from two threads at once (`&mut GpuBackend`).
+unsafe impl Send for SendGraph {}
+
 pub(crate) struct DecodeGraphs {
-    pub scratch: Scratch,
+    /// Never read from the host, but the graphs point into it: it lives as long as they do.
+    _scratch: Scratch,
     indices: CudaSlice<u32>,
     tokens_out: CudaSlice<u32>,
     max_blocks: usize,
     max_context: usize,
-    graphs: HashMap<usize, CudaGraph>,
+    graphs: HashMap<usize, SendGraph>,
 }
 
 /// The packed index arrays of one bucket (see `layout`): real rows from `batch`, the rest idle.
@@ -73,8 +81,8 @@ impl GpuBackend {
     pub fn capture_decode_graphs(&mut self, max_batch: usize, max_context: usize) -> Result<usize, CudaError> {
         let dev = self.model().device().clone();
         let c = self.model().config().clone();
-        let layout = *self.cache().layout();
-        let max_blocks = max_context.div_ceil(layout.block_size);
+        let cache_layout = *self.cache().layout();
+        let max_blocks = max_context.div_ceil(cache_layout.block_size);
         let largest = graph_bucket(max_batch).ok_or_else(|| CudaError::Config(format!("no graph bucket holds {max_batch}")))?;
         let max_splits = attention_splits(max_context, c.num_key_value_heads, dev.num_sms);
         let mut scratch = Scratch::default();
@@ -84,7 +92,7 @@ impl GpuBackend {
         let base = super::model::ptr(&dev, &indices);
         let mut graphs = HashMap::new();
         for &bucket in GRAPH_BUCKETS.iter().filter(|&&b| b <= largest) {
-            let packed = pack(None, bucket, max_blocks, self.trash_block(), layout.block_size);
+            let packed = pack(None, bucket, max_blocks, self.trash_block(), cache_layout.block_size);
             dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
             let arrays = layout(base, bucket, max_blocks);
             let splits = attention_splits(max_context, bucket * c.num_key_value_heads, dev.num_sms);
@@ -100,10 +108,10 @@ impl GpuBackend {
             enqueued?;
             let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
             graph.upload()?;
-            graphs.insert(bucket, graph);
+            graphs.insert(bucket, SendGraph(graph));
         }
         let captured = graphs.len();
-        self.graphs = Some(DecodeGraphs { scratch, indices, tokens_out, max_blocks, max_context, graphs });
+        self.graphs = Some(DecodeGraphs { _scratch: scratch, indices, tokens_out, max_blocks, max_context, graphs });
         Ok(captured)
     }
 
@@ -138,7 +146,7 @@ impl GpuBackend {
         let graphs = self.graphs.as_mut().unwrap();
         let result = (|| {
             dev.stream.memcpy_htod(&packed, &mut graphs.indices.slice_mut(..packed.len()))?;
-            graphs.graphs[&bucket].launch()?;
+            graphs.graphs[&bucket].0.launch()?;
             let mut tokens = vec![0u32; n];
             dev.stream.memcpy_dtoh(&graphs.tokens_out.slice(..n), &mut tokens)?;
             Ok(tokens)

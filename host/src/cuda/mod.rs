@@ -6,6 +6,7 @@
 pub mod check;
 mod device;
 mod gemm;
+mod graphs;
 pub mod kernels;
 pub mod launch;
 mod model;

@@ -42,7 +42,7 @@ pub struct GpuModel {
     position_scale: f32,
 }
 
-fn ptr<T>(dev: &GpuDevice, slice: &CudaSlice<T>) -> CUdeviceptr {
+pub(crate) fn ptr<T>(dev: &GpuDevice, slice: &CudaSlice<T>) -> CUdeviceptr {
     slice.device_ptr(&dev.stream).0
 }
 
@@ -194,7 +194,7 @@ impl GpuKvCache {
 
 /// Per-batch buffers, grown to the largest batch seen.
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     capacity_tokens: usize,
     capacity_rows: usize,
     capacity_partials: usize,
@@ -206,7 +206,7 @@ struct Scratch {
     gate_up: Option<CudaSlice<bf16>>,
     act: Option<CudaSlice<bf16>>,
     final_h: Option<CudaSlice<bf16>>,
-    logits: Option<CudaSlice<f32>>,
+    pub(crate) logits: Option<CudaSlice<f32>>,
     part_out: Option<CudaSlice<f32>>,
     part_max: Option<CudaSlice<f32>>,
     part_sum: Option<CudaSlice<f32>>,
@@ -217,7 +217,7 @@ struct Scratch {
 
 impl Scratch {
     /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
-    fn ensure(&mut self, dev: &GpuDevice, c: &ModelConfig, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
+    pub(crate) fn ensure(&mut self, dev: &GpuDevice, c: &ModelConfig, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
         let s = self;
         if tokens > s.capacity_tokens {
             let t = tokens.next_power_of_two();
@@ -249,27 +249,32 @@ impl Scratch {
 
 }
 
-/// Device pointers to the batch's index arrays (all inside `Scratch::indices`).
-struct BatchArrays {
-    tokens: CUdeviceptr,
-    positions: CUdeviceptr,
-    slots: CUdeviceptr,
-    token_seq: CUdeviceptr,
-    block_tables: CUdeviceptr,
-    rows: CUdeviceptr,
-    max_blocks: usize,
+/// Device pointers to the batch's index arrays (all inside one index buffer).
+pub(crate) struct BatchArrays {
+    pub tokens: CUdeviceptr,
+    pub positions: CUdeviceptr,
+    pub slots: CUdeviceptr,
+    pub token_seq: CUdeviceptr,
+    pub block_tables: CUdeviceptr,
+    pub rows: CUdeviceptr,
+    pub max_blocks: usize,
 }
 
 pub struct GpuBackend {
     model: GpuModel,
+    /// Holds one block more than the engine sees: the last is the trash block that idle rows of
+    /// padded CUDA-graph batches write to.
     cache: GpuKvCache,
+    /// The layout the engine allocates from (without the trash block).
+    visible_layout: KvCacheLayout,
     scratch: Scratch,
+    pub(crate) graphs: Option<super::graphs::DecodeGraphs>,
 }
 
 impl GpuBackend {
     pub fn new(model: GpuModel, num_blocks: usize, block_size: usize) -> Result<Self, CudaError> {
         let c = model.config();
-        let layout = KvCacheLayout {
+        let visible_layout = KvCacheLayout {
             num_layers: c.num_hidden_layers,
             num_blocks,
             block_size,
@@ -282,8 +287,8 @@ impl GpuBackend {
         if c.gqa_group_size() > 8 {
             return Err(CudaError::Config(format!("GQA group of {} (the CUDA kernels support up to 8)", c.gqa_group_size())));
         }
-        let cache = GpuKvCache::new(&model.dev, layout)?;
-        Ok(GpuBackend { model, cache, scratch: Scratch::default() })
+        let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
+        Ok(GpuBackend { model, cache, visible_layout, scratch: Scratch::default(), graphs: None })
     }
 
     pub fn model(&self) -> &GpuModel {
@@ -292,6 +297,11 @@ impl GpuBackend {
 
     pub fn cache(&self) -> &GpuKvCache {
         &self.cache
+    }
+
+    /// The block no sequence is ever given (see `cache`).
+    pub(crate) fn trash_block(&self) -> u32 {
+        self.visible_layout.num_blocks as u32
     }
 
     fn ensure_scratch(&mut self, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
@@ -386,7 +396,7 @@ impl GpuBackend {
 
     /// Enqueues the whole forward for `n` tokens and `rows` logits rows on the stream, with the
     /// buffers of `s` (no host synchronisation, no allocation: it can be captured in a graph).
-    fn run_layers(&self, s: &Scratch, n: usize, rows: usize, a: &BatchArrays, splits: usize) -> Result<(), CudaError> {
+    pub(crate) fn run_layers(&self, s: &Scratch, n: usize, rows: usize, a: &BatchArrays, splits: usize) -> Result<(), CudaError> {
         let dev = self.model.dev.clone();
         let m = &self.model;
         let c = &m.config;
@@ -618,7 +628,7 @@ impl ModelBackend for GpuBackend {
     }
 
     fn kv_layout(&self) -> &KvCacheLayout {
-        self.cache.layout()
+        &self.visible_layout
     }
 
     fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {

@@ -1,0 +1,275 @@
+//! `pagedserve serve`: loads the model, sizes the KV cache, starts the engine thread and the HTTP
+//! server, and shuts both down gracefully on Ctrl-C or SIGTERM (requests in flight finish; a
+//! second signal exits at once). Every flag has a `PAGEDSERVE_*` environment fallback.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use pagedserve::engine::{EngineConfig, EngineHandle};
+use pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
+use pagedserve::metrics::Metrics;
+use pagedserve::runner::CpuBackend;
+use pagedserve::sched::{native_policy, SchedulerConfig};
+use pagedserve::server::{self, AppState, DEFAULT_MAX_REQUEST_BODY};
+use pagedserve::validation::Validator;
+
+use crate::ModelArgs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// CUDA when built and available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    Fcfs,
+    Priority,
+}
+
+/// Default CPU memory for the KV cache when neither `--num-kv-blocks` nor
+/// `--kv-cache-memory-gb` is given.
+const DEFAULT_KV_CACHE_GB: f64 = 1.0;
+/// Labels of `pagedserve_request_failure_total`: the server's own and the engine's.
+const FAILURE_LABELS: [&str; 9] = [
+    "invalid_request",
+    "body_too_large",
+    "model_not_found",
+    "queue_full",
+    "unavailable",
+    "forward",
+    "detokenize",
+    "too_large",
+    "plugin",
+];
+
+/// Default ceiling of `--max-model-len` (the model's own context may be larger).
+const DEFAULT_MAX_MODEL_LEN_CAP: usize = 8192;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "PAGEDSERVE_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one (the bound address is printed to stderr).
+    #[arg(long, env = "PAGEDSERVE_PORT", default_value_t = 8000)]
+    port: u16,
+    /// The model name clients use and see [default: the model file's name]
+    #[arg(long, env = "PAGEDSERVE_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    #[arg(long, value_enum, env = "PAGEDSERVE_DEVICE", default_value = "auto")]
+    device: Device,
+    /// Longest sequence (prompt plus completion) [default: min(model context, 8192)]
+    #[arg(long, env = "PAGEDSERVE_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "PAGEDSERVE_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
+    block_size: usize,
+    /// KV-cache blocks to allocate (overrides --kv-cache-memory-gb).
+    #[arg(long, env = "PAGEDSERVE_NUM_KV_BLOCKS", conflicts_with = "kv_cache_memory_gb")]
+    num_kv_blocks: Option<usize>,
+    /// Memory for the KV cache, in GiB [default: 1]
+    #[arg(long, env = "PAGEDSERVE_KV_CACHE_MEMORY_GB")]
+    kv_cache_memory_gb: Option<f64>,
+    /// Most sequences in the running batch.
+    #[arg(long, env = "PAGEDSERVE_MAX_NUM_SEQS", default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Most tokens computed in one engine step (prefill chunks plus decode tokens).
+    #[arg(long, env = "PAGEDSERVE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Most requests waiting to start; more are refused with 429.
+    #[arg(long, env = "PAGEDSERVE_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+    /// Turn automatic prefix caching off.
+    #[arg(long, env = "PAGEDSERVE_NO_PREFIX_CACHING")]
+    no_prefix_caching: bool,
+    #[arg(long, value_enum, env = "PAGEDSERVE_SCHEDULING_POLICY", default_value = "fcfs")]
+    scheduling_policy: Policy,
+    /// Share of the GPU memory left after the weights that the KV cache may take (CUDA only).
+    #[arg(long, env = "PAGEDSERVE_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, env = "PAGEDSERVE_MAX_REQUEST_BODY", default_value_t = DEFAULT_MAX_REQUEST_BODY)]
+    max_request_body: usize,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let use_cuda = match args.device {
+        Device::Cpu => false,
+        Device::Cuda => {
+            if !pagedserve::cuda::is_available() {
+                bail!("--device cuda: no CUDA driver or GPU found (is libcuda.so on the library path?); use --device cpu");
+            }
+            true
+        }
+        Device::Auto => pagedserve::cuda::is_available(),
+    };
+    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+        bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
+    }
+    let path = args.model.model.clone().unwrap_or_else(pagedserve::loader::default_model_path);
+    let loaded = args.model.load()?;
+    let tokenizer = loaded.tokenizer.context("the model has no tokenizer; the server needs one")?;
+    let config = loaded.model.config().clone();
+
+    let context = config.max_position_embeddings;
+    let max_model_len = match args.max_model_len {
+        Some(len) if len > context => {
+            bail!("--max-model-len {len} is longer than the model's context of {context} tokens")
+        }
+        Some(0) => bail!("--max-model-len must be at least 1"),
+        Some(len) => len,
+        None => context.min(DEFAULT_MAX_MODEL_LEN_CAP),
+    };
+
+    // The GPU backend uploads its weights first, so its cache can be sized from what is left.
+    let gpu = if use_cuda {
+        let dev = pagedserve::cuda::GpuDevice::new(0)?;
+        let model = pagedserve::cuda::GpuModel::from_cpu(dev.clone(), &loaded.model)?;
+        tracing::info!(gpu = %dev.name, "serving on the GPU");
+        Some((dev, model))
+    } else {
+        None
+    };
+    let block_bytes = loaded.model.kv_layout(1, args.block_size).block_bytes(if gpu.is_some() { 2 } else { 4 });
+    let num_blocks = match args.num_kv_blocks {
+        Some(n) => n,
+        None if gpu.is_some() => {
+            let (free, _total) = gpu.as_ref().unwrap().0.memory()?;
+            // Leave room for activations and cuBLAS: a quarter of what is free, at most 4 GiB.
+            let reserve = (free / 4).min(4 << 30);
+            ((free - reserve) as f64 * args.gpu_memory_utilization / block_bytes as f64) as usize
+        }
+        None => {
+            let gib = args.kv_cache_memory_gb.unwrap_or(DEFAULT_KV_CACHE_GB);
+            if gib.is_nan() || gib <= 0.0 {
+                bail!("--kv-cache-memory-gb must be positive, got {gib}");
+            }
+            (gib * (1u64 << 30) as f64 / block_bytes as f64) as usize
+        }
+    };
+    let needed = max_model_len.div_ceil(args.block_size);
+    if num_blocks < needed {
+        bail!(
+            "the KV cache has {num_blocks} blocks of {} tokens ({} tokens), but one sequence of --max-model-len \
+             {max_model_len} needs {needed} blocks: raise --num-kv-blocks / --kv-cache-memory-gb or lower --max-model-len",
+            args.block_size,
+            num_blocks * args.block_size
+        );
+    }
+    let layout = loaded.model.kv_layout(num_blocks, args.block_size);
+    tracing::info!(
+        blocks = num_blocks,
+        block_size = args.block_size,
+        tokens = num_blocks * args.block_size,
+        mib = (layout.block_bytes(if gpu.is_some() { 2 } else { 4 }) * num_blocks) as f64 / (1u64 << 20) as f64,
+        max_model_len,
+        "KV cache sized"
+    );
+
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| loaded.name.clone());
+    let metrics = Arc::new(Metrics::new(&model_name));
+    let policy_name = match args.scheduling_policy {
+        Policy::Fcfs => "fcfs",
+        Policy::Priority => "priority",
+    };
+    // Every labelled series exists from the start, at zero, so dashboards and rate() see them.
+    for reason in ["stop", "length", "abort"] {
+        metrics.request_success.with_label_values(&[reason]).reset();
+    }
+    for label in FAILURE_LABELS {
+        metrics.request_failure.with_label_values(&[label]).reset();
+    }
+    for reason in ["invalid_output", "failed"] {
+        metrics.scheduler_policy_faults.with_label_values(&[policy_name, reason]).reset();
+    }
+    let policy = native_policy(policy_name).with_context(|| format!("no native scheduling policy {policy_name}"))?;
+    let vocab_size = config.vocab_size;
+    let backend: Box<dyn pagedserve::runner::ModelBackend> = match gpu {
+        Some((_, model)) => Box::new(pagedserve::cuda::GpuBackend::new(model, num_blocks, args.block_size)?),
+        None => Box::new(CpuBackend::new(loaded.model, num_blocks, args.block_size)),
+    };
+    let engine_config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+        },
+        max_model_len,
+        max_queue: args.max_queue,
+        prefix_caching: !args.no_prefix_caching,
+    };
+    let (engine, engine_thread) =
+        EngineHandle::spawn(backend, tokenizer.clone(), metrics.clone(), policy, engine_config);
+
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        validator: Validator::new(tokenizer.clone(), max_model_len, vocab_size),
+        tokenizer,
+        metrics,
+        model_name: model_name.clone(),
+        model_root: path.display().to_string(),
+        created: pagedserve_now(),
+        max_request_body: args.max_request_body,
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pagedserve-http")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        let address = format!("{}:{}", args.host, args.port);
+        let listener =
+            tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(model = %model_name, %bound, policy = policy_name, "serving");
+        eprintln!("pagedserve listening on http://{bound}");
+        server::serve(listener, state, shutdown_signal()).await.context("serving HTTP")
+    });
+    engine.shutdown();
+    let _ = engine_thread.join();
+    tracing::info!("stopped");
+    result
+}
+
+fn pagedserve_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Resolves on the first Ctrl-C or SIGTERM; a second one exits the process at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing requests in flight (signal again to exit now)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

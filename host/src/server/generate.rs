@@ -1,0 +1,400 @@
+//! `/v1/completions` and `/v1/chat/completions`: parse, validate, submit one engine request per
+//! prompt, then merge their event streams into the response's choices (`index = prompt * n +
+//! sample`), as one JSON body or as SSE chunks (`data: {chunk}\n\n` ... `data: [DONE]\n\n`).
+//!
+//! A `Generation` owns the engine streams; dropping it (client gone, handler cancelled, response
+//! body dropped) aborts every engine request it still has.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, SelectAll, Stream, StreamExt};
+
+use super::body::RequestBody;
+use super::error::ApiError;
+use super::render::{chat_logprobs, push_completion_logprobs, response_id, stop_reason_json};
+use super::{unix_now, AppState};
+use crate::api::{
+    self, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
+    ChatLogprob, ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
+    CompletionResponse, UsageInfo,
+};
+use crate::engine::{EngineError, FinishReason, StreamEvent};
+use crate::sampling::Sampled;
+use crate::validation::ValidRequest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: RequestBody) -> Response {
+    respond(state, Kind::Completion, body).await
+}
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: RequestBody) -> Response {
+    respond(state, Kind::Chat, body).await
+}
+
+async fn respond(state: Arc<AppState>, kind: Kind, body: RequestBody) -> Response {
+    match Generation::start(state.clone(), kind, body) {
+        Ok(generation) if generation.valid.stream => generation.into_sse(),
+        // Failures after the start were counted and logged where they happened.
+        Ok(generation) => generation.collect().await.unwrap_or_else(IntoResponse::into_response),
+        Err(error) => {
+            state.metrics.request_failure.with_label_values(&[error.label]).inc();
+            tracing::info!(status = error.status.as_u16(), param = error.param.as_deref(), "request refused: {}", error.message);
+            error.into_response()
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = (usize, StreamEvent)> + Send>>;
+
+#[derive(Default)]
+struct ChoiceState {
+    text: String,
+    num_chars: usize,
+    completion_logprobs: CompletionLogprobs,
+    chat_logprobs: Vec<ChatLogprob>,
+    finish: Option<FinishReason>,
+    stop_reason: Option<serde_json::Value>,
+    started: bool,
+}
+
+/// What the merged streams produced next.
+enum Update {
+    Delta { choice: usize, text: String, sampled: Vec<Sampled>, offset: usize },
+    Finished { choice: usize },
+    AllDone,
+}
+
+struct Generation {
+    state: Arc<AppState>,
+    kind: Kind,
+    id: String,
+    created: u64,
+    valid: ValidRequest,
+    events: SelectAll<EventStream>,
+    choices: Vec<ChoiceState>,
+    usage: UsageInfo,
+    prompts_done: usize,
+    started: Instant,
+    over: bool,
+}
+
+impl Generation {
+    fn start(state: Arc<AppState>, kind: Kind, body: RequestBody) -> Result<Self, ApiError> {
+        let started = Instant::now();
+        let valid = match kind {
+            Kind::Completion => {
+                let request: CompletionRequest = api::parse_json(&body.0)?;
+                state.check_model(request.params.model.as_deref())?;
+                state.validator.completion(request)?
+            }
+            Kind::Chat => {
+                let request: ChatCompletionRequest = api::parse_json(&body.0)?;
+                state.check_model(request.params.model.as_deref())?;
+                state.validator.chat(request)?
+            }
+        };
+        let mut events = SelectAll::new();
+        for (prompt, request) in valid.requests.iter().enumerate() {
+            // An error here drops the streams already submitted, which aborts them.
+            let engine_stream = state.engine.submit(request.clone())?;
+            let tagged = stream::unfold(engine_stream, move |mut s| async move { s.next().await.map(|e| ((prompt, e), s)) });
+            events.push(Box::pin(tagged) as EventStream);
+        }
+        let id = response_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+        let choices = (0..valid.num_choices()).map(|_| ChoiceState::default()).collect();
+        Ok(Generation {
+            state,
+            kind,
+            id,
+            created: unix_now(),
+            valid,
+            events,
+            choices,
+            usage: UsageInfo::default(),
+            prompts_done: 0,
+            started,
+            over: false,
+        })
+    }
+
+    async fn next_update(&mut self) -> Result<Update, ApiError> {
+        loop {
+            // Every engine stream ends with `Done` or `Error`; running dry first means the engine died.
+            let (prompt, event) = self.events.next().await.unwrap_or((0, StreamEvent::Error(EngineError::Unavailable)));
+            match event {
+                StreamEvent::Delta { index, text, logprobs, .. } => {
+                    let choice = prompt * self.valid.n + index;
+                    let c = &mut self.choices[choice];
+                    let mut text = text;
+                    if !c.started {
+                        c.started = true;
+                        if self.valid.echo {
+                            text.insert_str(0, &self.valid.prompt_texts[prompt]);
+                        }
+                    }
+                    let offset = c.num_chars;
+                    c.num_chars += text.chars().count();
+                    if !self.valid.stream {
+                        c.text.push_str(&text);
+                        if self.valid.logprobs.is_some() {
+                            match self.kind {
+                                Kind::Completion => push_completion_logprobs(
+                                    &self.state.tokenizer,
+                                    &mut c.completion_logprobs,
+                                    &logprobs,
+                                    offset,
+                                    &[text.as_str()],
+                                ),
+                                Kind::Chat => c.chat_logprobs.extend(chat_logprobs(&self.state.tokenizer, &logprobs)),
+                            }
+                        }
+                    }
+                    return Ok(Update::Delta { choice, text, sampled: logprobs, offset });
+                }
+                StreamEvent::Finished { index, reason, stop_reason } => {
+                    let choice = prompt * self.valid.n + index;
+                    self.choices[choice].finish = Some(reason);
+                    self.choices[choice].stop_reason = stop_reason_json(stop_reason.as_ref());
+                    return Ok(Update::Finished { choice });
+                }
+                StreamEvent::Done { usage, .. } => {
+                    self.usage.prompt_tokens += usage.prompt_tokens;
+                    self.usage.completion_tokens += usage.completion_tokens;
+                    self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens;
+                    self.prompts_done += 1;
+                    if self.prompts_done == self.valid.requests.len() {
+                        self.over = true;
+                        self.log_done();
+                        return Ok(Update::AllDone);
+                    }
+                }
+                StreamEvent::Error(error) => {
+                    self.over = true;
+                    tracing::warn!(id = %self.id, %error, "request failed");
+                    self.state.metrics.request_failure.with_label_values(&[error.label()]).inc();
+                    return Err(error.into());
+                }
+            }
+        }
+    }
+
+    fn log_done(&self) {
+        let reasons: Vec<&str> = self.choices.iter().map(|c| c.finish.map_or("none", FinishReason::as_str)).collect();
+        tracing::info!(
+            id = %self.id,
+            prompt_tokens = self.usage.prompt_tokens,
+            completion_tokens = self.usage.completion_tokens,
+            finish_reason = %reasons.join(","),
+            stream = self.valid.stream,
+            latency_ms = self.started.elapsed().as_millis() as u64,
+            "request finished"
+        );
+    }
+
+    fn finish_reason(&self, choice: usize) -> Option<String> {
+        self.choices[choice].finish.map(|r| r.as_str().to_string())
+    }
+
+    /// Non-streaming: waits for every choice, then answers once.
+    async fn collect(mut self) -> Result<Response, ApiError> {
+        while !matches!(self.next_update().await?, Update::AllDone) {}
+        let model = self.state.model_name.clone();
+        let choices = std::mem::take(&mut self.choices);
+        let body = match self.kind {
+            Kind::Completion => Json(CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model,
+                choices: choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, c)| CompletionChoice {
+                        index,
+                        text: c.text,
+                        logprobs: self.valid.logprobs.map(|_| c.completion_logprobs),
+                        finish_reason: c.finish.map(|r| r.as_str().to_string()),
+                        stop_reason: c.stop_reason,
+                    })
+                    .collect(),
+                usage: self.usage,
+            })
+            .into_response(),
+            Kind::Chat => Json(ChatCompletionResponse {
+                id: self.id.clone(),
+                object: "chat.completion".into(),
+                created: self.created,
+                model,
+                choices: choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, c)| ChatChoice {
+                        index,
+                        message: ChatMessageOut { role: "assistant".into(), content: c.text },
+                        logprobs: self.valid.logprobs.map(|_| ChatLogprobs { content: c.chat_logprobs }),
+                        finish_reason: c.finish.map(|r| r.as_str().to_string()),
+                        stop_reason: c.stop_reason,
+                    })
+                    .collect(),
+                usage: self.usage,
+            })
+            .into_response(),
+        };
+        Ok(with_request_id(body, &self.id))
+    }
+
+    fn chunk(&self, choice: usize, text: Option<String>, sampled: &[Sampled], offset: usize, last: bool) -> Bytes {
+        let finish_reason = if last { self.finish_reason(choice) } else { None };
+        let stop_reason = if last { self.choices[choice].stop_reason.clone() } else { None };
+        let json = match self.kind {
+            Kind::Completion => {
+                let logprobs = self.valid.logprobs.filter(|_| !last).map(|_| {
+                    let mut lp = CompletionLogprobs::default();
+                    let texts = [text.as_deref().unwrap_or("")];
+                    push_completion_logprobs(&self.state.tokenizer, &mut lp, sampled, offset, &texts);
+                    lp
+                });
+                serde_json::to_string(&CompletionChunk {
+                    id: self.id.clone(),
+                    object: "text_completion".into(),
+                    created: self.created,
+                    model: self.state.model_name.clone(),
+                    choices: vec![CompletionChoice {
+                        index: choice,
+                        text: text.unwrap_or_default(),
+                        logprobs,
+                        finish_reason,
+                        stop_reason,
+                    }],
+                    usage: None,
+                })
+            }
+            Kind::Chat => {
+                let logprobs = (self.valid.logprobs.is_some() && !last)
+                    .then(|| ChatLogprobs { content: chat_logprobs(&self.state.tokenizer, sampled) });
+                serde_json::to_string(&ChatCompletionChunk {
+                    id: self.id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created: self.created,
+                    model: self.state.model_name.clone(),
+                    choices: vec![ChatChunkChoice {
+                        index: choice,
+                        delta: ChatDelta { role: None, content: text },
+                        logprobs,
+                        finish_reason,
+                        stop_reason,
+                    }],
+                    usage: None,
+                })
+            }
+        };
+        sse(&json.expect("chunks serialize"))
+    }
+
+    fn role_chunk(&self, choice: usize) -> Bytes {
+        let chunk = ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.state.model_name.clone(),
+            choices: vec![ChatChunkChoice {
+                index: choice,
+                delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
+                logprobs: None,
+                finish_reason: None,
+                stop_reason: None,
+            }],
+            usage: None,
+        };
+        sse(&serde_json::to_string(&chunk).expect("chunks serialize"))
+    }
+
+    fn usage_chunk(&self) -> Bytes {
+        let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let json = serde_json::json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.state.model_name,
+            "choices": [], "usage": self.usage,
+        });
+        sse(&json.to_string())
+    }
+
+    /// Streaming: the body owns the generation, so a client that disconnects aborts it.
+    fn into_sse(self) -> Response {
+        let id = self.id.clone();
+        let mut queue = VecDeque::new();
+        if self.kind == Kind::Chat {
+            queue.extend((0..self.choices.len()).map(|c| self.role_chunk(c)));
+        }
+        let body = stream::unfold((self, queue, false), |(mut generation, mut queue, mut finished)| async move {
+            loop {
+                if let Some(bytes) = queue.pop_front() {
+                    return Some((Ok::<_, Infallible>(bytes), (generation, queue, finished)));
+                }
+                if finished {
+                    return None;
+                }
+                match generation.next_update().await {
+                    Ok(Update::Delta { choice, text, sampled, offset }) => {
+                        if !text.is_empty() || generation.valid.logprobs.is_some() {
+                            queue.push_back(generation.chunk(choice, Some(text), &sampled, offset, false));
+                        }
+                    }
+                    Ok(Update::Finished { choice }) => {
+                        let text = (generation.kind == Kind::Completion).then(String::new);
+                        queue.push_back(generation.chunk(choice, text, &[], 0, true));
+                    }
+                    Ok(Update::AllDone) => {
+                        if generation.valid.include_usage {
+                            queue.push_back(generation.usage_chunk());
+                        }
+                        queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                        finished = true;
+                    }
+                    Err(error) => {
+                        queue.push_back(sse(&serde_json::to_string(&error.body()).expect("errors serialize")));
+                        queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                        finished = true;
+                    }
+                }
+            }
+        });
+        let mut response = Body::from_stream(body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        with_request_id(response, &id)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.over {
+            tracing::info!(id = %self.id, latency_ms = self.started.elapsed().as_millis() as u64, "client went away; request aborted");
+        }
+    }
+}
+
+fn sse(json: &str) -> Bytes {
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+fn with_request_id(mut response: Response, id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}

@@ -1,0 +1,86 @@
+//! The HTTP front end (axum on hyper): OpenAI-compatible routes, SSE streaming, health and
+//! Prometheus metrics. Handlers parse (`api`), validate (`validation`), submit to the engine
+//! (`engine::EngineHandle`) and render the engine's events; they never block.
+//!
+//! Ownership rule that makes cancellation work: a handler's future (non-streaming) or its response
+//! body stream (streaming) owns the `RequestStream`s of its engine requests, so a client that goes
+//! away drops them, which aborts the requests and frees their KV blocks within one engine step.
+//!
+//! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
+//! `GET /metrics`, `POST /tokenize`, `POST /detokenize`.
+
+mod body;
+mod error;
+mod generate;
+mod render;
+mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use self::error::ApiError;
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::tokenizer::Tokenizer;
+use crate::validation::Validator;
+
+/// Default limit on request bodies (`--max-request-body`).
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 4 << 20;
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub validator: Validator,
+    pub tokenizer: Arc<Tokenizer>,
+    pub metrics: Arc<Metrics>,
+    /// The name clients use in `model` and see in responses.
+    pub model_name: String,
+    /// Where the weights came from (`/v1/models`' `root`).
+    pub model_root: String,
+    /// Unix seconds the server started.
+    pub created: u64,
+    /// Largest request body in bytes (`--max-request-body`).
+    pub max_request_body: usize,
+}
+
+impl AppState {
+    /// A request's `model` must be absent or the served name.
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(name) if !name.is_empty() && name != self.model_name => Err(ApiError::model_not_found(name)),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_request_body = state.max_request_body;
+    Router::new()
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/models", get(routes::models))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .layer(DefaultBodyLimit::max(max_request_body))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then lets requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,81 @@
+//! The small routes: health, metrics, model list, tokenize and detokenize.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::body::RequestBody;
+use super::error::ApiError;
+use super::AppState;
+use crate::api::{self, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
+
+/// 200 while the engine thread runs, 503 once it is gone.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine.is_alive() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine is not running", None, "unavailable").into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model".into(),
+            created: state.created,
+            owned_by: "pagedserve".into(),
+            root: state.model_root.clone(),
+            max_model_len: state.validator.max_model_len(),
+        }],
+    })
+}
+
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: RequestBody,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let request: TokenizeRequest = api::parse_json(&body.0)?;
+    let v = &state.validator;
+    let (tokens, model, return_strs) = match request {
+        TokenizeRequest::Chat { messages, model, add_generation_prompt, add_special_tokens, return_token_strs } => {
+            let mut tokens = v.encode_chat(&messages, add_generation_prompt.unwrap_or(true))?;
+            if add_special_tokens.unwrap_or(false) {
+                if let Some(bos) = state.tokenizer.bos_token_id().filter(|_| state.tokenizer.add_bos_token()) {
+                    tokens.insert(0, bos);
+                }
+            }
+            (tokens, model, return_token_strs)
+        }
+        TokenizeRequest::Completion { prompt, model, add_special_tokens, return_token_strs } => {
+            (v.encode_with(&prompt, add_special_tokens.unwrap_or(true))?, model, return_token_strs)
+        }
+    };
+    state.check_model(model.as_deref())?;
+    let token_strs = return_strs
+        .unwrap_or(false)
+        .then(|| tokens.iter().map(|&t| state.tokenizer.id_to_token(t).unwrap_or_default()).collect());
+    Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len: v.max_model_len(), tokens, token_strs }))
+}
+
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: RequestBody,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let request: DetokenizeRequest = api::parse_json(&body.0)?;
+    state.check_model(request.model.as_deref())?;
+    state.validator.check_ids("tokens", &request.tokens)?;
+    let prompt = state
+        .tokenizer
+        .decode(&request.tokens, false)
+        .map_err(|e| ApiError::bad_request(format!("`tokens`: {e}"), Some("tokens")))?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}

@@ -1,0 +1,103 @@
+//! KV-cache behaviour seen through HTTP on the real model: automatic prefix caching of a shared
+//! system prompt, and blocks coming back when a client disconnects mid-request.
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::{Duration, Instant};
+
+use pagedserve_tests::Server;
+use serde_json::json;
+
+fn chat(system: &str, question: &str) -> serde_json::Value {
+    json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+           "max_tokens": 12, "temperature": 0, "ignore_eos": true})
+}
+
+#[test]
+fn a_shared_system_prompt_hits_the_prefix_cache_with_identical_output() {
+    let system = "You are a meticulous assistant for a public library. You answer questions about opening hours, \
+                  borrowing rules, late fees, inter-library loans, reading rooms, printing, study carrels and events. \
+                  Always answer briefly and politely, and mention the library card number format when relevant. \
+                  Never invent policies that are not listed here.";
+    let server = Server::start(&[]);
+    let prompt_tokens = server.post_ok("/tokenize", &json!({"messages": chat(system, "x")["messages"]}))["count"].as_u64().unwrap();
+    assert!(prompt_tokens > 3 * 16 + 8, "the system prompt spans more than 3 blocks ({prompt_tokens} tokens)");
+
+    let first = server.complete("/v1/chat/completions", &chat(system, "When do you open on Sundays?"));
+    let hits = server.metric("pagedserve_prefix_cache_hits_total");
+    let second = server.complete("/v1/chat/completions", &chat(system, "How much is the late fee?"));
+    let gained = server.metric("pagedserve_prefix_cache_hits_total") - hits;
+    assert!(gained >= 48.0, "the second request should reuse at least 3 blocks, gained {gained} tokens");
+    assert_eq!(server.complete("/v1/chat/completions", &chat(system, "When do you open on Sundays?")), first);
+
+    let uncached = Server::start(&["--no-prefix-caching"]);
+    assert_eq!(uncached.complete("/v1/chat/completions", &chat(system, "How much is the late fee?")), second);
+    assert_eq!(uncached.metric("pagedserve_prefix_cache_hits_total"), 0.0);
+}
+
+/// Polls `/metrics` until the KV-cache usage is back to `baseline` (or fails after 10 s).
+fn wait_for_kv_usage(server: &Server, baseline: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = server.metric("pagedserve_kv_cache_usage_perc");
+        if usage <= baseline {
+            return;
+        }
+        assert!(Instant::now() < deadline, "KV usage stuck at {usage} (baseline {baseline}):\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn send(server: &Server, path: &str, body: &serde_json::Value) -> std::net::TcpStream {
+    let address = server.base.trim_start_matches("http://");
+    let mut socket = std::net::TcpStream::connect(address).unwrap();
+    let body = body.to_string();
+    write!(
+        socket,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    socket
+}
+
+#[test]
+fn a_client_that_disconnects_gives_its_blocks_back() {
+    let server = Server::start(&[]);
+    let baseline = server.metric("pagedserve_kv_cache_usage_perc");
+    let aborted = || {
+        server.scrape().samples.iter().filter(|s| s.metric == "pagedserve_request_success_total" && s.labels.get("finished_reason") == Some("abort")).map(|s| if let prometheus_parse::Value::Counter(v) = s.value { v } else { 0.0 }).sum::<f64>()
+    };
+    let long = json!({"prompt": "Write a very long essay about the sea.", "max_tokens": 2000, "ignore_eos": true, "stream": true});
+
+    // Streaming: read a few chunks, then hang up.
+    let socket = send(&server, "/v1/completions", &long);
+    let mut reader = BufReader::new(socket);
+    let mut data_lines = 0;
+    let mut line = String::new();
+    while data_lines < 5 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended early");
+        if line.starts_with("data: {") {
+            data_lines += 1;
+        }
+    }
+    assert!(server.metric("pagedserve_kv_cache_usage_perc") > baseline, "the request holds blocks while it runs");
+    drop(reader);
+    wait_for_kv_usage(&server, baseline);
+    assert_eq!(aborted(), 1.0);
+
+    // Non-streaming: the handler owns the request, so hanging up aborts it too.
+    let mut long = long.clone();
+    long["stream"] = false.into();
+    let socket = send(&server, "/v1/completions", &long);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("pagedserve_kv_cache_usage_perc") <= baseline {
+        assert!(Instant::now() < deadline, "the non-streamed request never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(socket);
+    wait_for_kv_usage(&server, baseline);
+    assert_eq!(aborted(), 2.0);
+    assert!(server.log().contains("client went away"), "{}", server.log());
+}
