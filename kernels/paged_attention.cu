@@ -10,10 +10,11 @@
 // bf16; block_tables [num_seqs, max_blocks] u32; partials (split-K only) float
 // [tokens, num_heads, num_splits, HD] plus max and sum [tokens, num_heads, num_splits].
 
-#define MAX_GROUP 8
+// MAX_GROUP (a template parameter) bounds the query heads per KV head held in registers: the
+// smallest power of two >= the model's group, so small groups do not pay for large ones.
 #define WARPS 8
 
-template <int HD>
+template <int HD, int MAX_GROUP>
 __device__ void paged_attention_impl(
     __nv_bfloat16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
     float* __restrict__ part_sum, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
@@ -151,23 +152,26 @@ __device__ void paged_attention_impl(
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_hd64(
-    __nv_bfloat16* out, float* part_out, float* part_max, float* part_sum, const __nv_bfloat16* q,
-    const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const u32* block_tables, const u32* token_seq,
-    const u32* positions, int q_stride, int max_blocks, int num_heads, int num_kv_heads, int block_size,
-    float scale, int partition) {
-    paged_attention_impl<64>(out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq,
-                             positions, q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition);
-}
-
-extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_hd128(
-    __nv_bfloat16* out, float* part_out, float* part_max, float* part_sum, const __nv_bfloat16* q,
-    const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const u32* block_tables, const u32* token_seq,
-    const u32* positions, int q_stride, int max_blocks, int num_heads, int num_kv_heads, int block_size,
-    float scale, int partition) {
-    paged_attention_impl<128>(out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq,
-                              positions, q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition);
-}
+#define ATTENTION_PARAMS                                                                                   \
+    __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
+        const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache, const u32 *block_tables,               \
+        const u32 *token_seq, const u32 *positions, int q_stride, int max_blocks, int num_heads,           \
+        int num_kv_heads, int block_size, float scale, int partition
+#define ATTENTION_ARGS                                                                                     \
+    out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, q_stride,  \
+        max_blocks, num_heads, num_kv_heads, block_size, scale, partition
+#define ATTENTION_KERNEL(HD, G)                                                                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_hd##HD##_g##G(ATTENTION_PARAMS) { \
+        paged_attention_impl<HD, G>(ATTENTION_ARGS);                                                       \
+    }
+ATTENTION_KERNEL(64, 1)
+ATTENTION_KERNEL(64, 2)
+ATTENTION_KERNEL(64, 4)
+ATTENTION_KERNEL(64, 8)
+ATTENTION_KERNEL(128, 1)
+ATTENTION_KERNEL(128, 2)
+ATTENTION_KERNEL(128, 4)
+ATTENTION_KERNEL(128, 8)
 
 // Merges split-K partials: one block per (token, head), one thread per dimension.
 extern "C" __global__ void attention_reduce(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_out,

@@ -412,6 +412,13 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
     println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
     let attn = gpu::attention_decode(&dev, 64, 2048, 32, 8, 128)?;
+    let kernel = pagedserve::cuda::launch::attention_kernel_name(128, 4);
+    let function = dev.function(&kernel);
+    println!(
+        "{kernel}: {} registers, {} bytes of local memory per thread",
+        function.num_regs()?,
+        function.local_size_bytes()?
+    );
     println!(
         "paged attention 8B layout b64 c2048  {:>10.3} ms  {:>7.0} GB/s  {:>5.1}% of copy",
         attn.ms,

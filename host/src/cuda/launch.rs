@@ -31,6 +31,12 @@ pub fn attention_splits(max_context: usize, work_items: usize, num_sms: usize) -
     wanted.clamp(1, partitions)
 }
 
+/// The attention kernel instantiated for this head dimension and grouped-query group size: the
+/// group is rounded up to a power of two (1, 2, 4, 8) so registers are sized for it.
+pub fn attention_kernel_name(head_dim: usize, group: usize) -> String {
+    format!("paged_attention_hd{head_dim}_g{}", group.next_power_of_two())
+}
+
 /// Batch sizes CUDA graphs are captured for; a decode batch runs in the smallest bucket that
 /// holds it (padded with idle rows).
 pub const GRAPH_BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
@@ -66,6 +72,14 @@ mod tests {
         // 64 sequences x 8 KV heads = 512 blocks on 132 SMs: two splits reach ~4 blocks per SM.
         assert_eq!(attention_splits(2048, 512, 132), 2);
         assert_eq!(attention_splits(2048, 4096, 132), 1);
+    }
+
+    #[test]
+    fn attention_kernels_round_the_group_up() {
+        assert_eq!(attention_kernel_name(64, 3), "paged_attention_hd64_g4");
+        assert_eq!(attention_kernel_name(128, 4), "paged_attention_hd128_g4");
+        assert_eq!(attention_kernel_name(64, 7), "paged_attention_hd64_g8");
+        assert_eq!(attention_kernel_name(128, 1), "paged_attention_hd128_g1");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::gemm::{linear, OutType};
-use super::launch::{attention_splits, pack_block_tables, row_threads, ATTENTION_PARTITION, ATTENTION_THREADS};
+use super::launch::{attention_kernel_name, attention_splits, pack_block_tables, row_threads, ATTENTION_PARTITION, ATTENTION_THREADS};
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::CpuModel;
@@ -571,7 +571,7 @@ pub struct AttentionArgs {
 
 /// Paged attention (and the split-K reduction when `splits > 1`).
 pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
-    let kernel = dev.function(if a.head_dim == 64 { "paged_attention_hd64" } else { "paged_attention_hd128" });
+    let kernel = dev.function(&attention_kernel_name(a.head_dim, a.num_heads / a.num_kv_heads));
     let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
     let (heads, kv_heads, block_size) = (a.num_heads as i32, a.num_kv_heads as i32, a.block_size as i32);
     let scale = 1.0 / (a.head_dim as f32).sqrt();
