@@ -159,6 +159,9 @@ struct BenchServeArgs {
     /// Also write the workload (prompt ids and output lengths) as JSON, for baselines to replay.
     #[arg(long)]
     dump_workload: Option<PathBuf>,
+    /// Schedule with this Wasm scheduler component instead of the native FCFS policy.
+    #[arg(long)]
+    scheduler_plugin: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -321,7 +324,24 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len,
         seed: args.seed,
     };
-    let r = serve::run(Box::new(backend), tokenizer, &options)?;
+    // The registry must outlive the run: the Wasm policy calls into its slot.
+    let mut _registry = None;
+    let policy: Box<dyn pagedserve::sched::SchedulingPolicy> = match &args.scheduler_plugin {
+        Some(path) => {
+            use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, WasmScheduler};
+            let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+            let registry = PluginRegistry::new(
+                PluginRuntime::new(PluginLimits::default())?,
+                std::sync::Arc::new(pagedserve::metrics::Metrics::new("bench")),
+            );
+            registry.install(PluginKind::Scheduler, "bench", &bytes, None, "", "bench")?;
+            let slot = registry.slot(PluginKind::Scheduler, "bench").context("installed plugin")?;
+            _registry = Some(registry);
+            Box::new(WasmScheduler::new(slot))
+        }
+        None => pagedserve::sched::native_policy("fcfs").context("built-in policy")?,
+    };
+    let r = serve::run(Box::new(backend), tokenizer, policy, &options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -342,6 +362,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     println!("preemptions           {:>10}", r.preemptions);
     println!("KV-cache occupancy    {:>10.1} %  (allocated slots holding tokens)", r.kv_occupancy * 100.0);
     println!("engine steps          {:>10}", r.steps);
+    println!("scheduling policy     {:>10}  ({} faults)", r.policy, r.policy_faults);
     Ok(())
 }
 

@@ -21,7 +21,7 @@ use super::median;
 use crate::engine::{EngineCore, GenerateRequest, StreamEvent};
 use crate::metrics::Metrics;
 use crate::runner::ModelBackend;
-use crate::sched::{native_policy, Scheduler, SchedulerConfig};
+use crate::sched::{Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +61,10 @@ pub struct ServeResult {
     /// Share of allocated KV slots holding computed tokens (0 to 1).
     pub kv_occupancy: f64,
     pub steps: usize,
+    /// The scheduling policy's name (native `fcfs`, or the Wasm plugin's).
+    pub policy: String,
+    /// Policy answers rejected (the step then ran native FCFS).
+    pub policy_faults: u64,
 }
 
 pub struct ServeOptions {
@@ -78,11 +82,17 @@ struct InFlight {
     tokens: usize,
 }
 
-pub fn run(backend: Box<dyn ModelBackend>, tokenizer: Arc<Tokenizer>, options: &ServeOptions) -> anyhow::Result<ServeResult> {
+pub fn run(
+    backend: Box<dyn ModelBackend>,
+    tokenizer: Arc<Tokenizer>,
+    policy: Box<dyn crate::sched::SchedulingPolicy>,
+    options: &ServeOptions,
+) -> anyhow::Result<ServeResult> {
     let vocab = backend.config().vocab_size;
     let workload = sharegpt_like_workload(options.num_requests, vocab, options.max_model_len, options.seed);
     let metrics = Arc::new(Metrics::new("bench"));
-    let scheduler = Scheduler::new(options.scheduler, native_policy("fcfs").expect("built in"));
+    let policy_name = policy.name().to_string();
+    let scheduler = Scheduler::new(options.scheduler, policy);
     let mut core = EngineCore::new(backend, tokenizer, metrics.clone(), scheduler, true, options.max_model_len);
 
     let started = Instant::now();
@@ -146,6 +156,9 @@ pub fn run(backend: Box<dyn ModelBackend>, tokenizer: Arc<Tokenizer>, options: &
         preemptions: metrics.num_preemptions.get(),
         kv_occupancy: if allocated == 0 { 0.0 } else { occupied as f64 / allocated as f64 },
         steps,
+        policy_faults: metrics.scheduler_policy_faults.with_label_values(&[&policy_name, "invalid_output"]).get()
+            + metrics.scheduler_policy_faults.with_label_values(&[&policy_name, "failed"]).get(),
+        policy: policy_name,
     })
 }
 
