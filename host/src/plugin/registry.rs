@@ -313,6 +313,11 @@ impl PluginRegistry {
     /// sees, the first `Reject` ends it. Answers `Modify` with the final parameters if any filter
     /// rewrote them. A fault, or a filter disabled with nothing to restore, fails closed.
     pub fn filter_request(&self, request: &FilterRequest) -> Result<FilterVerdict, FilterFault> {
+        self.run_filters(request).map(|(verdict, _)| verdict)
+    }
+
+    /// `filter_request`, also naming the filter that rejected the request (if one did).
+    pub fn run_filters(&self, request: &FilterRequest) -> Result<(FilterVerdict, Option<String>), FilterFault> {
         let mut current = request.clone();
         let mut modified = false;
         for name in self.filters() {
@@ -323,10 +328,29 @@ impl PluginRegistry {
                     current.params = params;
                     modified = true;
                 }
-                reject @ FilterVerdict::Reject { .. } => return Ok(reject),
+                reject @ FilterVerdict::Reject { .. } => return Ok((reject, Some(name))),
             }
         }
-        Ok(if modified { FilterVerdict::Modify(current.params) } else { FilterVerdict::Continue })
+        Ok((if modified { FilterVerdict::Modify(current.params) } else { FilterVerdict::Continue }, None))
+    }
+
+    /// Runs every filter's `on-output`; the first `Stop` wins, with the name of the filter.
+    pub fn run_output_filters(
+        &self,
+        tenant: &str,
+        text_so_far: &str,
+        generated_tokens: u32,
+    ) -> Result<Option<(String, String)>, FilterFault> {
+        for name in self.filters() {
+            let Some(slot) = self.slot(PluginKind::Filter, &name) else { continue };
+            let verdict = slot
+                .on_output(tenant, text_so_far, generated_tokens)
+                .map_err(|error| FilterFault { plugin: name.clone(), error })?;
+            if let OutputVerdict::Stop(reason) = verdict {
+                return Ok(Some((name, reason)));
+            }
+        }
+        Ok(None)
     }
 
     /// Runs every filter's `on-output`; the first `Stop` wins.
