@@ -35,7 +35,7 @@ pub enum Policy {
 /// `--kv-cache-memory-gb` is given.
 const DEFAULT_KV_CACHE_GB: f64 = 1.0;
 /// Labels of `pagedserve_request_failure_total`: the server's own and the engine's.
-const FAILURE_LABELS: [&str; 9] = [
+const FAILURE_LABELS: [&str; 10] = [
     "invalid_request",
     "body_too_large",
     "model_not_found",
@@ -45,6 +45,7 @@ const FAILURE_LABELS: [&str; 9] = [
     "detokenize",
     "too_large",
     "plugin",
+    "filter",
 ];
 
 /// Default ceiling of `--max-model-len` (the model's own context may be larger).

@@ -117,6 +117,12 @@ fn a_sampler_plugin_named_in_a_request_produces_tokens() {
     assert_eq!(answer["usage"]["completion_tokens"], 12, "{answer}");
     assert!(!answer["choices"][0]["text"].as_str().unwrap().is_empty(), "{answer}");
     assert!(plugin_metric(&server, "pagedserve_plugin_calls_total", "mirostat") >= 12.0);
+    // With a plugin loaded, every plugin metric family is on /metrics (faults and rollbacks at 0).
+    let scrape = server.scrape();
+    for name in ["calls_total", "call_duration_seconds", "faults_total", "swaps_total", "rollbacks_total", "active_info"] {
+        assert!(scrape.docs.contains_key(&format!("pagedserve_plugin_{name}")), "pagedserve_plugin_{name} missing");
+    }
+    assert_eq!(plugin_metric(&server, "pagedserve_plugin_faults_total", "mirostat"), 0.0);
 
     let unknown = server.post("/v1/completions", &json!({"prompt": "a", "sampler": "typical"}));
     assert_eq!(unknown.status, 400, "{}", unknown.body);
@@ -191,7 +197,12 @@ fn the_admin_api_refuses_bad_uploads_and_swaps_the_scheduler() {
 #[test]
 fn swapping_the_scheduler_while_streaming_keeps_every_output_identical() {
     let path = config_file("swap", &json!({"scheduler": entry("fcfs", Value::Null)}));
-    let server = Server::start(&["--plugins-config", &path, "--admin-port", "0", "--admin-token", TOKEN, "--max-model-len", "512"]);
+    // A generous scheduler deadline: on a loaded 2-core test machine a 20 ms call can overrun,
+    // which would be a (correctly handled, FCFS fallback) fault; this test wants none.
+    let server = Server::start(&[
+        "--plugins-config", &path, "--admin-port", "0", "--admin-token", TOKEN, "--max-model-len", "512",
+        "--plugin-scheduler-deadline-ms", "2000",
+    ]);
     let requests: Vec<Value> = (0..16)
         .map(|i| {
             json!({"prompt": format!("Story {i}: the {} of the old lighthouse keeper was", ["dog", "cat", "boat", "lamp"][i % 4]),
@@ -210,12 +221,15 @@ fn swapping_the_scheduler_while_streaming_keeps_every_output_identical() {
     let done = std::sync::atomic::AtomicBool::new(false);
     let (together, swaps) = std::thread::scope(|scope| {
         let swapper = scope.spawn(|| {
-            let mut swaps = 0;
-            while swaps < 4 || !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let (name, body) = if swaps % 2 == 0 { ("priority", &priority) } else { ("fcfs", &fcfs) };
+            // Counts only the swaps made while requests were in flight.
+            let (mut swaps, mut total) = (0, 0);
+            while total < 4 || !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let during = !done.load(std::sync::atomic::Ordering::SeqCst);
+                let (name, body) = if total % 2 == 0 { ("priority", &priority) } else { ("fcfs", &fcfs) };
                 let reply = server.admin("PUT", &format!("/admin/plugins/scheduler/{name}"), Some(TOKEN), body, &[("x-sha256", &sha256(body))]);
                 assert_eq!(reply.status, 201, "{}", reply.body);
-                swaps += 1;
+                swaps += usize::from(during);
+                total += 1;
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             swaps
@@ -225,10 +239,56 @@ fn swapping_the_scheduler_while_streaming_keeps_every_output_identical() {
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         (together, swapper.join().unwrap())
     });
-    assert!(swaps >= 4);
+    assert!(swaps >= 3, "only {swaps} swaps while the requests ran");
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(t, a, "request {i} differs when the scheduler is swapped under it");
     }
     assert!(plugin_metric(&server, "pagedserve_plugin_swaps_total", "priority") >= 2.0);
     assert_eq!(server.metric("pagedserve_plugin_faults_total"), 0.0, "{}", server.log());
+}
+
+#[test]
+fn filters_uploaded_over_the_admin_api_clamp_refuse_and_stop_outputs() {
+    let server = Server::start(&["--admin-port", "0", "--admin-token", TOKEN]);
+    let request = json!({"prompt": "The capital of France is Paris. The capital of Italy is", "max_tokens": 24,
+                         "temperature": 0, "ignore_eos": true});
+    let full = server.complete("/v1/completions", &request);
+    // A word from the middle of the greedy output.
+    let prompt = request["prompt"].as_str().unwrap().to_lowercase();
+    let words: Vec<&str> = full
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 3 && !prompt.contains(&w.to_lowercase()))
+        .collect();
+    assert!(words.len() >= 2, "{full:?}");
+    let word = words[words.len() / 2];
+    let at = full.find(word).unwrap();
+
+    let upload = |name: &str, config: &Value| {
+        let body = bytes(name);
+        let reply = server.admin("PUT", &format!("/admin/plugins/filter/{name}"), Some(TOKEN), &body,
+            &[("x-sha256", &sha256(&body)), ("x-plugin-config", &config.to_string())]);
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    };
+    // Modify: max-tokens clamps, and the request is validated again with the new value.
+    upload("max-tokens", &json!({"max_tokens": 5}));
+    let clamped = server.post_ok("/v1/completions", &request);
+    assert_eq!(clamped["usage"]["completion_tokens"], 5, "{clamped}");
+    assert_eq!(clamped["choices"][0]["text"].as_str().unwrap(), &full[..clamped["choices"][0]["text"].as_str().unwrap().len()]);
+    let removed = server.admin("DELETE", "/admin/plugins/filter/max-tokens", Some(TOKEN), &[], &[]);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+
+    // Reject on the prompt, stop on the output.
+    upload("blocklist", &json!({"words": [word]}));
+    let refused = server.post("/v1/completions", &json!({"prompt": format!("Say {word} now"), "max_tokens": 2}));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("blocklist"), "{}", refused.body);
+    let chunks = server.stream("/v1/completions", &request);
+    let (text, finish) = stream_text(&chunks, 0);
+    assert_eq!(finish.as_deref(), Some("stop"), "{chunks:?}");
+    assert!(text.contains(word) && text.len() < full.len(), "stopped at {word:?}: {text:?} of {full:?}");
+    assert!(full.starts_with(&text) && text.len() >= at + word.len(), "{text:?} vs {full:?}");
+    // Non-streaming too.
+    let answer = server.post_ok("/v1/completions", &request);
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    assert_eq!(answer["choices"][0]["text"].as_str().unwrap(), text);
 }

@@ -22,7 +22,7 @@ use super::filter::{FilterFault, FilterRequest, FilterVerdict, OutputVerdict};
 use super::runtime::{CompileError, PluginRuntime};
 use super::scheduler::WasmScheduler;
 use super::slot::{PluginSlot, PluginVersion};
-use super::PluginKind;
+use super::{FaultReason, PluginKind};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::sched::native_policy;
@@ -208,6 +208,14 @@ impl PluginRegistry {
         let live = slot.instantiate(&version).map_err(|(_, message)| RegistryError::Setup(message))?;
         let number = slot.add_version(version, live);
         lock(&self.slots).entry((kind, name.to_string())).or_insert_with(|| slot.clone());
+        // Every series of the plugin exists from its first load, at zero, for dashboards and rate().
+        let labels = [kind.as_str(), name];
+        let _ = self.metrics.plugin_calls.with_label_values(&labels);
+        let _ = self.metrics.plugin_call_duration.with_label_values(&labels);
+        let _ = self.metrics.plugin_rollbacks.with_label_values(&labels);
+        for reason in [FaultReason::Trap, FaultReason::Deadline, FaultReason::Limit, FaultReason::InvalidOutput] {
+            let _ = self.metrics.plugin_faults.with_label_values(&[kind.as_str(), name, reason.as_str()]);
+        }
         if kind == PluginKind::Filter {
             let mut order = lock(&self.filter_order);
             if !order.iter().any(|n| n == name) {

@@ -116,6 +116,19 @@ async fn authorize(State(state): State<Arc<AdminState>>, request: Request, next:
         _ => {
             let who = who(&request);
             tracing::warn!(who = %who, method = %request.method(), path = %request.uri().path(), "admin API: wrong or missing token");
+            // Read (and drop) a body of allowed size first, so that a client still sending its
+            // upload sees the 401 rather than a reset connection.
+            let limit = state.registry.runtime().limits().max_component_bytes;
+            let declared = request
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            if declared <= limit as u64 {
+                let body = request.into_body();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), axum::body::to_bytes(body, limit)).await;
+            }
             let mut response =
                 AdminError::new(StatusCode::UNAUTHORIZED, "a valid admin bearer token is required").into_response();
             response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));

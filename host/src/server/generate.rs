@@ -316,7 +316,14 @@ impl Generation {
                         }
                     }
                     if self.plugins.is_some() && !text.is_empty() {
-                        self.check_output(choice).await?;
+                        if let Err(error) = self.check_output(choice).await {
+                            // Fail closed: the engine streams are dropped (aborted).
+                            self.over = true;
+                            self.events = SelectAll::new();
+                            tracing::warn!(id = %self.id, error = %error.message, "output filter failed");
+                            self.state.metrics.request_failure.with_label_values(&[error.label]).inc();
+                            return Err(error);
+                        }
                     }
                     return Ok(Update::Delta { choice, text, sampled: logprobs, offset });
                 }
