@@ -203,10 +203,11 @@ fn swapping_the_scheduler_while_streaming_keeps_every_output_identical() {
         "--plugins-config", &path, "--admin-port", "0", "--admin-token", TOKEN, "--max-model-len", "512",
         "--plugin-scheduler-deadline-ms", "2000",
     ]);
-    let requests: Vec<Value> = (0..16)
+    // 64 streaming requests, as many as the running batch holds.
+    let requests: Vec<Value> = (0..64)
         .map(|i| {
             json!({"prompt": format!("Story {i}: the {} of the old lighthouse keeper was", ["dog", "cat", "boat", "lamp"][i % 4]),
-                   "max_tokens": 16 + i % 5, "temperature": 0, "ignore_eos": true, "priority": (i % 3) as i32})
+                   "max_tokens": 12 + i % 5, "temperature": 0, "ignore_eos": true, "priority": (i % 3) as i32})
         })
         .collect();
     let run = |r: &Value| {
