@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use pagedserve::engine::{EngineConfig, EngineHandle};
 use pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
 use pagedserve::metrics::Metrics;
+use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, PluginsConfig};
 use pagedserve::runner::CpuBackend;
 use pagedserve::sched::{native_policy, SchedulerConfig};
 use pagedserve::server::{self, AppState, DEFAULT_MAX_REQUEST_BODY};
@@ -34,7 +35,7 @@ pub enum Policy {
 /// `--kv-cache-memory-gb` is given.
 const DEFAULT_KV_CACHE_GB: f64 = 1.0;
 /// Labels of `pagedserve_request_failure_total`: the server's own and the engine's.
-const FAILURE_LABELS: [&str; 9] = [
+const FAILURE_LABELS: [&str; 10] = [
     "invalid_request",
     "body_too_large",
     "model_not_found",
@@ -44,6 +45,7 @@ const FAILURE_LABELS: [&str; 9] = [
     "detokenize",
     "too_large",
     "plugin",
+    "filter",
 ];
 
 /// Default ceiling of `--max-model-len` (the model's own context may be larger).
@@ -96,6 +98,33 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, env = "PAGEDSERVE_MAX_REQUEST_BODY", default_value_t = DEFAULT_MAX_REQUEST_BODY)]
     max_request_body: usize,
+    /// JSON file naming the plugins to load at start-up (scheduler, samplers, filters).
+    #[arg(long, env = "PAGEDSERVE_PLUGINS_CONFIG")]
+    plugins_config: Option<std::path::PathBuf>,
+    /// Wall-time budget of one scheduler plugin call, in milliseconds.
+    #[arg(long, env = "PAGEDSERVE_PLUGIN_SCHEDULER_DEADLINE_MS", default_value_t = 20)]
+    plugin_scheduler_deadline_ms: u64,
+    /// Wall-time budget of one sampler plugin call (a whole batch), in milliseconds.
+    #[arg(long, env = "PAGEDSERVE_PLUGIN_SAMPLER_DEADLINE_MS", default_value_t = 50)]
+    plugin_sampler_deadline_ms: u64,
+    /// Wall-time budget of one filter plugin call, in milliseconds.
+    #[arg(long, env = "PAGEDSERVE_PLUGIN_FILTER_DEADLINE_MS", default_value_t = 20)]
+    plugin_filter_deadline_ms: u64,
+    /// Linear memory of one plugin instance, in MiB.
+    #[arg(long, env = "PAGEDSERVE_PLUGIN_MAX_MEMORY_MB", default_value_t = 64)]
+    plugin_max_memory_mb: usize,
+    /// Largest plugin component accepted (config file or admin upload), in bytes.
+    #[arg(long, env = "PAGEDSERVE_PLUGIN_MAX_COMPONENT_BYTES", default_value_t = 16 << 20)]
+    plugin_max_component_bytes: usize,
+    /// Address of the admin API's listener.
+    #[arg(long, env = "PAGEDSERVE_ADMIN_HOST", default_value = "127.0.0.1")]
+    admin_host: String,
+    /// Port of the admin API's listener (0 picks a free one); needs --admin-token.
+    #[arg(long, env = "PAGEDSERVE_ADMIN_PORT")]
+    admin_port: Option<u16>,
+    /// Bearer token of the admin API; without one the admin API is off.
+    #[arg(long, env = "PAGEDSERVE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -206,9 +235,41 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (engine, engine_thread) =
         EngineHandle::spawn(backend, tokenizer.clone(), metrics.clone(), policy, engine_config);
 
+    let limits = PluginLimits {
+        scheduler_deadline: std::time::Duration::from_millis(args.plugin_scheduler_deadline_ms.max(1)),
+        sampler_deadline: std::time::Duration::from_millis(args.plugin_sampler_deadline_ms.max(1)),
+        filter_deadline: std::time::Duration::from_millis(args.plugin_filter_deadline_ms.max(1)),
+        max_memory_bytes: args.plugin_max_memory_mb.max(1) << 20,
+        max_component_bytes: args.plugin_max_component_bytes,
+        ..PluginLimits::default()
+    };
+    let plugins = PluginRegistry::new(PluginRuntime::new(limits)?, metrics.clone());
+    plugins.attach_engine(engine.clone())?;
+    if let Some(path) = &args.plugins_config {
+        let config = PluginsConfig::load(path)?;
+        config.apply(&plugins)?;
+    }
+    for kind in PluginKind::ALL {
+        for info in plugins.list().iter().filter(|p| p.kind == kind.as_str()) {
+            tracing::info!(%kind, name = %info.name, version = ?info.active_version, "plugin loaded");
+        }
+    }
+    let admin = match (args.admin_port, args.admin_token.clone().filter(|t| !t.is_empty())) {
+        (Some(port), Some(token)) => Some((port, token)),
+        (Some(_), None) => {
+            tracing::warn!("--admin-port given without --admin-token / PAGEDSERVE_ADMIN_TOKEN: the admin API is off");
+            None
+        }
+        (None, _) => {
+            tracing::info!("no --admin-port: the admin API is off");
+            None
+        }
+    };
+
     let state = Arc::new(AppState {
         engine: engine.clone(),
-        validator: Validator::new(tokenizer.clone(), max_model_len, vocab_size),
+        validator: Validator::new(tokenizer.clone(), max_model_len, vocab_size).with_plugins(plugins.clone()),
+        plugins: Some(plugins.clone()),
         tokenizer,
         metrics,
         model_name: model_name.clone(),
@@ -230,7 +291,31 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let bound = listener.local_addr()?;
         tracing::info!(model = %model_name, %bound, policy = policy_name, "serving");
         eprintln!("pagedserve listening on http://{bound}");
-        server::serve(listener, state, shutdown_signal()).await.context("serving HTTP")
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some((port, token)) = admin {
+            let address = format!("{}:{}", args.admin_host, port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("binding the admin API to {address}"))?;
+            let bound = listener.local_addr()?;
+            tracing::info!(%bound, "admin API serving");
+            eprintln!("pagedserve admin API listening on http://{bound}");
+            let admin_state = Arc::new(server::admin::AdminState { registry: plugins.clone(), token });
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = server::admin::serve(listener, admin_state, shutdown).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
+        }
+        let shutdown = async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        };
+        server::serve(listener, state, shutdown).await.context("serving HTTP")
     });
     engine.shutdown();
     let _ = engine_thread.join();

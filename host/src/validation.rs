@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::api::{ChatCompletionRequest, CompletionRequest, GenerationParams, Prompt};
 use crate::engine::GenerateRequest;
+use crate::plugin::PluginRegistry;
 use crate::sampling::{SamplingParams, SamplingParamsError};
 use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 
@@ -87,12 +88,21 @@ pub struct Validator {
     max_model_len: usize,
     /// Token ids must be below this (the model's embedding rows and the tokenizer's vocabulary).
     vocab_size: usize,
+    /// Where sampler plugins named by requests are looked up (`None`: no plugins, any name is
+    /// unknown).
+    plugins: Option<Arc<PluginRegistry>>,
 }
 
 impl Validator {
     pub fn new(tokenizer: Arc<Tokenizer>, max_model_len: usize, model_vocab_size: usize) -> Self {
         let vocab_size = model_vocab_size.min(tokenizer.vocab_size());
-        Validator { tokenizer, max_model_len, vocab_size }
+        Validator { tokenizer, max_model_len, vocab_size, plugins: None }
+    }
+
+    /// Accepts `sampler` names that are loaded (with an active version) in `plugins`.
+    pub fn with_plugins(mut self, plugins: Arc<PluginRegistry>) -> Self {
+        self.plugins = Some(plugins);
+        self
     }
 
     pub fn max_model_len(&self) -> usize {
@@ -219,8 +229,12 @@ impl Validator {
         prompt_field: &'static str,
     ) -> Result<ValidRequest, ValidationError> {
         if let Some(name) = &params.sampler {
-            // No sampler plugins exist yet: any name is unknown.
-            return Err(ValidationError::UnknownSampler(name.clone()));
+            // Only a sampler plugin with an active version may be named (the engine checks again
+            // at admission, in case it is removed meanwhile).
+            let loaded = self.plugins.as_ref().and_then(|p| p.sampler(name)).is_some_and(|s| s.active_version().is_some());
+            if !loaded {
+                return Err(ValidationError::UnknownSampler(name.clone()));
+            }
         }
         let sampling = self.sampling(params, logprobs)?;
         let stop = params.stop.clone().map(|s| s.into_vec()).unwrap_or_default();

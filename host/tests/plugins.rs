@@ -44,13 +44,15 @@ fn lenient() -> PluginLimits {
 }
 
 /// The value of the first series of `name` whose labels contain every one of `labels`.
+/// The sum of the series of `name` whose labels contain every one of `labels`.
 fn metric(metrics: &Metrics, name: &str, labels: &[&str]) -> f64 {
     metrics
         .render()
         .lines()
         .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
-        .find(|l| labels.iter().all(|x| l.contains(x)))
-        .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
 }
 
 struct TestEngine {

@@ -61,6 +61,8 @@ pub struct Server {
     pub base: String,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     agent: ureq::Agent,
+    /// `http://127.0.0.1:PORT` of the admin API, when started with `--admin-port`.
+    admin_base: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// An HTTP answer: status, headers of interest, body.
@@ -101,9 +103,13 @@ impl Server {
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (address_tx, address_rx) = std::sync::mpsc::channel();
         let thread_log = log.clone();
+        let admin_base = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let thread_admin = admin_base.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("listening on http://") {
+                if let Some(at) = line.find("admin API listening on http://") {
+                    *thread_admin.lock().unwrap() = Some(line[at + "admin API listening on ".len()..].trim().to_string());
+                } else if let Some(at) = line.find("listening on http://") {
                     let _ = address_tx.send(line[at + "listening on ".len()..].trim().to_string());
                 }
                 thread_log.lock().unwrap().push(line);
@@ -114,7 +120,7 @@ impl Server {
             .timeout_global(Some(std::time::Duration::from_secs(600)))
             .build()
             .into();
-        let mut server = Server { child, base: String::new(), log, agent };
+        let mut server = Server { child, base: String::new(), log, agent, admin_base };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             if let Ok(base) = address_rx.recv_timeout(std::time::Duration::from_millis(100)) {
@@ -163,6 +169,54 @@ impl Server {
 
     pub fn post(&self, path: &str, body: &Value) -> Reply {
         Self::reply(self.agent.post(&self.url(path)).send_json(body))
+    }
+
+    /// POSTs JSON with extra headers.
+    pub fn post_with(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self.agent.post(&self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Self::reply(request.send_json(body))
+    }
+
+    /// The admin API's URL for `path` (the server must run with `--admin-port` and a token).
+    pub fn admin_url(&self, path: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(base) = self.admin_base.lock().unwrap().clone() {
+                return format!("{base}{path}");
+            }
+            assert!(std::time::Instant::now() < deadline, "the admin API did not print its address:\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// One admin API call: `method` GET, PUT (with `body`), POST or DELETE, with `token` as the
+    /// bearer token (none: no `Authorization` header) and extra headers.
+    pub fn admin(&self, method: &str, path: &str, token: Option<&str>, body: &[u8], headers: &[(&str, &str)]) -> Reply {
+        let url = self.admin_url(path);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        macro_rules! with_headers {
+            ($request:expr) => {{
+                let mut request = $request;
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth.as_str());
+                }
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                request
+            }};
+        }
+        let response = match method {
+            "GET" => with_headers!(self.agent.get(&url)).call(),
+            "DELETE" => with_headers!(self.agent.delete(&url)).call(),
+            "PUT" => with_headers!(self.agent.put(&url)).send(body),
+            "POST" => with_headers!(self.agent.post(&url)).send(body),
+            other => panic!("unsupported method {other}"),
+        };
+        Self::reply(response)
     }
 
     /// POSTs raw bytes as JSON.

@@ -22,7 +22,7 @@ use super::filter::{FilterFault, FilterRequest, FilterVerdict, OutputVerdict};
 use super::runtime::{CompileError, PluginRuntime};
 use super::scheduler::WasmScheduler;
 use super::slot::{PluginSlot, PluginVersion};
-use super::PluginKind;
+use super::{FaultReason, PluginKind};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::sched::native_policy;
@@ -208,6 +208,14 @@ impl PluginRegistry {
         let live = slot.instantiate(&version).map_err(|(_, message)| RegistryError::Setup(message))?;
         let number = slot.add_version(version, live);
         lock(&self.slots).entry((kind, name.to_string())).or_insert_with(|| slot.clone());
+        // Every series of the plugin exists from its first load, at zero, for dashboards and rate().
+        let labels = [kind.as_str(), name];
+        let _ = self.metrics.plugin_calls.with_label_values(&labels);
+        let _ = self.metrics.plugin_call_duration.with_label_values(&labels);
+        let _ = self.metrics.plugin_rollbacks.with_label_values(&labels);
+        for reason in [FaultReason::Trap, FaultReason::Deadline, FaultReason::Limit, FaultReason::InvalidOutput] {
+            let _ = self.metrics.plugin_faults.with_label_values(&[kind.as_str(), name, reason.as_str()]);
+        }
         if kind == PluginKind::Filter {
             let mut order = lock(&self.filter_order);
             if !order.iter().any(|n| n == name) {
@@ -313,6 +321,11 @@ impl PluginRegistry {
     /// sees, the first `Reject` ends it. Answers `Modify` with the final parameters if any filter
     /// rewrote them. A fault, or a filter disabled with nothing to restore, fails closed.
     pub fn filter_request(&self, request: &FilterRequest) -> Result<FilterVerdict, FilterFault> {
+        self.run_filters(request).map(|(verdict, _)| verdict)
+    }
+
+    /// `filter_request`, also naming the filter that rejected the request (if one did).
+    pub fn run_filters(&self, request: &FilterRequest) -> Result<(FilterVerdict, Option<String>), FilterFault> {
         let mut current = request.clone();
         let mut modified = false;
         for name in self.filters() {
@@ -323,10 +336,29 @@ impl PluginRegistry {
                     current.params = params;
                     modified = true;
                 }
-                reject @ FilterVerdict::Reject { .. } => return Ok(reject),
+                reject @ FilterVerdict::Reject { .. } => return Ok((reject, Some(name))),
             }
         }
-        Ok(if modified { FilterVerdict::Modify(current.params) } else { FilterVerdict::Continue })
+        Ok((if modified { FilterVerdict::Modify(current.params) } else { FilterVerdict::Continue }, None))
+    }
+
+    /// Runs every filter's `on-output`; the first `Stop` wins, with the name of the filter.
+    pub fn run_output_filters(
+        &self,
+        tenant: &str,
+        text_so_far: &str,
+        generated_tokens: u32,
+    ) -> Result<Option<(String, String)>, FilterFault> {
+        for name in self.filters() {
+            let Some(slot) = self.slot(PluginKind::Filter, &name) else { continue };
+            let verdict = slot
+                .on_output(tenant, text_so_far, generated_tokens)
+                .map_err(|error| FilterFault { plugin: name.clone(), error })?;
+            if let OutputVerdict::Stop(reason) = verdict {
+                return Ok(Some((name, reason)));
+            }
+        }
+        Ok(None)
     }
 
     /// Runs every filter's `on-output`; the first `Stop` wins.

@@ -39,6 +39,8 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST => "BadRequestError",
+            StatusCode::UNAUTHORIZED => "AuthenticationError",
+            StatusCode::FORBIDDEN => "PermissionDeniedError",
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
             StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
@@ -90,6 +92,14 @@ impl From<EngineError> for ApiError {
             }
         };
         ApiError::new(status, e.to_string(), None, e.label())
+    }
+}
+
+impl From<crate::plugin::FilterFault> for ApiError {
+    /// A filter that faulted fails the request closed, naming the plugin.
+    fn from(fault: crate::plugin::FilterFault) -> Self {
+        let status = StatusCode::from_u16(fault.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        ApiError::new(status, fault.to_string(), None, "plugin")
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
@@ -28,6 +28,7 @@ use crate::api::{
     CompletionResponse, UsageInfo,
 };
 use crate::engine::{EngineError, FinishReason, StreamEvent};
+use crate::plugin::{FilterParams, FilterRequest, FilterVerdict, PluginRegistry};
 use crate::sampling::Sampled;
 use crate::validation::ValidRequest;
 
@@ -37,16 +38,16 @@ enum Kind {
     Chat,
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: RequestBody) -> Response {
-    respond(state, Kind::Completion, body).await
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: RequestBody) -> Response {
+    respond(state, Kind::Completion, headers, body).await
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: RequestBody) -> Response {
-    respond(state, Kind::Chat, body).await
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: RequestBody) -> Response {
+    respond(state, Kind::Chat, headers, body).await
 }
 
-async fn respond(state: Arc<AppState>, kind: Kind, body: RequestBody) -> Response {
-    match Generation::start(state.clone(), kind, body) {
+async fn respond(state: Arc<AppState>, kind: Kind, headers: HeaderMap, body: RequestBody) -> Response {
+    match Generation::start(state.clone(), kind, &headers, body).await {
         Ok(generation) if generation.valid.stream => generation.into_sse(),
         // Failures after the start were counted and logged where they happened.
         Ok(generation) => generation.collect().await.unwrap_or_else(IntoResponse::into_response),
@@ -69,6 +70,9 @@ struct ChoiceState {
     finish: Option<FinishReason>,
     stop_reason: Option<serde_json::Value>,
     started: bool,
+    /// The generated text so far (without the echoed prompt), for output filters.
+    filter_text: String,
+    generated_tokens: u32,
 }
 
 /// What the merged streams produced next.
@@ -90,23 +94,127 @@ struct Generation {
     prompts_done: usize,
     started: Instant,
     over: bool,
+    /// The plugin registry when any filter is loaded.
+    plugins: Option<Arc<PluginRegistry>>,
+    /// Updates decided ahead (an output filter's stop), returned before reading the engine.
+    pending: VecDeque<Update>,
+}
+
+/// A parsed request, kept so that filters' changes can be applied and validated again.
+enum Parsed {
+    Completion(CompletionRequest),
+    Chat(ChatCompletionRequest),
+}
+
+impl Parsed {
+    fn validate(&self, state: &AppState) -> Result<ValidRequest, ApiError> {
+        Ok(match self {
+            Parsed::Completion(request) => {
+                state.check_model(request.params.model.as_deref())?;
+                state.validator.completion(request.clone())?
+            }
+            Parsed::Chat(request) => {
+                state.check_model(request.params.model.as_deref())?;
+                state.validator.chat(request.clone())?
+            }
+        })
+    }
+
+    /// Writes the fields a filter changed (`before` → `after`) into the request's parameters.
+    fn apply(&mut self, before: &FilterParams, after: &FilterParams) {
+        let (params, chat_max) = match self {
+            Parsed::Completion(r) => (&mut r.params, None),
+            Parsed::Chat(r) => (&mut r.params, Some(&mut r.max_completion_tokens)),
+        };
+        if after.max_tokens != before.max_tokens {
+            params.max_tokens = Some(after.max_tokens as u64);
+            if let Some(max) = chat_max {
+                *max = None;
+            }
+        }
+        if after.temperature != before.temperature {
+            params.temperature = Some(after.temperature);
+        }
+        if after.top_p != before.top_p {
+            params.top_p = Some(after.top_p);
+        }
+        if after.top_k != before.top_k {
+            params.top_k = Some(after.top_k as i64);
+        }
+        if after.seed != before.seed {
+            params.seed = after.seed.map(|s| s as i64);
+        }
+        if after.priority != before.priority {
+            params.priority = Some(after.priority);
+        }
+        if after.tenant != before.tenant {
+            params.user = Some(after.tenant.clone());
+        }
+        if after.sampler != before.sampler {
+            params.sampler = after.sampler.clone();
+        }
+    }
+}
+
+/// The parameters filters see: those of the first prompt's engine request (all prompts share them,
+/// except `max_tokens` when it defaults to the rest of the context: the smallest is shown).
+fn filter_params(valid: &ValidRequest) -> FilterParams {
+    let first = &valid.requests[0];
+    let max_tokens = valid.requests.iter().map(|r| r.max_tokens).min().unwrap_or(first.max_tokens);
+    FilterParams {
+        max_tokens: max_tokens.min(u32::MAX as usize) as u32,
+        temperature: first.sampling.temperature,
+        top_p: first.sampling.top_p,
+        top_k: first.sampling.top_k.min(u32::MAX as usize) as u32,
+        seed: first.sampling.seed,
+        priority: first.priority,
+        tenant: first.tenant.clone(),
+        sampler: first.sampler.clone(),
+    }
 }
 
 impl Generation {
-    fn start(state: Arc<AppState>, kind: Kind, body: RequestBody) -> Result<Self, ApiError> {
+    async fn start(state: Arc<AppState>, kind: Kind, headers: &HeaderMap, body: RequestBody) -> Result<Self, ApiError> {
         let started = Instant::now();
-        let valid = match kind {
-            Kind::Completion => {
-                let request: CompletionRequest = api::parse_json(&body.0)?;
-                state.check_model(request.params.model.as_deref())?;
-                state.validator.completion(request)?
-            }
-            Kind::Chat => {
-                let request: ChatCompletionRequest = api::parse_json(&body.0)?;
-                state.check_model(request.params.model.as_deref())?;
-                state.validator.chat(request)?
-            }
+        let mut parsed = match kind {
+            Kind::Completion => Parsed::Completion(api::parse_json(&body.0)?),
+            Kind::Chat => Parsed::Chat(api::parse_json(&body.0)?),
         };
+        let mut valid = parsed.validate(&state)?;
+        let plugins = state.plugins.clone().filter(|p| !p.filters().is_empty());
+        if let Some(registry) = &plugins {
+            let before = filter_params(&valid);
+            let request = FilterRequest {
+                headers: headers
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_string())))
+                    .collect(),
+                prompt: valid.prompt_texts.join("\n"),
+                params: before.clone(),
+            };
+            let registry = registry.clone();
+            let outcome = tokio::task::spawn_blocking(move || registry.run_filters(&request))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("request filters: {e}"), None, "plugin"))?;
+            match outcome? {
+                (FilterVerdict::Continue, _) => {}
+                (FilterVerdict::Reject { status, message }, plugin) => {
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+                    let plugin = plugin.unwrap_or_default();
+                    return Err(ApiError::new(
+                        status,
+                        format!("request rejected by filter `{plugin}`: {message}"),
+                        None,
+                        "filter",
+                    ));
+                }
+                (FilterVerdict::Modify(after), _) => {
+                    // Apply what the filters changed, then validate the whole request again.
+                    parsed.apply(&before, &after);
+                    valid = parsed.validate(&state)?;
+                }
+            }
+        }
         let mut events = SelectAll::new();
         for (prompt, request) in valid.requests.iter().enumerate() {
             // An error here drops the streams already submitted, which aborts them.
@@ -128,17 +236,61 @@ impl Generation {
             prompts_done: 0,
             started,
             over: false,
+            plugins,
+            pending: VecDeque::new(),
         })
     }
 
+    /// Runs the output filters on choice `choice`'s text so far; on a `Stop`, ends the whole
+    /// request: every unfinished choice finishes with `stop` (the filter's reason as
+    /// `stop_reason`), and the engine streams are dropped, which aborts them.
+    async fn check_output(&mut self, choice: usize) -> Result<(), ApiError> {
+        let Some(registry) = self.plugins.clone() else { return Ok(()) };
+        let c = &self.choices[choice];
+        let (text, generated) = (c.filter_text.clone(), c.generated_tokens);
+        let tenant = self.valid.requests.first().map(|r| r.tenant.clone()).unwrap_or_default();
+        let verdict = tokio::task::spawn_blocking(move || registry.run_output_filters(&tenant, &text, generated))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("output filters: {e}"), None, "plugin"))?;
+        let Some((plugin, reason)) = verdict? else { return Ok(()) };
+        tracing::info!(id = %self.id, plugin = %plugin, reason = %reason, "output filter stopped the request");
+        self.events = SelectAll::new();
+        for (index, c) in self.choices.iter_mut().enumerate() {
+            if c.finish.is_none() {
+                c.finish = Some(FinishReason::Stop);
+                c.stop_reason = Some(serde_json::Value::String(reason.clone()));
+                self.pending.push_back(Update::Finished { choice: index });
+            }
+        }
+        // Prompts the engine had not finished: their prompt tokens and what they generated.
+        let done = self.prompts_done;
+        for (prompt, request) in self.valid.requests.iter().enumerate().skip(done) {
+            self.usage.prompt_tokens += request.prompt_tokens.len();
+            let generated: usize = (0..self.valid.n).map(|i| self.choices[prompt * self.valid.n + i].generated_tokens as usize).sum();
+            self.usage.completion_tokens += generated;
+        }
+        self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens;
+        self.over = true;
+        self.log_done();
+        self.pending.push_back(Update::AllDone);
+        Ok(())
+    }
+
     async fn next_update(&mut self) -> Result<Update, ApiError> {
+        if let Some(update) = self.pending.pop_front() {
+            return Ok(update);
+        }
         loop {
             // Every engine stream ends with `Done` or `Error`; running dry first means the engine died.
             let (prompt, event) = self.events.next().await.unwrap_or((0, StreamEvent::Error(EngineError::Unavailable)));
             match event {
-                StreamEvent::Delta { index, text, logprobs, .. } => {
+                StreamEvent::Delta { index, text, logprobs, token_ids } => {
                     let choice = prompt * self.valid.n + index;
                     let c = &mut self.choices[choice];
+                    c.generated_tokens += token_ids.len() as u32;
+                    if self.plugins.is_some() {
+                        c.filter_text.push_str(&text);
+                    }
                     let mut text = text;
                     if !c.started {
                         c.started = true;
@@ -161,6 +313,16 @@ impl Generation {
                                 ),
                                 Kind::Chat => c.chat_logprobs.extend(chat_logprobs(&self.state.tokenizer, &logprobs)),
                             }
+                        }
+                    }
+                    if self.plugins.is_some() && !text.is_empty() {
+                        if let Err(error) = self.check_output(choice).await {
+                            // Fail closed: the engine streams are dropped (aborted).
+                            self.over = true;
+                            self.events = SelectAll::new();
+                            tracing::warn!(id = %self.id, error = %error.message, "output filter failed");
+                            self.state.metrics.request_failure.with_label_values(&[error.label]).inc();
+                            return Err(error);
                         }
                     }
                     return Ok(Update::Delta { choice, text, sampled: logprobs, offset });

@@ -7,8 +7,9 @@
 //! away drops them, which aborts the requests and frees their KV blocks within one engine step.
 //!
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
-//! `GET /metrics`, `POST /tokenize`, `POST /detokenize`.
+//! `GET /metrics`, `POST /tokenize`, `POST /detokenize`. The admin API (`admin`) has its own listener.
 
+pub mod admin;
 mod body;
 mod error;
 mod generate;
@@ -25,6 +26,7 @@ use axum::Router;
 pub use self::error::ApiError;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
+use crate::plugin::PluginRegistry;
 use crate::tokenizer::Tokenizer;
 use crate::validation::Validator;
 
@@ -45,6 +47,8 @@ pub struct AppState {
     pub created: u64,
     /// Largest request body in bytes (`--max-request-body`).
     pub max_request_body: usize,
+    /// Loaded plugins: request filters run before submission, output filters on each delta.
+    pub plugins: Option<Arc<PluginRegistry>>,
 }
 
 impl AppState {

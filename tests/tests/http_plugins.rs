@@ -1,0 +1,295 @@
+//! Plugins on the real server: request filters (`api-keys`, `rate-limit`) on the HTTP path, a
+//! sampler plugin (`mirostat`) named by a request, and the admin API: refusals that leave the active
+//! plugin as it was, a scheduler uploaded over HTTP, and scheduler swaps while streaming requests
+//! run, with every output identical to its run alone.
+
+use std::path::PathBuf;
+
+use pagedserve_tests::{repo_root, stream_text, Server};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const TOKEN: &str = "test-admin-token";
+
+fn component(name: &str) -> PathBuf {
+    let path = repo_root().join("plugins/dist").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run scripts/build-plugins.sh", path.display());
+    path
+}
+
+fn bytes(name: &str) -> Vec<u8> {
+    std::fs::read(component(name)).unwrap()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a plugins config file (for `--plugins-config`) and returns its path.
+fn config_file(test: &str, config: &Value) -> String {
+    let path = std::env::temp_dir().join(format!("pagedserve-plugins-{}-{test}.json", std::process::id()));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path.display().to_string()
+}
+
+fn entry(name: &str, config: Value) -> Value {
+    json!({"name": name, "path": component(name), "config": config})
+}
+
+/// The sum of a metric's series whose label `name` is `plugin`.
+fn plugin_metric(server: &Server, metric: &str, plugin: &str) -> f64 {
+    server
+        .scrape()
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && s.labels.get("name") == Some(plugin))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// A PUT declaring `length` bytes that sends only the first 16 KiB; returns the raw response.
+fn raw_upload(server: &Server, path: &str, length: usize, hash: &str) -> String {
+    use std::io::{Read, Write};
+    let url = server.admin_url(path);
+    let address = url.trim_start_matches("http://").split('/').next().unwrap().to_string();
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(
+        socket,
+        "PUT {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {TOKEN}\r\nx-sha256: {hash}\r\nContent-Length: {length}\r\n\r\n"
+    )
+    .unwrap();
+    let _ = socket.write_all(&vec![0u8; 16 << 10]);
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while let Ok(n @ 1..) = socket.read(&mut buffer) {
+        response.extend_from_slice(&buffer[..n]);
+        if response.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn api_keys_and_rate_limit_filters_answer_401_and_429() {
+    let config = json!({"filters": [
+        entry("api-keys", json!({"keys": {"sk-acme": {"tenant": "acme"}, "sk-beta": {"tenant": "beta"}}})),
+        entry("rate-limit", json!({"capacity": 3, "refill_per_second": 0.001})),
+    ]});
+    let path = config_file("filters", &config);
+    let server = Server::start(&["--plugins-config", &path]);
+    let request = json!({"prompt": "Hello", "max_tokens": 3});
+
+    let missing = server.post("/v1/completions", &request);
+    assert_eq!(missing.status, 401, "{}", missing.body);
+    let unknown = server.post_with("/v1/completions", &request, &[("authorization", "Bearer sk-nobody")]);
+    assert_eq!(unknown.status, 401, "{}", unknown.body);
+    let error = &unknown.json()["error"];
+    assert!(error["message"].as_str().unwrap().contains("api-keys"), "names the plugin: {error}");
+    assert_eq!(error["code"], 401);
+
+    // A known key passes, three times (the bucket), then 429; another tenant still passes.
+    for i in 0..3 {
+        let ok = server.post_with("/v1/completions", &request, &[("authorization", "Bearer sk-acme")]);
+        assert_eq!(ok.status, 200, "request {i}: {}", ok.body);
+        assert_eq!(ok.json()["usage"]["completion_tokens"], 3);
+    }
+    let limited = server.post_with("/v1/completions", &request, &[("authorization", "Bearer sk-acme")]);
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert!(limited.json()["error"]["message"].as_str().unwrap().contains("rate-limit"), "{}", limited.body);
+    let other = server.post_with("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        &[("x-api-key", "sk-beta")]);
+    assert_eq!(other.status, 200, "{}", other.body);
+}
+
+#[test]
+fn a_sampler_plugin_named_in_a_request_produces_tokens() {
+    let path = config_file("sampler", &json!({"samplers": [entry("mirostat", Value::Null)]}));
+    let server = Server::start(&["--plugins-config", &path]);
+    let answer = server.post_ok(
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": true, "sampler": "mirostat", "seed": 7}),
+    );
+    assert_eq!(answer["usage"]["completion_tokens"], 12, "{answer}");
+    assert!(!answer["choices"][0]["text"].as_str().unwrap().is_empty(), "{answer}");
+    assert!(plugin_metric(&server, "pagedserve_plugin_calls_total", "mirostat") >= 12.0);
+    // With a plugin loaded, every plugin metric family is on /metrics (faults and rollbacks at 0).
+    let scrape = server.scrape();
+    for name in ["calls_total", "call_duration_seconds", "faults_total", "swaps_total", "rollbacks_total", "active_info"] {
+        assert!(scrape.docs.contains_key(&format!("pagedserve_plugin_{name}")), "pagedserve_plugin_{name} missing");
+    }
+    assert_eq!(plugin_metric(&server, "pagedserve_plugin_faults_total", "mirostat"), 0.0);
+
+    let unknown = server.post("/v1/completions", &json!({"prompt": "a", "sampler": "typical"}));
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert_eq!(unknown.json()["error"]["param"], "sampler");
+    assert_eq!(unknown.json()["error"]["message"], "no sampler plugin named typical is loaded");
+}
+
+#[test]
+fn the_admin_api_refuses_bad_uploads_and_swaps_the_scheduler() {
+    let path = config_file("admin", &json!({"scheduler": entry("fcfs", Value::Null)}));
+    let server = Server::start(&[
+        "--plugins-config", &path, "--admin-port", "0", "--admin-token", TOKEN,
+        "--plugin-max-component-bytes", "200000",
+    ]);
+    let list = |token| server.admin("GET", "/admin/plugins", token, &[], &[]);
+    let before = list(Some(TOKEN));
+    assert_eq!(before.status, 200, "{}", before.body);
+    let fcfs = &before.json()["plugins"][0];
+    assert_eq!(fcfs["name"], "fcfs");
+    assert_eq!(fcfs["in_use"], true);
+    assert_eq!(fcfs["versions"][0]["sha256"], sha256(&bytes("fcfs")));
+
+    let priority = bytes("priority");
+    let hash = sha256(&priority);
+    let put = |token, body: &[u8], hash: &str| {
+        server.admin("PUT", "/admin/plugins/scheduler/priority", token, body, &[("x-sha256", hash)])
+    };
+    // Wrong or missing token.
+    assert_eq!(list(Some("wrong")).status, 401);
+    assert_eq!(list(None).status, 401);
+    assert_eq!(put(Some("wrong"), &priority, &hash).status, 401);
+    // Wrong hash.
+    let wrong_hash = put(Some(TOKEN), &priority, &sha256(b"something else"));
+    assert_eq!(wrong_hash.status, 400, "{}", wrong_hash.body);
+    assert!(wrong_hash.json()["error"]["message"].as_str().unwrap().contains("sha256 mismatch"));
+    // A component of the wrong world (a sampler uploaded as a scheduler).
+    let sampler = bytes("mirostat");
+    let wrong_world = put(Some(TOKEN), &sampler, &sha256(&sampler));
+    assert_eq!(wrong_world.status, 422, "{}", wrong_world.body);
+    assert!(wrong_world.json()["error"]["message"].as_str().unwrap().contains("not a `scheduler` plugin"), "{}", wrong_world.body);
+    // Over --plugin-max-component-bytes: refused from the declared length, before the body is
+    // read (so over a raw socket: an HTTP client sending the whole body sees the connection close).
+    let oversized = raw_upload(&server, "/admin/plugins/scheduler/priority", 300_000, &hash);
+    assert!(oversized.starts_with("HTTP/1.1 413"), "{oversized}");
+    assert!(oversized.contains("the limit is 200000"), "{oversized}");
+    // Nothing changed.
+    assert_eq!(list(Some(TOKEN)).json(), before.json(), "refused uploads must leave the plugins as they were");
+    assert_eq!(plugin_metric(&server, "pagedserve_plugin_swaps_total", "priority"), 0.0);
+
+    // The real thing: priority becomes the engine's policy, and the swap is counted.
+    let ok = put(Some(TOKEN), &priority, &hash);
+    assert_eq!(ok.status, 201, "{}", ok.body);
+    let after = list(Some(TOKEN)).json();
+    let entry = after["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "priority").expect("priority listed").clone();
+    assert_eq!(entry["in_use"], true, "{after}");
+    assert_eq!(entry["versions"][0]["sha256"], hash);
+    assert!(plugin_metric(&server, "pagedserve_plugin_swaps_total", "priority") >= 1.0);
+    // Serving goes on under it.
+    let text = server.complete("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}));
+    assert!(!text.is_empty());
+    assert!(plugin_metric(&server, "pagedserve_plugin_calls_total", "priority") >= 1.0);
+
+    // Rollback of a plugin with one version leaves it inactive (native FCFS ranks); remove works.
+    let rolled = server.admin("POST", "/admin/plugins/scheduler/priority/rollback", Some(TOKEN), &[], &[]);
+    assert_eq!(rolled.status, 200, "{}", rolled.body);
+    let removed = server.admin("DELETE", "/admin/plugins/scheduler/priority", Some(TOKEN), &[], &[]);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    let missing = server.admin("DELETE", "/admin/plugins/scheduler/priority", Some(TOKEN), &[], &[]);
+    assert_eq!(missing.status, 404, "{}", missing.body);
+}
+
+#[test]
+fn swapping_the_scheduler_while_streaming_keeps_every_output_identical() {
+    let path = config_file("swap", &json!({"scheduler": entry("fcfs", Value::Null)}));
+    // A generous scheduler deadline: on a loaded 2-core test machine a 20 ms call can overrun,
+    // which would be a (correctly handled, FCFS fallback) fault; this test wants none.
+    let server = Server::start(&[
+        "--plugins-config", &path, "--admin-port", "0", "--admin-token", TOKEN, "--max-model-len", "512",
+        "--plugin-scheduler-deadline-ms", "2000",
+    ]);
+    // 64 streaming requests, as many as the running batch holds.
+    let requests: Vec<Value> = (0..64)
+        .map(|i| {
+            json!({"prompt": format!("Story {i}: the {} of the old lighthouse keeper was", ["dog", "cat", "boat", "lamp"][i % 4]),
+                   "max_tokens": 12 + i % 5, "temperature": 0, "ignore_eos": true, "priority": (i % 3) as i32})
+        })
+        .collect();
+    let run = |r: &Value| {
+        let chunks = server.stream("/v1/completions", r);
+        let (text, finish) = stream_text(&chunks, 0);
+        assert_eq!(finish.as_deref(), Some("length"));
+        text
+    };
+    let alone: Vec<String> = requests.iter().map(run).collect();
+
+    let (fcfs, priority) = (bytes("fcfs"), bytes("priority"));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (together, swaps) = std::thread::scope(|scope| {
+        let swapper = scope.spawn(|| {
+            // Counts only the swaps made while requests were in flight.
+            let (mut swaps, mut total) = (0, 0);
+            while total < 4 || !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let during = !done.load(std::sync::atomic::Ordering::SeqCst);
+                let (name, body) = if total % 2 == 0 { ("priority", &priority) } else { ("fcfs", &fcfs) };
+                let reply = server.admin("PUT", &format!("/admin/plugins/scheduler/{name}"), Some(TOKEN), body, &[("x-sha256", &sha256(body))]);
+                assert_eq!(reply.status, 201, "{}", reply.body);
+                swaps += usize::from(during);
+                total += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            swaps
+        });
+        let handles: Vec<_> = requests.iter().map(|r| scope.spawn(move || run(r))).collect();
+        let together: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (together, swapper.join().unwrap())
+    });
+    assert!(swaps >= 3, "only {swaps} swaps while the requests ran");
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(t, a, "request {i} differs when the scheduler is swapped under it");
+    }
+    assert!(plugin_metric(&server, "pagedserve_plugin_swaps_total", "priority") >= 2.0);
+    assert_eq!(server.metric("pagedserve_plugin_faults_total"), 0.0, "{}", server.log());
+}
+
+#[test]
+fn filters_uploaded_over_the_admin_api_clamp_refuse_and_stop_outputs() {
+    let server = Server::start(&["--admin-port", "0", "--admin-token", TOKEN]);
+    let request = json!({"prompt": "The capital of France is Paris. The capital of Italy is", "max_tokens": 24,
+                         "temperature": 0, "ignore_eos": true});
+    let full = server.complete("/v1/completions", &request);
+    // A word from the middle of the greedy output.
+    let prompt = request["prompt"].as_str().unwrap().to_lowercase();
+    let words: Vec<&str> = full
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 3 && !prompt.contains(&w.to_lowercase()))
+        .collect();
+    assert!(words.len() >= 2, "{full:?}");
+    let word = words[words.len() / 2];
+    let at = full.find(word).unwrap();
+
+    let upload = |name: &str, config: &Value| {
+        let body = bytes(name);
+        let reply = server.admin("PUT", &format!("/admin/plugins/filter/{name}"), Some(TOKEN), &body,
+            &[("x-sha256", &sha256(&body)), ("x-plugin-config", &config.to_string())]);
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    };
+    // Modify: max-tokens clamps, and the request is validated again with the new value.
+    upload("max-tokens", &json!({"max_tokens": 5}));
+    let clamped = server.post_ok("/v1/completions", &request);
+    assert_eq!(clamped["usage"]["completion_tokens"], 5, "{clamped}");
+    assert_eq!(clamped["choices"][0]["text"].as_str().unwrap(), &full[..clamped["choices"][0]["text"].as_str().unwrap().len()]);
+    let removed = server.admin("DELETE", "/admin/plugins/filter/max-tokens", Some(TOKEN), &[], &[]);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+
+    // Reject on the prompt, stop on the output.
+    upload("blocklist", &json!({"words": [word]}));
+    let refused = server.post("/v1/completions", &json!({"prompt": format!("Say {word} now"), "max_tokens": 2}));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("blocklist"), "{}", refused.body);
+    let chunks = server.stream("/v1/completions", &request);
+    let (text, finish) = stream_text(&chunks, 0);
+    assert_eq!(finish.as_deref(), Some("stop"), "{chunks:?}");
+    assert!(text.contains(word) && text.len() < full.len(), "stopped at {word:?}: {text:?} of {full:?}");
+    assert!(full.starts_with(&text) && text.len() >= at + word.len(), "{text:?} vs {full:?}");
+    // Non-streaming too.
+    let answer = server.post_ok("/v1/completions", &request);
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    assert_eq!(answer["choices"][0]["text"].as_str().unwrap(), text);
+}
