@@ -430,6 +430,21 @@ impl GpuBackend {
         let block_size = layout.block_size as i32;
         let interleaved = 0i32;
         let stream = &dev.stream;
+        // residual += delta (unless null); out = rmsnorm(residual) * weight (unless null).
+        let add_norm = |delta: CUdeviceptr, weight: &CudaSlice<f32>, out: CUdeviceptr| -> Result<(), CudaError> {
+            unsafe {
+                stream
+                    .launch_builder(dev.function("fused_add_rmsnorm"))
+                    .arg(&x)
+                    .arg(&delta)
+                    .arg(weight)
+                    .arg(&out)
+                    .arg(&hidden_i)
+                    .arg(&eps)
+                    .launch(rows_cfg(h))?;
+            }
+            Ok(())
+        };
 
         unsafe {
             stream
@@ -442,15 +457,7 @@ impl GpuBackend {
             for (i, layer) in m.layers.iter().enumerate() {
                 // The previous layer's MLP output joins the residual stream here.
                 let delta = if i == 0 { null } else { proj };
-                stream
-                    .launch_builder(dev.function("fused_add_rmsnorm"))
-                    .arg(&x)
-                    .arg(&delta)
-                    .arg(&layer.attn_norm)
-                    .arg(&hn)
-                    .arg(&hidden_i)
-                    .arg(&eps)
-                    .launch(rows_cfg(h))?;
+                add_norm(delta, &layer.attn_norm, hn)?;
                 linear(&dev, qkv, OutType::Bf16, hn, ptr(&dev, &layer.qkv_proj), n, h, qkv_size)?;
                 if let Some(bias) = &layer.qkv_bias {
                     let cols = qkv_size as i32;
@@ -499,15 +506,7 @@ impl GpuBackend {
                     },
                 )?;
                 linear(&dev, proj, OutType::Bf16, attn, ptr(&dev, &layer.o_proj), n, q_size, h)?;
-                stream
-                    .launch_builder(dev.function("fused_add_rmsnorm"))
-                    .arg(&x)
-                    .arg(&proj)
-                    .arg(&layer.ffn_norm)
-                    .arg(&hn)
-                    .arg(&hidden_i)
-                    .arg(&eps)
-                    .launch(rows_cfg(h))?;
+                add_norm(proj, &layer.ffn_norm, hn)?;
                 linear(&dev, gate_up, OutType::Bf16, hn, ptr(&dev, &layer.gate_up_proj), n, h, 2 * inter)?;
                 stream
                     .launch_builder(dev.function("silu_and_mul"))
@@ -518,15 +517,7 @@ impl GpuBackend {
                 linear(&dev, proj, OutType::Bf16, act, ptr(&dev, &layer.down_proj), n, inter, h)?;
             }
             // The last MLP output joins the residual; only the wanted rows are normalised.
-            stream
-                .launch_builder(dev.function("fused_add_rmsnorm"))
-                .arg(&x)
-                .arg(&proj)
-                .arg(&m.final_norm)
-                .arg(&null)
-                .arg(&hidden_i)
-                .arg(&eps)
-                .launch(rows_cfg(h))?;
+            add_norm(proj, &m.final_norm, null)?;
             if rows > 0 {
                 let final_h = ptr(&dev, s.final_h.as_ref().unwrap());
                 stream
