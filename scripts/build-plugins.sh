@@ -8,7 +8,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root/plugins"
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
 cargo build --release --quiet --target wasm32-wasip2
-out="target/wasm32-wasip2/release"
+# Where cargo put them (honours CARGO_TARGET_DIR and .cargo/config).
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+out="$target_dir/wasm32-wasip2/release"
 mkdir -p dist
 crates=$(cargo metadata --format-version 1 --no-deps | python3 -c '
 import json, sys
