@@ -115,7 +115,7 @@ impl GpuBackend {
         Ok(captured)
     }
 
-    fn launch_argmax(&self, scratch: &Scratch, out: &CudaSlice<u32>, rows: usize) -> Result<(), CudaError> {
+    pub(crate) fn launch_argmax(&self, scratch: &Scratch, out: &CudaSlice<u32>, rows: usize) -> Result<(), CudaError> {
         let dev = self.model().device();
         let vocab = self.model().config().vocab_size as i32;
         unsafe {

@@ -342,55 +342,46 @@ impl GpuBackend {
         })
     }
 
-    /// Runs the batch and returns the logits of its requested rows, `[rows, vocab]`, on the host.
-    pub fn forward_logits(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, CudaError> {
-        let c = self.model.config.clone();
-        let n = batch.num_tokens();
-        let rows = batch.logits_rows.len();
+    /// Checks the batch, sizes the buffers, uploads the indices and enqueues the forward; the
+    /// logits of the requested rows end up in `scratch.logits`. Returns the number of rows.
+    fn enqueue(&mut self, batch: &ForwardBatch) -> Result<usize, CudaError> {
+        let c = &self.model.config;
         if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(CudaError::Config(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
         }
+        let (n, rows) = (batch.num_tokens(), batch.logits_rows.len());
         let max_context = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
         let splits = attention_splits(max_context, n * c.num_key_value_heads, self.model.dev.num_sms);
-        self.ensure_scratch(n, rows, if splits > 1 { n * c.num_attention_heads * splits } else { 0 })?;
+        let partials = if splits > 1 { n * c.num_attention_heads * splits } else { 0 };
+        self.ensure_scratch(n, rows, partials)?;
         let arrays = self.upload(batch)?;
         self.run_layers(&self.scratch, n, rows, &arrays, splits)?;
+        Ok(rows)
+    }
+
+    /// Runs the batch and returns the logits of its requested rows, `[rows, vocab]`, on the host.
+    pub fn forward_logits(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, CudaError> {
+        let rows = self.enqueue(batch)?;
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let dev = self.model.dev.clone();
-        let s = &self.scratch;
-        let logits = s.logits.as_ref().unwrap();
-        let mut host = vec![0.0f32; rows * c.vocab_size];
-        dev.stream.memcpy_dtoh(&logits.slice(..rows * c.vocab_size), &mut host)?;
+        let vocab = self.model.config.vocab_size;
+        let logits = self.scratch.logits.as_ref().expect("sized by enqueue");
+        let mut host = vec![0.0f32; rows * vocab];
+        self.model.dev.stream.memcpy_dtoh(&logits.slice(..rows * vocab), &mut host)?;
         Ok(host)
     }
 
     /// Runs the batch and returns the greedy token of each requested row; only those integers
     /// cross to the host.
     pub fn forward_argmax(&mut self, batch: &ForwardBatch) -> Result<Vec<u32>, CudaError> {
-        let c = self.model.config.clone();
-        let n = batch.num_tokens();
-        let rows = batch.logits_rows.len();
-        let max_context = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
-        let splits = attention_splits(max_context, n * c.num_key_value_heads, self.model.dev.num_sms);
-        self.ensure_scratch(n, rows, if splits > 1 { n * c.num_attention_heads * splits } else { 0 })?;
-        let arrays = self.upload(batch)?;
-        self.run_layers(&self.scratch, n, rows, &arrays, splits)?;
+        let rows = self.enqueue(batch)?;
         if rows == 0 {
             return Ok(Vec::new());
         }
         let dev = self.model.dev.clone();
         let tokens = dev.stream.alloc_zeros::<u32>(rows)?;
-        let vocab = c.vocab_size as i32;
-        unsafe {
-            dev.stream
-                .launch_builder(dev.function("argmax_rows"))
-                .arg(&tokens)
-                .arg(self.scratch.logits.as_ref().unwrap())
-                .arg(&vocab)
-                .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })?;
-        }
+        self.launch_argmax(&self.scratch, &tokens, rows)?;
         Ok(dev.stream.clone_dtoh(&tokens)?)
     }
 
