@@ -16,6 +16,7 @@ pub enum OutType {
 /// # Safety
 /// `out`, `a` and `w` must be live device allocations of at least `m*n`, `m*k` and `n*k`
 /// elements of their types, on `dev`'s stream.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
     dev: &GpuDevice,
     out: CUdeviceptr,

@@ -70,7 +70,8 @@ pub struct EngineConfig {
 }
 
 enum Command {
-    Add { id: RequestId, request: GenerateRequest, events: tokio::sync::mpsc::UnboundedSender<StreamEvent> },
+    // Boxed: a request is far larger than the other commands.
+    Add { id: RequestId, request: Box<GenerateRequest>, events: tokio::sync::mpsc::UnboundedSender<StreamEvent> },
     Abort(RequestId),
     SetPolicy(Box<dyn SchedulingPolicy>),
     SetPlugins(Arc<PluginRegistry>),
@@ -167,7 +168,7 @@ impl EngineHandle {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = unbounded_channel();
-        if self.commands.send(Command::Add { id, request, events: events_tx }).is_err() {
+        if self.commands.send(Command::Add { id, request: Box::new(request), events: events_tx }).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Unavailable);
         }
@@ -203,7 +204,7 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
         };
         for command in first.into_iter().chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
             match command {
-                Command::Add { id, request, events } => core.add_request(id, request, events),
+                Command::Add { id, request, events } => core.add_request(id, *request, events),
                 Command::Abort(id) => core.abort(id),
                 Command::SetPolicy(policy) => {
                     let old = core.set_policy(policy);

@@ -88,7 +88,7 @@ impl PluginSlot {
                             o.token
                         )));
                     }
-                    if o.logprob.is_some_and(|l| !(l <= 0.0)) {
+                    if o.logprob.is_some_and(|l| l.is_nan() || l > 0.0) {
                         return Err(CallFailure::Invalid(format!("log-prob {:?} is not <= 0", o.logprob)));
                     }
                     Ok(PluginSampled { token: o.token, logprob: o.logprob })
