@@ -162,6 +162,10 @@ struct BenchServeArgs {
     /// Schedule with this Wasm scheduler component instead of the native FCFS policy.
     #[arg(long)]
     scheduler_plugin: Option<PathBuf>,
+    /// With --scheduler-plugin: swap between it and native FCFS every N engine steps, and report
+    /// the step times around the swaps.
+    #[arg(long)]
+    swap_every: Option<usize>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -326,22 +330,29 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     };
     // The registry must outlive the run: the Wasm policy calls into its slot.
     let mut _registry = None;
-    let policy: Box<dyn pagedserve::sched::SchedulingPolicy> = match &args.scheduler_plugin {
-        Some(path) => {
-            use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, WasmScheduler};
-            let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-            let registry = PluginRegistry::new(
-                PluginRuntime::new(PluginLimits::default())?,
-                std::sync::Arc::new(pagedserve::metrics::Metrics::new("bench")),
-            );
-            registry.install(PluginKind::Scheduler, "bench", &bytes, None, "", "bench")?;
-            let slot = registry.slot(PluginKind::Scheduler, "bench").context("installed plugin")?;
-            _registry = Some(registry);
-            Box::new(WasmScheduler::new(slot))
-        }
-        None => pagedserve::sched::native_policy("fcfs").context("built-in policy")?,
-    };
-    let r = serve::run(Box::new(backend), tokenizer, policy, &options)?;
+    let mut policies: Vec<Box<dyn pagedserve::sched::SchedulingPolicy>> = Vec::new();
+    if let Some(path) = &args.scheduler_plugin {
+        use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, WasmScheduler};
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let registry = PluginRegistry::new(
+            PluginRuntime::new(PluginLimits::default())?,
+            std::sync::Arc::new(pagedserve::metrics::Metrics::new("bench")),
+        );
+        registry.install(PluginKind::Scheduler, "bench", &bytes, None, "", "bench")?;
+        let slot = registry.slot(PluginKind::Scheduler, "bench").context("installed plugin")?;
+        _registry = Some(registry);
+        policies.push(Box::new(WasmScheduler::new(slot)));
+    }
+    if policies.is_empty() || args.swap_every.is_some() {
+        policies.push(pagedserve::sched::native_policy("fcfs").context("built-in policy")?);
+    }
+    let (r, swaps) = serve::run_with_swaps(Box::new(backend), tokenizer, policies, args.swap_every, &options)?;
+    if let Some(s) = &swaps {
+        println!(
+            "{} swaps: each took at most {:.1} us; median step {:.1} ms, longest step after a swap {:.1} ms, longest other step {:.1} ms",
+            s.swaps, s.max_swap_us, s.median_step_ms, s.max_step_after_swap_ms, s.max_other_step_ms
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());

@@ -82,12 +82,39 @@ struct InFlight {
     tokens: usize,
 }
 
+/// Step times around policy swaps (`--swap-every`): whether a swap stalls serving.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapTiming {
+    pub swaps: usize,
+    /// Longest time the swap itself took (between two steps).
+    pub max_swap_us: f64,
+    pub median_step_ms: f64,
+    /// Longest step right after a swap (the new policy's first call included).
+    pub max_step_after_swap_ms: f64,
+    /// Longest of the other steps.
+    pub max_other_step_ms: f64,
+}
+
 pub fn run(
     backend: Box<dyn ModelBackend>,
     tokenizer: Arc<Tokenizer>,
     policy: Box<dyn crate::sched::SchedulingPolicy>,
     options: &ServeOptions,
 ) -> anyhow::Result<ServeResult> {
+    run_with_swaps(backend, tokenizer, vec![policy], None, options).map(|(result, _)| result)
+}
+
+/// `run`, swapping round-robin through `policies` every `swap_every` steps (the engine swaps
+/// between steps the same way), and timing the steps around the swaps.
+pub fn run_with_swaps(
+    backend: Box<dyn ModelBackend>,
+    tokenizer: Arc<Tokenizer>,
+    mut policies: Vec<Box<dyn crate::sched::SchedulingPolicy>>,
+    swap_every: Option<usize>,
+    options: &ServeOptions,
+) -> anyhow::Result<(ServeResult, Option<SwapTiming>)> {
+    anyhow::ensure!(!policies.is_empty(), "no scheduling policy");
+    let policy = policies.remove(0);
     let vocab = backend.config().vocab_size;
     let workload = sharegpt_like_workload(options.num_requests, vocab, options.max_model_len, options.seed);
     let metrics = Arc::new(Metrics::new("bench"));
@@ -101,6 +128,8 @@ pub fn run(
     let (mut ttfts, mut tpots) = (Vec::new(), Vec::new());
     let (mut occupied, mut allocated) = (0usize, 0usize);
     let (mut prompt_tokens, mut output_tokens, mut steps) = (0, 0, 0);
+    let (mut step_ms, mut after_swap_ms, mut swap_us) = (Vec::new(), Vec::new(), Vec::new());
+    let mut just_swapped = false;
     while next < workload.len() || !in_flight.is_empty() {
         while in_flight.len() < options.concurrency && next < workload.len() {
             let w = &workload[next];
@@ -111,7 +140,23 @@ pub fn run(
             in_flight.push(InFlight { events: rx, sent: Instant::now(), first_token: None, tokens: 0 });
             next += 1;
         }
+        if let Some(every) = swap_every {
+            if steps > 0 && steps % every.max(1) == 0 && !policies.is_empty() {
+                let started = Instant::now();
+                let next = policies.remove(0);
+                policies.push(core.set_policy(next));
+                swap_us.push(started.elapsed().as_secs_f64() * 1e6);
+                just_swapped = true;
+            }
+        }
+        let step_started = Instant::now();
         core.step();
+        let ms = step_started.elapsed().as_secs_f64() * 1e3;
+        if std::mem::take(&mut just_swapped) {
+            after_swap_ms.push(ms);
+        } else {
+            step_ms.push(ms);
+        }
         steps += 1;
         let (tokens, slots) = core.kv_occupancy();
         occupied += tokens;
@@ -143,7 +188,15 @@ pub fn run(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok(ServeResult {
+    let max = |v: &[f64]| v.iter().copied().fold(0.0f64, f64::max);
+    let swaps = swap_every.map(|_| SwapTiming {
+        swaps: swap_us.len(),
+        max_swap_us: max(&swap_us),
+        median_step_ms: median(&mut step_ms.clone()),
+        max_step_after_swap_ms: max(&after_swap_ms),
+        max_other_step_ms: max(&step_ms),
+    });
+    let result = ServeResult {
         requests: workload.len(),
         concurrency: options.concurrency,
         seconds,
@@ -159,7 +212,8 @@ pub fn run(
         policy_faults: metrics.scheduler_policy_faults.with_label_values(&[&policy_name, "invalid_output"]).get()
             + metrics.scheduler_policy_faults.with_label_values(&[&policy_name, "failed"]).get(),
         policy: policy_name,
-    })
+    };
+    Ok((result, swaps))
 }
 
 #[cfg(test)]
