@@ -33,6 +33,24 @@ pub mod scheduler {
         export_macro_name: "export_scheduler",
         default_bindings_module: "pagedserve_plugin_sdk::scheduler",
     });
+
+    /// A waiting sequence with the given id and arrival and small defaults (4 prompt tokens, at
+    /// most 8 new, priority 0, no tenant): the starting point of a plugin's tests, which then
+    /// set the fields they care about with struct-update syntax.
+    pub fn seq_view(id: u64, arrival: u64) -> SeqView {
+        SeqView {
+            id,
+            priority: 0,
+            tenant: String::new(),
+            arrival,
+            prompt_tokens: 4,
+            computed_tokens: 0,
+            generated_tokens: 0,
+            max_tokens: 8,
+            blocks_held: 0,
+            running: false,
+        }
+    }
 }
 
 /// The `sampler` world: `configure`, `top-n` and `sample`.

@@ -78,18 +78,7 @@ mod tests {
     use super::*;
 
     fn seq(id: u64, tenant: &str, arrival: u64) -> SeqView {
-        SeqView {
-            id,
-            priority: 0,
-            tenant: tenant.into(),
-            arrival,
-            prompt_tokens: 4,
-            computed_tokens: 0,
-            generated_tokens: 0,
-            max_tokens: 8,
-            blocks_held: 0,
-            running: false,
-        }
+        SeqView { tenant: tenant.into(), ..pagedserve_plugin_sdk::scheduler::seq_view(id, arrival) }
     }
 
     #[test]

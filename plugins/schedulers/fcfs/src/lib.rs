@@ -28,18 +28,7 @@ mod tests {
     use super::*;
 
     pub fn seq(id: u64, arrival: u64) -> SeqView {
-        SeqView {
-            id,
-            priority: 0,
-            tenant: String::new(),
-            arrival,
-            prompt_tokens: 4,
-            computed_tokens: 0,
-            generated_tokens: 0,
-            max_tokens: 8,
-            blocks_held: 0,
-            running: false,
-        }
+        pagedserve_plugin_sdk::scheduler::seq_view(id, arrival)
     }
 
     #[test]

@@ -28,18 +28,7 @@ mod tests {
     use super::*;
 
     fn seq(id: u64, priority: i32, arrival: u64) -> SeqView {
-        SeqView {
-            id,
-            priority,
-            tenant: String::new(),
-            arrival,
-            prompt_tokens: 4,
-            computed_tokens: 0,
-            generated_tokens: 0,
-            max_tokens: 8,
-            blocks_held: 0,
-            running: true,
-        }
+        SeqView { priority, running: true, ..pagedserve_plugin_sdk::scheduler::seq_view(id, arrival) }
     }
 
     #[test]

@@ -37,16 +37,12 @@ mod tests {
 
     fn seq(id: u64, arrival: u64, prompt: u32, computed: u32, generated: u32, max_tokens: u32) -> SeqView {
         SeqView {
-            id,
-            priority: 0,
-            tenant: String::new(),
-            arrival,
             prompt_tokens: prompt,
             computed_tokens: computed,
             generated_tokens: generated,
             max_tokens,
-            blocks_held: 0,
             running: computed > 0,
+            ..pagedserve_plugin_sdk::scheduler::seq_view(id, arrival)
         }
     }
 
