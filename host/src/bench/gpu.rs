@@ -65,7 +65,6 @@ pub fn attention_decode(
     kv_heads: usize,
     head_dim: usize,
 ) -> Result<AttentionBench, CudaError> {
-    use crate::cuda::launch::pack_block_tables;
     let block_size = 16;
     let blocks_per_seq = context.div_ceil(block_size);
     let num_blocks = batch * blocks_per_seq;
@@ -79,38 +78,19 @@ pub fn attention_decode(
     let random = |n: usize, seed: u64| -> Vec<bf16> {
         (0..n).map(|i| bf16::from_f32((((i as u64 * 2654435761 + seed) % 2001) as f32 / 1000.0) - 1.0)).collect()
     };
-    let stream = &dev.stream;
-    let k = stream.clone_htod(&random(cache_len, 1))?;
-    let v = stream.clone_htod(&random(cache_len, 2))?;
-    let q = stream.clone_htod(&random(batch * heads * head_dim, 3))?;
-    let out = stream.alloc_zeros::<bf16>(batch * heads * head_dim)?;
-    let (tables, max_blocks) = pack_block_tables(&fb);
-    let tables = stream.clone_htod(&tables)?;
-    let seqs = stream.clone_htod(&fb.token_seq)?;
-    let positions = stream.clone_htod(&fb.positions)?;
     let splits = attention_splits(context, batch * kv_heads, dev.num_sms);
-    let rows = (batch * heads * splits).max(1);
-    let (po, pm, ps) =
-        (stream.alloc_zeros::<f32>(rows * head_dim)?, stream.alloc_zeros::<f32>(rows)?, stream.alloc_zeros::<f32>(rows)?);
-    let args = crate::cuda::AttentionArgs {
-        out: ptr(dev, &out),
-        q: ptr(dev, &q),
-        q_stride: heads * head_dim,
-        k_cache: ptr(dev, &k),
-        v_cache: ptr(dev, &v),
-        block_tables: ptr(dev, &tables),
-        token_seq: ptr(dev, &seqs),
-        positions: ptr(dev, &positions),
-        max_blocks,
-        num_tokens: batch,
-        num_heads: heads,
-        num_kv_heads: kv_heads,
+    let attention = crate::cuda::StandaloneAttention::upload(
+        dev,
+        &fb,
+        &random(batch * heads * head_dim, 3),
+        &random(cache_len, 1),
+        &random(cache_len, 2),
+        heads,
+        kv_heads,
         head_dim,
-        block_size,
         splits,
-        partials: (ptr(dev, &po), ptr(dev, &pm), ptr(dev, &ps)),
-    };
-    let ms = time_ms(dev, 5, 50, || crate::cuda::launch_attention(dev, &args))?;
+    )?;
+    let ms = time_ms(dev, 5, 50, || attention.launch(dev))?;
     // K and V of every cached position, read once; q and out are negligible.
     let bytes = 2 * batch * context * kv_heads * head_dim * 2;
     Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9 })

@@ -6,14 +6,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::launch::{pack_block_tables, row_threads};
-use super::{launch_attention, AttentionArgs};
-use super::{CudaError, GpuBackend, GpuDevice, GpuModel};
+use super::launch::row_threads;
+use super::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
 use crate::model::cpu::{ops, paged_attention, CpuKvCache, CpuModel};
 use crate::runner::generate::{GenerateOptions, Generator};
@@ -67,10 +66,6 @@ fn download_bf16(dev: &GpuDevice, slice: &CudaSlice<bf16>, n: usize) -> Result<V
     Ok(host.iter().map(|v| v.to_f32()).collect())
 }
 
-fn ptr<T>(dev: &GpuDevice, s: &CudaSlice<T>) -> u64 {
-    s.device_ptr(&dev.stream).0
-}
-
 /// Paged attention for sequences of `seq_lens` tokens, every token a query (prefill and decode at
 /// once), keys and values in scattered blocks.
 pub fn check_attention(
@@ -112,41 +107,9 @@ pub fn check_attention(
     let mut want = vec![0.0f32; n * heads * head_dim];
     paged_attention(&mut want, &q, &batch, keys, values, &layout, heads, 1.0 / (head_dim as f32).sqrt());
 
-    let stream = &dev.stream;
-    let (tables, max_blocks) = pack_block_tables(&batch);
-    let q_dev = stream.clone_htod(&to_bf16(&q))?;
-    let k_dev = stream.clone_htod(&to_bf16(keys))?;
-    let v_dev = stream.clone_htod(&to_bf16(values))?;
-    let tables_dev = stream.clone_htod(&tables)?;
-    let seq_dev = stream.clone_htod(&batch.token_seq)?;
-    let pos_dev = stream.clone_htod(&batch.positions)?;
-    let out_dev = stream.clone_htod(&vec![bf16::NAN; n * heads * head_dim])?; // poisoned
-    let partial_rows = (n * heads * splits).max(1);
-    let part_out = stream.alloc_zeros::<f32>(partial_rows * head_dim)?;
-    let part_max = stream.alloc_zeros::<f32>(partial_rows)?;
-    let part_sum = stream.alloc_zeros::<f32>(partial_rows)?;
-    launch_attention(
-        dev,
-        &AttentionArgs {
-            out: ptr(dev, &out_dev),
-            q: ptr(dev, &q_dev),
-            q_stride: heads * head_dim,
-            k_cache: ptr(dev, &k_dev),
-            v_cache: ptr(dev, &v_dev),
-            block_tables: ptr(dev, &tables_dev),
-            token_seq: ptr(dev, &seq_dev),
-            positions: ptr(dev, &pos_dev),
-            max_blocks,
-            num_tokens: n,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-            block_size,
-            splits,
-            partials: (ptr(dev, &part_out), ptr(dev, &part_max), ptr(dev, &part_sum)),
-        },
-    )?;
-    let got = download_bf16(dev, &out_dev, n * heads * head_dim)?;
+    let attention = StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(keys), &to_bf16(values), heads, kv_heads, head_dim, splits)?;
+    attention.launch(dev)?;
+    let got = attention.output(dev)?;
     Ok(CheckRow::error(
         "paged_attention",
         format!("heads {heads}/{kv_heads} hd {head_dim} lens {seq_lens:?} splits {splits}"),

@@ -10,9 +10,11 @@ mod graphs;
 pub mod kernels;
 pub mod launch;
 mod model;
+mod standalone;
 
 pub use self::device::GpuDevice;
 pub use self::model::{launch_attention, AttentionArgs, GpuBackend, GpuModel};
+pub use self::standalone::StandaloneAttention;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {

@@ -1,0 +1,95 @@
+//! One paged-attention launch on data given from the host, outside a model: the inputs the
+//! self-check (`check`) and the kernel benchmark (`bench gpu`) both need, uploaded once.
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::bf16;
+
+use super::launch::pack_block_tables;
+use super::{launch_attention, AttentionArgs, CudaError, GpuDevice};
+use crate::runner::ForwardBatch;
+
+pub struct StandaloneAttention {
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    out: CudaSlice<bf16>,
+    tables: CudaSlice<u32>,
+    token_seq: CudaSlice<u32>,
+    positions: CudaSlice<u32>,
+    partials: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>),
+    max_blocks: usize,
+    shape: (usize, usize, usize, usize, usize),
+    splits: usize,
+}
+
+impl StandaloneAttention {
+    /// `q` is `[tokens, heads, head_dim]`; `k` and `v` are one layer of the cache
+    /// (`[blocks, kv_heads, block_size, head_dim]`); the output starts poisoned with NaN.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload(
+        dev: &GpuDevice,
+        batch: &ForwardBatch,
+        q: &[bf16],
+        k: &[bf16],
+        v: &[bf16],
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        splits: usize,
+    ) -> Result<Self, CudaError> {
+        let stream = &dev.stream;
+        let n = batch.num_tokens();
+        let (tables, max_blocks) = pack_block_tables(batch);
+        let rows = (n * heads * splits).max(1);
+        Ok(StandaloneAttention {
+            q: stream.clone_htod(q)?,
+            k: stream.clone_htod(k)?,
+            v: stream.clone_htod(v)?,
+            out: stream.clone_htod(&vec![bf16::NAN; n * heads * head_dim])?,
+            tables: stream.clone_htod(&tables)?,
+            token_seq: stream.clone_htod(&batch.token_seq)?,
+            positions: stream.clone_htod(&batch.positions)?,
+            partials: (
+                stream.alloc_zeros::<f32>(rows * head_dim)?,
+                stream.alloc_zeros::<f32>(rows)?,
+                stream.alloc_zeros::<f32>(rows)?,
+            ),
+            max_blocks,
+            shape: (n, heads, kv_heads, head_dim, batch.block_size),
+            splits,
+        })
+    }
+
+    pub fn launch(&self, dev: &GpuDevice) -> Result<(), CudaError> {
+        let ptr = |s: &CudaSlice<bf16>| s.device_ptr(&dev.stream).0;
+        let ptr32 = |s: &CudaSlice<u32>| s.device_ptr(&dev.stream).0;
+        let ptrf = |s: &CudaSlice<f32>| s.device_ptr(&dev.stream).0;
+        let (num_tokens, num_heads, num_kv_heads, head_dim, block_size) = self.shape;
+        launch_attention(
+            dev,
+            &AttentionArgs {
+                out: ptr(&self.out),
+                q: ptr(&self.q),
+                q_stride: num_heads * head_dim,
+                k_cache: ptr(&self.k),
+                v_cache: ptr(&self.v),
+                block_tables: ptr32(&self.tables),
+                token_seq: ptr32(&self.token_seq),
+                positions: ptr32(&self.positions),
+                max_blocks: self.max_blocks,
+                num_tokens,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                block_size,
+                splits: self.splits,
+                partials: (ptrf(&self.partials.0), ptrf(&self.partials.1), ptrf(&self.partials.2)),
+            },
+        )
+    }
+
+    /// The attention output, `[tokens, heads, head_dim]`, in float32.
+    pub fn output(&self, dev: &GpuDevice) -> Result<Vec<f32>, CudaError> {
+        Ok(dev.stream.clone_dtoh(&self.out)?.iter().map(|v| v.to_f32()).collect())
+    }
+}
