@@ -2,11 +2,13 @@
 //! `sampler`, `filter`) generated once here, and small helpers, so that a plugin is a short crate:
 //!
 //! ```ignore
-//! use pagedserve_plugin_sdk::scheduler::{export_scheduler, Guest, SeqView, Budget};
+//! use pagedserve_plugin_sdk::scheduler::{export_scheduler, rank_by, Budget, Guest, QueueView};
 //! struct Fcfs;
 //! impl Guest for Fcfs {
 //!     fn configure(_: String) -> Result<(), String> { Ok(()) }
-//!     fn rank(seqs: Vec<SeqView>, _: Budget) -> Result<Vec<u64>, String> { ... }
+//!     fn rank(queue: QueueView, _: Budget) -> Result<Vec<u32>, String> {
+//!         Ok(rank_by(&queue, |s| (s.arrival, s.id)))
+//!     }
 //! }
 //! export_scheduler!(Fcfs);
 //! ```
@@ -34,14 +36,149 @@ pub mod scheduler {
         default_bindings_module: "pagedserve_plugin_sdk::scheduler",
     });
 
+    /// One sequence of a `QueueView`, read row-wise: what a plugin's ranking logic works with.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Seq<'a> {
+        /// Its position in the view: what `rank` answers with.
+        pub index: u32,
+        pub id: u64,
+        pub priority: i32,
+        pub tenant: &'a str,
+        pub arrival: u64,
+        pub prompt_tokens: u32,
+        pub computed_tokens: u32,
+        pub generated_tokens: u32,
+        pub max_tokens: u32,
+        pub blocks_held: u32,
+        pub running: bool,
+    }
+
+    impl QueueView {
+        pub fn len(&self) -> usize {
+            self.ids.len()
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.ids.is_empty()
+        }
+
+        /// Sequence `i` (panics when `i` is out of range, like indexing; a tenant index out of
+        /// range, never sent by the host, reads as "").
+        pub fn seq(&self, i: usize) -> Seq<'_> {
+            Seq {
+                index: i as u32,
+                id: self.ids[i],
+                priority: self.priorities[i],
+                tenant: self.tenant_names.get(self.tenants[i] as usize).map_or("", String::as_str),
+                arrival: self.arrivals[i],
+                prompt_tokens: self.prompt_tokens[i],
+                computed_tokens: self.computed_tokens[i],
+                generated_tokens: self.generated_tokens[i],
+                max_tokens: self.max_tokens[i],
+                blocks_held: self.blocks_held[i],
+                running: self.running[i],
+            }
+        }
+
+        /// Every sequence in view order. Built by zipping the columns rather than indexing them,
+        /// so no bounds check can panic and the compiler drops the columns a ranking never reads
+        /// (a ranking by arrival touches two of the eleven). A tenant index out of range (never
+        /// sent by the host) reads as "".
+        pub fn iter(&self) -> impl Iterator<Item = Seq<'_>> + '_ {
+            let numbers = self.ids.iter().zip(&self.priorities).zip(&self.tenants).zip(&self.arrivals);
+            let tokens = self.prompt_tokens.iter().zip(&self.computed_tokens).zip(&self.generated_tokens).zip(&self.max_tokens);
+            let rest = self.blocks_held.iter().zip(&self.running);
+            numbers.zip(tokens).zip(rest).enumerate().map(
+                |(index, ((((((&id, &priority), &tenant), &arrival), (((&prompt, &computed), &generated), &max)), (&blocks, &running))))| Seq {
+                    index: index as u32,
+                    id,
+                    priority,
+                    tenant: self.tenant_names.get(tenant as usize).map_or("", String::as_str),
+                    arrival,
+                    prompt_tokens: prompt,
+                    computed_tokens: computed,
+                    generated_tokens: generated,
+                    max_tokens: max,
+                    blocks_held: blocks,
+                    running,
+                },
+            )
+        }
+
+        /// Checks that every column has one entry per sequence and every tenant index is in
+        /// range (the host always sends such views; a plugin's tests may build others).
+        pub fn is_consistent(&self) -> bool {
+            let n = self.ids.len();
+            [
+                self.priorities.len(),
+                self.tenants.len(),
+                self.arrivals.len(),
+                self.prompt_tokens.len(),
+                self.computed_tokens.len(),
+                self.generated_tokens.len(),
+                self.max_tokens.len(),
+                self.blocks_held.len(),
+                self.running.len(),
+            ]
+            .iter()
+            .all(|&len| len == n)
+                && self.tenants.iter().all(|&t| (t as usize) < self.tenant_names.len())
+        }
+
+        /// The view of these sequences, columns filled and tenants collected into the name table
+        /// (their `index` fields are ignored: a sequence's index is its position in `seqs`).
+        pub fn from_seqs(seqs: &[Seq<'_>]) -> QueueView {
+            let mut view = QueueView {
+                ids: Vec::new(),
+                priorities: Vec::new(),
+                tenants: Vec::new(),
+                tenant_names: Vec::new(),
+                arrivals: Vec::new(),
+                prompt_tokens: Vec::new(),
+                computed_tokens: Vec::new(),
+                generated_tokens: Vec::new(),
+                max_tokens: Vec::new(),
+                blocks_held: Vec::new(),
+                running: Vec::new(),
+            };
+            for s in seqs {
+                let tenant = match view.tenant_names.iter().position(|t| t == s.tenant) {
+                    Some(i) => i,
+                    None => {
+                        view.tenant_names.push(s.tenant.to_string());
+                        view.tenant_names.len() - 1
+                    }
+                };
+                view.ids.push(s.id);
+                view.priorities.push(s.priority);
+                view.tenants.push(tenant as u32);
+                view.arrivals.push(s.arrival);
+                view.prompt_tokens.push(s.prompt_tokens);
+                view.computed_tokens.push(s.computed_tokens);
+                view.generated_tokens.push(s.generated_tokens);
+                view.max_tokens.push(s.max_tokens);
+                view.blocks_held.push(s.blocks_held);
+                view.running.push(s.running);
+            }
+            view
+        }
+
+        /// The ids of a ranking given as indices (for readable assertions in tests).
+        pub fn ids_of(&self, ranking: &[u32]) -> Vec<u64> {
+            ranking.iter().map(|&i| self.ids[i as usize]).collect()
+        }
+    }
+
     /// A waiting sequence with the given id and arrival and small defaults (4 prompt tokens, at
     /// most 8 new, priority 0, no tenant): the starting point of a plugin's tests, which then
-    /// set the fields they care about with struct-update syntax.
-    pub fn seq_view(id: u64, arrival: u64) -> SeqView {
-        SeqView {
+    /// set the fields they care about with struct-update syntax and build a view with
+    /// `QueueView::from_seqs`.
+    pub fn seq(id: u64, arrival: u64) -> Seq<'static> {
+        Seq {
+            index: 0,
             id,
             priority: 0,
-            tenant: String::new(),
+            tenant: "",
             arrival,
             prompt_tokens: 4,
             computed_tokens: 0,
@@ -50,6 +187,13 @@ pub mod scheduler {
             blocks_held: 0,
             running: false,
         }
+    }
+
+    /// Indices of the view sorted by `key` (ties keep view order): the usual body of a ranking.
+    pub fn rank_by<K: Ord>(queue: &QueueView, mut key: impl FnMut(Seq<'_>) -> K) -> Vec<u32> {
+        let mut keyed: Vec<(K, u32)> = queue.iter().map(|s| (key(s), s.index)).collect();
+        keyed.sort_unstable_by(|a, b| a.cmp(b));
+        keyed.into_iter().map(|(_, i)| i).collect()
     }
 }
 
@@ -173,3 +317,46 @@ pub fn parse_config<T: serde::de::DeserializeOwned + Default>(config: &str) -> R
 
 pub use serde;
 pub use serde_json;
+
+#[cfg(test)]
+mod tests {
+    use crate::scheduler::{rank_by, seq, QueueView, Seq};
+
+    #[test]
+    fn a_queue_view_reads_back_the_sequences_it_was_built_from() {
+        let seqs = [
+            Seq { tenant: "a", priority: 3, running: true, ..seq(10, 5) },
+            Seq { tenant: "b", ..seq(11, 6) },
+            Seq { tenant: "a", max_tokens: 99, ..seq(12, 7) },
+        ];
+        let queue = QueueView::from_seqs(&seqs);
+        assert!(queue.is_consistent());
+        assert_eq!(queue.tenant_names, vec!["a", "b"]);
+        assert_eq!(queue.tenants, vec![0, 1, 0]);
+        let read: Vec<Seq> = queue.iter().collect();
+        for (i, (got, want)) in read.iter().zip(&seqs).enumerate() {
+            assert_eq!(*got, Seq { index: i as u32, ..*want });
+            assert_eq!(queue.seq(i), *got);
+        }
+    }
+
+    #[test]
+    fn rank_by_sorts_indices_by_key_and_breaks_ties_by_position() {
+        let queue = QueueView::from_seqs(&[seq(7, 2), seq(8, 1), seq(9, 2), seq(6, 0)]);
+        let ranking = rank_by(&queue, |s| s.arrival);
+        assert_eq!(ranking, vec![3, 1, 0, 2]);
+        assert_eq!(queue.ids_of(&ranking), vec![6, 8, 7, 9]);
+    }
+
+    #[test]
+    fn inconsistent_views_are_detected() {
+        let mut queue = QueueView::from_seqs(&[seq(1, 0), seq(2, 1)]);
+        queue.arrivals.pop();
+        assert!(!queue.is_consistent());
+        let mut queue = QueueView::from_seqs(&[seq(1, 0)]);
+        queue.tenants[0] = 5;
+        assert!(!queue.is_consistent());
+        assert_eq!(queue.seq(0).tenant, "", "an out-of-range tenant reads as none");
+        assert_eq!(queue.iter().next().unwrap().tenant, "");
+    }
+}

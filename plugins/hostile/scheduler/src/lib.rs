@@ -1,13 +1,13 @@
 //! A hostile scheduler for the host's containment tests: its configuration names how it
 //! misbehaves in `rank` (`ok` behaves like fcfs):
 //! `loop` (never returns), `memory` (allocates 8 MiB blocks without end), `trap` (panics: `unreachable`),
-//! `recursion` (unbounded recursion), `unknown-ids`, `duplicates`, `missing`, `huge` (an answer of a
-//! million ids), `error` (returns an error string).
+//! `recursion` (unbounded recursion), `unknown-ids` (an index out of range), `duplicates`, `missing`, `huge` (an answer
+//! of a million indices), `error` (returns an error string).
 
 use std::hint::black_box;
 use std::sync::Mutex;
 
-use pagedserve_plugin_sdk::scheduler::{export_scheduler, Budget, Guest, SeqView};
+use pagedserve_plugin_sdk::scheduler::{export_scheduler, rank_by, Budget, Guest, QueueView};
 
 static MODE: Mutex<String> = Mutex::new(String::new());
 
@@ -28,11 +28,6 @@ pub fn allocate_forever() -> usize {
     }
 }
 
-fn fcfs(seqs: &[SeqView]) -> Vec<u64> {
-    let mut order: Vec<(u64, u64)> = seqs.iter().map(|s| (s.arrival, s.id)).collect();
-    order.sort_unstable();
-    order.into_iter().map(|(_, id)| id).collect()
-}
 
 struct Hostile;
 
@@ -42,9 +37,9 @@ impl Guest for Hostile {
         Ok(())
     }
 
-    fn rank(seqs: Vec<SeqView>, _budget: Budget) -> Result<Vec<u64>, String> {
+    fn rank(queue: QueueView, _budget: Budget) -> Result<Vec<u32>, String> {
         let mode = MODE.lock().unwrap().clone();
-        let mut order = fcfs(&seqs);
+        let mut order = rank_by(&queue, |s| (s.arrival, s.id));
         match mode.as_str() {
             "loop" => loop {
                 black_box(&order);
@@ -56,7 +51,7 @@ impl Guest for Hostile {
             "recursion" => {
                 black_box(recurse(0));
             }
-            "unknown-ids" => order[0] = u64::MAX - 7,
+            "unknown-ids" => order[0] = u32::MAX - 7,
             "duplicates" => {
                 let first = order[0];
                 order.push(first);
@@ -64,7 +59,7 @@ impl Guest for Hostile {
             "missing" => {
                 order.pop();
             }
-            "huge" => return Ok((0..1_000_000u64).collect()),
+            "huge" => return Ok((0..1_000_000u32).collect()),
             "error" => return Err("hostile scheduler refuses".into()),
             _ => {}
         }

@@ -1,12 +1,10 @@
 //! First come, first served: arrival order, then id (the samples of one request share an arrival).
 //! The same order as the host's native `fcfs`, as a plugin: the baseline for plugin overhead.
 
-use pagedserve_plugin_sdk::scheduler::{export_scheduler, Budget, Guest, SeqView};
+use pagedserve_plugin_sdk::scheduler::{export_scheduler, rank_by, Budget, Guest, QueueView};
 
-pub fn rank(seqs: &[SeqView]) -> Vec<u64> {
-    let mut order: Vec<(u64, u64)> = seqs.iter().map(|s| (s.arrival, s.id)).collect();
-    order.sort_unstable();
-    order.into_iter().map(|(_, id)| id).collect()
+pub fn rank(queue: &QueueView) -> Vec<u32> {
+    rank_by(queue, |s| (s.arrival, s.id))
 }
 
 struct Fcfs;
@@ -16,8 +14,8 @@ impl Guest for Fcfs {
         Ok(())
     }
 
-    fn rank(seqs: Vec<SeqView>, _budget: Budget) -> Result<Vec<u64>, String> {
-        Ok(rank(&seqs))
+    fn rank(queue: QueueView, _budget: Budget) -> Result<Vec<u32>, String> {
+        Ok(rank(&queue))
     }
 }
 
@@ -26,13 +24,11 @@ export_scheduler!(Fcfs);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub fn seq(id: u64, arrival: u64) -> SeqView {
-        pagedserve_plugin_sdk::scheduler::seq_view(id, arrival)
-    }
+    use pagedserve_plugin_sdk::scheduler::seq;
 
     #[test]
     fn arrival_order_then_id() {
-        assert_eq!(rank(&[seq(3, 2), seq(1, 0), seq(5, 0), seq(2, 1)]), vec![1, 5, 2, 3]);
+        let queue = QueueView::from_seqs(&[seq(3, 2), seq(1, 0), seq(5, 0), seq(2, 1)]);
+        assert_eq!(queue.ids_of(&rank(&queue)), vec![1, 5, 2, 3]);
     }
 }

@@ -1,12 +1,10 @@
 //! Priority scheduling: lower `priority` first (vLLM's convention), then arrival, then id. A
 //! request marked urgent jumps the queue and, when the batch is full, preempts the least urgent.
 
-use pagedserve_plugin_sdk::scheduler::{export_scheduler, Budget, Guest, SeqView};
+use pagedserve_plugin_sdk::scheduler::{export_scheduler, rank_by, Budget, Guest, QueueView};
 
-pub fn rank(seqs: &[SeqView]) -> Vec<u64> {
-    let mut order: Vec<(i32, u64, u64)> = seqs.iter().map(|s| (s.priority, s.arrival, s.id)).collect();
-    order.sort_unstable();
-    order.into_iter().map(|(_, _, id)| id).collect()
+pub fn rank(queue: &QueueView) -> Vec<u32> {
+    rank_by(queue, |s| (s.priority, s.arrival, s.id))
 }
 
 struct Priority;
@@ -16,8 +14,8 @@ impl Guest for Priority {
         Ok(())
     }
 
-    fn rank(seqs: Vec<SeqView>, _budget: Budget) -> Result<Vec<u64>, String> {
-        Ok(rank(&seqs))
+    fn rank(queue: QueueView, _budget: Budget) -> Result<Vec<u32>, String> {
+        Ok(rank(&queue))
     }
 }
 
@@ -26,13 +24,15 @@ export_scheduler!(Priority);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pagedserve_plugin_sdk::scheduler::Seq;
 
-    fn seq(id: u64, priority: i32, arrival: u64) -> SeqView {
-        SeqView { priority, running: true, ..pagedserve_plugin_sdk::scheduler::seq_view(id, arrival) }
+    fn seq(id: u64, priority: i32, arrival: u64) -> Seq<'static> {
+        Seq { priority, running: true, ..pagedserve_plugin_sdk::scheduler::seq(id, arrival) }
     }
 
     #[test]
     fn urgent_first_then_arrival() {
-        assert_eq!(rank(&[seq(1, 5, 0), seq(2, 0, 1), seq(3, 5, 2), seq(4, -1, 3)]), vec![4, 2, 1, 3]);
+        let queue = QueueView::from_seqs(&[seq(1, 5, 0), seq(2, 0, 1), seq(3, 5, 2), seq(4, -1, 3)]);
+        assert_eq!(queue.ids_of(&rank(&queue)), vec![4, 2, 1, 3]);
     }
 }
