@@ -89,7 +89,7 @@ pub mod scheduler {
             let tokens = self.prompt_tokens.iter().zip(&self.computed_tokens).zip(&self.generated_tokens).zip(&self.max_tokens);
             let rest = self.blocks_held.iter().zip(&self.running);
             numbers.zip(tokens).zip(rest).enumerate().map(
-                |(index, ((((((&id, &priority), &tenant), &arrival), (((&prompt, &computed), &generated), &max)), (&blocks, &running))))| Seq {
+                |(index, (((((&id, &priority), &tenant), &arrival), (((&prompt, &computed), &generated), &max)), (&blocks, &running)))| Seq {
                     index: index as u32,
                     id,
                     priority,
