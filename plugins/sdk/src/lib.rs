@@ -192,7 +192,7 @@ pub mod scheduler {
     /// Indices of the view sorted by `key` (ties keep view order): the usual body of a ranking.
     pub fn rank_by<K: Ord>(queue: &QueueView, mut key: impl FnMut(Seq<'_>) -> K) -> Vec<u32> {
         let mut keyed: Vec<(K, u32)> = queue.iter().map(|s| (key(s), s.index)).collect();
-        keyed.sort_unstable_by(|a, b| a.cmp(b));
+        keyed.sort_unstable();
         keyed.into_iter().map(|(_, i)| i).collect()
     }
 }
