@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use pagedserve::engine::{EngineConfig, EngineHandle, GenerateRequest, StreamEvent};
 use pagedserve::metrics::Metrics;
 use pagedserve::plugin::{
-    FilterParams, FilterRequest, FilterVerdict, OutputVerdict, PluginKind, PluginLimits, PluginRegistry, PluginRuntime,
+    FilterParams, FilterRequest, FilterVerdict, PluginKind, PluginLimits, PluginRegistry, PluginRuntime,
     PluginsConfig, RegistryError, WasmScheduler,
 };
 use pagedserve::runner::CpuBackend;
@@ -303,8 +303,9 @@ fn filters_authenticate_rate_limit_clamp_and_block() {
     let verdict = registry.filter_request(&request(&[("x-api-key", "sk-beta")], "hi", 8)).unwrap();
     assert!(matches!(verdict, FilterVerdict::Modify(ref p) if p.tenant == "beta"), "{verdict:?}");
     // Output filtering.
-    assert_eq!(registry.filter_output("acme", "all fine", 3).unwrap(), OutputVerdict::Continue);
-    assert!(matches!(registry.filter_output("acme", "now FORBIDDEN", 3).unwrap(), OutputVerdict::Stop(_)));
+    assert_eq!(registry.run_output_filters("acme", "all fine", 3).unwrap(), None);
+    let (plugin, _reason) = registry.run_output_filters("acme", "now FORBIDDEN", 3).unwrap().expect("stopped");
+    assert_eq!(plugin, "blocklist");
 }
 
 #[test]

@@ -360,18 +360,4 @@ impl PluginRegistry {
         }
         Ok(None)
     }
-
-    /// Runs every filter's `on-output`; the first `Stop` wins.
-    pub fn filter_output(&self, tenant: &str, text_so_far: &str, generated_tokens: u32) -> Result<OutputVerdict, FilterFault> {
-        for name in self.filters() {
-            let Some(slot) = self.slot(PluginKind::Filter, &name) else { continue };
-            let verdict = slot
-                .on_output(tenant, text_so_far, generated_tokens)
-                .map_err(|error| FilterFault { plugin: name.clone(), error })?;
-            if let OutputVerdict::Stop(_) = verdict {
-                return Ok(verdict);
-            }
-        }
-        Ok(OutputVerdict::Continue)
-    }
 }

@@ -288,9 +288,23 @@ impl Generation {
                     let choice = prompt * self.valid.n + index;
                     let c = &mut self.choices[choice];
                     c.generated_tokens += token_ids.len() as u32;
-                    if self.plugins.is_some() {
+                    if self.plugins.is_some() && !text.is_empty() {
                         c.filter_text.push_str(&text);
+                        if let Err(error) = self.check_output(choice).await {
+                            // Fail closed: the engine streams are dropped (aborted).
+                            self.over = true;
+                            self.events = SelectAll::new();
+                            tracing::warn!(id = %self.id, error = %error.message, "output filter failed");
+                            self.state.metrics.request_failure.with_label_values(&[error.label]).inc();
+                            return Err(error);
+                        }
+                        if self.over {
+                            // A filter stopped the request on this text: it is withheld, so a
+                            // blocklisted word that completes here never reaches the client.
+                            return Ok(self.pending.pop_front().expect("a stop queues the finish updates"));
+                        }
                     }
+                    let c = &mut self.choices[choice];
                     let mut text = text;
                     if !c.started {
                         c.started = true;
@@ -313,16 +327,6 @@ impl Generation {
                                 ),
                                 Kind::Chat => c.chat_logprobs.extend(chat_logprobs(&self.state.tokenizer, &logprobs)),
                             }
-                        }
-                    }
-                    if self.plugins.is_some() && !text.is_empty() {
-                        if let Err(error) = self.check_output(choice).await {
-                            // Fail closed: the engine streams are dropped (aborted).
-                            self.over = true;
-                            self.events = SelectAll::new();
-                            tracing::warn!(id = %self.id, error = %error.message, "output filter failed");
-                            self.state.metrics.request_failure.with_label_values(&[error.label]).inc();
-                            return Err(error);
                         }
                     }
                     return Ok(Update::Delta { choice, text, sampled: logprobs, offset });
