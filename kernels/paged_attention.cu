@@ -4,6 +4,9 @@
 // attention, each key and value read once per group), and take 32 keys at a time, one per lane,
 // with an online softmax. Long contexts are cut into `num_splits` partitions processed by
 // separate blocks (split-K, "flash decoding"), whose partial results `attention_reduce` merges.
+// In a batch that mixes prefill chunks and decode tokens, the chunks go to `prefill_attention.cu`
+// and this kernel takes only the decode tokens: block x handles token `rows[x]`; with `rows` null
+// (decode-only batches, CUDA graphs) block x handles token x, as before.
 //
 // Layouts: q rows of `q_stride` elements holding [num_heads, HD] bf16 (the Q part of the QKV
 // projection's output); out [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads, block_size, HD]
@@ -19,10 +22,10 @@ __device__ void paged_attention_impl(
     __nv_bfloat16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
     float* __restrict__ part_sum, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const u32* __restrict__ block_tables, const u32* __restrict__ token_seq,
-    const u32* __restrict__ positions, int q_stride, int max_blocks, int num_heads, int num_kv_heads,
-    int block_size, float scale, int partition) {
+    const u32* __restrict__ positions, const u32* __restrict__ rows, int q_stride, int max_blocks, int num_heads,
+    int num_kv_heads, int block_size, float scale, int partition) {
     constexpr int DPL = HD / 32;  // dimensions per lane
-    const int t = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
+    const int t = rows ? rows[blockIdx.x] : blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int group = num_heads / num_kv_heads;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int context = positions[t] + 1;
@@ -155,11 +158,11 @@ __device__ void paged_attention_impl(
 #define ATTENTION_PARAMS                                                                                   \
     __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
         const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache, const u32 *block_tables,               \
-        const u32 *token_seq, const u32 *positions, int q_stride, int max_blocks, int num_heads,           \
-        int num_kv_heads, int block_size, float scale, int partition
+        const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
+        int num_heads, int num_kv_heads, int block_size, float scale, int partition
 #define ATTENTION_ARGS                                                                                     \
-    out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, q_stride,  \
-        max_blocks, num_heads, num_kv_heads, block_size, scale, partition
+    out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
+        q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition
 #define ATTENTION_KERNEL(HD, G)                                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_hd##HD##_g##G(ATTENTION_PARAMS) { \
         paged_attention_impl<HD, G>(ATTENTION_ARGS);                                                       \
@@ -173,11 +176,13 @@ ATTENTION_KERNEL(128, 2)
 ATTENTION_KERNEL(128, 4)
 ATTENTION_KERNEL(128, 8)
 
-// Merges split-K partials: one block per (token, head), one thread per dimension.
+// Merges split-K partials: one block per (row, head) (grid x, y), one thread per dimension; the
+// row is a token, or an index into `rows` when it is not null (as in the attention kernel).
 extern "C" __global__ void attention_reduce(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_out,
                                             const float* __restrict__ part_max, const float* __restrict__ part_sum,
-                                            int num_splits, int head_dim) {
-    const u64 th = blockIdx.x;  // token * num_heads + head
+                                            const u32* __restrict__ rows, int num_splits, int head_dim) {
+    const u64 t = rows ? rows[blockIdx.x] : blockIdx.x;
+    const u64 th = t * gridDim.y + blockIdx.y;  // token * num_heads + head
     float big = -INFINITY;
     for (int s = 0; s < num_splits; s++) big = fmaxf(big, part_max[th * num_splits + s]);
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {

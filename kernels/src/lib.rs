@@ -44,6 +44,11 @@ pub const MODULES: &[KernelModule] = &[
             "attention_reduce",
         ],
     },
+    KernelModule {
+        name: "prefill_attention",
+        source: include_str!("../prefill_attention.cu"),
+        functions: &["prefill_attention_hd64", "prefill_attention_hd128"],
+    },
     KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16"] },
 ];
 
@@ -72,16 +77,17 @@ mod tests {
         for module in MODULES {
             for function in module.functions {
                 // Plain definitions, or instantiations of a macro: `paged_attention_hd64_g4` is
-                // `ATTENTION_KERNEL(64, 4)`.
-                let defined = module.source.contains(&format!("{function}(")) || {
-                    let parts: Vec<&str> = function.rsplitn(2, "_g").collect();
-                    parts.len() == 2
-                        && module.source.contains(&format!(
-                            "ATTENTION_KERNEL({}, {})",
-                            parts[1].trim_start_matches("paged_attention_hd"),
-                            parts[0]
-                        ))
+                // `ATTENTION_KERNEL(64, 4)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`.
+                let instantiated = if let Some((hd, g)) =
+                    function.strip_prefix("paged_attention_hd").and_then(|rest| rest.split_once("_g"))
+                {
+                    module.source.contains(&format!("ATTENTION_KERNEL({hd}, {g})"))
+                } else if let Some(hd) = function.strip_prefix("prefill_attention_hd") {
+                    module.source.contains(&format!("PREFILL_KERNEL({hd})"))
+                } else {
+                    false
                 };
+                let defined = module.source.contains(&format!("{function}(")) || instantiated;
                 assert!(defined, "{} does not define {function}", module.name);
             }
             assert!(module.full_source().contains("warp_sum"), "common helpers are prepended");

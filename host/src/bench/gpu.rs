@@ -1,6 +1,7 @@
 //! GPU benchmarks (`pagedserve bench gpu`), each beside the ceiling it is judged by, measured in
 //! the same run: device-to-device copy bandwidth; paged-attention decode for a Llama-3.1-8B head
-//! layout against that bandwidth; decode step time of the default model at batch 1 and 256; and
+//! layout against that bandwidth; prefill attention (the flash-style kernel against the per-token
+//! decode kernel on the same inputs, in TFLOP/s); decode step time of the default model at batch 1 and 256; and
 //! the step time of a Llama-3.1-8B-shaped dummy model against its bandwidth floor (weights plus
 //! KV bytes over measured bandwidth). Times are medians over repeated runs after a warm-up,
 //! taken with CUDA events.
@@ -11,7 +12,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
 use super::median;
-use crate::cuda::launch::attention_splits;
+use crate::cuda::launch::{attention_splits, prefill_kernel_name, AttentionPath};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::ModelConfig;
 use crate::runner::ForwardBatch;
@@ -56,6 +57,12 @@ pub struct AttentionBench {
     pub gbps: f64,
 }
 
+/// Cheap deterministic values in [-1, 1] (never zeros: they would hide unwritten outputs and can
+/// run faster than real data).
+fn pseudo_random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    (0..n).map(|i| bf16::from_f32((((i as u64 * 2654435761 + seed) % 2001) as f32 / 1000.0) - 1.0)).collect()
+}
+
 /// Decode attention (one query token per sequence) over `context` cached positions.
 pub fn attention_decode(
     dev: &GpuDevice,
@@ -75,25 +82,101 @@ pub fn attention_decode(
         fb.push_seq(&[1], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
     }
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
-    let random = |n: usize, seed: u64| -> Vec<bf16> {
-        (0..n).map(|i| bf16::from_f32((((i as u64 * 2654435761 + seed) % 2001) as f32 / 1000.0) - 1.0)).collect()
-    };
     let splits = attention_splits(context, batch * kv_heads, dev.num_sms);
     let attention = crate::cuda::StandaloneAttention::upload(
         dev,
         &fb,
-        &random(batch * heads * head_dim, 3),
-        &random(cache_len, 1),
-        &random(cache_len, 2),
+        &pseudo_random_bf16(batch * heads * head_dim, 3),
+        &pseudo_random_bf16(cache_len, 1),
+        &pseudo_random_bf16(cache_len, 2),
         heads,
         kv_heads,
         head_dim,
+        AttentionPath::Decode,
         splits,
     )?;
     let ms = time_ms(dev, 5, 50, || attention.launch(dev))?;
     // K and V of every cached position, read once; q and out are negligible.
     let bytes = 2 * batch * context * kv_heads * head_dim * 2;
     Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9 })
+}
+
+pub struct PrefillBench {
+    /// The flash-style prefill kernel.
+    pub prefill_ms: f64,
+    /// The per-token decode kernel on the same inputs (what every prefill used before).
+    pub decode_kernel_ms: f64,
+    /// Causal attention flops: 4 * query tokens * mean keys per query * head_dim * heads.
+    pub flops: f64,
+}
+
+impl PrefillBench {
+    pub fn tflops(&self, ms: f64) -> f64 {
+        self.flops / (ms * 1e-3) / 1e12
+    }
+}
+
+/// Prefill attention of `seqs` sequences of `len` new tokens each from position 0 (their keys
+/// already in the cache, as `rope_and_cache` leaves them), in scattered blocks: the prefill kernel
+/// against the decode kernel run over every token, on the same inputs.
+pub fn attention_prefill(
+    dev: &GpuDevice,
+    seqs: usize,
+    len: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<PrefillBench, CudaError> {
+    let block_size = 16;
+    let blocks_per_seq = len.div_ceil(block_size);
+    let num_blocks = seqs * blocks_per_seq;
+    let mut fb = ForwardBatch::new(block_size, num_blocks);
+    for b in 0..seqs {
+        let table: Vec<u32> = (0..blocks_per_seq).map(|i| (i * seqs + b) as u32).collect();
+        fb.push_seq(&vec![1; len], 0, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    let n = fb.num_tokens();
+    let cache_len = num_blocks * kv_heads * block_size * head_dim;
+    let (q, k, v) = (pseudo_random_bf16(n * heads * head_dim, 3), pseudo_random_bf16(cache_len, 1), pseudo_random_bf16(cache_len, 2));
+    let upload = |path: AttentionPath, splits: usize| {
+        crate::cuda::StandaloneAttention::upload(dev, &fb, &q, &k, &v, heads, kv_heads, head_dim, path, splits)
+    };
+    let prefill = upload(AttentionPath::Mixed, 1)?;
+    let prefill_ms = time_ms(dev, 5, 30, || prefill.launch(dev))?;
+    drop(prefill);
+    let decode = upload(AttentionPath::Decode, attention_splits(len, n * kv_heads, dev.num_sms))?;
+    let decode_kernel_ms = time_ms(dev, 3, 10, || decode.launch(dev))?;
+    let mean_keys = (len + 1) as f64 / 2.0;
+    let flops = 4.0 * n as f64 * mean_keys * head_dim as f64 * heads as f64;
+    Ok(PrefillBench { prefill_ms, decode_kernel_ms, flops })
+}
+
+/// The prefill attention rows of `bench gpu`: one 2048-token sequence and 8 x 512 tokens, in the
+/// Llama-3.1-8B head layout (32/8, head dim 128) and SmolLM2's (9/3, head dim 64).
+pub fn print_attention_prefill(dev: &GpuDevice) -> Result<(), CudaError> {
+    for head_dim in [64, 128] {
+        let function = dev.function(&prefill_kernel_name(head_dim));
+        println!(
+            "{}: {} registers, {} bytes of local memory per thread",
+            prefill_kernel_name(head_dim),
+            function.num_regs()?,
+            function.local_size_bytes()?
+        );
+    }
+    for (name, heads, kv_heads, head_dim) in [("8B", 32, 8, 128), ("SmolLM2", 9, 3, 64)] {
+        for (seqs, len) in [(1, 2048), (8, 512)] {
+            let r = attention_prefill(dev, seqs, len, heads, kv_heads, head_dim)?;
+            println!(
+                "prefill attention {name:<7} {seqs}x{len:<5} flash {:>8.3} ms {:>6.1} TFLOP/s | per-token decode kernel {:>8.3} ms {:>6.1} TFLOP/s | {:>5.1}x",
+                r.prefill_ms,
+                r.tflops(r.prefill_ms),
+                r.decode_kernel_ms,
+                r.tflops(r.decode_kernel_ms),
+                r.decode_kernel_ms / r.prefill_ms
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Median milliseconds of one decode step of `batch` sequences at `context` positions each

@@ -11,10 +11,11 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::launch::row_threads;
+use super::launch::{row_threads, AttentionPath};
 use super::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
 use crate::model::cpu::{ops, paged_attention, CpuKvCache, CpuModel};
+use crate::model::rope::Rope;
 use crate::runner::generate::{GenerateOptions, Generator};
 use crate::runner::{CpuBackend, ForwardBatch, ModelBackend};
 
@@ -66,20 +67,26 @@ fn download_bf16(dev: &GpuDevice, slice: &CudaSlice<bf16>, n: usize) -> Result<V
     Ok(host.iter().map(|v| v.to_f32()).collect())
 }
 
-/// Paged attention for sequences of `seq_lens` tokens, every token a query (prefill and decode at
-/// once), keys and values in scattered blocks.
+/// Attention for sequences given as `(cached, new)`: `cached` positions already in the cache (a
+/// prefix-cache hit, or the chunks before a chunked prefill's current one) and `new` query tokens
+/// after them, whose keys are in the cache too (as `rope_and_cache` leaves them). Every slot of
+/// the pool holds random keys and values, so a read of the wrong slot cannot go unnoticed; block
+/// tables are scattered and out of order. `path` picks which kernel takes which tokens (see
+/// `AttentionPath`); `splits` is the decode kernel's split-K.
+#[allow(clippy::too_many_arguments)]
 pub fn check_attention(
     dev: &GpuDevice,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    seq_lens: &[usize],
+    seqs: &[(usize, usize)],
+    path: AttentionPath,
     splits: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
     let block_size = 16;
     let mut rng = StdRng::seed_from_u64(seed);
-    let total_blocks: usize = seq_lens.iter().map(|l| l.div_ceil(block_size)).sum::<usize>() + 7;
+    let total_blocks: usize = seqs.iter().map(|(cached, new)| (cached + new).div_ceil(block_size)).sum::<usize>() + 7;
     let layout = KvCacheLayout { num_layers: 1, num_blocks: total_blocks, block_size, num_kv_heads: kv_heads, head_dim };
     // Scattered, out-of-order blocks: a fixed permutation of the pool.
     let mut pool: Vec<u32> = (0..total_blocks as u32).collect();
@@ -88,32 +95,146 @@ pub fn check_attention(
     }
     let mut batch = ForwardBatch::new(block_size, total_blocks);
     let mut next = 0;
-    for &len in seq_lens {
-        let blocks = &pool[next..next + len.div_ceil(block_size)];
+    for &(cached, new) in seqs {
+        let blocks = &pool[next..next + (cached + new).div_ceil(block_size)];
         next += blocks.len();
-        batch.push_seq(&vec![0; len], 0, blocks, false).map_err(|e| CudaError::Config(e.to_string()))?;
+        batch.push_seq(&vec![0; new], cached, blocks, false).map_err(|e| CudaError::Config(e.to_string()))?;
     }
     let n = batch.num_tokens();
     let q = random_bf16_values(&mut rng, n * heads * head_dim, 1.0);
-    let k = random_bf16_values(&mut rng, n * kv_heads * head_dim, 1.0);
-    let v = random_bf16_values(&mut rng, n * kv_heads * head_dim, 1.0);
-
     let mut cpu_cache = CpuKvCache::new(layout);
     let row = kv_heads * head_dim;
-    for t in 0..n {
-        cpu_cache.write(0, batch.slot_mapping[t] as usize, &k[t * row..][..row], &v[t * row..][..row]);
+    for slot in 0..total_blocks * block_size {
+        let k = random_bf16_values(&mut rng, row, 1.0);
+        let v = random_bf16_values(&mut rng, row, 1.0);
+        cpu_cache.write(0, slot, &k, &v);
     }
     let (keys, values) = cpu_cache.layer(0);
     let mut want = vec![0.0f32; n * heads * head_dim];
     paged_attention(&mut want, &q, &batch, keys, values, &layout, heads, 1.0 / (head_dim as f32).sqrt());
 
-    let attention = StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(keys), &to_bf16(values), heads, kv_heads, head_dim, splits)?;
+    let attention =
+        StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(keys), &to_bf16(values), heads, kv_heads, head_dim, path, splits)?;
     attention.launch(dev)?;
     let got = attention.output(dev)?;
+    let name = match path {
+        AttentionPath::Decode => "paged_attention",
+        AttentionPath::Prefill => "prefill_attention",
+        AttentionPath::Mixed => "mixed attention",
+    };
+    let shown: Vec<String> =
+        seqs.iter().map(|&(cached, new)| if cached == 0 { format!("{new}") } else { format!("{cached}+{new}") }).collect();
     Ok(CheckRow::error(
-        "paged_attention",
-        format!("heads {heads}/{kv_heads} hd {head_dim} lens {seq_lens:?} splits {splits}"),
+        name,
+        format!("heads {heads}/{kv_heads} hd {head_dim} lens [{}] splits {splits}", shown.join(", ")),
         relative_error(&got, &want),
+    ))
+}
+
+/// GPT-J-style ("interleaved") RoPE of every head of `x` in place: dimensions `2i` and `2i + 1`
+/// rotate together by the angle of frequency `i`. The CPU model only has the rotate-half form
+/// (`Rope::apply`); this is the reference for `rope_and_cache` with `interleaved = 1`.
+pub fn rope_interleaved(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+            let (x1, x2) = (pair[0], pair[1]);
+            pair[0] = x1 * cos[i] - x2 * sin[i];
+            pair[1] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/// RoPE inverse frequencies with base 10000 (the form `Rope::new` computes, without scaling).
+fn default_inv_freq(head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0f32 / 10000f32.powf((2 * i) as f32 / head_dim as f32)).collect()
+}
+
+/// Cosines and sines of one position, as `Rope::cos_sin` computes them (float32 angle).
+fn cos_sin(inv_freq: &[f32], position: u32) -> (Vec<f32>, Vec<f32>) {
+    inv_freq.iter().map(|&f| ((position as f32 * f).cos(), (position as f32 * f).sin())).unzip()
+}
+
+/// `rope_and_cache` on `tokens` random rows at random positions (up to 8000, so large angles are
+/// covered) and scattered slots, rotate-half or interleaved: the rotated Q and K in the QKV
+/// buffer, and the K and V the cache received, against the CPU.
+pub fn check_rope(
+    dev: &GpuDevice,
+    tokens: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    interleaved: bool,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
+    let block_size = 16;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let width = (heads + 2 * kv_heads) * head_dim;
+    let qkv = random_bf16_values(&mut rng, tokens * width, 2.0);
+    let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..8000)).collect();
+    let num_blocks = tokens.div_ceil(block_size) + 3;
+    let mut slots: Vec<u32> = (0..(num_blocks * block_size) as u32).collect();
+    for i in (1..slots.len()).rev() {
+        slots.swap(i, rng.random_range(0..=i));
+    }
+    slots.truncate(tokens);
+    let inv_freq = default_inv_freq(head_dim);
+
+    // CPU: rotate Q and K of every row; the cache gets K (rotated) and V at the row's slot.
+    let layout = KvCacheLayout { num_layers: 1, num_blocks, block_size, num_kv_heads: kv_heads, head_dim };
+    let mut want_qkv = qkv.clone();
+    let mut cpu_cache = CpuKvCache::new(layout);
+    for t in 0..tokens {
+        let (cos, sin) = cos_sin(&inv_freq, positions[t]);
+        let row = &mut want_qkv[t * width..(t + 1) * width];
+        let (qk, v) = row.split_at_mut((heads + kv_heads) * head_dim);
+        if interleaved {
+            rope_interleaved(qk, head_dim, &cos, &sin);
+        } else {
+            Rope::apply(qk, head_dim, &cos, &sin);
+        }
+        cpu_cache.write(0, slots[t] as usize, &qk[heads * head_dim..], v);
+    }
+
+    let stream = &dev.stream;
+    let qkv_dev = stream.clone_htod(&to_bf16(&qkv))?;
+    let positions_dev = stream.clone_htod(&positions)?;
+    let slots_dev = stream.clone_htod(&slots)?;
+    let inv_freq_dev = stream.clone_htod(&inv_freq)?;
+    let k_cache = stream.clone_htod(&vec![bf16::ZERO; layout.layer_len()])?;
+    let v_cache = stream.clone_htod(&vec![bf16::ZERO; layout.layer_len()])?;
+    let (heads_i, kv_heads_i, hd_i, bs_i) = (heads as i32, kv_heads as i32, head_dim as i32, block_size as i32);
+    let (position_scale, interleaved_i) = (1.0f32, interleaved as i32);
+    unsafe {
+        stream
+            .launch_builder(dev.function("rope_and_cache"))
+            .arg(&qkv_dev)
+            .arg(&positions_dev)
+            .arg(&slots_dev)
+            .arg(&inv_freq_dev)
+            .arg(&k_cache)
+            .arg(&v_cache)
+            .arg(&heads_i)
+            .arg(&kv_heads_i)
+            .arg(&hd_i)
+            .arg(&bs_i)
+            .arg(&position_scale)
+            .arg(&interleaved_i)
+            .launch(LaunchConfig {
+                grid_dim: (tokens as u32, 1, 1),
+                block_dim: (row_threads((heads + kv_heads) * head_dim / 2), 1, 1),
+                shared_mem_bytes: 0,
+            })?;
+    }
+    let mut got = download_bf16(dev, &qkv_dev, tokens * width)?;
+    got.extend(download_bf16(dev, &k_cache, layout.layer_len())?);
+    got.extend(download_bf16(dev, &v_cache, layout.layer_len())?);
+    let (keys, values) = cpu_cache.layer(0);
+    want_qkv.extend_from_slice(keys);
+    want_qkv.extend_from_slice(values);
+    Ok(CheckRow::error(
+        "rope_and_cache",
+        format!("{} {tokens} x {heads}/{kv_heads} hd {head_dim}", if interleaved { "interleaved" } else { "rotate-half" }),
+        relative_error(&got, &want_qkv),
     ))
 }
 
@@ -269,20 +390,58 @@ pub fn print_table(rows: &[CheckRow]) -> bool {
     failed == 0
 }
 
-/// The standard set of kernel checks: odd sizes, one block, many blocks, GQA groups 1, 3 and 4,
-/// head dims 64 and 128, with and without split-K.
+/// The standard set of kernel checks: the decode kernel on odd sizes, one block, many blocks, GQA
+/// groups 1, 3, 4 and 7, head dims 64 and 128, with and without split-K; the prefill kernel alone
+/// (one token, lengths off the tile and block sizes, chunked prefill and prefix-cache hits, GQA
+/// groups 1 to 8 incl. 3 and 7); mixed batches split between the two kernels as the backend
+/// splits them; RoPE in both forms; RMSNorm; SiLU.
 pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     let mut rows = Vec::new();
     let mut seed = 1;
+    let fresh = |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (0, l)).collect() };
     for (heads, kv_heads, head_dim) in [(4, 4, 64), (9, 3, 64), (32, 8, 128), (12, 4, 128), (14, 2, 64)] {
         for lens in [&[1usize][..], &[16], &[37, 5], &[300, 1, 129]] {
             seed += 1;
-            rows.push(check_attention(dev, heads, kv_heads, head_dim, lens, 1, seed)?);
+            rows.push(check_attention(dev, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Decode, 1, seed)?);
         }
     }
     // Split-K over long contexts.
-    rows.push(check_attention(dev, 32, 8, 128, &[1500, 700], 3, 91)?);
-    rows.push(check_attention(dev, 9, 3, 64, &[1100], 3, 92)?);
+    rows.push(check_attention(dev, 32, 8, 128, &fresh(&[1500, 700]), AttentionPath::Decode, 3, 91)?);
+    rows.push(check_attention(dev, 9, 3, 64, &fresh(&[1100]), AttentionPath::Decode, 3, 92)?);
+
+    // The prefill kernel alone.
+    let layouts = [(9, 3, 64), (12, 4, 128), (8, 8, 64), (8, 8, 128), (14, 2, 64), (32, 8, 128), (7, 1, 64), (16, 2, 128)];
+    for (heads, kv_heads, head_dim) in layouts {
+        for lens in [&[1usize][..], &[17], &[64], &[100], &[37, 5, 129]] {
+            seed += 1;
+            rows.push(check_attention(dev, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Prefill, 1, seed)?);
+        }
+    }
+    for (heads, kv_heads, head_dim) in [(9, 3, 64), (32, 8, 128)] {
+        rows.push(check_attention(dev, heads, kv_heads, head_dim, &[(0, 1000)], AttentionPath::Prefill, 1, seed + 1)?);
+        // Chunked prefill: a chunk of 37 at position 200, the earlier chunks' keys in the cache;
+        // then prefix-cache hits of several sizes (on and off block and tile boundaries).
+        rows.push(check_attention(dev, heads, kv_heads, head_dim, &[(200, 37)], AttentionPath::Prefill, 1, seed + 2)?);
+        rows.push(check_attention(dev, heads, kv_heads, head_dim, &[(96, 130), (16, 1), (64, 64), (5, 70)], AttentionPath::Prefill, 1, seed + 3)?);
+        seed += 3;
+    }
+    rows.push(check_attention(dev, 14, 2, 64, &[(200, 37)], AttentionPath::Prefill, 1, 93)?);
+    rows.push(check_attention(dev, 12, 4, 128, &[(200, 37)], AttentionPath::Prefill, 1, 94)?);
+
+    // Mixed batches as the backend launches them: two prefills (one a chunk after a cached
+    // prefix) and three decode tokens; then decode rows long enough for split-K beside prefills.
+    for (heads, kv_heads, head_dim) in [(9, 3, 64), (32, 8, 128), (14, 2, 64), (12, 4, 128)] {
+        seed += 1;
+        let batch = [(0, 100), (30, 1), (50, 37), (200, 1), (0, 1)];
+        rows.push(check_attention(dev, heads, kv_heads, head_dim, &batch, AttentionPath::Mixed, 1, seed)?);
+    }
+    rows.push(check_attention(dev, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1), (3, 1)], AttentionPath::Mixed, 3, 95)?);
+    rows.push(check_attention(dev, 9, 3, 64, &[(1100, 1), (40, 300), (60, 1)], AttentionPath::Mixed, 3, 96)?);
+
+    for interleaved in [false, true] {
+        rows.push(check_rope(dev, 37, 9, 3, 64, interleaved, 7)?);
+        rows.push(check_rope(dev, 5, 32, 8, 128, interleaved, 8)?);
+    }
     rows.push(check_rmsnorm(dev, 7, 576, 3)?);
     rows.push(check_rmsnorm(dev, 3, 4096, 4)?);
     rows.push(check_silu(dev, 5, 1536, 5)?);
@@ -330,4 +489,43 @@ pub fn check_graphs(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u
         error: None,
         passed: agreed == total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaved_rope_is_rotate_half_on_deinterleaved_dimensions() {
+        // Interleaved pair (2i, 2i+1) is rotate-half's pair (i, i + hd/2) once the even dimensions
+        // are moved to the first half and the odd ones to the second.
+        let hd = 8;
+        let mut rng = StdRng::seed_from_u64(1);
+        let x = random_bf16_values(&mut rng, 2 * hd, 1.0);
+        let inv_freq = default_inv_freq(hd);
+        let (cos, sin) = cos_sin(&inv_freq, 1234);
+        let mut interleaved = x.clone();
+        rope_interleaved(&mut interleaved, hd, &cos, &sin);
+        let permute = |v: &[f32]| -> Vec<f32> {
+            v.chunks_exact(hd).flat_map(|h| h.iter().step_by(2).chain(h.iter().skip(1).step_by(2)).copied().collect::<Vec<_>>()).collect()
+        };
+        let mut half = permute(&x);
+        Rope::apply(&mut half, hd, &cos, &sin);
+        assert_eq!(permute(&interleaved), half);
+        // Position 0 is the identity; any position keeps each pair's length.
+        let mut same = x.clone();
+        let (cos, sin) = cos_sin(&inv_freq, 0);
+        rope_interleaved(&mut same, hd, &cos, &sin);
+        assert_eq!(same, x);
+        for (a, b) in interleaved.chunks_exact(2).zip(x.chunks_exact(2)) {
+            assert!(((a[0] * a[0] + a[1] * a[1]) - (b[0] * b[0] + b[1] * b[1])).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn relative_error_is_zero_on_equal_and_infinite_on_nan() {
+        assert_eq!(relative_error(&[1.0, -2.0], &[1.0, -2.0]), 0.0);
+        assert!((relative_error(&[1.1, 0.0], &[1.0, 0.0]) - 0.1).abs() < 1e-6);
+        assert_eq!(relative_error(&[f32::NAN, 0.0], &[1.0, 0.0]), f64::INFINITY);
+    }
 }

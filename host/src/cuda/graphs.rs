@@ -72,6 +72,11 @@ fn layout(base: u64, bucket: usize, max_blocks: usize) -> BatchArrays {
         block_tables: at(4 * bucket),
         rows: at(4 * bucket + bucket * max_blocks),
         max_blocks,
+        // Decode only: the decode attention kernel over every row, no prefill launch.
+        tiles: 0,
+        num_tiles: 0,
+        decode_rows: 0,
+        num_decode: bucket,
     }
 }
 

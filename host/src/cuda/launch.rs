@@ -1,6 +1,7 @@
 //! Launch arithmetic of the GPU forward, kept free of CUDA calls so it is unit-tested on machines
-//! without a GPU: how a batch's block tables are packed for the kernels, how many split-K
-//! partitions attention uses, and which CUDA-graph bucket a decode batch falls in.
+//! without a GPU: how a batch's block tables are packed for the kernels, which tokens go to the
+//! prefill and which to the decode attention kernel, how many split-K partitions decode attention
+//! uses, and which CUDA-graph bucket a decode batch falls in.
 
 use crate::runner::ForwardBatch;
 
@@ -21,6 +22,77 @@ pub fn pack_block_tables(batch: &ForwardBatch) -> (Vec<u32>, usize) {
     (packed, max_blocks)
 }
 
+/// Query tokens per block of the prefill attention kernel (`PF_M` in
+/// `kernels/prefill_attention.cu`), and its threads (`PF_THREADS`).
+pub const PREFILL_TILE: usize = 64;
+pub const PREFILL_THREADS: u32 = 128;
+
+/// Which attention kernel takes which tokens of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// The backend's choice: sequences with more than one new token (prefill chunks, prefix-cache
+    /// hits) go to the prefill kernel, one-token sequences (decode) to the decode kernel.
+    Mixed,
+    /// Every token through the per-token decode kernel (what every batch did before the prefill
+    /// kernel; kept for checks and for benchmarking against).
+    Decode,
+    /// Every sequence, even of one token, through the prefill kernel (to check that kernel alone).
+    Prefill,
+}
+
+/// The attention launches of one batch, computed on the host.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AttentionPlan {
+    /// Prefill tiles, `[sequence, first token row, tokens]`, at most `PREFILL_TILE` tokens each;
+    /// longest context first, so the blocks with the most work start first and the short ones
+    /// fill the tail of the grid.
+    pub tiles: Vec<[u32; 3]>,
+    /// Token rows the decode kernel takes; `None` when it takes every row (a decode-only batch:
+    /// the kernel runs exactly as it did before there was a prefill kernel, with no indirection).
+    pub decode_rows: Option<Vec<u32>>,
+    /// Longest context of a decode row (sizes split-K); 0 when there is none.
+    pub decode_context: usize,
+}
+
+impl AttentionPlan {
+    /// Rows the decode kernel launches over.
+    pub fn num_decode(&self, num_tokens: usize) -> usize {
+        self.decode_rows.as_ref().map_or(num_tokens, Vec::len)
+    }
+
+    /// The tiles, flattened for upload.
+    pub fn tile_words(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tiles.iter().flatten().copied()
+    }
+}
+
+pub fn plan_attention(batch: &ForwardBatch, path: AttentionPath) -> AttentionPlan {
+    let prefill = |len: usize| match path {
+        AttentionPath::Mixed => len > 1,
+        AttentionPath::Decode => false,
+        AttentionPath::Prefill => true,
+    };
+    let mut tiles = Vec::new();
+    let mut decode_rows = Vec::new();
+    let mut decode_context = 0;
+    for (index, seq) in batch.seqs.iter().enumerate() {
+        if prefill(seq.tokens.len()) {
+            for first in seq.tokens.clone().step_by(PREFILL_TILE) {
+                let len = PREFILL_TILE.min(seq.tokens.end - first);
+                tiles.push([index as u32, first as u32, len as u32]);
+            }
+        } else {
+            decode_rows.extend(seq.tokens.clone().map(|t| t as u32));
+            decode_context = decode_context.max(seq.context_len());
+        }
+    }
+    // The last key a tile reads is its last token's position.
+    let last_position = |t: &[u32; 3]| batch.positions[(t[1] + t[2] - 1) as usize];
+    tiles.sort_by_key(|t| std::cmp::Reverse(last_position(t)));
+    let decode_rows = if tiles.is_empty() { None } else { Some(decode_rows) };
+    AttentionPlan { tiles, decode_rows, decode_context }
+}
+
 /// Split-K partitions for attention over contexts of at most `max_context` positions, for a
 /// launch of `work_items` (token, KV head) blocks on `num_sms` multiprocessors: enough splits that
 /// the grid has about four blocks per multiprocessor (a memory-bound kernel needs many warps in
@@ -35,6 +107,12 @@ pub fn attention_splits(max_context: usize, work_items: usize, num_sms: usize) -
 /// group is rounded up to a power of two (1, 2, 4, 8) so registers are sized for it.
 pub fn attention_kernel_name(head_dim: usize, group: usize) -> String {
     format!("paged_attention_hd{head_dim}_g{}", group.next_power_of_two())
+}
+
+/// The prefill attention kernel for this head dimension (one per head dim: it takes one query
+/// head per block, so any GQA group size works).
+pub fn prefill_kernel_name(head_dim: usize) -> String {
+    format!("prefill_attention_hd{head_dim}")
 }
 
 /// Batch sizes CUDA graphs are captured for; a decode batch runs in the smallest bucket that
@@ -65,6 +143,49 @@ mod tests {
     }
 
     #[test]
+    fn mixed_batches_tile_prefill_chunks_and_list_decode_rows() {
+        let mut batch = ForwardBatch::new(16, 64);
+        batch.push_seq(&[1], 40, &[1, 2, 3], true).unwrap(); // row 0: decode
+        batch.push_seq(&[1; 130], 0, &[4; 9], true).unwrap(); // rows 1..131: prefill, 3 tiles
+        batch.push_seq(&[1; 37], 200, &[5; 15], true).unwrap(); // rows 131..168: chunk at 200
+        batch.push_seq(&[1], 7, &[6], true).unwrap(); // row 168: decode
+        let plan = plan_attention(&batch, AttentionPath::Mixed);
+        // Longest context first: the chunk (last position 236), then the prefill's tiles.
+        assert_eq!(plan.tiles, vec![[2, 131, 37], [1, 129, 2], [1, 65, 64], [1, 1, 64]]);
+        assert_eq!(plan.decode_rows, Some(vec![0, 168]));
+        assert_eq!(plan.decode_context, 41);
+        assert_eq!(plan.num_decode(batch.num_tokens()), 2);
+        assert_eq!(plan.tile_words().take(6).collect::<Vec<_>>(), vec![2, 131, 37, 1, 129, 2]);
+    }
+
+    #[test]
+    fn decode_only_batches_launch_the_decode_kernel_over_every_row() {
+        let mut batch = ForwardBatch::new(16, 64);
+        batch.push_seq(&[1], 40, &[1, 2, 3], true).unwrap();
+        batch.push_seq(&[1], 0, &[4], true).unwrap();
+        let plan = plan_attention(&batch, AttentionPath::Mixed);
+        assert_eq!(plan, AttentionPlan { tiles: vec![], decode_rows: None, decode_context: 41 });
+        assert_eq!(plan.num_decode(2), 2);
+        // A batch of prefills only: no decode launch at all.
+        let mut prefill = ForwardBatch::new(16, 64);
+        prefill.push_seq(&[1; 64], 0, &[1; 4], true).unwrap();
+        let plan = plan_attention(&prefill, AttentionPath::Mixed);
+        assert_eq!((plan.tiles.len(), plan.num_decode(64)), (1, 0));
+    }
+
+    #[test]
+    fn forced_paths_send_every_sequence_to_one_kernel() {
+        let mut batch = ForwardBatch::new(16, 64);
+        batch.push_seq(&[1; 3], 0, &[1], true).unwrap();
+        batch.push_seq(&[1], 9, &[2], true).unwrap();
+        let all_prefill = plan_attention(&batch, AttentionPath::Prefill);
+        assert_eq!(all_prefill.tiles, vec![[1, 3, 1], [0, 0, 3]]);
+        assert_eq!(all_prefill.num_decode(4), 0);
+        let all_decode = plan_attention(&batch, AttentionPath::Decode);
+        assert_eq!((all_decode.tiles.len(), all_decode.decode_rows, all_decode.decode_context), (0, None, 10));
+    }
+
+    #[test]
     fn splits_follow_context_unless_the_grid_is_full() {
         assert_eq!(attention_splits(100, 8, 132), 1, "short context: one partition");
         assert_eq!(attention_splits(2048, 8, 132), 4, "few blocks: one split per partition");
@@ -80,6 +201,7 @@ mod tests {
         assert_eq!(attention_kernel_name(128, 4), "paged_attention_hd128_g4");
         assert_eq!(attention_kernel_name(64, 7), "paged_attention_hd64_g8");
         assert_eq!(attention_kernel_name(128, 1), "paged_attention_hd128_g1");
+        assert_eq!(prefill_kernel_name(64), "prefill_attention_hd64");
     }
 
     #[test]

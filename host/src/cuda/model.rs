@@ -13,7 +13,10 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::gemm::{linear, OutType};
-use super::launch::{attention_kernel_name, attention_splits, pack_block_tables, row_threads, ATTENTION_PARTITION, ATTENTION_THREADS};
+use super::launch::{
+    attention_kernel_name, attention_splits, prefill_kernel_name, pack_block_tables, plan_attention, row_threads, AttentionPath, AttentionPlan,
+    ATTENTION_PARTITION, ATTENTION_THREADS, PREFILL_THREADS,
+};
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::CpuModel;
@@ -258,6 +261,12 @@ pub(crate) struct BatchArrays {
     pub block_tables: CUdeviceptr,
     pub rows: CUdeviceptr,
     pub max_blocks: usize,
+    /// Prefill attention tiles (`AttentionPlan::tiles`, 3 words each) and their count.
+    pub tiles: CUdeviceptr,
+    pub num_tiles: usize,
+    /// Token rows of the decode attention kernel, or 0 for rows `0..num_decode`.
+    pub decode_rows: CUdeviceptr,
+    pub num_decode: usize,
 }
 
 pub struct GpuBackend {
@@ -309,17 +318,23 @@ impl GpuBackend {
         self.scratch.ensure(&dev, &self.model.config, tokens, rows, partials)
     }
 
-    fn upload(&mut self, batch: &ForwardBatch) -> Result<BatchArrays, CudaError> {
+    fn upload(&mut self, batch: &ForwardBatch, plan: &AttentionPlan) -> Result<BatchArrays, CudaError> {
         let dev = self.model.dev.clone();
         let (tables, max_blocks) = pack_block_tables(batch);
         let n = batch.num_tokens();
-        let mut packed: Vec<u32> = Vec::with_capacity(4 * n + tables.len() + batch.logits_rows.len() + 1);
+        let decode_rows = plan.decode_rows.as_deref().unwrap_or(&[]);
+        let mut packed: Vec<u32> =
+            Vec::with_capacity(4 * n + tables.len() + batch.logits_rows.len() + 3 * plan.tiles.len() + decode_rows.len() + 1);
         packed.extend_from_slice(&batch.token_ids);
         packed.extend_from_slice(&batch.positions);
         packed.extend_from_slice(&batch.slot_mapping);
         packed.extend_from_slice(&batch.token_seq);
         packed.extend_from_slice(&tables);
         packed.extend(batch.logits_rows.iter().map(|&r| r as u32));
+        let tiles_at = packed.len();
+        packed.extend(plan.tile_words());
+        let decode_rows_at = packed.len();
+        packed.extend_from_slice(decode_rows);
         packed.push(0);
         let s = &mut self.scratch;
         if packed.len() > s.capacity_indices {
@@ -339,6 +354,10 @@ impl GpuBackend {
             block_tables: at(4 * n),
             rows: at(4 * n + tables.len()),
             max_blocks,
+            tiles: at(tiles_at),
+            num_tiles: plan.tiles.len(),
+            decode_rows: if plan.decode_rows.is_some() { at(decode_rows_at) } else { 0 },
+            num_decode: plan.num_decode(n),
         })
     }
 
@@ -350,11 +369,13 @@ impl GpuBackend {
             return Err(CudaError::Config(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
         }
         let (n, rows) = (batch.num_tokens(), batch.logits_rows.len());
-        let max_context = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
-        let splits = attention_splits(max_context, n * c.num_key_value_heads, self.model.dev.num_sms);
+        let plan = plan_attention(batch, AttentionPath::Mixed);
+        // Split-K serves the decode rows only; partials are indexed by token row, so they are
+        // sized for the whole batch.
+        let splits = attention_splits(plan.decode_context, plan.num_decode(n) * c.num_key_value_heads, self.model.dev.num_sms);
         let partials = if splits > 1 { n * c.num_attention_heads * splits } else { 0 };
         self.ensure_scratch(n, rows, partials)?;
-        let arrays = self.upload(batch)?;
+        let arrays = self.upload(batch, &plan)?;
         self.run_layers(&self.scratch, n, rows, &arrays, splits)?;
         Ok(rows)
     }
@@ -487,7 +508,10 @@ impl GpuBackend {
                         token_seq: a.token_seq,
                         positions: a.positions,
                         max_blocks: a.max_blocks,
-                        num_tokens: n,
+                        tiles: a.tiles,
+                        num_tiles: a.num_tiles,
+                        decode_rows: a.decode_rows,
+                        num_decode: a.num_decode,
                         num_heads: c.num_attention_heads,
                         num_kv_heads: c.num_key_value_heads,
                         head_dim: c.head_dim,
@@ -529,7 +553,9 @@ impl GpuBackend {
     }
 }
 
-/// Device pointers and sizes of one attention launch (see `kernels/paged_attention.cu`).
+/// Device pointers and sizes of one layer's attention: the prefill kernel over `tiles` (see
+/// `kernels/prefill_attention.cu`), the decode kernel over `decode_rows` (see
+/// `kernels/paged_attention.cu`); either may be empty.
 pub struct AttentionArgs {
     pub out: CUdeviceptr,
     pub q: CUdeviceptr,
@@ -540,23 +566,59 @@ pub struct AttentionArgs {
     pub token_seq: CUdeviceptr,
     pub positions: CUdeviceptr,
     pub max_blocks: usize,
-    pub num_tokens: usize,
+    /// Prefill tiles (`AttentionPlan::tiles`, 3 words each) and their count.
+    pub tiles: CUdeviceptr,
+    pub num_tiles: usize,
+    /// Token rows of the decode kernel, or 0 for rows `0..num_decode`.
+    pub decode_rows: CUdeviceptr,
+    pub num_decode: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
-    /// Split-K partitions; with more than one, `partials` must hold
-    /// `num_tokens * num_heads * splits` rows.
+    /// Split-K partitions of the decode kernel; with more than one, `partials` must hold
+    /// `num_tokens * num_heads * splits` rows for every token row of the batch (they are indexed
+    /// by token row, not by decode row).
     pub splits: usize,
     pub partials: (CUdeviceptr, CUdeviceptr, CUdeviceptr),
 }
 
-/// Paged attention (and the split-K reduction when `splits > 1`).
+/// One layer's attention: the prefill kernel over the tiles, then the decode kernel (and the
+/// split-K reduction when `splits > 1`) over the decode rows. A decode-only batch launches exactly
+/// what it did before the prefill kernel existed: no tiles, no row indirection.
 pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
-    let kernel = dev.function(&attention_kernel_name(a.head_dim, a.num_heads / a.num_kv_heads));
     let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
     let (heads, kv_heads, block_size) = (a.num_heads as i32, a.num_kv_heads as i32, a.block_size as i32);
     let scale = 1.0 / (a.head_dim as f32).sqrt();
+    if a.num_tiles > 0 {
+        // Heads vary fastest, so the blocks that share a KV head's keys run side by side.
+        unsafe {
+            dev.stream
+                .launch_builder(dev.function(&prefill_kernel_name(a.head_dim)))
+                .arg(&a.out)
+                .arg(&a.q)
+                .arg(&a.k_cache)
+                .arg(&a.v_cache)
+                .arg(&a.block_tables)
+                .arg(&a.positions)
+                .arg(&a.tiles)
+                .arg(&q_stride)
+                .arg(&max_blocks)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&block_size)
+                .arg(&scale)
+                .launch(LaunchConfig {
+                    grid_dim: (a.num_heads as u32, a.num_tiles as u32, 1),
+                    block_dim: (PREFILL_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                })?;
+        }
+    }
+    if a.num_decode == 0 {
+        return Ok(());
+    }
+    let kernel = dev.function(&attention_kernel_name(a.head_dim, a.num_heads / a.num_kv_heads));
     let partition = if a.splits > 1 { ATTENTION_PARTITION as i32 } else { i32::MAX };
     let (part_out, part_max, part_sum) = a.partials;
     unsafe {
@@ -572,6 +634,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
             .arg(&a.block_tables)
             .arg(&a.token_seq)
             .arg(&a.positions)
+            .arg(&a.decode_rows)
             .arg(&q_stride)
             .arg(&max_blocks)
             .arg(&heads)
@@ -580,7 +643,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
             .arg(&scale)
             .arg(&partition)
             .launch(LaunchConfig {
-                grid_dim: (a.num_tokens as u32, a.num_kv_heads as u32, a.splits as u32),
+                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.splits as u32),
                 block_dim: (ATTENTION_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             })?;
@@ -592,10 +655,11 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
                 .arg(&part_out)
                 .arg(&part_max)
                 .arg(&part_sum)
+                .arg(&a.decode_rows)
                 .arg(&splits)
                 .arg(&hd)
                 .launch(LaunchConfig {
-                    grid_dim: ((a.num_tokens * a.num_heads) as u32, 1, 1),
+                    grid_dim: (a.num_decode as u32, a.num_heads as u32, 1),
                     block_dim: (a.head_dim as u32, 1, 1),
                     shared_mem_bytes: 0,
                 })?;

@@ -1,10 +1,11 @@
-//! One paged-attention launch on data given from the host, outside a model: the inputs the
-//! self-check (`check`) and the kernel benchmark (`bench gpu`) both need, uploaded once.
+//! One layer's attention launched on data given from the host, outside a model, through the same
+//! `launch_attention` as the forward: the inputs the self-check (`check`) and the kernel
+//! benchmark (`bench gpu`) both need, uploaded once.
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
-use super::launch::pack_block_tables;
+use super::launch::{pack_block_tables, plan_attention, AttentionPath};
 use super::{launch_attention, AttentionArgs, CudaError, GpuDevice};
 use crate::runner::ForwardBatch;
 
@@ -16,6 +17,11 @@ pub struct StandaloneAttention {
     tables: CudaSlice<u32>,
     token_seq: CudaSlice<u32>,
     positions: CudaSlice<u32>,
+    /// The plan's tile words, then its decode rows.
+    plan: CudaSlice<u32>,
+    num_tiles: usize,
+    /// Decode rows: `Some(count)` when listed after the tiles in `plan`, else `None` (every row).
+    decode_rows: Option<usize>,
     partials: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>),
     max_blocks: usize,
     shape: (usize, usize, usize, usize, usize),
@@ -24,7 +30,8 @@ pub struct StandaloneAttention {
 
 impl StandaloneAttention {
     /// `q` is `[tokens, heads, head_dim]`; `k` and `v` are one layer of the cache
-    /// (`[blocks, kv_heads, block_size, head_dim]`); the output starts poisoned with NaN.
+    /// (`[blocks, kv_heads, block_size, head_dim]`); the output starts poisoned with NaN. `path`
+    /// says which kernel takes which tokens; `splits` is the decode kernel's split-K.
     #[allow(clippy::too_many_arguments)]
     pub fn upload(
         dev: &GpuDevice,
@@ -35,11 +42,16 @@ impl StandaloneAttention {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
+        path: AttentionPath,
         splits: usize,
     ) -> Result<Self, CudaError> {
         let stream = &dev.stream;
         let n = batch.num_tokens();
         let (tables, max_blocks) = pack_block_tables(batch);
+        let plan = plan_attention(batch, path);
+        let mut words: Vec<u32> = plan.tile_words().collect();
+        words.extend(plan.decode_rows.iter().flatten());
+        words.push(0);
         let rows = (n * heads * splits).max(1);
         Ok(StandaloneAttention {
             q: stream.clone_htod(q)?,
@@ -49,6 +61,9 @@ impl StandaloneAttention {
             tables: stream.clone_htod(&tables)?,
             token_seq: stream.clone_htod(&batch.token_seq)?,
             positions: stream.clone_htod(&batch.positions)?,
+            plan: stream.clone_htod(&words)?,
+            num_tiles: plan.tiles.len(),
+            decode_rows: plan.decode_rows.as_ref().map(Vec::len),
             partials: (
                 stream.alloc_zeros::<f32>(rows * head_dim)?,
                 stream.alloc_zeros::<f32>(rows)?,
@@ -65,6 +80,7 @@ impl StandaloneAttention {
         let ptr32 = |s: &CudaSlice<u32>| s.device_ptr(&dev.stream).0;
         let ptrf = |s: &CudaSlice<f32>| s.device_ptr(&dev.stream).0;
         let (num_tokens, num_heads, num_kv_heads, head_dim, block_size) = self.shape;
+        let plan = ptr32(&self.plan);
         launch_attention(
             dev,
             &AttentionArgs {
@@ -77,7 +93,10 @@ impl StandaloneAttention {
                 token_seq: ptr32(&self.token_seq),
                 positions: ptr32(&self.positions),
                 max_blocks: self.max_blocks,
-                num_tokens,
+                tiles: plan,
+                num_tiles: self.num_tiles,
+                decode_rows: if self.decode_rows.is_some() { plan + (self.num_tiles * 3 * 4) as u64 } else { 0 },
+                num_decode: self.decode_rows.unwrap_or(num_tokens),
                 num_heads,
                 num_kv_heads,
                 head_dim,
