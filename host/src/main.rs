@@ -457,6 +457,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         attn.gbps,
         100.0 * attn.gbps / copy
     );
+    gpu::print_attention_prefill(&dev)?;
     let loaded = args.model.load()?;
     let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
     let mut backend = GpuBackend::new(
