@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagedserve::engine::{EngineConfig, EngineHandle, FinishReason, GenerateRequest, StreamEvent, Usage};
+use pagedserve::engine::{EngineConfig, EngineError, EngineHandle, FinishReason, GenerateRequest, StreamEvent, Usage};
 use pagedserve::metrics::Metrics;
 use pagedserve::runner::generate::{GenerateOptions, Generator};
 use pagedserve::runner::CpuBackend;
@@ -32,6 +32,16 @@ struct Outcome {
 }
 
 fn engine(num_blocks: usize, max_num_seqs: usize, max_num_batched_tokens: usize, prefix_caching: bool) -> TestEngine {
+    engine_with_queue(num_blocks, max_num_seqs, max_num_batched_tokens, prefix_caching, 1024)
+}
+
+fn engine_with_queue(
+    num_blocks: usize,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    prefix_caching: bool,
+    max_queue: usize,
+) -> TestEngine {
     let loaded = loaded_model();
     let backend = CpuBackend::new(loaded.model.clone(), num_blocks, 16);
     let metrics = Arc::new(Metrics::new("test"));
@@ -39,7 +49,7 @@ fn engine(num_blocks: usize, max_num_seqs: usize, max_num_batched_tokens: usize,
     let config = EngineConfig {
         scheduler: SchedulerConfig { max_num_seqs, max_num_batched_tokens },
         max_model_len: 2048,
-        max_queue: 1024,
+        max_queue,
         prefix_caching,
     };
     let (handle, _thread) =
@@ -201,6 +211,30 @@ fn dropping_a_stream_aborts_and_frees_its_blocks() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("blocks were not returned after the abort");
+    });
+}
+
+#[test]
+fn the_waiting_queue_is_capped_and_its_count_returns_to_zero() {
+    // One running sequence at a time: while one runs, every other request waits.
+    let engine = engine_with_queue(256, 1, 256, false, 2);
+    engine.runtime.block_on(async {
+        let prompt = mixed_prompts(5)[4].clone();
+        // The second round finds the count back at zero, not drifted by the first.
+        for round in 0..2 {
+            let mut running = engine.handle.submit(greedy(prompt.clone(), 40)).unwrap();
+            while !matches!(running.next().await, Some(StreamEvent::Delta { .. })) {}
+            let burst: Vec<_> = (0..8).map(|_| engine.handle.submit(greedy(prompt.clone(), 2))).collect();
+            let refused = burst.iter().filter(|r| matches!(r, Err(EngineError::QueueFull(2)))).count();
+            assert_eq!(refused, 6, "round {round}: 2 of 8 fit the queue");
+            let mut streams: Vec<_> = burst.into_iter().filter_map(Result::ok).collect();
+            streams.push(running);
+            for stream in &mut streams {
+                while let Some(event) = stream.next().await {
+                    assert!(!matches!(event, StreamEvent::Error(_)), "round {round}: {event:?}");
+                }
+            }
+        }
     });
 }
 

@@ -81,7 +81,8 @@ enum Command {
 /// State the engine thread publishes for the HTTP side, without a round trip.
 struct Shared {
     next_id: AtomicU64,
-    /// Requests submitted whose first step has not come yet (the waiting queue).
+    /// Requests submitted whose first step has not come yet: still in the inbox, or waiting in
+    /// the engine (see `run`).
     waiting: AtomicUsize,
     alive: AtomicBool,
 }
@@ -191,7 +192,12 @@ impl EngineHandle {
 }
 
 fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>) {
+    // `shared.waiting` counts requests submitted but not yet taken from the inbox plus the
+    // engine's waiting ones. The engine adds the change it caused rather than storing its own
+    // count, which would forget the submissions still in the inbox and let `--max-queue` overflow.
+    let mut engine_waiting = 0usize;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+        let mut taken = 0usize;
         // Idle: sleep until a command comes. Busy: take what is there and step.
         let first = if core.has_work() {
             inbox.try_recv().ok()
@@ -204,7 +210,10 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
         };
         for command in first.into_iter().chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
             match command {
-                Command::Add { id, request, events } => core.add_request(id, *request, events),
+                Command::Add { id, request, events } => {
+                    taken += 1;
+                    core.add_request(id, *request, events);
+                }
                 Command::Abort(id) => core.abort(id),
                 Command::SetPolicy(policy) => {
                     let old = core.set_policy(policy);
@@ -218,7 +227,10 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
             }
         }
         core.step();
-        shared.waiting.store(core.num_waiting_requests(), Ordering::Release);
+        let now = core.num_waiting_requests();
+        // Wrapping add of a signed change: the counter itself never goes below zero.
+        shared.waiting.fetch_add(now.wrapping_sub(engine_waiting).wrapping_sub(taken), Ordering::AcqRel);
+        engine_waiting = now;
     }));
     shared.alive.store(false, Ordering::Release);
     if result.is_err() {
