@@ -38,11 +38,16 @@ fn entry(name: &str, config: Value) -> Value {
 
 /// The sum of a metric's series whose label `name` is `plugin`.
 fn plugin_metric(server: &Server, metric: &str, plugin: &str) -> f64 {
+    labelled_metric(server, metric, "name", plugin)
+}
+
+/// The sum of `metric`'s samples whose `label` is `value`.
+fn labelled_metric(server: &Server, metric: &str, label: &str, value: &str) -> f64 {
     server
         .scrape()
         .samples
         .iter()
-        .filter(|s| s.metric == metric && s.labels.get("name") == Some(plugin))
+        .filter(|s| s.metric == metric && s.labels.get(label) == Some(value))
         .map(|s| match s.value {
             prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
             _ => 0.0,
@@ -294,4 +299,11 @@ fn filters_uploaded_over_the_admin_api_clamp_refuse_and_stop_outputs() {
     let answer = server.post_ok("/v1/completions", &request);
     assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
     assert_eq!(answer["choices"][0]["text"].as_str().unwrap(), text);
+    // The engine counts both as stopped, not as aborted by a client.
+    let finished = |reason: &str| labelled_metric(&server, "pagedserve_request_success_total", "finished_reason", reason);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while finished("stop") < 2.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!((finished("stop"), finished("abort")), (2.0, 0.0));
 }

@@ -198,12 +198,18 @@ impl EngineCore {
 
     /// Drops a request (client gone): its sequences leave and their blocks return to the pool.
     pub fn abort(&mut self, id: RequestId) {
+        self.end_early(id, FinishReason::Abort);
+    }
+
+    /// Ends a request before it finished, counted under `reason`: its sequences leave and their
+    /// blocks return to the pool. A request already gone is ignored.
+    pub fn end_early(&mut self, id: RequestId, reason: FinishReason) {
         if let Some(state) = self.requests.remove(&id) {
             for seq in state.samples {
                 self.scheduler.remove(seq, &mut self.kv);
                 self.samples.remove(&seq);
             }
-            self.metrics.request_success.with_label_values(&[FinishReason::Abort.as_str()]).inc();
+            self.metrics.request_success.with_label_values(&[reason.as_str()]).inc();
             self.metrics.kv_cache_usage_perc.set(self.kv.usage());
         }
     }

@@ -72,7 +72,8 @@ pub struct EngineConfig {
 enum Command {
     // Boxed: a request is far larger than the other commands.
     Add { id: RequestId, request: Box<GenerateRequest>, events: tokio::sync::mpsc::UnboundedSender<StreamEvent> },
-    Abort(RequestId),
+    /// Ends a request early; the reason is what the metrics count (`abort` for a client gone).
+    Abort(RequestId, FinishReason),
     SetPolicy(Box<dyn SchedulingPolicy>),
     SetPlugins(Arc<PluginRegistry>),
     Shutdown,
@@ -127,7 +128,7 @@ impl RequestStream {
 impl Drop for RequestStream {
     fn drop(&mut self) {
         if !self.ended {
-            let _ = self.handle.commands.send(Command::Abort(self.id));
+            let _ = self.handle.commands.send(Command::Abort(self.id, FinishReason::Abort));
         }
     }
 }
@@ -186,6 +187,12 @@ impl EngineHandle {
         self.commands.send(Command::SetPlugins(plugins)).map_err(|_| EngineError::Unavailable)
     }
 
+    /// Ends request `id` early because the server decided so (an output filter's stop): counted
+    /// as finished with `stop`, not as an abort. Its streams should be dropped after this.
+    pub fn stop(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Abort(id, FinishReason::Stop));
+    }
+
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
     }
@@ -214,7 +221,7 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
                     taken += 1;
                     core.add_request(id, *request, events);
                 }
-                Command::Abort(id) => core.abort(id),
+                Command::Abort(id, reason) => core.end_early(id, reason),
                 Command::SetPolicy(policy) => {
                     let old = core.set_policy(policy);
                     tracing::info!(old = old.name(), new = core.policy_name(), "scheduling policy replaced");

@@ -27,7 +27,7 @@ use crate::api::{
     ChatLogprob, ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
     CompletionResponse, UsageInfo,
 };
-use crate::engine::{EngineError, FinishReason, StreamEvent};
+use crate::engine::{EngineError, FinishReason, RequestId, StreamEvent};
 use crate::plugin::{FilterParams, FilterRequest, FilterVerdict, PluginRegistry};
 use crate::sampling::Sampled;
 use crate::validation::ValidRequest;
@@ -96,6 +96,8 @@ struct Generation {
     over: bool,
     /// The plugin registry when any filter is loaded.
     plugins: Option<Arc<PluginRegistry>>,
+    /// The engine's ids of this generation's requests (one per prompt).
+    request_ids: Vec<RequestId>,
     /// Updates decided ahead (an output filter's stop), returned before reading the engine.
     pending: VecDeque<Update>,
 }
@@ -216,9 +218,11 @@ impl Generation {
             }
         }
         let mut events = SelectAll::new();
+        let mut request_ids = Vec::with_capacity(valid.requests.len());
         for (prompt, request) in valid.requests.iter().enumerate() {
             // An error here drops the streams already submitted, which aborts them.
             let engine_stream = state.engine.submit(request.clone())?;
+            request_ids.push(engine_stream.id);
             let tagged = stream::unfold(engine_stream, move |mut s| async move { s.next().await.map(|e| ((prompt, e), s)) });
             events.push(Box::pin(tagged) as EventStream);
         }
@@ -237,6 +241,7 @@ impl Generation {
             started,
             over: false,
             plugins,
+            request_ids,
             pending: VecDeque::new(),
         })
     }
@@ -254,6 +259,10 @@ impl Generation {
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("output filters: {e}"), None, "plugin"))?;
         let Some((plugin, reason)) = verdict? else { return Ok(()) };
         tracing::info!(id = %self.id, plugin = %plugin, reason = %reason, "output filter stopped the request");
+        // Counted as stopped; dropping the streams after that is then a no-op for the engine.
+        for &id in &self.request_ids {
+            self.state.engine.stop(id);
+        }
         self.events = SelectAll::new();
         for (index, c) in self.choices.iter_mut().enumerate() {
             if c.finish.is_none() {
