@@ -44,7 +44,7 @@ pub const MODULES: &[KernelModule] = &[
             "attention_reduce",
         ],
     },
-    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16"] },
+    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows"] },
 ];
 
 impl KernelModule {
