@@ -144,10 +144,10 @@ __device__ __forceinline__ float uniform_open(u64 seed, u64 step, u32 token) {
     return ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
 }
 
-// Weights of the top-p select: w in [0, 1] as 32-bit fixed point, summed exactly in 64 bits
-// (integer atomics, so the threshold does not depend on the order of additions).
+// Weights of the top-p select: w in [0, 1] as fixed point with 31 fraction bits, summed exactly
+// in 64 bits (integer adds, so the threshold does not depend on the order of additions).
 __device__ __forceinline__ u64 fixed_weight(float w) {
-    return __float2ull_rn(w * 4294967296.0f);
+    return __float2ull_rn(w * 2147483648.0f);
 }
 
 __device__ __forceinline__ float block_max_f(float v, SampleShared& s) {
@@ -199,10 +199,23 @@ __device__ Selected block_select(int n, u64 target, float frac, Item item, Sampl
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += blockDim.x) s.hist[b] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            u32 key;
-            u64 w;
-            if (item(i, key, w) && (key & mask) == prefix) atomicAdd(&s.hist[(key >> shift) & 255u], w);
+        // Most keys share a few top digits (floats of similar magnitude), so lanes with the same
+        // digit add their weights first and one of them updates the bin: far fewer atomics on
+        // the hot bins. Whole warps iterate (lanes past n take the no-bin digit 256).
+        for (int base = 0; base < n; base += blockDim.x) {
+            const int i = base + threadIdx.x;
+            u32 key = 0, digit = 256;
+            u64 w = 0;
+            if (i < n && item(i, key, w) && (key & mask) == prefix) digit = (key >> shift) & 255u;
+#if __CUDA_ARCH__ >= 800
+            // Weights fit 32 bits (fixed_weight <= 2^31; counts are 1): the halves are summed
+            // apart so 32 lanes cannot overflow.
+            const unsigned peers = __match_any_sync(0xffffffffu, digit);
+            const u32 hi = __reduce_add_sync(peers, (u32)(w >> 16)), lo = __reduce_add_sync(peers, (u32)(w & 0xffffu));
+            if (digit < 256 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&s.hist[digit], ((u64)hi << 16) + lo);
+#else
+            if (digit < 256) atomicAdd(&s.hist[digit], w);
+#endif
         }
         __syncthreads();
         if (threadIdx.x < 32) {
