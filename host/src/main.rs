@@ -110,7 +110,7 @@ struct BenchGpuArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Batch sizes for the default model's decode step.
-    #[arg(long, value_delimiter = ',', default_value = "1,256")]
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
     batch_sizes: Vec<usize>,
     /// Context length (cached positions) of each decoding sequence.
     #[arg(long, default_value_t = 512)]
@@ -388,6 +388,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let dev = GpuDevice::new(0)?;
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let mut rows = check::kernel_checks(&dev)?;
+    rows.extend(check::sampling_checks(&dev)?);
     let loaded = args.model.load()?;
     let reference_path = args.reference.clone().unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2_subset.json")
@@ -403,6 +404,9 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     };
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
     rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
+    if let Some(tokenizer) = loaded.tokenizer.clone() {
+        rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);
+    }
     match &reference {
         Some(r) if loaded.name.starts_with("SmolLM2-135M") => {
             for p in r["greedy"]["prompts"].as_array().unwrap() {
@@ -482,6 +486,22 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
             graph_ms,
             batch as f64 / (graph_ms * 1e-3)
         );
+    }
+    // The serving path: logits to the host and the native samplers, against sampling on the
+    // device, each with and without graphs.
+    let params = pagedserve::sampling::SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(1), ..Default::default() };
+    println!("serving decode step, sampling T 0.8 top-p 0.95 (ms; host = logits to host + CPU sampler):");
+    println!("{:>6} {:>14} {:>14} {:>14} {:>14}", "batch", "host eager", "device eager", "host graphs", "device graphs");
+    for &batch in &args.batch_sizes {
+        let mut times = Vec::new();
+        for graphs in [false, true] {
+            for sampling in [gpu::StepSampling::Host, gpu::StepSampling::Device] {
+                // The host sampler sorts each row's vocabulary for top-p: fewer repeats.
+                let repeats = if sampling == gpu::StepSampling::Host { 10 } else { 30 };
+                times.push(gpu::serving_step_ms(&mut backend, batch, args.context, repeats, graphs, sampling, &params)?);
+            }
+        }
+        println!("{:>6} {:>14.3} {:>14.3} {:>14.3} {:>14.3}", batch, times[0], times[1], times[2], times[3]);
     }
     if args.llama_8b {
         drop(backend);

@@ -92,6 +92,11 @@ pub struct ServeArgs {
     no_prefix_caching: bool,
     #[arg(long, value_enum, env = "PAGEDSERVE_SCHEDULING_POLICY", default_value = "fcfs")]
     scheduling_policy: Policy,
+    /// Run decode steps kernel by kernel instead of replaying CUDA graphs captured at start-up
+    /// (CUDA only; graphs cover batches up to --max-num-seqs, at most 256, and contexts up to
+    /// --max-model-len).
+    #[arg(long, env = "PAGEDSERVE_NO_CUDA_GRAPHS")]
+    no_cuda_graphs: bool,
     /// Share of the GPU memory left after the weights that the KV cache may take (CUDA only).
     #[arg(long, env = "PAGEDSERVE_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
     gpu_memory_utilization: f64,
@@ -220,7 +225,25 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let policy = native_policy(policy_name).with_context(|| format!("no native scheduling policy {policy_name}"))?;
     let vocab_size = config.vocab_size;
     let backend: Box<dyn pagedserve::runner::ModelBackend> = match gpu {
-        Some((_, model)) => Box::new(pagedserve::cuda::GpuBackend::new(model, num_blocks, args.block_size)?),
+        Some((_, model)) => {
+            let mut backend = pagedserve::cuda::GpuBackend::new(model, num_blocks, args.block_size)?;
+            if args.no_cuda_graphs {
+                tracing::info!("CUDA graphs off: decode steps launch kernel by kernel");
+            } else {
+                let largest = *pagedserve::cuda::launch::GRAPH_BUCKETS.last().expect("buckets");
+                let max_batch = args.max_num_seqs.min(largest);
+                let started = std::time::Instant::now();
+                let captured = backend.capture_decode_graphs(max_batch, max_model_len).context("capturing CUDA graphs")?;
+                tracing::info!(
+                    graphs = captured,
+                    max_batch,
+                    max_context = max_model_len,
+                    seconds = started.elapsed().as_secs_f32(),
+                    "decode CUDA graphs captured"
+                );
+            }
+            Box::new(backend)
+        }
         None => Box::new(CpuBackend::new(loaded.model, num_blocks, args.block_size)),
     };
     let engine_config = EngineConfig {

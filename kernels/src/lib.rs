@@ -49,7 +49,7 @@ pub const MODULES: &[KernelModule] = &[
         source: include_str!("../prefill_attention.cu"),
         functions: &["prefill_attention_hd64", "prefill_attention_hd128"],
     },
-    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16"] },
+    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows"] },
 ];
 
 impl KernelModule {

@@ -241,3 +241,56 @@ pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize) -> R
     let model = GpuModel::dummy(dev.clone(), llama_8b_config(), 0)?;
     GpuBackend::new(model, batch * context.div_ceil(16), 16)
 }
+
+/// How a serving step picks its tokens, for `serving_step_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepSampling {
+    /// The logits of every row copied to the host and sampled there (the native samplers).
+    Host,
+    /// Sampled on the device (`cuda::sampling`); only tokens come back.
+    Device,
+}
+
+/// Median milliseconds of one serving decode step of `batch` sequences at `context` positions:
+/// forward (through the decode graphs if `graphs`, which must have been captured) and sampling
+/// with `params` per row, on the host or on the device. Synchronised: the host work of
+/// `StepSampling::Host` lies between the two events.
+pub fn serving_step_ms(
+    backend: &mut GpuBackend,
+    batch: usize,
+    context: usize,
+    repeats: usize,
+    graphs: bool,
+    sampling: StepSampling,
+    params: &crate::sampling::SamplingParams,
+) -> Result<f64, CudaError> {
+    use crate::sampling::{sample_rows_host, RowSampling, SequenceSampler};
+    let block_size = backend.cache().layout().block_size;
+    let blocks_per_seq = context.div_ceil(block_size);
+    let num_blocks = backend.cache().layout().num_blocks;
+    let mut fb = ForwardBatch::new(block_size, num_blocks);
+    for b in 0..batch {
+        let table: Vec<u32> = (0..blocks_per_seq).map(|i| ((b * blocks_per_seq + i) % num_blocks) as u32).collect();
+        fb.push_seq(&[(b % 1000) as u32 + 100], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    backend.set_graphs_enabled(graphs);
+    let vocab = backend.model().config().vocab_size;
+    let mut samplers: Vec<SequenceSampler> = (0..batch).map(|i| SequenceSampler::new(params.clone(), &[], i as u64)).collect();
+    let dev = backend.model().device().clone();
+    let ms = time_ms(&dev, 3, repeats, || {
+        let mut rows: Vec<RowSampling> =
+            samplers.iter_mut().enumerate().map(|(row, sampler)| RowSampling { row, sampler, candidates: None }).collect();
+        match sampling {
+            StepSampling::Host => {
+                let logits = backend.forward_logits_via_graphs(&fb)?;
+                sample_rows_host(&logits, vocab, &mut rows);
+            }
+            StepSampling::Device => {
+                backend.forward_and_sample(&fb, &mut rows)?;
+            }
+        }
+        Ok(())
+    });
+    backend.set_graphs_enabled(true);
+    ms
+}

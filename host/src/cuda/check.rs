@@ -18,6 +18,8 @@ use crate::model::cpu::{ops, paged_attention, CpuKvCache, CpuModel};
 use crate::model::rope::Rope;
 use crate::runner::generate::{GenerateOptions, Generator};
 use crate::runner::{CpuBackend, ForwardBatch, ModelBackend};
+use crate::sampling::{RowSampling, Sampled, SampledRow, SamplingParams, SequenceSampler};
+use super::sampling::{sample_on_device, SamplingBuffers};
 
 /// bfloat16's tolerance for one kernel's relative error.
 pub const TOLERANCE: f64 = 1e-2;
@@ -488,6 +490,370 @@ pub fn check_graphs(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u
         detail: format!("{captured} graphs captured; {agreed} of {total} decode tokens equal to eager launches"),
         error: None,
         passed: agreed == total,
+    })
+}
+
+/// Device sampling of `rows` from host `logits` (`[num_rows, vocab]`), for the sampling checks.
+fn sample_device(dev: &GpuDevice, logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
+    let on_device = dev.stream.clone_htod(logits)?;
+    let mut buffers = SamplingBuffers::default();
+    let ptr = cudarc::driver::DevicePtr::device_ptr(&on_device, &dev.stream).0;
+    sample_on_device(dev, &mut buffers, ptr, logits.len() / vocab, vocab, rows)
+}
+
+fn token_of(row: &SampledRow) -> Option<&Sampled> {
+    match row {
+        SampledRow::Token(s) => Some(s),
+        SampledRow::Candidates { .. } => None,
+    }
+}
+
+/// Random logits `[rows, vocab]`, uniform in [-8, 8); every third row rounded to halves, so it
+/// has many exact ties (the lowest index must win them, as on the CPU).
+fn random_logits(rng: &mut StdRng, rows: usize, vocab: usize) -> Vec<f32> {
+    let mut logits: Vec<f32> = (0..rows * vocab).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+    for row in (0..rows).step_by(3) {
+        for v in &mut logits[row * vocab..(row + 1) * vocab] {
+            *v = (*v * 2.0).round() / 2.0;
+        }
+    }
+    logits
+}
+
+/// Samplers for each parameter set, their state made to bite: the prompt and the output so far
+/// hold the row's best tokens, so penalties move the argmax.
+fn samplers_for(params: &[SamplingParams], logits: &[f32], vocab: usize) -> Vec<SequenceSampler> {
+    params
+        .iter()
+        .enumerate()
+        .map(|(row, p)| {
+            let (ids, _) = crate::plugin::top_candidates(&logits[row * vocab..(row + 1) * vocab], 6);
+            let mut s = SequenceSampler::new(p.clone(), &ids[..2], 0);
+            for (k, &t) in ids[1..5].iter().enumerate() {
+                for _ in 0..=k {
+                    s.observe(t);
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// The device sampler against the CPU sampler's semantics (`kernels/sampling.cu` against
+/// `sampling::SequenceSampler`): greedy tokens after bias and each penalty, collapse of tiny
+/// top-p / min-p 1 to the argmax, raw log-probs and top-L within 1e-4, plugin candidates equal,
+/// seeded draws reproducible and independent of batch position, the support of large-vocabulary
+/// draws, and the distribution of 20,000 draws against the CPU's filtered probabilities.
+pub fn sampling_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
+    let mut rows_out = Vec::new();
+    let mut rng = StdRng::seed_from_u64(17);
+    let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+    let bias = |logits: &[f32], vocab: usize, row: usize| -> std::collections::BTreeMap<u32, f32> {
+        let (ids, _) = crate::plugin::top_candidates(&logits[row * vocab..(row + 1) * vocab], 3);
+        [(ids[0], -100.0), (ids[2], 0.75), (7, 3.0)].into()
+    };
+    for vocab in [49_152usize, 151_936] {
+        let n = 12;
+        let logits = random_logits(&mut rng, n, vocab);
+        let lp = |k| Some(k);
+        let params: Vec<SamplingParams> = vec![
+            SamplingParams { logprobs: lp(5), ..greedy.clone() },
+            SamplingParams { logit_bias: bias(&logits, vocab, 1), logprobs: lp(1), ..greedy.clone() },
+            SamplingParams { repetition_penalty: 1.8, logprobs: lp(0), ..greedy.clone() },
+            SamplingParams { presence_penalty: 1.5, ..greedy.clone() },
+            SamplingParams { frequency_penalty: 0.7, logprobs: lp(20), ..greedy.clone() },
+            SamplingParams {
+                logit_bias: bias(&logits, vocab, 5),
+                repetition_penalty: 0.7,
+                presence_penalty: -0.5,
+                frequency_penalty: 0.3,
+                logprobs: lp(20),
+                ..greedy.clone()
+            },
+            SamplingParams { temperature: 1.0, top_k: 1, logprobs: lp(3), ..Default::default() },
+            // Random rows that must collapse to the argmax after bias and penalties.
+            SamplingParams { temperature: 1.0, top_p: 1e-6, seed: Some(1), ..Default::default() },
+            SamplingParams { temperature: 0.5, min_p: 1.0, frequency_penalty: 1.0, seed: Some(2), ..Default::default() },
+            SamplingParams { temperature: 1.3, top_k: 2, top_p: 1e-6, repetition_penalty: 1.5, seed: Some(3), ..Default::default() },
+            SamplingParams { temperature: 0.8, top_p: 1e-6, logit_bias: bias(&logits, vocab, 10), seed: None, ..Default::default() },
+            SamplingParams { temperature: 2.0, top_k: 1, presence_penalty: 2.0, logprobs: lp(2), ..Default::default() },
+        ];
+        let mut cpu = samplers_for(&params, &logits, vocab);
+        let mut gpu = samplers_for(&params, &logits, vocab);
+        // The CPU reference: its greedy choice after bias and penalties, and its log-probs.
+        let want: Vec<(usize, Sampled)> = cpu
+            .iter_mut()
+            .enumerate()
+            .map(|(row, s)| {
+                let mut processed = logits[row * vocab..(row + 1) * vocab].to_vec();
+                s.apply_bias_and_penalties(&mut processed);
+                let argmax = crate::sampling::argmax(&processed);
+                (argmax, s.sample(&mut logits[row * vocab..(row + 1) * vocab].to_vec()))
+            })
+            .collect();
+        let mut rows: Vec<RowSampling> =
+            gpu.iter_mut().enumerate().map(|(row, sampler)| RowSampling { row, sampler, candidates: None }).collect();
+        let got = sample_device(dev, &logits, vocab, &mut rows)?;
+        let (mut tokens_ok, mut worst) = (0, 0.0f64);
+        let mut failures = Vec::new();
+        for (i, ((argmax, cpu), got)) in want.iter().zip(&got).enumerate() {
+            let Some(got) = token_of(got) else { continue };
+            let greedy_row = params[i].is_greedy();
+            if got.token as usize == *argmax && (!greedy_row || got.token == cpu.token) {
+                tokens_ok += 1;
+            } else {
+                failures.push(format!("row {i}: got {} want {argmax}", got.token));
+            }
+            if params[i].logprobs.is_some() {
+                let same_top = got.top.iter().map(|t| t.token).eq(cpu.top.iter().map(|t| t.token));
+                let mut error = (got.logprob as f64 - cpu.logprob as f64).abs();
+                for (g, c) in got.top.iter().zip(&cpu.top) {
+                    error = error.max((g.logprob as f64 - c.logprob as f64).abs());
+                }
+                if !same_top || got.top.len() != cpu.top.len() || !error.is_finite() {
+                    failures.push(format!("row {i}: top-L {:?} vs {:?}", got.top.len(), cpu.top.len()));
+                    worst = f64::INFINITY;
+                }
+                worst = worst.max(error);
+            } else if !got.logprob.is_nan() || !got.top.is_empty() {
+                failures.push(format!("row {i}: log-probs not asked but returned"));
+            }
+        }
+        rows_out.push(CheckRow {
+            name: "sampling greedy".into(),
+            detail: format!("V {vocab}: {tokens_ok}/{n} argmax after bias/penalties/collapse {failures:?}"),
+            error: None,
+            passed: tokens_ok == n && failures.is_empty(),
+        });
+        rows_out.push(CheckRow {
+            name: "sampling logprobs".into(),
+            detail: format!("V {vocab}: max |device - CPU| of chosen and top-L raw log-probs"),
+            error: Some(worst),
+            passed: worst < 1e-4,
+        });
+
+        // Plugin candidates: the same ids in the same order, the same processed logits.
+        let cand_params: Vec<SamplingParams> = (0..n).map(|i| params[i % 6].clone()).collect();
+        let mut cpu = samplers_for(&cand_params, &logits, vocab);
+        let mut gpu = samplers_for(&cand_params, &logits, vocab);
+        let top_n = [1usize, 5, 64, 1024];
+        let mut cpu_rows: Vec<RowSampling> = cpu
+            .iter_mut()
+            .enumerate()
+            .map(|(row, sampler)| RowSampling { row, sampler, candidates: Some(top_n[row % 4]) })
+            .collect();
+        let want = crate::sampling::sample_rows_host(&logits, vocab, &mut cpu_rows);
+        let mut gpu_rows: Vec<RowSampling> = gpu
+            .iter_mut()
+            .enumerate()
+            .map(|(row, sampler)| RowSampling { row, sampler, candidates: Some(top_n[row % 4]) })
+            .collect();
+        let got = sample_device(dev, &logits, vocab, &mut gpu_rows)?;
+        let equal = want.iter().zip(&got).filter(|(w, g)| w == g).count();
+        rows_out.push(CheckRow {
+            name: "sampling candidates".into(),
+            detail: format!("V {vocab}: {equal}/{n} rows of top-N (1..1024) equal to the CPU's, ties included"),
+            error: None,
+            passed: equal == n,
+        });
+    }
+
+    // Seeded draws: the same in two runs, and the same alone as in a batch of others.
+    let vocab = 49_152;
+    let n = 32;
+    let logits = random_logits(&mut rng, n, vocab);
+    let params: Vec<SamplingParams> = (0..n)
+        .map(|i| SamplingParams {
+            temperature: [0.5, 0.8, 1.0, 1.5][i % 4],
+            top_k: [0, 40, 0, 1000][i % 4],
+            top_p: [1.0, 0.9, 0.95, 1.0][(i / 4) % 4],
+            min_p: [0.0, 0.05][(i / 2) % 2],
+            seed: Some(1000 + i as u64),
+            ..Default::default()
+        })
+        .collect();
+    let run = |order: &[usize]| -> Result<Vec<u32>, CudaError> {
+        let mut samplers: Vec<SequenceSampler> = order.iter().map(|&i| SequenceSampler::new(params[i].clone(), &[], 0)).collect();
+        let mut rows: Vec<RowSampling> =
+            samplers.iter_mut().zip(order).map(|(sampler, &row)| RowSampling { row, sampler, candidates: None }).collect();
+        let got = sample_device(dev, &logits, vocab, &mut rows)?;
+        let mut tokens = vec![0u32; n];
+        for (&i, r) in order.iter().zip(&got) {
+            tokens[i] = token_of(r).map_or(u32::MAX, |s| s.token);
+        }
+        Ok(tokens)
+    };
+    let forward: Vec<usize> = (0..n).collect();
+    let reversed: Vec<usize> = (0..n).rev().collect();
+    let first = run(&forward)?;
+    let again = run(&forward)?;
+    let shuffled = run(&reversed)?;
+    let mut alone = Vec::new();
+    for i in 0..n {
+        alone.push(run(&[i])?[i]);
+    }
+    let distinct = first.iter().collect::<std::collections::HashSet<_>>().len();
+    rows_out.push(CheckRow {
+        name: "sampling seeded".into(),
+        detail: format!("{n} seeded rows: same in a second run, in reverse order and alone ({distinct} distinct tokens)"),
+        error: None,
+        passed: first == again && first == shuffled && first == alone,
+    });
+
+    // Large vocabulary: every draw inside the CPU's support (top-k, top-p, min-p cuts).
+    let support_params = [
+        SamplingParams { temperature: 0.8, top_k: 50, ..Default::default() },
+        SamplingParams { temperature: 1.0, top_p: 0.8, ..Default::default() },
+        SamplingParams { temperature: 1.2, min_p: 0.1, ..Default::default() },
+        SamplingParams { temperature: 0.7, top_k: 200, top_p: 0.9, min_p: 0.02, ..Default::default() },
+    ];
+    let draws = 512;
+    let logits = random_logits(&mut rng, support_params.len(), vocab);
+    let mut outside = 0;
+    let mut support_sizes = Vec::new();
+    for (row, p) in support_params.iter().enumerate() {
+        let reference = SequenceSampler::new(p.clone(), &[], 0);
+        let support: std::collections::HashSet<usize> =
+            reference.filtered(&logits[row * vocab..(row + 1) * vocab]).iter().map(|c| c.0).collect();
+        support_sizes.push(support.len());
+        let mut samplers: Vec<SequenceSampler> =
+            (0..draws).map(|i| SequenceSampler::new(SamplingParams { seed: Some(i as u64), ..p.clone() }, &[], 0)).collect();
+        let mut rows: Vec<RowSampling> = samplers.iter_mut().map(|sampler| RowSampling { row, sampler, candidates: None }).collect();
+        let got = sample_device(dev, &logits, vocab, &mut rows)?;
+        outside += got.iter().filter(|r| token_of(r).is_none_or(|s| !support.contains(&(s.token as usize)))).count();
+    }
+    rows_out.push(CheckRow {
+        name: "sampling support".into(),
+        detail: format!("V {vocab}: {outside} of {} draws outside the CPU's kept sets (sizes {support_sizes:?})", draws * 4),
+        error: None,
+        passed: outside == 0,
+    });
+
+    // The distribution: 20,000 draws of an 8-token vocabulary against the CPU's probabilities.
+    let logits = [2.0f32, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0];
+    let configs = [
+        ("T 0.7", SamplingParams { temperature: 0.7, ..Default::default() }),
+        ("top-k 5", SamplingParams { top_k: 5, ..Default::default() }),
+        ("top-p 0.9", SamplingParams { top_p: 0.9, ..Default::default() }),
+        ("min-p 0.05", SamplingParams { temperature: 1.5, min_p: 0.05, ..Default::default() }),
+        (
+            "all four",
+            SamplingParams { temperature: 0.7, top_k: 5, top_p: 0.9, min_p: 0.05, ..Default::default() },
+        ),
+    ];
+    for (label, p) in configs {
+        rows_out.push(check_distribution(dev, &logits, label, &p, 20_000)?);
+    }
+    Ok(rows_out)
+}
+
+/// `draws` seeded draws from one row against the CPU sampler's filtered probabilities: no draw
+/// outside its kept set, Pearson's chi-square under the 0.1% critical value, and every frequency
+/// within 0.01 of its probability.
+fn check_distribution(dev: &GpuDevice, logits: &[f32], label: &str, p: &SamplingParams, draws: usize) -> Result<CheckRow, CudaError> {
+    let vocab = logits.len();
+    let kept = SequenceSampler::new(p.clone(), &[], 0).filtered(logits);
+    let total: f64 = kept.iter().map(|c| c.1 as f64).sum();
+    let mut probability = vec![0.0f64; vocab];
+    for &(token, weight) in &kept {
+        probability[token] = weight as f64 / total;
+    }
+    let mut samplers: Vec<SequenceSampler> =
+        (0..draws).map(|i| SequenceSampler::new(SamplingParams { seed: Some(i as u64 * 7919), ..p.clone() }, &[], 0)).collect();
+    let mut rows: Vec<RowSampling> = samplers.iter_mut().map(|sampler| RowSampling { row: 0, sampler, candidates: None }).collect();
+    let got = sample_device(dev, logits, vocab, &mut rows)?;
+    let mut counts = vec![0usize; vocab];
+    for r in &got {
+        if let Some(s) = token_of(r) {
+            counts[(s.token as usize).min(vocab - 1)] += 1;
+        }
+    }
+    let outside: usize = (0..vocab).filter(|&t| probability[t] == 0.0).map(|t| counts[t]).sum();
+    let (mut chi2, mut max_error) = (0.0f64, 0.0f64);
+    for t in (0..vocab).filter(|&t| probability[t] > 0.0) {
+        let expected = probability[t] * draws as f64;
+        chi2 += (counts[t] as f64 - expected).powi(2) / expected;
+        max_error = max_error.max((counts[t] as f64 / draws as f64 - probability[t]).abs());
+    }
+    // Chi-square critical values at p = 0.001 for 1..=7 degrees of freedom.
+    const CRITICAL: [f64; 8] = [f64::INFINITY, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32];
+    let df = kept.len().saturating_sub(1).min(7);
+    let passed = outside == 0 && chi2 < CRITICAL[df] && max_error < 0.01;
+    Ok(CheckRow {
+        name: "sampling distribution".into(),
+        detail: format!(
+            "{label}: {draws} draws over {} tokens, chi2 {chi2:.1} (df {df}), {outside} outside",
+            kept.len()
+        ),
+        error: Some(max_error),
+        passed,
+    })
+}
+
+/// The serving engine on the GPU backend, greedy requests (the reference prompts, all at once,
+/// one of them with `n = 2`), run with decode CUDA graphs and without: the tokens must agree.
+pub fn check_engine_graphs(
+    dev: &Arc<GpuDevice>,
+    cpu_model: &CpuModel,
+    tokenizer: Arc<crate::tokenizer::Tokenizer>,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> Result<CheckRow, CudaError> {
+    let block_size = 16;
+    let max_model_len = prompts.iter().map(Vec::len).max().unwrap_or(1) + max_tokens + 1;
+    let num_blocks = (prompts.len() + 1) * max_model_len.div_ceil(block_size) * 2;
+    let mut outputs = Vec::new();
+    for graphs in [false, true] {
+        let mut backend = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
+        if graphs {
+            backend.capture_decode_graphs(prompts.len() + 1, max_model_len)?;
+        }
+        let policy = crate::sched::native_policy("fcfs").expect("built-in policy");
+        let scheduler = crate::sched::Scheduler::new(
+            crate::sched::SchedulerConfig { max_num_seqs: 64, max_num_batched_tokens: 2048 },
+            policy,
+        );
+        let metrics = Arc::new(crate::metrics::Metrics::new("check"));
+        let mut engine = crate::engine::EngineCore::new(Box::new(backend), tokenizer.clone(), metrics, scheduler, true, max_model_len);
+        let mut receivers = Vec::new();
+        for (id, prompt) in prompts.iter().enumerate() {
+            let mut request = crate::engine::GenerateRequest::greedy(prompt.clone(), max_tokens);
+            request.ignore_eos = true;
+            request.n = if id == 0 { 2 } else { 1 };
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            engine.add_request(id as u64, request, tx);
+            receivers.push(rx);
+        }
+        let mut steps = 0;
+        while engine.has_work() && steps < 10_000 {
+            engine.step();
+            steps += 1;
+        }
+        let mut tokens: Vec<Vec<Vec<u32>>> = Vec::new();
+        for mut rx in receivers {
+            let mut samples = vec![Vec::new(); 2];
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    crate::engine::StreamEvent::Delta { index, token_ids, .. } => samples[index].extend(token_ids),
+                    crate::engine::StreamEvent::Error(e) => return Err(CudaError::Config(format!("engine error: {e}"))),
+                    _ => {}
+                }
+            }
+            tokens.push(samples);
+        }
+        outputs.push(tokens);
+    }
+    let total: usize = outputs[0].iter().flatten().map(Vec::len).sum();
+    let complete = outputs.iter().all(|o| o.iter().enumerate().all(|(i, s)| s[0].len() == max_tokens && (i > 0 || s[1] == s[0])));
+    Ok(CheckRow {
+        name: "engine graphs".into(),
+        detail: format!(
+            "{} greedy requests through the engine (one n=2), {total} tokens: graphs on {} graphs off",
+            prompts.len(),
+            if outputs[0] == outputs[1] { "==" } else { "!=" }
+        ),
+        error: None,
+        passed: outputs[0] == outputs[1] && complete,
     })
 }
 

@@ -6,6 +6,11 @@
 //! scratch buffers, one index buffer laid out for the bucket (block tables `max_blocks` wide),
 //! split-K sized for `max_context`. A batch smaller than its bucket is padded with idle rows that
 //! attend only to themselves in the backend's reserved trash block.
+//!
+//! A graph ends at the logits: what picks the tokens (greedy `argmax_rows`, or the full sampler
+//! of `cuda::sampling` in the serving path) is launched after the replay on the first `n` rows,
+//! so one graph per bucket serves every mix of sampling parameters and padding rows are never
+//! sampled. The extra launch costs a few microseconds against a replay of hundreds of kernels.
 
 use std::collections::HashMap;
 
@@ -25,13 +30,15 @@ struct SendGraph(CudaGraph);
 unsafe impl Send for SendGraph {}
 
 pub(crate) struct DecodeGraphs {
-    /// Never read from the host, but the graphs point into it: it lives as long as they do.
-    _scratch: Scratch,
+    /// The graphs point into it: it lives as long as they do. Its logits hold the last replay's.
+    scratch: Scratch,
     indices: CudaSlice<u32>,
     tokens_out: CudaSlice<u32>,
     max_blocks: usize,
     max_context: usize,
     graphs: HashMap<usize, SendGraph>,
+    /// Replays are used only while on (`set_graphs_enabled`; benchmarks compare both ways).
+    enabled: bool,
 }
 
 /// The packed index arrays of one bucket (see `layout`): real rows from `batch`, the rest idle.
@@ -103,12 +110,9 @@ impl GpuBackend {
             let splits = attention_splits(max_context, bucket * c.num_key_value_heads, dev.num_sms);
             // A warm-up run outside the capture lets cuBLAS pick its kernels first.
             self.run_layers(&scratch, bucket, bucket, &arrays, splits)?;
-            self.launch_argmax(&scratch, &tokens_out, bucket)?;
             dev.stream.synchronize()?;
             dev.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let enqueued = self
-                .run_layers(&scratch, bucket, bucket, &arrays, splits)
-                .and_then(|()| self.launch_argmax(&scratch, &tokens_out, bucket));
+            let enqueued = self.run_layers(&scratch, bucket, bucket, &arrays, splits);
             let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0))?;
             enqueued?;
             let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
@@ -116,18 +120,26 @@ impl GpuBackend {
             graphs.insert(bucket, SendGraph(graph));
         }
         let captured = graphs.len();
-        self.graphs = Some(DecodeGraphs { _scratch: scratch, indices, tokens_out, max_blocks, max_context, graphs });
+        self.graphs = Some(DecodeGraphs { scratch, indices, tokens_out, max_blocks, max_context, graphs, enabled: true });
         Ok(captured)
     }
 
-    pub(crate) fn launch_argmax(&self, scratch: &Scratch, out: &CudaSlice<u32>, rows: usize) -> Result<(), CudaError> {
+    /// Turns the use of captured graphs on or off (they stay captured).
+    pub fn set_graphs_enabled(&mut self, enabled: bool) {
+        if let Some(g) = self.graphs.as_mut() {
+            g.enabled = enabled;
+        }
+    }
+
+    /// Greedy tokens of the first `rows` rows of the logits at `logits`.
+    pub(crate) fn launch_argmax(&self, logits: u64, out: &CudaSlice<u32>, rows: usize) -> Result<(), CudaError> {
         let dev = self.model().device();
         let vocab = self.model().config().vocab_size as i32;
         unsafe {
             dev.stream
                 .launch_builder(dev.function("argmax_rows"))
                 .arg(out)
-                .arg(scratch.logits.as_ref().expect("scratch sized"))
+                .arg(&logits)
                 .arg(&vocab)
                 .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })?;
         }
@@ -135,14 +147,28 @@ impl GpuBackend {
     }
 
     /// The greedy tokens of a decode batch through its bucket's graph; `None` when the batch
-    /// does not qualify (not all single-token, too big, context too long, no graphs captured).
+    /// does not qualify (see `replay_decode_graph`).
     pub fn decode_argmax_graph(&mut self, batch: &ForwardBatch) -> Option<Result<Vec<u32>, CudaError>> {
-        let graphs = self.graphs.as_ref()?;
+        let replayed = self.replay_decode_graph(batch)?;
+        let dev = self.model().device().clone();
+        Some(replayed.and_then(|(logits, n)| {
+            let graphs = self.graphs.as_ref().expect("just replayed");
+            self.launch_argmax(logits, &graphs.tokens_out, n)?;
+            let mut tokens = vec![0u32; n];
+            dev.stream.memcpy_dtoh(&graphs.tokens_out.slice(..n), &mut tokens)?;
+            Ok(tokens)
+        }))
+    }
+
+    /// Replays the forward of a decode batch through its bucket's graph, leaving the logits on
+    /// the device: returns their pointer and the number of real rows (the padding rows after
+    /// them are garbage). `None` when the batch does not qualify (not all single-token, too big,
+    /// context too long, no graphs captured or graphs turned off).
+    pub(crate) fn replay_decode_graph(&mut self, batch: &ForwardBatch) -> Option<Result<(u64, usize), CudaError>> {
+        let graphs = self.graphs.as_ref().filter(|g| g.enabled)?;
         let n = batch.num_tokens();
-        let decode_only = batch.seqs.len() == n && batch.logits_rows.len() == n;
-        let fits = batch.seqs.iter().all(|s| s.block_table.len() <= graphs.max_blocks && s.context_len() <= graphs.max_context);
         let bucket = graph_bucket(n)?;
-        if !decode_only || !fits || !graphs.graphs.contains_key(&bucket) {
+        if !fits_graph(batch, graphs.max_blocks, graphs.max_context) || !graphs.graphs.contains_key(&bucket) {
             return None;
         }
         let block_size = self.cache().layout().block_size;
@@ -152,12 +178,20 @@ impl GpuBackend {
         let result = (|| {
             dev.stream.memcpy_htod(&packed, &mut graphs.indices.slice_mut(..packed.len()))?;
             graphs.graphs[&bucket].0.launch()?;
-            let mut tokens = vec![0u32; n];
-            dev.stream.memcpy_dtoh(&graphs.tokens_out.slice(..n), &mut tokens)?;
-            Ok(tokens)
+            Ok((super::model::ptr(&dev, graphs.scratch.logits.as_ref().expect("sized at capture")), n))
         })();
         Some(result)
     }
+}
+
+/// Whether a batch can run as a decode graph captured for `max_blocks` / `max_context`: every
+/// sequence computes exactly one token and wants its logits, within the captured sizes.
+fn fits_graph(batch: &ForwardBatch, max_blocks: usize, max_context: usize) -> bool {
+    let n = batch.num_tokens();
+    n > 0
+        && batch.seqs.len() == n
+        && batch.logits_rows.len() == n
+        && batch.seqs.iter().all(|s| s.block_table.len() <= max_blocks && s.context_len() <= max_context)
 }
 
 #[cfg(test)]
@@ -180,5 +214,22 @@ mod tests {
         assert_eq!(tables, vec![3, 4, 0, 5, 0, 0, 9, 0, 0, 9, 0, 0]);
         assert_eq!((0..4).map(|i| at(arrays.rows, i)).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         assert_eq!(packed.len(), 5 * 4 + 4 * 3);
+    }
+
+    #[test]
+    fn only_decode_batches_within_the_captured_sizes_use_graphs() {
+        let mut decode = ForwardBatch::new(16, 100);
+        decode.push_seq(&[7], 20, &[3, 4], true).unwrap();
+        decode.push_seq(&[8], 0, &[5], true).unwrap();
+        assert!(fits_graph(&decode, 2, 64));
+        assert!(!fits_graph(&decode, 1, 64), "a block table wider than captured");
+        assert!(!fits_graph(&decode, 2, 20), "a context longer than captured");
+        let mut prefill = decode.clone();
+        prefill.push_seq(&[1, 2, 3], 0, &[6], true).unwrap();
+        assert!(!fits_graph(&prefill, 2, 64), "a prefill chunk");
+        let mut silent = ForwardBatch::new(16, 100);
+        silent.push_seq(&[7], 3, &[3], false).unwrap();
+        assert!(!fits_graph(&silent, 2, 64), "a token without logits");
+        assert!(!fits_graph(&ForwardBatch::new(16, 100), 2, 64), "an empty batch");
     }
 }

@@ -10,6 +10,7 @@ mod graphs;
 pub mod kernels;
 pub mod launch;
 mod model;
+pub mod sampling;
 mod standalone;
 
 pub use self::device::GpuDevice;

@@ -22,7 +22,9 @@ use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::CpuModel;
 use crate::model::rope::Rope;
 use crate::model::{ModelConfig, ModelError, RopeScaling};
+use super::sampling::sample_on_device;
 use crate::runner::{ForwardBatch, ModelBackend};
+use crate::sampling::{RowSampling, SampledRow};
 
 struct GpuLayer {
     attn_norm: CudaSlice<f32>,
@@ -278,6 +280,7 @@ pub struct GpuBackend {
     visible_layout: KvCacheLayout,
     scratch: Scratch,
     pub(crate) graphs: Option<super::graphs::DecodeGraphs>,
+    sampling: super::sampling::SamplingBuffers,
 }
 
 impl GpuBackend {
@@ -297,7 +300,14 @@ impl GpuBackend {
             return Err(CudaError::Config(format!("GQA group of {} (the CUDA kernels support up to 8)", c.gqa_group_size())));
         }
         let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
-        Ok(GpuBackend { model, cache, visible_layout, scratch: Scratch::default(), graphs: None })
+        Ok(GpuBackend {
+            model,
+            cache,
+            visible_layout,
+            scratch: Scratch::default(),
+            graphs: None,
+            sampling: Default::default(),
+        })
     }
 
     pub fn model(&self) -> &GpuModel {
@@ -402,7 +412,7 @@ impl GpuBackend {
         }
         let dev = self.model.dev.clone();
         let tokens = dev.stream.alloc_zeros::<u32>(rows)?;
-        self.launch_argmax(&self.scratch, &tokens, rows)?;
+        self.launch_argmax(ptr(&dev, self.scratch.logits.as_ref().expect("sized by enqueue")), &tokens, rows)?;
         Ok(dev.stream.clone_dtoh(&tokens)?)
     }
 
@@ -704,5 +714,49 @@ impl ModelBackend for GpuBackend {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
         self.forward_logits(batch).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
+    }
+
+    fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        self.forward_and_sample(batch, rows).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
+    }
+}
+
+impl GpuBackend {
+    /// Runs the forward (through a decode graph when one fits) and samples every row on the
+    /// device; only the results cross to the host.
+    pub fn forward_and_sample(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
+        let (logits, num_rows) = self.forward_on_device(batch)?;
+        let dev = self.model.dev.clone();
+        let vocab = self.model.config.vocab_size;
+        sample_on_device(&dev, &mut self.sampling, logits, num_rows, vocab, rows)
+    }
+
+    /// Runs the forward and leaves the logits of the batch's requested rows on the device:
+    /// through its bucket's captured graph when the batch is decode-only and fits one (and graphs
+    /// are on), else kernel by kernel. Returns the logits pointer and the number of real rows
+    /// (a graph's padding rows come after them and are never read).
+    pub(crate) fn forward_on_device(&mut self, batch: &ForwardBatch) -> Result<(CUdeviceptr, usize), CudaError> {
+        if let Some(replayed) = self.replay_decode_graph(batch) {
+            return replayed;
+        }
+        let rows = self.enqueue(batch)?;
+        let logits = self.scratch.logits.as_ref().map_or(0, |l| ptr(&self.model.dev, l));
+        Ok((logits, rows))
+    }
+
+    /// Like `forward_on_device`, then copies the logits to the host (today's serving path before
+    /// device sampling; `bench gpu` compares the two).
+    pub fn forward_logits_via_graphs(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, CudaError> {
+        let (logits, rows) = self.forward_on_device(batch)?;
+        let vocab = self.model.config.vocab_size;
+        let mut host = vec![0.0f32; rows * vocab];
+        if rows > 0 {
+            // SAFETY: `logits` points at `rows * vocab` floats of a live buffer on this stream.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut host, logits, self.model.dev.stream.cu_stream())?;
+            }
+            self.model.dev.stream.synchronize()?;
+        }
+        Ok(host)
     }
 }

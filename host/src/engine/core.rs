@@ -7,12 +7,16 @@
 //! forked from it and share its prompt blocks (copy-on-write), each drawing its first token from
 //! the same logits with its own generator.
 //!
+//! Sampling happens in the backend (`ModelBackend::forward_sampled`: on the device for CUDA, so
+//! only tokens cross to the host); the engine keeps each sample's sampler (parameters, penalty
+//! counts, generator) and hands the backend one `RowSampling` per sample of the step.
+//!
 //! Sampler plugins: a request naming one (`sampler`) has its tokens picked by that plugin. The
-//! host applies the request's logit bias and penalties, takes the top-N candidates of each such
-//! sequence, and calls each plugin once per step for all its sequences. A plugin fault fails only
+//! backend applies the request's logit bias and penalties and returns the top-N candidates of
+//! each such sequence; the engine calls each plugin once per step for all its sequences. A plugin fault fails only
 //! the requests of that call (an `Error` event, their blocks freed); the rest of the batch goes on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,9 +27,10 @@ use super::request::{FinishReason, GenerateRequest, RequestId, RequestTimings, S
 use super::EngineError;
 use crate::kv_cache::KvCacheManager;
 use crate::metrics::Metrics;
-use crate::plugin::{top_candidates, PluginRegistry, PluginSampleInput};
+use crate::model::ModelError;
+use crate::plugin::{PluginRegistry, PluginSampleInput};
 use crate::runner::{ForwardBatch, ModelBackend};
-use crate::sampling::{Sampled, SequenceSampler};
+use crate::sampling::{RowSampling, Sampled, SampledRow, SequenceSampler};
 use crate::sched::{SchedSeq, Scheduler, SchedulerOutput, SchedulingPolicy, SeqId};
 use crate::tokenizer::Tokenizer;
 
@@ -39,6 +44,17 @@ struct RequestState {
     arrival: Instant,
     first_scheduled: Option<Instant>,
     first_token: Option<Instant>,
+}
+
+/// One sample of a step, planned before the forward (see `EngineCore::plan_samples`).
+struct PlannedSample {
+    seq: SeqId,
+    /// Its row in the batch's logits.
+    row: usize,
+    /// A sample forked this step: its parent, and its state (added once the forward succeeded).
+    fork: Option<(SeqId, SampleState)>,
+    /// The sampler plugin that picks its token and the candidates it wants, or why it cannot.
+    plugin: Option<Result<(String, usize), String>>,
 }
 
 struct SampleState {
@@ -250,10 +266,11 @@ impl EngineCore {
                 self.metrics.request_queue_time.observe((now - state.arrival).as_secs_f64());
             }
         }
-        match self.run_batch(&output) {
-            Ok(logits) => {
+        let mut plan = self.plan_samples(&output);
+        match self.run_batch(&output, &mut plan) {
+            Ok(results) => {
                 self.scheduler.step_done(&output, &mut self.kv);
-                self.process_samples(&output, logits);
+                self.process_samples(plan, results);
             }
             Err(error) => {
                 tracing::error!(%error, "forward pass failed");
@@ -272,7 +289,39 @@ impl EngineCore {
         output.num_tokens
     }
 
-    fn run_batch(&mut self, output: &SchedulerOutput) -> Result<Vec<f32>, crate::model::ModelError> {
+    /// This step's samples, in the order they are emitted: for each sequence that samples, the
+    /// other `n - 1` samples of a request whose prompt was just prefilled (forked once the
+    /// forward succeeds), then the sequence itself.
+    fn plan_samples(&mut self, output: &SchedulerOutput) -> Vec<PlannedSample> {
+        let mut plan = Vec::new();
+        for (row, s) in output.scheduled.iter().filter(|s| s.samples).enumerate() {
+            let request_id = self.samples[&s.id].request;
+            let state = &self.requests[&request_id];
+            let plugin = state.request.sampler.as_ref().map(|name| self.plugin_top_n(name).map(|n| (name.clone(), n)));
+            if state.samples.len() < state.request.n {
+                let request = state.request.clone();
+                for index in 1..request.n {
+                    let child = self.new_seq_id();
+                    let fork = Some((s.id, self.sample_state(request_id, index, &request)));
+                    plan.push(PlannedSample { seq: child, row, fork, plugin: plugin.clone() });
+                }
+            }
+            plan.push(PlannedSample { seq: s.id, row, fork: None, plugin });
+        }
+        plan
+    }
+
+    /// How many candidates sampler plugin `name` wants, or why it cannot be asked.
+    fn plugin_top_n(&self, name: &str) -> Result<usize, String> {
+        match self.plugins.as_ref().and_then(|p| p.sampler(name)) {
+            Some(slot) => slot.sampler_top_n().map(|n| n as usize).map_err(|e| e.to_string()),
+            None => Err(format!("sampler plugin `{name}` is not loaded")),
+        }
+    }
+
+    /// Runs the forward and samples every planned sample whose sampler can run (one result per
+    /// plan entry; `None` for a plugin that could not be asked).
+    fn run_batch(&mut self, output: &SchedulerOutput, plan: &mut [PlannedSample]) -> Result<Vec<Option<SampledRow>>, ModelError> {
         if !output.copies.is_empty() {
             self.backend.copy_blocks(&output.copies);
         }
@@ -282,73 +331,85 @@ impl EngineCore {
             let seq = self.scheduler.get(s.id).expect("scheduled sequence");
             batch
                 .push_seq(&seq.tokens[s.start..s.start + s.num_new], s.start, seq.blocks.table(), s.samples)
-                .map_err(|e| crate::model::ModelError::Input(e.to_string()))?;
+                .map_err(|e| ModelError::Input(e.to_string()))?;
         }
-        self.backend.forward(&batch)
+        // Every sampler of the step at once: live sequences' from `samples`, forks' from the plan.
+        let live_ids: HashSet<SeqId> = plan.iter().filter(|p| p.fork.is_none()).map(|p| p.seq).collect();
+        let mut live: HashMap<SeqId, &mut SequenceSampler> =
+            self.samples.iter_mut().filter(|(id, _)| live_ids.contains(id)).map(|(id, s)| (*id, &mut s.sampler)).collect();
+        let mut rows = Vec::with_capacity(plan.len());
+        let mut sampled = Vec::with_capacity(plan.len());
+        for p in plan.iter_mut() {
+            let candidates = match &p.plugin {
+                None => None,
+                Some(Ok((_, n))) => Some(*n),
+                Some(Err(_)) => {
+                    sampled.push(false);
+                    continue;
+                }
+            };
+            let sampler = match &mut p.fork {
+                Some((_, state)) => &mut state.sampler,
+                None => live.remove(&p.seq).expect("a live sample"),
+            };
+            rows.push(RowSampling { row: p.row, sampler, candidates });
+            sampled.push(true);
+        }
+        let mut results = self.backend.forward_sampled(&batch, &mut rows)?.into_iter();
+        Ok(sampled.into_iter().map(|s| if s { results.next() } else { None }).collect())
     }
 
-    fn process_samples(&mut self, output: &SchedulerOutput, mut logits: Vec<f32>) {
+    fn process_samples(&mut self, plan: Vec<PlannedSample>, results: Vec<Option<SampledRow>>) {
         let vocab = self.backend.config().vocab_size;
-        let sampling: Vec<SeqId> = output.scheduled.iter().filter(|s| s.samples).map(|s| s.id).collect();
         // Sequences whose sampler is a plugin: their candidates, per plugin, sampled after the loop.
         let mut deferred: Vec<(String, Vec<PluginSampleInput>)> = Vec::new();
-        for (row, seq_id) in sampling.into_iter().enumerate() {
-            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
-            let request_id = self.samples[&seq_id].request;
-            // First sample of an n > 1 request: fork the others from the prefilled prompt.
-            let request = &self.requests[&request_id];
-            if request.samples.len() < request.request.n {
-                let parent_logits = row_logits.to_vec();
-                for index in 1..request.request.n {
-                    let child = self.new_seq_id();
-                    self.scheduler.fork(seq_id, child, &mut self.kv);
-                    let state = self.sample_state(request_id, index, &self.requests[&request_id].request);
-                    self.samples.insert(child, state);
-                    self.requests.get_mut(&request_id).unwrap().samples.push(child);
-                    let mut child_logits = parent_logits.clone();
-                    self.sample_or_defer(child, &mut child_logits, &mut deferred);
+        for (p, result) in plan.into_iter().zip(results) {
+            if let Some((parent, state)) = p.fork {
+                // The request may have failed earlier in this loop (a sibling's error).
+                if self.scheduler.get(parent).is_none() || !self.requests.contains_key(&state.request) {
+                    continue;
+                }
+                self.scheduler.fork(parent, p.seq, &mut self.kv);
+                self.requests.get_mut(&state.request).expect("live request").samples.push(p.seq);
+                self.samples.insert(p.seq, state);
+            }
+            let Some(sample) = self.samples.get(&p.seq) else { continue };
+            match (p.plugin, result) {
+                (Some(Err(message)), _) => self.fail_request(sample.request, EngineError::Plugin(message)),
+                (Some(Ok((name, _))), Some(SampledRow::Candidates { token_ids, logits })) => {
+                    let input = self.plugin_input(p.seq, token_ids, logits);
+                    match deferred.iter_mut().find(|(n, _)| *n == name) {
+                        Some((_, inputs)) => inputs.push(input),
+                        None => deferred.push((name, vec![input])),
+                    }
+                }
+                (None, Some(SampledRow::Token(sampled))) => self.emit_sampled(p.seq, sampled),
+                (_, other) => {
+                    let message = format!("the backend returned {other:?} for sequence {}", p.seq);
+                    self.fail_request(sample.request, EngineError::Forward(message));
                 }
             }
-            self.sample_or_defer(seq_id, row_logits, &mut deferred);
         }
         for (name, inputs) in deferred {
             self.run_sampler_plugin(&name, inputs, vocab);
         }
     }
 
-    /// Samples natively, or (the request chose a sampler plugin) queues the sequence's candidates
-    /// for the plugin's call of this step.
-    fn sample_or_defer(&mut self, seq_id: SeqId, logits: &mut [f32], deferred: &mut Vec<(String, Vec<PluginSampleInput>)>) {
-        let request_id = self.samples[&seq_id].request;
-        let Some(name) = self.requests[&request_id].request.sampler.clone() else {
-            return self.emit_token(seq_id, logits);
-        };
-        let top_n = match self.plugins.as_ref().and_then(|p| p.sampler(&name)) {
-            Some(slot) => slot.sampler_top_n().map_err(|e| e.to_string()),
-            None => Err(format!("sampler plugin `{name}` is not loaded")),
-        };
-        let top_n = match top_n {
-            Ok(n) => n as usize,
-            Err(message) => return self.fail_request(request_id, EngineError::Plugin(message)),
-        };
+    /// What sampler plugin sees of sequence `seq_id`: its candidates (after the request's bias
+    /// and penalties) and its recent past.
+    fn plugin_input(&self, seq_id: SeqId, token_ids: Vec<u32>, logits: Vec<f32>) -> PluginSampleInput {
         let sample = &self.samples[&seq_id];
-        sample.sampler.apply_bias_and_penalties(logits);
-        let (token_ids, candidate_logits) = top_candidates(logits, top_n);
         let seq = self.scheduler.get(seq_id).expect("live sequence");
         let params = sample.sampler.params();
-        let input = PluginSampleInput {
+        PluginSampleInput {
             seq: seq_id,
             token_ids,
-            logits: candidate_logits,
+            logits,
             recent_tokens: seq.tokens[seq.tokens.len().saturating_sub(PLUGIN_RECENT_TOKENS)..].to_vec(),
             generated_tokens: seq.num_generated() as u32,
             temperature: Some(params.temperature),
             // The samples of a request draw apart, as the native sampler's do.
             seed: params.seed.map(|s| s.wrapping_add((sample.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))),
-        };
-        match deferred.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, inputs)) => inputs.push(input),
-            None => deferred.push((name, vec![input])),
         }
     }
 
@@ -391,13 +452,6 @@ impl EngineCore {
             let _ = state.events.send(StreamEvent::Error(error));
         }
         self.abort(id);
-    }
-
-    /// Samples the next token of `seq_id` from `logits` natively, then emits it.
-    fn emit_token(&mut self, seq_id: SeqId, logits: &mut [f32]) {
-        let sample = self.samples.get_mut(&seq_id).expect("live sample");
-        let sampled: Sampled = sample.sampler.sample(logits);
-        self.emit_sampled(seq_id, sampled);
     }
 
     /// Appends a sampled token, streams it, and finishes the sample if it should stop.

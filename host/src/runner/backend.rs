@@ -1,11 +1,12 @@
 //! The seam between the engine and a model backend: run a `ForwardBatch` against the backend's
-//! own KV-cache memory, and copy blocks for copy-on-write. The CPU backend is the reference;
-//! the CUDA backend implements the same trait.
+//! own KV-cache memory (returning logits, or sampled tokens), and copy blocks for copy-on-write.
+//! The CPU backend is the reference; the CUDA backend implements the same trait.
 
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::{CpuKvCache, CpuModel};
 use crate::model::{ModelConfig, ModelError};
 use crate::runner::ForwardBatch;
+use crate::sampling::{sample_rows_host, RowSampling, SampledRow};
 
 pub trait ModelBackend: Send {
     fn config(&self) -> &ModelConfig;
@@ -17,6 +18,15 @@ pub trait ModelBackend: Send {
 
     /// Runs the batch and returns logits `[batch.logits_rows.len(), vocab_size]`.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError>;
+
+    /// Runs the batch and samples: one result per entry of `rows`, in order (see
+    /// `sampling::RowSampling` for what a row asks and how its sampler is updated). The default
+    /// copies the logits to the host and samples there with the native samplers (the reference);
+    /// a device backend samples where the logits are and returns only the results.
+    fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        let logits = self.forward(batch)?;
+        Ok(sample_rows_host(&logits, self.config().vocab_size, rows))
+    }
 }
 
 pub struct CpuBackend {

@@ -29,21 +29,32 @@ pub struct Sampled {
 pub struct SequenceSampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Seed of the device sampler's counter-based generator (`cuda::sampling`): the request's
+    /// seed mixed with the sample index as for `rng`, or a random one for unseeded requests.
+    device_seed: u64,
+    /// Tokens observed so far: the device generator's draw counter.
+    num_observed: u64,
     /// Occurrences of each token generated so far (for presence / frequency penalties).
     output_counts: HashMap<u32, u32>,
-    /// Tokens of the prompt (for the repetition penalty).
+    /// Distinct tokens of the prompt, sorted (for the repetition penalty; a set, so deduplicating
+    /// changes nothing).
     prompt_tokens: Vec<u32>,
 }
 
 impl SequenceSampler {
     /// `sample_index` separates the `n` samples of one seeded request.
     pub fn new(params: SamplingParams, prompt_tokens: &[u32], sample_index: u64) -> Self {
-        let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed.wrapping_add(sample_index.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
-            None => StdRng::from_os_rng(),
+        let (rng, device_seed) = match params.seed {
+            Some(seed) => {
+                let mixed = seed.wrapping_add(sample_index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                (StdRng::seed_from_u64(mixed), mixed)
+            }
+            None => (StdRng::from_os_rng(), rand::random()),
         };
-        let prompt_tokens = if params.repetition_penalty != 1.0 { prompt_tokens.to_vec() } else { Vec::new() };
-        SequenceSampler { params, rng, output_counts: HashMap::new(), prompt_tokens }
+        let mut prompt_tokens = if params.repetition_penalty != 1.0 { prompt_tokens.to_vec() } else { Vec::new() };
+        prompt_tokens.sort_unstable();
+        prompt_tokens.dedup();
+        SequenceSampler { params, rng, device_seed, num_observed: 0, output_counts: HashMap::new(), prompt_tokens }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -53,6 +64,28 @@ impl SequenceSampler {
     /// Records a token the sequence emitted (the sampled one, or one forced from outside).
     pub fn observe(&mut self, token: u32) {
         *self.output_counts.entry(token).or_insert(0) += 1;
+        self.num_observed += 1;
+    }
+
+    /// Seed of the device generator (see `device_seed` in the struct).
+    pub fn device_seed(&self) -> u64 {
+        self.device_seed
+    }
+
+    /// Tokens observed so far; the device generator draws token `t` of step `s` from
+    /// `hash(device_seed, s, t)`, so a draw depends on nothing else in the batch.
+    pub fn num_observed(&self) -> u64 {
+        self.num_observed
+    }
+
+    /// Occurrences of each token generated so far.
+    pub fn output_counts(&self) -> &HashMap<u32, u32> {
+        &self.output_counts
+    }
+
+    /// Distinct prompt tokens, sorted (empty unless the repetition penalty is on).
+    pub fn prompt_tokens(&self) -> &[u32] {
+        &self.prompt_tokens
     }
 
     /// Picks the next token from `logits` (modified in place) and records it.
@@ -97,6 +130,23 @@ impl SequenceSampler {
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> usize {
+        let candidates = self.filtered(logits);
+        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        let mut target = self.rng.random::<f32>() * total;
+        for &(token, weight) in &candidates {
+            if target < weight {
+                return token;
+            }
+            target -= weight;
+        }
+        candidates.last().map_or(0, |c| c.0)
+    }
+
+    /// The tokens a random draw may pick from `logits` (after bias and penalties) with their
+    /// weights before normalisation: tempered, then cut by top-k, min-p and top-p in that order.
+    /// Best first when any cut applies, else in token order. The reference distribution the
+    /// device sampler is checked against.
+    pub fn filtered(&self, logits: &[f32]) -> Vec<(usize, f32)> {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -130,15 +180,7 @@ impl SequenceSampler {
                 candidates.truncate(keep);
             }
         }
-        let total: f32 = candidates.iter().map(|c| c.1).sum();
-        let mut target = self.rng.random::<f32>() * total;
-        for &(token, weight) in &candidates {
-            if target < weight {
-                return token;
-            }
-            target -= weight;
-        }
-        candidates.last().map_or(0, |c| c.0)
+        candidates
     }
 }
 

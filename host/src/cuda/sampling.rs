@@ -1,0 +1,363 @@
+//! Sampling on the device (`sample_rows` in `kernels/sampling.cu`): one step's `RowSampling`s
+//! packed into one upload (a fixed block of parameter words per sample, then CSR arrays of logit
+//! bias and penalty entries), one 1024-thread block per sample on the logits the forward left on
+//! the device, and one download of only what the host needs: tokens, log-probs, candidates.
+//!
+//! Invariants: the parameter words here and the `P_*` words of the kernel agree
+//! (`PARAM_WORDS == SAMPLE_PARAM_WORDS`); a sample reads only a real logits row (`row <
+//! num_logit_rows`: padding rows of a CUDA-graph bucket are never sampled); a token result is
+//! `observe`d by its sampler, as the host sampler does. Packing and unpacking are plain functions,
+//! unit-tested without a GPU.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::model::ptr;
+use super::{CudaError, GpuDevice};
+use crate::sampling::{RowSampling, Sampled, SampledRow, TokenLogprob};
+
+/// Words of one sample's parameters (`SAMPLE_PARAM_WORDS` in the kernel).
+pub const PARAM_WORDS: usize = 21;
+/// Most candidates or alternatives one sample returns (`MAX_LIST` in the kernel).
+pub const MAX_LIST: usize = 1024;
+
+/// Word offsets inside one sample's parameters (the kernel's `P_*`).
+mod word {
+    pub const ROW: usize = 0;
+    pub const FLAGS: usize = 1;
+    pub const TEMPERATURE: usize = 2;
+    pub const TOP_K: usize = 3;
+    pub const TOP_P: usize = 4;
+    pub const MIN_P: usize = 5;
+    pub const PRESENCE: usize = 6;
+    pub const FREQUENCY: usize = 7;
+    pub const REPETITION: usize = 8;
+    pub const SEED: usize = 9; // and 10
+    pub const STEP: usize = 11; // and 12
+    pub const BIAS: usize = 13; // begin, end
+    pub const PENALTY: usize = 15; // begin, end
+    pub const LOGPROBS: usize = 17;
+    pub const TOP_N: usize = 18;
+    pub const OUT: usize = 19;
+    pub const WORK: usize = 20;
+}
+
+const F_GREEDY: u32 = 1;
+const F_CANDIDATES: u32 = 2;
+const F_MODIFIED: u32 = 4;
+const F_LOGPROB: u32 = 8;
+
+/// What one sample's output region holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RowOutput {
+    /// A token and its log-prob (if `logprob`), then `alternatives` (token, log-prob) pairs.
+    Token { offset: usize, logprob: bool, alternatives: usize },
+    /// `n` (token, logit) pairs after the two header words.
+    Candidates { offset: usize, n: usize },
+}
+
+/// One step's samples as the kernel reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PackedRows {
+    /// `[samples, PARAM_WORDS]`, then bias tokens, bias values (f32 bits), penalty tokens and
+    /// penalty counts (output occurrences; 0 for a prompt-only token).
+    pub words: Vec<u32>,
+    pub bias_tokens: usize,
+    pub bias_values: usize,
+    pub penalty_tokens: usize,
+    pub penalty_counts: usize,
+    pub outputs: Vec<RowOutput>,
+    /// Words of the output buffer.
+    pub out_len: usize,
+    /// Samples with bias or penalties: each gets a work row of `vocab` floats.
+    pub work_rows: usize,
+}
+
+/// The penalty entries of a sample: every token the repetition penalty covers (prompt and
+/// output) or, without it, the output tokens; each with its output count.
+fn penalty_entries(r: &RowSampling<'_>, vocab: usize) -> Vec<(u32, u32)> {
+    let p = r.sampler.params();
+    let counts = r.sampler.output_counts();
+    let mut entries = Vec::new();
+    if p.repetition_penalty != 1.0 {
+        let prompt = r.sampler.prompt_tokens();
+        entries.extend(prompt.iter().map(|&t| (t, counts.get(&t).copied().unwrap_or(0))));
+        entries.extend(counts.iter().filter(|(t, _)| prompt.binary_search(t).is_err()).map(|(&t, &c)| (t, c)));
+    } else if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        entries.extend(counts.iter().map(|(&t, &c)| (t, c)));
+    }
+    entries.retain(|&(t, _)| (t as usize) < vocab);
+    entries
+}
+
+pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
+    let mut params = vec![0u32; rows.len() * PARAM_WORDS];
+    let (mut bias_tokens, mut bias_values) = (Vec::new(), Vec::new());
+    let (mut penalty_tokens, mut penalty_counts) = (Vec::new(), Vec::new());
+    let mut outputs = Vec::with_capacity(rows.len());
+    let (mut out_len, mut work_rows) = (0, 0);
+    for (r, w) in rows.iter().zip(params.chunks_exact_mut(PARAM_WORDS)) {
+        let p = r.sampler.params();
+        let bias_begin = bias_tokens.len() as u32;
+        for (&t, &b) in p.logit_bias.iter().filter(|(&t, _)| (t as usize) < vocab) {
+            bias_tokens.push(t);
+            bias_values.push(b.to_bits());
+        }
+        let penalty_begin = penalty_tokens.len() as u32;
+        for (t, c) in penalty_entries(r, vocab) {
+            penalty_tokens.push(t);
+            penalty_counts.push(c);
+        }
+        let modified = bias_tokens.len() as u32 > bias_begin || penalty_tokens.len() as u32 > penalty_begin;
+        let mut flags = if modified { F_MODIFIED } else { 0 };
+        let output = match r.candidates {
+            Some(n) => {
+                flags |= F_CANDIDATES;
+                RowOutput::Candidates { offset: out_len, n: n.min(vocab).min(MAX_LIST) }
+            }
+            None => {
+                if p.is_greedy() {
+                    flags |= F_GREEDY;
+                }
+                if p.logprobs.is_some() {
+                    flags |= F_LOGPROB;
+                }
+                let alternatives = p.logprobs.unwrap_or(0).min(vocab).min(MAX_LIST);
+                RowOutput::Token { offset: out_len, logprob: p.logprobs.is_some(), alternatives }
+            }
+        };
+        let (offset, pairs) = match output {
+            RowOutput::Token { offset, alternatives, .. } => (offset, alternatives),
+            RowOutput::Candidates { offset, n } => (offset, n),
+        };
+        out_len += 2 + 2 * pairs;
+        outputs.push(output);
+        let (seed, step) = (r.sampler.device_seed(), r.sampler.num_observed());
+        w[word::ROW] = r.row as u32;
+        w[word::FLAGS] = flags;
+        w[word::TEMPERATURE] = p.temperature.to_bits();
+        // 0 or a limit past the vocabulary: no top-k cut.
+        w[word::TOP_K] = if p.top_k >= vocab { 0 } else { p.top_k as u32 };
+        w[word::TOP_P] = p.top_p.to_bits();
+        w[word::MIN_P] = p.min_p.to_bits();
+        w[word::PRESENCE] = p.presence_penalty.to_bits();
+        w[word::FREQUENCY] = p.frequency_penalty.to_bits();
+        w[word::REPETITION] = p.repetition_penalty.to_bits();
+        w[word::SEED] = seed as u32;
+        w[word::SEED + 1] = (seed >> 32) as u32;
+        w[word::STEP] = step as u32;
+        w[word::STEP + 1] = (step >> 32) as u32;
+        w[word::BIAS] = bias_begin;
+        w[word::BIAS + 1] = bias_tokens.len() as u32;
+        w[word::PENALTY] = penalty_begin;
+        w[word::PENALTY + 1] = penalty_tokens.len() as u32;
+        w[word::LOGPROBS] = pairs as u32 * u32::from(r.candidates.is_none());
+        w[word::TOP_N] = pairs as u32 * u32::from(r.candidates.is_some());
+        w[word::OUT] = offset as u32;
+        w[word::WORK] = work_rows as u32;
+        work_rows += usize::from(modified);
+    }
+    let bias_tokens_at = params.len();
+    let bias_values_at = bias_tokens_at + bias_tokens.len();
+    let penalty_tokens_at = bias_values_at + bias_values.len();
+    let penalty_counts_at = penalty_tokens_at + penalty_tokens.len();
+    let mut words = params;
+    words.extend(bias_tokens);
+    words.extend(bias_values);
+    words.extend(penalty_tokens);
+    words.extend(penalty_counts);
+    PackedRows {
+        words,
+        bias_tokens: bias_tokens_at,
+        bias_values: bias_values_at,
+        penalty_tokens: penalty_tokens_at,
+        penalty_counts: penalty_counts_at,
+        outputs,
+        out_len,
+        work_rows,
+    }
+}
+
+/// The results from the kernel's output words; token results are observed by their samplers.
+pub(crate) fn unpack(out: &[u32], packed: &PackedRows, rows: &mut [RowSampling<'_>]) -> Vec<SampledRow> {
+    let pairs = |offset: usize, n: usize| (0..n).map(move |j| (out[offset + 2 + 2 * j], f32::from_bits(out[offset + 3 + 2 * j])));
+    packed
+        .outputs
+        .iter()
+        .zip(rows.iter_mut())
+        .map(|(output, r)| match *output {
+            RowOutput::Token { offset, logprob, alternatives } => {
+                let token = out[offset];
+                r.sampler.observe(token);
+                let top = pairs(offset, alternatives).map(|(token, logprob)| TokenLogprob { token, logprob }).collect();
+                let logprob = if logprob { f32::from_bits(out[offset + 1]) } else { f32::NAN };
+                SampledRow::Token(Sampled { token, logprob, top })
+            }
+            RowOutput::Candidates { offset, n } => {
+                let (token_ids, logits) = pairs(offset, n).unzip();
+                SampledRow::Candidates { token_ids, logits }
+            }
+        })
+        .collect()
+}
+
+/// Device buffers of the sampler, grown to the largest step seen.
+#[derive(Default)]
+pub struct SamplingBuffers {
+    input: Option<CudaSlice<u32>>,
+    output: Option<CudaSlice<u32>>,
+    work: Option<CudaSlice<f32>>,
+}
+
+/// Grows `slot` to at least `len` elements (to the next power of two).
+fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    dev: &GpuDevice,
+    slot: &mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<(), CudaError> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = Some(dev.stream.alloc_zeros::<T>(len.max(1).next_power_of_two())?);
+    }
+    Ok(())
+}
+
+/// Samples `rows` from the `[num_logit_rows, vocab]` float32 logits at `logits` on the device;
+/// only the results come back.
+pub fn sample_on_device(
+    dev: &GpuDevice,
+    buffers: &mut SamplingBuffers,
+    logits: CUdeviceptr,
+    num_logit_rows: usize,
+    vocab: usize,
+    rows: &mut [RowSampling<'_>],
+) -> Result<Vec<SampledRow>, CudaError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(r) = rows.iter().find(|r| r.row >= num_logit_rows) {
+        return Err(CudaError::Config(format!("a sample reads logits row {} of {num_logit_rows}", r.row)));
+    }
+    let packed = pack_rows(rows, vocab);
+    grow(dev, &mut buffers.input, packed.words.len())?;
+    grow(dev, &mut buffers.output, packed.out_len)?;
+    grow(dev, &mut buffers.work, packed.work_rows * vocab)?;
+    let input = buffers.input.as_mut().unwrap();
+    dev.stream.memcpy_htod(&packed.words, &mut input.slice_mut(..packed.words.len()))?;
+    let base = ptr(dev, input);
+    let at = |offset: usize| base + (offset * 4) as u64;
+    let output = buffers.output.as_ref().unwrap();
+    let vocab_i = vocab as i32;
+    unsafe {
+        dev.stream
+            .launch_builder(dev.function("sample_rows"))
+            .arg(output)
+            .arg(buffers.work.as_ref().unwrap())
+            .arg(&logits)
+            .arg(&base)
+            .arg(&at(packed.bias_tokens))
+            .arg(&at(packed.bias_values))
+            .arg(&at(packed.penalty_tokens))
+            .arg(&at(packed.penalty_counts))
+            .arg(&vocab_i)
+            .launch(LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })?;
+    }
+    let mut out = vec![0u32; packed.out_len];
+    dev.stream.memcpy_dtoh(&output.slice(..packed.out_len), &mut out)?;
+    Ok(unpack(&out, &packed, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::{SamplingParams, SequenceSampler};
+
+    #[test]
+    fn parameters_and_csr_arrays_pack_per_row() {
+        let plain = SamplingParams { temperature: 0.7, top_k: 50, top_p: 0.9, seed: Some(7), ..Default::default() };
+        let penalised = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.3,
+            frequency_penalty: 0.5,
+            logit_bias: [(3, 2.0), (9, -1.0), (99, 5.0)].into(),
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        let mut a = SequenceSampler::new(plain.clone(), &[1, 2], 0);
+        let mut b = SequenceSampler::new(penalised, &[4, 2, 4], 0);
+        b.observe(2);
+        b.observe(5);
+        b.observe(5);
+        let mut c = SequenceSampler::new(SamplingParams { top_k: 1000, ..plain }, &[], 1);
+        let rows = vec![
+            RowSampling { row: 1, sampler: &mut a, candidates: None },
+            RowSampling { row: 0, sampler: &mut b, candidates: None },
+            RowSampling { row: 1, sampler: &mut c, candidates: Some(4) },
+        ];
+        let p = pack_rows(&rows, 60);
+        let w = |row: usize, word: usize| p.words[row * PARAM_WORDS + word];
+        assert_eq!((w(0, word::ROW), w(1, word::ROW), w(2, word::ROW)), (1, 0, 1));
+        assert_eq!(w(0, word::FLAGS), 0, "no bias or penalties: the raw row is read in place");
+        assert_eq!(w(1, word::FLAGS), F_GREEDY | F_MODIFIED | F_LOGPROB);
+        assert_eq!(w(2, word::FLAGS), F_CANDIDATES);
+        assert_eq!(f32::from_bits(w(0, word::TEMPERATURE)), 0.7);
+        assert_eq!((w(0, word::TOP_K), w(2, word::TOP_K)), (50, 0), "a top-k past the vocabulary is no cut");
+        assert_eq!((w(0, word::SEED), w(0, word::SEED + 1)), (7, 0));
+        assert_ne!(w(2, word::SEED), 7, "the second sample of a seeded request draws apart");
+        assert_eq!((w(1, word::STEP), w(0, word::STEP)), (3, 0));
+        // Bias: token 99 is outside the vocabulary of 60 and dropped.
+        assert_eq!((w(1, word::BIAS), w(1, word::BIAS + 1)), (0, 2));
+        assert_eq!(&p.words[p.bias_tokens..p.bias_values], &[3, 9]);
+        assert_eq!(f32::from_bits(p.words[p.bias_values + 1]), -1.0);
+        // Penalties: prompt {2, 4} and output {2: 1, 5: 2}, each token once.
+        let (begin, end) = (w(1, word::PENALTY) as usize, w(1, word::PENALTY + 1) as usize);
+        let mut entries: Vec<(u32, u32)> = (begin..end)
+            .map(|i| (p.words[p.penalty_tokens + i], p.words[p.penalty_counts + i]))
+            .collect();
+        entries.sort();
+        assert_eq!(entries, vec![(2, 1), (4, 0), (5, 2)]);
+        assert_eq!(p.work_rows, 1);
+        assert_eq!(w(1, word::WORK), 0);
+        // Outputs: 2 words, then 3 alternatives, then 4 candidates.
+        assert_eq!(
+            p.outputs,
+            vec![
+                RowOutput::Token { offset: 0, logprob: false, alternatives: 0 },
+                RowOutput::Token { offset: 2, logprob: true, alternatives: 3 },
+                RowOutput::Candidates { offset: 10, n: 4 },
+            ]
+        );
+        assert_eq!((w(1, word::LOGPROBS), w(2, word::TOP_N), w(2, word::OUT)), (3, 4, 10));
+        assert_eq!(p.out_len, 20);
+        assert_eq!(p.words.len(), 3 * PARAM_WORDS + 2 + 2 + 3 + 3);
+    }
+
+    #[test]
+    fn unpacking_observes_tokens_but_not_candidates() {
+        let lp = SamplingParams { logprobs: Some(1), ..Default::default() };
+        let mut a = SequenceSampler::new(lp, &[], 0);
+        let mut b = SequenceSampler::new(SamplingParams::default(), &[], 0);
+        let mut rows = vec![
+            RowSampling { row: 0, sampler: &mut a, candidates: None },
+            RowSampling { row: 0, sampler: &mut b, candidates: Some(2) },
+        ];
+        let packed = pack_rows(&rows, 8);
+        let out = [5, (-0.5f32).to_bits(), 5, (-0.5f32).to_bits(), u32::MAX, f32::NAN.to_bits(), 6, 3f32.to_bits(), 1, 2f32.to_bits()];
+        let got = unpack(&out, &packed, &mut rows);
+        let top = vec![TokenLogprob { token: 5, logprob: -0.5 }];
+        assert_eq!(got[0], SampledRow::Token(Sampled { token: 5, logprob: -0.5, top }));
+        assert_eq!(got[1], SampledRow::Candidates { token_ids: vec![6, 1], logits: vec![3.0, 2.0] });
+        assert_eq!((a.num_observed(), b.num_observed()), (1, 0));
+        assert_eq!(a.output_counts().get(&5), Some(&1));
+    }
+
+    #[test]
+    fn parameter_words_match_the_kernel() {
+        let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "sampling").unwrap().source;
+        assert!(source.contains(&format!("#define SAMPLE_PARAM_WORDS {PARAM_WORDS}")));
+        assert!(source.contains(&format!("#define MAX_LIST {MAX_LIST}")));
+        for (name, value) in [("P_OUT", word::OUT), ("P_WORK", word::WORK), ("P_TOP_N", word::TOP_N), ("P_STEP_LO", word::STEP)] {
+            assert!(source.contains(&format!("#define {name} {value}\n")), "{name}");
+        }
+        assert!(source.contains(&format!("#define F_MODIFIED {F_MODIFIED}u")));
+    }
+}

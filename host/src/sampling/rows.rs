@@ -1,0 +1,82 @@
+//! One step's sampling, as the engine hands it to a backend: which logits row each sample draws
+//! from, its sequence's sampler (parameters, penalty state, generator), and whether it wants a
+//! token or, for a sampler plugin, its top-N candidates. `sample_rows_host` is the reference
+//! implementation on host logits; the CUDA backend does the same on the device
+//! (`cuda::sampling`) and copies back only the results.
+//!
+//! Invariants: results come back in the order of the rows; a `Token` result has already been
+//! `observe`d by its sampler (as `SequenceSampler::sample` does), a `Candidates` result has not
+//! (the plugin's choice is observed when it comes).
+
+use super::{Sampled, SequenceSampler};
+use crate::plugin::top_candidates;
+
+/// What one sample of a step needs.
+pub struct RowSampling<'a> {
+    /// Index into the batch's `logits_rows`; the `n` samples of a freshly prefilled request all
+    /// draw from their prompt's row, so rows may repeat.
+    pub row: usize,
+    pub sampler: &'a mut SequenceSampler,
+    /// `Some(n)`: the request picks its tokens with a sampler plugin, which wants the `n` best
+    /// candidates after bias and penalties instead of a token.
+    pub candidates: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SampledRow {
+    Token(Sampled),
+    /// Best first (ties by lower id), with their logits after bias and penalties.
+    Candidates { token_ids: Vec<u32>, logits: Vec<f32> },
+}
+
+/// Samples every row from host logits `[num_rows, vocab]` with the native samplers (each sample
+/// works on its own copy of its row, so repeated rows do not see each other's penalties).
+pub fn sample_rows_host(logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_>]) -> Vec<SampledRow> {
+    let mut scratch = vec![0.0f32; vocab];
+    rows.iter_mut()
+        .map(|r| {
+            scratch.copy_from_slice(&logits[r.row * vocab..(r.row + 1) * vocab]);
+            match r.candidates {
+                None => SampledRow::Token(r.sampler.sample(&mut scratch)),
+                Some(n) => {
+                    r.sampler.apply_bias_and_penalties(&mut scratch);
+                    let (token_ids, logits) = top_candidates(&scratch, n);
+                    SampledRow::Candidates { token_ids, logits }
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::SamplingParams;
+
+    #[test]
+    fn repeated_rows_sample_independently_and_candidates_skip_observation() {
+        let logits = vec![0.0, 3.0, 1.0, /* row 1 */ 5.0, 0.0, 0.0];
+        let greedy = SamplingParams { temperature: 0.0, frequency_penalty: 2.0, ..Default::default() };
+        let (mut a, mut b, mut c) = (
+            SequenceSampler::new(greedy.clone(), &[], 0),
+            SequenceSampler::new(greedy.clone(), &[], 1),
+            SequenceSampler::new(greedy, &[], 0),
+        );
+        a.observe(1);
+        a.observe(1);
+        let mut rows = vec![
+            RowSampling { row: 0, sampler: &mut a, candidates: None },
+            RowSampling { row: 0, sampler: &mut b, candidates: None },
+            RowSampling { row: 1, sampler: &mut c, candidates: Some(2) },
+        ];
+        let out = sample_rows_host(&logits, 3, &mut rows);
+        let token = |r: &SampledRow| match r {
+            SampledRow::Token(s) => s.token,
+            _ => panic!("expected a token"),
+        };
+        assert_eq!(token(&out[0]), 2, "3 - 2 * 2 < 1: the penalised sample moves to token 2");
+        assert_eq!(token(&out[1]), 1, "its sibling on the same row sees the raw logits");
+        assert_eq!(out[2], SampledRow::Candidates { token_ids: vec![0, 1], logits: vec![5.0, 0.0] });
+        assert_eq!((a.num_observed(), b.num_observed(), c.num_observed()), (3, 1, 0));
+    }
+}
