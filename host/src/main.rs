@@ -166,6 +166,9 @@ struct BenchServeArgs {
     /// the step times around the swaps.
     #[arg(long)]
     swap_every: Option<usize>,
+    /// Run the model on the GPU (with decode CUDA graphs, as `serve` does) instead of the CPU.
+    #[arg(long)]
+    cuda: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -317,7 +320,15 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
             serve::sharegpt_like_workload(args.num_requests, loaded.model.config().vocab_size, args.max_model_len, args.seed);
         std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
     }
-    let backend = pagedserve::runner::CpuBackend::new(loaded.model, num_blocks, block_size);
+    let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.cuda {
+        use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
+        let dev = GpuDevice::new(0)?;
+        let mut backend = GpuBackend::new(GpuModel::from_cpu(dev, &loaded.model)?, num_blocks, block_size)?;
+        backend.prepare_for_serving(true, args.max_num_seqs, args.max_model_len)?;
+        Box::new(backend)
+    } else {
+        Box::new(pagedserve::runner::CpuBackend::new(loaded.model, num_blocks, block_size))
+    };
     let options = serve::ServeOptions {
         num_requests: args.num_requests,
         concurrency: args.concurrency,
@@ -346,7 +357,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     if policies.is_empty() || args.swap_every.is_some() {
         policies.push(pagedserve::sched::native_policy("fcfs").context("built-in policy")?);
     }
-    let (r, swaps) = serve::run_with_swaps(Box::new(backend), tokenizer, policies, args.swap_every, &options)?;
+    let (r, swaps) = serve::run_with_swaps(backend, tokenizer, policies, args.swap_every, &options)?;
     if let Some(s) = &swaps {
         println!(
             "{} swaps: each took at most {:.1} us; median step {:.1} ms, longest step after a swap {:.1} ms, longest other step {:.1} ms",

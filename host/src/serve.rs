@@ -227,21 +227,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let backend: Box<dyn pagedserve::runner::ModelBackend> = match gpu {
         Some((_, model)) => {
             let mut backend = pagedserve::cuda::GpuBackend::new(model, num_blocks, args.block_size)?;
-            if args.no_cuda_graphs {
-                tracing::info!("CUDA graphs off: decode steps launch kernel by kernel");
-            } else {
-                let largest = *pagedserve::cuda::launch::GRAPH_BUCKETS.last().expect("buckets");
-                let max_batch = args.max_num_seqs.min(largest);
-                let started = std::time::Instant::now();
-                let captured = backend.capture_decode_graphs(max_batch, max_model_len).context("capturing CUDA graphs")?;
-                tracing::info!(
-                    graphs = captured,
-                    max_batch,
-                    max_context = max_model_len,
-                    seconds = started.elapsed().as_secs_f32(),
-                    "decode CUDA graphs captured"
-                );
-            }
+            backend
+                .prepare_for_serving(!args.no_cuda_graphs, args.max_num_seqs, max_model_len)
+                .context("capturing CUDA graphs")?;
             Box::new(backend)
         }
         None => Box::new(CpuBackend::new(loaded.model, num_blocks, args.block_size)),

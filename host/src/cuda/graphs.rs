@@ -132,6 +132,28 @@ impl GpuBackend {
     }
 
     /// Greedy tokens of the first `rows` rows of the logits at `logits`.
+    /// The backend `serve` (and `bench serve --device cuda`) runs: decode graphs captured for
+    /// batches up to `max_num_seqs` (capped at the largest bucket) and contexts up to
+    /// `max_model_len`, unless `graphs` is false. Returns the number of graphs captured.
+    pub fn prepare_for_serving(&mut self, graphs: bool, max_num_seqs: usize, max_model_len: usize) -> Result<usize, CudaError> {
+        if !graphs {
+            tracing::info!("CUDA graphs off: decode steps launch kernel by kernel");
+            return Ok(0);
+        }
+        let largest = *GRAPH_BUCKETS.last().expect("buckets");
+        let max_batch = max_num_seqs.min(largest);
+        let started = std::time::Instant::now();
+        let captured = self.capture_decode_graphs(max_batch, max_model_len)?;
+        tracing::info!(
+            graphs = captured,
+            max_batch,
+            max_context = max_model_len,
+            seconds = started.elapsed().as_secs_f32(),
+            "decode CUDA graphs captured"
+        );
+        Ok(captured)
+    }
+
     pub(crate) fn launch_argmax(&self, logits: u64, out: &CudaSlice<u32>, rows: usize) -> Result<(), CudaError> {
         let dev = self.model().device();
         let vocab = self.model().config().vocab_size as i32;
