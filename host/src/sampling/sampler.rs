@@ -157,7 +157,9 @@ impl SequenceSampler {
         let needs_order = k < candidates.len() || p.top_p < 1.0 || p.min_p > 0.0;
         if needs_order {
             if k < candidates.len() {
-                candidates.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+                // Ties at the cut keep the lowest token ids: the set is the same on every
+                // backend (the GPU sampler cuts in the same order).
+                candidates.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 candidates.truncate(k);
             }
             candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -209,9 +211,12 @@ fn top_k_logprobs(logprobs: &[f64], k: usize) -> Vec<TokenLogprob> {
     if k == 0 {
         return Vec::new();
     }
-    idx.select_nth_unstable_by(k - 1, |&a, &b| logprobs[b].total_cmp(&logprobs[a]));
+    // Best first, the lowest token id first among equals (also at the cut, so the list is the
+    // same on every backend).
+    let order = |a: &usize, b: &usize| logprobs[*b].total_cmp(&logprobs[*a]).then(a.cmp(b));
+    idx.select_nth_unstable_by(k - 1, order);
     idx.truncate(k);
-    idx.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
+    idx.sort_unstable_by(order);
     idx.into_iter().map(|i| TokenLogprob { token: i as u32, logprob: logprobs[i] as f32 }).collect()
 }
 
@@ -232,6 +237,20 @@ mod tests {
         assert_eq!(out.top.iter().map(|t| t.token).collect::<Vec<_>>(), vec![1, 2]);
         let z = (1.0f64 + 2f64.exp() + 1f64.exp()).ln();
         assert!((out.logprob as f64 - (2.0 - z)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ties_at_a_cut_keep_the_lowest_token_ids() {
+        // Many equal logits: the top-k set and the top log-probs are the lowest ids among them.
+        let mut logits = vec![1.0f32; 64];
+        logits[40] = 2.0;
+        let s = SequenceSampler::new(SamplingParams { top_k: 4, ..params() }, &[], 0);
+        let mut kept: Vec<usize> = s.filtered(&logits).iter().map(|c| c.0).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![0, 1, 2, 40]);
+        let p = SamplingParams { temperature: 0.0, logprobs: Some(3), ..Default::default() };
+        let out = SequenceSampler::new(p, &[], 0).sample(&mut logits.clone());
+        assert_eq!(out.top.iter().map(|t| t.token).collect::<Vec<_>>(), vec![40, 0, 1]);
     }
 
     #[test]
