@@ -63,6 +63,20 @@ fn pseudo_random_bf16(n: usize, seed: u64) -> Vec<bf16> {
     (0..n).map(|i| bf16::from_f32((((i as u64 * 2654435761 + seed) % 2001) as f32 / 1000.0) - 1.0)).collect()
 }
 
+/// `seqs` sequences of `context` positions whose last `new` tokens are in the batch, each block
+/// table interleaved with the others' so it is scattered across the pool. Returns the batch and
+/// the pool's size in blocks.
+fn scattered_batch(seqs: usize, new: usize, context: usize, block_size: usize) -> Result<(ForwardBatch, usize), CudaError> {
+    let blocks_per_seq = context.div_ceil(block_size);
+    let num_blocks = seqs * blocks_per_seq;
+    let mut fb = ForwardBatch::new(block_size, num_blocks);
+    for b in 0..seqs {
+        let table: Vec<u32> = (0..blocks_per_seq).map(|i| (i * seqs + b) as u32).collect();
+        fb.push_seq(&vec![1; new], context - new, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    Ok((fb, num_blocks))
+}
+
 /// Decode attention (one query token per sequence) over `context` cached positions.
 pub fn attention_decode(
     dev: &GpuDevice,
@@ -73,14 +87,7 @@ pub fn attention_decode(
     head_dim: usize,
 ) -> Result<AttentionBench, CudaError> {
     let block_size = 16;
-    let blocks_per_seq = context.div_ceil(block_size);
-    let num_blocks = batch * blocks_per_seq;
-    let mut fb = ForwardBatch::new(block_size, num_blocks);
-    for b in 0..batch {
-        // Interleave sequences' blocks so each table is scattered across the pool.
-        let table: Vec<u32> = (0..blocks_per_seq).map(|i| (i * batch + b) as u32).collect();
-        fb.push_seq(&[1], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
+    let (fb, num_blocks) = scattered_batch(batch, 1, context, block_size)?;
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
     let splits = attention_splits(context, batch * kv_heads, dev.num_sms);
     let attention = crate::cuda::StandaloneAttention::upload(
@@ -128,13 +135,7 @@ pub fn attention_prefill(
     head_dim: usize,
 ) -> Result<PrefillBench, CudaError> {
     let block_size = 16;
-    let blocks_per_seq = len.div_ceil(block_size);
-    let num_blocks = seqs * blocks_per_seq;
-    let mut fb = ForwardBatch::new(block_size, num_blocks);
-    for b in 0..seqs {
-        let table: Vec<u32> = (0..blocks_per_seq).map(|i| (i * seqs + b) as u32).collect();
-        fb.push_seq(&vec![1; len], 0, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
+    let (fb, num_blocks) = scattered_batch(seqs, len, len, block_size)?;
     let n = fb.num_tokens();
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
     let (q, k, v) = (pseudo_random_bf16(n * heads * head_dim, 3), pseudo_random_bf16(cache_len, 1), pseudo_random_bf16(cache_len, 2));
