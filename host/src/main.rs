@@ -384,6 +384,8 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     println!("preemptions           {:>10}", r.preemptions);
     println!("KV-cache occupancy    {:>10.1} %  (allocated slots holding tokens)", r.kv_occupancy * 100.0);
     println!("engine steps          {:>10}", r.steps);
+    let phases: Vec<String> = r.mean_phase_ms.iter().map(|(phase, ms)| format!("{phase} {ms:.3}")).collect();
+    println!("mean ms per step      {:>10}", phases.join(", "));
     println!("scheduling policy     {:>10}  ({} faults)", r.policy, r.policy_faults);
     Ok(())
 }

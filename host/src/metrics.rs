@@ -26,6 +26,10 @@ pub struct Metrics {
     pub request_prompt_tokens: Histogram,
     pub request_generation_tokens: Histogram,
     pub iteration_tokens: Histogram,
+    /// Wall time of each phase of an engine step: `schedule` (policy and KV blocks), `forward`
+    /// (the model and sampling on the backend), `process` (tokens to events: stop checks,
+    /// detokenizing, sampler plugins). What is not `forward` is the host's overhead.
+    pub engine_step_phase: HistogramVec,
     pub scheduler_policy_faults: IntCounterVec,
     /// Plugin calls by kind and name (each engine step's scheduler call, sampler batch, filter call).
     pub plugin_calls: IntCounterVec,
@@ -119,6 +123,12 @@ impl Metrics {
                 &token_buckets
             )),
             iteration_tokens: register!(histogram("iteration_tokens_total", "Tokens computed per engine step.", &token_buckets)),
+            engine_step_phase: register!(HistogramVec::new(
+                HistogramOpts::new("engine_step_phase_seconds", "Wall time of each phase of an engine step.")
+                    .buckets(exponential_buckets(1e-5, 2.0, 20).expect("valid buckets")),
+                &["phase"]
+            )
+            .expect("valid histogram")),
             scheduler_policy_faults: register!(IntCounterVec::new(
                 Opts::new("scheduler_policy_faults_total", "Scheduling-policy answers rejected, by policy and reason."),
                 &["policy", "reason"]

@@ -65,6 +65,9 @@ pub struct ServeResult {
     pub policy: String,
     /// Policy answers rejected (the step then ran native FCFS).
     pub policy_faults: u64,
+    /// Mean wall time per engine step of each phase (`schedule`, `forward`, `process`; see
+    /// `Metrics::engine_step_phase`): what is not `forward` is the host's overhead.
+    pub mean_phase_ms: [(String, f64); 3],
 }
 
 pub struct ServeOptions {
@@ -212,6 +215,10 @@ pub fn run_with_swaps(
         policy_faults: metrics.scheduler_policy_faults.with_label_values(&[&policy_name, "invalid_output"]).get()
             + metrics.scheduler_policy_faults.with_label_values(&[&policy_name, "failed"]).get(),
         policy: policy_name,
+        mean_phase_ms: ["schedule", "forward", "process"].map(|phase| {
+            let h = metrics.engine_step_phase.with_label_values(&[phase]);
+            (phase.to_string(), h.get_sample_sum() * 1e3 / h.get_sample_count().max(1) as f64)
+        }),
     };
     Ok((result, swaps))
 }

@@ -243,6 +243,11 @@ impl EngineCore {
 
     /// One engine step. Returns the number of tokens computed (0: nothing to do).
     pub fn step(&mut self) -> usize {
+        let metrics = self.metrics.clone();
+        let phase = |name: &str, since: Instant| {
+            metrics.engine_step_phase.with_label_values(&[name]).observe(since.elapsed().as_secs_f64())
+        };
+        let started = Instant::now();
         let output = self.scheduler.schedule(&mut self.kv);
         if let Some(fault) = &output.policy_fault {
             tracing::warn!(policy = self.scheduler.policy_name(), %fault, "scheduling policy fault; used FCFS");
@@ -267,10 +272,16 @@ impl EngineCore {
             }
         }
         let mut plan = self.plan_samples(&output);
-        match self.run_batch(&output, &mut plan) {
+        phase("schedule", started);
+        let forward_started = Instant::now();
+        let forward = self.run_batch(&output, &mut plan);
+        phase("forward", forward_started);
+        match forward {
             Ok(results) => {
+                let process_started = Instant::now();
                 self.scheduler.step_done(&output, &mut self.kv);
                 self.process_samples(plan, results);
+                phase("process", process_started);
             }
             Err(error) => {
                 tracing::error!(%error, "forward pass failed");
