@@ -149,7 +149,7 @@ mod tests {
             generated_tokens: 3,
             max_tokens: 4,
             blocks_held: 5,
-            running: id % 2 == 0,
+            running: id.is_multiple_of(2),
         }
     }
 
