@@ -199,7 +199,7 @@ fn decode_batch(backend: &GpuBackend, batch: usize, context: usize) -> Result<Fo
 }
 
 /// Where one eager decode step's time goes, by kind of launch (see `cuda::profile`): the step
-/// queued behind ~4 ms of copies so its launches run back to back, `repeats` times; each kind's
+/// queued behind ~8 ms of copies so its launches run back to back, `repeats` times; each kind's
 /// median µs per step and its launches per step, plus the step's total (sum of the intervals).
 pub fn step_breakdown(backend: &mut GpuBackend, batch: usize, context: usize, repeats: usize) -> Result<(Vec<(KindTime, f64)>, f64), CudaError> {
     let fb = decode_batch(backend, batch, context)?;
@@ -210,7 +210,7 @@ pub fn step_breakdown(backend: &mut GpuBackend, batch: usize, context: usize, re
     let mut runs: Vec<Vec<KindTime>> = Vec::new();
     for _ in 0..repeats {
         // SAFETY: both buffers outlive the step (`finish` waits for it).
-        let profiler = unsafe { StepProfiler::with_head_start(ptr(&dev, &src), ptr(&dev, &dst), bytes, 24) };
+        let profiler = unsafe { StepProfiler::with_head_start(ptr(&dev, &src), ptr(&dev, &dst), bytes, 48) };
         backend.swap_profiler(Some(profiler));
         let result = backend.forward_argmax(&fb);
         let profiler = backend.swap_profiler(None).expect("installed above");

@@ -591,7 +591,7 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
         let unfused = gpu.forward_logits(&decode)?;
         gpu.set_gemv_enabled(true);
         let want = cpu.forward(&decode).map_err(|e| CudaError::Config(e.to_string()))?;
-        for (name, reference) in [("gemv path vs cuBLAS", &unfused), ("gemv path vs bf16 CPU", &want)] {
+        for (name, reference) in [("gemv fwd vs cuBLAS", &unfused), ("gemv fwd vs bf16 CPU", &want)] {
             let error = relative_error(&fused, reference);
             rows.push(CheckRow {
                 name: name.into(),
