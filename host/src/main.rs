@@ -401,6 +401,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let dev = GpuDevice::new(0)?;
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let mut rows = check::kernel_checks(&dev)?;
+    rows.extend(check::gemv_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
     let loaded = args.model.load()?;
     let reference_path = args.reference.clone().unwrap_or_else(|| {
@@ -416,6 +417,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         None => pagedserve::bench::decode::synthetic_prompts(4, 23, loaded.model.config().vocab_size),
     };
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
+    rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
     rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
     if let Some(tokenizer) = loaded.tokenizer.clone() {
         rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);
@@ -486,8 +488,30 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     for &batch in &args.batch_sizes {
         eager.push(gpu::decode_step_ms(&mut backend, batch, args.context, 30, false)?);
     }
+    gpu::print_gemv_vs_cublas(&dev, 1)?;
+    // Where an eager step's time goes: batch 1 on the fused GEMV path and on cuBLAS, then the
+    // largest batch asked for up to 64 (cuBLAS, whatever the setting).
+    gpu::print_step_breakdown(&mut backend, 1, args.context, "fused GEMV path")?;
+    backend.set_gemv_enabled(false);
+    gpu::print_step_breakdown(&mut backend, 1, args.context, "cuBLAS path")?;
+    let cublas_b1 = gpu::decode_step_ms(&mut backend, 1, args.context, 30, false)?;
+    backend.capture_decode_graphs(1, args.context + 16)?;
+    let cublas_b1_graph = gpu::decode_step_ms(&mut backend, 1, args.context, 30, true)?;
+    backend.set_gemv_enabled(true);
+    if let Some(&big) = args.batch_sizes.iter().filter(|&&b| b > 8 && b <= 64).max() {
+        gpu::print_step_breakdown(&mut backend, big, args.context, "cuBLAS")?;
+    }
     let captured = backend.capture_decode_graphs(max_batch, args.context + 16)?;
     println!("captured {captured} decode graphs");
+    println!(
+        "{} decode step b1    c{}  cuBLAS path:   without graphs {:>8.3} ms {:>9.0} tok/s | with graphs {:>8.3} ms {:>9.0} tok/s",
+        loaded.name,
+        args.context,
+        cublas_b1,
+        1e3 / cublas_b1,
+        cublas_b1_graph,
+        1e3 / cublas_b1_graph
+    );
     for (&batch, &ms) in args.batch_sizes.iter().zip(&eager) {
         let graph_ms = gpu::decode_step_ms(&mut backend, batch, args.context, 30, true)?;
         println!(

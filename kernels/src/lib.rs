@@ -49,6 +49,24 @@ pub const MODULES: &[KernelModule] = &[
         source: include_str!("../prefill_attention.cu"),
         functions: &["prefill_attention_hd64", "prefill_attention_hd128"],
     },
+    KernelModule {
+        name: "gemv",
+        source: include_str!("../gemv.cu"),
+        functions: &[
+            "gemv_m1",
+            "gemv_m2",
+            "gemv_m4",
+            "gemv_m8",
+            "gemv_silu_m1",
+            "gemv_silu_m2",
+            "gemv_silu_m4",
+            "gemv_silu_m8",
+            "gemv_norm_m1",
+            "gemv_norm_m2",
+            "gemv_norm_m4",
+            "gemv_norm_m8",
+        ],
+    },
     KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows"] },
 ];
 
@@ -77,7 +95,8 @@ mod tests {
         for module in MODULES {
             for function in module.functions {
                 // Plain definitions, or instantiations of a macro: `paged_attention_hd64_g4` is
-                // `ATTENTION_KERNEL(64, 4)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`.
+                // `ATTENTION_KERNEL(64, 4)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`,
+                // `gemv_silu_m4` is `GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)`.
                 let instantiated = if let Some((hd, g)) =
                     function.strip_prefix("paged_attention_hd").and_then(|rest| rest.split_once("_g"))
                 {
@@ -85,7 +104,7 @@ mod tests {
                 } else if let Some(hd) = function.strip_prefix("prefill_attention_hd") {
                     module.source.contains(&format!("PREFILL_KERNEL({hd})"))
                 } else {
-                    false
+                    module.source.contains(&format!("_KERNEL({function},"))
                 };
                 let defined = module.source.contains(&format!("{function}(")) || instantiated;
                 assert!(defined, "{} does not define {function}", module.name);

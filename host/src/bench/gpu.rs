@@ -1,7 +1,9 @@
 //! GPU benchmarks (`pagedserve bench gpu`), each beside the ceiling it is judged by, measured in
 //! the same run: device-to-device copy bandwidth; paged-attention decode for a Llama-3.1-8B head
 //! layout against that bandwidth; prefill attention (the flash-style kernel against the per-token
-//! decode kernel on the same inputs, in TFLOP/s); decode step time of the default model at batch 1 and 256; and
+//! decode kernel on the same inputs, in TFLOP/s); the small-M GEMV against cuBLAS on SmolLM2's
+//! products; decode step time of the default model at batch 1, 64 and 256, with a per-kernel
+//! breakdown of the step; and
 //! the step time of a Llama-3.1-8B-shaped dummy model against its bandwidth floor (weights plus
 //! KV bytes over measured bandwidth). Times are medians over repeated runs after a warm-up,
 //! taken with CUDA events.
@@ -12,7 +14,9 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
 use super::median;
+use crate::cuda::gemm::{cublas_linear, linear, OutType};
 use crate::cuda::launch::{attention_splits, prefill_kernel_name, AttentionPath};
+use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::ModelConfig;
 use crate::runner::ForwardBatch;
@@ -180,6 +184,140 @@ pub fn print_attention_prefill(dev: &GpuDevice) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// A decode step of `batch` sequences at `context` positions each, in consecutive blocks of the
+/// backend's cache (wrapping around when it is smaller).
+fn decode_batch(backend: &GpuBackend, batch: usize, context: usize) -> Result<ForwardBatch, CudaError> {
+    let block_size = backend.cache().layout().block_size;
+    let blocks_per_seq = context.div_ceil(block_size);
+    let num_blocks = backend.cache().layout().num_blocks;
+    let mut fb = ForwardBatch::new(block_size, num_blocks);
+    for b in 0..batch {
+        let table: Vec<u32> = (0..blocks_per_seq).map(|i| ((b * blocks_per_seq + i) % num_blocks) as u32).collect();
+        fb.push_seq(&[(b % 1000) as u32 + 100], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    Ok(fb)
+}
+
+/// Where one eager decode step's time goes, by kind of launch (see `cuda::profile`): the step
+/// queued behind ~8 ms of copies so its launches run back to back, `repeats` times; each kind's
+/// median µs per step and its launches per step, plus the step's total (sum of the intervals).
+pub fn step_breakdown(backend: &mut GpuBackend, batch: usize, context: usize, repeats: usize) -> Result<(Vec<(KindTime, f64)>, f64), CudaError> {
+    let fb = decode_batch(backend, batch, context)?;
+    let dev = backend.model().device().clone();
+    let bytes = 256 << 20;
+    let (src, dst) = (dev.stream.alloc_zeros::<u8>(bytes)?, dev.stream.alloc_zeros::<u8>(bytes)?);
+    backend.forward_argmax(&fb)?; // sizes the buffers
+    let mut runs: Vec<Vec<KindTime>> = Vec::new();
+    for _ in 0..repeats {
+        // SAFETY: both buffers outlive the step (`finish` waits for it).
+        let profiler = unsafe { StepProfiler::with_head_start(ptr(&dev, &src), ptr(&dev, &dst), bytes, 48) };
+        backend.swap_profiler(Some(profiler));
+        let result = backend.forward_argmax(&fb);
+        let profiler = backend.swap_profiler(None).expect("installed above");
+        result?;
+        runs.push(profiler.finish()?);
+    }
+    let mut rows = Vec::new();
+    for kind in &runs[0] {
+        let mut times: Vec<f64> = runs.iter().filter_map(|r| r.iter().find(|k| k.kind == kind.kind)).map(|k| k.ms * 1e3).collect();
+        rows.push((kind.clone(), median(&mut times)));
+    }
+    let mut totals: Vec<f64> = runs.iter().map(|r| r.iter().map(|k| k.ms * 1e3).sum()).collect();
+    Ok((rows, median(&mut totals)))
+}
+
+/// Prints `step_breakdown` as a table.
+pub fn print_step_breakdown(backend: &mut GpuBackend, batch: usize, context: usize, label: &str) -> Result<(), CudaError> {
+    let (rows, total_us) = step_breakdown(backend, batch, context, 15)?;
+    println!("step breakdown b{batch} c{context} {label} (eager, launches queued back to back; µs):");
+    println!("  {:<26} {:>6} {:>9} {:>10} {:>6}", "kind", "count", "µs each", "µs/step", "%");
+    for (k, us) in &rows {
+        println!("  {:<26} {:>6} {:>9.2} {:>10.1} {:>5.1}%", k.kind, k.count, us / k.count as f64, us, 100.0 * us / total_us);
+    }
+    println!("  {:<26} {:>6} {:>9} {:>10.1}", "step", rows.iter().map(|(k, _)| k.count).sum::<usize>(), "", total_us);
+    Ok(())
+}
+
+/// One shape of `gemv_vs_cublas`.
+pub struct GemvBench {
+    pub n: usize,
+    pub k: usize,
+    pub gemv_us: f64,
+    pub cublas_us: f64,
+}
+
+impl GemvBench {
+    /// Weight bytes over time, in GB/s (the input and output are negligible).
+    pub fn gbps(&self, us: f64) -> f64 {
+        (self.n * self.k * 2) as f64 / (us * 1e-6) / 1e9
+    }
+}
+
+/// `out[m×n] = x[m×k] · Wᵀ` through our GEMV and through cuBLAS, for each `(n, k)`: µs per
+/// product, from a captured graph of back-to-back products (as a decode graph runs them) that
+/// cycle through enough copies of the weight to cover 256 MB, so L2 (50 MB) cannot hold them.
+pub fn gemv_vs_cublas(dev: &GpuDevice, m: usize, shapes: &[(usize, usize, OutType)]) -> Result<Vec<GemvBench>, CudaError> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let pool_elements = 128 << 20;
+    let pool = dev.stream.clone_htod(&pseudo_random_bf16(pool_elements, 5))?;
+    let mut results = Vec::new();
+    for &(n, k, out_type) in shapes {
+        let x = dev.stream.clone_htod(&pseudo_random_bf16(m * k, 6))?;
+        let out = dev.stream.alloc_zeros::<f32>(m * n)?;
+        let copies = (pool_elements / (n * k)).max(1);
+        let launches = copies.max(16);
+        let weight = |i: usize| ptr(dev, &pool) + ((i % copies) * n * k * 2) as u64;
+        let time = |cublas: bool| -> Result<f64, CudaError> {
+            let product = |i: usize| unsafe {
+                if cublas {
+                    cublas_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
+                } else {
+                    linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
+                }
+            };
+            // Outside the capture first, so cuBLAS picks its kernel.
+            product(0)?;
+            dev.stream.synchronize()?;
+            dev.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            let enqueued = (0..launches).try_for_each(product);
+            let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0))?;
+            enqueued?;
+            let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
+            Ok(time_ms(dev, 2, 10, || Ok(graph.launch()?))? * 1e3 / launches as f64)
+        };
+        let gemv_us = time(false)?;
+        let cublas_us = time(true)?;
+        results.push(GemvBench { n, k, gemv_us, cublas_us });
+    }
+    Ok(results)
+}
+
+/// The SmolLM2-135M products at `m` rows, GEMV against cuBLAS.
+pub fn print_gemv_vs_cublas(dev: &GpuDevice, m: usize) -> Result<(), CudaError> {
+    let shapes = [
+        (960, 576, OutType::Bf16),
+        (576, 576, OutType::Bf16),
+        (3072, 576, OutType::Bf16),
+        (576, 1536, OutType::Bf16),
+        (49152, 576, OutType::F32),
+    ];
+    println!("SmolLM2 products at m={m} (in a graph, weights cycled past L2):");
+    println!("  {:>6} {:>6} {:>10} {:>8} {:>12} {:>8} {:>8}", "N", "K", "gemv µs", "GB/s", "cuBLAS µs", "GB/s", "speedup");
+    for r in gemv_vs_cublas(dev, m, &shapes)? {
+        println!(
+            "  {:>6} {:>6} {:>10.2} {:>8.0} {:>12.2} {:>8.0} {:>7.2}x",
+            r.n,
+            r.k,
+            r.gemv_us,
+            r.gbps(r.gemv_us),
+            r.cublas_us,
+            r.gbps(r.cublas_us),
+            r.cublas_us / r.gemv_us
+        );
+    }
+    Ok(())
+}
+
 /// Median milliseconds of one decode step of `batch` sequences at `context` positions each
 /// (greedy tokens computed on the device; only they come back), through the captured CUDA graph
 /// of its bucket when `graphs` (see `GpuBackend::capture_decode_graphs`), else kernel by kernel.
@@ -190,14 +328,7 @@ pub fn decode_step_ms(
     repeats: usize,
     graphs: bool,
 ) -> Result<f64, CudaError> {
-    let block_size = backend.cache().layout().block_size;
-    let blocks_per_seq = context.div_ceil(block_size);
-    let num_blocks = backend.cache().layout().num_blocks;
-    let mut fb = ForwardBatch::new(block_size, num_blocks);
-    for b in 0..batch {
-        let table: Vec<u32> = (0..blocks_per_seq).map(|i| ((b * blocks_per_seq + i) % num_blocks) as u32).collect();
-        fb.push_seq(&[(b % 1000) as u32 + 100], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
+    let fb = decode_batch(backend, batch, context)?;
     let dev = backend.model().device().clone();
     if graphs {
         return time_ms(&dev, 3, repeats, || {
@@ -266,14 +397,7 @@ pub fn serving_step_ms(
     params: &crate::sampling::SamplingParams,
 ) -> Result<f64, CudaError> {
     use crate::sampling::{sample_rows_host, RowSampling, SequenceSampler};
-    let block_size = backend.cache().layout().block_size;
-    let blocks_per_seq = context.div_ceil(block_size);
-    let num_blocks = backend.cache().layout().num_blocks;
-    let mut fb = ForwardBatch::new(block_size, num_blocks);
-    for b in 0..batch {
-        let table: Vec<u32> = (0..blocks_per_seq).map(|i| ((b * blocks_per_seq + i) % num_blocks) as u32).collect();
-        fb.push_seq(&[(b % 1000) as u32 + 100], context - 1, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
+    let fb = decode_batch(backend, batch, context)?;
     backend.set_graphs_enabled(graphs);
     let vocab = backend.model().config().vocab_size;
     let mut samplers: Vec<SequenceSampler> = (0..batch).map(|i| SequenceSampler::new(params.clone(), &[], i as u64)).collect();

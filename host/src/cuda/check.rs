@@ -1,8 +1,8 @@
 //! `pagedserve check --device cuda`: the GPU path judged against the CPU path, on the machine
 //! where it runs, with nothing but the binary. Each kernel is compared with its CPU counterpart on
 //! fresh random inputs (relative error ‖gpu − cpu‖ / ‖cpu‖, inputs rounded to bfloat16 first so
-//! only the arithmetic differs), then the whole forward (logits of a mixed batch) and greedy
-//! tokens of the reference prompts. Prints a table; the caller exits non-zero on any failure.
+//! only the arithmetic differs), then the whole forward (logits of a mixed batch, and of decode
+//! steps at batch 1–8 through the fused GEMV path) and greedy tokens of the reference prompts. Prints a table; the caller exits non-zero on any failure.
 
 use std::sync::Arc;
 
@@ -11,7 +11,10 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::launch::{row_threads, AttentionPath};
+use super::gemm::{linear, OutType};
+use super::gemv::{gemv, Gemv, GemvInput};
+use super::launch::{gemv_supports, row_threads, AttentionPath, GEMV_MAX_ROWS};
+use super::model::ptr;
 use super::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
 use crate::model::cpu::{ops, paged_attention, CpuKvCache, CpuModel};
@@ -378,6 +381,227 @@ pub fn check_greedy(
         }
     };
     Ok(CheckRow { name: "greedy".into(), detail, error: None, passed })
+}
+
+/// `x[m×k] · w[n×k]ᵀ (+ bias)` in float64 (the reference of the GEMV checks).
+fn matmul_reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            let dot: f64 = x[r * k..(r + 1) * k].iter().zip(&w[j * k..(j + 1) * k]).map(|(&a, &b)| a as f64 * b as f64).sum();
+            out[r * n + j] = (dot + bias.map_or(0.0, |b| b[j] as f64)) as f32;
+        }
+    }
+    out
+}
+
+fn round_bf16(values: &mut [f32]) {
+    for v in values {
+        *v = bf16::from_f32(*v).to_f32();
+    }
+}
+
+/// `linear` at small M against the CPU product: the GEMV where it takes the shape, cuBLAS where
+/// it does not (k not a multiple of 8); bf16 or float32 out, the output poisoned first.
+pub fn check_gemv(dev: &GpuDevice, m: usize, n: usize, k: usize, out_type: OutType, seed: u64) -> Result<CheckRow, CudaError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = random_bf16_values(&mut rng, m * k, 1.0);
+    let w = random_bf16_values(&mut rng, n * k, 0.1);
+    let want = matmul_reference(&x, &w, None, m, k, n);
+    let stream = &dev.stream;
+    let (x_dev, w_dev) = (stream.clone_htod(&to_bf16(&x))?, stream.clone_htod(&to_bf16(&w))?);
+    let got = match out_type {
+        OutType::Bf16 => {
+            let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
+            unsafe { linear(dev, ptr(dev, &out), out_type, ptr(dev, &x_dev), ptr(dev, &w_dev), m, k, n)? };
+            download_bf16(dev, &out, m * n)?
+        }
+        OutType::F32 => {
+            let out = stream.clone_htod(&vec![f32::NAN; m * n])?;
+            unsafe { linear(dev, ptr(dev, &out), out_type, ptr(dev, &x_dev), ptr(dev, &w_dev), m, k, n)? };
+            stream.clone_dtoh(&out)?
+        }
+    };
+    let path = if gemv_supports(m, k) { "gemv" } else { "cuBLAS" };
+    Ok(CheckRow::error("linear small-M", format!("{path} m {m} n {n} k {k} {out_type:?} out"), relative_error(&got, &want)))
+}
+
+/// The GEMV with SiLU-and-multiply folded into its input against the unfused composition
+/// (`silu_and_mul`, rounded to bf16, then the product) on the CPU.
+pub fn check_gemv_silu(dev: &GpuDevice, m: usize, n: usize, inter: usize, seed: u64) -> Result<CheckRow, CudaError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let gate_up = random_bf16_values(&mut rng, m * 2 * inter, 4.0);
+    let w = random_bf16_values(&mut rng, n * inter, 0.1);
+    let mut act = vec![0.0f32; m * inter];
+    for (out, row) in act.chunks_exact_mut(inter).zip(gate_up.chunks_exact(2 * inter)) {
+        ops::silu_mul(out, row);
+    }
+    round_bf16(&mut act);
+    let want = matmul_reference(&act, &w, None, m, inter, n);
+    let stream = &dev.stream;
+    let (in_dev, w_dev) = (stream.clone_htod(&to_bf16(&gate_up))?, stream.clone_htod(&to_bf16(&w))?);
+    let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
+    let g = Gemv {
+        out: ptr(dev, &out),
+        out_type: OutType::Bf16,
+        input: GemvInput::SiluMul(ptr(dev, &in_dev)),
+        w: ptr(dev, &w_dev),
+        bias: 0,
+        m,
+        k: inter,
+        n,
+    };
+    unsafe { gemv(dev, &g)? };
+    let got = download_bf16(dev, &out, m * n)?;
+    Ok(CheckRow::error("gemv +silu", format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
+}
+
+/// The GEMV with the residual add and RMSNorm folded into its input against the unfused
+/// composition (`fused_add_rmsnorm`, rounded to bf16, then the product, plus bias) on the CPU,
+/// and the residual it writes back against residual + delta. With `indirect`, the input rows are
+/// picked from a larger residual by a row list (the final norm of the wanted rows) and nothing
+/// is written back, as the lm_head launch does.
+#[allow(clippy::too_many_arguments)]
+pub fn check_gemv_norm(
+    dev: &GpuDevice,
+    m: usize,
+    n: usize,
+    hidden: usize,
+    with_delta: bool,
+    indirect: bool,
+    with_bias: bool,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let residual_rows = if indirect { m + 5 } else { m };
+    let residual = random_bf16_values(&mut rng, residual_rows * hidden, 2.0);
+    let delta = random_bf16_values(&mut rng, residual_rows * hidden, 2.0);
+    let weight = random_bf16_values(&mut rng, hidden, 1.5);
+    let w = random_bf16_values(&mut rng, n * hidden, 0.1);
+    let bias = random_bf16_values(&mut rng, n, 1.0);
+    // Row r of the input is residual row `rows[r]`: scattered and out of order when indirect.
+    let rows: Vec<u32> = (0..m).map(|r| if indirect { ((r * 3 + 4) % residual_rows) as u32 } else { r as u32 }).collect();
+    let mut summed = vec![0.0f32; residual_rows * hidden];
+    for (i, s) in summed.iter_mut().enumerate() {
+        *s = residual[i] + if with_delta { delta[i] } else { 0.0 };
+    }
+    let mut normed = vec![0.0f32; m * hidden];
+    for (r, &row) in rows.iter().enumerate() {
+        let row = row as usize;
+        ops::rms_norm(&mut normed[r * hidden..(r + 1) * hidden], &summed[row * hidden..(row + 1) * hidden], &weight, 1e-5);
+    }
+    round_bf16(&mut normed);
+    let want = matmul_reference(&normed, &w, with_bias.then_some(&bias[..]), m, hidden, n);
+
+    let stream = &dev.stream;
+    let residual_dev = stream.clone_htod(&residual)?;
+    let delta_dev = stream.clone_htod(&to_bf16(&delta))?;
+    let (weight_dev, w_dev, bias_dev) = (stream.clone_htod(&weight)?, stream.clone_htod(&to_bf16(&w))?, stream.clone_htod(&bias)?);
+    let rows_dev = stream.clone_htod(&rows)?;
+    let residual_out = stream.clone_htod(&vec![f32::NAN; residual_rows * hidden])?;
+    let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
+    let input = GemvInput::AddNorm {
+        residual: ptr(dev, &residual_dev),
+        delta: if with_delta { ptr(dev, &delta_dev) } else { 0 },
+        weight: ptr(dev, &weight_dev),
+        residual_out: if indirect { 0 } else { ptr(dev, &residual_out) },
+        rows: if indirect { ptr(dev, &rows_dev) } else { 0 },
+        eps: 1e-5,
+    };
+    let bias = if with_bias { ptr(dev, &bias_dev) } else { 0 };
+    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: ptr(dev, &w_dev), bias, m, k: hidden, n };
+    unsafe { gemv(dev, &g)? };
+    let mut got = download_bf16(dev, &out, m * n)?;
+    let mut want = want;
+    if !indirect {
+        // The residual written back: exactly residual + delta (float32, the same one addition).
+        got.extend(stream.clone_dtoh(&residual_out)?);
+        want.extend_from_slice(&summed);
+    }
+    let detail = format!(
+        "m {m} n {n} k {hidden}{}{}{}",
+        if with_delta { " +delta" } else { "" },
+        if indirect { " rows[] no write-back" } else { " write-back" },
+        if with_bias { " +bias" } else { "" }
+    );
+    Ok(CheckRow::error("gemv +add+norm", detail, relative_error(&got, &want)))
+}
+
+/// The small-M linear layers: the GEMV (through `linear`) on SmolLM2's shapes, an odd N, a K
+/// cuBLAS takes instead, M = 1, 2, 3, 8, bf16 and float32 out; then each fused variant.
+pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
+    let mut rows = Vec::new();
+    let mut seed = 200;
+    for (n, k) in [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (1001, 576), (1001, 200), (130, 100)] {
+        for m in [1, 2, 3, 8] {
+            seed += 1;
+            let out_type = if n == 49152 || m == 2 { OutType::F32 } else { OutType::Bf16 };
+            rows.push(check_gemv(dev, m, n, k, out_type, seed)?);
+        }
+    }
+    for m in [1, 3, 8] {
+        rows.push(check_gemv_silu(dev, m, 576, 1536, 300 + m as u64)?);
+        rows.push(check_gemv_silu(dev, m, 1001, 200, 310 + m as u64)?);
+    }
+    for (m, n, with_delta, indirect, with_bias) in [
+        (1, 960, true, false, false),
+        (3, 3072, true, false, false),
+        (8, 960, false, false, true),
+        (2, 1001, true, false, true),
+        (1, 49152, true, true, false),
+        (5, 4000, true, true, false),
+    ] {
+        seed += 1;
+        rows.push(check_gemv_norm(dev, m, n, 576, with_delta, indirect, with_bias, seed)?);
+    }
+    Ok(rows)
+}
+
+/// Decode steps at batch 1 and at up to 8 sequences, where the forward takes the fused GEMV
+/// path, against the same steps with every product through cuBLAS (the unfused kernels) and
+/// against the CPU with bf16-rounded weights: logits within `FORWARD_TOLERANCE`.
+pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
+    let block_size = 16;
+    let prompts = &prompts[..prompts.len().min(GEMV_MAX_ROWS)];
+    let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(block_size);
+    let num_blocks = blocks_per_seq * prompts.len();
+    let rounded = CpuModel::new(cpu_model.config().clone(), cpu_model.weights().map_matrices(|v| bf16::from_f32(v).to_f32()));
+    let mut cpu = CpuBackend::new(rounded, num_blocks, block_size);
+    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
+    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
+    let config_err = |e: crate::runner::BatchError| CudaError::Config(e.to_string());
+    let mut prefill = ForwardBatch::new(block_size, num_blocks);
+    for (i, p) in prompts.iter().enumerate() {
+        prefill.push_seq(p, 0, &table(i), true).map_err(config_err)?;
+    }
+    let logits = gpu.forward_logits(&prefill)?;
+    cpu.forward(&prefill).map_err(|e| CudaError::Config(e.to_string()))?;
+    let vocab = cpu_model.config().vocab_size;
+    let mut rows = Vec::new();
+    for batch_size in [1, prompts.len()] {
+        let mut decode = ForwardBatch::new(block_size, num_blocks);
+        for (i, p) in prompts.iter().enumerate().take(batch_size) {
+            let next = crate::sampling::argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
+            decode.push_seq(&[next], p.len(), &table(i), true).map_err(config_err)?;
+        }
+        // Each run rewrites the step's own cache slots before reading them, so the three see
+        // the same cache.
+        let fused = gpu.forward_logits(&decode)?;
+        gpu.set_gemv_enabled(false);
+        let unfused = gpu.forward_logits(&decode)?;
+        gpu.set_gemv_enabled(true);
+        let want = cpu.forward(&decode).map_err(|e| CudaError::Config(e.to_string()))?;
+        for (name, reference) in [("gemv fwd vs cuBLAS", &unfused), ("gemv fwd vs bf16 CPU", &want)] {
+            let error = relative_error(&fused, reference);
+            rows.push(CheckRow {
+                name: name.into(),
+                detail: format!("decode logits, {batch_size} sequences"),
+                error: Some(error),
+                passed: error < FORWARD_TOLERANCE,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// Prints the table; returns whether every row passed.

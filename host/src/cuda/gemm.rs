@@ -1,10 +1,13 @@
 //! Linear layers through cuBLAS: `out[m×n] = a[m×k] · wᵀ` with row-major bf16 operands (`w` is a
-//! `[n×k]` weight), float32 accumulation, and a bf16 or float32 result.
+//! `[n×k]` weight), float32 accumulation, and a bf16 or float32 result. Up to 8 rows go to our
+//! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), more to cuBLAS.
 
 use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::driver::sys::CUdeviceptr;
 
+use super::gemv::{gemv, Gemv, GemvInput};
+use super::launch::gemv_supports;
 use super::{CudaError, GpuDevice};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -13,11 +16,34 @@ pub enum OutType {
     F32,
 }
 
+/// The GEMV for shapes it takes (1 to 8 rows, aligned 16-byte vectors), cuBLAS otherwise.
+///
 /// # Safety
 /// `out`, `a` and `w` must be live device allocations of at least `m*n`, `m*k` and `n*k`
 /// elements of their types, on `dev`'s stream.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
+    dev: &GpuDevice,
+    out: CUdeviceptr,
+    out_type: OutType,
+    a: CUdeviceptr,
+    w: CUdeviceptr,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), CudaError> {
+    if gemv_supports(m, k) && n > 0 && (a | w).is_multiple_of(16) {
+        return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w, bias: 0, m, k, n });
+    }
+    cublas_linear(dev, out, out_type, a, w, m, k, n)
+}
+
+/// The same product through cuBLAS, whatever `m`.
+///
+/// # Safety
+/// As for `linear`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn cublas_linear(
     dev: &GpuDevice,
     out: CUdeviceptr,
     out_type: OutType,

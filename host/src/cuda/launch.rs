@@ -128,6 +128,62 @@ pub fn row_threads(width: usize) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
+/// Warps (output rows in flight) per block of the small-M GEMV (`GEMV_WARPS` in
+/// `kernels/gemv.cu`).
+pub const GEMV_WARPS: u32 = 4;
+
+/// The most input rows the GEMV takes; larger batches go to cuBLAS, which is fast there.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// The GEMV stages its padded input rows in static-limit shared memory (no opt-in needed).
+const GEMV_MAX_SHARED: usize = 48 * 1024;
+
+/// Resident GEMV blocks per multiprocessor the grid is capped at: 32 warps per SM is enough
+/// loads in flight to reach full bandwidth, and a larger grid only repeats the input staging.
+const GEMV_BLOCKS_PER_SM: usize = 8;
+
+/// What the GEMV's input staging computes (`MODE` in `kernels/gemv.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvMode {
+    /// x is a bf16 `[m, k]` matrix.
+    Plain,
+    /// x is the gate_up buffer `[m, 2k]`; the input is silu(gate) · up.
+    SiluMul,
+    /// x is the float32 residual; the input is rmsnorm(residual + delta) · weight.
+    AddNorm,
+}
+
+/// Input rows padded to the kernel's tile: 1, 2, 4 or 8.
+pub fn gemv_padded_rows(m: usize) -> usize {
+    m.next_power_of_two()
+}
+
+/// Whether the GEMV takes `m` rows of width `k`: 1 to 8 rows, 16-byte vectors (k a multiple of
+/// 8), and the padded rows fit its shared memory (k up to 3072 at 8 rows, 24576 at one).
+pub fn gemv_supports(m: usize, k: usize) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&m) && k > 0 && k.is_multiple_of(8) && gemv_shared_bytes(m, k) <= GEMV_MAX_SHARED
+}
+
+/// Dynamic shared memory of one GEMV block: the padded input rows in bf16.
+pub fn gemv_shared_bytes(m: usize, k: usize) -> usize {
+    gemv_padded_rows(m) * k * 2
+}
+
+pub fn gemv_kernel_name(mode: GemvMode, m: usize) -> String {
+    let mode = match mode {
+        GemvMode::Plain => "",
+        GemvMode::SiluMul => "silu_",
+        GemvMode::AddNorm => "norm_",
+    };
+    format!("gemv_{mode}m{}", gemv_padded_rows(m))
+}
+
+/// Blocks of a GEMV over `n` output rows: one warp per row up to `GEMV_BLOCKS_PER_SM` blocks per
+/// multiprocessor, then the warps loop over rows.
+pub fn gemv_grid(n: usize, num_sms: usize) -> u32 {
+    n.div_ceil(GEMV_WARPS as usize).clamp(1, GEMV_BLOCKS_PER_SM * num_sms.max(1)) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +258,24 @@ mod tests {
         assert_eq!(attention_kernel_name(64, 7), "paged_attention_hd64_g8");
         assert_eq!(attention_kernel_name(128, 1), "paged_attention_hd128_g1");
         assert_eq!(prefill_kernel_name(64), "prefill_attention_hd64");
+    }
+
+    #[test]
+    fn gemv_takes_up_to_eight_aligned_rows_that_fit_shared_memory() {
+        assert!(gemv_supports(1, 576) && gemv_supports(8, 1536) && gemv_supports(3, 576));
+        assert!(!gemv_supports(0, 576) && !gemv_supports(9, 576), "0 rows, or cuBLAS's batch sizes");
+        assert!(!gemv_supports(1, 100), "k not a multiple of 8: no 16-byte vectors");
+        assert!(gemv_supports(8, 3072) && !gemv_supports(8, 3080), "8 rows x 3072 x 2 bytes is 48 KB");
+        assert!(gemv_supports(1, 24576) && !gemv_supports(1, 24584));
+        assert_eq!(gemv_shared_bytes(3, 576), 4 * 576 * 2, "3 rows run in the 4-row tile");
+        assert_eq!(gemv_kernel_name(GemvMode::Plain, 1), "gemv_m1");
+        assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3), "gemv_silu_m4");
+        assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5), "gemv_norm_m8");
+        // One warp per row while the grid is small; capped at 8 blocks per SM (132 SMs).
+        assert_eq!(gemv_grid(576, 132), 144);
+        assert_eq!(gemv_grid(1001, 132), 251);
+        assert_eq!(gemv_grid(49152, 132), 1056);
+        assert_eq!(gemv_grid(1, 132), 1);
     }
 
     #[test]

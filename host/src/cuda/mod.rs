@@ -5,11 +5,13 @@
 
 pub mod check;
 mod device;
-mod gemm;
+pub mod gemm;
+pub mod gemv;
 mod graphs;
 pub mod kernels;
 pub mod launch;
 mod model;
+pub mod profile;
 pub mod sampling;
 mod standalone;
 

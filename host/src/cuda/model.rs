@@ -12,9 +12,10 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::gemm::{linear, OutType};
+use super::gemm::{cublas_linear, linear, OutType};
+use super::gemv::{gemv, Gemv, GemvInput};
 use super::launch::{
-    attention_kernel_name, attention_splits, prefill_kernel_name, pack_block_tables, plan_attention, row_threads, AttentionPath, AttentionPlan,
+    attention_kernel_name, attention_splits, gemv_supports, prefill_kernel_name, pack_block_tables, plan_attention, row_threads, AttentionPath, AttentionPlan,
     ATTENTION_PARTITION, ATTENTION_THREADS, PREFILL_THREADS,
 };
 use super::{CudaError, GpuDevice};
@@ -204,6 +205,9 @@ pub(crate) struct Scratch {
     capacity_rows: usize,
     capacity_partials: usize,
     x: Option<CudaSlice<f32>>,
+    /// The residual stream's second buffer: the fused GEMV path ping-pongs between `x` and this
+    /// (see `run_layers`).
+    x2: Option<CudaSlice<f32>>,
     h: Option<CudaSlice<bf16>>,
     qkv: Option<CudaSlice<bf16>>,
     attn: Option<CudaSlice<bf16>>,
@@ -228,6 +232,7 @@ impl Scratch {
             let t = tokens.next_power_of_two();
             let qkv = c.q_size() + 2 * c.kv_size();
             s.x = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.x2 = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
             s.h = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
             s.qkv = Some(dev.stream.alloc_zeros(t * qkv)?);
             s.attn = Some(dev.stream.alloc_zeros(t * c.q_size())?);
@@ -281,6 +286,11 @@ pub struct GpuBackend {
     scratch: Scratch,
     pub(crate) graphs: Option<super::graphs::DecodeGraphs>,
     sampling: super::sampling::SamplingBuffers,
+    /// Batches of at most `GEMV_MAX_ROWS` tokens run through the fused GEMV path (see
+    /// `run_layers`); off, every product goes to cuBLAS (for checks and benchmarks).
+    gemv_enabled: bool,
+    /// Times each launch group while installed (`bench gpu`'s breakdown; never during capture).
+    pub(crate) profiler: std::cell::RefCell<Option<super::profile::StepProfiler>>,
 }
 
 impl GpuBackend {
@@ -307,6 +317,8 @@ impl GpuBackend {
             scratch: Scratch::default(),
             graphs: None,
             sampling: Default::default(),
+            gemv_enabled: true,
+            profiler: Default::default(),
         })
     }
 
@@ -316,6 +328,17 @@ impl GpuBackend {
 
     pub fn cache(&self) -> &GpuKvCache {
         &self.cache
+    }
+
+    /// Turns the fused GEMV path of small batches on or off; graphs captured before keep the
+    /// path they were captured with.
+    pub fn set_gemv_enabled(&mut self, enabled: bool) {
+        self.gemv_enabled = enabled;
+    }
+
+    /// Installs a fresh profiler (`Some`) or takes the installed one out (`None`), returning it.
+    pub fn swap_profiler(&self, profiler: Option<super::profile::StepProfiler>) -> Option<super::profile::StepProfiler> {
+        self.profiler.replace(profiler)
     }
 
     /// The block no sequence is ever given (see `cache`).
@@ -418,6 +441,18 @@ impl GpuBackend {
 
     /// Enqueues the whole forward for `n` tokens and `rows` logits rows on the stream, with the
     /// buffers of `s` (no host synchronisation, no allocation: it can be captured in a graph).
+    ///
+    /// Batches of at most `GEMV_MAX_ROWS` tokens (decode at batch 1–8) take the fused GEMV path:
+    /// per layer `gemv(add+norm → qkv)`, rope, attention, `gemv(o_proj)`, `gemv(add+norm →
+    /// gate_up)`, `gemv(silu·mul → down)`, and one `gemv(add+norm → lm_head)` for the logits:
+    /// 6 launches a layer instead of 9, the final norm and the lm_head one instead of three.
+    /// Each add+norm GEMV reads the residual from one buffer and (block 0 only) writes the
+    /// updated residual to the other, so no block reads what another is writing; the roles swap
+    /// after every such launch (`x` → `x2` → `x` ...). Stream order (and a graph's node order)
+    /// puts each launch after the previous one has finished, so the buffer written by one launch
+    /// is complete before the next reads it, and the buffer it read is free to be overwritten by
+    /// the launch after. The delta each adds (`proj`, the last o_proj or down output) is only
+    /// ever written by the launch before it.
     pub(crate) fn run_layers(&self, s: &Scratch, n: usize, rows: usize, a: &BatchArrays, splits: usize) -> Result<(), CudaError> {
         let dev = self.model.dev.clone();
         let m = &self.model;
@@ -452,8 +487,33 @@ impl GpuBackend {
         let block_size = layout.block_size as i32;
         let interleaved = 0i32;
         let stream = &dev.stream;
+        let lm_head = ptr(&dev, m.lm_head.as_ref().unwrap_or(&m.embed_tokens));
+        let mark = |kind: &'static str| -> Result<(), CudaError> {
+            match self.profiler.borrow_mut().as_mut() {
+                Some(profiler) => profiler.mark(&dev, kind),
+                None => Ok(()),
+            }
+        };
+        let small = self.gemv_enabled && rows <= n && [h, q_size, inter].iter().all(|&k| gemv_supports(n, k));
+        // Products outside the fused path: `linear` picks the GEMV or cuBLAS by shape; with the
+        // GEMV off, cuBLAS takes them all.
+        let product = |out: CUdeviceptr, out_type: OutType, input: CUdeviceptr, w: CUdeviceptr, rows: usize, k: usize, n: usize| unsafe {
+            if self.gemv_enabled {
+                linear(&dev, out, out_type, input, w, rows, k, n)
+            } else {
+                cublas_linear(&dev, out, out_type, input, w, rows, k, n)
+            }
+        };
+        // The fused path's products; `input` says what the staging computes.
+        let fused = |out: CUdeviceptr, out_type: OutType, input: GemvInput, w: CUdeviceptr, bias: CUdeviceptr, rows: usize, k: usize, n: usize| unsafe {
+            gemv(&dev, &Gemv { out, out_type, input, w, bias, m: rows, k, n })
+        };
+        let add_norm_input = |residual: CUdeviceptr, delta: CUdeviceptr, weight: &CudaSlice<f32>, residual_out: CUdeviceptr, rows: CUdeviceptr| {
+            GemvInput::AddNorm { residual, delta, weight: ptr(&dev, weight), residual_out, rows, eps }
+        };
         // residual += delta (unless null); out = rmsnorm(residual) * weight (unless null).
         let add_norm = |delta: CUdeviceptr, weight: &CudaSlice<f32>, out: CUdeviceptr| -> Result<(), CudaError> {
+            mark("add_rmsnorm")?;
             unsafe {
                 stream
                     .launch_builder(dev.function("fused_add_rmsnorm"))
@@ -467,30 +527,11 @@ impl GpuBackend {
             }
             Ok(())
         };
-
-        unsafe {
-            stream
-                .launch_builder(dev.function("embedding_gather"))
-                .arg(&x)
-                .arg(&ptr(&dev, &m.embed_tokens))
-                .arg(&a.tokens)
-                .arg(&hidden_i)
-                .launch(rows_cfg(h))?;
-            for (i, layer) in m.layers.iter().enumerate() {
-                // The previous layer's MLP output joins the residual stream here.
-                let delta = if i == 0 { null } else { proj };
-                add_norm(delta, &layer.attn_norm, hn)?;
-                linear(&dev, qkv, OutType::Bf16, hn, ptr(&dev, &layer.qkv_proj), n, h, qkv_size)?;
-                if let Some(bias) = &layer.qkv_bias {
-                    let cols = qkv_size as i32;
-                    stream
-                        .launch_builder(dev.function("add_bias"))
-                        .arg(&qkv)
-                        .arg(bias)
-                        .arg(&cols)
-                        .launch(rows_cfg(qkv_size))?;
-                }
-                let (k_cache, v_cache) = self.cache.layer_ptrs(&dev, i);
+        // RoPE, the cache write and attention of layer `i` (the same on both paths).
+        let rope_attention = |i: usize| -> Result<(), CudaError> {
+            let (k_cache, v_cache) = self.cache.layer_ptrs(&dev, i);
+            mark("rope_and_cache")?;
+            unsafe {
                 stream
                     .launch_builder(dev.function("rope_and_cache"))
                     .arg(&qkv)
@@ -506,45 +547,116 @@ impl GpuBackend {
                     .arg(&m.position_scale)
                     .arg(&interleaved)
                     .launch(rows_cfg((c.num_attention_heads + c.num_key_value_heads) * c.head_dim / 2))?;
-                launch_attention(
-                    &dev,
-                    &AttentionArgs {
-                        out: attn,
-                        q: qkv,
-                        q_stride: qkv_size,
-                        k_cache,
-                        v_cache,
-                        block_tables: a.block_tables,
-                        token_seq: a.token_seq,
-                        positions: a.positions,
-                        max_blocks: a.max_blocks,
-                        tiles: a.tiles,
-                        num_tiles: a.num_tiles,
-                        decode_rows: a.decode_rows,
-                        num_decode: a.num_decode,
-                        num_heads: c.num_attention_heads,
-                        num_kv_heads: c.num_key_value_heads,
-                        head_dim: c.head_dim,
-                        block_size: layout.block_size,
-                        splits,
-                        partials: (part_out, part_max, part_sum),
-                    },
-                )?;
-                linear(&dev, proj, OutType::Bf16, attn, ptr(&dev, &layer.o_proj), n, q_size, h)?;
-                add_norm(proj, &layer.ffn_norm, hn)?;
-                linear(&dev, gate_up, OutType::Bf16, hn, ptr(&dev, &layer.gate_up_proj), n, h, 2 * inter)?;
+            }
+            mark("attention")?;
+            launch_attention(
+                &dev,
+                &AttentionArgs {
+                    out: attn,
+                    q: qkv,
+                    q_stride: qkv_size,
+                    k_cache,
+                    v_cache,
+                    block_tables: a.block_tables,
+                    token_seq: a.token_seq,
+                    positions: a.positions,
+                    max_blocks: a.max_blocks,
+                    tiles: a.tiles,
+                    num_tiles: a.num_tiles,
+                    decode_rows: a.decode_rows,
+                    num_decode: a.num_decode,
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    block_size: layout.block_size,
+                    splits,
+                    partials: (part_out, part_max, part_sum),
+                },
+            )
+        };
+
+        mark("embedding")?;
+        unsafe {
+            stream
+                .launch_builder(dev.function("embedding_gather"))
+                .arg(&x)
+                .arg(&ptr(&dev, &m.embed_tokens))
+                .arg(&a.tokens)
+                .arg(&hidden_i)
+                .launch(rows_cfg(h))?;
+        }
+        if small {
+            // The residual is in `residual`; each add+norm GEMV writes the sum to `spare`.
+            let (mut residual, mut spare) = (x, ptr(&dev, s.x2.as_ref().unwrap()));
+            for (i, layer) in m.layers.iter().enumerate() {
+                let delta = if i == 0 { null } else { proj };
+                let bias = layer.qkv_bias.as_ref().map_or(null, |b| ptr(&dev, b));
+                mark("gemv qkv +add+norm")?;
+                let input = add_norm_input(residual, delta, &layer.attn_norm, spare, null);
+                fused(qkv, OutType::Bf16, input, ptr(&dev, &layer.qkv_proj), bias, n, h, qkv_size)?;
+                std::mem::swap(&mut residual, &mut spare);
+                rope_attention(i)?;
+                mark("gemv o_proj")?;
+                fused(proj, OutType::Bf16, GemvInput::Plain(attn), ptr(&dev, &layer.o_proj), null, n, q_size, h)?;
+                mark("gemv gate_up +add+norm")?;
+                let input = add_norm_input(residual, proj, &layer.ffn_norm, spare, null);
+                fused(gate_up, OutType::Bf16, input, ptr(&dev, &layer.gate_up_proj), null, n, h, 2 * inter)?;
+                std::mem::swap(&mut residual, &mut spare);
+                mark("gemv down +silu")?;
+                fused(proj, OutType::Bf16, GemvInput::SiluMul(gate_up), ptr(&dev, &layer.down_proj), null, n, inter, h)?;
+            }
+            if rows > 0 {
+                // The last MLP output joins the residual inside the lm_head GEMV, for the wanted
+                // rows only; nothing reads the residual after, so it is not written back.
+                let logits = ptr(&dev, s.logits.as_ref().unwrap());
+                mark("gemv lm_head +add+norm")?;
+                let input = add_norm_input(residual, proj, &m.final_norm, null, a.rows);
+                fused(logits, OutType::F32, input, lm_head, null, rows, h, c.vocab_size)?;
+            }
+            return mark("end");
+        }
+        for (i, layer) in m.layers.iter().enumerate() {
+            // The previous layer's MLP output joins the residual stream here.
+            let delta = if i == 0 { null } else { proj };
+            add_norm(delta, &layer.attn_norm, hn)?;
+            mark("gemm qkv")?;
+            product(qkv, OutType::Bf16, hn, ptr(&dev, &layer.qkv_proj), n, h, qkv_size)?;
+            if let Some(bias) = &layer.qkv_bias {
+                let cols = qkv_size as i32;
+                mark("add_bias")?;
+                unsafe {
+                    stream
+                        .launch_builder(dev.function("add_bias"))
+                        .arg(&qkv)
+                        .arg(bias)
+                        .arg(&cols)
+                        .launch(rows_cfg(qkv_size))?;
+                }
+            }
+            rope_attention(i)?;
+            mark("gemm o_proj")?;
+            product(proj, OutType::Bf16, attn, ptr(&dev, &layer.o_proj), n, q_size, h)?;
+            add_norm(proj, &layer.ffn_norm, hn)?;
+            mark("gemm gate_up")?;
+            product(gate_up, OutType::Bf16, hn, ptr(&dev, &layer.gate_up_proj), n, h, 2 * inter)?;
+            mark("silu_and_mul")?;
+            unsafe {
                 stream
                     .launch_builder(dev.function("silu_and_mul"))
                     .arg(&act)
                     .arg(&gate_up)
                     .arg(&inter_i)
                     .launch(rows_cfg(inter))?;
-                linear(&dev, proj, OutType::Bf16, act, ptr(&dev, &layer.down_proj), n, inter, h)?;
             }
-            // The last MLP output joins the residual; only the wanted rows are normalised.
-            add_norm(proj, &m.final_norm, null)?;
-            if rows > 0 {
-                let final_h = ptr(&dev, s.final_h.as_ref().unwrap());
+            mark("gemm down")?;
+            product(proj, OutType::Bf16, act, ptr(&dev, &layer.down_proj), n, inter, h)?;
+        }
+        // The last MLP output joins the residual; only the wanted rows are normalised.
+        add_norm(proj, &m.final_norm, null)?;
+        if rows > 0 {
+            let final_h = ptr(&dev, s.final_h.as_ref().unwrap());
+            mark("rmsnorm_rows")?;
+            unsafe {
                 stream
                     .launch_builder(dev.function("rmsnorm_rows"))
                     .arg(&x)
@@ -554,12 +666,12 @@ impl GpuBackend {
                     .arg(&hidden_i)
                     .arg(&eps)
                     .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 })?;
-                let lm_head = m.lm_head.as_ref().unwrap_or(&m.embed_tokens);
-                let logits = ptr(&dev, s.logits.as_ref().unwrap());
-                linear(&dev, logits, OutType::F32, final_h, ptr(&dev, lm_head), rows, h, c.vocab_size)?;
             }
+            let logits = ptr(&dev, s.logits.as_ref().unwrap());
+            mark("gemm lm_head")?;
+            product(logits, OutType::F32, final_h, lm_head, rows, h, c.vocab_size)?;
         }
-        Ok(())
+        mark("end")
     }
 }
 

@@ -1,0 +1,98 @@
+//! The small-M linear layer (`kernels/gemv.cu`): `out[m×n] = input[m×k] · wᵀ (+ bias)` for
+//! m ≤ 8, a single weight stream at full bandwidth where cuBLAS is slow. Its input staging can
+//! also compute the element-wise step before the product (SiLU-and-multiply, or the residual
+//! add and RMSNorm), which saves a launch and a round trip through memory at batch 1–8.
+//!
+//! Everything here is capturable in a CUDA graph: one kernel launch, no allocation, no host
+//! synchronisation.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::gemm::OutType;
+use super::launch::{gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode, GEMV_WARPS};
+use super::{CudaError, GpuDevice};
+
+/// Where the GEMV's input rows come from (device pointers; 0 is "none" where optional).
+#[derive(Debug, Clone, Copy)]
+pub enum GemvInput {
+    /// A bf16 `[m, k]` matrix, 16-byte aligned.
+    Plain(CUdeviceptr),
+    /// The bf16 gate_up buffer `[m, 2k]`; the input is `silu(gate) · up`, rounded to bf16 as
+    /// `silu_and_mul` rounds it.
+    SiluMul(CUdeviceptr),
+    /// The float32 residual stream: row `r` of the input is
+    /// `rmsnorm(residual[row] + delta[row]) · weight` (as `fused_add_rmsnorm`), with `row =
+    /// rows[r]` when `rows` is given, else `r`. When `residual_out` is given, one block writes
+    /// `residual + delta` there (same row); it must not be `residual` itself, which every block
+    /// reads during the launch.
+    AddNorm { residual: CUdeviceptr, delta: CUdeviceptr, weight: CUdeviceptr, residual_out: CUdeviceptr, rows: CUdeviceptr, eps: f32 },
+}
+
+impl GemvInput {
+    fn mode(&self) -> GemvMode {
+        match self {
+            GemvInput::Plain(_) => GemvMode::Plain,
+            GemvInput::SiluMul(_) => GemvMode::SiluMul,
+            GemvInput::AddNorm { .. } => GemvMode::AddNorm,
+        }
+    }
+}
+
+/// One small-M linear layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemv {
+    pub out: CUdeviceptr,
+    pub out_type: OutType,
+    pub input: GemvInput,
+    /// The `[n, k]` bf16 weight, 16-byte aligned.
+    pub w: CUdeviceptr,
+    /// A float32 `[n]` bias added before rounding, or 0.
+    pub bias: CUdeviceptr,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Enqueues the GEMV on `dev`'s stream; refuses shapes the kernel does not take (see
+/// `launch::gemv_supports`) and unaligned vector operands.
+///
+/// # Safety
+/// Every pointer must be a live device allocation of the size its field documents, on `dev`'s
+/// stream; `out` must not overlap the inputs.
+pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
+    if !gemv_supports(g.m, g.k) || g.n == 0 {
+        return Err(CudaError::Config(format!("the GEMV does not take m {} k {} n {}", g.m, g.k, g.n)));
+    }
+    let null: CUdeviceptr = 0;
+    let (x, delta, weight, residual_out, rows, eps) = match g.input {
+        GemvInput::Plain(x) | GemvInput::SiluMul(x) => (x, null, null, null, null, 0.0f32),
+        GemvInput::AddNorm { residual, delta, weight, residual_out, rows, eps } => (residual, delta, weight, residual_out, rows, eps),
+    };
+    if !(x | g.w).is_multiple_of(16) {
+        return Err(CudaError::Config("the GEMV needs 16-byte aligned input and weight".into()));
+    }
+    let out_f32 = i32::from(g.out_type == OutType::F32);
+    let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
+    dev.stream
+        .launch_builder(dev.function(&gemv_kernel_name(g.input.mode(), g.m)))
+        .arg(&g.out)
+        .arg(&out_f32)
+        .arg(&x)
+        .arg(&delta)
+        .arg(&weight)
+        .arg(&residual_out)
+        .arg(&rows)
+        .arg(&g.bias)
+        .arg(&g.w)
+        .arg(&m)
+        .arg(&n)
+        .arg(&k)
+        .arg(&eps)
+        .launch(LaunchConfig {
+            grid_dim: (gemv_grid(g.n, dev.num_sms), 1, 1),
+            block_dim: (GEMV_WARPS * 32, 1, 1),
+            shared_mem_bytes: gemv_shared_bytes(g.m, g.k) as u32,
+        })?;
+    Ok(())
+}
