@@ -15,7 +15,7 @@ use half::bf16;
 
 use super::median;
 use crate::cuda::gemm::{cublas_linear, linear, OutType};
-use crate::cuda::launch::{attention_splits, prefill_kernel_name, AttentionPath};
+use crate::cuda::launch::{prefill_kernel_name, AttentionPath, AttentionSplit};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::ModelConfig;
@@ -93,7 +93,7 @@ pub fn attention_decode(
     let block_size = 16;
     let (fb, num_blocks) = scattered_batch(batch, 1, context, block_size)?;
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
-    let splits = attention_splits(context, batch * kv_heads, dev.num_sms);
+    let splits = AttentionSplit::plan(context, batch * kv_heads, dev.num_sms).splits;
     let attention = crate::cuda::StandaloneAttention::upload(
         dev,
         &fb,
@@ -149,7 +149,7 @@ pub fn attention_prefill(
     let prefill = upload(AttentionPath::Mixed, 1)?;
     let prefill_ms = time_ms(dev, 5, 30, || prefill.launch(dev))?;
     drop(prefill);
-    let decode = upload(AttentionPath::Decode, attention_splits(len, n * kv_heads, dev.num_sms))?;
+    let decode = upload(AttentionPath::Decode, AttentionSplit::plan(len, n * kv_heads, dev.num_sms).splits)?;
     let decode_kernel_ms = time_ms(dev, 3, 10, || decode.launch(dev))?;
     let mean_keys = (len + 1) as f64 / 2.0;
     let flops = 4.0 * n as f64 * mean_keys * head_dim as f64 * heads as f64;

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 
 use super::gemm::{linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput};
-use super::launch::{gemv_supports, row_threads, AttentionPath, GEMV_MAX_ROWS};
+use super::launch::{gemv_supports, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS};
 use super::model::ptr;
 use super::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
@@ -127,8 +127,11 @@ pub fn check_attention(
         AttentionPath::Prefill => "prefill_attention",
         AttentionPath::Mixed => "mixed attention",
     };
-    let shown: Vec<String> =
+    let mut shown: Vec<String> =
         seqs.iter().map(|&(cached, new)| if cached == 0 { format!("{new}") } else { format!("{cached}+{new}") }).collect();
+    if shown.len() > 6 && shown.iter().all(|s| *s == shown[0]) {
+        shown = vec![format!("{} x {}", shown.len(), shown[0])];
+    }
     Ok(CheckRow::error(
         name,
         format!("heads {heads}/{kv_heads} hd {head_dim} lens [{}] splits {splits}", shown.join(", ")),
@@ -634,6 +637,15 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // Split-K over long contexts.
     rows.push(check_attention(dev, 32, 8, 128, &fresh(&[1500, 700]), AttentionPath::Decode, 3, 91)?);
     rows.push(check_attention(dev, 9, 3, 64, &fresh(&[1100]), AttentionPath::Decode, 3, 92)?);
+    // Split-K as the backend plans it for a batch of long decodes, where a few splits must each
+    // cover a long stretch (64 x 3 KV heads: 3 splits over 1801 positions; 8B heads: 2 over 2048),
+    // and at batch 1 (many short splits).
+    for (heads, kv_heads, head_dim, context) in [(9, 3, 64, 1801), (32, 8, 128, 2048), (9, 3, 64, 512)] {
+        let batch = if context == 512 { 1 } else { 64 };
+        let split = AttentionSplit::plan(context, batch * kv_heads, dev.num_sms);
+        let seqs = vec![(context - 1, 1); batch];
+        rows.push(check_attention(dev, heads, kv_heads, head_dim, &seqs, AttentionPath::Decode, split.splits, 96 + context as u64)?);
+    }
 
     // The prefill kernel alone.
     let layouts = [(9, 3, 64), (12, 4, 128), (8, 8, 64), (8, 8, 128), (14, 2, 64), (32, 8, 128), (7, 1, 64), (16, 2, 128)];

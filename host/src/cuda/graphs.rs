@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::launch::{attention_splits, graph_bucket, GRAPH_BUCKETS};
+use super::launch::{graph_bucket, AttentionSplit, GRAPH_BUCKETS};
 use super::model::{BatchArrays, GpuBackend, Scratch};
 use super::CudaError;
 use crate::runner::ForwardBatch;
@@ -96,7 +96,7 @@ impl GpuBackend {
         let cache_layout = *self.cache().layout();
         let max_blocks = max_context.div_ceil(cache_layout.block_size);
         let largest = graph_bucket(max_batch).ok_or_else(|| CudaError::Config(format!("no graph bucket holds {max_batch}")))?;
-        let max_splits = attention_splits(max_context, c.num_key_value_heads, dev.num_sms);
+        let max_splits = AttentionSplit::plan(max_context, c.num_key_value_heads, dev.num_sms).splits;
         let mut scratch = Scratch::default();
         scratch.ensure(&dev, &c, largest, largest, largest * c.num_attention_heads * max_splits)?;
         let mut indices = dev.stream.alloc_zeros::<u32>(5 * largest + largest * max_blocks)?;
@@ -107,12 +107,12 @@ impl GpuBackend {
             let packed = pack(None, bucket, max_blocks, self.trash_block(), cache_layout.block_size);
             dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
             let arrays = layout(base, bucket, max_blocks);
-            let splits = attention_splits(max_context, bucket * c.num_key_value_heads, dev.num_sms);
+            let split = AttentionSplit::plan(max_context, bucket * c.num_key_value_heads, dev.num_sms);
             // A warm-up run outside the capture lets cuBLAS pick its kernels first.
-            self.run_layers(&scratch, bucket, bucket, &arrays, splits)?;
+            self.run_layers(&scratch, bucket, bucket, &arrays, split)?;
             dev.stream.synchronize()?;
             dev.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let enqueued = self.run_layers(&scratch, bucket, bucket, &arrays, splits);
+            let enqueued = self.run_layers(&scratch, bucket, bucket, &arrays, split);
             let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0))?;
             enqueued?;
             let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;

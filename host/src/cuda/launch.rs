@@ -8,8 +8,9 @@ use crate::runner::ForwardBatch;
 /// Threads of one attention block (`WARPS * 32` in `kernels/paged_attention.cu`).
 pub const ATTENTION_THREADS: u32 = 256;
 
-/// Positions each split-K partition of the attention kernel covers.
-pub const ATTENTION_PARTITION: usize = 512;
+/// The fewest positions a split-K partition of the decode attention kernel covers: one pass of
+/// its 8 warps, 32 keys each. Shorter partitions would leave warps idle without cutting latency.
+pub const MIN_ATTENTION_PARTITION: usize = 256;
 
 /// Block tables of every sequence of `batch`, row-major `[num_seqs, max_blocks]`, padded with 0
 /// (padding is never read: the kernels stop at each token's position).
@@ -93,14 +94,43 @@ pub fn plan_attention(batch: &ForwardBatch, path: AttentionPath) -> AttentionPla
     AttentionPlan { tiles, decode_rows, decode_context }
 }
 
-/// Split-K partitions for attention over contexts of at most `max_context` positions, for a
-/// launch of `work_items` (token, KV head) blocks on `num_sms` multiprocessors: enough splits that
-/// the grid has about four blocks per multiprocessor (a memory-bound kernel needs many warps in
-/// flight), but never more than one per `ATTENTION_PARTITION` positions.
-pub fn attention_splits(max_context: usize, work_items: usize, num_sms: usize) -> usize {
-    let partitions = max_context.div_ceil(ATTENTION_PARTITION).max(1);
-    let wanted = (4 * num_sms).div_ceil(work_items.max(1));
-    wanted.clamp(1, partitions)
+/// How the decode attention kernel cuts contexts into split-K partitions: `splits` blocks per
+/// (token, KV head), block `i` covering positions `i * partition ..` up to `(i + 1) * partition`.
+/// Planned for a context of at most some length, the partitions together cover all of it
+/// (`splits * partition >= max_context`); a shorter context leaves the last blocks empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSplit {
+    pub splits: usize,
+    pub partition: usize,
+}
+
+impl AttentionSplit {
+    /// One block per (token, KV head) over the whole context.
+    pub const NONE: AttentionSplit = AttentionSplit { splits: 1, partition: i32::MAX as usize };
+
+    /// Split-K for contexts of at most `max_context` positions in a launch of `work_items`
+    /// (token, KV head) blocks on `num_sms` multiprocessors: enough splits that the grid has about
+    /// four blocks per multiprocessor (a latency- and memory-bound kernel needs many warps in
+    /// flight; at batch 1 an unsplit context runs on three blocks), but partitions of at least
+    /// `MIN_ATTENTION_PARTITION` positions.
+    pub fn plan(max_context: usize, work_items: usize, num_sms: usize) -> Self {
+        let most = max_context.div_ceil(MIN_ATTENTION_PARTITION).max(1);
+        let wanted = (4 * num_sms).div_ceil(work_items.max(1));
+        Self::covering(wanted.clamp(1, most), max_context)
+    }
+
+    /// At most `splits` partitions covering `max_context` positions (whole warps of keys each).
+    pub fn covering(splits: usize, max_context: usize) -> Self {
+        if splits <= 1 {
+            return Self::NONE;
+        }
+        let partition = max_context.div_ceil(splits).div_ceil(32).max(1) * 32;
+        // Rounding the partition up may leave the last splits nothing to cover: drop them.
+        match max_context.div_ceil(partition) {
+            0 | 1 => Self::NONE,
+            splits => AttentionSplit { splits, partition },
+        }
+    }
 }
 
 /// The attention kernel instantiated for this head dimension and grouped-query group size: the
@@ -243,12 +273,32 @@ mod tests {
 
     #[test]
     fn splits_follow_context_unless_the_grid_is_full() {
-        assert_eq!(attention_splits(100, 8, 132), 1, "short context: one partition");
-        assert_eq!(attention_splits(2048, 8, 132), 4, "few blocks: one split per partition");
-        assert_eq!(attention_splits(2049, 8, 132), 5);
-        // 64 sequences x 8 KV heads = 512 blocks on 132 SMs: two splits reach ~4 blocks per SM.
-        assert_eq!(attention_splits(2048, 512, 132), 2);
-        assert_eq!(attention_splits(2048, 4096, 132), 1);
+        let plan = AttentionSplit::plan;
+        assert_eq!(plan(100, 3, 132), AttentionSplit::NONE, "short context: one partition");
+        // Batch 1, SmolLM2's 3 KV heads, 512 positions: two partitions of one 8-warp pass each.
+        assert_eq!(plan(512, 3, 132), AttentionSplit { splits: 2, partition: 256 });
+        assert_eq!(plan(2048, 8, 132), AttentionSplit { splits: 8, partition: 256 });
+        assert_eq!(plan(2049, 8, 132).splits, 9);
+        // 64 sequences x 8 KV heads = 512 blocks on 132 SMs: two splits reach ~4 blocks per SM,
+        // and each then covers half of the context (a partition no longer has a fixed length).
+        assert_eq!(plan(2048, 512, 132), AttentionSplit { splits: 2, partition: 1024 });
+        assert_eq!(plan(2048, 4096, 132), AttentionSplit::NONE);
+    }
+
+    #[test]
+    fn partitions_always_cover_the_planned_context() {
+        for max_context in [1, 31, 256, 257, 1000, 1536, 1537, 2048, 8192, 131_072] {
+            for work_items in [1, 3, 24, 192, 512, 768, 4096] {
+                let split = AttentionSplit::plan(max_context, work_items, 132);
+                assert!(split.splits * split.partition >= max_context, "{max_context} {work_items}: {split:?}");
+                assert!(split.splits == 1 || split.partition % 32 == 0);
+                assert!(split.splits == 1 || (split.splits - 1) * split.partition < max_context, "no empty split: {split:?}");
+            }
+            for splits in 1..=40 {
+                let split = AttentionSplit::covering(splits, max_context);
+                assert!(split.splits * split.partition >= max_context);
+            }
+        }
     }
 
     #[test]

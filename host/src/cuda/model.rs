@@ -15,8 +15,8 @@ use half::bf16;
 use super::gemm::{cublas_linear, linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput};
 use super::launch::{
-    attention_kernel_name, attention_splits, gemv_supports, prefill_kernel_name, pack_block_tables, plan_attention, row_threads, AttentionPath, AttentionPlan,
-    ATTENTION_PARTITION, ATTENTION_THREADS, PREFILL_THREADS,
+    attention_kernel_name, gemv_supports, prefill_kernel_name, pack_block_tables, plan_attention, row_threads, AttentionPath, AttentionPlan,
+    AttentionSplit, ATTENTION_THREADS, PREFILL_THREADS,
 };
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
@@ -405,11 +405,11 @@ impl GpuBackend {
         let plan = plan_attention(batch, AttentionPath::Mixed);
         // Split-K serves the decode rows only; partials are indexed by token row, so they are
         // sized for the whole batch.
-        let splits = attention_splits(plan.decode_context, plan.num_decode(n) * c.num_key_value_heads, self.model.dev.num_sms);
-        let partials = if splits > 1 { n * c.num_attention_heads * splits } else { 0 };
+        let split = AttentionSplit::plan(plan.decode_context, plan.num_decode(n) * c.num_key_value_heads, self.model.dev.num_sms);
+        let partials = if split.splits > 1 { n * c.num_attention_heads * split.splits } else { 0 };
         self.ensure_scratch(n, rows, partials)?;
         let arrays = self.upload(batch, &plan)?;
-        self.run_layers(&self.scratch, n, rows, &arrays, splits)?;
+        self.run_layers(&self.scratch, n, rows, &arrays, split)?;
         Ok(rows)
     }
 
@@ -453,7 +453,7 @@ impl GpuBackend {
     /// is complete before the next reads it, and the buffer it read is free to be overwritten by
     /// the launch after. The delta each adds (`proj`, the last o_proj or down output) is only
     /// ever written by the launch before it.
-    pub(crate) fn run_layers(&self, s: &Scratch, n: usize, rows: usize, a: &BatchArrays, splits: usize) -> Result<(), CudaError> {
+    pub(crate) fn run_layers(&self, s: &Scratch, n: usize, rows: usize, a: &BatchArrays, split: AttentionSplit) -> Result<(), CudaError> {
         let dev = self.model.dev.clone();
         let m = &self.model;
         let c = &m.config;
@@ -467,7 +467,7 @@ impl GpuBackend {
         let gate_up = ptr(&dev, s.gate_up.as_ref().unwrap());
         let act = ptr(&dev, s.act.as_ref().unwrap());
         let null: CUdeviceptr = 0;
-        let (part_out, part_max, part_sum) = if splits > 1 {
+        let (part_out, part_max, part_sum) = if split.splits > 1 {
             (
                 ptr(&dev, s.part_out.as_ref().unwrap()),
                 ptr(&dev, s.part_max.as_ref().unwrap()),
@@ -569,7 +569,7 @@ impl GpuBackend {
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                     block_size: layout.block_size,
-                    splits,
+                    split,
                     partials: (part_out, part_max, part_sum),
                 },
             )
@@ -698,15 +698,15 @@ pub struct AttentionArgs {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
-    /// Split-K partitions of the decode kernel; with more than one, `partials` must hold
-    /// `num_tokens * num_heads * splits` rows for every token row of the batch (they are indexed
-    /// by token row, not by decode row).
-    pub splits: usize,
+    /// Split-K of the decode kernel, planned for at least the longest decode context; with more
+    /// than one split, `partials` must hold `num_tokens * num_heads * splits` rows for every token
+    /// row of the batch (they are indexed by token row, not by decode row).
+    pub split: AttentionSplit,
     pub partials: (CUdeviceptr, CUdeviceptr, CUdeviceptr),
 }
 
 /// One layer's attention: the prefill kernel over the tiles, then the decode kernel (and the
-/// split-K reduction when `splits > 1`) over the decode rows. A decode-only batch launches exactly
+/// split-K reduction when `split.splits > 1`) over the decode rows. A decode-only batch launches exactly
 /// what it did before the prefill kernel existed: no tiles, no row indirection.
 pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
     let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
@@ -741,7 +741,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         return Ok(());
     }
     let kernel = dev.function(&attention_kernel_name(a.head_dim, a.num_heads / a.num_kv_heads));
-    let partition = if a.splits > 1 { ATTENTION_PARTITION as i32 } else { i32::MAX };
+    let partition = a.split.partition.min(i32::MAX as usize) as i32;
     let (part_out, part_max, part_sum) = a.partials;
     unsafe {
         dev.stream
@@ -765,12 +765,12 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
             .arg(&scale)
             .arg(&partition)
             .launch(LaunchConfig {
-                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.splits as u32),
+                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
                 block_dim: (ATTENTION_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             })?;
-        if a.splits > 1 {
-            let (splits, hd) = (a.splits as i32, a.head_dim as i32);
+        if a.split.splits > 1 {
+            let (splits, hd) = (a.split.splits as i32, a.head_dim as i32);
             dev.stream
                 .launch_builder(dev.function("attention_reduce"))
                 .arg(&a.out)

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
-use super::launch::{pack_block_tables, plan_attention, AttentionPath};
+use super::launch::{pack_block_tables, plan_attention, AttentionPath, AttentionSplit};
 use super::{launch_attention, AttentionArgs, CudaError, GpuDevice};
 use crate::runner::ForwardBatch;
 
@@ -25,13 +25,14 @@ pub struct StandaloneAttention {
     partials: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>),
     max_blocks: usize,
     shape: (usize, usize, usize, usize, usize),
-    splits: usize,
+    split: AttentionSplit,
 }
 
 impl StandaloneAttention {
     /// `q` is `[tokens, heads, head_dim]`; `k` and `v` are one layer of the cache
     /// (`[blocks, kv_heads, block_size, head_dim]`); the output starts poisoned with NaN. `path`
-    /// says which kernel takes which tokens; `splits` is the decode kernel's split-K.
+    /// says which kernel takes which tokens; `splits` is the decode kernel's split-K (its partitions
+    /// cover the batch's longest context).
     #[allow(clippy::too_many_arguments)]
     pub fn upload(
         dev: &GpuDevice,
@@ -71,7 +72,7 @@ impl StandaloneAttention {
             ),
             max_blocks,
             shape: (n, heads, kv_heads, head_dim, batch.block_size),
-            splits,
+            split: AttentionSplit::covering(splits, batch.positions.iter().max().map_or(1, |&p| p as usize + 1)),
         })
     }
 
@@ -101,7 +102,7 @@ impl StandaloneAttention {
                 num_kv_heads,
                 head_dim,
                 block_size,
-                splits: self.splits,
+                split: self.split,
                 partials: (ptrf(&self.partials.0), ptrf(&self.partials.1), ptrf(&self.partials.2)),
             },
         )
