@@ -57,18 +57,42 @@ __device__ void paged_attention_impl(
             const u64 slot_block = table[p / block_size];
             const __nv_bfloat16* key =
                 k_cache + ((slot_block * num_kv_heads + kv_head) * block_size + p % block_size) * HD;
+            // Head dim 64 (a 128-byte key): every load of the key first, then the arithmetic, so
+            // the whole key is in flight at once (SmolLM2 at batch 1: 32 -> 22 us per layer).
+            // Head dim 128 keeps the interleaved loop: holding its 256 bytes in registers took the
+            // kernel from 62 to 119 registers and the 8B layout from 1520 to 1189 GB/s (H100).
+            if constexpr (HD <= 64) {
+                uint4 raw[HD / 8];
 #pragma unroll
-            for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
+                for (int i = 0; i < HD / 8; i++) raw[i] = *reinterpret_cast<const uint4*>(key + i * 8);
 #pragma unroll
-            for (int d0 = 0; d0 < HD; d0 += 8) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(key + d0);
-                const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+                for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float2 kv = __bfloat1622float2(pairs[e]);
+                for (int i = 0; i < HD / 8; i++) {
+                    const int d0 = i * 8;
+                    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[i]);
 #pragma unroll
-                    for (int g = 0; g < MAX_GROUP; g++)
-                        if (g < group) s[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
+                    for (int e = 0; e < 4; e++) {
+                        const float2 kv = __bfloat1622float2(pairs[e]);
+#pragma unroll
+                        for (int g = 0; g < MAX_GROUP; g++)
+                            if (g < group) s[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
+#pragma unroll
+                for (int d0 = 0; d0 < HD; d0 += 8) {
+                    const uint4 raw = *reinterpret_cast<const uint4*>(key + d0);
+                    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float2 kv = __bfloat1622float2(pairs[e]);
+#pragma unroll
+                        for (int g = 0; g < MAX_GROUP; g++)
+                            if (g < group) s[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
+                    }
                 }
             }
         } else {
@@ -88,29 +112,69 @@ __device__ void paged_attention_impl(
             for (int j = 0; j < DPL; j++) acc[g][j] *= correction;
             m[g] = new_m;
         }
-        // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. The loop
-        // runs a fixed 32 times (predicated) so it unrolls and several value loads are in flight.
-        const int keys = min(32, end - base);
-#pragma unroll 8
-        for (int j = 0; j < 32; j++) {
-            if (j >= keys) break;
-            const int pj = base + j;
-            const u64 slot_block = table[pj / block_size];
-            const __nv_bfloat16* value =
-                v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
-            float v[DPL];
+        if constexpr (HD <= 64) {
+            // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. Two halves
+            // of 16 keys, each half's loads all issued before its arithmetic.
+            const int keys = min(32, end - base);
 #pragma unroll
-            for (int e = 0; e < DPL; e += 2) {
-                const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(value + e));
-                v[e] = pair.x;
-                v[e + 1] = pair.y;
+            for (int j0 = 0; j0 < 32; j0 += 16) {
+                __nv_bfloat162 vr[16][DPL / 2];
+#pragma unroll
+                for (int jj = 0; jj < 16; jj++) {
+                    const int j = j0 + jj;
+                    if (j < keys) {
+                        const int pj = base + j;
+                        const u64 slot_block = table[pj / block_size];
+                        const __nv_bfloat16* value =
+                            v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
+#pragma unroll
+                        for (int e = 0; e < DPL / 2; e++) vr[jj][e] = reinterpret_cast<const __nv_bfloat162*>(value)[e];
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < DPL / 2; e++) vr[jj][e] = __floats2bfloat162_rn(0.0f, 0.0f);
+                    }
+                }
+#pragma unroll
+                for (int jj = 0; jj < 16; jj++) {
+#pragma unroll
+                    for (int g = 0; g < MAX_GROUP; g++) {
+                        if (g >= group) continue;
+                        // Lanes past `keys` hold weight 0 (invalid keys), so padding adds nothing.
+                        const float w = __shfl_sync(0xffffffff, p_lane[g], j0 + jj);
+#pragma unroll
+                        for (int e = 0; e < DPL / 2; e++) {
+                            const float2 v = __bfloat1622float2(vr[jj][e]);
+                            acc[g][2 * e] += w * v.x;
+                            acc[g][2 * e + 1] += w * v.y;
+                        }
+                    }
+                }
             }
+        } else {
+            // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. The loop
+            // runs a fixed 32 times (predicated) so it unrolls and several value loads are in flight.
+            const int keys = min(32, end - base);
+#pragma unroll 8
+            for (int j = 0; j < 32; j++) {
+                if (j >= keys) break;
+                const int pj = base + j;
+                const u64 slot_block = table[pj / block_size];
+                const __nv_bfloat16* value =
+                    v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
+                float v[DPL];
 #pragma unroll
-            for (int g = 0; g < MAX_GROUP; g++) {
-                if (g >= group) continue;
-                const float w = __shfl_sync(0xffffffff, p_lane[g], j);
+                for (int e = 0; e < DPL; e += 2) {
+                    const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(value + e));
+                    v[e] = pair.x;
+                    v[e + 1] = pair.y;
+                }
 #pragma unroll
-                for (int e = 0; e < DPL; e++) acc[g][e] += w * v[e];
+                for (int g = 0; g < MAX_GROUP; g++) {
+                    if (g >= group) continue;
+                    const float w = __shfl_sync(0xffffffff, p_lane[g], j);
+#pragma unroll
+                    for (int e = 0; e < DPL; e++) acc[g][e] += w * v[e];
+                }
             }
         }
     }
