@@ -114,68 +114,43 @@ __device__ void paged_attention_impl(
             for (int j = 0; j < DPL; j++) acc[g][j] *= correction;
             m[g] = new_m;
         }
-        if constexpr (HD <= 64) {
-            // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. Two halves
-            // of 16 keys, each half's loads all issued before its arithmetic.
-            const int keys = min(32, end - base);
+        // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. Batches of
+        // V_BATCH keys, each batch's loads all issued before its arithmetic (a loop that loaded
+        // and used one value at a time kept too few loads in flight). Head dim 128 takes batches
+        // of 8: its values are twice as wide, and registers decide its occupancy.
+        constexpr int V_BATCH = HD <= 64 ? 16 : 8;
+        const int keys = min(32, end - base);
 #pragma unroll
-            for (int j0 = 0; j0 < 32; j0 += 16) {
-                __nv_bfloat162 vr[16][DPL / 2];
+        for (int j0 = 0; j0 < 32; j0 += V_BATCH) {
+            __nv_bfloat162 vr[V_BATCH][DPL / 2];
 #pragma unroll
-                for (int jj = 0; jj < 16; jj++) {
-                    const int j = j0 + jj;
-                    if (j < keys) {
-                        const int pj = base + j;
-                        const u64 slot_block = table[pj / block_size];
-                        const __nv_bfloat16* value =
-                            v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
+            for (int jj = 0; jj < V_BATCH; jj++) {
+                const int j = j0 + jj;
+                if (j < keys) {
+                    const int pj = base + j;
+                    const u64 slot_block = table[pj / block_size];
+                    const __nv_bfloat16* value =
+                        v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
 #pragma unroll
-                        for (int e = 0; e < DPL / 2; e++) vr[jj][e] = reinterpret_cast<const __nv_bfloat162*>(value)[e];
-                    } else {
+                    for (int e = 0; e < DPL / 2; e++) vr[jj][e] = reinterpret_cast<const __nv_bfloat162*>(value)[e];
+                } else {
 #pragma unroll
-                        for (int e = 0; e < DPL / 2; e++) vr[jj][e] = __floats2bfloat162_rn(0.0f, 0.0f);
-                    }
-                }
-#pragma unroll
-                for (int jj = 0; jj < 16; jj++) {
-#pragma unroll
-                    for (int g = 0; g < MAX_GROUP; g++) {
-                        if (g >= group) continue;
-                        // Lanes past `keys` hold weight 0 (invalid keys), so padding adds nothing.
-                        const float w = __shfl_sync(0xffffffff, p_lane[g], j0 + jj);
-#pragma unroll
-                        for (int e = 0; e < DPL / 2; e++) {
-                            const float2 v = __bfloat1622float2(vr[jj][e]);
-                            acc[g][2 * e] += w * v.x;
-                            acc[g][2 * e + 1] += w * v.y;
-                        }
-                    }
+                    for (int e = 0; e < DPL / 2; e++) vr[jj][e] = __floats2bfloat162_rn(0.0f, 0.0f);
                 }
             }
-        } else {
-            // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. The loop
-            // runs a fixed 32 times (predicated) so it unrolls and several value loads are in flight.
-            const int keys = min(32, end - base);
-#pragma unroll 8
-            for (int j = 0; j < 32; j++) {
-                if (j >= keys) break;
-                const int pj = base + j;
-                const u64 slot_block = table[pj / block_size];
-                const __nv_bfloat16* value =
-                    v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
-                float v[DPL];
 #pragma unroll
-                for (int e = 0; e < DPL; e += 2) {
-                    const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(value + e));
-                    v[e] = pair.x;
-                    v[e + 1] = pair.y;
-                }
+            for (int jj = 0; jj < V_BATCH; jj++) {
 #pragma unroll
                 for (int g = 0; g < MAX_GROUP; g++) {
                     if (g >= group) continue;
-                    const float w = __shfl_sync(0xffffffff, p_lane[g], j);
+                    // Lanes past `keys` hold weight 0 (invalid keys), so padding adds nothing.
+                    const float w = __shfl_sync(0xffffffff, p_lane[g], j0 + jj);
 #pragma unroll
-                    for (int e = 0; e < DPL; e++) acc[g][e] += w * v[e];
+                    for (int e = 0; e < DPL / 2; e++) {
+                        const float2 v = __bfloat1622float2(vr[jj][e]);
+                        acc[g][2 * e] += w * v.x;
+                        acc[g][2 * e + 1] += w * v.y;
+                    }
                 }
             }
         }
