@@ -81,25 +81,48 @@ __device__ void paged_attention_impl(
                             if (g < group) s[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
                     }
                 }
-            } else {
-#pragma unroll
-                for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
-#pragma unroll
-                for (int d0 = 0; d0 < HD; d0 += 8) {
-                    const uint4 raw = *reinterpret_cast<const uint4*>(key + d0);
-                    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const float2 kv = __bfloat1622float2(pairs[e]);
-#pragma unroll
-                        for (int g = 0; g < MAX_GROUP; g++)
-                            if (g < group) s[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
-                    }
-                }
             }
         } else {
 #pragma unroll
             for (int g = 0; g < MAX_GROUP; g++) s[g] = -INFINITY;
+        }
+        if constexpr (HD > 64) {
+            // Head dim 128: two lanes per key, 16 keys per pass; a lane pair reads adjacent
+            // 16-byte chunks, so every load instruction uses whole 32-byte sectors.
+            const int half = lane & 1;
+#pragma unroll
+            for (int pass = 0; pass < 2; pass++) {
+                const int kp = base + pass * 16 + (lane >> 1);
+                float part[MAX_GROUP];
+#pragma unroll
+                for (int g = 0; g < MAX_GROUP; g++) part[g] = 0.0f;
+                if (kp < end) {
+                    const u64 slot_block = table[kp / block_size];
+                    const __nv_bfloat16* key =
+                        k_cache + ((slot_block * num_kv_heads + kv_head) * block_size + kp % block_size) * HD;
+#pragma unroll
+                    for (int i = 0; i < HD / 16; i++) {
+                        const int d0 = (2 * i + half) * 8;
+                        const uint4 raw = *reinterpret_cast<const uint4*>(key + d0);
+                        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const float2 kv = __bfloat1622float2(pairs[e]);
+#pragma unroll
+                            for (int g = 0; g < MAX_GROUP; g++)
+                                if (g < group) part[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
+                        }
+                    }
+                }
+                // Lane j's key is j: pass j / 16, read by the pair starting at lane (j % 16) * 2.
+#pragma unroll
+                for (int g = 0; g < MAX_GROUP; g++) {
+                    if (g >= group) continue;
+                    part[g] += __shfl_xor_sync(0xffffffff, part[g], 1);
+                    const float score = __shfl_sync(0xffffffff, part[g], (lane & 15) * 2);
+                    if ((lane >> 4) == pass && valid) s[g] = score;
+                }
+            }
         }
         float p_lane[MAX_GROUP];
 #pragma unroll
@@ -205,7 +228,7 @@ __device__ void paged_attention_impl(
     out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
         q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition
 #define ATTENTION_KERNEL(HD, G)                                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_hd##HD##_g##G(ATTENTION_PARAMS) { \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, HD == 128 ? 4 : 1) paged_attention_hd##HD##_g##G(ATTENTION_PARAMS) { \
         paged_attention_impl<HD, G>(ATTENTION_ARGS);                                                       \
     }
 ATTENTION_KERNEL(64, 1)
