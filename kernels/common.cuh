@@ -34,3 +34,67 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats 
     v = lane < warps ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+
+// ---- Tensor-core and asynchronous-copy helpers (the attention kernels) ----
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16-byte asynchronous copy global -> shared; `valid` false fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a * b for a 16x16 (row-major) by 16x8 (column-major) bf16 product, float32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a bf16 pair in one register, `lo` in the low half (the lower index of a fragment).
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// Keys (or values) of positions kv0 .. kv0 + PF_N - 1 into `dst`; positions past `last` (the
+// tile's last query position) are zero-filled and never read from the cache or the block table.
+// Rows of keys (or values) of positions p0 .. p0 + ROWS - 1 into `dst` (rows of HD + pad
+// elements), THREADS threads copying 16 bytes each per step; positions at or past `limit` are
+// zero-filled and never read from the cache or the block table.
+template <int HD, int ROWS, int THREADS, int STRIDE>
+__device__ __forceinline__ void load_kv_rows(__nv_bfloat16 (*dst)[STRIDE], const __nv_bfloat16* __restrict__ cache,
+                                             const u32* __restrict__ table, int p0, int limit, int num_kv_heads,
+                                             int kv_head, int block_size) {
+    constexpr int CHUNKS = HD / 8, STEP = THREADS / CHUNKS;
+    static_assert(ROWS % STEP == 0, "whole rows per step");
+    const int c = threadIdx.x % CHUNKS;
+#pragma unroll
+    for (int i = 0; i < ROWS / STEP; i++) {
+        const int r = threadIdx.x / CHUNKS + i * STEP, p = p0 + r;
+        const bool valid = p < limit;
+        const __nv_bfloat16* src = cache;
+        if (valid)
+            src = cache + (((u64)table[p / block_size] * num_kv_heads + kv_head) * block_size + p % block_size) * HD + c * 8;
+        cp_async_16(smem_addr(&dst[r][c * 8]), src, valid);
+    }
+}

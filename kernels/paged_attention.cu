@@ -1,211 +1,202 @@
-// Paged attention: every query token attends, causally, to positions 0..=pos of its own sequence,
-// reading keys and values through the sequence's block table. One thread block per (token, KV
-// head, split): the block's warps share the `group` query heads of that KV head (grouped-query
-// attention, each key and value read once per group), and take 32 keys at a time, one per lane,
-// with an online softmax. Long contexts are cut into `num_splits` partitions processed by
-// separate blocks (split-K, "flash decoding"), whose partial results `attention_reduce` merges.
-// In a batch that mixes prefill chunks and decode tokens, the chunks go to `prefill_attention.cu`
-// and this kernel takes only the decode tokens: block x handles token `rows[x]`; with `rows` null
-// (decode-only batches, CUDA graphs) block x handles token x, as before.
+// Paged attention for decode tokens: every query token attends to positions 0..=pos of its own
+// sequence, reading keys and values through the sequence's block table. In a batch that mixes
+// prefill chunks and decode tokens, the chunks go to `prefill_attention.cu` and this kernel takes
+// only the decode tokens: block x handles token `rows[x]`; with `rows` null (decode-only batches,
+// CUDA graphs) block x handles token x.
+//
+// One thread block per (token, KV head, split). The KV head's group of query heads are the rows of
+// an MMA tile (m16n8k16 bf16 on the tensor cores, float32 accumulation; heads past the group are
+// zero rows), so each key and value is read once per group. Keys and values stream through a
+// DC_STAGES-deep ring of shared-memory tiles filled by cp.async: the block keeps whole tiles of
+// the cache in flight while it computes on an earlier one, because a decode kernel is bound by the
+// bytes each multiprocessor has in flight, not by arithmetic. (The CUDA-core kernel this replaced,
+// one key per lane with loads issued from registers, reached 58% of the copy bandwidth on the 8B
+// layout; this one 75%.) Each of the 4 warps takes 16 keys of each tile with its own online
+// softmax (FlashAttention-2 loop order, as in `prefill_attention.cu`), and the warps' states are
+// merged at the end. Long contexts are cut into `num_splits` partitions processed by separate
+// blocks (split-K, "flash decoding"), whose partial results `attention_reduce` merges.
 //
 // Layouts: q rows of `q_stride` elements holding [num_heads, HD] bf16 (the Q part of the QKV
-// projection's output); out [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads, block_size, HD]
-// bf16; block_tables [num_seqs, max_blocks] u32; partials (split-K only) float
-// [tokens, num_heads, num_splits, HD] plus max and sum [tokens, num_heads, num_splits].
+// projection's output); out [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads,
+// block_size, HD] bf16; block_tables [num_seqs, max_blocks] u32; partials (split-K only) float
+// [tokens, num_heads, num_splits, HD] plus max (log2 units of the scaled scores) and sum [tokens, num_heads,
+// num_splits].
 
-// MAX_GROUP (a template parameter) bounds the query heads per KV head held in registers: the
-// smallest power of two >= the model's group, so small groups do not pay for large ones.
-#define WARPS 8
+#define ATTENTION_PARAMS                                                                                   \
+    __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
+        const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache, const u32 *block_tables,               \
+        const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
+        int num_heads, int num_kv_heads, int block_size, float scale, int partition
+#define ATTENTION_ARGS                                                                                     \
+    out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
+        q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition
+#define DC_WARPS 4
+#define DC_THREADS (DC_WARPS * 32)
+#define DC_N (DC_WARPS * 16)  // keys per tile
+#define DC_PAD 8              // row padding: 8 consecutive rows of a tile fall in distinct banks
+// Tiles in the ring. Two, so a head-dim-128 block takes 70 KB and three blocks share a
+// multiprocessor; on the H100 (8B layout, batch 64, context 2048) 2 stages gave 75% of the copy
+// bandwidth, 3 stages (two blocks per SM) 71%, 4 stages (one block) 42%.
+#define DC_STAGES 2
 
-template <int HD, int MAX_GROUP>
-__device__ void paged_attention_impl(
-    __nv_bfloat16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
-    float* __restrict__ part_sum, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
-    const __nv_bfloat16* __restrict__ v_cache, const u32* __restrict__ block_tables, const u32* __restrict__ token_seq,
-    const u32* __restrict__ positions, const u32* __restrict__ rows, int q_stride, int max_blocks, int num_heads,
-    int num_kv_heads, int block_size, float scale, int partition) {
-    constexpr int DPL = HD / 32;  // dimensions per lane
+template <int HD, int STAGES>
+__device__ void paged_decode_impl(ATTENTION_PARAMS) {
+    typedef __nv_bfloat16 Row[HD + DC_PAD];
+    extern __shared__ __align__(16) unsigned char dc_smem[];
+    Row* k_s = reinterpret_cast<Row*>(dc_smem);  // [STAGES * DC_N]
+    Row* v_s = k_s + STAGES * DC_N;
     const int t = rows ? rows[blockIdx.x] : blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int group = num_heads / num_kv_heads;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int context = positions[t] + 1;
     const int begin = split * partition;
     const int end = min(context, begin + partition);
+    const int num_tiles = end > begin ? (end - begin + DC_N - 1) / DC_N : 0;
     const u32* table = block_tables + (u64)token_seq[t] * max_blocks;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tig = lane & 3, gid = lane >> 2;  // MMA fragment coordinates: column pair, row
+    const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: which 8x8 matrix this lane addresses, which row
+    const float scale_log2 = scale * 1.4426950408889634f;
 
-    __shared__ float q_s[MAX_GROUP][HD];
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        const int g = i / HD, d = i % HD;
-        q_s[g][d] = __bfloat162float(q[(u64)t * q_stride + (kv_head * group + g) * HD + d]) * scale;
+    // Start the copies first: the query fragments below are loaded while they are in flight.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < num_tiles) {
+            load_kv_rows<HD, DC_N, DC_THREADS>(k_s + s * DC_N, k_cache, table, begin + s * DC_N, end, num_kv_heads, kv_head, block_size);
+            load_kv_rows<HD, DC_N, DC_THREADS>(v_s + s * DC_N, v_cache, table, begin + s * DC_N, end, num_kv_heads, kv_head, block_size);
+        }
+        cp_async_commit();  // empty groups too: the wait counts below assume one group per tile
+    }
+
+    // A fragments of the query rows: row r is head kv_head * group + r, zero for r >= group.
+    u32 qf[HD / 16][4];
+    {
+        const __nv_bfloat16* q_row = q + (u64)t * q_stride + (u64)kv_head * group * HD;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = gid + (e & 1) * 8, col = kk * 16 + (e >> 1) * 8 + tig * 2;
+                qf[kk][e] = r < group ? *reinterpret_cast<const u32*>(q_row + r * HD + col) : 0u;
+            }
+    }
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    // This thread's two rows, gid and gid + 8; maxima in log2 units of the scaled scores.
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    const bool upper_rows = group > 8;  // rows 8..15 hold heads only for groups above 8
+
+    for (int i = 0; i < num_tiles; i++) {
+        cp_async_wait<STAGES - 2>();  // tile i has landed
+        __syncthreads();              // ... for every thread, and every warp is done with tile i - 1
+        {
+            const int next = i + STAGES - 1, stage = next % STAGES;
+            if (next < num_tiles) {
+                load_kv_rows<HD, DC_N, DC_THREADS>(k_s + stage * DC_N, k_cache, table, begin + next * DC_N, end, num_kv_heads, kv_head, block_size);
+                load_kv_rows<HD, DC_N, DC_THREADS>(v_s + stage * DC_N, v_cache, table, begin + next * DC_N, end, num_kv_heads, kv_head, block_size);
+            }
+            cp_async_commit();
+        }
+        const int key0 = begin + i * DC_N + warp * 16;  // this warp's first key
+        if (key0 >= end) continue;                      // warp-uniform: past the partition's end
+        const Row* ks = k_s + (i % STAGES) * DC_N + warp * 16;
+        const Row* vs = v_s + (i % STAGES) * DC_N + warp * 16;
+
+        float s[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            // Matrices: keys 0..7 then 8..15, each at dims kk*16 + 0..7 and + 8..15.
+            u32 b[4];
+            ldmatrix_x4(b, smem_addr(&ks[(mat >> 1) * 8 + mrow][kk * 16 + (mat & 1) * 8]));
+            mma_bf16(s[0], qf[kk], b[0], b[1]);
+            mma_bf16(s[1], qf[kk], b[2], b[3]);
+        }
+        if (key0 + 16 > end) {
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (key0 + n * 8 + tig * 2 + (e & 1) >= end) s[n][e] = -INFINITY;
+        }
+        // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (r == 1 && !upper_rows) continue;
+            float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float new_max = fmaxf(row_max[r], mx * scale_log2);  // finite: key0 is visible
+            const float correction = exp2f(row_max[r] - new_max);
+            row_max[r] = new_max;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float p = exp2f(s[n][2 * r + e] * scale_log2 - new_max);
+                    s[n][2 * r + e] = p;
+                    sum += p;
+                }
+            row_sum[r] = row_sum[r] * correction + sum;  // this lane's share; summed at the end
+#pragma unroll
+            for (int d = 0; d < HD / 8; d++) {
+                o[d][2 * r] *= correction;
+                o[d][2 * r + 1] *= correction;
+            }
+        }
+        if (!upper_rows) s[0][2] = s[0][3] = s[1][2] = s[1][3] = 0.0f;
+        // The score accumulators are already P's A fragment layout.
+        const u32 a[4] = {pack_bf16(s[0][0], s[0][1]), pack_bf16(s[0][2], s[0][3]), pack_bf16(s[1][0], s[1][1]),
+                          pack_bf16(s[1][2], s[1][3])};
+#pragma unroll
+        for (int dp = 0; dp < HD / 16; dp++) {
+            // Transposed: keys 0..7 then 8..15, at dims dp*16 + 0..7 and + 8..15.
+            u32 b[4];
+            ldmatrix_x4_trans(b, smem_addr(&vs[(mat & 1) * 8 + mrow][dp * 16 + (mat >> 1) * 8]));
+            mma_bf16(o[2 * dp], a, b[0], b[1]);
+            mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
+
+    // Merge the warps' states through shared memory (the tiles are no longer needed).
+    cp_async_wait<0>();
+    __syncthreads();
+    float* m_s = reinterpret_cast<float*>(dc_smem);  // [DC_WARPS][16]
+    float* l_s = m_s + DC_WARPS * 16;                // [DC_WARPS][16]
+    float* acc_s = l_s + DC_WARPS * 16;              // [DC_WARPS][16][HD]
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const int row = gid + r * 8;
+        if (row >= group) continue;
+        if (tig == 0) {
+            m_s[warp * 16 + row] = row_max[r];
+            l_s[warp * 16 + row] = sum;
+        }
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++) {
+            acc_s[(warp * 16 + row) * HD + d * 8 + tig * 2] = o[d][2 * r];
+            acc_s[(warp * 16 + row) * HD + d * 8 + tig * 2 + 1] = o[d][2 * r + 1];
+        }
     }
     __syncthreads();
-
-    float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][DPL];
-#pragma unroll
-    for (int g = 0; g < MAX_GROUP; g++) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < DPL; j++) acc[g][j] = 0.0f;
-    }
-
-    for (int base = begin + warp * 32; base < end; base += WARPS * 32) {
-        const int p = base + lane;
-        const bool valid = p < end;
-        float s[MAX_GROUP];
-        if (valid) {
-            const u64 slot_block = table[p / block_size];
-            const __nv_bfloat16* key =
-                k_cache + ((slot_block * num_kv_heads + kv_head) * block_size + p % block_size) * HD;
-            // Head dim 64 (a 128-byte key): every load of the key first, then the arithmetic, so
-            // the whole key is in flight at once (SmolLM2 at batch 1: 32 -> 22 us per layer).
-            // Head dim 128 takes its own path below: the same change held its 256 bytes in
-            // registers (62 -> 119 registers, 8B layout 1520 -> 1189 GB/s on the H100). The
-            // dot-product loops are written out on purpose: sharing them through an inline helper
-            // changed the generated code and cost the 8B layout 1532 -> 1125 GB/s.
-            if constexpr (HD <= 64) {
-                uint4 raw[HD / 8];
-#pragma unroll
-                for (int i = 0; i < HD / 8; i++) raw[i] = *reinterpret_cast<const uint4*>(key + i * 8);
-#pragma unroll
-                for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
-#pragma unroll
-                for (int i = 0; i < HD / 8; i++) {
-                    const int d0 = i * 8;
-                    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[i]);
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const float2 kv = __bfloat1622float2(pairs[e]);
-#pragma unroll
-                        for (int g = 0; g < MAX_GROUP; g++)
-                            if (g < group) s[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
-                    }
-                }
-            }
-        } else {
-#pragma unroll
-            for (int g = 0; g < MAX_GROUP; g++) s[g] = -INFINITY;
-        }
-        if constexpr (HD > 64) {
-            // Head dim 128: two lanes per key, 16 keys per pass; a lane pair reads adjacent
-            // 16-byte chunks, so every load instruction uses whole 32-byte sectors (one lane per
-            // key used half of each sector per load). With registers bounded for 4 blocks per SM
-            // (the kernel's `__launch_bounds__`) the 8B layout went 1590 -> 1710 GB/s.
-            const int half = lane & 1;
-#pragma unroll
-            for (int pass = 0; pass < 2; pass++) {
-                const int kp = base + pass * 16 + (lane >> 1);
-                float part[MAX_GROUP];
-#pragma unroll
-                for (int g = 0; g < MAX_GROUP; g++) part[g] = 0.0f;
-                if (kp < end) {
-                    const u64 slot_block = table[kp / block_size];
-                    const __nv_bfloat16* key =
-                        k_cache + ((slot_block * num_kv_heads + kv_head) * block_size + kp % block_size) * HD;
-#pragma unroll
-                    for (int i = 0; i < HD / 16; i++) {
-                        const int d0 = (2 * i + half) * 8;
-                        const uint4 raw = *reinterpret_cast<const uint4*>(key + d0);
-                        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            const float2 kv = __bfloat1622float2(pairs[e]);
-#pragma unroll
-                            for (int g = 0; g < MAX_GROUP; g++)
-                                if (g < group) part[g] += q_s[g][d0 + 2 * e] * kv.x + q_s[g][d0 + 2 * e + 1] * kv.y;
-                        }
-                    }
-                }
-                // Lane j's key is j: pass j / 16, read by the pair starting at lane (j % 16) * 2.
-#pragma unroll
-                for (int g = 0; g < MAX_GROUP; g++) {
-                    if (g >= group) continue;
-                    part[g] += __shfl_xor_sync(0xffffffff, part[g], 1);
-                    const float score = __shfl_sync(0xffffffff, part[g], (lane & 15) * 2);
-                    if ((lane >> 4) == pass && valid) s[g] = score;
-                }
-            }
-        }
-        float p_lane[MAX_GROUP];
-#pragma unroll
-        for (int g = 0; g < MAX_GROUP; g++) {
-            if (g >= group) continue;
-            const float chunk_max = warp_max(s[g]);
-            const float new_m = fmaxf(m[g], chunk_max);
-            const float correction = __expf(m[g] - new_m);
-            p_lane[g] = valid ? __expf(s[g] - new_m) : 0.0f;
-            l[g] = l[g] * correction + warp_sum(p_lane[g]);
-#pragma unroll
-            for (int j = 0; j < DPL; j++) acc[g][j] *= correction;
-            m[g] = new_m;
-        }
-        // Values: lane owns dimensions lane * DPL ..; key j's weight comes from lane j. Batches of
-        // V_BATCH keys, each batch's loads all issued before its arithmetic (a loop that loaded
-        // and used one value at a time kept too few loads in flight). Head dim 128 takes batches
-        // of 8: its values are twice as wide, and registers decide its occupancy.
-        constexpr int V_BATCH = HD <= 64 ? 16 : 8;
-        const int keys = min(32, end - base);
-#pragma unroll
-        for (int j0 = 0; j0 < 32; j0 += V_BATCH) {
-            __nv_bfloat162 vr[V_BATCH][DPL / 2];
-#pragma unroll
-            for (int jj = 0; jj < V_BATCH; jj++) {
-                const int j = j0 + jj;
-                if (j < keys) {
-                    const int pj = base + j;
-                    const u64 slot_block = table[pj / block_size];
-                    const __nv_bfloat16* value =
-                        v_cache + ((slot_block * num_kv_heads + kv_head) * block_size + pj % block_size) * HD + lane * DPL;
-#pragma unroll
-                    for (int e = 0; e < DPL / 2; e++) vr[jj][e] = reinterpret_cast<const __nv_bfloat162*>(value)[e];
-                } else {
-#pragma unroll
-                    for (int e = 0; e < DPL / 2; e++) vr[jj][e] = __floats2bfloat162_rn(0.0f, 0.0f);
-                }
-            }
-#pragma unroll
-            for (int jj = 0; jj < V_BATCH; jj++) {
-#pragma unroll
-                for (int g = 0; g < MAX_GROUP; g++) {
-                    if (g >= group) continue;
-                    // Lanes past `keys` hold weight 0 (invalid keys), so padding adds nothing.
-                    const float w = __shfl_sync(0xffffffff, p_lane[g], j0 + jj);
-#pragma unroll
-                    for (int e = 0; e < DPL / 2; e++) {
-                        const float2 v = __bfloat1622float2(vr[jj][e]);
-                        acc[g][2 * e] += w * v.x;
-                        acc[g][2 * e + 1] += w * v.y;
-                    }
-                }
-            }
-        }
-    }
-
-    // Merge the warps' partial softmax states.
-    __shared__ float m_s[WARPS][MAX_GROUP], l_s[WARPS][MAX_GROUP];
-    __shared__ float acc_s[WARPS][MAX_GROUP][HD];
-    if (lane == 0) {
-#pragma unroll
-        for (int g = 0; g < MAX_GROUP; g++) {
-            m_s[warp][g] = m[g];
-            l_s[warp][g] = l[g];
-        }
-    }
-#pragma unroll
-    for (int g = 0; g < MAX_GROUP; g++)
-        if (g < group)
-#pragma unroll
-            for (int e = 0; e < DPL; e++) acc_s[warp][g][lane * DPL + e] = acc[g][e];
-    __syncthreads();
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+    for (int i = threadIdx.x; i < group * HD; i += DC_THREADS) {
         const int g = i / HD, d = i % HD;
         float big = -INFINITY;
-        for (int w = 0; w < WARPS; w++) big = fmaxf(big, m_s[w][g]);
+#pragma unroll
+        for (int w = 0; w < DC_WARPS; w++) big = fmaxf(big, m_s[w * 16 + g]);
         float total = 0.0f, value = 0.0f;
-        for (int w = 0; w < WARPS; w++) {
-            const float f = m_s[w][g] == -INFINITY ? 0.0f : __expf(m_s[w][g] - big);
-            total += l_s[w][g] * f;
-            value += acc_s[w][g][d] * f;
+#pragma unroll
+        for (int w = 0; w < DC_WARPS; w++) {
+            const float m = m_s[w * 16 + g];
+            const float f = m == -INFINITY ? 0.0f : exp2f(m - big);
+            total += l_s[w * 16 + g] * f;
+            value += acc_s[(w * 16 + g) * HD + d] * f;
         }
         const int head = kv_head * group + g;
         if (num_splits == 1) {
@@ -221,26 +212,12 @@ __device__ void paged_attention_impl(
     }
 }
 
-#define ATTENTION_PARAMS                                                                                   \
-    __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
-        const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache, const u32 *block_tables,               \
-        const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
-        int num_heads, int num_kv_heads, int block_size, float scale, int partition
-#define ATTENTION_ARGS                                                                                     \
-    out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
-        q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition
-#define ATTENTION_KERNEL(HD, G)                                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, HD == 128 ? 4 : 1) paged_attention_hd##HD##_g##G(ATTENTION_PARAMS) { \
-        paged_attention_impl<HD, G>(ATTENTION_ARGS);                                                       \
+#define DECODE_KERNEL(HD)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(DC_THREADS) paged_attention_hd##HD(ATTENTION_PARAMS) {    \
+        paged_decode_impl<HD, DC_STAGES>(ATTENTION_ARGS);                                                  \
     }
-ATTENTION_KERNEL(64, 1)
-ATTENTION_KERNEL(64, 2)
-ATTENTION_KERNEL(64, 4)
-ATTENTION_KERNEL(64, 8)
-ATTENTION_KERNEL(128, 1)
-ATTENTION_KERNEL(128, 2)
-ATTENTION_KERNEL(128, 4)
-ATTENTION_KERNEL(128, 8)
+DECODE_KERNEL(64)
+DECODE_KERNEL(128)
 
 // Merges split-K partials: one block per (row, head) (grid x, y), one thread per dimension; the
 // row is a token, or an index into `rows` when it is not null (as in the attention kernel).
@@ -255,7 +232,7 @@ extern "C" __global__ void attention_reduce(__nv_bfloat16* __restrict__ out, con
         float total = 0.0f, value = 0.0f;
         for (int s = 0; s < num_splits; s++) {
             const float mx = part_max[th * num_splits + s];
-            const float f = mx == -INFINITY ? 0.0f : __expf(mx - big);
+            const float f = mx == -INFINITY ? 0.0f : exp2f(mx - big);
             total += part_sum[th * num_splits + s] * f;
             value += part_out[(th * num_splits + s) * head_dim + d] * f;
         }

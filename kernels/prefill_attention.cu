@@ -31,64 +31,6 @@
 // and with a row stride of 16 bytes past a multiple of 128 those 8 rows fall in distinct banks.
 #define PF_PAD 8
 
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// 16-byte asynchronous copy global -> shared; `valid` false fills the 16 bytes with zeros.
-__device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-// c += a * b for a 16x16 (row-major) by 16x8 (column-major) bf16 product, float32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as a bf16 pair in one register, `lo` in the low half (the lower index of a fragment).
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
-}
-
-// Keys (or values) of positions kv0 .. kv0 + PF_N - 1 into `dst`; positions past `last` (the
-// tile's last query position) are zero-filled and never read from the cache or the block table.
-template <int HD>
-__device__ __forceinline__ void load_kv_tile(__nv_bfloat16 (*dst)[HD + PF_PAD], const __nv_bfloat16* __restrict__ cache,
-                                             const u32* __restrict__ table, int kv0, int last, int num_kv_heads,
-                                             int kv_head, int block_size) {
-    constexpr int CHUNKS = HD / 8, ROWS = PF_THREADS / CHUNKS;
-    const int c = threadIdx.x % CHUNKS;
-#pragma unroll
-    for (int i = 0; i < PF_N / ROWS; i++) {
-        const int r = threadIdx.x / CHUNKS + i * ROWS, p = kv0 + r;
-        const bool valid = p <= last;
-        const __nv_bfloat16* src = cache;
-        if (valid)
-            src = cache + (((u64)table[p / block_size] * num_kv_heads + kv_head) * block_size + p % block_size) * HD + c * 8;
-        cp_async_16(smem_addr(&dst[r][c * 8]), src, valid);
-    }
-}
-
 template <int HD>
 __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,
                                        const __nv_bfloat16* __restrict__ k_cache,
@@ -131,9 +73,9 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
     __syncthreads();  // v_s now holds values
 
     const int kv_tiles = last / PF_N + 1;
-    load_kv_tile<HD>(k_s, k_cache, table, 0, last, num_kv_heads, kv_head, block_size);
+    load_kv_rows<HD, PF_N, PF_THREADS>(k_s, k_cache, table, 0, last + 1, num_kv_heads, kv_head, block_size);
     cp_async_commit();
-    load_kv_tile<HD>(v_s, v_cache, table, 0, last, num_kv_heads, kv_head, block_size);
+    load_kv_rows<HD, PF_N, PF_THREADS>(v_s, v_cache, table, 0, last + 1, num_kv_heads, kv_head, block_size);
     cp_async_commit();
 
     float o[HD / 8][4];
@@ -210,7 +152,7 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
         }
         __syncthreads();  // every warp is done with k_s
         if (j + 1 < kv_tiles) {
-            load_kv_tile<HD>(k_s, k_cache, table, kv0 + PF_N, last, num_kv_heads, kv_head, block_size);
+            load_kv_rows<HD, PF_N, PF_THREADS>(k_s, k_cache, table, kv0 + PF_N, last + 1, num_kv_heads, kv_head, block_size);
             cp_async_commit();
             cp_async_wait<1>();  // V of tile j
         } else {
@@ -236,7 +178,7 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
         }
         __syncthreads();  // every warp is done with v_s
         if (j + 1 < kv_tiles) {
-            load_kv_tile<HD>(v_s, v_cache, table, kv0 + PF_N, last, num_kv_heads, kv_head, block_size);
+            load_kv_rows<HD, PF_N, PF_THREADS>(v_s, v_cache, table, kv0 + PF_N, last + 1, num_kv_heads, kv_head, block_size);
             cp_async_commit();
         }
     }

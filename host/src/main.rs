@@ -118,6 +118,9 @@ struct BenchGpuArgs {
     /// Also run the Llama-3.1-8B-shaped dummy model (16 GB of weights).
     #[arg(long)]
     llama_8b: bool,
+    /// Only the copy bandwidth and the attention kernels (no model is loaded).
+    #[arg(long)]
+    attention_only: bool,
 }
 
 #[derive(Args)]
@@ -462,21 +465,11 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
     println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
-    let attn = gpu::attention_decode(&dev, 64, 2048, 32, 8, 128)?;
-    let kernel = pagedserve::cuda::launch::attention_kernel_name(128, 4);
-    let function = dev.function(&kernel);
-    println!(
-        "{kernel}: {} registers, {} bytes of local memory per thread",
-        function.num_regs()?,
-        function.local_size_bytes()?
-    );
-    println!(
-        "paged attention 8B layout b64 c2048  {:>10.3} ms  {:>7.0} GB/s  {:>5.1}% of copy",
-        attn.ms,
-        attn.gbps,
-        100.0 * attn.gbps / copy
-    );
+    gpu::print_attention_decode(&dev, copy)?;
     gpu::print_attention_prefill(&dev)?;
+    if args.attention_only {
+        return Ok(());
+    }
     let loaded = args.model.load()?;
     let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
     let mut backend = GpuBackend::new(

@@ -32,17 +32,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "paged_attention",
         source: include_str!("../paged_attention.cu"),
-        functions: &[
-            "paged_attention_hd64_g1",
-            "paged_attention_hd64_g2",
-            "paged_attention_hd64_g4",
-            "paged_attention_hd64_g8",
-            "paged_attention_hd128_g1",
-            "paged_attention_hd128_g2",
-            "paged_attention_hd128_g4",
-            "paged_attention_hd128_g8",
-            "attention_reduce",
-        ],
+        functions: &["paged_attention_hd64", "paged_attention_hd128", "attention_reduce"],
     },
     KernelModule {
         name: "prefill_attention",
@@ -94,13 +84,11 @@ mod tests {
     fn every_declared_function_is_defined_extern_c() {
         for module in MODULES {
             for function in module.functions {
-                // Plain definitions, or instantiations of a macro: `paged_attention_hd64_g4` is
-                // `ATTENTION_KERNEL(64, 4)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`,
+                // Plain definitions, or instantiations of a macro: `paged_attention_hd64` is
+                // `DECODE_KERNEL(64)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`,
                 // `gemv_silu_m4` is `GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)`.
-                let instantiated = if let Some((hd, g)) =
-                    function.strip_prefix("paged_attention_hd").and_then(|rest| rest.split_once("_g"))
-                {
-                    module.source.contains(&format!("ATTENTION_KERNEL({hd}, {g})"))
+                let instantiated = if let Some(hd) = function.strip_prefix("paged_attention_hd") {
+                    module.source.contains(&format!("DECODE_KERNEL({hd})"))
                 } else if let Some(hd) = function.strip_prefix("prefill_attention_hd") {
                     module.source.contains(&format!("PREFILL_KERNEL({hd})"))
                 } else {

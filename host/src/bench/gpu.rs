@@ -15,7 +15,7 @@ use half::bf16;
 
 use super::median;
 use crate::cuda::gemm::{cublas_linear, linear, OutType};
-use crate::cuda::launch::{prefill_kernel_name, AttentionPath, AttentionSplit};
+use crate::cuda::launch::{decode_kernel_name, prefill_kernel_name, AttentionPath, AttentionSplit};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::ModelConfig;
@@ -59,6 +59,8 @@ pub struct AttentionBench {
     pub ms: f64,
     pub bytes: usize,
     pub gbps: f64,
+    /// Split-K partitions the planner chose.
+    pub splits: usize,
 }
 
 /// Cheap deterministic values in [-1, 1] (never zeros: they would hide unwritten outputs and can
@@ -93,7 +95,7 @@ pub fn attention_decode(
     let block_size = 16;
     let (fb, num_blocks) = scattered_batch(batch, 1, context, block_size)?;
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
-    let splits = AttentionSplit::plan(context, batch * kv_heads, dev.num_sms).splits;
+    let splits = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim)).splits;
     let attention = crate::cuda::StandaloneAttention::upload(
         dev,
         &fb,
@@ -109,7 +111,36 @@ pub fn attention_decode(
     let ms = time_ms(dev, 5, 50, || attention.launch(dev))?;
     // K and V of every cached position, read once; q and out are negligible.
     let bytes = 2 * batch * context * kv_heads * head_dim * 2;
-    Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9 })
+    Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9, splits })
+}
+
+/// The decode attention rows of `bench gpu`: the Llama-3.1-8B head layout (32/8, head dim 128)
+/// at the batch 64, context 2048, and beside it batch 1 and batch 256 at shorter
+/// contexts, then SmolLM2's layout (9/3, head dim 64); each against the copy bandwidth.
+pub fn print_attention_decode(dev: &GpuDevice, copy_gbps: f64) -> Result<(), CudaError> {
+    for head_dim in crate::cuda::DECODE_HEAD_DIMS {
+        let function = dev.function(&decode_kernel_name(head_dim));
+        println!(
+            "{}: {} registers, {} bytes of local memory per thread, {} blocks per SM",
+            decode_kernel_name(head_dim),
+            function.num_regs()?,
+            function.local_size_bytes()?,
+            dev.decode_slots(head_dim) / dev.num_sms
+        );
+    }
+    for (name, heads, kv_heads, head_dim) in [("8B", 32, 8, 128), ("SmolLM2", 9, 3, 64)] {
+        for (batch, context) in [(64, 2048), (1, 2048), (256, 512), (1, 512)] {
+            let r = attention_decode(dev, batch, context, heads, kv_heads, head_dim)?;
+            println!(
+                "paged attention {name:<7} b{batch:<3} c{context:<4} {:>9.3} ms {:>7.0} GB/s {:>5.1}% of copy  ({} splits)",
+                r.ms,
+                r.gbps,
+                100.0 * r.gbps / copy_gbps,
+                r.splits
+            );
+        }
+    }
+    Ok(())
 }
 
 pub struct PrefillBench {
@@ -149,7 +180,7 @@ pub fn attention_prefill(
     let prefill = upload(AttentionPath::Mixed, 1)?;
     let prefill_ms = time_ms(dev, 5, 30, || prefill.launch(dev))?;
     drop(prefill);
-    let decode = upload(AttentionPath::Decode, AttentionSplit::plan(len, n * kv_heads, dev.num_sms).splits)?;
+    let decode = upload(AttentionPath::Decode, AttentionSplit::plan(len, n * kv_heads, dev.decode_slots(head_dim)).splits)?;
     let decode_kernel_ms = time_ms(dev, 3, 10, || decode.launch(dev))?;
     let mean_keys = (len + 1) as f64 / 2.0;
     let flops = 4.0 * n as f64 * mean_keys * head_dim as f64 * heads as f64;

@@ -89,7 +89,22 @@ pub fn check_attention(
     splits: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
-    let block_size = 16;
+    check_attention_in_blocks(dev, 16, heads, kv_heads, head_dim, seqs, path, splits, seed)
+}
+
+/// `check_attention` with cache blocks of `block_size` positions (`serve --block-size`).
+#[allow(clippy::too_many_arguments)]
+pub fn check_attention_in_blocks(
+    dev: &GpuDevice,
+    block_size: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    seqs: &[(usize, usize)],
+    path: AttentionPath,
+    splits: usize,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let total_blocks: usize = seqs.iter().map(|(cached, new)| (cached + new).div_ceil(block_size)).sum::<usize>() + 7;
     let layout = KvCacheLayout { num_layers: 1, num_blocks: total_blocks, block_size, num_kv_heads: kv_heads, head_dim };
@@ -132,9 +147,10 @@ pub fn check_attention(
     if shown.len() > 6 && shown.iter().all(|s| *s == shown[0]) {
         shown = vec![format!("{} x {}", shown.len(), shown[0])];
     }
+    let blocks = if block_size == 16 { String::new() } else { format!(" block {block_size}") };
     Ok(CheckRow::error(
         name,
-        format!("heads {heads}/{kv_heads} hd {head_dim} lens [{}] splits {splits}", shown.join(", ")),
+        format!("heads {heads}/{kv_heads} hd {head_dim} lens [{}] splits {splits}{blocks}", shown.join(", ")),
         relative_error(&got, &want),
     ))
 }
@@ -620,15 +636,17 @@ pub fn print_table(rows: &[CheckRow]) -> bool {
 }
 
 /// The standard set of kernel checks: the decode kernel on odd sizes, one block, many blocks, GQA
-/// groups 1, 3, 4 and 7, head dims 64 and 128, with and without split-K; the prefill kernel alone
-/// (one token, lengths off the tile and block sizes, chunked prefill and prefix-cache hits, GQA
-/// groups 1 to 8 incl. 3 and 7); mixed batches split between the two kernels as the backend
-/// splits them; RoPE in both forms; RMSNorm; SiLU.
+/// groups 1, 3, 4, 7, 8 and 16, head dims 64 and 128, with and without split-K; the prefill kernel
+/// alone (one token, lengths off the tile and block sizes, chunked prefill and prefix-cache hits,
+/// GQA groups 1 to 8 incl. 3 and 7); both kernels with cache blocks of 1, 5 and 32 positions;
+/// mixed batches split between the two kernels as the backend splits them; RoPE in both forms;
+/// RMSNorm; SiLU.
 pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     let mut rows = Vec::new();
     let mut seed = 1;
     let fresh = |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (0, l)).collect() };
-    for (heads, kv_heads, head_dim) in [(4, 4, 64), (9, 3, 64), (32, 8, 128), (12, 4, 128), (14, 2, 64)] {
+    let decode_layouts = [(4, 4, 64), (9, 3, 64), (32, 8, 128), (12, 4, 128), (14, 2, 64), (16, 2, 64), (32, 2, 128)];
+    for (heads, kv_heads, head_dim) in decode_layouts {
         for lens in [&[1usize][..], &[16], &[37, 5], &[300, 1, 129]] {
             seed += 1;
             rows.push(check_attention(dev, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Decode, 1, seed)?);
@@ -637,14 +655,22 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // Split-K over long contexts.
     rows.push(check_attention(dev, 32, 8, 128, &fresh(&[1500, 700]), AttentionPath::Decode, 3, 91)?);
     rows.push(check_attention(dev, 9, 3, 64, &fresh(&[1100]), AttentionPath::Decode, 3, 92)?);
-    // Split-K as the backend plans it for a batch of long decodes, where a few splits must each
-    // cover a long stretch (64 x 3 KV heads: 3 splits over 1801 positions; 8B heads: 2 over 2048),
-    // and at batch 1 (many short splits).
-    for (heads, kv_heads, head_dim, context) in [(9, 3, 64, 1801), (32, 8, 128, 2048), (9, 3, 64, 512)] {
-        let batch = if context == 512 { 1 } else { 64 };
-        let split = AttentionSplit::plan(context, batch * kv_heads, dev.num_sms);
+    rows.push(check_attention(dev, 32, 2, 128, &fresh(&[1000, 65]), AttentionPath::Decode, 7, 97)?);
+    // Split-K as the backend plans it: a batch of long decodes, where a few splits must each cover
+    // a long stretch (64 sequences at 1801 and 2048 positions), and batch 1 (many short splits).
+    for (heads, kv_heads, head_dim, batch, context) in
+        [(9, 3, 64, 64, 1801), (32, 8, 128, 64, 2048), (9, 3, 64, 1, 512), (32, 8, 128, 1, 2048)]
+    {
+        let split = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim));
         let seqs = vec![(context - 1, 1); batch];
         rows.push(check_attention(dev, heads, kv_heads, head_dim, &seqs, AttentionPath::Decode, split.splits, 96 + context as u64)?);
+    }
+    // Cache blocks other than 16 positions: a tile of keys spans many blocks, or part of one.
+    for block_size in [1, 5, 32] {
+        seed += 1;
+        let seqs = fresh(&[300, 1, 129]);
+        rows.push(check_attention_in_blocks(dev, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, seed)?);
+        rows.push(check_attention_in_blocks(dev, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, seed)?);
     }
 
     // The prefill kernel alone.

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
+use cudarc::driver::sys::CUfunction_attribute;
+
 use super::kernels::Kernels;
+use super::launch::{decode_kernel_name, decode_shared_bytes, DECODE_THREADS};
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 use super::CudaError;
@@ -20,7 +23,12 @@ pub struct GpuDevice {
     pub name: String,
     pub arch: String,
     pub num_sms: usize,
+    /// Resident blocks per multiprocessor of the decode attention kernel, by head dimension.
+    decode_blocks_per_sm: Vec<(usize, usize)>,
 }
+
+/// Head dimensions the attention kernels are instantiated for.
+pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
 
 impl GpuDevice {
     pub fn new(ordinal: usize) -> Result<Arc<Self>, CudaError> {
@@ -52,9 +60,35 @@ impl GpuDevice {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
         let kernels = Kernels::load(&context, &arch)?;
+        // The decode attention kernels take more than the 48 KiB of dynamic shared memory a kernel
+        // gets without opting in; how many of their blocks then fit on a multiprocessor sizes split-K.
+        let mut decode_blocks_per_sm = Vec::new();
+        for head_dim in DECODE_HEAD_DIMS {
+            let (function, shared) = (kernels.get(&decode_kernel_name(head_dim)), decode_shared_bytes(head_dim));
+            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+            let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)?;
+            decode_blocks_per_sm.push((head_dim, blocks.max(1) as usize));
+        }
         let name = context.name()?;
         tracing::info!(gpu = %name, %arch, num_sms, "CUDA device ready");
-        Ok(Arc::new(GpuDevice { context, stream, blas, _blas_workspace: workspace, kernels, name, arch, num_sms }))
+        Ok(Arc::new(GpuDevice {
+            context,
+            stream,
+            blas,
+            _blas_workspace: workspace,
+            kernels,
+            name,
+            arch,
+            num_sms,
+            decode_blocks_per_sm,
+        }))
+    }
+
+    /// Decode attention blocks of this head dimension that run at once on the whole GPU (the
+    /// `slots` of `AttentionSplit::plan`).
+    pub fn decode_slots(&self, head_dim: usize) -> usize {
+        let per_sm = self.decode_blocks_per_sm.iter().find(|&&(hd, _)| hd == head_dim).map_or(1, |&(_, b)| b);
+        per_sm * self.num_sms
     }
 
     pub fn function(&self, name: &str) -> &CudaFunction {

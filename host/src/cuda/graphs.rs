@@ -96,18 +96,21 @@ impl GpuBackend {
         let cache_layout = *self.cache().layout();
         let max_blocks = max_context.div_ceil(cache_layout.block_size);
         let largest = graph_bucket(max_batch).ok_or_else(|| CudaError::Config(format!("no graph bucket holds {max_batch}")))?;
-        let max_splits = AttentionSplit::plan(max_context, c.num_key_value_heads, dev.num_sms).splits;
+        let slots = dev.decode_slots(c.head_dim);
+        let buckets: Vec<usize> = GRAPH_BUCKETS.iter().copied().filter(|&b| b <= largest).collect();
+        let split_of = |bucket: usize| AttentionSplit::plan(max_context, bucket * c.num_key_value_heads, slots);
+        let max_splits = buckets.iter().map(|&b| split_of(b).splits).max().unwrap_or(1);
         let mut scratch = Scratch::default();
         scratch.ensure(&dev, &c, largest, largest, largest * c.num_attention_heads * max_splits)?;
         let mut indices = dev.stream.alloc_zeros::<u32>(5 * largest + largest * max_blocks)?;
         let tokens_out = dev.stream.alloc_zeros::<u32>(largest)?;
         let base = super::model::ptr(&dev, &indices);
         let mut graphs = HashMap::new();
-        for &bucket in GRAPH_BUCKETS.iter().filter(|&&b| b <= largest) {
+        for &bucket in &buckets {
             let packed = pack(None, bucket, max_blocks, self.trash_block(), cache_layout.block_size);
             dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
             let arrays = layout(base, bucket, max_blocks);
-            let split = AttentionSplit::plan(max_context, bucket * c.num_key_value_heads, dev.num_sms);
+            let split = split_of(bucket);
             // A warm-up run outside the capture lets cuBLAS pick its kernels first.
             self.run_layers(&scratch, bucket, bucket, &arrays, split)?;
             dev.stream.synchronize()?;

@@ -59,35 +59,42 @@ pub fn compile(module: &KernelModule, arch: &str) -> Result<String, CudaError> {
     Ok(ptx.to_src())
 }
 
-/// Compiles every module (a check that needs no GPU, only NVRTC).
+/// Where the compiled PTX of `module` for `arch` is cached, if there is a cache directory.
+fn cached_path(module: &KernelModule, arch: &str) -> Option<PathBuf> {
+    let hash = module.source_hash(arch);
+    cache_dir().map(|dir| dir.join(format!("{}-{}.ptx", module.name, &hash[..16])))
+}
+
+/// The PTX of `module` for `arch`: from the on-disk cache, else compiled and stored there.
+fn cached_or_compiled(module: &KernelModule, arch: &str) -> Result<String, CudaError> {
+    let cached = cached_path(module, arch);
+    if let Some(src) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok(src);
+    }
+    let src = compile(module, arch)?;
+    if let Some(path) = &cached {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(path, &src);
+    }
+    Ok(src)
+}
+
+/// Compiles every module (a check that needs no GPU, only NVRTC), filling the on-disk cache: its
+/// files are what `ptxas -v` reads to report registers and spills without a GPU.
 pub fn compile_all(arch: &str) -> Result<(), CudaError> {
     for module in MODULES {
-        compile(module, arch)?;
+        cached_or_compiled(module, arch)?;
     }
     Ok(())
 }
 
 impl Kernels {
     pub fn load(context: &Arc<CudaContext>, arch: &str) -> Result<Self, CudaError> {
-        let cache = cache_dir();
         let mut functions = HashMap::new();
         for module in MODULES {
-            let hash = module.source_hash(arch);
-            let cached = cache.as_ref().map(|dir| dir.join(format!("{}-{}.ptx", module.name, &hash[..16])));
-            let ptx_src = match cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-                Some(src) => src,
-                None => {
-                    let src = compile(module, arch)?;
-                    if let Some(path) = &cached {
-                        if let Some(dir) = path.parent() {
-                            let _ = std::fs::create_dir_all(dir);
-                        }
-                        let _ = std::fs::write(path, &src);
-                    }
-                    src
-                }
-            };
-            let loaded = context.load_module(Ptx::from_src(ptx_src))?;
+            let loaded = context.load_module(Ptx::from_src(cached_or_compiled(module, arch)?))?;
             for &name in module.functions {
                 functions.insert(name, loaded.load_function(name)?);
             }

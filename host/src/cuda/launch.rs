@@ -5,12 +5,18 @@
 
 use crate::runner::ForwardBatch;
 
-/// Threads of one attention block (`WARPS * 32` in `kernels/paged_attention.cu`).
-pub const ATTENTION_THREADS: u32 = 256;
+/// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`), keys per
+/// pipeline tile (`DC_N`), tiles in its ring (`DC_STAGES`) and the row padding (`DC_PAD`).
+pub const DECODE_THREADS: u32 = 128;
+pub const DECODE_TILE_KEYS: usize = 64;
+const DECODE_STAGES: usize = 2;
+const DECODE_ROW_PAD: usize = 8;
 
-/// The fewest positions a split-K partition of the decode attention kernel covers: one pass of
-/// its 8 warps, 32 keys each. Shorter partitions would leave warps idle without cutting latency.
-pub const MIN_ATTENTION_PARTITION: usize = 256;
+/// What the split planner charges, in units of one tile's load: each block beyond its own tiles
+/// (filling the pipeline before the first, merging the warps after the last), and split-K once
+/// (the reduction kernel's launch and its pass over the partials).
+const BLOCK_OVERHEAD_TILES: usize = 1;
+const REDUCE_OVERHEAD_TILES: usize = 2;
 
 /// Block tables of every sequence of `batch`, row-major `[num_seqs, max_blocks]`, padded with 0
 /// (padding is never read: the kernels stop at each token's position).
@@ -109,22 +115,35 @@ impl AttentionSplit {
     pub const NONE: AttentionSplit = AttentionSplit { splits: 1, partition: i32::MAX as usize };
 
     /// Split-K for contexts of at most `max_context` positions in a launch of `work_items`
-    /// (token, KV head) blocks on `num_sms` multiprocessors: enough splits that the grid has about
-    /// four blocks per multiprocessor (a latency- and memory-bound kernel needs many warps in
-    /// flight; at batch 1 an unsplit context runs on three blocks), but partitions of at least
-    /// `MIN_ATTENTION_PARTITION` positions.
-    pub fn plan(max_context: usize, work_items: usize, num_sms: usize) -> Self {
-        let most = max_context.div_ceil(MIN_ATTENTION_PARTITION).max(1);
-        let wanted = (4 * num_sms).div_ceil(work_items.max(1));
-        Self::covering(wanted.clamp(1, most), max_context)
+    /// (token, KV head) pairs, when `slots` decode blocks fit on the GPU at once
+    /// (`GpuDevice::decode_slots`). Blocks run in waves of `slots`, and a launch lasts about as
+    /// long as its waves times the tiles each block loads: more splits shorten every block but
+    /// add waves once the grid outgrows one. The plan with the least estimated time wins (the
+    /// fewer splits on a tie), with partitions of whole tiles. At batch 1 this cuts a long context
+    /// into many short partitions (latency); at batch 64 and context 2048 on the 8B layout, into 3
+    /// (4 nearly full waves rather than 2 splits' 2.6).
+    pub fn plan(max_context: usize, work_items: usize, slots: usize) -> Self {
+        let (items, slots) = (work_items.max(1), slots.max(1));
+        let most = max_context.div_ceil(DECODE_TILE_KEYS).max(1);
+        let cost = |split: &AttentionSplit| {
+            let waves = (items * split.splits).div_ceil(slots);
+            let tiles = split.partition.min(max_context).div_ceil(DECODE_TILE_KEYS);
+            let reduce = if split.splits > 1 { REDUCE_OVERHEAD_TILES } else { 0 };
+            waves * (tiles + BLOCK_OVERHEAD_TILES) + reduce
+        };
+        (1..=most)
+            .map(|splits| Self::covering(splits, max_context))
+            .min_by_key(|split| (cost(split), split.splits))
+            .unwrap_or(Self::NONE)
     }
 
-    /// At most `splits` partitions covering `max_context` positions (whole warps of keys each).
+    /// At most `splits` partitions covering `max_context` positions, each a whole number of the
+    /// kernel's tiles.
     pub fn covering(splits: usize, max_context: usize) -> Self {
         if splits <= 1 {
             return Self::NONE;
         }
-        let partition = max_context.div_ceil(splits).div_ceil(32).max(1) * 32;
+        let partition = max_context.div_ceil(splits).div_ceil(DECODE_TILE_KEYS).max(1) * DECODE_TILE_KEYS;
         // Rounding the partition up may leave the last splits nothing to cover: drop them.
         match max_context.div_ceil(partition) {
             0 | 1 => Self::NONE,
@@ -133,10 +152,23 @@ impl AttentionSplit {
     }
 }
 
-/// The attention kernel instantiated for this head dimension and grouped-query group size: the
-/// group is rounded up to a power of two (1, 2, 4, 8) so registers are sized for it.
-pub fn attention_kernel_name(head_dim: usize, group: usize) -> String {
-    format!("paged_attention_hd{head_dim}_g{}", group.next_power_of_two())
+/// The decode attention kernel for this head dimension (any GQA group up to `MAX_GQA_GROUP`: the
+/// group's heads are rows of one MMA tile).
+pub fn decode_kernel_name(head_dim: usize) -> String {
+    format!("paged_attention_hd{head_dim}")
+}
+
+/// The most query heads per KV head the decode attention kernel takes.
+pub const MAX_GQA_GROUP: usize = 16;
+
+/// Dynamic shared memory of one decode attention block: its ring of key and value tiles (bf16
+/// rows padded by `DC_PAD`), which the end of the kernel reuses to merge its 4 warps' float32
+/// states (16 rows of `head_dim`, plus a max and a sum per row).
+pub fn decode_shared_bytes(head_dim: usize) -> usize {
+    let warps = DECODE_THREADS as usize / 32;
+    let ring = DECODE_STAGES * 2 * DECODE_TILE_KEYS * (head_dim + DECODE_ROW_PAD) * 2;
+    let merge = warps * 16 * (head_dim + 2) * 4;
+    ring.max(merge)
 }
 
 /// The prefill attention kernel for this head dimension (one per head dim: it takes one query
@@ -272,42 +304,48 @@ mod tests {
     }
 
     #[test]
-    fn splits_follow_context_unless_the_grid_is_full() {
+    fn splits_trade_shorter_blocks_against_waves() {
         let plan = AttentionSplit::plan;
-        assert_eq!(plan(100, 3, 132), AttentionSplit::NONE, "short context: one partition");
-        // Batch 1, SmolLM2's 3 KV heads, 512 positions: two partitions of one 8-warp pass each.
-        assert_eq!(plan(512, 3, 132), AttentionSplit { splits: 2, partition: 256 });
-        assert_eq!(plan(2048, 8, 132), AttentionSplit { splits: 8, partition: 256 });
-        assert_eq!(plan(2049, 8, 132).splits, 9);
-        // 64 sequences x 8 KV heads = 512 blocks on 132 SMs: two splits reach ~4 blocks per SM,
-        // and each then covers half of the context (a partition no longer has a fixed length).
-        assert_eq!(plan(2048, 512, 132), AttentionSplit { splits: 2, partition: 1024 });
-        assert_eq!(plan(2048, 4096, 132), AttentionSplit::NONE);
+        // The H100's slots: 3 head-dim-128 blocks or 5 head-dim-64 blocks on each of 132 SMs.
+        let (slots_128, slots_64) = (3 * 132, 5 * 132);
+        assert_eq!(plan(100, 3, slots_64), AttentionSplit::NONE, "two tiles: a reduction costs more than it saves");
+        // Batch 1: as many one-tile partitions as the context has tiles (one wave either way).
+        assert_eq!(plan(512, 3, slots_64), AttentionSplit { splits: 8, partition: 64 });
+        assert_eq!(plan(2048, 8, slots_128), AttentionSplit { splits: 32, partition: 64 });
+        // 64 sequences x 8 KV heads = 512 blocks on 396 slots: 2 splits would run 2.6 waves of
+        // 16 tiles, 3 run 3.9 waves of 11.
+        assert_eq!(plan(2048, 512, slots_128), AttentionSplit { splits: 3, partition: 704 });
+        // A grid of several waves already: no split.
+        assert_eq!(plan(512, 256 * 8, slots_128), AttentionSplit::NONE);
     }
 
     #[test]
     fn partitions_always_cover_the_planned_context() {
-        for max_context in [1, 31, 256, 257, 1000, 1536, 1537, 2048, 8192, 131_072] {
+        for max_context in [1, 31, 64, 65, 256, 257, 1000, 1536, 1537, 2048, 8192, 131_072] {
             for work_items in [1, 3, 24, 192, 512, 768, 4096] {
-                let split = AttentionSplit::plan(max_context, work_items, 132);
+                let split = AttentionSplit::plan(max_context, work_items, 396);
                 assert!(split.splits * split.partition >= max_context, "{max_context} {work_items}: {split:?}");
-                assert!(split.splits == 1 || split.partition % 32 == 0);
+                assert!(split.splits == 1 || split.partition.is_multiple_of(DECODE_TILE_KEYS), "whole tiles: {split:?}");
                 assert!(split.splits == 1 || (split.splits - 1) * split.partition < max_context, "no empty split: {split:?}");
             }
             for splits in 1..=40 {
                 let split = AttentionSplit::covering(splits, max_context);
                 assert!(split.splits * split.partition >= max_context);
+                assert!(split.splits <= splits.max(1));
             }
         }
     }
 
     #[test]
-    fn attention_kernels_round_the_group_up() {
-        assert_eq!(attention_kernel_name(64, 3), "paged_attention_hd64_g4");
-        assert_eq!(attention_kernel_name(128, 4), "paged_attention_hd128_g4");
-        assert_eq!(attention_kernel_name(64, 7), "paged_attention_hd64_g8");
-        assert_eq!(attention_kernel_name(128, 1), "paged_attention_hd128_g1");
+    fn attention_kernels_and_their_shared_memory() {
+        assert_eq!(decode_kernel_name(64), "paged_attention_hd64");
+        assert_eq!(decode_kernel_name(128), "paged_attention_hd128");
         assert_eq!(prefill_kernel_name(64), "prefill_attention_hd64");
+        // Two stages of 64 keys and 64 values, rows padded by 8: 70 KB at head dim 128 (three
+        // blocks per H100 SM), 36 KB at head dim 64; the merge of 4 warps x 16 rows fits inside.
+        assert_eq!(decode_shared_bytes(128), 2 * 2 * 64 * 136 * 2);
+        assert_eq!(decode_shared_bytes(64), 2 * 2 * 64 * 72 * 2);
+        assert!(decode_shared_bytes(128) >= 4 * 16 * 130 * 4);
     }
 
     #[test]

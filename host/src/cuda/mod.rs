@@ -15,7 +15,7 @@ pub mod profile;
 pub mod sampling;
 mod standalone;
 
-pub use self::device::GpuDevice;
+pub use self::device::{GpuDevice, DECODE_HEAD_DIMS};
 pub use self::model::{launch_attention, AttentionArgs, GpuBackend, GpuModel};
 pub use self::standalone::StandaloneAttention;
 

@@ -15,8 +15,8 @@ use half::bf16;
 use super::gemm::{cublas_linear, linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput};
 use super::launch::{
-    attention_kernel_name, gemv_supports, prefill_kernel_name, pack_block_tables, plan_attention, row_threads, AttentionPath, AttentionPlan,
-    AttentionSplit, ATTENTION_THREADS, PREFILL_THREADS,
+    decode_kernel_name, decode_shared_bytes, gemv_supports, pack_block_tables, plan_attention, prefill_kernel_name, row_threads,
+    AttentionPath, AttentionPlan, AttentionSplit, DECODE_THREADS, MAX_GQA_GROUP, PREFILL_THREADS,
 };
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
@@ -303,11 +303,14 @@ impl GpuBackend {
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
         };
-        if !matches!(c.head_dim, 64 | 128) {
+        if !super::DECODE_HEAD_DIMS.contains(&c.head_dim) {
             return Err(CudaError::Config(format!("head_dim {} (the CUDA kernels support 64 and 128)", c.head_dim)));
         }
-        if c.gqa_group_size() > 8 {
-            return Err(CudaError::Config(format!("GQA group of {} (the CUDA kernels support up to 8)", c.gqa_group_size())));
+        if c.gqa_group_size() > MAX_GQA_GROUP {
+            return Err(CudaError::Config(format!(
+                "GQA group of {} (the CUDA kernels support up to {MAX_GQA_GROUP})",
+                c.gqa_group_size()
+            )));
         }
         let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
         Ok(GpuBackend {
@@ -405,7 +408,11 @@ impl GpuBackend {
         let plan = plan_attention(batch, AttentionPath::Mixed);
         // Split-K serves the decode rows only; partials are indexed by token row, so they are
         // sized for the whole batch.
-        let split = AttentionSplit::plan(plan.decode_context, plan.num_decode(n) * c.num_key_value_heads, self.model.dev.num_sms);
+        let split = AttentionSplit::plan(
+            plan.decode_context,
+            plan.num_decode(n) * c.num_key_value_heads,
+            self.model.dev.decode_slots(c.head_dim),
+        );
         let partials = if split.splits > 1 { n * c.num_attention_heads * split.splits } else { 0 };
         self.ensure_scratch(n, rows, partials)?;
         let arrays = self.upload(batch, &plan)?;
@@ -740,7 +747,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
     if a.num_decode == 0 {
         return Ok(());
     }
-    let kernel = dev.function(&attention_kernel_name(a.head_dim, a.num_heads / a.num_kv_heads));
+    let kernel = dev.function(&decode_kernel_name(a.head_dim));
     let partition = a.split.partition.min(i32::MAX as usize) as i32;
     let (part_out, part_max, part_sum) = a.partials;
     unsafe {
@@ -766,8 +773,8 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
             .arg(&partition)
             .launch(LaunchConfig {
                 grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
-                block_dim: (ATTENTION_THREADS, 1, 1),
-                shared_mem_bytes: 0,
+                block_dim: (DECODE_THREADS, 1, 1),
+                shared_mem_bytes: decode_shared_bytes(a.head_dim) as u32,
             })?;
         if a.split.splits > 1 {
             let (splits, hd) = (a.split.splits as i32, a.head_dim as i32);
