@@ -6,11 +6,20 @@
 use crate::runner::ForwardBatch;
 
 /// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`), keys per
-/// pipeline tile (`DC_N`), tiles in its ring (`DC_STAGES`) and the row padding (`DC_PAD`).
+/// pipeline tile (`DC_N`) and the row padding (`DC_PAD`).
 pub const DECODE_THREADS: u32 = 128;
 pub const DECODE_TILE_KEYS: usize = 64;
-const DECODE_STAGES: usize = 2;
 const DECODE_ROW_PAD: usize = 8;
+
+/// Tiles in the decode kernel's ring for this head dimension (the `DECODE_KERNEL` instantiations:
+/// four tiles of half the size at head dim 64, two at 128).
+pub fn decode_stages(head_dim: usize) -> usize {
+    if head_dim <= 64 {
+        4
+    } else {
+        2
+    }
+}
 
 /// What the split planner charges, in units of one tile's load: each block beyond its own tiles
 /// (filling the pipeline before the first, merging the warps after the last), and split-K once
@@ -166,7 +175,7 @@ pub const MAX_GQA_GROUP: usize = 16;
 /// states (16 rows of `head_dim`, plus a max and a sum per row).
 pub fn decode_shared_bytes(head_dim: usize) -> usize {
     let warps = DECODE_THREADS as usize / 32;
-    let ring = DECODE_STAGES * 2 * DECODE_TILE_KEYS * (head_dim + DECODE_ROW_PAD) * 2;
+    let ring = decode_stages(head_dim) * 2 * DECODE_TILE_KEYS * (head_dim + DECODE_ROW_PAD) * 2;
     let merge = warps * 16 * (head_dim + 2) * 4;
     ring.max(merge)
 }
@@ -306,8 +315,8 @@ mod tests {
     #[test]
     fn splits_trade_shorter_blocks_against_waves() {
         let plan = AttentionSplit::plan;
-        // The H100's slots: 3 head-dim-128 blocks or 5 head-dim-64 blocks on each of 132 SMs.
-        let (slots_128, slots_64) = (3 * 132, 5 * 132);
+        // The H100's slots: 3 blocks of either head dim on each of 132 SMs.
+        let (slots_128, slots_64) = (3 * 132, 3 * 132);
         assert_eq!(plan(100, 3, slots_64), AttentionSplit::NONE, "two tiles: a reduction costs more than it saves");
         // Batch 1: as many one-tile partitions as the context has tiles (one wave either way).
         assert_eq!(plan(512, 3, slots_64), AttentionSplit { splits: 8, partition: 64 });
@@ -341,10 +350,10 @@ mod tests {
         assert_eq!(decode_kernel_name(64), "paged_attention_hd64");
         assert_eq!(decode_kernel_name(128), "paged_attention_hd128");
         assert_eq!(prefill_kernel_name(64), "prefill_attention_hd64");
-        // Two stages of 64 keys and 64 values, rows padded by 8: 70 KB at head dim 128 (three
-        // blocks per H100 SM), 36 KB at head dim 64; the merge of 4 warps x 16 rows fits inside.
+        // Stages of 64 keys and 64 values, rows padded by 8: two at head dim 128 (70 KB, three
+        // blocks per H100 SM), four at 64 (74 KB); the merge of 4 warps x 16 rows fits inside.
         assert_eq!(decode_shared_bytes(128), 2 * 2 * 64 * 136 * 2);
-        assert_eq!(decode_shared_bytes(64), 2 * 2 * 64 * 72 * 2);
+        assert_eq!(decode_shared_bytes(64), 4 * 2 * 64 * 72 * 2);
         assert!(decode_shared_bytes(128) >= 4 * 16 * 130 * 4);
     }
 
