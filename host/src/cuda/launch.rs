@@ -316,16 +316,16 @@ mod tests {
     fn splits_trade_shorter_blocks_against_waves() {
         let plan = AttentionSplit::plan;
         // The H100's slots: 3 blocks of either head dim on each of 132 SMs.
-        let (slots_128, slots_64) = (3 * 132, 3 * 132);
-        assert_eq!(plan(100, 3, slots_64), AttentionSplit::NONE, "two tiles: a reduction costs more than it saves");
+        let slots = 3 * 132;
+        assert_eq!(plan(100, 3, slots), AttentionSplit::NONE, "two tiles: a reduction costs more than it saves");
         // Batch 1: as many one-tile partitions as the context has tiles (one wave either way).
-        assert_eq!(plan(512, 3, slots_64), AttentionSplit { splits: 8, partition: 64 });
-        assert_eq!(plan(2048, 8, slots_128), AttentionSplit { splits: 32, partition: 64 });
+        assert_eq!(plan(512, 3, slots), AttentionSplit { splits: 8, partition: 64 });
+        assert_eq!(plan(2048, 8, slots), AttentionSplit { splits: 32, partition: 64 });
         // 64 sequences x 8 KV heads = 512 blocks on 396 slots: 2 splits would run 2.6 waves of
         // 16 tiles, 3 run 3.9 waves of 11.
-        assert_eq!(plan(2048, 512, slots_128), AttentionSplit { splits: 3, partition: 704 });
+        assert_eq!(plan(2048, 512, slots), AttentionSplit { splits: 3, partition: 704 });
         // A grid of several waves already: no split.
-        assert_eq!(plan(512, 256 * 8, slots_128), AttentionSplit::NONE);
+        assert_eq!(plan(512, 256 * 8, slots), AttentionSplit::NONE);
     }
 
     #[test]
