@@ -56,6 +56,13 @@ impl GpuDevice {
         }
         let (major, minor) = context.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
+        if major < 8 {
+            // The attention kernels use bf16 tensor-core MMAs, ldmatrix and cp.async (sm_80 on).
+            return Err(CudaError::Unavailable(format!(
+                "{} is {arch}; pagedserve's CUDA kernels need sm_80 (Ampere) or newer",
+                context.name()?
+            )));
+        }
         let num_sms = context
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
