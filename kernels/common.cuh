@@ -76,8 +76,6 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return *reinterpret_cast<u32*>(&v);
 }
 
-// Keys (or values) of positions kv0 .. kv0 + PF_N - 1 into `dst`; positions past `last` (the
-// tile's last query position) are zero-filled and never read from the cache or the block table.
 // Rows of keys (or values) of positions p0 .. p0 + ROWS - 1 into `dst` (rows of HD + pad
 // elements), THREADS threads copying 16 bytes each per step; positions at or past `limit` are
 // zero-filled and never read from the cache or the block table.

@@ -636,7 +636,7 @@ pub fn print_table(rows: &[CheckRow]) -> bool {
 }
 
 /// The standard set of kernel checks: the decode kernel on odd sizes, one block, many blocks, GQA
-/// groups 1, 3, 4, 7, 8 and 16, head dims 64 and 128, with and without split-K; the prefill kernel
+/// groups 1, 3, 4, 7, 8, 12 and 16, head dims 64 and 128, with and without split-K; the prefill kernel
 /// alone (one token, lengths off the tile and block sizes, chunked prefill and prefix-cache hits,
 /// GQA groups 1 to 8 incl. 3 and 7); both kernels with cache blocks of 1, 5 and 32 positions;
 /// mixed batches split between the two kernels as the backend splits them; RoPE in both forms;
@@ -645,7 +645,8 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     let mut rows = Vec::new();
     let mut seed = 1;
     let fresh = |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (0, l)).collect() };
-    let decode_layouts = [(4, 4, 64), (9, 3, 64), (32, 8, 128), (12, 4, 128), (14, 2, 64), (16, 2, 64), (32, 2, 128)];
+    let decode_layouts =
+        [(4, 4, 64), (9, 3, 64), (32, 8, 128), (12, 4, 128), (14, 2, 64), (16, 2, 64), (32, 2, 128), (12, 1, 64), (24, 2, 128)];
     for (heads, kv_heads, head_dim) in decode_layouts {
         for lens in [&[1usize][..], &[16], &[37, 5], &[300, 1, 129]] {
             seed += 1;

@@ -99,9 +99,12 @@ impl GpuBackend {
         let slots = dev.decode_slots(c.head_dim);
         let buckets: Vec<usize> = GRAPH_BUCKETS.iter().copied().filter(|&b| b <= largest).collect();
         let split_of = |bucket: usize| AttentionSplit::plan(max_context, bucket * c.num_key_value_heads, slots);
-        let max_splits = buckets.iter().map(|&b| split_of(b).splits).max().unwrap_or(1);
+        // Split-K partials are indexed by token row: a bucket of b rows and s splits uses b * s
+        // rows per head. The most splits go with the smallest buckets, so size for the largest
+        // product, not for the largest bucket times the most splits.
+        let partial_rows = buckets.iter().map(|&b| match split_of(b).splits { 1 => 0, s => b * s }).max().unwrap_or(0);
         let mut scratch = Scratch::default();
-        scratch.ensure(&dev, &c, largest, largest, largest * c.num_attention_heads * max_splits)?;
+        scratch.ensure(&dev, &c, largest, largest, partial_rows * c.num_attention_heads)?;
         let mut indices = dev.stream.alloc_zeros::<u32>(5 * largest + largest * max_blocks)?;
         let tokens_out = dev.stream.alloc_zeros::<u32>(largest)?;
         let base = super::model::ptr(&dev, &indices);
