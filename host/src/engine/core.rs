@@ -243,6 +243,14 @@ impl EngineCore {
 
     /// One engine step. Returns the number of tokens computed (0: nothing to do).
     pub fn step(&mut self) -> usize {
+        self.step_then(|_| {})
+    }
+
+    /// `step`, calling `scheduled` once the step's batch is chosen and its requests are marked
+    /// scheduled, before the forward pass and before any of the step's output is sent: the engine
+    /// thread publishes its waiting count there, so a client that has seen its first token never
+    /// finds its request still counted against `--max-queue`.
+    pub fn step_then(&mut self, scheduled: impl FnOnce(&Self)) -> usize {
         let metrics = self.metrics.clone();
         let phase = |name: &str, since: Instant| {
             metrics.engine_step_phase.with_label_values(&[name]).observe(since.elapsed().as_secs_f64())
@@ -272,6 +280,7 @@ impl EngineCore {
             }
         }
         let mut plan = self.plan_samples(&output);
+        scheduled(self);
         phase("schedule", started);
         let forward_started = Instant::now();
         let forward = self.run_batch(&output, &mut plan);

@@ -198,11 +198,29 @@ impl EngineHandle {
     }
 }
 
+/// The engine thread's side of `Shared::waiting` (see `run`).
+struct WaitingCount<'a> {
+    shared: &'a Shared,
+    /// The engine's own waiting requests when last published.
+    engine_waiting: usize,
+}
+
+impl WaitingCount<'_> {
+    /// Adds the change since the last call: `taken` submissions moved from the inbox into the
+    /// engine (already counted), and the engine now has `now` waiting requests.
+    fn publish(&mut self, now: usize, taken: usize) {
+        // Wrapping add of a signed change: the counter itself never goes below zero.
+        let change = now.wrapping_sub(self.engine_waiting).wrapping_sub(taken);
+        self.shared.waiting.fetch_add(change, Ordering::AcqRel);
+        self.engine_waiting = now;
+    }
+}
+
 fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>) {
     // `shared.waiting` counts requests submitted but not yet taken from the inbox plus the
     // engine's waiting ones. The engine adds the change it caused rather than storing its own
     // count, which would forget the submissions still in the inbox and let `--max-queue` overflow.
-    let mut engine_waiting = 0usize;
+    let mut count = WaitingCount { shared: &shared, engine_waiting: 0 };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
         let mut taken = 0usize;
         // Idle: sleep until a command comes. Busy: take what is there and step.
@@ -233,11 +251,13 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
                 }
             }
         }
-        core.step();
-        let now = core.num_waiting_requests();
-        // Wrapping add of a signed change: the counter itself never goes below zero.
-        shared.waiting.fetch_add(now.wrapping_sub(engine_waiting).wrapping_sub(taken), Ordering::AcqRel);
-        engine_waiting = now;
+        // Published once the batch is chosen (before the step's first output reaches a client),
+        // and again after the step for what it changed later (aborts, failures).
+        core.step_then(|core| {
+            count.publish(core.num_waiting_requests(), taken);
+            taken = 0;
+        });
+        count.publish(core.num_waiting_requests(), taken);
     }));
     shared.alive.store(false, Ordering::Release);
     if result.is_err() {
