@@ -114,21 +114,30 @@ pub fn attention_decode(
     Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9, splits })
 }
 
+/// The head layouts the attention rows of `bench gpu` run: (name, query heads, KV heads, head
+/// dim) of Llama-3.1-8B and of SmolLM2.
+const ATTENTION_LAYOUTS: [(&str, usize, usize, usize); 2] = [("8B", 32, 8, 128), ("SmolLM2", 9, 3, 64)];
+
+/// Prints a kernel's registers and local memory (spills), and `extra` after them.
+fn print_kernel_resources(dev: &GpuDevice, name: &str, extra: &str) -> Result<(), CudaError> {
+    let function = dev.function(name);
+    println!(
+        "{name}: {} registers, {} bytes of local memory per thread{extra}",
+        function.num_regs()?,
+        function.local_size_bytes()?
+    );
+    Ok(())
+}
+
 /// The decode attention rows of `bench gpu`: the Llama-3.1-8B head layout (32/8, head dim 128)
 /// at the batch 64, context 2048, and beside it batch 1 and batch 256 at shorter
 /// contexts, then SmolLM2's layout (9/3, head dim 64); each against the copy bandwidth.
 pub fn print_attention_decode(dev: &GpuDevice, copy_gbps: f64) -> Result<(), CudaError> {
     for head_dim in crate::cuda::DECODE_HEAD_DIMS {
-        let function = dev.function(&decode_kernel_name(head_dim));
-        println!(
-            "{}: {} registers, {} bytes of local memory per thread, {} blocks per SM",
-            decode_kernel_name(head_dim),
-            function.num_regs()?,
-            function.local_size_bytes()?,
-            dev.decode_slots(head_dim) / dev.num_sms
-        );
+        let blocks = format!(", {} blocks per SM", dev.decode_slots(head_dim) / dev.num_sms);
+        print_kernel_resources(dev, &decode_kernel_name(head_dim), &blocks)?;
     }
-    for (name, heads, kv_heads, head_dim) in [("8B", 32, 8, 128), ("SmolLM2", 9, 3, 64)] {
+    for (name, heads, kv_heads, head_dim) in ATTENTION_LAYOUTS {
         for (batch, context) in [(64, 2048), (1, 2048), (256, 512), (1, 512)] {
             let r = attention_decode(dev, batch, context, heads, kv_heads, head_dim)?;
             println!(
@@ -190,16 +199,10 @@ pub fn attention_prefill(
 /// The prefill attention rows of `bench gpu`: one 2048-token sequence and 8 x 512 tokens, in the
 /// Llama-3.1-8B head layout (32/8, head dim 128) and SmolLM2's (9/3, head dim 64).
 pub fn print_attention_prefill(dev: &GpuDevice) -> Result<(), CudaError> {
-    for head_dim in [64, 128] {
-        let function = dev.function(&prefill_kernel_name(head_dim));
-        println!(
-            "{}: {} registers, {} bytes of local memory per thread",
-            prefill_kernel_name(head_dim),
-            function.num_regs()?,
-            function.local_size_bytes()?
-        );
+    for head_dim in crate::cuda::DECODE_HEAD_DIMS {
+        print_kernel_resources(dev, &prefill_kernel_name(head_dim), "")?;
     }
-    for (name, heads, kv_heads, head_dim) in [("8B", 32, 8, 128), ("SmolLM2", 9, 3, 64)] {
+    for (name, heads, kv_heads, head_dim) in ATTENTION_LAYOUTS {
         for (seqs, len) in [(1, 2048), (8, 512)] {
             let r = attention_prefill(dev, seqs, len, heads, kv_heads, head_dim)?;
             println!(
