@@ -251,13 +251,17 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
                 }
             }
         }
-        // Published once the batch is chosen (before the step's first output reaches a client),
-        // and again after the step for what it changed later (aborts, failures).
+        // Published once the batch is chosen, before the step's first output reaches a client.
+        // Nothing later in a step makes a request wait or stop waiting, so a step that chose a
+        // batch needs no second count; one that chose none (idle, or nothing fit) publishes here.
+        let mut published = false;
         core.step_then(|core| {
             count.publish(core.num_waiting_requests(), taken);
-            taken = 0;
+            published = true;
         });
-        count.publish(core.num_waiting_requests(), taken);
+        if !published {
+            count.publish(core.num_waiting_requests(), taken);
+        }
     }));
     shared.alive.store(false, Ordering::Release);
     if result.is_err() {
