@@ -346,6 +346,19 @@ mod tests {
     }
 
     #[test]
+    fn decode_launch_constants_match_the_kernel_source() {
+        // The host sizes shared memory and split-K from these; the kernel defines them again.
+        let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "paged_attention").unwrap().source;
+        assert!(source.contains(&format!("#define DC_WARPS {}", DECODE_THREADS / 32)));
+        assert!(source.contains("#define DC_N (DC_WARPS * 16)"));
+        assert_eq!(DECODE_TILE_KEYS, DECODE_THREADS as usize / 32 * 16, "16 keys per warp");
+        assert!(source.contains(&format!("#define DC_PAD {DECODE_ROW_PAD}")));
+        for head_dim in crate::cuda::DECODE_HEAD_DIMS {
+            assert!(source.contains(&format!("DECODE_KERNEL({head_dim}, {})", decode_stages(head_dim))), "{head_dim}");
+        }
+    }
+
+    #[test]
     fn attention_kernels_and_their_shared_memory() {
         assert_eq!(decode_kernel_name(64), "paged_attention_hd64");
         assert_eq!(decode_kernel_name(128), "paged_attention_hd128");
