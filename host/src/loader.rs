@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
+use crate::model::arch::hf::HfConfig;
 use crate::model::cpu::CpuModel;
 use crate::model::gguf::GgufFile;
 use crate::model::sources::{DummySource, GgufSource, SafetensorsSource};
-use crate::model::{LlamaWeights, ModelConfig};
+use crate::model::{Arch, WeightSource};
 use crate::tokenizer::{GgufTokenizerSpec, Tokenizer};
 
 /// File name of the embedded default model, under `models/` of the repository.
@@ -68,12 +69,9 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
                 .with_context(|| format!("building the tokenizer of {}", path.display()))?;
             let source = GgufSource::from_file(file)?;
             let config = source.config()?;
-            let weights = if format == LoadFormat::Dummy {
-                LlamaWeights::load(&config, &DummySource::new(0))?
-            } else {
-                LlamaWeights::load(&config, &source)?
-            };
-            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer: Some(Arc::new(tokenizer)) }
+            let weights: &dyn WeightSource = if format == LoadFormat::Dummy { &DummySource::new(0) } else { &source };
+            let model = CpuModel::load(config, weights, None).with_context(|| format!("loading weights from {}", path.display()))?;
+            LoadedModel { name, model, tokenizer: Some(Arc::new(tokenizer)) }
         }
         LoadFormat::Gguf => bail!("{}: --load-format gguf needs a .gguf file", path.display()),
         LoadFormat::Safetensors | LoadFormat::Dummy => {
@@ -86,7 +84,10 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
                 &std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
             )
             .with_context(|| format!("parsing {}", config_path.display()))?;
-            let config = ModelConfig::from_hf_json(&json).with_context(|| config_path.display().to_string())?;
+            let hf = HfConfig::new(json);
+            let config = Arch::from_hf(&hf)
+                .and_then(|arch| arch.config_from_hf(&hf))
+                .with_context(|| config_path.display().to_string())?;
             // The tokenizer first: a missing one should not cost a full weight load to find out.
             let tokenizer_json = dir.join("tokenizer.json");
             let tokenizer = if tokenizer_json.exists() {
@@ -100,18 +101,19 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
             } else {
                 bail!("{}: tokenizer.json is missing", dir.display());
             };
-            let weights = if format == LoadFormat::Dummy {
-                LlamaWeights::load(&config, &DummySource::new(0))?
+            let model = if format == LoadFormat::Dummy {
+                CpuModel::load(config, &DummySource::new(0), None)?
             } else {
-                LlamaWeights::load(&config, &SafetensorsSource::open(&dir)?)
+                CpuModel::load(config, &SafetensorsSource::open(&dir)?, None)
                     .with_context(|| format!("loading weights from {}", dir.display()))?
             };
-            LoadedModel { name, model: CpuModel::new(config, weights), tokenizer: tokenizer.map(Arc::new) }
+            LoadedModel { name, model, tokenizer: tokenizer.map(Arc::new) }
         }
         LoadFormat::Auto => unreachable!("resolved above"),
     };
     tracing::info!(
         model = %loaded.name,
+        architecture = %loaded.model.config().architecture,
         parameters = loaded.model.config().num_parameters(),
         seconds = started.elapsed().as_secs_f32(),
         "model loaded"

@@ -17,7 +17,10 @@ use pagedserve::kv_cache::BlockId;
 use pagedserve::loader::{self, LoadFormat};
 use pagedserve::model::cpu::{CpuKvCache, CpuModel};
 use pagedserve::model::sources::{GgufSource, SafetensorsSource};
-use pagedserve::model::{LlamaWeights, ModelConfig, RopeScaling, WeightSource};
+use pagedserve::model::arch::hf::HfConfig;
+use pagedserve::model::cpu::{CpuMatrix, CpuWeights};
+use pagedserve::model::weights::{Mlp, ModelWeights};
+use pagedserve::model::{Arch, ModelConfig, RopeScaling, WeightSource};
 use pagedserve::runner::generate::{GenerateOptions, Generator};
 use pagedserve::runner::ForwardBatch;
 use pagedserve::tokenizer::ChatMessage;
@@ -35,7 +38,7 @@ use common::{loaded_model, model_path, reference};
 type TensorList = Vec<(String, Vec<usize>)>;
 
 /// Every tensor a Hugging Face checkpoint of `config` holds, with its shape: exactly the names
-/// `LlamaWeights::load` asks a source for.
+/// the decoder asks a source for.
 fn hf_tensors(config: &ModelConfig) -> TensorList {
     let h = config.hidden_size;
     let (q, kv, inter) = (config.q_size(), config.kv_size(), config.intermediate_size);
@@ -66,19 +69,15 @@ fn hf_tensors(config: &ModelConfig) -> TensorList {
 
 /// `config.json` as `transformers` writes it for this configuration.
 fn hf_config_json(config: &ModelConfig) -> Value {
-    let class = match config.architecture.as_str() {
-        "qwen2" => "Qwen2ForCausalLM",
-        "mistral" => "MistralForCausalLM",
-        _ => "LlamaForCausalLM",
-    };
+    let names = config.architecture.names();
     let eos = match config.eos_token_ids.as_slice() {
         [] => Value::Null,
         [one] => json!(one),
         many => json!(many),
     };
     let mut json = json!({
-        "architectures": [class],
-        "model_type": config.architecture,
+        "architectures": [names.hf_class],
+        "model_type": names.model_type,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_hidden_layers,
@@ -97,7 +96,7 @@ fn hf_config_json(config: &ModelConfig) -> Value {
         "torch_dtype": "float32",
     });
     // Qwen2's config has no such key: its Q/K/V projections always carry biases.
-    if config.architecture != "qwen2" {
+    if config.architecture != Arch::Qwen2 {
         json["attention_bias"] = json!(config.attention_bias);
         json["mlp_bias"] = json!(false);
     }
@@ -110,6 +109,7 @@ fn hf_config_json(config: &ModelConfig) -> Value {
                 "original_max_position_embeddings": original_max_position_embeddings})
         }
         Some(RopeScaling::FreqFactors { .. }) => panic!("per-frequency RoPE factors have no config.json form"),
+        Some(RopeScaling::Yarn { .. }) => panic!("the GGUF default model has no YaRN"),
     };
     json
 }
@@ -268,21 +268,22 @@ fn hugging_face_directory_matches_the_gguf_model() {
 
     // Weights: the same float32 values, bit for bit.
     let (want, got) = (gguf.model.weights(), hf.model.weights());
-    assert!(same_bits(&got.embed_tokens, &want.embed_tokens), "embed_tokens");
+    assert!(same_bits(&got.embed_tokens.data, &want.embed_tokens.data), "embed_tokens");
     assert!(same_bits(&got.final_norm, &want.final_norm), "final norm");
     assert!(got.lm_head.is_none() && want.lm_head.is_none(), "tied embeddings");
     for (i, (g, w)) in got.layers.iter().zip(&want.layers).enumerate() {
+        let ((g_gate_up, g_down), (w_gate_up, w_down)) = (dense(g), dense(w));
         for (what, a, b) in [
             ("attn_norm", &g.attn_norm, &w.attn_norm),
-            ("qkv_proj", &g.qkv_proj, &w.qkv_proj),
-            ("o_proj", &g.o_proj, &w.o_proj),
+            ("qkv_proj", &g.qkv.data, &w.qkv.data),
+            ("o_proj", &g.o_proj.data, &w.o_proj.data),
             ("ffn_norm", &g.ffn_norm, &w.ffn_norm),
-            ("gate_up_proj", &g.gate_up_proj, &w.gate_up_proj),
-            ("down_proj", &g.down_proj, &w.down_proj),
+            ("gate_up_proj", &g_gate_up.data, &w_gate_up.data),
+            ("down_proj", &g_down.data, &w_down.data),
         ] {
             assert!(same_bits(a, b), "layer {i} {what}");
         }
-        assert!(g.qkv_bias.is_none() && w.qkv_bias.is_none());
+        assert!(g.qkv.bias.is_none() && w.qkv.bias.is_none());
     }
 
     // Tokenizer: special ids, stop ids and the reference tokenizations.
@@ -422,24 +423,39 @@ fn tiny_prompts() -> Vec<Vec<u32>> {
     vec![vec![5, 17, 42, 299, 3], vec![1, 250, 7]]
 }
 
-fn check_weights(weights: &LlamaWeights, config: &ModelConfig, expected: &HashMap<String, Vec<f32>>) {
-    assert!(same_bits(&weights.embed_tokens, &expected["model.embed_tokens.weight"]));
+/// A dense layer's gate/up and down matrices.
+fn dense(layer: &pagedserve::model::weights::LayerWeights<CpuWeights>) -> (&CpuMatrix, &CpuMatrix) {
+    match &layer.mlp {
+        Mlp::Dense { gate_up, down } => (gate_up, down),
+        Mlp::Moe(_) => panic!("a dense layer was expected"),
+    }
+}
+
+/// The configuration `config.json` describes, as the loader reads it.
+fn config_of(json: &Value) -> ModelConfig {
+    let hf = HfConfig::new(json.clone());
+    Arch::from_hf(&hf).unwrap().config_from_hf(&hf).unwrap()
+}
+
+fn check_weights(weights: &ModelWeights<CpuWeights>, config: &ModelConfig, expected: &HashMap<String, Vec<f32>>) {
+    assert!(same_bits(&weights.embed_tokens.data, &expected["model.embed_tokens.weight"]));
     assert!(same_bits(&weights.final_norm, &expected["model.norm.weight"]));
     match &weights.lm_head {
-        Some(lm_head) => assert!(same_bits(lm_head, &expected["lm_head.weight"])),
+        Some(lm_head) => assert!(same_bits(&lm_head.data, &expected["lm_head.weight"])),
         None => assert!(config.tie_word_embeddings),
     }
     for (i, layer) in weights.layers.iter().enumerate() {
         let e = |suffix: &str| expected[&format!("model.layers.{i}.{suffix}")].clone();
         let qkv = [e("self_attn.q_proj.weight"), e("self_attn.k_proj.weight"), e("self_attn.v_proj.weight")].concat();
-        assert!(same_bits(&layer.qkv_proj, &qkv), "layer {i} qkv");
-        let gate_up = [e("mlp.gate_proj.weight"), e("mlp.up_proj.weight")].concat();
-        assert!(same_bits(&layer.gate_up_proj, &gate_up), "layer {i} gate/up");
-        assert!(same_bits(&layer.down_proj, &e("mlp.down_proj.weight")), "layer {i} down");
-        assert!(same_bits(&layer.o_proj, &e("self_attn.o_proj.weight")), "layer {i} o");
+        assert!(same_bits(&layer.qkv.data, &qkv), "layer {i} qkv");
+        let (gate_up, down) = dense(layer);
+        let want_gate_up = [e("mlp.gate_proj.weight"), e("mlp.up_proj.weight")].concat();
+        assert!(same_bits(&gate_up.data, &want_gate_up), "layer {i} gate/up");
+        assert!(same_bits(&down.data, &e("mlp.down_proj.weight")), "layer {i} down");
+        assert!(same_bits(&layer.o_proj.data, &e("self_attn.o_proj.weight")), "layer {i} o");
         assert!(same_bits(&layer.attn_norm, &e("input_layernorm.weight")), "layer {i} attn norm");
         assert!(same_bits(&layer.ffn_norm, &e("post_attention_layernorm.weight")), "layer {i} ffn norm");
-        match &layer.qkv_bias {
+        match &layer.qkv.bias {
             Some(bias) => {
                 let want = [e("self_attn.q_proj.bias"), e("self_attn.k_proj.bias"), e("self_attn.v_proj.bias")].concat();
                 assert!(same_bits(bias, &want), "layer {i} qkv bias");
@@ -458,7 +474,7 @@ fn half_precision_checkpoints_need_a_tokenizer_and_load_with_one() {
     for dtype in [Dtype::BF16, Dtype::F16] {
         let dir = tempfile::tempdir().unwrap();
         let json = tiny_config_json("llama", false);
-        let config = ModelConfig::from_hf_json(&json).unwrap();
+        let config = config_of(&json);
         let expected = write_tiny_checkpoint(dir.path(), &json, dtype, &hf_tensors(&config));
 
         // Without tokenizer.json a real checkpoint cannot serve, and the error says what is missing.
@@ -499,7 +515,7 @@ fn half_precision_checkpoints_need_a_tokenizer_and_load_with_one() {
 fn qwen2_checkpoint_with_qkv_biases_loads_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let json = tiny_config_json("qwen2", true);
-    let config = ModelConfig::from_hf_json(&json).unwrap();
+    let config = config_of(&json);
     assert!(config.attention_bias, "qwen2 implies Q/K/V biases");
     let tensors = hf_tensors(&config);
     assert!(tensors.iter().any(|(name, _)| name == "model.layers.1.self_attn.k_proj.bias"));
@@ -515,18 +531,15 @@ fn qwen2_checkpoint_with_qkv_biases_loads_and_runs() {
     assert_eq!(greedy(&loaded.model, &tiny_prompts(), 4).iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4]);
 
     // The biases reach the forward: without them the logits change.
-    let mut unbiased = LlamaWeights::load(&config, &SafetensorsSource::open(dir.path()).unwrap()).unwrap();
-    for layer in &mut unbiased.layers {
-        layer.qkv_bias = None;
-    }
-    let unbiased = CpuModel::new(config.clone(), unbiased);
+    let unbiased_config = ModelConfig { attention_bias: false, ..config.clone() };
+    let unbiased = CpuModel::load(unbiased_config, &SafetensorsSource::open(dir.path()).unwrap(), None).unwrap();
     assert!(!same_bits(&first_step_logits(&unbiased, &tiny_prompts()), &logits));
 }
 
 #[test]
 fn missing_tensors_wrong_shapes_and_dtypes_are_named() {
     let llama = tiny_config_json("llama", false);
-    let config = ModelConfig::from_hf_json(&llama).unwrap();
+    let config = config_of(&llama);
     let checkpoint = |json: &Value, edit: &dyn Fn(&mut TensorList)| {
         let dir = tempfile::tempdir().unwrap();
         let mut tensors = hf_tensors(&config);
@@ -544,6 +557,7 @@ fn missing_tensors_wrong_shapes_and_dtypes_are_named() {
     // Qwen2 needs biases a Llama checkpoint lacks.
     let mut qwen2 = llama.clone();
     qwen2["model_type"] = json!("qwen2");
+    qwen2["architectures"] = json!(["Qwen2ForCausalLM"]);
     let dir = checkpoint(&qwen2, &|_| {});
     let err = load_error(dir.path(), LoadFormat::Auto);
     assert!(err.contains("`model.layers.0.self_attn.q_proj.bias`") && err.contains("missing"), "{err}");

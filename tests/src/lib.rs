@@ -82,6 +82,11 @@ impl Reply {
 impl Server {
     /// Starts `pagedserve serve --model <default> --port 0 ARGS` and waits until `/health` is 200.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with_model(&model_path(), args)
+    }
+
+    /// Starts `pagedserve serve --model MODEL --port 0 ARGS` and waits until `/health` is 200.
+    pub fn start_with_model(model: &std::path::Path, args: &[&str]) -> Server {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         // The server runs in the background; a watcher kills it once stdin closes; the wrapper
@@ -92,7 +97,7 @@ impl Server {
             .arg(script)
             .arg(binary())
             .args(["serve", "--port", "0", "--model"])
-            .arg(model_path())
+            .arg(model)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

@@ -377,29 +377,19 @@ pub fn decode_step_ms(
 
 /// The Llama-3.1-8B shape (for dummy weights).
 pub fn llama_8b_config() -> ModelConfig {
-    ModelConfig {
-        architecture: "llama".into(),
-        hidden_size: 4096,
-        intermediate_size: 14336,
-        num_hidden_layers: 32,
-        num_attention_heads: 32,
-        num_key_value_heads: 8,
-        head_dim: 128,
-        vocab_size: 128_256,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500_000.0,
-        rope_scaling: Some(crate::model::RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192,
-        }),
-        max_position_embeddings: 131_072,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        bos_token_id: Some(128_000),
-        eos_token_ids: vec![128_001],
-    }
+    let mut c = ModelConfig::dense(crate::model::Arch::Llama, 4096, 14336, 32, 32, 8, 128, 128_256);
+    c.rms_norm_eps = 1e-5;
+    c.rope_theta = 500_000.0;
+    c.rope_scaling = Some(crate::model::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    });
+    c.max_position_embeddings = 131_072;
+    c.bos_token_id = Some(128_000);
+    c.eos_token_ids = vec![128_001, 128_009];
+    c
 }
 
 /// A dummy 8B model with a cache for `batch` sequences of `context` tokens.

@@ -17,7 +17,8 @@ use super::launch::{gemv_supports, row_threads, AttentionPath, AttentionSplit, G
 use super::model::ptr;
 use super::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
-use crate::model::cpu::{ops, paged_attention, CpuKvCache, CpuModel};
+use crate::model::config::LayerAttention;
+use crate::model::cpu::{ops, paged_attention, AttentionShape, CpuKvCache, CpuModel};
 use crate::model::rope::Rope;
 use crate::runner::generate::{GenerateOptions, Generator};
 use crate::runner::{CpuBackend, ForwardBatch, ModelBackend};
@@ -131,7 +132,12 @@ pub fn check_attention_in_blocks(
     }
     let (keys, values) = cpu_cache.layer(0);
     let mut want = vec![0.0f32; n * heads * head_dim];
-    paged_attention(&mut want, &q, &batch, keys, values, &layout, heads, 1.0 / (head_dim as f32).sqrt());
+    let shape = AttentionShape {
+        num_heads: heads,
+        q_stride: heads * head_dim,
+        layer: LayerAttention { window: None, scale: 1.0 / (head_dim as f32).sqrt(), softcap: None, rope: 0 },
+    };
+    paged_attention(&mut want, &q, &batch, keys, values, &layout, &shape);
 
     let attention =
         StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(keys), &to_bf16(values), heads, kv_heads, head_dim, path, splits)?;
@@ -327,10 +333,7 @@ pub fn check_forward(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<
     let block_size = 16;
     let blocks_per_seq = prompts.iter().map(|p| p.len() + 4).max().unwrap_or(1).div_ceil(block_size);
     let num_blocks = blocks_per_seq * prompts.len();
-    let rounded = CpuModel::new(
-        cpu_model.config().clone(),
-        cpu_model.weights().map_matrices(|v| bf16::from_f32(v).to_f32()),
-    );
+    let rounded = cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32());
     let mut references = [
         ("forward vs bf16 CPU", CpuBackend::new(rounded, num_blocks, block_size), FORWARD_TOLERANCE),
         ("forward vs f32 CPU", CpuBackend::new(cpu_model.clone(), num_blocks, block_size), FORWARD_TOLERANCE),
@@ -584,7 +587,7 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
     let prompts = &prompts[..prompts.len().min(GEMV_MAX_ROWS)];
     let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(block_size);
     let num_blocks = blocks_per_seq * prompts.len();
-    let rounded = CpuModel::new(cpu_model.config().clone(), cpu_model.weights().map_matrices(|v| bf16::from_f32(v).to_f32()));
+    let rounded = cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32());
     let mut cpu = CpuBackend::new(rounded, num_blocks, block_size);
     let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
     let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };

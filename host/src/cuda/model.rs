@@ -22,7 +22,8 @@ use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::CpuModel;
 use crate::model::rope::Rope;
-use crate::model::{ModelConfig, ModelError, RopeScaling};
+use crate::model::weights::Mlp;
+use crate::model::{ModelConfig, ModelError};
 use super::sampling::sample_on_device;
 use crate::runner::{ForwardBatch, ModelBackend};
 use crate::sampling::{RowSampling, SampledRow};
@@ -61,27 +62,31 @@ impl GpuModel {
     /// Uploads the CPU model's weights, rounded to bfloat16 (norm weights and biases stay float32).
     pub fn from_cpu(dev: Arc<GpuDevice>, cpu: &CpuModel) -> Result<Self, CudaError> {
         let config = cpu.config().clone();
+        check_supported(&config)?;
         let w = cpu.weights();
         let layers = w
             .layers
             .iter()
             .map(|l| {
+                let Mlp::Dense { gate_up, down } = &l.mlp else {
+                    return Err(CudaError::Config("a mixture of experts is not supported on the GPU yet".into()));
+                };
                 Ok(GpuLayer {
                     attn_norm: dev.stream.clone_htod(&l.attn_norm)?,
-                    qkv_proj: upload_bf16(&dev, &l.qkv_proj)?,
-                    qkv_bias: l.qkv_bias.as_ref().map(|b| dev.stream.clone_htod(b)).transpose()?,
-                    o_proj: upload_bf16(&dev, &l.o_proj)?,
+                    qkv_proj: upload_bf16(&dev, &l.qkv.data)?,
+                    qkv_bias: l.qkv.bias.as_ref().map(|b| dev.stream.clone_htod(b)).transpose()?,
+                    o_proj: upload_bf16(&dev, &l.o_proj.data)?,
                     ffn_norm: dev.stream.clone_htod(&l.ffn_norm)?,
-                    gate_up_proj: upload_bf16(&dev, &l.gate_up_proj)?,
-                    down_proj: upload_bf16(&dev, &l.down_proj)?,
+                    gate_up_proj: upload_bf16(&dev, &gate_up.data)?,
+                    down_proj: upload_bf16(&dev, &down.data)?,
                 })
             })
             .collect::<Result<Vec<_>, CudaError>>()?;
         let (inv_freq, position_scale) = rope_tables(&config);
         Ok(GpuModel {
-            embed_tokens: upload_bf16(&dev, &w.embed_tokens)?,
+            embed_tokens: upload_bf16(&dev, &w.embed_tokens.data)?,
             final_norm: dev.stream.clone_htod(&w.final_norm)?,
-            lm_head: w.lm_head.as_ref().map(|h| upload_bf16(&dev, h)).transpose()?,
+            lm_head: w.lm_head.as_ref().map(|h| upload_bf16(&dev, &h.data)).transpose()?,
             inv_freq: dev.stream.clone_htod(&inv_freq)?,
             position_scale,
             layers,
@@ -94,6 +99,7 @@ impl GpuModel {
     /// to build on the host): matrices uniform with standard deviation 0.02, norms ones.
     pub fn dummy(dev: Arc<GpuDevice>, config: ModelConfig, seed: u64) -> Result<Self, CudaError> {
         config.validate().map_err(|e| CudaError::Config(e.to_string()))?;
+        check_supported(&config)?;
         let mut counter = seed;
         let mut random = |n: usize| -> Result<CudaSlice<bf16>, CudaError> {
             counter = counter.wrapping_add(0x1000_0000_0000);
@@ -156,13 +162,22 @@ impl GpuModel {
     }
 }
 
+/// The CUDA forward runs the plain Llama decoder (Llama, SmolLM2, Qwen2, Mistral without a
+/// window); other architectures are refused by name until it runs the shared decoder of
+/// `model::arch`.
+fn check_supported(config: &ModelConfig) -> Result<(), CudaError> {
+    match config.is_plain_llama() {
+        None => Ok(()),
+        Some(feature) => Err(CudaError::Config(format!(
+            "{} with {feature} is not supported on the GPU yet; use --device cpu",
+            config.architecture
+        ))),
+    }
+}
+
 fn rope_tables(config: &ModelConfig) -> (Vec<f32>, f32) {
-    let rope = Rope::new(config);
-    let scale = match &config.rope_scaling {
-        Some(RopeScaling::Linear { factor }) => *factor,
-        _ => 1.0,
-    };
-    (rope.inv_freq().to_vec(), scale)
+    let rope = Rope::tables(config).swap_remove(0);
+    (rope.inv_freq().to_vec(), rope.position_scale())
 }
 
 /// Keys and values of every layer on the device.

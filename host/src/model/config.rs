@@ -1,12 +1,16 @@
-//! The Llama-family model configuration: one struct for Llama 2/3, Mistral, Qwen2 and SmolLM2,
-//! read from a Hugging Face `config.json` or from GGUF metadata (`{arch}.*` keys).
+//! The model specification every backend runs from: sizes, and the architecture's choices (norm
+//! form, biases, q/k norm, sliding windows, soft-capping, activation, mixture of experts, RoPE).
+//! The architecture files in `model::arch` fill it from a Hugging Face `config.json` or from GGUF
+//! metadata; nothing downstream reads either format.
 //!
 //! Invariants kept by `validate`: every size is non-zero, the query heads are a multiple of the
-//! key/value heads (grouped-query attention), and the head dimension is even (RoPE rotates pairs).
+//! key/value heads (grouped-query attention), the rotary dimension is even and within the head,
+//! `layer_types` has one entry per layer, and a mixture of experts routes to at least one of its
+//! experts.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+use super::arch::Arch;
 use super::ModelError;
 
 /// How rotary position embeddings stretch to contexts longer than the model was trained on.
@@ -22,15 +26,74 @@ pub enum RopeScaling {
     },
     /// Positions divided by `factor` (`rope_type: "linear"`).
     Linear { factor: f32 },
+    /// YaRN (`rope_type: "yarn"`, Qwen2.5/Qwen3 long context): low frequencies interpolated, high
+    /// ones kept, a ramp between, and cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+        /// Whether the ramp's ends are rounded to whole dimensions (transformers' `truncate`).
+        truncate: bool,
+    },
     /// Explicit per-frequency divisors (llama.cpp's `rope_freqs.weight` tensor in Llama 3.1 GGUFs).
     FreqFactors { factors: Vec<f32> },
 }
 
+/// The gated activation of the MLP: `act(gate) * up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Qwen, Mistral, Phi-3.
+    Silu,
+    /// GELU with the tanh approximation (GeGLU): Gemma.
+    GeluTanh,
+}
+
+/// Which attention a layer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    /// Every earlier position.
+    Full,
+    /// The last `sliding_window` positions (the token itself included).
+    Sliding,
+}
+
+/// A sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): each token goes to its `top_k` experts,
+/// weighted by the router's softmax.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub expert_intermediate_size: usize,
+    /// Whether the chosen experts' weights are renormalised to sum to 1.
+    pub norm_topk_prob: bool,
+    /// Layers that keep a dense MLP of `intermediate_size` (Qwen3-MoE's `mlp_only_layers` and
+    /// `decoder_sparse_step`).
+    pub dense_layers: Vec<usize>,
+}
+
+/// What one layer's attention needs besides the weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerAttention {
+    /// Positions a query sees, itself included; `None` for all.
+    pub window: Option<usize>,
+    /// Multiplies q·k before the softmax.
+    pub scale: f32,
+    /// `cap * tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+    /// Which RoPE table rotates this layer: 0 global, 1 local (`rope_local_theta`).
+    pub rope: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// `llama`, `mistral`, `qwen2` (SmolLM2 is `llama`).
-    pub architecture: String,
+    pub architecture: Arch,
     pub hidden_size: usize,
+    /// The dense MLP's intermediate size (of the dense layers, in a mixture of experts).
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
@@ -38,13 +101,36 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub vocab_size: usize,
     pub rms_norm_eps: f32,
+    /// Norms multiply by `1 + weight` instead of `weight` (Gemma).
+    pub norm_unit_offset: bool,
     pub rope_theta: f32,
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    /// Leading dimensions of each head that RoPE rotates (Phi's `partial_rotary_factor`).
+    pub rotary_dim: usize,
+    /// RoPE base of the sliding-window layers, unscaled (Gemma 3); `None`: they use the global one.
+    pub rope_local_theta: Option<f32>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Bias on the Q, K and V projections (Qwen2).
     pub attention_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Norms after attention and around the MLP besides the pre-norms (Gemma 2/3).
+    pub sandwich_norms: bool,
+    /// Embeddings are multiplied by this (Gemma: sqrt(hidden_size)).
+    pub embedding_multiplier: Option<f32>,
+    pub hidden_act: Activation,
+    /// Attention scores are multiplied by `query_scale` (default `1 / sqrt(head_dim)`; Gemma:
+    /// `query_pre_attn_scalar ** -0.5`).
+    pub query_scale: f32,
+    pub sliding_window: Option<usize>,
+    /// One entry per layer; `Sliding` only with a `sliding_window`.
+    pub layer_types: Vec<LayerType>,
+    pub attn_logit_softcapping: Option<f32>,
+    pub final_logit_softcapping: Option<f32>,
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     #[serde(default)]
@@ -52,6 +138,52 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// A Llama-shaped configuration with every optional feature off: the starting point the
+    /// architecture files refine.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dense(
+        architecture: Arch,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        head_dim: usize,
+        vocab_size: usize,
+    ) -> Self {
+        ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: 1e-6,
+            norm_unit_offset: false,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rotary_dim: head_dim,
+            rope_local_theta: None,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            qk_norm: false,
+            sandwich_norms: false,
+            embedding_multiplier: None,
+            hidden_act: Activation::Silu,
+            query_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_window: None,
+            layer_types: vec![LayerType::Full; num_hidden_layers],
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            moe: None,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        }
+    }
+
     pub fn q_size(&self) -> usize {
         self.num_attention_heads * self.head_dim
     }
@@ -65,16 +197,77 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
+    /// Whether layer `layer` has a dense MLP (always, without experts).
+    pub fn is_dense_layer(&self, layer: usize) -> bool {
+        self.moe.as_ref().is_none_or(|moe| moe.dense_layers.contains(&layer))
+    }
+
+    /// What layer `layer`'s attention needs.
+    pub fn layer_attention(&self, layer: usize) -> LayerAttention {
+        let sliding = self.layer_types.get(layer) == Some(&LayerType::Sliding);
+        LayerAttention {
+            window: if sliding { self.sliding_window } else { None },
+            scale: self.query_scale,
+            softcap: self.attn_logit_softcapping,
+            rope: usize::from(sliding && self.rope_local_theta.is_some()),
+        }
+    }
+
+    /// Whether every layer sees only a window, so blocks wholly before it can be given back.
+    pub fn all_layers_sliding(&self) -> Option<usize> {
+        self.layer_types.iter().all(|t| *t == LayerType::Sliding).then_some(self.sliding_window).flatten()
+    }
+
+    /// Whether this is the plain Llama decoder: the only shape the CUDA forward runs today.
+    pub fn is_plain_llama(&self) -> Option<&'static str> {
+        let unsupported = [
+            (self.norm_unit_offset, "(1 + w) norms"),
+            (self.qk_norm, "q/k norms"),
+            (self.sandwich_norms, "post-attention/feed-forward norms"),
+            (self.embedding_multiplier.is_some(), "embedding scaling"),
+            (self.hidden_act != Activation::Silu, "GELU"),
+            (self.sliding_window.is_some(), "sliding-window attention"),
+            (self.attn_logit_softcapping.is_some() || self.final_logit_softcapping.is_some(), "soft-capping"),
+            (self.moe.is_some(), "mixture of experts"),
+            (self.rotary_dim != self.head_dim, "partial rotary"),
+            (self.rope_local_theta.is_some(), "local RoPE"),
+            (matches!(self.rope_scaling, Some(RopeScaling::Yarn { .. })), "YaRN"),
+            ((self.query_scale - 1.0 / (self.head_dim as f32).sqrt()).abs() > 1e-7, "a custom attention scale"),
+        ];
+        unsupported.into_iter().find_map(|(present, what)| present.then_some(what))
+    }
+
     /// Parameter count (embeddings counted once when tied).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
-        let per_layer = h * (self.q_size() + 2 * self.kv_size())
+        let norms = 2 + if self.sandwich_norms { 2 } else { 0 };
+        let attention = h * (self.q_size() + 2 * self.kv_size())
             + self.q_size() * h
-            + 3 * h * self.intermediate_size
-            + 2 * h
-            + if self.attention_bias { self.q_size() + 2 * self.kv_size() } else { 0 };
+            + if self.attention_bias { self.q_size() + 2 * self.kv_size() } else { 0 }
+            + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let mlps: usize = (0..self.num_hidden_layers)
+            .map(|layer| match &self.moe {
+                Some(moe) if !self.is_dense_layer(layer) => {
+                    moe.num_experts * 3 * h * moe.expert_intermediate_size + moe.num_experts * h
+                }
+                _ => 3 * h * self.intermediate_size,
+            })
+            .sum();
         let embeddings = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
-        embeddings + per_layer * self.num_hidden_layers + h
+        embeddings + (attention + norms * h) * self.num_hidden_layers + mlps + h
+    }
+
+    /// Weights of one token's forward that are read (the active experts only): what a decode
+    /// step streams from memory.
+    pub fn num_active_parameters(&self) -> usize {
+        match &self.moe {
+            None => self.num_parameters(),
+            Some(moe) => {
+                let sparse_layers = (0..self.num_hidden_layers).filter(|&l| !self.is_dense_layer(l)).count();
+                let idle = (moe.num_experts - moe.top_k) * 3 * self.hidden_size * moe.expert_intermediate_size;
+                self.num_parameters() - idle * sparse_layers
+            }
+        }
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -99,172 +292,75 @@ impl ModelConfig {
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if !self.head_dim.is_multiple_of(2) {
-            return Err(ModelError::Config(format!("`head_dim` must be even, got {}", self.head_dim)));
-        }
-        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return Err(ModelError::Config(
-                "`rms_norm_eps` and `rope_theta` must be positive".to_string(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Reads a Hugging Face `config.json`.
-    pub fn from_hf_json(json: &Value) -> Result<Self, ModelError> {
-        let get_usize = |key: &str| -> Result<usize, ModelError> {
-            json.get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| ModelError::Config(format!("config.json: `{key}` is missing or not an integer")))
-        };
-        let opt_usize = |key: &str| json.get(key).and_then(Value::as_u64).map(|v| v as usize);
-        let opt_f32 = |key: &str| json.get(key).and_then(Value::as_f64).map(|v| v as f32);
-
-        let architecture = json
-            .get("model_type")
-            .and_then(Value::as_str)
-            .unwrap_or("llama")
-            .to_string();
-        if !matches!(architecture.as_str(), "llama" | "mistral" | "qwen2") {
-            return Err(ModelError::Unsupported(format!(
-                "config.json: model_type `{architecture}` (supported: llama, mistral, qwen2)"
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim == 0 || self.rotary_dim > self.head_dim {
+            return Err(ModelError::Config(format!(
+                "the rotary dimension must be even and within `head_dim` ({}), got {}",
+                self.head_dim, self.rotary_dim
             )));
         }
-        let hidden_size = get_usize("hidden_size")?;
-        let num_attention_heads = get_usize("num_attention_heads")?;
-        let num_key_value_heads = opt_usize("num_key_value_heads").unwrap_or(num_attention_heads);
-        let head_dim = opt_usize("head_dim").unwrap_or(hidden_size / num_attention_heads.max(1));
-        let rope_theta = opt_f32("rope_theta")
-            .or_else(|| {
-                json.get("rope_parameters")
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-                    .map(|v| v as f32)
-            })
-            .unwrap_or(10_000.0);
-        let rope_scaling = match json.get("rope_scaling").or_else(|| json.get("rope_parameters")) {
-            Some(scaling) if scaling.is_object() => parse_hf_rope_scaling(scaling)?,
-            _ => None,
-        };
-        let eos_token_ids = match json.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
-            _ => Vec::new(),
-        };
-        // Qwen2 always has Q/K/V biases; Llama's `attention_bias` also puts one on the output
-        // projection, and `mlp_bias` on the MLP, which this implementation does not carry.
-        let attention_bias = architecture == "qwen2";
-        for key in ["attention_bias", "mlp_bias"] {
-            if !attention_bias && json.get(key).and_then(Value::as_bool) == Some(true) {
-                return Err(ModelError::Unsupported(format!("config.json: `{key}: true` for model_type {architecture}")));
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) || !positive(self.query_scale) {
+            return Err(ModelError::Config("`rms_norm_eps`, `rope_theta` and the attention scale must be positive".into()));
+        }
+        if self.layer_types.len() != self.num_hidden_layers {
+            return Err(ModelError::Config(format!(
+                "`layer_types` has {} entries for {} layers",
+                self.layer_types.len(),
+                self.num_hidden_layers
+            )));
+        }
+        if self.layer_types.contains(&LayerType::Sliding) && self.sliding_window.is_none_or(|w| w == 0) {
+            return Err(ModelError::Config("sliding-window layers need a positive `sliding_window`".into()));
+        }
+        for (name, cap) in [("attn_logit_softcapping", self.attn_logit_softcapping), ("final_logit_softcapping", self.final_logit_softcapping)] {
+            if cap.is_some_and(|c| !positive(c)) {
+                return Err(ModelError::Config(format!("`{name}` must be positive")));
             }
         }
-        let default_max_positions = if architecture == "llama" { 2048 } else { 32768 };
-        let config = ModelConfig {
-            attention_bias,
-            architecture,
-            hidden_size,
-            intermediate_size: get_usize("intermediate_size")?,
-            num_hidden_layers: get_usize("num_hidden_layers")?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            vocab_size: get_usize("vocab_size")?,
-            rms_norm_eps: opt_f32("rms_norm_eps").unwrap_or(1e-6),
-            rope_theta,
-            rope_scaling,
-            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(default_max_positions),
-            tie_word_embeddings: json
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            bos_token_id: json.get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
-            eos_token_ids,
-        };
-        config.validate()?;
-        Ok(config)
-    }
-}
-
-fn parse_hf_rope_scaling(scaling: &Value) -> Result<Option<RopeScaling>, ModelError> {
-    let kind = scaling
-        .get("rope_type")
-        .or_else(|| scaling.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let f = |key: &str| scaling.get(key).and_then(Value::as_f64).map(|v| v as f32);
-    match kind {
-        "default" => Ok(None),
-        "linear" => Ok(Some(RopeScaling::Linear {
-            factor: f("factor").ok_or_else(|| ModelError::Config("rope_scaling: `factor` is missing".into()))?,
-        })),
-        "llama3" => Ok(Some(RopeScaling::Llama3 {
-            factor: f("factor").unwrap_or(8.0),
-            low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
-            high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
-            original_max_position_embeddings: scaling
-                .get("original_max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(8192) as usize,
-        })),
-        other => Err(ModelError::Unsupported(format!("rope_scaling type `{other}`"))),
+        if let Some(moe) = &self.moe {
+            if moe.num_experts == 0 || moe.top_k == 0 || moe.top_k > moe.num_experts || moe.expert_intermediate_size == 0 {
+                return Err(ModelError::Config(format!(
+                    "a mixture of experts needs 1 <= `num_experts_per_tok` ({}) <= `num_experts` ({}) and a positive \
+                     `moe_intermediate_size`",
+                    moe.top_k, moe.num_experts
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn smollm2_json() -> Value {
-        json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-            "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
-            "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": true,
-            "bos_token_id": 1, "eos_token_id": 2
-        })
+    #[test]
+    fn layer_attention_follows_layer_types() {
+        let mut c = ModelConfig::dense(Arch::Gemma3, 8, 16, 3, 2, 1, 4, 10);
+        c.sliding_window = Some(5);
+        c.rope_local_theta = Some(10_000.0);
+        c.layer_types = vec![LayerType::Sliding, LayerType::Sliding, LayerType::Full];
+        c.validate().unwrap();
+        assert_eq!(c.layer_attention(0).window, Some(5));
+        assert_eq!(c.layer_attention(0).rope, 1);
+        assert_eq!(c.layer_attention(2).window, None);
+        assert_eq!(c.layer_attention(2).rope, 0);
+        assert_eq!(c.all_layers_sliding(), None);
+        c.layer_types = vec![LayerType::Sliding; 3];
+        assert_eq!(c.all_layers_sliding(), Some(5));
+        c.sliding_window = None;
+        assert!(c.validate().unwrap_err().to_string().contains("sliding_window"));
     }
 
     #[test]
-    fn reads_smollm2_config() {
-        let c = ModelConfig::from_hf_json(&smollm2_json()).unwrap();
-        assert_eq!(c.head_dim, 64);
-        assert_eq!(c.gqa_group_size(), 3);
-        assert_eq!(c.eos_token_ids, vec![2]);
-        assert!(c.tie_word_embeddings && !c.attention_bias);
-        // SmolLM2-135M has about 134.5M parameters.
-        assert_eq!(c.num_parameters(), 134_515_008);
-    }
-
-    #[test]
-    fn reads_llama3_rope_scaling_and_qwen2_bias() {
-        let mut j = smollm2_json();
-        j["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
-        let c = ModelConfig::from_hf_json(&j).unwrap();
-        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
-        j["model_type"] = json!("qwen2");
-        assert!(ModelConfig::from_hf_json(&j).unwrap().attention_bias);
-        j["model_type"] = json!("llama");
-        j["attention_bias"] = json!(true);
-        let err = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
-        assert!(err.contains("attention_bias"), "{err}");
-    }
-
-    #[test]
-    fn rejects_bad_configs_naming_the_field() {
-        let mut j = smollm2_json();
-        j["num_key_value_heads"] = json!(2);
-        let err = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
-        assert!(err.contains("num_key_value_heads"), "{err}");
-        let mut j = smollm2_json();
-        j.as_object_mut().unwrap().remove("hidden_size");
-        let err = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
-        assert!(err.contains("hidden_size"), "{err}");
-        let mut j = smollm2_json();
-        j["model_type"] = json!("gpt_neox");
-        assert!(ModelConfig::from_hf_json(&j).is_err());
+    fn moe_parameters_count_every_expert_and_active_ones_only_top_k() {
+        let mut c = ModelConfig::dense(Arch::Qwen3Moe, 8, 16, 2, 2, 1, 4, 10);
+        c.moe = Some(MoeConfig { num_experts: 4, top_k: 2, expert_intermediate_size: 6, norm_topk_prob: true, dense_layers: vec![1] });
+        let dense = ModelConfig::dense(Arch::Llama, 8, 16, 2, 2, 1, 4, 10);
+        // Layer 0: 4 experts of 3*8*6 plus a 4x8 router instead of a 3*8*16 MLP.
+        assert_eq!(c.num_parameters(), dense.num_parameters() - 3 * 8 * 16 + 4 * 3 * 8 * 6 + 4 * 8);
+        assert_eq!(c.num_active_parameters(), c.num_parameters() - 2 * 3 * 8 * 6);
+        c.moe.as_mut().unwrap().top_k = 5;
+        assert!(c.validate().unwrap_err().to_string().contains("num_experts_per_tok"));
     }
 }

@@ -1,17 +1,21 @@
-//! Model definitions and loading: the Llama-family configuration, weight sources (GGUF files,
-//! Hugging Face directories, deterministic dummy weights) and the CPU reference forward.
+//! Model definitions and loading: the model specification (`config`), one file per architecture
+//! (`arch`) written over the backend operations (`ops`), weight sources (GGUF files, Hugging Face
+//! directories, deterministic dummy weights), and the CPU backend, the reference forward.
 
+pub mod arch;
 pub mod config;
 pub mod cpu;
 pub mod gguf;
+pub mod ops;
 pub mod rope;
 pub mod sources;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+pub use self::arch::Arch;
 pub use self::config::{ModelConfig, RopeScaling};
-pub use self::weights::{LayerWeights, LlamaWeights, Tensor, WeightSource};
+pub use self::weights::{Tensor, WeightSource};
 
 /// Errors of model loading, one enum for the subsystem; messages name the file, key or tensor.
 #[derive(Debug, thiserror::Error)]

@@ -4,17 +4,28 @@
 //! computed before is simply in the cache.
 //!
 //! Grouped-query attention: the query heads of one group share a KV head, so each key and value
-//! row is read once per group.
+//! row is read once per group. A sliding window limits a query to the last `window` positions
+//! (itself included); blocks before it are never read, so the KV manager may have given them back.
 
 use rayon::prelude::*;
 
 use super::ops::{axpy, dot};
 use crate::kv_cache::KvCacheLayout;
+use crate::model::config::LayerAttention;
 use crate::runner::ForwardBatch;
 
-/// `out[t, head]` = softmax(q·Kᵀ · scale) · V for every token `t` of `batch`.
-/// `q` and `out` are `[num_tokens, num_heads * head_dim]`.
-#[allow(clippy::too_many_arguments)]
+/// The query side of one layer's attention.
+pub struct AttentionShape {
+    pub num_heads: usize,
+    /// Floats from one token's queries to the next (the queries lead each row of `q`).
+    pub q_stride: usize,
+    /// Window, scale and soft-cap.
+    pub layer: LayerAttention,
+}
+
+/// `out[t, head]` = softmax(cap(q·Kᵀ · scale)) · V for every token `t` of `batch`, over the
+/// positions its window sees. `q` rows are `shape.q_stride` apart; `out` is
+/// `[num_tokens, num_heads * head_dim]`.
 pub fn paged_attention(
     out: &mut [f32],
     q: &[f32],
@@ -22,18 +33,21 @@ pub fn paged_attention(
     keys: &[f32],
     values: &[f32],
     layout: &KvCacheLayout,
-    num_heads: usize,
-    scale: f32,
+    shape: &AttentionShape,
 ) {
     let hd = layout.head_dim;
+    let num_heads = shape.num_heads;
     let group = num_heads / layout.num_kv_heads;
     let row = num_heads * hd;
+    let LayerAttention { window, scale, softcap, .. } = shape.layer;
     out.par_chunks_mut(row).enumerate().for_each(|(t, out_row)| {
         let seq = &batch.seqs[batch.token_seq[t] as usize];
-        let context = batch.positions[t] as usize + 1;
-        let q_row = &q[t * row..(t + 1) * row];
-        // Slots of positions 0..context, resolved once for all heads.
-        let slots: Vec<usize> = (0..context)
+        let end = batch.positions[t] as usize + 1;
+        let start = window.map_or(0, |w| end.saturating_sub(w));
+        let context = end - start;
+        let q_row = &q[t * shape.q_stride..][..row];
+        // Slots of the positions seen, resolved once for all heads.
+        let slots: Vec<usize> = (start..end)
             .map(|p| seq.block_table[p / layout.block_size] as usize * layout.block_size + p % layout.block_size)
             .collect();
         let mut scores = vec![0.0f32; group * context];
@@ -43,7 +57,11 @@ pub fn paged_attention(
                 let at = layout.offset(slot, kv_head);
                 let key = &keys[at..at + hd];
                 for (g, head) in heads.clone().enumerate() {
-                    scores[g * context + p] = dot(&q_row[head * hd..(head + 1) * hd], key) * scale;
+                    let score = dot(&q_row[head * hd..(head + 1) * hd], key) * scale;
+                    scores[g * context + p] = match softcap {
+                        Some(cap) => cap * (score / cap).tanh(),
+                        None => score,
+                    };
                 }
             }
             for g in 0..group {
@@ -128,7 +146,12 @@ mod tests {
         }
         let (keys, values) = cache.layer(0);
         let mut paged = vec![0.0; len * heads * hd];
-        paged_attention(&mut paged, &q, &batch, keys, values, &layout, heads, 1.0 / (hd as f32).sqrt());
+        let shape = AttentionShape {
+            num_heads: heads,
+            q_stride: heads * hd,
+            layer: LayerAttention { window: None, scale: 1.0 / (hd as f32).sqrt(), softcap: None, rope: 0 },
+        };
+        paged_attention(&mut paged, &q, &batch, keys, values, &layout, &shape);
 
         let reference = contiguous_attention(&q, &k, &v, len, heads, kv_heads, hd);
         let max_ref = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));

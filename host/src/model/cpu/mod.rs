@@ -1,25 +1,27 @@
-//! The CPU reference forward of the Llama family, in float32: RMSNorm, RoPE, grouped-query
-//! attention over the paged KV cache, SwiGLU, tied or untied embeddings.
+//! The CPU backend, in float32: the reference every other backend is checked against. It
+//! implements the operations of `model::ops` (`forward::CpuOps`) and runs any architecture of
+//! `model::arch` through them over a paged KV cache in host memory.
 //!
-//! It takes a `ForwardBatch` that mixes prefill chunks and decode tokens of many sequences, writes
-//! each new token's key and value into its cache slot, and returns the logits of the rows the
-//! batch asks for. This is the path every other backend is checked against.
+//! A forward takes a `ForwardBatch` that mixes prefill chunks and decode tokens of many
+//! sequences, writes each new token's key and value into its cache slot, and returns the logits
+//! of the rows the batch asks for.
 
 mod attention;
+mod forward;
 mod kv_storage;
 pub mod matmul;
 pub mod ops;
+mod weights;
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
-pub use self::attention::paged_attention;
+pub use self::attention::{paged_attention, AttentionShape};
+pub use self::forward::CpuOps;
 pub use self::kv_storage::CpuKvCache;
-use self::matmul::matmul_wt;
-use self::ops::{rms_norm, silu_mul};
+pub use self::weights::{CpuMatrix, CpuStore, CpuWeights};
 use super::rope::Rope;
-use super::{LlamaWeights, ModelConfig, ModelError};
+use super::weights::{LayerWeights, Loader, Mlp, ModelWeights, MoeWeights, WeightSource};
+use super::{ModelConfig, ModelError};
 use crate::kv_cache::KvCacheLayout;
 use crate::runner::ForwardBatch;
 
@@ -27,22 +29,62 @@ use crate::runner::ForwardBatch;
 #[derive(Clone)]
 pub struct CpuModel {
     config: ModelConfig,
-    weights: Arc<LlamaWeights>,
-    rope: Rope,
+    weights: Arc<ModelWeights<CpuWeights>>,
+    ropes: Arc<Vec<Rope>>,
 }
 
 impl CpuModel {
-    pub fn new(config: ModelConfig, weights: LlamaWeights) -> Self {
-        let rope = Rope::new(&config);
-        CpuModel { config, weights: Arc::new(weights), rope }
+    pub fn new(config: ModelConfig, weights: ModelWeights<CpuWeights>) -> Self {
+        let ropes = Arc::new(Rope::tables(&config));
+        CpuModel { config, weights: Arc::new(weights), ropes }
+    }
+
+    /// Every weight of `config`'s architecture from `source`; matrices pass through `round` when
+    /// given (e.g. to bfloat16 and back, to compare with a device that stores them so).
+    pub fn load(config: ModelConfig, source: &dyn WeightSource, round: Option<fn(f32) -> f32>) -> Result<Self, ModelError> {
+        let mut store = CpuStore { round };
+        let weights = config.architecture.load(&config, &mut Loader::new(source, &mut store))?;
+        Ok(CpuModel::new(config, weights))
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
-    pub fn weights(&self) -> &LlamaWeights {
+    pub fn weights(&self) -> &ModelWeights<CpuWeights> {
         &self.weights
+    }
+
+    /// A copy with every matrix passed through `f` (norm weights and biases unchanged): e.g. the
+    /// weights rounded to bfloat16, to judge the GPU's arithmetic apart from its weight precision.
+    pub fn map_matrices(&self, f: impl Fn(f32) -> f32 + Sync) -> CpuModel {
+        let m = |w: &CpuMatrix| CpuMatrix { data: w.data.iter().map(|&v| f(v)).collect(), ..w.clone() };
+        let w = &*self.weights;
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| LayerWeights {
+                attn_norm: l.attn_norm.clone(),
+                qkv: m(&l.qkv),
+                q_norm: l.q_norm.clone(),
+                k_norm: l.k_norm.clone(),
+                o_proj: m(&l.o_proj),
+                post_attn_norm: l.post_attn_norm.clone(),
+                ffn_norm: l.ffn_norm.clone(),
+                post_ffn_norm: l.post_ffn_norm.clone(),
+                mlp: match &l.mlp {
+                    Mlp::Dense { gate_up, down } => Mlp::Dense { gate_up: m(gate_up), down: m(down) },
+                    Mlp::Moe(e) => Mlp::Moe(MoeWeights { router: m(&e.router), gate_up: m(&e.gate_up), down: m(&e.down) }),
+                },
+            })
+            .collect();
+        let weights = ModelWeights {
+            embed_tokens: m(&w.embed_tokens),
+            layers,
+            final_norm: w.final_norm.clone(),
+            lm_head: w.lm_head.as_ref().map(m),
+        };
+        CpuModel::new(self.config.clone(), weights)
     }
 
     /// A cache layout for this model with `num_blocks` blocks of `block_size` tokens.
@@ -71,80 +113,8 @@ impl CpuModel {
         if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
         }
-        let n = batch.num_tokens();
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (q_size, kv_size, inter) = (c.q_size(), c.kv_size(), c.intermediate_size);
-        let qkv_size = q_size + 2 * kv_size;
-        let half = hd / 2;
-
-        let mut x = vec![0.0f32; n * h];
-        for (row, &token) in x.chunks_exact_mut(h).zip(&batch.token_ids) {
-            row.copy_from_slice(&self.weights.embed_tokens[token as usize * h..][..h]);
-        }
-        let mut cos = vec![0.0f32; n * half];
-        let mut sin = vec![0.0f32; n * half];
-        for ((c_row, s_row), &pos) in cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)).zip(&batch.positions) {
-            self.rope.cos_sin(pos, c_row, s_row);
-        }
-
-        let mut normed = vec![0.0f32; n * h];
-        let mut qkv = vec![0.0f32; n * qkv_size];
-        let mut q = vec![0.0f32; n * q_size];
-        let mut attn = vec![0.0f32; n * q_size];
-        let mut proj = vec![0.0f32; n * h];
-        let mut gate_up = vec![0.0f32; n * 2 * inter];
-        let mut act = vec![0.0f32; n * inter];
-        let scale = 1.0 / (hd as f32).sqrt();
-
-        for (layer_index, layer) in self.weights.layers.iter().enumerate() {
-            rms_norm_rows(&mut normed, &x, &layer.attn_norm, c.rms_norm_eps);
-            matmul_wt(&mut qkv, &normed, &layer.qkv_proj, n, h, qkv_size);
-            qkv.par_chunks_mut(qkv_size).enumerate().for_each(|(t, row)| {
-                if let Some(bias) = &layer.qkv_bias {
-                    for (v, b) in row.iter_mut().zip(bias) {
-                        *v += b;
-                    }
-                }
-                let (cos, sin) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-                Rope::apply(&mut row[..q_size + kv_size], hd, cos, sin);
-            });
-            for (t, row) in qkv.chunks_exact(qkv_size).enumerate() {
-                q[t * q_size..][..q_size].copy_from_slice(&row[..q_size]);
-                let (keys, values) = row[q_size..].split_at(kv_size);
-                cache.write(layer_index, batch.slot_mapping[t] as usize, keys, values);
-            }
-            let (keys, values) = cache.layer(layer_index);
-            paged_attention(&mut attn, &q, batch, keys, values, &layout, c.num_attention_heads, scale);
-            matmul_wt(&mut proj, &attn, &layer.o_proj, n, q_size, h);
-            add_in_place(&mut x, &proj);
-
-            rms_norm_rows(&mut normed, &x, &layer.ffn_norm, c.rms_norm_eps);
-            matmul_wt(&mut gate_up, &normed, &layer.gate_up_proj, n, h, 2 * inter);
-            act.par_chunks_mut(inter)
-                .zip(gate_up.par_chunks(2 * inter))
-                .for_each(|(out, gu)| silu_mul(out, gu));
-            matmul_wt(&mut proj, &act, &layer.down_proj, n, inter, h);
-            add_in_place(&mut x, &proj);
-        }
-
-        let rows = batch.logits_rows.len();
-        let mut final_hidden = vec![0.0f32; rows * h];
-        for (out, &row) in final_hidden.chunks_exact_mut(h).zip(&batch.logits_rows) {
-            rms_norm(out, &x[row * h..][..h], &self.weights.final_norm, c.rms_norm_eps);
-        }
-        let mut logits = vec![0.0f32; rows * c.vocab_size];
-        matmul_wt(&mut logits, &final_hidden, self.weights.lm_head(), rows, h, c.vocab_size);
-        Ok(logits)
-    }
-}
-
-fn rms_norm_rows(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
-    let h = weight.len();
-    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, row)| rms_norm(o, row, weight, eps));
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+        let mut ops = CpuOps::new(c, &self.ropes, batch, cache);
+        c.architecture.forward(c, &self.weights, &mut ops)?;
+        Ok(ops.into_logits())
     }
 }

@@ -177,6 +177,32 @@ impl GgufFile {
         Ok(out)
     }
 
+    /// Part `part` of `parts` equal contiguous parts of tensor `name` (one expert of a stacked
+    /// `[experts, rows, cols]` tensor), as f32: only that part is dequantized.
+    pub fn dequantize_part(&self, name: &str, part: usize, parts: usize) -> Result<Vec<f32>, GgufError> {
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| GgufError::TensorNotFound(name.to_string()))?;
+        let ty = info.ggml_type;
+        if !can_dequantize(ty) {
+            return Err(GgufError::UnsupportedDequant { context: format!("tensor `{name}`"), ty });
+        }
+        let n = info.n_elements();
+        let blocks = n / ty.block_size();
+        if parts == 0 || part >= parts || !blocks.is_multiple_of(parts) {
+            return Err(GgufError::DequantSize {
+                ty,
+                detail: format!("`{name}` ({n} elements) does not split into {parts} parts of whole blocks"),
+            });
+        }
+        let part_bytes = blocks / parts * ty.type_size();
+        let bytes = self.tensor_data(info);
+        let bytes = bytes.get(part * part_bytes..(part + 1) * part_bytes).unwrap_or(&[]);
+        let mut out = vec![0f32; n / parts];
+        dequantize(ty, bytes, n / parts, &mut out)?;
+        Ok(out)
+    }
+
     /// Any non-negative integer value.
     pub fn get_u64(&self, key: &str) -> Option<u64> {
         self.get(key)?.as_u64()

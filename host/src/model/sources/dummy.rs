@@ -1,8 +1,9 @@
-//! Deterministic random weights for any Llama shape (`--load-format dummy`), for benchmarks on
-//! sizes we cannot download. Each tensor's values depend only on its name and the seed, so two
-//! runs (or the CPU and GPU backends) see the same model.
+//! Deterministic random weights for any shape (`--load-format dummy`), for benchmarks on sizes
+//! we cannot download. Each tensor's values depend only on its name and the seed, so two runs see
+//! the same model; they are made in parallel, in chunks of their own seeds.
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::model::{ModelError, Tensor, WeightSource};
 
@@ -31,13 +32,19 @@ impl DummySource {
 impl WeightSource for DummySource {
     fn load(&self, hf_name: &str, expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
         let n: usize = expected_shape.iter().product();
+        const CHUNK: usize = 1 << 16;
         let data = if hf_name.ends_with("norm.weight") {
             vec![1.0; n]
         } else {
-            let mut rng = StdRng::seed_from_u64(self.tensor_seed(hf_name));
+            let seed = self.tensor_seed(hf_name);
             // Uniform with the same standard deviation as N(0, scale): cheaper and bounded.
             let half_width = self.scale * 3f32.sqrt();
-            (0..n).map(|_| rng.random_range(-half_width..half_width)).collect()
+            let mut data = vec![0.0f32; n];
+            data.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+                let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                chunk.iter_mut().for_each(|v| *v = rng.random_range(-half_width..half_width));
+            });
+            data
         };
         Tensor::new(expected_shape.to_vec(), data).map(Some)
     }
