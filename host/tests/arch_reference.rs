@@ -127,3 +127,22 @@ fn the_fixture_tokenizer_and_chat_templates_load_with_each_model() {
         assert!(rendered.contains("Hi"), "{name}: {rendered}");
     }
 }
+
+#[test]
+fn a_sliding_window_model_decodes_past_what_its_blocks_could_hold_without_release() {
+    let (loaded, reference) = load("mistral");
+    let window = loaded.model.config().all_layers_sliding().expect("every Mistral layer is windowed");
+    let prompt = &reference["prompts"][1];
+    let (prompt_ids, want) = (ids(&prompt["prompt"]), ids(&prompt["greedy"]));
+    let block_size = 4;
+    // Enough blocks for the window, a partial block on each side and the chunk being computed,
+    // far fewer than the whole sequence needs.
+    let num_blocks = window / block_size + 3;
+    assert!(num_blocks * block_size < prompt_ids.len() + want.len());
+    let mut small = Generator::new(&loaded.model, num_blocks, block_size);
+    let options = GenerateOptions { max_new_tokens: want.len(), stop_token_ids: Vec::new(), prefill_chunk: Some(block_size) };
+    let got = small.generate(&[prompt_ids.clone()], &options, |_, _| {}).unwrap().remove(0);
+    let mut large = Generator::new(&loaded.model, 64, block_size);
+    assert_eq!(got, large.generate(&[prompt_ids], &options, |_, _| {}).unwrap().remove(0));
+    assert_eq!(small.num_free_blocks(), num_blocks, "every block comes back");
+}

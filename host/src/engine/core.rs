@@ -95,13 +95,15 @@ impl EngineCore {
         max_model_len: usize,
     ) -> Self {
         let layout = *backend.kv_layout();
+        let window = backend.config().all_layers_sliding();
         let eos_tokens = tokenizer.eos_token_ids().to_vec();
         EngineCore {
             backend,
             tokenizer,
             metrics,
             scheduler,
-            kv: KvCacheManager::new(layout.num_blocks, layout.block_size, prefix_caching),
+            kv: KvCacheManager::new(layout.num_blocks, layout.block_size, prefix_caching)
+                .with_sliding_window(window),
             requests: HashMap::new(),
             samples: HashMap::new(),
             next_seq: 0,

@@ -3,6 +3,12 @@
 //! prefix caching (full blocks keyed by a chained hash of their tokens), copy-on-write sharing for
 //! forked sequences (the `n` samples of one request) and usage statistics.
 //!
+//! For a model whose every layer attends through a sliding window (Mistral, Phi-3), blocks that
+//! lie wholly before the window of a sequence's next position are given back as soon as they
+//! are (`commit`): no later query can read them. Their block-table entries stay in place (tables
+//! are append-only) but are stale: `SeqBlocks::released` counts them, and they are never freed,
+//! forked or read again.
+//!
 //! Running out of blocks is `false`/`None`, never an error: the scheduler decides who yields.
 
 use std::hash::{Hash, Hasher};
@@ -16,15 +22,29 @@ pub struct SeqBlocks {
     blocks: Vec<BlockId>,
     /// Chained hashes of the leading full blocks that are known to hold their tokens.
     hashes: Vec<BlockHash>,
+    /// Leading blocks already given back (outside a sliding window); their entries are stale.
+    released: usize,
 }
 
 impl SeqBlocks {
+    /// The block table; its first `released()` entries are stale (see the module doc).
     pub fn table(&self) -> &[BlockId] {
         &self.blocks
     }
 
+    /// Entries of the block table, stale ones included.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Blocks this sequence holds a reference to.
+    pub fn num_held(&self) -> usize {
+        self.blocks.len() - self.released
+    }
+
+    /// Leading table entries already given back.
+    pub fn released(&self) -> usize {
+        self.released
     }
 }
 
@@ -41,6 +61,8 @@ pub struct KvCacheManager {
     block_size: usize,
     prefix_caching: bool,
     stats: PrefixCacheStats,
+    /// Positions every layer's attention sees (itself included), when all are windowed.
+    sliding_window: Option<usize>,
 }
 
 /// Hash of a full block given the hash of the blocks before it. `DefaultHasher::new()` has fixed
@@ -55,7 +77,19 @@ fn chain_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
 impl KvCacheManager {
     pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Self {
         assert!(block_size > 0);
-        KvCacheManager { pool: BlockPool::new(num_blocks), block_size, prefix_caching, stats: PrefixCacheStats::default() }
+        KvCacheManager {
+            pool: BlockPool::new(num_blocks),
+            block_size,
+            prefix_caching,
+            stats: PrefixCacheStats::default(),
+            sliding_window: None,
+        }
+    }
+
+    /// Gives back blocks wholly before each sequence's window (`ModelConfig::all_layers_sliding`).
+    pub fn with_sliding_window(mut self, window: Option<usize>) -> Self {
+        self.sliding_window = window.filter(|&w| w > 0);
+        self
     }
 
     pub fn block_size(&self) -> usize {
@@ -142,32 +176,45 @@ impl KvCacheManager {
     }
 
     /// Records that the first `num_computed` of `tokens` are now in the cache: blocks that just
-    /// became full join the prefix cache.
+    /// became full join the prefix cache, and with a sliding window, blocks no query from
+    /// position `num_computed` on can see are given back.
     pub fn commit(&mut self, seq: &mut SeqBlocks, tokens: &[u32], num_computed: usize) {
-        if !self.prefix_caching {
-            return;
+        if self.prefix_caching {
+            let full = (num_computed / self.block_size).min(seq.blocks.len());
+            while seq.hashes.len() < full {
+                let i = seq.hashes.len();
+                let hash = chain_hash(seq.hashes.last().copied(), &tokens[i * self.block_size..(i + 1) * self.block_size]);
+                if i >= seq.released {
+                    self.pool.register(seq.blocks[i], hash);
+                }
+                seq.hashes.push(hash);
+            }
         }
-        let full = (num_computed / self.block_size).min(seq.blocks.len());
-        while seq.hashes.len() < full {
-            let i = seq.hashes.len();
-            let hash = chain_hash(seq.hashes.last().copied(), &tokens[i * self.block_size..(i + 1) * self.block_size]);
-            self.pool.register(seq.blocks[i], hash);
-            seq.hashes.push(hash);
+        if let Some(window) = self.sliding_window {
+            // The query at `num_computed` sees positions from `num_computed + 1 - window` on.
+            let first_seen = (num_computed + 1).saturating_sub(window);
+            let outside = (first_seen / self.block_size).min(seq.blocks.len());
+            if outside > seq.released {
+                self.pool.release(seq.blocks[seq.released..outside].iter().rev().copied());
+                seq.released = outside;
+            }
         }
     }
 
-    /// A new sequence sharing every block of `seq` (copy-on-write happens in `allocate`).
+    /// A new sequence sharing every held block of `seq` (copy-on-write happens in `allocate`).
     pub fn fork(&mut self, seq: &SeqBlocks) -> SeqBlocks {
-        for &b in &seq.blocks {
+        for &b in &seq.blocks[seq.released..] {
             self.pool.retain(b);
         }
-        SeqBlocks { blocks: seq.blocks.clone(), hashes: seq.hashes.clone() }
+        SeqBlocks { blocks: seq.blocks.clone(), hashes: seq.hashes.clone(), released: seq.released }
     }
 
-    /// Gives back every block of `seq`, last first so its tail is evicted before its prefix.
+    /// Gives back every held block of `seq`, last first so its tail is evicted before its prefix.
     pub fn free(&mut self, seq: &mut SeqBlocks) {
-        self.pool.release(seq.blocks.drain(..).rev());
+        self.pool.release(seq.blocks.drain(seq.released..).rev());
+        seq.blocks.clear();
         seq.hashes.clear();
+        seq.released = 0;
     }
 
     /// Panics if the pool's invariants are broken (tests and debug checks).
@@ -254,6 +301,33 @@ mod tests {
         kv.free(&mut child);
         assert_eq!(kv.num_free_blocks(), 8);
         kv.check_invariants();
+    }
+
+    #[test]
+    fn blocks_wholly_before_a_sliding_window_are_given_back_once() {
+        let mut kv = KvCacheManager::new(16, 4, true).with_sliding_window(Some(6));
+        let tokens = tokens(30, 3);
+        let mut seq = SeqBlocks::default();
+        assert!(kv.allocate(&mut seq, 0, 10, &mut Vec::new()));
+        kv.commit(&mut seq, &tokens, 10);
+        // The query at position 10 sees 5..=10: block 0 (0..4) is out, block 1 (4..8) is not.
+        assert_eq!((seq.released(), seq.num_held(), kv.num_free_blocks()), (1, 2, 14));
+        let mut child = kv.fork(&seq);
+        for end in 11..=29 {
+            assert!(kv.allocate(&mut seq, end - 1, end, &mut Vec::new()));
+            kv.commit(&mut seq, &tokens, end);
+            kv.check_invariants();
+        }
+        // Position 29 sees 24..=29: blocks 0..6 are out; the table keeps its 8 entries.
+        assert_eq!((seq.num_blocks(), seq.released(), seq.num_held()), (8, 6, 2));
+        kv.free(&mut seq);
+        kv.free(&mut child);
+        assert_eq!(kv.num_free_blocks(), 16);
+        kv.check_invariants();
+        // The released full blocks are still in the prefix cache for a later request.
+        let mut again = SeqBlocks::default();
+        assert_eq!(kv.match_prefix(&mut again, &tokens[..12]), 8);
+        kv.free(&mut again);
     }
 
     #[test]

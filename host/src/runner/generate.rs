@@ -55,7 +55,8 @@ impl Generator<CpuBackend> {
 impl<B: ModelBackend> Generator<B> {
     pub fn with_backend(backend: B) -> Self {
         let layout = *backend.kv_layout();
-        Generator { backend, kv: KvCacheManager::new(layout.num_blocks, layout.block_size, false) }
+        let window = backend.config().all_layers_sliding();
+        Generator { backend, kv: KvCacheManager::new(layout.num_blocks, layout.block_size, false).with_sliding_window(window) }
     }
 
     pub fn backend(&mut self) -> &mut B {
@@ -126,6 +127,10 @@ impl<B: ModelBackend> Generator<B> {
                 return Ok(());
             }
             let logits = self.backend.forward(&batch)?;
+            // The pass has read what it needed: blocks outside every window can go.
+            for seq in seqs.iter_mut() {
+                self.kv.commit(&mut seq.blocks, &seq.tokens, seq.num_computed);
+            }
             let vocab = self.backend.config().vocab_size;
             for (row, &i) in sampled.iter().enumerate() {
                 let token = argmax(&logits[row * vocab..(row + 1) * vocab]) as u32;

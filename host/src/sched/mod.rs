@@ -180,7 +180,7 @@ impl Scheduler {
                 computed_tokens: s.num_computed as u32,
                 generated_tokens: s.num_generated() as u32,
                 max_tokens: s.max_tokens as u32,
-                blocks_held: s.blocks.num_blocks() as u32,
+                blocks_held: s.blocks.num_held() as u32,
                 running: s.running,
             })
             .collect()
