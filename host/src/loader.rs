@@ -12,7 +12,7 @@ use crate::model::arch::hf::HfConfig;
 use crate::model::cpu::CpuModel;
 use crate::model::gguf::GgufFile;
 use crate::model::sources::{DummySource, GgufSource, SafetensorsSource};
-use crate::model::{Arch, WeightSource};
+use crate::model::{Arch, ModelConfig, WeightSource};
 use crate::tokenizer::{GgufTokenizerSpec, Tokenizer};
 
 /// File name of the embedded default model, under `models/` of the repository.
@@ -36,6 +36,40 @@ pub struct LoadedModel {
     pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
+/// What a model path names, opened but with no weight read yet: its configuration, tokenizer and
+/// the source its weights come from. A backend then loads the weights in its own form
+/// (`load_cpu`, or `cuda::GpuModel::load` straight to the device).
+pub struct ModelFiles {
+    /// A short name for the API (`/v1/models`) and metrics.
+    pub name: String,
+    pub config: ModelConfig,
+    /// `None` only for dummy weights described by a bare `config.json`.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    source: Box<dyn WeightSource>,
+    path: PathBuf,
+}
+
+impl ModelFiles {
+    pub fn source(&self) -> &dyn WeightSource {
+        &*self.source
+    }
+
+    /// The weights in float32 on the host, for the CPU backend.
+    pub fn load_cpu(self) -> anyhow::Result<LoadedModel> {
+        let started = Instant::now();
+        let model = CpuModel::load(self.config, &*self.source, None)
+            .with_context(|| format!("loading weights from {}", self.path.display()))?;
+        tracing::info!(
+            model = %self.name,
+            architecture = %model.config().architecture,
+            parameters = model.config().num_parameters(),
+            seconds = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
+        Ok(LoadedModel { name: self.name, model, tokenizer: self.tokenizer })
+    }
+}
+
 /// The default model's path: `$PAGEDSERVE_MODEL`, else `models/<DEFAULT_MODEL_FILE>` under the
 /// current directory or under the repository this binary was built from.
 pub fn default_model_path() -> PathBuf {
@@ -49,8 +83,13 @@ pub fn default_model_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models").join(DEFAULT_MODEL_FILE)
 }
 
+/// Opens `path` and loads its weights for the CPU backend.
 pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
-    let started = Instant::now();
+    open(path, format)?.load_cpu()
+}
+
+/// Reads what `path` names: configuration, tokenizer and weight source (no weights yet).
+pub fn open(path: &Path, format: LoadFormat) -> anyhow::Result<ModelFiles> {
     let is_gguf = path.extension().is_some_and(|e| e == "gguf");
     let format = match format {
         LoadFormat::Auto if is_gguf => LoadFormat::Gguf,
@@ -62,16 +101,15 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
         other => other,
     };
     let name = model_name(path);
-    let loaded = match format {
+    let (config, tokenizer, source): (ModelConfig, Option<Arc<Tokenizer>>, Box<dyn WeightSource>) = match format {
         LoadFormat::Gguf | LoadFormat::Dummy if is_gguf => {
             let file = GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?;
             let tokenizer = Tokenizer::from_gguf_spec(&GgufTokenizerSpec::from_gguf(&file)?)
                 .with_context(|| format!("building the tokenizer of {}", path.display()))?;
-            let source = GgufSource::from_file(file)?;
+            let source = GgufSource::from_file(file).with_context(|| path.display().to_string())?;
             let config = source.config()?;
-            let weights: &dyn WeightSource = if format == LoadFormat::Dummy { &DummySource::new(0) } else { &source };
-            let model = CpuModel::load(config, weights, None).with_context(|| format!("loading weights from {}", path.display()))?;
-            LoadedModel { name, model, tokenizer: Some(Arc::new(tokenizer)) }
+            let source: Box<dyn WeightSource> = if format == LoadFormat::Dummy { Box::new(DummySource::new(0)) } else { Box::new(source) };
+            (config, Some(Arc::new(tokenizer)), source)
         }
         LoadFormat::Gguf => bail!("{}: --load-format gguf needs a .gguf file", path.display()),
         LoadFormat::Safetensors | LoadFormat::Dummy => {
@@ -92,33 +130,25 @@ pub fn load(path: &Path, format: LoadFormat) -> anyhow::Result<LoadedModel> {
             let tokenizer_json = dir.join("tokenizer.json");
             let tokenizer = if tokenizer_json.exists() {
                 let tokenizer_config = dir.join("tokenizer_config.json");
-                Some(
+                Some(Arc::new(
                     Tokenizer::from_file(&tokenizer_json, tokenizer_config.exists().then_some(tokenizer_config.as_path()))
                         .with_context(|| format!("loading {}", tokenizer_json.display()))?,
-                )
+                ))
             } else if format == LoadFormat::Dummy {
                 None
             } else {
                 bail!("{}: tokenizer.json is missing", dir.display());
             };
-            let model = if format == LoadFormat::Dummy {
-                CpuModel::load(config, &DummySource::new(0), None)?
+            let source: Box<dyn WeightSource> = if format == LoadFormat::Dummy {
+                Box::new(DummySource::new(0))
             } else {
-                CpuModel::load(config, &SafetensorsSource::open(&dir)?, None)
-                    .with_context(|| format!("loading weights from {}", dir.display()))?
+                Box::new(SafetensorsSource::open(&dir).with_context(|| format!("loading weights from {}", dir.display()))?)
             };
-            LoadedModel { name, model, tokenizer: tokenizer.map(Arc::new) }
+            (config, tokenizer, source)
         }
         LoadFormat::Auto => unreachable!("resolved above"),
     };
-    tracing::info!(
-        model = %loaded.name,
-        architecture = %loaded.model.config().architecture,
-        parameters = loaded.model.config().num_parameters(),
-        seconds = started.elapsed().as_secs_f32(),
-        "model loaded"
-    );
-    Ok(loaded)
+    Ok(ModelFiles { name, config, tokenizer, source, path: path.to_path_buf() })
 }
 
 /// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`; a directory -> its name.

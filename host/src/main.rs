@@ -49,12 +49,18 @@ pub(crate) struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub(crate) fn load(&self) -> anyhow::Result<loader::LoadedModel> {
+    /// The model's configuration, tokenizer and weight source, no weight read yet.
+    pub(crate) fn open(&self) -> anyhow::Result<loader::ModelFiles> {
         if let Some(threads) = self.threads {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("setting up threads")?;
         }
         let path = self.model.clone().unwrap_or_else(loader::default_model_path);
-        loader::load(&path, self.load_format)
+        loader::open(&path, self.load_format)
+    }
+
+    /// The model with its weights on the host (the CPU backend's form).
+    pub(crate) fn load(&self) -> anyhow::Result<loader::LoadedModel> {
+        self.open()?.load_cpu()
     }
 }
 
@@ -314,23 +320,23 @@ fn bench_scheduler(args: BenchSchedulerArgs) -> anyhow::Result<()> {
 
 fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     use pagedserve::bench::serve;
-    let loaded = args.model.load()?;
-    let tokenizer = loaded.tokenizer.clone().context("this model has no tokenizer")?;
+    let files = args.model.open()?;
+    let tokenizer = files.tokenizer.clone().context("this model has no tokenizer")?;
     let block_size = pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
     let num_blocks = args.num_kv_blocks.unwrap_or(args.concurrency * args.max_model_len.div_ceil(block_size));
     if let Some(path) = &args.dump_workload {
-        let workload =
-            serve::sharegpt_like_workload(args.num_requests, loaded.model.config().vocab_size, args.max_model_len, args.seed);
+        let workload = serve::sharegpt_like_workload(args.num_requests, files.config.vocab_size, args.max_model_len, args.seed);
         std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
     }
     let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.cuda {
         use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
         let dev = GpuDevice::new(0)?;
-        let mut backend = GpuBackend::new(GpuModel::from_cpu(dev, &loaded.model)?, num_blocks, block_size)?;
+        let model = GpuModel::load(dev, files.config.clone(), files.source())?;
+        let mut backend = GpuBackend::new(model, num_blocks, block_size)?;
         backend.prepare_for_serving(true, args.max_num_seqs, args.max_model_len)?;
         Box::new(backend)
     } else {
-        Box::new(pagedserve::runner::CpuBackend::new(loaded.model, num_blocks, block_size))
+        Box::new(pagedserve::runner::CpuBackend::new(files.load_cpu()?.model, num_blocks, block_size))
     };
     let options = serve::ServeOptions {
         num_requests: args.num_requests,
@@ -406,7 +412,10 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let mut rows = check::kernel_checks(&dev)?;
     rows.extend(check::gemv_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
-    let loaded = args.model.load()?;
+    let files = args.model.open()?;
+    // Dummy weights are drawn on the device by the direct path: nothing to compare with.
+    let direct = (!files.source().is_dummy()).then(|| pagedserve::cuda::GpuModel::load(dev.clone(), files.config.clone(), files.source()));
+    let loaded = files.load_cpu()?;
     let reference_path = args.reference.clone().unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2_subset.json")
     });
@@ -419,6 +428,9 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         Some(r) => r["greedy"]["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt_ids"])).collect(),
         None => pagedserve::bench::decode::synthetic_prompts(4, 23, loaded.model.config().vocab_size),
     };
+    if let Some(direct) = direct {
+        rows.push(check::check_direct_load(&dev, direct?, &loaded.model, &prompts)?);
+    }
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
     rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
     rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use pagedserve::engine::{EngineConfig, EngineHandle};
-use pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
+use pagedserve::kv_cache::{KvCacheLayout, DEFAULT_BLOCK_SIZE};
 use pagedserve::metrics::Metrics;
 use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, PluginsConfig};
 use pagedserve::runner::CpuBackend;
@@ -147,9 +147,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
     }
     let path = args.model.model.clone().unwrap_or_else(pagedserve::loader::default_model_path);
-    let loaded = args.model.load()?;
-    let tokenizer = loaded.tokenizer.context("the model has no tokenizer; the server needs one")?;
-    let config = loaded.model.config().clone();
+    let files = args.model.open()?;
+    let tokenizer = files.tokenizer.clone().context("the model has no tokenizer; the server needs one")?;
+    let config = files.config.clone();
+    let name = files.name.clone();
 
     let context = config.max_position_embeddings;
     let max_model_len = match args.max_model_len {
@@ -161,16 +162,19 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => context.min(DEFAULT_MAX_MODEL_LEN_CAP),
     };
 
-    // The GPU backend uploads its weights first, so its cache can be sized from what is left.
-    let gpu = if use_cuda {
+    // The GPU backend loads its weights straight to the device first, so its cache can be sized
+    // from what is left; the CPU backend loads them to the host.
+    let (gpu, cpu_model) = if use_cuda {
         let dev = pagedserve::cuda::GpuDevice::new(0)?;
-        let model = pagedserve::cuda::GpuModel::from_cpu(dev.clone(), &loaded.model)?;
-        tracing::info!(gpu = %dev.name, "serving on the GPU");
-        Some((dev, model))
+        tracing::info!(gpu = %dev.name, architecture = %config.architecture, "serving on the GPU");
+        let model = pagedserve::cuda::GpuModel::load(dev.clone(), config.clone(), files.source())
+            .with_context(|| format!("loading {name} to the GPU"))?;
+        drop(files);
+        (Some((dev, model)), None)
     } else {
-        None
+        (None, Some(files.load_cpu()?.model))
     };
-    let block_bytes = loaded.model.kv_layout(1, args.block_size).block_bytes(if gpu.is_some() { 2 } else { 4 });
+    let block_bytes = KvCacheLayout::for_model(&config, 1, args.block_size).block_bytes(if gpu.is_some() { 2 } else { 4 });
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n,
         None if gpu.is_some() => {
@@ -196,7 +200,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             num_blocks * args.block_size
         );
     }
-    let layout = loaded.model.kv_layout(num_blocks, args.block_size);
+    let layout = KvCacheLayout::for_model(&config, num_blocks, args.block_size);
     tracing::info!(
         blocks = num_blocks,
         block_size = args.block_size,
@@ -206,7 +210,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "KV cache sized"
     );
 
-    let model_name = args.served_model_name.clone().unwrap_or_else(|| loaded.name.clone());
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| name.clone());
     let metrics = Arc::new(Metrics::new(&model_name));
     let policy_name = match args.scheduling_policy {
         Policy::Fcfs => "fcfs",
@@ -232,7 +236,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("capturing CUDA graphs")?;
             Box::new(backend)
         }
-        None => Box::new(CpuBackend::new(loaded.model, num_blocks, args.block_size)),
+        None => Box::new(CpuBackend::new(cpu_model.expect("loaded for the CPU"), num_blocks, args.block_size)),
     };
     let engine_config = EngineConfig {
         scheduler: SchedulerConfig {

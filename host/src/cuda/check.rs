@@ -759,6 +759,30 @@ pub fn check_graphs(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u
     })
 }
 
+/// Weights loaded straight to the device (`GpuModel::load`, from the model's own source) against
+/// the host model uploaded (`GpuModel::from_cpu`): both round the same values to bfloat16, so a
+/// prefill of the prompts must give bit-identical logits.
+pub fn check_direct_load(dev: &Arc<GpuDevice>, direct: GpuModel, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<CheckRow, CudaError> {
+    let block_size = 16;
+    let blocks_per_seq = prompts.iter().map(Vec::len).max().unwrap_or(1).div_ceil(block_size);
+    let num_blocks = blocks_per_seq * prompts.len();
+    let mut batch = ForwardBatch::new(block_size, num_blocks);
+    for (i, p) in prompts.iter().enumerate() {
+        let table: Vec<u32> = ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect();
+        batch.push_seq(p, 0, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    let mut loaded = GpuBackend::new(direct, num_blocks, block_size)?;
+    let mut uploaded = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
+    let (a, b) = (loaded.forward_logits(&batch)?, uploaded.forward_logits(&batch)?);
+    let same = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+    Ok(CheckRow {
+        name: "weights straight to the device".into(),
+        detail: format!("{} logits of {} prompts bit-identical to the host upload's", a.len(), prompts.len()),
+        error: None,
+        passed: same && !a.is_empty(),
+    })
+}
+
 /// Device sampling of `rows` from host `logits` (`[num_rows, vocab]`), for the sampling checks.
 fn sample_device(dev: &GpuDevice, logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
     let on_device = dev.stream.clone_htod(logits)?;

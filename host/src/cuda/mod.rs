@@ -14,6 +14,7 @@ mod model;
 pub mod profile;
 pub mod sampling;
 mod standalone;
+pub mod weights;
 
 pub use self::device::{GpuDevice, DECODE_HEAD_DIMS};
 pub use self::model::{launch_attention, AttentionArgs, GpuBackend, GpuModel};

@@ -22,31 +22,29 @@ use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::CpuModel;
 use crate::model::rope::Rope;
-use crate::model::weights::Mlp;
+use super::weights::{GpuMatrix, GpuStore, GpuWeights};
+use crate::model::cpu::CpuMatrix;
+use crate::model::sources::DummySource;
+use crate::model::weights::{LayerWeights, Loader, Mlp, ModelWeights, WeightSource};
 use crate::model::{ModelConfig, ModelError};
 use super::sampling::sample_on_device;
 use crate::runner::{ForwardBatch, ModelBackend};
 use crate::sampling::{RowSampling, SampledRow};
 
-struct GpuLayer {
-    attn_norm: CudaSlice<f32>,
-    qkv_proj: CudaSlice<bf16>,
-    qkv_bias: Option<CudaSlice<f32>>,
-    o_proj: CudaSlice<bf16>,
-    ffn_norm: CudaSlice<f32>,
-    gate_up_proj: CudaSlice<bf16>,
-    down_proj: CudaSlice<bf16>,
-}
-
 pub struct GpuModel {
     dev: Arc<GpuDevice>,
     config: ModelConfig,
-    embed_tokens: CudaSlice<bf16>,
-    layers: Vec<GpuLayer>,
-    final_norm: CudaSlice<f32>,
-    lm_head: Option<CudaSlice<bf16>>,
+    weights: ModelWeights<GpuWeights>,
     inv_freq: CudaSlice<f32>,
     position_scale: f32,
+}
+
+/// A dense layer's gate/up and down matrices (`check_supported` refuses experts).
+fn dense(layer: &LayerWeights<GpuWeights>) -> (&GpuMatrix, &GpuMatrix) {
+    match &layer.mlp {
+        Mlp::Dense { gate_up, down } => (gate_up, down),
+        Mlp::Moe(_) => unreachable!("mixtures of experts are refused at load"),
+    }
 }
 
 pub(crate) fn ptr<T>(dev: &GpuDevice, slice: &CudaSlice<T>) -> CUdeviceptr {
@@ -63,87 +61,49 @@ impl GpuModel {
     pub fn from_cpu(dev: Arc<GpuDevice>, cpu: &CpuModel) -> Result<Self, CudaError> {
         let config = cpu.config().clone();
         check_supported(&config)?;
-        let w = cpu.weights();
-        let layers = w
-            .layers
-            .iter()
-            .map(|l| {
-                let Mlp::Dense { gate_up, down } = &l.mlp else {
-                    return Err(CudaError::Config("a mixture of experts is not supported on the GPU yet".into()));
-                };
-                Ok(GpuLayer {
-                    attn_norm: dev.stream.clone_htod(&l.attn_norm)?,
-                    qkv_proj: upload_bf16(&dev, &l.qkv.data)?,
-                    qkv_bias: l.qkv.bias.as_ref().map(|b| dev.stream.clone_htod(b)).transpose()?,
-                    o_proj: upload_bf16(&dev, &l.o_proj.data)?,
-                    ffn_norm: dev.stream.clone_htod(&l.ffn_norm)?,
-                    gate_up_proj: upload_bf16(&dev, &gate_up.data)?,
-                    down_proj: upload_bf16(&dev, &down.data)?,
-                })
+        let matrix = |m: &CpuMatrix| -> Result<GpuMatrix, CudaError> {
+            Ok(GpuMatrix {
+                rows: m.rows,
+                cols: m.cols,
+                data: upload_bf16(&dev, &m.data)?,
+                bias: m.bias.as_ref().map(|b| dev.stream.clone_htod(b)).transpose()?,
             })
-            .collect::<Result<Vec<_>, CudaError>>()?;
-        let (inv_freq, position_scale) = rope_tables(&config);
-        Ok(GpuModel {
-            embed_tokens: upload_bf16(&dev, &w.embed_tokens.data)?,
-            final_norm: dev.stream.clone_htod(&w.final_norm)?,
-            lm_head: w.lm_head.as_ref().map(|h| upload_bf16(&dev, &h.data)).transpose()?,
-            inv_freq: dev.stream.clone_htod(&inv_freq)?,
-            position_scale,
-            layers,
-            config,
-            dev,
-        })
+        };
+        let vector = |v: &Vec<f32>| -> Result<CudaSlice<f32>, CudaError> { Ok(dev.stream.clone_htod(v)?) };
+        let weights = cpu.weights().try_map::<GpuWeights, CudaError>(&matrix, &vector)?;
+        Self::with_weights(dev, config, weights)
     }
 
-    /// Deterministic random weights made on the device (`--load-format dummy` for shapes too big
-    /// to build on the host): matrices uniform with standard deviation 0.02, norms ones.
-    pub fn dummy(dev: Arc<GpuDevice>, config: ModelConfig, seed: u64) -> Result<Self, CudaError> {
+    /// Every weight of `config`'s architecture from `source`, straight to the device (see
+    /// `cuda::weights`): no host copy of the model is made.
+    pub fn load(dev: Arc<GpuDevice>, config: ModelConfig, source: &dyn WeightSource) -> Result<Self, CudaError> {
         config.validate().map_err(|e| CudaError::Config(e.to_string()))?;
         check_supported(&config)?;
-        let mut counter = seed;
-        let mut random = |n: usize| -> Result<CudaSlice<bf16>, CudaError> {
-            counter = counter.wrapping_add(0x1000_0000_0000);
-            let mut out = dev.stream.alloc_zeros::<bf16>(n)?;
-            let scale = 0.02f32 * 3f32.sqrt();
-            let n64 = n as u64;
-            let cfg = LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            unsafe {
-                dev.stream
-                    .launch_builder(dev.function("init_uniform_bf16"))
-                    .arg(&mut out)
-                    .arg(&n64)
-                    .arg(&counter)
-                    .arg(&scale)
-                    .launch(cfg)?;
-            }
-            Ok(out)
-        };
-        let h = config.hidden_size;
-        let (q, kv, inter) = (config.q_size(), config.kv_size(), config.intermediate_size);
-        let ones = |n: usize| dev.stream.clone_htod(&vec![1.0f32; n]);
-        let mut layers = Vec::new();
-        for _ in 0..config.num_hidden_layers {
-            layers.push(GpuLayer {
-                attn_norm: ones(h)?,
-                qkv_proj: random((q + 2 * kv) * h)?,
-                qkv_bias: if config.attention_bias { Some(dev.stream.alloc_zeros::<f32>(q + 2 * kv)?) } else { None },
-                o_proj: random(h * q)?,
-                ffn_norm: ones(h)?,
-                gate_up_proj: random(2 * inter * h)?,
-                down_proj: random(h * inter)?,
-            });
-        }
+        let started = std::time::Instant::now();
+        let mut store = GpuStore::new(dev.clone(), config.num_parameters() * 2);
+        let weights = config
+            .architecture
+            .load(&config, &mut Loader::new(source, &mut store))
+            .map_err(|e| CudaError::Config(e.to_string()))?;
+        dev.stream.synchronize()?;
+        tracing::info!(
+            gib = format!("{:.2}", store.bytes() as f64 / (1u64 << 30) as f64),
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            dummy = source.is_dummy(),
+            "weights on the GPU"
+        );
+        Self::with_weights(dev, config, weights)
+    }
+
+    /// Deterministic random weights made on the device (`--load-format dummy`): matrices uniform
+    /// with standard deviation 0.02, norms ones, biases zeros.
+    pub fn dummy(dev: Arc<GpuDevice>, config: ModelConfig, seed: u64) -> Result<Self, CudaError> {
+        Self::load(dev, config, &DummySource::new(seed))
+    }
+
+    fn with_weights(dev: Arc<GpuDevice>, config: ModelConfig, weights: ModelWeights<GpuWeights>) -> Result<Self, CudaError> {
         let (inv_freq, position_scale) = rope_tables(&config);
-        Ok(GpuModel {
-            embed_tokens: random(config.vocab_size * h)?,
-            final_norm: ones(h)?,
-            lm_head: if config.tie_word_embeddings { None } else { Some(random(config.vocab_size * h)?) },
-            inv_freq: dev.stream.clone_htod(&inv_freq)?,
-            position_scale,
-            layers,
-            config,
-            dev,
-        })
+        Ok(GpuModel { inv_freq: dev.stream.clone_htod(&inv_freq)?, position_scale, weights, config, dev })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -509,7 +469,7 @@ impl GpuBackend {
         let block_size = layout.block_size as i32;
         let interleaved = 0i32;
         let stream = &dev.stream;
-        let lm_head = ptr(&dev, m.lm_head.as_ref().unwrap_or(&m.embed_tokens));
+        let lm_head = m.weights.lm_head().ptr(&dev);
         let mark = |kind: &'static str| -> Result<(), CudaError> {
             match self.profiler.borrow_mut().as_mut() {
                 Some(profiler) => profiler.mark(&dev, kind),
@@ -602,7 +562,7 @@ impl GpuBackend {
             stream
                 .launch_builder(dev.function("embedding_gather"))
                 .arg(&x)
-                .arg(&ptr(&dev, &m.embed_tokens))
+                .arg(&m.weights.embed_tokens.ptr(&dev))
                 .arg(&a.tokens)
                 .arg(&hidden_i)
                 .launch(rows_cfg(h))?;
@@ -610,40 +570,40 @@ impl GpuBackend {
         if small {
             // The residual is in `residual`; each add+norm GEMV writes the sum to `spare`.
             let (mut residual, mut spare) = (x, ptr(&dev, s.x2.as_ref().unwrap()));
-            for (i, layer) in m.layers.iter().enumerate() {
+            for (i, layer) in m.weights.layers.iter().enumerate() {
                 let delta = if i == 0 { null } else { proj };
-                let bias = layer.qkv_bias.as_ref().map_or(null, |b| ptr(&dev, b));
+                let bias = layer.qkv.bias.as_ref().map_or(null, |b| ptr(&dev, b));
                 mark("gemv qkv +add+norm")?;
                 let input = add_norm_input(residual, delta, &layer.attn_norm, spare, null);
-                fused(qkv, OutType::Bf16, input, ptr(&dev, &layer.qkv_proj), bias, n, h, qkv_size)?;
+                fused(qkv, OutType::Bf16, input, layer.qkv.ptr(&dev), bias, n, h, qkv_size)?;
                 std::mem::swap(&mut residual, &mut spare);
                 rope_attention(i)?;
                 mark("gemv o_proj")?;
-                fused(proj, OutType::Bf16, GemvInput::Plain(attn), ptr(&dev, &layer.o_proj), null, n, q_size, h)?;
+                fused(proj, OutType::Bf16, GemvInput::Plain(attn), layer.o_proj.ptr(&dev), null, n, q_size, h)?;
                 mark("gemv gate_up +add+norm")?;
                 let input = add_norm_input(residual, proj, &layer.ffn_norm, spare, null);
-                fused(gate_up, OutType::Bf16, input, ptr(&dev, &layer.gate_up_proj), null, n, h, 2 * inter)?;
+                fused(gate_up, OutType::Bf16, input, dense(layer).0.ptr(&dev), null, n, h, 2 * inter)?;
                 std::mem::swap(&mut residual, &mut spare);
                 mark("gemv down +silu")?;
-                fused(proj, OutType::Bf16, GemvInput::SiluMul(gate_up), ptr(&dev, &layer.down_proj), null, n, inter, h)?;
+                fused(proj, OutType::Bf16, GemvInput::SiluMul(gate_up), dense(layer).1.ptr(&dev), null, n, inter, h)?;
             }
             if rows > 0 {
                 // The last MLP output joins the residual inside the lm_head GEMV, for the wanted
                 // rows only; nothing reads the residual after, so it is not written back.
                 let logits = ptr(&dev, s.logits.as_ref().unwrap());
                 mark("gemv lm_head +add+norm")?;
-                let input = add_norm_input(residual, proj, &m.final_norm, null, a.rows);
+                let input = add_norm_input(residual, proj, &m.weights.final_norm, null, a.rows);
                 fused(logits, OutType::F32, input, lm_head, null, rows, h, c.vocab_size)?;
             }
             return mark("end");
         }
-        for (i, layer) in m.layers.iter().enumerate() {
+        for (i, layer) in m.weights.layers.iter().enumerate() {
             // The previous layer's MLP output joins the residual stream here.
             let delta = if i == 0 { null } else { proj };
             add_norm(delta, &layer.attn_norm, hn)?;
             mark("gemm qkv")?;
-            product(qkv, OutType::Bf16, hn, ptr(&dev, &layer.qkv_proj), n, h, qkv_size)?;
-            if let Some(bias) = &layer.qkv_bias {
+            product(qkv, OutType::Bf16, hn, layer.qkv.ptr(&dev), n, h, qkv_size)?;
+            if let Some(bias) = &layer.qkv.bias {
                 let cols = qkv_size as i32;
                 mark("add_bias")?;
                 unsafe {
@@ -657,10 +617,10 @@ impl GpuBackend {
             }
             rope_attention(i)?;
             mark("gemm o_proj")?;
-            product(proj, OutType::Bf16, attn, ptr(&dev, &layer.o_proj), n, q_size, h)?;
+            product(proj, OutType::Bf16, attn, layer.o_proj.ptr(&dev), n, q_size, h)?;
             add_norm(proj, &layer.ffn_norm, hn)?;
             mark("gemm gate_up")?;
-            product(gate_up, OutType::Bf16, hn, ptr(&dev, &layer.gate_up_proj), n, h, 2 * inter)?;
+            product(gate_up, OutType::Bf16, hn, dense(layer).0.ptr(&dev), n, h, 2 * inter)?;
             mark("silu_and_mul")?;
             unsafe {
                 stream
@@ -671,10 +631,10 @@ impl GpuBackend {
                     .launch(rows_cfg(inter))?;
             }
             mark("gemm down")?;
-            product(proj, OutType::Bf16, act, ptr(&dev, &layer.down_proj), n, inter, h)?;
+            product(proj, OutType::Bf16, act, dense(layer).1.ptr(&dev), n, inter, h)?;
         }
         // The last MLP output joins the residual; only the wanted rows are normalised.
-        add_norm(proj, &m.final_norm, null)?;
+        add_norm(proj, &m.weights.final_norm, null)?;
         if rows > 0 {
             let final_h = ptr(&dev, s.final_h.as_ref().unwrap());
             mark("rmsnorm_rows")?;
@@ -683,7 +643,7 @@ impl GpuBackend {
                     .launch_builder(dev.function("rmsnorm_rows"))
                     .arg(&x)
                     .arg(&a.rows)
-                    .arg(&m.final_norm)
+                    .arg(&m.weights.final_norm)
                     .arg(&final_h)
                     .arg(&hidden_i)
                     .arg(&eps)

@@ -25,6 +25,17 @@ pub struct KvCacheLayout {
 }
 
 impl KvCacheLayout {
+    /// The layout of `config`'s cache with `num_blocks` blocks of `block_size` tokens.
+    pub fn for_model(config: &crate::model::ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        KvCacheLayout {
+            num_layers: config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        }
+    }
+
     /// Floats in one layer's key (or value) array.
     pub fn layer_len(&self) -> usize {
         self.num_blocks * self.num_kv_heads * self.block_size * self.head_dim

@@ -44,9 +44,37 @@ impl Tensor {
 
 /// Where weights come from. Names are Hugging Face's (`model.layers.3.self_attn.q_proj.weight`);
 /// a source maps them to its own naming and returns the tensor in Hugging Face's layout.
-pub trait WeightSource {
+pub trait WeightSource: Sync {
     /// The tensor with this Hugging Face name, with its shape, or `Ok(None)` if the source lacks it.
     fn load(&self, hf_name: &str, expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError>;
+
+    /// The tensor's stored bytes, when they are already in Hugging Face's layout in a float
+    /// format (a memory-mapped safetensors file): a device store copies these without a float32
+    /// copy on the host. `None` sends the store to `load`.
+    fn raw(&self, _hf_name: &str) -> Result<Option<RawTensor<'_>>, ModelError> {
+        Ok(None)
+    }
+
+    /// Whether the values are made up (`--load-format dummy`): a device store may make its own
+    /// on the device instead of asking for them.
+    fn is_dummy(&self) -> bool {
+        false
+    }
+}
+
+/// Stored tensor bytes (little-endian), as `WeightSource::raw` lends them.
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor<'a> {
+    pub dtype: RawDtype,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawDtype {
+    F32,
+    F16,
+    BF16,
 }
 
 /// The types a backend keeps weights as.
@@ -57,22 +85,66 @@ pub trait Weights {
     type Vector: Send + Sync;
 }
 
-/// Builds a backend's weights from float32 tensors, one at a time.
+/// One source tensor of a weight: a `[rows, cols]` matrix stacked with others into one (Q, K and
+/// V into QKV), or a norm's `[rows]` vector (`cols` 1). Stores read it in whichever form suits
+/// them; both check the shape.
+pub struct Part<'a> {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    source: &'a dyn WeightSource,
+}
+
+impl Part<'_> {
+    fn shape(&self) -> Vec<usize> {
+        if self.cols == 1 { vec![self.rows] } else { vec![self.rows, self.cols] }
+    }
+
+    fn shape_error(&self, got: &[usize]) -> ModelError {
+        ModelError::Shape(format!("`{}` has shape {got:?}, the config needs {:?}", self.name, self.shape()))
+    }
+
+    /// The values as float32.
+    pub fn f32(&self) -> Result<Vec<f32>, ModelError> {
+        let shape = self.shape();
+        match self.source.load(&self.name, &shape)? {
+            Some(t) if t.shape == shape => Ok(t.data),
+            Some(t) => Err(self.shape_error(&t.shape)),
+            None => Err(ModelError::MissingTensor(self.name.clone())),
+        }
+    }
+
+    /// The stored bytes, when the source lends them (see `WeightSource::raw`).
+    pub fn raw(&self) -> Result<Option<RawTensor<'_>>, ModelError> {
+        match self.source.raw(&self.name)? {
+            Some(raw) if raw.shape == self.shape().as_slice() => Ok(Some(raw)),
+            Some(raw) => Err(self.shape_error(raw.shape)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the source makes its values up (see `WeightSource::is_dummy`).
+    pub fn is_dummy(&self) -> bool {
+        self.source.is_dummy()
+    }
+}
+
+/// Builds a backend's weights, one tensor at a time.
 pub trait WeightStore {
     type Family: Weights;
 
-    /// An `[rows, cols]` matrix (`data` row-major) with an optional `[rows]` bias; `name` is for
-    /// errors and progress.
+    /// An `[rows, cols]` matrix stacked from `parts` (their rows add up to `rows`), with their
+    /// biases stacked likewise when given; `name` is for errors and progress.
     fn matrix(
         &mut self,
         name: &str,
         rows: usize,
         cols: usize,
-        data: Vec<f32>,
-        bias: Option<Vec<f32>>,
+        parts: &[Part<'_>],
+        bias: Option<&[Part<'_>]>,
     ) -> Result<<Self::Family as Weights>::Matrix, ModelError>;
 
-    fn vector(&mut self, name: &str, data: Vec<f32>) -> Result<<Self::Family as Weights>::Vector, ModelError>;
+    fn vector(&mut self, part: &Part<'_>) -> Result<<Self::Family as Weights>::Vector, ModelError>;
 }
 
 pub struct ModelWeights<W: Weights> {
@@ -88,6 +160,42 @@ impl<W: Weights> ModelWeights<W> {
     /// The output projection (the embedding matrix when tied).
     pub fn lm_head(&self) -> &W::Matrix {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// The same weights in another form: every matrix through `matrix`, every vector through
+    /// `vector` (e.g. a host copy uploaded to a device, or rounded to bfloat16).
+    pub fn try_map<V: Weights, E>(
+        &self,
+        matrix: &dyn Fn(&W::Matrix) -> Result<V::Matrix, E>,
+        vector: &dyn Fn(&W::Vector) -> Result<V::Vector, E>,
+    ) -> Result<ModelWeights<V>, E> {
+        let opt = |v: &Option<W::Vector>| v.as_ref().map(vector).transpose();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    attn_norm: vector(&l.attn_norm)?,
+                    qkv: matrix(&l.qkv)?,
+                    q_norm: opt(&l.q_norm)?,
+                    k_norm: opt(&l.k_norm)?,
+                    o_proj: matrix(&l.o_proj)?,
+                    post_attn_norm: opt(&l.post_attn_norm)?,
+                    ffn_norm: vector(&l.ffn_norm)?,
+                    post_ffn_norm: opt(&l.post_ffn_norm)?,
+                    mlp: match &l.mlp {
+                        Mlp::Dense { gate_up, down } => Mlp::Dense { gate_up: matrix(gate_up)?, down: matrix(down)? },
+                        Mlp::Moe(e) => Mlp::Moe(MoeWeights { router: matrix(&e.router)?, gate_up: matrix(&e.gate_up)?, down: matrix(&e.down)? }),
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, E>>()?;
+        Ok(ModelWeights {
+            embed_tokens: matrix(&self.embed_tokens)?,
+            layers,
+            final_norm: vector(&self.final_norm)?,
+            lm_head: self.lm_head.as_ref().map(matrix).transpose()?,
+        })
     }
 }
 
@@ -129,8 +237,7 @@ pub struct MoeWeights<W: Weights> {
     pub down: W::Matrix,
 }
 
-/// Reads tensors by Hugging Face name from a source, checks their shapes, stacks them, and hands
-/// them to a store.
+/// Names the tensors of each weight, in Hugging Face's names, and hands them to a store.
 pub struct Loader<'a, S: WeightStore> {
     source: &'a dyn WeightSource,
     pub store: &'a mut S,
@@ -141,22 +248,13 @@ impl<'a, S: WeightStore> Loader<'a, S> {
         Loader { source, store }
     }
 
-    /// The tensor `name` with exactly `shape`, or `None` if the source lacks it.
-    pub fn optional(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>, ModelError> {
-        match self.source.load(name, shape)? {
-            Some(t) if t.shape == shape => Ok(Some(t.data)),
-            Some(t) => Err(ModelError::Shape(format!("`{name}` has shape {:?}, the config needs {shape:?}", t.shape))),
-            None => Ok(None),
-        }
-    }
-
-    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        self.optional(name, shape)?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    fn part(&self, name: &str, rows: usize, cols: usize) -> Part<'a> {
+        Part { name: name.to_string(), rows, cols, source: self.source }
     }
 
     pub fn vector(&mut self, name: &str, len: usize) -> Result<<S::Family as Weights>::Vector, ModelError> {
-        let data = self.tensor(name, &[len])?;
-        self.store.vector(name, data)
+        let part = self.part(name, len, 1);
+        self.store.vector(&part)
     }
 
     pub fn optional_vector(&mut self, name: &str, len: usize, present: bool) -> Result<Option<<S::Family as Weights>::Vector>, ModelError> {
@@ -170,21 +268,28 @@ impl<'a, S: WeightStore> Loader<'a, S> {
     /// biases (`{name without .weight}.bias`) stacked likewise when `bias` is set.
     pub fn stacked(&mut self, parts: &[(String, usize)], cols: usize, bias: bool) -> Result<<S::Family as Weights>::Matrix, ModelError> {
         let rows: usize = parts.iter().map(|(_, r)| r).sum();
-        let mut data = Vec::with_capacity(rows * cols);
-        let mut biases = bias.then(|| Vec::with_capacity(rows));
-        for (name, part_rows) in parts {
-            data.extend(self.tensor(name, &[*part_rows, cols])?);
-            if let Some(b) = biases.as_mut() {
-                let bias_name = format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name));
-                b.extend(self.tensor(&bias_name, &[*part_rows])?);
-            }
-        }
+        let weights: Vec<Part<'a>> = parts.iter().map(|(name, r)| self.part(name, *r, cols)).collect();
+        let biases: Option<Vec<Part<'a>>> = bias.then(|| {
+            parts
+                .iter()
+                .map(|(name, r)| self.part(&format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name)), *r, 1))
+                .collect()
+        });
         let label = parts.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" + ");
-        self.store.matrix(&label, rows, cols, data, biases)
+        self.store.matrix(&label, rows, cols, &weights, biases.as_deref())
     }
 
     /// One `[rows, cols]` matrix.
     pub fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<<S::Family as Weights>::Matrix, ModelError> {
         self.stacked(&[(name.to_string(), rows)], cols, false)
     }
+}
+
+/// Each part's float32 values, concatenated (what a host store keeps).
+pub fn concat_f32(parts: &[Part<'_>]) -> Result<Vec<f32>, ModelError> {
+    let mut data = Vec::with_capacity(parts.iter().map(|p| p.rows * p.cols).sum());
+    for part in parts {
+        data.extend(part.f32()?);
+    }
+    Ok(data)
 }

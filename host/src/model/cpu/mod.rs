@@ -20,7 +20,7 @@ pub use self::forward::CpuOps;
 pub use self::kv_storage::CpuKvCache;
 pub use self::weights::{CpuMatrix, CpuStore, CpuWeights};
 use super::rope::Rope;
-use super::weights::{LayerWeights, Loader, Mlp, ModelWeights, MoeWeights, WeightSource};
+use super::weights::{Loader, ModelWeights, WeightSource};
 use super::{ModelConfig, ModelError};
 use crate::kv_cache::KvCacheLayout;
 use crate::runner::ForwardBatch;
@@ -58,44 +58,15 @@ impl CpuModel {
     /// A copy with every matrix passed through `f` (norm weights and biases unchanged): e.g. the
     /// weights rounded to bfloat16, to judge the GPU's arithmetic apart from its weight precision.
     pub fn map_matrices(&self, f: impl Fn(f32) -> f32 + Sync) -> CpuModel {
-        let m = |w: &CpuMatrix| CpuMatrix { data: w.data.iter().map(|&v| f(v)).collect(), ..w.clone() };
-        let w = &*self.weights;
-        let layers = w
-            .layers
-            .iter()
-            .map(|l| LayerWeights {
-                attn_norm: l.attn_norm.clone(),
-                qkv: m(&l.qkv),
-                q_norm: l.q_norm.clone(),
-                k_norm: l.k_norm.clone(),
-                o_proj: m(&l.o_proj),
-                post_attn_norm: l.post_attn_norm.clone(),
-                ffn_norm: l.ffn_norm.clone(),
-                post_ffn_norm: l.post_ffn_norm.clone(),
-                mlp: match &l.mlp {
-                    Mlp::Dense { gate_up, down } => Mlp::Dense { gate_up: m(gate_up), down: m(down) },
-                    Mlp::Moe(e) => Mlp::Moe(MoeWeights { router: m(&e.router), gate_up: m(&e.gate_up), down: m(&e.down) }),
-                },
-            })
-            .collect();
-        let weights = ModelWeights {
-            embed_tokens: m(&w.embed_tokens),
-            layers,
-            final_norm: w.final_norm.clone(),
-            lm_head: w.lm_head.as_ref().map(m),
-        };
+        let matrix = |w: &CpuMatrix| Ok::<_, ()>(CpuMatrix { data: w.data.iter().map(|&v| f(v)).collect(), ..w.clone() });
+        let vector = |v: &Vec<f32>| Ok(v.clone());
+        let weights = self.weights.try_map::<CpuWeights, ()>(&matrix, &vector).expect("mapping cannot fail");
         CpuModel::new(self.config.clone(), weights)
     }
 
     /// A cache layout for this model with `num_blocks` blocks of `block_size` tokens.
     pub fn kv_layout(&self, num_blocks: usize, block_size: usize) -> KvCacheLayout {
-        KvCacheLayout {
-            num_layers: self.config.num_hidden_layers,
-            num_blocks,
-            block_size,
-            num_kv_heads: self.config.num_key_value_heads,
-            head_dim: self.config.head_dim,
-        }
+        KvCacheLayout::for_model(&self.config, num_blocks, block_size)
     }
 
     /// Runs `batch` and returns logits `[batch.logits_rows.len(), vocab_size]`.

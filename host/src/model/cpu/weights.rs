@@ -2,7 +2,7 @@
 //! precision first, to judge a device's arithmetic apart from its weight precision), norm weights
 //! as loaded.
 
-use crate::model::weights::{WeightStore, Weights};
+use crate::model::weights::{concat_f32, Part, WeightStore, Weights};
 use crate::model::ModelError;
 
 /// The CPU backend's weight types.
@@ -38,7 +38,9 @@ pub struct CpuStore {
 impl WeightStore for CpuStore {
     type Family = CpuWeights;
 
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize, mut data: Vec<f32>, bias: Option<Vec<f32>>) -> Result<CpuMatrix, ModelError> {
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<CpuMatrix, ModelError> {
+        let mut data = concat_f32(parts)?;
+        let bias = bias.map(concat_f32).transpose()?;
         if data.len() != rows * cols || bias.as_ref().is_some_and(|b| b.len() != rows) {
             return Err(ModelError::Shape(format!("`{name}`: {} values for [{rows}, {cols}]", data.len())));
         }
@@ -48,7 +50,7 @@ impl WeightStore for CpuStore {
         Ok(CpuMatrix { rows, cols, data, bias })
     }
 
-    fn vector(&mut self, _name: &str, data: Vec<f32>) -> Result<Vec<f32>, ModelError> {
-        Ok(data)
+    fn vector(&mut self, part: &Part<'_>) -> Result<Vec<f32>, ModelError> {
+        part.f32()
     }
 }

@@ -48,6 +48,10 @@ impl WeightSource for DummySource {
         };
         Tensor::new(expected_shape.to_vec(), data).map(Some)
     }
+
+    fn is_dummy(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

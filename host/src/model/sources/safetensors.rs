@@ -8,12 +8,20 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::model::weights::{RawDtype, RawTensor};
 use crate::model::{ModelError, Tensor, WeightSource};
 
 pub struct SafetensorsSource {
     files: Vec<(PathBuf, Mmap)>,
-    /// Tensor name -> index into `files`.
-    index: HashMap<String, usize>,
+    /// Tensor name -> where it lies: its file (index into `files`), dtype, shape and byte range.
+    index: HashMap<String, Entry>,
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: std::ops::Range<usize>,
 }
 
 impl SafetensorsSource {
@@ -53,14 +61,12 @@ impl SafetensorsSource {
             // SAFETY: the map is read-only and the file is not expected to change while we run;
             // this is how every safetensors loader reads checkpoints.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let names = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?
-                .1
-                .tensors()
-                .into_keys()
-                .collect::<Vec<_>>();
-            for name in names {
-                index.insert(name, i);
+            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
+            for (name, view) in tensors.tensors() {
+                // The view's bytes lie inside the map; their offset is where they start.
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let entry = Entry { file: i, dtype: view.dtype(), shape: view.shape().to_vec(), bytes: start..start + view.data().len() };
+                index.insert(name, entry);
             }
             files.push((path, mmap));
         }
@@ -68,19 +74,37 @@ impl SafetensorsSource {
     }
 }
 
+impl SafetensorsSource {
+    fn unsupported(&self, hf_name: &str, entry: &Entry) -> ModelError {
+        ModelError::Unsupported(format!(
+            "`{hf_name}` in {} has dtype {:?} (supported: F32, F16, BF16)",
+            self.files[entry.file].0.display(),
+            entry.dtype
+        ))
+    }
+}
+
 impl WeightSource for SafetensorsSource {
-    fn load(&self, hf_name: &str, _expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
-        let Some(&file_index) = self.index.get(hf_name) else {
+    fn raw(&self, hf_name: &str) -> Result<Option<RawTensor<'_>>, ModelError> {
+        let Some(entry) = self.index.get(hf_name) else {
             return Ok(None);
         };
-        let (path, mmap) = &self.files[file_index];
-        let tensors = SafeTensors::deserialize(mmap)
-            .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
-        let view = tensors
-            .tensor(hf_name)
-            .map_err(|e| ModelError::Format(format!("{}: `{hf_name}`: {e}", path.display())))?;
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
+        let dtype = match entry.dtype {
+            Dtype::F32 => RawDtype::F32,
+            Dtype::F16 => RawDtype::F16,
+            Dtype::BF16 => RawDtype::BF16,
+            _ => return Err(self.unsupported(hf_name, entry)),
+        };
+        let bytes = &self.files[entry.file].1[entry.bytes.clone()];
+        Ok(Some(RawTensor { dtype, shape: &entry.shape, bytes }))
+    }
+
+    fn load(&self, hf_name: &str, _expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
+        let Some(entry) = self.index.get(hf_name) else {
+            return Ok(None);
+        };
+        let bytes = &self.files[entry.file].1[entry.bytes.clone()];
+        let data: Vec<f32> = match entry.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes
                 .chunks_exact(2)
@@ -90,14 +114,9 @@ impl WeightSource for SafetensorsSource {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => {
-                return Err(ModelError::Unsupported(format!(
-                    "`{hf_name}` in {} has dtype {other:?} (supported: F32, F16, BF16)",
-                    path.display()
-                )))
-            }
+            _ => return Err(self.unsupported(hf_name, entry)),
         };
-        Tensor::new(view.shape().to_vec(), data).map(Some)
+        Tensor::new(entry.shape.clone(), data).map(Some)
     }
 }
 
@@ -124,6 +143,8 @@ mod tests {
         let b = source.load("b", &[1, 3]).unwrap().unwrap();
         assert_eq!((b.shape, b.data), (vec![1, 3], vec![0.5, 3.0, -1.0]));
         assert!(source.load("missing", &[1]).unwrap().is_none());
+        let raw = source.raw("b").unwrap().unwrap();
+        assert_eq!((raw.dtype, raw.shape, raw.bytes), (RawDtype::BF16, &[1usize, 3][..], &bf16_bytes[..]));
 
         // With an index, only the files it names are read.
         let stray = TensorView::new(Dtype::F32, vec![2], &f32_bytes).unwrap();

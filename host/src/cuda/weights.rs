@@ -1,0 +1,176 @@
+//! How the CUDA backend keeps weights, and loading them straight to the device: matrices in
+//! bfloat16 (their biases and every norm weight in float32), each tensor copied from the source to
+//! its place in the device matrix as it is read.
+//!
+//! Host memory: tensors a source lends raw (memory-mapped safetensors, bfloat16, float16 or
+//! float32) go to the device through a staging buffer of `CONVERT_CHUNK` values; others (GGUF,
+//! dequantized to float32) cost one tensor's float32 copy at a time. Dummy weights are drawn on
+//! the device and never touch the host.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+use super::model::ptr;
+use super::GpuDevice;
+use crate::model::weights::{concat_f32, Part, RawDtype, WeightStore, Weights};
+use crate::model::ModelError;
+
+/// The CUDA backend's weight types.
+pub struct GpuWeights;
+
+impl Weights for GpuWeights {
+    type Matrix = GpuMatrix;
+    type Vector = CudaSlice<f32>;
+}
+
+/// A row-major `[rows, cols]` bfloat16 matrix with an optional float32 `[rows]` bias.
+pub struct GpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: CudaSlice<bf16>,
+    pub bias: Option<CudaSlice<f32>>,
+}
+
+/// Elements converted on the host per upload when a tensor is not stored as bfloat16.
+const CONVERT_CHUNK: usize = 1 << 22;
+
+/// Builds `GpuWeights` on one device, logging progress on large loads.
+pub struct GpuStore {
+    dev: Arc<GpuDevice>,
+    started: Instant,
+    bytes: usize,
+    /// Bytes the whole model's matrices take (for the progress lines).
+    total: usize,
+    /// The next progress line is logged once `bytes` passes this.
+    next_report: usize,
+}
+
+impl GpuStore {
+    /// A store for a model whose matrices take `total` bytes in bfloat16.
+    pub fn new(dev: Arc<GpuDevice>, total: usize) -> Self {
+        GpuStore { dev, started: Instant::now(), bytes: 0, total, next_report: 1 << 30 }
+    }
+
+    /// Bytes of weights on the device so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn uploaded(&mut self, name: &str, bytes: usize) {
+        self.bytes += bytes;
+        if self.bytes >= self.next_report {
+            tracing::info!(
+                percent = (100 * self.bytes / self.total.max(1)).min(100),
+                gib = format!("{:.1}", self.bytes as f64 / (1u64 << 30) as f64),
+                seconds = format!("{:.1}", self.started.elapsed().as_secs_f64()),
+                last = name,
+                "loading weights to the GPU"
+            );
+            self.next_report += 1 << 30;
+        }
+    }
+
+    fn err(e: impl std::fmt::Display) -> ModelError {
+        ModelError::Input(format!("CUDA upload: {e}"))
+    }
+
+    /// Copies `values` to `dst` from element `at` on.
+    fn copy_bf16(&self, dst: &mut CudaSlice<bf16>, at: usize, values: &[bf16]) -> Result<(), ModelError> {
+        let mut view = dst.slice_mut(at..at + values.len());
+        self.dev.stream.memcpy_htod(values, &mut view).map_err(Self::err)
+    }
+
+    /// One part's values into `dst` from element `at`: raw ones chunk by chunk, the rest through
+    /// float32.
+    fn fill_part(&self, dst: &mut CudaSlice<bf16>, at: usize, part: &Part<'_>) -> Result<(), ModelError> {
+        let n = part.rows * part.cols;
+        match part.raw()? {
+            Some(raw) => {
+                // In chunks, so the host never holds more than one chunk beyond the map.
+                let width = if raw.dtype == RawDtype::F32 { 4 } else { 2 };
+                for (chunk_index, chunk) in raw.bytes.chunks(CONVERT_CHUNK * width).enumerate() {
+                    let values: Vec<bf16> = match raw.dtype {
+                        RawDtype::BF16 => chunk.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
+                        RawDtype::F16 => chunk.chunks_exact(2).map(|b| bf16::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
+                        RawDtype::F32 => chunk.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
+                    };
+                    self.copy_bf16(dst, at + chunk_index * CONVERT_CHUNK, &values)?;
+                }
+                Ok(())
+            }
+            None => {
+                let values: Vec<bf16> = part.f32()?.into_iter().map(bf16::from_f32).collect();
+                if values.len() != n {
+                    return Err(ModelError::Shape(format!("`{}`: {} values for {n}", part.name, values.len())));
+                }
+                self.copy_bf16(dst, at, &values)
+            }
+        }
+    }
+
+    /// `n` values uniform with standard deviation 0.02, drawn on the device from a seed made of
+    /// the tensor's name (the same for every load).
+    fn random(&self, name: &str, n: usize) -> Result<CudaSlice<bf16>, ModelError> {
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        let mut out = self.dev.stream.alloc_zeros::<bf16>(n).map_err(Self::err)?;
+        let scale = 0.02f32 * 3f32.sqrt();
+        let n64 = n as u64;
+        let cfg = LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `init_uniform_bf16` writes `n` values of `out`, a live allocation of `n`.
+        unsafe {
+            self.dev
+                .stream
+                .launch_builder(self.dev.function("init_uniform_bf16"))
+                .arg(&mut out)
+                .arg(&n64)
+                .arg(&seed)
+                .arg(&scale)
+                .launch(cfg)
+                .map_err(Self::err)?;
+        }
+        Ok(out)
+    }
+}
+
+impl WeightStore for GpuStore {
+    type Family = GpuWeights;
+
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<GpuMatrix, ModelError> {
+        let dummy = parts.first().is_some_and(Part::is_dummy);
+        let data = if dummy {
+            self.random(name, rows * cols)?
+        } else {
+            let mut data = self.dev.stream.alloc_zeros::<bf16>(rows * cols).map_err(Self::err)?;
+            let mut at = 0;
+            for part in parts {
+                self.fill_part(&mut data, at, part)?;
+                at += part.rows * part.cols;
+            }
+            if at != rows * cols {
+                return Err(ModelError::Shape(format!("`{name}`: parts of {at} values for [{rows}, {cols}]")));
+            }
+            data
+        };
+        let bias = match bias {
+            Some(_) if dummy => Some(self.dev.stream.alloc_zeros::<f32>(rows).map_err(Self::err)?),
+            Some(parts) => Some(self.dev.stream.clone_htod(&concat_f32(parts)?).map_err(Self::err)?),
+            None => None,
+        };
+        self.uploaded(name, rows * cols * 2);
+        Ok(GpuMatrix { rows, cols, data, bias })
+    }
+
+    fn vector(&mut self, part: &Part<'_>) -> Result<CudaSlice<f32>, ModelError> {
+        self.dev.stream.clone_htod(&part.f32()?).map_err(Self::err)
+    }
+}
+
+impl GpuMatrix {
+    /// The device address of the matrix (for kernel arguments).
+    pub fn ptr(&self, dev: &GpuDevice) -> cudarc::driver::sys::CUdeviceptr {
+        ptr(dev, &self.data)
+    }
+}
