@@ -4,7 +4,9 @@ and the peak host memory of the process while it loads (anonymous and file-backe
 memory, sampled from /proc every 50 ms: file-backed pages are the memory-mapped weights).
 Standard library only.
 
-    python3 scripts/bench_load.py --port 8123 -- pagedserve serve --model DIR --port 8123 ...
+    python3 scripts/bench_load.py --port 8123 --label NAME -- pagedserve serve --model DIR --port 8123 ...
+
+The server's output is kept in /tmp/bench_load_NAME.log.
 """
 
 import argparse
@@ -37,7 +39,8 @@ def main():
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     started = time.time()
-    log = open(f"/tmp/bench_load_{args.port}.log", "w")
+    log_path = f"/tmp/bench_load_{args.label or args.port}.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     peak = {"RssAnon": 0, "RssFile": 0}
     ready = None
@@ -63,7 +66,7 @@ def main():
               "peak_rss_anon_mib": peak["RssAnon"], "peak_rss_file_mib": peak["RssFile"]}
     print(json.dumps(result))
     if ready is None:
-        print(open(f"/tmp/bench_load_{args.port}.log").read()[-3000:], file=sys.stderr)
+        print(open(log_path).read()[-3000:], file=sys.stderr)
         sys.exit(1)
 
 
