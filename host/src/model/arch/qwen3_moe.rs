@@ -43,7 +43,8 @@ pub fn config_from_gguf(meta: &GgufMeta<'_>) -> Result<ModelConfig, ModelError> 
         expert_intermediate_size: meta.usize("expert_feed_forward_length")?,
         // llama.cpp always renormalises Qwen3-MoE's chosen weights, as its checkpoints ask.
         norm_topk_prob: meta.opt_bool("expert_weights_norm").unwrap_or(true),
-        dense_layers: Vec::new(),
+        // A layer without a router is dense (llama.cpp's own files have none such).
+        dense_layers: (0..c.num_hidden_layers).filter(|i| !meta.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight"))).collect(),
     });
     Ok(c)
 }

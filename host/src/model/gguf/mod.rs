@@ -12,7 +12,7 @@ mod types;
 mod value;
 
 #[cfg(test)]
-mod test_writer;
+pub(crate) mod test_writer;
 #[cfg(test)]
 mod tests;
 

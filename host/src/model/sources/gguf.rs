@@ -64,3 +64,7 @@ impl WeightSource for GgufSource {
         Ok(Some(tensor))
     }
 }
+
+#[cfg(test)]
+#[path = "gguf_arch_tests.rs"]
+mod arch_tests;

@@ -1,0 +1,210 @@
+//! Every architecture llama.cpp defines, read from GGUF: each tiny transformers checkpoint of
+//! `tests/fixtures/arch/` is rewritten as a GGUF file the way llama.cpp's converter lays it out
+//! (its tensor names, written out here independently of `Arch::gguf_tensor_name`; Q/K rows
+//! permuted for `llama`; experts stacked into one 3-D tensor; Phi-3's fused tensors; RoPE
+//! settings as metadata, Llama 3's scaling as the `rope_freqs` tensor), and must load to the same
+//! configuration and give the same logits as the Hugging Face directory.
+//!
+//! Gemma 3 is left out: its GGUF metadata has no `query_pre_attn_scalar` (llama.cpp derives the
+//! scale from the head size), and the fixture sets one that differs, on purpose.
+
+use std::path::PathBuf;
+
+use crate::model::sources::{GgufSource, SafetensorsSource};
+use crate::model::arch::hf::HfConfig;
+use crate::model::arch::llama::unpermute_qk_rows;
+use crate::model::cpu::{CpuKvCache, CpuModel};
+use crate::model::gguf::test_writer::GgufBuilder;
+use crate::model::gguf::GgufValue as V;
+use crate::model::{Arch, ModelConfig, RopeScaling, WeightSource};
+use crate::runner::ForwardBatch;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arch").join(name)
+}
+
+/// llama.cpp's converter's name for a Hugging Face tensor (`None`: an expert, stacked apart).
+fn llama_cpp_name(hf: &str) -> Option<String> {
+    let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+    if let Some((_, name)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    if part.starts_with("mlp.experts.") {
+        return None;
+    }
+    let table = [
+        ("input_layernorm.weight", "attn_norm.weight"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ("self_attn.q_proj.weight", "attn_q.weight"),
+        ("self_attn.k_proj.weight", "attn_k.weight"),
+        ("self_attn.v_proj.weight", "attn_v.weight"),
+        ("self_attn.q_proj.bias", "attn_q.bias"),
+        ("self_attn.k_proj.bias", "attn_k.bias"),
+        ("self_attn.v_proj.bias", "attn_v.bias"),
+        ("self_attn.qkv_proj.weight", "attn_qkv.weight"),
+        ("self_attn.o_proj.weight", "attn_output.weight"),
+        ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+        ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+        ("mlp.gate_proj.weight", "ffn_gate.weight"),
+        ("mlp.up_proj.weight", "ffn_up.weight"),
+        ("mlp.gate_up_proj.weight", "ffn_up.weight"),
+        ("mlp.down_proj.weight", "ffn_down.weight"),
+        ("mlp.gate.weight", "ffn_gate_inp.weight"),
+    ];
+    let (_, name) = table.iter().find(|(h, _)| *h == part).unwrap_or_else(|| panic!("no llama.cpp name for {hf}"));
+    Some(format!("blk.{layer}.{name}"))
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The permutation llama.cpp applies to `llama` Q/K rows (the inverse of `unpermute_qk_rows`).
+fn permute(data: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
+    let (rows, mut out) = (data.len() / row_len, vec![0.0; data.len()]);
+    let half = rows / heads / 2;
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let (src, dst) = ((h * 2 + j) * half + i, (h * half + i) * 2 + j);
+                out[dst * row_len..(dst + 1) * row_len].copy_from_slice(&data[src * row_len..(src + 1) * row_len]);
+            }
+        }
+    }
+    assert_eq!(unpermute_qk_rows(&out, heads, row_len), data);
+    out
+}
+
+fn to_gguf(name: &str, c: &ModelConfig) -> Vec<u8> {
+    let dir = fixture(name);
+    let source = SafetensorsSource::open(&dir).unwrap();
+    let prefix = c.architecture.names().gguf.unwrap_or("llama");
+    let key = |k: &str| format!("{prefix}.{k}");
+    let mut b = GgufBuilder::new()
+        .kv("general.architecture", V::String(prefix.into()))
+        .kv(&key("embedding_length"), V::U32(c.hidden_size as u32))
+        .kv(&key("feed_forward_length"), V::U32(c.intermediate_size as u32))
+        .kv(&key("block_count"), V::U32(c.num_hidden_layers as u32))
+        .kv(&key("attention.head_count"), V::U32(c.num_attention_heads as u32))
+        .kv(&key("attention.head_count_kv"), V::U32(c.num_key_value_heads as u32))
+        .kv(&key("attention.key_length"), V::U32(c.head_dim as u32))
+        .kv(&key("attention.layer_norm_rms_epsilon"), V::F32(c.rms_norm_eps))
+        .kv(&key("rope.freq_base"), V::F32(c.rope_theta))
+        .kv(&key("rope.dimension_count"), V::U32(c.rotary_dim as u32))
+        .kv(&key("context_length"), V::U32(c.max_position_embeddings as u32))
+        .kv(&key("vocab_size"), V::U32(c.vocab_size as u32));
+    if let Some(moe) = &c.moe {
+        b = b
+            .kv(&key("expert_count"), V::U32(moe.num_experts as u32))
+            .kv(&key("expert_used_count"), V::U32(moe.top_k as u32))
+            .kv(&key("expert_feed_forward_length"), V::U32(moe.expert_intermediate_size as u32))
+            .kv(&key("expert_weights_norm"), V::Bool(moe.norm_topk_prob));
+    }
+    if let Some(w) = c.sliding_window {
+        b = b.kv(&key("attention.sliding_window"), V::U32(w as u32));
+    }
+    match &c.rope_scaling {
+        None => {}
+        Some(RopeScaling::Yarn { factor, original_max_position_embeddings, .. }) => {
+            b = b
+                .kv(&key("rope.scaling.type"), V::String("yarn".into()))
+                .kv(&key("rope.scaling.factor"), V::F32(*factor))
+                .kv(&key("rope.scaling.original_context_length"), V::U32(*original_max_position_embeddings as u32));
+        }
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            // llama.cpp's converter (`LlamaModel.generate_extra_tensors`).
+            let old = *original_max_position_embeddings as f32;
+            let factors: Vec<f32> = (0..c.head_dim / 2)
+                .map(|i| {
+                    let freq = 1.0 / c.rope_theta.powf((2 * i) as f32 / c.head_dim as f32);
+                    let wavelen = 2.0 * std::f32::consts::PI / freq;
+                    if wavelen < old / high_freq_factor {
+                        1.0
+                    } else if wavelen > old / low_freq_factor {
+                        *factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect();
+            b = b.tensor("rope_freqs.weight", &[factors.len() as u64], 0, f32_bytes(&factors));
+        }
+        Some(other) => panic!("no GGUF form written for {other:?}"),
+    }
+    let hf_names: Vec<String> = {
+        let text = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&text).unwrap();
+        let mut names: Vec<String> = meta.tensors().into_keys().collect();
+        names.sort();
+        names
+    };
+    for hf in &hf_names {
+        let Some(gguf) = llama_cpp_name(hf) else { continue };
+        let t = source.load(hf, &[]).unwrap().unwrap();
+        let row_len = if t.shape.len() == 2 { t.shape[1] } else { 1 };
+        let data = match (prefix, hf.contains("q_proj"), hf.contains("k_proj")) {
+            ("llama", true, _) => permute(&t.data, c.num_attention_heads, row_len),
+            ("llama", _, true) => permute(&t.data, c.num_key_value_heads, row_len),
+            _ => t.data,
+        };
+        let shape: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+        b = b.tensor(&gguf, &shape, 0, f32_bytes(&data));
+    }
+    if let Some(moe) = &c.moe {
+        for layer in (0..c.num_hidden_layers).filter(|l| !c.is_dense_layer(*l)) {
+            for (kind, rows, cols) in [("gate", moe.expert_intermediate_size, c.hidden_size), ("up", moe.expert_intermediate_size, c.hidden_size), ("down", c.hidden_size, moe.expert_intermediate_size)] {
+                let mut stacked = Vec::new();
+                for e in 0..moe.num_experts {
+                    let name = format!("model.layers.{layer}.mlp.experts.{e}.{kind}_proj.weight");
+                    stacked.extend(source.load(&name, &[]).unwrap().unwrap().data);
+                }
+                let shape = [cols as u64, rows as u64, moe.num_experts as u64];
+                b = b.tensor(&format!("blk.{layer}.ffn_{kind}_exps.weight"), &shape, 0, f32_bytes(&stacked));
+            }
+        }
+    }
+    b.build()
+}
+
+fn logits(model: &CpuModel, prompt: &[u32]) -> Vec<f32> {
+    let (block_size, num_blocks) = (4, prompt.len().div_ceil(4));
+    let mut batch = ForwardBatch::new(block_size, num_blocks);
+    let table: Vec<u32> = (0..num_blocks as u32).collect();
+    for (i, &t) in prompt.iter().enumerate() {
+        batch.push_seq(&[t], i, &table, true).unwrap();
+    }
+    model.forward(&batch, &mut CpuKvCache::new(model.kv_layout(num_blocks, block_size))).unwrap()
+}
+
+#[test]
+fn every_fixture_rewritten_as_gguf_loads_to_the_same_model() {
+    let prompt: Vec<u32> = (0..21u32).map(|i| (i * 97 + 13) % 2048).collect();
+    for name in ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe"] {
+        let dir = fixture(name);
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let hf = HfConfig::new(json);
+        let config = Arch::from_hf(&hf).unwrap().config_from_hf(&hf).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), to_gguf(name, &config)).unwrap();
+        let gguf = GgufSource::open(file.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut gguf_config = gguf.config().unwrap();
+        // Mistral is `llama` in GGUF; special ids come from the tokenizer metadata.
+        assert_eq!(gguf_config.architecture, if name == "mistral" { Arch::Llama } else { config.architecture }, "{name}");
+        gguf_config.architecture = config.architecture;
+        let expected = ModelConfig { bos_token_id: None, eos_token_ids: Vec::new(), ..config.clone() };
+        if name != "llama" {
+            assert_eq!(gguf_config, expected, "{name}: configuration");
+        }
+        let from_hf = CpuModel::load(config.clone(), &SafetensorsSource::open(&dir).unwrap(), None).unwrap();
+        let from_gguf = CpuModel::load(gguf_config, &gguf, None).unwrap();
+        let (want, got) = (logits(&from_hf, &prompt), logits(&from_gguf, &prompt));
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = want.iter().zip(&got).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        // Bit-identical weights, except Llama 3's RoPE, which GGUF carries as divisors.
+        let tolerance = if name == "llama" { 1e-4 } else { 0.0 };
+        assert!(err <= tolerance, "{name}: GGUF logits differ from the checkpoint's by {err:e}");
+    }
+}
