@@ -11,6 +11,7 @@
 //! (`plugin`); the CUDA backend (`cuda`) runs the same batches on a GPU.
 
 pub mod api;
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod cuda;
 pub mod engine;

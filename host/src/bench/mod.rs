@@ -1,7 +1,10 @@
-//! Benchmarks the binary runs on itself (`pagedserve bench ...`): raw decode throughput of the
-//! model at fixed batch sizes, the serving engine under a ShareGPT-like load, and the cost of a
-//! scheduling-policy call (Wasm plugin against native).
+//! The tools the binary runs on itself, outside the serving core (the `tools` feature, on by
+//! default): benchmarks (`pagedserve bench ...`: raw decode throughput of the model at fixed batch
+//! sizes, the serving engine under a ShareGPT-like load, GPU kernels and steps, the cost of a
+//! scheduling-policy call) and the GPU self-checks (`pagedserve check`, every kernel and the
+//! forward against the CPU path). Nothing in the serving core imports this module.
 
+pub mod check;
 pub mod decode;
 pub mod gpu;
 pub mod scheduler;

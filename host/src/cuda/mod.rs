@@ -3,7 +3,6 @@
 //! cached on disk, cuBLAS GEMMs in bfloat16 with float32 accumulation, and the GPU forward of the
 //! Llama family behind the same `ModelBackend` contract as the CPU path.
 
-pub mod check;
 mod device;
 pub mod gemm;
 pub mod gemv;
@@ -18,6 +17,8 @@ pub mod weights;
 
 pub use self::device::{GpuDevice, DECODE_HEAD_DIMS};
 pub use self::model::{launch_attention, AttentionArgs, GpuBackend, GpuModel};
+#[cfg(feature = "tools")]
+pub(crate) use self::model::ptr;
 pub use self::standalone::StandaloneAttention;
 
 #[derive(Debug, thiserror::Error)]

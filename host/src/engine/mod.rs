@@ -198,6 +198,16 @@ impl EngineHandle {
     }
 }
 
+impl crate::plugin::PluginHost for EngineHandle {
+    fn swap_policy(&self, policy: Box<dyn SchedulingPolicy>) -> bool {
+        self.set_policy(policy).is_ok()
+    }
+
+    fn use_registry(&self, registry: Arc<PluginRegistry>) -> bool {
+        self.set_plugins(registry).is_ok()
+    }
+}
+
 /// The engine thread's side of `Shared::waiting` (see `run`).
 struct WaitingCount<'a> {
     shared: &'a Shared,

@@ -32,7 +32,7 @@ mod slot;
 
 pub use self::config::{PluginEntry, PluginsConfig};
 pub use self::filter::{FilterFault, FilterParams, FilterRequest, FilterVerdict, OutputVerdict};
-pub use self::registry::{sha256_hex, PluginInfo, PluginRegistry, RegistryError, VersionInfo};
+pub use self::registry::{sha256_hex, PluginHost, PluginInfo, PluginRegistry, RegistryError, VersionInfo};
 pub use self::runtime::{CompileError, PluginLimits, PluginRuntime};
 pub use self::sampler::{top_candidates, PluginSampleInput, PluginSampled};
 pub use self::scheduler::WasmScheduler;

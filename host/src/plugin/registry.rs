@@ -7,7 +7,8 @@
 //! Loading compiles on the caller's thread (the admin listener's, never the engine's); a
 //! component is refused — leaving what is active unchanged — when it is too large, its sha256 is
 //! not the expected one, it is not a component of the kind's world, or its `configure` fails.
-//! Scheduler swaps go through `EngineHandle::set_policy` (between two engine steps); a new version
+//! Scheduler swaps go through `PluginHost::swap_policy` (the engine's `set_policy`, between two
+//! engine steps); a new version
 //! of the scheduler in use takes effect at the next step. Every change is logged with who asked,
 //! the old and new hash and the result.
 
@@ -23,9 +24,8 @@ use super::runtime::{CompileError, PluginRuntime};
 use super::scheduler::WasmScheduler;
 use super::slot::{PluginSlot, PluginVersion};
 use super::{FaultReason, PluginKind};
-use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-use crate::sched::native_policy;
+use crate::sched::{native_policy, SchedulingPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -85,13 +85,22 @@ pub struct PluginInfo {
     pub versions: Vec<VersionInfo>,
 }
 
+/// What the registry drives: the engine (`engine::EngineHandle` implements it). A trait, so that
+/// the plugin platform sits below the engine in the import graph.
+pub trait PluginHost: Send + Sync {
+    /// Makes `policy` the scheduling policy from the next step on; `false` if the engine is gone.
+    fn swap_policy(&self, policy: Box<dyn SchedulingPolicy>) -> bool;
+    /// Hands over the registry, where sampler plugins are looked up; `false` if the engine is gone.
+    fn use_registry(&self, registry: Arc<PluginRegistry>) -> bool;
+}
+
 pub struct PluginRegistry {
     runtime: Arc<PluginRuntime>,
     metrics: Arc<Metrics>,
     slots: Mutex<BTreeMap<(PluginKind, String), Arc<PluginSlot>>>,
     /// Filters in the order they run.
     filter_order: Mutex<Vec<String>>,
-    engine: Mutex<Option<EngineHandle>>,
+    engine: Mutex<Option<Arc<dyn PluginHost>>>,
     /// The scheduler plugin the engine uses (`None`: a native policy).
     scheduler_in_use: Mutex<Option<String>>,
 }
@@ -131,9 +140,11 @@ impl PluginRegistry {
     }
 
     /// Connects the engine: it looks sampler plugins up here, and scheduler swaps reach it.
-    pub fn attach_engine(self: &Arc<Self>, engine: EngineHandle) -> Result<(), RegistryError> {
-        engine.set_plugins(self.clone()).map_err(|_| RegistryError::EngineDown)?;
-        *lock(&self.engine) = Some(engine);
+    pub fn attach_engine(self: &Arc<Self>, engine: impl PluginHost + 'static) -> Result<(), RegistryError> {
+        if !engine.use_registry(self.clone()) {
+            return Err(RegistryError::EngineDown);
+        }
+        *lock(&self.engine) = Some(Arc::new(engine));
         Ok(())
     }
 
@@ -272,7 +283,9 @@ impl PluginRegistry {
     pub fn use_scheduler(&self, name: &str, who: &str) -> Result<(), RegistryError> {
         let slot = self.slot_or_404(PluginKind::Scheduler, name)?;
         let engine = lock(&self.engine).clone().ok_or(RegistryError::EngineDown)?;
-        engine.set_policy(Box::new(WasmScheduler::new(slot))).map_err(|_| RegistryError::EngineDown)?;
+        if !engine.swap_policy(Box::new(WasmScheduler::new(slot))) {
+            return Err(RegistryError::EngineDown);
+        }
         let old = lock(&self.scheduler_in_use).replace(name.to_string());
         self.metrics.plugin_swaps.with_label_values(&["scheduler", name]).inc();
         tracing::info!(who, old = ?old, new = name, "scheduler plugin in use");
@@ -283,7 +296,9 @@ impl PluginRegistry {
     pub fn use_native_scheduler(&self, policy: &str, who: &str) -> Result<(), RegistryError> {
         let native = native_policy(policy).ok_or_else(|| RegistryError::NotFound { kind: PluginKind::Scheduler, name: policy.into() })?;
         let engine = lock(&self.engine).clone().ok_or(RegistryError::EngineDown)?;
-        engine.set_policy(native).map_err(|_| RegistryError::EngineDown)?;
+        if !engine.swap_policy(native) {
+            return Err(RegistryError::EngineDown);
+        }
         let old = lock(&self.scheduler_in_use).take();
         tracing::info!(who, old = ?old, new = policy, "native scheduling policy in use");
         Ok(())

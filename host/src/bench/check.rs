@@ -11,11 +11,11 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::gemm::{linear, OutType};
-use super::gemv::{gemv, Gemv, GemvInput};
-use super::launch::{gemv_supports, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS};
-use super::model::ptr;
-use super::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
+use crate::cuda::gemm::{linear, OutType};
+use crate::cuda::gemv::{gemv, Gemv, GemvInput};
+use crate::cuda::launch::{gemv_supports, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS};
+use crate::cuda::ptr;
+use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
 use crate::model::config::LayerAttention;
 use crate::model::cpu::{ops, paged_attention, AttentionShape, CpuKvCache, CpuModel};
@@ -23,7 +23,7 @@ use crate::model::rope::Rope;
 use crate::runner::generate::{GenerateOptions, Generator};
 use crate::runner::{CpuBackend, ForwardBatch, ModelBackend};
 use crate::sampling::{RowSampling, Sampled, SampledRow, SamplingParams, SequenceSampler};
-use super::sampling::{sample_on_device, SamplingBuffers};
+use crate::cuda::sampling::{sample_on_device, SamplingBuffers};
 
 /// bfloat16's tolerance for one kernel's relative error.
 pub const TOLERANCE: f64 = 1e-2;

@@ -1,0 +1,430 @@
+//! The `bench` and `check` subcommands (the `tools` feature, on by default): benchmarks the
+//! binary runs on itself and the GPU self-checks, over `pagedserve::bench`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use pagedserve::loader::LoadFormat;
+use pagedserve::runner::generate::{GenerateOptions, Generator};
+
+use crate::ModelArgs;
+
+/// Runs one `bench` subcommand.
+pub(crate) fn bench(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Decode(args) => bench_decode(args),
+        BenchCommand::Serve(args) => bench_serve(args),
+        BenchCommand::Gpu(args) => bench_gpu(args),
+        BenchCommand::Scheduler(args) => bench_scheduler(args),
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Decode throughput of the model at fixed batch sizes.
+    Decode(BenchArgs),
+    /// The serving engine under a ShareGPT-like load from closed-loop clients.
+    Serve(BenchServeArgs),
+    /// GPU kernels and decode steps against the copy bandwidth measured in the same run.
+    Gpu(BenchGpuArgs),
+    /// The cost of one scheduler call with a large queue: a Wasm scheduler plugin against native FCFS.
+    Scheduler(BenchSchedulerArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Only `cuda` has anything to check against the CPU reference.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// HF transformers' reference outputs (smollm2_subset.json) for the greedy checks
+    /// [default: ../shared/reference/smollm2_subset.json beside the repository, if present]
+    #[arg(long, env = "PAGEDSERVE_REFERENCE")]
+    reference: Option<PathBuf>,
+    /// Only compile the kernels with NVRTC for this architecture (e.g. sm_90); needs no GPU.
+    #[arg(long)]
+    compile_only: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchGpuArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Batch sizes for the default model's decode step.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
+    batch_sizes: Vec<usize>,
+    /// Context length (cached positions) of each decoding sequence.
+    #[arg(long, default_value_t = 512)]
+    context: usize,
+    /// Also run the Llama-3.1-8B-shaped dummy model (16 GB of weights).
+    #[arg(long)]
+    llama_8b: bool,
+    /// Only the copy bandwidth and the attention kernels (no model is loaded).
+    #[arg(long)]
+    attention_only: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchSchedulerArgs {
+    /// The scheduler component to measure.
+    #[arg(long, default_value = "plugins/dist/fcfs.wasm")]
+    plugin: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    running: usize,
+    #[arg(long, default_value_t = 1000)]
+    waiting: usize,
+    #[arg(long, default_value_t = 2000)]
+    iterations: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 64)]
+    num_requests: usize,
+    /// Clients, each sending its next request when the previous one finishes.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_model_len: usize,
+    /// KV-cache blocks of 16 tokens [default: enough for every client at the longest length]
+    #[arg(long)]
+    num_kv_blocks: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the workload (prompt ids and output lengths) as JSON, for baselines to replay.
+    #[arg(long)]
+    dump_workload: Option<PathBuf>,
+    /// Schedule with this Wasm scheduler component instead of the native FCFS policy.
+    #[arg(long)]
+    scheduler_plugin: Option<PathBuf>,
+    /// With --scheduler-plugin: swap between it and native FCFS every N engine steps, and report
+    /// the step times around the swaps.
+    #[arg(long)]
+    swap_every: Option<usize>,
+    /// Run the model on the GPU (with decode CUDA graphs, as `serve` does) instead of the CPU.
+    #[arg(long)]
+    cuda: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch_sizes: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Tokens generated per sequence (the first is counted with the prefill, not the decode).
+    #[arg(long, default_value_t = 64)]
+    gen_len: usize,
+    /// Repetitions of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+fn bench_decode(args: BenchArgs) -> anyhow::Result<()> {
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    println!(
+        "model {} ({:.1}M parameters), {} threads, prompt {} tokens, {} generated per sequence, median of {}",
+        loaded.name,
+        model.config().num_parameters() as f64 / 1e6,
+        rayon::current_num_threads(),
+        args.prompt_len,
+        args.gen_len,
+        args.repeats
+    );
+    println!("{:>6} {:>12} {:>16} {:>14}", "batch", "prefill s", "decode tok/s", "ms/step");
+    for &batch in &args.batch_sizes {
+        let r = pagedserve::bench::decode::run(model, batch, args.prompt_len, args.gen_len, args.repeats)?;
+        println!(
+            "{:>6} {:>12.3} {:>16.1} {:>14.1}",
+            r.batch,
+            r.prefill_seconds,
+            r.decode_tokens_per_second,
+            r.step_seconds * 1e3
+        );
+    }
+    Ok(())
+}
+
+fn bench_scheduler(args: BenchSchedulerArgs) -> anyhow::Result<()> {
+    let component = std::fs::read(&args.plugin)
+        .with_context(|| format!("reading {} (build the plugins with scripts/build-plugins.sh)", args.plugin.display()))?;
+    let r = pagedserve::bench::scheduler::run(&component, args.running, args.waiting, args.iterations)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "scheduler call, {} running + {} waiting sequences, median of {} calls ({})",
+        r.running,
+        r.waiting,
+        r.iterations,
+        args.plugin.display()
+    );
+    println!("wasm plugin rank      {:>10.1} us  (p99 {:.1} us)", r.wasm_median_us, r.wasm_p99_us);
+    println!("native fcfs rank      {:>10.1} us", r.native_fcfs_median_us);
+    println!("ranking validation    {:>10.1} us  (paid by every policy)", r.validate_median_us);
+    Ok(())
+}
+
+fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
+    use pagedserve::bench::serve;
+    let files = args.model.open()?;
+    let tokenizer = files.tokenizer.clone().context("this model has no tokenizer")?;
+    let block_size = pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
+    let num_blocks = args.num_kv_blocks.unwrap_or(args.concurrency * args.max_model_len.div_ceil(block_size));
+    if let Some(path) = &args.dump_workload {
+        let workload = serve::sharegpt_like_workload(args.num_requests, files.config.vocab_size, args.max_model_len, args.seed);
+        std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
+    }
+    let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.cuda {
+        use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
+        let dev = GpuDevice::new(0)?;
+        let model = GpuModel::load(dev, files.config.clone(), files.source())?;
+        let mut backend = GpuBackend::new(model, num_blocks, block_size)?;
+        backend.prepare_for_serving(true, args.max_num_seqs, args.max_model_len)?;
+        Box::new(backend)
+    } else {
+        Box::new(pagedserve::runner::CpuBackend::new(files.load_cpu()?.model, num_blocks, block_size))
+    };
+    let options = serve::ServeOptions {
+        num_requests: args.num_requests,
+        concurrency: args.concurrency,
+        scheduler: pagedserve::sched::SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+        },
+        max_model_len: args.max_model_len,
+        seed: args.seed,
+    };
+    // The registry must outlive the run: the Wasm policy calls into its slot.
+    let mut _registry = None;
+    let mut policies: Vec<Box<dyn pagedserve::sched::SchedulingPolicy>> = Vec::new();
+    if let Some(path) = &args.scheduler_plugin {
+        use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, WasmScheduler};
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let registry = PluginRegistry::new(
+            PluginRuntime::new(PluginLimits::default())?,
+            std::sync::Arc::new(pagedserve::metrics::Metrics::new("bench")),
+        );
+        registry.install(PluginKind::Scheduler, "bench", &bytes, None, "", "bench")?;
+        let slot = registry.slot(PluginKind::Scheduler, "bench").context("installed plugin")?;
+        _registry = Some(registry);
+        policies.push(Box::new(WasmScheduler::new(slot)));
+    }
+    if policies.is_empty() || args.swap_every.is_some() {
+        policies.push(pagedserve::sched::native_policy("fcfs").context("built-in policy")?);
+    }
+    let (r, swaps) = serve::run_with_swaps(backend, tokenizer, policies, args.swap_every, &options)?;
+    if let Some(s) = &swaps {
+        println!(
+            "{} swaps: each took at most {:.1} us; median step {:.1} ms, longest step after a swap {:.1} ms, longest other step {:.1} ms",
+            s.swaps, s.max_swap_us, s.median_step_ms, s.max_step_after_swap_ms, s.max_other_step_ms
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} requests, {} clients, {} threads: {:.1} s, {} prompt + {} output tokens",
+        r.requests,
+        r.concurrency,
+        rayon::current_num_threads(),
+        r.seconds,
+        r.prompt_tokens,
+        r.output_tokens
+    );
+    println!("output throughput     {:>10.1} tokens/s", r.output_tokens_per_second);
+    println!("total throughput      {:>10.1} tokens/s", r.total_tokens_per_second);
+    println!("median TTFT           {:>10.1} ms", r.median_ttft_ms);
+    println!("median TPOT           {:>10.1} ms", r.median_tpot_ms);
+    println!("preemptions           {:>10}", r.preemptions);
+    println!("KV-cache occupancy    {:>10.1} %  (allocated slots holding tokens)", r.kv_occupancy * 100.0);
+    println!("engine steps          {:>10}", r.steps);
+    let phases: Vec<String> = r.mean_phase_ms.iter().map(|(phase, ms)| format!("{phase} {ms:.3}")).collect();
+    println!("mean ms per step      {:>10}", phases.join(", "));
+    println!("scheduling policy     {:>10}  ({} faults)", r.policy, r.policy_faults);
+    Ok(())
+}
+
+pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
+    use pagedserve::bench::check;
+    use pagedserve::cuda::GpuDevice;
+    anyhow::ensure!(args.device == "cuda", "`--device {}`: only cuda is checked against the CPU path", args.device);
+    if let Some(arch) = &args.compile_only {
+        pagedserve::cuda::kernels::compile_all(arch)?;
+        println!("every kernel module compiles for {arch}");
+        return Ok(());
+    }
+    let dev = GpuDevice::new(0)?;
+    println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
+    let mut rows = check::kernel_checks(&dev)?;
+    rows.extend(check::gemv_checks(&dev)?);
+    rows.extend(check::sampling_checks(&dev)?);
+    let files = args.model.open()?;
+    // Dummy weights are drawn on the device by the direct path: nothing to compare with.
+    let direct = (!files.source().is_dummy()).then(|| pagedserve::cuda::GpuModel::load(dev.clone(), files.config.clone(), files.source()));
+    let loaded = files.load_cpu()?;
+    let reference_path = args.reference.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2_subset.json")
+    });
+    let reference: Option<serde_json::Value> =
+        std::fs::read_to_string(&reference_path).ok().and_then(|text| serde_json::from_str(&text).ok());
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()).unwrap_or_default()
+    };
+    let prompts: Vec<Vec<u32>> = match &reference {
+        Some(r) => r["greedy"]["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt_ids"])).collect(),
+        None => pagedserve::bench::decode::synthetic_prompts(4, 23, loaded.model.config().vocab_size),
+    };
+    if let Some(direct) = direct {
+        rows.push(check::check_direct_load(&dev, direct?, &loaded.model, &prompts)?);
+    }
+    rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
+    rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
+    rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
+    if let Some(tokenizer) = loaded.tokenizer.clone() {
+        rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);
+    }
+    match &reference {
+        Some(r) if loaded.name.starts_with("SmolLM2-135M") => {
+            for p in r["greedy"]["prompts"].as_array().unwrap() {
+                let margins: Vec<f64> =
+                    p["top1_top2_logit_margin"].as_array().unwrap().iter().filter_map(|m| m.as_f64()).collect();
+                let mut row =
+                    check::check_greedy(&dev, &loaded.model, &ids(&p["prompt_ids"]), &ids(&p["new_ids"]), Some(&margins), 0.1)?;
+                row.name = format!("greedy vs HF ({})", p["kind"].as_str().unwrap_or(""));
+                rows.push(row);
+            }
+        }
+        _ if args.model.load_format == LoadFormat::Dummy => {
+            // Random weights give near-uniform logits: greedy tokens are all near-ties.
+            println!("(greedy checks skipped: dummy weights have no meaningful argmax)");
+        }
+        _ => {
+            // No reference for this model: the CPU path's greedy tokens are the expectation.
+            for prompt in &prompts {
+                let expected = Generator::new(&loaded.model, 64, 16)
+                    .generate(std::slice::from_ref(prompt), &GenerateOptions { max_new_tokens: 16, stop_token_ids: vec![], prefill_chunk: None }, |_, _| {})?
+                    .remove(0);
+                let mut row = check::check_greedy(&dev, &loaded.model, prompt, &expected, None, 0.0)?;
+                row.name = "greedy vs CPU".into();
+                rows.push(row);
+            }
+        }
+    }
+    if !check::print_table(&rows) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
+    use pagedserve::bench::gpu;
+    use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
+    let dev = GpuDevice::new(0)?;
+    println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
+    let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
+    println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
+    gpu::print_attention_decode(&dev, copy)?;
+    gpu::print_attention_prefill(&dev)?;
+    if args.attention_only {
+        return Ok(());
+    }
+    let loaded = args.model.load()?;
+    let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
+    let mut backend = GpuBackend::new(
+        GpuModel::from_cpu(dev.clone(), &loaded.model)?,
+        max_batch * args.context.div_ceil(16),
+        16,
+    )?;
+    let mut eager = Vec::new();
+    for &batch in &args.batch_sizes {
+        eager.push(gpu::decode_step_ms(&mut backend, batch, args.context, 30, false)?);
+    }
+    gpu::print_gemv_vs_cublas(&dev, 1)?;
+    // Where an eager step's time goes: batch 1 on the fused GEMV path and on cuBLAS, then the
+    // largest batch asked for up to 64 (cuBLAS, whatever the setting).
+    gpu::print_step_breakdown(&mut backend, 1, args.context, "fused GEMV path")?;
+    backend.set_gemv_enabled(false);
+    gpu::print_step_breakdown(&mut backend, 1, args.context, "cuBLAS path")?;
+    let cublas_b1 = gpu::decode_step_ms(&mut backend, 1, args.context, 30, false)?;
+    backend.capture_decode_graphs(1, args.context + 16)?;
+    let cublas_b1_graph = gpu::decode_step_ms(&mut backend, 1, args.context, 30, true)?;
+    backend.set_gemv_enabled(true);
+    if let Some(&big) = args.batch_sizes.iter().filter(|&&b| b > 8 && b <= 64).max() {
+        gpu::print_step_breakdown(&mut backend, big, args.context, "cuBLAS")?;
+    }
+    let captured = backend.capture_decode_graphs(max_batch, args.context + 16)?;
+    println!("captured {captured} decode graphs");
+    println!(
+        "{} decode step b1    c{}  cuBLAS path:   without graphs {:>8.3} ms {:>9.0} tok/s | with graphs {:>8.3} ms {:>9.0} tok/s",
+        loaded.name,
+        args.context,
+        cublas_b1,
+        1e3 / cublas_b1,
+        cublas_b1_graph,
+        1e3 / cublas_b1_graph
+    );
+    for (&batch, &ms) in args.batch_sizes.iter().zip(&eager) {
+        let graph_ms = gpu::decode_step_ms(&mut backend, batch, args.context, 30, true)?;
+        println!(
+            "{} decode step b{batch:<4} c{}  without graphs {:>8.3} ms {:>9.0} tok/s | with graphs {:>8.3} ms {:>9.0} tok/s",
+            loaded.name,
+            args.context,
+            ms,
+            batch as f64 / (ms * 1e-3),
+            graph_ms,
+            batch as f64 / (graph_ms * 1e-3)
+        );
+    }
+    // The serving path: logits to the host and the native samplers, against sampling on the
+    // device, each with and without graphs.
+    let params = pagedserve::sampling::SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(1), ..Default::default() };
+    println!("serving decode step, sampling T 0.8 top-p 0.95 (ms; host = logits to host + CPU sampler):");
+    println!("{:>6} {:>14} {:>14} {:>14} {:>14}", "batch", "host eager", "device eager", "host graphs", "device graphs");
+    for &batch in &args.batch_sizes {
+        let mut times = Vec::new();
+        for graphs in [false, true] {
+            for sampling in [gpu::StepSampling::Host, gpu::StepSampling::Device] {
+                // The host sampler sorts each row's vocabulary for top-p: fewer repeats.
+                let repeats = if sampling == gpu::StepSampling::Host { 10 } else { 30 };
+                times.push(gpu::serving_step_ms(&mut backend, batch, args.context, repeats, graphs, sampling, &params)?);
+            }
+        }
+        println!("{:>6} {:>14.3} {:>14.3} {:>14.3} {:>14.3}", batch, times[0], times[1], times[2], times[3]);
+    }
+    if args.llama_8b {
+        drop(backend);
+        let (batch, context) = (64, 2048);
+        let mut big = gpu::llama_8b_backend(&dev, batch, context)?;
+        let ms = gpu::decode_step_ms(&mut big, batch, context, 10, false)?;
+        let c = big.model().config().clone();
+        let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
+        let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;
+        println!(
+            "Llama-3.1-8B dummy decode b{batch} c{context}  {ms:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
+            ms / floor_ms
+        );
+    }
+    Ok(())
+}
