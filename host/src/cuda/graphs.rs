@@ -18,7 +18,8 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::launch::{graph_bucket, AttentionSplit, GRAPH_BUCKETS};
-use super::model::{BatchArrays, GpuBackend, Scratch};
+use super::batch::{BatchArrays, Scratch};
+use super::model::GpuBackend;
 use super::CudaError;
 use crate::runner::ForwardBatch;
 

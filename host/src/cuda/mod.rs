@@ -3,10 +3,13 @@
 //! cached on disk, cuBLAS GEMMs in bfloat16 with float32 accumulation, and the GPU forward of the
 //! Llama family behind the same `ModelBackend` contract as the CPU path.
 
+mod attention;
+mod batch;
 mod device;
 pub mod gemm;
 pub mod gemv;
 mod graphs;
+mod kv_cache;
 pub mod kernels;
 pub mod launch;
 mod model;
@@ -16,7 +19,9 @@ mod standalone;
 pub mod weights;
 
 pub use self::device::{GpuDevice, DECODE_HEAD_DIMS};
-pub use self::model::{launch_attention, AttentionArgs, GpuBackend, GpuModel};
+pub use self::attention::{launch_attention, AttentionArgs};
+pub use self::kv_cache::GpuKvCache;
+pub use self::model::{GpuBackend, GpuModel};
 #[cfg(feature = "tools")]
 pub(crate) use self::model::ptr;
 pub use self::standalone::StandaloneAttention;

@@ -3,8 +3,9 @@
 //! keys and values written through the slot mapping into a paged cache
 //! `[num_blocks, num_kv_heads, block_size, head_dim]` per layer, logits for the requested rows.
 //!
-//! All work goes to one stream; buffers are owned here and grown as batches grow, and every
-//! launch takes raw device pointers into them.
+//! All work goes to one stream; every launch takes raw device pointers. The pieces live beside
+//! this file: the weights (`weights`), the paged cache (`kv_cache`), the per-batch buffers and
+//! index upload (`batch`), attention launches (`attention`) and decode graphs (`graphs`).
 
 use std::sync::Arc;
 
@@ -14,10 +15,10 @@ use half::bf16;
 
 use super::gemm::{cublas_linear, linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput};
-use super::launch::{
-    decode_kernel_name, decode_shared_bytes, gemv_supports, pack_block_tables, plan_attention, prefill_kernel_name, row_threads,
-    AttentionPath, AttentionPlan, AttentionSplit, DECODE_THREADS, MAX_GQA_GROUP, PREFILL_THREADS,
-};
+use super::launch::{gemv_supports, plan_attention, row_threads, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
+use super::attention::{launch_attention, AttentionArgs};
+use super::batch::{upload_batch, BatchArrays, Scratch};
+use super::kv_cache::GpuKvCache;
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::CpuModel;
@@ -140,117 +141,6 @@ fn rope_tables(config: &ModelConfig) -> (Vec<f32>, f32) {
     (rope.inv_freq().to_vec(), rope.position_scale())
 }
 
-/// Keys and values of every layer on the device.
-pub struct GpuKvCache {
-    layout: KvCacheLayout,
-    keys: Vec<CudaSlice<bf16>>,
-    values: Vec<CudaSlice<bf16>>,
-}
-
-impl GpuKvCache {
-    pub fn new(dev: &GpuDevice, layout: KvCacheLayout) -> Result<Self, CudaError> {
-        let alloc = || dev.stream.alloc_zeros::<bf16>(layout.layer_len());
-        Ok(GpuKvCache {
-            keys: (0..layout.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?,
-            values: (0..layout.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?,
-            layout,
-        })
-    }
-
-    /// Blocks that fit in `bytes` of device memory for this model.
-    pub fn blocks_for_bytes(config: &ModelConfig, block_size: usize, bytes: usize) -> usize {
-        let per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * block_size * config.head_dim * 2;
-        bytes / per_block
-    }
-
-    pub fn layout(&self) -> &KvCacheLayout {
-        &self.layout
-    }
-
-    /// Raw key and value array pointers of `layer` (for kernel checks).
-    pub fn layer_ptrs(&self, dev: &GpuDevice, layer: usize) -> (CUdeviceptr, CUdeviceptr) {
-        (ptr(dev, &self.keys[layer]), ptr(dev, &self.values[layer]))
-    }
-}
-
-/// Per-batch buffers, grown to the largest batch seen.
-#[derive(Default)]
-pub(crate) struct Scratch {
-    capacity_tokens: usize,
-    capacity_rows: usize,
-    capacity_partials: usize,
-    x: Option<CudaSlice<f32>>,
-    /// The residual stream's second buffer: the fused GEMV path ping-pongs between `x` and this
-    /// (see `run_layers`).
-    x2: Option<CudaSlice<f32>>,
-    h: Option<CudaSlice<bf16>>,
-    qkv: Option<CudaSlice<bf16>>,
-    attn: Option<CudaSlice<bf16>>,
-    proj: Option<CudaSlice<bf16>>,
-    gate_up: Option<CudaSlice<bf16>>,
-    act: Option<CudaSlice<bf16>>,
-    final_h: Option<CudaSlice<bf16>>,
-    pub(crate) logits: Option<CudaSlice<f32>>,
-    part_out: Option<CudaSlice<f32>>,
-    part_max: Option<CudaSlice<f32>>,
-    part_sum: Option<CudaSlice<f32>>,
-    /// Every index array of a batch, packed, so a step makes one upload into one allocation.
-    indices: Option<CudaSlice<u32>>,
-    capacity_indices: usize,
-}
-
-impl Scratch {
-    /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
-    pub(crate) fn ensure(&mut self, dev: &GpuDevice, c: &ModelConfig, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
-        let s = self;
-        if tokens > s.capacity_tokens {
-            let t = tokens.next_power_of_two();
-            let qkv = c.q_size() + 2 * c.kv_size();
-            s.x = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.x2 = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.h = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.qkv = Some(dev.stream.alloc_zeros(t * qkv)?);
-            s.attn = Some(dev.stream.alloc_zeros(t * c.q_size())?);
-            s.proj = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.gate_up = Some(dev.stream.alloc_zeros(t * 2 * c.intermediate_size)?);
-            s.act = Some(dev.stream.alloc_zeros(t * c.intermediate_size)?);
-            s.capacity_tokens = t;
-        }
-        if rows > s.capacity_rows {
-            let r = rows.next_power_of_two();
-            s.final_h = Some(dev.stream.alloc_zeros(r * c.hidden_size)?);
-            s.logits = Some(dev.stream.alloc_zeros(r * c.vocab_size)?);
-            s.capacity_rows = r;
-        }
-        if partials > s.capacity_partials {
-            let p = partials.next_power_of_two();
-            s.part_out = Some(dev.stream.alloc_zeros(p * c.head_dim)?);
-            s.part_max = Some(dev.stream.alloc_zeros(p)?);
-            s.part_sum = Some(dev.stream.alloc_zeros(p)?);
-            s.capacity_partials = p;
-        }
-        Ok(())
-    }
-
-}
-
-/// Device pointers to the batch's index arrays (all inside one index buffer).
-pub(crate) struct BatchArrays {
-    pub tokens: CUdeviceptr,
-    pub positions: CUdeviceptr,
-    pub slots: CUdeviceptr,
-    pub token_seq: CUdeviceptr,
-    pub block_tables: CUdeviceptr,
-    pub rows: CUdeviceptr,
-    pub max_blocks: usize,
-    /// Prefill attention tiles (`AttentionPlan::tiles`, 3 words each) and their count.
-    pub tiles: CUdeviceptr,
-    pub num_tiles: usize,
-    /// Token rows of the decode attention kernel, or 0 for rows `0..num_decode`.
-    pub decode_rows: CUdeviceptr,
-    pub num_decode: usize,
-}
-
 pub struct GpuBackend {
     model: GpuModel,
     /// Holds one block more than the engine sees: the last is the trash block that idle rows of
@@ -329,49 +219,6 @@ impl GpuBackend {
         self.scratch.ensure(&dev, &self.model.config, tokens, rows, partials)
     }
 
-    fn upload(&mut self, batch: &ForwardBatch, plan: &AttentionPlan) -> Result<BatchArrays, CudaError> {
-        let dev = self.model.dev.clone();
-        let (tables, max_blocks) = pack_block_tables(batch);
-        let n = batch.num_tokens();
-        let decode_rows = plan.decode_rows.as_deref().unwrap_or(&[]);
-        let mut packed: Vec<u32> =
-            Vec::with_capacity(4 * n + tables.len() + batch.logits_rows.len() + 3 * plan.tiles.len() + decode_rows.len() + 1);
-        packed.extend_from_slice(&batch.token_ids);
-        packed.extend_from_slice(&batch.positions);
-        packed.extend_from_slice(&batch.slot_mapping);
-        packed.extend_from_slice(&batch.token_seq);
-        packed.extend_from_slice(&tables);
-        packed.extend(batch.logits_rows.iter().map(|&r| r as u32));
-        let tiles_at = packed.len();
-        packed.extend(plan.tile_words());
-        let decode_rows_at = packed.len();
-        packed.extend_from_slice(decode_rows);
-        packed.push(0);
-        let s = &mut self.scratch;
-        if packed.len() > s.capacity_indices {
-            let capacity = packed.len().next_power_of_two();
-            s.indices = Some(dev.stream.alloc_zeros(capacity)?);
-            s.capacity_indices = capacity;
-        }
-        let indices = s.indices.as_mut().unwrap();
-        dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
-        let base = ptr(&dev, indices);
-        let at = |offset: usize| base + (offset * 4) as u64;
-        Ok(BatchArrays {
-            tokens: at(0),
-            positions: at(n),
-            slots: at(2 * n),
-            token_seq: at(3 * n),
-            block_tables: at(4 * n),
-            rows: at(4 * n + tables.len()),
-            max_blocks,
-            tiles: at(tiles_at),
-            num_tiles: plan.tiles.len(),
-            decode_rows: if plan.decode_rows.is_some() { at(decode_rows_at) } else { 0 },
-            num_decode: plan.num_decode(n),
-        })
-    }
-
     /// Checks the batch, sizes the buffers, uploads the indices and enqueues the forward; the
     /// logits of the requested rows end up in `scratch.logits`. Returns the number of rows.
     fn enqueue(&mut self, batch: &ForwardBatch) -> Result<usize, CudaError> {
@@ -390,7 +237,7 @@ impl GpuBackend {
         );
         let partials = if split.splits > 1 { n * c.num_attention_heads * split.splits } else { 0 };
         self.ensure_scratch(n, rows, partials)?;
-        let arrays = self.upload(batch, &plan)?;
+        let arrays = upload_batch(&self.model.dev, &mut self.scratch, batch, &plan)?;
         self.run_layers(&self.scratch, n, rows, &arrays, split)?;
         Ok(rows)
     }
@@ -657,121 +504,6 @@ impl GpuBackend {
     }
 }
 
-/// Device pointers and sizes of one layer's attention: the prefill kernel over `tiles` (see
-/// `kernels/prefill_attention.cu`), the decode kernel over `decode_rows` (see
-/// `kernels/paged_attention.cu`); either may be empty.
-pub struct AttentionArgs {
-    pub out: CUdeviceptr,
-    pub q: CUdeviceptr,
-    pub q_stride: usize,
-    pub k_cache: CUdeviceptr,
-    pub v_cache: CUdeviceptr,
-    pub block_tables: CUdeviceptr,
-    pub token_seq: CUdeviceptr,
-    pub positions: CUdeviceptr,
-    pub max_blocks: usize,
-    /// Prefill tiles (`AttentionPlan::tiles`, 3 words each) and their count.
-    pub tiles: CUdeviceptr,
-    pub num_tiles: usize,
-    /// Token rows of the decode kernel, or 0 for rows `0..num_decode`.
-    pub decode_rows: CUdeviceptr,
-    pub num_decode: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub block_size: usize,
-    /// Split-K of the decode kernel, planned for at least the longest decode context; with more
-    /// than one split, `partials` must hold `num_tokens * num_heads * splits` rows for every token
-    /// row of the batch (they are indexed by token row, not by decode row).
-    pub split: AttentionSplit,
-    pub partials: (CUdeviceptr, CUdeviceptr, CUdeviceptr),
-}
-
-/// One layer's attention: the prefill kernel over the tiles, then the decode kernel (and the
-/// split-K reduction when `split.splits > 1`) over the decode rows. A decode-only batch launches exactly
-/// what it did before the prefill kernel existed: no tiles, no row indirection.
-pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
-    let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
-    let (heads, kv_heads, block_size) = (a.num_heads as i32, a.num_kv_heads as i32, a.block_size as i32);
-    let scale = 1.0 / (a.head_dim as f32).sqrt();
-    if a.num_tiles > 0 {
-        // Heads vary fastest, so the blocks that share a KV head's keys run side by side.
-        unsafe {
-            dev.stream
-                .launch_builder(dev.function(&prefill_kernel_name(a.head_dim)))
-                .arg(&a.out)
-                .arg(&a.q)
-                .arg(&a.k_cache)
-                .arg(&a.v_cache)
-                .arg(&a.block_tables)
-                .arg(&a.positions)
-                .arg(&a.tiles)
-                .arg(&q_stride)
-                .arg(&max_blocks)
-                .arg(&heads)
-                .arg(&kv_heads)
-                .arg(&block_size)
-                .arg(&scale)
-                .launch(LaunchConfig {
-                    grid_dim: (a.num_heads as u32, a.num_tiles as u32, 1),
-                    block_dim: (PREFILL_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                })?;
-        }
-    }
-    if a.num_decode == 0 {
-        return Ok(());
-    }
-    let kernel = dev.function(&decode_kernel_name(a.head_dim));
-    let partition = a.split.partition.min(i32::MAX as usize) as i32;
-    let (part_out, part_max, part_sum) = a.partials;
-    unsafe {
-        dev.stream
-            .launch_builder(kernel)
-            .arg(&a.out)
-            .arg(&part_out)
-            .arg(&part_max)
-            .arg(&part_sum)
-            .arg(&a.q)
-            .arg(&a.k_cache)
-            .arg(&a.v_cache)
-            .arg(&a.block_tables)
-            .arg(&a.token_seq)
-            .arg(&a.positions)
-            .arg(&a.decode_rows)
-            .arg(&q_stride)
-            .arg(&max_blocks)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&block_size)
-            .arg(&scale)
-            .arg(&partition)
-            .launch(LaunchConfig {
-                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
-                block_dim: (DECODE_THREADS, 1, 1),
-                shared_mem_bytes: decode_shared_bytes(a.head_dim) as u32,
-            })?;
-        if a.split.splits > 1 {
-            let (splits, hd) = (a.split.splits as i32, a.head_dim as i32);
-            dev.stream
-                .launch_builder(dev.function("attention_reduce"))
-                .arg(&a.out)
-                .arg(&part_out)
-                .arg(&part_max)
-                .arg(&part_sum)
-                .arg(&a.decode_rows)
-                .arg(&splits)
-                .arg(&hd)
-                .launch(LaunchConfig {
-                    grid_dim: (a.num_decode as u32, a.num_heads as u32, 1),
-                    block_dim: (a.head_dim as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                })?;
-        }
-    }
-    Ok(())
-}
-
 impl ModelBackend for GpuBackend {
     fn config(&self) -> &ModelConfig {
         &self.model.config
@@ -782,28 +514,7 @@ impl ModelBackend for GpuBackend {
     }
 
     fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {
-        let dev = self.model.dev.clone();
-        let layout = *self.cache.layout();
-        let len = layout.num_kv_heads * layout.block_size * layout.head_dim;
-        for array in self.cache.keys.iter().chain(self.cache.values.iter()) {
-            let base = ptr(&dev, array);
-            for &(src, dst) in copies {
-                let bytes = (len * 2) as u64;
-                // SAFETY: distinct blocks of one live allocation never overlap; same stream as
-                // every kernel that reads or writes the cache.
-                let result = unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        base + dst as u64 * bytes,
-                        base + src as u64 * bytes,
-                        bytes as usize,
-                        dev.stream.cu_stream(),
-                    )
-                };
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "copy-on-write block copy failed");
-                }
-            }
-        }
+        self.cache.copy_blocks(&self.model.dev, copies);
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {

@@ -1,0 +1,123 @@
+//! Launching one layer's paged attention: the flash prefill kernel over the batch's tiles, the
+//! decode kernel over its decode rows, and the split-K reduction when decode is split.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::launch::{decode_kernel_name, decode_shared_bytes, prefill_kernel_name, AttentionSplit, DECODE_THREADS, PREFILL_THREADS};
+use super::{CudaError, GpuDevice};
+
+/// Device pointers and sizes of one layer's attention: the prefill kernel over `tiles` (see
+/// `kernels/prefill_attention.cu`), the decode kernel over `decode_rows` (see
+/// `kernels/paged_attention.cu`); either may be empty.
+pub struct AttentionArgs {
+    pub out: CUdeviceptr,
+    pub q: CUdeviceptr,
+    pub q_stride: usize,
+    pub k_cache: CUdeviceptr,
+    pub v_cache: CUdeviceptr,
+    pub block_tables: CUdeviceptr,
+    pub token_seq: CUdeviceptr,
+    pub positions: CUdeviceptr,
+    pub max_blocks: usize,
+    /// Prefill tiles (`AttentionPlan::tiles`, 3 words each) and their count.
+    pub tiles: CUdeviceptr,
+    pub num_tiles: usize,
+    /// Token rows of the decode kernel, or 0 for rows `0..num_decode`.
+    pub decode_rows: CUdeviceptr,
+    pub num_decode: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Split-K of the decode kernel, planned for at least the longest decode context; with more
+    /// than one split, `partials` must hold `num_tokens * num_heads * splits` rows for every token
+    /// row of the batch (they are indexed by token row, not by decode row).
+    pub split: AttentionSplit,
+    pub partials: (CUdeviceptr, CUdeviceptr, CUdeviceptr),
+}
+
+/// One layer's attention: the prefill kernel over the tiles, then the decode kernel (and the
+/// split-K reduction when `split.splits > 1`) over the decode rows. A decode-only batch launches exactly
+/// what it did before the prefill kernel existed: no tiles, no row indirection.
+pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
+    let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
+    let (heads, kv_heads, block_size) = (a.num_heads as i32, a.num_kv_heads as i32, a.block_size as i32);
+    let scale = 1.0 / (a.head_dim as f32).sqrt();
+    if a.num_tiles > 0 {
+        // Heads vary fastest, so the blocks that share a KV head's keys run side by side.
+        unsafe {
+            dev.stream
+                .launch_builder(dev.function(&prefill_kernel_name(a.head_dim)))
+                .arg(&a.out)
+                .arg(&a.q)
+                .arg(&a.k_cache)
+                .arg(&a.v_cache)
+                .arg(&a.block_tables)
+                .arg(&a.positions)
+                .arg(&a.tiles)
+                .arg(&q_stride)
+                .arg(&max_blocks)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&block_size)
+                .arg(&scale)
+                .launch(LaunchConfig {
+                    grid_dim: (a.num_heads as u32, a.num_tiles as u32, 1),
+                    block_dim: (PREFILL_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                })?;
+        }
+    }
+    if a.num_decode == 0 {
+        return Ok(());
+    }
+    let kernel = dev.function(&decode_kernel_name(a.head_dim));
+    let partition = a.split.partition.min(i32::MAX as usize) as i32;
+    let (part_out, part_max, part_sum) = a.partials;
+    unsafe {
+        dev.stream
+            .launch_builder(kernel)
+            .arg(&a.out)
+            .arg(&part_out)
+            .arg(&part_max)
+            .arg(&part_sum)
+            .arg(&a.q)
+            .arg(&a.k_cache)
+            .arg(&a.v_cache)
+            .arg(&a.block_tables)
+            .arg(&a.token_seq)
+            .arg(&a.positions)
+            .arg(&a.decode_rows)
+            .arg(&q_stride)
+            .arg(&max_blocks)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&block_size)
+            .arg(&scale)
+            .arg(&partition)
+            .launch(LaunchConfig {
+                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
+                block_dim: (DECODE_THREADS, 1, 1),
+                shared_mem_bytes: decode_shared_bytes(a.head_dim) as u32,
+            })?;
+        if a.split.splits > 1 {
+            let (splits, hd) = (a.split.splits as i32, a.head_dim as i32);
+            dev.stream
+                .launch_builder(dev.function("attention_reduce"))
+                .arg(&a.out)
+                .arg(&part_out)
+                .arg(&part_max)
+                .arg(&part_sum)
+                .arg(&a.decode_rows)
+                .arg(&splits)
+                .arg(&hd)
+                .launch(LaunchConfig {
+                    grid_dim: (a.num_decode as u32, a.num_heads as u32, 1),
+                    block_dim: (a.head_dim as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                })?;
+        }
+    }
+    Ok(())
+}

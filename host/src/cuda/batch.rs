@@ -1,0 +1,135 @@
+//! Per-batch device state of the forward: the activation buffers (`Scratch`, grown to the largest
+//! batch seen) and the batch's index arrays (token ids, positions, slots, block tables, logits
+//! rows, attention tiles), packed into one buffer and uploaded once per step (`upload_batch`).
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+use super::launch::{pack_block_tables, AttentionPlan};
+use super::model::ptr;
+use super::{CudaError, GpuDevice};
+use crate::model::ModelConfig;
+use crate::runner::ForwardBatch;
+
+/// Per-batch buffers, grown to the largest batch seen.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    capacity_tokens: usize,
+    capacity_rows: usize,
+    capacity_partials: usize,
+    pub(crate) x: Option<CudaSlice<f32>>,
+    /// The residual stream's second buffer: the fused GEMV path ping-pongs between `x` and this
+    /// (see `run_layers`).
+    pub(crate) x2: Option<CudaSlice<f32>>,
+    pub(crate) h: Option<CudaSlice<bf16>>,
+    pub(crate) qkv: Option<CudaSlice<bf16>>,
+    pub(crate) attn: Option<CudaSlice<bf16>>,
+    pub(crate) proj: Option<CudaSlice<bf16>>,
+    pub(crate) gate_up: Option<CudaSlice<bf16>>,
+    pub(crate) act: Option<CudaSlice<bf16>>,
+    pub(crate) final_h: Option<CudaSlice<bf16>>,
+    pub(crate) logits: Option<CudaSlice<f32>>,
+    pub(crate) part_out: Option<CudaSlice<f32>>,
+    pub(crate) part_max: Option<CudaSlice<f32>>,
+    pub(crate) part_sum: Option<CudaSlice<f32>>,
+    /// Every index array of a batch, packed, so a step makes one upload into one allocation.
+    pub(crate) indices: Option<CudaSlice<u32>>,
+    pub(crate) capacity_indices: usize,
+}
+
+impl Scratch {
+    /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
+    pub(crate) fn ensure(&mut self, dev: &GpuDevice, c: &ModelConfig, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
+        let s = self;
+        if tokens > s.capacity_tokens {
+            let t = tokens.next_power_of_two();
+            let qkv = c.q_size() + 2 * c.kv_size();
+            s.x = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.x2 = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.h = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.qkv = Some(dev.stream.alloc_zeros(t * qkv)?);
+            s.attn = Some(dev.stream.alloc_zeros(t * c.q_size())?);
+            s.proj = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
+            s.gate_up = Some(dev.stream.alloc_zeros(t * 2 * c.intermediate_size)?);
+            s.act = Some(dev.stream.alloc_zeros(t * c.intermediate_size)?);
+            s.capacity_tokens = t;
+        }
+        if rows > s.capacity_rows {
+            let r = rows.next_power_of_two();
+            s.final_h = Some(dev.stream.alloc_zeros(r * c.hidden_size)?);
+            s.logits = Some(dev.stream.alloc_zeros(r * c.vocab_size)?);
+            s.capacity_rows = r;
+        }
+        if partials > s.capacity_partials {
+            let p = partials.next_power_of_two();
+            s.part_out = Some(dev.stream.alloc_zeros(p * c.head_dim)?);
+            s.part_max = Some(dev.stream.alloc_zeros(p)?);
+            s.part_sum = Some(dev.stream.alloc_zeros(p)?);
+            s.capacity_partials = p;
+        }
+        Ok(())
+    }
+
+}
+
+/// Device pointers to the batch's index arrays (all inside one index buffer).
+pub(crate) struct BatchArrays {
+    pub tokens: CUdeviceptr,
+    pub positions: CUdeviceptr,
+    pub slots: CUdeviceptr,
+    pub token_seq: CUdeviceptr,
+    pub block_tables: CUdeviceptr,
+    pub rows: CUdeviceptr,
+    pub max_blocks: usize,
+    /// Prefill attention tiles (`AttentionPlan::tiles`, 3 words each) and their count.
+    pub tiles: CUdeviceptr,
+    pub num_tiles: usize,
+    /// Token rows of the decode attention kernel, or 0 for rows `0..num_decode`.
+    pub decode_rows: CUdeviceptr,
+    pub num_decode: usize,
+}
+
+/// Packs every index array of `batch` (and the attention plan's tiles and decode rows) into one
+/// buffer of `scratch` with one upload, and returns where each lies.
+pub(crate) fn upload_batch(dev: &GpuDevice, scratch: &mut Scratch, batch: &ForwardBatch, plan: &AttentionPlan) -> Result<BatchArrays, CudaError> {
+    let (tables, max_blocks) = pack_block_tables(batch);
+    let n = batch.num_tokens();
+    let decode_rows = plan.decode_rows.as_deref().unwrap_or(&[]);
+    let mut packed: Vec<u32> =
+        Vec::with_capacity(4 * n + tables.len() + batch.logits_rows.len() + 3 * plan.tiles.len() + decode_rows.len() + 1);
+    packed.extend_from_slice(&batch.token_ids);
+    packed.extend_from_slice(&batch.positions);
+    packed.extend_from_slice(&batch.slot_mapping);
+    packed.extend_from_slice(&batch.token_seq);
+    packed.extend_from_slice(&tables);
+    packed.extend(batch.logits_rows.iter().map(|&r| r as u32));
+    let tiles_at = packed.len();
+    packed.extend(plan.tile_words());
+    let decode_rows_at = packed.len();
+    packed.extend_from_slice(decode_rows);
+    packed.push(0);
+    let s = scratch;
+    if packed.len() > s.capacity_indices {
+        let capacity = packed.len().next_power_of_two();
+        s.indices = Some(dev.stream.alloc_zeros(capacity)?);
+        s.capacity_indices = capacity;
+    }
+    let indices = s.indices.as_mut().unwrap();
+    dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
+    let base = ptr(dev, indices);
+    let at = |offset: usize| base + (offset * 4) as u64;
+    Ok(BatchArrays {
+        tokens: at(0),
+        positions: at(n),
+        slots: at(2 * n),
+        token_seq: at(3 * n),
+        block_tables: at(4 * n),
+        rows: at(4 * n + tables.len()),
+        max_blocks,
+        tiles: at(tiles_at),
+        num_tiles: plan.tiles.len(),
+        decode_rows: if plan.decode_rows.is_some() { at(decode_rows_at) } else { 0 },
+        num_decode: plan.num_decode(n),
+    })
+}
