@@ -48,11 +48,15 @@ impl<'a> CpuOps<'a> {
         self.batch.num_tokens()
     }
 
+    /// A new activation of `width` columns. Its contents are stale (a reused buffer is not
+    /// cleared): every operation writes the whole of its output.
     fn alloc(&mut self, width: usize) -> Act {
         let len = self.n() * width;
         let mut buffer = self.spare.pop().unwrap_or_default();
-        buffer.clear();
-        buffer.resize(len, 0.0);
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        }
+        buffer.truncate(len);
         self.acts.push(Some(buffer));
         Act(self.acts.len() - 1)
     }
@@ -68,6 +72,17 @@ impl<'a> CpuOps<'a> {
 
     fn put(&mut self, act: Act, buffer: Vec<f32>) {
         self.acts[act.0] = Some(buffer);
+    }
+
+    /// `x += delta`, element by element (a thread pool costs more than it saves on rows this
+    /// cheap).
+    fn add_into(&mut self, x: Act, delta: Act) -> Result<(), ModelError> {
+        let mut values = self.take(x)?;
+        for (a, b) in values.iter_mut().zip(self.get(delta)?) {
+            *a += b;
+        }
+        self.put(x, values);
+        Ok(())
     }
 
     fn width(&self, act: Act) -> Result<usize, ModelError> {
@@ -147,12 +162,9 @@ impl Ops for CpuOps<'_> {
     }
 
     fn add_norm(&mut self, residual: Act, delta: Option<Act>, weight: &Vec<f32>, norm: Norm) -> Result<Act, ModelError> {
-        let mut x = self.take(residual)?;
         if let Some(delta) = delta {
-            let d = self.get(delta)?;
-            x.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
+            self.add_into(residual, delta)?;
         }
-        self.put(residual, x);
         self.norm(residual, weight, norm)
     }
 
@@ -281,10 +293,10 @@ impl Ops for CpuOps<'_> {
         cap: Option<f32>,
     ) -> Result<(), ModelError> {
         let h = final_norm.len();
-        let mut x = self.take(residual)?;
         if let Some(delta) = delta {
-            x.par_iter_mut().zip(self.get(delta)?.par_iter()).for_each(|(a, b)| *a += b);
+            self.add_into(residual, delta)?;
         }
+        let x = self.take(residual)?;
         let rows = &self.batch.logits_rows;
         let mut selected = vec![0.0f32; rows.len() * h];
         for (out, &row) in selected.chunks_exact_mut(h).zip(rows) {
