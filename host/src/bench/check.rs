@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{gemv_supports, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS};
-use crate::cuda::ptr;
+use crate::cuda::{launchers, ptr};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
 use crate::model::config::LayerAttention;
@@ -234,26 +234,29 @@ pub fn check_rope(
     let v_cache = stream.clone_htod(&vec![bf16::ZERO; layout.layer_len()])?;
     let (heads_i, kv_heads_i, hd_i, bs_i) = (heads as i32, kv_heads as i32, head_dim as i32, block_size as i32);
     let (position_scale, interleaved_i) = (1.0f32, interleaved as i32);
+    let config = LaunchConfig {
+        grid_dim: (tokens as u32, 1, 1),
+        block_dim: (row_threads((heads + kv_heads) * head_dim / 2), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every buffer was allocated above for `tokens` tokens and the cache layout.
     unsafe {
-        stream
-            .launch_builder(dev.function("rope_and_cache"))
-            .arg(&qkv_dev)
-            .arg(&positions_dev)
-            .arg(&slots_dev)
-            .arg(&inv_freq_dev)
-            .arg(&k_cache)
-            .arg(&v_cache)
-            .arg(&heads_i)
-            .arg(&kv_heads_i)
-            .arg(&hd_i)
-            .arg(&bs_i)
-            .arg(&position_scale)
-            .arg(&interleaved_i)
-            .launch(LaunchConfig {
-                grid_dim: (tokens as u32, 1, 1),
-                block_dim: (row_threads((heads + kv_heads) * head_dim / 2), 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+        launchers::rope_and_cache(
+            dev,
+            config,
+            ptr(dev, &qkv_dev),
+            ptr(dev, &positions_dev),
+            ptr(dev, &slots_dev),
+            ptr(dev, &inv_freq_dev),
+            ptr(dev, &k_cache),
+            ptr(dev, &v_cache),
+            heads_i,
+            kv_heads_i,
+            hd_i,
+            bs_i,
+            position_scale,
+            interleaved_i,
+        )?;
     }
     let mut got = download_bf16(dev, &qkv_dev, tokens * width)?;
     got.extend(download_bf16(dev, &k_cache, layout.layer_len())?);
@@ -285,16 +288,10 @@ pub fn check_rmsnorm(dev: &GpuDevice, tokens: usize, hidden: usize, seed: u64) -
     let w_dev = stream.clone_htod(&weight)?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * hidden])?;
     let (hidden_i, eps) = (hidden as i32, 1e-5f32);
+    let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (row_threads(hidden), 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: every buffer was allocated above for `tokens` rows of `hidden`.
     unsafe {
-        stream
-            .launch_builder(dev.function("fused_add_rmsnorm"))
-            .arg(&x_dev)
-            .arg(&delta_dev)
-            .arg(&w_dev)
-            .arg(&out_dev)
-            .arg(&hidden_i)
-            .arg(&eps)
-            .launch(LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (row_threads(hidden), 1, 1), shared_mem_bytes: 0 })?;
+        launchers::fused_add_rmsnorm(dev, config, ptr(dev, &x_dev), ptr(dev, &delta_dev), ptr(dev, &w_dev), ptr(dev, &out_dev), hidden_i, eps)?;
     }
     let got = download_bf16(dev, &out_dev, tokens * hidden)?;
     Ok(CheckRow::error("fused_add_rmsnorm", format!("{tokens} x {hidden}"), relative_error(&got, &want)))
@@ -312,14 +309,9 @@ pub fn check_silu(dev: &GpuDevice, tokens: usize, inter: usize, seed: u64) -> Re
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * inter])?;
     let inter_i = inter as i32;
-    unsafe {
-        stream
-            .launch_builder(dev.function("silu_and_mul"))
-            .arg(&out_dev)
-            .arg(&in_dev)
-            .arg(&inter_i)
-            .launch(LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (row_threads(inter), 1, 1), shared_mem_bytes: 0 })?;
-    }
+    let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (row_threads(inter), 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: every buffer was allocated above for `tokens` rows.
+    unsafe { launchers::silu_and_mul(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), inter_i)? };
     let got = download_bf16(dev, &out_dev, tokens * inter)?;
     Ok(CheckRow::error("silu_and_mul", format!("{tokens} x {inter}"), relative_error(&got, &want)))
 }

@@ -10,20 +10,15 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
 use super::median;
 use crate::cuda::gemm::{cublas_linear, linear, OutType};
 use crate::cuda::launch::{decode_kernel_name, prefill_kernel_name, AttentionPath, AttentionSplit};
 use crate::cuda::profile::{KindTime, StepProfiler};
-use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel};
+use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::ModelConfig;
 use crate::runner::ForwardBatch;
-
-fn ptr<T>(dev: &GpuDevice, s: &CudaSlice<T>) -> u64 {
-    s.device_ptr(&dev.stream).0
-}
 
 /// Median milliseconds of `f` over `repeats` runs after `warmup`, timed with events.
 pub fn time_ms(dev: &GpuDevice, warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<(), CudaError>) -> Result<f64, CudaError> {

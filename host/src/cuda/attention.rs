@@ -2,9 +2,10 @@
 //! decode kernel over its decode rows, and the split-K reduction when decode is split.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
-use super::launch::{decode_kernel_name, decode_shared_bytes, prefill_kernel_name, AttentionSplit, DECODE_THREADS, PREFILL_THREADS};
+use super::launch::{decode_shared_bytes, AttentionSplit, DECODE_THREADS, PREFILL_THREADS};
+use super::launchers;
 use super::{CudaError, GpuDevice};
 
 /// Device pointers and sizes of one layer's attention: the prefill kernel over `tiles` (see
@@ -46,77 +47,43 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
     let scale = 1.0 / (a.head_dim as f32).sqrt();
     if a.num_tiles > 0 {
         // Heads vary fastest, so the blocks that share a KV head's keys run side by side.
+        let config = LaunchConfig {
+            grid_dim: (a.num_heads as u32, a.num_tiles as u32, 1),
+            block_dim: (PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's pointers describe the batch (see `AttentionArgs`).
         unsafe {
-            dev.stream
-                .launch_builder(dev.function(&prefill_kernel_name(a.head_dim)))
-                .arg(&a.out)
-                .arg(&a.q)
-                .arg(&a.k_cache)
-                .arg(&a.v_cache)
-                .arg(&a.block_tables)
-                .arg(&a.positions)
-                .arg(&a.tiles)
-                .arg(&q_stride)
-                .arg(&max_blocks)
-                .arg(&heads)
-                .arg(&kv_heads)
-                .arg(&block_size)
-                .arg(&scale)
-                .launch(LaunchConfig {
-                    grid_dim: (a.num_heads as u32, a.num_tiles as u32, 1),
-                    block_dim: (PREFILL_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                })?;
+            launchers::prefill_attention(
+                dev, a.head_dim, config, a.out, a.q, a.k_cache, a.v_cache, a.block_tables, a.positions, a.tiles, q_stride,
+                max_blocks, heads, kv_heads, block_size, scale,
+            )?;
         }
     }
     if a.num_decode == 0 {
         return Ok(());
     }
-    let kernel = dev.function(&decode_kernel_name(a.head_dim));
     let partition = a.split.partition.min(i32::MAX as usize) as i32;
     let (part_out, part_max, part_sum) = a.partials;
+    let config = LaunchConfig {
+        grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: decode_shared_bytes(a.head_dim) as u32,
+    };
+    // SAFETY: as above; with splits, the partials hold a row per (token, head, split).
     unsafe {
-        dev.stream
-            .launch_builder(kernel)
-            .arg(&a.out)
-            .arg(&part_out)
-            .arg(&part_max)
-            .arg(&part_sum)
-            .arg(&a.q)
-            .arg(&a.k_cache)
-            .arg(&a.v_cache)
-            .arg(&a.block_tables)
-            .arg(&a.token_seq)
-            .arg(&a.positions)
-            .arg(&a.decode_rows)
-            .arg(&q_stride)
-            .arg(&max_blocks)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&block_size)
-            .arg(&scale)
-            .arg(&partition)
-            .launch(LaunchConfig {
-                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
-                block_dim: (DECODE_THREADS, 1, 1),
-                shared_mem_bytes: decode_shared_bytes(a.head_dim) as u32,
-            })?;
+        launchers::paged_attention(
+            dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
+            a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
+        )?;
         if a.split.splits > 1 {
             let (splits, hd) = (a.split.splits as i32, a.head_dim as i32);
-            dev.stream
-                .launch_builder(dev.function("attention_reduce"))
-                .arg(&a.out)
-                .arg(&part_out)
-                .arg(&part_max)
-                .arg(&part_sum)
-                .arg(&a.decode_rows)
-                .arg(&splits)
-                .arg(&hd)
-                .launch(LaunchConfig {
-                    grid_dim: (a.num_decode as u32, a.num_heads as u32, 1),
-                    block_dim: (a.head_dim as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                })?;
+            let config = LaunchConfig {
+                grid_dim: (a.num_decode as u32, a.num_heads as u32, 1),
+                block_dim: (a.head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launchers::attention_reduce(dev, config, a.out, part_out, part_max, part_sum, a.decode_rows, splits, hd)?;
         }
     }
     Ok(())

@@ -7,10 +7,11 @@
 //! synchronisation.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode, GEMV_WARPS};
+use super::launch::{gemv_grid, gemv_shared_bytes, gemv_supports, GemvMode, GEMV_WARPS};
+use super::launchers;
 use super::{CudaError, GpuDevice};
 
 /// Where the GEMV's input rows come from (device pointers; 0 is "none" where optional).
@@ -74,25 +75,11 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
-    dev.stream
-        .launch_builder(dev.function(&gemv_kernel_name(g.input.mode(), g.m)))
-        .arg(&g.out)
-        .arg(&out_f32)
-        .arg(&x)
-        .arg(&delta)
-        .arg(&weight)
-        .arg(&residual_out)
-        .arg(&rows)
-        .arg(&g.bias)
-        .arg(&g.w)
-        .arg(&m)
-        .arg(&n)
-        .arg(&k)
-        .arg(&eps)
-        .launch(LaunchConfig {
-            grid_dim: (gemv_grid(g.n, dev.num_sms), 1, 1),
-            block_dim: (GEMV_WARPS * 32, 1, 1),
-            shared_mem_bytes: gemv_shared_bytes(g.m, g.k) as u32,
-        })?;
+    let config = LaunchConfig {
+        grid_dim: (gemv_grid(g.n, dev.num_sms), 1, 1),
+        block_dim: (GEMV_WARPS * 32, 1, 1),
+        shared_mem_bytes: gemv_shared_bytes(g.m, g.k) as u32,
+    };
+    launchers::gemv(dev, g.input.mode(), g.m, config, g.out, out_f32, x, delta, weight, residual_out, rows, g.bias, g.w, m, n, k, eps)?;
     Ok(())
 }

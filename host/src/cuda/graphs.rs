@@ -15,8 +15,10 @@
 use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig};
 
+use super::launchers;
+use super::model::ptr;
 use super::launch::{graph_bucket, AttentionSplit, GRAPH_BUCKETS};
 use super::batch::{BatchArrays, Scratch};
 use super::model::GpuBackend;
@@ -168,14 +170,9 @@ impl GpuBackend {
     pub(crate) fn launch_argmax(&self, logits: u64, out: &CudaSlice<u32>, rows: usize) -> Result<(), CudaError> {
         let dev = self.model().device();
         let vocab = self.model().config().vocab_size as i32;
-        unsafe {
-            dev.stream
-                .launch_builder(dev.function("argmax_rows"))
-                .arg(out)
-                .arg(&logits)
-                .arg(&vocab)
-                .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })?;
-        }
+        let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `logits` holds `rows` rows of `vocab`, `out` `rows` tokens.
+        unsafe { launchers::argmax_rows(dev, config, ptr(dev, out), logits, vocab)? };
         Ok(())
     }
 

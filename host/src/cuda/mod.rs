@@ -12,6 +12,7 @@ mod graphs;
 mod kv_cache;
 pub mod kernels;
 pub mod launch;
+pub mod launchers;
 mod model;
 pub mod profile;
 pub mod sampling;

@@ -10,13 +10,14 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use half::bf16;
 
 use super::gemm::{cublas_linear, linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput};
 use super::launch::{gemv_supports, plan_attention, row_threads, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
 use super::attention::{launch_attention, AttentionArgs};
+use super::launchers;
 use super::batch::{upload_batch, BatchArrays, Scratch};
 use super::kv_cache::GpuKvCache;
 use super::{CudaError, GpuDevice};
@@ -315,7 +316,6 @@ impl GpuBackend {
         let (num_heads, num_kv_heads, head_dim) = (c.num_attention_heads as i32, c.num_key_value_heads as i32, c.head_dim as i32);
         let block_size = layout.block_size as i32;
         let interleaved = 0i32;
-        let stream = &dev.stream;
         let lm_head = m.weights.lm_head().ptr(&dev);
         let mark = |kind: &'static str| -> Result<(), CudaError> {
             match self.profiler.borrow_mut().as_mut() {
@@ -343,39 +343,32 @@ impl GpuBackend {
         // residual += delta (unless null); out = rmsnorm(residual) * weight (unless null).
         let add_norm = |delta: CUdeviceptr, weight: &CudaSlice<f32>, out: CUdeviceptr| -> Result<(), CudaError> {
             mark("add_rmsnorm")?;
-            unsafe {
-                stream
-                    .launch_builder(dev.function("fused_add_rmsnorm"))
-                    .arg(&x)
-                    .arg(&delta)
-                    .arg(weight)
-                    .arg(&out)
-                    .arg(&hidden_i)
-                    .arg(&eps)
-                    .launch(rows_cfg(h))?;
-            }
+            // SAFETY: the residual, delta and output hold `n` rows of `h`; the weight `h`.
+            unsafe { launchers::fused_add_rmsnorm(&dev, rows_cfg(h), x, delta, ptr(&dev, weight), out, hidden_i, eps)? };
             Ok(())
         };
         // RoPE, the cache write and attention of layer `i` (the same on both paths).
         let rope_attention = |i: usize| -> Result<(), CudaError> {
             let (k_cache, v_cache) = self.cache.layer_ptrs(&dev, i);
             mark("rope_and_cache")?;
+            // SAFETY: `qkv` holds `n` rows; positions and slots `n` entries inside the cache.
             unsafe {
-                stream
-                    .launch_builder(dev.function("rope_and_cache"))
-                    .arg(&qkv)
-                    .arg(&a.positions)
-                    .arg(&a.slots)
-                    .arg(&m.inv_freq)
-                    .arg(&k_cache)
-                    .arg(&v_cache)
-                    .arg(&num_heads)
-                    .arg(&num_kv_heads)
-                    .arg(&head_dim)
-                    .arg(&block_size)
-                    .arg(&m.position_scale)
-                    .arg(&interleaved)
-                    .launch(rows_cfg((c.num_attention_heads + c.num_key_value_heads) * c.head_dim / 2))?;
+                launchers::rope_and_cache(
+                    &dev,
+                    rows_cfg((c.num_attention_heads + c.num_key_value_heads) * c.head_dim / 2),
+                    qkv,
+                    a.positions,
+                    a.slots,
+                    ptr(&dev, &m.inv_freq),
+                    k_cache,
+                    v_cache,
+                    num_heads,
+                    num_kv_heads,
+                    head_dim,
+                    block_size,
+                    m.position_scale,
+                    interleaved,
+                )?;
             }
             mark("attention")?;
             launch_attention(
@@ -405,15 +398,8 @@ impl GpuBackend {
         };
 
         mark("embedding")?;
-        unsafe {
-            stream
-                .launch_builder(dev.function("embedding_gather"))
-                .arg(&x)
-                .arg(&m.weights.embed_tokens.ptr(&dev))
-                .arg(&a.tokens)
-                .arg(&hidden_i)
-                .launch(rows_cfg(h))?;
-        }
+        // SAFETY: `x` holds `n` rows of `h`; every token id was checked against the vocabulary.
+        unsafe { launchers::embedding_gather(&dev, rows_cfg(h), x, m.weights.embed_tokens.ptr(&dev), a.tokens, hidden_i)? };
         if small {
             // The residual is in `residual`; each add+norm GEMV writes the sum to `spare`.
             let (mut residual, mut spare) = (x, ptr(&dev, s.x2.as_ref().unwrap()));
@@ -453,14 +439,8 @@ impl GpuBackend {
             if let Some(bias) = &layer.qkv.bias {
                 let cols = qkv_size as i32;
                 mark("add_bias")?;
-                unsafe {
-                    stream
-                        .launch_builder(dev.function("add_bias"))
-                        .arg(&qkv)
-                        .arg(bias)
-                        .arg(&cols)
-                        .launch(rows_cfg(qkv_size))?;
-                }
+                // SAFETY: `qkv` holds `n` rows of `qkv_size`, the bias `qkv_size`.
+                unsafe { launchers::add_bias(&dev, rows_cfg(qkv_size), qkv, ptr(&dev, bias), cols)? };
             }
             rope_attention(i)?;
             mark("gemm o_proj")?;
@@ -469,14 +449,8 @@ impl GpuBackend {
             mark("gemm gate_up")?;
             product(gate_up, OutType::Bf16, hn, dense(layer).0.ptr(&dev), n, h, 2 * inter)?;
             mark("silu_and_mul")?;
-            unsafe {
-                stream
-                    .launch_builder(dev.function("silu_and_mul"))
-                    .arg(&act)
-                    .arg(&gate_up)
-                    .arg(&inter_i)
-                    .launch(rows_cfg(inter))?;
-            }
+            // SAFETY: `gate_up` holds `n` rows of `2 * inter`, `act` `n` rows of `inter`.
+            unsafe { launchers::silu_and_mul(&dev, rows_cfg(inter), act, gate_up, inter_i)? };
             mark("gemm down")?;
             product(proj, OutType::Bf16, act, dense(layer).1.ptr(&dev), n, inter, h)?;
         }
@@ -485,17 +459,9 @@ impl GpuBackend {
         if rows > 0 {
             let final_h = ptr(&dev, s.final_h.as_ref().unwrap());
             mark("rmsnorm_rows")?;
-            unsafe {
-                stream
-                    .launch_builder(dev.function("rmsnorm_rows"))
-                    .arg(&x)
-                    .arg(&a.rows)
-                    .arg(&m.weights.final_norm)
-                    .arg(&final_h)
-                    .arg(&hidden_i)
-                    .arg(&eps)
-                    .launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 })?;
-            }
+            let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: `a.rows` holds `rows` indices of rows of `x`; `final_h` holds `rows` rows.
+            unsafe { launchers::rmsnorm_rows(&dev, config, x, a.rows, ptr(&dev, &m.weights.final_norm), final_h, hidden_i, eps)? };
             let logits = ptr(&dev, s.logits.as_ref().unwrap());
             mark("gemm lm_head")?;
             product(logits, OutType::F32, final_h, lm_head, rows, h, c.vocab_size)?;

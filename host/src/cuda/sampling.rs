@@ -10,8 +10,9 @@
 //! unit-tested without a GPU.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
+use super::launchers;
 use super::model::ptr;
 use super::{CudaError, GpuDevice};
 use crate::sampling::{RowSampling, Sampled, SampledRow, TokenLogprob};
@@ -247,19 +248,22 @@ pub fn sample_on_device(
     let at = |offset: usize| base + (offset * 4) as u64;
     let output = buffers.output.as_ref().unwrap();
     let vocab_i = vocab as i32;
+    let config = LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the packed parameters describe every row's offsets inside these buffers.
     unsafe {
-        dev.stream
-            .launch_builder(dev.function("sample_rows"))
-            .arg(output)
-            .arg(buffers.work.as_ref().unwrap())
-            .arg(&logits)
-            .arg(&base)
-            .arg(&at(packed.bias_tokens))
-            .arg(&at(packed.bias_values))
-            .arg(&at(packed.penalty_tokens))
-            .arg(&at(packed.penalty_counts))
-            .arg(&vocab_i)
-            .launch(LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })?;
+        launchers::sample_rows(
+            dev,
+            config,
+            ptr(dev, output),
+            ptr(dev, buffers.work.as_ref().unwrap()),
+            logits,
+            base,
+            at(packed.bias_tokens),
+            at(packed.bias_values),
+            at(packed.penalty_tokens),
+            at(packed.penalty_counts),
+            vocab_i,
+        )?;
     }
     let mut out = vec![0u32; packed.out_len];
     dev.stream.memcpy_dtoh(&output.slice(..packed.out_len), &mut out)?;

@@ -10,9 +10,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::{bf16, f16};
 
+use super::launchers;
 use super::model::ptr;
 use super::GpuDevice;
 use crate::model::weights::{concat_f32, Part, RawDtype, WeightStore, Weights};
@@ -115,22 +116,12 @@ impl GpuStore {
     /// the tensor's name (the same for every load).
     fn random(&self, name: &str, n: usize) -> Result<CudaSlice<bf16>, ModelError> {
         let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-        let mut out = self.dev.stream.alloc_zeros::<bf16>(n).map_err(Self::err)?;
+        let out = self.dev.stream.alloc_zeros::<bf16>(n).map_err(Self::err)?;
         let scale = 0.02f32 * 3f32.sqrt();
         let n64 = n as u64;
         let cfg = LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `init_uniform_bf16` writes `n` values of `out`, a live allocation of `n`.
-        unsafe {
-            self.dev
-                .stream
-                .launch_builder(self.dev.function("init_uniform_bf16"))
-                .arg(&mut out)
-                .arg(&n64)
-                .arg(&seed)
-                .arg(&scale)
-                .launch(cfg)
-                .map_err(Self::err)?;
-        }
+        unsafe { launchers::init_uniform_bf16(&self.dev, cfg, ptr(&self.dev, &out), n64, seed, scale).map_err(Self::err)? };
         Ok(out)
     }
 }

@@ -1,0 +1,166 @@
+//! Every kernel of `kernels/*.cu`, declared once as a typed Rust function: its parameters by
+//! name and type, in the source's order, so a launch site names what it passes and cannot pass
+//! too few, too many or the wrong kind. Kernels instantiated per head dimension, mode or row
+//! count take what selects the instance (`head_dim`, ...) before the launch configuration.
+//!
+//! `Ptr` is any device address (every pointer parameter); `i32` a C `int`, `u64` a `u64`, `f32`
+//! a `float`. A unit test reads the `extern "C" __global__` signatures in the sources and checks
+//! each declaration against them.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::launch::{decode_kernel_name, gemv_kernel_name, prefill_kernel_name, GemvMode};
+use super::{CudaError, GpuDevice};
+
+/// A device address: any pointer parameter of a kernel.
+pub type Ptr = CUdeviceptr;
+
+macro_rules! kernels {
+    ($(
+        $(#[$doc:meta])*
+        fn $rust:ident($($select:ident: $select_ty:ty),*) => $name:expr;
+            ($($arg:ident: $ty:ident),* $(,)?)
+    )*) => {
+        $(
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// Every pointer must address live device memory of the extent the kernel reads and
+            /// writes (see its source) for this launch configuration; the launch is enqueued on
+            /// `dev`'s stream, after everything enqueued there before.
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $rust(dev: &GpuDevice, $($select: $select_ty,)* config: LaunchConfig, $($arg: $ty),*) -> Result<(), CudaError> {
+                let name: String = ($name).into();
+                let mut launch = dev.stream.launch_builder(dev.function(&name));
+                $( launch.arg(&$arg); )*
+                launch.launch(config)?;
+                Ok(())
+            }
+        )*
+
+        /// Each declaration's parameter types in order (for the test against the sources).
+        #[cfg(test)]
+        pub(crate) const DECLARED: &[(&str, &[&str])] = &[$((stringify!($rust), &[$(stringify!($ty)),*])),*];
+    };
+}
+
+kernels! {
+    /// `embedding.cu`: `out[t] = table[tokens[t]]` widened to float32, one block per token.
+    fn embedding_gather() => "embedding_gather";
+        (out: Ptr, table: Ptr, tokens: Ptr, hidden: i32)
+    /// `rmsnorm.cu`: `residual += delta` (unless null), `out = rmsnorm(residual) * weight`
+    /// (unless null), one block per token.
+    fn fused_add_rmsnorm() => "fused_add_rmsnorm";
+        (residual: Ptr, delta: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
+    /// `rmsnorm.cu`: `out[i] = rmsnorm(residual[rows[i]]) * weight`, one block per row.
+    fn rmsnorm_rows() => "rmsnorm_rows";
+        (residual: Ptr, rows: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
+    /// `rope_cache.cu`: RoPE on the query and key heads of `qkv` in place, keys and values into
+    /// the cache slots, one block per token.
+    fn rope_and_cache() => "rope_and_cache";
+        (qkv: Ptr, positions: Ptr, slots: Ptr, inv_freq: Ptr, k_cache: Ptr, v_cache: Ptr, num_heads: i32,
+         num_kv_heads: i32, head_dim: i32, block_size: i32, position_scale: f32, interleaved: i32)
+    /// `rope_cache.cu`: `x[r] += bias` in bfloat16, one block per row.
+    fn add_bias() => "add_bias";
+        (x: Ptr, bias: Ptr, cols: i32)
+    /// `activation.cu`: `out = silu(gate) * up` of `[gate | up]` rows, one block per token.
+    fn silu_and_mul() => "silu_and_mul";
+        (out: Ptr, gate_up: Ptr, inter: i32)
+    /// `paged_attention.cu`: decode attention over the paged cache, instantiated per head
+    /// dimension; grid (rows, KV heads, splits).
+    fn paged_attention(head_dim: usize) => decode_kernel_name(head_dim);
+        (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr,
+         block_tables: Ptr, token_seq: Ptr, positions: Ptr, rows: Ptr, q_stride: i32, max_blocks: i32,
+         num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32)
+    /// `paged_attention.cu`: merges split-K partials; grid (rows, heads).
+    fn attention_reduce() => "attention_reduce";
+        (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, rows: Ptr, num_splits: i32, head_dim: i32)
+    /// `prefill_attention.cu`: flash attention of prefill tiles over the paged cache,
+    /// instantiated per head dimension; grid (heads, tiles).
+    fn prefill_attention(head_dim: usize) => prefill_kernel_name(head_dim);
+        (out: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr, block_tables: Ptr, positions: Ptr, tiles: Ptr,
+         q_stride: i32, max_blocks: i32, num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32)
+    /// `gemv.cu`: small-batch products with their input staging, instantiated per staging mode
+    /// and padded row count.
+    fn gemv(mode: GemvMode, m_rows: usize) => gemv_kernel_name(mode, m_rows);
+        (out: Ptr, out_f32: i32, x: Ptr, delta: Ptr, norm_w: Ptr, residual_out: Ptr, rows: Ptr, bias: Ptr,
+         w: Ptr, m: i32, n: i32, k: i32, eps: f32)
+    /// `sampling.cu`: the index of each row's largest logit, one block per row.
+    fn argmax_rows() => "argmax_rows";
+        (out: Ptr, logits: Ptr, vocab: i32)
+    /// `sampling.cu`: `n` bfloat16 values uniform in `[-scale, scale)` from `seed`.
+    fn init_uniform_bf16() => "init_uniform_bf16";
+        (out: Ptr, n: u64, seed: u64, scale: f32)
+    /// `sampling.cu`: the full sampler, one block per sample (see `cuda::sampling`).
+    fn sample_rows() => "sample_rows";
+        (out: Ptr, work: Ptr, logits: Ptr, params: Ptr, bias_tokens: Ptr, bias_values: Ptr,
+         penalty_tokens: Ptr, penalty_counts: Ptr, vocab: i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DECLARED;
+
+    /// The parameter list of `kernel` in the sources: the text between the parentheses after
+    /// `{cuda_name}(` in `file`, with `#define`d parameter lists expanded.
+    fn source_params(file: &str, cuda_name: &str) -> Vec<String> {
+        let source = pagedserve_kernels::MODULES
+            .iter()
+            .find(|m| m.name == file)
+            .unwrap_or_else(|| panic!("no kernel module {file}"))
+            .full_source();
+        let at = source.find(&format!("{cuda_name}(")).unwrap_or_else(|| panic!("`{cuda_name}(` is not in {file}")) + cuda_name.len() + 1;
+        let end = at + source[at..].find(')').unwrap();
+        let mut params = source[at..end].replace('\\', " ");
+        let define = params.trim().to_string();
+        if !define.is_empty() && define.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            let key = format!("#define {define}");
+            let start = source.find(&key).unwrap() + key.len();
+            let stop = start + source[start..].find("\n#define").unwrap();
+            params = source[start..stop].replace('\\', " ");
+        }
+        params
+            .split(',')
+            .map(|p| {
+                let p = p.trim();
+                if p.contains('*') {
+                    "Ptr".to_string()
+                } else {
+                    match p.split_whitespace().next().unwrap_or_default() {
+                        "int" => "i32".to_string(),
+                        "float" => "f32".to_string(),
+                        "u64" => "u64".to_string(),
+                        other => panic!("unexpected parameter type `{other}` in `{cuda_name}` ({p})"),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_declaration_matches_its_kernel_signature() {
+        // Where each declared kernel is defined (instantiated kernels: their template's name).
+        let sources = [
+            ("embedding_gather", "embedding", "embedding_gather"),
+            ("fused_add_rmsnorm", "rmsnorm", "fused_add_rmsnorm"),
+            ("rmsnorm_rows", "rmsnorm", "rmsnorm_rows"),
+            ("rope_and_cache", "rope_cache", "rope_and_cache"),
+            ("add_bias", "rope_cache", "add_bias"),
+            ("silu_and_mul", "activation", "silu_and_mul"),
+            ("paged_attention", "paged_attention", "paged_attention_hd##HD"),
+            ("attention_reduce", "paged_attention", "attention_reduce"),
+            ("prefill_attention", "prefill_attention", "prefill_attention_hd##HD"),
+            ("gemv", "gemv", "NAME"),
+            ("argmax_rows", "sampling", "argmax_rows"),
+            ("init_uniform_bf16", "sampling", "init_uniform_bf16"),
+            ("sample_rows", "sampling", "sample_rows"),
+        ];
+        assert_eq!(sources.len(), DECLARED.len(), "every declared kernel has a source here");
+        for (rust, types) in DECLARED {
+            let (_, file, cuda_name) = sources.iter().find(|(r, _, _)| r == rust).unwrap_or_else(|| panic!("{rust}: no source listed"));
+            let want = source_params(file, cuda_name);
+            assert_eq!(types.iter().map(|t| t.to_string()).collect::<Vec<_>>(), want, "{rust}");
+        }
+    }
+}
