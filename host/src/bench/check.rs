@@ -135,7 +135,7 @@ pub fn check_attention_in_blocks(
     let shape = AttentionShape {
         num_heads: heads,
         q_stride: heads * head_dim,
-        layer: LayerAttention { window: None, scale: 1.0 / (head_dim as f32).sqrt(), softcap: None, rope: 0 },
+        layer: LayerAttention::full(head_dim),
     };
     paged_attention(&mut want, &q, &batch, keys, values, &layout, &shape);
 

@@ -89,6 +89,13 @@ pub struct LayerAttention {
     pub rope: usize,
 }
 
+impl LayerAttention {
+    /// Plain causal attention over every earlier position, scaled by `1 / sqrt(head_dim)`.
+    pub fn full(head_dim: usize) -> Self {
+        LayerAttention { window: None, scale: 1.0 / (head_dim as f32).sqrt(), softcap: None, rope: 0 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub architecture: Arch,

@@ -100,25 +100,40 @@ mod tests {
     use crate::model::cpu::CpuKvCache;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    /// Attention over plain contiguous `[len, kv_heads, hd]` arrays, written independently.
-    fn contiguous_attention(q: &[f32], k: &[f32], v: &[f32], len: usize, heads: usize, kv_heads: usize, hd: usize) -> Vec<f32> {
+    /// Attention over plain contiguous `[len, kv_heads, hd]` arrays, written independently:
+    /// position `p` is seen from `t` when `t - window < p <= t`; scores are `cap * tanh(s / cap)`.
+    #[allow(clippy::too_many_arguments)]
+    fn contiguous_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        len: usize,
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+        window: Option<usize>,
+        cap: Option<f64>,
+    ) -> Vec<f32> {
         let group = heads / kv_heads;
         let mut out = vec![0.0; len * heads * hd];
         for t in 0..len {
+            let seen: Vec<usize> = (0..=t).filter(|&p| window.is_none_or(|w| t < p + w)).collect();
             for h in 0..heads {
                 let kvh = h / group;
                 let qv = &q[(t * heads + h) * hd..][..hd];
-                let s: Vec<f64> = (0..=t)
-                    .map(|p| {
+                let s: Vec<f64> = seen
+                    .iter()
+                    .map(|&p| {
                         let kv = &k[(p * kv_heads + kvh) * hd..][..hd];
-                        qv.iter().zip(kv).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (hd as f64).sqrt()
+                        let score = qv.iter().zip(kv).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (hd as f64).sqrt();
+                        cap.map_or(score, |c| c * (score / c).tanh())
                     })
                     .collect();
                 let max = s.iter().cloned().fold(f64::MIN, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
                 let total: f64 = e.iter().sum();
                 for d in 0..hd {
-                    let acc: f64 = (0..=t).map(|p| e[p] / total * v[(p * kv_heads + kvh) * hd + d] as f64).sum();
+                    let acc: f64 = seen.iter().zip(&e).map(|(&p, e)| e / total * v[(p * kv_heads + kvh) * hd + d] as f64).sum();
                     out[(t * heads + h) * hd + d] = acc as f32;
                 }
             }
@@ -127,12 +142,13 @@ mod tests {
     }
 
     #[test]
-    fn scattered_blocks_equal_contiguous_attention() {
+    fn scattered_blocks_equal_contiguous_attention_with_and_without_window_and_softcap() {
         let (heads, kv_heads, hd, block_size) = (6, 2, 16, 4);
         let len = 23; // not a multiple of the block size
         let layout = KvCacheLayout { num_layers: 1, num_blocks: 12, block_size, num_kv_heads: kv_heads, head_dim: hd };
         let mut rng = StdRng::seed_from_u64(3);
-        let mut rand_vec = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        // Large enough values that a soft-cap of 2 changes the scores.
+        let mut rand_vec = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
         let (q, k, v) = (rand_vec(len * heads * hd), rand_vec(len * kv_heads * hd), rand_vec(len * kv_heads * hd));
 
         // Six blocks scattered through the pool, out of order.
@@ -145,17 +161,18 @@ mod tests {
             cache.write(0, batch.slot_mapping[t] as usize, &k[t * row..(t + 1) * row], &v[t * row..(t + 1) * row]);
         }
         let (keys, values) = cache.layer(0);
-        let mut paged = vec![0.0; len * heads * hd];
-        let shape = AttentionShape {
-            num_heads: heads,
-            q_stride: heads * hd,
-            layer: LayerAttention { window: None, scale: 1.0 / (hd as f32).sqrt(), softcap: None, rope: 0 },
-        };
-        paged_attention(&mut paged, &q, &batch, keys, values, &layout, &shape);
-
-        let reference = contiguous_attention(&q, &k, &v, len, heads, kv_heads, hd);
-        let max_ref = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let max_err = paged.iter().zip(&reference).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(max_err / max_ref < 1e-5, "relative error {}", max_err / max_ref);
+        let mut outputs = Vec::new();
+        for (window, cap) in [(None, None), (Some(5), None), (None, Some(2.0f32)), (Some(8), Some(2.0))] {
+            let mut paged = vec![0.0; len * heads * hd];
+            let layer = LayerAttention { window, softcap: cap, ..LayerAttention::full(hd) };
+            let shape = AttentionShape { num_heads: heads, q_stride: heads * hd, layer };
+            paged_attention(&mut paged, &q, &batch, keys, values, &layout, &shape);
+            let reference = contiguous_attention(&q, &k, &v, len, heads, kv_heads, hd, window, cap.map(f64::from));
+            let max_ref = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let max_err = paged.iter().zip(&reference).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(max_err / max_ref < 1e-5, "window {window:?} cap {cap:?}: relative error {}", max_err / max_ref);
+            outputs.push(paged);
+        }
+        assert!(outputs[1..].iter().all(|o| o != &outputs[0]), "the window and the cap each change the output");
     }
 }
