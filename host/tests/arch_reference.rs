@@ -141,7 +141,7 @@ fn a_sliding_window_model_decodes_past_what_its_blocks_could_hold_without_releas
     assert!(num_blocks * block_size < prompt_ids.len() + want.len());
     let mut small = Generator::new(&loaded.model, num_blocks, block_size);
     let options = GenerateOptions { max_new_tokens: want.len(), stop_token_ids: Vec::new(), prefill_chunk: Some(block_size) };
-    let got = small.generate(&[prompt_ids.clone()], &options, |_, _| {}).unwrap().remove(0);
+    let got = small.generate(std::slice::from_ref(&prompt_ids), &options, |_, _| {}).unwrap().remove(0);
     let mut large = Generator::new(&loaded.model, 64, block_size);
     assert_eq!(got, large.generate(&[prompt_ids], &options, |_, _| {}).unwrap().remove(0));
     assert_eq!(small.num_free_blocks(), num_blocks, "every block comes back");

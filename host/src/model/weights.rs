@@ -147,6 +147,9 @@ pub trait WeightStore {
     fn vector(&mut self, part: &Part<'_>) -> Result<<Self::Family as Weights>::Vector, ModelError>;
 }
 
+/// Turns one weight into another form (see `ModelWeights::try_map`).
+pub type MapFn<'a, From, To, E> = dyn Fn(&From) -> Result<To, E> + 'a;
+
 pub struct ModelWeights<W: Weights> {
     /// `[vocab, hidden]`.
     pub embed_tokens: W::Matrix,
@@ -164,11 +167,7 @@ impl<W: Weights> ModelWeights<W> {
 
     /// The same weights in another form: every matrix through `matrix`, every vector through
     /// `vector` (e.g. a host copy uploaded to a device, or rounded to bfloat16).
-    pub fn try_map<V: Weights, E>(
-        &self,
-        matrix: &dyn Fn(&W::Matrix) -> Result<V::Matrix, E>,
-        vector: &dyn Fn(&W::Vector) -> Result<V::Vector, E>,
-    ) -> Result<ModelWeights<V>, E> {
+    pub fn try_map<V: Weights, E>(&self, matrix: &MapFn<'_, W::Matrix, V::Matrix, E>, vector: &MapFn<'_, W::Vector, V::Vector, E>) -> Result<ModelWeights<V>, E> {
         let opt = |v: &Option<W::Vector>| v.as_ref().map(vector).transpose();
         let layers = self
             .layers

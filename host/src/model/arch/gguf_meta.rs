@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn maps_hf_names_to_llama_cpp_names() {
-        let name = |n: &str| gguf_tensor_name(n).map(|(name, part)| (name, part));
+        let name = gguf_tensor_name;
         assert_eq!(name("model.embed_tokens.weight").unwrap().0, "token_embd.weight");
         assert_eq!(name("model.layers.12.self_attn.k_proj.bias").unwrap().0, "blk.12.attn_k.bias");
         assert_eq!(name("model.layers.0.mlp.down_proj.weight").unwrap().0, "blk.0.ffn_down.weight");
