@@ -26,10 +26,10 @@
     __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
         const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache, const u32 *block_tables,               \
         const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
-        int num_heads, int num_kv_heads, int block_size, float scale, int partition
+        int num_heads, int num_kv_heads, int block_size, float scale, int partition, int window
 #define ATTENTION_ARGS                                                                                     \
     out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
-        q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition
+        q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition, window
 #define DC_WARPS 4
 #define DC_THREADS (DC_WARPS * 32)
 #define DC_N (DC_WARPS * 16)  // keys per tile
@@ -49,8 +49,11 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     const int t = rows ? rows[blockIdx.x] : blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int group = num_heads / num_kv_heads;
     const int context = positions[t] + 1;
-    const int begin = split * partition;
-    const int end = min(context, begin + partition);
+    // A sliding window (window > 0) sees the last `window` positions; splits cover only those.
+    const int first = window > 0 ? max(0, context - window) : 0;
+    const int begin = first + split * partition;
+    // In 64 bits: without split-K `partition` is INT_MAX, and `begin` may be past 0.
+    const int end = (int)min((long long)context, (long long)begin + partition);
     const int num_tiles = end > begin ? (end - begin + DC_N - 1) / DC_N : 0;
     const u32* table = block_tables + (u64)token_seq[t] * max_blocks;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

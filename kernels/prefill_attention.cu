@@ -36,7 +36,8 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
                                        const __nv_bfloat16* __restrict__ k_cache,
                                        const __nv_bfloat16* __restrict__ v_cache, const u32* __restrict__ block_tables,
                                        const u32* __restrict__ positions, const u32* __restrict__ tiles, int q_stride,
-                                       int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale) {
+                                       int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale,
+                                       int window) {
     static_assert(PF_M == PF_N, "the query tile is staged through the value buffer");
     __shared__ __align__(16) __nv_bfloat16 k_s[PF_N][HD + PF_PAD];
     __shared__ __align__(16) __nv_bfloat16 v_s[PF_N][HD + PF_PAD];
@@ -72,10 +73,13 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
         ldmatrix_x4(qf[kk], smem_addr(&v_s[warp * 16 + (mat & 1) * 8 + mrow][kk * 16 + (mat >> 1) * 8]));
     __syncthreads();  // v_s now holds values
 
+    // With a sliding window (window > 0) row q sees keys q - window + 1 .. q: tiles wholly before
+    // the tile's first row's window are never loaded.
+    const int first_tile = window > 0 ? max(0, pos0 + 1 - window) / PF_N : 0;
     const int kv_tiles = last / PF_N + 1;
-    load_kv_rows<HD, PF_N, PF_THREADS>(k_s, k_cache, table, 0, last + 1, num_kv_heads, kv_head, block_size);
+    load_kv_rows<HD, PF_N, PF_THREADS>(k_s, k_cache, table, first_tile * PF_N, last + 1, num_kv_heads, kv_head, block_size);
     cp_async_commit();
-    load_kv_rows<HD, PF_N, PF_THREADS>(v_s, v_cache, table, 0, last + 1, num_kv_heads, kv_head, block_size);
+    load_kv_rows<HD, PF_N, PF_THREADS>(v_s, v_cache, table, first_tile * PF_N, last + 1, num_kv_heads, kv_head, block_size);
     cp_async_commit();
 
     float o[HD / 8][4];
@@ -88,10 +92,11 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
 
     // Pipeline: K and V of a tile are separate copy groups, so the next K loads while this tile's
     // P.V runs and the next V while the next scores run.
-    for (int j = 0; j < kv_tiles; j++) {
+    for (int j = first_tile; j < kv_tiles; j++) {
         const int kv0 = j * PF_N;
-        // Warp-uniform: tiles wholly after the warp's last row are skipped (causal).
-        const bool active = kv0 <= warp_first + 15;
+        // Warp-uniform: tiles wholly after the warp's last row are skipped (causal), and tiles
+        // wholly before its first row's window.
+        const bool active = kv0 <= warp_first + 15 && (window <= 0 || kv0 + PF_N - 1 > warp_first - window);
         cp_async_wait<1>();  // K of tile j (V of tile j may still be in flight)
         __syncthreads();
         float s[PF_N / 8][4];
@@ -109,15 +114,16 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
                     mma_bf16(s[2 * np + 1], qf[kk], b[2], b[3]);
                 }
             }
-            // Causal mask, only on tiles that reach past the warp's first position.
-            if (kv0 + PF_N - 1 > warp_first) {
+            // Causal mask, only on tiles that reach past the warp's first position; window mask, only
+            // on tiles that reach below its last row's window.
+            if (kv0 + PF_N - 1 > warp_first || (window > 0 && kv0 <= warp_first + 15 - window)) {
 #pragma unroll
                 for (int n = 0; n < PF_N / 8; n++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int key = kv0 + n * 8 + tig * 2 + (e & 1);
                         const int query = warp_first + gid + (e >> 1) * 8;
-                        if (key > query) s[n][e] = -INFINITY;
+                        if (key > query || (window > 0 && key <= query - window)) s[n][e] = -INFINITY;
                     }
             }
             // Online softmax; a row's values are spread over the 4 lanes of a quad.
@@ -203,9 +209,9 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
     extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill_attention_hd##HD(                        \
         __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, \
         const u32* block_tables, const u32* positions, const u32* tiles, int q_stride, int max_blocks,          \
-        int num_heads, int num_kv_heads, int block_size, float scale) {                                         \
+        int num_heads, int num_kv_heads, int block_size, float scale, int window) {                             \
         prefill_attention_impl<HD>(out, q, k_cache, v_cache, block_tables, positions, tiles, q_stride,         \
-                                   max_blocks, num_heads, num_kv_heads, block_size, scale);                     \
+                                   max_blocks, num_heads, num_kv_heads, block_size, scale, window);             \
     }
 PREFILL_KERNEL(64)
 PREFILL_KERNEL(128)

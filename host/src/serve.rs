@@ -191,11 +191,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             (gib * (1u64 << 30) as f64 / block_bytes as f64) as usize
         }
     };
-    let needed = max_model_len.div_ceil(args.block_size);
+    // The blocks one sequence of --max-model-len holds at once: all of them, or with a window on
+    // every layer, the window and the largest chunk plus a partial block at each end (blocks
+    // before the window are given back as it advances).
+    let span = config.all_layers_sliding().map_or(max_model_len, |window| (window + args.max_num_batched_tokens).min(max_model_len));
+    let needed = span.div_ceil(args.block_size) + usize::from(span < max_model_len) * 2;
     if num_blocks < needed {
         bail!(
             "the KV cache has {num_blocks} blocks of {} tokens ({} tokens), but one sequence of --max-model-len \
-             {max_model_len} needs {needed} blocks: raise --num-kv-blocks / --kv-cache-memory-gb or lower --max-model-len",
+             {max_model_len} needs {needed} blocks at once: raise --num-kv-blocks / --kv-cache-memory-gb or lower --max-model-len",
             args.block_size,
             num_blocks * args.block_size
         );

@@ -106,6 +106,24 @@ pub fn check_attention_in_blocks(
     splits: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
+    check_attention_windowed(dev, block_size, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
+}
+
+/// `check_attention_in_blocks` through a sliding window of `window` positions (0: none), as
+/// Mistral, Phi-3 and Gemma 3's local layers attend.
+#[allow(clippy::too_many_arguments)]
+pub fn check_attention_windowed(
+    dev: &GpuDevice,
+    block_size: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    seqs: &[(usize, usize)],
+    path: AttentionPath,
+    splits: usize,
+    window: usize,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let total_blocks: usize = seqs.iter().map(|(cached, new)| (cached + new).div_ceil(block_size)).sum::<usize>() + 7;
     let layout = KvCacheLayout { num_layers: 1, num_blocks: total_blocks, block_size, num_kv_heads: kv_heads, head_dim };
@@ -135,12 +153,13 @@ pub fn check_attention_in_blocks(
     let shape = AttentionShape {
         num_heads: heads,
         q_stride: heads * head_dim,
-        layer: LayerAttention::full(head_dim),
+        layer: LayerAttention { window: (window > 0).then_some(window), ..LayerAttention::full(head_dim) },
     };
     paged_attention(&mut want, &q, &batch, keys, values, &layout, &shape);
 
     let attention =
-        StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(keys), &to_bf16(values), heads, kv_heads, head_dim, path, splits)?;
+        StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(keys), &to_bf16(values), heads, kv_heads, head_dim, path, splits)?
+            .with_window(window);
     attention.launch(dev)?;
     let got = attention.output(dev)?;
     let name = match path {
@@ -154,9 +173,10 @@ pub fn check_attention_in_blocks(
         shown = vec![format!("{} x {}", shown.len(), shown[0])];
     }
     let blocks = if block_size == 16 { String::new() } else { format!(" block {block_size}") };
+    let windowed = if window == 0 { String::new() } else { format!(" window {window}") };
     Ok(CheckRow::error(
         name,
-        format!("heads {heads}/{kv_heads} hd {head_dim} lens [{}] splits {splits}{blocks}", shown.join(", ")),
+        format!("heads {heads}/{kv_heads} hd {head_dim} lens [{}] splits {splits}{blocks}{windowed}", shown.join(", ")),
         relative_error(&got, &want),
     ))
 }
@@ -696,6 +716,19 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_attention(dev, heads, kv_heads, head_dim, &batch, AttentionPath::Mixed, 1, seed)?);
     }
     rows.push(check_attention(dev, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1), (3, 1)], AttentionPath::Mixed, 3, 95)?);
+    // Sliding windows: shorter and longer than the contexts, across tile and block edges, with
+    // and without split-K; prefill chunks whose rows see different windows; a mixed batch.
+    for (window, splits) in [(7, 1), (64, 1), (100, 2), (1000, 3), (4096, 1)] {
+        let decode = fresh(&[1500, 700, 90, 3]);
+        rows.push(check_attention_windowed(dev, 16, 32, 8, 128, &decode, AttentionPath::Decode, splits, window, 98)?);
+        rows.push(check_attention_windowed(dev, 16, 9, 3, 64, &decode, AttentionPath::Decode, splits, window, 99)?);
+    }
+    for window in [7, 64, 100, 500] {
+        let prefill = [(0, 300), (200, 130), (5, 70)];
+        rows.push(check_attention_windowed(dev, 16, 32, 8, 128, &prefill, AttentionPath::Prefill, 1, window, 100)?);
+        rows.push(check_attention_windowed(dev, 16, 8, 4, 64, &prefill, AttentionPath::Prefill, 1, window, 101)?);
+    }
+    rows.push(check_attention_windowed(dev, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 102)?);
     rows.push(check_attention(dev, 9, 3, 64, &[(1100, 1), (40, 300), (60, 1)], AttentionPath::Mixed, 3, 96)?);
 
     for interleaved in [false, true] {

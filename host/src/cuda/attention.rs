@@ -31,6 +31,10 @@ pub struct AttentionArgs {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    /// Positions a query sees, itself included; 0 for all (no sliding window).
+    pub window: usize,
+    /// Multiplies q·k before the softmax (`LayerAttention::scale`).
+    pub scale: f32,
     /// Split-K of the decode kernel, planned for at least the longest decode context; with more
     /// than one split, `partials` must hold `num_tokens * num_heads * splits` rows for every token
     /// row of the batch (they are indexed by token row, not by decode row).
@@ -44,7 +48,7 @@ pub struct AttentionArgs {
 pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
     let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
     let (heads, kv_heads, block_size) = (a.num_heads as i32, a.num_kv_heads as i32, a.block_size as i32);
-    let scale = 1.0 / (a.head_dim as f32).sqrt();
+    let (scale, window) = (a.scale, a.window.min(i32::MAX as usize) as i32);
     if a.num_tiles > 0 {
         // Heads vary fastest, so the blocks that share a KV head's keys run side by side.
         let config = LaunchConfig {
@@ -56,7 +60,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         unsafe {
             launchers::prefill_attention(
                 dev, a.head_dim, config, a.out, a.q, a.k_cache, a.v_cache, a.block_tables, a.positions, a.tiles, q_stride,
-                max_blocks, heads, kv_heads, block_size, scale,
+                max_blocks, heads, kv_heads, block_size, scale, window,
             )?;
         }
     }
@@ -75,6 +79,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         launchers::paged_attention(
             dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
+            window,
         )?;
         if a.split.splits > 1 {
             let (splits, hd) = (a.split.splits as i32, a.head_dim as i32);

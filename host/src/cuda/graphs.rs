@@ -101,7 +101,7 @@ impl GpuBackend {
         let largest = graph_bucket(max_batch).ok_or_else(|| CudaError::Config(format!("no graph bucket holds {max_batch}")))?;
         let slots = dev.decode_slots(c.head_dim);
         let buckets: Vec<usize> = GRAPH_BUCKETS.iter().copied().filter(|&b| b <= largest).collect();
-        let split_of = |bucket: usize| AttentionSplit::plan(max_context, bucket * c.num_key_value_heads, slots);
+        let split_of = |bucket: usize| AttentionSplit::plan(c.attention_span(max_context), bucket * c.num_key_value_heads, slots);
         // Split-K partials are indexed by token row: a bucket of b rows and s splits uses b * s
         // rows per head. The most splits go with the smallest buckets, so size for the largest
         // product, not for the largest bucket times the most splits.

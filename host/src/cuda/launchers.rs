@@ -68,19 +68,20 @@ kernels! {
     fn silu_and_mul() => "silu_and_mul";
         (out: Ptr, gate_up: Ptr, inter: i32)
     /// `paged_attention.cu`: decode attention over the paged cache, instantiated per head
-    /// dimension; grid (rows, KV heads, splits).
+    /// dimension; grid (rows, KV heads, splits); `window` 0 sees every earlier position.
     fn paged_attention(head_dim: usize) => decode_kernel_name(head_dim);
         (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr,
          block_tables: Ptr, token_seq: Ptr, positions: Ptr, rows: Ptr, q_stride: i32, max_blocks: i32,
-         num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32)
+         num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32, window: i32)
     /// `paged_attention.cu`: merges split-K partials; grid (rows, heads).
     fn attention_reduce() => "attention_reduce";
         (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, rows: Ptr, num_splits: i32, head_dim: i32)
     /// `prefill_attention.cu`: flash attention of prefill tiles over the paged cache,
-    /// instantiated per head dimension; grid (heads, tiles).
+    /// instantiated per head dimension; grid (heads, tiles); `window` 0 sees every earlier
+    /// position.
     fn prefill_attention(head_dim: usize) => prefill_kernel_name(head_dim);
         (out: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr, block_tables: Ptr, positions: Ptr, tiles: Ptr,
-         q_stride: i32, max_blocks: i32, num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32)
+         q_stride: i32, max_blocks: i32, num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, window: i32)
     /// `gemv.cu`: small-batch products with their input staging, instantiated per staging mode
     /// and padded row count.
     fn gemv(mode: GemvMode, m_rows: usize) => gemv_kernel_name(mode, m_rows);

@@ -28,7 +28,8 @@ use super::weights::{GpuMatrix, GpuStore, GpuWeights};
 use crate::model::cpu::CpuMatrix;
 use crate::model::sources::DummySource;
 use crate::model::weights::{LayerWeights, Loader, Mlp, ModelWeights, WeightSource};
-use crate::model::{ModelConfig, ModelError};
+use crate::model::config::Activation;
+use crate::model::{ModelConfig, ModelError, RopeScaling};
 use super::sampling::sample_on_device;
 use crate::runner::{ForwardBatch, ModelBackend};
 use crate::sampling::{RowSampling, SampledRow};
@@ -124,11 +125,29 @@ impl GpuModel {
     }
 }
 
-/// The CUDA forward runs the plain Llama decoder (Llama, SmolLM2, Qwen2, Mistral without a
-/// window); other architectures are refused by name until it runs the shared decoder of
-/// `model::arch`.
+/// What the CUDA forward cannot run yet, if anything: it runs the Llama decoder with Q/K/V biases,
+/// a sliding window on every layer (Mistral, Phi-3) and any attention scale; other features are
+/// refused by name until it runs the shared decoder of `model::arch`.
+fn unsupported_feature(config: &ModelConfig) -> Option<&'static str> {
+    let c = config;
+    let unsupported = [
+        (c.norm_unit_offset, "(1 + w) norms"),
+        (c.qk_norm, "q/k norms"),
+        (c.sandwich_norms, "post-attention/feed-forward norms"),
+        (c.embedding_multiplier.is_some(), "embedding scaling"),
+        (c.hidden_act != Activation::Silu, "GELU"),
+        (c.sliding_window.is_some() && c.all_layers_sliding().is_none(), "sliding windows on some layers only"),
+        (c.attn_logit_softcapping.is_some() || c.final_logit_softcapping.is_some(), "soft-capping"),
+        (c.moe.is_some(), "mixture of experts"),
+        (c.rotary_dim != c.head_dim, "partial rotary"),
+        (c.rope_local_theta.is_some(), "local RoPE"),
+        (matches!(c.rope_scaling, Some(RopeScaling::Yarn { .. })), "YaRN"),
+    ];
+    unsupported.into_iter().find_map(|(present, what)| present.then_some(what))
+}
+
 fn check_supported(config: &ModelConfig) -> Result<(), CudaError> {
-    match config.is_plain_llama() {
+    match unsupported_feature(config) {
         None => Ok(()),
         Some(feature) => Err(CudaError::Config(format!(
             "{} with {feature} is not supported on the GPU yet; use --device cpu",
@@ -232,7 +251,7 @@ impl GpuBackend {
         // Split-K serves the decode rows only; partials are indexed by token row, so they are
         // sized for the whole batch.
         let split = AttentionSplit::plan(
-            plan.decode_context,
+            c.attention_span(plan.decode_context),
             plan.num_decode(n) * c.num_key_value_heads,
             self.model.dev.decode_slots(c.head_dim),
         );
@@ -350,6 +369,7 @@ impl GpuBackend {
         // RoPE, the cache write and attention of layer `i` (the same on both paths).
         let rope_attention = |i: usize| -> Result<(), CudaError> {
             let (k_cache, v_cache) = self.cache.layer_ptrs(&dev, i);
+            let attention = c.layer_attention(i);
             mark("rope_and_cache")?;
             // SAFETY: `qkv` holds `n` rows; positions and slots `n` entries inside the cache.
             unsafe {
@@ -391,6 +411,8 @@ impl GpuBackend {
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                     block_size: layout.block_size,
+                    window: attention.window.unwrap_or(0),
+                    scale: attention.scale,
                     split,
                     partials: (part_out, part_max, part_sum),
                 },

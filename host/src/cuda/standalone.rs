@@ -26,6 +26,10 @@ pub struct StandaloneAttention {
     max_blocks: usize,
     shape: (usize, usize, usize, usize, usize),
     split: AttentionSplit,
+    /// The batch's longest context.
+    max_context: usize,
+    /// Positions a query sees; 0 for all.
+    window: usize,
 }
 
 impl StandaloneAttention {
@@ -54,6 +58,7 @@ impl StandaloneAttention {
         words.extend(plan.decode_rows.iter().flatten());
         words.push(0);
         let rows = (n * heads * splits).max(1);
+        let max_context = batch.positions.iter().max().map_or(1, |&p| p as usize + 1);
         Ok(StandaloneAttention {
             q: stream.clone_htod(q)?,
             k: stream.clone_htod(k)?,
@@ -72,8 +77,20 @@ impl StandaloneAttention {
             ),
             max_blocks,
             shape: (n, heads, kv_heads, head_dim, batch.block_size),
-            split: AttentionSplit::covering(splits, batch.positions.iter().max().map_or(1, |&p| p as usize + 1)),
+            split: AttentionSplit::covering(splits, max_context),
+            max_context,
+            window: 0,
         })
+    }
+
+    /// The same attention through a sliding window of `window` positions (0: none); split-K
+    /// partitions then cover the window.
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window;
+        if window > 0 {
+            self.split = AttentionSplit::covering(self.split.splits, self.max_context.min(window));
+        }
+        self
     }
 
     pub fn launch(&self, dev: &GpuDevice) -> Result<(), CudaError> {
@@ -103,6 +120,8 @@ impl StandaloneAttention {
                 head_dim,
                 block_size,
                 split: self.split,
+                window: self.window,
+                scale: 1.0 / (head_dim as f32).sqrt(),
                 partials: (ptrf(&self.partials.0), ptrf(&self.partials.1), ptrf(&self.partials.2)),
             },
         )

@@ -225,23 +225,10 @@ impl ModelConfig {
         self.layer_types.iter().all(|t| *t == LayerType::Sliding).then_some(self.sliding_window).flatten()
     }
 
-    /// Whether this is the plain Llama decoder: the only shape the CUDA forward runs today.
-    pub fn is_plain_llama(&self) -> Option<&'static str> {
-        let unsupported = [
-            (self.norm_unit_offset, "(1 + w) norms"),
-            (self.qk_norm, "q/k norms"),
-            (self.sandwich_norms, "post-attention/feed-forward norms"),
-            (self.embedding_multiplier.is_some(), "embedding scaling"),
-            (self.hidden_act != Activation::Silu, "GELU"),
-            (self.sliding_window.is_some(), "sliding-window attention"),
-            (self.attn_logit_softcapping.is_some() || self.final_logit_softcapping.is_some(), "soft-capping"),
-            (self.moe.is_some(), "mixture of experts"),
-            (self.rotary_dim != self.head_dim, "partial rotary"),
-            (self.rope_local_theta.is_some(), "local RoPE"),
-            (matches!(self.rope_scaling, Some(RopeScaling::Yarn { .. })), "YaRN"),
-            ((self.query_scale - 1.0 / (self.head_dim as f32).sqrt()).abs() > 1e-7, "a custom attention scale"),
-        ];
-        unsupported.into_iter().find_map(|(present, what)| present.then_some(what))
+    /// The longest run of positions any layer's query attends to, at `context` positions: the
+    /// context, or the window when every layer has one (what split-K partitions must cover).
+    pub fn attention_span(&self, context: usize) -> usize {
+        self.all_layers_sliding().map_or(context, |window| context.min(window))
     }
 
     /// Parameter count (embeddings counted once when tied).

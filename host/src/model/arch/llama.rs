@@ -79,7 +79,6 @@ mod tests {
         assert_eq!(c.gqa_group_size(), 3);
         assert_eq!(c.eos_token_ids, vec![2]);
         assert!(c.tie_word_embeddings && !c.attention_bias);
-        assert_eq!(c.is_plain_llama(), None);
         // SmolLM2-135M has about 134.5M parameters.
         assert_eq!(c.num_parameters(), 134_515_008);
     }
