@@ -5,8 +5,9 @@
 //! settings as metadata, Llama 3's scaling as the `rope_freqs` tensor), and must load to the same
 //! configuration and give the same logits as the Hugging Face directory.
 //!
-//! Gemma 3 is left out: its GGUF metadata has no `query_pre_attn_scalar` (llama.cpp derives the
-//! scale from the head size), and the fixture sets one that differs, on purpose.
+//! Gemma 3's GGUF metadata has no `query_pre_attn_scalar` or final soft-cap (llama.cpp scales by
+//! the head size and caps nothing), and its norms carry the 1 of `(1 + w)` folded in, so its
+//! checkpoint is compared with the GGUF under those two settings and within float32 rounding.
 
 use std::path::PathBuf;
 
@@ -24,7 +25,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// llama.cpp's converter's name for a Hugging Face tensor (`None`: an expert, stacked apart).
-fn llama_cpp_name(hf: &str) -> Option<String> {
+fn llama_cpp_name(hf: &str, gemma3: bool) -> Option<String> {
     let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
     if let Some((_, name)) = fixed.iter().find(|(h, _)| *h == hf) {
         return Some(name.to_string());
@@ -33,6 +34,14 @@ fn llama_cpp_name(hf: &str) -> Option<String> {
     let (layer, part) = rest.split_once('.')?;
     if part.starts_with("mlp.experts.") {
         return None;
+    }
+    let gemma = [
+        ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+        ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+        ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+    ];
+    if let Some((_, name)) = gemma.iter().find(|(h, _)| gemma3 && *h == part) {
+        return Some(format!("blk.{layer}.{name}"));
     }
     let table = [
         ("input_layernorm.weight", "attn_norm.weight"),
@@ -105,8 +114,16 @@ fn to_gguf(name: &str, c: &ModelConfig) -> Vec<u8> {
     if let Some(w) = c.sliding_window {
         b = b.kv(&key("attention.sliding_window"), V::U32(w as u32));
     }
+    if prefix == "gemma3" {
+        // The fixture's layers are sliding, sliding, full, sliding: every third is global.
+        assert_eq!(c.layer_types.iter().filter(|t| **t == crate::model::config::LayerType::Full).count(), 1);
+        b = b.kv(&key("attention.sliding_window_pattern"), V::U32(3));
+    }
     match &c.rope_scaling {
         None => {}
+        Some(RopeScaling::Linear { factor }) => {
+            b = b.kv(&key("rope.scaling.type"), V::String("linear".into())).kv(&key("rope.scaling.factor"), V::F32(*factor));
+        }
         Some(RopeScaling::Yarn { factor, original_max_position_embeddings, .. }) => {
             b = b
                 .kv(&key("rope.scaling.type"), V::String("yarn".into()))
@@ -142,8 +159,12 @@ fn to_gguf(name: &str, c: &ModelConfig) -> Vec<u8> {
         names
     };
     for hf in &hf_names {
-        let Some(gguf) = llama_cpp_name(hf) else { continue };
-        let t = source.load(hf, &[]).unwrap().unwrap();
+        let Some(gguf) = llama_cpp_name(hf, prefix == "gemma3") else { continue };
+        let mut t = source.load(hf, &[]).unwrap().unwrap();
+        if prefix == "gemma3" && hf.ends_with("norm.weight") {
+            // llama.cpp's converter adds Gemma's 1 to every norm weight.
+            t.data.iter_mut().for_each(|v| *v += 1.0);
+        }
         let row_len = if t.shape.len() == 2 { t.shape[1] } else { 1 };
         let data = match (prefix, hf.contains("q_proj"), hf.contains("k_proj")) {
             ("llama", true, _) => permute(&t.data, c.num_attention_heads, row_len),
@@ -182,11 +203,16 @@ fn logits(model: &CpuModel, prompt: &[u32]) -> Vec<f32> {
 #[test]
 fn every_fixture_rewritten_as_gguf_loads_to_the_same_model() {
     let prompt: Vec<u32> = (0..21u32).map(|i| (i * 97 + 13) % 2048).collect();
-    for name in ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe"] {
+    for name in ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "qwen3_moe"] {
         let dir = fixture(name);
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         let hf = HfConfig::new(json);
-        let config = Arch::from_hf(&hf).unwrap().config_from_hf(&hf).unwrap();
+        let mut config = Arch::from_hf(&hf).unwrap().config_from_hf(&hf).unwrap();
+        if name == "gemma3" {
+            // What the GGUF form can say (see the module doc).
+            config.query_scale = 1.0 / (config.head_dim as f32).sqrt();
+            config.final_logit_softcapping = None;
+        }
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), to_gguf(name, &config)).unwrap();
         let gguf = GgufSource::open(file.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -203,8 +229,9 @@ fn every_fixture_rewritten_as_gguf_loads_to_the_same_model() {
         let (want, got) = (logits(&from_hf, &prompt), logits(&from_gguf, &prompt));
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let err = want.iter().zip(&got).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-        // Bit-identical weights, except Llama 3's RoPE, which GGUF carries as divisors.
-        let tolerance = if name == "llama" { 1e-4 } else { 0.0 };
+        // Bit-identical weights, except Llama 3's RoPE, which GGUF carries as divisors, and
+        // Gemma's norms, whose 1 goes in and out again.
+        let tolerance = if name == "llama" || name == "gemma3" { 1e-4 } else { 0.0 };
         assert!(err <= tolerance, "{name}: GGUF logits differ from the checkpoint's by {err:e}");
     }
 }
