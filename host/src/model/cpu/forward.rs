@@ -192,12 +192,15 @@ impl Ops for CpuOps<'_> {
         let hd = weight.len();
         let offset = if norm.unit_offset { 1.0 } else { 0.0 };
         let mut rows = self.take(qkv)?;
-        rows.par_chunks_mut(width).for_each(|row| {
-            for head in row[first_head * hd..(first_head + num_heads) * hd].chunks_exact_mut(hd) {
-                let input = head.to_vec();
-                rms_norm_scaled(head, &input, weight, offset, norm.eps);
-            }
-        });
+        rows.par_chunks_mut(width).for_each_init(
+            || vec![0.0f32; hd],
+            |input, row| {
+                for head in row[first_head * hd..(first_head + num_heads) * hd].chunks_exact_mut(hd) {
+                    input.copy_from_slice(head);
+                    rms_norm_scaled(head, input, weight, offset, norm.eps);
+                }
+            },
+        );
         self.put(qkv, rows);
         Ok(())
     }
