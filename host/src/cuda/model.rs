@@ -27,7 +27,7 @@ use crate::model::rope::Rope;
 use super::weights::{GpuMatrix, GpuStore, GpuWeights};
 use crate::model::cpu::CpuMatrix;
 use crate::model::sources::DummySource;
-use crate::model::weights::{LayerWeights, Loader, Mlp, ModelWeights, WeightSource};
+use crate::model::weights::{LayerWeights, Loader, Mlp, ModelWeights, WeightSource, WeightStore};
 use crate::model::config::Activation;
 use crate::model::{ModelConfig, ModelError, RopeScaling};
 use super::sampling::sample_on_device;
@@ -83,10 +83,11 @@ impl GpuModel {
         config.validate().map_err(|e| CudaError::Config(e.to_string()))?;
         check_supported(&config)?;
         let started = std::time::Instant::now();
-        let mut store = GpuStore::new(dev.clone(), config.num_parameters() * 2);
+        let mut store = GpuStore::new(dev.clone());
+        let total = config.num_parameters() as u64 * GpuStore::BYTES_PER_ELEMENT;
         let weights = config
             .architecture
-            .load(&config, &mut Loader::new(source, &mut store))
+            .load(&config, &mut Loader::new(source, &mut store).with_progress(total))
             .map_err(|e| CudaError::Config(e.to_string()))?;
         dev.stream.synchronize()?;
         tracing::info!(

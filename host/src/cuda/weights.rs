@@ -8,7 +8,6 @@
 //! the device and never touch the host.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::{bf16, f16};
@@ -38,40 +37,20 @@ pub struct GpuMatrix {
 /// Elements converted on the host per upload when a tensor is not stored as bfloat16.
 const CONVERT_CHUNK: usize = 1 << 22;
 
-/// Builds `GpuWeights` on one device, logging progress on large loads.
+/// Builds `GpuWeights` on one device.
 pub struct GpuStore {
     dev: Arc<GpuDevice>,
-    started: Instant,
     bytes: usize,
-    /// Bytes the whole model's matrices take (for the progress lines).
-    total: usize,
-    /// The next progress line is logged once `bytes` passes this.
-    next_report: usize,
 }
 
 impl GpuStore {
-    /// A store for a model whose matrices take `total` bytes in bfloat16.
-    pub fn new(dev: Arc<GpuDevice>, total: usize) -> Self {
-        GpuStore { dev, started: Instant::now(), bytes: 0, total, next_report: 1 << 30 }
+    pub fn new(dev: Arc<GpuDevice>) -> Self {
+        GpuStore { dev, bytes: 0 }
     }
 
-    /// Bytes of weights on the device so far.
+    /// Bytes of matrices on the device so far.
     pub fn bytes(&self) -> usize {
         self.bytes
-    }
-
-    fn uploaded(&mut self, name: &str, bytes: usize) {
-        self.bytes += bytes;
-        if self.bytes >= self.next_report {
-            tracing::info!(
-                percent = (100 * self.bytes / self.total.max(1)).min(100),
-                gib = format!("{:.1}", self.bytes as f64 / (1u64 << 30) as f64),
-                seconds = format!("{:.1}", self.started.elapsed().as_secs_f64()),
-                last = name,
-                "loading weights to the GPU"
-            );
-            self.next_report += 1 << 30;
-        }
     }
 
     fn err(e: impl std::fmt::Display) -> ModelError {
@@ -128,6 +107,7 @@ impl GpuStore {
 
 impl WeightStore for GpuStore {
     type Family = GpuWeights;
+    const BYTES_PER_ELEMENT: u64 = 2;
 
     fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<GpuMatrix, ModelError> {
         let dummy = parts.first().is_some_and(Part::is_dummy);
@@ -150,7 +130,7 @@ impl WeightStore for GpuStore {
             Some(parts) => Some(self.dev.stream.clone_htod(&concat_f32(parts)?).map_err(Self::err)?),
             None => None,
         };
-        self.uploaded(name, rows * cols * 2);
+        self.bytes += rows * cols * 2;
         Ok(GpuMatrix { rows, cols, data, bias })
     }
 

@@ -132,6 +132,8 @@ impl Part<'_> {
 /// Builds a backend's weights, one tensor at a time.
 pub trait WeightStore {
     type Family: Weights;
+    /// Bytes one matrix element takes in the store (for progress).
+    const BYTES_PER_ELEMENT: u64;
 
     /// An `[rows, cols]` matrix stacked from `parts` (their rows add up to `rows`), with their
     /// biases stacked likewise when given; `name` is for errors and progress.
@@ -240,11 +242,72 @@ pub struct MoeWeights<W: Weights> {
 pub struct Loader<'a, S: WeightStore> {
     source: &'a dyn WeightSource,
     pub store: &'a mut S,
+    progress: Option<LoadProgress>,
+}
+
+/// Loads at least this large show their progress.
+const PROGRESS_MIN_BYTES: u64 = 1 << 30;
+
+/// Progress of a large load: a bar on a terminal, else a log line every tenth.
+struct LoadProgress {
+    bar: indicatif::ProgressBar,
+    total: u64,
+    next_log: u64,
+    started: std::time::Instant,
+}
+
+impl LoadProgress {
+    fn new(total: u64) -> Self {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+        let style = indicatif::ProgressStyle::with_template("loading weights {bar:40} {binary_bytes}/{binary_total_bytes} {elapsed}")
+            .expect("a valid template");
+        bar.set_style(style);
+        LoadProgress { bar, total, next_log: total / 10, started: std::time::Instant::now() }
+    }
+
+    fn advance(&mut self, bytes: u64, name: &str) {
+        self.bar.inc(bytes);
+        let done = self.bar.position();
+        if self.bar.is_hidden() && done >= self.next_log {
+            tracing::info!(
+                percent = 100 * done / self.total.max(1),
+                gib = format!("{:.1}", done as f64 / (1u64 << 30) as f64),
+                seconds = format!("{:.1}", self.started.elapsed().as_secs_f64()),
+                last = name,
+                "loading weights"
+            );
+            while self.next_log <= done {
+                self.next_log += (self.total / 10).max(1);
+            }
+        }
+    }
+}
+
+impl Drop for LoadProgress {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 impl<'a, S: WeightStore> Loader<'a, S> {
     pub fn new(source: &'a dyn WeightSource, store: &'a mut S) -> Self {
-        Loader { source, store }
+        Loader { source, store, progress: None }
+    }
+
+    /// Shows progress (a bar on a terminal, log lines otherwise) when the store will hold at
+    /// least 1 GiB; `total_bytes` is what it will hold.
+    pub fn with_progress(mut self, total_bytes: u64) -> Self {
+        if total_bytes >= PROGRESS_MIN_BYTES {
+            self.progress = Some(LoadProgress::new(total_bytes));
+        }
+        self
+    }
+
+    /// Counts `bytes` as loaded.
+    fn loaded(&mut self, name: &str, bytes: u64) {
+        if let Some(progress) = self.progress.as_mut() {
+            progress.advance(bytes, name);
+        }
     }
 
     fn part(&self, name: &str, rows: usize, cols: usize) -> Part<'a> {
@@ -253,7 +316,9 @@ impl<'a, S: WeightStore> Loader<'a, S> {
 
     pub fn vector(&mut self, name: &str, len: usize) -> Result<<S::Family as Weights>::Vector, ModelError> {
         let part = self.part(name, len, 1);
-        self.store.vector(&part)
+        let vector = self.store.vector(&part)?;
+        self.loaded(name, len as u64 * 4);
+        Ok(vector)
     }
 
     pub fn optional_vector(&mut self, name: &str, len: usize, present: bool) -> Result<Option<<S::Family as Weights>::Vector>, ModelError> {
@@ -275,7 +340,9 @@ impl<'a, S: WeightStore> Loader<'a, S> {
                 .collect()
         });
         let label = parts.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" + ");
-        self.store.matrix(&label, rows, cols, &weights, biases.as_deref())
+        let matrix = self.store.matrix(&label, rows, cols, &weights, biases.as_deref())?;
+        self.loaded(&label, (rows * cols) as u64 * S::BYTES_PER_ELEMENT);
+        Ok(matrix)
     }
 
     /// One `[rows, cols]` matrix.

@@ -20,7 +20,7 @@ pub use self::forward::CpuOps;
 pub use self::kv_storage::CpuKvCache;
 pub use self::weights::{CpuMatrix, CpuStore, CpuWeights};
 use super::rope::Rope;
-use super::weights::{Loader, ModelWeights, WeightSource};
+use super::weights::{Loader, ModelWeights, WeightSource, WeightStore};
 use super::{ModelConfig, ModelError};
 use crate::kv_cache::KvCacheLayout;
 use crate::runner::ForwardBatch;
@@ -43,7 +43,8 @@ impl CpuModel {
     /// given (e.g. to bfloat16 and back, to compare with a device that stores them so).
     pub fn load(config: ModelConfig, source: &dyn WeightSource, round: Option<fn(f32) -> f32>) -> Result<Self, ModelError> {
         let mut store = CpuStore { round };
-        let weights = config.architecture.load(&config, &mut Loader::new(source, &mut store))?;
+        let total = config.num_parameters() as u64 * CpuStore::BYTES_PER_ELEMENT;
+        let weights = config.architecture.load(&config, &mut Loader::new(source, &mut store).with_progress(total))?;
         Ok(CpuModel::new(config, weights))
     }
 

@@ -37,6 +37,7 @@ pub struct CpuStore {
 
 impl WeightStore for CpuStore {
     type Family = CpuWeights;
+    const BYTES_PER_ELEMENT: u64 = 4;
 
     fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<CpuMatrix, ModelError> {
         let mut data = concat_f32(parts)?;
