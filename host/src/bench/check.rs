@@ -90,27 +90,12 @@ pub fn check_attention(
     splits: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
-    check_attention_in_blocks(dev, 16, heads, kv_heads, head_dim, seqs, path, splits, seed)
+    check_attention_windowed(dev, 16, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
 }
 
-/// `check_attention` with cache blocks of `block_size` positions (`serve --block-size`).
-#[allow(clippy::too_many_arguments)]
-pub fn check_attention_in_blocks(
-    dev: &GpuDevice,
-    block_size: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    seqs: &[(usize, usize)],
-    path: AttentionPath,
-    splits: usize,
-    seed: u64,
-) -> Result<CheckRow, CudaError> {
-    check_attention_windowed(dev, block_size, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
-}
-
-/// `check_attention_in_blocks` through a sliding window of `window` positions (0: none), as
-/// Mistral, Phi-3 and Gemma 3's local layers attend.
+/// `check_attention` with cache blocks of `block_size` positions (`serve --block-size`), through
+/// a sliding window of `window` positions (0: none) as Mistral, Phi-3 and Gemma 3's local layers
+/// attend.
 #[allow(clippy::too_many_arguments)]
 pub fn check_attention_windowed(
     dev: &GpuDevice,
@@ -685,8 +670,8 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for block_size in [1, 5, 32] {
         seed += 1;
         let seqs = fresh(&[300, 1, 129]);
-        rows.push(check_attention_in_blocks(dev, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, seed)?);
-        rows.push(check_attention_in_blocks(dev, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, seed)?);
+        rows.push(check_attention_windowed(dev, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, seed)?);
+        rows.push(check_attention_windowed(dev, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, seed)?);
     }
 
     // The prefill kernel alone.
