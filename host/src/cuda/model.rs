@@ -121,7 +121,8 @@ impl GpuModel {
     /// Bytes of weights read by one forward pass (bf16 matrices, f32 norms).
     pub fn weight_bytes(&self) -> usize {
         let c = &self.config;
-        let matrices = c.num_parameters() - c.hidden_size * (2 * c.num_hidden_layers + 1);
+        // Only the experts a token is routed to are read (the same as every weight when dense).
+        let matrices = c.num_active_parameters() - c.hidden_size * (2 * c.num_hidden_layers + 1);
         matrices * 2 + c.hidden_size * (2 * c.num_hidden_layers + 1) * 4
     }
 }
