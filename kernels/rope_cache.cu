@@ -1,15 +1,16 @@
 // RoPE fused with the KV-cache write. `qkv` holds each token's Q heads, then K heads, then V heads
 // (bf16, the QKV projection's output, bias already added by `add_bias` when the model has one).
-// Q and K are rotated in place (rotate-half form: dimension i pairs with i + head_dim / 2, or the
-// interleaved form 2i / 2i + 1 when `interleaved`); K and V are written to the cache slot of the
-// token. Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], slot = block * bs + offset.
+// Q and K are rotated in place over their first `rotary_dim` dimensions (rotate-half form:
+// dimension i pairs with i + rotary_dim / 2, or the interleaved form 2i / 2i + 1 when
+// `interleaved`; the rest pass through), cosines and sines times `magnitude` (YaRN's attention
+// factor, else 1); K and V are written to the cache slot of the token. Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], slot = block * bs + offset.
 extern "C" __global__ void rope_and_cache(__nv_bfloat16* __restrict__ qkv, const u32* __restrict__ positions,
                                           const u32* __restrict__ slots, const float* __restrict__ inv_freq,
                                           __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
                                           int num_heads, int num_kv_heads, int head_dim, int block_size,
-                                          float position_scale, int interleaved) {
+                                          float position_scale, int interleaved, int rotary_dim, float magnitude) {
     const int t = blockIdx.x;
-    const int half = head_dim / 2;
+    const int half = rotary_dim / 2;
     const int row = (num_heads + 2 * num_kv_heads) * head_dim;
     __nv_bfloat16* q = qkv + (u64)t * row;
     __nv_bfloat16* k = q + num_heads * head_dim;
@@ -23,6 +24,8 @@ extern "C" __global__ void rope_and_cache(__nv_bfloat16* __restrict__ qkv, const
         const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
+        s *= magnitude;
+        c *= magnitude;
         const float x1 = __bfloat162float(h[a]), x2 = __bfloat162float(h[b]);
         h[a] = __float2bfloat16(x1 * c - x2 * s);
         h[b] = __float2bfloat16(x2 * c + x1 * s);

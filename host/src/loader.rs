@@ -108,7 +108,7 @@ pub fn open(path: &Path, format: LoadFormat) -> anyhow::Result<ModelFiles> {
                 .with_context(|| format!("building the tokenizer of {}", path.display()))?;
             let source = GgufSource::from_file(file).with_context(|| path.display().to_string())?;
             let config = source.config()?;
-            let source: Box<dyn WeightSource> = if format == LoadFormat::Dummy { Box::new(DummySource::new(0)) } else { Box::new(source) };
+            let source: Box<dyn WeightSource> = if format == LoadFormat::Dummy { Box::new(DummySource::for_model(0, &config)) } else { Box::new(source) };
             (config, Some(Arc::new(tokenizer)), source)
         }
         LoadFormat::Gguf => bail!("{}: --load-format gguf needs a .gguf file", path.display()),
@@ -140,7 +140,7 @@ pub fn open(path: &Path, format: LoadFormat) -> anyhow::Result<ModelFiles> {
                 bail!("{}: tokenizer.json is missing", dir.display());
             };
             let source: Box<dyn WeightSource> = if format == LoadFormat::Dummy {
-                Box::new(DummySource::new(0))
+                Box::new(DummySource::for_model(0, &config))
             } else {
                 Box::new(SafetensorsSource::open(&dir).with_context(|| format!("loading weights from {}", dir.display()))?)
             };

@@ -21,14 +21,23 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "rmsnorm",
         source: include_str!("../rmsnorm.cu"),
-        functions: &["fused_add_rmsnorm", "rmsnorm_rows"],
+        functions: &["fused_add_rmsnorm", "rmsnorm_rows", "rmsnorm_bf16", "head_rmsnorm"],
     },
     KernelModule {
         name: "rope_cache",
         source: include_str!("../rope_cache.cu"),
         functions: &["rope_and_cache", "add_bias"],
     },
-    KernelModule { name: "activation", source: include_str!("../activation.cu"), functions: &["silu_and_mul"] },
+    KernelModule {
+        name: "activation",
+        source: include_str!("../activation.cu"),
+        functions: &["silu_and_mul", "gelu_tanh_and_mul", "softcap_rows"],
+    },
+    KernelModule {
+        name: "moe",
+        source: include_str!("../moe.cu"),
+        functions: &["moe_route", "moe_group", "moe_gemm", "moe_combine"],
+    },
     KernelModule {
         name: "paged_attention",
         source: include_str!("../paged_attention.cu"),

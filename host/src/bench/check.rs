@@ -190,14 +190,18 @@ fn cos_sin(inv_freq: &[f32], position: u32) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// `rope_and_cache` on `tokens` random rows at random positions (up to 8000, so large angles are
-/// covered) and scattered slots, rotate-half or interleaved: the rotated Q and K in the QKV
+/// covered) and scattered slots, rotate-half or interleaved, over the first `rotary_dim`
+/// dimensions of each head, cosines and sines times `magnitude`: the rotated Q and K in the QKV
 /// buffer, and the K and V the cache received, against the CPU.
+#[allow(clippy::too_many_arguments)]
 pub fn check_rope(
     dev: &GpuDevice,
     tokens: usize,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    rotary_dim: usize,
+    magnitude: f32,
     interleaved: bool,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
@@ -212,14 +216,15 @@ pub fn check_rope(
         slots.swap(i, rng.random_range(0..=i));
     }
     slots.truncate(tokens);
-    let inv_freq = default_inv_freq(head_dim);
+    let inv_freq = default_inv_freq(rotary_dim);
 
     // CPU: rotate Q and K of every row; the cache gets K (rotated) and V at the row's slot.
     let layout = KvCacheLayout { num_layers: 1, num_blocks, block_size, num_kv_heads: kv_heads, head_dim };
     let mut want_qkv = qkv.clone();
     let mut cpu_cache = CpuKvCache::new(layout);
     for t in 0..tokens {
-        let (cos, sin) = cos_sin(&inv_freq, positions[t]);
+        let (mut cos, mut sin) = cos_sin(&inv_freq, positions[t]);
+        cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= magnitude);
         let row = &mut want_qkv[t * width..(t + 1) * width];
         let (qk, v) = row.split_at_mut((heads + kv_heads) * head_dim);
         if interleaved {
@@ -261,6 +266,8 @@ pub fn check_rope(
             bs_i,
             position_scale,
             interleaved_i,
+            rotary_dim as i32,
+            magnitude,
         )?;
     }
     let mut got = download_bf16(dev, &qkv_dev, tokens * width)?;
@@ -271,7 +278,10 @@ pub fn check_rope(
     want_qkv.extend_from_slice(values);
     Ok(CheckRow::error(
         "rope_and_cache",
-        format!("{} {tokens} x {heads}/{kv_heads} hd {head_dim}", if interleaved { "interleaved" } else { "rotate-half" }),
+        format!(
+            "{} {tokens} x {heads}/{kv_heads} hd {head_dim} rotary {rotary_dim} x{magnitude}",
+            if interleaved { "interleaved" } else { "rotate-half" }
+        ),
         relative_error(&got, &want_qkv),
     ))
 }
@@ -717,13 +727,190 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     rows.push(check_attention(dev, 9, 3, 64, &[(1100, 1), (40, 300), (60, 1)], AttentionPath::Mixed, 3, 96)?);
 
     for interleaved in [false, true] {
-        rows.push(check_rope(dev, 37, 9, 3, 64, interleaved, 7)?);
-        rows.push(check_rope(dev, 5, 32, 8, 128, interleaved, 8)?);
+        rows.push(check_rope(dev, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);
+        rows.push(check_rope(dev, 5, 32, 8, 128, 128, 1.0, interleaved, 8)?);
     }
+    // Partial rotary (the rest of each head passes through) and YaRN's magnitude.
+    rows.push(check_rope(dev, 9, 8, 2, 128, 64, 1.0, false, 9)?);
+    rows.push(check_rope(dev, 9, 8, 2, 64, 64, 1.2079, false, 10)?);
     rows.push(check_rmsnorm(dev, 7, 576, 3)?);
     rows.push(check_rmsnorm(dev, 3, 4096, 4)?);
     rows.push(check_silu(dev, 5, 1536, 5)?);
     rows.push(check_silu(dev, 2, 14336, 6)?);
+    // Experts: one token; several tiles per expert (300 tokens over 8 experts); Qwen3-30B-A3B's
+    // 128 experts, top-8; widths that are not multiples of the tile.
+    rows.extend(check_moe(dev, 1, 256, 8, 2, 128, true, 11)?);
+    rows.extend(check_moe(dev, 300, 256, 8, 2, 128, true, 12)?);
+    rows.extend(check_moe(dev, 37, 2048, 128, 8, 768, true, 13)?);
+    rows.extend(check_moe(dev, 5, 200, 6, 3, 40, false, 14)?);
+    rows.extend(architecture_kernel_checks(dev)?);
+    Ok(rows)
+}
+
+/// The kernels the newer architectures add, each against the CPU on random bfloat16 inputs: the
+/// bf16-to-bf16 RMSNorm (Gemma's sandwich norms), the per-head q/k RMSNorm (in place, only the
+/// heads asked for), GELU-tanh-and-multiply, logit soft-capping and the scaled embedding gather.
+pub fn architecture_kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
+    let mut rng = StdRng::seed_from_u64(21);
+    let stream = &dev.stream;
+    let mut rows = Vec::new();
+    let rows_config = |n: usize, width: usize| LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (row_threads(width), 1, 1), shared_mem_bytes: 0 };
+    let (n, hidden, eps) = (7usize, 1152usize, 1e-6f32);
+
+    let x = random_bf16_values(&mut rng, n * hidden, 3.0);
+    let weight = random_bf16_values(&mut rng, hidden, 2.0);
+    let mut want = vec![0.0f32; n * hidden];
+    for (out, row) in want.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+        ops::rms_norm(out, row, &weight, eps);
+    }
+    let (x_dev, w_dev) = (stream.clone_htod(&to_bf16(&x))?, stream.clone_htod(&weight)?);
+    let out_dev = stream.clone_htod(&vec![bf16::NAN; n * hidden])?;
+    // SAFETY: `n` rows of `hidden` in and out, a `hidden` weight.
+    unsafe { launchers::rmsnorm_bf16(dev, rows_config(n, hidden), ptr(dev, &x_dev), ptr(dev, &w_dev), ptr(dev, &out_dev), hidden as i32, eps)? };
+    rows.push(CheckRow::error("rmsnorm_bf16", format!("{n} x {hidden}"), relative_error(&download_bf16(dev, &out_dev, n * hidden)?, &want)));
+
+    for (heads, kv_heads, head_dim) in [(8, 4, 128), (16, 8, 64), (4, 1, 256)] {
+        let width = (heads + 2 * kv_heads) * head_dim;
+        let qkv = random_bf16_values(&mut rng, n * width, 3.0);
+        let weight = random_bf16_values(&mut rng, head_dim, 2.0);
+        // The key heads only (first head `heads`): the query and value heads must stay as they were.
+        let mut want = qkv.clone();
+        for row in want.chunks_exact_mut(width) {
+            for head in row[heads * head_dim..(heads + kv_heads) * head_dim].chunks_exact_mut(head_dim) {
+                let input = head.to_vec();
+                ops::rms_norm(head, &input, &weight, eps);
+            }
+        }
+        let (x_dev, w_dev) = (stream.clone_htod(&to_bf16(&qkv))?, stream.clone_htod(&weight)?);
+        let config = LaunchConfig { grid_dim: (n as u32, kv_heads.div_ceil(4) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let (w, first, count, hd) = (width as i32, heads as i32, kv_heads as i32, head_dim as i32);
+        // SAFETY: `n` rows of `width`; the heads normed lie inside each row.
+        unsafe { launchers::head_rmsnorm(dev, config, ptr(dev, &x_dev), ptr(dev, &w_dev), w, first, count, hd, eps)? };
+        let got = download_bf16(dev, &x_dev, n * width)?;
+        rows.push(CheckRow::error("head_rmsnorm", format!("{n} x k heads of {heads}/{kv_heads} hd {head_dim}"), relative_error(&got, &want)));
+    }
+
+    let inter = 6912;
+    let gate_up = random_bf16_values(&mut rng, n * 2 * inter, 4.0);
+    let mut want = vec![0.0f32; n * inter];
+    for (out, row) in want.chunks_exact_mut(inter).zip(gate_up.chunks_exact(2 * inter)) {
+        ops::gelu_tanh_mul(out, row);
+    }
+    let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
+    let out_dev = stream.clone_htod(&vec![bf16::NAN; n * inter])?;
+    // SAFETY: `n` rows of `2 * inter` in, `inter` out.
+    unsafe { launchers::gelu_tanh_and_mul(dev, rows_config(n, inter), ptr(dev, &out_dev), ptr(dev, &in_dev), inter as i32)? };
+    rows.push(CheckRow::error("gelu_tanh_and_mul", format!("{n} x {inter}"), relative_error(&download_bf16(dev, &out_dev, n * inter)?, &want)));
+
+    let (vocab, cap) = (5000usize, 30.0f32);
+    let logits: Vec<f32> = (0..n * vocab).map(|_| rng.random_range(-80.0f32..80.0)).collect();
+    let want: Vec<f32> = logits.iter().map(|&l| cap * (l / cap).tanh()).collect();
+    let logits_dev = stream.clone_htod(&logits)?;
+    // SAFETY: `n` rows of `vocab` floats.
+    unsafe { launchers::softcap_rows(dev, rows_config(n, vocab), ptr(dev, &logits_dev), vocab as i32, cap)? };
+    rows.push(CheckRow::error("softcap_rows", format!("{n} x {vocab}, cap {cap}"), relative_error(&stream.clone_dtoh(&logits_dev)?, &want)));
+
+    let table = random_bf16_values(&mut rng, 300 * hidden, 0.05);
+    let tokens: Vec<u32> = (0..n).map(|_| rng.random_range(0..300)).collect();
+    let scale = (hidden as f32).sqrt();
+    let want: Vec<f32> = tokens.iter().flat_map(|&t| table[t as usize * hidden..(t as usize + 1) * hidden].iter().map(|v| v * scale)).collect();
+    let (table_dev, tokens_dev) = (stream.clone_htod(&to_bf16(&table))?, stream.clone_htod(&tokens)?);
+    let out_dev = stream.alloc_zeros::<f32>(n * hidden)?;
+    // SAFETY: `n` token ids below the table's 300 rows; `n` rows of `hidden` out.
+    unsafe {
+        launchers::embedding_gather(dev, rows_config(n, hidden), ptr(dev, &out_dev), ptr(dev, &table_dev), ptr(dev, &tokens_dev), hidden as i32, scale)?
+    };
+    rows.push(CheckRow::error("embedding_gather", format!("{n} x {hidden}, x{scale}"), relative_error(&stream.clone_dtoh(&out_dev)?, &want)));
+    Ok(rows)
+}
+
+/// The mixture-of-experts kernels (`kernels/moe.cu`) on random inputs: routing from given router
+/// logits must pick exactly the CPU's top-k with its weights, and the grouped products, the
+/// activation and the combination must match the CPU computing the same experts (rounded to
+/// bfloat16 where the kernels round).
+#[allow(clippy::too_many_arguments)]
+pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, top_k: usize, inter: usize, norm_topk: bool, seed: u64) -> Result<Vec<CheckRow>, CudaError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = random_bf16_values(&mut rng, tokens * hidden, 1.0);
+    let logits: Vec<f32> = (0..tokens * experts).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+    let gate_up = random_bf16_values(&mut rng, experts * 2 * inter * hidden, 0.1);
+    let down = random_bf16_values(&mut rng, experts * hidden * inter, 0.1);
+    let stream = &dev.stream;
+    let assignments = tokens * top_k;
+    let x_dev = stream.clone_htod(&to_bf16(&x))?;
+    let logits_dev = stream.clone_htod(&logits)?;
+    let gate_up_dev = stream.clone_htod(&to_bf16(&gate_up))?;
+    let down_dev = stream.clone_htod(&to_bf16(&down))?;
+    let ids_dev = stream.alloc_zeros::<u32>(assignments)?;
+    let weights_dev = stream.alloc_zeros::<f32>(assignments)?;
+    let offsets_dev = stream.alloc_zeros::<u32>(experts + 2)?;
+    let sorted_dev = stream.alloc_zeros::<u32>(assignments)?;
+    let most_tiles = assignments.div_ceil(64) + experts.min(assignments);
+    let tiles_dev = stream.alloc_zeros::<u32>(3 * most_tiles)?;
+    let gate_up_out = stream.clone_htod(&vec![bf16::NAN; assignments * 2 * inter])?;
+    let act_out = stream.clone_htod(&vec![bf16::NAN; assignments * inter])?;
+    let down_out = stream.clone_htod(&vec![bf16::NAN; assignments * hidden])?;
+    let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * hidden])?;
+    let num_tiles = ptr(dev, &offsets_dev) + 4 * (experts as u64 + 1);
+    let (e, k, h, i) = (experts as i32, top_k as i32, hidden as i32, inter as i32);
+    let one = |rows: usize, width: usize| LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(width), 1, 1), shared_mem_bytes: 0 };
+    let gemm = |cols: usize| LaunchConfig { grid_dim: (cols.div_ceil(64) as u32, most_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: every buffer was allocated above at the sizes `kernels/moe.cu` reads and writes.
+    unsafe {
+        let route = LaunchConfig { grid_dim: (tokens.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        launchers::moe_route(dev, route, ptr(dev, &logits_dev), ptr(dev, &ids_dev), ptr(dev, &weights_dev), tokens as i32, e, k, i32::from(norm_topk))?;
+        let group = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        launchers::moe_group(dev, group, ptr(dev, &ids_dev), assignments as i32, e, ptr(dev, &offsets_dev), ptr(dev, &sorted_dev), ptr(dev, &tiles_dev))?;
+        let (sorted, tiles) = (ptr(dev, &sorted_dev), ptr(dev, &tiles_dev));
+        launchers::moe_gemm(dev, gemm(2 * inter), ptr(dev, &gate_up_out), ptr(dev, &x_dev), ptr(dev, &gate_up_dev), sorted, tiles, num_tiles, k, 2 * i, h)?;
+        launchers::silu_and_mul(dev, one(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), i)?;
+        launchers::moe_gemm(dev, gemm(hidden), ptr(dev, &down_out), ptr(dev, &act_out), ptr(dev, &down_dev), sorted, tiles, num_tiles, 1, h, i)?;
+        launchers::moe_combine(dev, one(tokens, hidden), ptr(dev, &out_dev), ptr(dev, &down_out), ptr(dev, &weights_dev), k, h)?;
+    }
+    let ids = stream.clone_dtoh(&ids_dev)?;
+    let weights = stream.clone_dtoh(&weights_dev)?;
+    let got = download_bf16(dev, &out_dev, tokens * hidden)?;
+
+    // Routing: the CPU's order (larger probability first, lower index on a tie).
+    let mut routing_ok = true;
+    let mut want_weights = Vec::with_capacity(assignments);
+    for t in 0..tokens {
+        let row = &logits[t * experts..(t + 1) * experts];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f64> = row.iter().map(|&l| ((l - max) as f64).exp()).collect();
+        let total: f64 = exp.iter().sum();
+        let mut order: Vec<usize> = (0..experts).collect();
+        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+        let top = &order[..top_k];
+        let top_sum: f64 = top.iter().map(|&e| exp[e] / total).sum();
+        routing_ok &= top.iter().zip(&ids[t * top_k..(t + 1) * top_k]).all(|(&want, &got)| want as u32 == got);
+        want_weights.extend(top.iter().map(|&e| (exp[e] / total / if norm_topk { top_sum } else { 1.0 }) as f32));
+    }
+    let mut rows = vec![CheckRow {
+        name: "moe_route".into(),
+        detail: format!("{tokens} tokens, {experts} experts, top-{top_k}"),
+        error: Some(relative_error(&weights, &want_weights)),
+        passed: routing_ok && relative_error(&weights, &want_weights) < 1e-5,
+    }];
+    // The experts the GPU chose, computed on the CPU with the kernels' roundings.
+    let round = |v: f32| bf16::from_f32(v).to_f32();
+    let mut want = vec![0.0f32; tokens * hidden];
+    for t in 0..tokens {
+        for j in 0..top_k {
+            let (expert, weight) = (ids[t * top_k + j] as usize, weights[t * top_k + j]);
+            let input = &x[t * hidden..(t + 1) * hidden];
+            let gu = matmul_reference(input, &gate_up[expert * 2 * inter * hidden..(expert + 1) * 2 * inter * hidden], None, 1, hidden, 2 * inter);
+            let gu: Vec<f32> = gu.into_iter().map(round).collect();
+            let mut act = vec![0.0f32; inter];
+            ops::silu_mul(&mut act, &gu);
+            let act: Vec<f32> = act.into_iter().map(round).collect();
+            let y = matmul_reference(&act, &down[expert * hidden * inter..(expert + 1) * hidden * inter], None, 1, inter, hidden);
+            for (w, y) in want[t * hidden..(t + 1) * hidden].iter_mut().zip(y) {
+                *w += weight * round(y);
+            }
+        }
+    }
+    rows.push(CheckRow::error("moe experts", format!("{tokens} x {hidden}, {experts} experts top-{top_k}, inter {inter}"), relative_error(&got, &want)));
     Ok(rows)
 }
 

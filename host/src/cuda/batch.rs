@@ -1,5 +1,5 @@
-//! Per-batch device state of the forward: the activation buffers (`Scratch`, grown to the largest
-//! batch seen) and the batch's index arrays (token ids, positions, slots, block tables, logits
+//! Per-batch device state of the forward: the activation arena and other buffers (`Scratch`, grown
+//! to the largest batch seen) and the batch's index arrays (token ids, positions, slots, block tables, logits
 //! rows, attention tiles), packed into one buffer and uploaded once per step (`upload_batch`).
 
 use cudarc::driver::sys::CUdeviceptr;
@@ -12,22 +12,16 @@ use super::{CudaError, GpuDevice};
 use crate::model::ModelConfig;
 use crate::runner::ForwardBatch;
 
-/// Per-batch buffers, grown to the largest batch seen.
+/// Per-batch buffers, grown to the largest batch seen: the activation arena's slots (see
+/// `cuda::forward`), the final norm's rows, the logits, split-K partials and the index buffer.
 #[derive(Default)]
 pub(crate) struct Scratch {
     capacity_tokens: usize,
     capacity_rows: usize,
     capacity_partials: usize,
-    pub(crate) x: Option<CudaSlice<f32>>,
-    /// The residual stream's second buffer: the fused GEMV path ping-pongs between `x` and this
-    /// (see `run_layers`).
-    pub(crate) x2: Option<CudaSlice<f32>>,
-    pub(crate) h: Option<CudaSlice<bf16>>,
-    pub(crate) qkv: Option<CudaSlice<bf16>>,
-    pub(crate) attn: Option<CudaSlice<bf16>>,
-    pub(crate) proj: Option<CudaSlice<bf16>>,
-    pub(crate) gate_up: Option<CudaSlice<bf16>>,
-    pub(crate) act: Option<CudaSlice<bf16>>,
+    /// Bytes per token of each arena slot (the model's `forward::plan`).
+    slot_bytes: Vec<usize>,
+    slots: Vec<CudaSlice<u8>>,
     pub(crate) final_h: Option<CudaSlice<bf16>>,
     pub(crate) logits: Option<CudaSlice<f32>>,
     pub(crate) part_out: Option<CudaSlice<f32>>,
@@ -39,20 +33,20 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// An arena with the slots of `plan` (bytes per token each), allocated on first `ensure`.
+    pub(crate) fn new(plan: &[usize]) -> Self {
+        Scratch { slot_bytes: plan.to_vec(), ..Default::default() }
+    }
+
     /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
     pub(crate) fn ensure(&mut self, dev: &GpuDevice, c: &ModelConfig, tokens: usize, rows: usize, partials: usize) -> Result<(), CudaError> {
         let s = self;
         if tokens > s.capacity_tokens {
             let t = tokens.next_power_of_two();
-            let qkv = c.q_size() + 2 * c.kv_size();
-            s.x = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.x2 = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.h = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.qkv = Some(dev.stream.alloc_zeros(t * qkv)?);
-            s.attn = Some(dev.stream.alloc_zeros(t * c.q_size())?);
-            s.proj = Some(dev.stream.alloc_zeros(t * c.hidden_size)?);
-            s.gate_up = Some(dev.stream.alloc_zeros(t * 2 * c.intermediate_size)?);
-            s.act = Some(dev.stream.alloc_zeros(t * c.intermediate_size)?);
+            s.slots.clear();
+            for &bytes in &s.slot_bytes {
+                s.slots.push(dev.stream.alloc_zeros(t * bytes)?);
+            }
             s.capacity_tokens = t;
         }
         if rows > s.capacity_rows {
@@ -71,6 +65,27 @@ impl Scratch {
         Ok(())
     }
 
+    pub(crate) fn slot_bytes(&self) -> &[usize] {
+        &self.slot_bytes
+    }
+
+    pub(crate) fn slot_ptr(&self, dev: &GpuDevice, slot: usize) -> CUdeviceptr {
+        ptr(dev, &self.slots[slot])
+    }
+
+    pub(crate) fn logits_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {
+        self.logits.as_ref().map_or(0, |l| ptr(dev, l))
+    }
+
+    pub(crate) fn final_h_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {
+        self.final_h.as_ref().map_or(0, |f| ptr(dev, f))
+    }
+
+    /// The split-K partials: outputs, maxima, sums.
+    pub(crate) fn partials(&self, dev: &GpuDevice) -> (CUdeviceptr, CUdeviceptr, CUdeviceptr) {
+        let p = |slice: &Option<CudaSlice<f32>>| slice.as_ref().map_or(0, |s| ptr(dev, s));
+        (p(&self.part_out), p(&self.part_max), p(&self.part_sum))
+    }
 }
 
 /// Device pointers to the batch's index arrays (all inside one index buffer).

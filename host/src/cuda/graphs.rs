@@ -106,7 +106,7 @@ impl GpuBackend {
         // rows per head. The most splits go with the smallest buckets, so size for the largest
         // product, not for the largest bucket times the most splits.
         let partial_rows = buckets.iter().map(|&b| match split_of(b).splits { 1 => 0, s => b * s }).max().unwrap_or(0);
-        let mut scratch = Scratch::default();
+        let mut scratch = self.new_scratch();
         scratch.ensure(&dev, &c, largest, largest, partial_rows * c.num_attention_heads)?;
         let mut indices = dev.stream.alloc_zeros::<u32>(5 * largest + largest * max_blocks)?;
         let tokens_out = dev.stream.alloc_zeros::<u32>(largest)?;
@@ -118,10 +118,10 @@ impl GpuBackend {
             let arrays = layout(base, bucket, max_blocks);
             let split = split_of(bucket);
             // A warm-up run outside the capture lets cuBLAS pick its kernels first.
-            self.run_layers(&scratch, bucket, bucket, &arrays, split)?;
+            self.run_forward(&scratch, bucket, bucket, &arrays, split)?;
             dev.stream.synchronize()?;
             dev.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let enqueued = self.run_layers(&scratch, bucket, bucket, &arrays, split);
+            let enqueued = self.run_forward(&scratch, bucket, bucket, &arrays, split);
             let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0))?;
             enqueued?;
             let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;

@@ -46,9 +46,10 @@ macro_rules! kernels {
 }
 
 kernels! {
-    /// `embedding.cu`: `out[t] = table[tokens[t]]` widened to float32, one block per token.
+    /// `embedding.cu`: `out[t] = table[tokens[t]] * scale` widened to float32, one block per
+    /// token.
     fn embedding_gather() => "embedding_gather";
-        (out: Ptr, table: Ptr, tokens: Ptr, hidden: i32)
+        (out: Ptr, table: Ptr, tokens: Ptr, hidden: i32, scale: f32)
     /// `rmsnorm.cu`: `residual += delta` (unless null), `out = rmsnorm(residual) * weight`
     /// (unless null), one block per token.
     fn fused_add_rmsnorm() => "fused_add_rmsnorm";
@@ -56,17 +57,43 @@ kernels! {
     /// `rmsnorm.cu`: `out[i] = rmsnorm(residual[rows[i]]) * weight`, one block per row.
     fn rmsnorm_rows() => "rmsnorm_rows";
         (residual: Ptr, rows: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
+    /// `rmsnorm.cu`: `out = rmsnorm(x) * weight` of bfloat16 rows, one block per row.
+    fn rmsnorm_bf16() => "rmsnorm_bf16";
+        (x: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
+    /// `rmsnorm.cu`: per-head RMSNorm in place; grid (rows, heads / 4), 128 threads.
+    fn head_rmsnorm() => "head_rmsnorm";
+        (x: Ptr, weight: Ptr, row_width: i32, first_head: i32, num_heads: i32, head_dim: i32, eps: f32)
     /// `rope_cache.cu`: RoPE on the query and key heads of `qkv` in place, keys and values into
     /// the cache slots, one block per token.
     fn rope_and_cache() => "rope_and_cache";
         (qkv: Ptr, positions: Ptr, slots: Ptr, inv_freq: Ptr, k_cache: Ptr, v_cache: Ptr, num_heads: i32,
-         num_kv_heads: i32, head_dim: i32, block_size: i32, position_scale: f32, interleaved: i32)
+         num_kv_heads: i32, head_dim: i32, block_size: i32, position_scale: f32, interleaved: i32,
+         rotary_dim: i32, magnitude: f32)
     /// `rope_cache.cu`: `x[r] += bias` in bfloat16, one block per row.
     fn add_bias() => "add_bias";
         (x: Ptr, bias: Ptr, cols: i32)
     /// `activation.cu`: `out = silu(gate) * up` of `[gate | up]` rows, one block per token.
     fn silu_and_mul() => "silu_and_mul";
         (out: Ptr, gate_up: Ptr, inter: i32)
+    /// `activation.cu`: `out = gelu_tanh(gate) * up` of `[gate | up]` rows, one block per token.
+    fn gelu_tanh_and_mul() => "gelu_tanh_and_mul";
+        (out: Ptr, gate_up: Ptr, inter: i32)
+    /// `activation.cu`: `x = cap * tanh(x / cap)` in place, one block per row.
+    fn softcap_rows() => "softcap_rows";
+        (x: Ptr, cols: i32, cap: f32)
+    /// `moe.cu`: each token's top-k experts and weights from its router logits, one warp per
+    /// token.
+    fn moe_route() => "moe_route";
+        (logits: Ptr, ids: Ptr, weights: Ptr, num_tokens: i32, experts: i32, k: i32, norm_topk: i32)
+    /// `moe.cu`: the assignments grouped by expert and cut into tiles; one block of 1024.
+    fn moe_group() => "moe_group";
+        (ids: Ptr, assignments: i32, experts: i32, offsets: Ptr, sorted: Ptr, tiles: Ptr)
+    /// `moe.cu`: the grouped expert product; grid (column tiles, most tiles), `MOE_THREADS`.
+    fn moe_gemm() => "moe_gemm";
+        (out: Ptr, input: Ptr, w: Ptr, sorted: Ptr, tiles: Ptr, num_tiles: Ptr, in_div: i32, n: i32, k: i32)
+    /// `moe.cu`: each token's expert outputs summed with their weights, one block per token.
+    fn moe_combine() => "moe_combine";
+        (out: Ptr, y: Ptr, weights: Ptr, k: i32, hidden: i32)
     /// `paged_attention.cu`: decode attention over the paged cache, instantiated per head
     /// dimension; grid (rows, KV heads, splits); `window` 0 sees every earlier position.
     fn paged_attention(head_dim: usize) => decode_kernel_name(head_dim);
@@ -146,9 +173,17 @@ mod tests {
             ("embedding_gather", "embedding", "embedding_gather"),
             ("fused_add_rmsnorm", "rmsnorm", "fused_add_rmsnorm"),
             ("rmsnorm_rows", "rmsnorm", "rmsnorm_rows"),
+            ("rmsnorm_bf16", "rmsnorm", "rmsnorm_bf16"),
+            ("head_rmsnorm", "rmsnorm", "head_rmsnorm"),
             ("rope_and_cache", "rope_cache", "rope_and_cache"),
             ("add_bias", "rope_cache", "add_bias"),
             ("silu_and_mul", "activation", "silu_and_mul"),
+            ("gelu_tanh_and_mul", "activation", "gelu_tanh_and_mul"),
+            ("softcap_rows", "activation", "softcap_rows"),
+            ("moe_route", "moe", "moe_route"),
+            ("moe_group", "moe", "moe_group"),
+            ("moe_gemm", "moe", "moe_gemm"),
+            ("moe_combine", "moe", "moe_combine"),
             ("paged_attention", "paged_attention", "paged_attention_hd##HD"),
             ("attention_reduce", "paged_attention", "attention_reduce"),
             ("prefill_attention", "prefill_attention", "prefill_attention_hd##HD"),

@@ -1,11 +1,13 @@
 //! The CUDA backend: cudarc with dynamic loading (the binary builds and runs without CUDA and
 //! picks the GPU when one is there), kernels from `kernels/` compiled by NVRTC at start-up and
-//! cached on disk, cuBLAS GEMMs in bfloat16 with float32 accumulation, and the GPU forward of the
-//! Llama family behind the same `ModelBackend` contract as the CPU path.
+//! cached on disk, cuBLAS GEMMs in bfloat16 with float32 accumulation, and the GPU forward of
+//! every architecture of `model::arch` (`forward`: the `Ops` of the shared decoder) behind the
+//! same `ModelBackend` contract as the CPU path.
 
 mod attention;
 mod batch;
 mod device;
+mod forward;
 pub mod gemm;
 pub mod gemv;
 mod graphs;
@@ -39,6 +41,8 @@ pub enum CudaError {
     Compile { module: String, message: String },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
 }
 
 /// Whether a CUDA driver and at least one GPU can be found. cudarc loads the driver library on

@@ -1,5 +1,5 @@
 //! Where a forward step's time goes, by kind of launch (`bench gpu`'s breakdown). With a
-//! `StepProfiler` installed on the backend, `run_layers` records a CUDA event before each launch
+//! `StepProfiler` installed on the backend, the forward (`cuda::forward`) records a CUDA event before each launch
 //! group (`mark`), and the time from one mark to the next is charged to the first one's kind.
 //!
 //! The events time the device, not the host, only if the host enqueues the step faster than the

@@ -2,8 +2,9 @@
 //! bfloat16 (their biases and every norm weight in float32), each tensor copied from the source to
 //! its place in the device matrix as it is read.
 //!
-//! Host memory: tensors a source lends raw (memory-mapped safetensors, bfloat16, float16 or
-//! float32) go to the device through a staging buffer of `CONVERT_CHUNK` values; others (GGUF,
+//! Host memory: tensors a source lends raw (memory-mapped safetensors) in bfloat16 are copied
+//! straight from the map; float16 or float32 ones go through a staging buffer of `CONVERT_CHUNK`
+//! values; others (GGUF,
 //! dequantized to float32) cost one tensor's float32 copy at a time. Dummy weights are drawn on
 //! the device and never touch the host.
 
@@ -41,11 +42,20 @@ const CONVERT_CHUNK: usize = 1 << 22;
 pub struct GpuStore {
     dev: Arc<GpuDevice>,
     bytes: usize,
+    /// Added to every vector (norm weight) as it is loaded: Gemma's `(1 + w)` norms become plain
+    /// ones, so no kernel needs to know.
+    vector_offset: f32,
 }
 
 impl GpuStore {
     pub fn new(dev: Arc<GpuDevice>) -> Self {
-        GpuStore { dev, bytes: 0 }
+        GpuStore { dev, bytes: 0, vector_offset: 0.0 }
+    }
+
+    /// Folds the `(1 + w)` of `ModelConfig::norm_unit_offset` into the norm weights.
+    pub fn with_unit_offset(mut self, unit_offset: bool) -> Self {
+        self.vector_offset = if unit_offset { 1.0 } else { 0.0 };
+        self
     }
 
     /// Bytes of matrices on the device so far.
@@ -68,6 +78,13 @@ impl GpuStore {
     fn fill_part(&self, dst: &mut CudaSlice<bf16>, at: usize, part: &Part<'_>) -> Result<(), ModelError> {
         let n = part.rows * part.cols;
         match part.raw()? {
+            Some(raw) if cfg!(target_endian = "little") && raw.dtype == RawDtype::BF16 && (raw.bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<bf16>()) => {
+                // Stored as the device keeps it: straight from the map, no host copy at all.
+                // SAFETY: `bf16` is a transparent `u16`; the bytes are 2-aligned (checked above),
+                // `len / 2` values long, and borrowed for the call only.
+                let values = unsafe { std::slice::from_raw_parts(raw.bytes.as_ptr().cast::<bf16>(), raw.bytes.len() / 2) };
+                self.copy_bf16(dst, at, values)
+            }
             Some(raw) => {
                 // In chunks, so the host never holds more than one chunk beyond the map.
                 let width = if raw.dtype == RawDtype::F32 { 4 } else { 2 };
@@ -135,7 +152,8 @@ impl WeightStore for GpuStore {
     }
 
     fn vector(&mut self, part: &Part<'_>) -> Result<CudaSlice<f32>, ModelError> {
-        self.dev.stream.clone_htod(&part.f32()?).map_err(Self::err)
+        let values: Vec<f32> = part.f32()?.into_iter().map(|w| w + self.vector_offset).collect();
+        self.dev.stream.clone_htod(&values).map_err(Self::err)
     }
 }
 

@@ -36,6 +36,9 @@ pub enum ModelError {
     MissingTensor(String),
     #[error("invalid forward input: {0}")]
     Input(String),
+    /// A backend failed to run an operation (a device error, or a bug it caught).
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl ModelError {

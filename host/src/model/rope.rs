@@ -91,6 +91,11 @@ impl Rope {
         self.position_scale
     }
 
+    /// Cosines and sines are multiplied by this (YaRN's attention factor); 1 otherwise.
+    pub fn magnitude(&self) -> f32 {
+        self.magnitude
+    }
+
     /// Cosines and sines for one position, each `rotary_dim / 2` long.
     pub fn cos_sin(&self, position: u32, cos: &mut [f32], sin: &mut [f32]) {
         let pos = position as f32 / self.position_scale;

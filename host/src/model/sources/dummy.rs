@@ -5,17 +5,25 @@
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 
-use crate::model::{ModelError, Tensor, WeightSource};
+use crate::model::{ModelConfig, ModelError, Tensor, WeightSource};
 
 pub struct DummySource {
     seed: u64,
-    /// Standard deviation of the matrices; norms are all ones, as freshly initialised models are.
+    /// Standard deviation of the matrices.
     scale: f32,
+    /// Every norm weight: norms are the identity, as in freshly initialised models.
+    norm_weight: f32,
 }
 
 impl DummySource {
     pub fn new(seed: u64) -> Self {
-        DummySource { seed, scale: 0.02 }
+        DummySource { seed, scale: 0.02, norm_weight: 1.0 }
+    }
+
+    /// For `config`'s model: its norms stored as zeros where they compute `(1 + w)` (Gemma), so
+    /// that they too are the identity.
+    pub fn for_model(seed: u64, config: &ModelConfig) -> Self {
+        DummySource { norm_weight: if config.norm_unit_offset { 0.0 } else { 1.0 }, ..Self::new(seed) }
     }
 
     fn tensor_seed(&self, name: &str) -> u64 {
@@ -34,7 +42,7 @@ impl WeightSource for DummySource {
         let n: usize = expected_shape.iter().product();
         const CHUNK: usize = 1 << 16;
         let data = if hf_name.ends_with("norm.weight") {
-            vec![1.0; n]
+            vec![self.norm_weight; n]
         } else {
             let seed = self.tensor_seed(hf_name);
             // Uniform with the same standard deviation as N(0, scale): cheaper and bounded.

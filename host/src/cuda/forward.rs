@@ -1,0 +1,676 @@
+//! The GPU forward: `model::ops::Ops` over CUDA, so every architecture of `model::arch` runs on
+//! the device from its one definition. bfloat16 activations, a float32 residual stream and
+//! float32 accumulation; every launch goes to the device's one stream and nothing is read back,
+//! so a forward can be captured in a CUDA graph.
+//!
+//! **Activations** live in an arena of slots (`Scratch::slots`), each `bytes_per_token` wide per
+//! token of capacity. An `Act` takes the first free slot of exactly its width, so a forward's
+//! slots depend only on the model and the path it takes, never on the data: `plan` runs the
+//! forward once without launching anything (with and without the fused path) to find the slots
+//! it needs, and real forwards (and graph captures) reuse those same buffers.
+//!
+//! **Fusion at batch 1–8.** With the GEMV on, `add_norm` and a SiLU `gated_activation` launch
+//! nothing: they leave their output *pending*, and the `linear` that consumes it folds the step
+//! into the GEMV's input staging (`GemvInput::AddNorm` / `SiluMul`), the launch and the round trip
+//! through memory saved. A fused add+norm writes the updated residual into a fresh slot (the GEMV
+//! reads the old one in every block, so it cannot be updated in place) and the residual's handle
+//! moves there. A pending output consumed by anything but a fusable `linear` is computed first
+//! (`resolve`), so fusion never changes what an architecture can ask. Freeing an input a pending
+//! output still reads is deferred until it is resolved.
+//!
+//! Norm weights arrive with any (1 + w) offset already folded in (`cuda::weights`).
+
+use std::cell::RefCell;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::LaunchConfig;
+
+use super::attention::{launch_attention, AttentionArgs};
+use super::batch::{BatchArrays, Scratch};
+use super::gemm::{cublas_linear, OutType};
+use super::gemv::{gemv, Gemv, GemvInput};
+use super::kv_cache::GpuKvCache;
+use super::launch::{gemv_supports, row_threads, AttentionSplit};
+use super::launchers;
+use super::model::{ptr, GpuModel};
+use super::profile::StepProfiler;
+use super::weights::{GpuMatrix, GpuWeights};
+use super::{CudaError, GpuDevice};
+use crate::model::config::{Activation, LayerAttention, MoeConfig};
+use crate::model::ops::{Act, Norm, Ops};
+use crate::model::weights::MoeWeights;
+use crate::model::ModelError;
+
+/// Threads of `moe_gemm` and its tile sizes (`MOE_THREADS`, `MOE_BM`, `MOE_BN` in
+/// `kernels/moe.cu`).
+const MOE_THREADS: u32 = 128;
+const MOE_TILE_ROWS: usize = 64;
+const MOE_TILE_COLS: usize = 64;
+/// The most experts and the largest top-k `kernels/moe.cu` takes.
+pub const MOE_MAX_EXPERTS: usize = 1024;
+pub const MOE_MAX_TOP_K: usize = 32;
+
+/// What a real (not planning) forward runs with.
+pub(crate) struct Launch<'a> {
+    pub scratch: &'a Scratch,
+    pub cache: &'a GpuKvCache,
+    pub arrays: &'a BatchArrays,
+    pub split: AttentionSplit,
+    pub profiler: &'a RefCell<Option<StepProfiler>>,
+}
+
+/// The arena's slots a model's forward needs, bytes per token each.
+pub(crate) type ArenaPlan = Vec<usize>;
+
+/// An output left for its consumer to compute (see the module docs).
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    /// `residual += delta`, then `rmsnorm(residual) * weight`.
+    AddNorm { residual: Act, delta: Option<Act>, weight: CUdeviceptr, eps: f32 },
+    /// `silu(gate) * up` of the `[gate | up]` rows.
+    SiluMul { gate_up: Act },
+}
+
+impl Pending {
+    fn reads(&self, act: Act) -> bool {
+        match *self {
+            Pending::AddNorm { residual, delta, .. } => residual == act || delta == Some(act),
+            Pending::SiluMul { gate_up } => gate_up == act,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ActState {
+    /// The arena slot holding it; `None` once released.
+    slot: Option<usize>,
+    /// Elements per row.
+    width: usize,
+    f32: bool,
+    pending: Option<Pending>,
+    /// A pending output that a fused product consumed without computing it: reading it again is
+    /// a bug, reported rather than answered with garbage.
+    consumed: bool,
+}
+
+pub(crate) struct GpuOps<'a> {
+    model: &'a GpuModel,
+    /// `None` while planning: allocate, launch nothing.
+    launch: Option<Launch<'a>>,
+    n: usize,
+    rows: usize,
+    /// Products of at most `GEMV_MAX_ROWS` rows go through the GEMV, with fusion.
+    gemv: bool,
+    slot_bytes: Vec<usize>,
+    busy: Vec<bool>,
+    acts: Vec<ActState>,
+    /// The activations with a pending computation (at most a few at once).
+    pending: Vec<Act>,
+    /// Freed activations a pending computation still reads.
+    deferred: Vec<Act>,
+}
+
+fn backend_error(e: CudaError) -> ModelError {
+    ModelError::Backend(format!("CUDA: {e}"))
+}
+
+fn internal(what: String) -> ModelError {
+    ModelError::Backend(format!("CUDA forward: {what}"))
+}
+
+/// The arena `model`'s forward needs: the slots of a planning run through the fused path and
+/// through the unfused one, by width, the more of each.
+pub(crate) fn plan(model: &GpuModel) -> Result<ArenaPlan, ModelError> {
+    let mut need: std::collections::BTreeMap<usize, usize> = Default::default();
+    for gemv in [true, false] {
+        let mut ops = GpuOps { model, launch: None, n: 1, rows: 1, gemv, slot_bytes: Vec::new(), busy: Vec::new(), acts: Vec::new(), pending: Vec::new(), deferred: Vec::new() };
+        ops.run()?;
+        let mut counts: std::collections::BTreeMap<usize, usize> = Default::default();
+        for bytes in ops.slot_bytes {
+            *counts.entry(bytes).or_default() += 1;
+        }
+        for (bytes, count) in counts {
+            let entry = need.entry(bytes).or_default();
+            *entry = (*entry).max(count);
+        }
+    }
+    Ok(need.into_iter().flat_map(|(bytes, count)| std::iter::repeat_n(bytes, count)).collect())
+}
+
+/// Enqueues the forward of `n` tokens, the logits of `rows` of them into `launch.scratch.logits`.
+pub(crate) fn enqueue(model: &GpuModel, launch: Launch<'_>, n: usize, rows: usize, gemv: bool) -> Result<(), CudaError> {
+    let slot_bytes = launch.scratch.slot_bytes().to_vec();
+    let busy = vec![false; slot_bytes.len()];
+    let mut ops = GpuOps { model, launch: Some(launch), n, rows, gemv, slot_bytes, busy, acts: Vec::new(), pending: Vec::new(), deferred: Vec::new() };
+    ops.run().map_err(CudaError::Model)?;
+    ops.mark("end").map_err(CudaError::Model)
+}
+
+impl<'a> GpuOps<'a> {
+    fn run(&mut self) -> Result<(), ModelError> {
+        let model = self.model;
+        let config = model.config();
+        config.architecture.forward(config, model.weights(), self)
+    }
+
+    fn dev(&self) -> &'a GpuDevice {
+        self.model.device()
+    }
+
+    fn mark(&self, kind: &'static str) -> Result<(), ModelError> {
+        let Some(launch) = &self.launch else { return Ok(()) };
+        match launch.profiler.borrow_mut().as_mut() {
+            Some(profiler) => profiler.mark(self.dev(), kind).map_err(backend_error),
+            None => Ok(()),
+        }
+    }
+
+    /// One block per token row, threads for `width` elements.
+    fn rows_config(&self, rows: usize, width: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(width), 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn alloc(&mut self, width: usize, element_bytes: usize) -> Result<Act, ModelError> {
+        let bytes = width * element_bytes;
+        let free = (0..self.slot_bytes.len()).find(|&s| !self.busy[s] && self.slot_bytes[s] == bytes);
+        let slot = match free {
+            Some(slot) => slot,
+            None if self.launch.is_none() => {
+                self.slot_bytes.push(bytes);
+                self.busy.push(false);
+                self.slot_bytes.len() - 1
+            }
+            None => return Err(internal(format!("the activation arena has no free slot of {bytes} bytes per token"))),
+        };
+        self.busy[slot] = true;
+        self.acts.push(ActState { slot: Some(slot), width, f32: element_bytes == 4, pending: None, consumed: false });
+        Ok(Act(self.acts.len() - 1))
+    }
+
+    fn alloc_bf16(&mut self, width: usize) -> Result<Act, ModelError> {
+        self.alloc(width, 2)
+    }
+
+    fn state(&self, act: Act) -> Result<&ActState, ModelError> {
+        self.acts.get(act.0).filter(|s| s.slot.is_some()).ok_or_else(|| internal(format!("{act:?} is not live")))
+    }
+
+    /// The device address of a computed activation.
+    fn ptr(&self, act: Act) -> Result<CUdeviceptr, ModelError> {
+        let state = self.state(act)?;
+        if state.pending.is_some() || state.consumed {
+            return Err(internal(format!("{act:?} is read before it is computed")));
+        }
+        Ok(match &self.launch {
+            Some(launch) => launch.scratch.slot_ptr(self.dev(), state.slot.expect("live")),
+            None => 0,
+        })
+    }
+
+    /// The address an output is written to (pending or not).
+    fn out_ptr(&self, act: Act) -> Result<CUdeviceptr, ModelError> {
+        let slot = self.state(act)?.slot.expect("live");
+        Ok(self.launch.as_ref().map_or(0, |launch| launch.scratch.slot_ptr(self.dev(), slot)))
+    }
+
+    fn release(&mut self, act: Act) {
+        if let Some(slot) = self.acts[act.0].slot.take() {
+            self.busy[slot] = false;
+        }
+    }
+
+    /// Sets (or clears) `act`'s pending computation.
+    fn set_pending(&mut self, act: Act, pending: Option<Pending>) {
+        self.acts[act.0].pending = pending;
+        self.pending.retain(|&a| a != act);
+        if pending.is_some() {
+            self.pending.push(act);
+        }
+        self.release_deferred();
+    }
+
+    /// Releases the freed activations no pending output reads any more.
+    fn release_deferred(&mut self) {
+        let mut still = std::mem::take(&mut self.deferred);
+        still.retain(|&act| {
+            let read = self.pending.iter().any(|p| self.acts[p.0].pending.is_some_and(|pending| pending.reads(act)));
+            if !read {
+                self.release(act);
+            }
+            read
+        });
+        self.deferred = still;
+    }
+
+    /// Computes `act` if it is pending.
+    fn resolve(&mut self, act: Act) -> Result<(), ModelError> {
+        let Some(pending) = self.acts[act.0].pending else { return Ok(()) };
+        let out = self.out_ptr(act)?;
+        let width = self.acts[act.0].width;
+        match pending {
+            Pending::AddNorm { residual, delta, weight, eps } => {
+                let (x, d) = (self.ptr(residual)?, delta.map(|d| self.ptr(d)).transpose()?.unwrap_or(0));
+                self.mark("add_rmsnorm")?;
+                if self.launch.is_some() {
+                    let config = self.rows_config(self.n, width);
+                    // SAFETY: residual, delta and out hold `n` rows of `width`; the weight `width`.
+                    unsafe { launchers::fused_add_rmsnorm(self.dev(), config, x, d, weight, out, width as i32, eps).map_err(backend_error)? };
+                }
+            }
+            Pending::SiluMul { gate_up } => {
+                let input = self.ptr(gate_up)?;
+                self.mark("activation")?;
+                if self.launch.is_some() {
+                    let config = self.rows_config(self.n, width);
+                    // SAFETY: gate_up holds `n` rows of `2 * width`, out `n` rows of `width`.
+                    unsafe { launchers::silu_and_mul(self.dev(), config, out, input, width as i32).map_err(backend_error)? };
+                }
+            }
+        }
+        self.set_pending(act, None);
+        Ok(())
+    }
+
+    /// Computes every pending output but `except`.
+    fn resolve_all(&mut self, except: Option<Act>) -> Result<(), ModelError> {
+        for act in self.pending.clone() {
+            if Some(act) != except {
+                self.resolve(act)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the GEMV takes an `[m, k]` input.
+    fn gemv_takes(&self, m: usize, k: usize) -> bool {
+        self.gemv && gemv_supports(m, k)
+    }
+
+    /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
+    /// the shape, else cuBLAS and `add_bias`.
+    fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize) -> Result<(), ModelError> {
+        let Some(_) = &self.launch else { return Ok(()) };
+        let dev = self.dev();
+        let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
+        let (k, n) = (w.cols, w.rows);
+        if self.gemv_takes(m, k) {
+            // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
+            // `bias` the matrix's.
+            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: w.ptr(dev), bias, m, k, n }).map_err(backend_error) };
+        }
+        let GemvInput::Plain(input) = input else {
+            return Err(internal("a fused input outside the GEMV".into()));
+        };
+        // SAFETY: as above.
+        unsafe { cublas_linear(dev, out, out_type, input, w.ptr(dev), m, k, n).map_err(backend_error)? };
+        if bias != 0 {
+            let config = self.rows_config(m, n);
+            // SAFETY: `out` holds `m` rows of `n` bf16 values; the bias `n`.
+            unsafe { launchers::add_bias(dev, config, out, bias, n as i32).map_err(backend_error)? };
+        }
+        Ok(())
+    }
+
+    fn release_or_defer(&mut self, act: Act) {
+        if act.0 < self.acts.len() {
+            self.deferred.push(act);
+            self.release_deferred();
+        }
+    }
+}
+
+impl Ops for GpuOps<'_> {
+    type Family = GpuWeights;
+
+    fn free(&mut self, act: Act) {
+        // A pending add+norm that nobody consumed still owes the residual its update.
+        if let Some(Pending::AddNorm { delta: Some(_), .. }) = self.acts.get(act.0).and_then(|s| s.pending) {
+            if let Err(e) = self.resolve(act) {
+                tracing::error!("resolving a freed activation: {e}");
+            }
+        }
+        if self.acts.get(act.0).is_some_and(|s| s.pending.is_some()) {
+            self.set_pending(act, None);
+        }
+        self.release_or_defer(act);
+    }
+
+    fn embed(&mut self, table: &GpuMatrix, multiplier: Option<f32>) -> Result<Act, ModelError> {
+        let h = table.cols;
+        let out = self.alloc(h, 4)?;
+        self.mark("embedding")?;
+        if let Some(launch) = &self.launch {
+            let config = self.rows_config(self.n, h);
+            let (o, t) = (self.out_ptr(out)?, table.ptr(self.dev()));
+            // SAFETY: `out` holds `n` rows of `h`; every token id was checked against the vocabulary.
+            unsafe {
+                launchers::embedding_gather(self.dev(), config, o, t, launch.arrays.tokens, h as i32, multiplier.unwrap_or(1.0))
+                    .map_err(backend_error)?
+            };
+        }
+        Ok(out)
+    }
+
+    fn add_norm(&mut self, residual: Act, delta: Option<Act>, weight: &cudarc::driver::CudaSlice<f32>, norm: Norm) -> Result<Act, ModelError> {
+        self.resolve_all(None)?;
+        let h = self.state(residual)?.width;
+        let out = self.alloc_bf16(h)?;
+        let weight = self.launch.as_ref().map_or(0, |_| ptr(self.dev(), weight));
+        self.set_pending(out, Some(Pending::AddNorm { residual, delta, weight, eps: norm.eps }));
+        if !self.gemv_takes(self.n, h) {
+            self.resolve(out)?;
+        }
+        Ok(out)
+    }
+
+    fn norm(&mut self, x: Act, weight: &cudarc::driver::CudaSlice<f32>, norm: Norm) -> Result<Act, ModelError> {
+        self.resolve_all(None)?;
+        let (width, f32) = (self.state(x)?.width, self.state(x)?.f32);
+        if f32 {
+            return Err(internal("a norm of the float32 residual outside add_norm".into()));
+        }
+        let input = self.ptr(x)?;
+        let out = self.alloc_bf16(width)?;
+        self.mark("norm")?;
+        if self.launch.is_some() {
+            let config = self.rows_config(self.n, width);
+            let (o, w) = (self.out_ptr(out)?, ptr(self.dev(), weight));
+            // SAFETY: `x` and `out` hold `n` rows of `width`, the weight `width`.
+            unsafe { launchers::rmsnorm_bf16(self.dev(), config, input, w, o, width as i32, norm.eps).map_err(backend_error)? };
+        }
+        Ok(out)
+    }
+
+    fn linear(&mut self, x: Act, w: &GpuMatrix) -> Result<Act, ModelError> {
+        self.resolve_all(Some(x))?;
+        let (m, k, n) = (self.n, w.cols, w.rows);
+        let pending = self.state(x)?.pending;
+        if pending.is_some() && !self.gemv_takes(m, k) {
+            self.resolve(x)?;
+        }
+        let out = self.alloc_bf16(n)?;
+        let o = self.out_ptr(out)?;
+        match self.acts[x.0].pending {
+            None => {
+                let input = self.ptr(x)?;
+                self.mark("linear")?;
+                self.product(o, OutType::Bf16, GemvInput::Plain(input), w, m)?;
+            }
+            Some(Pending::AddNorm { residual, delta, weight, eps }) => {
+                // The GEMV writes `residual + delta` into a fresh slot and the residual moves there.
+                let h = self.state(residual)?.width;
+                let moved = delta.map(|_| self.alloc(h, 4)).transpose()?;
+                let input = GemvInput::AddNorm {
+                    residual: self.ptr(residual)?,
+                    delta: delta.map(|d| self.ptr(d)).transpose()?.unwrap_or(0),
+                    weight,
+                    residual_out: moved.map(|r| self.out_ptr(r)).transpose()?.unwrap_or(0),
+                    rows: 0,
+                    eps,
+                };
+                self.mark("gemv +add+norm")?;
+                self.product(o, OutType::Bf16, input, w, m)?;
+                if let Some(moved) = moved {
+                    let old = self.acts[residual.0].slot;
+                    self.acts[residual.0].slot = self.acts[moved.0].slot.take();
+                    if let Some(old) = old {
+                        self.busy[old] = false;
+                    }
+                }
+                self.acts[x.0].consumed = true;
+                self.set_pending(x, None);
+            }
+            Some(Pending::SiluMul { gate_up }) => {
+                let input = GemvInput::SiluMul(self.ptr(gate_up)?);
+                self.mark("gemv +silu")?;
+                self.product(o, OutType::Bf16, input, w, m)?;
+                self.acts[x.0].consumed = true;
+                self.set_pending(x, None);
+            }
+        }
+        Ok(out)
+    }
+
+    fn head_norm(&mut self, qkv: Act, first_head: usize, num_heads: usize, weight: &cudarc::driver::CudaSlice<f32>, norm: Norm) -> Result<(), ModelError> {
+        self.resolve_all(None)?;
+        let x = self.ptr(qkv)?;
+        let width = self.state(qkv)?.width;
+        let head_dim = self.model.config().head_dim;
+        self.mark("head_norm")?;
+        if self.launch.is_some() {
+            let config = LaunchConfig { grid_dim: (self.n as u32, num_heads.div_ceil(4) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let w = ptr(self.dev(), weight);
+            let (width, first, heads, hd) = (width as i32, first_head as i32, num_heads as i32, head_dim as i32);
+            // SAFETY: `qkv` holds `n` rows of `width`, the heads lie inside them, the weight `head_dim`.
+            unsafe { launchers::head_rmsnorm(self.dev(), config, x, w, width, first, heads, hd, norm.eps).map_err(backend_error)? };
+        }
+        Ok(())
+    }
+
+    fn rope_and_cache(&mut self, qkv: Act, layer: usize, attention: &LayerAttention) -> Result<(), ModelError> {
+        self.resolve_all(None)?;
+        let x = self.ptr(qkv)?;
+        let c = self.model.config();
+        self.mark("rope_and_cache")?;
+        let Some(launch) = &self.launch else { return Ok(()) };
+        let dev = self.dev();
+        let rope = &self.model.ropes()[attention.rope];
+        let (k_cache, v_cache) = launch.cache.layer_ptrs(dev, layer);
+        let config = self.rows_config(self.n, (c.num_attention_heads + c.num_key_value_heads) * c.rotary_dim / 2);
+        let (heads, kv_heads, hd) = (c.num_attention_heads as i32, c.num_key_value_heads as i32, c.head_dim as i32);
+        let block_size = launch.cache.layout().block_size as i32;
+        // SAFETY: `qkv` holds `n` rows; positions and slots `n` entries inside the cache.
+        unsafe {
+            launchers::rope_and_cache(
+                dev,
+                config,
+                x,
+                launch.arrays.positions,
+                launch.arrays.slots,
+                ptr(dev, &rope.inv_freq),
+                k_cache,
+                v_cache,
+                heads,
+                kv_heads,
+                hd,
+                block_size,
+                rope.position_scale,
+                0,
+                c.rotary_dim as i32,
+                rope.magnitude,
+            )
+            .map_err(backend_error)?;
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self, qkv: Act, layer: usize, attention: &LayerAttention) -> Result<Act, ModelError> {
+        self.resolve_all(None)?;
+        if attention.softcap.is_some() {
+            return Err(ModelError::Unsupported("attention soft-capping on the GPU".into()));
+        }
+        let q = self.ptr(qkv)?;
+        let c = self.model.config();
+        let out = self.alloc_bf16(c.q_size())?;
+        self.mark("attention")?;
+        let Some(launch) = &self.launch else { return Ok(out) };
+        let dev = self.dev();
+        let (k_cache, v_cache) = launch.cache.layer_ptrs(dev, layer);
+        let s = launch.scratch;
+        let partials = if launch.split.splits > 1 { s.partials(dev) } else { (0, 0, 0) };
+        let a = launch.arrays;
+        launch_attention(
+            dev,
+            &AttentionArgs {
+                out: self.out_ptr(out)?,
+                q,
+                q_stride: c.q_size() + 2 * c.kv_size(),
+                k_cache,
+                v_cache,
+                block_tables: a.block_tables,
+                token_seq: a.token_seq,
+                positions: a.positions,
+                max_blocks: a.max_blocks,
+                tiles: a.tiles,
+                num_tiles: a.num_tiles,
+                decode_rows: a.decode_rows,
+                num_decode: a.num_decode,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                block_size: launch.cache.layout().block_size,
+                window: attention.window.unwrap_or(0),
+                scale: attention.scale,
+                split: launch.split,
+                partials,
+            },
+        )
+        .map_err(backend_error)?;
+        Ok(out)
+    }
+
+    fn gated_activation(&mut self, gate_up: Act, activation: Activation) -> Result<Act, ModelError> {
+        self.resolve_all(None)?;
+        let inter = self.state(gate_up)?.width / 2;
+        let input = self.ptr(gate_up)?;
+        let out = self.alloc_bf16(inter)?;
+        if activation == Activation::Silu && self.gemv_takes(self.n, inter) {
+            self.set_pending(out, Some(Pending::SiluMul { gate_up }));
+            return Ok(out);
+        }
+        self.mark("activation")?;
+        if self.launch.is_some() {
+            let o = self.out_ptr(out)?;
+            self.gated(activation, o, input, self.n, inter)?;
+        }
+        Ok(out)
+    }
+
+    fn moe(&mut self, x: Act, weights: &MoeWeights<GpuWeights>, config: &MoeConfig, activation: Activation) -> Result<Act, ModelError> {
+        self.resolve_all(None)?;
+        let (experts, k, inter) = (config.num_experts, config.top_k, config.expert_intermediate_size);
+        if experts > MOE_MAX_EXPERTS || k > MOE_MAX_TOP_K {
+            return Err(ModelError::Unsupported(format!("{experts} experts, top-{k} on the GPU (at most {MOE_MAX_EXPERTS}, top-{MOE_MAX_TOP_K})")));
+        }
+        let input = self.ptr(x)?;
+        let h = self.state(x)?.width;
+        // Per token: router logits, k expert ids and weights, k rows of each product; the
+        // grouping's arrays are sized per token too (n ≥ 1 covers their fixed parts).
+        let logits = self.alloc(experts, 4)?;
+        let ids = self.alloc(k, 4)?;
+        let gate_weights = self.alloc(k, 4)?;
+        let offsets = self.alloc(experts + 2, 4)?;
+        let sorted = self.alloc(k, 4)?;
+        let tiles = self.alloc(3 * (k + experts), 4)?;
+        let gate_up = self.alloc_bf16(k * 2 * inter)?;
+        let act = self.alloc_bf16(k * inter)?;
+        let down = self.alloc_bf16(k * h)?;
+        let out = self.alloc_bf16(h)?;
+        self.mark("moe")?;
+        if self.launch.is_some() {
+            let dev = self.dev();
+            let p = |a: Act| self.out_ptr(a);
+            let (logits_p, ids_p, weights_p, offsets_p, sorted_p, tiles_p) = (p(logits)?, p(ids)?, p(gate_weights)?, p(offsets)?, p(sorted)?, p(tiles)?);
+            let (gate_up_p, act_p, down_p, out_p) = (p(gate_up)?, p(act)?, p(down)?, p(out)?);
+            let n = self.n;
+            let assignments = n * k;
+            self.product(logits_p, OutType::F32, GemvInput::Plain(input), &weights.router, n)?;
+            let route = LaunchConfig { grid_dim: (n.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let group = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            let most_tiles = assignments.div_ceil(MOE_TILE_ROWS) + experts.min(assignments);
+            let gemm = |cols: usize| LaunchConfig {
+                grid_dim: (cols.div_ceil(MOE_TILE_COLS) as u32, most_tiles as u32, 1),
+                block_dim: (MOE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let num_tiles = offsets_p + 4 * (experts as u64 + 1);
+            let (e, ki, hi, ii) = (experts as i32, k as i32, h as i32, inter as i32);
+            // SAFETY: every buffer was allocated above for `n` tokens at the widths the kernels
+            // read and write (see `kernels/moe.cu`); the weights are the stacked experts'.
+            unsafe {
+                launchers::moe_route(dev, route, logits_p, ids_p, weights_p, n as i32, e, ki, i32::from(config.norm_topk_prob))
+                    .map_err(backend_error)?;
+                launchers::moe_group(dev, group, ids_p, assignments as i32, e, offsets_p, sorted_p, tiles_p).map_err(backend_error)?;
+                launchers::moe_gemm(dev, gemm(2 * inter), gate_up_p, input, weights.gate_up.ptr(dev), sorted_p, tiles_p, num_tiles, ki, 2 * ii, hi)
+                    .map_err(backend_error)?;
+            }
+            self.gated(activation, act_p, gate_up_p, assignments, inter)?;
+            // SAFETY: as above.
+            unsafe {
+                launchers::moe_gemm(dev, gemm(h), down_p, act_p, weights.down.ptr(dev), sorted_p, tiles_p, num_tiles, 1, hi, ii)
+                    .map_err(backend_error)?;
+                launchers::moe_combine(dev, self.rows_config(n, h), out_p, down_p, weights_p, ki, hi).map_err(backend_error)?;
+            }
+        }
+        for temporary in [logits, ids, gate_weights, offsets, sorted, tiles, gate_up, act, down] {
+            self.release(temporary);
+        }
+        Ok(out)
+    }
+
+    fn logits(
+        &mut self,
+        residual: Act,
+        delta: Option<Act>,
+        final_norm: &cudarc::driver::CudaSlice<f32>,
+        norm: Norm,
+        lm_head: &GpuMatrix,
+        softcap: Option<f32>,
+    ) -> Result<(), ModelError> {
+        self.resolve_all(None)?;
+        let rows = self.rows;
+        let x = self.ptr(residual)?;
+        let d = delta.map(|d| self.ptr(d)).transpose()?.unwrap_or(0);
+        let Some(launch) = &self.launch else { return Ok(()) };
+        if rows == 0 {
+            return Ok(());
+        }
+        let dev = self.dev();
+        let (h, vocab) = (lm_head.cols, lm_head.rows);
+        let s = launch.scratch;
+        let logits = s.logits_ptr(dev);
+        let w = ptr(dev, final_norm);
+        if self.gemv_takes(rows, h) {
+            // The last block's output joins the residual inside the GEMV, for the wanted rows
+            // only; nothing reads the residual after, so it is not written back.
+            self.mark("gemv lm_head +add+norm")?;
+            let input = GemvInput::AddNorm { residual: x, delta: d, weight: w, residual_out: 0, rows: launch.arrays.rows, eps: norm.eps };
+            self.product(logits, OutType::F32, input, lm_head, rows)?;
+        } else {
+            self.mark("add_rmsnorm")?;
+            let final_h = s.final_h_ptr(dev);
+            // SAFETY: the residual and delta hold `n` rows of `h`; `a.rows` holds `rows` indices
+            // of them; `final_h` holds `rows` rows.
+            unsafe {
+                if d != 0 {
+                    launchers::fused_add_rmsnorm(dev, self.rows_config(self.n, h), x, d, w, 0, h as i32, norm.eps).map_err(backend_error)?;
+                }
+                launchers::rmsnorm_rows(dev, self.rows_config(rows, h), x, launch.arrays.rows, w, final_h, h as i32, norm.eps)
+                    .map_err(backend_error)?;
+            }
+            self.mark("lm_head")?;
+            self.product(logits, OutType::F32, GemvInput::Plain(final_h), lm_head, rows)?;
+        }
+        if let Some(cap) = softcap {
+            self.mark("softcap")?;
+            // SAFETY: `logits` holds `rows` rows of `vocab`.
+            unsafe { launchers::softcap_rows(dev, self.rows_config(rows, vocab), logits, vocab as i32, cap).map_err(backend_error)? };
+        }
+        Ok(())
+    }
+}
+
+impl GpuOps<'_> {
+    /// `out = act(gate) * up` over `rows` rows of `[gate | up]`, `inter` wide.
+    fn gated(&self, activation: Activation, out: CUdeviceptr, gate_up: CUdeviceptr, rows: usize, inter: usize) -> Result<(), ModelError> {
+        let config = self.rows_config(rows, inter);
+        // SAFETY: `gate_up` holds `rows` rows of `2 * inter`, `out` `rows` of `inter`.
+        unsafe {
+            match activation {
+                Activation::Silu => launchers::silu_and_mul(self.dev(), config, out, gate_up, inter as i32),
+                Activation::GeluTanh => launchers::gelu_tanh_and_mul(self.dev(), config, out, gate_up, inter as i32),
+            }
+            .map_err(backend_error)
+        }
+    }
+}
