@@ -222,6 +222,7 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     }
 DECODE_KERNEL(64, 4)
 DECODE_KERNEL(128, 2)
+DECODE_KERNEL(256, 2)
 
 // Merges split-K partials: one block per (row, head) (grid x, y), one thread per dimension; the
 // row is a token, or an index into `rows` when it is not null (as in the attention kernel).

@@ -39,8 +39,11 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
                                        int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale,
                                        int window) {
     static_assert(PF_M == PF_N, "the query tile is staged through the value buffer");
-    __shared__ __align__(16) __nv_bfloat16 k_s[PF_N][HD + PF_PAD];
-    __shared__ __align__(16) __nv_bfloat16 v_s[PF_N][HD + PF_PAD];
+    // Dynamic shared memory (`launch::prefill_shared_bytes`): at head_dim 256 the two tiles pass
+    // the 48 KiB static limit.
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    __nv_bfloat16(*k_s)[HD + PF_PAD] = reinterpret_cast<__nv_bfloat16(*)[HD + PF_PAD]>(pf_smem);
+    __nv_bfloat16(*v_s)[HD + PF_PAD] = k_s + PF_N;
     const int head = blockIdx.x, kv_head = head / (num_heads / num_kv_heads);
     const u32* tile = tiles + 3 * (u64)blockIdx.y;
     const int seq = tile[0], row0 = tile[1], len = tile[2];
@@ -215,3 +218,4 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
     }
 PREFILL_KERNEL(64)
 PREFILL_KERNEL(128)
+PREFILL_KERNEL(256)

@@ -33,6 +33,7 @@ pub const MODULES: &[KernelModule] = &[
         source: include_str!("../activation.cu"),
         functions: &["silu_and_mul", "gelu_tanh_and_mul", "softcap_rows"],
     },
+    KernelModule { name: "dequant", source: include_str!("../dequant.cu"), functions: &["dequant_ggml"] },
     KernelModule {
         name: "moe",
         source: include_str!("../moe.cu"),
@@ -41,12 +42,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "paged_attention",
         source: include_str!("../paged_attention.cu"),
-        functions: &["paged_attention_hd64", "paged_attention_hd128", "attention_reduce"],
+        functions: &["paged_attention_hd64", "paged_attention_hd128", "paged_attention_hd256", "attention_reduce"],
     },
     KernelModule {
         name: "prefill_attention",
         source: include_str!("../prefill_attention.cu"),
-        functions: &["prefill_attention_hd64", "prefill_attention_hd128"],
+        functions: &["prefill_attention_hd64", "prefill_attention_hd128", "prefill_attention_hd256"],
     },
     KernelModule {
         name: "gemv",

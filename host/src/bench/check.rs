@@ -656,7 +656,7 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     let mut seed = 1;
     let fresh = |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (0, l)).collect() };
     let decode_layouts =
-        [(4, 4, 64), (9, 3, 64), (32, 8, 128), (12, 4, 128), (14, 2, 64), (16, 2, 64), (32, 2, 128), (12, 1, 64), (24, 2, 128)];
+        [(4, 4, 64), (9, 3, 64), (32, 8, 128), (12, 4, 128), (14, 2, 64), (16, 2, 64), (32, 2, 128), (12, 1, 64), (24, 2, 128), (8, 4, 256), (4, 1, 256)];
     for (heads, kv_heads, head_dim) in decode_layouts {
         for lens in [&[1usize][..], &[16], &[37, 5], &[300, 1, 129]] {
             seed += 1;
@@ -685,7 +685,7 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     }
 
     // The prefill kernel alone.
-    let layouts = [(9, 3, 64), (12, 4, 128), (8, 8, 64), (8, 8, 128), (14, 2, 64), (32, 8, 128), (7, 1, 64), (16, 2, 128)];
+    let layouts = [(9, 3, 64), (12, 4, 128), (8, 8, 64), (8, 8, 128), (14, 2, 64), (32, 8, 128), (7, 1, 64), (16, 2, 128), (8, 4, 256), (4, 1, 256)];
     for (heads, kv_heads, head_dim) in layouts {
         for lens in [&[1usize][..], &[17], &[64], &[100], &[37, 5, 129]] {
             seed += 1;
@@ -724,6 +724,9 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_attention_windowed(dev, 16, 8, 4, 64, &prefill, AttentionPath::Prefill, 1, window, 101)?);
     }
     rows.push(check_attention_windowed(dev, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 102)?);
+    // Gemma 3's head dim 256 with its windows, split and not.
+    rows.push(check_attention_windowed(dev, 16, 8, 4, 256, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 103)?);
+    rows.push(check_attention_windowed(dev, 16, 4, 1, 256, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 1, 512, 104)?);
     rows.push(check_attention(dev, 9, 3, 64, &[(1100, 1), (40, 300), (60, 1)], AttentionPath::Mixed, 3, 96)?);
 
     for interleaved in [false, true] {
@@ -744,6 +747,7 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     rows.extend(check_moe(dev, 37, 2048, 128, 8, 768, true, 13)?);
     rows.extend(check_moe(dev, 5, 200, 6, 3, 40, false, 14)?);
     rows.extend(architecture_kernel_checks(dev)?);
+    rows.extend(dequant_checks(dev)?);
     Ok(rows)
 }
 
@@ -822,6 +826,71 @@ pub fn architecture_kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, Cuda
     };
     rows.push(CheckRow::error("embedding_gather", format!("{n} x {hidden}, x{scale}"), relative_error(&stream.clone_dtoh(&out_dev)?, &want)));
     Ok(rows)
+}
+
+/// GGUF blocks expanded on the device (`kernels/dequant.cu`) against the CPU's dequantizer, for
+/// every type the device store takes: random blocks (with finite scales), `rows` rows of `cols`
+/// values, and once with Llama's interleaved Q/K rows put back.
+pub fn dequant_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
+    use crate::model::gguf::{dequantize, GgmlType as T};
+    let mut rng = StdRng::seed_from_u64(31);
+    let mut rows_out = Vec::new();
+    // Where each type keeps its f16 (or, for Q8_K, f32) scales: random bytes there could be NaN.
+    let scales: &[(T, &[usize])] = &[
+        (T::Q4_0, &[0]),
+        (T::Q4_1, &[0, 2]),
+        (T::Q5_0, &[0]),
+        (T::Q5_1, &[0, 2]),
+        (T::Q8_0, &[0]),
+        (T::Q2_K, &[80, 82]),
+        (T::Q3_K, &[108]),
+        (T::Q4_K, &[0, 2]),
+        (T::Q5_K, &[0, 2]),
+        (T::Q6_K, &[208]),
+        (T::Q8_K, &[]),
+        (T::F32, &[]),
+        (T::F16, &[]),
+        (T::BF16, &[]),
+    ];
+    for (i, &(ty, f16_fields)) in scales.iter().enumerate() {
+        for qk_head_dim in [0usize, 64] {
+            if qk_head_dim > 0 && i % 4 != 0 {
+                continue;
+            }
+            let (rows, cols) = (256, 512);
+            let n = rows * cols;
+            let (block, size) = (ty.block_size(), ty.type_size());
+            let mut bytes: Vec<u8> = (0..n / block * size).map(|_| rng.random()).collect();
+            for blk in bytes.chunks_exact_mut(size) {
+                for &at in f16_fields {
+                    blk[at..at + 2].copy_from_slice(&half::f16::from_f32(rng.random_range(-0.05f32..0.05)).to_le_bytes());
+                }
+                match ty {
+                    T::Q8_K => blk[..4].copy_from_slice(&rng.random_range(-0.01f32..0.01).to_le_bytes()),
+                    T::F32 => blk.copy_from_slice(&rng.random_range(-2.0f32..2.0).to_le_bytes()),
+                    T::F16 => blk.copy_from_slice(&half::f16::from_f32(rng.random_range(-2.0f32..2.0)).to_le_bytes()),
+                    T::BF16 => blk.copy_from_slice(&bf16::from_f32(rng.random_range(-2.0f32..2.0)).to_le_bytes()),
+                    _ => {}
+                }
+            }
+            let mut want = vec![0.0f32; n];
+            dequantize(ty, &bytes, n, &mut want).map_err(|e| CudaError::Config(e.to_string()))?;
+            if qk_head_dim > 0 {
+                want = crate::model::arch::llama::unpermute_qk_rows(&want, rows / qk_head_dim, cols);
+            }
+            let in_dev = dev.stream.clone_htod(&bytes)?;
+            let out_dev = dev.stream.clone_htod(&vec![bf16::NAN; n])?;
+            let config = LaunchConfig { grid_dim: ((n / block).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: `in_dev` holds `rows * cols` values as `ty` blocks, `out_dev` that many bf16.
+            unsafe {
+                launchers::dequant_ggml(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), ty as i32, rows as i32, cols as i32, qk_head_dim as i32)?
+            };
+            let got = download_bf16(dev, &out_dev, n)?;
+            let detail = format!("{ty:?} {rows} x {cols}{}", if qk_head_dim > 0 { ", Q/K rows put back" } else { "" });
+            rows_out.push(CheckRow::error("dequant_ggml", detail, relative_error(&got, &want)));
+        }
+    }
+    Ok(rows_out)
 }
 
 /// The mixture-of-experts kernels (`kernels/moe.cu`) on random inputs: routing from given router

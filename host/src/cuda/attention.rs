@@ -4,7 +4,7 @@
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{decode_shared_bytes, AttentionSplit, DECODE_THREADS, PREFILL_THREADS};
+use super::launch::{decode_shared_bytes, prefill_shared_bytes, AttentionSplit, DECODE_THREADS, PREFILL_THREADS};
 use super::launchers;
 use super::{CudaError, GpuDevice};
 
@@ -54,7 +54,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         let config = LaunchConfig {
             grid_dim: (a.num_heads as u32, a.num_tiles as u32, 1),
             block_dim: (PREFILL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: prefill_shared_bytes(a.head_dim) as u32,
         };
         // SAFETY: the caller's pointers describe the batch (see `AttentionArgs`).
         unsafe {

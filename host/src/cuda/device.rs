@@ -9,7 +9,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::driver::sys::CUfunction_attribute;
 
 use super::kernels::Kernels;
-use super::launch::{decode_kernel_name, decode_shared_bytes, DECODE_THREADS};
+use super::launch::{decode_kernel_name, decode_shared_bytes, prefill_kernel_name, prefill_shared_bytes, DECODE_THREADS};
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 use super::CudaError;
@@ -28,7 +28,7 @@ pub struct GpuDevice {
 }
 
 /// Head dimensions the attention kernels are instantiated for.
-pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
+pub const DECODE_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 impl GpuDevice {
     pub fn new(ordinal: usize) -> Result<Arc<Self>, CudaError> {
@@ -75,6 +75,8 @@ impl GpuDevice {
             function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
             let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)?;
             decode_blocks_per_sm.push((head_dim, blocks.max(1) as usize));
+            let (function, shared) = (kernels.get(&prefill_kernel_name(head_dim)), prefill_shared_bytes(head_dim));
+            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
         let name = context.name()?;
         tracing::info!(gpu = %name, %arch, num_sms, "CUDA device ready");

@@ -180,6 +180,12 @@ pub fn decode_shared_bytes(head_dim: usize) -> usize {
     ring.max(merge)
 }
 
+/// Dynamic shared memory of one prefill attention block: a key tile and a value tile (bf16 rows
+/// padded by `PF_PAD`).
+pub fn prefill_shared_bytes(head_dim: usize) -> usize {
+    2 * PREFILL_TILE * (head_dim + DECODE_ROW_PAD) * 2
+}
+
 /// The prefill attention kernel for this head dimension (one per head dim: it takes one query
 /// head per block, so any GQA group size works).
 pub fn prefill_kernel_name(head_dim: usize) -> String {
@@ -367,6 +373,14 @@ mod tests {
         // blocks per H100 SM), four at 64 (74 KB); the merge of 4 warps x 16 rows fits inside.
         assert_eq!(decode_shared_bytes(128), 2 * 2 * 64 * 136 * 2);
         assert_eq!(decode_shared_bytes(64), 4 * 2 * 64 * 72 * 2);
+        // Gemma's head dim 256: two stages (135 KB), and the prefill tiles past the static limit.
+        assert_eq!(decode_shared_bytes(256), 2 * 2 * 64 * 264 * 2);
+        assert_eq!(prefill_shared_bytes(256), 2 * 64 * 264 * 2);
+        let prefill = pagedserve_kernels::MODULES.iter().find(|m| m.name == "prefill_attention").unwrap().source;
+        assert!(prefill.contains(&format!("#define PF_PAD {DECODE_ROW_PAD}")) && prefill.contains(&format!("#define PF_N {PREFILL_TILE}")));
+        for head_dim in crate::cuda::DECODE_HEAD_DIMS {
+            assert!(prefill.contains(&format!("PREFILL_KERNEL({head_dim})")), "{head_dim}");
+        }
         assert!(decode_shared_bytes(128) >= 4 * 16 * 130 * 4);
     }
 

@@ -85,6 +85,10 @@ kernels! {
     /// token.
     fn moe_route() => "moe_route";
         (logits: Ptr, ids: Ptr, weights: Ptr, num_tokens: i32, experts: i32, k: i32, norm_topk: i32)
+    /// `dequant.cu`: `rows` rows of ggml blocks of `ty` expanded to bf16, Q/K rows put back in
+    /// Hugging Face's order when `qk_head_dim` > 0; a grid-stride loop, one thread per block.
+    fn dequant_ggml() => "dequant_ggml";
+        (out: Ptr, input: Ptr, ty: i32, rows: i32, cols: i32, qk_head_dim: i32)
     /// `moe.cu`: the assignments grouped by expert and cut into tiles; one block of 1024.
     fn moe_group() => "moe_group";
         (ids: Ptr, assignments: i32, experts: i32, offsets: Ptr, sorted: Ptr, tiles: Ptr)
@@ -181,6 +185,7 @@ mod tests {
             ("gelu_tanh_and_mul", "activation", "gelu_tanh_and_mul"),
             ("softcap_rows", "activation", "softcap_rows"),
             ("moe_route", "moe", "moe_route"),
+            ("dequant_ggml", "dequant", "dequant_ggml"),
             ("moe_group", "moe", "moe_group"),
             ("moe_gemm", "moe", "moe_gemm"),
             ("moe_combine", "moe", "moe_combine"),

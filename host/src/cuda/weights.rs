@@ -16,7 +16,8 @@ use half::{bf16, f16};
 use super::launchers;
 use super::model::ptr;
 use super::GpuDevice;
-use crate::model::weights::{concat_f32, Part, RawDtype, WeightStore, Weights};
+use crate::model::gguf::GgmlType;
+use crate::model::weights::{concat_f32, Part, RawDtype, RawTensor, WeightStore, Weights};
 use crate::model::ModelError;
 
 /// The CUDA backend's weight types.
@@ -45,11 +46,13 @@ pub struct GpuStore {
     /// Added to every vector (norm weight) as it is loaded: Gemma's `(1 + w)` norms become plain
     /// ones, so no kernel needs to know.
     vector_offset: f32,
+    /// Stored GGUF blocks on their way to `dequant_ggml`, grown to the largest tensor.
+    staging: Option<CudaSlice<u8>>,
 }
 
 impl GpuStore {
     pub fn new(dev: Arc<GpuDevice>) -> Self {
-        GpuStore { dev, bytes: 0, vector_offset: 0.0 }
+        GpuStore { dev, bytes: 0, vector_offset: 0.0, staging: None }
     }
 
     /// Folds the `(1 + w)` of `ModelConfig::norm_unit_offset` into the norm weights.
@@ -75,9 +78,15 @@ impl GpuStore {
 
     /// One part's values into `dst` from element `at`: raw ones chunk by chunk, the rest through
     /// float32.
-    fn fill_part(&self, dst: &mut CudaSlice<bf16>, at: usize, part: &Part<'_>) -> Result<(), ModelError> {
+    fn fill_part(&mut self, dst: &mut CudaSlice<bf16>, at: usize, part: &Part<'_>) -> Result<(), ModelError> {
         let n = part.rows * part.cols;
         match part.raw()? {
+            Some(raw) if matches!(raw.dtype, RawDtype::Ggml(_)) || raw.interleaved_qk_head_dim.is_some() => {
+                let RawDtype::Ggml(ty) = raw.dtype else {
+                    return Err(ModelError::Format(format!("`{}`: interleaved rows outside GGUF", part.name)));
+                };
+                self.dequantize(dst, at, ty, &raw, part)
+            }
             Some(raw) if cfg!(target_endian = "little") && raw.dtype == RawDtype::BF16 && (raw.bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<bf16>()) => {
                 // Stored as the device keeps it: straight from the map, no host copy at all.
                 // SAFETY: `bf16` is a transparent `u16`; the bytes are 2-aligned (checked above),
@@ -93,6 +102,7 @@ impl GpuStore {
                         RawDtype::BF16 => chunk.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
                         RawDtype::F16 => chunk.chunks_exact(2).map(|b| bf16::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
                         RawDtype::F32 => chunk.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
+                        RawDtype::Ggml(_) => unreachable!("taken above"),
                     };
                     self.copy_bf16(dst, at + chunk_index * CONVERT_CHUNK, &values)?;
                 }
@@ -106,6 +116,33 @@ impl GpuStore {
                 self.copy_bf16(dst, at, &values)
             }
         }
+    }
+
+    /// A GGUF tensor's stored blocks copied to the device as they are and expanded there into
+    /// `dst` from element `at` (`kernels/dequant.cu`), its Q/K rows put back in Hugging Face's
+    /// order on the way.
+    fn dequantize(&mut self, dst: &mut CudaSlice<bf16>, at: usize, ty: GgmlType, raw: &RawTensor<'_>, part: &Part<'_>) -> Result<(), ModelError> {
+        let (rows, cols) = (part.rows, part.cols);
+        let expected = rows * cols / ty.block_size() * ty.type_size();
+        if raw.bytes.len() != expected || !cols.is_multiple_of(ty.block_size()) {
+            return Err(ModelError::Shape(format!("`{}`: {} bytes of {ty:?} for [{rows}, {cols}]", part.name, raw.bytes.len())));
+        }
+        if self.staging.as_ref().is_none_or(|s| s.len() < expected) {
+            self.staging = Some(self.dev.stream.alloc_zeros::<u8>(expected).map_err(Self::err)?);
+        }
+        let staging = self.staging.as_mut().expect("sized above");
+        self.dev.stream.memcpy_htod(raw.bytes, &mut staging.slice_mut(..expected)).map_err(Self::err)?;
+        let blocks = rows * cols / ty.block_size();
+        let config = LaunchConfig { grid_dim: (blocks.div_ceil(256).min(65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let out = ptr(&self.dev, dst) + (at * 2) as u64;
+        let qk = raw.interleaved_qk_head_dim.unwrap_or(0) as i32;
+        // SAFETY: `staging` holds the tensor's `rows * cols` values as `ty` blocks; `dst` holds
+        // `rows * cols` values from `at` (checked by the caller's part sizes).
+        unsafe {
+            launchers::dequant_ggml(&self.dev, config, out, ptr(&self.dev, staging), ty as i32, rows as i32, cols as i32, qk)
+                .map_err(Self::err)?;
+        }
+        Ok(())
     }
 
     /// `n` values uniform with standard deviation 0.02, drawn on the device from a seed made of

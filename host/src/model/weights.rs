@@ -12,6 +12,7 @@
 //! float32, a device as its own copy), so loading never holds more than the store's copy plus the
 //! tensor in flight.
 
+use super::gguf::GgmlType;
 use super::ModelError;
 
 /// A dense float32 tensor, row-major.
@@ -48,9 +49,9 @@ pub trait WeightSource: Sync {
     /// The tensor with this Hugging Face name, with its shape, or `Ok(None)` if the source lacks it.
     fn load(&self, hf_name: &str, expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError>;
 
-    /// The tensor's stored bytes, when they are already in Hugging Face's layout in a float
-    /// format (a memory-mapped safetensors file): a device store copies these without a float32
-    /// copy on the host. `None` sends the store to `load`.
+    /// The tensor's stored bytes (a memory-mapped safetensors or GGUF file), with what it takes
+    /// to put them in Hugging Face's layout: a device store copies these and converts them on the
+    /// device, without a float32 copy on the host. `None` sends the store to `load`.
     fn raw(&self, _hf_name: &str) -> Result<Option<RawTensor<'_>>, ModelError> {
         Ok(None)
     }
@@ -63,11 +64,15 @@ pub trait WeightSource: Sync {
 }
 
 /// Stored tensor bytes (little-endian), as `WeightSource::raw` lends them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RawTensor<'a> {
     pub dtype: RawDtype,
-    pub shape: &'a [usize],
+    /// Hugging Face's shape, outermost first.
+    pub shape: Vec<usize>,
     pub bytes: &'a [u8],
+    /// The rows of each head of this many rows are in llama.cpp's interleaved Q/K order (see
+    /// `arch::llama::unpermute_qk_rows`) and must be put back.
+    pub interleaved_qk_head_dim: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +80,8 @@ pub enum RawDtype {
     F32,
     F16,
     BF16,
+    /// ggml blocks of this type (GGUF), whole rows of them.
+    Ggml(GgmlType),
 }
 
 /// The types a backend keeps weights as.
@@ -117,8 +124,8 @@ impl Part<'_> {
     /// The stored bytes, when the source lends them (see `WeightSource::raw`).
     pub fn raw(&self) -> Result<Option<RawTensor<'_>>, ModelError> {
         match self.source.raw(&self.name)? {
-            Some(raw) if raw.shape == self.shape().as_slice() => Ok(Some(raw)),
-            Some(raw) => Err(self.shape_error(raw.shape)),
+            Some(raw) if raw.shape == self.shape() => Ok(Some(raw)),
+            Some(raw) => Err(self.shape_error(&raw.shape)),
             None => Ok(None),
         }
     }

@@ -30,10 +30,20 @@ pub fn config_from_gguf(meta: &GgufMeta<'_>) -> Result<ModelConfig, ModelError> 
 
 pub fn from_gguf_layout(config: &ModelConfig, hf_name: &str, tensor: &mut Tensor) {
     let row_len = if tensor.shape.len() == 2 { tensor.shape[1] } else { 1 };
+    if let Some(heads) = interleaved_qk_heads(config, hf_name) {
+        tensor.data = unpermute_qk_rows(&tensor.data, heads, row_len);
+    }
+}
+
+/// How many heads of rows `hf_name` holds in llama.cpp's interleaved Q/K order: the query and
+/// key projections (and their biases).
+pub fn interleaved_qk_heads(config: &ModelConfig, hf_name: &str) -> Option<usize> {
     if hf_name.contains("self_attn.q_proj") {
-        tensor.data = unpermute_qk_rows(&tensor.data, config.num_attention_heads, row_len);
+        Some(config.num_attention_heads)
     } else if hf_name.contains("self_attn.k_proj") {
-        tensor.data = unpermute_qk_rows(&tensor.data, config.num_key_value_heads, row_len);
+        Some(config.num_key_value_heads)
+    } else {
+        None
     }
 }
 

@@ -147,6 +147,16 @@ impl Arch {
         }
     }
 
+    /// The head dimension of the interleaved Q/K rows of `hf_name` in a GGUF file (llama.cpp
+    /// permutes Llama's query and key projections for its RoPE), if it has them: what
+    /// `from_gguf_layout` undoes, for a store that converts stored blocks itself.
+    pub fn gguf_interleaved_qk_head_dim(self, config: &ModelConfig, hf_name: &str) -> Option<usize> {
+        match self {
+            Arch::Llama | Arch::Mistral => llama::interleaved_qk_heads(config, hf_name).map(|_| config.head_dim),
+            _ => None,
+        }
+    }
+
     /// The tensor names that differ from Llama's.
     pub fn naming(self) -> &'static Naming {
         match self {

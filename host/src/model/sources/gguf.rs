@@ -4,8 +4,27 @@
 
 use std::path::Path;
 
-use crate::model::gguf::GgufFile;
+use crate::model::gguf::{GgmlType, GgufFile};
+use crate::model::weights::{RawDtype, RawTensor};
 use crate::model::{Arch, ModelConfig, ModelError, Tensor, WeightSource};
+
+/// The types whose blocks a device store expands itself (`kernels/dequant.cu`).
+const DEVICE_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::Q8_K,
+];
 
 pub struct GgufSource {
     file: GgufFile,
@@ -37,6 +56,35 @@ impl GgufSource {
 }
 
 impl WeightSource for GgufSource {
+    /// The stored blocks of a matrix (vectors go through `load`: Gemma's norms are changed
+    /// there), whole rows of a type the device store expands.
+    fn raw(&self, hf_name: &str) -> Result<Option<RawTensor<'_>>, ModelError> {
+        let arch = self.config.architecture;
+        let Some((name, part)) = arch.gguf_tensor_name(hf_name) else { return Ok(None) };
+        let Some(info) = self.file.tensor(&name) else { return Ok(None) };
+        let ty = info.ggml_type;
+        let mut shape: Vec<usize> = info.shape.iter().rev().copied().collect();
+        let cols = shape.last().copied().unwrap_or(0);
+        if !DEVICE_TYPES.contains(&ty) || hf_name.ends_with("norm.weight") || shape.len() < 2 || !cols.is_multiple_of(ty.block_size()) {
+            return Ok(None);
+        }
+        let bytes = self.file.tensor_data(info);
+        let bytes = match part {
+            None => bytes,
+            Some(expert) => {
+                // One expert of a stacked `[experts, rows, cols]` tensor: a contiguous range.
+                let experts = shape.remove(0);
+                if expert >= experts || !bytes.len().is_multiple_of(experts) {
+                    return Ok(None);
+                }
+                let each = bytes.len() / experts;
+                &bytes[expert * each..(expert + 1) * each]
+            }
+        };
+        let interleaved_qk_head_dim = arch.gguf_interleaved_qk_head_dim(&self.config, hf_name);
+        Ok(Some(RawTensor { dtype: RawDtype::Ggml(ty), shape, bytes, interleaved_qk_head_dim }))
+    }
+
     fn load(&self, hf_name: &str, _expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
         let arch = self.config.architecture;
         let Some((name, part)) = arch.gguf_tensor_name(hf_name) else {

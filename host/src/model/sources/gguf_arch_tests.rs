@@ -17,6 +17,8 @@ use crate::model::arch::llama::unpermute_qk_rows;
 use crate::model::cpu::{CpuKvCache, CpuModel};
 use crate::model::gguf::test_writer::GgufBuilder;
 use crate::model::gguf::GgufValue as V;
+use crate::model::gguf::dequantize;
+use crate::model::weights::RawDtype;
 use crate::model::{Arch, ModelConfig, RopeScaling, WeightSource};
 use crate::runner::ForwardBatch;
 
@@ -200,6 +202,36 @@ fn logits(model: &CpuModel, prompt: &[u32]) -> Vec<f32> {
     model.forward(&batch, &mut CpuKvCache::new(model.kv_layout(num_blocks, block_size))).unwrap()
 }
 
+/// What a device store gets from `raw` (stored blocks, plus the Q/K rows to put back) expands to
+/// exactly what `load` gives, for every matrix of the checkpoint, experts included.
+fn raw_blocks_match_the_loaded_tensors(name: &str, dir: &std::path::Path, gguf: &GgufSource) {
+    let file = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..8 + header_len]).unwrap();
+    let mut matrices = 0;
+    for (tensor, info) in header.as_object().unwrap() {
+        let shape: Vec<usize> = match info.get("shape") {
+            Some(s) => s.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect(),
+            None => continue,
+        };
+        if shape.len() != 2 || tensor.ends_with("norm.weight") {
+            continue;
+        }
+        let raw = gguf.raw(tensor).unwrap().unwrap_or_else(|| panic!("{name}: `{tensor}` has no raw blocks"));
+        assert_eq!(raw.shape, shape, "{name}: {tensor}");
+        let RawDtype::Ggml(ty) = raw.dtype else { panic!("{name}: {tensor} is not ggml blocks") };
+        let n = shape.iter().product();
+        let mut values = vec![0.0f32; n];
+        dequantize(ty, raw.bytes, n, &mut values).unwrap();
+        if let Some(head_dim) = raw.interleaved_qk_head_dim {
+            values = unpermute_qk_rows(&values, shape[0] / head_dim, shape[1]);
+        }
+        assert_eq!(values, gguf.load(tensor, &shape).unwrap().unwrap().data, "{name}: {tensor}");
+        matrices += 1;
+    }
+    assert!(matrices > 0, "{name}");
+}
+
 #[test]
 fn every_fixture_rewritten_as_gguf_loads_to_the_same_model() {
     let prompt: Vec<u32> = (0..21u32).map(|i| (i * 97 + 13) % 2048).collect();
@@ -225,6 +257,7 @@ fn every_fixture_rewritten_as_gguf_loads_to_the_same_model() {
             assert_eq!(gguf_config, expected, "{name}: configuration");
         }
         let from_hf = CpuModel::load(config.clone(), &SafetensorsSource::open(&dir).unwrap(), None).unwrap();
+        raw_blocks_match_the_loaded_tensors(name, &dir, &gguf);
         let from_gguf = CpuModel::load(gguf_config, &gguf, None).unwrap();
         let (want, got) = (logits(&from_hf, &prompt), logits(&from_gguf, &prompt));
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));

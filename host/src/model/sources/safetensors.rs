@@ -96,7 +96,7 @@ impl WeightSource for SafetensorsSource {
             _ => return Err(self.unsupported(hf_name, entry)),
         };
         let bytes = &self.files[entry.file].1[entry.bytes.clone()];
-        Ok(Some(RawTensor { dtype, shape: &entry.shape, bytes }))
+        Ok(Some(RawTensor { dtype, shape: entry.shape.clone(), bytes, interleaved_qk_head_dim: None }))
     }
 
     fn load(&self, hf_name: &str, _expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
@@ -144,7 +144,7 @@ mod tests {
         assert_eq!((b.shape, b.data), (vec![1, 3], vec![0.5, 3.0, -1.0]));
         assert!(source.load("missing", &[1]).unwrap().is_none());
         let raw = source.raw("b").unwrap().unwrap();
-        assert_eq!((raw.dtype, raw.shape, raw.bytes), (RawDtype::BF16, &[1usize, 3][..], &bf16_bytes[..]));
+        assert_eq!((raw.dtype, raw.shape.as_slice(), raw.bytes), (RawDtype::BF16, &[1usize, 3][..], &bf16_bytes[..]));
 
         // With an index, only the files it names are read.
         let stray = TensorView::new(Dtype::F32, vec![2], &f32_bytes).unwrap();
