@@ -228,6 +228,9 @@ impl Validator {
         echo: bool,
         prompt_field: &'static str,
     ) -> Result<ValidRequest, ValidationError> {
+        if let Some((field, message)) = params.unimplemented.first() {
+            return Err(ValidationError::Unsupported { field, message: message.into() });
+        }
         if let Some(name) = &params.sampler {
             // Only a sampler plugin with an active version may be named (the engine checks again
             // at admission, in case it is removed meanwhile).
@@ -435,6 +438,14 @@ mod tests {
             (r#"{"prompt": "a", "echo": true, "logprobs": 1}"#, "echo"),
             (r#"{"prompt": "a", "suffix": "z"}"#, "suffix"),
             (r#"{"prompt": "a", "sampler": "mirostat"}"#, "sampler"),
+            (r#"{"prompt": "a", "response_format": {"type": "json_object"}}"#, "response_format"),
+            (r#"{"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}"#, "tools"),
+            (r#"{"prompt": "a", "tool_choice": "required"}"#, "tool_choice"),
+            (r#"{"prompt": "a", "guided_regex": "[0-9]+"}"#, "guided_regex"),
+            (r#"{"prompt": "a", "structured_outputs": {"choice": ["a", "b"]}}"#, "structured_outputs"),
+            (r#"{"prompt": "a", "min_tokens": 5}"#, "min_tokens"),
+            (r#"{"prompt": "a", "use_beam_search": true}"#, "use_beam_search"),
+            (r#"{"prompt": "a", "bad_words": ["x"]}"#, "bad_words"),
         ] {
             let e = completion(&v, json).unwrap_err();
             assert_eq!(e.field(), field, "{json}: {e}");
@@ -442,6 +453,22 @@ mod tests {
         }
         let e = completion(&v, r#"{"prompt": "a", "sampler": "mirostat"}"#).unwrap_err();
         assert_eq!(e.to_string(), "no sampler plugin named mirostat is loaded");
+    }
+
+    #[test]
+    fn fields_that_ask_for_nothing_are_accepted() {
+        let v = validator(64);
+        for json in [
+            r#"{"prompt": "a", "response_format": {"type": "text"}}"#,
+            r#"{"prompt": "a", "tools": [], "tool_choice": "none"}"#,
+            r#"{"prompt": "a", "tools": null, "min_tokens": 0, "use_beam_search": false, "length_penalty": 1.0}"#,
+        ] {
+            completion(&v, json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        }
+        let e = chat(&v, r#"{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}"#)
+            .unwrap_err();
+        assert_eq!(e.field(), "response_format");
+        assert!(e.to_string().contains("not implemented yet"), "{e}");
     }
 
     #[test]

@@ -106,3 +106,29 @@ impl Kernels {
         self.functions.get(name).unwrap_or_else(|| panic!("kernel `{name}` is not in any module"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel module compiles for Hopper with NVRTC, which needs no GPU. `scripts/test.sh`
+    /// fetches NVRTC (`scripts/fetch-nvrtc.sh`) and sets `PAGEDSERVE_REQUIRE_NVRTC=1`, so the
+    /// suite compiles the kernels on every machine it runs on; a bare `cargo test` without NVRTC
+    /// says that it skipped.
+    #[test]
+    fn every_kernel_module_compiles_for_sm_90() {
+        let required = std::env::var("PAGEDSERVE_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(!required, "PAGEDSERVE_REQUIRE_NVRTC=1 but NVRTC is not on the library path");
+            eprintln!("skipped: NVRTC is not on the library path (scripts/fetch-nvrtc.sh provides it)");
+            return;
+        }
+        for module in MODULES {
+            let ptx = compile(module, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+            for function in module.functions {
+                assert!(ptx.contains(&format!(".entry {function}(")), "{}: no entry `{function}` in the PTX", module.name);
+            }
+        }
+    }
+}
