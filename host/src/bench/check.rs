@@ -875,8 +875,8 @@ pub fn dequant_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
             }
             let mut want = vec![0.0f32; n];
             dequantize(ty, &bytes, n, &mut want).map_err(|e| CudaError::Config(e.to_string()))?;
-            if qk_head_dim > 0 {
-                want = crate::model::arch::llama::unpermute_qk_rows(&want, rows / qk_head_dim, cols);
+            if let Some(heads) = rows.checked_div(qk_head_dim) {
+                want = crate::model::arch::llama::unpermute_qk_rows(&want, heads, cols);
             }
             let in_dev = dev.stream.clone_htod(&bytes)?;
             let out_dev = dev.stream.clone_htod(&vec![bf16::NAN; n])?;
