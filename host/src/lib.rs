@@ -13,6 +13,7 @@
 pub mod api;
 #[cfg(feature = "tools")]
 pub mod bench;
+pub mod constraint;
 pub mod cuda;
 pub mod engine;
 pub mod kv_cache;

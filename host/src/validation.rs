@@ -6,9 +6,10 @@
 //! Every error names the request field it is about (`ValidationError::field`), which the server
 //! returns as the OpenAI error body's `param`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::api::{ChatCompletionRequest, CompletionRequest, GenerationParams, Prompt};
+use crate::constraint::ConstraintEngine;
 use crate::engine::GenerateRequest;
 use crate::plugin::PluginRegistry;
 use crate::sampling::{SamplingParams, SamplingParamsError};
@@ -91,12 +92,30 @@ pub struct Validator {
     /// Where sampler plugins named by requests are looked up (`None`: no plugins, any name is
     /// unknown).
     plugins: Option<Arc<PluginRegistry>>,
+    /// The model's vocabulary indexed for structured outputs, built by the first request that
+    /// asks for one (or why it cannot be).
+    constraints: Arc<OnceLock<Result<Arc<ConstraintEngine>, String>>>,
+    model_vocab_size: usize,
 }
 
 impl Validator {
     pub fn new(tokenizer: Arc<Tokenizer>, max_model_len: usize, model_vocab_size: usize) -> Self {
         let vocab_size = model_vocab_size.min(tokenizer.vocab_size());
-        Validator { tokenizer, max_model_len, vocab_size, plugins: None }
+        Validator { tokenizer, max_model_len, vocab_size, plugins: None, constraints: Default::default(), model_vocab_size }
+    }
+
+    /// The constraint engine, indexed on first use; `Err` says why structured outputs are not
+    /// available for this model.
+    fn constraints(&self) -> Result<&ConstraintEngine, String> {
+        let engine = self.constraints.get_or_init(|| {
+            let eos = self
+                .tokenizer
+                .eos_token_id()
+                .or_else(|| self.tokenizer.eos_token_ids().first().copied())
+                .ok_or_else(|| "needs the model to have an end-of-sequence token".to_string())?;
+            ConstraintEngine::new(self.tokenizer.clone(), self.model_vocab_size, eos).map(Arc::new).map_err(|e| e.to_string())
+        });
+        engine.as_deref().map_err(Clone::clone)
     }
 
     /// Accepts `sampler` names that are loaded (with an active version) in `plugins`.
@@ -228,9 +247,15 @@ impl Validator {
         echo: bool,
         prompt_field: &'static str,
     ) -> Result<ValidRequest, ValidationError> {
-        if let Some((field, message)) = params.unimplemented.first() {
+        if let Some((field, message)) = params.extra.unimplemented() {
             return Err(ValidationError::Unsupported { field, message: message.into() });
         }
+        let constraint = match params.extra.constraint().map_err(|e| invalid(e.field, e.message))? {
+            Some((field, spec)) => {
+                Some(self.constraints().map_err(|message| invalid(field, message))?.compile(&spec).map_err(|e| invalid(field, e.to_string()))?)
+            }
+            None => None,
+        };
         if let Some(name) = &params.sampler {
             // Only a sampler plugin with an active version may be named (the engine checks again
             // at admission, in case it is removed meanwhile).
@@ -270,6 +295,7 @@ impl Validator {
                 priority: params.priority.unwrap_or(0),
                 tenant: params.user.clone().unwrap_or_default(),
                 sampler: params.sampler.clone(),
+                constraint: constraint.clone(),
             });
             prompt_texts.push(text);
         }
@@ -438,11 +464,15 @@ mod tests {
             (r#"{"prompt": "a", "echo": true, "logprobs": 1}"#, "echo"),
             (r#"{"prompt": "a", "suffix": "z"}"#, "suffix"),
             (r#"{"prompt": "a", "sampler": "mirostat"}"#, "sampler"),
-            (r#"{"prompt": "a", "response_format": {"type": "json_object"}}"#, "response_format"),
+            (r#"{"prompt": "a", "response_format": {"type": "xml"}}"#, "response_format"),
+            (r#"{"prompt": "a", "response_format": {"type": "json_schema"}}"#, "response_format"),
             (r#"{"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}"#, "tools"),
             (r#"{"prompt": "a", "tool_choice": "required"}"#, "tool_choice"),
-            (r#"{"prompt": "a", "guided_regex": "[0-9]+"}"#, "guided_regex"),
-            (r#"{"prompt": "a", "structured_outputs": {"choice": ["a", "b"]}}"#, "structured_outputs"),
+            (r#"{"prompt": "a", "guided_regex": 5}"#, "guided_regex"),
+            (r#"{"prompt": "a", "guided_choice": []}"#, "guided_choice"),
+            (r#"{"prompt": "a", "structured_outputs": {"choice": ["a"], "regex": "a"}}"#, "structured_outputs"),
+            (r#"{"prompt": "a", "structured_outputs": {"pattern": "a"}}"#, "structured_outputs"),
+            (r#"{"prompt": "a", "guided_regex": "a", "response_format": {"type": "json_object"}}"#, "guided_regex"),
             (r#"{"prompt": "a", "min_tokens": 5}"#, "min_tokens"),
             (r#"{"prompt": "a", "use_beam_search": true}"#, "use_beam_search"),
             (r#"{"prompt": "a", "bad_words": ["x"]}"#, "bad_words"),
@@ -465,10 +495,24 @@ mod tests {
         ] {
             completion(&v, json).unwrap_or_else(|e| panic!("{json}: {e}"));
         }
-        let e = chat(&v, r#"{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}"#)
-            .unwrap_err();
-        assert_eq!(e.field(), "response_format");
-        assert!(e.to_string().contains("not implemented yet"), "{e}");
+    }
+
+    #[test]
+    fn structured_output_fields_compile_to_a_constraint() {
+        use crate::constraint::ConstraintSpec;
+        let v = validator(64);
+        for (json, want) in [
+            (r#"{"prompt": "a", "response_format": {"type": "json_object"}}"#, ConstraintSpec::JsonObject),
+            (r#"{"prompt": "a", "guided_regex": "[0-9]+"}"#, ConstraintSpec::Regex("[0-9]+".into())),
+            (r#"{"prompt": "a", "structured_outputs": {"choice": ["x", "y"]}}"#, ConstraintSpec::Choice(vec!["x".into(), "y".into()])),
+            (r#"{"prompt": "a", "guided_json": "{\"type\": \"integer\"}"}"#, ConstraintSpec::JsonSchema(serde_json::json!({"type": "integer"}))),
+        ] {
+            let r = completion(&v, json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(r.requests[0].constraint.as_ref().map(|c| c.spec().clone()), Some(want), "{json}");
+        }
+        let e = completion(&v, r#"{"prompt": "a", "guided_regex": "("}"#).unwrap_err();
+        assert_eq!(e.field(), "guided_regex", "a regex that does not compile: {e}");
+        assert!(completion(&v, r#"{"prompt": "a"}"#).unwrap().requests[0].constraint.is_none());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::constraint::ConstraintSpec;
 use crate::tokenizer::ChatMessage;
 
 /// `prompt` of a completion request: text, a batch of texts, token ids, or a batch of token-id
@@ -71,14 +72,15 @@ pub struct GenerationParams {
     /// The name of a sampler plugin to sample with.
     pub sampler: Option<String>,
     #[serde(flatten)]
-    pub unimplemented: Unimplemented,
+    pub extra: ExtraFields,
 }
 
-/// Request fields of OpenAI's API and vLLM's that would change the output but are not
-/// implemented yet: read only so that a request naming one is refused with a 400 that says so
-/// (`Unimplemented::first`), never answered as if it were absent.
+/// Request fields of OpenAI's API and vLLM's beyond sampling: the structured-output ones
+/// (`constraint`), and those that would change the output but are not implemented yet, read
+/// only so that a request naming one is refused with a 400 that says so (`unimplemented`), never
+/// answered as if it were absent.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct Unimplemented {
+pub struct ExtraFields {
     pub response_format: Option<serde_json::Value>,
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
@@ -99,11 +101,88 @@ pub struct Unimplemented {
     pub logits_processors: Option<serde_json::Value>,
 }
 
-impl Unimplemented {
-    /// The first field given with a value that asks for something (`null`, `false`, `0`, an
-    /// empty list, `response_format: {"type": "text"}` and `tool_choice: "none"` ask for nothing),
-    /// and what it would need.
-    pub fn first(&self) -> Option<(&'static str, &'static str)> {
+/// A field's value that does not say what it should.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ExtraFields {
+    /// What the output must match, from `response_format` (OpenAI's `json_object` and
+    /// `json_schema`), `structured_outputs` (vLLM's `json`, `regex`, `choice`, `grammar`,
+    /// `json_object`) or vLLM's older `guided_json`, `guided_regex`, `guided_choice`,
+    /// `guided_grammar`; at most one of them. Returns the field it came from.
+    pub fn constraint(&self) -> Result<Option<(&'static str, ConstraintSpec)>, FieldError> {
+        use serde_json::Value;
+        let err = |field: &'static str, message: &str| FieldError { field, message: message.to_string() };
+        let mut found: Vec<(&'static str, ConstraintSpec)> = Vec::new();
+        if let Some(format) = self.response_format.as_ref().filter(|v| !v.is_null()) {
+            match format.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some("json_object") => found.push(("response_format", ConstraintSpec::JsonObject)),
+                Some("json_schema") => {
+                    let schema = format
+                        .get("json_schema")
+                        .and_then(|j| j.get("schema"))
+                        .ok_or_else(|| err("response_format", "of type json_schema needs `json_schema.schema`"))?;
+                    found.push(("response_format", ConstraintSpec::JsonSchema(schema.clone())));
+                }
+                _ => return Err(err("response_format", "`type` must be `text`, `json_object` or `json_schema`")),
+            }
+        }
+        let string = |field: &'static str, v: &Value| v.as_str().map(str::to_string).ok_or_else(|| err(field, "must be a string"));
+        let choices = |field: &'static str, v: &Value| -> Result<Vec<String>, FieldError> {
+            let list = v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| err(field, "must be a non-empty list of strings"))?;
+            list.iter().map(|c| string(field, c)).collect()
+        };
+        if let Some(so) = self.structured_outputs.as_ref().filter(|v| !v.is_null()) {
+            let field = "structured_outputs";
+            let object = so.as_object().ok_or_else(|| err(field, "must be an object"))?;
+            for (key, value) in object.iter().filter(|(_, v)| !v.is_null() && **v != Value::Bool(false)) {
+                let spec = match key.as_str() {
+                    "json" => ConstraintSpec::JsonSchema(match value {
+                        Value::String(s) => serde_json::from_str(s).map_err(|e| err(field, &format!("`json` is not JSON: {e}")))?,
+                        other => other.clone(),
+                    }),
+                    "json_object" => ConstraintSpec::JsonObject,
+                    "regex" => ConstraintSpec::Regex(string(field, value)?),
+                    "choice" => ConstraintSpec::Choice(choices(field, value)?),
+                    "grammar" => ConstraintSpec::Grammar(string(field, value)?),
+                    "disable_any_whitespace" | "disable_additional_properties" | "whitespace_pattern" => {
+                        return Err(err(field, &format!("`{key}` is not supported")))
+                    }
+                    other => return Err(err(field, &format!("unknown key `{other}`"))),
+                };
+                found.push((field, spec));
+            }
+        }
+        if let Some(v) = self.guided_json.as_ref().filter(|v| !v.is_null()) {
+            let schema = match v {
+                Value::String(s) => serde_json::from_str(s).map_err(|e| err("guided_json", &format!("is not JSON: {e}")))?,
+                other => other.clone(),
+            };
+            found.push(("guided_json", ConstraintSpec::JsonSchema(schema)));
+        }
+        if let Some(v) = self.guided_regex.as_ref().filter(|v| !v.is_null()) {
+            found.push(("guided_regex", ConstraintSpec::Regex(string("guided_regex", v)?)));
+        }
+        if let Some(v) = self.guided_choice.as_ref().filter(|v| !v.is_null()) {
+            found.push(("guided_choice", ConstraintSpec::Choice(choices("guided_choice", v)?)));
+        }
+        if let Some(v) = self.guided_grammar.as_ref().filter(|v| !v.is_null()) {
+            found.push(("guided_grammar", ConstraintSpec::Grammar(string("guided_grammar", v)?)));
+        }
+        match found.len() {
+            0 | 1 => Ok(found.pop()),
+            _ => Err(err(found[1].0, &format!("conflicts with `{}`: give one structured-output constraint", found[0].0))),
+        }
+    }
+
+    /// The first field given with a value that asks for something not implemented (`null`,
+    /// `false`, `0`, an empty list and `tool_choice: "none"` ask for nothing), and what it would
+    /// need.
+    pub fn unimplemented(&self) -> Option<(&'static str, &'static str)> {
         use serde_json::Value;
         let asks = |v: &Option<Value>| match v {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -111,21 +190,13 @@ impl Unimplemented {
             Some(Value::Number(n)) => n.as_f64() != Some(0.0),
             Some(_) => true,
         };
-        let text_format = self.response_format.as_ref().and_then(|f| f.get("type")).and_then(Value::as_str) == Some("text");
         let no_tool = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
-        let structured = "structured output (JSON schema, regex, choice, grammar) is not implemented yet";
         let tools = "tool calling is not implemented yet";
-        let fields: [(&'static str, bool, &'static str); 18] = [
-            ("response_format", asks(&self.response_format) && !text_format, structured),
+        let fields: [(&'static str, bool, &'static str); 12] = [
             ("tools", asks(&self.tools), tools),
             ("tool_choice", asks(&self.tool_choice) && !no_tool, tools),
             ("functions", asks(&self.functions), tools),
             ("function_call", asks(&self.function_call), tools),
-            ("structured_outputs", asks(&self.structured_outputs), structured),
-            ("guided_json", asks(&self.guided_json), structured),
-            ("guided_regex", asks(&self.guided_regex), structured),
-            ("guided_choice", asks(&self.guided_choice), structured),
-            ("guided_grammar", asks(&self.guided_grammar), structured),
             ("min_tokens", asks(&self.min_tokens), "a minimum output length is not implemented"),
             ("use_beam_search", asks(&self.use_beam_search), "beam search is not implemented"),
             ("length_penalty", asks(&self.length_penalty) && self.length_penalty.as_ref().and_then(Value::as_f64) != Some(1.0), "beam search is not implemented"),

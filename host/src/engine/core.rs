@@ -202,7 +202,7 @@ impl EngineCore {
         SampleState {
             request,
             index,
-            sampler: SequenceSampler::new(r.sampling.clone(), &r.prompt_tokens, index as u64),
+            sampler: SequenceSampler::new(r.sampling.clone(), &r.prompt_tokens, index as u64).with_constraint(r.constraint.clone()),
             text: TextStream::new(
                 &self.tokenizer,
                 &r.prompt_tokens,

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::constraint::Constraint;
 use crate::sampling::{Sampled, SamplingParams};
 
 pub type RequestId = u64;
@@ -30,6 +31,8 @@ pub struct GenerateRequest {
     pub tenant: String,
     /// A sampler plugin to pick this request's tokens instead of the native sampler.
     pub sampler: Option<String>,
+    /// What the output must match (structured outputs); each sample advances its own copy.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -48,6 +51,7 @@ impl GenerateRequest {
             priority: 0,
             tenant: String::new(),
             sampler: None,
+            constraint: None,
         }
     }
 }

@@ -40,7 +40,11 @@ pub fn sample_rows_host(logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_
                 None => SampledRow::Token(r.sampler.sample(&mut scratch)),
                 Some(n) => {
                     r.sampler.apply_bias_and_penalties(&mut scratch);
-                    let (token_ids, logits) = top_candidates(&scratch, n);
+                    let (mut token_ids, mut logits) = top_candidates(&scratch, n);
+                    // A constraint may allow fewer than `n`: the plugin sees only those.
+                    let allowed = logits.iter().take_while(|l| l.is_finite()).count().max(1);
+                    token_ids.truncate(allowed);
+                    logits.truncate(allowed);
                     SampledRow::Candidates { token_ids, logits }
                 }
             }

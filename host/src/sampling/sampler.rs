@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::SamplingParams;
+use crate::constraint::Constraint;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
@@ -39,6 +40,9 @@ pub struct SequenceSampler {
     /// Distinct tokens of the prompt, sorted (for the repetition penalty; a set, so deduplicating
     /// changes nothing).
     prompt_tokens: Vec<u32>,
+    /// What the output must match: tokens it does not allow next are masked after the bias and
+    /// penalties, and every observed token advances it.
+    constraint: Option<Constraint>,
 }
 
 impl SequenceSampler {
@@ -54,7 +58,17 @@ impl SequenceSampler {
         let mut prompt_tokens = if params.repetition_penalty != 1.0 { prompt_tokens.to_vec() } else { Vec::new() };
         prompt_tokens.sort_unstable();
         prompt_tokens.dedup();
-        SequenceSampler { params, rng, device_seed, num_observed: 0, output_counts: HashMap::new(), prompt_tokens }
+        SequenceSampler { params, rng, device_seed, num_observed: 0, output_counts: HashMap::new(), prompt_tokens, constraint: None }
+    }
+
+    /// The sequence's output must match `constraint` (its own copy: it advances with the output).
+    pub fn with_constraint(mut self, constraint: Option<Constraint>) -> Self {
+        self.constraint = constraint;
+        self
+    }
+
+    pub fn constraint(&self) -> Option<&Constraint> {
+        self.constraint.as_ref()
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -65,6 +79,9 @@ impl SequenceSampler {
     pub fn observe(&mut self, token: u32) {
         *self.output_counts.entry(token).or_insert(0) += 1;
         self.num_observed += 1;
+        if let Some(constraint) = &mut self.constraint {
+            constraint.commit(token);
+        }
     }
 
     /// Seed of the device generator (see `device_seed` in the struct).
@@ -101,8 +118,16 @@ impl SequenceSampler {
         Sampled { token: token as u32, logprob, top }
     }
 
-    /// Adds the logit bias and applies the penalties to `logits` (what `sample` does first).
+    /// Adds the logit bias and applies the penalties to `logits` (what `sample` does first), then
+    /// the constraint's mask.
     pub fn apply_bias_and_penalties(&self, logits: &mut [f32]) {
+        self.apply_bias_and_penalties_only(logits);
+        if let Some(constraint) = &self.constraint {
+            constraint.mask_logits(logits);
+        }
+    }
+
+    fn apply_bias_and_penalties_only(&self, logits: &mut [f32]) {
         for (&token, &bias) in &self.params.logit_bias {
             if let Some(l) = logits.get_mut(token as usize) {
                 *l += bias;
