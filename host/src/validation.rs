@@ -476,6 +476,9 @@ mod tests {
             (r#"{"prompt": "a", "min_tokens": 5}"#, "min_tokens"),
             (r#"{"prompt": "a", "use_beam_search": true}"#, "use_beam_search"),
             (r#"{"prompt": "a", "bad_words": ["x"]}"#, "bad_words"),
+            (r#"{"prompt": "a", "chat_template": "{{ messages }}"}"#, "chat_template"),
+            (r#"{"prompt": "a", "chat_template_kwargs": {"enable_thinking": false}}"#, "chat_template_kwargs"),
+            (r#"{"prompt": "a", "continue_final_message": true}"#, "continue_final_message"),
         ] {
             let e = completion(&v, json).unwrap_err();
             assert_eq!(e.field(), field, "{json}: {e}");

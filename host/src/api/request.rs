@@ -99,6 +99,11 @@ pub struct ExtraFields {
     pub bad_words: Option<serde_json::Value>,
     pub truncate_prompt_tokens: Option<serde_json::Value>,
     pub logits_processors: Option<serde_json::Value>,
+    pub chat_template: Option<serde_json::Value>,
+    pub chat_template_kwargs: Option<serde_json::Value>,
+    pub continue_final_message: Option<serde_json::Value>,
+    pub guided_whitespace_pattern: Option<serde_json::Value>,
+    pub audio: Option<serde_json::Value>,
 }
 
 /// A field's value that does not say what it should.
@@ -192,7 +197,7 @@ impl ExtraFields {
         };
         let no_tool = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
         let tools = "tool calling is not implemented yet";
-        let fields: [(&'static str, bool, &'static str); 12] = [
+        let fields: [(&'static str, bool, &'static str); 17] = [
             ("tools", asks(&self.tools), tools),
             ("tool_choice", asks(&self.tool_choice) && !no_tool, tools),
             ("functions", asks(&self.functions), tools),
@@ -205,6 +210,11 @@ impl ExtraFields {
             ("bad_words", asks(&self.bad_words), "bad-word lists are not implemented"),
             ("truncate_prompt_tokens", asks(&self.truncate_prompt_tokens), "prompt truncation is not implemented"),
             ("logits_processors", asks(&self.logits_processors), "per-request logits processors are not supported (use a sampler plugin)"),
+            ("chat_template", asks(&self.chat_template), "a per-request chat template is not supported (the model's own is used)"),
+            ("chat_template_kwargs", asks(&self.chat_template_kwargs), "chat template arguments are not supported"),
+            ("continue_final_message", asks(&self.continue_final_message), "continuing the final message is not implemented"),
+            ("guided_whitespace_pattern", asks(&self.guided_whitespace_pattern), "a custom JSON whitespace pattern is not supported"),
+            ("audio", asks(&self.audio), "audio output is not supported"),
         ];
         fields.into_iter().find(|(_, asked, _)| *asked).map(|(field, _, why)| (field, why))
     }
