@@ -13,7 +13,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
-use crate::cuda::launch::{gemv_supports, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS};
+use crate::cuda::launch::{
+    gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS,
+    MOE_GROUP_CONFIG,
+};
 use crate::cuda::{launchers, ptr};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
@@ -914,7 +917,7 @@ pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, 
     let weights_dev = stream.alloc_zeros::<f32>(assignments)?;
     let offsets_dev = stream.alloc_zeros::<u32>(experts + 2)?;
     let sorted_dev = stream.alloc_zeros::<u32>(assignments)?;
-    let most_tiles = assignments.div_ceil(64) + experts.min(assignments);
+    let most_tiles = moe_most_tiles(assignments, experts);
     let tiles_dev = stream.alloc_zeros::<u32>(3 * most_tiles)?;
     let gate_up_out = stream.clone_htod(&vec![bf16::NAN; assignments * 2 * inter])?;
     let act_out = stream.clone_htod(&vec![bf16::NAN; assignments * inter])?;
@@ -923,13 +926,11 @@ pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, 
     let num_tiles = ptr(dev, &offsets_dev) + 4 * (experts as u64 + 1);
     let (e, k, h, i) = (experts as i32, top_k as i32, hidden as i32, inter as i32);
     let one = |rows: usize, width: usize| LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(width), 1, 1), shared_mem_bytes: 0 };
-    let gemm = |cols: usize| LaunchConfig { grid_dim: (cols.div_ceil(64) as u32, most_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let gemm = |cols: usize| moe_gemm_config(cols, most_tiles);
     // SAFETY: every buffer was allocated above at the sizes `kernels/moe.cu` reads and writes.
     unsafe {
-        let route = LaunchConfig { grid_dim: (tokens.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        launchers::moe_route(dev, route, ptr(dev, &logits_dev), ptr(dev, &ids_dev), ptr(dev, &weights_dev), tokens as i32, e, k, i32::from(norm_topk))?;
-        let group = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        launchers::moe_group(dev, group, ptr(dev, &ids_dev), assignments as i32, e, ptr(dev, &offsets_dev), ptr(dev, &sorted_dev), ptr(dev, &tiles_dev))?;
+        launchers::moe_route(dev, moe_route_config(tokens), ptr(dev, &logits_dev), ptr(dev, &ids_dev), ptr(dev, &weights_dev), tokens as i32, e, k, i32::from(norm_topk))?;
+        launchers::moe_group(dev, MOE_GROUP_CONFIG, ptr(dev, &ids_dev), assignments as i32, e, ptr(dev, &offsets_dev), ptr(dev, &sorted_dev), ptr(dev, &tiles_dev))?;
         let (sorted, tiles) = (ptr(dev, &sorted_dev), ptr(dev, &tiles_dev));
         launchers::moe_gemm(dev, gemm(2 * inter), ptr(dev, &gate_up_out), ptr(dev, &x_dev), ptr(dev, &gate_up_dev), sorted, tiles, num_tiles, k, 2 * i, h)?;
         launchers::silu_and_mul(dev, one(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), i)?;

@@ -30,7 +30,7 @@ use super::batch::{BatchArrays, Scratch};
 use super::gemm::{cublas_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput};
 use super::kv_cache::GpuKvCache;
-use super::launch::{gemv_supports, row_threads, AttentionSplit};
+use super::launch::{gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionSplit, MOE_GROUP_CONFIG};
 use super::launchers;
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
@@ -41,11 +41,6 @@ use crate::model::ops::{Act, Norm, Ops};
 use crate::model::weights::MoeWeights;
 use crate::model::ModelError;
 
-/// Threads of `moe_gemm` and its tile sizes (`MOE_THREADS`, `MOE_BM`, `MOE_BN` in
-/// `kernels/moe.cu`).
-const MOE_THREADS: u32 = 128;
-const MOE_TILE_ROWS: usize = 64;
-const MOE_TILE_COLS: usize = 64;
 /// The most experts and the largest top-k `kernels/moe.cu` takes.
 pub const MOE_MAX_EXPERTS: usize = 1024;
 pub const MOE_MAX_TOP_K: usize = 32;
@@ -575,22 +570,16 @@ impl Ops for GpuOps<'_> {
             let n = self.n;
             let assignments = n * k;
             self.product(logits_p, OutType::F32, GemvInput::Plain(input), &weights.router, n)?;
-            let route = LaunchConfig { grid_dim: (n.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            let group = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            let most_tiles = assignments.div_ceil(MOE_TILE_ROWS) + experts.min(assignments);
-            let gemm = |cols: usize| LaunchConfig {
-                grid_dim: (cols.div_ceil(MOE_TILE_COLS) as u32, most_tiles as u32, 1),
-                block_dim: (MOE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let most_tiles = moe_most_tiles(assignments, experts);
+            let gemm = |cols: usize| moe_gemm_config(cols, most_tiles);
             let num_tiles = offsets_p + 4 * (experts as u64 + 1);
             let (e, ki, hi, ii) = (experts as i32, k as i32, h as i32, inter as i32);
             // SAFETY: every buffer was allocated above for `n` tokens at the widths the kernels
             // read and write (see `kernels/moe.cu`); the weights are the stacked experts'.
             unsafe {
-                launchers::moe_route(dev, route, logits_p, ids_p, weights_p, n as i32, e, ki, i32::from(config.norm_topk_prob))
+                launchers::moe_route(dev, moe_route_config(n), logits_p, ids_p, weights_p, n as i32, e, ki, i32::from(config.norm_topk_prob))
                     .map_err(backend_error)?;
-                launchers::moe_group(dev, group, ids_p, assignments as i32, e, offsets_p, sorted_p, tiles_p).map_err(backend_error)?;
+                launchers::moe_group(dev, MOE_GROUP_CONFIG, ids_p, assignments as i32, e, offsets_p, sorted_p, tiles_p).map_err(backend_error)?;
                 launchers::moe_gemm(dev, gemm(2 * inter), gate_up_p, input, weights.gate_up.ptr(dev), sorted_p, tiles_p, num_tiles, ki, 2 * ii, hi)
                     .map_err(backend_error)?;
             }

@@ -200,6 +200,36 @@ pub fn graph_bucket(batch_size: usize) -> Option<usize> {
     GRAPH_BUCKETS.iter().copied().find(|&b| b >= batch_size)
 }
 
+/// Threads of `moe_gemm` and its tiles: assignments by output columns (`MOE_THREADS`, `MOE_BM`,
+/// `MOE_BN` in `kernels/moe.cu`).
+pub const MOE_THREADS: u32 = 128;
+pub const MOE_TILE_ROWS: usize = 64;
+pub const MOE_TILE_COLS: usize = 64;
+
+/// The most tiles `moe_group` can cut `assignments` into over `experts` (every expert's run
+/// rounded up to whole tiles): the grouped product's grid, whose blocks past the real count return.
+pub fn moe_most_tiles(assignments: usize, experts: usize) -> usize {
+    assignments.div_ceil(MOE_TILE_ROWS) + experts.min(assignments)
+}
+
+/// `moe_route`: one warp per token, 4 per block.
+pub fn moe_route_config(tokens: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig { grid_dim: (tokens.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `moe_group`: one block of 1024 threads.
+pub const MOE_GROUP_CONFIG: cudarc::driver::LaunchConfig =
+    cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+
+/// `moe_gemm` over `cols` output columns and at most `most_tiles` tiles.
+pub fn moe_gemm_config(cols: usize, most_tiles: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (cols.div_ceil(MOE_TILE_COLS) as u32, most_tiles as u32, 1),
+        block_dim: (MOE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Threads per block for a row-wise kernel over `width` elements: a multiple of 32, at most 1024.
 pub fn row_threads(width: usize) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, 1024) as u32
@@ -362,6 +392,18 @@ mod tests {
         for head_dim in crate::cuda::DECODE_HEAD_DIMS {
             assert!(source.contains(&format!("DECODE_KERNEL({head_dim}, {})", decode_stages(head_dim))), "{head_dim}");
         }
+    }
+
+    #[test]
+    fn moe_launch_constants_match_the_kernel_source() {
+        let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "moe").unwrap().source;
+        assert!(source.contains(&format!("#define MOE_BM {MOE_TILE_ROWS}")));
+        assert!(source.contains(&format!("#define MOE_BN {MOE_TILE_COLS}")));
+        assert!(source.contains(&format!("#define MOE_THREADS {MOE_THREADS}")));
+        // One token, 8 experts, top-2: at most two tiles; 300 tokens: one tile per 64 plus one
+        // partial tile per expert.
+        assert_eq!(moe_most_tiles(2, 8), 3);
+        assert_eq!(moe_most_tiles(600, 8), 10 + 8);
     }
 
     #[test]

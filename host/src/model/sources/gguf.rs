@@ -4,27 +4,15 @@
 
 use std::path::Path;
 
-use crate::model::gguf::{GgmlType, GgufFile};
+use crate::model::gguf::{can_dequantize, GgmlType, GgufFile};
 use crate::model::weights::{RawDtype, RawTensor};
 use crate::model::{Arch, ModelConfig, ModelError, Tensor, WeightSource};
 
-/// The types whose blocks a device store expands itself (`kernels/dequant.cu`).
-const DEVICE_TYPES: &[GgmlType] = &[
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q2_K,
-    GgmlType::Q3_K,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-    GgmlType::Q8_K,
-];
+/// Whether a device store expands blocks of `ty` itself (`kernels/dequant.cu`): every type the
+/// CPU dequantizes but the plain integer and float64 ones, which no weight matrix is stored as.
+fn expands_on_device(ty: GgmlType) -> bool {
+    can_dequantize(ty) && !matches!(ty, GgmlType::F64 | GgmlType::I8 | GgmlType::I16 | GgmlType::I32)
+}
 
 pub struct GgufSource {
     file: GgufFile,
@@ -65,7 +53,7 @@ impl WeightSource for GgufSource {
         let ty = info.ggml_type;
         let mut shape: Vec<usize> = info.shape.iter().rev().copied().collect();
         let cols = shape.last().copied().unwrap_or(0);
-        if !DEVICE_TYPES.contains(&ty) || hf_name.ends_with("norm.weight") || shape.len() < 2 || !cols.is_multiple_of(ty.block_size()) {
+        if !expands_on_device(ty) || hf_name.ends_with("norm.weight") || shape.len() < 2 || !cols.is_multiple_of(ty.block_size()) {
             return Ok(None);
         }
         let bytes = self.file.tensor_data(info);
