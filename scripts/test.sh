@@ -2,12 +2,14 @@
 # The whole test suite: set-up (model), the Wasm plugins (built for wasm32-wasip2, their logic
 # unit-tested natively), then every unit and end-to-end test of the host, built optimized (the
 # tests run the real model on the CPU and the real plugin components). NVRTC comes from PyPI so
-# that the CUDA kernels are compiled for sm_90 on every run, GPU or not.
+# that the CUDA kernels are compiled for sm_90 on every run, GPU or not; the OpenAI Python client
+# too, for the client round-trip test.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/setup.sh
 (cd plugins && cargo test --quiet)
 eval "$(./scripts/fetch-nvrtc.sh)"
+./scripts/fetch-pyclient.sh
 export PAGEDSERVE_REQUIRE_NVRTC=1 PAGEDSERVE_KERNEL_CACHE="$root/target/kernel-cache"
 cargo test --release --workspace "$@"

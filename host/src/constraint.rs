@@ -43,7 +43,7 @@ pub enum ConstraintSpec {
 const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,24}";
 
 /// `schema` with the JSON compiler's options (llguidance's `x-guidance`) unless it brings its own.
-fn with_json_options(mut schema: serde_json::Value) -> serde_json::Value {
+pub(crate) fn with_json_options(mut schema: serde_json::Value) -> serde_json::Value {
     if let Some(object) = schema.as_object_mut() {
         object.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}));
     }
@@ -209,11 +209,13 @@ impl PartialEq for Constraint {
     }
 }
 
+/// A constraint engine over a fixture tokenizer and a made-up decoder, for tests here and in
+/// modules that build constraints.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn engine() -> (ConstraintEngine, Arc<Tokenizer>) {
+    pub(crate) fn engine() -> (ConstraintEngine, Arc<Tokenizer>) {
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arch/llama");
         let tokenizer = Arc::new(Tokenizer::from_hf_dir(&dir).unwrap());
         let eos = tokenizer.eos_token_id().unwrap();
@@ -222,11 +224,11 @@ mod tests {
 
     /// Greedy decoding of a made-up "model" that wants to write `target` (then end), and
     /// otherwise prefers low token ids: the constraint alone decides where it may not.
-    fn decode(constraint: &mut Constraint, tokenizer: &Tokenizer, target: &str) -> String {
+    pub(crate) fn decode(constraint: &mut Constraint, tokenizer: &Tokenizer, target: &str) -> String {
         let eos = tokenizer.eos_token_id().unwrap();
         let wanted = tokenizer.encode(target, false).unwrap();
         let mut out = Vec::new();
-        for step in 0..48 {
+        for step in 0..400 {
             let mut logits: Vec<f32> = (0..tokenizer.vocab_size() + 16).map(|id| -(id as f32) * 1e-6).collect();
             logits[*wanted.get(step).unwrap_or(&eos) as usize] = 100.0;
             constraint.mask_logits(&mut logits);
@@ -240,6 +242,12 @@ mod tests {
         }
         tokenizer.decode(&out, false).unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{decode, engine};
+    use super::*;
 
     #[test]
     fn outputs_follow_regexes_choices_and_schemas() {

@@ -26,4 +26,5 @@ pub mod sampling;
 pub mod sched;
 pub mod server;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod validation;

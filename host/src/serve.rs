@@ -130,6 +130,10 @@ pub struct ServeArgs {
     /// Bearer token of the admin API; without one the admin API is off.
     #[arg(long, env = "PAGEDSERVE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// How the model writes tool calls (default: from its chat template; `hermes` when the
+    /// template has no tools, which are then described in the system prompt).
+    #[arg(long, value_enum, env = "PAGEDSERVE_TOOL_CALL_PARSER")]
+    tool_call_parser: Option<pagedserve::tool_calls::ToolCallFormat>,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -285,9 +289,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
 
+    let validator = Validator::new(tokenizer.clone(), max_model_len, vocab_size)
+        .with_plugins(plugins.clone())
+        .with_tool_call_format(args.tool_call_parser);
+    tracing::info!(format = ?validator.tool_call_format(), "tool calls are parsed in this format");
     let state = Arc::new(AppState {
         engine: engine.clone(),
-        validator: Validator::new(tokenizer.clone(), max_model_len, vocab_size).with_plugins(plugins.clone()),
+        validator,
         plugins: Some(plugins.clone()),
         tokenizer,
         metrics,

@@ -13,7 +13,8 @@ use crate::constraint::ConstraintEngine;
 use crate::engine::GenerateRequest;
 use crate::plugin::PluginRegistry;
 use crate::sampling::{SamplingParams, SamplingParamsError};
-use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
+use crate::tokenizer::{ChatContent, ChatMessage, Tokenizer, TokenizerError};
+use crate::tool_calls::{prepare_messages, TemplateSupport, ToolCallFormat, ToolRequest};
 
 /// Most samples per prompt.
 pub const MAX_N: usize = 16;
@@ -74,6 +75,8 @@ pub struct ValidRequest {
     /// Log-probs asked for, with this many alternatives per token.
     pub logprobs: Option<usize>,
     pub echo: bool,
+    /// Chat with tools: the output is parsed for tool calls written in this format.
+    pub tool_format: Option<ToolCallFormat>,
 }
 
 impl ValidRequest {
@@ -96,12 +99,42 @@ pub struct Validator {
     /// asks for one (or why it cannot be).
     constraints: Arc<OnceLock<Result<Arc<ConstraintEngine>, String>>>,
     model_vocab_size: usize,
+    /// How the model writes tool calls (its template's format, or `--tool-call-parser`).
+    tool_format: ToolCallFormat,
+    /// What the chat template renders of tools, probed on first use.
+    template_support: Arc<OnceLock<TemplateSupport>>,
 }
 
 impl Validator {
     pub fn new(tokenizer: Arc<Tokenizer>, max_model_len: usize, model_vocab_size: usize) -> Self {
         let vocab_size = model_vocab_size.min(tokenizer.vocab_size());
-        Validator { tokenizer, max_model_len, vocab_size, plugins: None, constraints: Default::default(), model_vocab_size }
+        let tool_format = ToolCallFormat::detect(tokenizer.chat_template());
+        Validator {
+            tokenizer,
+            max_model_len,
+            vocab_size,
+            plugins: None,
+            constraints: Default::default(),
+            model_vocab_size,
+            tool_format,
+            template_support: Default::default(),
+        }
+    }
+
+    /// Parses tool calls in `format` instead of the one the chat template suggests.
+    pub fn with_tool_call_format(mut self, format: Option<ToolCallFormat>) -> Self {
+        if let Some(format) = format {
+            self.tool_format = format;
+        }
+        self
+    }
+
+    pub fn tool_call_format(&self) -> ToolCallFormat {
+        self.tool_format
+    }
+
+    fn template_support(&self) -> TemplateSupport {
+        *self.template_support.get_or_init(|| TemplateSupport::probe(&self.tokenizer))
     }
 
     /// The constraint engine, indexed on first use; `Err` says why structured outputs are not
@@ -187,12 +220,53 @@ impl Validator {
             (true, k) => Some(k.unwrap_or(0) as usize),
             (false, _) => None,
         };
-        let tokens = self.encode_chat(&request.messages, request.add_generation_prompt.unwrap_or(true))?;
+        let extra = &request.params.extra;
+        let tools = ToolRequest::parse(extra.tools.as_ref(), extra.tool_choice.as_ref(), extra.parallel_tool_calls.as_ref())
+            .map_err(|e| invalid(e.field, e.message))?;
+        if tools.as_ref().is_some_and(ToolRequest::parses_output) {
+            if let Some((field, _)) = extra.constraint().map_err(|e| invalid(e.field, e.message))? {
+                return Err(ValidationError::Unsupported {
+                    field,
+                    message: "a structured-output constraint together with tools is not supported (unless `tool_choice` is `none`)".into(),
+                });
+            }
+        }
+        let tokens = self.encode_chat_with(&request.messages, request.add_generation_prompt.unwrap_or(true), tools.as_ref())?;
         let text = self.tokenizer.decode(&tokens, false).unwrap_or_default();
         let n = self.n(&request.params)?;
         let max_tokens = request.max_completion_tokens.or(request.params.max_tokens);
         let field = if request.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
-        self.build(vec![(tokens, text)], &request.params, Some((max_tokens, field)), n, logprobs, false, "messages")
+        let mut valid = self.build(vec![(tokens, text)], &request.params, Some((max_tokens, field)), n, logprobs, false, "messages")?;
+        if let Some(tools) = tools {
+            self.apply_tools(&mut valid, &tools)?;
+        }
+        Ok(valid)
+    }
+
+    /// Checks every tool's parameter schema; `required` and named choices generate under the
+    /// constraint of their calls; output that may hold calls is parsed (with special tokens kept
+    /// where the format's marker is one).
+    fn apply_tools(&self, valid: &mut ValidRequest, tools: &ToolRequest) -> Result<(), ValidationError> {
+        let engine = self.constraints().map_err(|message| invalid("tools", message))?;
+        for (i, spec) in tools.parameter_schemas().enumerate() {
+            engine.compile(&spec).map_err(|e| invalid("tools", format!("[{i}] `function.parameters` is not a usable JSON schema: {e}")))?;
+        }
+        let marker = self.tokenizer.token_to_id("[TOOL_CALLS]").filter(|&id| self.tokenizer.is_special_token_id(id));
+        if let Some(spec) = tools.constraint(self.tool_format, marker) {
+            let compiled = engine.compile(&spec).map_err(|e| invalid("tool_choice", e.to_string()))?;
+            for request in &mut valid.requests {
+                request.constraint = Some(compiled.clone());
+            }
+        }
+        if tools.parses_output() {
+            valid.tool_format = Some(self.tool_format);
+            if self.tool_format.needs_special_tokens() {
+                for request in &mut valid.requests {
+                    request.skip_special_tokens = false;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Tokens of `/tokenize`'s prompt form.
@@ -202,12 +276,35 @@ impl Validator {
 
     /// Renders the chat template (with the assistant's turn opened when `add_generation_prompt`).
     pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>, ValidationError> {
+        self.encode_chat_with(messages, add_generation_prompt, None)
+    }
+
+    /// `encode_chat` with the request's tools; a history with tool calls or results is rendered
+    /// as `tool_calls::prepare_messages` says, with or without tools.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&ToolRequest>,
+    ) -> Result<Vec<u32>, ValidationError> {
         if messages.is_empty() {
             return Err(invalid("messages", "must not be empty"));
         }
-        self.tokenizer
-            .encode_chat(messages, add_generation_prompt)
-            .map_err(|source| ValidationError::Tokenizer { field: "messages", source })
+        let calls = |m: &ChatMessage| m.extra.get("tool_calls").is_some_and(|v| !v.is_null());
+        if let Some(i) = messages.iter().position(|m| m.content == ChatContent::Null && !(m.role == "assistant" && calls(m))) {
+            return Err(invalid("messages", format!("[{i}] needs `content` (only an assistant turn with `tool_calls` may leave it out)")));
+        }
+        let uses_tools = tools.is_some() || messages.iter().any(|m| m.role == "tool" || calls(m));
+        let text = if uses_tools {
+            let (prepared, variables) = prepare_messages(messages, tools, self.template_support(), self.tool_format)
+                .map_err(|e| invalid(e.field, e.message))?;
+            self.tokenizer.apply_chat_template_with(&prepared, add_generation_prompt, variables.as_ref())
+        } else {
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        };
+        let text = text.map_err(|source| ValidationError::Tokenizer { field: "messages", source })?;
+        // The template writes the special tokens.
+        self.tokenizer.encode(&text, false).map_err(|source| ValidationError::Tokenizer { field: "messages", source })
     }
 
     /// Checks token ids (of a prompt, `/detokenize`, ...) against the vocabulary.
@@ -247,7 +344,7 @@ impl Validator {
         echo: bool,
         prompt_field: &'static str,
     ) -> Result<ValidRequest, ValidationError> {
-        if let Some((field, message)) = params.extra.unimplemented() {
+        if let Some((field, message)) = params.extra.unimplemented(chat_max_tokens.is_some()) {
             return Err(ValidationError::Unsupported { field, message: message.into() });
         }
         let constraint = match params.extra.constraint().map_err(|e| invalid(e.field, e.message))? {
@@ -308,6 +405,7 @@ impl Validator {
             include_usage: stream && params.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             logprobs,
             echo,
+            tool_format: None,
         })
     }
 

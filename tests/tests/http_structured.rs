@@ -1,7 +1,7 @@
 //! Structured outputs over HTTP, with the real binary and the default model on the CPU: what a
 //! request's `response_format`, `structured_outputs` or `guided_*` field asks for is what comes
 //! back, streamed or not, sampled or greedy, for every one of `n` choices; a schema that does not
-//! compile is a 400 naming the field; tools, still unimplemented, are a 400 too.
+//! compile is a 400 naming the field; so are tools on `/v1/completions` (they are for chat).
 
 use pagedserve_tests::{stream_text, Server};
 use serde_json::{json, Value};
@@ -53,12 +53,12 @@ fn outputs_match_what_the_request_asked_for() {
     let text = answer["choices"][0]["text"].as_str().unwrap();
     assert!(text.len() == 4 && text.chars().all(|c| c.is_ascii_digit()), "{text:?}");
 
-    // A schema that does not compile, and tools (not implemented): 400s naming the field.
+    // A schema that does not compile, and tools outside chat: 400s naming the field.
     let reply = server.post("/v1/chat/completions", &json!({"messages": ask("hi"), "guided_regex": "(("}));
     assert_eq!(reply.status, 400, "{}", reply.body);
     assert_eq!(reply.json()["error"]["param"], "guided_regex", "{}", reply.body);
     let tools = json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]);
-    let reply = server.post("/v1/chat/completions", &json!({"messages": ask("hi"), "tools": tools}));
+    let reply = server.post("/v1/completions", &json!({"prompt": "hi", "tools": tools}));
     assert_eq!(reply.status, 400, "{}", reply.body);
     assert_eq!(reply.json()["error"]["param"], "tools", "{}", reply.body);
 }

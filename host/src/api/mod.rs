@@ -13,12 +13,12 @@ mod response;
 mod tokenize;
 
 pub use self::request::{
-    ChatCompletionRequest, CompletionRequest, GenerationParams, Prompt, StopSpec, StreamOptions,
+    ChatCompletionRequest, CompletionRequest, FieldError, GenerationParams, Prompt, StopSpec, StreamOptions,
 };
 pub use self::response::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatLogprob, ChatLogprobs,
     ChatMessageOut, ChatTopLogprob, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse,
-    ErrorBody, ErrorDetail, ModelCard, ModelList, UsageInfo,
+    ErrorBody, ErrorDetail, FunctionCallChunk, FunctionCallOut, ModelCard, ModelList, ToolCallChunk, ToolCallOut, UsageInfo,
 };
 pub use self::tokenize::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 

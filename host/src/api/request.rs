@@ -84,6 +84,7 @@ pub struct ExtraFields {
     pub response_format: Option<serde_json::Value>,
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<serde_json::Value>,
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
     pub structured_outputs: Option<serde_json::Value>,
@@ -186,8 +187,8 @@ impl ExtraFields {
 
     /// The first field given with a value that asks for something not implemented (`null`,
     /// `false`, `0`, an empty list and `tool_choice: "none"` ask for nothing), and what it would
-    /// need.
-    pub fn unimplemented(&self) -> Option<(&'static str, &'static str)> {
+    /// need. Tools are implemented for chat only (`chat`).
+    pub fn unimplemented(&self, chat: bool) -> Option<(&'static str, &'static str)> {
         use serde_json::Value;
         let asks = |v: &Option<Value>| match v {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -196,12 +197,14 @@ impl ExtraFields {
             Some(_) => true,
         };
         let no_tool = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
-        let tools = "tool calling is not implemented yet";
-        let fields: [(&'static str, bool, &'static str); 17] = [
-            ("tools", asks(&self.tools), tools),
-            ("tool_choice", asks(&self.tool_choice) && !no_tool, tools),
-            ("functions", asks(&self.functions), tools),
-            ("function_call", asks(&self.function_call), tools),
+        let tools = "tools are for /v1/chat/completions";
+        let functions = "the deprecated `functions` API is not supported; send `tools`";
+        let fields: [(&'static str, bool, &'static str); 18] = [
+            ("tools", !chat && asks(&self.tools), tools),
+            ("tool_choice", !chat && asks(&self.tool_choice) && !no_tool, tools),
+            ("parallel_tool_calls", !chat && asks(&self.parallel_tool_calls), tools),
+            ("functions", asks(&self.functions), functions),
+            ("function_call", asks(&self.function_call), functions),
             ("min_tokens", asks(&self.min_tokens), "a minimum output length is not implemented"),
             ("use_beam_search", asks(&self.use_beam_search), "beam search is not implemented"),
             ("length_penalty", asks(&self.length_penalty) && self.length_penalty.as_ref().and_then(Value::as_f64) != Some(1.0), "beam search is not implemented"),

@@ -25,11 +25,12 @@ use super::{unix_now, AppState};
 use crate::api::{
     self, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, UsageInfo,
+    CompletionResponse, FunctionCallChunk, FunctionCallOut, ToolCallChunk, ToolCallOut, UsageInfo,
 };
 use crate::engine::{EngineError, FinishReason, RequestId, StreamEvent};
 use crate::plugin::{FilterParams, FilterRequest, FilterVerdict, PluginRegistry};
 use crate::sampling::Sampled;
+use crate::tool_calls::{ToolCallDelta, ToolCallParser};
 use crate::validation::ValidRequest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,11 +74,21 @@ struct ChoiceState {
     /// The generated text so far (without the echoed prompt), for output filters.
     filter_text: String,
     generated_tokens: u32,
+    /// Chat with tools: splits the output into content and tool calls.
+    tool_parser: Option<ToolCallParser>,
+}
+
+impl ChoiceState {
+    /// Whether the answer is tool calls: streamed once a call has begun; whole once every call
+    /// parsed (an invalid call is returned as text).
+    fn made_tool_calls(&self, stream: bool) -> bool {
+        self.tool_parser.as_ref().is_some_and(|p| if stream { p.started_calls() } else { p.calls().is_some() })
+    }
 }
 
 /// What the merged streams produced next.
 enum Update {
-    Delta { choice: usize, text: String, sampled: Vec<Sampled>, offset: usize },
+    Delta { choice: usize, text: String, sampled: Vec<Sampled>, offset: usize, calls: Vec<ToolCallDelta> },
     Finished { choice: usize },
     AllDone,
 }
@@ -227,7 +238,10 @@ impl Generation {
             events.push(Box::pin(tagged) as EventStream);
         }
         let id = response_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
-        let choices = (0..valid.num_choices()).map(|_| ChoiceState::default()).collect();
+        let tool_format = valid.tool_format;
+        let choices = (0..valid.num_choices())
+            .map(|_| ChoiceState { tool_parser: tool_format.map(ToolCallParser::new), ..ChoiceState::default() })
+            .collect();
         Ok(Generation {
             state,
             kind,
@@ -321,6 +335,12 @@ impl Generation {
                             text.insert_str(0, &self.valid.prompt_texts[prompt]);
                         }
                     }
+                    let mut calls = Vec::new();
+                    if let Some(parser) = &mut c.tool_parser {
+                        let parsed = parser.push(&text);
+                        text = parsed.content;
+                        calls = parsed.calls;
+                    }
                     let offset = c.num_chars;
                     c.num_chars += text.chars().count();
                     if !self.valid.stream {
@@ -338,13 +358,25 @@ impl Generation {
                             }
                         }
                     }
-                    return Ok(Update::Delta { choice, text, sampled: logprobs, offset });
+                    return Ok(Update::Delta { choice, text, sampled: logprobs, offset, calls });
                 }
                 StreamEvent::Finished { index, reason, stop_reason } => {
                     let choice = prompt * self.valid.n + index;
-                    self.choices[choice].finish = Some(reason);
-                    self.choices[choice].stop_reason = stop_reason_json(stop_reason.as_ref());
-                    return Ok(Update::Finished { choice });
+                    let c = &mut self.choices[choice];
+                    c.finish = Some(reason);
+                    c.stop_reason = stop_reason_json(stop_reason.as_ref());
+                    // Text a tool-call parser held back goes out before the finish.
+                    let rest = c.tool_parser.as_mut().map(ToolCallParser::finish).unwrap_or_default();
+                    if rest.content.is_empty() && rest.calls.is_empty() {
+                        return Ok(Update::Finished { choice });
+                    }
+                    let offset = c.num_chars;
+                    c.num_chars += rest.content.chars().count();
+                    if !self.valid.stream {
+                        c.text.push_str(&rest.content);
+                    }
+                    self.pending.push_back(Update::Finished { choice });
+                    return Ok(Update::Delta { choice, text: rest.content, sampled: Vec::new(), offset, calls: rest.calls });
                 }
                 StreamEvent::Done { usage, .. } => {
                     self.usage.prompt_tokens += usage.prompt_tokens;
@@ -381,13 +413,18 @@ impl Generation {
     }
 
     fn finish_reason(&self, choice: usize) -> Option<String> {
-        self.choices[choice].finish.map(|r| r.as_str().to_string())
+        let c = &self.choices[choice];
+        match c.finish? {
+            FinishReason::Stop if c.made_tool_calls(self.valid.stream) => Some("tool_calls".into()),
+            reason => Some(reason.as_str().to_string()),
+        }
     }
 
     /// Non-streaming: waits for every choice, then answers once.
     async fn collect(mut self) -> Result<Response, ApiError> {
         while !matches!(self.next_update().await?, Update::AllDone) {}
         let model = self.state.model_name.clone();
+        let finish_reasons: Vec<Option<String>> = (0..self.choices.len()).map(|c| self.finish_reason(c)).collect();
         let choices = std::mem::take(&mut self.choices);
         let body = match self.kind {
             Kind::Completion => Json(CompletionResponse {
@@ -419,9 +456,9 @@ impl Generation {
                     .enumerate()
                     .map(|(index, c)| ChatChoice {
                         index,
-                        message: ChatMessageOut { role: "assistant".into(), content: c.text },
+                        message: chat_message(&c),
                         logprobs: self.valid.logprobs.map(|_| ChatLogprobs { content: c.chat_logprobs }),
-                        finish_reason: c.finish.map(|r| r.as_str().to_string()),
+                        finish_reason: finish_reasons[index].clone(),
                         stop_reason: c.stop_reason,
                     })
                     .collect(),
@@ -432,7 +469,8 @@ impl Generation {
         Ok(with_request_id(body, &self.id))
     }
 
-    fn chunk(&self, choice: usize, text: Option<String>, sampled: &[Sampled], offset: usize, last: bool) -> Bytes {
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(&self, choice: usize, text: Option<String>, calls: &[ToolCallDelta], sampled: &[Sampled], offset: usize, last: bool) -> Bytes {
         let finish_reason = if last { self.finish_reason(choice) } else { None };
         let stop_reason = if last { self.choices[choice].stop_reason.clone() } else { None };
         let json = match self.kind {
@@ -468,7 +506,7 @@ impl Generation {
                     model: self.state.model_name.clone(),
                     choices: vec![ChatChunkChoice {
                         index: choice,
-                        delta: ChatDelta { role: None, content: text },
+                        delta: ChatDelta { role: None, content: text, tool_calls: calls.iter().map(tool_call_chunk).collect() },
                         logprobs,
                         finish_reason,
                         stop_reason,
@@ -488,7 +526,7 @@ impl Generation {
             model: self.state.model_name.clone(),
             choices: vec![ChatChunkChoice {
                 index: choice,
-                delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
+                delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: Vec::new() },
                 logprobs: None,
                 finish_reason: None,
                 stop_reason: None,
@@ -523,14 +561,20 @@ impl Generation {
                     return None;
                 }
                 match generation.next_update().await {
-                    Ok(Update::Delta { choice, text, sampled, offset }) => {
-                        if !text.is_empty() || generation.valid.logprobs.is_some() {
-                            queue.push_back(generation.chunk(choice, Some(text), &sampled, offset, false));
+                    Ok(Update::Delta { choice, text, sampled, offset, calls }) => {
+                        if !calls.is_empty() {
+                            // Content (if any) and tool-call pieces as separate deltas, in order.
+                            if !text.is_empty() || generation.valid.logprobs.is_some() {
+                                queue.push_back(generation.chunk(choice, Some(text), &[], &sampled, offset, false));
+                            }
+                            queue.push_back(generation.chunk(choice, None, &calls, &[], offset, false));
+                        } else if !text.is_empty() || generation.valid.logprobs.is_some() {
+                            queue.push_back(generation.chunk(choice, Some(text), &[], &sampled, offset, false));
                         }
                     }
                     Ok(Update::Finished { choice }) => {
                         let text = (generation.kind == Kind::Completion).then(String::new);
-                        queue.push_back(generation.chunk(choice, text, &[], 0, true));
+                        queue.push_back(generation.chunk(choice, text, &[], &[], 0, true));
                     }
                     Ok(Update::AllDone) => {
                         if generation.valid.include_usage {
@@ -560,6 +604,38 @@ impl Drop for Generation {
         if !self.over {
             tracing::info!(id = %self.id, latency_ms = self.started.elapsed().as_millis() as u64, "client went away; request aborted");
         }
+    }
+}
+
+/// A whole chat answer: its content, or its tool calls (with the text before them as content);
+/// output whose calls did not parse is returned as text.
+fn chat_message(c: &ChoiceState) -> ChatMessageOut {
+    let assistant = |content: Option<String>, tool_calls| ChatMessageOut { role: "assistant".into(), content, tool_calls };
+    match c.tool_parser.as_ref() {
+        None => assistant(Some(c.text.clone()), Vec::new()),
+        Some(parser) => match parser.calls() {
+            Some(calls) => assistant(
+                Some(c.text.clone()).filter(|t| !t.trim().is_empty()),
+                calls
+                    .iter()
+                    .map(|call| ToolCallOut {
+                        id: call.id.clone(),
+                        kind: "function".into(),
+                        function: FunctionCallOut { name: call.name.clone(), arguments: call.arguments.clone() },
+                    })
+                    .collect(),
+            ),
+            None => assistant(Some(parser.text().to_string()), Vec::new()),
+        },
+    }
+}
+
+fn tool_call_chunk(delta: &ToolCallDelta) -> ToolCallChunk {
+    ToolCallChunk {
+        index: delta.index,
+        id: delta.id.clone(),
+        kind: delta.id.as_ref().map(|_| "function".to_string()),
+        function: FunctionCallChunk { name: delta.name.clone(), arguments: delta.arguments.clone() },
     }
 }
 

@@ -26,6 +26,8 @@ const TEMPLATE_NAME: &str = "chat_template";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
+    /// `null` or absent in assistant turns that only call tools.
+    #[serde(default)]
     pub content: ChatContent,
     /// Extra fields, serialized next to `role` and `content`.
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -43,12 +45,15 @@ impl ChatMessage {
     }
 }
 
-/// Message content: a string or a list of typed parts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Message content: a string, a list of typed parts, or none (`null`, as in an assistant turn
+/// that only calls tools).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ChatContent {
     Text(String),
     Parts(Vec<ContentPart>),
+    #[default]
+    Null,
 }
 
 /// One part of list-valued content, e.g. `{"type": "text", "text": "hi"}`.
