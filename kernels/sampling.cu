@@ -51,9 +51,11 @@ extern "C" __global__ void init_uniform_bf16(__nv_bfloat16* __restrict__ out, u6
 // words below), so only tokens, log-probs and candidates cross to the host.
 //
 // Per row, in the CPU sampler's order (host/src/sampling/sampler.rs):
-//  1. Bias and penalties (rows that have any): the raw row is copied to a work row, then the
-//     sparse logit bias (CSR) is added and the penalty entries (CSR: prompt and output tokens with
-//     their output counts) are applied with the CPU's exact float operations (no FMA contraction).
+//  1. Bias, penalties and constraint masks (rows that have any): the raw row is copied to a work
+//     row, then the sparse logit bias (CSR) is added and the penalty entries (CSR: prompt and
+//     output tokens with their output counts) are applied with the CPU's exact float operations
+//     (no FMA contraction); last, a constrained row's tokens its bitmask (`P_MASK`: an offset into
+//     the parameter upload) does not allow become -inf.
 //  2. Greedy rows: argmax, lowest index on ties (as argmax_rows).
 //  3. Random rows: the CPU keeps a prefix of the tokens sorted by weight w = exp((x - max) / T):
 //     top-k, then w >= min_p (the best weight is exp(0) = 1), then the shortest prefix whose mass
@@ -96,7 +98,9 @@ extern "C" __global__ void init_uniform_bf16(__nv_bfloat16* __restrict__ out, u6
 #define P_TOP_N 18
 #define P_OUT 19
 #define P_WORK 20
-#define SAMPLE_PARAM_WORDS 21
+#define P_MASK 21
+#define SAMPLE_PARAM_WORDS 22
+#define NO_MASK 0xffffffffu
 #define F_GREEDY 1u
 #define F_CANDIDATES 2u
 #define F_MODIFIED 4u
@@ -426,6 +430,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
             w[t] = l;
         }
         __syncthreads();
+        if (p[P_MASK] != NO_MASK) {
+            const u32* mask = params + p[P_MASK];
+            for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+                if (!((mask[i >> 5] >> (i & 31)) & 1u)) w[i] = -INFINITY;
+            }
+            __syncthreads();
+        }
         x = w;
     }
 

@@ -1,10 +1,16 @@
 //! Constrained decoding: a request's output held to a JSON schema, any JSON object, a regular
 //! expression, a list of choices or a Lark grammar, compiled by llguidance. The model's
 //! vocabulary is indexed once (`ConstraintEngine`, a byte trie over every token with special tokens
-//! kept out of text); each sample of a constrained request owns a `Constraint`, whose allowed
-//! tokens for the next step are known before that step samples (`allowed`), and which advances
-//! with every token the sequence takes (`commit`). The end-of-sequence token is allowed only where
-//! the grammar may end, and is the only token allowed once it must.
+//! kept out of text); each sample of a constrained request owns a `Constraint`, which advances
+//! with every token the sequence takes (`commit`, cheap) and computes the tokens allowed next when
+//! asked (`prepare`, the costly part: backends call it for all their rows at once, in parallel, and
+//! the GPU backend while the forward runs). The end-of-sequence token is allowed only where the
+//! grammar may end, and is the only token allowed once it must. `mask_words` gives the mask as
+//! the device sampler reads it.
+//!
+//! A constraint plugin (`ConstraintSpec::Plugin`) works through the same `Constraint`: its
+//! allowed tokens are set by the engine before each step from the plugin's answer (`set_allowed`),
+//! so every sampling path (host, device fallback, sampler plugins) masks them the same way.
 
 use std::sync::Arc;
 
@@ -36,6 +42,8 @@ pub enum ConstraintSpec {
     Choice(Vec<String>),
     /// A Lark grammar (llguidance's dialect, which also takes GBNF-like `::=` rules).
     Grammar(String),
+    /// A constraint plugin by name, with the request's configuration (JSON text, "" for none).
+    Plugin { name: String, config: String },
 }
 
 /// Whitespace allowed between JSON tokens: enough for any indentation a model writes, but bounded,
@@ -61,6 +69,7 @@ impl ConstraintSpec {
                 TopLevelGrammar::from_regex(&format!("({})", alternatives.join("|")))
             }
             ConstraintSpec::Grammar(lark) => TopLevelGrammar::from_lark(lark.clone()),
+            ConstraintSpec::Plugin { .. } => unreachable!("plugin constraints are not compiled"),
         }
     }
 }
@@ -83,6 +92,26 @@ impl TokenizerEnv for TokenizerBytes {
     }
 }
 
+/// The bytes each token id of `tokenizer` stands for, as llguidance reads them from the tokenizer's
+/// JSON (special tokens come out as their text).
+fn raw_token_bytes(tokenizer: &Tokenizer) -> Result<Vec<Vec<u8>>, ConstraintError> {
+    let text = tokenizer.inner().to_string(false).map_err(|e| ConstraintError::Tokenizer(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ConstraintError::Tokenizer(e.to_string()))?;
+    llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| ConstraintError::Tokenizer(e.to_string()))
+}
+
+/// The bytes each token id stands for, special tokens empty: what constraint plugins see of the
+/// vocabulary (`host.vocabulary`).
+pub fn token_bytes(tokenizer: &Tokenizer) -> Result<Vec<Vec<u8>>, ConstraintError> {
+    let mut words = raw_token_bytes(tokenizer)?;
+    for (id, word) in words.iter_mut().enumerate() {
+        if tokenizer.is_special_token_id(id as u32) {
+            word.clear();
+        }
+    }
+    Ok(words)
+}
+
 /// A model's vocabulary indexed for constrained decoding (built once, shared by every request).
 pub struct ConstraintEngine {
     factory: ParserFactory,
@@ -93,9 +122,7 @@ impl ConstraintEngine {
     /// Indexes `tokenizer`'s vocabulary, `vocab_size` ids wide (the model's, which may pad the
     /// tokenizer's), with `eos` the token that ends a constrained output.
     pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, eos: u32) -> Result<Self, ConstraintError> {
-        let json: serde_json::Value = serde_json::from_str(&tokenizer.inner().to_string(false).map_err(|e| ConstraintError::Tokenizer(e.to_string()))?)
-            .map_err(|e| ConstraintError::Tokenizer(e.to_string()))?;
-        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| ConstraintError::Tokenizer(e.to_string()))?;
+        let mut words = raw_token_bytes(&tokenizer)?;
         // Ids past the tokenizer's (padding of the embedding) can never be text.
         words.resize(vocab_size.max(words.len()), Vec::new());
         for (id, word) in words.iter_mut().enumerate() {
@@ -115,10 +142,20 @@ impl ConstraintEngine {
     /// A fresh constraint for one output; a schema or grammar that does not compile is an error
     /// here, before the request is admitted.
     pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint, ConstraintError> {
+        if let ConstraintSpec::Plugin { name, config } = spec {
+            return Ok(Constraint::plugin(name, config, self.eos));
+        }
         let parser = self.factory.create_parser(spec.grammar()).map_err(|e| ConstraintError::Grammar(e.to_string()))?;
         let mut matcher = Matcher::new(Ok(parser));
         let allowed = matcher.compute_mask_or_eos().map_err(|e| ConstraintError::Grammar(e.to_string()))?;
-        Ok(Constraint { spec: Arc::new(spec.clone()), matcher, allowed: Some(allowed), failed: None, eos: self.eos })
+        Ok(Constraint {
+            spec: Arc::new(spec.clone()),
+            matcher: Some(matcher),
+            allowed: Some(allowed),
+            pending: false,
+            failed: None,
+            eos: self.eos,
+        })
     }
 }
 
@@ -126,17 +163,50 @@ impl ConstraintEngine {
 #[derive(Clone)]
 pub struct Constraint {
     spec: Arc<ConstraintSpec>,
-    matcher: Matcher,
-    /// The tokens allowed next; `None` after a failure (then only `eos` is).
+    /// The grammar's state; `None` for a plugin constraint.
+    matcher: Option<Matcher>,
+    /// The tokens allowed next; `None` after a failure (then only `eos` is), and for a plugin
+    /// constraint after each token until the engine sets the next mask.
     allowed: Option<SimpleVob>,
+    /// A grammar constraint that took a token and has not computed what may follow (`prepare`).
+    pending: bool,
     failed: Option<String>,
     /// The token that ends the output.
     eos: u32,
 }
 
 impl Constraint {
+    /// A constraint whose allowed tokens constraint plugin `name` gives, step by step.
+    pub fn plugin(name: &str, config: &str, eos: u32) -> Self {
+        let spec = ConstraintSpec::Plugin { name: name.to_string(), config: config.to_string() };
+        Constraint { spec: Arc::new(spec), matcher: None, allowed: None, pending: false, failed: None, eos }
+    }
+
     pub fn spec(&self) -> &ConstraintSpec {
         &self.spec
+    }
+
+    /// The token that ends the output.
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    /// The constraint plugin that says what may come next, if this is a plugin constraint.
+    pub fn plugin_name(&self) -> Option<&str> {
+        match &*self.spec {
+            ConstraintSpec::Plugin { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Whether the engine must set this step's allowed tokens (`set_allowed`) before sampling.
+    pub fn needs_mask(&self) -> bool {
+        self.matcher.is_none() && self.allowed.is_none() && self.failed.is_none()
+    }
+
+    /// Sets the tokens allowed next (a plugin constraint's answer, already validated).
+    pub fn set_allowed(&mut self, allowed: SimpleVob) {
+        self.allowed = Some(allowed);
     }
 
     /// Whether `token` may come next.
@@ -147,9 +217,57 @@ impl Constraint {
         }
     }
 
+    /// The mask as `ceil(vocab / 32)` words, bit `i % 32` of word `i / 32` allowing token `i`
+    /// (the device sampler's layout, which is also `SimpleVob`'s). After a failure, only `eos`.
+    pub fn mask_words(&self, vocab: usize) -> Vec<u32> {
+        debug_assert!(!self.pending, "prepare() before sampling");
+        let words = vocab.div_ceil(32);
+        match &self.allowed {
+            Some(allowed) => {
+                let mut out: Vec<u32> = allowed.as_slice().iter().copied().take(words).collect();
+                out.resize(words, 0);
+                // Ids past the vocabulary in the last word stay clear.
+                if vocab % 32 != 0 {
+                    out[words - 1] &= (1u32 << (vocab % 32)) - 1;
+                }
+                out
+            }
+            None => {
+                let mut out = vec![0u32; words];
+                if (self.eos as usize) < vocab {
+                    out[self.eos as usize / 32] |= 1 << (self.eos % 32);
+                }
+                out
+            }
+        }
+    }
+
+    /// Computes the tokens allowed next if the last `commit` left that for later (a grammar's
+    /// mask: tens of microseconds to a few milliseconds); a no-op otherwise.
+    pub fn prepare(&mut self) {
+        if !self.pending {
+            return;
+        }
+        self.pending = false;
+        let Some(matcher) = &mut self.matcher else { return };
+        match matcher.compute_mask_or_eos() {
+            Ok(allowed) => self.allowed = Some(allowed),
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                self.allowed = None;
+            }
+        }
+    }
+
+    /// Whether `prepare` has work to do.
+    pub fn is_pending(&self) -> bool {
+        self.pending
+    }
+
     /// Sets every logit of a token that may not come next to -inf (a row of the vocabulary;
     /// ids past the mask are never allowed). After a failure, nothing but `eos` survives.
     pub fn mask_logits(&self, logits: &mut [f32]) {
+        debug_assert!(!self.pending, "prepare() before sampling");
         let eos = self.eos;
         match &self.allowed {
             Some(allowed) => {
@@ -169,18 +287,20 @@ impl Constraint {
         }
     }
 
-    /// Advances past `token`, and computes what may follow it.
+    /// Advances past `token`; what may follow it is computed by `prepare`.
     pub fn commit(&mut self, token: u32) {
         if self.failed.is_some() {
             return;
         }
-        let next = self.matcher.consume_token(token).and_then(|()| self.matcher.compute_mask_or_eos());
-        match next {
-            Ok(allowed) => self.allowed = Some(allowed),
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                self.allowed = None;
-            }
+        let Some(matcher) = &mut self.matcher else {
+            // A plugin constraint: the next mask comes from the plugin.
+            self.allowed = None;
+            return;
+        };
+        self.allowed = None;
+        match matcher.consume_token(token) {
+            Ok(()) => self.pending = true,
+            Err(e) => self.failed = Some(e.to_string()),
         }
     }
 
@@ -192,7 +312,7 @@ impl Constraint {
 
     /// Whether the output so far is complete under the grammar.
     pub fn is_accepting(&mut self) -> bool {
-        self.matcher.is_accepting().unwrap_or(false)
+        self.matcher.as_mut().is_some_and(|m| m.is_accepting().unwrap_or(false))
     }
 }
 
@@ -231,6 +351,7 @@ pub(crate) mod testing {
         for step in 0..400 {
             let mut logits: Vec<f32> = (0..tokenizer.vocab_size() + 16).map(|id| -(id as f32) * 1e-6).collect();
             logits[*wanted.get(step).unwrap_or(&eos) as usize] = 100.0;
+            constraint.prepare();
             constraint.mask_logits(&mut logits);
             let token = crate::sampling::argmax(&logits) as u32;
             assert!(logits[token as usize].is_finite(), "something is always allowed");
@@ -276,8 +397,13 @@ mod tests {
         assert!(!c.allows(eos));
         for t in tokenizer.encode("ab", false).unwrap() {
             c.commit(t);
+            assert!(c.is_pending());
+            c.prepare();
         }
         assert!(c.allows(eos) && c.is_accepting());
+        let words = c.mask_words(tokenizer.vocab_size());
+        assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 1, "only the end is left");
+        assert_eq!(words[eos as usize / 32] >> (eos % 32) & 1, 1);
         // A token the constraint did not allow: it stops following, and only `eos` is left.
         let mut c = engine.compile(&ConstraintSpec::Regex("ab".into())).unwrap();
         c.commit(tokenizer.encode("zz", false).unwrap()[0]);

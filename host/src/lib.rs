@@ -6,9 +6,10 @@
 //! reference forward (`model::cpu`) over a paged KV cache (`kv_cache`). In the server, HTTP
 //! requests (`server`, wire types in `api`) are checked and tokenized by `validation` and handed to
 //! the engine thread (`engine`), which schedules (`sched`), runs and samples (`sampling`) them and
-//! streams events back.
-//! Scheduling policies, sampling strategies and request filters can be WebAssembly components
-//! (`plugin`); the CUDA backend (`cuda`) runs the same batches on a GPU.
+//! streams events back. Structured outputs hold samples to a grammar (`constraint`); chat tools
+//! are rendered into prompts and parsed back out of outputs (`tool_calls`).
+//! Scheduling policies, sampling strategies, request filters and output constraints can be
+//! WebAssembly components (`plugin`); the CUDA backend (`cuda`) runs the same batches on a GPU.
 
 pub mod api;
 #[cfg(feature = "tools")]

@@ -37,6 +37,10 @@ enum Command {
     /// Check the GPU path against the CPU path: every kernel, the forward, greedy tokens.
     #[cfg(feature = "tools")]
     Check(tools::CheckArgs),
+    /// Write the model's tokenizer (a GGUF's embedded one too) as Hugging Face files:
+    /// `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template).
+    #[cfg(feature = "tools")]
+    ExportTokenizer(tools::ExportTokenizerArgs),
 }
 
 #[derive(Args)]
@@ -103,6 +107,8 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(command) => tools::bench(command),
         #[cfg(feature = "tools")]
         Command::Check(args) => tools::check(args),
+        #[cfg(feature = "tools")]
+        Command::ExportTokenizer(args) => tools::export_tokenizer(args),
     }
 }
 

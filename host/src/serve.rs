@@ -115,6 +115,9 @@ pub struct ServeArgs {
     /// Wall-time budget of one filter plugin call, in milliseconds.
     #[arg(long, env = "PAGEDSERVE_PLUGIN_FILTER_DEADLINE_MS", default_value_t = 20)]
     plugin_filter_deadline_ms: u64,
+    /// Wall-time budget of one constraint plugin call (one step's masks for all its sequences).
+    #[arg(long, env = "PAGEDSERVE_PLUGIN_CONSTRAINT_DEADLINE_MS", default_value_t = 20)]
+    plugin_constraint_deadline_ms: u64,
     /// Linear memory of one plugin instance, in MiB.
     #[arg(long, env = "PAGEDSERVE_PLUGIN_MAX_MEMORY_MB", default_value_t = 64)]
     plugin_max_memory_mb: usize,
@@ -262,11 +265,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         scheduler_deadline: std::time::Duration::from_millis(args.plugin_scheduler_deadline_ms.max(1)),
         sampler_deadline: std::time::Duration::from_millis(args.plugin_sampler_deadline_ms.max(1)),
         filter_deadline: std::time::Duration::from_millis(args.plugin_filter_deadline_ms.max(1)),
+        constraint_deadline: std::time::Duration::from_millis(args.plugin_constraint_deadline_ms.max(1)),
         max_memory_bytes: args.plugin_max_memory_mb.max(1) << 20,
         max_component_bytes: args.plugin_max_component_bytes,
         ..PluginLimits::default()
     };
-    let plugins = PluginRegistry::new(PluginRuntime::new(limits)?, metrics.clone());
+    let runtime = PluginRuntime::new(limits)?;
+    match pagedserve::constraint::token_bytes(&tokenizer) {
+        Ok(vocabulary) => runtime.set_vocabulary(vocabulary),
+        Err(e) => tracing::warn!("constraint plugins get an empty vocabulary: {e}"),
+    }
+    let plugins = PluginRegistry::new(runtime, metrics.clone());
     plugins.attach_engine(engine.clone())?;
     if let Some(path) = &args.plugins_config {
         let config = PluginsConfig::load(path)?;

@@ -1,5 +1,6 @@
-//! The `bench` and `check` subcommands (the `tools` feature, on by default): benchmarks the
-//! binary runs on itself and the GPU self-checks, over `pagedserve::bench`.
+//! The `bench`, `check` and `export-tokenizer` subcommands (the `tools` feature, on by default):
+//! benchmarks the binary runs on itself, the GPU self-checks, over `pagedserve::bench`, and the
+//! export of a model's tokenizer as Hugging Face files.
 
 use std::path::PathBuf;
 
@@ -426,5 +427,36 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
             ms / floor_ms
         );
     }
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct ExportTokenizerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The directory to write `tokenizer.json` and `tokenizer_config.json` into.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Writes the model's tokenizer as `tokenizer.json` and `tokenizer_config.json` (e.g. to run a
+/// GGUF model's vocabulary with dummy weights of a Hugging Face directory).
+pub(crate) fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
+    let files = args.model.open()?;
+    let tokenizer = files.tokenizer.context("the model has no tokenizer")?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let json = tokenizer.inner().to_string(true).map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+    std::fs::write(args.out.join("tokenizer.json"), json)?;
+    let specials = tokenizer.special_tokens();
+    let config = serde_json::json!({
+        "bos_token": specials.bos_token,
+        "eos_token": specials.eos_token,
+        "pad_token": specials.pad_token,
+        "unk_token": specials.unk_token,
+        "add_bos_token": tokenizer.add_bos_token(),
+        "chat_template": tokenizer.chat_template(),
+    });
+    std::fs::write(args.out.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
+    eprintln!("wrote {}/tokenizer.json and tokenizer_config.json", args.out.display());
     Ok(())
 }

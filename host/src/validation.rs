@@ -9,7 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::api::{ChatCompletionRequest, CompletionRequest, GenerationParams, Prompt};
-use crate::constraint::ConstraintEngine;
+use crate::constraint::{Constraint, ConstraintEngine};
 use crate::engine::GenerateRequest;
 use crate::plugin::PluginRegistry;
 use crate::sampling::{SamplingParams, SamplingParamsError};
@@ -41,6 +41,8 @@ pub enum ValidationError {
     },
     #[error("no sampler plugin named {0} is loaded")]
     UnknownSampler(String),
+    #[error("no constraint plugin named {0} is loaded")]
+    UnknownConstraint(String),
     #[error("`{field}` is not supported: {message}")]
     Unsupported { field: &'static str, message: String },
 }
@@ -55,6 +57,7 @@ impl ValidationError {
             | ValidationError::Unsupported { field, .. } => field,
             ValidationError::Sampling(e) => e.field,
             ValidationError::UnknownSampler(_) => "sampler",
+            ValidationError::UnknownConstraint(_) => "constraint",
         }
     }
 }
@@ -141,14 +144,43 @@ impl Validator {
     /// available for this model.
     fn constraints(&self) -> Result<&ConstraintEngine, String> {
         let engine = self.constraints.get_or_init(|| {
-            let eos = self
-                .tokenizer
-                .eos_token_id()
-                .or_else(|| self.tokenizer.eos_token_ids().first().copied())
-                .ok_or_else(|| "needs the model to have an end-of-sequence token".to_string())?;
+            let eos = self.constrained_eos()?;
             ConstraintEngine::new(self.tokenizer.clone(), self.model_vocab_size, eos).map(Arc::new).map_err(|e| e.to_string())
         });
         engine.as_deref().map_err(Clone::clone)
+    }
+
+    /// The token that ends a constrained output.
+    fn constrained_eos(&self) -> Result<u32, String> {
+        self.tokenizer
+            .eos_token_id()
+            .or_else(|| self.tokenizer.eos_token_ids().first().copied())
+            .ok_or_else(|| "needs the model to have an end-of-sequence token".to_string())
+    }
+
+    /// The constraint of a request: its structured-output field, or the constraint plugin it
+    /// names (one of the two).
+    fn constraint(&self, params: &GenerationParams) -> Result<Option<Constraint>, ValidationError> {
+        let grammar = params.extra.constraint().map_err(|e| invalid(e.field, e.message))?;
+        let plugin = params.constraint_plugin().map_err(|e| invalid(e.field, e.message))?;
+        match (grammar, plugin) {
+            (Some((field, _)), Some(_)) => {
+                Err(invalid("constraint", format!("conflicts with `{field}`: give one constraint")))
+            }
+            (Some((field, spec)), None) => {
+                let engine = self.constraints().map_err(|message| invalid(field, message))?;
+                Ok(Some(engine.compile(&spec).map_err(|e| invalid(field, e.to_string()))?))
+            }
+            (None, Some((name, config))) => {
+                let loaded = self.plugins.as_ref().and_then(|p| p.constraint(&name)).is_some_and(|s| s.active_version().is_some());
+                if !loaded {
+                    return Err(ValidationError::UnknownConstraint(name));
+                }
+                let eos = self.constrained_eos().map_err(|message| invalid("constraint", message))?;
+                Ok(Some(Constraint::plugin(&name, &config, eos)))
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// Accepts `sampler` names that are loaded (with an active version) in `plugins`.
@@ -224,7 +256,8 @@ impl Validator {
         let tools = ToolRequest::parse(extra.tools.as_ref(), extra.tool_choice.as_ref(), extra.parallel_tool_calls.as_ref())
             .map_err(|e| invalid(e.field, e.message))?;
         if tools.as_ref().is_some_and(ToolRequest::parses_output) {
-            if let Some((field, _)) = extra.constraint().map_err(|e| invalid(e.field, e.message))? {
+            let plugin = request.params.constraint_plugin().map_err(|e| invalid(e.field, e.message))?.map(|_| ("constraint", ()));
+            if let Some((field, _)) = extra.constraint().map_err(|e| invalid(e.field, e.message))?.map(|(f, _)| (f, ())).or(plugin) {
                 return Err(ValidationError::Unsupported {
                     field,
                     message: "a structured-output constraint together with tools is not supported (unless `tool_choice` is `none`)".into(),
@@ -347,12 +380,7 @@ impl Validator {
         if let Some((field, message)) = params.extra.unimplemented(chat_max_tokens.is_some()) {
             return Err(ValidationError::Unsupported { field, message: message.into() });
         }
-        let constraint = match params.extra.constraint().map_err(|e| invalid(e.field, e.message))? {
-            Some((field, spec)) => {
-                Some(self.constraints().map_err(|message| invalid(field, message))?.compile(&spec).map_err(|e| invalid(field, e.to_string()))?)
-            }
-            None => None,
-        };
+        let constraint = self.constraint(params)?;
         if let Some(name) = &params.sampler {
             // Only a sampler plugin with an active version may be named (the engine checks again
             // at admission, in case it is removed meanwhile).
@@ -562,6 +590,11 @@ mod tests {
             (r#"{"prompt": "a", "echo": true, "logprobs": 1}"#, "echo"),
             (r#"{"prompt": "a", "suffix": "z"}"#, "suffix"),
             (r#"{"prompt": "a", "sampler": "mirostat"}"#, "sampler"),
+            (r#"{"prompt": "a", "constraint": "regex"}"#, "constraint"),
+            (r#"{"prompt": "a", "constraint": {"config": {"pattern": "a"}}}"#, "constraint"),
+            (r#"{"prompt": "a", "constraint": {"name": "regex", "pattern": "a"}}"#, "constraint"),
+            (r#"{"prompt": "a", "constraint": 5}"#, "constraint"),
+            (r#"{"prompt": "a", "constraint": "regex", "guided_regex": "a"}"#, "constraint"),
             (r#"{"prompt": "a", "response_format": {"type": "xml"}}"#, "response_format"),
             (r#"{"prompt": "a", "response_format": {"type": "json_schema"}}"#, "response_format"),
             (r#"{"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}"#, "tools"),

@@ -3,7 +3,8 @@
 //! observably; hostile plugins are contained within their deadline or limit, counted in metrics
 //! and handled by their kind's fail policy while the engine keeps serving correctly; schedulers
 //! swap under load without changing any greedy output; the registry refuses bad uploads and keeps
-//! what is active.
+//! what is active; constraint plugins hold outputs to their rule, and hostile ones fail only the
+//! requests that chose them; a component built for the 0.1.0 contract still loads and runs.
 
 mod common;
 
@@ -75,7 +76,9 @@ fn engine(num_blocks: usize, max_num_seqs: usize, limits: PluginLimits) -> TestE
     let tokenizer = loaded.tokenizer.clone().unwrap();
     let (handle, _thread) =
         EngineHandle::spawn(Box::new(backend), tokenizer, metrics.clone(), native_policy("fcfs").unwrap(), config);
-    let registry = PluginRegistry::new(PluginRuntime::new(limits).unwrap(), metrics.clone());
+    let plugin_runtime = PluginRuntime::new(limits).unwrap();
+    plugin_runtime.set_vocabulary(pagedserve::constraint::token_bytes(loaded.tokenizer.as_ref().unwrap()).unwrap());
+    let registry = PluginRegistry::new(plugin_runtime, metrics.clone());
     registry.attach_engine(handle.clone()).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     TestEngine { handle, metrics, registry, runtime }
@@ -557,4 +560,113 @@ fn a_hostile_sampler_fails_only_the_requests_that_chose_it() {
     let (registry, _) = registry_with(PluginLimits::default());
     let err = registry.install(PluginKind::Sampler, "h", &component("hostile-sampler"), None, "huge-top-n", "t").unwrap_err();
     assert!(err.to_string().contains("top-n"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Constraints
+
+/// A greedy request held by constraint plugin `name` with `config`.
+fn constrained(prompt: Vec<u32>, name: &str, config: &str, max_tokens: usize) -> GenerateRequest {
+    let eos = loaded_model().tokenizer.as_ref().unwrap().eos_token_id().unwrap();
+    GenerateRequest {
+        constraint: Some(pagedserve::constraint::Constraint::plugin(name, config, eos)),
+        ..GenerateRequest::greedy(prompt, max_tokens)
+    }
+}
+
+fn text(tokens: &[u32]) -> String {
+    loaded_model().tokenizer.as_ref().unwrap().decode(tokens, true).unwrap()
+}
+
+#[test]
+fn constraint_plugins_hold_outputs_to_their_rule() {
+    let e = engine(256, 8, PluginLimits::default());
+    e.install(PluginKind::Constraint, "no-digits", "no-digits", "");
+    e.install(PluginKind::Constraint, "regex", "regex", "");
+    e.install(PluginKind::Constraint, "word-limit", "word-limit", "");
+    let tokenizer = loaded_model().tokenizer.as_ref().unwrap();
+    let counting = tokenizer.encode("Count to twenty: 1, 2, 3, 4, 5,", false).unwrap();
+    let story = tokenizer.encode("Once upon a time, in a small village by the sea,", false).unwrap();
+    let (free, _) = e.run(vec![GenerateRequest::greedy(counting.clone(), 24)]);
+    assert!(text(free[0].tokens()).chars().any(|c| c.is_ascii_digit()), "unconstrained, the model counts: {:?}", text(free[0].tokens()));
+    let requests = vec![
+        constrained(counting.clone(), "no-digits", "", 24),
+        constrained(counting.clone(), "regex", r#"{"pattern": "( [0-9]{1,2},){3} done"}"#, 40),
+        constrained(story.clone(), "word-limit", r#"{"words": 5}"#, 40),
+    ];
+    let (outcomes, _) = e.run(requests);
+    let no_digits = text(outcomes[0].tokens());
+    assert!(!no_digits.is_empty() && !no_digits.chars().any(|c| c.is_ascii_digit()), "{no_digits:?}");
+    let matched = text(outcomes[1].tokens());
+    assert!(regex::Regex::new("^( [0-9]{1,2},){3} done$").unwrap().is_match(&matched), "{matched:?}");
+    let words = text(outcomes[2].tokens());
+    assert!(words.split_whitespace().count() <= 5 && !words.trim().is_empty(), "{words:?}");
+    assert!(outcomes[2].tokens().len() < 40, "the answer ended: {words:?}");
+    let calls = metric(&e.metrics, "pagedserve_plugin_calls_total", &["kind=\"constraint\""]);
+    assert!(calls >= 10.0, "one call per step per plugin ({calls})");
+}
+
+#[test]
+fn a_hostile_constraint_fails_only_the_requests_that_chose_it() {
+    let p = prompts(4);
+    let reference = engine(256, 8, PluginLimits::default()).run(vec![greedy(p[0].clone(), 16), greedy(p[1].clone(), 16)]).0;
+    for (mode, reason) in [
+        ("empty", Some("invalid_output")),
+        ("out-of-vocab", Some("invalid_output")),
+        ("wrong-count", Some("invalid_output")),
+        ("loop", Some("deadline")),
+        ("trap", Some("trap")),
+        ("oom", Some("limit")),
+        ("start-error", None),
+    ] {
+        let e = engine(256, 8, lenient());
+        e.install(PluginKind::Constraint, "hostile", "hostile-constraint", "");
+        let config = format!(r#"{{"mode": "{mode}"}}"#);
+        let requests = vec![
+            greedy(p[0].clone(), 16),
+            constrained(p[2].clone(), "hostile", &config, 16),
+            greedy(p[1].clone(), 16),
+            constrained(p[3].clone(), "hostile", &config, 16),
+        ];
+        let (outcomes, _) = e.run(requests);
+        assert_eq!(outcomes[0], reference[0], "{mode}");
+        assert_eq!(outcomes[2], reference[1], "{mode}");
+        for o in [&outcomes[1], &outcomes[3]] {
+            assert!(matches!(o, Outcome::Failed(m) if m.contains("constraint plugin `hostile`")), "{mode}: {o:?}");
+        }
+        if let Some(reason) = reason {
+            let faults = metric(&e.metrics, "pagedserve_plugin_faults_total", &["kind=\"constraint\"", &format!("reason=\"{reason}\"")]);
+            assert!(faults >= 1.0, "{mode}: {faults}");
+        }
+        assert_eq!(metric(&e.metrics, "pagedserve_kv_cache_usage_perc", &[]), 0.0, "{mode}: blocks freed");
+        // The plugin behaving again (a fresh instance after the fault) serves the next request.
+        let (after, _) = e.run(vec![constrained(p[0].clone(), "hostile", r#"{"mode": "fine"}"#, 8)]);
+        assert_eq!(after[0].tokens().len(), 8, "{mode}: {after:?}");
+    }
+    // A request naming a constraint that is not loaded fails at once, with the name.
+    let e = engine(64, 4, PluginLimits::default());
+    let (outcomes, _) = e.run(vec![constrained(p[0].clone(), "nope", "", 4)]);
+    assert!(matches!(&outcomes[0], Outcome::Failed(m) if m.contains("`nope`")), "{outcomes:?}");
+}
+
+#[test]
+fn a_component_built_for_the_0_1_0_contract_still_loads_and_schedules() {
+    let bytes = component("fcfs-v0-1");
+    let text = String::from_utf8_lossy(&bytes);
+    let genuine = text.contains("pagedserve:plugins/types@0.1.0")
+        && !text.contains("pagedserve:plugins/types@0.2.0")
+        && !text.contains("pagedserve:plugins/host@0.2.0");
+    assert!(genuine, "a component built for 0.1.0 only");
+    let e = engine(256, 4, PluginLimits::default());
+    let p = prompts(6);
+    let requests = || p.iter().map(|prompt| greedy(prompt.clone(), 12)).collect::<Vec<_>>();
+    let (native, native_order) = e.run(requests());
+    e.install(PluginKind::Scheduler, "old-fcfs", "fcfs-v0-1", "");
+    e.registry.use_scheduler("old-fcfs", "test").unwrap();
+    let (outcomes, order) = e.run(requests());
+    assert_eq!(outcomes, native, "the same tokens under the 0.1.0 FCFS");
+    assert_eq!(order, native_order);
+    let calls = metric(&e.metrics, "pagedserve_plugin_calls_total", &["name=\"old-fcfs\""]);
+    assert!(calls >= 12.0, "it ranked every step ({calls})");
+    assert_eq!(metric(&e.metrics, "pagedserve_plugin_faults_total", &["name=\"old-fcfs\""]), 0.0);
 }

@@ -1,7 +1,7 @@
 //! Plugins on the real server: request filters (`api-keys`, `rate-limit`) on the HTTP path, a
 //! sampler plugin (`mirostat`) named by a request, and the admin API: refusals that leave the active
 //! plugin as it was, a scheduler uploaded over HTTP, and scheduler swaps while streaming requests
-//! run, with every output identical to its run alone.
+//! run, with every output identical to its run alone; constraint plugins named by requests.
 
 use std::path::PathBuf;
 
@@ -133,6 +133,57 @@ fn a_sampler_plugin_named_in_a_request_produces_tokens() {
     assert_eq!(unknown.status, 400, "{}", unknown.body);
     assert_eq!(unknown.json()["error"]["param"], "sampler");
     assert_eq!(unknown.json()["error"]["message"], "no sampler plugin named typical is loaded");
+}
+
+#[test]
+fn constraint_plugins_named_in_requests_hold_every_output() {
+    let path = config_file(
+        "constraints",
+        &json!({"constraints": [entry("no-digits", Value::Null), entry("regex", Value::Null), entry("word-limit", Value::Null)]}),
+    );
+    let server = Server::start(&["--plugins-config", &path]);
+    let ask = |text: &str| json!([{"role": "user", "content": text}]);
+
+    // No digits, in chat, streamed and not, where the model wants to write numbers.
+    let body = json!({"messages": ask("List the numbers from 1 to 10."), "max_tokens": 30, "temperature": 0,
+                      "constraint": "no-digits"});
+    let whole = server.post_ok("/v1/chat/completions", &body);
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!text.is_empty() && !text.chars().any(|c| c.is_ascii_digit()), "{text:?}");
+    let (streamed, _) = stream_text(&server.stream("/v1/chat/completions", &body), 0);
+    assert_eq!(streamed, text, "streamed and whole agree");
+
+    // A regex over the text, n = 3 sampled: every choice matches it whole and ends there.
+    let answer = server.post_ok("/v1/completions", &json!({"prompt": "The year the war ended was", "max_tokens": 12,
+        "temperature": 1.0, "n": 3, "seed": 4, "constraint": {"name": "regex", "config": {"pattern": " (19|20)[0-9]{2}\\."}}}));
+    let year = regex::Regex::new(r"^ (19|20)[0-9]{2}\.$").unwrap();
+    for choice in answer["choices"].as_array().unwrap() {
+        let text = choice["text"].as_str().unwrap();
+        assert!(year.is_match(text), "{text:?}");
+        assert_eq!(choice["finish_reason"], "stop", "{choice}");
+    }
+
+    // At most five words, then the end.
+    let answer = server.post_ok("/v1/chat/completions", &json!({"messages": ask("Tell me a long story about a dragon."),
+        "max_tokens": 60, "temperature": 0, "constraint": {"name": "word-limit", "config": {"words": 5}}}));
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.split_whitespace().count() <= 5 && !text.trim().is_empty(), "{text:?}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    assert!(plugin_metric(&server, "pagedserve_plugin_calls_total", "word-limit") >= 1.0);
+
+    // An unknown plugin, a bad configuration, two constraints at once.
+    let unknown = server.post("/v1/completions", &json!({"prompt": "a", "constraint": "typos"}));
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert_eq!(unknown.json()["error"]["param"], "constraint");
+    assert_eq!(unknown.json()["error"]["message"], "no constraint plugin named typos is loaded");
+    let both = server.post("/v1/completions", &json!({"prompt": "a", "constraint": "no-digits", "guided_regex": "a+"}));
+    assert_eq!((both.status, both.json()["error"]["param"].clone()), (400, json!("constraint")), "{}", both.body);
+    let refused = server.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 4,
+        "constraint": {"name": "regex", "config": {"pattern": "(("}}}));
+    assert_eq!(refused.status, 400, "a configuration the plugin refuses is the client's error: {}", refused.body);
+    assert_eq!(refused.json()["error"]["param"], "constraint");
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("constraint plugin `regex`"), "{}", refused.body);
+    assert_eq!(server.metric("pagedserve_kv_cache_usage_perc"), 0.0, "nothing held after the refusal");
 }
 
 #[test]

@@ -71,6 +71,9 @@ pub struct GenerationParams {
     pub user: Option<String>,
     /// The name of a sampler plugin to sample with.
     pub sampler: Option<String>,
+    /// A constraint plugin that decides which tokens may come next: its name, or
+    /// `{"name": ..., "config": any JSON}`.
+    pub constraint: Option<serde_json::Value>,
     #[serde(flatten)]
     pub extra: ExtraFields,
 }
@@ -220,6 +223,33 @@ impl ExtraFields {
             ("audio", asks(&self.audio), "audio output is not supported"),
         ];
         fields.into_iter().find(|(_, asked, _)| *asked).map(|(field, _, why)| (field, why))
+    }
+}
+
+impl GenerationParams {
+    /// The constraint plugin a request names, and its configuration as text (a JSON string
+    /// gives its content; "" when there is none).
+    pub fn constraint_plugin(&self) -> Result<Option<(String, String)>, FieldError> {
+        use serde_json::Value;
+        let err = |message: &str| FieldError { field: "constraint", message: message.to_string() };
+        let (name, config) = match self.constraint.as_ref() {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(name)) => (name.as_str(), None),
+            Some(Value::Object(object)) => {
+                let name = object.get("name").and_then(Value::as_str).ok_or_else(|| err("needs a `name`"))?;
+                if let Some(key) = object.keys().find(|k| *k != "name" && *k != "config") {
+                    return Err(err(&format!("has an unknown key `{key}` (only `name` and `config`)")));
+                }
+                (name, object.get("config"))
+            }
+            Some(_) => return Err(err("must be a plugin name or {\"name\": ..., \"config\": ...}")),
+        };
+        let config = match config {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(text)) => text.clone(),
+            Some(other) => other.to_string(),
+        };
+        Ok(Some((name.to_string(), config)))
     }
 }
 

@@ -1286,6 +1286,8 @@ pub fn sampling_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         passed: outside == 0,
     });
 
+    rows_out.extend(masked_sampling_checks(dev, &mut rng)?);
+
     // The distribution: 20,000 draws of an 8-token vocabulary against the CPU's probabilities.
     let logits = [2.0f32, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0];
     let configs = [
@@ -1302,6 +1304,88 @@ pub fn sampling_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows_out.push(check_distribution(dev, &logits, label, &p, 20_000)?);
     }
     Ok(rows_out)
+}
+
+/// Constrained samples (a structured-output grammar's or a constraint plugin's mask, uploaded as a
+/// bitmask): greedy tokens equal to the CPU's masked argmax (with bias and penalties too), every
+/// seeded draw inside the mask, and plugin candidates equal to the CPU's, cut to the allowed ones.
+fn masked_sampling_checks(dev: &GpuDevice, rng: &mut StdRng) -> Result<Vec<CheckRow>, CudaError> {
+    use llguidance::toktrie::SimpleVob;
+    let vocab = 49_152;
+    let n = 16;
+    let logits = random_logits(rng, n, vocab);
+    // Masks: sparse random ones, one token only, everything but the row's argmax, the low ids.
+    let masks: Vec<SimpleVob> = (0..n)
+        .map(|row| {
+            let mut vob = SimpleVob::alloc(vocab);
+            match row % 4 {
+                0 => (0..vocab).filter(|_| rng.random_bool(0.01)).for_each(|t| vob.allow_token(t as u32)),
+                1 => vob.allow_token(rng.random_range(0..vocab as u32)),
+                2 => {
+                    vob.allow_range(0..=vocab as u32 - 1);
+                    vob.disallow_token(crate::sampling::argmax(&logits[row * vocab..(row + 1) * vocab]) as u32);
+                }
+                _ => vob.allow_range(0..=63),
+            }
+            vob
+        })
+        .collect();
+    let params: Vec<SamplingParams> = (0..n)
+        .map(|row| match row / 4 {
+            0 => SamplingParams { temperature: 0.0, ..Default::default() },
+            1 => SamplingParams { temperature: 0.0, frequency_penalty: 1.0, logit_bias: [(5, 4.0)].into(), ..Default::default() },
+            2 => SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(row as u64), ..Default::default() },
+            _ => SamplingParams { temperature: 0.7, top_k: 20, min_p: 0.01, seed: Some(row as u64), ..Default::default() },
+        })
+        .collect();
+    let samplers = || -> Vec<SequenceSampler> {
+        samplers_for(&params, &logits, vocab)
+            .into_iter()
+            .zip(&masks)
+            .map(|(s, mask)| {
+                let mut constraint = crate::constraint::Constraint::plugin("check", "", 0);
+                constraint.set_allowed(mask.clone());
+                s.with_constraint(Some(constraint))
+            })
+            .collect()
+    };
+    let (mut cpu, mut gpu) = (samplers(), samplers());
+    let want: Vec<Sampled> =
+        cpu.iter_mut().enumerate().map(|(row, s)| s.sample(&mut logits[row * vocab..(row + 1) * vocab].to_vec())).collect();
+    let mut rows: Vec<RowSampling> = gpu.iter_mut().enumerate().map(|(row, sampler)| RowSampling { row, sampler, candidates: None }).collect();
+    let got = sample_device(dev, &logits, vocab, &mut rows)?;
+    let mut failures = Vec::new();
+    for (row, (w, g)) in want.iter().zip(&got).enumerate() {
+        let Some(g) = token_of(g) else {
+            failures.push(format!("row {row}: no token"));
+            continue;
+        };
+        if !masks[row].is_allowed(g.token) {
+            failures.push(format!("row {row}: token {} outside the mask", g.token));
+        } else if params[row].is_greedy() && g.token != w.token {
+            failures.push(format!("row {row}: got {} want {}", g.token, w.token));
+        }
+    }
+    let mut out = vec![CheckRow {
+        name: "sampling masked".into(),
+        detail: format!("V {vocab}: {n} constrained rows (greedy = CPU, draws inside the mask) {failures:?}"),
+        error: None,
+        passed: failures.is_empty(),
+    }];
+    let (mut cpu, mut gpu) = (samplers(), samplers());
+    fn candidates(samplers: &mut [SequenceSampler]) -> Vec<RowSampling<'_>> {
+        samplers.iter_mut().enumerate().map(|(row, sampler)| RowSampling { row, sampler, candidates: Some(16) }).collect()
+    }
+    let want = crate::sampling::sample_rows_host(&logits, vocab, &mut candidates(&mut cpu));
+    let got = sample_device(dev, &logits, vocab, &mut candidates(&mut gpu))?;
+    let equal = want.iter().zip(&got).filter(|(w, g)| w == g).count();
+    out.push(CheckRow {
+        name: "sampling masked candidates".into(),
+        detail: format!("V {vocab}: {equal}/{n} rows of top-16 candidates under a mask equal to the CPU's"),
+        error: None,
+        passed: equal == n,
+    });
+    Ok(out)
 }
 
 /// `draws` seeded draws from one row against the CPU sampler's filtered probabilities: no draw

@@ -195,6 +195,8 @@ pub struct GpuBackend {
     gemv_enabled: bool,
     /// Times each launch group while installed (`bench gpu`'s breakdown; never during capture).
     pub(crate) profiler: std::cell::RefCell<Option<super::profile::StepProfiler>>,
+    /// Wall time the last step spent computing constraint masks (while its forward ran).
+    mask_time: std::time::Duration,
 }
 
 impl GpuBackend {
@@ -220,6 +222,7 @@ impl GpuBackend {
             sampling: Default::default(),
             gemv_enabled: true,
             profiler: Default::default(),
+            mask_time: Default::default(),
         })
     }
 
@@ -336,45 +339,22 @@ impl ModelBackend for GpuBackend {
     fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
         self.forward_and_sample(batch, rows).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
     }
+
+    fn constraint_mask_time(&self) -> std::time::Duration {
+        self.mask_time
+    }
 }
 
 impl GpuBackend {
     /// Runs the forward (through a decode graph when one fits) and samples every row on the
-    /// device; only the results cross to the host.
+    /// device; only the results cross to the host. Constrained samples' masks are computed on
+    /// the host while the forward runs (it is only enqueued) and go up as bitmasks with the
+    /// sampling parameters.
     pub fn forward_and_sample(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
         let (logits, num_rows) = self.forward_on_device(batch)?;
-        let dev = self.model.dev.clone();
+        self.mask_time = crate::sampling::prepare_constraints(rows);
         let vocab = self.model.config.vocab_size;
-        if rows.iter().all(|r| r.sampler.constraint().is_none()) {
-            return sample_on_device(&dev, &mut self.sampling, logits, num_rows, vocab, rows);
-        }
-        // Samples with a structured-output constraint draw on the host from their own logits
-        // rows (their token masks do not reach the device sampler yet); the rest on the device.
-        let constrained: Vec<bool> = rows.iter().map(|r| r.sampler.constraint().is_some()).collect();
-        let mut on_device: Vec<RowSampling<'_>> = Vec::new();
-        let mut on_host: Vec<RowSampling<'_>> = Vec::new();
-        let mut host_logits = Vec::new();
-        for (r, &host) in rows.iter_mut().zip(&constrained) {
-            if r.row >= num_rows {
-                return Err(CudaError::Config(format!("a sample reads logits row {} of {num_rows}", r.row)));
-            }
-            let sample = RowSampling { row: r.row, sampler: &mut *r.sampler, candidates: r.candidates };
-            if host {
-                let mut row = vec![0.0f32; vocab];
-                // SAFETY: `logits` holds `num_rows` rows of `vocab` floats on this stream.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(&mut row, logits + (r.row * vocab * 4) as u64, dev.stream.cu_stream())?;
-                }
-                host_logits.extend_from_slice(&row);
-                on_host.push(RowSampling { row: on_host.len(), ..sample });
-            } else {
-                on_device.push(sample);
-            }
-        }
-        dev.stream.synchronize()?;
-        let mut from_device = sample_on_device(&dev, &mut self.sampling, logits, num_rows, vocab, &mut on_device)?.into_iter();
-        let mut from_host = crate::sampling::sample_rows_host(&host_logits, vocab, &mut on_host).into_iter();
-        Ok(constrained.iter().map(|&host| if host { from_host.next() } else { from_device.next() }.expect("one result per row")).collect())
+        sample_on_device(&self.model.dev, &mut self.sampling, logits, num_rows, vocab, rows)
     }
 
     /// Runs the forward and leaves the logits of the batch's requested rows on the device:

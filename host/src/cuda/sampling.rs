@@ -1,6 +1,8 @@
 //! Sampling on the device (`sample_rows` in `kernels/sampling.cu`): one step's `RowSampling`s
 //! packed into one upload (a fixed block of parameter words per sample, then CSR arrays of logit
-//! bias and penalty entries), one 1024-thread block per sample on the logits the forward left on
+//! bias and penalty entries, then the token bitmask of each constrained sample: structured outputs
+//! and constraint plugins cost an upload of `vocab / 8` bytes per sample, never a logits copy),
+//! one 1024-thread block per sample on the logits the forward left on
 //! the device, and one download of only what the host needs: tokens, log-probs, candidates.
 //!
 //! Invariants: the parameter words here and the `P_*` words of the kernel agree
@@ -18,7 +20,7 @@ use super::{CudaError, GpuDevice};
 use crate::sampling::{RowSampling, Sampled, SampledRow, TokenLogprob};
 
 /// Words of one sample's parameters (`SAMPLE_PARAM_WORDS` in the kernel).
-pub const PARAM_WORDS: usize = 21;
+pub const PARAM_WORDS: usize = 22;
 /// Most candidates or alternatives one sample returns (`MAX_LIST` in the kernel).
 pub const MAX_LIST: usize = 1024;
 
@@ -41,7 +43,12 @@ mod word {
     pub const TOP_N: usize = 18;
     pub const OUT: usize = 19;
     pub const WORK: usize = 20;
+    /// Word offset of the sample's token bitmask in the upload, or `NO_MASK`.
+    pub const MASK: usize = 21;
 }
+
+/// `word::MASK` of an unconstrained sample.
+const NO_MASK: u32 = u32::MAX;
 
 const F_GREEDY: u32 = 1;
 const F_CANDIDATES: u32 = 2;
@@ -61,7 +68,8 @@ pub(crate) enum RowOutput {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PackedRows {
     /// `[samples, PARAM_WORDS]`, then bias tokens, bias values (f32 bits), penalty tokens and
-    /// penalty counts (output occurrences; 0 for a prompt-only token).
+    /// penalty counts (output occurrences; 0 for a prompt-only token), then `ceil(vocab / 32)`
+    /// mask words per constrained sample.
     pub words: Vec<u32>,
     pub bias_tokens: usize,
     pub bias_values: usize,
@@ -97,6 +105,7 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
     let (mut penalty_tokens, mut penalty_counts) = (Vec::new(), Vec::new());
     let mut outputs = Vec::with_capacity(rows.len());
     let (mut out_len, mut work_rows) = (0, 0);
+    let mut masks: Vec<u32> = Vec::new();
     for (r, w) in rows.iter().zip(params.chunks_exact_mut(PARAM_WORDS)) {
         let p = r.sampler.params();
         let bias_begin = bias_tokens.len() as u32;
@@ -109,7 +118,18 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
             penalty_tokens.push(t);
             penalty_counts.push(c);
         }
-        let modified = bias_tokens.len() as u32 > bias_begin || penalty_tokens.len() as u32 > penalty_begin;
+        // A constrained sample's mask (offset within `masks` for now; made absolute below).
+        w[word::MASK] = match r.sampler.constraint() {
+            Some(constraint) => {
+                let offset = masks.len() as u32;
+                masks.extend(constraint.mask_words(vocab));
+                offset
+            }
+            None => NO_MASK,
+        };
+        let modified = bias_tokens.len() as u32 > bias_begin
+            || penalty_tokens.len() as u32 > penalty_begin
+            || w[word::MASK] != NO_MASK;
         let mut flags = if modified { F_MODIFIED } else { 0 };
         let output = match r.candidates {
             Some(n) => {
@@ -162,11 +182,16 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
     let bias_values_at = bias_tokens_at + bias_tokens.len();
     let penalty_tokens_at = bias_values_at + bias_values.len();
     let penalty_counts_at = penalty_tokens_at + penalty_tokens.len();
+    let masks_at = (penalty_counts_at + penalty_counts.len()) as u32;
+    for w in params.chunks_exact_mut(PARAM_WORDS).filter(|w| w[word::MASK] != NO_MASK) {
+        w[word::MASK] += masks_at;
+    }
     let mut words = params;
     words.extend(bias_tokens);
     words.extend(bias_values);
     words.extend(penalty_tokens);
     words.extend(penalty_counts);
+    words.extend(masks);
     PackedRows {
         words,
         bias_tokens: bias_tokens_at,
@@ -195,7 +220,11 @@ pub(crate) fn unpack(out: &[u32], packed: &PackedRows, rows: &mut [RowSampling<'
                 SampledRow::Token(Sampled { token, logprob, top })
             }
             RowOutput::Candidates { offset, n } => {
-                let (token_ids, logits) = pairs(offset, n).unzip();
+                let (mut token_ids, mut logits): (Vec<u32>, Vec<f32>) = pairs(offset, n).unzip();
+                // A constraint may allow fewer than `n`: the plugin sees only those (as on the host).
+                let allowed = logits.iter().take_while(|l| l.is_finite()).count().max(1);
+                token_ids.truncate(allowed);
+                logits.truncate(allowed);
                 SampledRow::Candidates { token_ids, logits }
             }
         })

@@ -15,8 +15,13 @@
 //! backend applies the request's logit bias and penalties and returns the top-N candidates of
 //! each such sequence; the engine calls each plugin once per step for all its sequences. A plugin fault fails only
 //! the requests of that call (an `Error` event, their blocks freed); the rest of the batch goes on.
+//!
+//! Constraint plugins: a request naming one (`constraint`) has the tokens it may take next decided
+//! by that plugin. Before each forward, the engine asks each plugin once for all its sequences
+//! that sample in the step (`fetch_constraint_masks`) and sets the masks on their samplers, which
+//! every sampling path then applies; a fault fails the requests of that call, after the forward.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,7 +33,7 @@ use super::EngineError;
 use crate::kv_cache::KvCacheManager;
 use crate::metrics::Metrics;
 use crate::model::ModelError;
-use crate::plugin::{PluginRegistry, PluginSampleInput};
+use crate::plugin::{ConstraintStart, ConstraintStep, PluginRegistry, PluginSampleInput};
 use crate::runner::{ForwardBatch, ModelBackend};
 use crate::sampling::{RowSampling, Sampled, SampledRow, SequenceSampler};
 use crate::sched::{SchedSeq, Scheduler, SchedulerOutput, SchedulingPolicy, SeqId};
@@ -53,8 +58,9 @@ struct PlannedSample {
     row: usize,
     /// A sample forked this step: its parent, and its state (added once the forward succeeded).
     fork: Option<(SeqId, SampleState)>,
-    /// The sampler plugin that picks its token and the candidates it wants, or why it cannot.
-    plugin: Option<Result<(String, usize), String>>,
+    /// The sampler plugin that picks its token and the candidates it wants, or why the sample
+    /// cannot be taken (a sampler or constraint plugin failed, or refused the request).
+    plugin: Option<Result<(String, usize), EngineError>>,
 }
 
 struct SampleState {
@@ -80,6 +86,9 @@ pub struct EngineCore {
     eos_tokens: Vec<u32>,
     last_prefix_stats: crate::kv_cache::PrefixCacheStats,
     plugins: Option<Arc<PluginRegistry>>,
+    /// Per constraint plugin, the sequences it has been asked about (so that it hears when they
+    /// are over).
+    constraint_seqs: BTreeMap<String, HashSet<SeqId>>,
 }
 
 /// Tokens of a sequence's recent past a sampler plugin sees.
@@ -112,6 +121,7 @@ impl EngineCore {
             eos_tokens,
             last_prefix_stats: Default::default(),
             plugins: None,
+            constraint_seqs: BTreeMap::new(),
         }
     }
 
@@ -161,6 +171,14 @@ impl EngineCore {
             let loaded = self.plugins.as_ref().and_then(|p| p.sampler(name)).is_some_and(|s| s.active_version().is_some());
             if !loaded {
                 let _ = events.send(StreamEvent::Error(EngineError::Plugin(format!("no sampler plugin `{name}` is loaded"))));
+                self.metrics.request_failure.with_label_values(&["plugin"]).inc();
+                return;
+            }
+        }
+        if let Some(name) = request.constraint.as_ref().and_then(|c| c.plugin_name()) {
+            let loaded = self.plugins.as_ref().and_then(|p| p.constraint(name)).is_some_and(|s| s.active_version().is_some());
+            if !loaded {
+                let _ = events.send(StreamEvent::Error(EngineError::Plugin(format!("no constraint plugin `{name}` is loaded"))));
                 self.metrics.request_failure.with_label_values(&["plugin"]).inc();
                 return;
             }
@@ -284,9 +302,19 @@ impl EngineCore {
         let mut plan = self.plan_samples(&output);
         scheduled(self);
         phase("schedule", started);
+        if !self.constraint_seqs.is_empty() || plan.iter().any(|p| self.plugin_constrained(p)) {
+            let asked = Instant::now();
+            self.fetch_constraint_masks(&mut plan);
+            phase("constraint_plugins", asked);
+        }
         let forward_started = Instant::now();
         let forward = self.run_batch(&output, &mut plan);
         phase("forward", forward_started);
+        let mask_time = self.backend.constraint_mask_time();
+        if !mask_time.is_zero() {
+            // Grammar masks, computed by the backend (on the GPU, while the forward ran).
+            metrics.engine_step_phase.with_label_values(&["constraint_masks"]).observe(mask_time.as_secs_f64());
+        }
         match forward {
             Ok(results) => {
                 let process_started = Instant::now();
@@ -319,7 +347,11 @@ impl EngineCore {
         for (row, s) in output.scheduled.iter().filter(|s| s.samples).enumerate() {
             let request_id = self.samples[&s.id].request;
             let state = &self.requests[&request_id];
-            let plugin = state.request.sampler.as_ref().map(|name| self.plugin_top_n(name).map(|n| (name.clone(), n)));
+            let plugin = state
+                .request
+                .sampler
+                .as_ref()
+                .map(|name| self.plugin_top_n(name).map(|n| (name.clone(), n)).map_err(EngineError::Plugin));
             if state.samples.len() < state.request.n {
                 let request = state.request.clone();
                 for index in 1..request.n {
@@ -331,6 +363,113 @@ impl EngineCore {
             plan.push(PlannedSample { seq: s.id, row, fork: None, plugin });
         }
         plan
+    }
+
+    /// Whether a planned sample's tokens are constrained by a plugin.
+    fn plugin_constrained(&self, p: &PlannedSample) -> bool {
+        let sampler = match &p.fork {
+            Some((_, state)) => &state.sampler,
+            None => &self.samples[&p.seq].sampler,
+        };
+        sampler.constraint().is_some_and(|c| c.plugin_name().is_some())
+    }
+
+    /// Asks each constraint plugin, once for all its sequences that sample in this step, which
+    /// tokens may come next, and sets the answers on their samplers; tells it which of its
+    /// sequences are over. A sample whose plugin failed, or refused to start it, is marked failed
+    /// (its request fails after the forward, which its sequence is already part of).
+    fn fetch_constraint_masks(&mut self, plan: &mut [PlannedSample]) {
+        let mut asking: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, p) in plan.iter().enumerate() {
+            if matches!(p.plugin, Some(Err(_))) {
+                continue;
+            }
+            let sampler = match &p.fork {
+                Some((_, state)) => &state.sampler,
+                None => &self.samples[&p.seq].sampler,
+            };
+            if let Some(name) = sampler.constraint().filter(|c| c.needs_mask()).and_then(|c| c.plugin_name()) {
+                asking.entry(name.to_string()).or_default().push(i);
+            }
+        }
+        if asking.is_empty() && self.constraint_seqs.is_empty() {
+            return;
+        }
+        let mask_width = self.backend.config().vocab_size;
+        let vocab = mask_width.min(self.tokenizer.vocab_size()) as u32;
+        let names: BTreeSet<String> = asking.keys().chain(self.constraint_seqs.keys()).cloned().collect();
+        for name in names {
+            let indices = asking.remove(&name).unwrap_or_default();
+            let known = self.constraint_seqs.remove(&name).unwrap_or_default();
+            let (mut alive, ended): (HashSet<SeqId>, Vec<SeqId>) = {
+                let (alive, ended): (Vec<SeqId>, Vec<SeqId>) = known.into_iter().partition(|id| self.samples.contains_key(id));
+                (alive.into_iter().collect(), ended)
+            };
+            if indices.is_empty() && ended.is_empty() {
+                if !alive.is_empty() {
+                    self.constraint_seqs.insert(name, alive);
+                }
+                continue;
+            }
+            let steps: Vec<ConstraintStep> = indices
+                .iter()
+                .map(|&i| {
+                    let p = &plan[i];
+                    // A fork's first token follows its parent's prompt.
+                    let source = p.fork.as_ref().map_or(p.seq, |(parent, _)| *parent);
+                    let seq = self.scheduler.get(source).expect("a scheduled sequence");
+                    ConstraintStep {
+                        seq: p.seq,
+                        recent_tokens: seq.tokens[seq.tokens.len().saturating_sub(PLUGIN_RECENT_TOKENS)..].to_vec(),
+                        generated_tokens: seq.num_generated() as u32,
+                    }
+                })
+                .collect();
+            let requests: HashMap<SeqId, RequestId> = indices
+                .iter()
+                .map(|&i| (plan[i].seq, plan[i].fork.as_ref().map_or_else(|| self.samples[&plan[i].seq].request, |(_, s)| s.request)))
+                .collect();
+            let start = |seq: SeqId| {
+                let request = &self.requests[&requests[&seq]].request;
+                let (config, eos_token) = match request.constraint.as_ref().map(|c| (c.spec(), c.eos())) {
+                    Some((crate::constraint::ConstraintSpec::Plugin { config, .. }, eos)) => (config.clone(), eos),
+                    _ => (String::new(), 0),
+                };
+                ConstraintStart { prompt_tokens: request.prompt_tokens.clone(), config, eos_token }
+            };
+            let result = match self.plugins.as_ref().and_then(|p| p.constraint(&name)) {
+                Some(slot) => slot.constraint_step(&ended, &steps, start, vocab, mask_width).map_err(|e| e.to_string()),
+                None => Err(format!("constraint plugin `{name}` is not loaded")),
+            };
+            match result {
+                Ok(masks) => {
+                    for (&i, mask) in indices.iter().zip(masks) {
+                        match mask {
+                            Ok(allowed) => {
+                                let p = &mut plan[i];
+                                let sampler = match &mut p.fork {
+                                    Some((_, state)) => &mut state.sampler,
+                                    None => &mut self.samples.get_mut(&p.seq).expect("a live sample").sampler,
+                                };
+                                sampler.constraint_mut().expect("a constrained sample").set_allowed(allowed);
+                                alive.insert(p.seq);
+                            }
+                            Err(message) => {
+                                plan[i].plugin = Some(Err(EngineError::PluginRefused(format!("constraint plugin `{name}`: {message}"))))
+                            }
+                        }
+                    }
+                }
+                Err(message) => {
+                    for &i in &indices {
+                        plan[i].plugin = Some(Err(EngineError::Plugin(message.clone())));
+                    }
+                }
+            }
+            if !alive.is_empty() {
+                self.constraint_seqs.insert(name, alive);
+            }
+        }
     }
 
     /// How many candidates sampler plugin `name` wants, or why it cannot be asked.
@@ -397,7 +536,7 @@ impl EngineCore {
             }
             let Some(sample) = self.samples.get(&p.seq) else { continue };
             match (p.plugin, result) {
-                (Some(Err(message)), _) => self.fail_request(sample.request, EngineError::Plugin(message)),
+                (Some(Err(error)), _) => self.fail_request(sample.request, error),
                 (Some(Ok((name, _))), Some(SampledRow::Candidates { token_ids, logits })) => {
                     let input = self.plugin_input(p.seq, token_ids, logits);
                     match deferred.iter_mut().find(|(n, _)| *n == name) {

@@ -44,6 +44,9 @@ pub enum EngineError {
     /// A plugin the request depends on failed or is not loaded (the message names it).
     #[error("{0}")]
     Plugin(String),
+    /// A constraint plugin refused the request's configuration (the message names it).
+    #[error("{0}")]
+    PluginRefused(String),
 }
 
 impl EngineError {
@@ -56,6 +59,7 @@ impl EngineError {
             EngineError::Detokenize(_) => "detokenize",
             EngineError::TooLarge(_) => "too_large",
             EngineError::Plugin(_) => "plugin",
+            EngineError::PluginRefused(_) => "plugin_refused",
         }
     }
 }

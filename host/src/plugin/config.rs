@@ -7,7 +7,8 @@
 //!   "samplers":  [{"name": "mirostat", "path": "plugins/dist/mirostat.wasm", "sha256": "..."}],
 //!   "filters":   [{"name": "api-keys", "path": "plugins/dist/api-keys.wasm",
 //!                  "config": {"keys": {"sk-1": {"tenant": "acme"}}}},
-//!                 {"name": "rate-limit", "path": "plugins/dist/rate-limit.wasm"}]
+//!                 {"name": "rate-limit", "path": "plugins/dist/rate-limit.wasm"}],
+//!   "constraints": [{"name": "no-digits", "path": "plugins/dist/no-digits.wasm"}]
 //! }
 //! ```
 //!
@@ -32,6 +33,8 @@ pub struct PluginsConfig {
     pub samplers: Vec<PluginEntry>,
     #[serde(default)]
     pub filters: Vec<PluginEntry>,
+    #[serde(default)]
+    pub constraints: Vec<PluginEntry>,
     #[serde(skip)]
     base_dir: PathBuf,
 }
@@ -73,7 +76,8 @@ impl PluginsConfig {
         let entries = self.scheduler.iter().map(|e| (PluginKind::Scheduler, e));
         let entries = entries
             .chain(self.samplers.iter().map(|e| (PluginKind::Sampler, e)))
-            .chain(self.filters.iter().map(|e| (PluginKind::Filter, e)));
+            .chain(self.filters.iter().map(|e| (PluginKind::Filter, e)))
+            .chain(self.constraints.iter().map(|e| (PluginKind::Constraint, e)));
         for (kind, entry) in entries {
             let path = self.base_dir.join(&entry.path);
             let bytes = std::fs::read(&path).with_context(|| format!("reading {kind} plugin {}", path.display()))?;

@@ -1,5 +1,6 @@
-//! The plugin host: scheduling policies, sampling strategies and request filters as sandboxed
-//! WebAssembly components of the `pagedserve:plugins@0.1.0` WIT package (`wit/plugins.wit`).
+//! The plugin host: scheduling policies, sampling strategies, request filters and output
+//! constraints as sandboxed WebAssembly components of the `pagedserve:plugins@0.2.0` WIT package
+//! (`wit/plugins.wit`); components built for 0.1.0 (`wit/0.1.0`) load too.
 //!
 //! Stages, as wasmtime's `serve` and Spin build them: a component is compiled once per version,
 //! off the serving path, into an `InstancePre` (`runtime`); a slot per (kind, name) keeps its
@@ -14,15 +15,16 @@
 //!   and the next call starts from a fresh instance (`configure` runs again);
 //! - every answer is validated (`scheduler`, `sampler`, `filter`): an invalid answer is a fault like
 //!   a trap, with reason `invalid_output`;
-//! - fail policy per kind: scheduler → the step runs native FCFS; sampler → only the requests that
-//!   chose it fail, with an error naming the plugin; filter → the request fails closed (5xx naming
-//!   the plugin);
+//! - fail policy per kind: scheduler → the step runs native FCFS; sampler and constraint → only
+//!   the requests that chose it fail, with an error naming the plugin; filter → the request fails
+//!   closed (5xx naming the plugin);
 //! - circuit breaker: K faults within a window disable the version and restore the previous one
 //!   (or the native fallback when there is none). Faults, swaps and rollbacks are counted in
 //!   `metrics` and logged.
 
 mod bindings;
 mod config;
+mod constraint;
 mod filter;
 mod registry;
 mod runtime;
@@ -31,6 +33,7 @@ mod scheduler;
 mod slot;
 
 pub use self::config::{PluginEntry, PluginsConfig};
+pub use self::constraint::{ConstraintStart, ConstraintStep};
 pub use self::filter::{FilterFault, FilterParams, FilterRequest, FilterVerdict, OutputVerdict};
 pub use self::registry::{sha256_hex, PluginHost, PluginInfo, PluginRegistry, RegistryError, VersionInfo};
 pub use self::runtime::{CompileError, PluginLimits, PluginRuntime};
@@ -38,16 +41,17 @@ pub use self::sampler::{top_candidates, PluginSampleInput, PluginSampled};
 pub use self::scheduler::WasmScheduler;
 pub use self::slot::PluginSlot;
 
-/// The three kinds of plugins, one WIT world each.
+/// The four kinds of plugins, one WIT world each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PluginKind {
     Scheduler,
     Sampler,
     Filter,
+    Constraint,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 3] = [PluginKind::Scheduler, PluginKind::Sampler, PluginKind::Filter];
+    pub const ALL: [PluginKind; 4] = [PluginKind::Scheduler, PluginKind::Sampler, PluginKind::Filter, PluginKind::Constraint];
 
     /// The WIT world's name, also the kind's name in URLs, metrics and logs.
     pub fn as_str(self) -> &'static str {
@@ -55,6 +59,7 @@ impl PluginKind {
             PluginKind::Scheduler => "scheduler",
             PluginKind::Sampler => "sampler",
             PluginKind::Filter => "filter",
+            PluginKind::Constraint => "constraint",
         }
     }
 

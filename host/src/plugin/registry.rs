@@ -161,6 +161,11 @@ impl PluginRegistry {
         self.slot(PluginKind::Sampler, name)
     }
 
+    /// The constraint plugin `name`, if one is loaded (active or not).
+    pub fn constraint(&self, name: &str) -> Option<Arc<PluginSlot>> {
+        self.slot(PluginKind::Constraint, name)
+    }
+
     /// Loads a new version of `kind`/`name` from `bytes` and activates it. `expected_sha256`
     /// (hex) must match when given. On any error nothing changes.
     pub fn install(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 
-use super::bindings::{filter, host, sampler, scheduler, types};
+use super::bindings::{constraint, filter, host, sampler, scheduler, types, v0_1};
 use super::{FaultReason, PluginKind};
 
 /// The limits and budgets plugins run under.
@@ -26,6 +26,9 @@ pub struct PluginLimits {
     pub sampler_deadline: Duration,
     /// Wall-time budget of one filter call.
     pub filter_deadline: Duration,
+    /// Wall-time budget of one constraint call (`start`, or one step's `next` for all its
+    /// sequences).
+    pub constraint_deadline: Duration,
     /// Budget of instantiation plus `configure` (and `top-n`).
     pub setup_deadline: Duration,
     /// Granularity of deadlines: the epoch ticker's period.
@@ -49,6 +52,7 @@ impl Default for PluginLimits {
             scheduler_deadline: Duration::from_millis(20),
             sampler_deadline: Duration::from_millis(50),
             filter_deadline: Duration::from_millis(20),
+            constraint_deadline: Duration::from_millis(20),
             setup_deadline: Duration::from_millis(500),
             epoch_tick: Duration::from_millis(1),
             max_memory_bytes: 64 << 20,
@@ -67,6 +71,7 @@ impl PluginLimits {
             PluginKind::Scheduler => self.scheduler_deadline,
             PluginKind::Sampler => self.sampler_deadline,
             PluginKind::Filter => self.filter_deadline,
+            PluginKind::Constraint => self.constraint_deadline,
         }
     }
 }
@@ -77,6 +82,7 @@ pub(crate) enum Compiled {
     Scheduler(scheduler::SchedulerPre<StoreState>),
     Sampler(sampler::SamplerPre<StoreState>),
     Filter(filter::FilterPre<StoreState>),
+    Constraint(constraint::ConstraintPre<StoreState>),
 }
 
 /// Why a component was refused at load.
@@ -88,7 +94,7 @@ pub enum CompileError {
     Invalid(String),
     #[error("the component imports `{0}`; plugins may import only pagedserve:plugins/host (and WASI, which is not provided)")]
     ForbiddenImport(String),
-    #[error("the component is not a `{expected}` plugin (world pagedserve:plugins/{expected}@0.1.0){}: {detail}", found.map(|k| format!("; it is a `{k}` plugin")).unwrap_or_default())]
+    #[error("the component is not a `{expected}` plugin (world pagedserve:plugins/{expected}@0.2.0 or 0.1.0){}: {detail}", found.map(|k| format!("; it is a `{k}` plugin")).unwrap_or_default())]
     WrongWorld { expected: PluginKind, found: Option<PluginKind>, detail: String },
 }
 
@@ -96,6 +102,8 @@ pub enum CompileError {
 pub struct PluginRuntime {
     engine: Engine,
     limits: PluginLimits,
+    /// The model's vocabulary as bytes, for `host.vocabulary` (set once the tokenizer is known).
+    vocabulary: OnceLock<Arc<Vec<Vec<u8>>>>,
 }
 
 fn process_start() -> Instant {
@@ -123,7 +131,12 @@ impl PluginRuntime {
                     None => return,
                 }
             })?;
-        Ok(Arc::new(PluginRuntime { engine, limits }))
+        Ok(Arc::new(PluginRuntime { engine, limits, vocabulary: OnceLock::new() }))
+    }
+
+    /// Gives plugins the model's vocabulary (`host.vocabulary`); the first call wins.
+    pub fn set_vocabulary(&self, vocabulary: Vec<Vec<u8>>) {
+        let _ = self.vocabulary.set(Arc::new(vocabulary));
     }
 
     pub fn limits(&self) -> &PluginLimits {
@@ -165,14 +178,20 @@ impl PluginRuntime {
             PluginKind::Scheduler => scheduler::Scheduler::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s),
             PluginKind::Sampler => sampler::Sampler::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s),
             PluginKind::Filter => filter::Filter::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s),
+            PluginKind::Constraint => constraint::Constraint::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s),
         }
         .map_err(e)?;
+        // Components built for 0.1.0 import its `host` and `types`: the same functions.
+        if kind != PluginKind::Constraint {
+            v0_1::Scheduler::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
+        }
         linker.define_unknown_imports_as_traps(component).map_err(e)?;
         let pre = linker.instantiate_pre(component).map_err(e)?;
         Ok(match kind {
             PluginKind::Scheduler => Compiled::Scheduler(scheduler::SchedulerPre::new(pre).map_err(e)?),
             PluginKind::Sampler => Compiled::Sampler(sampler::SamplerPre::new(pre).map_err(e)?),
             PluginKind::Filter => Compiled::Filter(filter::FilterPre::new(pre).map_err(e)?),
+            PluginKind::Constraint => Compiled::Constraint(constraint::ConstraintPre::new(pre).map_err(e)?),
         })
     }
 
@@ -186,7 +205,8 @@ impl PluginRuntime {
             .memories(16)
             .trap_on_grow_failure(true)
             .build();
-        let state = StoreState { kind, name: name.into(), config: config.into(), limits, limit_hit: false };
+        let vocabulary = self.vocabulary.get().cloned().unwrap_or_default();
+        let state = StoreState { kind, name: name.into(), config: config.into(), vocabulary, limits, limit_hit: false };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
         store.epoch_deadline_trap();
@@ -201,6 +221,7 @@ pub(crate) struct StoreState {
     kind: PluginKind,
     name: Arc<str>,
     config: Arc<str>,
+    vocabulary: Arc<Vec<Vec<u8>>>,
     limits: StoreLimits,
     /// Set when a limit refused a request of the guest: the fault that follows is a `limit`.
     pub(crate) limit_hit: bool,
@@ -263,9 +284,37 @@ impl host::Host for StoreState {
     fn config(&mut self) -> String {
         self.config.to_string()
     }
+
+    fn vocabulary(&mut self) -> Vec<Vec<u8>> {
+        self.vocabulary.to_vec()
+    }
 }
 
 impl types::Host for StoreState {}
+
+/// 0.1.0's `host`: the same functions (it has no `vocabulary`).
+impl v0_1::host::Host for StoreState {
+    fn log(&mut self, level: v0_1::types::LogLevel, message: String) {
+        let level = match level {
+            v0_1::types::LogLevel::Trace => types::LogLevel::Trace,
+            v0_1::types::LogLevel::Debug => types::LogLevel::Debug,
+            v0_1::types::LogLevel::Info => types::LogLevel::Info,
+            v0_1::types::LogLevel::Warn => types::LogLevel::Warn,
+            v0_1::types::LogLevel::Error => types::LogLevel::Error,
+        };
+        host::Host::log(self, level, message)
+    }
+
+    fn now(&mut self) -> u64 {
+        host::Host::now(self)
+    }
+
+    fn config(&mut self) -> String {
+        host::Host::config(self)
+    }
+}
+
+impl v0_1::types::Host for StoreState {}
 
 /// The fault a failed call amounts to.
 pub(crate) fn classify(error: &wasmtime::Error, limit_hit: bool) -> FaultReason {

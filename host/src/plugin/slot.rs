@@ -13,7 +13,8 @@ use std::time::{Instant, SystemTime};
 
 use wasmtime::Store;
 
-use super::bindings::{filter, sampler, scheduler};
+use super::bindings::{constraint, filter, sampler, scheduler};
+use super::constraint::Started;
 use super::runtime::{classify, Compiled, PluginRuntime, StoreState};
 use super::{FaultReason, PluginError, PluginKind};
 use crate::metrics::Metrics;
@@ -37,12 +38,16 @@ pub(crate) enum Live {
     Scheduler { store: Store<StoreState>, plugin: scheduler::Scheduler },
     Sampler { store: Store<StoreState>, plugin: sampler::Sampler, top_n: u32 },
     Filter { store: Store<StoreState>, plugin: filter::Filter },
+    /// `started`: the sequences this instance has been given (`start`); a fresh instance has none.
+    Constraint { store: Store<StoreState>, plugin: constraint::Constraint, started: Started },
 }
 
 impl Live {
     fn store_mut(&mut self) -> &mut Store<StoreState> {
         match self {
-            Live::Scheduler { store, .. } | Live::Sampler { store, .. } | Live::Filter { store, .. } => store,
+            Live::Scheduler { store, .. } | Live::Sampler { store, .. } | Live::Filter { store, .. } | Live::Constraint { store, .. } => {
+                store
+            }
         }
     }
 }
@@ -142,6 +147,11 @@ impl PluginSlot {
                 let plugin = pre.instantiate(&mut store).map_err(|e| fail(&store, e))?;
                 plugin.call_configure(&mut store, &v.config).map_err(|e| fail(&store, e))?.map_err(refused)?;
                 Ok(Live::Filter { store, plugin })
+            }
+            Compiled::Constraint(pre) => {
+                let plugin = pre.instantiate(&mut store).map_err(|e| fail(&store, e))?;
+                plugin.call_configure(&mut store, &v.config).map_err(|e| fail(&store, e))?.map_err(refused)?;
+                Ok(Live::Constraint { store, plugin, started: Started::default() })
             }
         }
     }

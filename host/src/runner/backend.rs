@@ -6,7 +6,9 @@ use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::{CpuKvCache, CpuModel};
 use crate::model::{ModelConfig, ModelError};
 use crate::runner::ForwardBatch;
-use crate::sampling::{sample_rows_host, RowSampling, SampledRow};
+use std::time::Duration;
+
+use crate::sampling::{prepare_constraints, sample_rows_host, RowSampling, SampledRow};
 
 pub trait ModelBackend: Send {
     fn config(&self) -> &ModelConfig;
@@ -25,19 +27,27 @@ pub trait ModelBackend: Send {
     /// a device backend samples where the logits are and returns only the results.
     fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
         let logits = self.forward(batch)?;
+        prepare_constraints(rows);
         Ok(sample_rows_host(&logits, self.config().vocab_size, rows))
+    }
+
+    /// Wall time the last `forward_sampled` spent computing constraint masks (overlapped with the
+    /// forward on the GPU; after it on the CPU).
+    fn constraint_mask_time(&self) -> Duration {
+        Duration::ZERO
     }
 }
 
 pub struct CpuBackend {
     model: CpuModel,
     cache: CpuKvCache,
+    mask_time: Duration,
 }
 
 impl CpuBackend {
     pub fn new(model: CpuModel, num_blocks: usize, block_size: usize) -> Self {
         let cache = CpuKvCache::new(model.kv_layout(num_blocks, block_size));
-        CpuBackend { model, cache }
+        CpuBackend { model, cache, mask_time: Duration::ZERO }
     }
 }
 
@@ -58,5 +68,15 @@ impl ModelBackend for CpuBackend {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
         self.model.forward(batch, &mut self.cache)
+    }
+
+    fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        let logits = self.forward(batch)?;
+        self.mask_time = prepare_constraints(rows);
+        Ok(sample_rows_host(&logits, self.config().vocab_size, rows))
+    }
+
+    fn constraint_mask_time(&self) -> Duration {
+        self.mask_time
     }
 }

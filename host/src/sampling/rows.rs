@@ -29,6 +29,21 @@ pub enum SampledRow {
     Candidates { token_ids: Vec<u32>, logits: Vec<f32> },
 }
 
+/// Computes every row's pending constraint mask (`SequenceSampler::prepare_constraint`), the rows
+/// in parallel; returns the wall time it took (zero when no row had one pending). The GPU backend
+/// calls it while the forward runs, so that the masks cost the step nothing when they take less
+/// time than the forward.
+pub fn prepare_constraints(rows: &mut [RowSampling<'_>]) -> std::time::Duration {
+    use rayon::prelude::*;
+    let pending = |r: &RowSampling<'_>| r.sampler.constraint().is_some_and(|c| c.is_pending());
+    if !rows.iter().any(pending) {
+        return std::time::Duration::ZERO;
+    }
+    let started = std::time::Instant::now();
+    rows.par_iter_mut().filter(|r| pending(r)).for_each(|r| r.sampler.prepare_constraint());
+    started.elapsed()
+}
+
 /// Samples every row from host logits `[num_rows, vocab]` with the native samplers (each sample
 /// works on its own copy of its row, so repeated rows do not see each other's penalties).
 pub fn sample_rows_host(logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_>]) -> Vec<SampledRow> {
@@ -39,6 +54,7 @@ pub fn sample_rows_host(logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_
             match r.candidates {
                 None => SampledRow::Token(r.sampler.sample(&mut scratch)),
                 Some(n) => {
+                    r.sampler.prepare_constraint();
                     r.sampler.apply_bias_and_penalties(&mut scratch);
                     let (mut token_ids, mut logits) = top_candidates(&scratch, n);
                     // A constraint may allow fewer than `n`: the plugin sees only those.

@@ -71,6 +71,10 @@ impl SequenceSampler {
         self.constraint.as_ref()
     }
 
+    pub fn constraint_mut(&mut self) -> Option<&mut Constraint> {
+        self.constraint.as_mut()
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
@@ -105,8 +109,17 @@ impl SequenceSampler {
         &self.prompt_tokens
     }
 
+    /// Computes the constraint's mask for the next token if it is not known yet (see
+    /// `Constraint::prepare`); sampling needs it.
+    pub fn prepare_constraint(&mut self) {
+        if let Some(constraint) = &mut self.constraint {
+            constraint.prepare();
+        }
+    }
+
     /// Picks the next token from `logits` (modified in place) and records it.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+        self.prepare_constraint();
         let raw_logprobs = self.params.logprobs.map(|_| log_softmax_f64(logits));
         self.apply_bias_and_penalties(logits);
         let token = if self.params.is_greedy() { argmax(logits) } else { self.sample_random(logits) };

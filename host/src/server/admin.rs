@@ -146,7 +146,7 @@ fn who(request: &Request) -> String {
 
 fn kind(kind: &str) -> Result<PluginKind, AdminError> {
     PluginKind::parse(kind).ok_or_else(|| {
-        AdminError::new(StatusCode::NOT_FOUND, format!("unknown plugin kind `{kind}`: use scheduler, sampler or filter"))
+        AdminError::new(StatusCode::NOT_FOUND, format!("unknown plugin kind `{kind}`: use scheduler, sampler, filter or constraint"))
     })
 }
 

@@ -86,12 +86,15 @@ impl From<EngineError> for ApiError {
             EngineError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             // A request the KV cache can never hold: the client asked for too much.
             EngineError::TooLarge(_) => StatusCode::BAD_REQUEST,
+            // A constraint plugin that refused the request's configuration: the client's to fix.
+            EngineError::PluginRefused(_) => StatusCode::BAD_REQUEST,
             // A sampler plugin that faulted: the request that chose it fails, naming the plugin.
             EngineError::Forward(_) | EngineError::Detokenize(_) | EngineError::Plugin(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        ApiError::new(status, e.to_string(), None, e.label())
+        let param = matches!(e, EngineError::PluginRefused(_)).then(|| "constraint".to_string());
+        ApiError::new(status, e.to_string(), param, e.label())
     }
 }
 

@@ -1,5 +1,6 @@
-//! The guest SDK for pagedserve plugins: the WIT bindings of the three worlds (`scheduler`,
-//! `sampler`, `filter`) generated once here, and small helpers, so that a plugin is a short crate:
+//! The guest SDK for pagedserve plugins: the WIT bindings of the four worlds of
+//! `pagedserve:plugins@0.2.0` (`scheduler`, `sampler`, `filter`, `constraint`) generated once
+//! here, and small helpers, so that a plugin is a short crate:
 //!
 //! ```ignore
 //! use pagedserve_plugin_sdk::scheduler::{export_scheduler, rank_by, Budget, Guest, QueueView};
@@ -13,16 +14,23 @@
 //! export_scheduler!(Fcfs);
 //! ```
 //!
+//! Every plugin built with this SDK is a 0.2.0 component (the host still loads 0.1.0 ones, which
+//! are built against `wit/0.1.0` directly: see `plugins/compat/`).
+//!
 //! Sandbox rules a plugin lives by (the host links no WASI capability; any WASI function the Rust
 //! standard library happens to import traps when called):
 //! - no randomness: use `BTreeMap`, not `std::collections::HashMap` with its random seed (or
-//!   `HashMap` with a fixed hasher); seed generators from request data (`sampler::SplitMix64`);
+//!   `HashMap` with a fixed hasher); seed generators from request data (`sampler::SplitMix64`).
+//!   Dependencies too: one whose `std` feature keys maps with `std`'s seeded hasher makes the
+//!   component import `wasi:random/insecure-seed`, which traps (`constraints/regex` builds
+//!   `regex-automata` with `alloc` for that reason);
 //! - no clock but `host::now`, no files, no environment, no printing: log through `log`;
 //! - state in `static`s lives while the instance is healthy; after any fault the host starts a
 //!   fresh instance (and calls `configure` again), so state is a cache, never a source of truth.
 //!
 //! Plugin logic is written as plain functions over the binding types so that it is unit-tested
-//! natively (`cargo test` in `plugins/`); calling a host import natively panics.
+//! natively (`cargo test` in `plugins/`); calling a host import natively panics (a constraint's
+//! tests give their vocabulary as a `&[Vec<u8>]` rather than calling `constraint::vocabulary`).
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +42,9 @@ pub mod scheduler {
         pub_export_macro: true,
         export_macro_name: "export_scheduler",
         default_bindings_module: "pagedserve_plugin_sdk::scheduler",
+        // The shared `types` are generated here (the other worlds reuse them through `with`), so
+        // this is where they get `PartialEq`: tests compare masks and outputs whole.
+        additional_derives: [PartialEq],
     });
 
     /// One sequence of a `QueueView`, read row-wise: what a plugin's ranking logic works with.
@@ -206,8 +217,8 @@ pub mod sampler {
         export_macro_name: "export_sampler",
         default_bindings_module: "pagedserve_plugin_sdk::sampler",
         with: {
-            "pagedserve:plugins/types@0.1.0": crate::scheduler::pagedserve::plugins::types,
-            "pagedserve:plugins/host@0.1.0": crate::scheduler::pagedserve::plugins::host,
+            "pagedserve:plugins/types@0.2.0": crate::scheduler::pagedserve::plugins::types,
+            "pagedserve:plugins/host@0.2.0": crate::scheduler::pagedserve::plugins::host,
         },
     });
 
@@ -268,8 +279,8 @@ pub mod filter {
         export_macro_name: "export_filter",
         default_bindings_module: "pagedserve_plugin_sdk::filter",
         with: {
-            "pagedserve:plugins/types@0.1.0": crate::scheduler::pagedserve::plugins::types,
-            "pagedserve:plugins/host@0.1.0": crate::scheduler::pagedserve::plugins::host,
+            "pagedserve:plugins/types@0.2.0": crate::scheduler::pagedserve::plugins::types,
+            "pagedserve:plugins/host@0.2.0": crate::scheduler::pagedserve::plugins::host,
         },
     });
     pub use crate::scheduler::pagedserve::plugins::types::{Rejection, RequestParams};
@@ -291,9 +302,154 @@ pub mod filter {
     }
 }
 
+/// The `constraint` world: `configure`, `start`, `next` and `end`; the tokens a request's output
+/// may continue with, as a `TokenMask` per sequence and step.
+pub mod constraint {
+    wit_bindgen::generate!({
+        world: "constraint",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_constraint",
+        default_bindings_module: "pagedserve_plugin_sdk::constraint",
+        with: {
+            "pagedserve:plugins/types@0.2.0": crate::scheduler::pagedserve::plugins::types,
+            "pagedserve:plugins/host@0.2.0": crate::scheduler::pagedserve::plugins::host,
+        },
+    });
+
+    use std::sync::OnceLock;
+
+    static VOCABULARY: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+
+    /// The bytes of each token id (special tokens: empty), indexed by id. Asked of the host once
+    /// per instance and kept: the list is large (tens of thousands of tokens) and never changes.
+    /// An empty answer (a host that does not know the model's tokenizer yet) is not kept: the
+    /// next call asks again. Calling it in `configure`, which has the longest deadline, takes the
+    /// copy out of the first `start`'s.
+    pub fn vocabulary() -> &'static [Vec<u8>] {
+        if let Some(vocab) = VOCABULARY.get() {
+            return vocab;
+        }
+        let vocab = crate::scheduler::pagedserve::plugins::host::vocabulary();
+        if vocab.is_empty() {
+            return &[];
+        }
+        VOCABULARY.get_or_init(|| vocab)
+    }
+
+    /// Makes `vocabulary()` answer `vocab` instead of asking the host, which native code cannot
+    /// call. Only the first vocabulary counts (given here or fetched); answers whether it was this
+    /// one. Logic that is tested with several vocabularies takes a `&[Vec<u8>]` instead.
+    pub fn provide_vocabulary(vocab: Vec<Vec<u8>>) -> bool {
+        VOCABULARY.set(vocab).is_ok()
+    }
+
+    /// The bytes of `token`: empty for special tokens and for ids the vocabulary lacks (a model
+    /// may have more ids than its tokenizer names).
+    pub fn token_bytes(vocab: &[Vec<u8>], token: u32) -> &[u8] {
+        vocab.get(token as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// A `TokenMask::Bits` allowing the tokens below `vocab_size` for which `allowed` holds.
+    pub fn mask_where(vocab_size: u32, allowed: impl Fn(u32) -> bool) -> TokenMask {
+        let mut words = vec![0u32; vocab_size.div_ceil(32) as usize];
+        for token in 0..vocab_size {
+            if allowed(token) {
+                words[(token / 32) as usize] |= 1 << (token % 32);
+            }
+        }
+        TokenMask::Bits(words)
+    }
+
+    /// A `TokenMask::Ranges` allowing exactly `tokens` (in any order, repeats allowed), adjacent
+    /// ids merged into one range. No tokens gives an empty mask, which the host takes as a fault.
+    pub fn only(tokens: &[u32]) -> TokenMask {
+        let mut sorted = tokens.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for token in sorted {
+            match ranges.last_mut() {
+                Some((_, end)) if *end == token => *end += 1,
+                _ => ranges.push((token, token.saturating_add(1))),
+            }
+        }
+        TokenMask::Ranges(ranges)
+    }
+
+    impl TokenMask {
+        /// Whether the mask allows `token` (regardless of the vocabulary's size).
+        pub fn allows(&self, token: u32) -> bool {
+            match self {
+                TokenMask::All => true,
+                TokenMask::Ranges(ranges) => ranges.iter().any(|&(start, end)| (start..end).contains(&token)),
+                TokenMask::Bits(words) => {
+                    words.get((token / 32) as usize).is_some_and(|w| w & (1 << (token % 32)) != 0)
+                }
+            }
+        }
+
+        /// The tokens below `vocab_size` the mask allows, in order (for tests and logs).
+        pub fn allowed(&self, vocab_size: u32) -> Vec<u32> {
+            (0..vocab_size).filter(|&t| self.allows(t)).collect()
+        }
+
+        /// Checks the mask as the host does: not empty, nothing at or past `vocab_size`, no
+        /// empty or reversed range, no more words than the vocabulary needs.
+        pub fn validate(&self, vocab_size: u32) -> Result<(), String> {
+            match self {
+                TokenMask::All => Ok(()),
+                TokenMask::Ranges(ranges) => {
+                    if let Some(&(start, end)) = ranges.iter().find(|&&(s, e)| s >= e || e > vocab_size) {
+                        return Err(format!("range [{start}, {end}) is empty or outside the vocabulary of {vocab_size}"));
+                    }
+                    if ranges.is_empty() {
+                        return Err("no token allowed".into());
+                    }
+                    Ok(())
+                }
+                TokenMask::Bits(words) => {
+                    let needed = vocab_size.div_ceil(32) as usize;
+                    if words.len() > needed {
+                        return Err(format!("{} words for a vocabulary of {vocab_size} (at most {needed})", words.len()));
+                    }
+                    let past_end = |last: u32| !vocab_size.is_multiple_of(32) && last >> (vocab_size % 32) != 0;
+                    if words.len() == needed && past_end(words[needed - 1]) {
+                        return Err(format!("bits set at or past the vocabulary's size {vocab_size}"));
+                    }
+                    if words.iter().all(|&w| w == 0) {
+                        return Err("no token allowed".into());
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// The tokens a sequence took since the plugin last looked at it, oldest first, for a plugin
+    /// that has consumed the first `consumed` generated tokens already (0 after `start`). Usually
+    /// one; an error when they are no longer all among `recent-tokens` (which keeps 64), or when
+    /// `consumed` is ahead of the sequence: state kept per sequence cannot be brought up to date.
+    pub fn new_tokens(step: &ConstraintStep, consumed: u32) -> Result<&[u32], String> {
+        let missing = step.generated_tokens.checked_sub(consumed).ok_or_else(|| {
+            format!("sequence {}: {} tokens generated, fewer than the {consumed} seen", step.id, step.generated_tokens)
+        })? as usize;
+        let recent = &step.recent_tokens;
+        if missing > recent.len() {
+            return Err(format!(
+                "sequence {}: {missing} tokens generated since the last step, only the last {} are known",
+                step.id,
+                recent.len()
+            ));
+        }
+        Ok(&recent[recent.len() - missing..])
+    }
+}
+
 pub use scheduler::pagedserve::plugins::types::LogLevel;
 
-/// Logging and time through the host interface (the only imports a plugin has).
+/// Logging and time through the host interface (the only imports a plugin has; the vocabulary,
+/// for constraints, is `constraint::vocabulary`, which keeps it).
 pub mod host {
     pub use crate::scheduler::pagedserve::plugins::host::{config, log, now};
     use crate::LogLevel;
@@ -358,5 +514,81 @@ mod tests {
         assert!(!queue.is_consistent());
         assert_eq!(queue.seq(0).tenant, "", "an out-of-range tenant reads as none");
         assert_eq!(queue.iter().next().unwrap().tenant, "");
+    }
+
+    #[test]
+    fn mask_where_sets_bit_i_mod_32_of_word_i_div_32_and_nothing_past_the_vocabulary() {
+        use crate::constraint::{mask_where, TokenMask};
+        let mask = mask_where(70, |t| t % 3 == 0 || t == 69);
+        let TokenMask::Bits(words) = &mask else { panic!("{mask:?}") };
+        assert_eq!(words.len(), 3, "70 tokens need 3 words");
+        assert_eq!(words[0], (0..32).filter(|t| t % 3 == 0).fold(0, |w, t| w | 1 << t));
+        assert_eq!(words[2], 1 << 2 | 1 << 5, "tokens 66 and 69 are bits 2 and 5 of word 2");
+        assert_eq!(mask.allowed(70), (0..70).filter(|t| t % 3 == 0 || *t == 69).collect::<Vec<_>>());
+        assert!(mask.validate(70).is_ok());
+        // Every token allowed by the predicate, even past the vocabulary, still sets no bit there.
+        let all = mask_where(33, |_| true);
+        assert_eq!(all, TokenMask::Bits(vec![u32::MAX, 1]));
+        assert!(all.validate(33).is_ok());
+        assert_eq!(mask_where(64, |t| t == 63), TokenMask::Bits(vec![0, 1 << 31]));
+    }
+
+    #[test]
+    fn only_merges_adjacent_tokens_into_ranges() {
+        use crate::constraint::{only, TokenMask};
+        assert_eq!(only(&[7, 3, 4, 5, 9, 4, 8]), TokenMask::Ranges(vec![(3, 6), (7, 10)]));
+        assert_eq!(only(&[2]), TokenMask::Ranges(vec![(2, 3)]));
+        assert_eq!(only(&[2]).allowed(10), vec![2]);
+        assert!(only(&[]).validate(10).is_err(), "nothing allowed is a fault");
+        assert!(only(&[10]).validate(10).is_err(), "a token past the vocabulary is a fault");
+        assert!(only(&[9]).validate(10).is_ok());
+    }
+
+    #[test]
+    fn validate_refuses_what_the_host_refuses() {
+        use crate::constraint::TokenMask;
+        assert!(TokenMask::All.validate(1).is_ok());
+        assert!(TokenMask::Bits(vec![0, 0]).validate(64).is_err());
+        assert!(TokenMask::Bits(vec![1, 0, 0]).validate(64).is_err(), "too many words");
+        assert!(TokenMask::Bits(vec![1 << 5]).validate(5).is_err(), "bit 5 of a 5-token vocabulary");
+        assert!(TokenMask::Bits(vec![1 << 4]).validate(5).is_ok());
+        assert!(TokenMask::Ranges(vec![(4, 2)]).validate(10).is_err());
+        assert!(TokenMask::Ranges(vec![(3, 3)]).validate(10).is_err());
+        assert!(TokenMask::Ranges(vec![(3, 3), (4, 5)]).validate(10).is_err(), "any empty range is a fault");
+        assert!(TokenMask::Ranges(vec![]).validate(10).is_err());
+    }
+
+    #[test]
+    fn new_tokens_are_the_tail_of_the_recent_tokens() {
+        use crate::constraint::{new_tokens, ConstraintStep};
+        let step =
+            |recent: Vec<u32>, generated| ConstraintStep { id: 4, recent_tokens: recent, generated_tokens: generated };
+        // Prompt 10 11, then 20 21 22 generated; the plugin has seen 20 already.
+        let s = step(vec![10, 11, 20, 21, 22], 3);
+        assert_eq!(new_tokens(&s, 1).unwrap(), &[21, 22]);
+        assert_eq!(new_tokens(&s, 3).unwrap(), &[] as &[u32]);
+        assert_eq!(new_tokens(&step(vec![10, 11], 0), 0).unwrap(), &[] as &[u32]);
+        let lost = new_tokens(&step((0..64).collect(), 70), 2).unwrap_err();
+        assert!(lost.contains("68 tokens"), "{lost}");
+        assert!(new_tokens(&s, 4).is_err(), "seen more than generated");
+    }
+
+    #[test]
+    fn a_provided_vocabulary_is_answered_without_asking_the_host() {
+        use crate::constraint::{provide_vocabulary, vocabulary};
+        // The only test of this binary that touches the instance-wide vocabulary.
+        assert!(provide_vocabulary(vec![b"a".to_vec(), Vec::new()]));
+        assert_eq!(vocabulary(), &[b"a".to_vec(), Vec::new()]);
+        assert!(!provide_vocabulary(vec![b"b".to_vec()]), "the first one stays");
+        assert_eq!(vocabulary().len(), 2);
+    }
+
+    #[test]
+    fn token_bytes_are_empty_past_the_vocabulary() {
+        use crate::constraint::token_bytes;
+        let vocab = vec![b"a".to_vec(), Vec::new()];
+        assert_eq!(token_bytes(&vocab, 0), b"a");
+        assert_eq!(token_bytes(&vocab, 1), b"");
+        assert_eq!(token_bytes(&vocab, 9), b"");
     }
 }
