@@ -361,6 +361,52 @@ pub mod constraint {
         TokenMask::Bits(words)
     }
 
+    /// Masks by a key that sums up what they depend on (a sequence's automaton state, words
+    /// left, ...), so that sequences in the same situation share one; bounded: cleared when full
+    /// (in practice few states recur, and a miss only costs recomputing).
+    #[derive(Debug)]
+    pub struct MaskCache<K> {
+        masks: std::collections::BTreeMap<K, TokenMask>,
+        capacity: usize,
+    }
+
+    /// A cache of `MaskCache::DEFAULT_CAPACITY` masks.
+    impl<K: Ord> Default for MaskCache<K> {
+        fn default() -> Self {
+            MaskCache::new(Self::DEFAULT_CAPACITY)
+        }
+    }
+
+    impl<K: Ord> MaskCache<K> {
+        /// 256 masks: 1.5 MiB for a 49k vocabulary.
+        pub const DEFAULT_CAPACITY: usize = 256;
+
+        pub fn new(capacity: usize) -> Self {
+            MaskCache { masks: std::collections::BTreeMap::new(), capacity: capacity.max(1) }
+        }
+
+        /// The mask for `key`, computed by `make` on a miss.
+        pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> TokenMask) -> TokenMask {
+            if let Some(mask) = self.masks.get(&key) {
+                return mask.clone();
+            }
+            let mask = make();
+            if self.masks.len() >= self.capacity {
+                self.masks.clear();
+            }
+            self.masks.insert(key, mask.clone());
+            mask
+        }
+
+        pub fn len(&self) -> usize {
+            self.masks.len()
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.masks.is_empty()
+        }
+    }
+
     /// A `TokenMask::Ranges` allowing exactly `tokens` (in any order, repeats allowed), adjacent
     /// ids merged into one range. No tokens gives an empty mask, which the host takes as a fault.
     pub fn only(tokens: &[u32]) -> TokenMask {

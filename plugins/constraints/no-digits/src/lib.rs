@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use pagedserve_plugin_sdk::constraint::{
-    self, export_constraint, mask_where, token_bytes, ConstraintRequest, ConstraintStep, Guest, TokenMask,
+    self, export_constraint, MaskCache, mask_where, token_bytes, ConstraintRequest, ConstraintStep, Guest, TokenMask,
 };
 use pagedserve_plugin_sdk::serde::Deserialize;
 
@@ -34,7 +34,8 @@ pub fn mask(vocab: &[Vec<u8>], vocab_size: u32, eos: u32) -> TokenMask {
 #[derive(Debug, Default)]
 pub struct NoDigits {
     seqs: BTreeMap<u64, (u32, u32)>,
-    masks: BTreeMap<(u32, u32), TokenMask>,
+    /// By (vocab-size, eos): one in practice.
+    masks: MaskCache<(u32, u32)>,
 }
 
 impl NoDigits {
@@ -46,7 +47,7 @@ impl NoDigits {
 
     pub fn next(&mut self, step: &ConstraintStep, vocab: &[Vec<u8>]) -> Result<TokenMask, String> {
         let &(vocab_size, eos) = self.seqs.get(&step.id).ok_or_else(|| format!("sequence {} was not started", step.id))?;
-        Ok(self.masks.entry((vocab_size, eos)).or_insert_with(|| mask(vocab, vocab_size, eos)).clone())
+        Ok(self.masks.get_or_insert_with((vocab_size, eos), || mask(vocab, vocab_size, eos)))
     }
 
     pub fn end(&mut self, ids: &[u64]) {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
 use pagedserve_plugin_sdk::constraint::{
-    self, export_constraint, new_tokens, only, token_bytes, ConstraintRequest, ConstraintStep, Guest, TokenMask,
+    self, export_constraint, MaskCache, new_tokens, only, token_bytes, ConstraintRequest, ConstraintStep, Guest, TokenMask,
 };
 use pagedserve_plugin_sdk::serde::Deserialize;
 use regex_automata::dfa::{dense, Automaton, StartKind};
@@ -357,7 +357,7 @@ const MAX_MASKS: usize = 128;
 struct Pattern {
     machine: Machine,
     /// By (state, vocab-size, eos).
-    masks: BTreeMap<(u32, u32, u32), TokenMask>,
+    masks: MaskCache<(u32, u32, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -389,7 +389,7 @@ impl Regexes {
                 let seqs = &self.seqs;
                 self.patterns.retain(|p, _| seqs.values().any(|s| &s.pattern == p));
             }
-            self.patterns.insert(pattern.clone(), Pattern { machine, masks: BTreeMap::new() });
+            self.patterns.insert(pattern.clone(), Pattern { machine, masks: MaskCache::new(MAX_MASKS) });
         }
         let state = self.patterns[&pattern].machine.start();
         // A repeated `start` (a fresh instance, or a reused id) starts over.
@@ -415,16 +415,8 @@ impl Regexes {
             }
         }
         seq.consumed = step.generated_tokens;
-        let key = (seq.state, seq.vocab_size, seq.eos);
-        if let Some(mask) = pattern.masks.get(&key) {
-            return Ok(mask.clone());
-        }
-        let mask = mask(&pattern.machine, trie, seq.state, seq.vocab_size, seq.eos);
-        if pattern.masks.len() >= MAX_MASKS {
-            pattern.masks.clear();
-        }
-        pattern.masks.insert(key, mask.clone());
-        Ok(mask)
+        let machine = &pattern.machine;
+        Ok(pattern.masks.get_or_insert_with((seq.state, seq.vocab_size, seq.eos), || mask(machine, trie, seq.state, seq.vocab_size, seq.eos)))
     }
 
     pub fn end(&mut self, ids: &[u64]) {

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use pagedserve_plugin_sdk::constraint::{
-    self, export_constraint, mask_where, new_tokens, only, token_bytes, ConstraintRequest, ConstraintStep, Guest,
+    self, export_constraint, MaskCache, mask_where, new_tokens, only, token_bytes, ConstraintRequest, ConstraintStep, Guest,
     TokenMask,
 };
 use pagedserve_plugin_sdk::serde::Deserialize;
@@ -105,9 +105,6 @@ pub fn mask(vocab: &[Vec<u8>], limit: u32, words: Words, vocab_size: u32, eos: u
 /// Tokens the last word may take after the one that began it.
 pub const LAST_WORD_TOKENS: u32 = 4;
 
-/// Masks kept per (vocabulary size, EOS); few are ever needed (see the module's docs).
-const MAX_MASKS: usize = 256;
-
 #[derive(Debug, Clone)]
 struct Seq {
     limit: u32,
@@ -126,7 +123,7 @@ struct Seq {
 pub struct WordLimit {
     seqs: BTreeMap<u64, Seq>,
     /// By (ends inside a word, words remaining, vocab-size, eos).
-    masks: BTreeMap<(bool, u32, u32, u32), TokenMask>,
+    masks: MaskCache<(bool, u32, u32, u32)>,
     max_starts: Option<u32>,
     /// For the log (the logic runs natively in tests, where the host's log cannot be called).
     warnings: Vec<String>,
@@ -169,15 +166,7 @@ impl WordLimit {
             return Ok(TokenMask::All);
         }
         let key = (seq.words.in_word, remaining, seq.vocab_size, seq.eos);
-        if let Some(mask) = self.masks.get(&key) {
-            return Ok(mask.clone());
-        }
-        let mask = mask(vocab, seq.limit, seq.words, seq.vocab_size, seq.eos);
-        if self.masks.len() >= MAX_MASKS {
-            self.masks.clear();
-        }
-        self.masks.insert(key, mask.clone());
-        Ok(mask)
+        Ok(self.masks.get_or_insert_with(key, || mask(vocab, seq.limit, seq.words, seq.vocab_size, seq.eos)))
     }
 
     pub fn end(&mut self, ids: &[u64]) {
