@@ -313,6 +313,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         created: pagedserve_now(),
         max_request_body: args.max_request_body,
     });
+    {
+        // The vocabulary's index for structured outputs and tools, built while the server starts.
+        let state = state.clone();
+        std::thread::Builder::new().name("pagedserve-constraints".into()).spawn(move || state.validator.warm_constraints())?;
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -80,6 +80,8 @@ pub struct ValidRequest {
     pub echo: bool,
     /// Chat with tools: the output is parsed for tool calls written in this format.
     pub tool_format: Option<ToolCallFormat>,
+    /// With `tool_format`: whether more than one call is kept (`parallel_tool_calls`).
+    pub parallel_tool_calls: bool,
 }
 
 impl ValidRequest {
@@ -138,6 +140,14 @@ impl Validator {
 
     fn template_support(&self) -> TemplateSupport {
         *self.template_support.get_or_init(|| TemplateSupport::probe(&self.tokenizer))
+    }
+
+    /// Indexes the vocabulary for structured outputs now (the server calls it on a thread of its
+    /// own at start-up, so that the first structured request does not wait for it).
+    pub fn warm_constraints(&self) {
+        if let Err(e) = self.constraints() {
+            tracing::warn!("structured outputs are unavailable: {e}");
+        }
     }
 
     /// The constraint engine, indexed on first use; `Err` says why structured outputs are not
@@ -293,6 +303,7 @@ impl Validator {
         }
         if tools.parses_output() {
             valid.tool_format = Some(self.tool_format);
+            valid.parallel_tool_calls = tools.parallel;
             if self.tool_format.needs_special_tokens() {
                 for request in &mut valid.requests {
                     request.skip_special_tokens = false;
@@ -434,6 +445,7 @@ impl Validator {
             logprobs,
             echo,
             tool_format: None,
+            parallel_tool_calls: true,
         })
     }
 
@@ -461,15 +473,18 @@ impl Validator {
         }
         match max_tokens {
             None => Ok(max_len - prompt_len),
-            Some(m) if prompt_len as u64 + m > max_len as u64 => Err(ValidationError::ContextLength {
-                field: max_tokens_field,
-                message: format!(
-                    "This model's maximum context length is {max_len} tokens. However, you requested {} tokens \
-                     ({prompt_len} in the input, {m} in the completion). Please reduce the length of the input \
-                     or `{max_tokens_field}`.",
-                    prompt_len as u64 + m
-                ),
-            }),
+            // Checked: a client's 2^64 - 1 must not wrap into something that fits.
+            Some(m) if (prompt_len as u64).checked_add(m).is_none_or(|total| total > max_len as u64) => {
+                Err(ValidationError::ContextLength {
+                    field: max_tokens_field,
+                    message: format!(
+                        "This model's maximum context length is {max_len} tokens. However, you requested {} tokens \
+                         ({prompt_len} in the input, {m} in the completion). Please reduce the length of the input \
+                         or `{max_tokens_field}`.",
+                        (prompt_len as u128) + m as u128
+                    ),
+                })
+            }
             Some(m) => Ok(m as usize),
         }
     }
@@ -581,6 +596,8 @@ mod tests {
             (r#"{"prompt": "a", "top_k": -2}"#, "top_k"),
             (r#"{"prompt": "a", "n": 17}"#, "n"),
             (r#"{"prompt": "a", "n": 0}"#, "n"),
+            (r#"{"prompt": "a", "max_tokens": 18446744073709551615}"#, "max_tokens"),
+            (r#"{"prompt": "a", "max_tokens": 18446744073709551614}"#, "max_tokens"),
             (r#"{"prompt": "a", "stop": ["1","2","3","4","5","6","7","8","9"]}"#, "stop"),
             (r#"{"prompt": "a", "stop": [""]}"#, "stop"),
             (r#"{"prompt": "a", "stop_token_ids": [999]}"#, "stop_token_ids"),

@@ -114,12 +114,37 @@ struct Generation {
 }
 
 /// A parsed request, kept so that filters' changes can be applied and validated again.
+#[derive(Clone)]
 enum Parsed {
     Completion(CompletionRequest),
     Chat(ChatCompletionRequest),
 }
 
 impl Parsed {
+    /// Whether validating compiles a grammar (structured outputs, tools): milliseconds of CPU,
+    /// run off the async workers.
+    fn compiles_grammar(&self) -> bool {
+        let params = match self {
+            Parsed::Completion(r) => &r.params,
+            Parsed::Chat(r) => &r.params,
+        };
+        let e = &params.extra;
+        [&e.response_format, &e.structured_outputs, &e.guided_json, &e.guided_regex, &e.guided_choice, &e.guided_grammar, &e.tools]
+            .iter()
+            .any(|f| f.as_ref().is_some_and(|v| !v.is_null()))
+    }
+
+    /// `validate`, on a blocking thread when it compiles a grammar.
+    async fn validate_off_workers(&self, state: &Arc<AppState>) -> Result<ValidRequest, ApiError> {
+        if !self.compiles_grammar() {
+            return self.validate(state);
+        }
+        let (parsed, state) = (self.clone(), state.clone());
+        tokio::task::spawn_blocking(move || parsed.validate(&state))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("validation task failed: {e}"), None, "internal"))?
+    }
+
     fn validate(&self, state: &AppState) -> Result<ValidRequest, ApiError> {
         Ok(match self {
             Parsed::Completion(request) => {
@@ -193,7 +218,7 @@ impl Generation {
             Kind::Completion => Parsed::Completion(api::parse_json(&body.0)?),
             Kind::Chat => Parsed::Chat(api::parse_json(&body.0)?),
         };
-        let mut valid = parsed.validate(&state)?;
+        let mut valid = parsed.validate_off_workers(&state).await?;
         let plugins = state.plugins.clone().filter(|p| !p.filters().is_empty());
         if let Some(registry) = &plugins {
             let before = filter_params(&valid);
@@ -224,7 +249,7 @@ impl Generation {
                 (FilterVerdict::Modify(after), _) => {
                     // Apply what the filters changed, then validate the whole request again.
                     parsed.apply(&before, &after);
-                    valid = parsed.validate(&state)?;
+                    valid = parsed.validate_off_workers(&state).await?;
                 }
             }
         }
@@ -238,9 +263,10 @@ impl Generation {
             events.push(Box::pin(tagged) as EventStream);
         }
         let id = response_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
-        let tool_format = valid.tool_format;
+        let (tool_format, parallel) = (valid.tool_format, valid.parallel_tool_calls);
+        let parser = |format| if parallel { ToolCallParser::new(format) } else { ToolCallParser::new(format).single_call() };
         let choices = (0..valid.num_choices())
-            .map(|_| ChoiceState { tool_parser: tool_format.map(ToolCallParser::new), ..ChoiceState::default() })
+            .map(|_| ChoiceState { tool_parser: tool_format.map(parser), ..ChoiceState::default() })
             .collect();
         Ok(Generation {
             state,

@@ -55,6 +55,8 @@ enum Phase {
     Object(ObjectScan),
     /// Mistral's newer form: reading a function name up to `[ARGS]`.
     MistralName(String),
+    /// The most calls allowed were made (`parallel_tool_calls: false`): the rest is dropped.
+    Done,
 }
 
 /// Where the scan of a call object's top level stands.
@@ -305,6 +307,8 @@ pub struct ToolCallParser {
     current_id: Option<String>,
     /// All text received, for the fallback when a call turns out invalid.
     received: String,
+    /// Calls after this many are dropped.
+    max_calls: usize,
 }
 
 /// A start marker and the punctuation skipped between calls.
@@ -327,7 +331,22 @@ fn partial_suffix(text: &str, marker: &str) -> usize {
 impl ToolCallParser {
     pub fn new(format: ToolCallFormat) -> Self {
         let phase = if format == ToolCallFormat::Llama3Json { Phase::Start } else { Phase::Content };
-        ToolCallParser { format, phase, pending: String::new(), calls: Vec::new(), valid: true, current_id: None, received: String::new() }
+        ToolCallParser {
+            format,
+            phase,
+            pending: String::new(),
+            calls: Vec::new(),
+            valid: true,
+            current_id: None,
+            received: String::new(),
+            max_calls: usize::MAX,
+        }
+    }
+
+    /// Keeps only the first call (`parallel_tool_calls: false`): whatever follows it is dropped.
+    pub fn single_call(mut self) -> Self {
+        self.max_calls = 1;
+        self
     }
 
     /// Feeds newly generated text.
@@ -403,7 +422,15 @@ impl ToolCallParser {
                     self.pending.drain(..emit);
                     return;
                 }
+                Phase::Done => {
+                    self.pending.clear();
+                    return;
+                }
                 Phase::Calls => {
+                    if self.calls.len() >= self.max_calls {
+                        self.phase = Phase::Done;
+                        continue;
+                    }
                     let trimmed_len = self.pending.len() - self.pending.trim_start().len();
                     self.pending.drain(..trimmed_len);
                     if self.pending.is_empty() {
@@ -628,6 +655,20 @@ mod tests {
         assert!(parser.calls().is_none());
         let (_, _, parser) = stream(ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\" 1}}</tool_call>", 4);
         assert!(parser.calls().is_none());
+    }
+
+    #[test]
+    fn a_single_call_parser_drops_what_follows_the_first_call() {
+        let text = "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"g\"}</tool_call> bye";
+        for step in [1, 4, 1000] {
+            let mut parser = ToolCallParser::new(ToolCallFormat::Hermes).single_call();
+            let chars: Vec<char> = text.chars().collect();
+            let mut deltas: Vec<ParsedDelta> = chars.chunks(step).map(|c| parser.push(&c.iter().collect::<String>())).collect();
+            deltas.push(parser.finish());
+            assert!(deltas.iter().all(|d| d.content.is_empty() && d.calls.iter().all(|c| c.index == 0)), "step {step}: {deltas:?}");
+            let calls = parser.calls().unwrap();
+            assert_eq!((calls.len(), calls[0].name.as_str()), (1, "f"));
+        }
     }
 
     #[test]
