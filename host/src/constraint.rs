@@ -2,10 +2,9 @@
 //! expression, a list of choices or a Lark grammar, compiled by llguidance. The model's
 //! vocabulary is indexed once (`ConstraintEngine`, a byte trie over every token with special tokens
 //! kept out of text); each sample of a constrained request owns a `Constraint`, which advances
-//! with every token the sequence takes (`commit`, cheap) and at once starts computing the tokens
-//! allowed next on the rayon pool (the costly part), so that it overlaps the engine's host work and
-//! the next forward; `prepare` waits for it (backends call it for all their rows in parallel, the
-//! GPU backend after enqueueing the forward). The end-of-sequence token is allowed only where the
+//! with every token the sequence takes (`commit`, cheap) and computes the tokens allowed next when
+//! asked (`prepare`, the costly part: backends call it for all their rows at once, in parallel, and
+//! the GPU backend while the forward runs). The end-of-sequence token is allowed only where the
 //! grammar may end, and is the only token allowed once it must. `mask_words` gives the mask as
 //! the device sampler reads it.
 //!
@@ -13,7 +12,7 @@
 //! allowed tokens are set by the engine before each step from the plugin's answer (`set_allowed`),
 //! so every sampling path (host, device fallback, sampler plugins) masks them the same way.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
@@ -149,73 +148,38 @@ impl ConstraintEngine {
         let parser = self.factory.create_parser(spec.grammar()).map_err(|e| ConstraintError::Grammar(e.to_string()))?;
         let mut matcher = Matcher::new(Ok(parser));
         let allowed = matcher.compute_mask_or_eos().map_err(|e| ConstraintError::Grammar(e.to_string()))?;
-        let state = GrammarState { matcher, allowed: Some(allowed), pending: false, failed: None };
-        Ok(Constraint { spec: Arc::new(spec.clone()), grammar: Some(Arc::new(Mutex::new(state))), plugin_allowed: None, eos: self.eos })
+        Ok(Constraint {
+            spec: Arc::new(spec.clone()),
+            matcher: Some(matcher),
+            allowed: Some(allowed),
+            pending: false,
+            failed: None,
+            eos: self.eos,
+        })
     }
-}
-
-/// A grammar constraint's state, shared with the background task that computes its next mask.
-struct GrammarState {
-    matcher: Matcher,
-    /// The tokens allowed next (`None` after a failure: then only `eos` is).
-    allowed: Option<SimpleVob>,
-    /// A token was taken and the mask of what may follow it is not computed yet.
-    pending: bool,
-    failed: Option<String>,
-}
-
-impl GrammarState {
-    /// Computes the pending mask, if there is one.
-    fn compute(&mut self) {
-        if !self.pending {
-            return;
-        }
-        self.pending = false;
-        match self.matcher.compute_mask_or_eos() {
-            Ok(allowed) => self.allowed = Some(allowed),
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                self.allowed = None;
-            }
-        }
-    }
-}
-
-fn lock(state: &Mutex<GrammarState>) -> std::sync::MutexGuard<'_, GrammarState> {
-    // A panic inside llguidance while computing leaves a state that is whole (its fields are
-    // assigned after the computation).
-    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One output's constraint (clone it for each of `n` samples: each advances on its own).
+#[derive(Clone)]
 pub struct Constraint {
     spec: Arc<ConstraintSpec>,
-    /// A grammar's state; `None` for a plugin constraint.
-    grammar: Option<Arc<Mutex<GrammarState>>>,
-    /// A plugin constraint's tokens allowed next: set by the engine before each step, cleared by
-    /// each token.
-    plugin_allowed: Option<SimpleVob>,
+    /// The grammar's state; `None` for a plugin constraint.
+    matcher: Option<Matcher>,
+    /// The tokens allowed next; `None` after a failure (then only `eos` is), and for a plugin
+    /// constraint after each token until the engine sets the next mask.
+    allowed: Option<SimpleVob>,
+    /// A grammar constraint that took a token and has not computed what may follow (`prepare`).
+    pending: bool,
+    failed: Option<String>,
     /// The token that ends the output.
     eos: u32,
-}
-
-impl Clone for Constraint {
-    /// A copy that advances on its own (not a second handle on the same state).
-    fn clone(&self) -> Self {
-        let grammar = self.grammar.as_ref().map(|g| {
-            let g = lock(g);
-            let copy = GrammarState { matcher: g.matcher.clone(), allowed: g.allowed.clone(), pending: g.pending, failed: g.failed.clone() };
-            Arc::new(Mutex::new(copy))
-        });
-        Constraint { spec: self.spec.clone(), grammar, plugin_allowed: self.plugin_allowed.clone(), eos: self.eos }
-    }
 }
 
 impl Constraint {
     /// A constraint whose allowed tokens constraint plugin `name` gives, step by step.
     pub fn plugin(name: &str, config: &str, eos: u32) -> Self {
         let spec = ConstraintSpec::Plugin { name: name.to_string(), config: config.to_string() };
-        Constraint { spec: Arc::new(spec), grammar: None, plugin_allowed: None, eos }
+        Constraint { spec: Arc::new(spec), matcher: None, allowed: None, pending: false, failed: None, eos }
     }
 
     pub fn spec(&self) -> &ConstraintSpec {
@@ -237,37 +201,28 @@ impl Constraint {
 
     /// Whether the engine must set this step's allowed tokens (`set_allowed`) before sampling.
     pub fn needs_mask(&self) -> bool {
-        self.grammar.is_none() && self.plugin_allowed.is_none()
+        self.matcher.is_none() && self.allowed.is_none() && self.failed.is_none()
     }
 
     /// Sets the tokens allowed next (a plugin constraint's answer, already validated).
     pub fn set_allowed(&mut self, allowed: SimpleVob) {
-        self.plugin_allowed = Some(allowed);
-    }
-
-    /// Runs `f` on the tokens allowed next (`None`: only `eos`, after a failure).
-    fn with_mask<R>(&self, f: impl FnOnce(Option<&SimpleVob>) -> R) -> R {
-        match &self.grammar {
-            Some(g) => {
-                let g = lock(g);
-                debug_assert!(!g.pending, "prepare() before sampling");
-                f(g.allowed.as_ref().filter(|_| g.failed.is_none()))
-            }
-            None => f(self.plugin_allowed.as_ref()),
-        }
+        self.allowed = Some(allowed);
     }
 
     /// Whether `token` may come next.
     pub fn allows(&self, token: u32) -> bool {
-        self.with_mask(|allowed| allowed.is_some_and(|a| a.is_allowed(token)))
+        match &self.allowed {
+            Some(allowed) => allowed.is_allowed(token),
+            None => false,
+        }
     }
 
     /// The mask as `ceil(vocab / 32)` words, bit `i % 32` of word `i / 32` allowing token `i`
     /// (the device sampler's layout, which is also `SimpleVob`'s). After a failure, only `eos`.
     pub fn mask_words(&self, vocab: usize) -> Vec<u32> {
+        debug_assert!(!self.pending, "prepare() before sampling");
         let words = vocab.div_ceil(32);
-        let eos = self.eos;
-        self.with_mask(|allowed| match allowed {
+        match &self.allowed {
             Some(allowed) => {
                 let mut out: Vec<u32> = allowed.as_slice().iter().copied().take(words).collect();
                 out.resize(words, 0);
@@ -279,33 +234,42 @@ impl Constraint {
             }
             None => {
                 let mut out = vec![0u32; words];
-                if (eos as usize) < vocab {
-                    out[eos as usize / 32] |= 1 << (eos % 32);
+                if (self.eos as usize) < vocab {
+                    out[self.eos as usize / 32] |= 1 << (self.eos % 32);
                 }
                 out
             }
-        })
-    }
-
-    /// Makes sure the tokens allowed next are known: waits for the background computation that
-    /// `commit` started, or does it here if that has not begun (then the task finds nothing to
-    /// do). A no-op for plugin constraints, whose masks the engine sets.
-    pub fn prepare(&mut self) {
-        if let Some(g) = &self.grammar {
-            lock(g).compute();
         }
     }
 
-    /// Whether the next mask may still need computing (`prepare` has work or a wait to do).
+    /// Computes the tokens allowed next if the last `commit` left that for later (a grammar's
+    /// mask: tens of microseconds to a few milliseconds); a no-op otherwise.
+    pub fn prepare(&mut self) {
+        if !self.pending {
+            return;
+        }
+        self.pending = false;
+        let Some(matcher) = &mut self.matcher else { return };
+        match matcher.compute_mask_or_eos() {
+            Ok(allowed) => self.allowed = Some(allowed),
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                self.allowed = None;
+            }
+        }
+    }
+
+    /// Whether `prepare` has work to do.
     pub fn is_pending(&self) -> bool {
-        self.grammar.as_ref().is_some_and(|g| lock(g).pending)
+        self.pending
     }
 
     /// Sets every logit of a token that may not come next to -inf (a row of the vocabulary;
     /// ids past the mask are never allowed). After a failure, nothing but `eos` survives.
     pub fn mask_logits(&self, logits: &mut [f32]) {
+        debug_assert!(!self.pending, "prepare() before sampling");
         let eos = self.eos;
-        self.with_mask(|allowed| match allowed {
+        match &self.allowed {
             Some(allowed) => {
                 for (id, logit) in logits.iter_mut().enumerate() {
                     if !allowed.is_allowed(id as u32) {
@@ -320,51 +284,41 @@ impl Constraint {
                     }
                 }
             }
-        })
+        }
     }
 
-    /// Advances past `token` (cheap), and starts computing what may follow it on the rayon
-    /// pool at once, so that the mask is usually ready, or nearly, by the time the next step
-    /// samples: its cost overlaps the engine's host work and the next forward.
+    /// Advances past `token`; what may follow it is computed by `prepare`.
     pub fn commit(&mut self, token: u32) {
-        let Some(g) = &self.grammar else {
+        if self.failed.is_some() {
+            return;
+        }
+        let Some(matcher) = &mut self.matcher else {
             // A plugin constraint: the next mask comes from the plugin.
-            self.plugin_allowed = None;
+            self.allowed = None;
             return;
         };
-        {
-            let mut state = lock(g);
-            if state.failed.is_some() {
-                return;
-            }
-            state.allowed = None;
-            match state.matcher.consume_token(token) {
-                Ok(()) => state.pending = true,
-                Err(e) => {
-                    state.failed = Some(e.to_string());
-                    return;
-                }
-            }
+        self.allowed = None;
+        match matcher.consume_token(token) {
+            Ok(()) => self.pending = true,
+            Err(e) => self.failed = Some(e.to_string()),
         }
-        let g = g.clone();
-        rayon::spawn(move || lock(&g).compute());
     }
 
     /// Why the constraint stopped following the output, if it did (a token it did not allow
     /// was taken, e.g. by a sampler plugin).
-    pub fn failure(&self) -> Option<String> {
-        self.grammar.as_ref().and_then(|g| lock(g).failed.clone())
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     /// Whether the output so far is complete under the grammar.
     pub fn is_accepting(&mut self) -> bool {
-        self.grammar.as_ref().is_some_and(|g| lock(g).matcher.is_accepting().unwrap_or(false))
+        self.matcher.as_mut().is_some_and(|m| m.is_accepting().unwrap_or(false))
     }
 }
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Constraint").field("spec", &self.spec).field("failed", &self.failure()).finish()
+        f.debug_struct("Constraint").field("spec", &self.spec).field("failed", &self.failed).finish()
     }
 }
 
@@ -443,8 +397,8 @@ mod tests {
         assert!(!c.allows(eos));
         for t in tokenizer.encode("ab", false).unwrap() {
             c.commit(t);
+            assert!(c.is_pending());
             c.prepare();
-            assert!(!c.is_pending());
         }
         assert!(c.allows(eos) && c.is_accepting());
         let words = c.mask_words(tokenizer.vocab_size());
