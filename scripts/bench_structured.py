@@ -5,7 +5,9 @@ step the server reports. Standard library only.
 
 Both modes generate exactly --max-tokens tokens per request: the unconstrained ones with
 ignore_eos, the constrained ones under a schema that cannot close sooner (an array of at least
---min-items strings), so the token counts match and only the constraint differs. Runs alternate
+--min-items strings), so the token counts match and only the constraint differs. --strings picks
+the items: `bounded` (maxLength 12: a counted regex, whose mask walks the token trie) or `free`
+(any string: llguidance's precomputed token slices answer most of the mask). Runs alternate
 (plain, json, plain, json, ...) and medians are reported.
 
 Mask time comes from /metrics: pagedserve_engine_step_phase_seconds{phase="constraint_masks"}
@@ -62,8 +64,9 @@ def phase_totals(url):
 
 
 def run(args, constrained):
-    schema = {"type": "object", "properties": {"items": {"type": "array", "minItems": args.min_items,
-              "items": {"type": "string", "maxLength": 12}}}, "required": ["items"], "additionalProperties": False}
+    item = {"type": "string", "maxLength": 12} if args.strings == "bounded" else {"type": "string"}
+    schema = {"type": "object", "properties": {"items": {"type": "array", "minItems": args.min_items, "items": item}},
+              "required": ["items"], "additionalProperties": False}
     bodies = []
     for i in range(args.requests):
         body = {"prompt": prompt(i, args.prompt_words), "max_tokens": args.max_tokens, "temperature": 0.8, "seed": i}
@@ -102,6 +105,7 @@ def main():
     ap.add_argument("--prompt-words", type=int, default=60)
     ap.add_argument("--min-items", type=int, default=400)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--strings", choices=["bounded", "free"], default="bounded")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
     # Warm-up: graphs captured, grammar caches filled.
@@ -118,7 +122,7 @@ def main():
     constrained = statistics.median(r["tok_s"] for r in results["json_schema"])
     mask = statistics.median(r["mask_us_per_step"] for r in results["json_schema"])
     forward = statistics.median(r["forward_us_per_step"] for r in results["json_schema"])
-    summary = {"label": args.label, "concurrency": args.concurrency, "plain_tok_s": round(plain),
+    summary = {"label": args.label, "strings": args.strings, "concurrency": args.concurrency, "plain_tok_s": round(plain),
                "json_schema_tok_s": round(constrained), "ratio": round(constrained / plain, 3),
                "loss_percent": round(100 * (1 - constrained / plain), 1), "mask_us_per_step": round(mask),
                "forward_us_per_step_json": round(forward)}
