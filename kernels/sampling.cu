@@ -54,8 +54,9 @@ extern "C" __global__ void init_uniform_bf16(__nv_bfloat16* __restrict__ out, u6
 //  1. Bias, penalties and constraint masks (rows that have any): the raw row is copied to a work
 //     row, then the sparse logit bias (CSR) is added and the penalty entries (CSR: prompt and
 //     output tokens with their output counts) are applied with the CPU's exact float operations
-//     (no FMA contraction); last, a constrained row's tokens its bitmask (`P_MASK`: an offset into
-//     the parameter upload) does not allow become -inf.
+//     (no FMA contraction). A constrained row's tokens that its bitmask (`P_MASK`: an offset into
+//     `masks`) does not allow are -inf from the copy on (as if masked last: -inf
+//     stays -inf under a finite bias and every penalty).
 //  2. Greedy rows: argmax, lowest index on ties (as argmax_rows).
 //  3. Random rows: the CPU keeps a prefix of the tokens sorted by weight w = exp((x - max) / T):
 //     top-k, then w >= min_p (the best weight is exp(0) = 1), then the shortest prefix whose mass
@@ -403,6 +404,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     const float* __restrict__ bias_values,
     const u32* __restrict__ penalty_tokens,
     const u32* __restrict__ penalty_counts,
+    const u32* __restrict__ masks,
     int vocab) {
     __shared__ SampleShared s;
     const u32* p = params + (u64)blockIdx.x * SAMPLE_PARAM_WORDS;
@@ -412,7 +414,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     const float* x = raw;
     if (flags & F_MODIFIED) {
         float* w = work + (u64)p[P_WORK] * vocab;
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = raw[i];
+        // The mask goes in with the copy: a token it forbids stays -inf through any finite bias
+        // and every penalty, so this is the same as masking last, one pass over the row fewer.
+        if (p[P_MASK] != NO_MASK) {
+            const u32* mask = masks + p[P_MASK];
+            for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+                w[i] = ((mask[i >> 5] >> (i & 31)) & 1u) ? raw[i] : -INFINITY;
+            }
+        } else {
+            for (int i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = raw[i];
+        }
         __syncthreads();
         for (u32 j = p[P_BIAS_BEGIN] + threadIdx.x; j < p[P_BIAS_END]; j += blockDim.x) {
             w[bias_tokens[j]] = __fadd_rn(w[bias_tokens[j]], bias_values[j]);
@@ -430,13 +441,6 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
             w[t] = l;
         }
         __syncthreads();
-        if (p[P_MASK] != NO_MASK) {
-            const u32* mask = params + p[P_MASK];
-            for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-                if (!((mask[i >> 5] >> (i & 31)) & 1u)) w[i] = -INFINITY;
-            }
-            __syncthreads();
-        }
         x = w;
     }
 

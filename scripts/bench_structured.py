@@ -12,7 +12,9 @@ the items: `bounded` (maxLength 12: a counted regex, whose mask walks the token 
 
 Mask time comes from /metrics: pagedserve_engine_step_phase_seconds{phase="constraint_masks"}
 (the wall time of one step's masks, computed in parallel while the GPU forward runs) against
-{phase="forward"} (launch, overlapped masks, device sampling).
+{phase="forward"} (launch, overlapped masks, device sampling). Every other step phase the server
+reports (schedule, process, the GPU backend's sample_pack / sample_unpack and, one step in 16,
+device_forward / device_sample_wait / device_sample) is printed per mode as mean µs per step.
 
     python3 scripts/bench_structured.py --url http://127.0.0.1:8000 --concurrency 64 --requests 256
 """
@@ -50,16 +52,16 @@ def stream(url, body):
 
 
 def phase_totals(url):
-    """(sum, count) of the constraint_masks and forward step phases."""
+    """(sum, count) of every engine step phase, keyed by (phase, "sum" | "count")."""
     text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
     out = {}
     for line in text.splitlines():
-        for phase in ("constraint_masks", "forward"):
-            tag = f'phase="{phase}"'
-            if tag in line and line.startswith("pagedserve_engine_step_phase_seconds_"):
-                kind = "sum" if "_sum{" in line else "count" if "_count{" in line else None
-                if kind:
-                    out[(phase, kind)] = float(line.rsplit(" ", 1)[1])
+        if not line.startswith("pagedserve_engine_step_phase_seconds_"):
+            continue
+        kind = "sum" if "_sum{" in line else "count" if "_count{" in line else None
+        if kind:
+            phase = line.split('phase="', 1)[1].split('"', 1)[0]
+            out[(phase, kind)] = float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -84,6 +86,12 @@ def run(args, constrained):
     delta = lambda phase, kind: after.get((phase, kind), 0.0) - before.get((phase, kind), 0.0)
     steps = delta("forward", "count")
     mask_steps = delta("constraint_masks", "count")
+    # Mean µs of each phase over the steps that had it (device_* phases: one step in 16).
+    phases = {}
+    for phase in sorted({p for p, _ in after}):
+        count = delta(phase, "count")
+        if count:
+            phases[phase] = round(1e6 * delta(phase, "sum") / count, 1)
     return {
         "mode": "json_schema" if constrained else "plain",
         "output_tokens": sum(tokens),
@@ -93,6 +101,7 @@ def run(args, constrained):
         "mask_us_per_step": 1e6 * delta("constraint_masks", "sum") / mask_steps if mask_steps else 0.0,
         "forward_us_per_step": 1e6 * delta("forward", "sum") / steps if steps else 0.0,
         "steps": steps,
+        "phase_us": phases,
     }
 
 
@@ -126,6 +135,9 @@ def main():
                "json_schema_tok_s": round(constrained), "ratio": round(constrained / plain, 3),
                "loss_percent": round(100 * (1 - constrained / plain), 1), "mask_us_per_step": round(mask),
                "forward_us_per_step_json": round(forward)}
+    for mode, rs in results.items():
+        names = sorted({p for r in rs for p in r["phase_us"]})
+        summary["phase_us_" + mode] = {p: statistics.median(r["phase_us"].get(p, 0.0) for r in rs) for p in names}
     print("SUMMARY " + json.dumps(summary), flush=True)
     if any(r["short"] for rs in results.values() for r in rs):
         print("warning: some requests stopped before --max-tokens", file=sys.stderr)

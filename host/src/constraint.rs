@@ -1,10 +1,10 @@
 //! Constrained decoding: a request's output held to a JSON schema, any JSON object, a regular
 //! expression, a list of choices or a Lark grammar, compiled by llguidance. The model's
 //! vocabulary is indexed once (`ConstraintEngine`, a byte trie over every token with special tokens
-//! kept out of text); each sample of a constrained request owns a `Constraint`, which advances
-//! with every token the sequence takes (`commit`, cheap) and computes the tokens allowed next when
-//! asked (`prepare`, the costly part: backends call it for all their rows at once, in parallel, and
-//! the GPU backend while the forward runs). The end-of-sequence token is allowed only where the
+//! kept out of text); each sample of a constrained request owns a `Constraint`, which records
+//! every token the sequence takes (`commit`, free) and, when asked, advances past them and computes
+//! the tokens allowed next (`prepare`, the costly part: backends call it for all their rows at
+//! once, in parallel, and the GPU backend while the forward runs). The end-of-sequence token is allowed only where the
 //! grammar may end, and is the only token allowed once it must. `mask_words` gives the mask as
 //! the device sampler reads it.
 //!
@@ -153,6 +153,7 @@ impl ConstraintEngine {
             matcher: Some(matcher),
             allowed: Some(allowed),
             pending: false,
+            taken: Vec::new(),
             failed: None,
             eos: self.eos,
         })
@@ -170,6 +171,9 @@ pub struct Constraint {
     allowed: Option<SimpleVob>,
     /// A grammar constraint that took a token and has not computed what may follow (`prepare`).
     pending: bool,
+    /// Tokens taken (`commit`) that the grammar has not consumed yet: `prepare` consumes them
+    /// with the mask, in the backend's parallel pass, not one row after another at commit.
+    taken: Vec<u32>,
     failed: Option<String>,
     /// The token that ends the output.
     eos: u32,
@@ -179,7 +183,7 @@ impl Constraint {
     /// A constraint whose allowed tokens constraint plugin `name` gives, step by step.
     pub fn plugin(name: &str, config: &str, eos: u32) -> Self {
         let spec = ConstraintSpec::Plugin { name: name.to_string(), config: config.to_string() };
-        Constraint { spec: Arc::new(spec), matcher: None, allowed: None, pending: false, failed: None, eos }
+        Constraint { spec: Arc::new(spec), matcher: None, allowed: None, pending: false, taken: Vec::new(), failed: None, eos }
     }
 
     pub fn spec(&self) -> &ConstraintSpec {
@@ -220,35 +224,47 @@ impl Constraint {
     /// The mask as `ceil(vocab / 32)` words, bit `i % 32` of word `i / 32` allowing token `i`
     /// (the device sampler's layout, which is also `SimpleVob`'s). After a failure, only `eos`.
     pub fn mask_words(&self, vocab: usize) -> Vec<u32> {
+        let mut out = vec![0u32; vocab.div_ceil(32)];
+        self.write_mask_words(vocab, &mut out);
+        out
+    }
+
+    /// `mask_words` into `out` (`ceil(vocab / 32)` words), in place, so that a step's masks go
+    /// straight into its upload.
+    pub fn write_mask_words(&self, vocab: usize, out: &mut [u32]) {
         debug_assert!(!self.pending, "prepare() before sampling");
-        let words = vocab.div_ceil(32);
+        debug_assert_eq!(out.len(), vocab.div_ceil(32));
         match &self.allowed {
             Some(allowed) => {
-                let mut out: Vec<u32> = allowed.as_slice().iter().copied().take(words).collect();
-                out.resize(words, 0);
+                let from = allowed.as_slice();
+                let n = from.len().min(out.len());
+                out[..n].copy_from_slice(&from[..n]);
+                out[n..].fill(0);
                 // Ids past the vocabulary in the last word stay clear.
-                if vocab % 32 != 0 {
-                    out[words - 1] &= (1u32 << (vocab % 32)) - 1;
+                if vocab % 32 != 0 && n == out.len() {
+                    out[n - 1] &= (1u32 << (vocab % 32)) - 1;
                 }
-                out
             }
             None => {
-                let mut out = vec![0u32; words];
+                out.fill(0);
                 if (self.eos as usize) < vocab {
                     out[self.eos as usize / 32] |= 1 << (self.eos % 32);
                 }
-                out
             }
         }
     }
 
-    /// Computes the tokens allowed next if the last `commit` left that for later (a grammar's
-    /// mask: tens of microseconds to a few milliseconds); a no-op otherwise.
+    /// Advances the grammar past the tokens taken since the last call and computes the tokens
+    /// allowed next (a grammar's mask: microseconds to a few milliseconds); a no-op when nothing
+    /// was taken.
     pub fn prepare(&mut self) {
         if !self.pending {
             return;
         }
         self.pending = false;
+        if !self.consume_taken() {
+            return;
+        }
         let Some(matcher) = &mut self.matcher else { return };
         match matcher.compute_mask_or_eos() {
             Ok(allowed) => self.allowed = Some(allowed),
@@ -256,6 +272,21 @@ impl Constraint {
                 self.failed = Some(e.to_string());
                 self.allowed = None;
             }
+        }
+    }
+
+    /// Feeds the grammar the tokens `commit` recorded; false if one was not allowed (then the
+    /// constraint has failed and allows only `eos`).
+    fn consume_taken(&mut self) -> bool {
+        let Some(matcher) = &mut self.matcher else { return true };
+        let failed = self.taken.drain(..).find_map(|token| matcher.consume_token(token).err());
+        match failed {
+            Some(e) => {
+                self.failed = Some(e.to_string());
+                self.allowed = None;
+                false
+            }
+            None => true,
         }
     }
 
@@ -287,31 +318,33 @@ impl Constraint {
         }
     }
 
-    /// Advances past `token`; what may follow it is computed by `prepare`.
+    /// Records that the output took `token`; the grammar advances past it, and computes what may
+    /// follow, in `prepare` (which the backends run for all rows in parallel, while the GPU
+    /// forward runs: llguidance's `consume_token` costs a few microseconds a row).
     pub fn commit(&mut self, token: u32) {
         if self.failed.is_some() {
             return;
         }
-        let Some(matcher) = &mut self.matcher else {
-            // A plugin constraint: the next mask comes from the plugin.
-            self.allowed = None;
-            return;
-        };
         self.allowed = None;
-        match matcher.consume_token(token) {
-            Ok(()) => self.pending = true,
-            Err(e) => self.failed = Some(e.to_string()),
+        if self.matcher.is_none() {
+            // A plugin constraint: the next mask comes from the plugin.
+            return;
         }
+        self.taken.push(token);
+        self.pending = true;
     }
 
     /// Why the constraint stopped following the output, if it did (a token it did not allow
-    /// was taken, e.g. by a sampler plugin).
+    /// was taken, e.g. by a sampler plugin); known once `prepare` has run after that token.
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
     }
 
     /// Whether the output so far is complete under the grammar.
     pub fn is_accepting(&mut self) -> bool {
+        if !self.consume_taken() {
+            return false;
+        }
         self.matcher.as_mut().is_some_and(|m| m.is_accepting().unwrap_or(false))
     }
 }
@@ -407,6 +440,7 @@ mod tests {
         // A token the constraint did not allow: it stops following, and only `eos` is left.
         let mut c = engine.compile(&ConstraintSpec::Regex("ab".into())).unwrap();
         c.commit(tokenizer.encode("zz", false).unwrap()[0]);
+        c.prepare();
         assert!(c.failure().is_some());
         let mut logits = vec![1.0f32; tokenizer.vocab_size()];
         c.mask_logits(&mut logits);
@@ -423,3 +457,4 @@ mod tests {
         assert!(engine.compile(&ConstraintSpec::Grammar("start: \"a\" | \"b\"".into())).is_ok());
     }
 }
+

@@ -1055,7 +1055,7 @@ fn sample_device(dev: &GpuDevice, logits: &[f32], vocab: usize, rows: &mut [RowS
     let on_device = dev.stream.clone_htod(logits)?;
     let mut buffers = SamplingBuffers::default();
     let ptr = cudarc::driver::DevicePtr::device_ptr(&on_device, &dev.stream).0;
-    sample_on_device(dev, &mut buffers, ptr, logits.len() / vocab, vocab, rows)
+    sample_on_device(dev, &mut buffers, ptr, logits.len() / vocab, vocab, rows, None).map(|(rows, _)| rows)
 }
 
 fn token_of(row: &SampledRow) -> Option<&Sampled> {

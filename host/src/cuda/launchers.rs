@@ -127,7 +127,7 @@ kernels! {
     /// `sampling.cu`: the full sampler, one block per sample (see `cuda::sampling`).
     fn sample_rows() => "sample_rows";
         (out: Ptr, work: Ptr, logits: Ptr, params: Ptr, bias_tokens: Ptr, bias_values: Ptr,
-         penalty_tokens: Ptr, penalty_counts: Ptr, vocab: i32)
+         penalty_tokens: Ptr, penalty_counts: Ptr, masks: Ptr, vocab: i32)
 }
 
 #[cfg(test)]

@@ -195,8 +195,11 @@ pub struct GpuBackend {
     gemv_enabled: bool,
     /// Times each launch group while installed (`bench gpu`'s breakdown; never during capture).
     pub(crate) profiler: std::cell::RefCell<Option<super::profile::StepProfiler>>,
-    /// Wall time the last step spent computing constraint masks (while its forward ran).
-    mask_time: std::time::Duration,
+    /// Times one serving step in `TIME_EVERY` on the device (see `profile::ServingStepTimer`).
+    step_timer: super::profile::ServingStepTimer,
+    /// The last step's phases: host wall times (constraint masks, packing, unpacking) and, on a
+    /// timed step, device times.
+    step_phases: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl GpuBackend {
@@ -222,7 +225,8 @@ impl GpuBackend {
             sampling: Default::default(),
             gemv_enabled: true,
             profiler: Default::default(),
-            mask_time: Default::default(),
+            step_timer: Default::default(),
+            step_phases: Vec::new(),
         })
     }
 
@@ -340,21 +344,31 @@ impl ModelBackend for GpuBackend {
         self.forward_and_sample(batch, rows).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
     }
 
-    fn constraint_mask_time(&self) -> std::time::Duration {
-        self.mask_time
+    fn step_phases(&self) -> &[(&'static str, std::time::Duration)] {
+        &self.step_phases
     }
 }
 
 impl GpuBackend {
     /// Runs the forward (through a decode graph when one fits) and samples every row on the
     /// device; only the results cross to the host. Constrained samples' masks are computed on
-    /// the host while the forward runs (it is only enqueued) and go up as bitmasks with the
+    /// the host while the forward runs (it is only enqueued) and go up as bitmasks beside the
     /// sampling parameters.
     pub fn forward_and_sample(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
+        use super::profile::StepMark;
+        let dev = self.model.dev.clone();
+        self.step_phases.clear();
+        self.step_timer.begin(&dev)?;
         let (logits, num_rows) = self.forward_on_device(batch)?;
-        self.mask_time = crate::sampling::prepare_constraints(rows);
+        self.step_timer.mark(&dev, StepMark::ForwardEnd)?;
         let vocab = self.model.config.vocab_size;
-        sample_on_device(&self.model.dev, &mut self.sampling, logits, num_rows, vocab, rows)
+        let (results, times) = sample_on_device(&dev, &mut self.sampling, logits, num_rows, vocab, rows, Some(&self.step_timer))?;
+        if !times.masks.is_zero() {
+            self.step_phases.push(("constraint_masks", times.masks));
+        }
+        self.step_phases.extend([("sample_pack", times.pack), ("sample_unpack", times.unpack)]);
+        self.step_phases.extend(self.step_timer.phases()?);
+        Ok(results)
     }
 
     /// Runs the forward and leaves the logits of the batch's requested rows on the device:

@@ -75,3 +75,67 @@ impl StepProfiler {
         Ok(kinds)
     }
 }
+
+/// Every this many serving steps, `ServingStepTimer` times one on the device.
+const TIME_EVERY: u64 = 16;
+
+/// Where a serving step's time goes on the device, sampled every `TIME_EVERY`th step so that the
+/// events cost the other steps nothing: the forward, the wait between the forward and the sampling
+/// kernel (the host finishing masks and packing, and the upload), and the sampling kernel. The
+/// engine publishes the results as step phases (`device_*` in `engine_step_phase_seconds`).
+pub struct ServingStepTimer {
+    /// forward start, forward end, sampling start (after the upload), sampling end.
+    events: Option<[CudaEvent; 4]>,
+    steps: u64,
+    timing: bool,
+}
+
+/// The timer's marks, in step order.
+#[derive(Debug, Clone, Copy)]
+pub enum StepMark {
+    ForwardStart = 0,
+    ForwardEnd = 1,
+    SampleStart = 2,
+    SampleEnd = 3,
+}
+
+impl Default for ServingStepTimer {
+    fn default() -> Self {
+        ServingStepTimer { events: None, steps: 0, timing: false }
+    }
+}
+
+impl ServingStepTimer {
+    /// Starts a step: decides whether it is timed (and records its first mark if so).
+    pub fn begin(&mut self, dev: &GpuDevice) -> Result<(), CudaError> {
+        self.steps += 1;
+        self.timing = self.steps % TIME_EVERY == 1;
+        if self.timing && self.events.is_none() {
+            let new = || dev.context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+            self.events = Some([new()?, new()?, new()?, new()?]);
+        }
+        self.mark(dev, StepMark::ForwardStart)
+    }
+
+    /// Records `mark` on the stream if this step is timed.
+    pub fn mark(&self, dev: &GpuDevice, mark: StepMark) -> Result<(), CudaError> {
+        match (&self.events, self.timing) {
+            (Some(events), true) => Ok(events[mark as usize].record(&dev.stream)?),
+            _ => Ok(()),
+        }
+    }
+
+    /// A timed step's device phases, once its last mark has completed (the caller has waited for
+    /// the step's results); empty for an untimed step.
+    pub fn phases(&self) -> Result<Vec<(&'static str, std::time::Duration)>, CudaError> {
+        let (Some(e), true) = (&self.events, self.timing) else { return Ok(Vec::new()) };
+        let span = |a: &CudaEvent, b: &CudaEvent| -> Result<std::time::Duration, CudaError> {
+            Ok(std::time::Duration::from_secs_f64(f64::from(a.elapsed_ms(b)?.max(0.0)) / 1e3))
+        };
+        Ok(vec![
+            ("device_forward", span(&e[0], &e[1])?),
+            ("device_sample_wait", span(&e[1], &e[2])?),
+            ("device_sample", span(&e[2], &e[3])?),
+        ])
+    }
+}

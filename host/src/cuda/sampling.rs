@@ -1,7 +1,8 @@
 //! Sampling on the device (`sample_rows` in `kernels/sampling.cu`): one step's `RowSampling`s
 //! packed into one upload (a fixed block of parameter words per sample, then CSR arrays of logit
-//! bias and penalty entries, then the token bitmask of each constrained sample: structured outputs
-//! and constraint plugins cost an upload of `vocab / 8` bytes per sample, never a logits copy),
+//! bias and penalty entries) and the token bitmasks of the constrained samples in a second one
+//! (structured outputs and constraint plugins cost `vocab / 8` bytes per sample, never a logits
+//! copy; the masks are computed while the forward runs),
 //! one 1024-thread block per sample on the logits the forward left on
 //! the device, and one download of only what the host needs: tokens, log-probs, candidates.
 //!
@@ -11,13 +12,16 @@
 //! `observe`d by its sampler, as the host sampler does. Packing and unpacking are plain functions,
 //! unit-tested without a GPU.
 
+use std::time::{Duration, Instant};
+
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice};
 
 use super::launchers;
 use super::model::ptr;
+use super::profile::{ServingStepTimer, StepMark};
 use super::{CudaError, GpuDevice};
-use crate::sampling::{RowSampling, Sampled, SampledRow, TokenLogprob};
+use crate::sampling::{prepare_constraint_masks, RowSampling, Sampled, SampledRow, TokenLogprob};
 
 /// Words of one sample's parameters (`SAMPLE_PARAM_WORDS` in the kernel).
 pub const PARAM_WORDS: usize = 22;
@@ -68,8 +72,8 @@ pub(crate) enum RowOutput {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PackedRows {
     /// `[samples, PARAM_WORDS]`, then bias tokens, bias values (f32 bits), penalty tokens and
-    /// penalty counts (output occurrences; 0 for a prompt-only token), then `ceil(vocab / 32)`
-    /// mask words per constrained sample.
+    /// penalty counts (output occurrences; 0 for a prompt-only token). Masks go up separately
+    /// (`ceil(vocab / 32)` words per sample slot; `word::MASK` is the slot's offset).
     pub words: Vec<u32>,
     pub bias_tokens: usize,
     pub bias_values: usize,
@@ -105,8 +109,7 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
     let (mut penalty_tokens, mut penalty_counts) = (Vec::new(), Vec::new());
     let mut outputs = Vec::with_capacity(rows.len());
     let (mut out_len, mut work_rows) = (0, 0);
-    let mut masks: Vec<u32> = Vec::new();
-    for (r, w) in rows.iter().zip(params.chunks_exact_mut(PARAM_WORDS)) {
+    for (i, (r, w)) in rows.iter().zip(params.chunks_exact_mut(PARAM_WORDS)).enumerate() {
         let p = r.sampler.params();
         let bias_begin = bias_tokens.len() as u32;
         for (&t, &b) in p.logit_bias.iter().filter(|(&t, _)| (t as usize) < vocab) {
@@ -118,13 +121,9 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
             penalty_tokens.push(t);
             penalty_counts.push(c);
         }
-        // A constrained sample's mask (offset within `masks` for now; made absolute below).
+        // A constrained sample's mask: its slot in the mask upload (`prepare_constraint_masks`).
         w[word::MASK] = match r.sampler.constraint() {
-            Some(constraint) => {
-                let offset = masks.len() as u32;
-                masks.extend(constraint.mask_words(vocab));
-                offset
-            }
+            Some(_) => (i * vocab.div_ceil(32)) as u32,
             None => NO_MASK,
         };
         let modified = bias_tokens.len() as u32 > bias_begin
@@ -182,16 +181,11 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
     let bias_values_at = bias_tokens_at + bias_tokens.len();
     let penalty_tokens_at = bias_values_at + bias_values.len();
     let penalty_counts_at = penalty_tokens_at + penalty_tokens.len();
-    let masks_at = (penalty_counts_at + penalty_counts.len()) as u32;
-    for w in params.chunks_exact_mut(PARAM_WORDS).filter(|w| w[word::MASK] != NO_MASK) {
-        w[word::MASK] += masks_at;
-    }
     let mut words = params;
     words.extend(bias_tokens);
     words.extend(bias_values);
     words.extend(penalty_tokens);
     words.extend(penalty_counts);
-    words.extend(masks);
     PackedRows {
         words,
         bias_tokens: bias_tokens_at,
@@ -231,10 +225,16 @@ pub(crate) fn unpack(out: &[u32], packed: &PackedRows, rows: &mut [RowSampling<'
         .collect()
 }
 
-/// Device buffers of the sampler, grown to the largest step seen.
+/// Buffers of the sampler, grown to the largest step seen.
 #[derive(Default)]
 pub struct SamplingBuffers {
+    /// Page-locked host copies of the uploads (parameters; masks, one slot per sample, written
+    /// in place by the threads that compute them), so that each copy is enqueued without waiting
+    /// for the stream (the forward still runs) and goes up by DMA as soon as the forward is done.
+    staging: Option<PinnedHostSlice<u32>>,
+    mask_staging: Option<PinnedHostSlice<u32>>,
     input: Option<CudaSlice<u32>>,
+    masks: Option<CudaSlice<u32>>,
     output: Option<CudaSlice<u32>>,
     work: Option<CudaSlice<f32>>,
 }
@@ -251,8 +251,31 @@ fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     Ok(())
 }
 
+/// Grows a page-locked `slot` to at least `len` elements (to the next power of two).
+fn grow_pinned(dev: &GpuDevice, slot: &mut Option<PinnedHostSlice<u32>>, len: usize) -> Result<(), CudaError> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        // SAFETY: plain page-locked memory; every word is written before it is uploaded.
+        *slot = Some(unsafe { dev.context.alloc_pinned_with_flags::<u32>(len.max(1).next_power_of_two(), 0)? });
+    }
+    Ok(())
+}
+
+/// Host-side time of one `sample_on_device`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SampleTimes {
+    /// Advancing the constrained samples' grammars and computing their masks, in parallel
+    /// (zero without any): the forward runs meanwhile.
+    pub masks: Duration,
+    /// Packing the parameters and masks and enqueueing the upload and the kernel.
+    pub pack: Duration,
+    /// Unpacking the results and advancing the samplers (and their grammars) past the tokens.
+    pub unpack: Duration,
+}
+
 /// Samples `rows` from the `[num_logit_rows, vocab]` float32 logits at `logits` on the device;
-/// only the results come back.
+/// only the results come back. The forward that writes the logits may still be running: the
+/// constrained samples' masks are computed meanwhile. `timer` marks the uploads' end and the
+/// kernel's end.
 pub fn sample_on_device(
     dev: &GpuDevice,
     buffers: &mut SamplingBuffers,
@@ -260,25 +283,53 @@ pub fn sample_on_device(
     num_logit_rows: usize,
     vocab: usize,
     rows: &mut [RowSampling<'_>],
-) -> Result<Vec<SampledRow>, CudaError> {
+    timer: Option<&ServingStepTimer>,
+) -> Result<(Vec<SampledRow>, SampleTimes), CudaError> {
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), SampleTimes::default()));
     }
     if let Some(r) = rows.iter().find(|r| r.row >= num_logit_rows) {
         return Err(CudaError::Config(format!("a sample reads logits row {} of {num_logit_rows}", r.row)));
     }
+    let masks_started = Instant::now();
+    let mask_words = vocab.div_ceil(32);
+    // Slots up to the last constrained sample go up (a slot is `mask_words` words).
+    let mask_len = rows.iter().rposition(|r| r.sampler.constraint().is_some()).map_or(0, |last| (last + 1) * mask_words);
+    if mask_len > 0 {
+        grow_pinned(dev, &mut buffers.mask_staging, rows.len() * mask_words)?;
+        grow(dev, &mut buffers.masks, mask_len)?;
+        // The last step's copy out of the staging buffer finished before its results were read.
+        let staging = buffers.mask_staging.as_mut().unwrap().as_mut_slice()?;
+        prepare_constraint_masks(rows, vocab, staging);
+        let device = ptr(dev, buffers.masks.as_ref().unwrap());
+        // SAFETY: the device buffer holds `mask_len` words; the staging buffer stays allocated
+        // and unwritten until this step's results are downloaded below, after the copy.
+        unsafe { cudarc::driver::result::memcpy_htod_async(device, &staging[..mask_len], dev.stream.cu_stream())? };
+    }
+    let masks = if mask_len > 0 { masks_started.elapsed() } else { Duration::ZERO };
+    let started = Instant::now();
     let packed = pack_rows(rows, vocab);
-    grow(dev, &mut buffers.input, packed.words.len())?;
+    let len = packed.words.len();
+    grow(dev, &mut buffers.input, len)?;
     grow(dev, &mut buffers.output, packed.out_len)?;
     grow(dev, &mut buffers.work, packed.work_rows * vocab)?;
+    grow_pinned(dev, &mut buffers.staging, len)?;
+    let staging = &mut buffers.staging.as_mut().unwrap().as_mut_slice()?[..len];
+    staging.copy_from_slice(&packed.words);
     let input = buffers.input.as_mut().unwrap();
-    dev.stream.memcpy_htod(&packed.words, &mut input.slice_mut(..packed.words.len()))?;
     let base = ptr(dev, input);
+    // SAFETY: as for the masks above.
+    unsafe { cudarc::driver::result::memcpy_htod_async(base, staging, dev.stream.cu_stream())? };
+    if let Some(timer) = timer {
+        timer.mark(dev, StepMark::SampleStart)?;
+    }
     let at = |offset: usize| base + (offset * 4) as u64;
     let output = buffers.output.as_ref().unwrap();
+    let masks_ptr = buffers.masks.as_ref().map_or(0, |m| ptr(dev, m));
     let vocab_i = vocab as i32;
     let config = LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: the packed parameters describe every row's offsets inside these buffers.
+    // SAFETY: the packed parameters describe every row's offsets inside these buffers; a row
+    // with a mask offset has its slot uploaded.
     unsafe {
         launchers::sample_rows(
             dev,
@@ -291,12 +342,19 @@ pub fn sample_on_device(
             at(packed.bias_values),
             at(packed.penalty_tokens),
             at(packed.penalty_counts),
+            masks_ptr,
             vocab_i,
         )?;
     }
+    if let Some(timer) = timer {
+        timer.mark(dev, StepMark::SampleEnd)?;
+    }
+    let pack = started.elapsed();
     let mut out = vec![0u32; packed.out_len];
     dev.stream.memcpy_dtoh(&output.slice(..packed.out_len), &mut out)?;
-    Ok(unpack(&out, &packed, rows))
+    let unpacking = Instant::now();
+    let results = unpack(&out, &packed, rows);
+    Ok((results, SampleTimes { masks, pack, unpack: unpacking.elapsed() }))
 }
 
 #[cfg(test)]

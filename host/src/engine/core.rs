@@ -310,10 +310,9 @@ impl EngineCore {
         let forward_started = Instant::now();
         let forward = self.run_batch(&output, &mut plan);
         phase("forward", forward_started);
-        let mask_time = self.backend.constraint_mask_time();
-        if !mask_time.is_zero() {
-            // Grammar masks, computed by the backend (on the GPU, while the forward ran).
-            metrics.engine_step_phase.with_label_values(&["constraint_masks"]).observe(mask_time.as_secs_f64());
+        // The backend's own breakdown of the forward (grammar masks, sampling, device times).
+        for &(name, time) in self.backend.step_phases() {
+            metrics.engine_step_phase.with_label_values(&[name]).observe(time.as_secs_f64());
         }
         match forward {
             Ok(results) => {

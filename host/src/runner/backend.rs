@@ -31,23 +31,26 @@ pub trait ModelBackend: Send {
         Ok(sample_rows_host(&logits, self.config().vocab_size, rows))
     }
 
-    /// Wall time the last `forward_sampled` spent computing constraint masks (overlapped with the
-    /// forward on the GPU; after it on the CPU).
-    fn constraint_mask_time(&self) -> Duration {
-        Duration::ZERO
+    /// Where the last `forward_sampled` spent its time, by named phase, for the engine's
+    /// `engine_step_phase_seconds`: `constraint_masks` (the wall time of the step's grammar masks:
+    /// overlapped with the forward on the GPU, after it on the CPU) and whatever else the backend
+    /// measures (the GPU's host-side sampling work and, on some steps, its device times).
+    fn step_phases(&self) -> &[(&'static str, Duration)] {
+        &[]
     }
 }
 
 pub struct CpuBackend {
     model: CpuModel,
     cache: CpuKvCache,
-    mask_time: Duration,
+    /// `constraint_masks` of the last step, if it had any.
+    step_phases: Vec<(&'static str, Duration)>,
 }
 
 impl CpuBackend {
     pub fn new(model: CpuModel, num_blocks: usize, block_size: usize) -> Self {
         let cache = CpuKvCache::new(model.kv_layout(num_blocks, block_size));
-        CpuBackend { model, cache, mask_time: Duration::ZERO }
+        CpuBackend { model, cache, step_phases: Vec::new() }
     }
 }
 
@@ -72,11 +75,15 @@ impl ModelBackend for CpuBackend {
 
     fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
         let logits = self.forward(batch)?;
-        self.mask_time = prepare_constraints(rows);
+        let mask_time = prepare_constraints(rows);
+        self.step_phases.clear();
+        if !mask_time.is_zero() {
+            self.step_phases.push(("constraint_masks", mask_time));
+        }
         Ok(sample_rows_host(&logits, self.config().vocab_size, rows))
     }
 
-    fn constraint_mask_time(&self) -> Duration {
-        self.mask_time
+    fn step_phases(&self) -> &[(&'static str, Duration)] {
+        &self.step_phases
     }
 }

@@ -44,6 +44,28 @@ pub fn prepare_constraints(rows: &mut [RowSampling<'_>]) -> std::time::Duration 
     started.elapsed()
 }
 
+/// `prepare_constraints`, and each constrained row's mask written into its own `ceil(vocab / 32)`
+/// words of `masks` (row `i` at `i * words`; `Constraint::mask_words`' layout) by the thread that
+/// computed it, while the mask is in its cache: the device sampler's upload, with no gather
+/// after. Unconstrained rows' words are left as they are. Returns the wall time (zero when no
+/// row is constrained).
+pub fn prepare_constraint_masks(rows: &mut [RowSampling<'_>], vocab: usize, masks: &mut [u32]) -> std::time::Duration {
+    use rayon::prelude::*;
+    let words = vocab.div_ceil(32);
+    assert!(masks.len() >= rows.len() * words, "a mask slot for every row");
+    if !rows.iter().any(|r| r.sampler.constraint().is_some()) {
+        return std::time::Duration::ZERO;
+    }
+    let started = std::time::Instant::now();
+    rows.par_iter_mut().zip(masks.par_chunks_mut(words)).for_each(|(r, out)| {
+        r.sampler.prepare_constraint();
+        if let Some(constraint) = r.sampler.constraint() {
+            constraint.write_mask_words(vocab, out);
+        }
+    });
+    started.elapsed()
+}
+
 /// Samples every row from host logits `[num_rows, vocab]` with the native samplers (each sample
 /// works on its own copy of its row, so repeated rows do not see each other's penalties).
 pub fn sample_rows_host(logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_>]) -> Vec<SampledRow> {
