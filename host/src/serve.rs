@@ -12,6 +12,7 @@ use pagedserve::metrics::Metrics;
 use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, PluginsConfig};
 use pagedserve::runner::CpuBackend;
 use pagedserve::sched::{native_policy, SchedulerConfig};
+use pagedserve::server::guard::AccessPolicy;
 use pagedserve::server::{self, AppState, DEFAULT_MAX_REQUEST_BODY};
 use pagedserve::validation::Validator;
 
@@ -35,9 +36,11 @@ pub enum Policy {
 /// `--kv-cache-memory-gb` is given.
 const DEFAULT_KV_CACHE_GB: f64 = 1.0;
 /// Labels of `pagedserve_request_failure_total`: the server's own and the engine's.
-const FAILURE_LABELS: [&str; 10] = [
+const FAILURE_LABELS: [&str; 12] = [
     "invalid_request",
     "body_too_large",
+    "unsupported_media_type",
+    "body_timeout",
     "model_not_found",
     "queue_full",
     "unavailable",
@@ -137,6 +140,35 @@ pub struct ServeArgs {
     /// template has no tools, which are then described in the system prompt).
     #[arg(long, value_enum, env = "PAGEDSERVE_TOOL_CALL_PARSER")]
     tool_call_parser: Option<pagedserve::tool_calls::ToolCallFormat>,
+    /// `Host` names the server answers to, comma-separated (`*`: any). Default: loopback names
+    /// when bound to a loopback address (against DNS rebinding), any otherwise.
+    #[arg(long, env = "PAGEDSERVE_ALLOWED_HOSTS")]
+    allowed_hosts: Option<String>,
+    /// Cross-site origins allowed to call the API from a browser (`https://app.example`),
+    /// comma-separated (`*`: any); CORS preflights are answered for them. Default: none.
+    #[arg(long, env = "PAGEDSERVE_ALLOWED_ORIGINS")]
+    allowed_origins: Option<String>,
+    /// Seconds a request's headers may take to arrive; an idle keep-alive connection is closed
+    /// after as long.
+    #[arg(long, env = "PAGEDSERVE_HEADER_READ_TIMEOUT", default_value_t = 30.0)]
+    header_read_timeout: f64,
+    /// Seconds a request body may take to arrive (408 after).
+    #[arg(long, env = "PAGEDSERVE_BODY_READ_TIMEOUT", default_value_t = 60.0)]
+    body_read_timeout: f64,
+    /// Most connections open at once per listener (more wait in the kernel's backlog).
+    #[arg(long, env = "PAGEDSERVE_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds a shutdown waits for requests in flight before cutting them off.
+    #[arg(long, env = "PAGEDSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    shutdown_timeout: f64,
+    /// Threads of the async runtime that serves HTTP. Default: the machine's cores, at most 8.
+    #[arg(long, env = "PAGEDSERVE_HTTP_WORKERS")]
+    http_workers: Option<usize>,
+}
+
+/// A non-negative, finite number of seconds from a flag.
+fn seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0, not {value}"))
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -153,6 +185,18 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
     }
+    if args.max_connections == 0 || args.http_workers == Some(0) {
+        bail!("--max-connections and --http-workers must be at least 1");
+    }
+    let connection_limits = server::listen::ConnectionLimits {
+        header_read_timeout: seconds("--header-read-timeout", args.header_read_timeout)?,
+        max_connections: args.max_connections,
+        drain_timeout: seconds("--shutdown-timeout", args.shutdown_timeout)?,
+    };
+    let body_read_timeout = seconds("--body-read-timeout", args.body_read_timeout)?;
+    let http_workers = args
+        .http_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8));
     let path = args.model.model.clone().unwrap_or_else(pagedserve::loader::default_model_path);
     let files = args.model.open()?;
     let tokenizer = files.tokenizer.clone().context("the model has no tokenizer; the server needs one")?;
@@ -312,6 +356,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_root: path.display().to_string(),
         created: pagedserve_now(),
         max_request_body: args.max_request_body,
+        body_read_timeout,
     });
     {
         // The vocabulary's index for structured outputs and tools, built while the server starts.
@@ -320,7 +365,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(http_workers)
         .thread_name("pagedserve-http")
         .enable_all()
         .build()
@@ -342,12 +387,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(%bound, "admin API serving");
             eprintln!("pagedserve admin API listening on http://{bound}");
             let admin_state = Arc::new(server::admin::AdminState { registry: plugins.clone(), token });
+            let access = Arc::new(AccessPolicy::for_bind(&args.admin_host, args.allowed_hosts.as_deref(), args.allowed_origins.as_deref()));
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let shutdown = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = server::admin::serve(listener, admin_state, shutdown).await {
+                if let Err(e) = server::admin::serve(listener, admin_state, access, connection_limits, shutdown).await {
                     tracing::error!(error = %e, "admin API stopped");
                 }
             });
@@ -356,7 +402,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         };
-        server::serve(listener, state, shutdown).await.context("serving HTTP")
+        let access = Arc::new(AccessPolicy::for_bind(&args.host, args.allowed_hosts.as_deref(), args.allowed_origins.as_deref()));
+        let drained = server::serve(listener, state, access, connection_limits, shutdown).await.context("serving HTTP")?;
+        if drained.cut_off > 0 {
+            tracing::warn!(connections = drained.cut_off, "shutdown deadline (--shutdown-timeout) passed: cut off the connections still open");
+            eprintln!("pagedserve: shutdown deadline passed; cut off {} open connection(s)", drained.cut_off);
+        }
+        anyhow::Ok(())
     });
     engine.shutdown();
     let _ = engine_thread.join();

@@ -62,6 +62,42 @@ impl ValidationError {
     }
 }
 
+/// Roles a chat message may have.
+const CHAT_ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+
+/// The messages as the template sees them: every role checked, and list-valued content (text
+/// parts) joined into one string, since chat templates such as SmolLM2's only concatenate
+/// strings. A part that is not text (an image, audio) is refused: the models served read text.
+fn text_messages(messages: &[ChatMessage]) -> Result<Vec<ChatMessage>, ValidationError> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !CHAT_ROLES.contains(&m.role.as_str()) {
+                return Err(invalid(
+                    "messages",
+                    format!("[{i}].role `{}` is not one of {}", m.role, CHAT_ROLES.join(", ")),
+                ));
+            }
+            let ChatContent::Parts(parts) = &m.content else { return Ok(m.clone()) };
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                match (part.kind.as_str(), &part.text) {
+                    ("text", Some(text)) => texts.push(text.as_str()),
+                    ("text", None) => return Err(invalid("messages", format!("[{i}].content[{j}] is a text part without `text`"))),
+                    (kind, _) => {
+                        return Err(invalid(
+                            "messages",
+                            format!("[{i}].content[{j}] has type `{kind}`: only `text` parts are supported (this model reads text)"),
+                        ))
+                    }
+                }
+            }
+            Ok(ChatMessage { content: ChatContent::Text(texts.join("\n")), ..m.clone() })
+        })
+        .collect()
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> ValidationError {
     ValidationError::Invalid { field, message: message.into() }
 }
@@ -334,21 +370,23 @@ impl Validator {
         if messages.is_empty() {
             return Err(invalid("messages", "must not be empty"));
         }
+        let messages = &text_messages(messages)?;
         let calls = |m: &ChatMessage| m.extra.get("tool_calls").is_some_and(|v| !v.is_null());
         if let Some(i) = messages.iter().position(|m| m.content == ChatContent::Null && !(m.role == "assistant" && calls(m))) {
             return Err(invalid("messages", format!("[{i}] needs `content` (only an assistant turn with `tool_calls` may leave it out)")));
         }
         let uses_tools = tools.is_some() || messages.iter().any(|m| m.role == "tool" || calls(m));
-        let text = if uses_tools {
+        // The template writes the special tokens; special-token text in a message stays text.
+        let ids = if uses_tools {
             let (prepared, variables) = prepare_messages(messages, tools, self.template_support(), self.tool_format)
                 .map_err(|e| invalid(e.field, e.message))?;
-            self.tokenizer.apply_chat_template_with(&prepared, add_generation_prompt, variables.as_ref())
+            self.tokenizer.encode_rendered_chat(&prepared, |m| {
+                self.tokenizer.apply_chat_template_with(m, add_generation_prompt, variables.as_ref())
+            })
         } else {
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+            self.tokenizer.encode_rendered_chat(messages, |m| self.tokenizer.apply_chat_template(m, add_generation_prompt))
         };
-        let text = text.map_err(|source| ValidationError::Tokenizer { field: "messages", source })?;
-        // The template writes the special tokens.
-        self.tokenizer.encode(&text, false).map_err(|source| ValidationError::Tokenizer { field: "messages", source })
+        ids.map_err(|source| ValidationError::Tokenizer { field: "messages", source })
     }
 
     /// Checks token ids (of a prompt, `/detokenize`, ...) against the vocabulary.
@@ -681,5 +719,27 @@ mod tests {
         let e = chat(&v, r#"{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99}"#).unwrap_err();
         assert_eq!(e.field(), "max_completion_tokens");
         assert_eq!(chat(&v, r#"{"messages": []}"#).unwrap_err().field(), "messages");
+    }
+
+    #[test]
+    fn chat_roles_are_checked_and_text_parts_joined() {
+        let messages: Vec<ChatMessage> = serde_json::from_str(
+            r#"[{"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]"#,
+        )
+        .unwrap();
+        let out = text_messages(&messages).unwrap();
+        assert_eq!(out[1].content, ChatContent::Text("one\ntwo".into()));
+        assert_eq!(out[0], messages[0]);
+        for (json, wanted) in [
+            (r#"[{"role": "wizard", "content": "hi"}]"#, "[0].role `wizard`"),
+            (r#"[{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]"#, "[1].content[0] has type `image_url`"),
+            (r#"[{"role": "user", "content": [{"type": "text"}]}]"#, "[0].content[0] is a text part without `text`"),
+        ] {
+            let messages: Vec<ChatMessage> = serde_json::from_str(json).unwrap();
+            let e = text_messages(&messages).unwrap_err();
+            assert_eq!(e.field(), "messages");
+            assert!(e.to_string().contains(wanted), "{e}");
+        }
     }
 }

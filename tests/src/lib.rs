@@ -224,6 +224,38 @@ impl Server {
         Self::reply(response)
     }
 
+    /// Sends `request` as written (it should say `Connection: close`) on a fresh connection and
+    /// returns everything the server answers until it closes the connection (or 30 s pass).
+    pub fn raw(&self, request: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let mut socket = std::net::TcpStream::connect(self.address()).expect("connecting");
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        socket.write_all(request).expect("sending");
+        let mut response = Vec::new();
+        let _ = socket.read_to_end(&mut response);
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn address(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// Stops the server as an operator would (SIGTERM) and waits up to `within` for it to exit;
+    /// returns its exit code (`None`: killed by a signal) and how long it took, or panics.
+    pub fn terminate(&mut self, within: std::time::Duration) -> (Option<i32>, std::time::Duration) {
+        let started = std::time::Instant::now();
+        // Closing stdin makes the wrapper send SIGTERM; the wrapper exits with the server's code.
+        drop(self.child.stdin.take());
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the server") {
+                return (status.code(), started.elapsed());
+            }
+            assert!(started.elapsed() < within, "the server did not exit within {within:?} of SIGTERM:\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// POSTs raw bytes as JSON.
     pub fn post_raw(&self, path: &str, body: &str) -> Reply {
         Self::reply(self.agent.post(&self.url(path)).header("content-type", "application/json").send(body))

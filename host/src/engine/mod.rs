@@ -158,6 +158,11 @@ impl EngineHandle {
         (EngineHandle { commands, shared, max_queue: config.max_queue }, thread)
     }
 
+    /// Most requests that may wait at once (`--max-queue`).
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
     }

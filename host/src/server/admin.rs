@@ -75,28 +75,29 @@ impl IntoResponse for AdminError {
     }
 }
 
-pub fn router(state: Arc<AdminState>) -> Router {
+pub fn router(state: Arc<AdminState>, access: Arc<super::guard::AccessPolicy>) -> Router {
     // The body limit is checked by `Upload` with a clear message; this only bounds what is read.
     let limit = state.registry.runtime().limits().max_component_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/admin/plugins", get(list))
         .route("/admin/plugins/{kind}/{name}", put(upload).delete(remove))
         .route("/admin/plugins/{kind}/{name}/activate", post(activate))
         .route("/admin/plugins/{kind}/{name}/rollback", post(rollback))
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .with_state(state)
+        .with_state(state);
+    super::guarded(routes, access)
 }
 
-/// Serves the admin API until `shutdown` resolves.
+/// Serves the admin API until `shutdown` resolves (the same connection handling as the API's).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AdminState>,
+    access: Arc<super::guard::AccessPolicy>,
+    limits: super::listen::ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+) -> std::io::Result<super::listen::Drained> {
+    super::listen::serve(listener, router(state, access), limits, shutdown).await
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.

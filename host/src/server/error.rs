@@ -1,11 +1,12 @@
 //! The one place where failures become HTTP responses: every error a handler returns is an
 //! `ApiError` (status, OpenAI error body with `param`), built from the subsystem's error enum.
 //!
-//! Mapping: malformed JSON, invalid or unsupported parameters → 400 (with `param`); unknown model
-//! → 404; body over `--max-request-body` → 413; engine queue full → 429; engine down → 503;
-//! anything else from the engine → 500.
+//! Mapping: malformed JSON, invalid or unsupported parameters → 400 (with `param`); a `Host` or
+//! `Origin` not allowed → 403; unknown model → 404; a body too slow → 408; body over
+//! `--max-request-body` → 413; not `application/json` → 415; engine queue full → 429; engine down
+//! → 503 (both with `Retry-After`); anything else from the engine → 500.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -42,7 +43,9 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::FORBIDDEN => "PermissionDeniedError",
             StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaTypeError",
             StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             _ => "InternalServerError",
@@ -61,9 +64,17 @@ impl ApiError {
     }
 }
 
+/// Seconds a client told "busy" (429) or "unavailable" (503) should wait before trying again.
+const RETRY_AFTER_SECONDS: &str = "1";
+
 impl IntoResponse for ApiError {
+    /// The error body; a 429 or 503 also says when to come back (`Retry-After`).
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }
 
@@ -109,5 +120,24 @@ impl From<crate::plugin::FilterFault> for ApiError {
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(rejection: axum::extract::rejection::BytesRejection) -> Self {
         ApiError::new(rejection.status(), rejection.body_text(), None, "invalid_request")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_and_unavailable_answers_say_when_to_retry() {
+        for (error, retry) in [
+            (ApiError::from(EngineError::QueueFull(4)), true),
+            (ApiError::from(EngineError::Unavailable), true),
+            (ApiError::bad_request("no", Some("prompt")), false),
+            (ApiError::from(EngineError::TooLarge("x".into())), false),
+        ] {
+            let status = error.status;
+            let response = error.into_response();
+            assert_eq!(response.headers().get(header::RETRY_AFTER).is_some(), retry, "{status}");
+        }
     }
 }

@@ -253,6 +253,17 @@ impl Generation {
                 }
             }
         }
+        if valid.requests.len() > state.engine.max_queue() {
+            // It could never be queued whole: busy (429) would tell the client to retry in vain.
+            return Err(ApiError::bad_request(
+                format!(
+                    "a batch of {} prompts is more than the server queues at once ({}, --max-queue); send it in smaller batches",
+                    valid.requests.len(),
+                    state.engine.max_queue()
+                ),
+                Some("prompt"),
+            ));
+        }
         let mut events = SelectAll::new();
         let mut request_ids = Vec::with_capacity(valid.requests.len());
         for (prompt, request) in valid.requests.iter().enumerate() {

@@ -13,6 +13,8 @@ pub mod admin;
 mod body;
 mod error;
 mod generate;
+pub mod guard;
+pub mod listen;
 mod render;
 mod routes;
 
@@ -24,6 +26,8 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use self::error::ApiError;
+use self::guard::AccessPolicy;
+use self::listen::{ConnectionLimits, Drained};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::plugin::PluginRegistry;
@@ -47,6 +51,8 @@ pub struct AppState {
     pub created: u64,
     /// Largest request body in bytes (`--max-request-body`).
     pub max_request_body: usize,
+    /// How long a request body may take to arrive (`--body-read-timeout`).
+    pub body_read_timeout: std::time::Duration,
     /// Loaded plugins: request filters run before submission, output filters on each delta.
     pub plugins: Option<Arc<PluginRegistry>>,
 }
@@ -61,9 +67,10 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The API's routes behind the browser access rules (`guard`).
+pub fn router(state: Arc<AppState>, access: Arc<AccessPolicy>) -> Router {
     let max_request_body = state.max_request_body;
-    Router::new()
+    let routes = Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/models", get(routes::models))
@@ -72,16 +79,29 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .layer(DefaultBodyLimit::max(max_request_body))
-        .with_state(state)
+        .with_state(state);
+    guarded(routes, access)
 }
 
-/// Serves until `shutdown` resolves, then lets requests in flight finish.
+/// `routes` behind the access rules: CORS (if any origin is allowed) inside the Host/Origin check.
+pub(crate) fn guarded(routes: Router, access: Arc<AccessPolicy>) -> Router {
+    let routes = match access.cors() {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes.layer(axum::middleware::from_fn_with_state(access, guard::check_access))
+}
+
+/// Serves until `shutdown` resolves, then lets requests in flight finish within the drain
+/// deadline (`listen`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
+    access: Arc<AccessPolicy>,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+) -> std::io::Result<Drained> {
+    listen::serve(listener, router(state, access), limits, shutdown).await
 }
 
 /// Unix seconds now.

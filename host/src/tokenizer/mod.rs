@@ -80,7 +80,33 @@ pub struct Tokenizer {
     add_bos_token: bool,
     specials: SpecialTokenStrings,
     special_ids: HashSet<u32>,
+    /// How the special tokens are spelled (`<|im_end|>`, ...).
+    special_texts: Vec<String>,
+    /// `inner` with special-token spellings encoded as text (`encode_as_text`), made when needed.
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
     chat_template: Option<ChatTemplate>,
+}
+
+/// What stands in for message `index`'s content while a template renders (private-use
+/// characters, so no template or text makes one by accident; a user who types one only changes
+/// their own content, which is never rendered on this path).
+fn placeholder(index: usize) -> String {
+    format!("\u{F8FF}pagedserve-content-{index}\u{F8FF}")
+}
+
+/// The text before the first placeholder in `text`, its index and the text after it.
+fn next_placeholder(text: &str, count: usize) -> Option<(&str, usize, &str)> {
+    const OPEN: &str = "\u{F8FF}pagedserve-content-";
+    let mut from = 0;
+    while let Some(at) = text[from..].find(OPEN).map(|i| from + i) {
+        let digits_at = at + OPEN.len();
+        let end = text[digits_at..].find('\u{F8FF}').map(|i| digits_at + i);
+        if let Some(index) = end.and_then(|end| text[digits_at..end].parse::<usize>().ok()).filter(|&i| i < count) {
+            return Some((&text[..at], index, &text[end.unwrap() + '\u{F8FF}'.len_utf8()..]));
+        }
+        from = digits_at;
+    }
+    None
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -313,12 +339,14 @@ impl Tokenizer {
                 }
             }
         }
-        let special_ids = inner
+        let specials_added: Vec<(u32, String)> = inner
             .get_added_tokens_decoder()
             .into_iter()
             .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
+            .map(|(id, t)| (id, t.content))
             .collect();
+        let special_ids = specials_added.iter().map(|(id, _)| *id).collect();
+        let special_texts = specials_added.into_iter().map(|(_, text)| text).filter(|t| !t.is_empty()).collect();
         let chat_template = chat_template
             .map(|src| ChatTemplate::new(src, specials.clone()))
             .transpose()?;
@@ -333,6 +361,8 @@ impl Tokenizer {
             add_bos_token,
             specials,
             special_ids,
+            special_texts,
+            plain: std::sync::OnceLock::new(),
             chat_template,
         })
     }
@@ -465,14 +495,67 @@ impl Tokenizer {
     }
 
     /// Render the chat template and encode it without adding special tokens (the template
-    /// writes them), as `transformers`' `apply_chat_template(tokenize=True)` does.
+    /// writes them), as `transformers`' `apply_chat_template(tokenize=True)` does; special-token
+    /// text inside the messages stays text (`encode_rendered_chat`).
     pub fn encode_chat(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let text = self.apply_chat_template(messages, add_generation_prompt)?;
-        self.encode(&text, false)
+        self.encode_rendered_chat(messages, |m| self.apply_chat_template(m, add_generation_prompt))
+    }
+
+    /// Encodes what `render` (a chat template) makes of `messages`, so that only the template
+    /// writes special tokens: a non-assistant message whose content spells one (`<|im_end|>`
+    /// typed by a user, to forge a turn boundary) is rendered with a placeholder in its place,
+    /// and its content is encoded as plain text where the placeholder lands. Conversations
+    /// without such text are rendered and encoded whole, as `transformers` does.
+    pub fn encode_rendered_chat(
+        &self,
+        messages: &[ChatMessage],
+        render: impl Fn(&[ChatMessage]) -> Result<String, TokenizerError>,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        // Assistant turns are the model's own writing (tool calls in its format included), so
+        // only what users, systems and tools put in the conversation is held to text.
+        let spells_special = |m: &ChatMessage| match &m.content {
+            ChatContent::Text(text) if m.role != "assistant" => self.special_texts.iter().any(|s| text.contains(s.as_str())),
+            _ => false,
+        };
+        if !messages.iter().any(spells_special) {
+            return self.encode(&render(messages)?, false);
+        }
+        let mut contents = Vec::new();
+        let placeheld: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| match &m.content {
+                ChatContent::Text(text) if spells_special(m) => {
+                    contents.push(text.as_str());
+                    ChatMessage { content: ChatContent::Text(placeholder(contents.len() - 1)), ..m.clone() }
+                }
+                _ => m.clone(),
+            })
+            .collect();
+        let rendered = render(&placeheld)?;
+        let mut ids = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some((before, index, after)) = next_placeholder(rest, contents.len()) {
+            ids.extend(self.encode(before, false)?);
+            ids.extend(self.encode_as_text(contents[index])?);
+            rest = after;
+        }
+        ids.extend(self.encode(rest, false)?);
+        Ok(ids)
+    }
+
+    /// Encodes `text` with every special-token spelling in it taken as ordinary text.
+    pub fn encode_as_text(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let plain = self.plain.get_or_init(|| {
+            let mut plain = self.inner.clone();
+            plain.set_encode_special_tokens(true);
+            plain
+        });
+        let enc = plain.encode_fast(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// The wrapped `tokenizers` tokenizer.
