@@ -357,6 +357,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         created: pagedserve_now(),
         max_request_body: args.max_request_body,
         body_read_timeout,
+        cpu_slots: AppState::default_cpu_slots(),
     });
     {
         // The vocabulary's index for structured outputs and tools, built while the server starts.

@@ -275,3 +275,29 @@ fn special_tokens_typed_in_messages_stay_text() {
     let reply = server.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": forged_text}], "max_tokens": 4}));
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
+
+#[test]
+fn a_huge_prompt_does_not_stall_the_server() {
+    // The default 4 MiB body limit; a 3.6 MB prompt takes seconds to tokenize on one core.
+    let server = Server::start(&[]);
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(82_000);
+    let (latencies, tokenized) = std::thread::scope(|scope| {
+        let big = scope.spawn(|| {
+            let started = Instant::now();
+            let answer = server.post_ok("/tokenize", &json!({"prompt": prompt}));
+            (started.elapsed(), answer["count"].as_u64().unwrap())
+        });
+        let mut latencies = Vec::new();
+        while !big.is_finished() {
+            let started = Instant::now();
+            assert_eq!(server.get("/health").status, 200);
+            latencies.push(started.elapsed());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (latencies, big.join().unwrap())
+    });
+    assert!(tokenized.1 > 500_000, "{tokenized:?}");
+    let worst = latencies.iter().max().copied().unwrap_or_default();
+    // Tokenizing on an async worker stalled /health for the whole tokenization (1-3 s).
+    assert!(worst < Duration::from_millis(500), "/health took {worst:?} while a {:?} tokenization ran", tokenized.0);
+}

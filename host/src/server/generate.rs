@@ -121,28 +121,25 @@ enum Parsed {
 }
 
 impl Parsed {
-    /// Whether validating compiles a grammar (structured outputs, tools): milliseconds of CPU,
-    /// run off the async workers.
-    fn compiles_grammar(&self) -> bool {
-        let params = match self {
-            Parsed::Completion(r) => &r.params,
-            Parsed::Chat(r) => &r.params,
-        };
-        let e = &params.extra;
-        [&e.response_format, &e.structured_outputs, &e.guided_json, &e.guided_regex, &e.guided_choice, &e.guided_grammar, &e.tools]
-            .iter()
-            .any(|f| f.as_ref().is_some_and(|v| !v.is_null()))
+    /// Parses a request body as `kind` and validates it (tokenizing, rendering the chat template,
+    /// compiling grammars): CPU work, run on the bounded pool (`AppState::run_blocking`).
+    async fn parse_and_validate(state: &Arc<AppState>, kind: Kind, body: RequestBody) -> Result<(Parsed, ValidRequest), ApiError> {
+        state
+            .run_blocking(move |state| {
+                let parsed = match kind {
+                    Kind::Completion => Parsed::Completion(api::parse_json(&body.0)?),
+                    Kind::Chat => Parsed::Chat(api::parse_json(&body.0)?),
+                };
+                let valid = parsed.validate(state)?;
+                Ok((parsed, valid))
+            })
+            .await?
     }
 
-    /// `validate`, on a blocking thread when it compiles a grammar.
+    /// `validate` on the bounded pool.
     async fn validate_off_workers(&self, state: &Arc<AppState>) -> Result<ValidRequest, ApiError> {
-        if !self.compiles_grammar() {
-            return self.validate(state);
-        }
-        let (parsed, state) = (self.clone(), state.clone());
-        tokio::task::spawn_blocking(move || parsed.validate(&state))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("validation task failed: {e}"), None, "internal"))?
+        let parsed = self.clone();
+        state.run_blocking(move |state| parsed.validate(state)).await?
     }
 
     fn validate(&self, state: &AppState) -> Result<ValidRequest, ApiError> {
@@ -214,11 +211,7 @@ fn filter_params(valid: &ValidRequest) -> FilterParams {
 impl Generation {
     async fn start(state: Arc<AppState>, kind: Kind, headers: &HeaderMap, body: RequestBody) -> Result<Self, ApiError> {
         let started = Instant::now();
-        let mut parsed = match kind {
-            Kind::Completion => Parsed::Completion(api::parse_json(&body.0)?),
-            Kind::Chat => Parsed::Chat(api::parse_json(&body.0)?),
-        };
-        let mut valid = parsed.validate_off_workers(&state).await?;
+        let (mut parsed, mut valid) = Parsed::parse_and_validate(&state, kind, body).await?;
         let plugins = state.plugins.clone().filter(|p| !p.filters().is_empty());
         if let Some(registry) = &plugins {
             let before = filter_params(&valid);

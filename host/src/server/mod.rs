@@ -1,6 +1,8 @@
 //! The HTTP front end (axum on hyper): OpenAI-compatible routes, SSE streaming, health and
 //! Prometheus metrics. Handlers parse (`api`), validate (`validation`), submit to the engine
-//! (`engine::EngineHandle`) and render the engine's events; they never block.
+//! (`engine::EngineHandle`) and render the engine's events; they never block: parsing,
+//! tokenizing and validating run on tokio's blocking threads, a bounded number at once
+//! (`AppState::run_blocking`).
 //!
 //! Ownership rule that makes cancellation work: a handler's future (non-streaming) or its response
 //! body stream (streaming) owns the `RequestStream`s of its engine requests, so a client that goes
@@ -55,9 +57,34 @@ pub struct AppState {
     pub body_read_timeout: std::time::Duration,
     /// Loaded plugins: request filters run before submission, output filters on each delta.
     pub plugins: Option<Arc<PluginRegistry>>,
+    /// Requests' CPU work (parsing, tokenizing, chat templates, grammars) running at once
+    /// (`run_blocking`); the machine's cores by default.
+    pub cpu_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
+    /// Permits for `cpu_slots`: one per core.
+    pub fn default_cpu_slots() -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+    }
+
+    /// Runs a request's CPU work on tokio's blocking threads, at most `cpu_slots` at once (more
+    /// wait their turn), so that a huge prompt never stalls the async workers: other streams,
+    /// `/health` and `/metrics` keep going (TGI's validation workers do the same).
+    pub async fn run_blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&AppState) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = self.cpu_slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&state)
+        })
+        .await
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("request work failed: {e}"), None, "internal"))
+    }
+
     /// A request's `model` must be absent or the served name.
     pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {

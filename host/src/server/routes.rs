@@ -39,11 +39,16 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     })
 }
 
+/// `/tokenize`: parsing and tokenizing on the bounded pool (`AppState::run_blocking`).
 pub async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: RequestBody,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let request: TokenizeRequest = api::parse_json(&body.0)?;
+    state.run_blocking(move |state| tokenize_body(state, &body.0)).await?.map(Json)
+}
+
+fn tokenize_body(state: &AppState, body: &[u8]) -> Result<TokenizeResponse, ApiError> {
+    let request: TokenizeRequest = api::parse_json(body)?;
     let v = &state.validator;
     let (tokens, model, return_strs) = match request {
         TokenizeRequest::Chat { messages, model, add_generation_prompt, add_special_tokens, return_token_strs } => {
@@ -63,19 +68,24 @@ pub async fn tokenize(
     let token_strs = return_strs
         .unwrap_or(false)
         .then(|| tokens.iter().map(|&t| state.tokenizer.id_to_token(t).unwrap_or_default()).collect());
-    Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len: v.max_model_len(), tokens, token_strs }))
+    Ok(TokenizeResponse { count: tokens.len(), max_model_len: v.max_model_len(), tokens, token_strs })
 }
 
+/// `/detokenize`, on the bounded pool like `/tokenize`.
 pub async fn detokenize(
     State(state): State<Arc<AppState>>,
     body: RequestBody,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let request: DetokenizeRequest = api::parse_json(&body.0)?;
+    state.run_blocking(move |state| detokenize_body(state, &body.0)).await?.map(Json)
+}
+
+fn detokenize_body(state: &AppState, body: &[u8]) -> Result<DetokenizeResponse, ApiError> {
+    let request: DetokenizeRequest = api::parse_json(body)?;
     state.check_model(request.model.as_deref())?;
     state.validator.check_ids("tokens", &request.tokens)?;
     let prompt = state
         .tokenizer
         .decode(&request.tokens, false)
         .map_err(|e| ApiError::bad_request(format!("`tokens`: {e}"), Some("tokens")))?;
-    Ok(Json(DetokenizeResponse { prompt }))
+    Ok(DetokenizeResponse { prompt })
 }
