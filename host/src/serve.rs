@@ -164,6 +164,9 @@ pub struct ServeArgs {
     /// Threads of the async runtime that serves HTTP. Default: the machine's cores, at most 8.
     #[arg(long, env = "PAGEDSERVE_HTTP_WORKERS")]
     http_workers: Option<usize>,
+    /// Testing aid: every forward pass fails once this many have run.
+    #[arg(long, hide = true, env = "PAGEDSERVE_INJECT_FORWARD_FAULT")]
+    inject_forward_fault: Option<usize>,
 }
 
 /// A non-negative, finite number of seconds from a flag.
@@ -292,6 +295,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Box::new(backend)
         }
         None => Box::new(CpuBackend::new(cpu_model.expect("loaded for the CPU"), num_blocks, args.block_size)),
+    };
+    let backend = match args.inject_forward_fault {
+        Some(succeed) => {
+            tracing::warn!(succeed, "--inject-forward-fault: forward passes fail after this many");
+            Box::new(pagedserve::runner::FaultyBackend::new(backend, succeed))
+        }
+        None => backend,
     };
     let engine_config = EngineConfig {
         scheduler: SchedulerConfig {

@@ -301,3 +301,36 @@ fn a_huge_prompt_does_not_stall_the_server() {
     // Tokenizing on an async worker stalled /health for the whole tokenization (1-3 s).
     assert!(worst < Duration::from_millis(500), "/health took {worst:?} while a {:?} tokenization ran", tokenized.0);
 }
+
+#[test]
+fn a_failing_forward_pass_ends_every_affected_stream_and_turns_health_503() {
+    // Forward passes fail once three have run.
+    let server = Server::start(&["--inject-forward-fault", "3"]);
+    let greedy = json!({"prompt": "Once upon a time", "max_tokens": 2, "temperature": 0, "ignore_eos": true});
+    assert_eq!(server.post_ok("/v1/completions", &greedy)["usage"]["completion_tokens"], 2);
+    assert_eq!(server.get("/health").status, 200);
+    // Two streams at once: their second step is the fourth forward, which fails.
+    let long = json!({"prompt": "Count to ten:", "max_tokens": 50, "temperature": 0, "ignore_eos": true});
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| server.stream("/v1/completions", &long));
+        let b = scope.spawn(|| server.stream("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for chunks in [&a, &b] {
+        // `stream` returned, so `[DONE]` came; the last chunk before it is the error.
+        let last = chunks.last().expect("chunks");
+        assert!(last["error"]["message"].as_str().unwrap().contains("injected fault"), "{chunks:?}");
+        assert_eq!(last["error"]["code"], 500);
+    }
+    let reply = server.post("/v1/completions", &greedy);
+    assert_eq!(reply.status, 500, "{}", reply.body);
+    let health = server.get("/health");
+    assert_eq!(health.status, 503);
+    assert!(health.body.contains("injected fault"), "{}", health.body);
+    // Nothing held: every KV block is free again, nothing is waiting or running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("pagedserve_kv_cache_usage_perc") > 0.0 || server.metric("pagedserve_num_requests_running") > 0.0 {
+        assert!(Instant::now() < deadline, "blocks or requests left after the fault:\n{}", server.get("/metrics").body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -89,6 +89,9 @@ pub struct EngineCore {
     /// Per constraint plugin, the sequences it has been asked about (so that it hears when they
     /// are over).
     constraint_seqs: BTreeMap<String, HashSet<SeqId>>,
+    /// Why the last forward pass failed, if it did (cleared by the next that succeeds): the
+    /// server reports itself unhealthy meanwhile.
+    forward_failure: Option<String>,
 }
 
 /// Tokens of a sequence's recent past a sampler plugin sees.
@@ -122,7 +125,13 @@ impl EngineCore {
             last_prefix_stats: Default::default(),
             plugins: None,
             constraint_seqs: BTreeMap::new(),
+            forward_failure: None,
         }
+    }
+
+    /// Why the last forward pass failed, while no later one has succeeded.
+    pub fn forward_failure(&self) -> Option<&str> {
+        self.forward_failure.as_deref()
     }
 
     pub fn has_work(&self) -> bool {
@@ -314,6 +323,7 @@ impl EngineCore {
         for &(name, time) in self.backend.step_phases() {
             metrics.engine_step_phase.with_label_values(&[name]).observe(time.as_secs_f64());
         }
+        self.forward_failure = forward.as_ref().err().map(|e| e.to_string());
         match forward {
             Ok(results) => {
                 let process_started = Instant::now();

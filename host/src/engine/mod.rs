@@ -90,6 +90,8 @@ struct Shared {
     /// the engine (see `run`).
     waiting: AtomicUsize,
     alive: AtomicBool,
+    /// Why the engine's last forward pass failed, while no later one has succeeded.
+    forward_failure: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -147,7 +149,12 @@ impl EngineHandle {
         config: EngineConfig,
     ) -> (EngineHandle, JoinHandle<()>) {
         let (commands, inbox) = mpsc::channel();
-        let shared = Arc::new(Shared { next_id: AtomicU64::new(1), waiting: AtomicUsize::new(0), alive: AtomicBool::new(true) });
+        let shared = Arc::new(Shared {
+            next_id: AtomicU64::new(1),
+            waiting: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+            forward_failure: Default::default(),
+        });
         let scheduler = Scheduler::new(config.scheduler, policy);
         let core = EngineCore::new(backend, tokenizer, metrics, scheduler, config.prefix_caching, config.max_model_len);
         let thread_shared = shared.clone();
@@ -165,6 +172,16 @@ impl EngineHandle {
 
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// Why the engine is not fit to serve, if it is not: its thread is gone, or its last forward
+    /// pass failed (until one succeeds).
+    pub fn unhealthy(&self) -> Option<String> {
+        if !self.is_alive() {
+            return Some("the engine is not running".into());
+        }
+        let failure = self.shared.forward_failure.lock().unwrap_or_else(|e| e.into_inner());
+        failure.as_ref().map(|e| format!("the engine's last forward pass failed: {e}"))
     }
 
     /// Queues a request. Refused when the waiting queue is full or the engine is down.
@@ -280,6 +297,11 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
         });
         if !published {
             count.publish(core.num_waiting_requests(), taken);
+        }
+        let failure = core.forward_failure().map(str::to_string);
+        let mut shared_failure = shared.forward_failure.lock().unwrap_or_else(|e| e.into_inner());
+        if *shared_failure != failure {
+            *shared_failure = failure;
         }
     }));
     shared.alive.store(false, Ordering::Release);

@@ -87,3 +87,55 @@ impl ModelBackend for CpuBackend {
         &self.step_phases
     }
 }
+
+/// A backend whose forward passes fail once `succeed` of them have run (`serve
+/// --inject-forward-fault N`, hidden: a testing aid, so that the engine's failure paths run
+/// against the real model and the real server).
+pub struct FaultyBackend {
+    inner: Box<dyn ModelBackend>,
+    succeed: usize,
+}
+
+impl FaultyBackend {
+    pub fn new(inner: Box<dyn ModelBackend>, succeed: usize) -> Self {
+        FaultyBackend { inner, succeed }
+    }
+
+    fn pass(&mut self) -> Result<(), ModelError> {
+        match self.succeed.checked_sub(1) {
+            Some(left) => {
+                self.succeed = left;
+                Ok(())
+            }
+            None => Err(ModelError::Input("injected fault (--inject-forward-fault)".into())),
+        }
+    }
+}
+
+impl ModelBackend for FaultyBackend {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    fn kv_layout(&self) -> &KvCacheLayout {
+        self.inner.kv_layout()
+    }
+
+    fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {
+        self.inner.copy_blocks(copies)
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
+        self.pass()?;
+        self.inner.forward(batch)
+    }
+
+    fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        self.pass()?;
+        self.inner.forward_sampled(batch, rows)
+    }
+
+    fn step_phases(&self) -> &[(&'static str, Duration)] {
+        self.inner.step_phases()
+    }
+}

@@ -5,5 +5,5 @@ mod backend;
 mod batch;
 pub mod generate;
 
-pub use self::backend::{CpuBackend, ModelBackend};
+pub use self::backend::{CpuBackend, FaultyBackend, ModelBackend};
 pub use self::batch::{BatchError, ForwardBatch, SeqInBatch};

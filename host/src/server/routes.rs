@@ -12,12 +12,11 @@ use super::error::ApiError;
 use super::AppState;
 use crate::api::{self, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
 
-/// 200 while the engine thread runs, 503 once it is gone.
+/// 200 while the engine runs and its last forward pass succeeded; 503 (saying why) otherwise.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.engine.is_alive() {
-        StatusCode::OK.into_response()
-    } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine is not running", None, "unavailable").into_response()
+    match state.engine.unhealthy() {
+        None => StatusCode::OK.into_response(),
+        Some(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, None, "unavailable").into_response(),
     }
 }
 
