@@ -53,6 +53,11 @@ const FAILURE_LABELS: [&str; 12] = [
 
 /// Default ceiling of `--max-model-len` (the model's own context may be larger).
 const DEFAULT_MAX_MODEL_LEN_CAP: usize = 8192;
+/// Default token budget of an engine step on the GPU.
+const DEFAULT_GPU_STEP_TOKENS: usize = 2048;
+/// ... and on the CPU, where a step of 2048 prompt tokens takes 12-20 s on two cores (every
+/// stream waits that long); 128 keeps a step near a second.
+const DEFAULT_CPU_STEP_TOKENS: usize = 128;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -85,8 +90,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PAGEDSERVE_MAX_NUM_SEQS", default_value_t = 64)]
     max_num_seqs: usize,
     /// Most tokens computed in one engine step (prefill chunks plus decode tokens).
-    #[arg(long, env = "PAGEDSERVE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
-    max_num_batched_tokens: usize,
+    /// Token budget of one engine step. Default: 2048 on the GPU; on the CPU 128, so that a long
+    /// prompt is prefilled in chunks of about a second and other streams keep moving.
+    #[arg(long, env = "PAGEDSERVE_MAX_NUM_BATCHED_TOKENS")]
+    max_num_batched_tokens: Option<usize>,
     /// Most requests waiting to start; more are refused with 429.
     #[arg(long, env = "PAGEDSERVE_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
@@ -185,7 +192,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         Device::Auto => pagedserve::cuda::is_available(),
     };
-    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+    let max_num_batched_tokens = args.max_num_batched_tokens.unwrap_or(if use_cuda {
+        DEFAULT_GPU_STEP_TOKENS
+    } else {
+        DEFAULT_CPU_STEP_TOKENS
+    });
+    if args.block_size == 0 || args.max_num_seqs == 0 || max_num_batched_tokens == 0 {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
     }
     if args.max_connections == 0 || args.http_workers == Some(0) {
@@ -248,7 +260,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The blocks one sequence of --max-model-len holds at once: all of them, or with a window on
     // every layer, the window and the largest chunk plus a partial block at each end (blocks
     // before the window are given back as it advances).
-    let span = config.all_layers_sliding().map_or(max_model_len, |window| (window + args.max_num_batched_tokens).min(max_model_len));
+    let span = config.all_layers_sliding().map_or(max_model_len, |window| (window + max_num_batched_tokens).min(max_model_len));
     let needed = span.div_ceil(args.block_size) + usize::from(span < max_model_len) * 2;
     if num_blocks < needed {
         bail!(
@@ -306,7 +318,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine_config = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_seqs: args.max_num_seqs,
-            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_num_batched_tokens,
         },
         max_model_len,
         max_queue: args.max_queue,

@@ -334,3 +334,48 @@ fn a_failing_forward_pass_ends_every_affected_stream_and_turns_health_503() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_long_prompt_on_the_cpu_is_prefilled_in_short_steps() {
+    // The CPU default budget (128 tokens a step), not the GPU's 2048.
+    let server = Server::start(&["--max-model-len", "2048"]);
+    let host = server.address().to_string();
+    // A stream that is decoding while the long prompt comes in: its tokens keep arriving.
+    let mut stream = std::net::TcpStream::connect(&host).unwrap();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
+    write!(stream, "POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (gaps, long) = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut arrivals = Vec::new();
+            let mut buffer = [0u8; 8192];
+            while let Ok(n @ 1..) = stream.read(&mut buffer) {
+                arrivals.push((Instant::now(), String::from_utf8_lossy(&buffer[..n]).matches("data: ").count()));
+            }
+            arrivals
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let prompt = "The history of the river valley is long and full of change. ".repeat(85);
+        let started = Instant::now();
+        let answer = server.post_ok("/v1/completions", &json!({"prompt": prompt, "max_tokens": 1}));
+        let long = (started, Instant::now(), answer["usage"]["prompt_tokens"].as_u64().unwrap());
+        let arrivals = reader.join().unwrap();
+        // Gaps between the stream's chunks while the long prompt was being prefilled.
+        let during: Vec<Instant> = arrivals.iter().filter(|(t, n)| *n > 0 && *t >= long.0 && *t <= long.1).map(|(t, _)| *t).collect();
+        let gaps: Vec<Duration> = during.windows(2).map(|w| w[1] - w[0]).collect();
+        (gaps, long)
+    });
+    assert!(long.2 > 900, "prompt tokens {}", long.2);
+    // No step computed more than 128 tokens (the histogram's bucket `le="128"` holds them all).
+    let scrape = server.scrape();
+    let histogram = scrape.samples.iter().find(|s| s.metric == "pagedserve_iteration_tokens_total").expect("histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &histogram.value else { panic!("not a histogram") };
+    let total = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+    let at_most_128 = buckets.iter().find(|b| b.less_than == 128.0).unwrap().count;
+    assert_eq!(at_most_128, total, "{buckets:?}");
+    // A 2048-token step stalled every stream for the whole prompt (12-20 s on two cores).
+    let worst = gaps.iter().max().copied().unwrap_or_default();
+    let took = long.1 - long.0;
+    assert!(gaps.len() >= 3, "the stream moved only {} times during a {took:?} prefill", gaps.len());
+    assert!(worst < took / 2, "the stream stalled {worst:?} during a {took:?} prefill");
+}

@@ -310,6 +310,9 @@ impl EngineCore {
         }
         let mut plan = self.plan_samples(&output);
         scheduled(self);
+        // Published before the forward, which can take seconds on the CPU: /metrics shows this
+        // step's batch while it runs, not the last one's.
+        self.update_gauges();
         phase("schedule", started);
         if !self.constraint_seqs.is_empty() || plan.iter().any(|p| self.plugin_constrained(p)) {
             let asked = Instant::now();
