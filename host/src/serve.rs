@@ -332,7 +332,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sampler_deadline: std::time::Duration::from_millis(args.plugin_sampler_deadline_ms.max(1)),
         filter_deadline: std::time::Duration::from_millis(args.plugin_filter_deadline_ms.max(1)),
         constraint_deadline: std::time::Duration::from_millis(args.plugin_constraint_deadline_ms.max(1)),
-        max_memory_bytes: args.plugin_max_memory_mb.max(1) << 20,
+        max_memory_bytes: args
+            .plugin_max_memory_mb
+            .max(1)
+            .checked_mul(1 << 20)
+            .context("--plugin-max-memory-mb is larger than this machine's address space")?,
         max_component_bytes: args.plugin_max_component_bytes,
         ..PluginLimits::default()
     };

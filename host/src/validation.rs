@@ -278,7 +278,10 @@ impl Validator {
         };
         let n = self.n(&request.params)?;
         if let Some(best_of) = request.best_of {
-            if best_of as usize > n {
+            if best_of == 0 {
+                return Err(invalid("best_of", "must be at least 1"));
+            }
+            if best_of > n as u64 {
                 return Err(ValidationError::Unsupported {
                     field: "best_of",
                     message: format!("best_of ({best_of}) greater than n ({n}) is not implemented"),
@@ -740,6 +743,45 @@ mod tests {
             let e = text_messages(&messages).unwrap_err();
             assert_eq!(e.field(), "messages");
             assert!(e.to_string().contains(wanted), "{e}");
+        }
+    }
+
+    /// Every number a client sends, at its extremes: a clean answer naming the field (from the
+    /// parser or the validator) or an accepted request, never a wrap or a panic.
+    #[test]
+    fn client_numbers_at_their_extremes_never_wrap() {
+        let v = validator(64);
+        let extremes = ["0", "1", "-1", "4294967295", "4294967296", "18446744073709551615", "-9223372036854775808", "1e308", "-1e308", "0.5"];
+        let fields = [
+            "max_tokens", "max_completion_tokens", "n", "best_of", "logprobs", "top_k", "seed", "priority", "temperature", "top_p",
+            "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        ];
+        for field in fields {
+            for value in extremes {
+                let json = format!(r#"{{"prompt": "a", "{field}": {value}}}"#);
+                let request: Result<CompletionRequest, _> = parse_json(json.as_bytes());
+                match request {
+                    Err(e) => assert_eq!(e.param.as_deref(), Some(field), "{json}: {}", e.message),
+                    Ok(request) => match v.completion(request) {
+                        Ok(valid) => assert!(valid.requests[0].max_tokens + valid.requests[0].prompt_tokens.len() <= 64, "{json}"),
+                        Err(e) => assert_eq!(e.field(), field, "{json}: {e}"),
+                    },
+                }
+            }
+        }
+        for value in extremes {
+            let json = format!(r#"{{"prompt": "a", "logit_bias": {{"5": {value}}}}}"#);
+            if let Ok(request) = parse_json::<CompletionRequest>(json.as_bytes()) {
+                if let Err(e) = v.completion(request) {
+                    assert_eq!(e.field(), "logit_bias", "{json}: {e}");
+                }
+            }
+            let json = format!(r#"{{"messages": [{{"role": "user", "content": "a"}}], "logprobs": true, "top_logprobs": {value}}}"#);
+            if let Ok(request) = parse_json::<ChatCompletionRequest>(json.as_bytes()) {
+                if let Err(e) = v.chat(request) {
+                    assert_eq!(e.field(), "top_logprobs", "{json}: {e}");
+                }
+            }
         }
     }
 }
