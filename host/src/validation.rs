@@ -68,17 +68,18 @@ const CHAT_ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer
 /// The messages as the template sees them: every role checked, and list-valued content (text
 /// parts) joined into one string, since chat templates such as SmolLM2's only concatenate
 /// strings. A part that is not text (an image, audio) is refused: the models served read text.
-fn text_messages(messages: &[ChatMessage]) -> Result<Vec<ChatMessage>, ValidationError> {
+/// Borrowed as they are when no message has parts.
+fn text_messages(messages: &[ChatMessage]) -> Result<std::borrow::Cow<'_, [ChatMessage]>, ValidationError> {
+    if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str())) {
+        return Err(invalid("messages", format!("[{i}].role `{}` is not one of {}", m.role, CHAT_ROLES.join(", "))));
+    }
+    if !messages.iter().any(|m| matches!(m.content, ChatContent::Parts(_))) {
+        return Ok(std::borrow::Cow::Borrowed(messages));
+    }
     messages
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            if !CHAT_ROLES.contains(&m.role.as_str()) {
-                return Err(invalid(
-                    "messages",
-                    format!("[{i}].role `{}` is not one of {}", m.role, CHAT_ROLES.join(", ")),
-                ));
-            }
             let ChatContent::Parts(parts) = &m.content else { return Ok(m.clone()) };
             let mut texts = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {
@@ -95,7 +96,8 @@ fn text_messages(messages: &[ChatMessage]) -> Result<Vec<ChatMessage>, Validatio
             }
             Ok(ChatMessage { content: ChatContent::Text(texts.join("\n")), ..m.clone() })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .map(std::borrow::Cow::Owned)
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ValidationError {
@@ -373,7 +375,7 @@ impl Validator {
         if messages.is_empty() {
             return Err(invalid("messages", "must not be empty"));
         }
-        let messages = &text_messages(messages)?;
+        let messages = &*text_messages(messages)?;
         let calls = |m: &ChatMessage| m.extra.get("tool_calls").is_some_and(|v| !v.is_null());
         if let Some(i) = messages.iter().position(|m| m.content == ChatContent::Null && !(m.role == "assistant" && calls(m))) {
             return Err(invalid("messages", format!("[{i}] needs `content` (only an assistant turn with `tool_calls` may leave it out)")));

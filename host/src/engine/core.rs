@@ -311,8 +311,13 @@ impl EngineCore {
         let mut plan = self.plan_samples(&output);
         scheduled(self);
         // Published before the forward, which can take seconds on the CPU: /metrics shows this
-        // step's batch while it runs, not the last one's.
-        self.update_gauges();
+        // step's batch while it runs, not the last one's. Only when the batch changed (a prefill
+        // joined it, or a sequence was preempted): a steady decode batch is what the last
+        // step's end published, and the count walks every request.
+        let has_prefill = output.num_tokens > output.scheduled.len();
+        if has_prefill || !output.preempted.is_empty() {
+            self.update_gauges();
+        }
         phase("schedule", started);
         if !self.constraint_seqs.is_empty() || plan.iter().any(|p| self.plugin_constrained(p)) {
             let asked = Instant::now();
