@@ -13,3 +13,5 @@ eval "$(./scripts/fetch-nvrtc.sh)"
 ./scripts/fetch-pyclient.sh
 export PAGEDSERVE_REQUIRE_NVRTC=1 PAGEDSERVE_KERNEL_CACHE="$root/target/kernel-cache"
 cargo test --release --workspace "$@"
+# A fixed pass of every fuzz target (the same inputs every run: see scripts/fuzz.sh).
+./scripts/fuzz.sh --runs 100000

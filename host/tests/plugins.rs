@@ -16,7 +16,7 @@ use pagedserve::engine::{EngineConfig, EngineHandle, GenerateRequest, StreamEven
 use pagedserve::metrics::Metrics;
 use pagedserve::plugin::{
     FilterParams, FilterRequest, FilterVerdict, PluginKind, PluginLimits, PluginRegistry, PluginRuntime,
-    PluginsConfig, RegistryError, WasmScheduler,
+    PluginsConfig, RegistryError, WasmScheduler, MAX_VERSIONS,
 };
 use pagedserve::runner::CpuBackend;
 use pagedserve::sampling::SamplingParams;
@@ -225,6 +225,27 @@ fn the_registry_refuses_a_wrong_hash_a_wrong_world_an_oversized_or_invalid_uploa
     assert_eq!(active(), (Some(2), 2));
     registry.remove(PluginKind::Scheduler, "main", "t").unwrap();
     assert!(registry.list().is_empty());
+}
+
+#[test]
+fn a_slot_keeps_its_latest_versions_only() {
+    let (registry, _) = registry_with(PluginLimits::default());
+    let (fcfs, priority) = (component("fcfs"), component("priority"));
+    for i in 0..MAX_VERSIONS + 4 {
+        let bytes = if i % 2 == 0 { &fcfs } else { &priority };
+        registry.install(PluginKind::Scheduler, "main", bytes, None, "", "t").unwrap();
+    }
+    let info = registry.list().into_iter().find(|p| p.name == "main").unwrap();
+    let kept: Vec<u32> = info.versions.iter().map(|v| v.version).collect();
+    let newest = (MAX_VERSIONS + 4) as u32;
+    assert_eq!(kept, (newest - MAX_VERSIONS as u32 + 1..=newest).collect::<Vec<_>>(), "the oldest were dropped");
+    assert_eq!(info.active_version, Some(newest));
+    // Rollback walks back through the kept versions only, then leaves the slot inactive.
+    for expected in (newest - MAX_VERSIONS as u32 + 1..newest).rev() {
+        assert_eq!(registry.rollback(PluginKind::Scheduler, "main", "t").unwrap(), Some(expected));
+    }
+    assert_eq!(registry.rollback(PluginKind::Scheduler, "main", "t").unwrap(), None);
+    assert!(registry.activate(PluginKind::Scheduler, "main", 1, "t").is_err(), "version 1 is gone");
 }
 
 #[test]

@@ -33,6 +33,36 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// A plugin component built by `scripts/build-plugins.sh` (`plugins/dist/NAME.wasm`).
+pub fn plugin_component(name: &str) -> PathBuf {
+    let path = repo_root().join("plugins/dist").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run scripts/build-plugins.sh", path.display());
+    path
+}
+
+/// The bytes of [`plugin_component`]`(name)`.
+pub fn plugin_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(plugin_component(name)).unwrap()
+}
+
+/// Lower-case hex SHA-256 of `bytes` (the admin API's `x-sha256`).
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One entry of a plugins config: the component named `name`, with its `config`.
+pub fn plugin_entry(name: &str, config: Value) -> Value {
+    serde_json::json!({"name": name, "path": plugin_component(name), "config": config})
+}
+
+/// Writes a plugins config file (for `--plugins-config`) named after `test`; returns its path.
+pub fn plugins_config_file(test: &str, config: &Value) -> String {
+    let path = std::env::temp_dir().join(format!("pagedserve-plugins-{}-{test}.json", std::process::id()));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path.display().to_string()
+}
+
 /// `shared/reference/smollm2_subset.json` (`$PAGEDSERVE_REFERENCE` overrides).
 pub fn reference() -> Value {
     let path = match std::env::var("PAGEDSERVE_REFERENCE") {
@@ -234,6 +264,42 @@ impl Server {
         let mut response = Vec::new();
         let _ = socket.read_to_end(&mut response);
         String::from_utf8_lossy(&response).into_owned()
+    }
+
+    /// Opens a connection and sends a JSON POST of `body` to `path` without reading anything:
+    /// the caller reads the answer, or hangs up.
+    pub fn open_post(&self, path: &str, body: &Value) -> std::net::TcpStream {
+        use std::io::Write;
+        let address = self.address();
+        let mut socket = std::net::TcpStream::connect(address).expect("connecting");
+        let body = body.to_string();
+        write!(
+            socket,
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("sending");
+        socket
+    }
+
+    /// Polls `/metrics` until the KV-cache usage is back to `baseline`, or fails after `within`.
+    pub fn wait_for_kv_usage(&self, baseline: f64, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let usage = self.metric("pagedserve_kv_cache_usage_perc");
+            if usage <= baseline {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "KV usage stuck at {usage} (baseline {baseline}):\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The server's process id (the child of the `sh` wrapper).
+    pub fn pid(&self) -> u32 {
+        let wrapper = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children")).expect("reading the wrapper's children");
+        children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the server process")
     }
 
     /// `127.0.0.1:PORT`

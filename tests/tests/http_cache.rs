@@ -1,7 +1,7 @@
 //! KV-cache behaviour seen through HTTP on the real model: automatic prefix caching of a shared
 //! system prompt, and blocks coming back when a client disconnects mid-request.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use pagedserve_tests::Server;
@@ -34,32 +34,6 @@ fn a_shared_system_prompt_hits_the_prefix_cache_with_identical_output() {
     assert_eq!(uncached.metric("pagedserve_prefix_cache_hits_total"), 0.0);
 }
 
-/// Polls `/metrics` until the KV-cache usage is back to `baseline` (or fails after 10 s).
-fn wait_for_kv_usage(server: &Server, baseline: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let usage = server.metric("pagedserve_kv_cache_usage_perc");
-        if usage <= baseline {
-            return;
-        }
-        assert!(Instant::now() < deadline, "KV usage stuck at {usage} (baseline {baseline}):\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn send(server: &Server, path: &str, body: &serde_json::Value) -> std::net::TcpStream {
-    let address = server.base.trim_start_matches("http://");
-    let mut socket = std::net::TcpStream::connect(address).unwrap();
-    let body = body.to_string();
-    write!(
-        socket,
-        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    socket
-}
-
 #[test]
 fn a_client_that_disconnects_gives_its_blocks_back() {
     let server = Server::start(&[]);
@@ -70,7 +44,7 @@ fn a_client_that_disconnects_gives_its_blocks_back() {
     let long = json!({"prompt": "Write a very long essay about the sea.", "max_tokens": 2000, "ignore_eos": true, "stream": true});
 
     // Streaming: read a few chunks, then hang up.
-    let socket = send(&server, "/v1/completions", &long);
+    let socket = server.open_post("/v1/completions", &long);
     let mut reader = BufReader::new(socket);
     let mut data_lines = 0;
     let mut line = String::new();
@@ -83,13 +57,13 @@ fn a_client_that_disconnects_gives_its_blocks_back() {
     }
     assert!(server.metric("pagedserve_kv_cache_usage_perc") > baseline, "the request holds blocks while it runs");
     drop(reader);
-    wait_for_kv_usage(&server, baseline);
+    server.wait_for_kv_usage(baseline, Duration::from_secs(10));
     assert_eq!(aborted(), 1.0);
 
     // Non-streaming: the handler owns the request, so hanging up aborts it too.
     let mut long = long.clone();
     long["stream"] = false.into();
-    let socket = send(&server, "/v1/completions", &long);
+    let socket = server.open_post("/v1/completions", &long);
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.metric("pagedserve_kv_cache_usage_perc") <= baseline {
         assert!(Instant::now() < deadline, "the non-streamed request never started");
@@ -97,7 +71,7 @@ fn a_client_that_disconnects_gives_its_blocks_back() {
     }
     std::thread::sleep(Duration::from_millis(300));
     drop(socket);
-    wait_for_kv_usage(&server, baseline);
+    server.wait_for_kv_usage(baseline, Duration::from_secs(10));
     assert_eq!(aborted(), 2.0);
     assert!(server.log().contains("client went away"), "{}", server.log());
 }

@@ -3,38 +3,10 @@
 //! plugin as it was, a scheduler uploaded over HTTP, and scheduler swaps while streaming requests
 //! run, with every output identical to its run alone; constraint plugins named by requests.
 
-use std::path::PathBuf;
-
-use pagedserve_tests::{repo_root, stream_text, Server};
+use pagedserve_tests::{plugin_bytes as bytes, plugin_entry as entry, plugins_config_file as config_file, sha256, stream_text, Server};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "test-admin-token";
-
-fn component(name: &str) -> PathBuf {
-    let path = repo_root().join("plugins/dist").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run scripts/build-plugins.sh", path.display());
-    path
-}
-
-fn bytes(name: &str) -> Vec<u8> {
-    std::fs::read(component(name)).unwrap()
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Writes a plugins config file (for `--plugins-config`) and returns its path.
-fn config_file(test: &str, config: &Value) -> String {
-    let path = std::env::temp_dir().join(format!("pagedserve-plugins-{}-{test}.json", std::process::id()));
-    std::fs::write(&path, config.to_string()).unwrap();
-    path.display().to_string()
-}
-
-fn entry(name: &str, config: Value) -> Value {
-    json!({"name": name, "path": component(name), "config": config})
-}
 
 /// The sum of a metric's series whose label `name` is `plugin`.
 fn plugin_metric(server: &Server, metric: &str, plugin: &str) -> f64 {

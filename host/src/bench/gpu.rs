@@ -372,7 +372,7 @@ pub fn decode_step_ms(
 
 /// The Llama-3.1-8B shape (for dummy weights).
 pub fn llama_8b_config() -> ModelConfig {
-    let mut c = ModelConfig::dense(crate::model::Arch::Llama, 4096, 14336, 32, 32, 8, 128, 128_256);
+    let mut c = ModelConfig::dense(crate::model::Arch::Llama, 4096, 14336, 32, 32, 8, 128, 128_256).expect("the 8B shape is within the limits");
     c.rms_norm_eps = 1e-5;
     c.rope_theta = 500_000.0;
     c.rope_scaling = Some(crate::model::RopeScaling::Llama3 {

@@ -144,9 +144,36 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// The largest value each size may have: far above any released model, low enough that what is
+/// sized from them (per-layer tables, parameter counts, the KV cache plan) cannot overflow or
+/// exhaust memory before the weights are even looked at.
+pub const SIZE_LIMITS: [(&str, usize); 11] = [
+    ("hidden_size", 1 << 17),
+    ("intermediate_size", 1 << 20),
+    ("num_hidden_layers", 1 << 12),
+    ("num_attention_heads", 1 << 12),
+    ("num_key_value_heads", 1 << 12),
+    ("head_dim", 1 << 13),
+    ("vocab_size", 1 << 23),
+    ("max_position_embeddings", 1 << 24),
+    ("sliding_window", 1 << 24),
+    ("num_experts", 1 << 12),
+    ("moe_intermediate_size", 1 << 20),
+];
+
+fn check_size(name: &str, value: usize) -> Result<(), ModelError> {
+    let limit = SIZE_LIMITS.iter().find(|(n, _)| *n == name).map_or(usize::MAX, |(_, l)| *l);
+    if value > limit {
+        return Err(ModelError::Config(format!("`{name}` is {value}, more than this server supports ({limit})")));
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// A Llama-shaped configuration with every optional feature off: the starting point the
     /// architecture files refine.
+    /// Every size is checked against `SIZE_LIMITS` first: a configuration comes from a file, and
+    /// per-layer tables are allocated from it before `validate` runs.
     #[allow(clippy::too_many_arguments)]
     pub fn dense(
         architecture: Arch,
@@ -157,8 +184,19 @@ impl ModelConfig {
         num_key_value_heads: usize,
         head_dim: usize,
         vocab_size: usize,
-    ) -> Self {
-        ModelConfig {
+    ) -> Result<Self, ModelError> {
+        for (name, value) in [
+            ("hidden_size", hidden_size),
+            ("intermediate_size", intermediate_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("num_key_value_heads", num_key_value_heads),
+            ("head_dim", head_dim),
+            ("vocab_size", vocab_size),
+        ] {
+            check_size(name, value)?;
+        }
+        Ok(ModelConfig {
             architecture,
             hidden_size,
             intermediate_size,
@@ -188,7 +226,7 @@ impl ModelConfig {
             moe: None,
             bos_token_id: None,
             eos_token_ids: Vec::new(),
-        }
+        })
     }
 
     pub fn q_size(&self) -> usize {
@@ -279,6 +317,14 @@ impl ModelConfig {
             if value == 0 {
                 return Err(ModelError::Config(format!("`{name}` must be positive, got 0")));
             }
+            check_size(name, value)?;
+        }
+        if let Some(window) = self.sliding_window {
+            check_size("sliding_window", window)?;
+        }
+        if let Some(moe) = &self.moe {
+            check_size("num_experts", moe.num_experts)?;
+            check_size("moe_intermediate_size", moe.expert_intermediate_size)?;
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ModelError::Config(format!(
@@ -329,8 +375,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_past_the_limits_are_refused_before_anything_is_allocated() {
+        // Found by the `gguf` fuzz target: `llama.block_count` = 4,278,156,289 made `dense`
+        // allocate a 4 GB table of layer types.
+        let err = ModelConfig::dense(Arch::Llama, 8, 16, 0xFEFF_7C01, 2, 1, 4, 10).unwrap_err().to_string();
+        assert!(err.contains("`num_hidden_layers` is 4278156289"), "{err}");
+        assert!(ModelConfig::dense(Arch::Llama, 1 << 20, 16, 2, 2, 1, 4, 10).is_err());
+        assert!(ModelConfig::dense(Arch::Llama, 8, 16, 2, 2, 1, 4, usize::MAX).is_err());
+        let mut c = ModelConfig::dense(Arch::Llama, 8, 16, 2, 2, 1, 4, 10).unwrap();
+        c.max_position_embeddings = usize::MAX;
+        assert!(c.validate().unwrap_err().to_string().contains("max_position_embeddings"));
+        // The largest released shapes pass.
+        ModelConfig::dense(Arch::Llama, 16_384, 53_248, 126, 128, 8, 128, 128_256).unwrap().validate().unwrap();
+    }
+
+    #[test]
     fn layer_attention_follows_layer_types() {
-        let mut c = ModelConfig::dense(Arch::Gemma3, 8, 16, 3, 2, 1, 4, 10);
+        let mut c = ModelConfig::dense(Arch::Gemma3, 8, 16, 3, 2, 1, 4, 10).unwrap();
         c.sliding_window = Some(5);
         c.rope_local_theta = Some(10_000.0);
         c.layer_types = vec![LayerType::Sliding, LayerType::Sliding, LayerType::Full];
@@ -348,9 +409,9 @@ mod tests {
 
     #[test]
     fn moe_parameters_count_every_expert_and_active_ones_only_top_k() {
-        let mut c = ModelConfig::dense(Arch::Qwen3Moe, 8, 16, 2, 2, 1, 4, 10);
+        let mut c = ModelConfig::dense(Arch::Qwen3Moe, 8, 16, 2, 2, 1, 4, 10).unwrap();
         c.moe = Some(MoeConfig { num_experts: 4, top_k: 2, expert_intermediate_size: 6, norm_topk_prob: true, dense_layers: vec![1] });
-        let dense = ModelConfig::dense(Arch::Llama, 8, 16, 2, 2, 1, 4, 10);
+        let dense = ModelConfig::dense(Arch::Llama, 8, 16, 2, 2, 1, 4, 10).unwrap();
         // Layer 0: 4 experts of 3*8*6 plus a 4x8 router instead of a 3*8*16 MLP.
         assert_eq!(c.num_parameters(), dense.num_parameters() - 3 * 8 * 16 + 4 * 3 * 8 * 6 + 4 * 8);
         assert_eq!(c.num_active_parameters(), c.num_parameters() - 2 * 3 * 8 * 6);

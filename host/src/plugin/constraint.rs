@@ -1,12 +1,13 @@
 //! The constraint seam's host side: starting each sequence in the live instance (once per
 //! instance: a fresh one after a fault starts them again), one `next` call per step for every
-//! sequence of the plugin, ending sequences that are over, and validation of every mask (one per
+//! sequence of the plugin, ending sequences that are over, and every mask checked by `answers` (one per
 //! step, not empty, inside the vocabulary) before it reaches a sampler.
 
 use std::collections::HashSet;
 
 use llguidance::toktrie::SimpleVob;
 
+use super::answers;
 use super::bindings::types;
 use super::slot::{CallFailure, Live, PluginSlot};
 use super::PluginError;
@@ -34,43 +35,6 @@ pub struct ConstraintStep {
 /// The plugin's answer for one sequence: the tokens allowed next (`mask_width` wide, the
 /// logits row's width), or the plugin's refusal to start it.
 pub type StepMask = Result<SimpleVob, String>;
-
-/// Checks a mask and spreads it over `mask_width` ids (`vocab` of them may be allowed; the rest
-/// pad the model's embedding).
-fn to_vob(mask: types::TokenMask, vocab: u32, mask_width: usize) -> Result<SimpleVob, String> {
-    let mut vob = SimpleVob::alloc(mask_width.max(vocab as usize));
-    match mask {
-        types::TokenMask::All => vob.allow_range(0..=vocab.saturating_sub(1)),
-        types::TokenMask::Ranges(ranges) => {
-            for (start, end) in ranges {
-                if start >= end || end > vocab {
-                    return Err(format!("range [{start}, {end}) is empty or outside the vocabulary of {vocab}"));
-                }
-                vob.allow_range(start..=end - 1);
-            }
-        }
-        types::TokenMask::Bits(words) => {
-            if words.len() > (vocab as usize).div_ceil(32) {
-                return Err(format!("a bitset of {} words is longer than the vocabulary of {vocab}", words.len()));
-            }
-            for (index, &word) in words.iter().enumerate() {
-                let mut rest = word;
-                while rest != 0 {
-                    let token = index as u32 * 32 + rest.trailing_zeros();
-                    if token >= vocab {
-                        return Err(format!("token {token} is outside the vocabulary of {vocab}"));
-                    }
-                    vob.allow_token(token);
-                    rest &= rest - 1;
-                }
-            }
-        }
-    }
-    if vob.is_zero() {
-        return Err("the mask allows no token".into());
-    }
-    Ok(vob)
-}
 
 impl PluginSlot {
     /// One step of constraint plugin `self`: ends the sequences in `ended`, starts those of
@@ -130,7 +94,7 @@ impl PluginSlot {
             }
             let mut checked = Vec::with_capacity(masks.len());
             for (mask, step) in masks.drain(..).zip(&asked) {
-                let vob = to_vob(mask, vocab, mask_width).map_err(|e| CallFailure::Invalid(format!("sequence {}: {e}", step.id)))?;
+                let vob = answers::token_mask(mask, vocab, mask_width).map_err(|e| CallFailure::Invalid(format!("sequence {}: {e}", step.id)))?;
                 checked.push(vob);
             }
             let mut checked = checked.into_iter();
@@ -141,28 +105,3 @@ impl PluginSlot {
 
 /// The sequences a live constraint instance has started.
 pub(crate) type Started = HashSet<SeqId>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_are_checked_and_spread_over_the_row() {
-        let vob = to_vob(types::TokenMask::Ranges(vec![(1, 3), (7, 8)]), 10, 16).unwrap();
-        assert_eq!(vob.to_list(), vec![1, 2, 7]);
-        assert_eq!(vob.len(), 16, "as wide as the logits row");
-        let vob = to_vob(types::TokenMask::Bits(vec![0b1001]), 10, 16).unwrap();
-        assert_eq!(vob.to_list(), vec![0, 3]);
-        assert_eq!(to_vob(types::TokenMask::All, 10, 16).unwrap().to_list(), (0..10).collect::<Vec<u32>>(), "padding ids stay out");
-        for bad in [
-            types::TokenMask::Ranges(vec![]),
-            types::TokenMask::Ranges(vec![(3, 3)]),
-            types::TokenMask::Ranges(vec![(5, 11)]),
-            types::TokenMask::Bits(vec![0]),
-            types::TokenMask::Bits(vec![1 << 10]),
-            types::TokenMask::Bits(vec![1, 1]),
-        ] {
-            assert!(to_vob(bad.clone(), 10, 16).is_err(), "{bad:?}");
-        }
-    }
-}

@@ -1,7 +1,8 @@
 //! The filter seam's host side, for the HTTP layer: a request as filters see it, their verdicts,
-//! and validation of what they answer (an error status, a bounded message, sane parameters). A
+//! their answers checked by `answers` (an error status, a bounded message, sane parameters). A
 //! fault fails the request closed: `FilterFault` names the plugin and maps to HTTP 503.
 
+use super::answers;
 use super::bindings::types;
 use super::slot::{CallFailure, Live, PluginSlot};
 use super::PluginError;
@@ -55,40 +56,6 @@ impl FilterFault {
     }
 }
 
-/// Longest rejection message or stop reason a filter may answer, in bytes.
-pub const MAX_FILTER_MESSAGE: usize = 1024;
-/// Longest tenant or sampler name a filter may set, in bytes.
-pub const MAX_FILTER_NAME: usize = 256;
-
-fn check_params(p: &FilterParams) -> Result<(), String> {
-    if p.max_tokens == 0 {
-        return Err("modified max-tokens is 0".into());
-    }
-    if !(0.0..=2.0).contains(&p.temperature) {
-        return Err(format!("modified temperature {} is outside [0, 2]", p.temperature));
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        return Err(format!("modified top-p {} is outside (0, 1]", p.top_p));
-    }
-    if p.tenant.len() > MAX_FILTER_NAME || p.sampler.as_ref().is_some_and(|s| s.len() > MAX_FILTER_NAME) {
-        return Err(format!("modified tenant or sampler is longer than {MAX_FILTER_NAME} bytes"));
-    }
-    Ok(())
-}
-
-fn from_wit(p: types::RequestParams) -> FilterParams {
-    FilterParams {
-        max_tokens: p.max_tokens,
-        temperature: p.temperature,
-        top_p: p.top_p,
-        top_k: p.top_k,
-        seed: p.seed,
-        priority: p.priority,
-        tenant: p.tenant,
-        sampler: p.sampler,
-    }
-}
-
 impl PluginSlot {
     /// Runs the filter's `on-request`.
     pub fn on_request(&self, req: &FilterRequest) -> Result<FilterVerdict, PluginError> {
@@ -109,26 +76,7 @@ impl PluginSlot {
         };
         self.call(|live| {
             let Live::Filter { store, plugin } = live else { unreachable!("a filter slot holds filters") };
-            match plugin.call_on_request(store, &info)? {
-                types::RequestVerdict::Continue => Ok(FilterVerdict::Continue),
-                types::RequestVerdict::Reject(r) => {
-                    if !(400..=599).contains(&r.status) {
-                        return Err(CallFailure::Invalid(format!("rejected with status {}, not an error status", r.status)));
-                    }
-                    if r.message.len() > MAX_FILTER_MESSAGE {
-                        return Err(CallFailure::Invalid(format!(
-                            "rejection message of {} bytes (limit {MAX_FILTER_MESSAGE})",
-                            r.message.len()
-                        )));
-                    }
-                    Ok(FilterVerdict::Reject { status: r.status, message: r.message })
-                }
-                types::RequestVerdict::Modify(params) => {
-                    let params = from_wit(params);
-                    check_params(&params).map_err(CallFailure::Invalid)?;
-                    Ok(FilterVerdict::Modify(params))
-                }
-            }
+            answers::request_verdict(plugin.call_on_request(store, &info)?).map_err(CallFailure::Invalid)
         })
     }
 
@@ -136,13 +84,7 @@ impl PluginSlot {
     pub fn on_output(&self, tenant: &str, text_so_far: &str, generated_tokens: u32) -> Result<OutputVerdict, PluginError> {
         self.call(|live| {
             let Live::Filter { store, plugin } = live else { unreachable!("a filter slot holds filters") };
-            match plugin.call_on_output(store, tenant, text_so_far, generated_tokens)? {
-                types::OutputVerdict::Continue => Ok(OutputVerdict::Continue),
-                types::OutputVerdict::Stop(reason) if reason.len() > MAX_FILTER_MESSAGE => {
-                    Err(CallFailure::Invalid(format!("stop reason of {} bytes (limit {MAX_FILTER_MESSAGE})", reason.len())))
-                }
-                types::OutputVerdict::Stop(reason) => Ok(OutputVerdict::Stop(reason)),
-            }
+            answers::output_verdict(plugin.call_on_output(store, tenant, text_so_far, generated_tokens)?).map_err(CallFailure::Invalid)
         })
     }
 }

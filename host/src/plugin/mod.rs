@@ -13,7 +13,7 @@
 //! - every call runs under an epoch deadline (one ticker thread, a budget per kind) and with
 //!   `StoreLimits` on memory, tables and instances; a trap, a deadline or a limit drops the Store,
 //!   and the next call starts from a fresh instance (`configure` runs again);
-//! - every answer is validated (`scheduler`, `sampler`, `filter`): an invalid answer is a fault like
+//! - every answer is validated (`answers`: rankings, samples, verdicts, masks): an invalid answer is a fault like
 //!   a trap, with reason `invalid_output`;
 //! - fail policy per kind: scheduler → the step runs native FCFS; sampler and constraint → only
 //!   the requests that chose it fail, with an error naming the plugin; filter → the request fails
@@ -22,6 +22,7 @@
 //!   (or the native fallback when there is none). Faults, swaps and rollbacks are counted in
 //!   `metrics` and logged.
 
+pub mod answers;
 mod bindings;
 mod config;
 mod constraint;
@@ -39,7 +40,7 @@ pub use self::registry::{sha256_hex, PluginHost, PluginInfo, PluginRegistry, Reg
 pub use self::runtime::{CompileError, PluginLimits, PluginRuntime};
 pub use self::sampler::{top_candidates, PluginSampleInput, PluginSampled};
 pub use self::scheduler::WasmScheduler;
-pub use self::slot::PluginSlot;
+pub use self::slot::{PluginSlot, MAX_VERSIONS};
 
 /// The four kinds of plugins, one WIT world each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,7 +1,8 @@
 //! The sampler seam's host side: the top-N candidates of a sequence (computed by the host from
-//! its logits), one plugin call per step for every sequence that chose a sampler, and validation
-//! of the answer (one output per input, tokens inside the vocabulary, sane log-probs).
+//! its logits), one plugin call per step for every sequence that chose a sampler; `answers` checks
+//! the answer (one output per input, tokens inside the vocabulary, sane log-probs).
 
+use super::answers;
 use super::bindings::types;
 use super::slot::{CallFailure, Live, PluginSlot};
 use super::PluginError;
@@ -72,28 +73,7 @@ impl PluginSlot {
                 Ok(outputs) => outputs,
                 Err(message) => return Err(CallFailure::Invalid(format!("the plugin answered an error: {message}"))),
             };
-            if outputs.len() != inputs.len() {
-                return Err(CallFailure::Invalid(format!(
-                    "answered {} tokens for {} sequences",
-                    outputs.len(),
-                    inputs.len()
-                )));
-            }
-            outputs
-                .into_iter()
-                .map(|o| {
-                    if o.token as usize >= vocab_size {
-                        return Err(CallFailure::Invalid(format!(
-                            "token {} is outside the vocabulary of {vocab_size}",
-                            o.token
-                        )));
-                    }
-                    if o.logprob.is_some_and(|l| l.is_nan() || l > 0.0) {
-                        return Err(CallFailure::Invalid(format!("log-prob {:?} is not <= 0", o.logprob)));
-                    }
-                    Ok(PluginSampled { token: o.token, logprob: o.logprob })
-                })
-                .collect()
+            answers::samples(outputs, inputs.len(), vocab_size).map_err(CallFailure::Invalid)
         })
     }
 }

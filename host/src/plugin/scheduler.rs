@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
+use super::answers;
 use super::bindings::types;
 use super::slot::{CallFailure, Live, PluginSlot};
 use super::PluginError;
@@ -79,24 +80,6 @@ fn fill_view(view: &mut types::QueueView, seqs: &[SeqView<'_>]) {
     }
 }
 
-/// The ids ranked by `ranking`, which must be a permutation of `0..ids.len()`.
-fn ranking_to_ids(ids: &[SeqId], ranking: &[u32]) -> Result<Vec<SeqId>, String> {
-    if ranking.len() != ids.len() {
-        return Err(format!("ranked {} indices for {} sequences", ranking.len(), ids.len()));
-    }
-    let mut seen = vec![false; ids.len()];
-    ranking
-        .iter()
-        .map(|&index| {
-            let slot = seen.get_mut(index as usize).ok_or_else(|| format!("index {index} is outside the view of {}", ids.len()))?;
-            if std::mem::replace(slot, true) {
-                return Err(format!("index {index} ranked twice"));
-            }
-            Ok(ids[index as usize])
-        })
-        .collect()
-}
-
 impl WasmScheduler {
     pub fn new(slot: Arc<PluginSlot>) -> Self {
         let label = format!("wasm:{}", slot.name());
@@ -122,7 +105,7 @@ impl SchedulingPolicy for WasmScheduler {
         let answer = self.slot.call(|live| {
             let Live::Scheduler { store, plugin } = live else { unreachable!("a scheduler slot holds schedulers") };
             match plugin.call_rank(store, view, budget)? {
-                Ok(ranking) => ranking_to_ids(&view.ids, &ranking).map_err(CallFailure::Invalid),
+                Ok(ranking) => answers::ranking(&view.ids, &ranking).map_err(CallFailure::Invalid),
                 Err(message) => Err(CallFailure::Invalid(format!("the plugin answered an error: {message}"))),
             }
         });
@@ -179,15 +162,5 @@ mod tests {
         for (i, s) in seqs.iter().enumerate() {
             assert_eq!(v.tenant_names[v.tenants[i] as usize], s.tenant);
         }
-    }
-
-    #[test]
-    fn rankings_must_be_permutations_of_the_indices() {
-        let ids = [30, 10, 20];
-        assert_eq!(ranking_to_ids(&ids, &[1, 2, 0]), Ok(vec![10, 20, 30]));
-        assert!(ranking_to_ids(&ids, &[1, 2]).unwrap_err().contains("ranked 2 indices for 3"));
-        assert!(ranking_to_ids(&ids, &[1, 1, 0]).unwrap_err().contains("ranked twice"));
-        assert!(ranking_to_ids(&ids, &[0, 1, 3]).unwrap_err().contains("outside the view"));
-        assert!(ranking_to_ids(&ids, &[0, 1, 2, 2]).is_err());
     }
 }

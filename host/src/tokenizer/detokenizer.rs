@@ -8,7 +8,7 @@
 //! read_offset])` once that text no longer ends in U+FFFD (an incomplete UTF-8 sequence). The
 //! window is reset at every emission, so the work per token is O(1) amortized for ordinary
 //! text (a run of invalid bytes is emitted as U+FFFD after `MAX_PENDING` tokens, as `decode`
-//! renders it, to keep that bound). Special tokens are dropped before they enter the window when `skip_special_tokens`.
+//! renders it, all but the incomplete character at its end, to keep that bound). Special tokens are dropped before they enter the window when `skip_special_tokens`.
 //!
 //! Invariant: the concatenation of everything [`step`](IncrementalDetokenizer::step) returned
 //! plus [`finish`](IncrementalDetokenizer::finish) equals `decode(all_ids, skip_special_tokens)`
@@ -94,15 +94,42 @@ impl IncrementalDetokenizer {
         self.ids.push(id);
         let new_text =
             tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
-        if new_text.ends_with('\u{FFFD}') && self.ids.len() - self.read_offset < MAX_PENDING {
-            return Ok(String::new()); // incomplete character: wait for more bytes
+        if new_text.ends_with('\u{FFFD}') {
+            if self.ids.len() - self.read_offset < MAX_PENDING {
+                return Ok(String::new()); // incomplete character: wait for more bytes
+            }
+            return self.emit_final_part(tokenizer, &new_text);
         }
         let prefix_len = self.prefix_text(tokenizer)?.len();
         if new_text.len() <= prefix_len {
             return Ok(String::new());
         }
         let delta = self.delta(&new_text);
-        self.advance();
+        self.advance_to(self.ids.len());
+        Ok(delta)
+    }
+
+    /// A window that has ended in U+FFFD for `MAX_PENDING` tokens (a run of invalid bytes):
+    /// emits the text of its longest run of whole tokens that later bytes cannot change, and
+    /// keeps the rest pending. Only the window's last character, an incomplete sequence, can still
+    /// change (bytes yet to come may complete it); every U+FFFD before it is final. Found by the
+    /// `detokenizer` fuzz target: emitting the whole window lost a character that the next tokens
+    /// completed.
+    fn emit_final_part(&mut self, tokenizer: &Tokenizer, new_text: &str) -> Result<String, TokenizerError> {
+        let settled = &new_text[..new_text.len() - '\u{FFFD}'.len_utf8()];
+        let prefix_len = self.prefix_text(tokenizer)?.len();
+        for end in (self.read_offset + 1..self.ids.len()).rev() {
+            let text = tokenizer.decode(&self.ids[self.prefix_offset..end], self.skip_special_tokens)?;
+            if text.len() > prefix_len && settled.starts_with(text.as_str()) {
+                let delta = self.delta(&text);
+                self.advance_to(end);
+                return Ok(delta);
+            }
+        }
+        // No whole-token cut (not seen with byte-level or byte-fallback vocabularies): emit all,
+        // as `decode` renders it, to keep the window bounded.
+        let delta = if new_text.len() > prefix_len { self.delta(new_text) } else { String::new() };
+        self.advance_to(self.ids.len());
         Ok(delta)
     }
 
@@ -120,7 +147,7 @@ impl IncrementalDetokenizer {
         } else {
             String::new()
         };
-        self.advance();
+        self.advance_to(self.ids.len());
         Ok(delta)
     }
 
@@ -155,10 +182,10 @@ impl IncrementalDetokenizer {
         new_text[cut..].to_string()
     }
 
-    /// Move the window past the text just emitted.
-    fn advance(&mut self) {
+    /// Move the window past the text just emitted, that of the tokens before `emitted_to`.
+    fn advance_to(&mut self, emitted_to: usize) {
         self.prefix_offset = self.read_offset;
-        self.read_offset = self.ids.len();
+        self.read_offset = emitted_to;
         self.prefix_text = None;
         if self.prefix_offset >= COMPACT_AFTER {
             self.ids.drain(..self.prefix_offset);
@@ -267,6 +294,22 @@ mod tests {
         }
         out.push_str(&d.finish(&tok).unwrap());
         assert_eq!(out, tok.decode(&ids, false).unwrap());
+    }
+
+    #[test]
+    fn a_character_completed_after_a_long_invalid_run_is_not_lost() {
+        // Found by the `detokenizer` fuzz target: lone lead bytes past `MAX_PENDING`, the last
+        // of which the next two tokens complete into "क" (E0 A4 95).
+        let tok = byte_level_tokenizer();
+        let byte = |b: u8| tok.token_to_id(&super::super::tests::bl(&[b])).unwrap();
+        for run in [MAX_PENDING - 1, MAX_PENDING, MAX_PENDING + 1, 3 * MAX_PENDING] {
+            let mut ids = vec![byte(0xE0); run];
+            ids.extend([byte(0xA4), byte(0x95)]);
+            ids.extend(tok.encode(" ok", false).unwrap());
+            let (_, joined) = stream(&tok, &ids, false);
+            assert_eq!(joined, tok.decode(&ids, false).unwrap(), "a run of {run}");
+            assert!(joined.ends_with("\u{FFFD}क ok"), "{joined:?}");
+        }
     }
 
     #[test]

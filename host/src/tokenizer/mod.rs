@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 pub use chat_template::{ChatContent, ChatMessage, ChatTemplate, ContentPart, SpecialTokenStrings};
-pub use detokenizer::IncrementalDetokenizer;
+pub use detokenizer::{IncrementalDetokenizer, CONTEXT_TOKENS};
 pub use gguf::GgufTokenizerSpec;
 
 /// Everything that can go wrong loading a tokenizer, encoding, decoding or rendering a chat
@@ -556,6 +556,11 @@ impl Tokenizer {
         });
         let enc = plain.encode_fast(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The spellings of the special tokens (`<|im_end|>`, ...), none empty.
+    pub fn special_token_texts(&self) -> &[String] {
+        &self.special_texts
     }
 
     /// The wrapped `tokenizers` tokenizer.

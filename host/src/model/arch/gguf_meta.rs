@@ -64,7 +64,7 @@ impl<'a> GgufMeta<'a> {
             num_key_value_heads,
             head_dim,
             vocab_size,
-        );
+        )?;
         c.rms_norm_eps = self.opt_f32("attention.layer_norm_rms_epsilon").unwrap_or(1e-5);
         c.rope_theta = self.opt_f32("rope.freq_base").unwrap_or(10_000.0);
         c.max_position_embeddings = self.usize("context_length")?;

@@ -143,7 +143,7 @@ impl HfConfig {
             num_key_value_heads,
             head_dim,
             self.usize("vocab_size")?,
-        );
+        )?;
         c.rms_norm_eps = self.opt_f32("rms_norm_eps").unwrap_or(1e-6);
         c.max_position_embeddings = self.opt_usize("max_position_embeddings").unwrap_or(default_max_positions);
         c.rope_theta = self.rope_theta("full_attention").or(self.opt_f32("rope_theta")).unwrap_or(10_000.0);

@@ -7,4 +7,4 @@ mod safetensors;
 
 pub use self::dummy::DummySource;
 pub use self::gguf::GgufSource;
-pub use self::safetensors::SafetensorsSource;
+pub use self::safetensors::{index_shards, read_header, HeaderEntry, SafetensorsSource};

@@ -24,22 +24,62 @@ struct Entry {
     bytes: std::ops::Range<usize>,
 }
 
+/// Where one tensor lies in its file: dtype, shape and byte range (inside the file's bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderEntry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: std::ops::Range<usize>,
+}
+
+/// Reads a safetensors file's header: every tensor's name and where it lies in `bytes` (the
+/// whole file). The `safetensors` crate checks the header's size, JSON, dtypes and that each
+/// tensor's byte range matches its shape and lies inside the file.
+pub fn read_header(bytes: &[u8]) -> Result<Vec<(String, HeaderEntry)>, String> {
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    Ok(tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            // The view's bytes lie inside `bytes`; their offset is where they start.
+            let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            (name, HeaderEntry { dtype: view.dtype(), shape: view.shape().to_vec(), bytes: start..start + view.data().len() })
+        })
+        .collect())
+}
+
+/// The shard file names a `model.safetensors.index.json` names in its `weight_map`, sorted and
+/// without repeats. Each must be a plain file name in the model's directory: an index is data
+/// from a download, and must not make the server open `../../anything`.
+pub fn index_shards(index_json: &[u8]) -> Result<Vec<String>, String> {
+    let index: serde_json::Value = serde_json::from_slice(index_json).map_err(|e| e.to_string())?;
+    let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or("`weight_map` is missing or not an object")?;
+    let mut files = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| format!("`weight_map.{tensor}` is not a string"))?;
+        let plain = Path::new(file).components().collect::<Vec<_>>();
+        if !matches!(plain.as_slice(), [std::path::Component::Normal(name)] if *name == std::ffi::OsStr::new(file)) {
+            return Err(format!("`weight_map.{tensor}`: {file:?} is not a file name in the model's directory"));
+        }
+        files.push(file.to_string());
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err("`weight_map` names no file".into());
+    }
+    Ok(files)
+}
+
 impl SafetensorsSource {
     /// The shards `model.safetensors.index.json` names, if the directory has one (repositories
     /// may ship other `*.safetensors` files beside the shards); else every `*.safetensors` file.
     fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
         let index_path = dir.join("model.safetensors.index.json");
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let index: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Format(format!("{}: {e}", index_path.display())))?;
-            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                ModelError::Format(format!("{}: `weight_map` is missing", index_path.display()))
-            })?;
-            let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
-            files.sort();
-            files.dedup();
-            return Ok(files);
+            let text = std::fs::read(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let files = index_shards(&text).map_err(|e| ModelError::Format(format!("{}: {e}", index_path.display())))?;
+            return Ok(files.into_iter().map(|f| dir.join(f)).collect());
         }
         Ok(std::fs::read_dir(dir)
             .map_err(|e| ModelError::io(dir, e))?
@@ -61,12 +101,9 @@ impl SafetensorsSource {
             // SAFETY: the map is read-only and the file is not expected to change while we run;
             // this is how every safetensors loader reads checkpoints.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
-            for (name, view) in tensors.tensors() {
-                // The view's bytes lie inside the map; their offset is where they start.
-                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
-                let entry = Entry { file: i, dtype: view.dtype(), shape: view.shape().to_vec(), bytes: start..start + view.data().len() };
-                index.insert(name, entry);
+            let header = read_header(&mmap).map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
+            for (name, entry) in header {
+                index.insert(name, Entry { file: i, dtype: entry.dtype, shape: entry.shape, bytes: entry.bytes });
             }
             files.push((path, mmap));
         }
@@ -153,5 +190,24 @@ mod tests {
         std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
         let source = SafetensorsSource::open(dir.path()).unwrap();
         assert_eq!(source.files.len(), 2);
+
+        // An index that points outside the directory is refused before anything is opened.
+        let escape = serde_json::json!({"weight_map": {"a": "../model-00001.safetensors"}});
+        std::fs::write(dir.path().join("model.safetensors.index.json"), escape.to_string()).unwrap();
+        let err = SafetensorsSource::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("not a file name in the model's directory"), "{err}");
+    }
+
+    #[test]
+    fn index_shards_are_plain_file_names() {
+        let shards = |json: &str| index_shards(json.as_bytes());
+        assert_eq!(shards(r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}}"#).unwrap(), vec!["m-1.safetensors", "m-2.safetensors"]);
+        for bad in ["/etc/passwd", "../x.safetensors", "sub/x.safetensors", "..", ".", "", "./x.safetensors", "x.safetensors/"] {
+            let json = serde_json::json!({"weight_map": {"t": bad}}).to_string();
+            assert!(shards(&json).is_err(), "{bad:?} was accepted");
+        }
+        for bad in ["[]", "{}", r#"{"weight_map": []}"#, r#"{"weight_map": {}}"#, r#"{"weight_map": {"a": 1}}"#, "not json"] {
+            assert!(shards(bad).is_err(), "{bad}");
+        }
     }
 }
