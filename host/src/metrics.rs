@@ -7,6 +7,15 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// What `Metrics::histogram_snapshot` reads off a histogram (JSON: `+Inf` is written as null).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistogramSnapshot {
+    pub bounds: Vec<f64>,
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub num_requests_running: IntGauge,
@@ -174,6 +183,18 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// A histogram's buckets (upper bounds and cumulative counts, `+Inf` last), count and sum.
+    pub fn histogram_snapshot(histogram: &Histogram) -> HistogramSnapshot {
+        use prometheus::core::Metric as _;
+        let metric = histogram.metric();
+        let h = metric.get_histogram();
+        let mut bounds: Vec<f64> = h.get_bucket().iter().map(|b| b.upper_bound()).collect();
+        let mut cumulative: Vec<u64> = h.get_bucket().iter().map(|b| b.cumulative_count()).collect();
+        bounds.push(f64::INFINITY);
+        cumulative.push(h.get_sample_count());
+        HistogramSnapshot { bounds, cumulative, count: h.get_sample_count(), sum: h.get_sample_sum() }
+    }
+
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");

@@ -384,6 +384,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_request_body: args.max_request_body,
         body_read_timeout,
         cpu_slots: AppState::default_cpu_slots(),
+        admin_port: Default::default(),
     });
     {
         // The vocabulary's index for structured outputs and tools, built while the server starts.
@@ -402,6 +403,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener =
             tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
         let bound = listener.local_addr()?;
+        let listener_port = bound.port();
         tracing::info!(model = %model_name, %bound, policy = policy_name, "serving");
         eprintln!("pagedserve listening on http://{bound}");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -410,11 +412,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .with_context(|| format!("binding the admin API to {address}"))?;
-            let bound = listener.local_addr()?;
+            let admin_bound = listener.local_addr()?;
+            let _ = state.admin_port.set(admin_bound.port());
+            let bound = admin_bound;
             tracing::info!(%bound, "admin API serving");
             eprintln!("pagedserve admin API listening on http://{bound}");
             let admin_state = Arc::new(server::admin::AdminState { registry: plugins.clone(), token });
-            let access = Arc::new(AccessPolicy::for_bind(&args.admin_host, args.allowed_hosts.as_deref(), args.allowed_origins.as_deref()));
+            let public_port = listener_port;
+            let access = Arc::new(
+                AccessPolicy::for_bind(&args.admin_host, args.allowed_hosts.as_deref(), args.allowed_origins.as_deref())
+                    .with_ui_port(public_port),
+            );
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let shutdown = async move {

@@ -71,6 +71,20 @@ struct SampleState {
     last_token_at: Option<Instant>,
 }
 
+/// The engine's state at one moment between steps (`EngineHandle::snapshot`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineSnapshot {
+    /// Each KV block's state: 0 free, 1 used, 2 free with a cached prefix (`kv_cache::block_pool`).
+    pub blocks: Vec<u8>,
+    pub block_size: usize,
+    /// Requests that have started (prefilling or decoding).
+    pub running: usize,
+    /// Requests not scheduled yet.
+    pub waiting: usize,
+    /// The scheduling policy in use.
+    pub policy: String,
+}
+
 pub struct EngineCore {
     backend: Box<dyn ModelBackend>,
     tokenizer: Arc<Tokenizer>,
@@ -161,6 +175,17 @@ impl EngineCore {
         let tokens = self.scheduler.seqs().filter(|s| s.blocks.num_blocks() > 0).map(|s| s.num_computed).sum();
         let slots = (self.kv.num_blocks() - self.kv.num_free_blocks()) * self.kv.block_size();
         (tokens, slots)
+    }
+
+    /// What the engine holds now, for the dashboard.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        EngineSnapshot {
+            blocks: self.kv.block_states(),
+            block_size: self.kv.block_size(),
+            running: self.num_requests() - self.num_waiting_requests(),
+            waiting: self.num_waiting_requests(),
+            policy: self.policy_name().to_string(),
+        }
     }
 
     pub fn set_policy(&mut self, policy: Box<dyn SchedulingPolicy>) -> Box<dyn SchedulingPolicy> {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-pub use self::core::EngineCore;
+pub use self::core::{EngineCore, EngineSnapshot};
 pub use self::output::{TextDelta, TextStream};
 pub use self::request::{
     FinishReason, GenerateRequest, RequestId, RequestTimings, StopReason, StreamEvent, Usage,
@@ -80,6 +80,7 @@ enum Command {
     Abort(RequestId, FinishReason),
     SetPolicy(Box<dyn SchedulingPolicy>),
     SetPlugins(Arc<PluginRegistry>),
+    Snapshot(tokio::sync::oneshot::Sender<EngineSnapshot>),
     Shutdown,
 }
 
@@ -219,6 +220,13 @@ impl EngineHandle {
         let _ = self.commands.send(Command::Abort(id, FinishReason::Stop));
     }
 
+    /// The engine's state, taken between two steps (so it waits for the step running now).
+    pub async fn snapshot(&self) -> Result<EngineSnapshot, EngineError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands.send(Command::Snapshot(reply)).map_err(|_| EngineError::Unavailable)?;
+        answer.await.map_err(|_| EngineError::Unavailable)
+    }
+
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
     }
@@ -281,6 +289,9 @@ fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>
                     tracing::info!(old = old.name(), new = core.policy_name(), "scheduling policy replaced");
                 }
                 Command::SetPlugins(plugins) => core.set_plugins(plugins),
+                Command::Snapshot(reply) => {
+                    let _ = reply.send(core.snapshot());
+                }
                 Command::Shutdown => {
                     core.fail_all(EngineError::Unavailable);
                     return;

@@ -29,6 +29,13 @@ struct BlockMeta {
     in_free_list: bool,
 }
 
+/// A block no sequence holds and no prefix is cached in (`BlockPool::states`).
+pub const BLOCK_FREE: u8 = 0;
+/// A block held by at least one sequence.
+pub const BLOCK_USED: u8 = 1;
+/// A free block that still holds a cached prefix.
+pub const BLOCK_CACHED: u8 = 2;
+
 #[derive(Debug)]
 pub struct BlockPool {
     blocks: Vec<BlockMeta>,
@@ -61,6 +68,19 @@ impl BlockPool {
     /// Blocks that can be allocated now (free, cached or not).
     pub fn num_free(&self) -> usize {
         self.num_free
+    }
+
+    /// Every block's state, in block order: `BLOCK_FREE`, `BLOCK_USED` (held by a sequence) or
+    /// `BLOCK_CACHED` (free, but its tokens are kept for prefix caching until reused).
+    pub fn states(&self) -> Vec<u8> {
+        self.blocks
+            .iter()
+            .map(|b| match (b.ref_count, b.hash) {
+                (0, None) => BLOCK_FREE,
+                (0, Some(_)) => BLOCK_CACHED,
+                _ => BLOCK_USED,
+            })
+            .collect()
     }
 
     /// Blocks held by at least one sequence.
@@ -248,6 +268,21 @@ mod tests {
         assert!(!pool.is_cached(200), "evicted");
         assert!(pool.is_cached(100));
         pool.check_invariants();
+    }
+
+    #[test]
+    fn states_tell_free_used_and_cached_blocks_apart() {
+        let mut pool = BlockPool::new(4);
+        let a = pool.allocate(3).unwrap();
+        pool.register(a[0], 7);
+        assert_eq!(pool.states(), vec![BLOCK_USED, BLOCK_USED, BLOCK_USED, BLOCK_FREE]);
+        pool.release([a[0], a[1]]);
+        let mut states = pool.states();
+        assert_eq!(states.iter().filter(|&&s| s == BLOCK_CACHED).count(), 1, "{states:?}");
+        assert_eq!(states[a[0] as usize], BLOCK_CACHED);
+        assert_eq!(states[a[1] as usize], BLOCK_FREE);
+        states.sort();
+        assert_eq!(states, vec![BLOCK_FREE, BLOCK_FREE, BLOCK_USED, BLOCK_CACHED]);
     }
 
     #[test]

@@ -104,6 +104,11 @@ impl KvCacheManager {
         self.pool.num_free()
     }
 
+    /// Every block's state (`BlockPool::states`).
+    pub fn block_states(&self) -> Vec<u8> {
+        self.pool.states()
+    }
+
     /// Share of blocks held by sequences (cached-but-free blocks count as free).
     pub fn usage(&self) -> f64 {
         if self.pool.num_blocks() == 0 {

@@ -56,6 +56,9 @@ pub struct AccessPolicy {
     /// Cross-site origins (`scheme://host[:port]`) that may call the API; CORS preflights are
     /// answered for these.
     pub origins: AllowList,
+    /// The admin listener's one extra origin: the built-in page (`/ui`) of this server's API
+    /// listener, on this port and an allowed host name, which calls the admin API from the browser.
+    pub ui_port: Option<u16>,
 }
 
 impl AccessPolicy {
@@ -75,7 +78,22 @@ impl AccessPolicy {
             None => AllowList::Any,
         };
         let origins = origins.map_or(AllowList::Only(Vec::new()), AllowList::parse);
-        AccessPolicy { hosts, origins }
+        AccessPolicy { hosts, origins, ui_port: None }
+    }
+
+    /// Also allows the page served by the API listener on `port` (see `ui_port`).
+    pub fn with_ui_port(mut self, port: u16) -> Self {
+        self.ui_port = Some(port);
+        self
+    }
+
+    /// Whether a cross-site `origin` may call: listed, or the built-in page of this server.
+    fn origin_allowed(&self, origin: &str) -> bool {
+        if self.origins.allows(origin) {
+            return true;
+        }
+        let (Some(port), Some(authority)) = (self.ui_port, origin_authority(origin)) else { return false };
+        authority.rsplit_once(':').is_some_and(|(_, p)| p == port.to_string()) && self.hosts.allows(host_name(authority))
     }
 
     /// The CORS layer that answers preflights and marks responses for the allowed origins;
@@ -83,6 +101,10 @@ impl AccessPolicy {
     pub fn cors(&self) -> Option<CorsLayer> {
         let allow_origin = match &self.origins {
             AllowList::Any => AllowOrigin::any(),
+            AllowList::Only(_) if self.ui_port.is_some() => {
+                let policy = self.clone();
+                AllowOrigin::predicate(move |origin: &HeaderValue, _| origin.to_str().is_ok_and(|o| policy.origin_allowed(o)))
+            }
             AllowList::Only(list) if list.is_empty() => return None,
             AllowList::Only(list) => AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
         };
@@ -90,7 +112,13 @@ impl AccessPolicy {
             CorsLayer::new()
                 .allow_origin(allow_origin)
                 .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+                .allow_headers([
+                    header::CONTENT_TYPE,
+                    header::AUTHORIZATION,
+                    // The admin API's upload headers, sent by the built-in page.
+                    header::HeaderName::from_static("x-sha256"),
+                    header::HeaderName::from_static("x-plugin-config"),
+                ])
                 .max_age(std::time::Duration::from_secs(600)),
         )
     }
@@ -112,7 +140,7 @@ impl AccessPolicy {
         let origin = request.headers().get(header::ORIGIN)?;
         let origin_text = origin.to_str().unwrap_or("");
         let same_site = host.is_some_and(|host| origin_authority(origin_text).is_some_and(|a| a.eq_ignore_ascii_case(host)));
-        if same_site || self.origins.allows(origin_text) {
+        if same_site || self.origin_allowed(origin_text) {
             return None;
         }
         Some(ApiError::new(
@@ -168,6 +196,18 @@ mod tests {
             builder = builder.header(header::ORIGIN, origin);
         }
         builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn the_admin_listener_allows_the_page_of_its_api_listener_only() {
+        let policy = AccessPolicy::for_bind("127.0.0.1", None, None).with_ui_port(8000);
+        assert!(policy.refuse(&request(Some("127.0.0.1:9000"), Some("http://127.0.0.1:8000"))).is_none());
+        assert!(policy.refuse(&request(Some("localhost:9000"), Some("http://localhost:8000"))).is_none());
+        for origin in ["http://127.0.0.1:8001", "http://evil.example:8000", "http://127.0.0.1", "null", "http://127.0.0.1:80000"] {
+            assert!(policy.refuse(&request(Some("127.0.0.1:9000"), Some(origin))).is_some(), "{origin}");
+        }
+        assert!(policy.cors().is_some(), "preflights from the page are answered");
+        assert!(AccessPolicy::for_bind("127.0.0.1", None, None).cors().is_none());
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! away drops them, which aborts the requests and frees their KV blocks within one engine step.
 //!
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
-//! `GET /metrics`, `POST /tokenize`, `POST /detokenize`. The admin API (`admin`) has its own listener.
+//! `GET /metrics`, `POST /tokenize`, `POST /detokenize`, and the built-in page under `/ui` (`ui`).
+//! The admin API (`admin`) has its own listener.
 
 pub mod admin;
 mod body;
@@ -19,6 +20,7 @@ pub mod guard;
 pub mod listen;
 mod render;
 mod routes;
+mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +62,8 @@ pub struct AppState {
     /// Requests' CPU work (parsing, tokenizing, chat templates, grammars) running at once
     /// (`run_blocking`); the machine's cores by default.
     pub cpu_slots: Arc<tokio::sync::Semaphore>,
+    /// The admin API's port, once its listener is bound (the page's plugins panel calls it).
+    pub admin_port: std::sync::OnceLock<u16>,
 }
 
 impl AppState {
@@ -105,6 +109,11 @@ pub fn router(state: Arc<AppState>, access: Arc<AccessPolicy>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::stylesheet))
+        .route("/ui/state", get(ui::ui_state))
         .layer(DefaultBodyLimit::max(max_request_body))
         .with_state(state);
     guarded(routes, access)
