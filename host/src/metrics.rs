@@ -182,7 +182,6 @@ impl Metrics {
         &self.registry
     }
 
-    /// The Prometheus text exposition of every metric.
     /// A histogram's buckets (upper bounds and cumulative counts, `+Inf` last), count and sum.
     pub fn histogram_snapshot(histogram: &Histogram) -> HistogramSnapshot {
         use prometheus::core::Metric as _;
@@ -195,6 +194,7 @@ impl Metrics {
         HistogramSnapshot { bounds, cumulative, count: h.get_sample_count(), sum: h.get_sample_sum() }
     }
 
+    /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");

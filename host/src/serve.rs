@@ -385,6 +385,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         body_read_timeout,
         cpu_slots: AppState::default_cpu_slots(),
         admin_port: Default::default(),
+        ui_snapshot: Default::default(),
     });
     {
         // The vocabulary's index for structured outputs and tools, built while the server starts.

@@ -246,6 +246,22 @@ fn a_slot_keeps_its_latest_versions_only() {
     }
     assert_eq!(registry.rollback(PluginKind::Scheduler, "main", "t").unwrap(), None);
     assert!(registry.activate(PluginKind::Scheduler, "main", 1, "t").is_err(), "version 1 is gone");
+
+    // An old version activated again is recent: uploads drop others, and a rollback returns to
+    // it; rolling back never stalls on one version.
+    let oldest_kept = newest - MAX_VERSIONS as u32 + 1;
+    registry.activate(PluginKind::Scheduler, "main", newest, "t").unwrap();
+    registry.activate(PluginKind::Scheduler, "main", oldest_kept, "t").unwrap();
+    registry.activate(PluginKind::Scheduler, "main", newest, "t").unwrap();
+    registry.activate(PluginKind::Scheduler, "main", oldest_kept, "t").unwrap();
+    let uploaded = registry.install(PluginKind::Scheduler, "main", &fcfs, None, "", "t").unwrap().version;
+    let info = registry.list().into_iter().find(|p| p.name == "main").unwrap();
+    assert!(info.versions.iter().any(|v| v.version == oldest_kept), "the version a rollback restores is kept");
+    assert_eq!(info.versions.len(), MAX_VERSIONS);
+    assert_eq!(registry.rollback(PluginKind::Scheduler, "main", "t").unwrap(), Some(oldest_kept));
+    assert_eq!(registry.rollback(PluginKind::Scheduler, "main", "t").unwrap(), Some(newest));
+    let next = registry.rollback(PluginKind::Scheduler, "main", "t").unwrap();
+    assert!(next != Some(newest) && next != Some(uploaded), "{next:?}");
 }
 
 #[test]

@@ -236,7 +236,7 @@ const colors = { free: '#d9dee7', used: '#3b6fd4', cached: '#5fb87a' };
 function drawBlocks(engine) {
   const canvas = $('blocks');
   const ctx = canvas.getContext('2d');
-  const n = engine.blocks.length;
+  const n = engine.cells.length;
   const width = canvas.clientWidth || canvas.width;
   canvas.width = width;
   const cell = Math.max(2, Math.floor(Math.sqrt((width * 160) / Math.max(n, 1))));
@@ -245,12 +245,12 @@ function drawBlocks(engine) {
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const palette = [colors.free, colors.used, colors.cached];
   for (let i = 0; i < n; i++) {
-    ctx.fillStyle = palette[engine.blocks[i]] || '#000';
+    ctx.fillStyle = palette[engine.cells[i]] || '#000';
     ctx.fillRect((i % perRow) * cell, Math.floor(i / perRow) * cell, cell - (cell > 3 ? 1 : 0), cell - (cell > 3 ? 1 : 0));
   }
-  const count = [0, 0, 0];
-  for (const b of engine.blocks) count[b] += 1;
-  $('block-counts').textContent = `${n} blocks of ${engine.block_size} tokens: ${count[1]} used, ${count[2]} prefix-cached, ${count[0]} free`;
+  const per = engine.blocks_per_cell > 1 ? ` (a cell: ${engine.blocks_per_cell} blocks)` : '';
+  $('block-counts').textContent =
+    `${engine.num_blocks} blocks of ${engine.block_size} tokens: ${engine.used} used, ${engine.cached} prefix-cached, ${engine.free} free${per}`;
 }
 
 function drawSeries(canvas, series, colorsList, unit) {
@@ -413,9 +413,16 @@ $('upload-button').addEventListener('click', async () => {
 // ---------------------------------------------------------------------------------------------
 // Polling
 
+let polling = false;         // one poll at a time: a slow answer is not stacked with the next
+
 async function poll() {
+  if (polling) return;
+  polling = true;
   try {
-    const [state, health] = await Promise.all([fetch('/ui/state').then((r) => r.json()), fetch('/health')]);
+    const [state, health] = await Promise.all([
+      fetch('/ui/state').then((r) => { if (!r.ok) throw new Error(`/ui/state: ${r.status}`); return r.json(); }),
+      fetch('/health'),
+    ]);
     $('health').textContent = health.ok ? 'healthy' : 'unhealthy';
     $('health').className = health.ok ? 'pill ok' : 'pill bad';
     latest = { t: performance.now(), state };
@@ -430,6 +437,8 @@ async function poll() {
   } catch (e) {
     $('health').textContent = 'unreachable';
     $('health').className = 'pill bad';
+  } finally {
+    polling = false;
   }
 }
 

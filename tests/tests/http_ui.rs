@@ -36,8 +36,10 @@ fn the_page_is_served_with_a_strict_policy_and_its_state_reflects_the_engine() {
     assert!(get("/ui", "evil.example:80").starts_with("HTTP/1.1 403"));
 
     let state = server.get("/ui/state").json();
-    assert_eq!(state["engine"]["blocks"].as_array().unwrap().len(), 64);
-    assert!(state["engine"]["blocks"].as_array().unwrap().iter().all(|b| b == 0), "nothing used yet: {state}");
+    assert_eq!(state["engine"]["cells"].as_array().unwrap().len(), 64);
+    assert_eq!((state["engine"]["num_blocks"].as_u64(), state["engine"]["blocks_per_cell"].as_u64()), (Some(64), Some(1)));
+    assert!(state["engine"]["cells"].as_array().unwrap().iter().all(|b| b == 0), "nothing used yet: {state}");
+    assert_eq!(state["engine"]["free"], 64);
     assert_eq!(state["admin"], json!(format!("http://127.0.0.1:{admin_port}")));
     assert_eq!(state["counters"]["generation_tokens"], 0);
 
@@ -47,9 +49,17 @@ fn the_page_is_served_with_a_strict_policy_and_its_state_reflects_the_engine() {
     let state = server.get("/ui/state").json();
     assert_eq!(state["counters"]["generation_tokens"], 8);
     assert_eq!(state["counters"]["requests_finished"], 1);
-    assert!(state["engine"]["blocks"].as_array().unwrap().iter().any(|b| b == 2), "a cached prefix block: {state}");
+    assert!(state["engine"]["cells"].as_array().unwrap().iter().any(|b| b == 2), "a cached prefix block: {state}");
+    assert!(state["engine"]["cached"].as_u64().unwrap() >= 1);
     assert_eq!(state["time_to_first_token"]["count"], 1);
     assert_eq!(state["engine"]["running"], 0);
+
+    // Without the admin API the page gets no admin origin (its plugins panel is read-only) and
+    // may connect to nothing but its own origin.
+    let plain = Server::start(&["--max-model-len", "512"]);
+    assert!(plain.get("/ui/state").json()["admin"].is_null());
+    let page = plain.raw(format!("GET /ui HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", plain.address()).as_bytes());
+    assert!(header(&page, "content-security-policy").unwrap().contains("connect-src 'self';"), "{page}");
 }
 
 #[test]

@@ -159,10 +159,11 @@ impl PluginSlot {
         }
     }
 
-    /// Adds a version (already probed: `live` is its first instance) and activates it. The
-    /// oldest inactive versions past `MAX_VERSIONS` are dropped, compiled code and all, and leave
-    /// the rollback history: an operator who swaps all day holds bounded memory (the soak test
-    /// found ~0.2 MB kept per upload).
+    /// Adds a version (already probed: `live` is its first instance) and activates it. Past
+    /// `MAX_VERSIONS`, inactive versions are dropped, compiled code and all, and leave the rollback
+    /// history: an operator who swaps all day holds bounded memory (the soak test found ~0.2 MB
+    /// kept per upload). Dropped first: disabled versions, then those never activated since,
+    /// then the least recently activated; the one a rollback would restore goes last.
     pub(crate) fn add_version(&self, mut version: PluginVersion, live: Live) -> u32 {
         let mut inner = self.lock();
         inner.next_version += 1;
@@ -173,10 +174,22 @@ impl PluginSlot {
         inner.live = Some(live);
         while inner.versions.len() > MAX_VERSIONS {
             let active = inner.active;
-            let Some(oldest) = inner.versions.iter().position(|v| Some(v.version) != active) else { break };
-            let dropped = inner.versions.remove(oldest).version;
+            // Where each version was last activated (-1: not in the history).
+            let last_active = |v: u32| inner.history.iter().rposition(|&h| h == v).map_or(-1, |p| p as i64);
+            let Some(victim) = inner
+                .versions
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| Some(v.version) != active)
+                .min_by_key(|(_, v)| (!v.disabled, last_active(v.version)))
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let dropped = inner.versions.remove(victim).version;
             inner.history.retain(|&v| v != dropped);
-            tracing::info!(kind = %self.kind, name = %self.name, version = dropped, "oldest plugin version dropped");
+            inner.history.dedup();
+            tracing::info!(kind = %self.kind, name = %self.name, version = dropped, "least recently used plugin version dropped");
         }
         number
     }
@@ -216,7 +229,7 @@ impl PluginSlot {
             }
         }
         while let Some(&last) = inner.history.last() {
-            if inner.version(last).is_some_and(|v| !v.disabled) {
+            if Some(last) != current && inner.version(last).is_some_and(|v| !v.disabled) {
                 break;
             }
             inner.history.pop();
@@ -245,7 +258,13 @@ impl PluginSlot {
         inner.live = None;
         inner.faults.clear();
         if let Some(v) = version {
-            inner.history.push(v);
+            // No entry twice in a row (activating the active version again adds nothing), and a
+            // bounded length: rollbacks walk back at most this far.
+            if inner.history.last() != Some(&v) {
+                inner.history.push(v);
+            }
+            let excess = inner.history.len().saturating_sub(4 * MAX_VERSIONS);
+            inner.history.drain(..excess);
             let sha = inner.version(v).map(|v| v.sha256.clone()).unwrap_or_default();
             self.metrics.plugin_active_info.with_label_values(&[kind, name, &v.to_string(), &sha]).set(1);
         }

@@ -87,13 +87,16 @@ impl AccessPolicy {
         self
     }
 
-    /// Whether a cross-site `origin` may call: listed, or the built-in page of this server.
-    fn origin_allowed(&self, origin: &str) -> bool {
+    /// Whether a cross-site `origin` may call a request addressed to `host` (its `Host`
+    /// header): listed, or the built-in page of this server, which the browser reaches by the
+    /// same host name on the API's port.
+    fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
         if self.origins.allows(origin) {
             return true;
         }
-        let (Some(port), Some(authority)) = (self.ui_port, origin_authority(origin)) else { return false };
-        authority.rsplit_once(':').is_some_and(|(_, p)| p == port.to_string()) && self.hosts.allows(host_name(authority))
+        let (Some(port), Some(authority), Some(host)) = (self.ui_port, origin_authority(origin), host) else { return false };
+        let same_name = host_name(authority).eq_ignore_ascii_case(host_name(host));
+        same_name && authority.rsplit_once(':').is_some_and(|(_, p)| p == port.to_string()) && self.hosts.allows(host_name(host))
     }
 
     /// The CORS layer that answers preflights and marks responses for the allowed origins;
@@ -103,7 +106,10 @@ impl AccessPolicy {
             AllowList::Any => AllowOrigin::any(),
             AllowList::Only(_) if self.ui_port.is_some() => {
                 let policy = self.clone();
-                AllowOrigin::predicate(move |origin: &HeaderValue, _| origin.to_str().is_ok_and(|o| policy.origin_allowed(o)))
+                AllowOrigin::predicate(move |origin: &HeaderValue, request: &axum::http::request::Parts| {
+                    let host = request.headers.get(header::HOST).and_then(|h| h.to_str().ok());
+                    origin.to_str().is_ok_and(|o| policy.origin_allowed(o, host))
+                })
             }
             AllowList::Only(list) if list.is_empty() => return None,
             AllowList::Only(list) => AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
@@ -140,7 +146,7 @@ impl AccessPolicy {
         let origin = request.headers().get(header::ORIGIN)?;
         let origin_text = origin.to_str().unwrap_or("");
         let same_site = host.is_some_and(|host| origin_authority(origin_text).is_some_and(|a| a.eq_ignore_ascii_case(host)));
-        if same_site || self.origin_allowed(origin_text) {
+        if same_site || self.origin_allowed(origin_text, host) {
             return None;
         }
         Some(ApiError::new(
@@ -206,8 +212,14 @@ mod tests {
         for origin in ["http://127.0.0.1:8001", "http://evil.example:8000", "http://127.0.0.1", "null", "http://127.0.0.1:80000"] {
             assert!(policy.refuse(&request(Some("127.0.0.1:9000"), Some(origin))).is_some(), "{origin}");
         }
+        assert!(policy.refuse(&request(Some("127.0.0.1:9000"), Some("http://localhost:8000"))).is_some(), "another name");
         assert!(policy.cors().is_some(), "preflights from the page are answered");
         assert!(AccessPolicy::for_bind("127.0.0.1", None, None).cors().is_none());
+        // On a public bind every Host name is allowed; the page must still come by the name the
+        // admin listener is called by.
+        let public = AccessPolicy::for_bind("0.0.0.0", None, None).with_ui_port(8000);
+        assert!(public.refuse(&request(Some("10.0.0.5:9000"), Some("http://10.0.0.5:8000"))).is_none());
+        assert!(public.refuse(&request(Some("10.0.0.5:9000"), Some("http://evil.example:8000"))).is_some());
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct AppState {
     pub cpu_slots: Arc<tokio::sync::Semaphore>,
     /// The admin API's port, once its listener is bound (the page's plugins panel calls it).
     pub admin_port: std::sync::OnceLock<u16>,
+    /// The engine snapshot `/ui/state` last took, and when (`ui`).
+    pub ui_snapshot: tokio::sync::Mutex<Option<(std::time::Instant, crate::engine::EngineSnapshot)>>,
 }
 
 impl AppState {

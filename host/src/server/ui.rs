@@ -52,9 +52,9 @@ fn asset(state: &AppState, headers: &HeaderMap, content_type: &'static str, body
     let mut response = (StatusCode::OK, body).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if let Ok(csp) = HeaderValue::from_str(&csp) {
-        h.insert(header::CONTENT_SECURITY_POLICY, csp);
-    }
+    // An admin origin that is not a valid header value (an odd Host) leaves it out, never the policy.
+    let csp = HeaderValue::from_str(&csp).unwrap_or_else(|_| HeaderValue::from_str(&content_security_policy(None)).expect("a static policy"));
+    h.insert(header::CONTENT_SECURITY_POLICY, csp);
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -80,11 +80,64 @@ pub struct UiState {
     max_model_len: usize,
     /// The admin listener's origin for the plugins panel (`None`: the admin API is off).
     admin: Option<String>,
-    engine: EngineSnapshot,
+    engine: EngineView,
     counters: Counters,
     time_to_first_token: HistogramSnapshot,
     time_per_output_token: HistogramSnapshot,
     plugins: Vec<PluginState>,
+}
+
+/// Most cells the block map has: a GPU pool of 350,000 blocks is drawn (and sent every second)
+/// as this many cells, each standing for a run of consecutive blocks.
+const MAX_CELLS: usize = 4096;
+
+/// The engine as the dashboard shows it: the block map reduced to at most `MAX_CELLS` cells
+/// (each the state most of its blocks are in), exact block counts, the batch.
+#[derive(Serialize)]
+struct EngineView {
+    /// 0 free, 1 used, 2 prefix-cached: one per `blocks_per_cell` consecutive blocks.
+    cells: Vec<u8>,
+    blocks_per_cell: usize,
+    num_blocks: usize,
+    used: usize,
+    cached: usize,
+    free: usize,
+    block_size: usize,
+    running: usize,
+    waiting: usize,
+    policy: String,
+}
+
+impl EngineView {
+    fn new(snapshot: EngineSnapshot) -> Self {
+        let blocks = &snapshot.blocks;
+        let count = |state: u8| blocks.iter().filter(|&&b| b == state).count();
+        let per_cell = blocks.len().div_ceil(MAX_CELLS).max(1);
+        let cells = blocks
+            .chunks(per_cell)
+            .map(|run| {
+                let mut counts = [0usize; 3];
+                for &b in run {
+                    counts[usize::from(b.min(2))] += 1;
+                }
+                // Ties go to the busier state: used, then cached, then free.
+                let most = counts.iter().copied().max().unwrap_or(0);
+                [1u8, 2, 0].into_iter().find(|&s| counts[usize::from(s)] == most).unwrap_or(0)
+            })
+            .collect();
+        EngineView {
+            cells,
+            blocks_per_cell: per_cell,
+            num_blocks: blocks.len(),
+            used: count(1),
+            cached: count(2),
+            free: count(0),
+            block_size: snapshot.block_size,
+            running: snapshot.running,
+            waiting: snapshot.waiting,
+            policy: snapshot.policy,
+        }
+    }
 }
 
 /// Totals since the server started; the page turns them into rates.
@@ -128,18 +181,36 @@ fn plugin_state(metrics: &Metrics, info: PluginInfo) -> PluginState {
     }
 }
 
-pub async fn ui_state(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<UiState>, ApiError> {
-    let engine = tokio::time::timeout(std::time::Duration::from_secs(5), state.engine.snapshot())
+/// How long one engine snapshot serves every `/ui/state` caller: however many pages poll, the
+/// engine thread answers at most a few snapshot commands a second.
+const SNAPSHOT_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The engine's snapshot, taken anew only when the last one is older than `SNAPSHOT_REUSE`
+/// (callers meanwhile wait for the one being taken).
+async fn engine_snapshot(state: &AppState) -> Result<EngineSnapshot, ApiError> {
+    let mut cached = state.ui_snapshot.lock().await;
+    if let Some((taken, snapshot)) = cached.as_ref() {
+        if taken.elapsed() < SNAPSHOT_REUSE {
+            return Ok(snapshot.clone());
+        }
+    }
+    let snapshot = tokio::time::timeout(std::time::Duration::from_secs(5), state.engine.snapshot())
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine did not answer within 5 s", None, "unavailable"))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None, "unavailable"))?;
+    *cached = Some((std::time::Instant::now(), snapshot.clone()));
+    Ok(snapshot)
+}
+
+pub async fn ui_state(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<UiState>, ApiError> {
+    let engine = engine_snapshot(&state).await?;
     let m = &state.metrics;
     let plugins = state.plugins.as_ref().map_or_else(Vec::new, |p| p.list().into_iter().map(|info| plugin_state(m, info)).collect());
     Ok(Json(UiState {
         model: state.model_name.clone(),
         max_model_len: state.validator.max_model_len(),
         admin: admin_origin(&state, &headers),
-        engine,
+        engine: EngineView::new(engine),
         counters: Counters {
             prompt_tokens: m.prompt_tokens.get(),
             generation_tokens: m.generation_tokens.get(),
@@ -166,6 +237,23 @@ mod tests {
         assert!(csp.contains("connect-src 'self' http://127.0.0.1:9000;"), "{csp}");
         assert!(!csp.contains("unsafe"), "no inline code: {csp}");
         assert!(content_security_policy(None).contains("connect-src 'self';"));
+    }
+
+    #[test]
+    fn a_large_pool_is_drawn_as_at_most_max_cells() {
+        let view = |blocks: Vec<u8>| EngineView::new(EngineSnapshot { blocks, block_size: 16, running: 0, waiting: 0, policy: String::new() });
+        let small = view(vec![0, 1, 2, 1]);
+        assert_eq!((small.cells, small.blocks_per_cell, small.used, small.cached, small.free), (vec![0, 1, 2, 1], 1, 2, 1, 1));
+        let mut blocks = vec![0u8; 10_000];
+        blocks[..3].copy_from_slice(&[1, 2, 0]); // a three-way tie: shown as used
+        blocks[3..6].copy_from_slice(&[2, 2, 0]);
+        blocks[9_999] = 1;
+        let large = view(blocks);
+        assert_eq!((large.blocks_per_cell, large.cells.len()), (3, 3334));
+        assert!(large.cells.len() <= MAX_CELLS);
+        assert_eq!(&large.cells[..3], &[1, 2, 0]);
+        assert_eq!(*large.cells.last().unwrap(), 1, "the last, short run");
+        assert_eq!((large.num_blocks, large.used, large.cached, large.free), (10_000, 2, 3, 9_995));
     }
 
     #[test]
