@@ -89,6 +89,9 @@ pub enum FaultReason {
 }
 
 impl FaultReason {
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [FaultReason; 4] = [FaultReason::Trap, FaultReason::Deadline, FaultReason::Limit, FaultReason::InvalidOutput];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FaultReason::Trap => "trap",

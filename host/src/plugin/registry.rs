@@ -229,7 +229,7 @@ impl PluginRegistry {
         let _ = self.metrics.plugin_calls.with_label_values(&labels);
         let _ = self.metrics.plugin_call_duration.with_label_values(&labels);
         let _ = self.metrics.plugin_rollbacks.with_label_values(&labels);
-        for reason in [FaultReason::Trap, FaultReason::Deadline, FaultReason::Limit, FaultReason::InvalidOutput] {
+        for reason in FaultReason::ALL {
             let _ = self.metrics.plugin_faults.with_label_values(&[kind.as_str(), name, reason.as_str()]);
         }
         if kind == PluginKind::Filter {

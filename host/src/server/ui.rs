@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::engine::EngineSnapshot;
 use crate::metrics::{HistogramSnapshot, Metrics};
-use crate::plugin::PluginInfo;
+use crate::plugin::{FaultReason, PluginInfo};
 
 const INDEX_HTML: &str = include_str!("../../ui/index.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
@@ -169,9 +169,9 @@ fn counter_sum(vec: &prometheus::IntCounterVec) -> u64 {
 
 fn plugin_state(metrics: &Metrics, info: PluginInfo) -> PluginState {
     let labels = [info.kind, info.name.as_str()];
-    let faults = ["trap", "deadline", "limit", "invalid_output"]
+    let faults = FaultReason::ALL
         .iter()
-        .map(|reason| metrics.plugin_faults.with_label_values(&[info.kind, &info.name, reason]).get())
+        .map(|reason| metrics.plugin_faults.with_label_values(&[info.kind, &info.name, reason.as_str()]).get())
         .sum();
     PluginState {
         calls: metrics.plugin_calls.with_label_values(&labels).get(),
