@@ -15,16 +15,19 @@ __device__ __forceinline__ void gated_and_mul(__nv_bfloat16* __restrict__ out, c
 
 extern "C" __global__ void silu_and_mul(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ gate_up,
                                         int inter) {
+    PDL_ENTER();
     gated_and_mul<false>(out, gate_up, inter);
 }
 
 extern "C" __global__ void gelu_tanh_and_mul(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ gate_up,
                                              int inter) {
+    PDL_ENTER();
     gated_and_mul<true>(out, gate_up, inter);
 }
 
 // Logit soft-capping in place: x = cap * tanh(x / cap), one block per row of `cols`.
 extern "C" __global__ void softcap_rows(float* __restrict__ x, int cols, float cap) {
+    PDL_ENTER();
     float* row = x + (u64)blockIdx.x * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) row[i] = cap * tanhf(row[i] / cap);
 }

@@ -11,6 +11,29 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// ---- Programmatic dependent launch (sm_90 on; `launchers::launch` on the host) ----
+// A kernel launched as a programmatic dependent may start while the kernel before it still runs.
+// `pdl_wait` blocks until that kernel has finished and its writes are visible: before it, a
+// kernel may read only what no kernel writes (weights); every activation read and every write
+// comes after it. `pdl_trigger` lets the next kernel's blocks be scheduled as soon as every block
+// of this one has started. Both are no-ops when the launch was an ordinary one, and before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The first statement of every kernel that reads no weights before its wait.
+#define PDL_ENTER() \
+    pdl_wait();     \
+    pdl_trigger()
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);

@@ -177,6 +177,7 @@ __device__ void dequant_block(int type, const unsigned char* blk, __nv_bfloat16*
 // `rows` rows of `cols` values (cols a multiple of the type's block) from `in` into `out`.
 extern "C" __global__ void dequant_ggml(__nv_bfloat16* __restrict__ out, const unsigned char* __restrict__ in,
                                         int type, int rows, int cols, int qk_head_dim) {
+    PDL_ENTER();
     int values, bytes;
     ggml_block(type, values, bytes);
     if (values == 0) return;

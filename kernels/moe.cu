@@ -28,6 +28,7 @@
 extern "C" __global__ void moe_route(const float* __restrict__ logits, u32* __restrict__ ids,
                                      float* __restrict__ weights, int num_tokens, int experts, int k,
                                      int norm_topk) {
+    PDL_ENTER();
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t >= num_tokens) return;
@@ -74,6 +75,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, u32* __re
 // the tile count; `tiles` 3 words per tile.
 extern "C" __global__ void moe_group(const u32* __restrict__ ids, int assignments, int experts,
                                      u32* __restrict__ offsets, u32* __restrict__ sorted, u32* __restrict__ tiles) {
+    PDL_ENTER();
     __shared__ u32 count[MOE_MAX_EXPERTS], cursor[MOE_MAX_EXPERTS];
     for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
     __syncthreads();
@@ -104,6 +106,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS)
     moe_gemm(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ in, const __nv_bfloat16* __restrict__ w,
              const u32* __restrict__ sorted, const u32* __restrict__ tiles, const u32* __restrict__ num_tiles,
              int in_div, int n, int k) {
+    PDL_ENTER();
     if (blockIdx.y >= *num_tiles) return;
     constexpr int PAD = 8, STRIDE = MOE_BK + PAD;
     __shared__ __align__(16) __nv_bfloat16 a_s[MOE_BM][STRIDE];
@@ -160,6 +163,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS)
 // One block per token.
 extern "C" __global__ void moe_combine(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ y,
                                        const float* __restrict__ weights, int k, int hidden) {
+    PDL_ENTER();
     const int t = blockIdx.x;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float sum = 0.0f;

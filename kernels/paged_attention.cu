@@ -217,7 +217,7 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
 }
 
 #define DECODE_KERNEL(HD, STAGES)                                                                          \
-    extern "C" __global__ void __launch_bounds__(DC_THREADS) paged_attention_hd##HD(ATTENTION_PARAMS) {    \
+    extern "C" __global__ void __launch_bounds__(DC_THREADS) paged_attention_hd##HD(ATTENTION_PARAMS) { PDL_ENTER();    \
         paged_decode_impl<HD, STAGES>(ATTENTION_ARGS);                                                     \
     }
 DECODE_KERNEL(64, 4)
@@ -229,6 +229,7 @@ DECODE_KERNEL(256, 2)
 extern "C" __global__ void attention_reduce(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_out,
                                             const float* __restrict__ part_max, const float* __restrict__ part_sum,
                                             const u32* __restrict__ rows, int num_splits, int head_dim) {
+    PDL_ENTER();
     const u64 t = rows ? rows[blockIdx.x] : blockIdx.x;
     const u64 th = t * gridDim.y + blockIdx.y;  // token * num_heads + head
     float big = -INFINITY;

@@ -212,7 +212,7 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
     extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill_attention_hd##HD(                        \
         __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, \
         const u32* block_tables, const u32* positions, const u32* tiles, int q_stride, int max_blocks,          \
-        int num_heads, int num_kv_heads, int block_size, float scale, int window) {                             \
+        int num_heads, int num_kv_heads, int block_size, float scale, int window) { PDL_ENTER();                             \
         prefill_attention_impl<HD>(out, q, k_cache, v_cache, block_tables, positions, tiles, q_stride,         \
                                    max_blocks, num_heads, num_kv_heads, block_size, scale, window);             \
     }

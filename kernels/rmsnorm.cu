@@ -5,6 +5,7 @@
 extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const __nv_bfloat16* __restrict__ delta,
                                              const float* __restrict__ weight, __nv_bfloat16* __restrict__ out,
                                              int hidden, float eps) {
+    PDL_ENTER();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     float* x = residual + (u64)t * hidden;
@@ -27,6 +28,7 @@ extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const
 extern "C" __global__ void rmsnorm_rows(const float* __restrict__ residual, const u32* __restrict__ rows,
                                         const float* __restrict__ weight, __nv_bfloat16* __restrict__ out,
                                         int hidden, float eps) {
+    PDL_ENTER();
     __shared__ float scratch[32];
     const float* x = residual + (u64)rows[blockIdx.x] * hidden;
     float sum_sq = 0.0f;
@@ -40,6 +42,7 @@ extern "C" __global__ void rmsnorm_rows(const float* __restrict__ residual, cons
 // they join the residual): out[t] = rmsnorm(x[t]) * w, one block per row.
 extern "C" __global__ void rmsnorm_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ weight,
                                         __nv_bfloat16* __restrict__ out, int hidden, float eps) {
+    PDL_ENTER();
     __shared__ float scratch[32];
     const __nv_bfloat16* row = x + (u64)blockIdx.x * hidden;
     float sum_sq = 0.0f;
@@ -58,6 +61,7 @@ extern "C" __global__ void rmsnorm_bf16(const __nv_bfloat16* __restrict__ x, con
 // 4y .. 4y + 3 of row t.
 extern "C" __global__ void head_rmsnorm(__nv_bfloat16* __restrict__ x, const float* __restrict__ weight,
                                         int row_width, int first_head, int num_heads, int head_dim, float eps) {
+    PDL_ENTER();
     const int lane = threadIdx.x & 31, head = blockIdx.y * 4 + (threadIdx.x >> 5);
     if (head >= num_heads) return;
     __nv_bfloat16* h = x + (u64)blockIdx.x * row_width + (u64)(first_head + head) * head_dim;

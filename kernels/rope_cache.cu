@@ -9,6 +9,7 @@ extern "C" __global__ void rope_and_cache(__nv_bfloat16* __restrict__ qkv, const
                                           __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
                                           int num_heads, int num_kv_heads, int head_dim, int block_size,
                                           float position_scale, int interleaved, int rotary_dim, float magnitude) {
+    PDL_ENTER();
     const int t = blockIdx.x;
     const int half = rotary_dim / 2;
     const int row = (num_heads + 2 * num_kv_heads) * head_dim;
@@ -43,6 +44,7 @@ extern "C" __global__ void rope_and_cache(__nv_bfloat16* __restrict__ qkv, const
 
 // Adds a bias row to every row of a bf16 matrix (Qwen2's QKV bias).
 extern "C" __global__ void add_bias(__nv_bfloat16* __restrict__ x, const float* __restrict__ bias, int cols) {
+    PDL_ENTER();
     const int r = blockIdx.x;
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
         x[(u64)r * cols + i] = __float2bfloat16(__bfloat162float(x[(u64)r * cols + i]) + bias[i]);

@@ -1,6 +1,7 @@
 // Greedy sampling on the device: the index of the largest logit of each row (the first on ties,
 // as torch.argmax), so only one integer per sequence crosses to the host.
 extern "C" __global__ void argmax_rows(u32* __restrict__ out, const float* __restrict__ logits, int vocab) {
+    PDL_ENTER();
     __shared__ float best_s[32];
     __shared__ int index_s[32];
     const float* row = logits + (u64)blockIdx.x * vocab;
@@ -35,6 +36,7 @@ extern "C" __global__ void argmax_rows(u32* __restrict__ out, const float* __res
 // Deterministic uniform values in [-scale, scale) from a hash of (seed, index): dummy weights made
 // on the device, for model shapes too large to generate on the host.
 extern "C" __global__ void init_uniform_bf16(__nv_bfloat16* __restrict__ out, u64 n, u64 seed, float scale) {
+    PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 z = seed + i * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -406,6 +408,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     const u32* __restrict__ penalty_counts,
     const u32* __restrict__ masks,
     int vocab) {
+    PDL_ENTER();
     __shared__ SampleShared s;
     const u32* p = params + (u64)blockIdx.x * SAMPLE_PARAM_WORDS;
     const u32 flags = p[P_FLAGS];

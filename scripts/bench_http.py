@@ -41,9 +41,12 @@ def fixed(n, vocab, prompt_len, output_len, seed=0, low_id=100):
     return [{"prompt_ids": [rng.randrange(low_id, vocab) for _ in range(prompt_len)], "max_tokens": output_len} for _ in range(n)]
 
 
-async def one(session, url, model, request, stream, results):
+async def one(session, url, model, request, stream, results, token_ids=False):
     body = {"model": model, "prompt": request["prompt_ids"], "max_tokens": request["max_tokens"], "ignore_eos": True,
             "temperature": 0, "stream": stream}
+    if token_ids:
+        # vLLM started with --skip-tokenizer-init streams empty text: a chunk's tokens are its token_ids.
+        body["return_token_ids"] = True
     if stream:
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
@@ -67,7 +70,8 @@ async def one(session, url, model, request, stream, results):
                             chunk = json.loads(line[6:])
                             if chunk.get("usage"):
                                 usage = chunk["usage"]
-                            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                            choice = (chunk.get("choices") or [{}])[0]
+                            if choice.get("text") or choice.get("token_ids"):
                                 last = time.perf_counter()
                                 first = first or last
                                 chunks += 1
@@ -110,6 +114,8 @@ async def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-stream", action="store_true")
     ap.add_argument("--label", default="")
+    ap.add_argument("--token-ids", action="store_true",
+                    help="ask for return_token_ids and count streamed tokens by them (vLLM with --skip-tokenizer-init)")
     a = ap.parse_args()
     stream = not a.no_stream
     if a.workload == "sharegpt":
@@ -121,13 +127,13 @@ async def main():
         async with session.get(a.url + "/v1/models") as response:
             model = (await response.json())["data"][0]["id"]
         # Warm-up, not counted.
-        await asyncio.gather(*(one(session, a.url, model, {"prompt_ids": requests[0]["prompt_ids"][:8], "max_tokens": 4}, stream, []) for _ in range(2)))
+        await asyncio.gather(*(one(session, a.url, model, {"prompt_ids": requests[0]["prompt_ids"][:8], "max_tokens": 4}, stream, [], a.token_ids) for _ in range(2)))
         before = await step_phases(session, a.url)
         gate, results = asyncio.Semaphore(a.concurrency), []
 
         async def gated(request):
             async with gate:
-                await one(session, a.url, model, request, stream, results)
+                await one(session, a.url, model, request, stream, results, a.token_ids)
 
         started = time.perf_counter()
         await asyncio.gather(*(gated(r) for r in requests))

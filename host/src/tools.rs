@@ -362,7 +362,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     for &batch in &args.batch_sizes {
         eager.push(gpu::decode_step_ms(&mut backend, batch, args.context, 30, false)?);
     }
-    gpu::print_gemv_vs_cublas(&dev, 1)?;
+    gpu::print_gemv_vs_cublas(&dev, "SmolLM2", 1, &gpu::SMOLLM2_PRODUCTS)?;
     // Where an eager step's time goes: batch 1 on the fused GEMV path and on cuBLAS, then the
     // largest batch asked for up to 64 (cuBLAS, whatever the setting).
     gpu::print_step_breakdown(&mut backend, 1, args.context, "fused GEMV path")?;
@@ -398,6 +398,23 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
             batch as f64 / (graph_ms * 1e-3)
         );
     }
+    // Programmatic dependent launches (sm_90): the same graphs captured with each scope, twice.
+    if dev.pdl() {
+        use pagedserve::cuda::PdlScope;
+        for _ in 0..2 {
+            for scope in [PdlScope::Off, PdlScope::All, PdlScope::AllButGemv, PdlScope::GemvOnly] {
+                dev.set_pdl_scope(scope);
+                backend.capture_decode_graphs(max_batch, args.context + 16)?;
+                let times: Vec<String> = args
+                    .batch_sizes
+                    .iter()
+                    .map(|&batch| gpu::decode_step_ms(&mut backend, batch, args.context, 30, true).map(|ms| format!("b{batch} {ms:.3} ms")))
+                    .collect::<Result<_, _>>()?;
+                println!("{} decode step with graphs, PDL {:<10}: {}", loaded.name, format!("{scope:?}"), times.join("  "));
+            }
+        }
+        dev.set_pdl_scope(PdlScope::DEFAULT);
+    }
     // The serving path: logits to the host and the native samplers, against sampling on the
     // device, each with and without graphs.
     let params = pagedserve::sampling::SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(1), ..Default::default() };
@@ -416,16 +433,52 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     }
     if args.llama_8b {
         drop(backend);
+        // The 8B products at the batch sizes of one client and of a few tens, where a step is a
+        // weight stream: each against cuBLAS, with its share of the copy rate.
+        for m in [1, 2, 4, 8, 32] {
+            gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B", m, &gpu::LLAMA_8B_PRODUCTS)?;
+        }
         let (batch, context) = (64, 2048);
         let mut big = gpu::llama_8b_backend(&dev, batch, context)?;
-        let ms = gpu::decode_step_ms(&mut big, batch, context, 10, false)?;
         let c = big.model().config().clone();
-        let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
-        let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;
-        println!(
-            "Llama-3.1-8B dummy decode b{batch} c{context}  {ms:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
-            ms / floor_ms
-        );
+        let floor = |batch: usize, context: usize| {
+            let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
+            (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3
+        };
+        let floors: Vec<(usize, usize, f64)> = [(1, 512), (32, 512), (64, 2048)].iter().map(|&(b, ctx)| (b, ctx, floor(b, ctx))).collect();
+        gpu::print_step_breakdown(&mut big, 1, 512, "Llama-3.1-8B")?;
+        // Graphs on each product path (cuBLAS for every batch, or the GEMV where it is preferred),
+        // with each scope of programmatic dependent launches, twice in turn.
+        use pagedserve::cuda::PdlScope;
+        let pdl_supported = dev.pdl();
+        for round in 0..2 {
+            for (label, gemv, scope) in [
+                ("cuBLAS", false, PdlScope::Off),
+                ("cuBLAS+PDL", false, PdlScope::All),
+                ("GEMV", true, PdlScope::Off),
+                ("GEMV+PDL", true, PdlScope::All),
+                ("GEMV+PDL-but-GEMV", true, PdlScope::AllButGemv),
+                ("GEMV+PDL-GEMV-only", true, PdlScope::GemvOnly),
+            ] {
+                if scope != PdlScope::Off && !pdl_supported {
+                    continue;
+                }
+                dev.set_pdl_scope(scope);
+                big.set_gemv_enabled(gemv);
+                big.capture_decode_graphs(64, 2048 + 16)?;
+                for &(batch, context, floor_ms) in &floors {
+                    if batch > 8 && gemv {
+                        continue; // the same cuBLAS products as above
+                    }
+                    let graph = gpu::decode_step_ms(&mut big, batch, context, 10, true)?;
+                    println!(
+                        "Llama-3.1-8B dummy decode [{round}] {label:<18} b{batch:<3} c{context:<5} graphs {graph:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
+                        graph / floor_ms
+                    );
+                }
+            }
+        }
+        dev.set_pdl_scope(if pdl_supported { PdlScope::DEFAULT } else { PdlScope::Off });
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{
-    gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS,
+    gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS,
     MOE_GROUP_CONFIG,
 };
 use crate::cuda::{launchers, ptr};
@@ -454,7 +454,7 @@ pub fn check_gemv(dev: &GpuDevice, m: usize, n: usize, k: usize, out_type: OutTy
             stream.clone_dtoh(&out)?
         }
     };
-    let path = if gemv_supports(m, k) { "gemv" } else { "cuBLAS" };
+    let path = if gemv_prefers(m, k, n) { "gemv" } else { "cuBLAS" };
     Ok(CheckRow::error("linear small-M", format!("{path} m {m} n {n} k {k} {out_type:?} out"), relative_error(&got, &want)))
 }
 
@@ -559,8 +559,9 @@ pub fn check_gemv_norm(
     Ok(CheckRow::error("gemv +add+norm", detail, relative_error(&got, &want)))
 }
 
-/// The small-M linear layers: the GEMV (through `linear`) on SmolLM2's shapes, an odd N, a K
-/// cuBLAS takes instead, M = 1, 2, 3, 8, bf16 and float32 out; then each fused variant.
+/// The small-M linear layers: the GEMV (through `linear`, so the path it prefers) on SmolLM2's
+/// shapes, an odd N, a K cuBLAS takes instead, M = 1, 2, 3, 8, bf16 and float32 out, and the 8B
+/// widths; then each fused variant, at SmolLM2's widths and the 8B's.
 pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     let mut rows = Vec::new();
     let mut seed = 200;
@@ -571,10 +572,19 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
             rows.push(check_gemv(dev, m, n, k, out_type, seed)?);
         }
     }
+    // The Llama-3.1-8B widths at one row, where the GEMV streams large weights: K = 4096 and
+    // 14336 (two passes of the block-wide staging, shared memory above the 48 KB default at two
+    // rows), and a small weight of K = 14336 at two rows.
+    for (m, n, k) in [(1, 6144, 4096), (1, 4096, 14336), (2, 100, 14336)] {
+        seed += 1;
+        rows.push(check_gemv(dev, m, n, k, OutType::Bf16, seed)?);
+    }
     for m in [1, 3, 8] {
         rows.push(check_gemv_silu(dev, m, 576, 1536, 300 + m as u64)?);
         rows.push(check_gemv_silu(dev, m, 1001, 200, 310 + m as u64)?);
     }
+    rows.push(check_gemv_silu(dev, 1, 512, 14336, 320)?);
+    rows.push(check_gemv_silu(dev, 2, 100, 14336, 321)?);
     for (m, n, with_delta, indirect, with_bias) in [
         (1, 960, true, false, false),
         (3, 3072, true, false, false),
@@ -585,6 +595,10 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     ] {
         seed += 1;
         rows.push(check_gemv_norm(dev, m, n, 576, with_delta, indirect, with_bias, seed)?);
+    }
+    for (m, n, with_delta, indirect, with_bias) in [(1, 1024, true, false, false), (2, 600, true, false, true), (1, 2000, true, true, false)] {
+        seed += 1;
+        rows.push(check_gemv_norm(dev, m, n, 4096, with_delta, indirect, with_bias, seed)?);
     }
     Ok(rows)
 }

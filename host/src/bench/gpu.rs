@@ -287,7 +287,8 @@ impl GemvBench {
 /// cycle through enough copies of the weight to cover 256 MB, so L2 (50 MB) cannot hold them.
 pub fn gemv_vs_cublas(dev: &GpuDevice, m: usize, shapes: &[(usize, usize, OutType)]) -> Result<Vec<GemvBench>, CudaError> {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    let pool_elements = 128 << 20;
+    // At least 256 MB, and at least the largest weight (the 8B head is 1 GB).
+    let pool_elements = shapes.iter().map(|&(n, k, _)| n * k).max().unwrap_or(0).max(128 << 20);
     let pool = dev.stream.clone_htod(&pseudo_random_bf16(pool_elements, 5))?;
     let mut results = Vec::new();
     for &(n, k, out_type) in shapes {
@@ -321,18 +322,32 @@ pub fn gemv_vs_cublas(dev: &GpuDevice, m: usize, shapes: &[(usize, usize, OutTyp
     Ok(results)
 }
 
-/// The SmolLM2-135M products at `m` rows, GEMV against cuBLAS.
-pub fn print_gemv_vs_cublas(dev: &GpuDevice, m: usize) -> Result<(), CudaError> {
-    let shapes = [
-        (960, 576, OutType::Bf16),
-        (576, 576, OutType::Bf16),
-        (3072, 576, OutType::Bf16),
-        (576, 1536, OutType::Bf16),
-        (49152, 576, OutType::F32),
-    ];
-    println!("SmolLM2 products at m={m} (in a graph, weights cycled past L2):");
-    println!("  {:>6} {:>6} {:>10} {:>8} {:>12} {:>8} {:>8}", "N", "K", "gemv µs", "GB/s", "cuBLAS µs", "GB/s", "speedup");
-    for r in gemv_vs_cublas(dev, m, &shapes)? {
+/// The SmolLM2-135M products: qkv, o, gate_up, down, lm_head (float32 logits).
+pub const SMOLLM2_PRODUCTS: [(usize, usize, OutType); 5] = [
+    (960, 576, OutType::Bf16),
+    (576, 576, OutType::Bf16),
+    (3072, 576, OutType::Bf16),
+    (576, 1536, OutType::Bf16),
+    (49152, 576, OutType::F32),
+];
+
+/// The Llama-3.1-8B products, in the same order.
+pub const LLAMA_8B_PRODUCTS: [(usize, usize, OutType); 5] = [
+    (6144, 4096, OutType::Bf16),
+    (4096, 4096, OutType::Bf16),
+    (28672, 4096, OutType::Bf16),
+    (4096, 14336, OutType::Bf16),
+    (128_256, 4096, OutType::F32),
+];
+
+/// `shapes` at `m` rows, our path (`linear`: the GEMV where it takes the shape) against cuBLAS,
+/// with each one's weight bandwidth; the last line is the sum, the weight stream of one layer
+/// set plus the head.
+pub fn print_gemv_vs_cublas(dev: &GpuDevice, label: &str, m: usize, shapes: &[(usize, usize, OutType)]) -> Result<(), CudaError> {
+    println!("{label} products at m={m} (in a graph, weights cycled past L2):");
+    println!("  {:>6} {:>6} {:>10} {:>8} {:>12} {:>8} {:>8}", "N", "K", "ours µs", "GB/s", "cuBLAS µs", "GB/s", "speedup");
+    let results = gemv_vs_cublas(dev, m, shapes)?;
+    for r in &results {
         println!(
             "  {:>6} {:>6} {:>10.2} {:>8.0} {:>12.2} {:>8.0} {:>7.2}x",
             r.n,
@@ -344,6 +359,16 @@ pub fn print_gemv_vs_cublas(dev: &GpuDevice, m: usize) -> Result<(), CudaError> 
             r.cublas_us / r.gemv_us
         );
     }
+    let bytes: usize = results.iter().map(|r| r.n * r.k * 2).sum();
+    let (ours, cublas): (f64, f64) = (results.iter().map(|r| r.gemv_us).sum(), results.iter().map(|r| r.cublas_us).sum());
+    println!(
+        "  {:>13} {:>10.2} {:>8.0} {:>12.2} {:>8.0}",
+        "all",
+        ours,
+        bytes as f64 / (ours * 1e-6) / 1e9,
+        cublas,
+        bytes as f64 / (cublas * 1e-6) / 1e9
+    );
     Ok(())
 }
 

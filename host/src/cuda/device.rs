@@ -1,7 +1,9 @@
 //! One GPU: its context, the stream all work goes to, a cuBLAS handle, the compiled kernels and
 //! the device facts launch configurations need.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
@@ -9,7 +11,9 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::driver::sys::CUfunction_attribute;
 
 use super::kernels::Kernels;
-use super::launch::{decode_kernel_name, decode_shared_bytes, prefill_kernel_name, prefill_shared_bytes, DECODE_THREADS};
+use super::launch::{
+    decode_kernel_name, decode_shared_bytes, gemv_kernel_names, prefill_kernel_name, prefill_shared_bytes, DECODE_THREADS, GEMV_MAX_SHARED,
+};
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 use super::CudaError;
@@ -25,6 +29,42 @@ pub struct GpuDevice {
     pub num_sms: usize,
     /// Resident blocks per multiprocessor of the decode attention kernel, by head dimension.
     decode_blocks_per_sm: Vec<(usize, usize)>,
+    /// Which of our kernels are launched as programmatic dependents of the kernel before them
+    /// (see `launchers`), a `PdlScope`: on sm_90 and newer, unless `PAGEDSERVE_PDL=0`.
+    pdl: AtomicU8,
+    /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
+    /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
+    gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
+}
+
+/// Which kernels are launched as programmatic dependents (see `launchers::launch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PdlScope {
+    Off = 0,
+    All = 1,
+    /// Every kernel but the GEMV.
+    AllButGemv = 2,
+    /// Only the GEMV (whose first weight loads go before its wait).
+    GemvOnly = 3,
+}
+
+impl PdlScope {
+    /// The default, or `$PAGEDSERVE_PDL`: `off` (or `0`), `all` (or `1`), `but-gemv`, `gemv-only`.
+    pub fn from_env() -> Result<Self, super::CudaError> {
+        match std::env::var("PAGEDSERVE_PDL").as_deref() {
+            Err(_) => Ok(PdlScope::DEFAULT),
+            Ok("0" | "off") => Ok(PdlScope::Off),
+            Ok("1" | "all") => Ok(PdlScope::All),
+            Ok("but-gemv") => Ok(PdlScope::AllButGemv),
+            Ok("gemv-only") => Ok(PdlScope::GemvOnly),
+            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_PDL is off, all, but-gemv or gemv-only, not {other:?}"))),
+        }
+    }
+
+    /// What `serve` uses on sm_90. Only the GEMV overlaps its predecessor: decode steps with
+    /// graphs on an H200 (BENCHMARKS.md, session 9) took 4.86 ms at the Llama-3.1-8B shape with
+    /// this scope, 4.91 with none and 5.61 with every kernel; at SmolLM2's, 0.73, 0.79 and 0.72.
+    pub const DEFAULT: PdlScope = PdlScope::GemvOnly;
 }
 
 /// Head dimensions the attention kernels are instantiated for.
@@ -78,8 +118,13 @@ impl GpuDevice {
             let (function, shared) = (kernels.get(&prefill_kernel_name(head_dim)), prefill_shared_bytes(head_dim));
             function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
+        // The GEMV stages up to 96 KB of input rows per block.
+        for name in gemv_kernel_names() {
+            kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GEMV_MAX_SHARED as i32)?;
+        }
         let name = context.name()?;
-        tracing::info!(gpu = %name, %arch, num_sms, "CUDA device ready");
+        let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -90,6 +135,8 @@ impl GpuDevice {
             arch,
             num_sms,
             decode_blocks_per_sm,
+            pdl: AtomicU8::new(pdl as u8),
+            gemv_occupancy: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -98,6 +145,58 @@ impl GpuDevice {
     pub fn decode_slots(&self, head_dim: usize) -> usize {
         let per_sm = self.decode_blocks_per_sm.iter().find(|&&(hd, _)| hd == head_dim).map_or(1, |&(_, b)| b);
         per_sm * self.num_sms
+    }
+
+    /// Whether any launch overlaps the previous kernel's tail (programmatic dependent launch).
+    /// Every kernel waits for its predecessor before it touches anything but weights, so this
+    /// changes timing only, never results.
+    pub fn pdl(&self) -> bool {
+        self.pdl_scope() != PdlScope::Off
+    }
+
+    pub fn pdl_scope(&self) -> PdlScope {
+        match self.pdl.load(Ordering::Relaxed) {
+            1 => PdlScope::All,
+            2 => PdlScope::AllButGemv,
+            3 => PdlScope::GemvOnly,
+            _ => PdlScope::Off,
+        }
+    }
+
+    /// Whether kernel `name` is launched as a programmatic dependent.
+    pub fn pdl_for(&self, name: &str) -> bool {
+        match self.pdl_scope() {
+            PdlScope::Off => false,
+            PdlScope::All => true,
+            PdlScope::AllButGemv => !name.starts_with("gemv"),
+            PdlScope::GemvOnly => name.starts_with("gemv"),
+        }
+    }
+
+    /// Turns programmatic dependent launches on (for every kernel) or off.
+    pub fn set_pdl(&self, on: bool) {
+        self.set_pdl_scope(if on { PdlScope::All } else { PdlScope::Off });
+    }
+
+    /// Chooses which kernels are launched as programmatic dependents (`bench gpu` compares them);
+    /// always `Off` before sm_90, where the kernels have no `griddepcontrol`.
+    pub fn set_pdl_scope(&self, scope: PdlScope) {
+        let supported = self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|cc| cc >= 90);
+        let scope = if supported { scope } else { PdlScope::Off };
+        self.pdl.store(scope as u8, Ordering::Relaxed);
+    }
+
+    /// How many blocks of GEMV kernel `name` of `threads` threads with `shared` bytes of dynamic
+    /// shared memory are resident on one multiprocessor (asked once, then remembered).
+    pub fn gemv_blocks_per_sm(&self, name: &str, threads: u32, shared: usize) -> Result<usize, super::CudaError> {
+        let key = (name.to_string(), threads, shared);
+        let mut known = self.gemv_occupancy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&blocks) = known.get(&key) {
+            return Ok(blocks);
+        }
+        let blocks = self.function(name).occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)?.max(1) as usize;
+        known.insert(key, blocks);
+        Ok(blocks)
     }
 
     pub fn function(&self, name: &str) -> &CudaFunction {

@@ -30,7 +30,7 @@ use super::batch::{BatchArrays, Scratch};
 use super::gemm::{cublas_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput};
 use super::kv_cache::GpuKvCache;
-use super::launch::{gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionSplit, MOE_GROUP_CONFIG};
+use super::launch::{gemv_prefers, gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionSplit, MOE_GROUP_CONFIG};
 use super::launchers;
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
@@ -276,9 +276,15 @@ impl<'a> GpuOps<'a> {
         Ok(())
     }
 
-    /// Whether the GEMV takes an `[m, k]` input.
+    /// Whether the GEMV takes an `[m, k]` input: the fused element-wise steps stay pending on
+    /// this, and the product decides (`gemv_runs`).
     fn gemv_takes(&self, m: usize, k: usize) -> bool {
         self.gemv && gemv_supports(m, k)
+    }
+
+    /// Whether the GEMV runs the product of an `[m, k]` input with an `[n, k]` weight.
+    fn gemv_runs(&self, m: usize, k: usize, n: usize) -> bool {
+        self.gemv && gemv_prefers(m, k, n)
     }
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
@@ -288,7 +294,7 @@ impl<'a> GpuOps<'a> {
         let dev = self.dev();
         let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
         let (k, n) = (w.cols, w.rows);
-        if self.gemv_takes(m, k) {
+        if self.gemv_runs(m, k, n) {
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
             // `bias` the matrix's.
             return unsafe { gemv(dev, &Gemv { out, out_type, input, w: w.ptr(dev), bias, m, k, n }).map_err(backend_error) };
@@ -380,7 +386,7 @@ impl Ops for GpuOps<'_> {
         self.resolve_all(Some(x))?;
         let (m, k, n) = (self.n, w.cols, w.rows);
         let pending = self.state(x)?.pending;
-        if pending.is_some() && !self.gemv_takes(m, k) {
+        if pending.is_some() && !self.gemv_runs(m, k, n) {
             self.resolve(x)?;
         }
         let out = self.alloc_bf16(n)?;
@@ -619,7 +625,7 @@ impl Ops for GpuOps<'_> {
         let s = launch.scratch;
         let logits = s.logits_ptr(dev);
         let w = ptr(dev, final_norm);
-        if self.gemv_takes(rows, h) {
+        if self.gemv_runs(rows, h, vocab) {
             // The last block's output joins the residual inside the GEMV, for the wanted rows
             // only; nothing reads the residual after, so it is not written back.
             self.mark("gemv lm_head +add+norm")?;

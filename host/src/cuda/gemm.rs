@@ -7,7 +7,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::gemv::{gemv, Gemv, GemvInput};
-use super::launch::gemv_supports;
+use super::launch::gemv_prefers;
 use super::{CudaError, GpuDevice};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -16,7 +16,8 @@ pub enum OutType {
     F32,
 }
 
-/// The GEMV for shapes it takes (1 to 8 rows, aligned 16-byte vectors), cuBLAS otherwise.
+/// The GEMV where it is the faster path (`launch::gemv_prefers`, aligned 16-byte vectors), cuBLAS
+/// otherwise.
 ///
 /// # Safety
 /// `out`, `a` and `w` must be live device allocations of at least `m*n`, `m*k` and `n*k`
@@ -32,7 +33,7 @@ pub unsafe fn linear(
     k: usize,
     n: usize,
 ) -> Result<(), CudaError> {
-    if gemv_supports(m, k) && n > 0 && (a | w).is_multiple_of(16) {
+    if gemv_prefers(m, k, n) && (a | w).is_multiple_of(16) {
         return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w, bias: 0, m, k, n });
     }
     cublas_linear(dev, out, out_type, a, w, m, k, n)

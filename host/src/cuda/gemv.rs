@@ -10,7 +10,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{gemv_grid, gemv_shared_bytes, gemv_supports, GemvMode, GEMV_WARPS};
+use super::launch::{gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode};
 use super::launchers;
 use super::{CudaError, GpuDevice};
 
@@ -75,10 +75,13 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
+    let shared = gemv_shared_bytes(g.m, g.k);
+    let warps = gemv_block_warps(g.n, dev.num_sms);
+    let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(g.input.mode(), g.m), warps * 32, shared)?;
     let config = LaunchConfig {
-        grid_dim: (gemv_grid(g.n, dev.num_sms), 1, 1),
-        block_dim: (GEMV_WARPS * 32, 1, 1),
-        shared_mem_bytes: gemv_shared_bytes(g.m, g.k) as u32,
+        grid_dim: (gemv_grid(g.n, warps, dev.num_sms, blocks_per_sm), 1, 1),
+        block_dim: (warps * 32, 1, 1),
+        shared_mem_bytes: shared as u32,
     };
     launchers::gemv(dev, g.input.mode(), g.m, config, g.out, out_f32, x, delta, weight, residual_out, rows, g.bias, g.w, m, n, k, eps)?;
     Ok(())

@@ -149,10 +149,10 @@ impl GpuBackend {
             tracing::info!("CUDA graphs off: decode steps launch kernel by kernel (small batches through the GEMV)");
             return Ok(0);
         }
-        // Inside a graph the small-batch GEMV path gains nothing over cuBLAS (H100, SmolLM2 at
-        // batch 1: 1.30 against 1.29 ms per step; eager it saves a quarter), and one product
-        // path for every batch size keeps greedy outputs closer to batch-invariant.
-        self.set_gemv_enabled(false);
+        // The small-batch GEMV stays on inside the graphs: with its one-wave grid, parallel
+        // staging and the weight loads it issues before the previous kernel ends, it beats
+        // cuBLAS at 1-2 rows of a large model and up to 8 rows of a small one (BENCHMARKS.md,
+        // session 9).
         let largest = *GRAPH_BUCKETS.last().expect("buckets");
         let max_batch = max_num_seqs.min(largest);
         let started = std::time::Instant::now();

@@ -236,18 +236,17 @@ pub fn row_threads(width: usize) -> u32 {
 }
 
 /// Warps (output rows in flight) per block of the small-M GEMV (`GEMV_WARPS` in
-/// `kernels/gemv.cu`).
-pub const GEMV_WARPS: u32 = 4;
+/// `kernels/gemv.cu`): one large block per multiprocessor, so the input staging (repeated per
+/// block) is paid a hundred times, not thousands.
+pub const GEMV_WARPS: u32 = 16;
 
 /// The most input rows the GEMV takes; larger batches go to cuBLAS, which is fast there.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// The GEMV stages its padded input rows in static-limit shared memory (no opt-in needed).
-const GEMV_MAX_SHARED: usize = 48 * 1024;
-
-/// Resident GEMV blocks per multiprocessor the grid is capped at: 32 warps per SM is enough
-/// loads in flight to reach full bandwidth, and a larger grid only repeats the input staging.
-const GEMV_BLOCKS_PER_SM: usize = 8;
+/// The most dynamic shared memory a GEMV block stages its padded input rows in (the kernels opt
+/// in above the 48 KB default at device start; every sm_80+ GPU allows 99 KB or more): 8 rows of
+/// K = 4096, or one row of K = 49152.
+pub const GEMV_MAX_SHARED: usize = 96 * 1024;
 
 /// What the GEMV's input staging computes (`MODE` in `kernels/gemv.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,9 +265,28 @@ pub fn gemv_padded_rows(m: usize) -> usize {
 }
 
 /// Whether the GEMV takes `m` rows of width `k`: 1 to 8 rows, 16-byte vectors (k a multiple of
-/// 8), and the padded rows fit its shared memory (k up to 3072 at 8 rows, 24576 at one).
+/// 8), and the padded rows fit its shared memory (k up to 6144 at 8 rows, 49152 at one).
 pub fn gemv_supports(m: usize, k: usize) -> bool {
     (1..=GEMV_MAX_ROWS).contains(&m) && k > 0 && k.is_multiple_of(8) && gemv_shared_bytes(m, k) <= GEMV_MAX_SHARED
+}
+
+/// Weights (elements) up to which the GEMV takes 2 to 8 rows: there the products are
+/// latency-bound (SmolLM2's per-layer products, at most 1.8 M) and the GEMV's single launch with
+/// its staging wins. Above it, a product is a weight stream, and at 2 rows or more cuBLAS's tensor
+/// cores keep up with it where the GEMV's CUDA-core FMAs do not (H200, Llama-3.1-8B: 0.81-0.88x
+/// of cuBLAS at 2 rows, 0.41x at 8; BENCHMARKS.md, session 9).
+pub const GEMV_SMALL_WEIGHTS: usize = 2 << 20;
+
+/// The shortest rows for which the GEMV streams a large weight at one row: a warp loads one row
+/// at a time, so short rows (SmolLM2's 576) leave too few bytes in flight (its head at 1,725 GB/s
+/// against cuBLAS's 3,543).
+pub const GEMV_STREAM_MIN_K: usize = 2048;
+
+/// Whether the GEMV should run `out[m×n] = x[m×k] · wᵀ`: it takes the shape, and the weight is
+/// small (`GEMV_SMALL_WEIGHTS`) or it is one row of long rows (`GEMV_STREAM_MIN_K`), where the
+/// GEMV streams as fast as cuBLAS and saves the fused element-wise launches.
+pub fn gemv_prefers(m: usize, k: usize, n: usize) -> bool {
+    gemv_supports(m, k) && n > 0 && (n * k <= GEMV_SMALL_WEIGHTS || (m == 1 && k >= GEMV_STREAM_MIN_K))
 }
 
 /// Dynamic shared memory of one GEMV block: the padded input rows in bf16.
@@ -285,10 +303,25 @@ pub fn gemv_kernel_name(mode: GemvMode, m: usize) -> String {
     format!("gemv_{mode}m{}", gemv_padded_rows(m))
 }
 
-/// Blocks of a GEMV over `n` output rows: one warp per row up to `GEMV_BLOCKS_PER_SM` blocks per
-/// multiprocessor, then the warps loop over rows.
-pub fn gemv_grid(n: usize, num_sms: usize) -> u32 {
-    n.div_ceil(GEMV_WARPS as usize).clamp(1, GEMV_BLOCKS_PER_SM * num_sms.max(1)) as u32
+/// Every GEMV kernel (mode and padded row count), for the device's start-up settings.
+pub fn gemv_kernel_names() -> Vec<String> {
+    let modes = [GemvMode::Plain, GemvMode::SiluMul, GemvMode::AddNorm];
+    modes.iter().flat_map(|&mode| [1, 2, 4, 8].map(|m| gemv_kernel_name(mode, m))).collect()
+}
+
+/// Warps per GEMV block for `n` output rows: `GEMV_WARPS` when that still gives every
+/// multiprocessor a block, else fewer (at least 4, a multiple of 4), so a small product (SmolLM2's
+/// 576 rows) spreads over the GPU instead of 36 multiprocessors.
+pub fn gemv_block_warps(n: usize, num_sms: usize) -> u32 {
+    let per_sm = n.div_ceil(num_sms.max(1));
+    (per_sm.div_ceil(4) * 4).clamp(4, GEMV_WARPS as usize) as u32
+}
+
+/// Blocks of `warps` warps for a GEMV over `n` output rows: one warp per row up to as many blocks as are resident
+/// at once (`blocks_per_sm` on each multiprocessor), then the warps loop over rows. Never more:
+/// a second wave would repeat the staging and leave most of the GPU idle at its end.
+pub fn gemv_grid(n: usize, warps: u32, num_sms: usize, blocks_per_sm: usize) -> u32 {
+    n.div_ceil(warps.max(1) as usize).clamp(1, blocks_per_sm.max(1) * num_sms.max(1)) as u32
 }
 
 #[cfg(test)]
@@ -431,17 +464,29 @@ mod tests {
         assert!(gemv_supports(1, 576) && gemv_supports(8, 1536) && gemv_supports(3, 576));
         assert!(!gemv_supports(0, 576) && !gemv_supports(9, 576), "0 rows, or cuBLAS's batch sizes");
         assert!(!gemv_supports(1, 100), "k not a multiple of 8: no 16-byte vectors");
-        assert!(gemv_supports(8, 3072) && !gemv_supports(8, 3080), "8 rows x 3072 x 2 bytes is 48 KB");
-        assert!(gemv_supports(1, 24576) && !gemv_supports(1, 24584));
+        assert!(gemv_supports(8, 6144) && !gemv_supports(8, 6152), "8 rows x 6144 x 2 bytes is 96 KB");
+        assert!(gemv_supports(1, 49152) && !gemv_supports(1, 49160));
+        assert!(gemv_supports(2, 14336) && !gemv_supports(4, 14336), "the 8B down projection up to 2 rows");
+        assert!(gemv_prefers(1, 4096, 128_256) && gemv_prefers(1, 14336, 4096), "weight streams at one row");
+        assert!(!gemv_prefers(2, 4096, 28672) && !gemv_prefers(8, 4096, 6144), "2+ rows of a large weight: cuBLAS");
+        assert!(gemv_prefers(8, 576, 3072) && gemv_prefers(2, 1536, 576), "small weights at any supported row count");
+        assert!(!gemv_prefers(1, 576, 49152), "a large weight of short rows: cuBLAS");
         assert_eq!(gemv_shared_bytes(3, 576), 4 * 576 * 2, "3 rows run in the 4-row tile");
         assert_eq!(gemv_kernel_name(GemvMode::Plain, 1), "gemv_m1");
         assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3), "gemv_silu_m4");
         assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5), "gemv_norm_m8");
-        // One warp per row while the grid is small; capped at 8 blocks per SM (132 SMs).
-        assert_eq!(gemv_grid(576, 132), 144);
-        assert_eq!(gemv_grid(1001, 132), 251);
-        assert_eq!(gemv_grid(49152, 132), 1056);
-        assert_eq!(gemv_grid(1, 132), 1);
+        // One warp per row while the grid is small; capped at one resident wave (132 SMs).
+        assert_eq!(gemv_grid(576, 16, 132, 1), 36);
+        assert_eq!(gemv_grid(1001, 16, 132, 1), 63);
+        assert_eq!(gemv_grid(49152, 16, 132, 1), 132);
+        assert_eq!(gemv_grid(49152, 16, 132, 2), 264);
+        assert_eq!(gemv_grid(1, 4, 132, 0), 1, "an occupancy of 0 still launches");
+        // Small products get smaller blocks, so they spread over the multiprocessors.
+        assert_eq!(gemv_block_warps(576, 132), 8);
+        assert_eq!(gemv_block_warps(100, 132), 4);
+        assert_eq!(gemv_block_warps(4096, 132), 16);
+        assert_eq!(gemv_grid(576, gemv_block_warps(576, 132), 132, 1), 72);
+        assert_eq!(gemv_kernel_names().len(), 12);
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! a `float`. A unit test reads the `extern "C" __global__` signatures in the sources and checks
 //! each declaration against them.
 
-use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{self, CUdeviceptr};
+use cudarc::driver::LaunchConfig;
 
 use super::launch::{decode_kernel_name, gemv_kernel_name, prefill_kernel_name, GemvMode};
 use super::{CudaError, GpuDevice};
@@ -32,10 +34,8 @@ macro_rules! kernels {
             #[allow(clippy::too_many_arguments)]
             pub unsafe fn $rust(dev: &GpuDevice, $($select: $select_ty,)* config: LaunchConfig, $($arg: $ty),*) -> Result<(), CudaError> {
                 let name: String = ($name).into();
-                let mut launch = dev.stream.launch_builder(dev.function(&name));
-                $( launch.arg(&$arg); )*
-                launch.launch(config)?;
-                Ok(())
+                let mut params = [$( (&$arg) as *const $ty as *mut c_void ),*];
+                launch(dev, &name, config, &mut params)
             }
         )*
 
@@ -43,6 +43,56 @@ macro_rules! kernels {
         #[cfg(test)]
         pub(crate) const DECLARED: &[(&str, &[&str])] = &[$((stringify!($rust), &[$(stringify!($ty)),*])),*];
     };
+}
+
+/// Enqueues kernel `name` with `params` (pointers to each argument's value, in order) on `dev`'s
+/// stream. With `dev.pdl()`, as a programmatic dependent of the kernel before it: its blocks may
+/// start while that kernel's last blocks run, and each waits in `pdl_wait` (`common.cuh`) for the
+/// predecessor to finish before it reads activations or writes anything. The GEMV issues its
+/// first weight loads before that wait, so the weight stream starts during the previous kernel.
+/// Graph capture records the same programmatic edges.
+///
+/// # Safety
+/// `params` must match the kernel's parameter list; see the launchers' contract.
+unsafe fn launch(dev: &GpuDevice, name: &str, config: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), CudaError> {
+    let function = dev.function(name).cu_function();
+    dev.context.bind_to_thread()?;
+    let stream = dev.stream.cu_stream();
+    let (grid, block) = (config.grid_dim, config.block_dim);
+    if dev.pdl_for(name) {
+        let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let launch_config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: stream,
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(&launch_config, function, params.as_mut_ptr(), std::ptr::null_mut()).result()?;
+    } else {
+        sys::cuLaunchKernel(
+            function,
+            grid.0,
+            grid.1,
+            grid.2,
+            block.0,
+            block.1,
+            block.2,
+            config.shared_mem_bytes,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()?;
+    }
+    Ok(())
 }
 
 kernels! {

@@ -21,7 +21,7 @@ pub mod sampling;
 mod standalone;
 pub mod weights;
 
-pub use self::device::{GpuDevice, DECODE_HEAD_DIMS};
+pub use self::device::{GpuDevice, PdlScope, DECODE_HEAD_DIMS};
 pub use self::attention::{launch_attention, AttentionArgs};
 pub use self::kv_cache::GpuKvCache;
 pub use self::model::{GpuBackend, GpuModel};
