@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod fp8;
 pub mod cpu;
 pub mod gguf;
 pub mod ops;

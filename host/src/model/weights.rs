@@ -177,34 +177,63 @@ impl<W: Weights> ModelWeights<W> {
     /// The same weights in another form: every matrix through `matrix`, every vector through
     /// `vector` (e.g. a host copy uploaded to a device, or rounded to bfloat16).
     pub fn try_map<V: Weights, E>(&self, matrix: &MapFn<'_, W::Matrix, V::Matrix, E>, vector: &MapFn<'_, W::Vector, V::Vector, E>) -> Result<ModelWeights<V>, E> {
+        self.try_map_by_role(&|_, m| matrix(m), vector)
+    }
+
+    /// As `try_map`, telling `matrix` which role each matrix plays: weight-only quantization
+    /// (FP8) converts the layers' projections and leaves the embeddings, the head and the routers
+    /// as they are, as vLLM's does.
+    pub fn try_map_by_role<V: Weights, E>(
+        &self,
+        matrix: &dyn Fn(MatrixRole, &W::Matrix) -> Result<V::Matrix, E>,
+        vector: &MapFn<'_, W::Vector, V::Vector, E>,
+    ) -> Result<ModelWeights<V>, E> {
         let opt = |v: &Option<W::Vector>| v.as_ref().map(vector).transpose();
+        let projection = |m: &W::Matrix| matrix(MatrixRole::Projection, m);
         let layers = self
             .layers
             .iter()
             .map(|l| {
                 Ok(LayerWeights {
                     attn_norm: vector(&l.attn_norm)?,
-                    qkv: matrix(&l.qkv)?,
+                    qkv: projection(&l.qkv)?,
                     q_norm: opt(&l.q_norm)?,
                     k_norm: opt(&l.k_norm)?,
-                    o_proj: matrix(&l.o_proj)?,
+                    o_proj: projection(&l.o_proj)?,
                     post_attn_norm: opt(&l.post_attn_norm)?,
                     ffn_norm: vector(&l.ffn_norm)?,
                     post_ffn_norm: opt(&l.post_ffn_norm)?,
                     mlp: match &l.mlp {
-                        Mlp::Dense { gate_up, down } => Mlp::Dense { gate_up: matrix(gate_up)?, down: matrix(down)? },
-                        Mlp::Moe(e) => Mlp::Moe(MoeWeights { router: matrix(&e.router)?, gate_up: matrix(&e.gate_up)?, down: matrix(&e.down)? }),
+                        Mlp::Dense { gate_up, down } => Mlp::Dense { gate_up: projection(gate_up)?, down: projection(down)? },
+                        Mlp::Moe(e) => Mlp::Moe(MoeWeights {
+                            router: matrix(MatrixRole::Router, &e.router)?,
+                            gate_up: projection(&e.gate_up)?,
+                            down: projection(&e.down)?,
+                        }),
                     },
                 })
             })
             .collect::<Result<Vec<_>, E>>()?;
         Ok(ModelWeights {
-            embed_tokens: matrix(&self.embed_tokens)?,
+            embed_tokens: matrix(MatrixRole::Embedding, &self.embed_tokens)?,
             layers,
             final_norm: vector(&self.final_norm)?,
-            lm_head: self.lm_head.as_ref().map(matrix).transpose()?,
+            lm_head: self.lm_head.as_ref().map(|m| matrix(MatrixRole::Head, m)).transpose()?,
         })
     }
+}
+
+/// What a matrix is in the model (see `ModelWeights::try_map_by_role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixRole {
+    /// The token embedding (also the head when the two are tied).
+    Embedding,
+    /// An untied output head.
+    Head,
+    /// A layer's linear projection: qkv, o_proj, gate_up, down (an expert's too).
+    Projection,
+    /// A mixture's router.
+    Router,
 }
 
 pub struct LayerWeights<W: Weights> {

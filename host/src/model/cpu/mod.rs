@@ -20,7 +20,8 @@ pub use self::forward::CpuOps;
 pub use self::kv_storage::CpuKvCache;
 pub use self::weights::{CpuMatrix, CpuStore, CpuWeights};
 use super::rope::Rope;
-use super::weights::{Loader, ModelWeights, WeightSource, WeightStore};
+use super::fp8::{Fp8Error, Fp8Matrix, Fp8Report};
+use super::weights::{Loader, MatrixRole, ModelWeights, WeightSource, WeightStore};
 use super::{ModelConfig, ModelError};
 use crate::kv_cache::KvCacheLayout;
 use crate::runner::ForwardBatch;
@@ -63,6 +64,25 @@ impl CpuModel {
         let vector = |v: &Vec<f32>| Ok(v.clone());
         let weights = self.weights.try_map::<CpuWeights, ()>(&matrix, &vector).expect("mapping cannot fail");
         CpuModel::new(self.config.clone(), weights)
+    }
+
+    /// A copy whose layer projections hold what FP8 weights with per-channel scales hold
+    /// (`model::fp8`: quantized, then read back), the embeddings, head, routers and norms as they
+    /// are; with the error the quantization made. Its forward is an FP8-weight forward up to
+    /// accumulation order: the reference for the format's quality.
+    pub fn with_fp8_projections(&self) -> Result<(CpuModel, Fp8Report), Fp8Error> {
+        let report = std::sync::Mutex::new(Fp8Report::default());
+        let matrix = |role: MatrixRole, w: &CpuMatrix| {
+            if role != MatrixRole::Projection {
+                return Ok(w.clone());
+            }
+            let data = Fp8Matrix::quantize(&w.data, w.rows, w.cols)?.dequantize();
+            report.lock().unwrap_or_else(|e| e.into_inner()).add(&w.data, &data);
+            Ok(CpuMatrix { rows: w.rows, cols: w.cols, data, bias: w.bias.clone() })
+        };
+        let vector = |v: &Vec<f32>| Ok(v.clone());
+        let weights = self.weights.try_map_by_role::<CpuWeights, Fp8Error>(&matrix, &vector)?;
+        Ok((CpuModel::new(self.config.clone(), weights), report.into_inner().unwrap_or_else(|e| e.into_inner())))
     }
 
     /// A cache layout for this model with `num_blocks` blocks of `block_size` tokens.
