@@ -93,3 +93,58 @@ fn fp8_projections_stay_close_to_the_reference() {
     assert!(top1_kept * 10 >= prompts.len() * 8, "first-step top-1 kept in only {top1_kept} of {}", prompts.len());
     assert!(same_tokens * 2 >= all_tokens, "greedy agreement {same_tokens} of {all_tokens}");
 }
+
+/// An FP8 checkpoint in vLLM's format, made from the tiny Llama fixture (each projection's
+/// E4M3 values and a `[rows, 1]` `weight_scale`, the rest as it was), loads as exactly the values
+/// `with_fp8_projections` computes with: the same logits, bit for bit.
+#[test]
+fn fp8_checkpoints_load_as_the_values_they_hold() {
+    use pagedserve::loader::{self, LoadFormat};
+    use pagedserve::model::fp8::Fp8Matrix;
+    use safetensors::tensor::{Dtype, TensorView};
+    use safetensors::SafeTensors;
+
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arch/llama");
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let projection = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut quantized = 0;
+    for (name, view) in tensors.tensors() {
+        let is_projection = name.ends_with(".weight") && projection.iter().any(|p| name.contains(p));
+        if !is_projection {
+            owned.push((name, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+            continue;
+        }
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::BF16 => view.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            other => panic!("{name}: {other:?}"),
+        };
+        let (rows, cols) = (view.shape()[0], view.shape()[1]);
+        let q = Fp8Matrix::quantize(&values, rows, cols).unwrap();
+        owned.push((format!("{name}_scale"), Dtype::F32, vec![rows, 1], q.scales.iter().flat_map(|s| s.to_le_bytes()).collect()));
+        owned.push((name, Dtype::F8_E4M3, vec![rows, cols], q.bytes));
+        quantized += 1;
+    }
+    assert_eq!(quantized, 7 * 2, "seven projections in each of the two layers");
+    let views: Vec<(String, TensorView<'_>)> =
+        owned.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+    config["quantization_config"] = serde_json::json!({"quant_method": "fp8", "activation_scheme": "dynamic"});
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
+    }
+
+    let original = loader::load(&fixture, LoadFormat::Auto).unwrap().model;
+    let (expected, _) = original.with_fp8_projections().unwrap();
+    let checkpoint = loader::load(dir.path(), LoadFormat::Auto).unwrap().model;
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 2000).collect();
+    let (want, got) = (first_step_logprobs(&expected, &prompt), first_step_logprobs(&checkpoint, &prompt));
+    assert_eq!(got, want, "the checkpoint's weights are the quantized values, read back");
+    let unquantized = first_step_logprobs(&original, &prompt);
+    assert_ne!(got, unquantized, "and not the original ones");
+}

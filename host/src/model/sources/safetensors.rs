@@ -107,6 +107,12 @@ impl SafetensorsSource {
             }
             files.push((path, mmap));
         }
+        let activation_scales = index.keys().filter(|name| name.ends_with(".input_scale")).count();
+        if activation_scales > 0 {
+            // Static FP8 activation scales: vLLM quantizes each product's input with them; here the
+            // weights are read as value × scale and the activations stay at full precision.
+            tracing::warn!(activation_scales, "the checkpoint's FP8 input_scale tensors are not used: activations are not quantized");
+        }
         Ok(SafetensorsSource { files, index })
     }
 }
@@ -114,10 +120,63 @@ impl SafetensorsSource {
 impl SafetensorsSource {
     fn unsupported(&self, hf_name: &str, entry: &Entry) -> ModelError {
         ModelError::Unsupported(format!(
-            "`{hf_name}` in {} has dtype {:?} (supported: F32, F16, BF16)",
+            "`{hf_name}` in {} has dtype {:?} (supported: F32, F16, BF16, and F8_E4M3 with a `weight_scale`)",
             self.files[entry.file].0.display(),
             entry.dtype
         ))
+    }
+
+    fn bytes(&self, entry: &Entry) -> &[u8] {
+        &self.files[entry.file].1[entry.bytes.clone()]
+    }
+
+    /// The values of a float tensor (F32, F16 or BF16).
+    fn floats(&self, hf_name: &str, entry: &Entry) -> Result<Vec<f32>, ModelError> {
+        let bytes = self.bytes(entry);
+        Ok(match entry.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            _ => return Err(self.unsupported(hf_name, entry)),
+        })
+    }
+
+    /// An FP8 checkpoint's weight (vLLM's and llm-compressor's `fp8` format): E4M3 values and a
+    /// `<name>_scale` tensor beside them, one scale for the tensor (`[]` or `[1]`) or one per
+    /// output row (`[rows]` or `[rows, 1]`). Read as `value · scale`. Block-wise scales
+    /// (`weight_scale_inv`, DeepSeek's 128 x 128 blocks) are refused by name.
+    fn fp8(&self, hf_name: &str, entry: &Entry) -> Result<Vec<f32>, ModelError> {
+        let file = self.files[entry.file].0.display();
+        let scale_name = format!("{hf_name}_scale");
+        let Some(scale_entry) = self.index.get(&scale_name) else {
+            let block = if self.index.contains_key(&format!("{hf_name}_scale_inv")) {
+                " (it has block-wise `weight_scale_inv` scales, which are not supported)"
+            } else {
+                ""
+            };
+            return Err(ModelError::Unsupported(format!("`{hf_name}` in {file} is F8_E4M3 without a `{scale_name}`{block}")));
+        };
+        let scales = self.floats(&scale_name, scale_entry)?;
+        let rows = entry.shape.first().copied().unwrap_or(1);
+        let per_row = match scale_entry.shape.as_slice() {
+            [] | [1] => false,
+            [r] | [r, 1] if *r == rows => true,
+            shape => {
+                return Err(ModelError::Unsupported(format!(
+                    "`{scale_name}` in {file} has shape {shape:?}: an FP8 weight of {rows} rows takes one scale, or one per row"
+                )))
+            }
+        };
+        if let Some(bad) = scales.iter().find(|s| !s.is_finite()) {
+            return Err(ModelError::Format(format!("`{scale_name}` in {file} holds {bad}")));
+        }
+        let bytes = self.bytes(entry);
+        let cols = if rows == 0 { 0 } else { bytes.len() / rows };
+        Ok(bytes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f32() * scales[if per_row { i / cols.max(1) } else { 0 }])
+            .collect())
     }
 }
 
@@ -130,6 +189,8 @@ impl WeightSource for SafetensorsSource {
             Dtype::F32 => RawDtype::F32,
             Dtype::F16 => RawDtype::F16,
             Dtype::BF16 => RawDtype::BF16,
+            // Scaled on the host by `load` (a device store then holds it in its own precision).
+            Dtype::F8_E4M3 => return Ok(None),
             _ => return Err(self.unsupported(hf_name, entry)),
         };
         let bytes = &self.files[entry.file].1[entry.bytes.clone()];
@@ -140,18 +201,9 @@ impl WeightSource for SafetensorsSource {
         let Some(entry) = self.index.get(hf_name) else {
             return Ok(None);
         };
-        let bytes = &self.files[entry.file].1[entry.bytes.clone()];
-        let data: Vec<f32> = match entry.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            _ => return Err(self.unsupported(hf_name, entry)),
+        let data = match entry.dtype {
+            Dtype::F8_E4M3 => self.fp8(hf_name, entry)?,
+            _ => self.floats(hf_name, entry)?,
         };
         Tensor::new(entry.shape.clone(), data).map(Some)
     }
@@ -161,6 +213,40 @@ impl WeightSource for SafetensorsSource {
 mod tests {
     use super::*;
     use safetensors::tensor::TensorView;
+
+    #[test]
+    fn reads_fp8_weights_with_their_scales() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = [1.0f32, -2.0, 0.5, 448.0, -0.25, 3.0];
+        let fp8: Vec<u8> = values.iter().map(|&v| float8::F8E4M3::from_f32(v).to_bits()).collect();
+        let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let (per_row, per_tensor, bad, nan) = (f32s(&[0.5, 2.0]), f32s(&[0.25]), f32s(&[1.0, 1.0, 1.0]), f32s(&[f32::NAN]));
+        let tensors = vec![
+            ("rows.weight".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &fp8).unwrap()),
+            ("rows.weight_scale".to_string(), TensorView::new(Dtype::F32, vec![2, 1], &per_row).unwrap()),
+            ("whole.weight".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &fp8).unwrap()),
+            ("whole.weight_scale".to_string(), TensorView::new(Dtype::F32, vec![], &per_tensor).unwrap()),
+            ("bare.weight".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &fp8).unwrap()),
+            ("blocks.weight".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &fp8).unwrap()),
+            ("blocks.weight_scale_inv".to_string(), TensorView::new(Dtype::F32, vec![1], &per_tensor).unwrap()),
+            ("odd.weight".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &fp8).unwrap()),
+            ("odd.weight_scale".to_string(), TensorView::new(Dtype::F32, vec![3], &bad).unwrap()),
+            ("nan.weight".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &fp8).unwrap()),
+            ("nan.weight_scale".to_string(), TensorView::new(Dtype::F32, vec![1], &nan).unwrap()),
+        ];
+        safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
+        let source = SafetensorsSource::open(dir.path()).unwrap();
+        assert!(source.raw("rows.weight").unwrap().is_none(), "FP8 goes through `load`, scaled on the host");
+        let rows = source.load("rows.weight", &[2, 3]).unwrap().unwrap();
+        assert_eq!(rows.data, vec![0.5, -1.0, 0.25, 896.0, -0.5, 6.0]);
+        let whole = source.load("whole.weight", &[2, 3]).unwrap().unwrap();
+        assert_eq!(whole.data, values.iter().map(|v| v * 0.25).collect::<Vec<_>>());
+        let err = |name: &str| source.load(name, &[2, 3]).err().unwrap().to_string();
+        assert!(err("bare.weight").contains("without a `bare.weight_scale`"), "{}", err("bare.weight"));
+        assert!(err("blocks.weight").contains("block-wise"), "{}", err("blocks.weight"));
+        assert!(err("odd.weight").contains("has shape [3]"), "{}", err("odd.weight"));
+        assert!(err("nan.weight").contains("NaN"), "{}", err("nan.weight"));
+    }
 
     #[test]
     fn reads_sharded_mixed_dtypes() {
