@@ -156,7 +156,16 @@ impl GpuBackend {
         let largest = *GRAPH_BUCKETS.last().expect("buckets");
         let max_batch = max_num_seqs.min(largest);
         let started = std::time::Instant::now();
-        let captured = self.capture_decode_graphs(max_batch, max_model_len)?;
+        let captured = match self.capture_decode_graphs(max_batch, max_model_len) {
+            Err(e) if self.model().device().pdl() => {
+                // A driver that cannot capture programmatic dependent launches (before CUDA
+                // 12.3) fails here: serve without them rather than not at all.
+                tracing::warn!(error = %e, "capturing the decode graphs with programmatic dependent launches failed; capturing without them");
+                self.model().device().set_pdl(false);
+                self.capture_decode_graphs(max_batch, max_model_len)?
+            }
+            other => other?,
+        };
         tracing::info!(
             graphs = captured,
             max_batch,
