@@ -398,8 +398,10 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
             batch as f64 / (graph_ms * 1e-3)
         );
     }
-    // Programmatic dependent launches (sm_90): the same graphs captured with each scope, twice.
-    if dev.pdl() {
+    // Programmatic dependent launches (sm_90): the same graphs captured with each scope, twice;
+    // then the scope the run started with (the default or `PAGEDSERVE_PDL`) again.
+    let initial_pdl = dev.pdl_scope();
+    if dev.pdl_supported() {
         use pagedserve::cuda::PdlScope;
         for _ in 0..2 {
             for scope in [PdlScope::Off, PdlScope::All, PdlScope::AllButGemv, PdlScope::GemvOnly] {
@@ -413,7 +415,8 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                 println!("{} decode step with graphs, PDL {:<10}: {}", loaded.name, format!("{scope:?}"), times.join("  "));
             }
         }
-        dev.set_pdl_scope(PdlScope::DEFAULT);
+        dev.set_pdl_scope(initial_pdl);
+        backend.capture_decode_graphs(max_batch, args.context + 16)?;
     }
     // The serving path: logits to the host and the native samplers, against sampling on the
     // device, each with and without graphs.
@@ -450,7 +453,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         // Graphs on each product path (cuBLAS for every batch, or the GEMV where it is preferred),
         // with each scope of programmatic dependent launches, twice in turn.
         use pagedserve::cuda::PdlScope;
-        let pdl_supported = dev.pdl();
+        let pdl_supported = dev.pdl_supported();
         for round in 0..2 {
             for (label, gemv, scope) in [
                 ("cuBLAS", false, PdlScope::Off),
@@ -478,7 +481,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        dev.set_pdl_scope(if pdl_supported { PdlScope::DEFAULT } else { PdlScope::Off });
+        dev.set_pdl_scope(initial_pdl);
     }
     Ok(())
 }

@@ -12,7 +12,8 @@
 #
 # Both servers get --max-model-len 2048 --max-num-seqs 512 --max-num-batched-tokens 8192.
 # Environment: PAGEDSERVE (the binary; default target/release/pagedserve), MODELS (the model
-# folders, made here by make_model_dirs.py when missing; default /tmp/peer-models), PS_EXTRA and
+# folders, made here by make_model_dirs.py when missing; default /tmp/peer-models), PS_DEVICE
+# (pagedserve's --device; default cuda), PS_EXTRA and
 # VLLM_EXTRA (more server arguments), PORT. vLLM must be installed first (scripts/peer/vllm/ensure.sh
 # with the .peer/p1 piece sent; see BENCHMARKS.md). Run from the repository root.
 set -u
@@ -31,15 +32,18 @@ case "$sys" in
   pagedserve)
     log=/tmp/pagedserve-$port.log
     # shellcheck disable=SC2086
-    "${PAGEDSERVE:-$root/target/release/pagedserve}" serve --device cuda --model "$model" --load-format dummy \
+    "${PAGEDSERVE:-$root/target/release/pagedserve}" serve --device "${PS_DEVICE:-cuda}" --model "$model" --load-format dummy \
       --port "$port" $limits --max-queue 4096 ${PS_EXTRA:-} >"$log" 2>&1 &
     pid=$!
+    stop() { kill $pid 2>/dev/null; wait $pid 2>/dev/null; }
+    trap stop EXIT
+    up=""
     for _ in $(seq 1 600); do
-      python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$port/health" 2>/dev/null && break
-      kill -0 $pid 2>/dev/null || { echo "{\"system\":\"$sys\",\"shape\":\"$shape\",\"error\":\"server exited\"}"; tail -25 "$log"; exit 1; }
+      python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$port/health" 2>/dev/null && { up=1; break; }
+      kill -0 $pid 2>/dev/null || break
       sleep 0.5
     done
-    stop() { kill $pid; wait $pid 2>/dev/null; }
+    [ -n "$up" ] || { echo "{\"system\":\"$sys\",\"shape\":\"$shape\",\"error\":\"server not up\"}"; tail -25 "$log"; exit 1; }
     ;;
   vllm)
     log=/tmp/vllm-serve-$port.log
@@ -49,6 +53,7 @@ case "$sys" in
     grep -E "READY|backend|torch.compile took|Graph capturing finished|KV cache size" /tmp/vllm-start-$port.txt | head -8 >&2
     client_flags="--token-ids"
     stop() { bash "$root/scripts/peer/vllm/stop.sh" "$port" >/dev/null 2>&1; }
+    trap stop EXIT
     ;;
   *) echo "SYSTEM is pagedserve or vllm"; exit 2 ;;
 esac
@@ -65,5 +70,6 @@ for w in "$@"; do
     || echo "{\"label\":\"$sys/$shape/$name\",\"error\":\"client failed\"}"
 done
 stop
+trap - EXIT
 grep -iE "panic|error" "$log" | tail -3
 true

@@ -178,11 +178,15 @@ impl GpuDevice {
         self.set_pdl_scope(if on { PdlScope::All } else { PdlScope::Off });
     }
 
+    /// Whether this GPU has programmatic dependent launch (sm_90 on).
+    pub fn pdl_supported(&self) -> bool {
+        self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|cc| cc >= 90)
+    }
+
     /// Chooses which kernels are launched as programmatic dependents (`bench gpu` compares them);
     /// always `Off` before sm_90, where the kernels have no `griddepcontrol`.
     pub fn set_pdl_scope(&self, scope: PdlScope) {
-        let supported = self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|cc| cc >= 90);
-        let scope = if supported { scope } else { PdlScope::Off };
+        let scope = if self.pdl_supported() { scope } else { PdlScope::Off };
         self.pdl.store(scope as u8, Ordering::Relaxed);
     }
 

@@ -70,8 +70,10 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
         GemvInput::Plain(x) | GemvInput::SiluMul(x) => (x, null, null, null, null, 0.0f32),
         GemvInput::AddNorm { residual, delta, weight, residual_out, rows, eps } => (residual, delta, weight, residual_out, rows, eps),
     };
-    if !(x | g.w).is_multiple_of(16) {
-        return Err(CudaError::Config("the GEMV needs 16-byte aligned input and weight".into()));
+    // The staging reads 16-byte vectors of x (float4 of the residual), the norm weight and the
+    // residual it writes back, and pairs of delta values.
+    if !(x | g.w | weight | residual_out).is_multiple_of(16) || !delta.is_multiple_of(4) {
+        return Err(CudaError::Config("the GEMV needs 16-byte aligned input, weight, norm weight and residual, and 4-byte aligned delta".into()));
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);

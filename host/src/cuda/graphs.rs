@@ -159,8 +159,9 @@ impl GpuBackend {
         let captured = match self.capture_decode_graphs(max_batch, max_model_len) {
             Err(e) if self.model().device().pdl() => {
                 // A driver that cannot capture programmatic dependent launches (before CUDA
-                // 12.3) fails here: serve without them rather than not at all.
-                tracing::warn!(error = %e, "capturing the decode graphs with programmatic dependent launches failed; capturing without them");
+                // 12.3) fails here: serve without them rather than not at all. Any other error
+                // (memory) fails the second capture too, and is returned from it.
+                tracing::warn!(error = %e, "capturing the decode graphs failed with programmatic dependent launches on; retrying with them off");
                 self.model().device().set_pdl(false);
                 self.capture_decode_graphs(max_batch, max_model_len)?
             }

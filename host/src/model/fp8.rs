@@ -5,7 +5,7 @@
 //! bf16's, so a weight-bound decode step streams half the bytes.
 //!
 //! This module owns the format: quantizing on the host at load (a device store uploads `bytes`
-//! and `scales`), dequantizing, and the error it makes. `CpuModel::with_fp8_linear_weights` runs
+//! and `scales`), dequantizing, and the error it makes. `CpuModel::with_fp8_projections` runs
 //! the CPU forward on the dequantized values, which is what an FP8 product computes up to
 //! accumulation order: that is how the quality of the format is measured against the reference.
 
@@ -39,7 +39,8 @@ impl Fp8Matrix {
         let mut scales = Vec::with_capacity(rows);
         for row in data.chunks_exact(cols.max(1)).take(rows) {
             let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+            // A row of tiny values keeps a normal scale (amax / 448 would underflow to 0).
+            let scale = if amax > 0.0 { (amax / E4M3_MAX).max(f32::MIN_POSITIVE) } else { 1.0 };
             // Dividing (not multiplying by 1/scale) keeps the row's largest value exactly at 448.
             bytes.extend(row.iter().map(|&v| F8E4M3::from_f32((v / scale).clamp(-E4M3_MAX, E4M3_MAX)).to_bits()));
             scales.push(scale);
@@ -124,6 +125,9 @@ mod tests {
         assert!(q.dequantize().iter().all(|&v| v == 0.0));
         assert_eq!(Fp8Matrix::quantize(&[0.0; 7], 2, 4), Err(Fp8Error::Shape { rows: 2, cols: 4, len: 7 }));
         assert_eq!(Fp8Matrix::quantize(&[0.0, 1.0, f32::NAN, 0.0], 2, 2), Err(Fp8Error::NotFinite { row: 1, col: 0 }));
+        // Subnormal weights: a finite scale, finite values back.
+        let tiny = Fp8Matrix::quantize(&[1e-44, -3e-45], 1, 2).unwrap();
+        assert!(tiny.scales[0] > 0.0 && tiny.dequantize().iter().all(|v| v.is_finite()));
     }
 
     #[test]
