@@ -8,6 +8,18 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "test-admin-token";
 
+/// `Server::start` with `args` and generous plugin deadlines. These tests are about what the
+/// plugins do, not about their deadlines (`host/tests/plugins.rs` tests those): on a loaded
+/// 2-core test machine a 20 ms call can overrun, which is a correctly handled fault (503 for a
+/// filter, FCFS for a scheduler) but not what a test here expects.
+fn start(args: &[&str]) -> Server {
+    let deadlines = [
+        "--plugin-scheduler-deadline-ms", "2000", "--plugin-sampler-deadline-ms", "2000",
+        "--plugin-filter-deadline-ms", "2000", "--plugin-constraint-deadline-ms", "2000",
+    ];
+    Server::start(&[args, &deadlines[..]].concat())
+}
+
 /// The sum of a metric's series whose label `name` is `plugin`.
 fn plugin_metric(server: &Server, metric: &str, plugin: &str) -> f64 {
     labelled_metric(server, metric, "name", plugin)
@@ -58,7 +70,7 @@ fn api_keys_and_rate_limit_filters_answer_401_and_429() {
         entry("rate-limit", json!({"capacity": 3, "refill_per_second": 0.001})),
     ]});
     let path = config_file("filters", &config);
-    let server = Server::start(&["--plugins-config", &path]);
+    let server = start(&["--plugins-config", &path]);
     let request = json!({"prompt": "Hello", "max_tokens": 3});
 
     let missing = server.post("/v1/completions", &request);
@@ -86,7 +98,7 @@ fn api_keys_and_rate_limit_filters_answer_401_and_429() {
 #[test]
 fn a_sampler_plugin_named_in_a_request_produces_tokens() {
     let path = config_file("sampler", &json!({"samplers": [entry("mirostat", Value::Null)]}));
-    let server = Server::start(&["--plugins-config", &path]);
+    let server = start(&["--plugins-config", &path]);
     let answer = server.post_ok(
         "/v1/completions",
         &json!({"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": true, "sampler": "mirostat", "seed": 7}),
@@ -113,7 +125,7 @@ fn constraint_plugins_named_in_requests_hold_every_output() {
         "constraints",
         &json!({"constraints": [entry("no-digits", Value::Null), entry("regex", Value::Null), entry("word-limit", Value::Null)]}),
     );
-    let server = Server::start(&["--plugins-config", &path]);
+    let server = start(&["--plugins-config", &path]);
     let ask = |text: &str| json!([{"role": "user", "content": text}]);
 
     // No digits, in chat, streamed and not, where the model wants to write numbers.
@@ -161,7 +173,7 @@ fn constraint_plugins_named_in_requests_hold_every_output() {
 #[test]
 fn the_admin_api_refuses_bad_uploads_and_swaps_the_scheduler() {
     let path = config_file("admin", &json!({"scheduler": entry("fcfs", Value::Null)}));
-    let server = Server::start(&[
+    let server = start(&[
         "--plugins-config", &path, "--admin-port", "0", "--admin-token", TOKEN,
         "--plugin-max-component-bytes", "200000",
     ]);
@@ -225,11 +237,8 @@ fn the_admin_api_refuses_bad_uploads_and_swaps_the_scheduler() {
 #[test]
 fn swapping_the_scheduler_while_streaming_keeps_every_output_identical() {
     let path = config_file("swap", &json!({"scheduler": entry("fcfs", Value::Null)}));
-    // A generous scheduler deadline: on a loaded 2-core test machine a 20 ms call can overrun,
-    // which would be a (correctly handled, FCFS fallback) fault; this test wants none.
-    let server = Server::start(&[
+    let server = start(&[
         "--plugins-config", &path, "--admin-port", "0", "--admin-token", TOKEN, "--max-model-len", "512",
-        "--plugin-scheduler-deadline-ms", "2000",
     ]);
     // 64 streaming requests, as many as the running batch holds.
     let requests: Vec<Value> = (0..64)
@@ -278,7 +287,7 @@ fn swapping_the_scheduler_while_streaming_keeps_every_output_identical() {
 
 #[test]
 fn filters_uploaded_over_the_admin_api_clamp_refuse_and_stop_outputs() {
-    let server = Server::start(&["--admin-port", "0", "--admin-token", TOKEN]);
+    let server = start(&["--admin-port", "0", "--admin-token", TOKEN]);
     let request = json!({"prompt": "The capital of France is Paris. The capital of Italy is", "max_tokens": 24,
                          "temperature": 0, "ignore_eos": true});
     let full = server.complete("/v1/completions", &request);
