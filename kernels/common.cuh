@@ -2,6 +2,7 @@
 // prepended; keep it free of host code.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 // NVRTC has no <cmath>: the constants kernels need.
 #ifndef INFINITY
@@ -56,6 +57,33 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats 
     const int warps = blockDim.x >> 5;
     v = lane < warps ? scratch[lane] : 0.0f;
     return warp_sum(v);
+}
+
+// Maximum over a whole block (as `block_sum`).
+__device__ __forceinline__ float block_max(float v, float* scratch /* 32 floats */) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// Four E4M3 values (the bytes of one 32-bit word) to float, the lowest byte first (sm_89 on).
+__device__ __forceinline__ void e4m3x4_to_float(u32 word, float* f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    u32 lo, hi;
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(word));
+    const float2 a = __half22float2(*reinterpret_cast<__half2*>(&lo));
+    const float2 b = __half22float2(*reinterpret_cast<__half2*>(&hi));
+    f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
+#else
+    __trap();
+#endif
 }
 
 // ---- Tensor-core and asynchronous-copy helpers (the attention kernels) ----

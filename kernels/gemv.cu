@@ -4,7 +4,7 @@
 // full bandwidth, for all M rows together:
 //
 //  * one block of up to GEMV_WARPS warps per multiprocessor (or as many as fit, `launch::gemv_grid`),
-//    each warp streaming whole output rows (grid-stride over rows); each lane reads 16-byte
+//    each warp streaming whole output rows (grid-stride over rows; two at a time in FP8); each lane reads 16-byte
 //    vectors (8 bf16) of the row, lane-consecutive, so a warp reads 512 contiguous bytes per
 //    load instruction, and issues all of a row chunk's loads (32·UNROLL vectors) before the first
 //    FMA: K = 4096 at one row is 512 vectors, one chunk;
@@ -32,6 +32,11 @@
 //    x: every block reads x, so nobody may write it during the launch (the caller ping-pongs
 //    two residual buffers; see `run_layers`).
 // Rows m ≥ M of the padded tile (MP is M rounded up to 1, 2, 4, 8) are zeros and never stored.
+//
+// Weights are bf16, or E4M3 with a float32 scale per row (`FP8`, `fp8.cu`'s format; sm_89 on):
+// a 16-byte vector then holds 16 weights, so an FP8 row streams half the bytes, each lane's
+// partial sums are of the stored values, and the row's scale multiplies the reduced sum
+// (K a multiple of 16).
 //
 // Under a programmatic dependent launch (`pdl_wait` in common.cuh) each warp issues the loads of
 // its first row chunk before waiting for the kernel that produces x; everything else follows the
@@ -62,38 +67,53 @@ __device__ __forceinline__ uint4 float8_to_bf16x8(const float* f) {
     return v;
 }
 
-// 16-byte weight loads issued per lane before the first use: one chunk of a row.
-template <int MP>
+// 16-byte weight loads issued per lane and row before the first use: one chunk of a row. An FP8
+// warp streams two rows at once (`GemvRows`), half as many loads each: the same registers and
+// bytes in flight as one bf16 row, and each input element read from shared memory and converted
+// once for both rows.
+template <int MP, bool FP8>
 struct GemvUnroll {
-    static constexpr int value = MP <= 2 ? 16 : 8;
+    static constexpr int value = (MP <= 2 ? 16 : 8) / (FP8 ? 2 : 1);
+};
+template <bool FP8>
+struct GemvRows {
+    static constexpr int value = FP8 ? 2 : 1;
 };
 
-template <int MODE, int MP>
+template <int MODE, int MP, bool FP8>
 __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, const void* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
                                           float* __restrict__ residual_out, const u32* __restrict__ rows,
-                                          const float* __restrict__ bias, const __nv_bfloat16* __restrict__ w, int m,
-                                          int n, int k, float eps) {
-    constexpr int UNROLL = GemvUnroll<MP>::value;
+                                          const float* __restrict__ bias, const void* __restrict__ w_raw,
+                                          const float* __restrict__ w_scale, int m, int n, int k, float eps) {
+    constexpr int UNROLL = GemvUnroll<MP, FP8>::value;
+    constexpr int RPW = GemvRows<FP8>::value;  // output rows per warp at a time
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     __shared__ float scratch[32];
     __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(gemv_smem);  // [MP][k]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int vecs = k >> 3;
+    // 16-byte vectors per row: of the input (8 bf16 each), and of the weight (8 bf16 or 16 E4M3).
+    const int xvecs = k >> 3;
+    const int vecs = FP8 ? k >> 4 : xvecs;
+    const unsigned char* w = reinterpret_cast<const unsigned char*>(w_raw);
+    const u64 row_bytes = FP8 ? (u64)k : (u64)k * 2;
     const int warps = blockDim.x >> 5;
-    const int first_row = blockIdx.x * warps + warp;
+    const int first_row = (blockIdx.x * warps + warp) * RPW;
 
     // ---- The first weight loads, before waiting for the previous kernel. ----
     // Weights are never written by a kernel, so under a programmatic dependent launch these loads
     // may run while the kernel that produces x is still finishing: the DRAM round trip of the
     // warp's first row chunk overlaps it instead of following it.
     // `wv` is the one chunk buffer: the main loop reloads it for every chunk but this first one.
-    uint4 wv[UNROLL];
+    uint4 wv[RPW][UNROLL];
 #pragma unroll
-    for (int j = 0; j < UNROLL; ++j) {
-        const int v = j * 32 + lane;
-        wv[j] = first_row < n && v < vecs ? __ldg(reinterpret_cast<const uint4*>(w + (u64)first_row * k) + v)
-                                                  : make_uint4(0, 0, 0, 0);
+    for (int q = 0; q < RPW; ++q) {
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            const int v = j * 32 + lane, row = first_row + q;
+            wv[q][j] = row < n && v < vecs ? __ldg(reinterpret_cast<const uint4*>(w + (u64)row * row_bytes) + v)
+                                           : make_uint4(0, 0, 0, 0);
+        }
     }
     pdl_wait();
     pdl_trigger();
@@ -102,18 +122,18 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
     uint4* xs_vec = reinterpret_cast<uint4*>(xs);
     if (MODE == GEMV_PLAIN) {
         const uint4* src = reinterpret_cast<const uint4*>(x);
-        for (int i = threadIdx.x; i < MP * vecs; i += blockDim.x) xs_vec[i] = i < m * vecs ? src[i] : make_uint4(0, 0, 0, 0);
+        for (int i = threadIdx.x; i < MP * xvecs; i += blockDim.x) xs_vec[i] = i < m * xvecs ? src[i] : make_uint4(0, 0, 0, 0);
     } else if (MODE == GEMV_SILU) {
-        const uint4* gate_up = reinterpret_cast<const uint4*>(x);  // row r: gate vectors [0, vecs), up [vecs, 2 vecs)
-        for (int i = threadIdx.x; i < MP * vecs; i += blockDim.x) {
-            const int r = i / vecs, v = i - r * vecs;
+        const uint4* gate_up = reinterpret_cast<const uint4*>(x);  // row r: gate vectors [0, xvecs), up [xvecs, 2 xvecs)
+        for (int i = threadIdx.x; i < MP * xvecs; i += blockDim.x) {
+            const int r = i / xvecs, v = i - r * xvecs;
             if (r >= m) {
                 xs_vec[i] = make_uint4(0, 0, 0, 0);
                 continue;
             }
             float g[8], u[8], a[8];
-            bf16x8_to_float(gate_up[(u64)r * 2 * vecs + v], g);
-            bf16x8_to_float(gate_up[(u64)r * 2 * vecs + vecs + v], u);
+            bf16x8_to_float(gate_up[(u64)r * 2 * xvecs + v], g);
+            bf16x8_to_float(gate_up[(u64)r * 2 * xvecs + xvecs + v], u);
 #pragma unroll
             for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + __expf(-g[e])) * u[e];
             xs_vec[i] = float8_to_bf16x8(a);
@@ -159,50 +179,85 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
     }
     __syncthreads();
 
-    // ---- Stream the weight rows: one warp per output row. ----
+    // ---- Stream the weight rows: each warp RPW output rows at a time. ----
     const uint4* xv = reinterpret_cast<const uint4*>(xs);
     bool first_chunk = true;
-    for (int row = first_row; row < n; row += gridDim.x * warps) {
-        const uint4* wrow = reinterpret_cast<const uint4*>(w + (u64)row * k);
-        float acc[MP];
+    for (int row0 = first_row; row0 < n; row0 += gridDim.x * warps * RPW) {
+        float acc[RPW][MP];
 #pragma unroll
-        for (int r = 0; r < MP; ++r) acc[r] = 0.0f;
+        for (int q = 0; q < RPW; ++q)
+#pragma unroll
+            for (int r = 0; r < MP; ++r) acc[q][r] = 0.0f;
         for (int base = 0; base < vecs; base += 32 * UNROLL) {
             if (first_chunk) {
                 first_chunk = false;
             } else {
 #pragma unroll
-                for (int j = 0; j < UNROLL; ++j) {
-                    const int v = base + j * 32 + lane;
-                    wv[j] = v < vecs ? __ldg(wrow + v) : make_uint4(0, 0, 0, 0);
+                for (int q = 0; q < RPW; ++q) {
+                    const uint4* wrow = reinterpret_cast<const uint4*>(w + (u64)(row0 + q) * row_bytes);
+#pragma unroll
+                    for (int j = 0; j < UNROLL; ++j) {
+                        const int v = base + j * 32 + lane;
+                        wv[q][j] = row0 + q < n && v < vecs ? __ldg(wrow + v) : make_uint4(0, 0, 0, 0);
+                    }
                 }
             }
 #pragma unroll
             for (int j = 0; j < UNROLL; ++j) {
                 const int v = base + j * 32 + lane;
                 if (v < vecs) {
-                    float wf[8];
-                    bf16x8_to_float(wv[j], wf);
+                    if constexpr (FP8) {
+                        float wf[RPW][16];
 #pragma unroll
-                    for (int r = 0; r < MP; ++r) {
-                        float xf[8];
-                        bf16x8_to_float(xv[r * vecs + v], xf);
+                        for (int q = 0; q < RPW; ++q) {
+                            e4m3x4_to_float(wv[q][j].x, wf[q]);
+                            e4m3x4_to_float(wv[q][j].y, wf[q] + 4);
+                            e4m3x4_to_float(wv[q][j].z, wf[q] + 8);
+                            e4m3x4_to_float(wv[q][j].w, wf[q] + 12);
+                        }
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[r] = fmaf(wf[e], xf[e], acc[r]);
+                        for (int r = 0; r < MP; ++r) {
+                            float xf[16];
+                            bf16x8_to_float(xv[r * xvecs + 2 * v], xf);
+                            bf16x8_to_float(xv[r * xvecs + 2 * v + 1], xf + 8);
+#pragma unroll
+                            for (int q = 0; q < RPW; ++q)
+#pragma unroll
+                                for (int e = 0; e < 16; ++e) acc[q][r] = fmaf(wf[q][e], xf[e], acc[q][r]);
+                        }
+                    } else {
+                        float wf[8];
+                        bf16x8_to_float(wv[0][j], wf);
+#pragma unroll
+                        for (int r = 0; r < MP; ++r) {
+                            float xf[8];
+                            bf16x8_to_float(xv[r * xvecs + v], xf);
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) acc[0][r] = fmaf(wf[e], xf[e], acc[0][r]);
+                        }
                     }
                 }
             }
         }
 #pragma unroll
-        for (int r = 0; r < MP; ++r) acc[r] = warp_sum(acc[r]);
-        if (lane == 0) {
-            const float b = bias != nullptr ? bias[row] : 0.0f;
+        for (int q = 0; q < RPW; ++q)
 #pragma unroll
-            for (int r = 0; r < MP; ++r) {
-                if (r < m) {
-                    const u64 at = (u64)r * n + row;
-                    if (out_f32) reinterpret_cast<float*>(out)[at] = acc[r] + b;
-                    else reinterpret_cast<__nv_bfloat16*>(out)[at] = __float2bfloat16(acc[r] + b);
+            for (int r = 0; r < MP; ++r) acc[q][r] = warp_sum(acc[q][r]);
+        if (lane == 0) {
+#pragma unroll
+            for (int q = 0; q < RPW; ++q) {
+                const int row = row0 + q;
+                if (row >= n) break;
+                const float b = bias != nullptr ? bias[row] : 0.0f;
+                const float scale = FP8 ? w_scale[row] : 1.0f;
+#pragma unroll
+                for (int r = 0; r < MP; ++r) {
+                    if (r < m) {
+                        const u64 at = (u64)r * n + row;
+                        const float y = acc[q][r] * scale + b;
+                        if (out_f32) reinterpret_cast<float*>(out)[at] = y;
+                        else reinterpret_cast<__nv_bfloat16*>(out)[at] = __float2bfloat16(y);
+                    }
                 }
             }
         }
@@ -211,23 +266,35 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
 
 // Every variant has one signature (arguments a mode does not use are ignored), so the host
 // launches them all the same way (`cuda::gemv`).
-#define GEMV_KERNEL(NAME, MODE, MP)                                                                                  \
+#define GEMV_KERNEL(NAME, MODE, MP, FP8)                                                                             \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
         NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
-             float* residual_out, const u32* rows, const float* bias, const __nv_bfloat16* w, int m, int n, int k,   \
-             float eps) {                                                                                            \
-        gemv_body<MODE, MP>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps);             \
+             float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
+             int n, int k, float eps) {                                                                              \
+        gemv_body<MODE, MP, FP8>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, w_scale, m, n, k, eps); \
     }
 
-GEMV_KERNEL(gemv_m1, GEMV_PLAIN, 1)
-GEMV_KERNEL(gemv_m2, GEMV_PLAIN, 2)
-GEMV_KERNEL(gemv_m4, GEMV_PLAIN, 4)
-GEMV_KERNEL(gemv_m8, GEMV_PLAIN, 8)
-GEMV_KERNEL(gemv_silu_m1, GEMV_SILU, 1)
-GEMV_KERNEL(gemv_silu_m2, GEMV_SILU, 2)
-GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)
-GEMV_KERNEL(gemv_silu_m8, GEMV_SILU, 8)
-GEMV_KERNEL(gemv_norm_m1, GEMV_NORM, 1)
-GEMV_KERNEL(gemv_norm_m2, GEMV_NORM, 2)
-GEMV_KERNEL(gemv_norm_m4, GEMV_NORM, 4)
-GEMV_KERNEL(gemv_norm_m8, GEMV_NORM, 8)
+GEMV_KERNEL(gemv_m1, GEMV_PLAIN, 1, false)
+GEMV_KERNEL(gemv_m2, GEMV_PLAIN, 2, false)
+GEMV_KERNEL(gemv_m4, GEMV_PLAIN, 4, false)
+GEMV_KERNEL(gemv_m8, GEMV_PLAIN, 8, false)
+GEMV_KERNEL(gemv_silu_m1, GEMV_SILU, 1, false)
+GEMV_KERNEL(gemv_silu_m2, GEMV_SILU, 2, false)
+GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4, false)
+GEMV_KERNEL(gemv_silu_m8, GEMV_SILU, 8, false)
+GEMV_KERNEL(gemv_norm_m1, GEMV_NORM, 1, false)
+GEMV_KERNEL(gemv_norm_m2, GEMV_NORM, 2, false)
+GEMV_KERNEL(gemv_norm_m4, GEMV_NORM, 4, false)
+GEMV_KERNEL(gemv_norm_m8, GEMV_NORM, 8, false)
+GEMV_KERNEL(gemv_fp8_m1, GEMV_PLAIN, 1, true)
+GEMV_KERNEL(gemv_fp8_m2, GEMV_PLAIN, 2, true)
+GEMV_KERNEL(gemv_fp8_m4, GEMV_PLAIN, 4, true)
+GEMV_KERNEL(gemv_fp8_m8, GEMV_PLAIN, 8, true)
+GEMV_KERNEL(gemv_fp8_silu_m1, GEMV_SILU, 1, true)
+GEMV_KERNEL(gemv_fp8_silu_m2, GEMV_SILU, 2, true)
+GEMV_KERNEL(gemv_fp8_silu_m4, GEMV_SILU, 4, true)
+GEMV_KERNEL(gemv_fp8_silu_m8, GEMV_SILU, 8, true)
+GEMV_KERNEL(gemv_fp8_norm_m1, GEMV_NORM, 1, true)
+GEMV_KERNEL(gemv_fp8_norm_m2, GEMV_NORM, 2, true)
+GEMV_KERNEL(gemv_fp8_norm_m4, GEMV_NORM, 4, true)
+GEMV_KERNEL(gemv_fp8_norm_m8, GEMV_NORM, 8, true)

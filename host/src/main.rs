@@ -54,6 +54,16 @@ pub(crate) struct ModelArgs {
     /// Worker threads for the CPU forward [default: all cores]
     #[arg(long, env = "PAGEDSERVE_THREADS")]
     pub(crate) threads: Option<usize>,
+    /// Quantize the weights as they load: `fp8` makes every dense layer projection E4M3 with a
+    /// scale per output channel, as vLLM's `--quantization fp8` (GPU only, sm_89 or newer).
+    #[arg(long, value_enum, env = "PAGEDSERVE_QUANTIZATION")]
+    pub(crate) quantization: Option<Quantization>,
+}
+
+/// Weight quantization applied at load (`--quantization`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Quantization {
+    Fp8,
 }
 
 impl ModelArgs {
@@ -68,7 +78,28 @@ impl ModelArgs {
 
     /// The model with its weights on the host (the CPU backend's form).
     pub(crate) fn load(&self) -> anyhow::Result<loader::LoadedModel> {
+        self.refuse_quantization("the CPU path")?;
         self.open()?.load_cpu()
+    }
+
+    /// An error naming `what` when `--quantization` is given: only the GPU quantizes.
+    pub(crate) fn refuse_quantization(&self, what: &str) -> anyhow::Result<()> {
+        match self.quantization {
+            Some(q) => {
+                let name = clap::ValueEnum::to_possible_value(&q).map(|v| v.get_name().to_string()).unwrap_or_default();
+                anyhow::bail!("--quantization {name} is not available for {what}: FP8 products run on the GPU (--device cuda)")
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The model of `files` loaded straight to the GPU, quantized as `--quantization` says.
+    pub(crate) fn load_gpu(&self, dev: std::sync::Arc<pagedserve::cuda::GpuDevice>, files: &loader::ModelFiles) -> anyhow::Result<pagedserve::cuda::GpuModel> {
+        let mut model = pagedserve::cuda::GpuModel::load(dev, files.config.clone(), files.source())?;
+        if self.quantization == Some(Quantization::Fp8) {
+            model.quantize_fp8().context("--quantization fp8")?;
+        }
+        Ok(model)
     }
 }
 

@@ -233,11 +233,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (gpu, cpu_model) = if use_cuda {
         let dev = pagedserve::cuda::GpuDevice::new(0)?;
         tracing::info!(gpu = %dev.name, architecture = %config.architecture, "serving on the GPU");
-        let model = pagedserve::cuda::GpuModel::load(dev.clone(), config.clone(), files.source())
+        let model = args
+            .model
+            .load_gpu(dev.clone(), &files)
             .with_context(|| format!("loading {name} to the GPU"))?;
         drop(files);
         (Some((dev, model)), None)
     } else {
+        args.model.refuse_quantization("the CPU backend")?;
         (None, Some(files.load_cpu()?.model))
     };
     let block_bytes = KvCacheLayout::for_model(&config, 1, args.block_size).block_bytes(if gpu.is_some() { 2 } else { 4 });

@@ -62,6 +62,10 @@ pub(crate) struct BenchGpuArgs {
     /// Also run the Llama-3.1-8B-shaped dummy model (16 GB of weights).
     #[arg(long)]
     llama_8b: bool,
+    /// Also the FP8 paths (sm_89 on): the default model with FP8 projections, and with
+    /// `--llama-8b` the 8B products and decode steps in FP8.
+    #[arg(long)]
+    fp8: bool,
     /// Only the copy bandwidth and the attention kernels (no model is loaded).
     #[arg(long)]
     attention_only: bool,
@@ -197,14 +201,19 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
     }
     let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.cuda {
-        use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
+        use pagedserve::cuda::{GpuBackend, GpuDevice};
         let dev = GpuDevice::new(0)?;
-        let model = GpuModel::load(dev, files.config.clone(), files.source())?;
+        let model = args.model.load_gpu(dev, &files)?;
         let mut backend = GpuBackend::new(model, num_blocks, block_size)?;
         backend.prepare_for_serving(true, args.max_num_seqs, args.max_model_len)?;
         Box::new(backend)
     } else {
-        Box::new(pagedserve::runner::CpuBackend::new(files.load_cpu()?.model, num_blocks, block_size))
+        args.model.refuse_quantization("the CPU backend")?;
+        Box::new(pagedserve::runner::CpuBackend::new(
+            files.load_cpu()?.model,
+            num_blocks,
+            block_size,
+        ))
     };
     let options = serve::ServeOptions {
         num_requests: args.num_requests,
@@ -276,10 +285,13 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
         println!("every kernel module compiles for {arch}");
         return Ok(());
     }
+    args.model
+        .refuse_quantization("`check`, which checks FP8 itself")?;
     let dev = GpuDevice::new(0)?;
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let mut rows = check::kernel_checks(&dev)?;
     rows.extend(check::gemv_checks(&dev)?);
+    rows.extend(pagedserve::bench::check_fp8::fp8_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
     let files = args.model.open()?;
     // Dummy weights are drawn on the device by the direct path: nothing to compare with.
@@ -301,7 +313,16 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
         rows.push(check::check_direct_load(&dev, direct?, &loaded.model, &prompts)?);
     }
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
-    rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
+    rows.extend(check::check_forward_small_batch(
+        &dev,
+        &loaded.model,
+        &prompts,
+    )?);
+    rows.extend(pagedserve::bench::check_fp8::check_forward_fp8(
+        &dev,
+        &loaded.model,
+        &prompts,
+    )?);
     rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
     if let Some(tokenizer) = loaded.tokenizer.clone() {
         rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);
@@ -434,6 +455,20 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         }
         println!("{:>6} {:>14.3} {:>14.3} {:>14.3} {:>14.3}", batch, times[0], times[1], times[2], times[3]);
     }
+    if args.fp8 {
+        let mut model = GpuModel::from_cpu(dev.clone(), &loaded.model)?;
+        model.quantize_fp8()?;
+        let mut fp8 = GpuBackend::new(model, max_batch * args.context.div_ceil(16), 16)?;
+        fp8.capture_decode_graphs(max_batch, args.context + 16)?;
+        for &batch in &args.batch_sizes {
+            let (eager_ms, graph_ms) = (
+                gpu::decode_step_ms(&mut fp8, batch, args.context, 30, false)?,
+                gpu::decode_step_ms(&mut fp8, batch, args.context, 30, true)?,
+            );
+            println!("{} FP8 decode step b{batch:<4} c{}  without graphs {eager_ms:>8.3} ms | with graphs {graph_ms:>8.3} ms", loaded.name, args.context);
+        }
+        gpu::print_step_breakdown(&mut fp8, 1, args.context, "FP8, fused GEMV path")?;
+    }
     if args.llama_8b {
         drop(backend);
         // The 8B products at the batch sizes of one client and of a few tens, where a step is a
@@ -441,8 +476,32 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         for m in [1, 2, 4, 8, 32] {
             gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B", m, &gpu::LLAMA_8B_PRODUCTS)?;
         }
+        if args.fp8 {
+            for m in [1, 2, 3, 4, 8, 16, 64, 256] {
+                gpu::print_fp8_products(&dev, "Llama-3.1-8B", m, &gpu::LLAMA_8B_PRODUCTS[..4])?;
+            }
+            let mut big = gpu::llama_8b_backend(&dev, 64, 2048, true)?;
+            gpu::print_step_breakdown(&mut big, 1, 512, "Llama-3.1-8B FP8")?;
+            let c = big.model().config().clone();
+            big.capture_decode_graphs(64, 2048 + 16)?;
+            for (batch, context) in [(1, 512), (2, 512), (4, 512), (32, 512), (64, 2048)] {
+                let kv_bytes = 2
+                    * c.num_hidden_layers
+                    * batch
+                    * context
+                    * c.num_key_value_heads
+                    * c.head_dim
+                    * 2;
+                let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;
+                let graph = gpu::decode_step_ms(&mut big, batch, context, 10, true)?;
+                println!(
+                    "Llama-3.1-8B dummy decode FP8 b{batch:<3} c{context:<5} graphs {graph:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
+                    graph / floor_ms
+                );
+            }
+        }
         let (batch, context) = (64, 2048);
-        let mut big = gpu::llama_8b_backend(&dev, batch, context)?;
+        let mut big = gpu::llama_8b_backend(&dev, batch, context, false)?;
         let c = big.model().config().clone();
         let floor = |batch: usize, context: usize| {
             let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;

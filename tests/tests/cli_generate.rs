@@ -59,3 +59,30 @@ fn a_missing_model_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
 }
+
+#[test]
+fn fp8_quantization_on_the_cpu_is_refused_by_name() {
+    // FP8 products exist on the GPU only: the CPU commands and `serve --device cpu` say so
+    // instead of running bf16 weights under an FP8 flag.
+    let generate = Command::new(binary())
+        .args(["generate", "--model"])
+        .arg(model_path())
+        .args(["--quantization", "fp8", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    let serve = Command::new(binary())
+        .args(["serve", "--device", "cpu", "--port", "0", "--model"])
+        .arg(model_path())
+        .args(["--quantization", "fp8"])
+        .output()
+        .unwrap();
+    for output in [generate, serve] {
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--quantization fp8 is not available")
+                && stderr.contains("--device cuda"),
+            "{stderr}"
+        );
+    }
+}

@@ -14,14 +14,16 @@ use rand::{Rng, SeedableRng};
 use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{
-    gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionPath, AttentionSplit, GEMV_MAX_ROWS,
-    MOE_GROUP_CONFIG,
+    gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionPath,
+    AttentionSplit, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
 };
+use crate::cuda::weights::{GpuMatrix, MatrixData};
 use crate::cuda::{launchers, ptr};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::KvCacheLayout;
 use crate::model::config::LayerAttention;
 use crate::model::cpu::{ops, paged_attention, AttentionShape, CpuKvCache, CpuModel};
+use crate::model::fp8::Fp8Matrix;
 use crate::model::rope::Rope;
 use crate::runner::generate::{GenerateOptions, Generator};
 use crate::runner::{CpuBackend, ForwardBatch, ModelBackend};
@@ -44,8 +46,13 @@ pub struct CheckRow {
 }
 
 impl CheckRow {
-    fn error(name: &str, detail: String, error: f64) -> Self {
-        CheckRow { name: name.into(), detail, error: Some(error), passed: error.is_finite() && error < TOLERANCE }
+    pub(crate) fn error(name: &str, detail: String, error: f64) -> Self {
+        CheckRow {
+            name: name.into(),
+            detail,
+            error: Some(error),
+            passed: error.is_finite() && error < TOLERANCE,
+        }
     }
 }
 
@@ -62,15 +69,21 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
     (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
 }
 
-fn random_bf16_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| bf16::from_f32(rng.random_range(-scale..scale)).to_f32()).collect()
+pub(crate) fn random_bf16_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-scale..scale)).to_f32())
+        .collect()
 }
 
-fn to_bf16(values: &[f32]) -> Vec<bf16> {
+pub(crate) fn to_bf16(values: &[f32]) -> Vec<bf16> {
     values.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
-fn download_bf16(dev: &GpuDevice, slice: &CudaSlice<bf16>, n: usize) -> Result<Vec<f32>, CudaError> {
+pub(crate) fn download_bf16(
+    dev: &GpuDevice,
+    slice: &CudaSlice<bf16>,
+    n: usize,
+) -> Result<Vec<f32>, CudaError> {
     let mut host = vec![bf16::ZERO; n];
     dev.stream.memcpy_dtoh(&slice.slice(..n), &mut host)?;
     Ok(host.iter().map(|v| v.to_f32()).collect())
@@ -416,7 +429,14 @@ pub fn check_greedy(
 }
 
 /// `x[m×k] · w[n×k]ᵀ (+ bias)` in float64 (the reference of the GEMV checks).
-fn matmul_reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+pub(crate) fn matmul_reference(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; m * n];
     for r in 0..m {
         for j in 0..n {
@@ -427,7 +447,34 @@ fn matmul_reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usi
     out
 }
 
-fn round_bf16(values: &mut [f32]) {
+/// A random-valued `[n, k]` weight (bf16 values) on the device in `format` (FP8 quantized there,
+/// by the kernel under test too), and the values its products read, for the CPU reference.
+pub(crate) fn device_weight(
+    dev: &GpuDevice,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    format: WeightFormat,
+) -> Result<(GpuMatrix, Vec<f32>), CudaError> {
+    let mut matrix = GpuMatrix {
+        rows: n,
+        cols: k,
+        data: MatrixData::Bf16(dev.stream.clone_htod(&to_bf16(w))?),
+        bias: None,
+    };
+    let values = match format {
+        WeightFormat::Bf16 => w.to_vec(),
+        WeightFormat::Fp8 => {
+            matrix.quantize_fp8(dev)?;
+            Fp8Matrix::quantize(w, n, k)
+                .map_err(|e| CudaError::Config(e.to_string()))?
+                .dequantize()
+        }
+    };
+    Ok((matrix, values))
+}
+
+pub(crate) fn round_bf16(values: &mut [f32]) {
     for v in values {
         *v = bf16::from_f32(*v).to_f32();
     }
@@ -454,13 +501,28 @@ pub fn check_gemv(dev: &GpuDevice, m: usize, n: usize, k: usize, out_type: OutTy
             stream.clone_dtoh(&out)?
         }
     };
-    let path = if gemv_prefers(m, k, n) { "gemv" } else { "cuBLAS" };
-    Ok(CheckRow::error("linear small-M", format!("{path} m {m} n {n} k {k} {out_type:?} out"), relative_error(&got, &want)))
+    let path = if gemv_prefers(m, k, n, WeightFormat::Bf16) {
+        "gemv"
+    } else {
+        "cuBLAS"
+    };
+    Ok(CheckRow::error(
+        "linear small-M",
+        format!("{path} m {m} n {n} k {k} {out_type:?} out"),
+        relative_error(&got, &want),
+    ))
 }
 
 /// The GEMV with SiLU-and-multiply folded into its input against the unfused composition
 /// (`silu_and_mul`, rounded to bf16, then the product) on the CPU.
-pub fn check_gemv_silu(dev: &GpuDevice, m: usize, n: usize, inter: usize, seed: u64) -> Result<CheckRow, CudaError> {
+pub fn check_gemv_silu(
+    dev: &GpuDevice,
+    m: usize,
+    n: usize,
+    inter: usize,
+    format: WeightFormat,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let gate_up = random_bf16_values(&mut rng, m * 2 * inter, 4.0);
     let w = random_bf16_values(&mut rng, n * inter, 0.1);
@@ -469,15 +531,16 @@ pub fn check_gemv_silu(dev: &GpuDevice, m: usize, n: usize, inter: usize, seed: 
         ops::silu_mul(out, row);
     }
     round_bf16(&mut act);
+    let (w_dev, w) = device_weight(dev, &w, n, inter, format)?;
     let want = matmul_reference(&act, &w, None, m, inter, n);
     let stream = &dev.stream;
-    let (in_dev, w_dev) = (stream.clone_htod(&to_bf16(&gate_up))?, stream.clone_htod(&to_bf16(&w))?);
+    let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
     let g = Gemv {
         out: ptr(dev, &out),
         out_type: OutType::Bf16,
         input: GemvInput::SiluMul(ptr(dev, &in_dev)),
-        w: ptr(dev, &w_dev),
+        w: w_dev.weight(dev),
         bias: 0,
         m,
         k: inter,
@@ -485,7 +548,16 @@ pub fn check_gemv_silu(dev: &GpuDevice, m: usize, n: usize, inter: usize, seed: 
     };
     unsafe { gemv(dev, &g)? };
     let got = download_bf16(dev, &out, m * n)?;
-    Ok(CheckRow::error("gemv +silu", format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
+    let name = if format == WeightFormat::Fp8 {
+        "fp8 gemv +silu"
+    } else {
+        "gemv +silu"
+    };
+    Ok(CheckRow::error(
+        name,
+        format!("m {m} n {n} k {inter}"),
+        relative_error(&got, &want),
+    ))
 }
 
 /// The GEMV with the residual add and RMSNorm folded into its input against the unfused
@@ -502,6 +574,7 @@ pub fn check_gemv_norm(
     with_delta: bool,
     indirect: bool,
     with_bias: bool,
+    format: WeightFormat,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -523,12 +596,13 @@ pub fn check_gemv_norm(
         ops::rms_norm(&mut normed[r * hidden..(r + 1) * hidden], &summed[row * hidden..(row + 1) * hidden], &weight, 1e-5);
     }
     round_bf16(&mut normed);
+    let (w_dev, w) = device_weight(dev, &w, n, hidden, format)?;
     let want = matmul_reference(&normed, &w, with_bias.then_some(&bias[..]), m, hidden, n);
 
     let stream = &dev.stream;
     let residual_dev = stream.clone_htod(&residual)?;
     let delta_dev = stream.clone_htod(&to_bf16(&delta))?;
-    let (weight_dev, w_dev, bias_dev) = (stream.clone_htod(&weight)?, stream.clone_htod(&to_bf16(&w))?, stream.clone_htod(&bias)?);
+    let (weight_dev, bias_dev) = (stream.clone_htod(&weight)?, stream.clone_htod(&bias)?);
     let rows_dev = stream.clone_htod(&rows)?;
     let residual_out = stream.clone_htod(&vec![f32::NAN; residual_rows * hidden])?;
     let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
@@ -541,7 +615,16 @@ pub fn check_gemv_norm(
         eps: 1e-5,
     };
     let bias = if with_bias { ptr(dev, &bias_dev) } else { 0 };
-    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: ptr(dev, &w_dev), bias, m, k: hidden, n };
+    let g = Gemv {
+        out: ptr(dev, &out),
+        out_type: OutType::Bf16,
+        input,
+        w: w_dev.weight(dev),
+        bias,
+        m,
+        k: hidden,
+        n,
+    };
     unsafe { gemv(dev, &g)? };
     let mut got = download_bf16(dev, &out, m * n)?;
     let mut want = want;
@@ -556,7 +639,12 @@ pub fn check_gemv_norm(
         if indirect { " rows[] no write-back" } else { " write-back" },
         if with_bias { " +bias" } else { "" }
     );
-    Ok(CheckRow::error("gemv +add+norm", detail, relative_error(&got, &want)))
+    let name = if format == WeightFormat::Fp8 {
+        "fp8 gemv +add+norm"
+    } else {
+        "gemv +add+norm"
+    };
+    Ok(CheckRow::error(name, detail, relative_error(&got, &want)))
 }
 
 /// The small-M linear layers: the GEMV (through `linear`, so the path it prefers) on SmolLM2's
@@ -580,11 +668,39 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_gemv(dev, m, n, k, OutType::Bf16, seed)?);
     }
     for m in [1, 3, 8] {
-        rows.push(check_gemv_silu(dev, m, 576, 1536, 300 + m as u64)?);
-        rows.push(check_gemv_silu(dev, m, 1001, 200, 310 + m as u64)?);
+        rows.push(check_gemv_silu(
+            dev,
+            m,
+            576,
+            1536,
+            WeightFormat::Bf16,
+            300 + m as u64,
+        )?);
+        rows.push(check_gemv_silu(
+            dev,
+            m,
+            1001,
+            200,
+            WeightFormat::Bf16,
+            310 + m as u64,
+        )?);
     }
-    rows.push(check_gemv_silu(dev, 1, 512, 14336, 320)?);
-    rows.push(check_gemv_silu(dev, 2, 100, 14336, 321)?);
+    rows.push(check_gemv_silu(
+        dev,
+        1,
+        512,
+        14336,
+        WeightFormat::Bf16,
+        320,
+    )?);
+    rows.push(check_gemv_silu(
+        dev,
+        2,
+        100,
+        14336,
+        WeightFormat::Bf16,
+        321,
+    )?);
     for (m, n, with_delta, indirect, with_bias) in [
         (1, 960, true, false, false),
         (3, 3072, true, false, false),
@@ -594,11 +710,31 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         (5, 4000, true, true, false),
     ] {
         seed += 1;
-        rows.push(check_gemv_norm(dev, m, n, 576, with_delta, indirect, with_bias, seed)?);
+        rows.push(check_gemv_norm(
+            dev,
+            m,
+            n,
+            576,
+            with_delta,
+            indirect,
+            with_bias,
+            WeightFormat::Bf16,
+            seed,
+        )?);
     }
     for (m, n, with_delta, indirect, with_bias) in [(1, 1024, true, false, false), (2, 600, true, false, true), (1, 2000, true, true, false)] {
         seed += 1;
-        rows.push(check_gemv_norm(dev, m, n, 4096, with_delta, indirect, with_bias, seed)?);
+        rows.push(check_gemv_norm(
+            dev,
+            m,
+            n,
+            4096,
+            with_delta,
+            indirect,
+            with_bias,
+            WeightFormat::Bf16,
+            seed,
+        )?);
     }
     Ok(rows)
 }

@@ -285,8 +285,30 @@ impl GemvBench {
 /// `out[m×n] = x[m×k] · Wᵀ` through our GEMV and through cuBLAS, for each `(n, k)`: µs per
 /// product, from a captured graph of back-to-back products (as a decode graph runs them) that
 /// cycle through enough copies of the weight to cover 256 MB, so L2 (50 MB) cannot hold them.
-pub fn gemv_vs_cublas(dev: &GpuDevice, m: usize, shapes: &[(usize, usize, OutType)]) -> Result<Vec<GemvBench>, CudaError> {
+/// µs per call of `product(i)` (`i` = 0, 1, ...) from a captured graph of `launches` calls back
+/// to back, after one call outside the capture (so cuBLAS picks its kernel).
+fn graph_us(
+    dev: &GpuDevice,
+    launches: usize,
+    product: impl Fn(usize) -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    product(0)?;
+    dev.stream.synchronize()?;
+    dev.stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let enqueued = (0..launches).try_for_each(&product);
+    let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0))?;
+    enqueued?;
+    let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
+    Ok(time_ms(dev, 2, 10, || Ok(graph.launch()?))? * 1e3 / launches as f64)
+}
+
+pub fn gemv_vs_cublas(
+    dev: &GpuDevice,
+    m: usize,
+    shapes: &[(usize, usize, OutType)],
+) -> Result<Vec<GemvBench>, CudaError> {
     // At least 256 MB, and at least the largest weight (the 8B head is 1 GB).
     let pool_elements = shapes.iter().map(|&(n, k, _)| n * k).max().unwrap_or(0).max(128 << 20);
     let pool = dev.stream.clone_htod(&pseudo_random_bf16(pool_elements, 5))?;
@@ -298,22 +320,13 @@ pub fn gemv_vs_cublas(dev: &GpuDevice, m: usize, shapes: &[(usize, usize, OutTyp
         let launches = copies.max(16);
         let weight = |i: usize| ptr(dev, &pool) + ((i % copies) * n * k * 2) as u64;
         let time = |cublas: bool| -> Result<f64, CudaError> {
-            let product = |i: usize| unsafe {
+            graph_us(dev, launches, |i: usize| unsafe {
                 if cublas {
                     cublas_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
                 } else {
                     linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
                 }
-            };
-            // Outside the capture first, so cuBLAS picks its kernel.
-            product(0)?;
-            dev.stream.synchronize()?;
-            dev.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let enqueued = (0..launches).try_for_each(product);
-            let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0))?;
-            enqueued?;
-            let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
-            Ok(time_ms(dev, 2, 10, || Ok(graph.launch()?))? * 1e3 / launches as f64)
+            })
         };
         let gemv_us = time(false)?;
         let cublas_us = time(true)?;
@@ -372,6 +385,174 @@ pub fn print_gemv_vs_cublas(dev: &GpuDevice, label: &str, m: usize, shapes: &[(u
     Ok(())
 }
 
+/// One shape of `fp8_products`: µs per product on each path (`None` where the GEMV does not
+/// take the shape).
+pub struct Fp8Bench {
+    pub n: usize,
+    pub k: usize,
+    pub gemv_us: Option<f64>,
+    pub gemm_us: f64,
+    pub bf16_us: f64,
+}
+
+/// `out[m×n] = x[m×k] · Wᵀ` (bf16 out) with W in FP8 through the FP8 GEMV and through cuBLASLt's
+/// FP8 GEMM (its input quantization included), and with W in bf16 through cuBLAS, timed as
+/// `gemv_vs_cublas` times them (weights cycled past L2).
+pub fn fp8_products(
+    dev: &GpuDevice,
+    m: usize,
+    shapes: &[(usize, usize, OutType)],
+) -> Result<Vec<Fp8Bench>, CudaError> {
+    use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
+    use crate::cuda::gemv::{gemv, Gemv, GemvInput};
+    use crate::cuda::launch::{gemv_supports, WeightFormat};
+    use crate::cuda::weights::{GpuMatrix, MatrixData};
+    // The same values in FP8: the pool as one matrix of rows of the first shape's K.
+    let k0 = shapes.first().map_or(1, |s| s.1);
+    let pool_elements = shapes
+        .iter()
+        .map(|&(n, k, _)| n * k)
+        .max()
+        .unwrap_or(0)
+        .max(128 << 20)
+        .next_multiple_of(k0);
+    let pool = dev
+        .stream
+        .clone_htod(&pseudo_random_bf16(pool_elements, 5))?;
+    let mut pool8 = GpuMatrix {
+        rows: pool_elements / k0,
+        cols: k0,
+        data: MatrixData::Bf16(pool.clone()),
+        bias: None,
+    };
+    pool8.quantize_fp8(dev)?;
+    let MatrixData::Fp8 {
+        values: pool8_values,
+        ..
+    } = &pool8.data
+    else {
+        unreachable!("quantized above")
+    };
+    let scales = dev.stream.clone_htod(&vec![
+        1.0f32 / 448.0;
+        shapes.iter().map(|s| s.0).max().unwrap_or(1)
+    ])?;
+    let mut results = Vec::new();
+    for &(n, k, _) in shapes {
+        let x = dev.stream.clone_htod(&pseudo_random_bf16(m * k, 6))?;
+        let out = dev.stream.alloc_zeros::<bf16>(m * n)?;
+        let (input_fp8, input_scales) = (
+            dev.stream.alloc_zeros::<u8>(m * k)?,
+            dev.stream.alloc_zeros::<f32>(m)?,
+        );
+        let copies = (pool_elements / (n * k)).max(1);
+        let launches = copies.max(16);
+        let bf16_weight = |i: usize| ptr(dev, &pool) + ((i % copies) * n * k * 2) as u64;
+        let fp8_weight = |i: usize| ptr(dev, pool8_values) + ((i % copies) * n * k) as u64;
+        let gemv_us = if gemv_supports(m, k, WeightFormat::Fp8) {
+            Some(graph_us(dev, launches, |i| unsafe {
+                let w = crate::cuda::gemv::GemvWeight::Fp8 {
+                    values: fp8_weight(i),
+                    scales: ptr(dev, &scales),
+                };
+                gemv(
+                    dev,
+                    &Gemv {
+                        out: ptr(dev, &out),
+                        out_type: OutType::Bf16,
+                        input: GemvInput::Plain(ptr(dev, &x)),
+                        w,
+                        bias: 0,
+                        m,
+                        k,
+                        n,
+                    },
+                )
+            })?)
+        } else {
+            None
+        };
+        let gemm_us = graph_us(dev, launches, |i| unsafe {
+            let p = Fp8Product {
+                out: ptr(dev, &out),
+                input: ptr(dev, &x),
+                weight: fp8_weight(i),
+                weight_scales: ptr(dev, &scales),
+                input_fp8: ptr(dev, &input_fp8),
+                input_scales: ptr(dev, &input_scales),
+                m,
+                k,
+                n,
+            };
+            fp8_linear(dev, &p)
+        })?;
+        let bf16_us = graph_us(dev, launches, |i| unsafe {
+            cublas_linear(
+                dev,
+                ptr(dev, &out),
+                OutType::Bf16,
+                ptr(dev, &x),
+                bf16_weight(i),
+                m,
+                k,
+                n,
+            )
+        })?;
+        results.push(Fp8Bench {
+            n,
+            k,
+            gemv_us,
+            gemm_us,
+            bf16_us,
+        });
+    }
+    Ok(results)
+}
+
+/// `fp8_products` of `shapes` at `m` rows, with the FP8 weight bandwidth of each path and the sum.
+pub fn print_fp8_products(
+    dev: &GpuDevice,
+    label: &str,
+    m: usize,
+    shapes: &[(usize, usize, OutType)],
+) -> Result<(), CudaError> {
+    println!("{label} FP8 products at m={m} (in a graph, weights cycled past L2; GB/s of FP8 weight bytes):");
+    println!(
+        "  {:>6} {:>6} {:>14} {:>7} {:>14} {:>7} {:>14}",
+        "N", "K", "FP8 GEMV µs", "GB/s", "cuBLASLt µs", "GB/s", "bf16 cuBLAS µs"
+    );
+    let results = fp8_products(dev, m, shapes)?;
+    let gbps = |n: usize, k: usize, us: f64| (n * k) as f64 / (us * 1e-6) / 1e9;
+    for r in &results {
+        let gemv = r.gemv_us.map_or("-".to_string(), |us| format!("{us:.2}"));
+        let gemv_gbps = r
+            .gemv_us
+            .map_or("-".to_string(), |us| format!("{:.0}", gbps(r.n, r.k, us)));
+        println!(
+            "  {:>6} {:>6} {:>14} {:>7} {:>14.2} {:>7.0} {:>14.2}",
+            r.n,
+            r.k,
+            gemv,
+            gemv_gbps,
+            r.gemm_us,
+            gbps(r.n, r.k, r.gemm_us),
+            r.bf16_us
+        );
+    }
+    let sum = |f: &dyn Fn(&Fp8Bench) -> Option<f64>| results.iter().map(f).sum::<Option<f64>>();
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |us| format!("{us:.2}"));
+    println!(
+        "  {:>13} {:>14} {:>7} {:>14} {:>7} {:>14}",
+        "all",
+        fmt(sum(&|r| r.gemv_us)),
+        "",
+        fmt(sum(&|r| Some(r.gemm_us))),
+        "",
+        fmt(sum(&|r| Some(r.bf16_us)))
+    );
+    Ok(())
+}
+
 /// Median milliseconds of one decode step of `batch` sequences at `context` positions each
 /// (greedy tokens computed on the device; only they come back), through the captured CUDA graph
 /// of its bucket when `graphs` (see `GpuBackend::capture_decode_graphs`), else kernel by kernel.
@@ -412,9 +593,18 @@ pub fn llama_8b_config() -> ModelConfig {
     c
 }
 
-/// A dummy 8B model with a cache for `batch` sequences of `context` tokens.
-pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize) -> Result<GpuBackend, CudaError> {
-    let model = GpuModel::dummy(dev.clone(), llama_8b_config(), 0)?;
+/// A dummy 8B model with a cache for `batch` sequences of `context` tokens, its projections in
+/// FP8 if `fp8`.
+pub fn llama_8b_backend(
+    dev: &Arc<GpuDevice>,
+    batch: usize,
+    context: usize,
+    fp8: bool,
+) -> Result<GpuBackend, CudaError> {
+    let mut model = GpuModel::dummy(dev.clone(), llama_8b_config(), 0)?;
+    if fp8 {
+        model.quantize_fp8()?;
+    }
     GpuBackend::new(model, batch * context.div_ceil(16), 16)
 }
 

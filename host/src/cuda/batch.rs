@@ -30,12 +30,21 @@ pub(crate) struct Scratch {
     /// Every index array of a batch, packed, so a step makes one upload into one allocation.
     pub(crate) indices: Option<CudaSlice<u32>>,
     pub(crate) capacity_indices: usize,
+    /// The widest input of an FP8 product (0 without FP8 weights): what `fp8_input` holds per
+    /// token, quantized for cuBLASLt (`cuda::fp8_gemm`), with a scale per token in `fp8_scales`.
+    fp8_width: usize,
+    fp8_input: Option<CudaSlice<u8>>,
+    fp8_scales: Option<CudaSlice<f32>>,
 }
 
 impl Scratch {
     /// An arena with the slots of `plan` (bytes per token each), allocated on first `ensure`.
-    pub(crate) fn new(plan: &[usize]) -> Self {
-        Scratch { slot_bytes: plan.to_vec(), ..Default::default() }
+    pub(crate) fn new(plan: &[usize], fp8_width: usize) -> Self {
+        Scratch {
+            slot_bytes: plan.to_vec(),
+            fp8_width,
+            ..Default::default()
+        }
     }
 
     /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
@@ -46,6 +55,10 @@ impl Scratch {
             s.slots.clear();
             for &bytes in &s.slot_bytes {
                 s.slots.push(dev.stream.alloc_zeros(t * bytes)?);
+            }
+            if s.fp8_width > 0 {
+                s.fp8_input = Some(dev.stream.alloc_zeros(t * s.fp8_width)?);
+                s.fp8_scales = Some(dev.stream.alloc_zeros(t)?);
             }
             s.capacity_tokens = t;
         }
@@ -75,6 +88,14 @@ impl Scratch {
 
     pub(crate) fn logits_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {
         self.logits.as_ref().map_or(0, |l| ptr(dev, l))
+    }
+
+    /// Room for an FP8 product's quantized input and its scales, if the model has FP8 weights.
+    pub(crate) fn fp8_input(&self, dev: &GpuDevice) -> Option<(CUdeviceptr, CUdeviceptr)> {
+        Some((
+            ptr(dev, self.fp8_input.as_ref()?),
+            ptr(dev, self.fp8_scales.as_ref()?),
+        ))
     }
 
     pub(crate) fn final_h_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {

@@ -10,6 +10,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 use cudarc::driver::sys::CUfunction_attribute;
 
+use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
     decode_kernel_name, decode_shared_bytes, gemv_kernel_names, prefill_kernel_name, prefill_shared_bytes, DECODE_THREADS, GEMV_MAX_SHARED,
@@ -35,6 +36,8 @@ pub struct GpuDevice {
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
+    /// cuBLASLt, for the FP8 GEMMs (`cuda::fp8_gemm`), sharing the cuBLAS workspace.
+    fp8_gemm: Mutex<Fp8Gemm>,
 }
 
 /// Which kernels are launched as programmatic dependents (see `launchers::launch`).
@@ -85,8 +88,9 @@ impl GpuDevice {
         let blas = CudaBlas::new(stream.clone())?;
         // cuBLAS gets its workspace up front: it must not allocate inside a graph capture.
         let workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)?;
+        let (workspace_ptr, _) = cudarc::driver::DevicePtr::device_ptr(&workspace, &stream);
+        let fp8_gemm = Fp8Gemm::new(workspace_ptr, CUBLAS_WORKSPACE_BYTES)?;
         unsafe {
-            let (workspace_ptr, _) = cudarc::driver::DevicePtr::device_ptr(&workspace, &stream);
             cudarc::cublas::sys::cublasSetWorkspace_v2(
                 *blas.handle(),
                 workspace_ptr as *mut std::ffi::c_void,
@@ -137,6 +141,7 @@ impl GpuDevice {
             decode_blocks_per_sm,
             pdl: AtomicU8::new(pdl as u8),
             gemv_occupancy: Mutex::new(HashMap::new()),
+            fp8_gemm: Mutex::new(fp8_gemm),
         }))
     }
 
@@ -178,9 +183,17 @@ impl GpuDevice {
         self.set_pdl_scope(if on { PdlScope::All } else { PdlScope::Off });
     }
 
+    /// The compute capability as a number: 90 for sm_90.
+    pub fn compute_capability(&self) -> u32 {
+        self.arch
+            .trim_start_matches("sm_")
+            .parse::<u32>()
+            .unwrap_or(0)
+    }
+
     /// Whether this GPU has programmatic dependent launch (sm_90 on).
     pub fn pdl_supported(&self) -> bool {
-        self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|cc| cc >= 90)
+        self.compute_capability() >= 90
     }
 
     /// Chooses which kernels are launched as programmatic dependents (`bench gpu` compares them);
@@ -201,6 +214,11 @@ impl GpuDevice {
         let blocks = self.function(name).occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)?.max(1) as usize;
         known.insert(key, blocks);
         Ok(blocks)
+    }
+
+    /// The cuBLASLt state of the FP8 GEMMs.
+    pub(crate) fn fp8_gemm(&self) -> std::sync::MutexGuard<'_, Fp8Gemm> {
+        self.fp8_gemm.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn function(&self, name: &str) -> &CudaFunction {

@@ -27,10 +27,14 @@ use cudarc::driver::LaunchConfig;
 
 use super::attention::{launch_attention, AttentionArgs};
 use super::batch::{BatchArrays, Scratch};
+use super::fp8_gemm::{fp8_linear, Fp8Product};
 use super::gemm::{cublas_linear, OutType};
-use super::gemv::{gemv, Gemv, GemvInput};
+use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
-use super::launch::{gemv_prefers, gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionSplit, MOE_GROUP_CONFIG};
+use super::launch::{
+    gemv_prefers, gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads,
+    AttentionSplit, WeightFormat, MOE_GROUP_CONFIG,
+};
 use super::launchers;
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
@@ -276,34 +280,85 @@ impl<'a> GpuOps<'a> {
         Ok(())
     }
 
-    /// Whether the GEMV takes an `[m, k]` input: the fused element-wise steps stay pending on
-    /// this, and the product decides (`gemv_runs`).
+    /// Whether the GEMV takes an `[m, k]` input (of a bf16 weight, the stricter format: an FP8
+    /// one takes every K a bf16 one does but those not a multiple of 16, which no model has): the
+    /// fused element-wise steps stay pending on this, and the product decides (`gemv_runs`).
     fn gemv_takes(&self, m: usize, k: usize) -> bool {
-        self.gemv && gemv_supports(m, k)
+        self.gemv && gemv_supports(m, k, WeightFormat::Bf16)
     }
 
-    /// Whether the GEMV runs the product of an `[m, k]` input with an `[n, k]` weight.
-    fn gemv_runs(&self, m: usize, k: usize, n: usize) -> bool {
-        self.gemv && gemv_prefers(m, k, n)
+    /// Whether the GEMV runs the product of an `[m, k]` input with `w` (`[n, k]`).
+    fn gemv_runs(&self, m: usize, w: &GpuMatrix) -> bool {
+        self.gemv && gemv_prefers(m, w.cols, w.rows, w.format())
     }
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
-    /// the shape, else cuBLAS and `add_bias`.
-    fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize) -> Result<(), ModelError> {
-        let Some(_) = &self.launch else { return Ok(()) };
+    /// the shape, else cuBLAS (or cuBLASLt's FP8 GEMM for an FP8 weight) and `add_bias`.
+    fn product(
+        &self,
+        out: CUdeviceptr,
+        out_type: OutType,
+        input: GemvInput,
+        w: &GpuMatrix,
+        m: usize,
+    ) -> Result<(), ModelError> {
+        let Some(launch) = &self.launch else {
+            return Ok(());
+        };
         let dev = self.dev();
         let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
         let (k, n) = (w.cols, w.rows);
-        if self.gemv_runs(m, k, n) {
+        let weight = w.weight(dev);
+        if self.gemv_runs(m, w) {
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
             // `bias` the matrix's.
-            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: w.ptr(dev), bias, m, k, n }).map_err(backend_error) };
+            return unsafe {
+                gemv(
+                    dev,
+                    &Gemv {
+                        out,
+                        out_type,
+                        input,
+                        w: weight,
+                        bias,
+                        m,
+                        k,
+                        n,
+                    },
+                )
+                .map_err(backend_error)
+            };
         }
         let GemvInput::Plain(input) = input else {
             return Err(internal("a fused input outside the GEMV".into()));
         };
-        // SAFETY: as above.
-        unsafe { cublas_linear(dev, out, out_type, input, w.ptr(dev), m, k, n).map_err(backend_error)? };
+        match weight {
+            // SAFETY: as above.
+            GemvWeight::Bf16(w) => unsafe {
+                cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)?
+            },
+            GemvWeight::Fp8 { values, scales } => {
+                let (input_fp8, input_scales) = launch.scratch.fp8_input(dev).ok_or_else(|| {
+                    internal("an FP8 product without room for its quantized input".into())
+                })?;
+                if out_type != OutType::Bf16 {
+                    return Err(internal("an FP8 product into float32".into()));
+                }
+                let p = Fp8Product {
+                    out,
+                    input,
+                    weight: values,
+                    weight_scales: scales,
+                    input_fp8,
+                    input_scales,
+                    m,
+                    k,
+                    n,
+                };
+                // SAFETY: as above; the scratch's FP8 room holds `m` rows of the widest FP8 input.
+                unsafe { fp8_linear(dev, &p).map_err(backend_error)? };
+            }
+        }
         if bias != 0 {
             let config = self.rows_config(m, n);
             // SAFETY: `out` holds `m` rows of `n` bf16 values; the bias `n`.
@@ -342,7 +397,10 @@ impl Ops for GpuOps<'_> {
         self.mark("embedding")?;
         if let Some(launch) = &self.launch {
             let config = self.rows_config(self.n, h);
-            let (o, t) = (self.out_ptr(out)?, table.ptr(self.dev()));
+            let (o, t) = (
+                self.out_ptr(out)?,
+                table.bf16_ptr(self.dev()).map_err(backend_error)?,
+            );
             // SAFETY: `out` holds `n` rows of `h`; every token id was checked against the vocabulary.
             unsafe {
                 launchers::embedding_gather(self.dev(), config, o, t, launch.arrays.tokens, h as i32, multiplier.unwrap_or(1.0))
@@ -384,9 +442,9 @@ impl Ops for GpuOps<'_> {
 
     fn linear(&mut self, x: Act, w: &GpuMatrix) -> Result<Act, ModelError> {
         self.resolve_all(Some(x))?;
-        let (m, k, n) = (self.n, w.cols, w.rows);
+        let (m, n) = (self.n, w.rows);
         let pending = self.state(x)?.pending;
-        if pending.is_some() && !self.gemv_runs(m, k, n) {
+        if pending.is_some() && !self.gemv_runs(m, w) {
             self.resolve(x)?;
         }
         let out = self.alloc_bf16(n)?;
@@ -583,18 +641,71 @@ impl Ops for GpuOps<'_> {
             // SAFETY: every buffer was allocated above for `n` tokens at the widths the kernels
             // read and write (see `kernels/moe.cu`); the weights are the stacked experts'.
             unsafe {
-                launchers::moe_route(dev, moe_route_config(n), logits_p, ids_p, weights_p, n as i32, e, ki, i32::from(config.norm_topk_prob))
-                    .map_err(backend_error)?;
-                launchers::moe_group(dev, MOE_GROUP_CONFIG, ids_p, assignments as i32, e, offsets_p, sorted_p, tiles_p).map_err(backend_error)?;
-                launchers::moe_gemm(dev, gemm(2 * inter), gate_up_p, input, weights.gate_up.ptr(dev), sorted_p, tiles_p, num_tiles, ki, 2 * ii, hi)
-                    .map_err(backend_error)?;
+                launchers::moe_route(
+                    dev,
+                    moe_route_config(n),
+                    logits_p,
+                    ids_p,
+                    weights_p,
+                    n as i32,
+                    e,
+                    ki,
+                    i32::from(config.norm_topk_prob),
+                )
+                .map_err(backend_error)?;
+                launchers::moe_group(
+                    dev,
+                    MOE_GROUP_CONFIG,
+                    ids_p,
+                    assignments as i32,
+                    e,
+                    offsets_p,
+                    sorted_p,
+                    tiles_p,
+                )
+                .map_err(backend_error)?;
+                launchers::moe_gemm(
+                    dev,
+                    gemm(2 * inter),
+                    gate_up_p,
+                    input,
+                    weights.gate_up.bf16_ptr(dev).map_err(backend_error)?,
+                    sorted_p,
+                    tiles_p,
+                    num_tiles,
+                    ki,
+                    2 * ii,
+                    hi,
+                )
+                .map_err(backend_error)?;
             }
             self.gated(activation, act_p, gate_up_p, assignments, inter)?;
             // SAFETY: as above.
             unsafe {
-                launchers::moe_gemm(dev, gemm(h), down_p, act_p, weights.down.ptr(dev), sorted_p, tiles_p, num_tiles, 1, hi, ii)
-                    .map_err(backend_error)?;
-                launchers::moe_combine(dev, self.rows_config(n, h), out_p, down_p, weights_p, ki, hi).map_err(backend_error)?;
+                launchers::moe_gemm(
+                    dev,
+                    gemm(h),
+                    down_p,
+                    act_p,
+                    weights.down.bf16_ptr(dev).map_err(backend_error)?,
+                    sorted_p,
+                    tiles_p,
+                    num_tiles,
+                    1,
+                    hi,
+                    ii,
+                )
+                .map_err(backend_error)?;
+                launchers::moe_combine(
+                    dev,
+                    self.rows_config(n, h),
+                    out_p,
+                    down_p,
+                    weights_p,
+                    ki,
+                    hi,
+                )
+                .map_err(backend_error)?;
             }
         }
         for temporary in [logits, ids, gate_weights, offsets, sorted, tiles, gate_up, act, down] {
@@ -625,7 +736,7 @@ impl Ops for GpuOps<'_> {
         let s = launch.scratch;
         let logits = s.logits_ptr(dev);
         let w = ptr(dev, final_norm);
-        if self.gemv_runs(rows, h, vocab) {
+        if self.gemv_runs(rows, lm_head) {
             // The last block's output joins the residual inside the GEMV, for the wanted rows
             // only; nothing reads the residual after, so it is not written back.
             self.mark("gemv lm_head +add+norm")?;

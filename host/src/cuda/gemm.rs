@@ -6,8 +6,8 @@ use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gemv::{gemv, Gemv, GemvInput};
-use super::launch::gemv_prefers;
+use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
+use super::launch::{gemv_prefers, WeightFormat};
 use super::{CudaError, GpuDevice};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -33,8 +33,20 @@ pub unsafe fn linear(
     k: usize,
     n: usize,
 ) -> Result<(), CudaError> {
-    if gemv_prefers(m, k, n) && (a | w).is_multiple_of(16) {
-        return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w, bias: 0, m, k, n });
+    if gemv_prefers(m, k, n, WeightFormat::Bf16) && (a | w).is_multiple_of(16) {
+        return gemv(
+            dev,
+            &Gemv {
+                out,
+                out_type,
+                input: GemvInput::Plain(a),
+                w: GemvWeight::Bf16(w),
+                bias: 0,
+                m,
+                k,
+                n,
+            },
+        );
     }
     cublas_linear(dev, out, out_type, a, w, m, k, n)
 }

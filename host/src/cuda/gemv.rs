@@ -1,5 +1,6 @@
 //! The small-M linear layer (`kernels/gemv.cu`): `out[m×n] = input[m×k] · wᵀ (+ bias)` for
-//! m ≤ 8, a single weight stream at full bandwidth where cuBLAS is slow. Its input staging can
+//! m ≤ 8, a single weight stream at full bandwidth where cuBLAS is slow; bf16 weights, or FP8
+//! (E4M3 with a scale per row) at half the bytes. Its input staging can
 //! also compute the element-wise step before the product (SiLU-and-multiply, or the residual
 //! add and RMSNorm), which saves a launch and a round trip through memory at batch 1–8.
 //!
@@ -10,7 +11,10 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode};
+use super::launch::{
+    gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode,
+    WeightFormat,
+};
 use super::launchers;
 use super::{CudaError, GpuDevice};
 
@@ -40,14 +44,41 @@ impl GemvInput {
     }
 }
 
+/// The `[n, k]` weight of a GEMV (device pointers, the values 16-byte aligned).
+#[derive(Debug, Clone, Copy)]
+pub enum GemvWeight {
+    Bf16(CUdeviceptr),
+    /// E4M3 values and a float32 scale per row.
+    Fp8 {
+        values: CUdeviceptr,
+        scales: CUdeviceptr,
+    },
+}
+
+impl GemvWeight {
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            GemvWeight::Bf16(_) => WeightFormat::Bf16,
+            GemvWeight::Fp8 { .. } => WeightFormat::Fp8,
+        }
+    }
+
+    /// The values and the scales (0 for bf16).
+    fn pointers(&self) -> (CUdeviceptr, CUdeviceptr) {
+        match *self {
+            GemvWeight::Bf16(values) => (values, 0),
+            GemvWeight::Fp8 { values, scales } => (values, scales),
+        }
+    }
+}
+
 /// One small-M linear layer.
 #[derive(Debug, Clone, Copy)]
 pub struct Gemv {
     pub out: CUdeviceptr,
     pub out_type: OutType,
     pub input: GemvInput,
-    /// The `[n, k]` bf16 weight, 16-byte aligned.
-    pub w: CUdeviceptr,
+    pub w: GemvWeight,
     /// A float32 `[n]` bias added before rounding, or 0.
     pub bias: CUdeviceptr,
     pub m: usize,
@@ -62,8 +93,12 @@ pub struct Gemv {
 /// Every pointer must be a live device allocation of the size its field documents, on `dev`'s
 /// stream; `out` must not overlap the inputs.
 pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
-    if !gemv_supports(g.m, g.k) || g.n == 0 {
-        return Err(CudaError::Config(format!("the GEMV does not take m {} k {} n {}", g.m, g.k, g.n)));
+    let format = g.w.format();
+    if !gemv_supports(g.m, g.k, format) || g.n == 0 {
+        return Err(CudaError::Config(format!(
+            "the GEMV does not take m {} k {} n {}",
+            g.m, g.k, g.n
+        )));
     }
     let null: CUdeviceptr = 0;
     let (x, delta, weight, residual_out, rows, eps) = match g.input {
@@ -72,19 +107,50 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     };
     // The staging reads 16-byte vectors of x (float4 of the residual), the norm weight and the
     // residual it writes back, and pairs of delta values.
-    if !(x | g.w | weight | residual_out).is_multiple_of(16) || !delta.is_multiple_of(4) {
+    let (w, w_scale) = g.w.pointers();
+    if !(x | w | weight | residual_out).is_multiple_of(16) || !delta.is_multiple_of(4) {
         return Err(CudaError::Config("the GEMV needs 16-byte aligned input, weight, norm weight and residual, and 4-byte aligned delta".into()));
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
     let shared = gemv_shared_bytes(g.m, g.k);
-    let warps = gemv_block_warps(g.n, dev.num_sms);
-    let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(g.input.mode(), g.m), warps * 32, shared)?;
+    // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
+    let row_groups = g.n.div_ceil(format.rows_per_warp());
+    let warps = gemv_block_warps(row_groups, dev.num_sms);
+    let blocks_per_sm = dev.gemv_blocks_per_sm(
+        &gemv_kernel_name(g.input.mode(), g.m, format),
+        warps * 32,
+        shared,
+    )?;
     let config = LaunchConfig {
-        grid_dim: (gemv_grid(g.n, warps, dev.num_sms, blocks_per_sm), 1, 1),
+        grid_dim: (
+            gemv_grid(row_groups, warps, dev.num_sms, blocks_per_sm),
+            1,
+            1,
+        ),
         block_dim: (warps * 32, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    launchers::gemv(dev, g.input.mode(), g.m, config, g.out, out_f32, x, delta, weight, residual_out, rows, g.bias, g.w, m, n, k, eps)?;
+    launchers::gemv(
+        dev,
+        g.input.mode(),
+        g.m,
+        format,
+        config,
+        g.out,
+        out_f32,
+        x,
+        delta,
+        weight,
+        residual_out,
+        rows,
+        g.bias,
+        w,
+        w_scale,
+        m,
+        n,
+        k,
+        eps,
+    )?;
     Ok(())
 }

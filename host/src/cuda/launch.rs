@@ -259,15 +259,60 @@ pub enum GemvMode {
     AddNorm,
 }
 
+/// How a matrix's values are stored on the device (`cuda::weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    Bf16,
+    /// E4M3 with a float32 scale per row (`model::fp8`), on sm_89 and newer.
+    Fp8,
+}
+
+impl WeightFormat {
+    /// Weights per 16-byte vector of a row: what K must be a multiple of for the GEMV.
+    pub fn per_vector(self) -> usize {
+        match self {
+            WeightFormat::Bf16 => 8,
+            WeightFormat::Fp8 => 16,
+        }
+    }
+
+    /// Output rows a GEMV warp streams at once (`GemvRows` in `kernels/gemv.cu`): FP8 rows are
+    /// half as long in bytes, so a warp takes two to keep as many bytes in flight.
+    pub fn rows_per_warp(self) -> usize {
+        match self {
+            WeightFormat::Bf16 => 1,
+            WeightFormat::Fp8 => 2,
+        }
+    }
+
+    pub fn bytes_per_weight(self) -> usize {
+        match self {
+            WeightFormat::Bf16 => 2,
+            WeightFormat::Fp8 => 1,
+        }
+    }
+}
+
+/// The most rows for which an FP8 weight larger than `GEMV_SMALL_WEIGHTS` goes through the FP8
+/// GEMV rather than cuBLASLt's FP8 GEMM (which first quantizes its input, a second launch): one.
+/// At two rows the GEMM was faster at every Llama-3.1-8B product on an H200 (94 µs a layer
+/// against 110, and a whole decode step 4.52 ms at batch 4 against 4.81 at batch 2; BENCHMARKS.md,
+/// session 10).
+pub const FP8_GEMV_STREAM_ROWS: usize = 1;
+
 /// Input rows padded to the kernel's tile: 1, 2, 4 or 8.
 pub fn gemv_padded_rows(m: usize) -> usize {
     m.next_power_of_two()
 }
 
-/// Whether the GEMV takes `m` rows of width `k`: 1 to 8 rows, 16-byte vectors (k a multiple of
-/// 8), and the padded rows fit its shared memory (k up to 6144 at 8 rows, 49152 at one).
-pub fn gemv_supports(m: usize, k: usize) -> bool {
-    (1..=GEMV_MAX_ROWS).contains(&m) && k > 0 && k.is_multiple_of(8) && gemv_shared_bytes(m, k) <= GEMV_MAX_SHARED
+/// Whether the GEMV takes `m` rows of width `k` of weights in `format`: 1 to 8 rows, whole
+/// 16-byte vectors (k a multiple of 8 in bf16, 16 in FP8), and the padded rows fit its shared
+/// memory (k up to 6144 at 8 rows, 49152 at one).
+pub fn gemv_supports(m: usize, k: usize, format: WeightFormat) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&m)
+        && k > 0
+        && k.is_multiple_of(format.per_vector())
+        && gemv_shared_bytes(m, k) <= GEMV_MAX_SHARED
 }
 
 /// Weights (elements) up to which the GEMV takes 2 to 8 rows: there the products are
@@ -284,9 +329,15 @@ pub const GEMV_STREAM_MIN_K: usize = 2048;
 
 /// Whether the GEMV should run `out[m×n] = x[m×k] · wᵀ`: it takes the shape, and the weight is
 /// small (`GEMV_SMALL_WEIGHTS`) or it is one row of long rows (`GEMV_STREAM_MIN_K`), where the
-/// GEMV streams as fast as cuBLAS and saves the fused element-wise launches.
-pub fn gemv_prefers(m: usize, k: usize, n: usize) -> bool {
-    gemv_supports(m, k) && n > 0 && (n * k <= GEMV_SMALL_WEIGHTS || (m == 1 && k >= GEMV_STREAM_MIN_K))
+/// GEMV streams as fast as cuBLAS and saves the fused element-wise launches. An FP8 weight
+/// streams through the GEMV up to `FP8_GEMV_STREAM_ROWS` rows whatever its K: its alternative,
+/// cuBLASLt's FP8 GEMM, needs its input quantized first.
+pub fn gemv_prefers(m: usize, k: usize, n: usize, format: WeightFormat) -> bool {
+    let stream = match format {
+        WeightFormat::Bf16 => m == 1 && k >= GEMV_STREAM_MIN_K,
+        WeightFormat::Fp8 => m <= FP8_GEMV_STREAM_ROWS,
+    };
+    gemv_supports(m, k, format) && n > 0 && (n * k <= GEMV_SMALL_WEIGHTS || stream)
 }
 
 /// Dynamic shared memory of one GEMV block: the padded input rows in bf16.
@@ -294,19 +345,31 @@ pub fn gemv_shared_bytes(m: usize, k: usize) -> usize {
     gemv_padded_rows(m) * k * 2
 }
 
-pub fn gemv_kernel_name(mode: GemvMode, m: usize) -> String {
+pub fn gemv_kernel_name(mode: GemvMode, m: usize, format: WeightFormat) -> String {
     let mode = match mode {
         GemvMode::Plain => "",
         GemvMode::SiluMul => "silu_",
         GemvMode::AddNorm => "norm_",
     };
-    format!("gemv_{mode}m{}", gemv_padded_rows(m))
+    let format = match format {
+        WeightFormat::Bf16 => "",
+        WeightFormat::Fp8 => "fp8_",
+    };
+    format!("gemv_{format}{mode}m{}", gemv_padded_rows(m))
 }
 
-/// Every GEMV kernel (mode and padded row count), for the device's start-up settings.
+/// Every GEMV kernel (weight format, mode and padded row count), for the device's start-up
+/// settings.
 pub fn gemv_kernel_names() -> Vec<String> {
     let modes = [GemvMode::Plain, GemvMode::SiluMul, GemvMode::AddNorm];
-    modes.iter().flat_map(|&mode| [1, 2, 4, 8].map(|m| gemv_kernel_name(mode, m))).collect()
+    [WeightFormat::Bf16, WeightFormat::Fp8]
+        .iter()
+        .flat_map(|&format| {
+            modes
+                .iter()
+                .flat_map(move |&mode| [1, 2, 4, 8].map(|m| gemv_kernel_name(mode, m, format)))
+        })
+        .collect()
 }
 
 /// Warps per GEMV block for `n` output rows: `GEMV_WARPS` when that still gives every
@@ -461,20 +524,90 @@ mod tests {
 
     #[test]
     fn gemv_takes_up_to_eight_aligned_rows_that_fit_shared_memory() {
-        assert!(gemv_supports(1, 576) && gemv_supports(8, 1536) && gemv_supports(3, 576));
-        assert!(!gemv_supports(0, 576) && !gemv_supports(9, 576), "0 rows, or cuBLAS's batch sizes");
-        assert!(!gemv_supports(1, 100), "k not a multiple of 8: no 16-byte vectors");
-        assert!(gemv_supports(8, 6144) && !gemv_supports(8, 6152), "8 rows x 6144 x 2 bytes is 96 KB");
-        assert!(gemv_supports(1, 49152) && !gemv_supports(1, 49160));
-        assert!(gemv_supports(2, 14336) && !gemv_supports(4, 14336), "the 8B down projection up to 2 rows");
-        assert!(gemv_prefers(1, 4096, 128_256) && gemv_prefers(1, 14336, 4096), "weight streams at one row");
-        assert!(!gemv_prefers(2, 4096, 28672) && !gemv_prefers(8, 4096, 6144), "2+ rows of a large weight: cuBLAS");
-        assert!(gemv_prefers(8, 576, 3072) && gemv_prefers(2, 1536, 576), "small weights at any supported row count");
-        assert!(!gemv_prefers(1, 576, 49152), "a large weight of short rows: cuBLAS");
-        assert_eq!(gemv_shared_bytes(3, 576), 4 * 576 * 2, "3 rows run in the 4-row tile");
-        assert_eq!(gemv_kernel_name(GemvMode::Plain, 1), "gemv_m1");
-        assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3), "gemv_silu_m4");
-        assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5), "gemv_norm_m8");
+        use WeightFormat::{Bf16, Fp8};
+        assert!(
+            gemv_supports(1, 576, Bf16)
+                && gemv_supports(8, 1536, Bf16)
+                && gemv_supports(3, 576, Bf16)
+        );
+        assert!(
+            !gemv_supports(0, 576, Bf16) && !gemv_supports(9, 576, Bf16),
+            "0 rows, or cuBLAS's batch sizes"
+        );
+        assert!(
+            !gemv_supports(1, 100, Bf16),
+            "k not a multiple of 8: no 16-byte vectors"
+        );
+        assert!(
+            gemv_supports(1, 584, Bf16) && !gemv_supports(1, 584, Fp8),
+            "16 FP8 weights per vector"
+        );
+        assert!(
+            gemv_supports(8, 6144, Bf16) && !gemv_supports(8, 6152, Bf16),
+            "8 rows x 6144 x 2 bytes is 96 KB"
+        );
+        assert!(gemv_supports(1, 49152, Bf16) && !gemv_supports(1, 49160, Bf16));
+        assert!(
+            gemv_supports(2, 14336, Bf16) && !gemv_supports(4, 14336, Bf16),
+            "the 8B down projection up to 2 rows"
+        );
+        assert!(
+            gemv_prefers(1, 4096, 128_256, Bf16) && gemv_prefers(1, 14336, 4096, Bf16),
+            "weight streams at one row"
+        );
+        assert!(
+            !gemv_prefers(2, 4096, 28672, Bf16) && !gemv_prefers(8, 4096, 6144, Bf16),
+            "2+ rows of a large weight: cuBLAS"
+        );
+        assert!(
+            gemv_prefers(8, 576, 3072, Bf16) && gemv_prefers(2, 1536, 576, Bf16),
+            "small weights at any supported row count"
+        );
+        assert!(
+            !gemv_prefers(1, 576, 49152, Bf16),
+            "a large weight of short rows: cuBLAS"
+        );
+        assert!(
+            gemv_prefers(1, 4096, 28672, Fp8) && gemv_prefers(1, 576, 49152, Fp8),
+            "FP8 streams one row"
+        );
+        assert!(
+            !gemv_prefers(2, 4096, 28672, Fp8) && gemv_prefers(8, 576, 3072, Fp8),
+            "then cuBLASLt, but for small weights"
+        );
+        let source = pagedserve_kernels::MODULES
+            .iter()
+            .find(|m| m.name == "gemv")
+            .unwrap()
+            .source;
+        assert!(source.contains(&format!(
+            "static constexpr int value = FP8 ? {} : {};",
+            Fp8.rows_per_warp(),
+            Bf16.rows_per_warp()
+        )));
+        assert_eq!(
+            gemv_shared_bytes(3, 576),
+            4 * 576 * 2,
+            "3 rows run in the 4-row tile"
+        );
+        assert_eq!(gemv_kernel_name(GemvMode::Plain, 1, Bf16), "gemv_m1");
+        assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3, Bf16), "gemv_silu_m4");
+        assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5, Bf16), "gemv_norm_m8");
+        assert_eq!(
+            gemv_kernel_name(GemvMode::AddNorm, 2, Fp8),
+            "gemv_fp8_norm_m2"
+        );
+        let compiled = pagedserve_kernels::MODULES
+            .iter()
+            .find(|m| m.name == "gemv")
+            .unwrap()
+            .functions;
+        assert!(
+            gemv_kernel_names()
+                .iter()
+                .all(|name| compiled.contains(&name.as_str())),
+            "every name is a compiled kernel"
+        );
         // One warp per row while the grid is small; capped at one resident wave (132 SMs).
         assert_eq!(gemv_grid(576, 16, 132, 1), 36);
         assert_eq!(gemv_grid(1001, 16, 132, 1), 63);
@@ -486,7 +619,7 @@ mod tests {
         assert_eq!(gemv_block_warps(100, 132), 4);
         assert_eq!(gemv_block_warps(4096, 132), 16);
         assert_eq!(gemv_grid(576, gemv_block_warps(576, 132), 132, 1), 72);
-        assert_eq!(gemv_kernel_names().len(), 12);
+        assert_eq!(gemv_kernel_names().len(), 24);
     }
 
     #[test]

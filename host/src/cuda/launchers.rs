@@ -12,7 +12,9 @@ use std::ffi::c_void;
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{decode_kernel_name, gemv_kernel_name, prefill_kernel_name, GemvMode};
+use super::launch::{
+    decode_kernel_name, gemv_kernel_name, prefill_kernel_name, GemvMode, WeightFormat,
+};
 use super::{CudaError, GpuDevice};
 
 /// A device address: any pointer parameter of a kernel.
@@ -163,11 +165,17 @@ kernels! {
     fn prefill_attention(head_dim: usize) => prefill_kernel_name(head_dim);
         (out: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr, block_tables: Ptr, positions: Ptr, tiles: Ptr,
          q_stride: i32, max_blocks: i32, num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, window: i32)
-    /// `gemv.cu`: small-batch products with their input staging, instantiated per staging mode
-    /// and padded row count.
-    fn gemv(mode: GemvMode, m_rows: usize) => gemv_kernel_name(mode, m_rows);
+    /// `gemv.cu`: small-batch products with their input staging, instantiated per staging mode,
+    /// padded row count and weight format; `w_scale` is FP8's per-row scales (ignored in bf16).
+    fn gemv(mode: GemvMode, m_rows: usize, format: WeightFormat) => gemv_kernel_name(mode, m_rows, format);
         (out: Ptr, out_f32: i32, x: Ptr, delta: Ptr, norm_w: Ptr, residual_out: Ptr, rows: Ptr, bias: Ptr,
-         w: Ptr, m: i32, n: i32, k: i32, eps: f32)
+         w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32)
+    /// `fp8.cu`: each row of a bf16 `[rows, cols]` matrix to E4M3 with its scale; one block a row.
+    fn fp8_quantize_rows() => "fp8_quantize_rows";
+        (q: Ptr, scales: Ptr, x: Ptr, cols: i32)
+    /// `fp8.cu`: `out[r, c] *= row_scales[r] * col_scales[c]`; one block a row.
+    fn fp8_scale_output() => "fp8_scale_output";
+        (out: Ptr, row_scales: Ptr, col_scales: Ptr, n: i32)
     /// `sampling.cu`: the index of each row's largest logit, one block per row.
     fn argmax_rows() => "argmax_rows";
         (out: Ptr, logits: Ptr, vocab: i32)
@@ -246,6 +254,8 @@ mod tests {
             ("argmax_rows", "sampling", "argmax_rows"),
             ("init_uniform_bf16", "sampling", "init_uniform_bf16"),
             ("sample_rows", "sampling", "sample_rows"),
+            ("fp8_quantize_rows", "fp8", "fp8_quantize_rows"),
+            ("fp8_scale_output", "fp8", "fp8_scale_output"),
         ];
         assert_eq!(sources.len(), DECLARED.len(), "every declared kernel has a source here");
         for (rust, types) in DECLARED {

@@ -8,6 +8,7 @@ mod attention;
 mod batch;
 mod device;
 mod forward;
+pub mod fp8_gemm;
 pub mod gemm;
 pub mod gemv;
 mod graphs;
@@ -37,6 +38,8 @@ pub enum CudaError {
     Driver(#[from] cudarc::driver::DriverError),
     #[error("cuBLAS: {0}")]
     Blas(#[from] cudarc::cublas::result::CublasError),
+    #[error("cuBLASLt: {0}")]
+    BlasLt(#[from] cudarc::cublaslt::result::CublasError),
     #[error("compiling kernel module `{module}`: {message}")]
     Compile { module: String, message: String },
     #[error("{0}")]

@@ -18,7 +18,7 @@ use super::forward::{self, ArenaPlan, Launch};
 use super::kv_cache::GpuKvCache;
 use super::launch::{plan_attention, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
 use super::sampling::sample_on_device;
-use super::weights::{GpuMatrix, GpuStore, GpuWeights};
+use super::weights::{GpuMatrix, GpuStore, GpuWeights, MatrixData};
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::{CpuMatrix, CpuModel};
@@ -36,6 +36,8 @@ pub struct GpuModel {
     weights: ModelWeights<GpuWeights>,
     /// One per `Rope::tables` entry (`LayerAttention::rope` picks).
     ropes: Vec<GpuRope>,
+    /// Bytes the FP8 projections saved against bf16 (`quantize_fp8`), for `weight_bytes`.
+    fp8_saved_bytes: usize,
 }
 
 /// A RoPE table on the device (see `model::rope::Rope`).
@@ -63,8 +65,12 @@ impl GpuModel {
             Ok(GpuMatrix {
                 rows: m.rows,
                 cols: m.cols,
-                data: upload_bf16(&dev, &m.data)?,
-                bias: m.bias.as_ref().map(|b| dev.stream.clone_htod(b)).transpose()?,
+                data: MatrixData::Bf16(upload_bf16(&dev, &m.data)?),
+                bias: m
+                    .bias
+                    .as_ref()
+                    .map(|b| dev.stream.clone_htod(b))
+                    .transpose()?,
             })
         };
         // Norm weights with the (1 + w) offset folded in, as `GpuStore` loads them.
@@ -117,7 +123,59 @@ impl GpuModel {
                 })
             })
             .collect::<Result<_, CudaError>>()?;
-        Ok(GpuModel { ropes, weights, config, dev })
+        Ok(GpuModel {
+            ropes,
+            weights,
+            config,
+            dev,
+            fp8_saved_bytes: 0,
+        })
+    }
+
+    /// Quantizes every dense layer projection (qkv, o_proj, gate_up, down) to FP8 with a scale
+    /// per output row, on the device, as vLLM's `--quantization fp8` does (`model::fp8` is the
+    /// format; `GpuMatrix::quantize_fp8` the kernel). The embeddings, the head and the norms stay
+    /// as they are, as in vLLM; so do a mixture's experts and routers, which the MoE kernels read
+    /// in bf16. Products of FP8 weights run through the FP8 GEMV and cuBLASLt's FP8 GEMM
+    /// (`cuda::gemm`). Needs sm_89 (Ada) or newer, and rows of a multiple of 16 weights.
+    pub fn quantize_fp8(&mut self) -> Result<(), CudaError> {
+        let dev = self.dev.clone();
+        if dev.compute_capability() < 89 {
+            return Err(CudaError::Unavailable(format!(
+                "FP8 weights need sm_89 or newer; {} is {}",
+                dev.name, dev.arch
+            )));
+        }
+        let (mut matrices, mut saved) = (0usize, 0usize);
+        for layer in &mut self.weights.layers {
+            let mut projections = vec![&mut layer.qkv, &mut layer.o_proj];
+            if let crate::model::weights::Mlp::Dense { gate_up, down } = &mut layer.mlp {
+                projections.extend([gate_up, down]);
+            }
+            for m in projections {
+                if m.format() == super::launch::WeightFormat::Fp8 {
+                    continue;
+                }
+                if !m.cols.is_multiple_of(16) {
+                    return Err(CudaError::Config(format!(
+                        "FP8 products take rows of a multiple of 16 weights, not {}",
+                        m.cols
+                    )));
+                }
+                let before = m.bytes();
+                m.quantize_fp8(&dev)?;
+                saved += before - m.bytes();
+                matrices += 1;
+            }
+        }
+        dev.stream.synchronize()?;
+        self.fp8_saved_bytes += saved;
+        tracing::info!(
+            matrices,
+            saved_gib = format!("{:.2}", saved as f64 / (1u64 << 30) as f64),
+            "dense projections quantized to FP8 (E4M3, a scale per row)"
+        );
+        Ok(())
     }
 
     pub(crate) fn weights(&self) -> &ModelWeights<GpuWeights> {
@@ -136,12 +194,32 @@ impl GpuModel {
         &self.dev
     }
 
+    /// The widest input (columns) of any FP8 matrix, 0 without any: the room an FP8 product's
+    /// quantized input needs per token.
+    pub(crate) fn fp8_width(&self) -> usize {
+        let w = &self.weights;
+        let layers = w.layers.iter().flat_map(|l| {
+            let mlp: Vec<&GpuMatrix> = match &l.mlp {
+                crate::model::weights::Mlp::Dense { gate_up, down } => vec![gate_up, down],
+                crate::model::weights::Mlp::Moe(_) => vec![],
+            };
+            [&l.qkv, &l.o_proj].into_iter().chain(mlp)
+        });
+        layers
+            .chain([&w.embed_tokens])
+            .chain(w.lm_head.as_ref())
+            .filter(|m| m.format() == super::launch::WeightFormat::Fp8)
+            .map(|m| m.cols)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Bytes of weights read by one forward pass (bf16 matrices, f32 norms).
     pub fn weight_bytes(&self) -> usize {
         let c = &self.config;
         // Only the experts a token is routed to are read (the same as every weight when dense).
         let matrices = c.num_active_parameters() - c.hidden_size * (2 * c.num_hidden_layers + 1);
-        matrices * 2 + c.hidden_size * (2 * c.num_hidden_layers + 1) * 4
+        matrices * 2 + c.hidden_size * (2 * c.num_hidden_layers + 1) * 4 - self.fp8_saved_bytes
     }
 }
 
@@ -214,12 +292,19 @@ impl GpuBackend {
         };
         check_supported(c)?;
         let arena = forward::plan(&model)?;
-        let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
+        let cache = GpuKvCache::new(
+            &model.dev,
+            KvCacheLayout {
+                num_blocks: num_blocks + 1,
+                ..visible_layout
+            },
+        )?;
+        let scratch = Scratch::new(&arena, model.fp8_width());
         Ok(GpuBackend {
             model,
             cache,
             visible_layout,
-            scratch: Scratch::new(&arena),
+            scratch,
             arena,
             graphs: None,
             sampling: Default::default(),
@@ -319,7 +404,7 @@ impl GpuBackend {
 
     /// A fresh arena for this model (a graph's own buffers).
     pub(crate) fn new_scratch(&self) -> Scratch {
-        Scratch::new(&self.arena)
+        Scratch::new(&self.arena, self.model.fp8_width())
     }
 }
 

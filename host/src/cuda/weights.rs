@@ -7,15 +7,21 @@
 //! values; others (GGUF,
 //! dequantized to float32) cost one tensor's float32 copy at a time. Dummy weights are drawn on
 //! the device and never touch the host.
+//!
+//! FP8: `GpuMatrix::quantize_fp8` turns a loaded bf16 matrix into E4M3 with a scale per row on the
+//! device (`kernels/fp8.cu`, the format of `model::fp8`), freeing the bf16 copy; `--quantization
+//! fp8` does it to every dense projection as the model loads (`GpuModel::quantize_fp8`).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::{bf16, f16};
 
+use super::gemv::GemvWeight;
+use super::launch::{row_threads, WeightFormat};
 use super::launchers;
 use super::model::ptr;
-use super::GpuDevice;
+use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
 use crate::model::weights::{concat_f32, Part, RawDtype, RawTensor, WeightStore, Weights};
 use crate::model::ModelError;
@@ -28,12 +34,22 @@ impl Weights for GpuWeights {
     type Vector = CudaSlice<f32>;
 }
 
-/// A row-major `[rows, cols]` bfloat16 matrix with an optional float32 `[rows]` bias.
+/// A row-major `[rows, cols]` matrix with an optional float32 `[rows]` bias.
 pub struct GpuMatrix {
     pub rows: usize,
     pub cols: usize,
-    pub data: CudaSlice<bf16>,
+    pub data: MatrixData,
     pub bias: Option<CudaSlice<f32>>,
+}
+
+/// How a `GpuMatrix` holds its values.
+pub enum MatrixData {
+    Bf16(CudaSlice<bf16>),
+    /// E4M3 bit patterns, row-major, and a float32 scale per row (`model::fp8::Fp8Matrix`).
+    Fp8 {
+        values: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+    },
 }
 
 /// Elements converted on the host per upload when a tensor is not stored as bfloat16.
@@ -185,7 +201,12 @@ impl WeightStore for GpuStore {
             None => None,
         };
         self.bytes += rows * cols * 2;
-        Ok(GpuMatrix { rows, cols, data, bias })
+        Ok(GpuMatrix {
+            rows,
+            cols,
+            data: MatrixData::Bf16(data),
+            bias,
+        })
     }
 
     fn vector(&mut self, part: &Part<'_>) -> Result<CudaSlice<f32>, ModelError> {
@@ -195,8 +216,78 @@ impl WeightStore for GpuStore {
 }
 
 impl GpuMatrix {
-    /// The device address of the matrix (for kernel arguments).
-    pub fn ptr(&self, dev: &GpuDevice) -> cudarc::driver::sys::CUdeviceptr {
-        ptr(dev, &self.data)
+    pub fn format(&self) -> WeightFormat {
+        match self.data {
+            MatrixData::Bf16(_) => WeightFormat::Bf16,
+            MatrixData::Fp8 { .. } => WeightFormat::Fp8,
+        }
+    }
+
+    /// The device address of a bf16 matrix, for the kernels that read only bf16 (the embedding
+    /// gather, the MoE GEMM); an error for any other format.
+    pub fn bf16_ptr(&self, dev: &GpuDevice) -> Result<cudarc::driver::sys::CUdeviceptr, CudaError> {
+        match &self.data {
+            MatrixData::Bf16(data) => Ok(ptr(dev, data)),
+            MatrixData::Fp8 { .. } => Err(CudaError::Config(format!(
+                "a {}x{} FP8 matrix where only bf16 is read",
+                self.rows, self.cols
+            ))),
+        }
+    }
+
+    /// The weight as the products read it.
+    pub fn weight(&self, dev: &GpuDevice) -> GemvWeight {
+        match &self.data {
+            MatrixData::Bf16(data) => GemvWeight::Bf16(ptr(dev, data)),
+            MatrixData::Fp8 { values, scales } => GemvWeight::Fp8 {
+                values: ptr(dev, values),
+                scales: ptr(dev, scales),
+            },
+        }
+    }
+
+    /// Bytes of its values (and scales) on the device, bias aside.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            MatrixData::Bf16(data) => data.len() * 2,
+            MatrixData::Fp8 { values, scales } => values.len() + scales.len() * 4,
+        }
+    }
+
+    /// Quantizes a bf16 matrix to FP8 in place on the device (`kernels/fp8.cu`: a scale per row,
+    /// as `model::fp8::Fp8Matrix::quantize`), freeing its bf16 values; an FP8 matrix stays as it
+    /// is. Needs sm_89 or newer (the E4M3 conversions) and an even number of columns.
+    pub fn quantize_fp8(&mut self, dev: &GpuDevice) -> Result<(), CudaError> {
+        let MatrixData::Bf16(data) = &self.data else {
+            return Ok(());
+        };
+        if !self.cols.is_multiple_of(2) {
+            return Err(CudaError::Config(format!(
+                "FP8 rows are quantized in pairs; {} columns",
+                self.cols
+            )));
+        }
+        let values = dev.stream.alloc_zeros::<u8>(self.rows * self.cols)?;
+        let scales = dev.stream.alloc_zeros::<f32>(self.rows)?;
+        let config = LaunchConfig {
+            grid_dim: (self.rows as u32, 1, 1),
+            block_dim: (row_threads(self.cols / 2), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `data` holds rows x cols bf16 values, `values` as many bytes, `scales` a float
+        // per row; one block per row.
+        unsafe {
+            launchers::fp8_quantize_rows(
+                dev,
+                config,
+                ptr(dev, &values),
+                ptr(dev, &scales),
+                ptr(dev, data),
+                self.cols as i32,
+            )?
+        };
+        // The bf16 copy is freed only after the kernel has read it (the free is stream-ordered).
+        self.data = MatrixData::Fp8 { values, scales };
+        Ok(())
     }
 }

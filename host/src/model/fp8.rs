@@ -97,7 +97,7 @@ mod tests {
     #[test]
     fn each_row_spans_e4m3_and_round_trips_within_its_precision() {
         let (rows, cols) = (3, 64);
-        let mut data: Vec<f32> = (0..rows * cols).map(|i| ((i as f32 * 0.37).sin() * 10f32.powi((i / cols) as i32 - 1))).collect();
+        let mut data: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin() * 10f32.powi((i / cols) as i32 - 1)).collect();
         data[5] = -7.5; // row 0's largest magnitude, negative
         let q = Fp8Matrix::quantize(&data, rows, cols).unwrap();
         assert_eq!((q.bytes.len(), q.scales.len()), (rows * cols, rows));

@@ -1,0 +1,311 @@
+//! FP8 products of many rows through cuBLASLt: `out[m×n] = x[m×k] · Wᵀ` with W in E4M3 with a
+//! scale per row (`model::fp8`) and x bf16. The input is quantized first, per token, to E4M3
+//! with its own scale (`fp8_quantize_rows`), so the GEMM runs on Hopper's FP8 tensor cores
+//! (twice bf16's rate, and half the weight bytes), and the result is `Σ xq·wq · sx[i] · sw[j]`.
+//!
+//! Where cuBLASLt applies per-row and per-column scales itself (its outer-vector scaling, cuBLAS
+//! 12.9 on Hopper) both vectors go to the GEMM; else the GEMM runs unscaled and
+//! `fp8_scale_output` applies them, one more pass over the output. Which one is decided by the
+//! first heuristic query and kept.
+//!
+//! Everything is capturable in a CUDA graph: the plans (descriptors and the chosen algorithm,
+//! per shape) are host objects made before the first launch of a shape, the workspace is the
+//! device's preallocated cuBLAS workspace (the two libraries share the one stream).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::LaunchConfig;
+
+use super::launch::row_threads;
+use super::launchers;
+use super::{CudaError, GpuDevice};
+
+/// Attributes are plain values; cuBLASLt copies them.
+unsafe fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<(), CudaError> {
+    lt::set_matmul_desc_attribute(desc, attr, (value as *const T).cast(), size_of::<T>())?;
+    Ok(())
+}
+
+/// The descriptors and algorithm of one `(m, n, k)`.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    d: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each was created once, by `Fp8Gemm::plan`, and is destroyed once, here.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// A cuBLASLt handle and the plans made with it.
+pub struct Fp8Gemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: CUdeviceptr,
+    workspace_bytes: usize,
+    plans: HashMap<(usize, usize, usize), Plan>,
+    /// Whether the GEMM applies the scale vectors (outer-vector scaling); `None` until asked.
+    outer_vector_scales: Option<bool>,
+}
+
+// SAFETY: the handle and plans are used only through `&mut Fp8Gemm`, under the device's lock.
+unsafe impl Send for Fp8Gemm {}
+
+impl Drop for Fp8Gemm {
+    fn drop(&mut self) {
+        self.plans.clear();
+        // SAFETY: created once in `new`.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+impl Fp8Gemm {
+    /// A handle using `workspace_bytes` of device memory at `workspace` (which must outlive it).
+    pub fn new(workspace: CUdeviceptr, workspace_bytes: usize) -> Result<Self, CudaError> {
+        Ok(Fp8Gemm {
+            handle: lt::create_handle()?,
+            workspace,
+            workspace_bytes,
+            plans: HashMap::new(),
+            outer_vector_scales: None,
+        })
+    }
+
+    /// Whether the GEMM applies the scales itself (known after the first product).
+    pub fn outer_vector_scales(&self) -> Option<bool> {
+        self.outer_vector_scales
+    }
+
+    /// Makes the plan of `(m, n, k)`, with outer-vector scales or without.
+    fn make_plan(&self, m: usize, n: usize, k: usize, outer: bool) -> Result<Plan, CudaError> {
+        use sys::cublasLtMatmulDescAttributes_t as Attr;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )?;
+        // Column-major, as cuBLAS sees it: out (n×m) = op(A) · B with A the row-major [n, k]
+        // weight read transposed ([k, n] column-major) and B the row-major [m, k] input ([k, m]
+        // column-major): both K-major, the "TN" layout Hopper's FP8 GEMMs require.
+        let make = || -> Result<Plan, CudaError> {
+            let a = lt::create_matrix_layout(
+                sys::cudaDataType::CUDA_R_8F_E4M3,
+                k as u64,
+                n as u64,
+                k as i64,
+            )?;
+            let b = lt::create_matrix_layout(
+                sys::cudaDataType::CUDA_R_8F_E4M3,
+                k as u64,
+                m as u64,
+                k as i64,
+            )?;
+            let d = lt::create_matrix_layout(
+                sys::cudaDataType::CUDA_R_16BF,
+                n as u64,
+                m as u64,
+                n as i64,
+            )?;
+            Ok(Plan {
+                desc,
+                a,
+                b,
+                d,
+                algo: unsafe { std::mem::zeroed() },
+            })
+        };
+        let mut plan = match make() {
+            Ok(plan) => plan,
+            Err(e) => {
+                // SAFETY: created above, not yet owned by a plan.
+                unsafe {
+                    let _ = lt::destroy_matmul_desc(desc);
+                }
+                return Err(e);
+            }
+        };
+        // SAFETY: the descriptors are live; every value is of its attribute's type.
+        unsafe {
+            set_desc(
+                desc,
+                Attr::CUBLASLT_MATMUL_DESC_TRANSA,
+                &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32),
+            )?;
+            set_desc(
+                desc,
+                Attr::CUBLASLT_MATMUL_DESC_TRANSB,
+                &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32),
+            )?;
+            if outer {
+                let mode =
+                    sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+                        as u32;
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+            }
+            let pref = lt::create_matmul_pref()?;
+            let bytes = self.workspace_bytes as u64;
+            let found = lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&bytes as *const u64).cast(),
+                size_of::<u64>(),
+            )
+            .and_then(|_| {
+                lt::get_matmul_algo_heuristic(
+                    self.handle,
+                    desc,
+                    plan.a,
+                    plan.b,
+                    plan.d,
+                    plan.d,
+                    pref,
+                )
+            });
+            let _ = lt::destroy_matmul_pref(pref);
+            plan.algo = found?.algo;
+        }
+        Ok(plan)
+    }
+
+    /// The plan of `(m, n, k)`, made on first use; the first one decides the scaling.
+    fn plan(&mut self, m: usize, n: usize, k: usize) -> Result<(&Plan, bool), CudaError> {
+        if !self.plans.contains_key(&(m, n, k)) {
+            let plan = match self.outer_vector_scales {
+                Some(outer) => self.make_plan(m, n, k, outer)?,
+                None => match self.make_plan(m, n, k, true) {
+                    Ok(plan) => {
+                        self.outer_vector_scales = Some(true);
+                        plan
+                    }
+                    Err(e) => {
+                        tracing::info!("cuBLASLt has no FP8 GEMM with per-row and per-column scales here ({e}); they are applied after it");
+                        self.outer_vector_scales = Some(false);
+                        self.make_plan(m, n, k, false)?
+                    }
+                },
+            };
+            self.plans.insert((m, n, k), plan);
+        }
+        Ok((
+            &self.plans[&(m, n, k)],
+            self.outer_vector_scales == Some(true),
+        ))
+    }
+}
+
+/// The operands of one FP8 product (device pointers).
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8Product {
+    /// bf16 `[m, n]`.
+    pub out: CUdeviceptr,
+    /// bf16 `[m, k]`.
+    pub input: CUdeviceptr,
+    /// E4M3 `[n, k]` and float32 `[n]`.
+    pub weight: CUdeviceptr,
+    pub weight_scales: CUdeviceptr,
+    /// Room for the quantized input, `[m, k]` bytes, and its scales, `[m]` floats.
+    pub input_fp8: CUdeviceptr,
+    pub input_scales: CUdeviceptr,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Enqueues the product: the input's quantization, the GEMM and, without outer-vector scaling,
+/// the scales' pass.
+///
+/// # Safety
+/// Every pointer must be a live device allocation of the size its field documents, on `dev`'s
+/// stream, 16-byte aligned; `out` must not overlap the inputs.
+pub unsafe fn fp8_linear(dev: &GpuDevice, p: &Fp8Product) -> Result<(), CudaError> {
+    if p.m == 0 {
+        return Ok(());
+    }
+    if !p.k.is_multiple_of(16) || !p.n.is_multiple_of(16) {
+        return Err(CudaError::Config(format!(
+            "cuBLASLt's FP8 GEMM takes K and N multiples of 16, not {} and {}",
+            p.k, p.n
+        )));
+    }
+    let rows = |width: usize| LaunchConfig {
+        grid_dim: (p.m as u32, 1, 1),
+        block_dim: (row_threads(width), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launchers::fp8_quantize_rows(
+        dev,
+        rows(p.k / 2),
+        p.input_fp8,
+        p.input_scales,
+        p.input,
+        p.k as i32,
+    )?;
+    let mut gemm = dev.fp8_gemm();
+    let workspace = (gemm.workspace, gemm.workspace_bytes);
+    let handle = gemm.handle;
+    let (plan, outer) = gemm.plan(p.m, p.n, p.k)?;
+    use sys::cublasLtMatmulDescAttributes_t as Attr;
+    if outer {
+        set_desc(
+            plan.desc,
+            Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+            &(p.weight_scales as *const c_void),
+        )?;
+        set_desc(
+            plan.desc,
+            Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            &(p.input_scales as *const c_void),
+        )?;
+    }
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    lt::matmul(
+        handle,
+        plan.desc,
+        (&alpha as *const f32).cast(),
+        (&beta as *const f32).cast(),
+        p.weight as *const c_void,
+        plan.a,
+        p.input_fp8 as *const c_void,
+        plan.b,
+        p.out as *const c_void,
+        plan.d,
+        p.out as *mut c_void,
+        plan.d,
+        &plan.algo,
+        workspace.0 as *mut c_void,
+        workspace.1,
+        dev.stream.cu_stream() as _,
+    )?;
+    drop(gemm);
+    if !outer {
+        launchers::fp8_scale_output(
+            dev,
+            rows(p.n),
+            p.out,
+            p.input_scales,
+            p.weight_scales,
+            p.n as i32,
+        )?;
+    }
+    Ok(())
+}
