@@ -80,45 +80,13 @@ struct GemvRows {
     static constexpr int value = FP8 ? 2 : 1;
 };
 
-template <int MODE, int MP, bool FP8>
-__device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, const void* __restrict__ x,
-                                          const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
-                                          float* __restrict__ residual_out, const u32* __restrict__ rows,
-                                          const float* __restrict__ bias, const void* __restrict__ w_raw,
-                                          const float* __restrict__ w_scale, int m, int n, int k, float eps) {
-    constexpr int UNROLL = GemvUnroll<MP, FP8>::value;
-    constexpr int RPW = GemvRows<FP8>::value;  // output rows per warp at a time
-    extern __shared__ __align__(16) unsigned char gemv_smem[];
-    __shared__ float scratch[32];
-    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(gemv_smem);  // [MP][k]
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // 16-byte vectors per row: of the input (8 bf16 each), and of the weight (8 bf16 or 16 E4M3).
+// Stages the M input rows of `x` in shared memory `xs` ([MP][k] bf16) as MODE says, with the whole
+// block (see the top of this file); the caller synchronizes after.
+template <int MODE, int MP>
+__device__ __forceinline__ void gemv_stage(__nv_bfloat16* xs, const void* __restrict__ x, const __nv_bfloat16* __restrict__ delta,
+                                           const float* __restrict__ norm_w, float* __restrict__ residual_out,
+                                           const u32* __restrict__ rows, int m, int k, float eps, float* scratch) {
     const int xvecs = k >> 3;
-    const int vecs = FP8 ? k >> 4 : xvecs;
-    const unsigned char* w = reinterpret_cast<const unsigned char*>(w_raw);
-    const u64 row_bytes = FP8 ? (u64)k : (u64)k * 2;
-    const int warps = blockDim.x >> 5;
-    const int first_row = (blockIdx.x * warps + warp) * RPW;
-
-    // ---- The first weight loads, before waiting for the previous kernel. ----
-    // Weights are never written by a kernel, so under a programmatic dependent launch these loads
-    // may run while the kernel that produces x is still finishing: the DRAM round trip of the
-    // warp's first row chunk overlaps it instead of following it.
-    // `wv` is the one chunk buffer: the main loop reloads it for every chunk but this first one.
-    uint4 wv[RPW][UNROLL];
-#pragma unroll
-    for (int q = 0; q < RPW; ++q) {
-#pragma unroll
-        for (int j = 0; j < UNROLL; ++j) {
-            const int v = j * 32 + lane, row = first_row + q;
-            wv[q][j] = row < n && v < vecs ? __ldg(reinterpret_cast<const uint4*>(w + (u64)row * row_bytes) + v)
-                                           : make_uint4(0, 0, 0, 0);
-        }
-    }
-    pdl_wait();
-    pdl_trigger();
-
-    // ---- Stage the M input rows (bf16) in shared memory, with the whole block. ----
     uint4* xs_vec = reinterpret_cast<uint4*>(xs);
     if (MODE == GEMV_PLAIN) {
         const uint4* src = reinterpret_cast<const uint4*>(x);
@@ -177,6 +145,48 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
             }
         }
     }
+}
+
+template <int MODE, int MP, bool FP8>
+__device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, const void* __restrict__ x,
+                                          const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
+                                          float* __restrict__ residual_out, const u32* __restrict__ rows,
+                                          const float* __restrict__ bias, const void* __restrict__ w_raw,
+                                          const float* __restrict__ w_scale, int m, int n, int k, float eps) {
+    constexpr int UNROLL = GemvUnroll<MP, FP8>::value;
+    constexpr int RPW = GemvRows<FP8>::value;  // output rows per warp at a time
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    __shared__ float scratch[32];
+    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(gemv_smem);  // [MP][k]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // 16-byte vectors per row: of the input (8 bf16 each), and of the weight (8 bf16 or 16 E4M3).
+    const int xvecs = k >> 3;
+    const int vecs = FP8 ? k >> 4 : xvecs;
+    const unsigned char* w = reinterpret_cast<const unsigned char*>(w_raw);
+    const u64 row_bytes = FP8 ? (u64)k : (u64)k * 2;
+    const int warps = blockDim.x >> 5;
+    const int first_row = (blockIdx.x * warps + warp) * RPW;
+
+    // ---- The first weight loads, before waiting for the previous kernel. ----
+    // Weights are never written by a kernel, so under a programmatic dependent launch these loads
+    // may run while the kernel that produces x is still finishing: the DRAM round trip of the
+    // warp's first row chunk overlaps it instead of following it.
+    // `wv` is the one chunk buffer: the main loop reloads it for every chunk but this first one.
+    uint4 wv[RPW][UNROLL];
+#pragma unroll
+    for (int q = 0; q < RPW; ++q) {
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            const int v = j * 32 + lane, row = first_row + q;
+            wv[q][j] = row < n && v < vecs ? __ldg(reinterpret_cast<const uint4*>(w + (u64)row * row_bytes) + v)
+                                           : make_uint4(0, 0, 0, 0);
+        }
+    }
+    pdl_wait();
+    pdl_trigger();
+
+    // ---- Stage the M input rows (bf16) in shared memory, with the whole block. ----
+    gemv_stage<MODE, MP>(xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch);
     __syncthreads();
 
     // ---- Stream the weight rows: each warp RPW output rows at a time. ----
@@ -263,6 +273,160 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
         }
     }
 }
+
+// ---- GGUF Q4_K weights kept quantized (one input row) ----
+// A row of K weights is K/256 super-blocks of 144 bytes (ggml's block_q4_K): f16 d and dmin, 12
+// bytes of 6-bit sub-block scales and mins (8 of each), then 128 bytes of 4-bit quants. Weight
+// 64j + l of a super-block (l < 32) is d·sc[2j]·(qs[32j + l] & 15) − dmin·m[2j], and weight
+// 64j + 32 + l is d·sc[2j+1]·(qs[32j + l] >> 4) − dmin·m[2j+1] (`model/gguf/dequant.rs`).
+//
+// A lane takes 16 bytes of quants at a time (a "chunk": 32 weights, 16 of sub-block 2j and 16 of
+// 2j+1) and its super-block's 16-byte header; a warp streams Q4K_RPW rows at once. The input row
+// is staged as bf16 (the shared staging, so every MODE works), then as float with the sum of each
+// 16 consecutive values, so the mins cost one multiply per 16 weights:
+//   Σ w·x = d·sc·Σ q·x − dmin·m·Σ x.
+// Quants become floats by placing each byte under the exponent of 2^23 (one byte permute) and
+// subtracting 2^23. Shared memory: K·2 (bf16) + K·4 (float) + K/4 (sums) bytes.
+#define Q4K_RPW 2
+#define Q4K_UNROLL 4
+
+__device__ __forceinline__ float q4k_byte(u32 word, u32 selector) {
+    // 0x4B0000bb as a float is 2^23 + bb.
+    return __uint_as_float(__byte_perm(word, 0x4B000000u, selector)) - 8388608.0f;
+}
+
+// Σ over the 4 bytes b of `word` of b · x[i].
+__device__ __forceinline__ float q4k_dot4(u32 word, const float4 x) {
+    float s = q4k_byte(word, 0x7540) * x.x;
+    s = fmaf(q4k_byte(word, 0x7541), x.y, s);
+    s = fmaf(q4k_byte(word, 0x7542), x.z, s);
+    return fmaf(q4k_byte(word, 0x7543), x.w, s);
+}
+
+template <int MODE>
+__device__ __forceinline__ void gemv_q4k_body(void* __restrict__ out, int out_f32, const void* __restrict__ x,
+                                              const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
+                                              float* __restrict__ residual_out, const u32* __restrict__ rows,
+                                              const float* __restrict__ bias, const void* __restrict__ w_raw, int m, int n,
+                                              int k, float eps) {
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    __shared__ float scratch[32];
+    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(gemv_smem);   // [k] bf16
+    float* xf = reinterpret_cast<float*>(gemv_smem + (size_t)k * 2);    // [k] float
+    float* xsum = xf + k;                                               // [k / 16]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    const int superblocks = k >> 8, chunks = superblocks * 8;
+    const u64 row_bytes = (u64)superblocks * 144;
+    const unsigned char* w = reinterpret_cast<const unsigned char*>(w_raw);
+
+    pdl_wait();
+    pdl_trigger();
+    gemv_stage<MODE, 1>(xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch);
+    __syncthreads();
+    for (int i = threadIdx.x; i < k / 16; i += blockDim.x) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+            const float v = __bfloat162float(xs[16 * i + e]);
+            xf[16 * i + e] = v;
+            sum += v;
+        }
+        xsum[i] = sum;
+    }
+    __syncthreads();
+
+    const float4* xf4 = reinterpret_cast<const float4*>(xf);
+    for (int row0 = (blockIdx.x * warps + warp) * Q4K_RPW; row0 < n; row0 += gridDim.x * warps * Q4K_RPW) {
+        float acc[Q4K_RPW];
+#pragma unroll
+        for (int q = 0; q < Q4K_RPW; ++q) acc[q] = 0.0f;
+        for (int base = 0; base < chunks; base += 32 * Q4K_UNROLL) {
+            uint4 qs[Q4K_RPW][Q4K_UNROLL], head[Q4K_RPW][Q4K_UNROLL];
+#pragma unroll
+            for (int q = 0; q < Q4K_RPW; ++q) {
+                const unsigned char* wrow = w + (u64)(row0 + q) * row_bytes;
+#pragma unroll
+                for (int u = 0; u < Q4K_UNROLL; ++u) {
+                    const int c = base + u * 32 + lane;
+                    const bool live = row0 + q < n && c < chunks;
+                    const unsigned char* block = wrow + (u64)(c >> 3) * 144;
+                    qs[q][u] = live ? __ldg(reinterpret_cast<const uint4*>(block + 16 + (c & 7) * 16)) : make_uint4(0, 0, 0, 0);
+                    head[q][u] = live ? __ldg(reinterpret_cast<const uint4*>(block)) : make_uint4(0, 0, 0, 0);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < Q4K_UNROLL; ++u) {
+                const int c = base + u * 32 + lane;
+                if (c >= chunks) continue;
+                const int sb = c >> 3, j = (c & 7) >> 1, h = c & 1;
+                // The inputs of this chunk: 16 values of sub-block 2j and the 16 of 2j + 1.
+                const int lo = sb * 256 + 64 * j + 16 * h, hi = lo + 32;
+                float4 xl[4], xh[4];
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+                    xl[t] = xf4[lo / 4 + t];
+                    xh[t] = xf4[hi / 4 + t];
+                }
+                const float sum_lo = xsum[lo / 16], sum_hi = xsum[hi / 16];
+#pragma unroll
+                for (int q = 0; q < Q4K_RPW; ++q) {
+                    const uint4 hd = head[q][u];
+                    const float d = __half2float(__ushort_as_half((unsigned short)(hd.x & 0xFFFF)));
+                    const float dmin = __half2float(__ushort_as_half((unsigned short)(hd.x >> 16)));
+                    // The 12 scale bytes are hd.y, hd.z, hd.w: ggml's get_scale_min_k4 for sub-blocks
+                    // 2j and 2j + 1, reading byte t of each word (bytes t, t + 4, t + 8).
+                    float sc[2], mn[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int is = 2 * j + e, t = is & 3;
+                        const u32 by = (hd.y >> (8 * t)) & 0xFF, bz = (hd.z >> (8 * t)) & 0xFF, bw = (hd.w >> (8 * t)) & 0xFF;
+                        if (is < 4) {
+                            sc[e] = (float)(by & 63);
+                            mn[e] = (float)(bz & 63);
+                        } else {
+                            sc[e] = (float)((bw & 0x0F) | ((by >> 6) << 4));
+                            mn[e] = (float)((bw >> 4) | ((bz >> 6) << 4));
+                        }
+                    }
+                    const uint4 v = qs[q][u];
+                    float s_lo = q4k_dot4(v.x & 0x0F0F0F0Fu, xl[0]), s_hi = q4k_dot4((v.x >> 4) & 0x0F0F0F0Fu, xh[0]);
+                    s_lo += q4k_dot4(v.y & 0x0F0F0F0Fu, xl[1]);
+                    s_hi += q4k_dot4((v.y >> 4) & 0x0F0F0F0Fu, xh[1]);
+                    s_lo += q4k_dot4(v.z & 0x0F0F0F0Fu, xl[2]);
+                    s_hi += q4k_dot4((v.z >> 4) & 0x0F0F0F0Fu, xh[2]);
+                    s_lo += q4k_dot4(v.w & 0x0F0F0F0Fu, xl[3]);
+                    s_hi += q4k_dot4((v.w >> 4) & 0x0F0F0F0Fu, xh[3]);
+                    acc[q] += d * (sc[0] * s_lo + sc[1] * s_hi) - dmin * (mn[0] * sum_lo + mn[1] * sum_hi);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < Q4K_RPW; ++q) acc[q] = warp_sum(acc[q]);
+        if (lane == 0) {
+#pragma unroll
+            for (int q = 0; q < Q4K_RPW; ++q) {
+                const int row = row0 + q;
+                if (row >= n) break;
+                const float y = acc[q] + (bias != nullptr ? bias[row] : 0.0f);
+                if (out_f32) reinterpret_cast<float*>(out)[row] = y;
+                else reinterpret_cast<__nv_bfloat16*>(out)[row] = __float2bfloat16(y);
+            }
+        }
+    }
+}
+
+#define GEMV_Q4K_KERNEL(NAME, MODE)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
+        NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
+             float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
+             int n, int k, float eps) {                                                                              \
+        gemv_q4k_body<MODE>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps);             \
+    }
+
+GEMV_Q4K_KERNEL(gemv_q4k_m1, GEMV_PLAIN)
+GEMV_Q4K_KERNEL(gemv_q4k_silu_m1, GEMV_SILU)
+GEMV_Q4K_KERNEL(gemv_q4k_norm_m1, GEMV_NORM)
 
 // Every variant has one signature (arguments a mode does not use are ignored), so the host
 // launches them all the same way (`cuda::gemv`).

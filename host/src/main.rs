@@ -58,6 +58,11 @@ pub(crate) struct ModelArgs {
     /// scale per output channel, as vLLM's `--quantization fp8` (GPU only, sm_89 or newer).
     #[arg(long, value_enum, env = "PAGEDSERVE_QUANTIZATION")]
     pub(crate) quantization: Option<Quantization>,
+    /// Keep a GGUF's Q4_K layer projections and head quantized on the GPU (a dequantizing GEMV
+    /// at one row, bf16 tiles for more) instead of dequantizing them at load; with `--load-format
+    /// dummy`, draw them as random Q4_K blocks.
+    #[arg(long, env = "PAGEDSERVE_KEEP_Q4K")]
+    pub(crate) keep_q4k: bool,
 }
 
 /// Weight quantization applied at load (`--quantization`).
@@ -84,6 +89,9 @@ impl ModelArgs {
 
     /// An error naming `what` when `--quantization` is given: only the GPU quantizes.
     pub(crate) fn refuse_quantization(&self, what: &str) -> anyhow::Result<()> {
+        if self.keep_q4k {
+            anyhow::bail!("--keep-q4k is not available for {what}: the CPU dequantizes GGUF weights at load");
+        }
         match self.quantization {
             Some(q) => {
                 let name = clap::ValueEnum::to_possible_value(&q).map(|v| v.get_name().to_string()).unwrap_or_default();
@@ -95,7 +103,12 @@ impl ModelArgs {
 
     /// The model of `files` loaded straight to the GPU, quantized as `--quantization` says.
     pub(crate) fn load_gpu(&self, dev: std::sync::Arc<pagedserve::cuda::GpuDevice>, files: &loader::ModelFiles) -> anyhow::Result<pagedserve::cuda::GpuModel> {
-        let mut model = pagedserve::cuda::GpuModel::load(dev, files.config.clone(), files.source())?;
+        if self.keep_q4k {
+            tracing::warn!(
+                "--keep-q4k: one-row products run the Q4_K GEMV; larger batches and prefill dequantize each Q4_K weight to bf16 for every product, which is slow (about 117 ms a step at the Llama-3.1-8B shape, against 5 ms in bf16); use it for single-stream serving"
+            );
+        }
+        let mut model = pagedserve::cuda::GpuModel::load_with(dev, files.config.clone(), files.source(), self.keep_q4k)?;
         if self.quantization == Some(Quantization::Fp8) {
             model.quantize_fp8().context("--quantization fp8")?;
         }

@@ -66,6 +66,9 @@ pub(crate) struct BenchGpuArgs {
     /// `--llama-8b` the 8B products and decode steps in FP8.
     #[arg(long)]
     fp8: bool,
+    /// With `--llama-8b`, also the 8B decode steps with dummy GGUF Q4_K weights kept quantized.
+    #[arg(long)]
+    q4k: bool,
     /// Only the copy bandwidth and the attention kernels (no model is loaded).
     #[arg(long)]
     attention_only: bool,
@@ -291,7 +294,8 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let mut rows = check::kernel_checks(&dev)?;
     rows.extend(check::gemv_checks(&dev)?);
-    rows.extend(pagedserve::bench::check_fp8::fp8_checks(&dev)?);
+    rows.extend(pagedserve::bench::check_quant::fp8_checks(&dev)?);
+    rows.extend(pagedserve::bench::check_quant::q4k_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
     let files = args.model.open()?;
     // Dummy weights are drawn on the device by the direct path: nothing to compare with.
@@ -318,7 +322,7 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
         &loaded.model,
         &prompts,
     )?);
-    rows.extend(pagedserve::bench::check_fp8::check_forward_fp8(
+    rows.extend(pagedserve::bench::check_quant::check_forward_fp8(
         &dev,
         &loaded.model,
         &prompts,
@@ -480,28 +484,26 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
             for m in [1, 2, 3, 4, 8, 16, 64, 256] {
                 gpu::print_fp8_products(&dev, "Llama-3.1-8B", m, &gpu::LLAMA_8B_PRODUCTS[..4])?;
             }
-            let mut big = gpu::llama_8b_backend(&dev, 64, 2048, true)?;
-            gpu::print_step_breakdown(&mut big, 1, 512, "Llama-3.1-8B FP8")?;
+        }
+        let formats = [(args.fp8, gpu::DummyWeights::Fp8, "FP8"), (args.q4k, gpu::DummyWeights::Q4K, "Q4_K")];
+        for (_, weights, label) in formats.into_iter().filter(|(on, _, _)| *on) {
+            let mut big = gpu::llama_8b_backend(&dev, 64, 2048, weights)?;
+            println!("Llama-3.1-8B {label}: {:.2} GiB of weights read per step", big.model().weight_bytes() as f64 / (1u64 << 30) as f64);
+            gpu::print_step_breakdown(&mut big, 1, 512, &format!("Llama-3.1-8B {label}"))?;
             let c = big.model().config().clone();
             big.capture_decode_graphs(64, 2048 + 16)?;
             for (batch, context) in [(1, 512), (2, 512), (4, 512), (32, 512), (64, 2048)] {
-                let kv_bytes = 2
-                    * c.num_hidden_layers
-                    * batch
-                    * context
-                    * c.num_key_value_heads
-                    * c.head_dim
-                    * 2;
+                let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
                 let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;
                 let graph = gpu::decode_step_ms(&mut big, batch, context, 10, true)?;
                 println!(
-                    "Llama-3.1-8B dummy decode FP8 b{batch:<3} c{context:<5} graphs {graph:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
+                    "Llama-3.1-8B dummy decode {label} b{batch:<3} c{context:<5} graphs {graph:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
                     graph / floor_ms
                 );
             }
         }
         let (batch, context) = (64, 2048);
-        let mut big = gpu::llama_8b_backend(&dev, batch, context, false)?;
+        let mut big = gpu::llama_8b_backend(&dev, batch, context, gpu::DummyWeights::Bf16)?;
         let c = big.model().config().clone();
         let floor = |batch: usize, context: usize| {
             let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;

@@ -464,6 +464,17 @@ pub(crate) fn device_weight(
     };
     let values = match format {
         WeightFormat::Bf16 => w.to_vec(),
+        WeightFormat::Q4K => {
+            // Random Q4_K blocks (`w` only seeds them), uploaded as stored; the reference reads
+            // the CPU's dequantization of the same bytes.
+            let seed = w.first().map_or(0, |v| u64::from(v.to_bits()));
+            let blocks = crate::model::sources::dummy_q4k_blocks(n, k, seed);
+            let mut values = vec![0.0f32; n * k];
+            crate::model::gguf::dequantize(crate::model::gguf::GgmlType::Q4_K, &blocks, n * k, &mut values)
+                .map_err(|e| CudaError::Config(e.to_string()))?;
+            matrix.data = MatrixData::Q4K(dev.stream.clone_htod(&blocks)?);
+            values
+        }
         WeightFormat::Fp8 => {
             matrix.quantize_fp8(dev)?;
             Fp8Matrix::quantize(w, n, k)
@@ -548,10 +559,10 @@ pub fn check_gemv_silu(
     };
     unsafe { gemv(dev, &g)? };
     let got = download_bf16(dev, &out, m * n)?;
-    let name = if format == WeightFormat::Fp8 {
-        "fp8 gemv +silu"
-    } else {
-        "gemv +silu"
+    let name = match format {
+        WeightFormat::Bf16 => "gemv +silu",
+        WeightFormat::Fp8 => "fp8 gemv +silu",
+        WeightFormat::Q4K => "q4k gemv +silu",
     };
     Ok(CheckRow::error(
         name,
@@ -639,10 +650,10 @@ pub fn check_gemv_norm(
         if indirect { " rows[] no write-back" } else { " write-back" },
         if with_bias { " +bias" } else { "" }
     );
-    let name = if format == WeightFormat::Fp8 {
-        "fp8 gemv +add+norm"
-    } else {
-        "gemv +add+norm"
+    let name = match format {
+        WeightFormat::Bf16 => "gemv +add+norm",
+        WeightFormat::Fp8 => "fp8 gemv +add+norm",
+        WeightFormat::Q4K => "q4k gemv +add+norm",
     };
     Ok(CheckRow::error(name, detail, relative_error(&got, &want)))
 }

@@ -593,16 +593,23 @@ pub fn llama_8b_config() -> ModelConfig {
     c
 }
 
+/// The weight formats `llama_8b_backend` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DummyWeights {
+    Bf16,
+    /// Projections quantized to FP8 on the device.
+    Fp8,
+    /// Projections and head as random GGUF Q4_K blocks, kept quantized.
+    Q4K,
+}
+
 /// A dummy 8B model with a cache for `batch` sequences of `context` tokens, its projections in
-/// FP8 if `fp8`.
-pub fn llama_8b_backend(
-    dev: &Arc<GpuDevice>,
-    batch: usize,
-    context: usize,
-    fp8: bool,
-) -> Result<GpuBackend, CudaError> {
-    let mut model = GpuModel::dummy(dev.clone(), llama_8b_config(), 0)?;
-    if fp8 {
+/// `weights`.
+pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize, weights: DummyWeights) -> Result<GpuBackend, CudaError> {
+    let config = llama_8b_config();
+    let source = crate::model::sources::DummySource::for_model(0, &config);
+    let mut model = GpuModel::load_with(dev.clone(), config, &source, weights == DummyWeights::Q4K)?;
+    if weights == DummyWeights::Fp8 {
         model.quantize_fp8()?;
     }
     GpuBackend::new(model, batch * context.div_ceil(16), 16)

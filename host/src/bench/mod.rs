@@ -5,7 +5,7 @@
 //! forward against the CPU path). Nothing in the serving core imports this module.
 
 pub mod check;
-pub mod check_fp8;
+pub mod check_quant;
 pub mod decode;
 pub mod gpu;
 pub mod scheduler;

@@ -3,10 +3,12 @@
 //! with its own scale (`fp8_quantize_rows`), so the GEMM runs on Hopper's FP8 tensor cores
 //! (twice bf16's rate, and half the weight bytes), and the result is `Σ xq·wq · sx[i] · sw[j]`.
 //!
-//! Where cuBLASLt applies per-row and per-column scales itself (its outer-vector scaling, cuBLAS
-//! 12.9 on Hopper) both vectors go to the GEMM; else the GEMM runs unscaled and
-//! `fp8_scale_output` applies them, one more pass over the output. Which one is decided by the
-//! first heuristic query and kept.
+//! By default the GEMM runs unscaled and `fp8_scale_output` applies the per-row and per-token
+//! scales, one more pass over the output. cuBLASLt can apply both vectors itself (its
+//! outer-vector scaling, cuBLAS 12.9 on Hopper), and `PAGEDSERVE_FP8_OUTER_SCALES=1` asks for it
+//! (falling back when the first heuristic query finds no kernel); on an H200 with cuBLAS 13 those
+//! kernels were slower: the 8B shape served 5,101 tok/s at 32 clients against 5,745 and 12,644
+//! against 12,849 at 1000 requests (BENCHMARKS.md, session 10).
 //!
 //! Everything is capturable in a CUDA graph: the plans (descriptors and the chosen algorithm,
 //! per shape) are host objects made before the first launch of a shape, the workspace is the
@@ -31,8 +33,8 @@ unsafe fn set_desc<T>(
     attr: sys::cublasLtMatmulDescAttributes_t,
     value: &T,
 ) -> Result<(), CudaError> {
-    lt::set_matmul_desc_attribute(desc, attr, (value as *const T).cast(), size_of::<T>())?;
-    Ok(())
+    lt::set_matmul_desc_attribute(desc, attr, (value as *const T).cast(), size_of::<T>())
+        .map_err(|e| CudaError::Config(format!("cuBLASLt {attr:?}: {e}")))
 }
 
 /// The descriptors and algorithm of one `(m, n, k)`.
@@ -87,7 +89,8 @@ impl Fp8Gemm {
             workspace,
             workspace_bytes,
             plans: HashMap::new(),
-            outer_vector_scales: None,
+            // `None` probes outer-vector scaling on the first product.
+            outer_vector_scales: if std::env::var("PAGEDSERVE_FP8_OUTER_SCALES").is_ok_and(|v| v == "1") { None } else { Some(false) },
         })
     }
 
@@ -97,7 +100,9 @@ impl Fp8Gemm {
     }
 
     /// Makes the plan of `(m, n, k)`, with outer-vector scales or without.
-    fn make_plan(&self, m: usize, n: usize, k: usize, outer: bool) -> Result<Plan, CudaError> {
+    /// With `outer`, the scale vectors' addresses of the first product of the shape go into the
+    /// descriptor before the heuristic query (later products set their own).
+    fn make_plan(&self, m: usize, n: usize, k: usize, outer: Option<(CUdeviceptr, CUdeviceptr)>) -> Result<Plan, CudaError> {
         use sys::cublasLtMatmulDescAttributes_t as Attr;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -155,12 +160,12 @@ impl Fp8Gemm {
                 Attr::CUBLASLT_MATMUL_DESC_TRANSB,
                 &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32),
             )?;
-            if outer {
-                let mode =
-                    sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
-                        as u32;
+            if let Some((a_scales, b_scales)) = outer {
+                let mode = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &(a_scales as *const c_void))?;
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &(b_scales as *const c_void))?;
             }
             let pref = lt::create_matmul_pref()?;
             let bytes = self.workspace_bytes as u64;
@@ -182,17 +187,18 @@ impl Fp8Gemm {
                 )
             });
             let _ = lt::destroy_matmul_pref(pref);
-            plan.algo = found?.algo;
+            plan.algo = found.map_err(|e| CudaError::Config(format!("cuBLASLt heuristic for m {m} n {n} k {k}: {e}")))?.algo;
         }
         Ok(plan)
     }
 
     /// The plan of `(m, n, k)`, made on first use; the first one decides the scaling.
-    fn plan(&mut self, m: usize, n: usize, k: usize) -> Result<(&Plan, bool), CudaError> {
+    /// `scales`: the weight's and the input's scale vectors of this product.
+    fn plan(&mut self, m: usize, n: usize, k: usize, scales: (CUdeviceptr, CUdeviceptr)) -> Result<(&Plan, bool), CudaError> {
         if !self.plans.contains_key(&(m, n, k)) {
             let plan = match self.outer_vector_scales {
-                Some(outer) => self.make_plan(m, n, k, outer)?,
-                None => match self.make_plan(m, n, k, true) {
+                Some(outer) => self.make_plan(m, n, k, outer.then_some(scales))?,
+                None => match self.make_plan(m, n, k, Some(scales)) {
                     Ok(plan) => {
                         self.outer_vector_scales = Some(true);
                         plan
@@ -200,7 +206,7 @@ impl Fp8Gemm {
                     Err(e) => {
                         tracing::info!("cuBLASLt has no FP8 GEMM with per-row and per-column scales here ({e}); they are applied after it");
                         self.outer_vector_scales = Some(false);
-                        self.make_plan(m, n, k, false)?
+                        self.make_plan(m, n, k, None)?
                     }
                 },
             };
@@ -263,7 +269,7 @@ pub unsafe fn fp8_linear(dev: &GpuDevice, p: &Fp8Product) -> Result<(), CudaErro
     let mut gemm = dev.fp8_gemm();
     let workspace = (gemm.workspace, gemm.workspace_bytes);
     let handle = gemm.handle;
-    let (plan, outer) = gemm.plan(p.m, p.n, p.k)?;
+    let (plan, outer) = gemm.plan(p.m, p.n, p.k, (p.weight_scales, p.input_scales))?;
     use sys::cublasLtMatmulDescAttributes_t as Attr;
     if outer {
         set_desc(

@@ -49,10 +49,9 @@ impl GemvInput {
 pub enum GemvWeight {
     Bf16(CUdeviceptr),
     /// E4M3 values and a float32 scale per row.
-    Fp8 {
-        values: CUdeviceptr,
-        scales: CUdeviceptr,
-    },
+    Fp8 { values: CUdeviceptr, scales: CUdeviceptr },
+    /// GGUF Q4_K super-blocks, row after row (16-byte aligned: 144 bytes each).
+    Q4K(CUdeviceptr),
 }
 
 impl GemvWeight {
@@ -60,13 +59,14 @@ impl GemvWeight {
         match self {
             GemvWeight::Bf16(_) => WeightFormat::Bf16,
             GemvWeight::Fp8 { .. } => WeightFormat::Fp8,
+            GemvWeight::Q4K(_) => WeightFormat::Q4K,
         }
     }
 
     /// The values and the scales (0 for bf16).
     fn pointers(&self) -> (CUdeviceptr, CUdeviceptr) {
         match *self {
-            GemvWeight::Bf16(values) => (values, 0),
+            GemvWeight::Bf16(values) | GemvWeight::Q4K(values) => (values, 0),
             GemvWeight::Fp8 { values, scales } => (values, scales),
         }
     }
@@ -113,7 +113,7 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
-    let shared = gemv_shared_bytes(g.m, g.k);
+    let shared = gemv_shared_bytes(g.m, g.k, format);
     // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
     let row_groups = g.n.div_ceil(format.rows_per_warp());
     let warps = gemv_block_warps(row_groups, dev.num_sms);

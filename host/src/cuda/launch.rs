@@ -265,14 +265,18 @@ pub enum WeightFormat {
     Bf16,
     /// E4M3 with a float32 scale per row (`model::fp8`), on sm_89 and newer.
     Fp8,
+    /// GGUF Q4_K blocks as stored (256 weights in 144 bytes), kept quantized.
+    Q4K,
 }
 
 impl WeightFormat {
-    /// Weights per 16-byte vector of a row: what K must be a multiple of for the GEMV.
+    /// What K must be a multiple of for the GEMV: the weights of a 16-byte vector of a row (of a
+    /// 144-byte super-block for Q4_K).
     pub fn per_vector(self) -> usize {
         match self {
             WeightFormat::Bf16 => 8,
             WeightFormat::Fp8 => 16,
+            WeightFormat::Q4K => 256,
         }
     }
 
@@ -281,14 +285,15 @@ impl WeightFormat {
     pub fn rows_per_warp(self) -> usize {
         match self {
             WeightFormat::Bf16 => 1,
-            WeightFormat::Fp8 => 2,
+            WeightFormat::Fp8 | WeightFormat::Q4K => 2,
         }
     }
 
-    pub fn bytes_per_weight(self) -> usize {
+    /// The most input rows its GEMV takes: the Q4_K kernel is one row's (single-stream decode).
+    pub fn gemv_max_rows(self) -> usize {
         match self {
-            WeightFormat::Bf16 => 2,
-            WeightFormat::Fp8 => 1,
+            WeightFormat::Bf16 | WeightFormat::Fp8 => GEMV_MAX_ROWS,
+            WeightFormat::Q4K => 1,
         }
     }
 }
@@ -309,10 +314,10 @@ pub fn gemv_padded_rows(m: usize) -> usize {
 /// 16-byte vectors (k a multiple of 8 in bf16, 16 in FP8), and the padded rows fit its shared
 /// memory (k up to 6144 at 8 rows, 49152 at one).
 pub fn gemv_supports(m: usize, k: usize, format: WeightFormat) -> bool {
-    (1..=GEMV_MAX_ROWS).contains(&m)
+    (1..=format.gemv_max_rows()).contains(&m)
         && k > 0
         && k.is_multiple_of(format.per_vector())
-        && gemv_shared_bytes(m, k) <= GEMV_MAX_SHARED
+        && gemv_shared_bytes(m, k, format) <= GEMV_MAX_SHARED
 }
 
 /// Weights (elements) up to which the GEMV takes 2 to 8 rows: there the products are
@@ -336,13 +341,19 @@ pub fn gemv_prefers(m: usize, k: usize, n: usize, format: WeightFormat) -> bool 
     let stream = match format {
         WeightFormat::Bf16 => m == 1 && k >= GEMV_STREAM_MIN_K,
         WeightFormat::Fp8 => m <= FP8_GEMV_STREAM_ROWS,
+        // The alternative dequantizes the whole weight to bf16 first.
+        WeightFormat::Q4K => true,
     };
     gemv_supports(m, k, format) && n > 0 && (n * k <= GEMV_SMALL_WEIGHTS || stream)
 }
 
-/// Dynamic shared memory of one GEMV block: the padded input rows in bf16.
-pub fn gemv_shared_bytes(m: usize, k: usize) -> usize {
-    gemv_padded_rows(m) * k * 2
+/// Dynamic shared memory of one GEMV block: the padded input rows in bf16; for Q4_K also the row
+/// in float and the sum of every 16 values (`gemv_q4k_body`).
+pub fn gemv_shared_bytes(m: usize, k: usize, format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::Bf16 | WeightFormat::Fp8 => gemv_padded_rows(m) * k * 2,
+        WeightFormat::Q4K => k * 2 + k * 4 + k / 16 * 4,
+    }
 }
 
 pub fn gemv_kernel_name(mode: GemvMode, m: usize, format: WeightFormat) -> String {
@@ -354,6 +365,7 @@ pub fn gemv_kernel_name(mode: GemvMode, m: usize, format: WeightFormat) -> Strin
     let format = match format {
         WeightFormat::Bf16 => "",
         WeightFormat::Fp8 => "fp8_",
+        WeightFormat::Q4K => "q4k_",
     };
     format!("gemv_{format}{mode}m{}", gemv_padded_rows(m))
 }
@@ -362,12 +374,11 @@ pub fn gemv_kernel_name(mode: GemvMode, m: usize, format: WeightFormat) -> Strin
 /// settings.
 pub fn gemv_kernel_names() -> Vec<String> {
     let modes = [GemvMode::Plain, GemvMode::SiluMul, GemvMode::AddNorm];
-    [WeightFormat::Bf16, WeightFormat::Fp8]
+    [WeightFormat::Bf16, WeightFormat::Fp8, WeightFormat::Q4K]
         .iter()
         .flat_map(|&format| {
-            modes
-                .iter()
-                .flat_map(move |&mode| [1, 2, 4, 8].map(|m| gemv_kernel_name(mode, m, format)))
+            let rows: Vec<usize> = [1, 2, 4, 8].into_iter().filter(|&m| m <= format.gemv_max_rows()).collect();
+            modes.iter().flat_map(move |&mode| rows.clone().into_iter().map(move |m| gemv_kernel_name(mode, m, format)))
         })
         .collect()
 }
@@ -586,7 +597,7 @@ mod tests {
             Bf16.rows_per_warp()
         )));
         assert_eq!(
-            gemv_shared_bytes(3, 576),
+            gemv_shared_bytes(3, 576, Bf16),
             4 * 576 * 2,
             "3 rows run in the 4-row tile"
         );
@@ -619,7 +630,12 @@ mod tests {
         assert_eq!(gemv_block_warps(100, 132), 4);
         assert_eq!(gemv_block_warps(4096, 132), 16);
         assert_eq!(gemv_grid(576, gemv_block_warps(576, 132), 132, 1), 72);
-        assert_eq!(gemv_kernel_names().len(), 24);
+        assert_eq!(gemv_kernel_names().len(), 27);
+        assert!(gemv_supports(1, 14336, WeightFormat::Q4K) && !gemv_supports(2, 4096, WeightFormat::Q4K), "Q4_K: one row");
+        assert!(!gemv_supports(1, 4000, WeightFormat::Q4K), "whole super-blocks");
+        assert_eq!(gemv_shared_bytes(1, 4096, WeightFormat::Q4K), 4096 * 6 + 1024);
+        assert!(gemv_prefers(1, 4096, 6144, WeightFormat::Q4K) && gemv_prefers(1, 4096, 100, WeightFormat::Q4K));
+        assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 1, WeightFormat::Q4K), "gemv_q4k_silu_m1");
     }
 
     #[test]

@@ -36,8 +36,6 @@ pub struct GpuModel {
     weights: ModelWeights<GpuWeights>,
     /// One per `Rope::tables` entry (`LayerAttention::rope` picks).
     ropes: Vec<GpuRope>,
-    /// Bytes the FP8 projections saved against bf16 (`quantize_fp8`), for `weight_bytes`.
-    fp8_saved_bytes: usize,
 }
 
 /// A RoPE table on the device (see `model::rope::Rope`).
@@ -86,10 +84,16 @@ impl GpuModel {
     /// Every weight of `config`'s architecture from `source`, straight to the device (see
     /// `cuda::weights`): no host copy of the model is made.
     pub fn load(dev: Arc<GpuDevice>, config: ModelConfig, source: &dyn WeightSource) -> Result<Self, CudaError> {
+        Self::load_with(dev, config, source, false)
+    }
+
+    /// As `load`; with `keep_q4k`, GGUF Q4_K layer projections and heads stay quantized on the
+    /// device (and dummy ones are drawn as Q4_K blocks): see `GpuStore::keeping_q4k`.
+    pub fn load_with(dev: Arc<GpuDevice>, config: ModelConfig, source: &dyn WeightSource, keep_q4k: bool) -> Result<Self, CudaError> {
         config.validate().map_err(|e| CudaError::Config(e.to_string()))?;
         check_supported(&config)?;
         let started = std::time::Instant::now();
-        let mut store = GpuStore::new(dev.clone()).with_unit_offset(config.norm_unit_offset);
+        let mut store = GpuStore::new(dev.clone()).with_unit_offset(config.norm_unit_offset).keeping_q4k(keep_q4k);
         let total = config.num_parameters() as u64 * GpuStore::BYTES_PER_ELEMENT;
         let weights = config
             .architecture
@@ -128,7 +132,6 @@ impl GpuModel {
             weights,
             config,
             dev,
-            fp8_saved_bytes: 0,
         })
     }
 
@@ -169,7 +172,6 @@ impl GpuModel {
             }
         }
         dev.stream.synchronize()?;
-        self.fp8_saved_bytes += saved;
         tracing::info!(
             matrices,
             saved_gib = format!("{:.2}", saved as f64 / (1u64 << 30) as f64),
@@ -197,6 +199,18 @@ impl GpuModel {
     /// The widest input (columns) of any FP8 matrix, 0 without any: the room an FP8 product's
     /// quantized input needs per token.
     pub(crate) fn fp8_width(&self) -> usize {
+        self.matrices().filter(|m| m.format() == super::launch::WeightFormat::Fp8).map(|m| m.cols).max().unwrap_or(0)
+    }
+
+    /// Elements of the bf16 tile a Q4_K product of more than one row dequantizes its weight into
+    /// (`gemm::q4k_linear`): the largest Q4_K matrix, at most `Q4K_TILE_ELEMENTS`; 0 without any.
+    pub(crate) fn q4k_tile_elements(&self) -> usize {
+        let largest = self.matrices().filter(|m| m.format() == super::launch::WeightFormat::Q4K).map(|m| m.rows * m.cols).max();
+        largest.map_or(0, |e| e.min(super::gemm::Q4K_TILE_ELEMENTS))
+    }
+
+    /// The embedding, every dense layer's projections and the untied head (not MoE experts).
+    fn matrices(&self) -> impl Iterator<Item = &GpuMatrix> {
         let w = &self.weights;
         let layers = w.layers.iter().flat_map(|l| {
             let mlp: Vec<&GpuMatrix> = match &l.mlp {
@@ -205,13 +219,7 @@ impl GpuModel {
             };
             [&l.qkv, &l.o_proj].into_iter().chain(mlp)
         });
-        layers
-            .chain([&w.embed_tokens])
-            .chain(w.lm_head.as_ref())
-            .filter(|m| m.format() == super::launch::WeightFormat::Fp8)
-            .map(|m| m.cols)
-            .max()
-            .unwrap_or(0)
+        layers.chain([&w.embed_tokens]).chain(w.lm_head.as_ref())
     }
 
     /// Bytes of weights read by one forward pass (bf16 matrices, f32 norms).
@@ -219,7 +227,9 @@ impl GpuModel {
         let c = &self.config;
         // Only the experts a token is routed to are read (the same as every weight when dense).
         let matrices = c.num_active_parameters() - c.hidden_size * (2 * c.num_hidden_layers + 1);
-        matrices * 2 + c.hidden_size * (2 * c.num_hidden_layers + 1) * 4 - self.fp8_saved_bytes
+        // Quantized matrices (FP8, Q4_K) read fewer bytes than their bf16 count.
+        let saved: usize = self.matrices().map(|m| (m.rows * m.cols * 2).saturating_sub(m.bytes())).sum();
+        matrices * 2 + c.hidden_size * (2 * c.num_hidden_layers + 1) * 4 - saved
     }
 }
 
@@ -299,7 +309,7 @@ impl GpuBackend {
                 ..visible_layout
             },
         )?;
-        let scratch = Scratch::new(&arena, model.fp8_width());
+        let scratch = Scratch::new(&arena, model.fp8_width(), model.q4k_tile_elements());
         Ok(GpuBackend {
             model,
             cache,
@@ -404,7 +414,7 @@ impl GpuBackend {
 
     /// A fresh arena for this model (a graph's own buffers).
     pub(crate) fn new_scratch(&self) -> Scratch {
-        Scratch::new(&self.arena, self.model.fp8_width())
+        Scratch::new(&self.arena, self.model.fp8_width(), self.model.q4k_tile_elements())
     }
 }
 

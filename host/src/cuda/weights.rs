@@ -46,10 +46,9 @@ pub struct GpuMatrix {
 pub enum MatrixData {
     Bf16(CudaSlice<bf16>),
     /// E4M3 bit patterns, row-major, and a float32 scale per row (`model::fp8::Fp8Matrix`).
-    Fp8 {
-        values: CudaSlice<u8>,
-        scales: CudaSlice<f32>,
-    },
+    Fp8 { values: CudaSlice<u8>, scales: CudaSlice<f32> },
+    /// GGUF Q4_K super-blocks as stored, row after row (rows in Hugging Face's order).
+    Q4K(CudaSlice<u8>),
 }
 
 /// Elements converted on the host per upload when a tensor is not stored as bfloat16.
@@ -64,11 +63,83 @@ pub struct GpuStore {
     vector_offset: f32,
     /// Stored GGUF blocks on their way to `dequant_ggml`, grown to the largest tensor.
     staging: Option<CudaSlice<u8>>,
+    /// Keep GGUF Q4_K projections and heads as stored (`MatrixData::Q4K`) instead of
+    /// dequantizing them; with dummy weights, draw Q4_K blocks for them.
+    keep_q4k: bool,
 }
 
 impl GpuStore {
     pub fn new(dev: Arc<GpuDevice>) -> Self {
-        GpuStore { dev, bytes: 0, vector_offset: 0.0, staging: None }
+        GpuStore { dev, bytes: 0, vector_offset: 0.0, staging: None, keep_q4k: false }
+    }
+
+    /// Keeps GGUF Q4_K layer projections and output heads quantized on the device (see
+    /// `keeps_q4k`); dummy weights of those matrices become random Q4_K blocks.
+    pub fn keeping_q4k(mut self, keep: bool) -> Self {
+        self.keep_q4k = keep;
+        self
+    }
+
+    /// Whether the matrix made of `parts` stays in Q4_K: every part is a dense layer projection
+    /// or the untied head (the embedding feeds a gather, and experts and routers the MoE
+    /// kernels, which read bf16) stored as Q4_K, or a dummy one, in whole super-blocks.
+    fn keeps_q4k(&self, cols: usize, parts: &[Part<'_>]) -> Result<bool, ModelError> {
+        const PROJECTIONS: [&str; 10] = [
+            "q_proj.weight",
+            "k_proj.weight",
+            "v_proj.weight",
+            "o_proj.weight",
+            "gate_proj.weight",
+            "up_proj.weight",
+            "down_proj.weight",
+            "qkv_proj.weight",
+            "gate_up_proj.weight",
+            "lm_head.weight",
+        ];
+        if !self.keep_q4k || !cols.is_multiple_of(256) || parts.is_empty() {
+            return Ok(false);
+        }
+        for part in parts {
+            if part.name.contains("experts") || !PROJECTIONS.iter().any(|suffix| part.name.ends_with(suffix)) {
+                return Ok(false);
+            }
+            if !part.is_dummy() && !part.raw()?.is_some_and(|raw| raw.dtype == RawDtype::Ggml(GgmlType::Q4_K)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The Q4_K blocks of `parts`, one after another, each part's Q/K rows put back in Hugging
+    /// Face's order (whole rows of blocks move), or random blocks for dummy parts.
+    fn q4k_blocks(&self, name: &str, cols: usize, parts: &[Part<'_>]) -> Result<Vec<u8>, ModelError> {
+        let row_bytes = cols / 256 * 144;
+        let mut out = Vec::with_capacity(parts.iter().map(|p| p.rows).sum::<usize>() * row_bytes);
+        for part in parts {
+            if part.is_dummy() {
+                let seed = part.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+                out.extend(crate::model::sources::dummy_q4k_blocks(part.rows, cols, seed));
+                continue;
+            }
+            let raw = part.raw()?.ok_or_else(|| ModelError::Format(format!("`{name}`: no stored blocks")))?;
+            if raw.bytes.len() != part.rows * row_bytes {
+                return Err(ModelError::Shape(format!("`{}`: {} bytes of Q4_K for [{}, {cols}]", part.name, raw.bytes.len(), part.rows)));
+            }
+            match raw.interleaved_qk_head_dim {
+                None => out.extend_from_slice(raw.bytes),
+                Some(head_dim) => {
+                    // Within each head, stored row 2i + j is Hugging Face row j · head_dim / 2 + i.
+                    let start = out.len();
+                    out.resize(start + raw.bytes.len(), 0);
+                    for (stored, row) in raw.bytes.chunks_exact(row_bytes).enumerate() {
+                        let (head, r) = (stored / head_dim, stored % head_dim);
+                        let hf = head * head_dim + (r % 2) * (head_dim / 2) + r / 2;
+                        out[start + hf * row_bytes..start + (hf + 1) * row_bytes].copy_from_slice(row);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Folds the `(1 + w)` of `ModelConfig::norm_unit_offset` into the norm weights.
@@ -181,6 +252,20 @@ impl WeightStore for GpuStore {
 
     fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<GpuMatrix, ModelError> {
         let dummy = parts.first().is_some_and(Part::is_dummy);
+        if self.keeps_q4k(cols, parts)? {
+            let blocks = self.q4k_blocks(name, cols, parts)?;
+            if blocks.len() != rows * cols / 256 * 144 {
+                return Err(ModelError::Shape(format!("`{name}`: {} bytes of Q4_K for [{rows}, {cols}]", blocks.len())));
+            }
+            let bias = match bias {
+                Some(_) if dummy => Some(self.dev.stream.alloc_zeros::<f32>(rows).map_err(Self::err)?),
+                Some(parts) => Some(self.dev.stream.clone_htod(&concat_f32(parts)?).map_err(Self::err)?),
+                None => None,
+            };
+            self.bytes += blocks.len();
+            let blocks = self.dev.stream.clone_htod(&blocks).map_err(Self::err)?;
+            return Ok(GpuMatrix { rows, cols, data: MatrixData::Q4K(blocks), bias });
+        }
         let data = if dummy {
             self.random(name, rows * cols)?
         } else {
@@ -220,6 +305,7 @@ impl GpuMatrix {
         match self.data {
             MatrixData::Bf16(_) => WeightFormat::Bf16,
             MatrixData::Fp8 { .. } => WeightFormat::Fp8,
+            MatrixData::Q4K(_) => WeightFormat::Q4K,
         }
     }
 
@@ -228,10 +314,7 @@ impl GpuMatrix {
     pub fn bf16_ptr(&self, dev: &GpuDevice) -> Result<cudarc::driver::sys::CUdeviceptr, CudaError> {
         match &self.data {
             MatrixData::Bf16(data) => Ok(ptr(dev, data)),
-            MatrixData::Fp8 { .. } => Err(CudaError::Config(format!(
-                "a {}x{} FP8 matrix where only bf16 is read",
-                self.rows, self.cols
-            ))),
+            _ => Err(CudaError::Config(format!("a {}x{} {:?} matrix where only bf16 is read", self.rows, self.cols, self.format()))),
         }
     }
 
@@ -239,10 +322,8 @@ impl GpuMatrix {
     pub fn weight(&self, dev: &GpuDevice) -> GemvWeight {
         match &self.data {
             MatrixData::Bf16(data) => GemvWeight::Bf16(ptr(dev, data)),
-            MatrixData::Fp8 { values, scales } => GemvWeight::Fp8 {
-                values: ptr(dev, values),
-                scales: ptr(dev, scales),
-            },
+            MatrixData::Fp8 { values, scales } => GemvWeight::Fp8 { values: ptr(dev, values), scales: ptr(dev, scales) },
+            MatrixData::Q4K(blocks) => GemvWeight::Q4K(ptr(dev, blocks)),
         }
     }
 
@@ -251,6 +332,7 @@ impl GpuMatrix {
         match &self.data {
             MatrixData::Bf16(data) => data.len() * 2,
             MatrixData::Fp8 { values, scales } => values.len() + scales.len() * 4,
+            MatrixData::Q4K(blocks) => blocks.len(),
         }
     }
 

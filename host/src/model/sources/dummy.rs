@@ -37,6 +37,37 @@ impl DummySource {
     }
 }
 
+/// Random GGUF Q4_K blocks for a `[rows, cols]` matrix (`cols` a multiple of 256), for
+/// benchmarks of weights kept quantized: sub-block scales of 32 to 63 and mins that centre each
+/// sub-block, so the weights are spread like the float dummies (standard deviation about 0.02,
+/// mean about 0). Deterministic in `seed`; made in parallel, a row of blocks per seed.
+pub fn dummy_q4k_blocks(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    const BLOCK: usize = 144;
+    let per_row = cols / 256;
+    // d · sc · 4.6 (the spread of q uniform in 0..16) at sc ≈ 48 is 0.02.
+    let d = half::f16::from_f32(0.02 / (4.6 * 48.0));
+    let dmin = half::f16::from_f32(d.to_f32() * 8.0);
+    let mut out = vec![0u8; rows * per_row * BLOCK];
+    out.par_chunks_mut(per_row * BLOCK).enumerate().for_each(|(row, bytes)| {
+        let mut rng = StdRng::seed_from_u64(seed ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for block in bytes.chunks_exact_mut(BLOCK) {
+            block[0..2].copy_from_slice(&d.to_le_bytes());
+            block[2..4].copy_from_slice(&dmin.to_le_bytes());
+            let sc: [u8; 8] = std::array::from_fn(|_| rng.random_range(32..64));
+            // The min that puts the sub-block's mean (q = 7.5) at zero: dmin · m = d · sc · 7.5.
+            let m: [u8; 8] = std::array::from_fn(|i| ((f32::from(sc[i]) * 7.5 / 8.0).round() as u8).min(63));
+            // ggml's 12-byte packing (the inverse of get_scale_min_k4).
+            for i in 0..4 {
+                block[4 + i] = (sc[i] & 63) | ((sc[i + 4] >> 4) << 6);
+                block[4 + i + 4] = (m[i] & 63) | ((m[i + 4] >> 4) << 6);
+                block[4 + i + 8] = (sc[i + 4] & 0x0F) | ((m[i + 4] & 0x0F) << 4);
+            }
+            rng.fill(&mut block[16..]);
+        }
+    });
+    out
+}
+
 impl WeightSource for DummySource {
     fn load(&self, hf_name: &str, expected_shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
         let n: usize = expected_shape.iter().product();
@@ -65,6 +96,20 @@ impl WeightSource for DummySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dummy_q4k_blocks_dequantize_to_centred_weights_of_the_dummy_spread() {
+        let (rows, cols) = (64, 512);
+        let blocks = dummy_q4k_blocks(rows, cols, 7);
+        assert_eq!(blocks.len(), rows * cols / 256 * 144);
+        assert_eq!(blocks, dummy_q4k_blocks(rows, cols, 7), "deterministic");
+        let mut w = vec![0.0f32; rows * cols];
+        crate::model::gguf::dequantize(crate::model::gguf::GgmlType::Q4_K, &blocks, rows * cols, &mut w).unwrap();
+        let mean = w.iter().sum::<f32>() / w.len() as f32;
+        let std = (w.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / w.len() as f32).sqrt();
+        assert!(w.iter().all(|v| v.is_finite()));
+        assert!(mean.abs() < 2e-3 && (0.012..0.03).contains(&std), "mean {mean} std {std}");
+    }
 
     #[test]
     fn same_name_same_values_and_norms_are_ones() {

@@ -1,6 +1,12 @@
-//! `pagedserve check`'s FP8 rows (sm_89 and newer): each FP8 kernel against `model::fp8`, the
-//! CPU format, on random inputs, and the forward of a model whose projections are quantized on
-//! the device against the CPU forward of the same FP8 weights (`CpuModel::with_fp8_projections`).
+//! `pagedserve check`'s rows for weights kept quantized on the device.
+//!
+//! GGUF Q4_K (`--keep-q4k`): the dequantizing GEMV (one row, each input staging) and the tiled
+//! path (dequantized bf16 tiles and cuBLAS, more rows) against the CPU product with the CPU's
+//! dequantization of the same blocks (`model::gguf`), within `TOLERANCE`.
+//!
+//! FP8 (sm_89 and newer): each FP8 kernel against `model::fp8`, the CPU format, on random inputs,
+//! and the forward of a model whose projections are quantized on the device against the CPU
+//! forward of the same FP8 weights (`CpuModel::with_fp8_projections`).
 //!
 //! - Quantization on the device must give the CPU's bytes and scales exactly.
 //! - The FP8 GEMV (weights E4M3, input bf16) computes what the CPU computes with the dequantized
@@ -24,7 +30,7 @@ use super::check::{
     CheckRow, FORWARD_TOLERANCE,
 };
 use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
-use crate::cuda::gemm::OutType;
+use crate::cuda::gemm::{q4k_linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{gemv_prefers, WeightFormat};
 use crate::cuda::weights::MatrixData;
@@ -162,6 +168,51 @@ pub fn check_product(
         format!("m {m} n {n} k {k}{scaling}"),
         relative_error(&got, &want),
     ))
+}
+
+/// The Q4_K product of `m` rows: the GEMV at one row, dequantized tiles of `tile_rows` rows and
+/// cuBLAS at more.
+pub fn check_q4k_product(dev: &GpuDevice, m: usize, n: usize, k: usize, tile_rows: usize, seed: u64) -> Result<CheckRow, CudaError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = random_bf16_values(&mut rng, m * k, 1.0);
+    let (w_dev, w_values) = device_weight(dev, &[seed as f32], n, k, WeightFormat::Q4K)?;
+    let want = matmul_reference(&x, &w_values, None, m, k, n);
+    let stream = &dev.stream;
+    let x_dev = stream.clone_htod(&to_bf16(&x))?;
+    let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
+    let blocks = w_dev.weight(dev);
+    let path = if m == 1 {
+        let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x_dev)), w: blocks, bias: 0, m, k, n };
+        // SAFETY: every buffer is allocated above at the size `Gemv` documents.
+        unsafe { gemv(dev, &g)? };
+        "gemv".to_string()
+    } else {
+        let tile = stream.alloc_zeros::<bf16>(tile_rows * k)?;
+        let crate::cuda::gemv::GemvWeight::Q4K(blocks) = blocks else { unreachable!("a Q4_K weight") };
+        // SAFETY: as above; the tile holds `tile_rows` rows of `k`.
+        unsafe { q4k_linear(dev, ptr(dev, &out), OutType::Bf16, ptr(dev, &x_dev), blocks, (ptr(dev, &tile), tile_rows * k), m, k, n)? };
+        format!("tiles of {tile_rows} rows")
+    };
+    let got = download_bf16(dev, &out, m * n)?;
+    Ok(CheckRow::error("q4k linear", format!("m {m} n {n} k {k}, {path}"), relative_error(&got, &want)))
+}
+
+/// Every Q4_K row: the GEMV at SmolLM2-like and 8B widths, the fused stagings, the tiled path with
+/// a partial last tile.
+pub fn q4k_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
+    let mut rows = Vec::new();
+    for (n, k, seed) in [(960, 512, 500), (1001, 1024, 501), (6144, 4096, 502), (4096, 14336, 503), (28672, 4096, 504)] {
+        rows.push(check_q4k_product(dev, 1, n, k, 0, seed)?);
+    }
+    for (m, n, k, tile_rows, seed) in [(2, 960, 512, 960, 510), (9, 1001, 1024, 300, 511), (64, 6144, 4096, 4096, 512)] {
+        rows.push(check_q4k_product(dev, m, n, k, tile_rows, seed)?);
+    }
+    rows.push(super::check::check_gemv_silu(dev, 1, 576, 1536, WeightFormat::Q4K, 520)?);
+    rows.push(super::check::check_gemv_silu(dev, 1, 4096, 14336, WeightFormat::Q4K, 521)?);
+    for (n, hidden, with_bias, indirect, seed) in [(960, 512, false, false, 530), (3072, 4096, true, false, 531), (4000, 4096, false, true, 532)] {
+        rows.push(super::check::check_gemv_norm(dev, 1, n, hidden, true, indirect, with_bias, WeightFormat::Q4K, seed)?);
+    }
+    Ok(rows)
 }
 
 /// Every FP8 kernel row; none before sm_89.
