@@ -212,11 +212,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         Box::new(backend)
     } else {
         args.model.refuse_quantization("the CPU backend")?;
-        Box::new(pagedserve::runner::CpuBackend::new(
-            files.load_cpu()?.model,
-            num_blocks,
-            block_size,
-        ))
+        Box::new(pagedserve::runner::CpuBackend::new(files.load_cpu()?.model, num_blocks, block_size))
     };
     let options = serve::ServeOptions {
         num_requests: args.num_requests,
@@ -317,16 +313,8 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
         rows.push(check::check_direct_load(&dev, direct?, &loaded.model, &prompts)?);
     }
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
-    rows.extend(check::check_forward_small_batch(
-        &dev,
-        &loaded.model,
-        &prompts,
-    )?);
-    rows.extend(pagedserve::bench::check_quant::check_forward_fp8(
-        &dev,
-        &loaded.model,
-        &prompts,
-    )?);
+    rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
+    rows.extend(pagedserve::bench::check_quant::check_forward_fp8(&dev, &loaded.model, &prompts)?);
     rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
     if let Some(tokenizer) = loaded.tokenizer.clone() {
         rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);

@@ -47,12 +47,7 @@ pub struct CheckRow {
 
 impl CheckRow {
     pub(crate) fn error(name: &str, detail: String, error: f64) -> Self {
-        CheckRow {
-            name: name.into(),
-            detail,
-            error: Some(error),
-            passed: error.is_finite() && error < TOLERANCE,
-        }
+        CheckRow { name: name.into(), detail, error: Some(error), passed: error.is_finite() && error < TOLERANCE }
     }
 }
 
@@ -456,12 +451,7 @@ pub(crate) fn device_weight(
     k: usize,
     format: WeightFormat,
 ) -> Result<(GpuMatrix, Vec<f32>), CudaError> {
-    let mut matrix = GpuMatrix {
-        rows: n,
-        cols: k,
-        data: MatrixData::Bf16(dev.stream.clone_htod(&to_bf16(w))?),
-        bias: None,
-    };
+    let mut matrix = GpuMatrix { rows: n, cols: k, data: MatrixData::Bf16(dev.stream.clone_htod(&to_bf16(w))?), bias: None };
     let values = match format {
         WeightFormat::Bf16 => w.to_vec(),
         WeightFormat::Q4K => {
@@ -477,9 +467,7 @@ pub(crate) fn device_weight(
         }
         WeightFormat::Fp8 => {
             matrix.quantize_fp8(dev)?;
-            Fp8Matrix::quantize(w, n, k)
-                .map_err(|e| CudaError::Config(e.to_string()))?
-                .dequantize()
+            Fp8Matrix::quantize(w, n, k).map_err(|e| CudaError::Config(e.to_string()))?.dequantize()
         }
     };
     Ok((matrix, values))
@@ -512,16 +500,8 @@ pub fn check_gemv(dev: &GpuDevice, m: usize, n: usize, k: usize, out_type: OutTy
             stream.clone_dtoh(&out)?
         }
     };
-    let path = if gemv_prefers(m, k, n, WeightFormat::Bf16) {
-        "gemv"
-    } else {
-        "cuBLAS"
-    };
-    Ok(CheckRow::error(
-        "linear small-M",
-        format!("{path} m {m} n {n} k {k} {out_type:?} out"),
-        relative_error(&got, &want),
-    ))
+    let path = if gemv_prefers(m, k, n, WeightFormat::Bf16) { "gemv" } else { "cuBLAS" };
+    Ok(CheckRow::error("linear small-M", format!("{path} m {m} n {n} k {k} {out_type:?} out"), relative_error(&got, &want)))
 }
 
 /// The GEMV with SiLU-and-multiply folded into its input against the unfused composition
@@ -564,11 +544,7 @@ pub fn check_gemv_silu(
         WeightFormat::Fp8 => "fp8 gemv +silu",
         WeightFormat::Q4K => "q4k gemv +silu",
     };
-    Ok(CheckRow::error(
-        name,
-        format!("m {m} n {n} k {inter}"),
-        relative_error(&got, &want),
-    ))
+    Ok(CheckRow::error(name, format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
 }
 
 /// The GEMV with the residual add and RMSNorm folded into its input against the unfused
@@ -626,16 +602,7 @@ pub fn check_gemv_norm(
         eps: 1e-5,
     };
     let bias = if with_bias { ptr(dev, &bias_dev) } else { 0 };
-    let g = Gemv {
-        out: ptr(dev, &out),
-        out_type: OutType::Bf16,
-        input,
-        w: w_dev.weight(dev),
-        bias,
-        m,
-        k: hidden,
-        n,
-    };
+    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: w_dev.weight(dev), bias, m, k: hidden, n };
     unsafe { gemv(dev, &g)? };
     let mut got = download_bf16(dev, &out, m * n)?;
     let mut want = want;
@@ -679,39 +646,11 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_gemv(dev, m, n, k, OutType::Bf16, seed)?);
     }
     for m in [1, 3, 8] {
-        rows.push(check_gemv_silu(
-            dev,
-            m,
-            576,
-            1536,
-            WeightFormat::Bf16,
-            300 + m as u64,
-        )?);
-        rows.push(check_gemv_silu(
-            dev,
-            m,
-            1001,
-            200,
-            WeightFormat::Bf16,
-            310 + m as u64,
-        )?);
+        rows.push(check_gemv_silu(dev, m, 576, 1536, WeightFormat::Bf16, 300 + m as u64)?);
+        rows.push(check_gemv_silu(dev, m, 1001, 200, WeightFormat::Bf16, 310 + m as u64)?);
     }
-    rows.push(check_gemv_silu(
-        dev,
-        1,
-        512,
-        14336,
-        WeightFormat::Bf16,
-        320,
-    )?);
-    rows.push(check_gemv_silu(
-        dev,
-        2,
-        100,
-        14336,
-        WeightFormat::Bf16,
-        321,
-    )?);
+    rows.push(check_gemv_silu(dev, 1, 512, 14336, WeightFormat::Bf16, 320)?);
+    rows.push(check_gemv_silu(dev, 2, 100, 14336, WeightFormat::Bf16, 321)?);
     for (m, n, with_delta, indirect, with_bias) in [
         (1, 960, true, false, false),
         (3, 3072, true, false, false),
@@ -721,31 +660,11 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         (5, 4000, true, true, false),
     ] {
         seed += 1;
-        rows.push(check_gemv_norm(
-            dev,
-            m,
-            n,
-            576,
-            with_delta,
-            indirect,
-            with_bias,
-            WeightFormat::Bf16,
-            seed,
-        )?);
+        rows.push(check_gemv_norm(dev, m, n, 576, with_delta, indirect, with_bias, WeightFormat::Bf16, seed)?);
     }
     for (m, n, with_delta, indirect, with_bias) in [(1, 1024, true, false, false), (2, 600, true, false, true), (1, 2000, true, true, false)] {
         seed += 1;
-        rows.push(check_gemv_norm(
-            dev,
-            m,
-            n,
-            4096,
-            with_delta,
-            indirect,
-            with_bias,
-            WeightFormat::Bf16,
-            seed,
-        )?);
+        rows.push(check_gemv_norm(dev, m, n, 4096, with_delta, indirect, with_bias, WeightFormat::Bf16, seed)?);
     }
     Ok(rows)
 }

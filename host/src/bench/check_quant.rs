@@ -25,10 +25,7 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::check::{
-    device_weight, download_bf16, matmul_reference, random_bf16_values, relative_error, to_bf16,
-    CheckRow, FORWARD_TOLERANCE,
-};
+use super::check::{device_weight, download_bf16, matmul_reference, random_bf16_values, relative_error, to_bf16, CheckRow, FORWARD_TOLERANCE};
 use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
 use crate::cuda::gemm::{q4k_linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
@@ -68,13 +65,8 @@ pub fn check_quantize(
             .for_each(|v| *v = bf16::from_f32(*v * magnitude).to_f32());
     }
     let (matrix, _) = device_weight(dev, &w, rows, cols, WeightFormat::Fp8)?;
-    let MatrixData::Fp8 { values, scales } = &matrix.data else {
-        unreachable!("quantized by device_weight")
-    };
-    let (got_bytes, got_scales) = (
-        dev.stream.clone_dtoh(values)?,
-        dev.stream.clone_dtoh(scales)?,
-    );
+    let MatrixData::Fp8 { values, scales } = &matrix.data else { unreachable!("quantized by device_weight") };
+    let (got_bytes, got_scales) = (dev.stream.clone_dtoh(values)?, dev.stream.clone_dtoh(scales)?);
     let want = Fp8Matrix::quantize(&w, rows, cols).map_err(config_err)?;
     let wrong_bytes = got_bytes
         .iter()
@@ -88,9 +80,7 @@ pub fn check_quantize(
         .count();
     Ok(CheckRow {
         name: "fp8 quantize".into(),
-        detail: format!(
-            "[{rows}, {cols}]: {wrong_bytes} bytes and {wrong_scales} scales differ from the CPU's"
-        ),
+        detail: format!("[{rows}, {cols}]: {wrong_bytes} bytes and {wrong_scales} scales differ from the CPU's"),
         error: None,
         passed: wrong_bytes == 0 && wrong_scales == 0,
     })
@@ -110,25 +100,14 @@ pub fn check_product(
     let x = random_bf16_values(&mut rng, m * k, 1.0);
     let w = random_bf16_values(&mut rng, n * k, 0.1);
     let (w_dev, w_values) = device_weight(dev, &w, n, k, WeightFormat::Fp8)?;
-    let x_reference = if gemm {
-        Fp8Matrix::quantize(&x, m, k)
-            .map_err(config_err)?
-            .dequantize()
-    } else {
-        x.clone()
-    };
+    let x_reference = if gemm { Fp8Matrix::quantize(&x, m, k) .map_err(config_err)? .dequantize() } else { x.clone() };
     let want = matmul_reference(&x_reference, &w_values, None, m, k, n);
     let stream = &dev.stream;
     let x_dev = stream.clone_htod(&to_bf16(&x))?;
     let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
-    let MatrixData::Fp8 { values, scales } = &w_dev.data else {
-        unreachable!("quantized by device_weight")
-    };
+    let MatrixData::Fp8 { values, scales } = &w_dev.data else { unreachable!("quantized by device_weight") };
     if gemm {
-        let (input_fp8, input_scales) = (
-            stream.alloc_zeros::<u8>(m * k)?,
-            stream.alloc_zeros::<f32>(m)?,
-        );
+        let (input_fp8, input_scales) = (stream.alloc_zeros::<u8>(m * k)?, stream.alloc_zeros::<f32>(m)?);
         let p = Fp8Product {
             out: ptr(dev, &out),
             input: ptr(dev, &x_dev),
@@ -163,11 +142,7 @@ pub fn check_product(
         (true, _) => ", scales after the GEMM",
     };
     let name = if gemm { "fp8 cuBLASLt" } else { "fp8 gemv" };
-    Ok(CheckRow::error(
-        name,
-        format!("m {m} n {n} k {k}{scaling}"),
-        relative_error(&got, &want),
-    ))
+    Ok(CheckRow::error(name, format!("m {m} n {n} k {k}{scaling}"), relative_error(&got, &want)))
 }
 
 /// The Q4_K product of `m` rows: the GEMV at one row, dequantized tiles of `tile_rows` rows and
@@ -231,69 +206,28 @@ pub fn fp8_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
             rows.push(check_product(dev, m, n, k, false, seed)?);
         }
     }
-    for (m, n, k) in [
-        (1, 6144, 4096),
-        (1, 4096, 14336),
-        (2, 28672, 4096),
-        (2, 4096, 14336),
-    ] {
+    for (m, n, k) in [(1, 6144, 4096), (1, 4096, 14336), (2, 28672, 4096), (2, 4096, 14336)] {
         seed += 1;
         rows.push(check_product(dev, m, n, k, false, seed)?);
     }
-    for (m, n, k) in [
-        (3, 960, 576),
-        (16, 576, 1536),
-        (64, 3072, 576),
-        (300, 960, 576),
-        (64, 6144, 4096),
-        (16, 4096, 14336),
-        (9, 1008, 4096),
-    ] {
+    for (m, n, k) in [(3, 960, 576), (16, 576, 1536), (64, 3072, 576), (300, 960, 576), (64, 6144, 4096), (16, 4096, 14336), (9, 1008, 4096)] {
         seed += 1;
         rows.push(check_product(dev, m, n, k, true, seed)?);
     }
     for m in [1, 2, 8] {
-        rows.push(super::check::check_gemv_silu(
-            dev,
-            m,
-            576,
-            1536,
-            WeightFormat::Fp8,
-            430 + m as u64,
-        )?);
+        rows.push(super::check::check_gemv_silu(dev, m, 576, 1536, WeightFormat::Fp8, 430 + m as u64)?);
     }
-    rows.push(super::check::check_gemv_silu(
-        dev,
-        1,
-        4096,
-        14336,
-        WeightFormat::Fp8,
-        439,
-    )?);
-    for (m, n, hidden, with_bias, seed) in [
-        (1, 960, 576, false, 440),
-        (3, 3072, 576, true, 441),
-        (2, 6144, 4096, false, 442),
-    ] {
-        rows.push(super::check::check_gemv_norm(
-            dev,
-            m,
-            n,
-            hidden,
-            true,
-            false,
-            with_bias,
-            WeightFormat::Fp8,
-            seed,
-        )?);
+    rows.push(super::check::check_gemv_silu(dev, 1, 4096, 14336, WeightFormat::Fp8, 439)?);
+    for (m, n, hidden, with_bias, seed) in [(1, 960, 576, false, 440), (3, 3072, 576, true, 441), (2, 6144, 4096, false, 442)] {
+        rows.push(super::check::check_gemv_norm(dev, m, n, hidden, true, false, with_bias, WeightFormat::Fp8, seed)?);
     }
     Ok(rows)
 }
 
 /// The forward with FP8 projections quantized on the device against the CPU forward of the same
 /// FP8 weights (both from the bf16-rounded model): prefill of every prompt, then decode at one
-/// row (the FP8 GEMV) and at every prompt's row (the GEMM past two rows); logits, and how many
-/// rows' greedy tokens agree.
+/// row (the FP8 GEMV) and at every prompt's row (the GEMV or the GEMM, as the weights' size
+/// decides); logits, and how many rows' greedy tokens agree.
 pub fn check_forward_fp8(
     dev: &Arc<GpuDevice>,
     cpu_model: &CpuModel,
@@ -311,9 +245,7 @@ pub fn check_forward_fp8(
     let mut model = GpuModel::from_cpu(dev.clone(), &rounded)?;
     model.quantize_fp8()?;
     let mut gpu = GpuBackend::new(model, num_blocks, block_size)?;
-    let table = |i: usize| -> Vec<u32> {
-        ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect()
-    };
+    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
     let vocab = cpu_model.config().vocab_size;
     let mut prefill = ForwardBatch::new(block_size, num_blocks);
     for (i, p) in prompts.iter().enumerate() {
@@ -344,11 +276,7 @@ pub fn check_forward_fp8(
     for (label, batch) in &steps {
         // The decode steps write the same cache slots (the one position after each prompt), so
         // the CPU, run in the same order, sees the same cache as the GPU at every step.
-        let got = if *label == "prefill" {
-            got_prefill.clone()
-        } else {
-            gpu.forward_logits(batch)?
-        };
+        let got = if *label == "prefill" { got_prefill.clone() } else { gpu.forward_logits(batch)? };
         let want = cpu.forward(batch).map_err(config_err)?;
         let error = relative_error(&got, &want);
         let batch_rows = batch.seqs.len();
@@ -360,17 +288,8 @@ pub fn check_forward_fp8(
             .count();
         // The widest projection decides: if the GEMV takes it, it takes every one.
         let c = cpu_model.config();
-        let weight_only = gemv_prefers(
-            batch.num_tokens(),
-            c.hidden_size,
-            2 * c.intermediate_size,
-            WeightFormat::Fp8,
-        );
-        let tolerance = if weight_only {
-            FORWARD_TOLERANCE
-        } else {
-            W8A8_FORWARD_TOLERANCE
-        };
+        let weight_only = gemv_prefers(batch.num_tokens(), c.hidden_size, 2 * c.intermediate_size, WeightFormat::Fp8);
+        let tolerance = if weight_only { FORWARD_TOLERANCE } else { W8A8_FORWARD_TOLERANCE };
         rows.push(CheckRow {
             name: "fp8 fwd vs fp8 CPU".into(),
             detail: format!(

@@ -419,55 +419,26 @@ pub fn fp8_products(
     let pool = dev
         .stream
         .clone_htod(&pseudo_random_bf16(pool_elements, 5))?;
-    let mut pool8 = GpuMatrix {
-        rows: pool_elements / k0,
-        cols: k0,
-        data: MatrixData::Bf16(pool.clone()),
-        bias: None,
-    };
+    let mut pool8 = GpuMatrix { rows: pool_elements / k0, cols: k0, data: MatrixData::Bf16(pool.clone()), bias: None };
     pool8.quantize_fp8(dev)?;
-    let MatrixData::Fp8 {
-        values: pool8_values,
-        ..
-    } = &pool8.data
+    let MatrixData::Fp8 { values: pool8_values, .. } = &pool8.data
     else {
         unreachable!("quantized above")
     };
-    let scales = dev.stream.clone_htod(&vec![
-        1.0f32 / 448.0;
-        shapes.iter().map(|s| s.0).max().unwrap_or(1)
-    ])?;
+    let scales = dev.stream.clone_htod(&vec![1.0f32 / 448.0; shapes.iter().map(|s| s.0).max().unwrap_or(1)])?;
     let mut results = Vec::new();
     for &(n, k, _) in shapes {
         let x = dev.stream.clone_htod(&pseudo_random_bf16(m * k, 6))?;
         let out = dev.stream.alloc_zeros::<bf16>(m * n)?;
-        let (input_fp8, input_scales) = (
-            dev.stream.alloc_zeros::<u8>(m * k)?,
-            dev.stream.alloc_zeros::<f32>(m)?,
-        );
+        let (input_fp8, input_scales) = (dev.stream.alloc_zeros::<u8>(m * k)?, dev.stream.alloc_zeros::<f32>(m)?);
         let copies = (pool_elements / (n * k)).max(1);
         let launches = copies.max(16);
         let bf16_weight = |i: usize| ptr(dev, &pool) + ((i % copies) * n * k * 2) as u64;
         let fp8_weight = |i: usize| ptr(dev, pool8_values) + ((i % copies) * n * k) as u64;
         let gemv_us = if gemv_supports(m, k, WeightFormat::Fp8) {
             Some(graph_us(dev, launches, |i| unsafe {
-                let w = crate::cuda::gemv::GemvWeight::Fp8 {
-                    values: fp8_weight(i),
-                    scales: ptr(dev, &scales),
-                };
-                gemv(
-                    dev,
-                    &Gemv {
-                        out: ptr(dev, &out),
-                        out_type: OutType::Bf16,
-                        input: GemvInput::Plain(ptr(dev, &x)),
-                        w,
-                        bias: 0,
-                        m,
-                        k,
-                        n,
-                    },
-                )
+                let w = crate::cuda::gemv::GemvWeight::Fp8 { values: fp8_weight(i), scales: ptr(dev, &scales) };
+                gemv(dev, &Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n })
             })?)
         } else {
             None
@@ -487,24 +458,9 @@ pub fn fp8_products(
             fp8_linear(dev, &p)
         })?;
         let bf16_us = graph_us(dev, launches, |i| unsafe {
-            cublas_linear(
-                dev,
-                ptr(dev, &out),
-                OutType::Bf16,
-                ptr(dev, &x),
-                bf16_weight(i),
-                m,
-                k,
-                n,
-            )
+            cublas_linear(dev, ptr(dev, &out), OutType::Bf16, ptr(dev, &x), bf16_weight(i), m, k, n)
         })?;
-        results.push(Fp8Bench {
-            n,
-            k,
-            gemv_us,
-            gemm_us,
-            bf16_us,
-        });
+        results.push(Fp8Bench { n, k, gemv_us, gemm_us, bf16_us });
     }
     Ok(results)
 }
@@ -517,10 +473,7 @@ pub fn print_fp8_products(
     shapes: &[(usize, usize, OutType)],
 ) -> Result<(), CudaError> {
     println!("{label} FP8 products at m={m} (in a graph, weights cycled past L2; GB/s of FP8 weight bytes):");
-    println!(
-        "  {:>6} {:>6} {:>14} {:>7} {:>14} {:>7} {:>14}",
-        "N", "K", "FP8 GEMV µs", "GB/s", "cuBLASLt µs", "GB/s", "bf16 cuBLAS µs"
-    );
+    println!("  {:>6} {:>6} {:>14} {:>7} {:>14} {:>7} {:>14}", "N", "K", "FP8 GEMV µs", "GB/s", "cuBLASLt µs", "GB/s", "bf16 cuBLAS µs");
     let results = fp8_products(dev, m, shapes)?;
     let gbps = |n: usize, k: usize, us: f64| (n * k) as f64 / (us * 1e-6) / 1e9;
     for r in &results {
@@ -528,16 +481,7 @@ pub fn print_fp8_products(
         let gemv_gbps = r
             .gemv_us
             .map_or("-".to_string(), |us| format!("{:.0}", gbps(r.n, r.k, us)));
-        println!(
-            "  {:>6} {:>6} {:>14} {:>7} {:>14.2} {:>7.0} {:>14.2}",
-            r.n,
-            r.k,
-            gemv,
-            gemv_gbps,
-            r.gemm_us,
-            gbps(r.n, r.k, r.gemm_us),
-            r.bf16_us
-        );
+        println!("  {:>6} {:>6} {:>14} {:>7} {:>14.2} {:>7.0} {:>14.2}", r.n, r.k, gemv, gemv_gbps, r.gemm_us, gbps(r.n, r.k, r.gemm_us), r.bf16_us);
     }
     let sum = |f: &dyn Fn(&Fp8Bench) -> Option<f64>| results.iter().map(f).sum::<Option<f64>>();
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |us| format!("{us:.2}"));

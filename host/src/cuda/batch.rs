@@ -95,10 +95,7 @@ impl Scratch {
 
     /// Room for an FP8 product's quantized input and its scales, if the model has FP8 weights.
     pub(crate) fn fp8_input(&self, dev: &GpuDevice) -> Option<(CUdeviceptr, CUdeviceptr)> {
-        Some((
-            ptr(dev, self.fp8_input.as_ref()?),
-            ptr(dev, self.fp8_scales.as_ref()?),
-        ))
+        Some((ptr(dev, self.fp8_input.as_ref()?), ptr(dev, self.fp8_scales.as_ref()?)))
     }
 
     /// The Q4_K dequantization tile and its elements, if the model has Q4_K weights.

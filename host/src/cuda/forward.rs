@@ -31,10 +31,7 @@ use super::fp8_gemm::{fp8_linear, Fp8Product};
 use super::gemm::{cublas_linear, q4k_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
-use super::launch::{
-    gemv_prefers, gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads,
-    AttentionSplit, WeightFormat, MOE_GROUP_CONFIG,
-};
+use super::launch::{gemv_prefers, gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
@@ -294,17 +291,8 @@ impl<'a> GpuOps<'a> {
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
     /// the shape, else cuBLAS (or cuBLASLt's FP8 GEMM for an FP8 weight) and `add_bias`.
-    fn product(
-        &self,
-        out: CUdeviceptr,
-        out_type: OutType,
-        input: GemvInput,
-        w: &GpuMatrix,
-        m: usize,
-    ) -> Result<(), ModelError> {
-        let Some(launch) = &self.launch else {
-            return Ok(());
-        };
+    fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize) -> Result<(), ModelError> {
+        let Some(launch) = &self.launch else { return Ok(()) };
         let dev = self.dev();
         let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
         let (k, n) = (w.cols, w.rows);
@@ -312,49 +300,21 @@ impl<'a> GpuOps<'a> {
         if self.gemv_runs(m, w) {
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
             // `bias` the matrix's.
-            return unsafe {
-                gemv(
-                    dev,
-                    &Gemv {
-                        out,
-                        out_type,
-                        input,
-                        w: weight,
-                        bias,
-                        m,
-                        k,
-                        n,
-                    },
-                )
-                .map_err(backend_error)
-            };
+            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n }).map_err(backend_error) };
         }
         let GemvInput::Plain(input) = input else {
             return Err(internal("a fused input outside the GEMV".into()));
         };
         match weight {
             // SAFETY: as above.
-            GemvWeight::Bf16(w) => unsafe {
-                cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)?
-            },
+            GemvWeight::Bf16(w) => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
             GemvWeight::Fp8 { values, scales } => {
-                let (input_fp8, input_scales) = launch.scratch.fp8_input(dev).ok_or_else(|| {
-                    internal("an FP8 product without room for its quantized input".into())
-                })?;
+                let (input_fp8, input_scales) =
+                    launch.scratch.fp8_input(dev).ok_or_else(|| internal("an FP8 product without room for its quantized input".into()))?;
                 if out_type != OutType::Bf16 {
                     return Err(internal("an FP8 product into float32".into()));
                 }
-                let p = Fp8Product {
-                    out,
-                    input,
-                    weight: values,
-                    weight_scales: scales,
-                    input_fp8,
-                    input_scales,
-                    m,
-                    k,
-                    n,
-                };
+                let p = Fp8Product { out, input, weight: values, weight_scales: scales, input_fp8, input_scales, m, k, n };
                 // SAFETY: as above; the scratch's FP8 room holds `m` rows of the widest FP8 input.
                 unsafe { fp8_linear(dev, &p).map_err(backend_error)? };
             }
@@ -402,10 +362,7 @@ impl Ops for GpuOps<'_> {
         self.mark("embedding")?;
         if let Some(launch) = &self.launch {
             let config = self.rows_config(self.n, h);
-            let (o, t) = (
-                self.out_ptr(out)?,
-                table.bf16_ptr(self.dev()).map_err(backend_error)?,
-            );
+            let (o, t) = (self.out_ptr(out)?, table.bf16_ptr(self.dev()).map_err(backend_error)?);
             // SAFETY: `out` holds `n` rows of `h`; every token id was checked against the vocabulary.
             unsafe {
                 launchers::embedding_gather(self.dev(), config, o, t, launch.arrays.tokens, h as i32, multiplier.unwrap_or(1.0))
@@ -646,71 +603,19 @@ impl Ops for GpuOps<'_> {
             // SAFETY: every buffer was allocated above for `n` tokens at the widths the kernels
             // read and write (see `kernels/moe.cu`); the weights are the stacked experts'.
             unsafe {
-                launchers::moe_route(
-                    dev,
-                    moe_route_config(n),
-                    logits_p,
-                    ids_p,
-                    weights_p,
-                    n as i32,
-                    e,
-                    ki,
-                    i32::from(config.norm_topk_prob),
-                )
-                .map_err(backend_error)?;
-                launchers::moe_group(
-                    dev,
-                    MOE_GROUP_CONFIG,
-                    ids_p,
-                    assignments as i32,
-                    e,
-                    offsets_p,
-                    sorted_p,
-                    tiles_p,
-                )
-                .map_err(backend_error)?;
-                launchers::moe_gemm(
-                    dev,
-                    gemm(2 * inter),
-                    gate_up_p,
-                    input,
-                    weights.gate_up.bf16_ptr(dev).map_err(backend_error)?,
-                    sorted_p,
-                    tiles_p,
-                    num_tiles,
-                    ki,
-                    2 * ii,
-                    hi,
-                )
-                .map_err(backend_error)?;
+                launchers::moe_route(dev, moe_route_config(n), logits_p, ids_p, weights_p, n as i32, e, ki, i32::from(config.norm_topk_prob))
+                    .map_err(backend_error)?;
+                launchers::moe_group(dev, MOE_GROUP_CONFIG, ids_p, assignments as i32, e, offsets_p, sorted_p, tiles_p).map_err(backend_error)?;
+                let gate_up_w = weights.gate_up.bf16_ptr(dev).map_err(backend_error)?;
+                launchers::moe_gemm(dev, gemm(2 * inter), gate_up_p, input, gate_up_w, sorted_p, tiles_p, num_tiles, ki, 2 * ii, hi)
+                    .map_err(backend_error)?;
             }
             self.gated(activation, act_p, gate_up_p, assignments, inter)?;
             // SAFETY: as above.
             unsafe {
-                launchers::moe_gemm(
-                    dev,
-                    gemm(h),
-                    down_p,
-                    act_p,
-                    weights.down.bf16_ptr(dev).map_err(backend_error)?,
-                    sorted_p,
-                    tiles_p,
-                    num_tiles,
-                    1,
-                    hi,
-                    ii,
-                )
-                .map_err(backend_error)?;
-                launchers::moe_combine(
-                    dev,
-                    self.rows_config(n, h),
-                    out_p,
-                    down_p,
-                    weights_p,
-                    ki,
-                    hi,
-                )
-                .map_err(backend_error)?;
+                let down_w = weights.down.bf16_ptr(dev).map_err(backend_error)?;
+                launchers::moe_gemm(dev, gemm(h), down_p, act_p, down_w, sorted_p, tiles_p, num_tiles, 1, hi, ii).map_err(backend_error)?;
+                launchers::moe_combine(dev, self.rows_config(n, h), out_p, down_p, weights_p, ki, hi).map_err(backend_error)?;
             }
         }
         for temporary in [logits, ids, gate_weights, offsets, sorted, tiles, gate_up, act, down] {

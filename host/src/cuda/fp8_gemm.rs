@@ -104,39 +104,15 @@ impl Fp8Gemm {
     /// descriptor before the heuristic query (later products set their own).
     fn make_plan(&self, m: usize, n: usize, k: usize, outer: Option<(CUdeviceptr, CUdeviceptr)>) -> Result<Plan, CudaError> {
         use sys::cublasLtMatmulDescAttributes_t as Attr;
-        let desc = lt::create_matmul_desc(
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cudaDataType::CUDA_R_32F,
-        )?;
+        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)?;
         // Column-major, as cuBLAS sees it: out (n×m) = op(A) · B with A the row-major [n, k]
         // weight read transposed ([k, n] column-major) and B the row-major [m, k] input ([k, m]
         // column-major): both K-major, the "TN" layout Hopper's FP8 GEMMs require.
         let make = || -> Result<Plan, CudaError> {
-            let a = lt::create_matrix_layout(
-                sys::cudaDataType::CUDA_R_8F_E4M3,
-                k as u64,
-                n as u64,
-                k as i64,
-            )?;
-            let b = lt::create_matrix_layout(
-                sys::cudaDataType::CUDA_R_8F_E4M3,
-                k as u64,
-                m as u64,
-                k as i64,
-            )?;
-            let d = lt::create_matrix_layout(
-                sys::cudaDataType::CUDA_R_16BF,
-                n as u64,
-                m as u64,
-                n as i64,
-            )?;
-            Ok(Plan {
-                desc,
-                a,
-                b,
-                d,
-                algo: unsafe { std::mem::zeroed() },
-            })
+            let a = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, n as u64, k as i64)?;
+            let b = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, m as u64, k as i64)?;
+            let d = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, n as u64, m as u64, n as i64)?;
+            Ok(Plan { desc, a, b, d, algo: unsafe { std::mem::zeroed() } })
         };
         let mut plan = match make() {
             Ok(plan) => plan,
@@ -150,16 +126,8 @@ impl Fp8Gemm {
         };
         // SAFETY: the descriptors are live; every value is of its attribute's type.
         unsafe {
-            set_desc(
-                desc,
-                Attr::CUBLASLT_MATMUL_DESC_TRANSA,
-                &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32),
-            )?;
-            set_desc(
-                desc,
-                Attr::CUBLASLT_MATMUL_DESC_TRANSB,
-                &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32),
-            )?;
+            set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32))?;
+            set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32))?;
             if let Some((a_scales, b_scales)) = outer {
                 let mode = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
@@ -175,17 +143,7 @@ impl Fp8Gemm {
                 (&bytes as *const u64).cast(),
                 size_of::<u64>(),
             )
-            .and_then(|_| {
-                lt::get_matmul_algo_heuristic(
-                    self.handle,
-                    desc,
-                    plan.a,
-                    plan.b,
-                    plan.d,
-                    plan.d,
-                    pref,
-                )
-            });
+            .and_then(|_| lt::get_matmul_algo_heuristic(self.handle, desc, plan.a, plan.b, plan.d, plan.d, pref));
             let _ = lt::destroy_matmul_pref(pref);
             plan.algo = found.map_err(|e| CudaError::Config(format!("cuBLASLt heuristic for m {m} n {n} k {k}: {e}")))?.algo;
         }
@@ -212,10 +170,7 @@ impl Fp8Gemm {
             };
             self.plans.insert((m, n, k), plan);
         }
-        Ok((
-            &self.plans[&(m, n, k)],
-            self.outer_vector_scales == Some(true),
-        ))
+        Ok((&self.plans[&(m, n, k)], self.outer_vector_scales == Some(true)))
     }
 }
 
@@ -248,40 +203,18 @@ pub unsafe fn fp8_linear(dev: &GpuDevice, p: &Fp8Product) -> Result<(), CudaErro
         return Ok(());
     }
     if !p.k.is_multiple_of(16) || !p.n.is_multiple_of(16) {
-        return Err(CudaError::Config(format!(
-            "cuBLASLt's FP8 GEMM takes K and N multiples of 16, not {} and {}",
-            p.k, p.n
-        )));
+        return Err(CudaError::Config(format!("cuBLASLt's FP8 GEMM takes K and N multiples of 16, not {} and {}", p.k, p.n)));
     }
-    let rows = |width: usize| LaunchConfig {
-        grid_dim: (p.m as u32, 1, 1),
-        block_dim: (row_threads(width), 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launchers::fp8_quantize_rows(
-        dev,
-        rows(p.k / 2),
-        p.input_fp8,
-        p.input_scales,
-        p.input,
-        p.k as i32,
-    )?;
+    let rows = |width: usize| LaunchConfig { grid_dim: (p.m as u32, 1, 1), block_dim: (row_threads(width), 1, 1), shared_mem_bytes: 0 };
+    launchers::fp8_quantize_rows(dev, rows(p.k / 2), p.input_fp8, p.input_scales, p.input, p.k as i32)?;
     let mut gemm = dev.fp8_gemm();
     let workspace = (gemm.workspace, gemm.workspace_bytes);
     let handle = gemm.handle;
     let (plan, outer) = gemm.plan(p.m, p.n, p.k, (p.weight_scales, p.input_scales))?;
     use sys::cublasLtMatmulDescAttributes_t as Attr;
     if outer {
-        set_desc(
-            plan.desc,
-            Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-            &(p.weight_scales as *const c_void),
-        )?;
-        set_desc(
-            plan.desc,
-            Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-            &(p.input_scales as *const c_void),
-        )?;
+        set_desc(plan.desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &(p.weight_scales as *const c_void))?;
+        set_desc(plan.desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &(p.input_scales as *const c_void))?;
     }
     let (alpha, beta) = (1.0f32, 0.0f32);
     lt::matmul(
@@ -304,14 +237,7 @@ pub unsafe fn fp8_linear(dev: &GpuDevice, p: &Fp8Product) -> Result<(), CudaErro
     )?;
     drop(gemm);
     if !outer {
-        launchers::fp8_scale_output(
-            dev,
-            rows(p.n),
-            p.out,
-            p.input_scales,
-            p.weight_scales,
-            p.n as i32,
-        )?;
+        launchers::fp8_scale_output(dev, rows(p.n), p.out, p.input_scales, p.weight_scales, p.n as i32)?;
     }
     Ok(())
 }

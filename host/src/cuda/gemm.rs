@@ -34,19 +34,7 @@ pub unsafe fn linear(
     n: usize,
 ) -> Result<(), CudaError> {
     if gemv_prefers(m, k, n, WeightFormat::Bf16) && (a | w).is_multiple_of(16) {
-        return gemv(
-            dev,
-            &Gemv {
-                out,
-                out_type,
-                input: GemvInput::Plain(a),
-                w: GemvWeight::Bf16(w),
-                bias: 0,
-                m,
-                k,
-                n,
-            },
-        );
+        return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w: GemvWeight::Bf16(w), bias: 0, m, k, n });
     }
     cublas_linear(dev, out, out_type, a, w, m, k, n)
 }
@@ -65,9 +53,7 @@ pub unsafe fn cublas_linear(
     m: usize,
     k: usize,
     n: usize,
-) -> Result<(), CudaError> {
-    cublas_linear_strided(dev, out, n, out_type, a, w, m, k, n)
-}
+) -> Result<(), CudaError> { cublas_linear_strided(dev, out, n, out_type, a, w, m, k, n) }
 
 /// `cublas_linear` into output rows `ldc` elements apart (a block of columns of a wider output).
 ///

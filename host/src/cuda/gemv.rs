@@ -11,10 +11,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{
-    gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode,
-    WeightFormat,
-};
+use super::launch::{gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode, WeightFormat};
 use super::launchers;
 use super::{CudaError, GpuDevice};
 
@@ -95,10 +92,7 @@ pub struct Gemv {
 pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     let format = g.w.format();
     if !gemv_supports(g.m, g.k, format) || g.n == 0 {
-        return Err(CudaError::Config(format!(
-            "the GEMV does not take m {} k {} n {}",
-            g.m, g.k, g.n
-        )));
+        return Err(CudaError::Config(format!("the GEMV does not take m {} k {} n {}", g.m, g.k, g.n)));
     }
     let null: CUdeviceptr = 0;
     let (x, delta, weight, residual_out, rows, eps) = match g.input {
@@ -117,17 +111,9 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
     let row_groups = g.n.div_ceil(format.rows_per_warp());
     let warps = gemv_block_warps(row_groups, dev.num_sms);
-    let blocks_per_sm = dev.gemv_blocks_per_sm(
-        &gemv_kernel_name(g.input.mode(), g.m, format),
-        warps * 32,
-        shared,
-    )?;
+    let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(g.input.mode(), g.m, format), warps * 32, shared)?;
     let config = LaunchConfig {
-        grid_dim: (
-            gemv_grid(row_groups, warps, dev.num_sms, blocks_per_sm),
-            1,
-            1,
-        ),
+        grid_dim: (gemv_grid(row_groups, warps, dev.num_sms, blocks_per_sm), 1, 1),
         block_dim: (warps * 32, 1, 1),
         shared_mem_bytes: shared as u32,
     };

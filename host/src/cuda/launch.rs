@@ -536,89 +536,36 @@ mod tests {
     #[test]
     fn gemv_takes_up_to_eight_aligned_rows_that_fit_shared_memory() {
         use WeightFormat::{Bf16, Fp8};
-        assert!(
-            gemv_supports(1, 576, Bf16)
-                && gemv_supports(8, 1536, Bf16)
-                && gemv_supports(3, 576, Bf16)
-        );
-        assert!(
-            !gemv_supports(0, 576, Bf16) && !gemv_supports(9, 576, Bf16),
-            "0 rows, or cuBLAS's batch sizes"
-        );
-        assert!(
-            !gemv_supports(1, 100, Bf16),
-            "k not a multiple of 8: no 16-byte vectors"
-        );
-        assert!(
-            gemv_supports(1, 584, Bf16) && !gemv_supports(1, 584, Fp8),
-            "16 FP8 weights per vector"
-        );
-        assert!(
-            gemv_supports(8, 6144, Bf16) && !gemv_supports(8, 6152, Bf16),
-            "8 rows x 6144 x 2 bytes is 96 KB"
-        );
+        assert!(gemv_supports(1, 576, Bf16) && gemv_supports(8, 1536, Bf16) && gemv_supports(3, 576, Bf16));
+        assert!(!gemv_supports(0, 576, Bf16) && !gemv_supports(9, 576, Bf16), "0 rows, or cuBLAS's batch sizes");
+        assert!(!gemv_supports(1, 100, Bf16), "k not a multiple of 8: no 16-byte vectors");
+        assert!(gemv_supports(1, 584, Bf16) && !gemv_supports(1, 584, Fp8), "16 FP8 weights per vector");
+        assert!(gemv_supports(8, 6144, Bf16) && !gemv_supports(8, 6152, Bf16), "8 rows x 6144 x 2 bytes is 96 KB");
         assert!(gemv_supports(1, 49152, Bf16) && !gemv_supports(1, 49160, Bf16));
-        assert!(
-            gemv_supports(2, 14336, Bf16) && !gemv_supports(4, 14336, Bf16),
-            "the 8B down projection up to 2 rows"
-        );
-        assert!(
-            gemv_prefers(1, 4096, 128_256, Bf16) && gemv_prefers(1, 14336, 4096, Bf16),
-            "weight streams at one row"
-        );
-        assert!(
-            !gemv_prefers(2, 4096, 28672, Bf16) && !gemv_prefers(8, 4096, 6144, Bf16),
-            "2+ rows of a large weight: cuBLAS"
-        );
-        assert!(
-            gemv_prefers(8, 576, 3072, Bf16) && gemv_prefers(2, 1536, 576, Bf16),
-            "small weights at any supported row count"
-        );
-        assert!(
-            !gemv_prefers(1, 576, 49152, Bf16),
-            "a large weight of short rows: cuBLAS"
-        );
-        assert!(
-            gemv_prefers(1, 4096, 28672, Fp8) && gemv_prefers(1, 576, 49152, Fp8),
-            "FP8 streams one row"
-        );
-        assert!(
-            !gemv_prefers(2, 4096, 28672, Fp8) && gemv_prefers(8, 576, 3072, Fp8),
-            "then cuBLASLt, but for small weights"
-        );
+        assert!(gemv_supports(2, 14336, Bf16) && !gemv_supports(4, 14336, Bf16), "the 8B down projection up to 2 rows");
+        assert!(gemv_prefers(1, 4096, 128_256, Bf16) && gemv_prefers(1, 14336, 4096, Bf16), "weight streams at one row");
+        assert!(!gemv_prefers(2, 4096, 28672, Bf16) && !gemv_prefers(8, 4096, 6144, Bf16), "2+ rows of a large weight: cuBLAS");
+        assert!(gemv_prefers(8, 576, 3072, Bf16) && gemv_prefers(2, 1536, 576, Bf16), "small weights at any supported row count");
+        assert!(!gemv_prefers(1, 576, 49152, Bf16), "a large weight of short rows: cuBLAS");
+        assert!(gemv_prefers(1, 4096, 28672, Fp8) && gemv_prefers(1, 576, 49152, Fp8), "FP8 streams one row");
+        assert!(!gemv_prefers(2, 4096, 28672, Fp8) && gemv_prefers(8, 576, 3072, Fp8), "then cuBLASLt, but for small weights");
         let source = pagedserve_kernels::MODULES
             .iter()
             .find(|m| m.name == "gemv")
             .unwrap()
             .source;
-        assert!(source.contains(&format!(
-            "static constexpr int value = FP8 ? {} : {};",
-            Fp8.rows_per_warp(),
-            Bf16.rows_per_warp()
-        )));
-        assert_eq!(
-            gemv_shared_bytes(3, 576, Bf16),
-            4 * 576 * 2,
-            "3 rows run in the 4-row tile"
-        );
+        assert!(source.contains(&format!("static constexpr int value = FP8 ? {} : {};", Fp8.rows_per_warp(), Bf16.rows_per_warp())));
+        assert_eq!(gemv_shared_bytes(3, 576, Bf16), 4 * 576 * 2, "3 rows run in the 4-row tile");
         assert_eq!(gemv_kernel_name(GemvMode::Plain, 1, Bf16), "gemv_m1");
         assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3, Bf16), "gemv_silu_m4");
         assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5, Bf16), "gemv_norm_m8");
-        assert_eq!(
-            gemv_kernel_name(GemvMode::AddNorm, 2, Fp8),
-            "gemv_fp8_norm_m2"
-        );
+        assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 2, Fp8), "gemv_fp8_norm_m2");
         let compiled = pagedserve_kernels::MODULES
             .iter()
             .find(|m| m.name == "gemv")
             .unwrap()
             .functions;
-        assert!(
-            gemv_kernel_names()
-                .iter()
-                .all(|name| compiled.contains(&name.as_str())),
-            "every name is a compiled kernel"
-        );
+        assert!(gemv_kernel_names().iter().all(|name| compiled.contains(&name.as_str())), "every name is a compiled kernel");
         // One warp per row while the grid is small; capped at one resident wave (132 SMs).
         assert_eq!(gemv_grid(576, 16, 132, 1), 36);
         assert_eq!(gemv_grid(1001, 16, 132, 1), 63);

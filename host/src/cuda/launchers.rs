@@ -12,9 +12,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{
-    decode_kernel_name, gemv_kernel_name, prefill_kernel_name, GemvMode, WeightFormat,
-};
+use super::launch::{decode_kernel_name, gemv_kernel_name, prefill_kernel_name, GemvMode, WeightFormat};
 use super::{CudaError, GpuDevice};
 
 /// A device address: any pointer parameter of a kernel.

@@ -127,12 +127,7 @@ impl GpuModel {
                 })
             })
             .collect::<Result<_, CudaError>>()?;
-        Ok(GpuModel {
-            ropes,
-            weights,
-            config,
-            dev,
-        })
+        Ok(GpuModel { ropes, weights, config, dev })
     }
 
     /// Quantizes every dense layer projection (qkv, o_proj, gate_up, down) to FP8 with a scale
@@ -144,10 +139,7 @@ impl GpuModel {
     pub fn quantize_fp8(&mut self) -> Result<(), CudaError> {
         let dev = self.dev.clone();
         if dev.compute_capability() < 89 {
-            return Err(CudaError::Unavailable(format!(
-                "FP8 weights need sm_89 or newer; {} is {}",
-                dev.name, dev.arch
-            )));
+            return Err(CudaError::Unavailable(format!("FP8 weights need sm_89 or newer; {} is {}", dev.name, dev.arch)));
         }
         let (mut matrices, mut saved) = (0usize, 0usize);
         for layer in &mut self.weights.layers {
@@ -160,10 +152,7 @@ impl GpuModel {
                     continue;
                 }
                 if !m.cols.is_multiple_of(16) {
-                    return Err(CudaError::Config(format!(
-                        "FP8 products take rows of a multiple of 16 weights, not {}",
-                        m.cols
-                    )));
+                    return Err(CudaError::Config(format!("FP8 products take rows of a multiple of 16 weights, not {}", m.cols)));
                 }
                 let before = m.bytes();
                 m.quantize_fp8(&dev)?;
@@ -302,13 +291,7 @@ impl GpuBackend {
         };
         check_supported(c)?;
         let arena = forward::plan(&model)?;
-        let cache = GpuKvCache::new(
-            &model.dev,
-            KvCacheLayout {
-                num_blocks: num_blocks + 1,
-                ..visible_layout
-            },
-        )?;
+        let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
         let scratch = Scratch::new(&arena, model.fp8_width(), model.q4k_tile_elements());
         Ok(GpuBackend {
             model,

@@ -286,12 +286,7 @@ impl WeightStore for GpuStore {
             None => None,
         };
         self.bytes += rows * cols * 2;
-        Ok(GpuMatrix {
-            rows,
-            cols,
-            data: MatrixData::Bf16(data),
-            bias,
-        })
+        Ok(GpuMatrix { rows, cols, data: MatrixData::Bf16(data), bias })
     }
 
     fn vector(&mut self, part: &Part<'_>) -> Result<CudaSlice<f32>, ModelError> {
@@ -340,33 +335,17 @@ impl GpuMatrix {
     /// as `model::fp8::Fp8Matrix::quantize`), freeing its bf16 values; an FP8 matrix stays as it
     /// is. Needs sm_89 or newer (the E4M3 conversions) and an even number of columns.
     pub fn quantize_fp8(&mut self, dev: &GpuDevice) -> Result<(), CudaError> {
-        let MatrixData::Bf16(data) = &self.data else {
-            return Ok(());
-        };
+        let MatrixData::Bf16(data) = &self.data else { return Ok(()); };
         if !self.cols.is_multiple_of(2) {
-            return Err(CudaError::Config(format!(
-                "FP8 rows are quantized in pairs; {} columns",
-                self.cols
-            )));
+            return Err(CudaError::Config(format!("FP8 rows are quantized in pairs; {} columns", self.cols)));
         }
         let values = dev.stream.alloc_zeros::<u8>(self.rows * self.cols)?;
         let scales = dev.stream.alloc_zeros::<f32>(self.rows)?;
-        let config = LaunchConfig {
-            grid_dim: (self.rows as u32, 1, 1),
-            block_dim: (row_threads(self.cols / 2), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (row_threads(self.cols / 2), 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `data` holds rows x cols bf16 values, `values` as many bytes, `scales` a float
         // per row; one block per row.
         unsafe {
-            launchers::fp8_quantize_rows(
-                dev,
-                config,
-                ptr(dev, &values),
-                ptr(dev, &scales),
-                ptr(dev, data),
-                self.cols as i32,
-            )?
+            launchers::fp8_quantize_rows(dev, config, ptr(dev, &values), ptr(dev, &scales), ptr(dev, data), self.cols as i32)?
         };
         // The bf16 copy is freed only after the kernel has read it (the free is stream-ordered).
         self.data = MatrixData::Fp8 { values, scales };
