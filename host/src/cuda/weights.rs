@@ -127,16 +127,8 @@ impl GpuStore {
             }
             match raw.interleaved_qk_head_dim {
                 None => out.extend_from_slice(raw.bytes),
-                Some(head_dim) => {
-                    // Within each head, stored row 2i + j is Hugging Face row j · head_dim / 2 + i.
-                    let start = out.len();
-                    out.resize(start + raw.bytes.len(), 0);
-                    for (stored, row) in raw.bytes.chunks_exact(row_bytes).enumerate() {
-                        let (head, r) = (stored / head_dim, stored % head_dim);
-                        let hf = head * head_dim + (r % 2) * (head_dim / 2) + r / 2;
-                        out[start + hf * row_bytes..start + (hf + 1) * row_bytes].copy_from_slice(row);
-                    }
-                }
+                // Rows of blocks move as the CPU path moves rows of values.
+                Some(head_dim) => out.extend(crate::model::arch::llama::unpermute_qk_rows(raw.bytes, part.rows / head_dim, row_bytes)),
             }
         }
         Ok(out)

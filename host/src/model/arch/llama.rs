@@ -50,11 +50,11 @@ pub fn interleaved_qk_heads(config: &ModelConfig, hf_name: &str) -> Option<usize
 /// Undoes llama.cpp's `permute` of Q/K rows: within each head, GGUF row `2i + j` holds Hugging
 /// Face row `j * head_dim / 2 + i` (`j` in {0, 1}). Works on weights (`row_len` = in-features)
 /// and on biases (`row_len` = 1).
-pub(crate) fn unpermute_qk_rows(data: &[f32], num_heads: usize, row_len: usize) -> Vec<f32> {
+pub(crate) fn unpermute_qk_rows<T: Copy + Default>(data: &[T], num_heads: usize, row_len: usize) -> Vec<T> {
     let rows = data.len() / row_len;
     let head_dim = rows / num_heads;
     let half = head_dim / 2;
-    let mut out = vec![0.0; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for head in 0..num_heads {
         for i in 0..half {
             for j in 0..2 {
