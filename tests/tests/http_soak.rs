@@ -1,5 +1,5 @@
 //! The soak: the real server under a bounded run of mixed load, for `PAGEDSERVE_SOAK_SECS`
-//! seconds (40 by default; the README gives the long command). At once:
+//! seconds (60 by default; the README gives the long command). At once:
 //! - streaming and non-streaming clients, completions and chat, greedy and seeded, each checked
 //!   against its answer on the idle server;
 //! - clients that hang up at a random point of their stream, or before their answer;
@@ -125,7 +125,7 @@ fn slope_per_minute(samples: &[(f64, f64)]) -> f64 {
 
 #[test]
 fn the_server_holds_up_under_mixed_load_swaps_disconnects_and_bad_requests() {
-    let seconds: u64 = std::env::var("PAGEDSERVE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let seconds: u64 = std::env::var("PAGEDSERVE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let seed: u64 = std::env::var("PAGEDSERVE_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let config = plugins_config_file("soak", &json!({"scheduler": plugin_entry("fcfs", Value::Null)}));
     let body_limit = MAX_REQUEST_BODY.to_string();
@@ -242,8 +242,12 @@ fn the_server_holds_up_under_mixed_load_swaps_disconnects_and_bad_requests() {
     assert_eq!(server.metric("pagedserve_plugin_faults_total"), 0.0, "{}", server.log());
     assert!(!server.log().contains("panicked"), "{}", server.log());
 
-    // Memory after warm-up (the first quarter: allocator arenas, compiled plugins, caches).
-    let warm: Vec<(f64, f64)> = rss.iter().copied().filter(|(t, _)| *t >= seconds as f64 / 4.0).collect();
+    // Memory after warm-up (allocator arenas, compiled plugins, caches): the first quarter of the
+    // run, and at least its first 30 s up to half of it. On a 2-core CI machine the resident size
+    // was seen still climbing to its plateau (704 -> 738 MiB) 10 s in, then flat (737 -> 739 MiB
+    // from 22 s to 90 s).
+    let warm_up = (seconds as f64 / 4.0).max((seconds as f64 / 2.0).min(30.0));
+    let warm: Vec<(f64, f64)> = rss.iter().copied().filter(|(t, _)| *t >= warm_up).collect();
     let slope = slope_per_minute(&warm);
     let (first, last) = (warm.first().unwrap().1, warm.last().unwrap().1);
     let peak = rss.iter().map(|s| s.1).fold(0.0, f64::max);
