@@ -117,7 +117,7 @@ impl GpuStore {
         let mut out = Vec::with_capacity(parts.iter().map(|p| p.rows).sum::<usize>() * row_bytes);
         for part in parts {
             if part.is_dummy() {
-                let seed = part.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+                let seed = name_seed(&part.name);
                 out.extend(crate::model::sources::dummy_q4k_blocks(part.rows, cols, seed));
                 continue;
             }
@@ -227,7 +227,7 @@ impl GpuStore {
     /// `n` values uniform with standard deviation 0.02, drawn on the device from a seed made of
     /// the tensor's name (the same for every load).
     fn random(&self, name: &str, n: usize) -> Result<CudaSlice<bf16>, ModelError> {
-        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        let seed = name_seed(name);
         let out = self.dev.stream.alloc_zeros::<bf16>(n).map_err(Self::err)?;
         let scale = 0.02f32 * 3f32.sqrt();
         let n64 = n as u64;
@@ -236,6 +236,22 @@ impl GpuStore {
         unsafe { launchers::init_uniform_bf16(&self.dev, cfg, ptr(&self.dev, &out), n64, seed, scale).map_err(Self::err)? };
         Ok(out)
     }
+}
+
+impl GpuStore {
+    /// A matrix's float32 bias on the device from its parts: zeros for dummy weights.
+    fn bias(&self, parts: Option<&[Part<'_>]>, dummy: bool, rows: usize) -> Result<Option<CudaSlice<f32>>, ModelError> {
+        Ok(match parts {
+            Some(_) if dummy => Some(self.dev.stream.alloc_zeros::<f32>(rows).map_err(Self::err)?),
+            Some(parts) => Some(self.dev.stream.clone_htod(&concat_f32(parts)?).map_err(Self::err)?),
+            None => None,
+        })
+    }
+}
+
+/// A seed made of a tensor's name (FNV-1a), the same for every load.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl WeightStore for GpuStore {
@@ -249,11 +265,7 @@ impl WeightStore for GpuStore {
             if blocks.len() != rows * cols / 256 * 144 {
                 return Err(ModelError::Shape(format!("`{name}`: {} bytes of Q4_K for [{rows}, {cols}]", blocks.len())));
             }
-            let bias = match bias {
-                Some(_) if dummy => Some(self.dev.stream.alloc_zeros::<f32>(rows).map_err(Self::err)?),
-                Some(parts) => Some(self.dev.stream.clone_htod(&concat_f32(parts)?).map_err(Self::err)?),
-                None => None,
-            };
+            let bias = self.bias(bias, dummy, rows)?;
             self.bytes += blocks.len();
             let blocks = self.dev.stream.clone_htod(&blocks).map_err(Self::err)?;
             return Ok(GpuMatrix { rows, cols, data: MatrixData::Q4K(blocks), bias });
@@ -272,11 +284,7 @@ impl WeightStore for GpuStore {
             }
             data
         };
-        let bias = match bias {
-            Some(_) if dummy => Some(self.dev.stream.alloc_zeros::<f32>(rows).map_err(Self::err)?),
-            Some(parts) => Some(self.dev.stream.clone_htod(&concat_f32(parts)?).map_err(Self::err)?),
-            None => None,
-        };
+        let bias = self.bias(bias, dummy, rows)?;
         self.bytes += rows * cols * 2;
         Ok(GpuMatrix { rows, cols, data: MatrixData::Bf16(data), bias })
     }
