@@ -71,6 +71,33 @@ __device__ __forceinline__ float block_max(float v, float* scratch /* 32 floats 
     return warp_max(v);
 }
 
+// ---- The small-batch products (`gemv.cu`, and `ggml.cu` for GGUF blocks) ----
+// How a GEMV's input rows are staged: as given, silu(gate) · up, or rmsnorm(residual + delta).
+#define GEMV_PLAIN 0
+#define GEMV_SILU 1
+#define GEMV_NORM 2
+// The most warps (output rows in flight) per block; `launch::GEMV_WARPS` on the host, which
+// launches fewer for small products (`launch::gemv_block_warps`).
+#define GEMV_WARPS 16
+
+__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 p = __bfloat1622float2(h[i]);
+        f[2 * i] = p.x;
+        f[2 * i + 1] = p.y;
+    }
+}
+
+__device__ __forceinline__ uint4 float8_to_bf16x8(const float* f) {
+    uint4 v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return v;
+}
+
 // Four E4M3 values (the bytes of one 32-bit word) to float, the lowest byte first (sm_89 on).
 __device__ __forceinline__ void e4m3x4_to_float(u32 word, float* f) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890

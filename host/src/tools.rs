@@ -66,12 +66,17 @@ pub(crate) struct BenchGpuArgs {
     /// `--llama-8b` the 8B products and decode steps in FP8.
     #[arg(long)]
     fp8: bool,
-    /// With `--llama-8b`, also the 8B decode steps with dummy GGUF Q4_K weights kept quantized.
-    #[arg(long)]
-    q4k: bool,
+    /// With `--llama-8b`, also the 8B decode steps with dummy GGUF weights of this type kept
+    /// quantized (repeatable: `--ggml q4_k --ggml q6_k`).
+    #[arg(long, value_enum)]
+    ggml: Vec<crate::DummyQuant>,
     /// Only the copy bandwidth and the attention kernels (no model is loaded).
     #[arg(long)]
     attention_only: bool,
+    /// Only the copy bandwidth and the 8B decode steps of the quantized formats asked for
+    /// (`--fp8`, `--ggml`), each beside bf16.
+    #[arg(long)]
+    quantized_only: bool,
 }
 
 #[derive(Args)]
@@ -275,6 +280,10 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The top-1/top-2 logit margin under which a greedy divergence of a GGUF model kept quantized
+/// (`--keep-quantized`, int8 inputs) from HF's tokens is a near-tie (bf16: 0.1).
+const KEPT_NEAR_TIE: f64 = 0.5;
+
 pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     use pagedserve::bench::check;
     use pagedserve::cuda::GpuDevice;
@@ -291,7 +300,7 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     let mut rows = check::kernel_checks(&dev)?;
     rows.extend(check::gemv_checks(&dev)?);
     rows.extend(pagedserve::bench::check_quant::fp8_checks(&dev)?);
-    rows.extend(pagedserve::bench::check_quant::q4k_checks(&dev)?);
+    rows.extend(pagedserve::bench::check_quant::ggml_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
     let files = args.model.open()?;
     // Dummy weights are drawn on the device by the direct path: nothing to compare with.
@@ -315,6 +324,20 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
     rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
     rows.extend(pagedserve::bench::check_quant::check_forward_fp8(&dev, &loaded.model, &prompts)?);
+    // A GGUF file's own blocks kept on the device (`--keep-quantized`), against the CPU reading
+    // the same file.
+    let load_kept = || -> anyhow::Result<Option<pagedserve::cuda::GpuModel>> {
+        let files = args.model.reopen()?;
+        if files.source().is_dummy() {
+            return Ok(None);
+        }
+        let keep = Some(pagedserve::model::gguf::GgmlType::Q4_K);
+        let model = pagedserve::cuda::GpuModel::load_with(dev.clone(), files.config.clone(), files.source(), keep)?;
+        Ok(model.bytes_by_format().iter().any(|(f, _)| matches!(f, pagedserve::cuda::launch::WeightFormat::Ggml(_))).then_some(model))
+    };
+    if let Some(kept) = load_kept()? {
+        rows.extend(pagedserve::bench::check_quant::check_forward_kept(kept, &loaded.model, &prompts)?);
+    }
     rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
     if let Some(tokenizer) = loaded.tokenizer.clone() {
         rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);
@@ -328,6 +351,14 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
                     check::check_greedy(&dev, &loaded.model, &ids(&p["prompt_ids"]), &ids(&p["new_ids"]), Some(&margins), 0.1)?;
                 row.name = format!("greedy vs HF ({})", p["kind"].as_str().unwrap_or(""));
                 rows.push(row);
+                if let Some(kept) = load_kept()? {
+                    // Its int8 inputs move the logits by a few hundredths of their spread (see
+                    // `check_forward_kept`): a divergence is a near-tie under half a logit (seen: one
+                    // prompt of four at a margin of 0.22, H200).
+                    let mut row = check::check_greedy_of(kept, &ids(&p["prompt_ids"]), &ids(&p["new_ids"]), Some(&margins), KEPT_NEAR_TIE)?;
+                    row.name = format!("greedy vs HF, GGUF kept ({})", p["kind"].as_str().unwrap_or(""));
+                    rows.push(row);
+                }
             }
         }
         _ if args.model.load_format == LoadFormat::Dummy => {
@@ -359,6 +390,9 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
     println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
+    if args.quantized_only {
+        return print_quantized_8b_steps(&dev, copy, &args, true);
+    }
     gpu::print_attention_decode(&dev, copy)?;
     gpu::print_attention_prefill(&dev)?;
     if args.attention_only {
@@ -473,23 +507,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                 gpu::print_fp8_products(&dev, "Llama-3.1-8B", m, &gpu::LLAMA_8B_PRODUCTS[..4])?;
             }
         }
-        let formats = [(args.fp8, gpu::DummyWeights::Fp8, "FP8"), (args.q4k, gpu::DummyWeights::Q4K, "Q4_K")];
-        for (_, weights, label) in formats.into_iter().filter(|(on, _, _)| *on) {
-            let mut big = gpu::llama_8b_backend(&dev, 64, 2048, weights)?;
-            println!("Llama-3.1-8B {label}: {:.2} GiB of weights read per step", big.model().weight_bytes() as f64 / (1u64 << 30) as f64);
-            gpu::print_step_breakdown(&mut big, 1, 512, &format!("Llama-3.1-8B {label}"))?;
-            let c = big.model().config().clone();
-            big.capture_decode_graphs(64, 2048 + 16)?;
-            for (batch, context) in [(1, 512), (2, 512), (4, 512), (32, 512), (64, 2048)] {
-                let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
-                let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;
-                let graph = gpu::decode_step_ms(&mut big, batch, context, 10, true)?;
-                println!(
-                    "Llama-3.1-8B dummy decode {label} b{batch:<3} c{context:<5} graphs {graph:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
-                    graph / floor_ms
-                );
-            }
-        }
+        print_quantized_8b_steps(&dev, copy, &args, false)?;
         let (batch, context) = (64, 2048);
         let mut big = gpu::llama_8b_backend(&dev, batch, context, gpu::DummyWeights::Bf16)?;
         let c = big.model().config().clone();
@@ -563,5 +581,46 @@ pub(crate) fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> 
     });
     std::fs::write(args.out.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
     eprintln!("wrote {}/tokenizer.json and tokenizer_config.json", args.out.display());
+    Ok(())
+}
+
+/// The Llama-3.1-8B dummy decode steps (graphs) of each quantized format asked for (`--fp8`,
+/// `--ggml`), with the weights they read and each step's copy-rate floor; with `with_bf16`, bf16
+/// first, at the same batches.
+fn print_quantized_8b_steps(dev: &std::sync::Arc<pagedserve::cuda::GpuDevice>, copy: f64, args: &BenchGpuArgs, with_bf16: bool) -> anyhow::Result<()> {
+    use pagedserve::bench::gpu;
+    let dev = dev.clone();
+    let mut formats: Vec<(gpu::DummyWeights, String)> = Vec::new();
+    if with_bf16 {
+        formats.push((gpu::DummyWeights::Bf16, "bf16".into()));
+    }
+    if args.fp8 {
+        formats.push((gpu::DummyWeights::Fp8, "FP8".into()));
+    }
+    for quant in &args.ggml {
+        let ty = quant.ggml();
+        formats.push((gpu::DummyWeights::Ggml(ty), format!("{ty:?}")));
+    }
+    for (weights, label) in formats {
+        let mut big = gpu::llama_8b_backend(&dev, 64, 2048, weights)?;
+        let memory: Vec<String> = big.model().bytes_by_format().iter().map(|(f, b)| format!("{f:?} {:.2} GiB", *b as f64 / (1u64 << 30) as f64)).collect();
+        println!(
+            "Llama-3.1-8B {label}: {:.2} GiB of weights read per step; matrices on the device: {}",
+            big.model().weight_bytes() as f64 / (1u64 << 30) as f64,
+            memory.join(", ")
+        );
+        gpu::print_step_breakdown(&mut big, 1, 512, &format!("Llama-3.1-8B {label}"))?;
+        let c = big.model().config().clone();
+        big.capture_decode_graphs(64, 2048 + 16)?;
+        for (batch, context) in [(1, 512), (2, 512), (4, 512), (8, 512), (16, 512), (32, 512), (64, 2048)] {
+            let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
+            let floor_ms = (big.model().weight_bytes() + kv_bytes) as f64 / (copy * 1e9) * 1e3;
+            let graph = gpu::decode_step_ms(&mut big, batch, context, 10, true)?;
+            println!(
+                "Llama-3.1-8B dummy decode {label} b{batch:<3} c{context:<5} graphs {graph:>8.3} ms  floor {floor_ms:.3} ms (weights + KV bytes at the copy rate)  ratio {:.2}",
+                graph / floor_ms
+            );
+        }
+    }
     Ok(())
 }

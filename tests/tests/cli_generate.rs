@@ -88,14 +88,14 @@ fn fp8_quantization_on_the_cpu_is_refused_by_name() {
 }
 
 #[test]
-fn keeping_q4k_blocks_on_the_cpu_is_refused_by_name() {
+fn keeping_gguf_blocks_quantized_on_the_cpu_is_refused_by_name() {
     let output = Command::new(binary())
         .args(["generate", "--model"])
         .arg(model_path())
-        .args(["--keep-q4k", "--prompt", "hi"])
+        .args(["--keep-quantized", "--prompt", "hi"])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--keep-q4k is not available"), "{stderr}");
+    assert!(stderr.contains("--keep-quantized is not available"), "{stderr}");
 }

@@ -402,9 +402,14 @@ pub fn check_greedy(
     margins: Option<&[f64]>,
     near_tie: f64,
 ) -> Result<CheckRow, CudaError> {
+    check_greedy_of(GpuModel::from_cpu(dev.clone(), cpu_model)?, prompt, expected, margins, near_tie)
+}
+
+/// As `check_greedy`, for a model already on the device (loaded straight from its file).
+pub fn check_greedy_of(model: GpuModel, prompt: &[u32], expected: &[u32], margins: Option<&[f64]>, near_tie: f64) -> Result<CheckRow, CudaError> {
     let block_size = 16;
     let blocks = (prompt.len() + expected.len()).div_ceil(block_size) + 1;
-    let gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, blocks, block_size)?;
+    let gpu = GpuBackend::new(model, blocks, block_size)?;
     let mut generator = Generator::with_backend(gpu);
     let options = GenerateOptions { max_new_tokens: expected.len(), stop_token_ids: Vec::new(), prefill_chunk: None };
     let got = generator
@@ -454,15 +459,15 @@ pub(crate) fn device_weight(
     let mut matrix = GpuMatrix { rows: n, cols: k, data: MatrixData::Bf16(dev.stream.clone_htod(&to_bf16(w))?), bias: None };
     let values = match format {
         WeightFormat::Bf16 => w.to_vec(),
-        WeightFormat::Q4K => {
-            // Random Q4_K blocks (`w` only seeds them), uploaded as stored; the reference reads
-            // the CPU's dequantization of the same bytes.
+        WeightFormat::Ggml(ty) => {
+            // Random blocks (`w` only seeds them), uploaded as stored; the reference reads the
+            // CPU's dequantization of the same bytes.
             let seed = w.first().map_or(0, |v| u64::from(v.to_bits()));
-            let blocks = crate::model::sources::dummy_q4k_blocks(n, k, seed);
+            let config_err = |e: crate::model::ModelError| CudaError::Config(e.to_string());
+            let blocks = crate::model::sources::dummy_ggml_blocks(ty, n, k, seed).map_err(config_err)?;
             let mut values = vec![0.0f32; n * k];
-            crate::model::gguf::dequantize(crate::model::gguf::GgmlType::Q4_K, &blocks, n * k, &mut values)
-                .map_err(|e| CudaError::Config(e.to_string()))?;
-            matrix.data = MatrixData::Q4K(dev.stream.clone_htod(&blocks)?);
+            crate::model::gguf::dequantize(ty, &blocks, n * k, &mut values).map_err(|e| CudaError::Config(e.to_string()))?;
+            matrix.data = MatrixData::Ggml { ty, blocks: dev.stream.clone_htod(&blocks)? };
             values
         }
         WeightFormat::Fp8 => {
@@ -471,6 +476,32 @@ pub(crate) fn device_weight(
         }
     };
     Ok((matrix, values))
+}
+
+/// The input values a GEMV of `format` multiplies, from the staged (bf16-rounded) ones: from
+/// GGUF blocks, each 32 values quantized to int8 with the scale amax / 127 and back, as
+/// `stage_q8` in `kernels/ggml.cu` computes them (its min terms use the sums of these values too),
+/// so the check measures the kernel, not the quantization; the values themselves otherwise.
+pub(crate) fn as_read_by(format: WeightFormat, values: &mut [f32]) {
+    if !matches!(format, WeightFormat::Ggml(_)) {
+        return;
+    }
+    for group in values.chunks_mut(32) {
+        let amax = group.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let (d, inv_d) = if amax > 0.0 { (amax / 127.0, 127.0 / amax) } else { (0.0, 0.0) };
+        for v in group {
+            *v = (*v * inv_d).round_ties_even() * d;
+        }
+    }
+}
+
+/// A GEMV's name in the check table: "gemv", "fp8 gemv", "q4_k gemv", ...
+pub(crate) fn gemv_label(format: WeightFormat) -> String {
+    match format {
+        WeightFormat::Bf16 => "gemv".into(),
+        WeightFormat::Fp8 => "fp8 gemv".into(),
+        WeightFormat::Ggml(ty) => format!("{ty:?} gemv").to_lowercase(),
+    }
 }
 
 pub(crate) fn round_bf16(values: &mut [f32]) {
@@ -522,6 +553,7 @@ pub fn check_gemv_silu(
         ops::silu_mul(out, row);
     }
     round_bf16(&mut act);
+    as_read_by(format, &mut act);
     let (w_dev, w) = device_weight(dev, &w, n, inter, format)?;
     let want = matmul_reference(&act, &w, None, m, inter, n);
     let stream = &dev.stream;
@@ -539,12 +571,7 @@ pub fn check_gemv_silu(
     };
     unsafe { gemv(dev, &g)? };
     let got = download_bf16(dev, &out, m * n)?;
-    let name = match format {
-        WeightFormat::Bf16 => "gemv +silu",
-        WeightFormat::Fp8 => "fp8 gemv +silu",
-        WeightFormat::Q4K => "q4k gemv +silu",
-    };
-    Ok(CheckRow::error(name, format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
+    Ok(CheckRow::error(&format!("{} +silu", gemv_label(format)), format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
 }
 
 /// The GEMV with the residual add and RMSNorm folded into its input against the unfused
@@ -583,6 +610,7 @@ pub fn check_gemv_norm(
         ops::rms_norm(&mut normed[r * hidden..(r + 1) * hidden], &summed[row * hidden..(row + 1) * hidden], &weight, 1e-5);
     }
     round_bf16(&mut normed);
+    as_read_by(format, &mut normed);
     let (w_dev, w) = device_weight(dev, &w, n, hidden, format)?;
     let want = matmul_reference(&normed, &w, with_bias.then_some(&bias[..]), m, hidden, n);
 
@@ -617,12 +645,7 @@ pub fn check_gemv_norm(
         if indirect { " rows[] no write-back" } else { " write-back" },
         if with_bias { " +bias" } else { "" }
     );
-    let name = match format {
-        WeightFormat::Bf16 => "gemv +add+norm",
-        WeightFormat::Fp8 => "fp8 gemv +add+norm",
-        WeightFormat::Q4K => "q4k gemv +add+norm",
-    };
-    Ok(CheckRow::error(name, detail, relative_error(&got, &want)))
+    Ok(CheckRow::error(&format!("{} +add+norm", gemv_label(format)), detail, relative_error(&got, &want)))
 }
 
 /// The small-M linear layers: the GEMV (through `linear`, so the path it prefers) on SmolLM2's
@@ -963,7 +986,7 @@ pub fn dequant_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
             }
             let in_dev = dev.stream.clone_htod(&bytes)?;
             let out_dev = dev.stream.clone_htod(&vec![bf16::NAN; n])?;
-            let config = LaunchConfig { grid_dim: ((n / block).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let config = crate::cuda::launch::dequant_config(rows, cols);
             // SAFETY: `in_dev` holds `rows * cols` values as `ty` blocks, `out_dev` that many bf16.
             unsafe {
                 launchers::dequant_ggml(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), ty as i32, rows as i32, cols as i32, qk_head_dim as i32)?

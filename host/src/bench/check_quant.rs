@@ -1,8 +1,11 @@
 //! `pagedserve check`'s rows for weights kept quantized on the device.
 //!
-//! GGUF Q4_K (`--keep-q4k`): the dequantizing GEMV (one row, each input staging) and the tiled
-//! path (dequantized bf16 tiles and cuBLAS, more rows) against the CPU product with the CPU's
-//! dequantization of the same blocks (`model::gguf`), within `TOLERANCE`.
+//! GGUF blocks kept quantized (`--keep-quantized`: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K): the GEMV
+//! from the blocks (up to 8 rows, each input staging) and the tiled path (dequantized bf16 tiles
+//! and cuBLAS, more rows) against the CPU product with the CPU's dequantization of the same blocks
+//! (`model::gguf`), within `TOLERANCE`; the GEMV's reference input is quantized per 32 values as
+//! the kernel quantizes it. A real GGUF file's forward with its weights kept quantized against the
+//! CPU forward of the same file (`check_forward_kept`).
 //!
 //! FP8 (sm_89 and newer): each FP8 kernel against `model::fp8`, the CPU format, on random inputs,
 //! and the forward of a model whose projections are quantized on the device against the CPU
@@ -25,19 +28,20 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::check::{device_weight, download_bf16, matmul_reference, random_bf16_values, relative_error, to_bf16, CheckRow, FORWARD_TOLERANCE};
+use super::check::{as_read_by, device_weight, download_bf16, matmul_reference, random_bf16_values, relative_error, to_bf16, CheckRow, FORWARD_TOLERANCE};
 use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
-use crate::cuda::gemm::{q4k_linear, OutType};
+use crate::cuda::gemm::{ggml_linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{gemv_prefers, WeightFormat};
 use crate::cuda::weights::MatrixData;
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::cpu::CpuModel;
 use crate::model::fp8::Fp8Matrix;
+use crate::model::gguf::GgmlType;
 use crate::runner::{CpuBackend, ForwardBatch, ModelBackend};
 
-/// The logits of a forward whose products quantize their inputs to FP8 against a CPU forward
-/// that does not (seen: 4e-2 at most on the 2-layer fixture, H200).
+/// The logits of a forward whose products quantize their inputs (to FP8, or to int8 from GGUF
+/// blocks) against a CPU forward that does not (seen: 4e-2 at most on the 2-layer fixture, H200).
 pub const W8A8_FORWARD_TOLERANCE: f64 = 0.1;
 
 /// Whether this GPU runs FP8 (sm_89 on).
@@ -145,47 +149,68 @@ pub fn check_product(
     Ok(CheckRow::error(name, format!("m {m} n {n} k {k}{scaling}"), relative_error(&got, &want)))
 }
 
-/// The Q4_K product of `m` rows: the GEMV at one row, dequantized tiles of `tile_rows` rows and
-/// cuBLAS at more.
-pub fn check_q4k_product(dev: &GpuDevice, m: usize, n: usize, k: usize, tile_rows: usize, seed: u64) -> Result<CheckRow, CudaError> {
+/// The product of `m` rows by random `ty` blocks: through the GEMV (`tile_rows` 0; the input as it
+/// reads it, int8 per 32 values, in the reference: see `as_read_by`), or dequantized tiles of
+/// `tile_rows` rows and cuBLAS.
+pub fn check_ggml_product(dev: &GpuDevice, ty: GgmlType, m: usize, n: usize, k: usize, tile_rows: usize, seed: u64) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let format = WeightFormat::Ggml(ty);
     let x = random_bf16_values(&mut rng, m * k, 1.0);
-    let (w_dev, w_values) = device_weight(dev, &[seed as f32], n, k, WeightFormat::Q4K)?;
-    let want = matmul_reference(&x, &w_values, None, m, k, n);
+    let (w_dev, w_values) = device_weight(dev, &[seed as f32], n, k, format)?;
+    let mut x_read = x.clone();
+    if tile_rows == 0 {
+        as_read_by(format, &mut x_read);
+    }
+    let want = matmul_reference(&x_read, &w_values, None, m, k, n);
     let stream = &dev.stream;
     let x_dev = stream.clone_htod(&to_bf16(&x))?;
     let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
-    let blocks = w_dev.weight(dev);
-    let path = if m == 1 {
-        let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x_dev)), w: blocks, bias: 0, m, k, n };
+    let weight = w_dev.weight(dev);
+    let path = if tile_rows == 0 {
+        let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x_dev)), w: weight, bias: 0, m, k, n };
         // SAFETY: every buffer is allocated above at the size `Gemv` documents.
         unsafe { gemv(dev, &g)? };
         "gemv".to_string()
     } else {
         let tile = stream.alloc_zeros::<bf16>(tile_rows * k)?;
-        let crate::cuda::gemv::GemvWeight::Q4K(blocks) = blocks else { unreachable!("a Q4_K weight") };
+        let crate::cuda::gemv::GemvWeight::Ggml { blocks, .. } = weight else { unreachable!("a GGUF weight") };
         // SAFETY: as above; the tile holds `tile_rows` rows of `k`.
-        unsafe { q4k_linear(dev, ptr(dev, &out), OutType::Bf16, ptr(dev, &x_dev), blocks, (ptr(dev, &tile), tile_rows * k), m, k, n)? };
+        unsafe { ggml_linear(dev, ptr(dev, &out), OutType::Bf16, ptr(dev, &x_dev), (ty, blocks), (ptr(dev, &tile), tile_rows * k), m, k, n)? };
         format!("tiles of {tile_rows} rows")
     };
     let got = download_bf16(dev, &out, m * n)?;
-    Ok(CheckRow::error("q4k linear", format!("m {m} n {n} k {k}, {path}"), relative_error(&got, &want)))
+    Ok(CheckRow::error(&format!("{ty:?} linear").to_lowercase(), format!("m {m} n {n} k {k}, {path}"), relative_error(&got, &want)))
 }
 
-/// Every Q4_K row: the GEMV at SmolLM2-like and 8B widths, the fused stagings, the tiled path with
-/// a partial last tile.
-pub fn q4k_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
+/// Every row of the GGUF types kept quantized: for each type the GEMV at 1, 2, 3 and 8 rows
+/// (SmolLM2-like widths, and the Llama-3.1-8B ones at one row for Q4_K and Q6_K, the types of
+/// Q4_K_M files), each fused staging, and the tiled path with a partial last tile.
+pub fn ggml_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     let mut rows = Vec::new();
-    for (n, k, seed) in [(960, 512, 500), (1001, 1024, 501), (6144, 4096, 502), (4096, 14336, 503), (28672, 4096, 504)] {
-        rows.push(check_q4k_product(dev, 1, n, k, 0, seed)?);
-    }
-    for (m, n, k, tile_rows, seed) in [(2, 960, 512, 960, 510), (9, 1001, 1024, 300, 511), (64, 6144, 4096, 4096, 512)] {
-        rows.push(check_q4k_product(dev, m, n, k, tile_rows, seed)?);
-    }
-    rows.push(super::check::check_gemv_silu(dev, 1, 576, 1536, WeightFormat::Q4K, 520)?);
-    rows.push(super::check::check_gemv_silu(dev, 1, 4096, 14336, WeightFormat::Q4K, 521)?);
-    for (n, hidden, with_bias, indirect, seed) in [(960, 512, false, false, 530), (3072, 4096, true, false, 531), (4000, 4096, false, true, 532)] {
-        rows.push(super::check::check_gemv_norm(dev, 1, n, hidden, true, indirect, with_bias, WeightFormat::Q4K, seed)?);
+    let mut seed = 500;
+    for ty in WeightFormat::KEPT_GGML {
+        let format = WeightFormat::Ggml(ty);
+        // The narrowest width in whole blocks near SmolLM2's 576 (512 for the 256-value K-quants).
+        let narrow = if ty.block_size() == 256 { 512 } else { 576 };
+        let mut next = || {
+            seed += 1;
+            seed
+        };
+        for (m, n) in [(1, 960), (2, 1001), (3, 576), (8, 3072)] {
+            rows.push(check_ggml_product(dev, ty, m, n, narrow, 0, next())?);
+        }
+        if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
+            for (m, n, k) in [(1, 6144, 4096), (1, 4096, 14336), (8, 4096, 14336)] {
+                rows.push(check_ggml_product(dev, ty, m, n, k, 0, next())?);
+            }
+        }
+        rows.push(check_ggml_product(dev, ty, 9, 1001, 2 * narrow, 300, next())?);
+        rows.push(check_ggml_product(dev, ty, 64, 960, narrow, 960, next())?);
+        rows.push(super::check::check_gemv_silu(dev, 1, 576, 3 * narrow, format, next())?);
+        rows.push(super::check::check_gemv_silu(dev, 5, 1001, 3 * narrow, format, next())?);
+        for (m, n, with_bias, indirect) in [(1, 960, false, false), (4, 3072, true, false), (2, 4000, false, true)] {
+            rows.push(super::check::check_gemv_norm(dev, m, n, 2 * narrow, true, indirect, with_bias, format, next())?);
+        }
     }
     Ok(rows)
 }
@@ -224,83 +249,118 @@ pub fn fp8_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     Ok(rows)
 }
 
-/// The forward with FP8 projections quantized on the device against the CPU forward of the same
-/// FP8 weights (both from the bf16-rounded model): prefill of every prompt, then decode at one
-/// row (the FP8 GEMV) and at every prompt's row (the GEMV or the GEMM, as the weights' size
-/// decides); logits, and how many rows' greedy tokens agree.
-pub fn check_forward_fp8(
-    dev: &Arc<GpuDevice>,
-    cpu_model: &CpuModel,
-    prompts: &[Vec<u32>],
-) -> Result<Vec<CheckRow>, CudaError> {
-    if !supported(dev) {
-        return Ok(Vec::new());
+/// One step of `forward_steps`: its label, the logits of both sides, its rows and tokens.
+struct ForwardStep {
+    label: &'static str,
+    got: Vec<f32>,
+    want: Vec<f32>,
+    rows: usize,
+    tokens: usize,
+}
+
+impl ForwardStep {
+    /// Rows whose greedy token is the same on both sides.
+    fn agreeing(&self, vocab: usize) -> usize {
+        (0..self.rows)
+            .filter(|&r| crate::sampling::argmax(&self.got[r * vocab..(r + 1) * vocab]) == crate::sampling::argmax(&self.want[r * vocab..(r + 1) * vocab]))
+            .count()
     }
+}
+
+/// A prefill of every prompt, then a decode step of the first sequence and one of every
+/// sequence, on `gpu` and `cpu` in the same order (the decode steps write the same cache slots,
+/// the one position after each prompt, so both see the same cache at every step).
+fn forward_steps(gpu: &mut GpuBackend, cpu: &mut CpuBackend, prompts: &[Vec<u32>], vocab: usize) -> Result<Vec<ForwardStep>, CudaError> {
     let block_size = 16;
     let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(block_size);
     let num_blocks = blocks_per_seq * prompts.len();
-    let rounded = cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32());
-    let (fp8_cpu, report) = rounded.with_fp8_projections().map_err(config_err)?;
-    let mut cpu = CpuBackend::new(fp8_cpu, num_blocks, block_size);
-    let mut model = GpuModel::from_cpu(dev.clone(), &rounded)?;
-    model.quantize_fp8()?;
-    let mut gpu = GpuBackend::new(model, num_blocks, block_size)?;
     let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
-    let vocab = cpu_model.config().vocab_size;
     let mut prefill = ForwardBatch::new(block_size, num_blocks);
     for (i, p) in prompts.iter().enumerate() {
-        prefill
-            .push_seq(p, 0, &table(i), true)
-            .map_err(config_err)?;
+        prefill.push_seq(p, 0, &table(i), true).map_err(config_err)?;
     }
-    let mut steps = vec![("prefill", prefill)];
-    let got_prefill = gpu.forward_logits(&steps[0].1)?;
+    let got_prefill = gpu.forward_logits(&prefill)?;
+    let mut batches = vec![("prefill", prefill)];
     for batch_size in [1, prompts.len()] {
         let mut decode = ForwardBatch::new(block_size, num_blocks);
         for (i, p) in prompts.iter().enumerate().take(batch_size) {
             let next = crate::sampling::argmax(&got_prefill[i * vocab..(i + 1) * vocab]) as u32;
-            decode
-                .push_seq(&[next], p.len(), &table(i), true)
-                .map_err(config_err)?;
+            decode.push_seq(&[next], p.len(), &table(i), true).map_err(config_err)?;
         }
-        steps.push((
-            if batch_size == 1 {
-                "decode, 1 sequence"
-            } else {
-                "decode, every sequence"
-            },
-            decode,
-        ));
+        batches.push((if batch_size == 1 { "decode, 1 sequence" } else { "decode, every sequence" }, decode));
     }
-    let mut rows = Vec::new();
-    for (label, batch) in &steps {
-        // The decode steps write the same cache slots (the one position after each prompt), so
-        // the CPU, run in the same order, sees the same cache as the GPU at every step.
+    let mut steps = Vec::new();
+    for (label, batch) in &batches {
         let got = if *label == "prefill" { got_prefill.clone() } else { gpu.forward_logits(batch)? };
         let want = cpu.forward(batch).map_err(config_err)?;
-        let error = relative_error(&got, &want);
-        let batch_rows = batch.seqs.len();
-        let agree = (0..batch_rows)
-            .filter(|&r| {
-                crate::sampling::argmax(&got[r * vocab..(r + 1) * vocab])
-                    == crate::sampling::argmax(&want[r * vocab..(r + 1) * vocab])
-            })
-            .count();
+        steps.push(ForwardStep { label, got, want, rows: batch.seqs.len(), tokens: batch.num_tokens() });
+    }
+    Ok(steps)
+}
+
+/// Blocks enough for `forward_steps` over `prompts` with blocks of 16.
+fn forward_blocks(prompts: &[Vec<u32>]) -> usize {
+    (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(16) * prompts.len()
+}
+
+/// The forward of `cpu_model` with its projections quantized to FP8 on the device against the
+/// CPU forward of the same FP8 weights (see the module's notes for the tolerances).
+pub fn check_forward_fp8(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
+    if !supported(dev) {
+        return Ok(Vec::new());
+    }
+    let num_blocks = forward_blocks(prompts);
+    let rounded = cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32());
+    let (fp8_cpu, report) = rounded.with_fp8_projections().map_err(config_err)?;
+    let mut cpu = CpuBackend::new(fp8_cpu, num_blocks, 16);
+    let mut model = GpuModel::from_cpu(dev.clone(), &rounded)?;
+    model.quantize_fp8()?;
+    let mut gpu = GpuBackend::new(model, num_blocks, 16)?;
+    let vocab = cpu_model.config().vocab_size;
+    let mut rows = Vec::new();
+    for step in forward_steps(&mut gpu, &mut cpu, prompts, vocab)? {
+        let error = relative_error(&step.got, &step.want);
         // The widest projection decides: if the GEMV takes it, it takes every one.
         let c = cpu_model.config();
-        let weight_only = gemv_prefers(batch.num_tokens(), c.hidden_size, 2 * c.intermediate_size, WeightFormat::Fp8);
+        let weight_only = gemv_prefers(step.tokens, c.hidden_size, 2 * c.intermediate_size, WeightFormat::Fp8);
         let tolerance = if weight_only { FORWARD_TOLERANCE } else { W8A8_FORWARD_TOLERANCE };
+        let path = if weight_only { "GEMV, bf16 input" } else { "GEMM, FP8 input" };
         rows.push(CheckRow {
             name: "fp8 fwd vs fp8 CPU".into(),
-            detail: format!(
-                "{label} ({}): top-1 agrees on {agree}/{batch_rows}; weights' FP8 error {:.2e}",
-                if weight_only {
-                    "GEMV, bf16 input"
-                } else {
-                    "GEMM, FP8 input"
-                },
-                report.relative_rms_error
-            ),
+            detail: format!("{} ({path}): top-1 agrees on {}/{}; weights' FP8 error {:.2e}", step.label, step.agreeing(vocab), step.rows, report.relative_rms_error),
+            error: Some(error),
+            passed: error < tolerance,
+        });
+    }
+    Ok(rows)
+}
+
+/// A real GGUF model loaded with its weights kept quantized on the device (`--keep-quantized`)
+/// against the CPU forward of the same file (which dequantizes the same blocks to float32): a
+/// prefill (bf16 tiles and cuBLAS: `FORWARD_TOLERANCE`) and decode steps (the GEMV from the
+/// blocks, its input quantized per 32 values to int8, which the CPU reference does not:
+/// `W8A8_FORWARD_TOLERANCE`, as FP8's quantized inputs), the greedy token of every row reported.
+/// Seen on SmolLM2-135M's Q4_1 file (H200): 7.1e-3 at prefill, 1.5e-2 to 3.1e-2 at decode, every
+/// top-1 token the same. No rows when nothing in the file is of a kept type.
+pub fn check_forward_kept(kept: GpuModel, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
+    let formats = kept.bytes_by_format();
+    if !formats.iter().any(|(f, _)| matches!(f, WeightFormat::Ggml(_))) {
+        return Ok(Vec::new());
+    }
+    let memory: Vec<String> = formats.iter().map(|(f, bytes)| format!("{f:?} {:.1} MB", *bytes as f64 / 1e6)).collect();
+    let num_blocks = forward_blocks(prompts);
+    let mut cpu = CpuBackend::new(cpu_model.clone(), num_blocks, 16);
+    let mut gpu = GpuBackend::new(kept, num_blocks, 16)?;
+    let vocab = cpu_model.config().vocab_size;
+    let mut rows = Vec::new();
+    for step in forward_steps(&mut gpu, &mut cpu, prompts, vocab)? {
+        let error = relative_error(&step.got, &step.want);
+        let int8_input = step.tokens <= crate::cuda::launch::GEMV_MAX_ROWS;
+        let tolerance = if int8_input { W8A8_FORWARD_TOLERANCE } else { FORWARD_TOLERANCE };
+        let path = if int8_input { "GEMV, int8 input" } else { "tiles, bf16 input" };
+        rows.push(CheckRow {
+            name: "gguf kept fwd vs CPU".into(),
+            detail: format!("{} ({path}): top-1 agrees on {}/{}; {}", step.label, step.agreeing(vocab), step.rows, memory.join(", ")),
             error: Some(error),
             passed: error < tolerance,
         });

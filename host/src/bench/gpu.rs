@@ -543,8 +543,8 @@ pub enum DummyWeights {
     Bf16,
     /// Projections quantized to FP8 on the device.
     Fp8,
-    /// Projections and head as random GGUF Q4_K blocks, kept quantized.
-    Q4K,
+    /// Projections and head as random GGUF blocks of this type, kept quantized.
+    Ggml(crate::model::gguf::GgmlType),
 }
 
 /// A dummy 8B model with a cache for `batch` sequences of `context` tokens, its projections in
@@ -552,7 +552,11 @@ pub enum DummyWeights {
 pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize, weights: DummyWeights) -> Result<GpuBackend, CudaError> {
     let config = llama_8b_config();
     let source = crate::model::sources::DummySource::for_model(0, &config);
-    let mut model = GpuModel::load_with(dev.clone(), config, &source, weights == DummyWeights::Q4K)?;
+    let keep = match weights {
+        DummyWeights::Ggml(ty) => Some(ty),
+        _ => None,
+    };
+    let mut model = GpuModel::load_with(dev.clone(), config, &source, keep)?;
     if weights == DummyWeights::Fp8 {
         model.quantize_fp8()?;
     }

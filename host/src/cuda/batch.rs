@@ -35,16 +35,16 @@ pub(crate) struct Scratch {
     fp8_width: usize,
     fp8_input: Option<CudaSlice<u8>>,
     fp8_scales: Option<CudaSlice<f32>>,
-    /// The bf16 tile Q4_K weights are dequantized into for products of more than one row
-    /// (`gemm::q4k_linear`); 0 elements without Q4_K weights.
-    q4k_tile_elements: usize,
-    q4k_tile: Option<CudaSlice<bf16>>,
+    /// The bf16 tile quantized GGUF weights are dequantized into for products of more rows than the GEMV takes
+    /// (`gemm::ggml_linear`); 0 elements without quantized GGUF weights.
+    ggml_tile_elements: usize,
+    ggml_tile: Option<CudaSlice<bf16>>,
 }
 
 impl Scratch {
     /// An arena with the slots of `plan` (bytes per token each), allocated on first `ensure`.
-    pub(crate) fn new(plan: &[usize], fp8_width: usize, q4k_tile_elements: usize) -> Self {
-        Scratch { slot_bytes: plan.to_vec(), fp8_width, q4k_tile_elements, ..Default::default() }
+    pub(crate) fn new(plan: &[usize], fp8_width: usize, ggml_tile_elements: usize) -> Self {
+        Scratch { slot_bytes: plan.to_vec(), fp8_width, ggml_tile_elements, ..Default::default() }
     }
 
     /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
@@ -60,8 +60,8 @@ impl Scratch {
                 s.fp8_input = Some(dev.stream.alloc_zeros(t * s.fp8_width)?);
                 s.fp8_scales = Some(dev.stream.alloc_zeros(t)?);
             }
-            if s.q4k_tile_elements > 0 && s.q4k_tile.is_none() {
-                s.q4k_tile = Some(dev.stream.alloc_zeros(s.q4k_tile_elements)?);
+            if s.ggml_tile_elements > 0 && s.ggml_tile.is_none() {
+                s.ggml_tile = Some(dev.stream.alloc_zeros(s.ggml_tile_elements)?);
             }
             s.capacity_tokens = t;
         }
@@ -98,9 +98,9 @@ impl Scratch {
         Some((ptr(dev, self.fp8_input.as_ref()?), ptr(dev, self.fp8_scales.as_ref()?)))
     }
 
-    /// The Q4_K dequantization tile and its elements, if the model has Q4_K weights.
-    pub(crate) fn q4k_tile(&self, dev: &GpuDevice) -> Option<(CUdeviceptr, usize)> {
-        Some((ptr(dev, self.q4k_tile.as_ref()?), self.q4k_tile_elements))
+    /// The GGUF dequantization tile and its elements, if the model has quantized GGUF weights.
+    pub(crate) fn ggml_tile(&self, dev: &GpuDevice) -> Option<(CUdeviceptr, usize)> {
+        Some((ptr(dev, self.ggml_tile.as_ref()?), self.ggml_tile_elements))
     }
 
     pub(crate) fn final_h_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {

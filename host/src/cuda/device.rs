@@ -13,7 +13,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
-    decode_kernel_name, decode_shared_bytes, gemv_kernel_names, prefill_kernel_name, prefill_shared_bytes, DECODE_THREADS, GEMV_MAX_SHARED,
+    decode_kernel_name, decode_shared_bytes, gemv_kernels, prefill_kernel_name, prefill_shared_bytes, DECODE_THREADS,
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -122,9 +122,12 @@ impl GpuDevice {
             let (function, shared) = (kernels.get(&prefill_kernel_name(head_dim)), prefill_shared_bytes(head_dim));
             function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
-        // The GEMV stages up to 96 KB of input rows per block.
-        for name in gemv_kernel_names() {
-            kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GEMV_MAX_SHARED as i32)?;
+        // The GEMV stages up to 96 KB of input rows per block (200 KB from ggml blocks), where the
+        // device allows it.
+        let opt_in = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        for (name, format) in gemv_kernels() {
+            let shared = format.gemv_max_shared().min(opt_in);
+            kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };

@@ -28,7 +28,7 @@ use cudarc::driver::LaunchConfig;
 use super::attention::{launch_attention, AttentionArgs};
 use super::batch::{BatchArrays, Scratch};
 use super::fp8_gemm::{fp8_linear, Fp8Product};
-use super::gemm::{cublas_linear, q4k_linear, OutType};
+use super::gemm::{cublas_linear, ggml_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gemv_prefers, gemv_supports, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
@@ -318,10 +318,10 @@ impl<'a> GpuOps<'a> {
                 // SAFETY: as above; the scratch's FP8 room holds `m` rows of the widest FP8 input.
                 unsafe { fp8_linear(dev, &p).map_err(backend_error)? };
             }
-            GemvWeight::Q4K(blocks) => {
-                let tile = launch.scratch.q4k_tile(dev).ok_or_else(|| internal("a Q4_K product without its dequantization tile".into()))?;
+            GemvWeight::Ggml { ty, blocks } => {
+                let tile = launch.scratch.ggml_tile(dev).ok_or_else(|| internal("a quantized GGUF product without its dequantization tile".into()))?;
                 // SAFETY: as above; the tile holds `tile.1` bf16 values.
-                unsafe { q4k_linear(dev, out, out_type, input, blocks, tile, m, k, n).map_err(backend_error)? };
+                unsafe { ggml_linear(dev, out, out_type, input, (ty, blocks), tile, m, k, n).map_err(backend_error)? };
             }
         }
         if bias != 0 {

@@ -9,6 +9,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::launch::{gemv_prefers, WeightFormat};
 use super::{CudaError, GpuDevice};
+use crate::model::gguf::GgmlType;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum OutType {
@@ -103,46 +104,42 @@ pub unsafe fn cublas_linear_strided(
     Ok(())
 }
 
-/// Elements of the bf16 tile a Q4_K weight is dequantized into, a block of rows at a time, for
-/// products of more than one row (64 MB: four tiles for the Llama-3.1-8B gate_up projection).
-pub const Q4K_TILE_ELEMENTS: usize = 32 << 20;
+/// Elements of the bf16 tile a quantized GGUF weight is dequantized into, a block of rows at a
+/// time, for products of more rows than the GEMV takes (64 MB: four tiles for the Llama-3.1-8B
+/// gate_up projection).
+pub const GGML_TILE_ELEMENTS: usize = 32 << 20;
 
-/// `out[m×n] = a[m×k] · Wᵀ` with W in GGUF Q4_K blocks (`[n, k]`, row after row), for `m` more
-/// than the Q4_K GEMV takes: blocks of W's rows are dequantized into the bf16 `tile`
-/// (`kernels/dequant.cu`) and multiplied by cuBLAS into their columns of `out`. Prefill is compute
-/// bound, so the extra pass over the weight (about a third of a bf16 read) costs little there.
+/// `out[m×n] = a[m×k] · Wᵀ` with W in GGUF blocks of `ty` (`[n, k]`, row after row), for `m`
+/// more than the GEMV takes: blocks of W's rows are dequantized into the bf16 `tile`
+/// (`dequant_ggml`, `kernels/ggml.cu`) and multiplied by cuBLAS into their columns of `out`.
+/// Prefill is compute bound, so the extra pass over the weight (a bf16 write and read of it)
+/// costs little there; a decode batch of 9 to 64 pays it at every step.
 ///
 /// # Safety
 /// `out`, `a` and `blocks` must be live device allocations of `m·n` (of `out_type`), `m·k` bf16
-/// and `n·k/256` Q4_K blocks; `tile` of `tile_elements` bf16 values; all on `dev`'s stream.
+/// and `n·k` values in `ty` blocks; `tile` of `tile_elements` bf16 values; all on `dev`'s stream.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q4k_linear(
+pub unsafe fn ggml_linear(
     dev: &GpuDevice,
     out: CUdeviceptr,
     out_type: OutType,
     a: CUdeviceptr,
-    blocks: CUdeviceptr,
+    (ty, blocks): (GgmlType, CUdeviceptr),
     (tile, tile_elements): (CUdeviceptr, usize),
     m: usize,
     k: usize,
     n: usize,
 ) -> Result<(), CudaError> {
-    use crate::model::gguf::GgmlType;
-    if !k.is_multiple_of(256) || tile_elements < k {
-        return Err(CudaError::Config(format!("a Q4_K product of K {k} with a tile of {tile_elements}")));
+    if !k.is_multiple_of(ty.block_size()) || tile_elements < k {
+        return Err(CudaError::Config(format!("a {ty:?} product of K {k} with a tile of {tile_elements}")));
     }
     let rows_per_tile = tile_elements / k;
-    let row_bytes = (k / 256 * 144) as u64;
+    let row_bytes = (k / ty.block_size() * ty.type_size()) as u64;
     let out_bytes = if out_type == OutType::F32 { 4 } else { 2 };
     for first in (0..n).step_by(rows_per_tile) {
         let rows = rows_per_tile.min(n - first);
-        let superblocks = rows * k / 256;
-        let config = cudarc::driver::LaunchConfig {
-            grid_dim: (superblocks.div_ceil(256).min(65_535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        super::launchers::dequant_ggml(dev, config, tile, blocks + first as u64 * row_bytes, GgmlType::Q4_K as i32, rows as i32, k as i32, 0)?;
+        let config = super::launch::dequant_config(rows, k);
+        super::launchers::dequant_ggml(dev, config, tile, blocks + first as u64 * row_bytes, ty as i32, rows as i32, k as i32, 0)?;
         cublas_linear_strided(dev, out + (first * out_bytes) as u64, n, out_type, a, tile, m, k, rows)?;
     }
     Ok(())

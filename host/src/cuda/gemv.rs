@@ -1,6 +1,7 @@
 //! The small-M linear layer (`kernels/gemv.cu`): `out[m×n] = input[m×k] · wᵀ (+ bias)` for
-//! m ≤ 8, a single weight stream at full bandwidth where cuBLAS is slow; bf16 weights, or FP8
-//! (E4M3 with a scale per row) at half the bytes. Its input staging can
+//! m ≤ 8, a single weight stream at full bandwidth where cuBLAS is slow; bf16 weights, FP8 (E4M3
+//! with a scale per row) at half the bytes, or GGUF blocks kept quantized (`kernels/ggml.cu`,
+//! with the input quantized to int8 per 32 values). Its input staging can
 //! also compute the element-wise step before the product (SiLU-and-multiply, or the residual
 //! add and RMSNorm), which saves a launch and a round trip through memory at batch 1–8.
 //!
@@ -13,6 +14,7 @@ use cudarc::driver::LaunchConfig;
 use super::gemm::OutType;
 use super::launch::{gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode, WeightFormat};
 use super::launchers;
+use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
 
 /// Where the GEMV's input rows come from (device pointers; 0 is "none" where optional).
@@ -47,8 +49,8 @@ pub enum GemvWeight {
     Bf16(CUdeviceptr),
     /// E4M3 values and a float32 scale per row.
     Fp8 { values: CUdeviceptr, scales: CUdeviceptr },
-    /// GGUF Q4_K super-blocks, row after row (16-byte aligned: 144 bytes each).
-    Q4K(CUdeviceptr),
+    /// GGUF blocks of a kept type (`WeightFormat::KEPT_GGML`), row after row.
+    Ggml { ty: GgmlType, blocks: CUdeviceptr },
 }
 
 impl GemvWeight {
@@ -56,14 +58,14 @@ impl GemvWeight {
         match self {
             GemvWeight::Bf16(_) => WeightFormat::Bf16,
             GemvWeight::Fp8 { .. } => WeightFormat::Fp8,
-            GemvWeight::Q4K(_) => WeightFormat::Q4K,
+            GemvWeight::Ggml { ty, .. } => WeightFormat::Ggml(*ty),
         }
     }
 
     /// The values and the scales (0 for bf16).
     fn pointers(&self) -> (CUdeviceptr, CUdeviceptr) {
         match *self {
-            GemvWeight::Bf16(values) | GemvWeight::Q4K(values) => (values, 0),
+            GemvWeight::Bf16(values) | GemvWeight::Ggml { blocks: values, .. } => (values, 0),
             GemvWeight::Fp8 { values, scales } => (values, scales),
         }
     }

@@ -3,6 +3,7 @@
 //! prefill and which to the decode attention kernel, how many split-K partitions decode attention
 //! uses, and which CUDA-graph bucket a decode batch falls in.
 
+use crate::model::gguf::GgmlType;
 use crate::runner::ForwardBatch;
 
 /// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`), keys per
@@ -230,6 +231,13 @@ pub fn moe_gemm_config(cols: usize, most_tiles: usize) -> cudarc::driver::Launch
     }
 }
 
+/// The launch of `dequant_ggml` (`kernels/ggml.cu`) over `rows` rows of `cols` values: a thread
+/// per 8 values, grid-stride beyond 65,535 blocks of 256.
+pub fn dequant_config(rows: usize, cols: usize) -> cudarc::driver::LaunchConfig {
+    let groups = rows * cols.div_ceil(8);
+    cudarc::driver::LaunchConfig { grid_dim: (groups.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// Threads per block for a row-wise kernel over `width` elements: a multiple of 32, at most 1024.
 pub fn row_threads(width: usize) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, 1024) as u32
@@ -248,6 +256,11 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// K = 4096, or one row of K = 49152.
 pub const GEMV_MAX_SHARED: usize = 96 * 1024;
 
+/// The same for the GEMV from GGUF blocks, whose staged rows take 1.25 bytes a value: 8 rows of
+/// the Llama-3.1-8B down projection (K = 14336, 143 KB) fit in one block per multiprocessor
+/// (sm_90 allows 227 KB; sm_80 163 KB, where such a product falls back to tiles).
+pub const GGML_GEMV_MAX_SHARED: usize = 200 * 1024;
+
 /// What the GEMV's input staging computes (`MODE` in `kernels/gemv.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvMode {
@@ -265,35 +278,54 @@ pub enum WeightFormat {
     Bf16,
     /// E4M3 with a float32 scale per row (`model::fp8`), on sm_89 and newer.
     Fp8,
-    /// GGUF Q4_K blocks as stored (256 weights in 144 bytes), kept quantized.
-    Q4K,
+    /// GGUF blocks as stored, kept quantized: one of `WeightFormat::KEPT_GGML`.
+    Ggml(GgmlType),
 }
 
 impl WeightFormat {
+    /// The GGUF types the device keeps quantized and reads in its products (`kernels/ggml.cu`);
+    /// every other type is dequantized to bf16 at load.
+    pub const KEPT_GGML: [GgmlType; 6] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
+
+    /// The format of kept GGUF blocks of `ty`, if the device keeps that type.
+    pub fn kept(ty: GgmlType) -> Option<WeightFormat> {
+        Self::KEPT_GGML.contains(&ty).then_some(WeightFormat::Ggml(ty))
+    }
+
     /// What K must be a multiple of for the GEMV: the weights of a 16-byte vector of a row (of a
-    /// 144-byte super-block for Q4_K).
+    /// ggml block).
     pub fn per_vector(self) -> usize {
         match self {
             WeightFormat::Bf16 => 8,
             WeightFormat::Fp8 => 16,
-            WeightFormat::Q4K => 256,
+            WeightFormat::Ggml(ty) => ty.block_size(),
         }
     }
 
-    /// Output rows a GEMV warp streams at once (`GemvRows` in `kernels/gemv.cu`): FP8 rows are
-    /// half as long in bytes, so a warp takes two to keep as many bytes in flight.
+    /// Output rows a GEMV warp streams at once (`GemvRows` in `kernels/gemv.cu`, `RPW` in
+    /// `kernels/ggml.cu`): FP8 and quantized rows are shorter in bytes, so a warp takes two to
+    /// keep as many bytes in flight.
     pub fn rows_per_warp(self) -> usize {
         match self {
             WeightFormat::Bf16 => 1,
-            WeightFormat::Fp8 | WeightFormat::Q4K => 2,
+            WeightFormat::Fp8 | WeightFormat::Ggml(_) => 2,
         }
     }
 
-    /// The most input rows its GEMV takes: the Q4_K kernel is one row's (single-stream decode).
-    pub fn gemv_max_rows(self) -> usize {
+    /// The most dynamic shared memory its GEMV kernels opt in to.
+    pub fn gemv_max_shared(self) -> usize {
         match self {
-            WeightFormat::Bf16 | WeightFormat::Fp8 => GEMV_MAX_ROWS,
-            WeightFormat::Q4K => 1,
+            WeightFormat::Bf16 | WeightFormat::Fp8 => GEMV_MAX_SHARED,
+            WeightFormat::Ggml(_) => GGML_GEMV_MAX_SHARED,
+        }
+    }
+
+    /// The name of its GEMV kernels' weight part: "" (bf16), "fp8_", "q4_k_", ...
+    fn kernel_part(self) -> String {
+        match self {
+            WeightFormat::Bf16 => String::new(),
+            WeightFormat::Fp8 => "fp8_".into(),
+            WeightFormat::Ggml(ty) => format!("{ty:?}_").to_lowercase(),
         }
     }
 }
@@ -311,13 +343,10 @@ pub fn gemv_padded_rows(m: usize) -> usize {
 }
 
 /// Whether the GEMV takes `m` rows of width `k` of weights in `format`: 1 to 8 rows, whole
-/// 16-byte vectors (k a multiple of 8 in bf16, 16 in FP8), and the padded rows fit its shared
-/// memory (k up to 6144 at 8 rows, 49152 at one).
+/// 16-byte vectors (k a multiple of 8 in bf16, 16 in FP8) or ggml blocks, and the padded rows fit
+/// its shared memory (bf16: k up to 6144 at 8 rows, 49152 at one).
 pub fn gemv_supports(m: usize, k: usize, format: WeightFormat) -> bool {
-    (1..=format.gemv_max_rows()).contains(&m)
-        && k > 0
-        && k.is_multiple_of(format.per_vector())
-        && gemv_shared_bytes(m, k, format) <= GEMV_MAX_SHARED
+    (1..=GEMV_MAX_ROWS).contains(&m) && k > 0 && k.is_multiple_of(format.per_vector()) && gemv_shared_bytes(m, k, format) <= format.gemv_max_shared()
 }
 
 /// Weights (elements) up to which the GEMV takes 2 to 8 rows: there the products are
@@ -342,17 +371,18 @@ pub fn gemv_prefers(m: usize, k: usize, n: usize, format: WeightFormat) -> bool 
         WeightFormat::Bf16 => m == 1 && k >= GEMV_STREAM_MIN_K,
         WeightFormat::Fp8 => m <= FP8_GEMV_STREAM_ROWS,
         // The alternative dequantizes the whole weight to bf16 first.
-        WeightFormat::Q4K => true,
+        WeightFormat::Ggml(_) => true,
     };
     gemv_supports(m, k, format) && n > 0 && (n * k <= GEMV_SMALL_WEIGHTS || stream)
 }
 
-/// Dynamic shared memory of one GEMV block: the padded input rows in bf16; for Q4_K also the row
-/// in float and the sum of every 16 values (`gemv_q4k_body`).
+/// Dynamic shared memory of one GEMV block: the padded input rows in bf16; from ggml blocks the
+/// rows in int8, a float scale and a float sum per 32 values (`stage_q8` in `kernels/ggml.cu`).
 pub fn gemv_shared_bytes(m: usize, k: usize, format: WeightFormat) -> usize {
     match format {
         WeightFormat::Bf16 | WeightFormat::Fp8 => gemv_padded_rows(m) * k * 2,
-        WeightFormat::Q4K => k * 2 + k * 4 + k / 16 * 4,
+        // The int8 rows take whole 128 bytes (`xq_at` permutes 16-byte slots within them).
+        WeightFormat::Ggml(_) => (gemv_padded_rows(m) * k).next_multiple_of(128) + gemv_padded_rows(m) * k / 32 * 8,
     }
 }
 
@@ -362,23 +392,17 @@ pub fn gemv_kernel_name(mode: GemvMode, m: usize, format: WeightFormat) -> Strin
         GemvMode::SiluMul => "silu_",
         GemvMode::AddNorm => "norm_",
     };
-    let format = match format {
-        WeightFormat::Bf16 => "",
-        WeightFormat::Fp8 => "fp8_",
-        WeightFormat::Q4K => "q4k_",
-    };
-    format!("gemv_{format}{mode}m{}", gemv_padded_rows(m))
+    format!("gemv_{}{mode}m{}", format.kernel_part(), gemv_padded_rows(m))
 }
 
-/// Every GEMV kernel (weight format, mode and padded row count), for the device's start-up
-/// settings.
-pub fn gemv_kernel_names() -> Vec<String> {
+/// Every GEMV kernel (weight format, mode and padded row count) with its format, for the
+/// device's start-up settings.
+pub fn gemv_kernels() -> Vec<(String, WeightFormat)> {
     let modes = [GemvMode::Plain, GemvMode::SiluMul, GemvMode::AddNorm];
-    [WeightFormat::Bf16, WeightFormat::Fp8, WeightFormat::Q4K]
-        .iter()
-        .flat_map(|&format| {
-            let rows: Vec<usize> = [1, 2, 4, 8].into_iter().filter(|&m| m <= format.gemv_max_rows()).collect();
-            modes.iter().flat_map(move |&mode| rows.clone().into_iter().map(move |m| gemv_kernel_name(mode, m, format)))
+    let formats = [WeightFormat::Bf16, WeightFormat::Fp8].into_iter().chain(WeightFormat::KEPT_GGML.map(WeightFormat::Ggml));
+    formats
+        .flat_map(|format| {
+            modes.iter().flat_map(move |&mode| [1, 2, 4, 8].into_iter().map(move |m| (gemv_kernel_name(mode, m, format), format)))
         })
         .collect()
 }
@@ -560,12 +584,6 @@ mod tests {
         assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3, Bf16), "gemv_silu_m4");
         assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5, Bf16), "gemv_norm_m8");
         assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 2, Fp8), "gemv_fp8_norm_m2");
-        let compiled = pagedserve_kernels::MODULES
-            .iter()
-            .find(|m| m.name == "gemv")
-            .unwrap()
-            .functions;
-        assert!(gemv_kernel_names().iter().all(|name| compiled.contains(&name.as_str())), "every name is a compiled kernel");
         // One warp per row while the grid is small; capped at one resident wave (132 SMs).
         assert_eq!(gemv_grid(576, 16, 132, 1), 36);
         assert_eq!(gemv_grid(1001, 16, 132, 1), 63);
@@ -577,12 +595,22 @@ mod tests {
         assert_eq!(gemv_block_warps(100, 132), 4);
         assert_eq!(gemv_block_warps(4096, 132), 16);
         assert_eq!(gemv_grid(576, gemv_block_warps(576, 132), 132, 1), 72);
-        assert_eq!(gemv_kernel_names().len(), 27);
-        assert!(gemv_supports(1, 14336, WeightFormat::Q4K) && !gemv_supports(2, 4096, WeightFormat::Q4K), "Q4_K: one row");
-        assert!(!gemv_supports(1, 4000, WeightFormat::Q4K), "whole super-blocks");
-        assert_eq!(gemv_shared_bytes(1, 4096, WeightFormat::Q4K), 4096 * 6 + 1024);
-        assert!(gemv_prefers(1, 4096, 6144, WeightFormat::Q4K) && gemv_prefers(1, 4096, 100, WeightFormat::Q4K));
-        assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 1, WeightFormat::Q4K), "gemv_q4k_silu_m1");
+        assert_eq!(gemv_kernels().len(), 8 * 12, "bf16, FP8 and six ggml types, 3 modes x 4 row counts");
+        let q4k = WeightFormat::Ggml(GgmlType::Q4_K);
+        assert!(gemv_supports(1, 14336, q4k) && gemv_supports(8, 14336, q4k) && !gemv_supports(9, 4096, q4k));
+        assert!(!gemv_supports(1, 4000, q4k), "whole super-blocks");
+        assert!(gemv_supports(1, 576, WeightFormat::Ggml(GgmlType::Q4_1)), "32-value blocks");
+        assert_eq!(gemv_shared_bytes(1, 576, WeightFormat::Ggml(GgmlType::Q4_1)), 640 + 18 * 8, "int8 rows in whole 128 bytes");
+        assert_eq!(gemv_shared_bytes(1, 4096, q4k), 4096 + 1024);
+        assert_eq!(gemv_shared_bytes(3, 4096, q4k), 4 * (4096 + 1024));
+        assert!(gemv_prefers(1, 4096, 6144, q4k) && gemv_prefers(8, 4096, 100, q4k));
+        assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 1, q4k), "gemv_q4_k_silu_m1");
+        assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 3, WeightFormat::Ggml(GgmlType::Q8_0)), "gemv_q8_0_norm_m4");
+        assert_eq!(WeightFormat::kept(GgmlType::Q2_K), None);
+        let defined: Vec<&str> = pagedserve_kernels::MODULES.iter().flat_map(|m| m.functions.iter().copied()).collect();
+        for (name, _) in gemv_kernels() {
+            assert!(defined.contains(&name.as_str()), "{name} is not a kernel of any module");
+        }
     }
 
     #[test]

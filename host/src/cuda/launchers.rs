@@ -241,7 +241,7 @@ mod tests {
             ("gelu_tanh_and_mul", "activation", "gelu_tanh_and_mul"),
             ("softcap_rows", "activation", "softcap_rows"),
             ("moe_route", "moe", "moe_route"),
-            ("dequant_ggml", "dequant", "dequant_ggml"),
+            ("dequant_ggml", "ggml", "dequant_ggml"),
             ("moe_group", "moe", "moe_group"),
             ("moe_gemm", "moe", "moe_gemm"),
             ("moe_combine", "moe", "moe_combine"),

@@ -19,6 +19,7 @@ use super::kv_cache::GpuKvCache;
 use super::launch::{plan_attention, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
 use super::sampling::sample_on_device;
 use super::weights::{GpuMatrix, GpuStore, GpuWeights, MatrixData};
+use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::{CpuMatrix, CpuModel};
@@ -84,16 +85,17 @@ impl GpuModel {
     /// Every weight of `config`'s architecture from `source`, straight to the device (see
     /// `cuda::weights`): no host copy of the model is made.
     pub fn load(dev: Arc<GpuDevice>, config: ModelConfig, source: &dyn WeightSource) -> Result<Self, CudaError> {
-        Self::load_with(dev, config, source, false)
+        Self::load_with(dev, config, source, None)
     }
 
-    /// As `load`; with `keep_q4k`, GGUF Q4_K layer projections and heads stay quantized on the
-    /// device (and dummy ones are drawn as Q4_K blocks): see `GpuStore::keeping_q4k`.
-    pub fn load_with(dev: Arc<GpuDevice>, config: ModelConfig, source: &dyn WeightSource, keep_q4k: bool) -> Result<Self, CudaError> {
+    /// As `load`; with `keep_quantized`, GGUF layer projections and heads of the kept types stay
+    /// quantized on the device (and dummy ones are drawn as blocks of the given type): see
+    /// `GpuStore::keeping_quantized`.
+    pub fn load_with(dev: Arc<GpuDevice>, config: ModelConfig, source: &dyn WeightSource, keep_quantized: Option<GgmlType>) -> Result<Self, CudaError> {
         config.validate().map_err(|e| CudaError::Config(e.to_string()))?;
         check_supported(&config)?;
         let started = std::time::Instant::now();
-        let mut store = GpuStore::new(dev.clone()).with_unit_offset(config.norm_unit_offset).keeping_q4k(keep_q4k);
+        let mut store = GpuStore::new(dev.clone()).with_unit_offset(config.norm_unit_offset).keeping_quantized(keep_quantized);
         let total = config.num_parameters() as u64 * GpuStore::BYTES_PER_ELEMENT;
         let weights = config
             .architecture
@@ -191,11 +193,25 @@ impl GpuModel {
         self.matrices().filter(|m| m.format() == super::launch::WeightFormat::Fp8).map(|m| m.cols).max().unwrap_or(0)
     }
 
-    /// Elements of the bf16 tile a Q4_K product of more than one row dequantizes its weight into
-    /// (`gemm::q4k_linear`): the largest Q4_K matrix, at most `Q4K_TILE_ELEMENTS`; 0 without any.
-    pub(crate) fn q4k_tile_elements(&self) -> usize {
-        let largest = self.matrices().filter(|m| m.format() == super::launch::WeightFormat::Q4K).map(|m| m.rows * m.cols).max();
-        largest.map_or(0, |e| e.min(super::gemm::Q4K_TILE_ELEMENTS))
+    /// Elements of the bf16 tile a quantized GGUF product of more rows than the GEMV takes
+    /// dequantizes its weight into (`gemm::ggml_linear`): the largest such matrix, at most
+    /// `GGML_TILE_ELEMENTS`; 0 without any.
+    pub(crate) fn ggml_tile_elements(&self) -> usize {
+        let largest = self.matrices().filter(|m| matches!(m.format(), super::launch::WeightFormat::Ggml(_))).map(|m| m.rows * m.cols).max();
+        largest.map_or(0, |e| e.min(super::gemm::GGML_TILE_ELEMENTS))
+    }
+
+    /// Device bytes of the embedding, the dense projections and the head, per weight format (in
+    /// the order formats first appear): what `--keep-quantized` or `--quantization` saves.
+    pub fn bytes_by_format(&self) -> Vec<(super::launch::WeightFormat, usize)> {
+        let mut out: Vec<(super::launch::WeightFormat, usize)> = Vec::new();
+        for m in self.matrices() {
+            match out.iter_mut().find(|(f, _)| *f == m.format()) {
+                Some((_, bytes)) => *bytes += m.bytes(),
+                None => out.push((m.format(), m.bytes())),
+            }
+        }
+        out
     }
 
     /// The embedding, every dense layer's projections and the untied head (not MoE experts).
@@ -216,7 +232,7 @@ impl GpuModel {
         let c = &self.config;
         // Only the experts a token is routed to are read (the same as every weight when dense).
         let matrices = c.num_active_parameters() - c.hidden_size * (2 * c.num_hidden_layers + 1);
-        // Quantized matrices (FP8, Q4_K) read fewer bytes than their bf16 count.
+        // Quantized matrices (FP8, GGUF blocks) read fewer bytes than their bf16 count.
         let saved: usize = self.matrices().map(|m| (m.rows * m.cols * 2).saturating_sub(m.bytes())).sum();
         matrices * 2 + c.hidden_size * (2 * c.num_hidden_layers + 1) * 4 - saved
     }
@@ -292,7 +308,7 @@ impl GpuBackend {
         check_supported(c)?;
         let arena = forward::plan(&model)?;
         let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
-        let scratch = Scratch::new(&arena, model.fp8_width(), model.q4k_tile_elements());
+        let scratch = Scratch::new(&arena, model.fp8_width(), model.ggml_tile_elements());
         Ok(GpuBackend {
             model,
             cache,
@@ -397,7 +413,7 @@ impl GpuBackend {
 
     /// A fresh arena for this model (a graph's own buffers).
     pub(crate) fn new_scratch(&self) -> Scratch {
-        Scratch::new(&self.arena, self.model.fp8_width(), self.model.q4k_tile_elements())
+        Scratch::new(&self.arena, self.model.fp8_width(), self.model.ggml_tile_elements())
     }
 }
 

@@ -4,9 +4,13 @@
 //!
 //! Host memory: tensors a source lends raw (memory-mapped safetensors) in bfloat16 are copied
 //! straight from the map; float16 or float32 ones go through a staging buffer of `CONVERT_CHUNK`
-//! values; others (GGUF,
-//! dequantized to float32) cost one tensor's float32 copy at a time. Dummy weights are drawn on
-//! the device and never touch the host.
+//! values; GGUF blocks are copied as stored and dequantized on the device (`kernels/ggml.cu`);
+//! anything else costs one tensor's float32 copy at a time. Dummy weights are drawn on the device
+//! and never touch the host.
+//!
+//! GGUF kept quantized (`GpuStore::keeping_quantized`, `--keep-quantized`): layer projections and
+//! untied heads stored in Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K stay in their blocks on the device
+//! (`MatrixData::Ggml`), which the products read directly (see `cuda::gemv` and `gemm::ggml_linear`).
 //!
 //! FP8: `GpuMatrix::quantize_fp8` turns a loaded bf16 matrix into E4M3 with a scale per row on the
 //! device (`kernels/fp8.cu`, the format of `model::fp8`), freeing the bf16 copy; `--quantization
@@ -18,7 +22,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::{bf16, f16};
 
 use super::gemv::GemvWeight;
-use super::launch::{row_threads, WeightFormat};
+use super::launch::{dequant_config, row_threads, WeightFormat};
 use super::launchers;
 use super::model::ptr;
 use super::{CudaError, GpuDevice};
@@ -47,8 +51,9 @@ pub enum MatrixData {
     Bf16(CudaSlice<bf16>),
     /// E4M3 bit patterns, row-major, and a float32 scale per row (`model::fp8::Fp8Matrix`).
     Fp8 { values: CudaSlice<u8>, scales: CudaSlice<f32> },
-    /// GGUF Q4_K super-blocks as stored, row after row (rows in Hugging Face's order).
-    Q4K(CudaSlice<u8>),
+    /// GGUF blocks of a kept type (`WeightFormat::KEPT_GGML`) as stored, row after row (rows in
+    /// Hugging Face's order).
+    Ggml { ty: GgmlType, blocks: CudaSlice<u8> },
 }
 
 /// Elements converted on the host per upload when a tensor is not stored as bfloat16.
@@ -63,27 +68,29 @@ pub struct GpuStore {
     vector_offset: f32,
     /// Stored GGUF blocks on their way to `dequant_ggml`, grown to the largest tensor.
     staging: Option<CudaSlice<u8>>,
-    /// Keep GGUF Q4_K projections and heads as stored (`MatrixData::Q4K`) instead of
-    /// dequantizing them; with dummy weights, draw Q4_K blocks for them.
-    keep_q4k: bool,
+    /// Keep GGUF projections and heads of the kept types as stored (`MatrixData::Ggml`) instead
+    /// of dequantizing them; with dummy weights, draw blocks of this type for them.
+    keep_quantized: Option<GgmlType>,
 }
 
 impl GpuStore {
     pub fn new(dev: Arc<GpuDevice>) -> Self {
-        GpuStore { dev, bytes: 0, vector_offset: 0.0, staging: None, keep_q4k: false }
+        GpuStore { dev, bytes: 0, vector_offset: 0.0, staging: None, keep_quantized: None }
     }
 
-    /// Keeps GGUF Q4_K layer projections and output heads quantized on the device (see
-    /// `keeps_q4k`); dummy weights of those matrices become random Q4_K blocks.
-    pub fn keeping_q4k(mut self, keep: bool) -> Self {
-        self.keep_q4k = keep;
+    /// Keeps GGUF layer projections and output heads of the kept types quantized on the device
+    /// (see `kept_type`); dummy weights of those matrices become random blocks of `dummy_type`
+    /// (`None`: dequantize everything to bf16, the default).
+    pub fn keeping_quantized(mut self, dummy_type: Option<GgmlType>) -> Self {
+        self.keep_quantized = dummy_type;
         self
     }
 
-    /// Whether the matrix made of `parts` stays in Q4_K: every part is a dense layer projection
-    /// or the untied head (the embedding feeds a gather, and experts and routers the MoE
-    /// kernels, which read bf16) stored as Q4_K, or a dummy one, in whole super-blocks.
-    fn keeps_q4k(&self, cols: usize, parts: &[Part<'_>]) -> Result<bool, ModelError> {
+    /// The type the matrix made of `parts` stays in, if it stays quantized: every part is a dense
+    /// layer projection or the untied head (the embedding feeds a gather, and experts and routers
+    /// the MoE kernels, which read bf16), all stored in one kept type (or all dummies, drawn in
+    /// the dummy type), in whole blocks.
+    fn kept_type(&self, cols: usize, parts: &[Part<'_>]) -> Result<Option<GgmlType>, ModelError> {
         const PROJECTIONS: [&str; 10] = [
             "q_proj.weight",
             "k_proj.weight",
@@ -96,34 +103,41 @@ impl GpuStore {
             "gate_up_proj.weight",
             "lm_head.weight",
         ];
-        if !self.keep_q4k || !cols.is_multiple_of(256) || parts.is_empty() {
-            return Ok(false);
-        }
+        let Some(dummy_type) = self.keep_quantized else { return Ok(None) };
+        let mut kept = None;
         for part in parts {
             if part.name.contains("experts") || !PROJECTIONS.iter().any(|suffix| part.name.ends_with(suffix)) {
-                return Ok(false);
+                return Ok(None);
             }
-            if !part.is_dummy() && !part.raw()?.is_some_and(|raw| raw.dtype == RawDtype::Ggml(GgmlType::Q4_K)) {
-                return Ok(false);
+            let ty = if part.is_dummy() {
+                dummy_type
+            } else {
+                match part.raw()?.map(|raw| raw.dtype) {
+                    Some(RawDtype::Ggml(ty)) => ty,
+                    _ => return Ok(None),
+                }
+            };
+            if WeightFormat::kept(ty).is_none() || kept.is_some_and(|k| k != ty) || !cols.is_multiple_of(ty.block_size()) {
+                return Ok(None);
             }
+            kept = Some(ty);
         }
-        Ok(true)
+        Ok(kept)
     }
 
-    /// The Q4_K blocks of `parts`, one after another, each part's Q/K rows put back in Hugging
+    /// The `ty` blocks of `parts`, one after another, each part's Q/K rows put back in Hugging
     /// Face's order (whole rows of blocks move), or random blocks for dummy parts.
-    fn q4k_blocks(&self, name: &str, cols: usize, parts: &[Part<'_>]) -> Result<Vec<u8>, ModelError> {
-        let row_bytes = cols / 256 * 144;
+    fn kept_blocks(&self, name: &str, ty: GgmlType, cols: usize, parts: &[Part<'_>]) -> Result<Vec<u8>, ModelError> {
+        let row_bytes = cols / ty.block_size() * ty.type_size();
         let mut out = Vec::with_capacity(parts.iter().map(|p| p.rows).sum::<usize>() * row_bytes);
         for part in parts {
             if part.is_dummy() {
-                let seed = name_seed(&part.name);
-                out.extend(crate::model::sources::dummy_q4k_blocks(part.rows, cols, seed));
+                out.extend(crate::model::sources::dummy_ggml_blocks(ty, part.rows, cols, name_seed(&part.name))?);
                 continue;
             }
             let raw = part.raw()?.ok_or_else(|| ModelError::Format(format!("`{name}`: no stored blocks")))?;
             if raw.bytes.len() != part.rows * row_bytes {
-                return Err(ModelError::Shape(format!("`{}`: {} bytes of Q4_K for [{}, {cols}]", part.name, raw.bytes.len(), part.rows)));
+                return Err(ModelError::Shape(format!("`{}`: {} bytes of {ty:?} for [{}, {cols}]", part.name, raw.bytes.len(), part.rows)));
             }
             match raw.interleaved_qk_head_dim {
                 None => out.extend_from_slice(raw.bytes),
@@ -211,8 +225,7 @@ impl GpuStore {
         }
         let staging = self.staging.as_mut().expect("sized above");
         self.dev.stream.memcpy_htod(raw.bytes, &mut staging.slice_mut(..expected)).map_err(Self::err)?;
-        let blocks = rows * cols / ty.block_size();
-        let config = LaunchConfig { grid_dim: (blocks.div_ceil(256).min(65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let config = dequant_config(rows, cols);
         let out = ptr(&self.dev, dst) + (at * 2) as u64;
         let qk = raw.interleaved_qk_head_dim.unwrap_or(0) as i32;
         // SAFETY: `staging` holds the tensor's `rows * cols` values as `ty` blocks; `dst` holds
@@ -260,15 +273,15 @@ impl WeightStore for GpuStore {
 
     fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<GpuMatrix, ModelError> {
         let dummy = parts.first().is_some_and(Part::is_dummy);
-        if self.keeps_q4k(cols, parts)? {
-            let blocks = self.q4k_blocks(name, cols, parts)?;
-            if blocks.len() != rows * cols / 256 * 144 {
-                return Err(ModelError::Shape(format!("`{name}`: {} bytes of Q4_K for [{rows}, {cols}]", blocks.len())));
+        if let Some(ty) = self.kept_type(cols, parts)? {
+            let blocks = self.kept_blocks(name, ty, cols, parts)?;
+            if blocks.len() != rows * cols / ty.block_size() * ty.type_size() {
+                return Err(ModelError::Shape(format!("`{name}`: {} bytes of {ty:?} for [{rows}, {cols}]", blocks.len())));
             }
             let bias = self.bias(bias, dummy, rows)?;
             self.bytes += blocks.len();
             let blocks = self.dev.stream.clone_htod(&blocks).map_err(Self::err)?;
-            return Ok(GpuMatrix { rows, cols, data: MatrixData::Q4K(blocks), bias });
+            return Ok(GpuMatrix { rows, cols, data: MatrixData::Ggml { ty, blocks }, bias });
         }
         let data = if dummy {
             self.random(name, rows * cols)?
@@ -300,7 +313,7 @@ impl GpuMatrix {
         match self.data {
             MatrixData::Bf16(_) => WeightFormat::Bf16,
             MatrixData::Fp8 { .. } => WeightFormat::Fp8,
-            MatrixData::Q4K(_) => WeightFormat::Q4K,
+            MatrixData::Ggml { ty, .. } => WeightFormat::Ggml(ty),
         }
     }
 
@@ -318,7 +331,7 @@ impl GpuMatrix {
         match &self.data {
             MatrixData::Bf16(data) => GemvWeight::Bf16(ptr(dev, data)),
             MatrixData::Fp8 { values, scales } => GemvWeight::Fp8 { values: ptr(dev, values), scales: ptr(dev, scales) },
-            MatrixData::Q4K(blocks) => GemvWeight::Q4K(ptr(dev, blocks)),
+            MatrixData::Ggml { ty, blocks } => GemvWeight::Ggml { ty: *ty, blocks: ptr(dev, blocks) },
         }
     }
 
@@ -327,7 +340,7 @@ impl GpuMatrix {
         match &self.data {
             MatrixData::Bf16(data) => data.len() * 2,
             MatrixData::Fp8 { values, scales } => values.len() + scales.len() * 4,
-            MatrixData::Q4K(blocks) => blocks.len(),
+            MatrixData::Ggml { blocks, .. } => blocks.len(),
         }
     }
 

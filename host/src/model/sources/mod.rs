@@ -5,6 +5,6 @@ mod dummy;
 mod gguf;
 mod safetensors;
 
-pub use self::dummy::{dummy_q4k_blocks, DummySource};
+pub use self::dummy::{dummy_ggml_blocks, DummySource};
 pub use self::gguf::GgufSource;
 pub use self::safetensors::{index_shards, read_header, HeaderEntry, SafetensorsSource};
