@@ -28,6 +28,8 @@ pub struct GpuDevice {
     pub name: String,
     pub arch: String,
     pub num_sms: usize,
+    /// The most dynamic shared memory a block may opt in to (227 KB on sm_90).
+    pub max_shared_optin: usize,
     /// Resident blocks per multiprocessor of the decode attention kernel, by head dimension.
     decode_blocks_per_sm: Vec<(usize, usize)>,
     /// Which of our kernels are launched as programmatic dependents of the kernel before them
@@ -141,6 +143,7 @@ impl GpuDevice {
             name,
             arch,
             num_sms,
+            max_shared_optin: opt_in,
             decode_blocks_per_sm,
             pdl: AtomicU8::new(pdl as u8),
             gemv_occupancy: Mutex::new(HashMap::new()),

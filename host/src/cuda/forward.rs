@@ -286,7 +286,10 @@ impl<'a> GpuOps<'a> {
 
     /// Whether the GEMV runs the product of an `[m, k]` input with `w` (`[n, k]`).
     fn gemv_runs(&self, m: usize, w: &GpuMatrix) -> bool {
-        self.gemv && gemv_prefers(m, w.cols, w.rows, w.format())
+        // A device that allows less shared memory than the format's GEMV may take (sm_86: 99 KB
+        // against the GGUF GEMV's 200) runs the larger stagings through cuBLAS instead.
+        let fits = super::launch::gemv_shared_bytes(m, w.cols, w.format()) <= self.dev().max_shared_optin;
+        self.gemv && fits && gemv_prefers(m, w.cols, w.rows, w.format())
     }
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
