@@ -232,40 +232,26 @@ __device__ __forceinline__ int dot_nibbles(u32 q0, u32 q1, u32 q2, u32 q3, int s
 template <int TYPE>
 struct GgmlUnit;
 
-template <>
-struct GgmlUnit<2> {  // Q4_0: d, then 16 bytes of nibbles (value j low, j + 16 high)
-    static constexpr int VALUES = 32, BYTES = 18, WEIGHTS = 32;
-    u32 q[4];
-    float d;
-    __device__ __forceinline__ void load(const unsigned char* row, int u) {
-        const unsigned char* b = row + (u64)u * BYTES;
-        d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(b)));
-#pragma unroll
-        for (int i = 0; i < 4; ++i) q[i] = ldg_u16x2(b + 2 + 4 * i);
-    }
-    __device__ __forceinline__ void zero() { d = 0.0f, q[0] = q[1] = q[2] = q[3] = 0; }
-    template <int MP>
-    __device__ __forceinline__ void dot(int u, const signed char* xq, const float* xd, const float* xs, int k, float* acc) const {
-#pragma unroll
-        for (int r = 0; r < MP; ++r) {
-            const int at = r * k + 32 * u;
-            const int s = dot_nibbles(q[0], q[1], q[2], q[3], 0, x16(xq, at)) + dot_nibbles(q[0], q[1], q[2], q[3], 4, x16(xq, at + 16));
-            acc[r] += d * (xd[at >> 5] * (float)s - 8.0f * xs[at >> 5]);
-        }
-    }
-};
-
-template <>
-struct GgmlUnit<3> {  // Q4_1: d, m, then 16 bytes of nibbles
-    static constexpr int VALUES = 32, BYTES = 20, WEIGHTS = 32;
+// Q4_0 (d, then 16 bytes of nibbles: value j low, j + 16 high; weight d·(q − 8)) and Q4_1 (d, m,
+// then the nibbles; weight d·q + m): both are d·Σ q·x + m·Σ x, with m = −8d for Q4_0.
+template <bool Q41>
+struct GgmlUnitQ4 {
+    static constexpr int VALUES = 32, BYTES = Q41 ? 20 : 18, WEIGHTS = 32;
     u32 q[4];
     float d, m;
     __device__ __forceinline__ void load(const unsigned char* row, int u) {
-        const u32* b = reinterpret_cast<const u32*>(row + (u64)u * BYTES);
-        const u32 head = __ldg(b);
-        d = f16_bits(head), m = f16_bits(head >> 16);
+        const unsigned char* b = row + (u64)u * BYTES;
+        if constexpr (Q41) {  // 4-byte aligned blocks
+            const u32* w = reinterpret_cast<const u32*>(b);
+            const u32 head = __ldg(w);
+            d = f16_bits(head), m = f16_bits(head >> 16);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) q[i] = __ldg(b + 1 + i);
+            for (int i = 0; i < 4; ++i) q[i] = __ldg(w + 1 + i);
+        } else {
+            d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(b))), m = -8.0f * d;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) q[i] = ldg_u16x2(b + 2 + 4 * i);
+        }
     }
     __device__ __forceinline__ void zero() { d = m = 0.0f, q[0] = q[1] = q[2] = q[3] = 0; }
     template <int MP>
@@ -278,6 +264,10 @@ struct GgmlUnit<3> {  // Q4_1: d, m, then 16 bytes of nibbles
         }
     }
 };
+template <>
+struct GgmlUnit<2> : GgmlUnitQ4<false> {};
+template <>
+struct GgmlUnit<3> : GgmlUnitQ4<true> {};
 
 template <>
 struct GgmlUnit<8> {  // Q8_0: d, then 32 int8

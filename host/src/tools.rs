@@ -589,7 +589,6 @@ pub(crate) fn export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> 
 /// first, at the same batches.
 fn print_quantized_8b_steps(dev: &std::sync::Arc<pagedserve::cuda::GpuDevice>, copy: f64, args: &BenchGpuArgs, with_bf16: bool) -> anyhow::Result<()> {
     use pagedserve::bench::gpu;
-    let dev = dev.clone();
     let mut formats: Vec<(gpu::DummyWeights, String)> = Vec::new();
     if with_bf16 {
         formats.push((gpu::DummyWeights::Bf16, "bf16".into()));
@@ -602,7 +601,7 @@ fn print_quantized_8b_steps(dev: &std::sync::Arc<pagedserve::cuda::GpuDevice>, c
         formats.push((gpu::DummyWeights::Ggml(ty), format!("{ty:?}")));
     }
     for (weights, label) in formats {
-        let mut big = gpu::llama_8b_backend(&dev, 64, 2048, weights)?;
+        let mut big = gpu::llama_8b_backend(dev, 64, 2048, weights)?;
         let memory: Vec<String> = big.model().bytes_by_format().iter().map(|(f, b)| format!("{f:?} {:.2} GiB", *b as f64 / (1u64 << 30) as f64)).collect();
         println!(
             "Llama-3.1-8B {label}: {:.2} GiB of weights read per step; matrices on the device: {}",

@@ -271,8 +271,7 @@ impl ForwardStep {
 /// sequence, on `gpu` and `cpu` in the same order (the decode steps write the same cache slots,
 /// the one position after each prompt, so both see the same cache at every step).
 fn forward_steps(gpu: &mut GpuBackend, cpu: &mut CpuBackend, prompts: &[Vec<u32>], vocab: usize) -> Result<Vec<ForwardStep>, CudaError> {
-    let block_size = 16;
-    let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(block_size);
+    let (block_size, blocks_per_seq) = (16, forward_blocks_per_seq(prompts));
     let num_blocks = blocks_per_seq * prompts.len();
     let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
     let mut prefill = ForwardBatch::new(block_size, num_blocks);
@@ -298,9 +297,14 @@ fn forward_steps(gpu: &mut GpuBackend, cpu: &mut CpuBackend, prompts: &[Vec<u32>
     Ok(steps)
 }
 
+/// Blocks of 16 per sequence for `forward_steps` over `prompts` (the prompt and two more tokens).
+fn forward_blocks_per_seq(prompts: &[Vec<u32>]) -> usize {
+    (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(16)
+}
+
 /// Blocks enough for `forward_steps` over `prompts` with blocks of 16.
 fn forward_blocks(prompts: &[Vec<u32>]) -> usize {
-    (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(16) * prompts.len()
+    forward_blocks_per_seq(prompts) * prompts.len()
 }
 
 /// The forward of `cpu_model` with its projections quantized to FP8 on the device against the
