@@ -316,6 +316,19 @@ struct K5Bits {  // Q5_K's fifth bits of the 32 positions
 template <>
 struct K5Bits<false> {};
 
+// ggml's get_scale_min_k4 for sub-block `is` (0..7) of a K-quant super-block whose first 16 bytes
+// are `head`: d and dmin in head.x, the 12 scale bytes in head.y, head.z, head.w (sub-block `is`
+// reads byte is % 4 of each).
+__device__ __forceinline__ void k4_scale_min(const uint4& head, int is, float& sc, float& mn) {
+    const int t = is & 3;
+    const u32 by = (head.y >> (8 * t)) & 0xFF, bz = (head.z >> (8 * t)) & 0xFF, bw = (head.w >> (8 * t)) & 0xFF;
+    if (is < 4) {
+        sc = (float)(by & 63), mn = (float)(bz & 63);
+    } else {
+        sc = (float)((bw & 0x0F) | ((by >> 6) << 4)), mn = (float)((bw >> 4) | ((bz >> 6) << 4));
+    }
+}
+
 template <bool Q5>
 struct GgmlUnitK45 : K5Bits<Q5> {
     static constexpr int VALUES = 256, BYTES = Q5 ? 176 : 144, WEIGHTS = 64;
@@ -339,19 +352,9 @@ struct GgmlUnitK45 : K5Bits<Q5> {
     __device__ __forceinline__ void dot(int u, const signed char* xq, const float* xd, const float* xs, int k, float* acc) const {
         const int p = u & 3;
         const float d = f16_bits(head.x), dmin = f16_bits(head.x >> 16);
-        // ggml's get_scale_min_k4 for sub-blocks 2p and 2p + 1: the 12 scale bytes are head.y,
-        // head.z, head.w, and sub-block `is` reads byte is % 4 of each.
         float sc[2], mn[2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int is = 2 * p + e, t = is & 3;
-            const u32 by = (head.y >> (8 * t)) & 0xFF, bz = (head.z >> (8 * t)) & 0xFF, bw = (head.w >> (8 * t)) & 0xFF;
-            if (is < 4) {
-                sc[e] = (float)(by & 63), mn[e] = (float)(bz & 63);
-            } else {
-                sc[e] = (float)((bw & 0x0F) | ((by >> 6) << 4)), mn[e] = (float)((bw >> 4) | ((bz >> 6) << 4));
-            }
-        }
+        for (int e = 0; e < 2; ++e) k4_scale_min(head, 2 * p + e, sc[e], mn[e]);
         const u32 w[8] = {qs[0].x, qs[0].y, qs[0].z, qs[0].w, qs[1].x, qs[1].y, qs[1].z, qs[1].w};
         u32 lo[8], hi[8];
 #pragma unroll
@@ -442,6 +445,29 @@ struct GgmlUnit<14> {
     }
 };
 
+// 8 values `f` of a 32-value group held by 4 neighbouring lanes, quantized as llama.cpp's q8_1:
+// int8 `packed` (the lowest byte first) with the group's scale d = amax / 127, and s = d · (the
+// group's sum of quantized values). Every lane of the warp must call it (shuffles).
+__device__ __forceinline__ void quantize_q8_group(const float (&f)[8], u32 (&packed)[2], float& d, float& s) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(f[e]));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float inv_d = amax > 0.0f ? 127.0f / amax : 0.0f;
+    packed[0] = packed[1] = 0;
+    int sum = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const int q = __float2int_rn(f[e] * inv_d);
+        sum += q;
+        packed[e >> 2] |= (u32)(q & 0xFF) << (8 * (e & 3));
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    d = amax / 127.0f, s = (float)sum * d;
+}
+
 // Stages the M input rows as int8 per 32 (see above) with the whole block; the caller
 // synchronizes after. `inv_rms` is MP floats of shared memory.
 template <int MODE, int MP>
@@ -511,25 +537,12 @@ __device__ __forceinline__ void stage_q8(signed char* xq, float* xd, float* xs, 
             }
             bf16x8_to_float(staged, f);
         }
-        float amax = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(f[e]));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        const float inv_d = amax > 0.0f ? 127.0f / amax : 0.0f;
-        u32 packed[2] = {0, 0};
-        int sum = 0;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int q = __float2int_rn(f[e] * inv_d);
-            sum += q;
-            packed[e >> 2] |= (u32)(q & 0xFF) << (8 * (e & 3));
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        u32 packed[2];
+        float d, s;
+        quantize_q8_group(f, packed, d, s);
         if (i < vecs) {
             *reinterpret_cast<uint2*>(xq + xq_at(8 * i)) = make_uint2(packed[0], packed[1]);
-            if ((i & 3) == 0) xd[i >> 2] = amax / 127.0f, xs[i >> 2] = (float)sum * (amax / 127.0f);
+            if ((i & 3) == 0) xd[i >> 2] = d, xs[i >> 2] = s;
         }
     }
 }
@@ -704,3 +717,254 @@ GEMV_GGML_KERNEL(gemv_q6_k_norm_m1, 14, GEMV_NORM, 1)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m2, 14, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m4, 14, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m8, 14, GEMV_NORM, 8)
+
+// ---- Batched products from blocks on the tensor cores (MMQ) ----
+// out[m, n] = x[m, :] · W[n, :] for 9 ≤ m ≤ 64, W in Q4_K blocks, as llama.cpp's MMQ: the weights'
+// 4-bit quants are int8 operands of `mma.sync m16n8k32` as they lie in the block, the input is
+// int8 per 32 values (q8_1, quantized once per product by `quantize_q8_mmq`), and each sub-block's
+// int32 products are scaled in float: Σ w·x = d·sc·xd·Σ q·xq − dmin·mn·xs per 32 values, the
+// GEMV's algebra on tensor cores.
+//
+// Input layout (`quantize_q8_mmq`, in the caller's scratch): for the TOKENS rows padded with zeros
+// to 16, 32 or 64, xq int8 [k/32][TOKENS][32] with each group's values permuted so that an MMA
+// B fragment is one 8-byte load (value 4t + i at byte 8t + i, value 16 + 4t + i at 8t + 4 + i), then
+// the scales xd and scaled sums xs, float [k/32][TOKENS] each. A super-block's share of all three
+// is contiguous, so it is copied to shared memory in three runs.
+//
+// A block of MMQ_WARPS warps owns MMQ_ROWS weight rows (warp w rows 16w .. 16w + 15) and all the
+// tokens, over the super-blocks (256 values of each row) of its split of k (grid y; one split
+// writes `out`, several write float partials [split][m][n] that `mmq_reduce` sums). Super-blocks
+// and their input stream through a MMQ_STAGES-deep ring of shared memory filled by cp.async, so a
+// block keeps the next ones in flight while it computes and the MMA loop reads only shared memory
+// (the first version read its input from global memory in the loop and was latency bound: 3x
+// slower than bf16 cuBLAS at 16 rows). The rows' stride of 144 bytes (36 words) puts the 8 rows of
+// an A fragment on distinct banks; a B fragment's 32 lanes read 256 contiguous bytes.
+
+#define MMQ_WARPS 4
+#define MMQ_ROWS (MMQ_WARPS * 16)
+#define MMQ_STAGES 3
+
+// 4 bytes at a 2-byte aligned shared-memory address.
+__device__ __forceinline__ u32 lds_u16x2(const unsigned char* p) {
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+    return (u32)h[0] | ((u32)h[1] << 16);
+}
+
+// What MMQ needs of a type: BYTES of 256 values of a row (one stage; whole 16-byte chunks),
+// STRIDE between the rows of a stage in shared memory (BYTES, or more where that many words
+// would put two of a fragment's 8 rows on one bank), and for sub-block j (values 32j .. 32j + 31)
+// of a stage row: a lane's A fragment words (values 4·tig .. + 3 and 16 + 4·tig .. + 3, as int8)
+// and the float factors of Σ w·x = ds·xd·Σ q·xq − dm·xs.
+template <int TYPE>
+struct MmqType;
+
+template <>
+struct MmqType<2> {  // Q4_0: 8 blocks of d, then value l low nibble of byte l, l + 16 its high one
+    static constexpr int BYTES = 144, STRIDE = 144;
+    __device__ __forceinline__ static void fragment(const unsigned char* row, int j, int tig, u32& a0, u32& a2, float& ds, float& dm) {
+        const unsigned char* b = row + 18 * j;
+        const u32 q = lds_u16x2(b + 2 + 4 * tig);
+        a0 = q & NIBBLES, a2 = (q >> 4) & NIBBLES;
+        ds = f16_bits(*reinterpret_cast<const unsigned short*>(b)), dm = 8.0f * ds;
+    }
+};
+template <>
+struct MmqType<3> {  // Q4_1: 8 blocks of d, m, then the nibbles as Q4_0's
+    static constexpr int BYTES = 160, STRIDE = 176;
+    __device__ __forceinline__ static void fragment(const unsigned char* row, int j, int tig, u32& a0, u32& a2, float& ds, float& dm) {
+        const unsigned char* b = row + 20 * j;
+        const u32 head = *reinterpret_cast<const u32*>(b), q = *reinterpret_cast<const u32*>(b + 4 + 4 * tig);
+        a0 = q & NIBBLES, a2 = (q >> 4) & NIBBLES;
+        ds = f16_bits(head), dm = -f16_bits(head >> 16);
+    }
+};
+template <>
+struct MmqType<8> {  // Q8_0: 8 blocks of d, then 32 int8
+    static constexpr int BYTES = 272, STRIDE = 272;
+    __device__ __forceinline__ static void fragment(const unsigned char* row, int j, int tig, u32& a0, u32& a2, float& ds, float& dm) {
+        const unsigned char* b = row + 34 * j;
+        a0 = lds_u16x2(b + 2 + 4 * tig), a2 = lds_u16x2(b + 18 + 4 * tig);
+        ds = f16_bits(*reinterpret_cast<const unsigned short*>(b)), dm = 0.0f;
+    }
+};
+// Q4_K and Q5_K: d, dmin, 12 scale bytes, (Q5_K: 32 bytes of fifth bits,) 128 bytes of nibbles;
+// sub-block j is the low (j even) or high nibbles of bytes 32·(j / 2) .. + 31, value l at byte l.
+template <bool Q5>
+struct MmqTypeK45 {
+    static constexpr int BYTES = Q5 ? 176 : 144, STRIDE = BYTES;
+    __device__ __forceinline__ static void fragment(const unsigned char* row, int j, int tig, u32& a0, u32& a2, float& ds, float& dm) {
+        const uint4 head = *reinterpret_cast<const uint4*>(row);
+        const unsigned char* q = row + (Q5 ? 48 : 16) + 32 * (j >> 1) + 4 * tig;
+        const int shift = 4 * (j & 1);
+        a0 = (*reinterpret_cast<const u32*>(q) >> shift) & NIBBLES, a2 = (*reinterpret_cast<const u32*>(q + 16) >> shift) & NIBBLES;
+        if constexpr (Q5) {
+            const u32 h0 = *reinterpret_cast<const u32*>(row + 16 + 4 * tig), h1 = *reinterpret_cast<const u32*>(row + 32 + 4 * tig);
+            a0 |= ((h0 >> j) & 0x01010101u) << 4, a2 |= ((h1 >> j) & 0x01010101u) << 4;
+        }
+        float sc, mn;
+        k4_scale_min(head, j, sc, mn);
+        ds = f16_bits(head.x) * sc, dm = f16_bits(head.x >> 16) * mn;
+    }
+};
+template <>
+struct MmqType<12> : MmqTypeK45<false> {};
+template <>
+struct MmqType<13> : MmqTypeK45<true> {};
+
+// One thread per 8 input values (4 neighbouring threads a group of 32), over [k/32][tokens][4].
+extern "C" __global__ void quantize_q8_mmq(signed char* __restrict__ xq, float* __restrict__ xd, float* __restrict__ xs,
+                                           const __nv_bfloat16* __restrict__ x, int m, int k, int tokens) {
+    PDL_ENTER();
+    const int vecs = (k >> 3) * tokens;
+    // The bound is the same for every lane of a warp (vecs is a multiple of 32), so each reaches every shuffle.
+    for (int base = blockIdx.x * blockDim.x; base < vecs; base += gridDim.x * blockDim.x) {
+        const int i = base + threadIdx.x, part = i & 3, token = (i >> 2) % tokens, group = (i >> 2) / tokens;
+        float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (i < vecs && token < m) bf16x8_to_float(reinterpret_cast<const uint4*>(x + (u64)token * k + 32 * group)[part], f);
+        u32 packed[2];
+        float d, s;
+        quantize_q8_group(f, packed, d, s);
+        if (i < vecs) {
+            // Values 8·part .. + 3 are 4t .. 4t + 3 (+ 16 for part ≥ 2) with t = 2·(part % 2); + 4 .. 7 are t + 1.
+            signed char* g = xq + ((u64)group * tokens + token) * 32 + 16 * (part & 1) + 4 * (part >> 1);
+            *reinterpret_cast<u32*>(g) = packed[0];
+            *reinterpret_cast<u32*>(g + 8) = packed[1];
+            if (part == 0) xd[group * tokens + token] = d, xs[group * tokens + token] = s;
+        }
+    }
+}
+
+template <int TYPE, int TOKENS>
+__device__ __forceinline__ void mmq_body(void* __restrict__ out, int out_f32, float* __restrict__ partial,
+                                              const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                              const float* __restrict__ xs, const unsigned char* __restrict__ w, int m,
+                                              int n, int k, int split_sbs) {
+    using T = MmqType<TYPE>;
+    constexpr int NT = TOKENS / 8, W_BYTES = MMQ_ROWS * T::STRIDE, X_BYTES = TOKENS * 256, STAGE = W_BYTES + X_BYTES + 2 * 8 * TOKENS * 4;
+    constexpr int W_CHUNKS = MMQ_ROWS * T::BYTES / 16, X_CHUNKS = (STAGE - W_BYTES) / 16, THREADS = MMQ_WARPS * 32;
+    extern __shared__ __align__(16) unsigned char mmq_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    const int row0 = blockIdx.x * MMQ_ROWS, sbs = k >> 8;
+    const int sb_begin = blockIdx.y * split_sbs, count = min(sbs, sb_begin + split_sbs) - sb_begin;
+    const u64 row_bytes = (u64)sbs * T::BYTES;
+    auto load_weights = [&](int i) {
+        unsigned char* dst = mmq_smem + (i % MMQ_STAGES) * STAGE;
+        const u64 sb = (u64)(sb_begin + i) * T::BYTES;
+        for (int c = threadIdx.x; c < W_CHUNKS; c += THREADS) {
+            const int r = c / (T::BYTES / 16), part = c - r * (T::BYTES / 16);
+            const int row = min(row0 + r, n - 1);  // rows past n repeat the last; never stored
+            cp_async_16(smem_addr(dst + r * T::STRIDE + part * 16), w + (u64)row * row_bytes + sb + part * 16, true);
+        }
+    };
+    auto load_input = [&](int i) {
+        unsigned char* dst = mmq_smem + (i % MMQ_STAGES) * STAGE + W_BYTES;
+        const u64 g = (u64)(sb_begin + i) * 8 * TOKENS;  // the super-block's first group, times TOKENS
+        for (int c = threadIdx.x; c < X_CHUNKS; c += THREADS) {
+            const unsigned char* src;
+            if (c < X_BYTES / 16) src = reinterpret_cast<const unsigned char*>(xq) + g * 32 + c * 16;
+            else if (c < X_BYTES / 16 + 2 * TOKENS) src = reinterpret_cast<const unsigned char*>(xd + g) + (c - X_BYTES / 16) * 16;
+            else src = reinterpret_cast<const unsigned char*>(xs + g) + (c - X_BYTES / 16 - 2 * TOKENS) * 16;
+            cp_async_16(smem_addr(dst + c * 16), src, true);
+        }
+    };
+    // Weights are never written by a kernel: the first super-blocks are requested before the wait,
+    // the input (the previous kernel's output) after it. Group s holds stage s's input, and its
+    // weights are in the same or an earlier group.
+#pragma unroll
+    for (int s = 0; s < MMQ_STAGES - 1; ++s)
+        if (s < count) load_weights(s);
+    pdl_wait();
+    pdl_trigger();
+#pragma unroll
+    for (int s = 0; s < MMQ_STAGES - 1; ++s) {
+        if (s < count) load_input(s);
+        cp_async_commit();  // empty groups too: the wait count below assumes one group per stage
+    }
+
+    float acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+    for (int i = 0; i < count; ++i) {
+        cp_async_wait<MMQ_STAGES - 2>();  // stage i has landed
+        __syncthreads();                  // ... for every thread, and every warp is done with i − 1
+        if (i + MMQ_STAGES - 1 < count) {
+            load_weights(i + MMQ_STAGES - 1);
+            load_input(i + MMQ_STAGES - 1);
+        }
+        cp_async_commit();
+        const unsigned char* stage = mmq_smem + (i % MMQ_STAGES) * STAGE;
+        const signed char* sxq = reinterpret_cast<const signed char*>(stage + W_BYTES);  // [8][TOKENS][32]
+        const float* sxd = reinterpret_cast<const float*>(stage + W_BYTES + X_BYTES);     // [8][TOKENS]
+        const float* sxs = sxd + 8 * TOKENS;                                                // [8][TOKENS]
+        // This lane's two rows (MMA rows gid and gid + 8) of the stage.
+        const unsigned char* lo_row = stage + (warp * 16 + gid) * T::STRIDE;
+        const unsigned char* hi_row = lo_row + 8 * T::STRIDE;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            u32 a[4];
+            float ds_lo, dm_lo, ds_hi, dm_hi;
+            T::fragment(lo_row, j, tig, a[0], a[2], ds_lo, dm_lo);
+            T::fragment(hi_row, j, tig, a[1], a[3], ds_hi, dm_hi);
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                const uint2 b = *reinterpret_cast<const uint2*>(sxq + ((j * TOKENS + t * 8 + gid) << 5) + 8 * tig);
+                int c[4] = {0, 0, 0, 0};
+                mma_s8(c, a, b.x, b.y);
+                const float2 sd = *reinterpret_cast<const float2*>(sxd + j * TOKENS + t * 8 + 2 * tig);
+                const float2 ss = *reinterpret_cast<const float2*>(sxs + j * TOKENS + t * 8 + 2 * tig);
+                acc[t][0] += ds_lo * sd.x * (float)c[0] - dm_lo * ss.x;
+                acc[t][1] += ds_lo * sd.y * (float)c[1] - dm_lo * ss.y;
+                acc[t][2] += ds_hi * sd.x * (float)c[2] - dm_hi * ss.x;
+                acc[t][3] += ds_hi * sd.y * (float)c[3] - dm_hi * ss.y;
+            }
+        }
+    }
+    // Accumulator (t, e) is weight row gid (+ 8 for e ≥ 2) by token 8t + 2·tig (+ 1 for odd e).
+    const int row_lo = row0 + warp * 16 + gid;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int token = t * 8 + 2 * tig + (e & 1), row = row_lo + (e >> 1) * 8;
+            if (token < m && row < n) {
+                const u64 at = (u64)token * n + row;
+                if (gridDim.y > 1) partial[(u64)blockIdx.y * m * n + at] = acc[t][e];
+                else if (out_f32) reinterpret_cast<float*>(out)[at] = acc[t][e];
+                else reinterpret_cast<__nv_bfloat16*>(out)[at] = __float2bfloat16(acc[t][e]);
+            }
+        }
+}
+
+#define MMQ_KERNEL(MMQ_FN, TYPE, TOKENS)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32)                                                      \
+        MMQ_FN(void* out, int out_f32, float* partial, const signed char* xq, const float* xd, const float* xs,       \
+               const unsigned char* w, int m, int n, int k, int split_sbs) {                                          \
+        mmq_body<TYPE, TOKENS>(out, out_f32, partial, xq, xd, xs, w, m, n, k, split_sbs);                             \
+    }
+
+MMQ_KERNEL(mmq_q4_0_t16, 2, 16)
+MMQ_KERNEL(mmq_q4_0_t32, 2, 32)
+MMQ_KERNEL(mmq_q4_0_t64, 2, 64)
+MMQ_KERNEL(mmq_q4_1_t16, 3, 16)
+MMQ_KERNEL(mmq_q4_1_t32, 3, 32)
+MMQ_KERNEL(mmq_q4_1_t64, 3, 64)
+MMQ_KERNEL(mmq_q8_0_t16, 8, 16)
+MMQ_KERNEL(mmq_q8_0_t32, 8, 32)
+MMQ_KERNEL(mmq_q8_0_t64, 8, 64)
+MMQ_KERNEL(mmq_q4_k_t16, 12, 16)
+MMQ_KERNEL(mmq_q4_k_t32, 12, 32)
+MMQ_KERNEL(mmq_q4_k_t64, 12, 64)
+MMQ_KERNEL(mmq_q5_k_t16, 13, 16)
+MMQ_KERNEL(mmq_q5_k_t32, 13, 32)
+MMQ_KERNEL(mmq_q5_k_t64, 13, 64)
+
+// out = the sum of `splits` float partials [split][m·n]; one thread per output.
+extern "C" __global__ void mmq_reduce(void* __restrict__ out, int out_f32, const float* __restrict__ partial, int count, int splits) {
+    PDL_ENTER();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int s = 0; s < splits; ++s) sum += partial[(u64)s * count + i];
+        if (out_f32) reinterpret_cast<float*>(out)[i] = sum;
+        else reinterpret_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16(sum);
+    }
+}

@@ -600,6 +600,16 @@ fn print_quantized_8b_steps(dev: &std::sync::Arc<pagedserve::cuda::GpuDevice>, c
         let ty = quant.ggml();
         formats.push((gpu::DummyWeights::Ggml(ty), format!("{ty:?}")));
     }
+    for quant in &args.ggml {
+        // Each product path at the batch sizes of a single stream and of tens of clients; at one
+        // row also two narrow products, whose time is mostly the launch's fixed cost.
+        use pagedserve::cuda::gemm::OutType;
+        let narrow = [(264, 4096, OutType::Bf16), (264, 14336, OutType::Bf16)];
+        gpu::print_ggml_products(dev, quant.ggml(), 1, &[&gpu::LLAMA_8B_PRODUCTS[..], &narrow[..]].concat())?;
+        for m in [8, 16, 32, 64] {
+            gpu::print_ggml_products(dev, quant.ggml(), m, &gpu::LLAMA_8B_PRODUCTS)?;
+        }
+    }
     for (weights, label) in formats {
         let mut big = gpu::llama_8b_backend(dev, 64, 2048, weights)?;
         let memory: Vec<String> = big.model().bytes_by_format().iter().map(|(f, b)| format!("{f:?} {:.2} GiB", *b as f64 / (1u64 << 30) as f64)).collect();

@@ -32,7 +32,7 @@ use super::check::{as_read_by, device_weight, download_bf16, matmul_reference, r
 use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
 use crate::cuda::gemm::{ggml_linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
-use crate::cuda::launch::{gemv_prefers, WeightFormat};
+use crate::cuda::launch::{gemv_prefers, mmq_input_bytes, mmq_plan, mmq_supports, WeightFormat};
 use crate::cuda::weights::MatrixData;
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::cpu::CpuModel;
@@ -149,16 +149,18 @@ pub fn check_product(
     Ok(CheckRow::error(name, format!("m {m} n {n} k {k}{scaling}"), relative_error(&got, &want)))
 }
 
-/// The product of `m` rows by random `ty` blocks: through the GEMV (`tile_rows` 0; the input as it
-/// reads it, int8 per 32 values, in the reference: see `as_read_by`), or dequantized tiles of
-/// `tile_rows` rows and cuBLAS.
+/// The product of `m` rows by random `ty` blocks: through the GEMV (`tile_rows` 0), else through
+/// `ggml_linear` with a scratch tile of `tile_rows` rows: MMQ where it takes the product, else
+/// dequantized tiles and cuBLAS. The GEMV and MMQ read the input as int8 per 32 values, and so
+/// does the reference for them (see `as_read_by`).
 pub fn check_ggml_product(dev: &GpuDevice, ty: GgmlType, m: usize, n: usize, k: usize, tile_rows: usize, seed: u64) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let format = WeightFormat::Ggml(ty);
     let x = random_bf16_values(&mut rng, m * k, 1.0);
     let (w_dev, w_values) = device_weight(dev, &[seed as f32], n, k, format)?;
+    let mmq = tile_rows > 0 && mmq_supports(ty, m, k) && mmq_input_bytes(m, k) <= 2 * tile_rows * k;
     let mut x_read = x.clone();
-    if tile_rows == 0 {
+    if tile_rows == 0 || mmq {
         as_read_by(format, &mut x_read);
     }
     let want = matmul_reference(&x_read, &w_values, None, m, k, n);
@@ -176,7 +178,12 @@ pub fn check_ggml_product(dev: &GpuDevice, ty: GgmlType, m: usize, n: usize, k: 
         let crate::cuda::gemv::GemvWeight::Ggml { blocks, .. } = weight else { unreachable!("a GGUF weight") };
         // SAFETY: as above; the tile holds `tile_rows` rows of `k`.
         unsafe { ggml_linear(dev, ptr(dev, &out), OutType::Bf16, ptr(dev, &x_dev), (ty, blocks), (ptr(dev, &tile), tile_rows * k), m, k, n)? };
-        format!("tiles of {tile_rows} rows")
+        if mmq {
+            let split = mmq_plan(m, k, n, 2 * tile_rows * k, 2 * dev.num_sms);
+            format!("mmq, {} splits of {} super-blocks", split.splits, split.per_split)
+        } else {
+            format!("tiles of {tile_rows} rows")
+        }
     };
     let got = download_bf16(dev, &out, m * n)?;
     Ok(CheckRow::error(&format!("{ty:?} linear").to_lowercase(), format!("m {m} n {n} k {k}, {path}"), relative_error(&got, &want)))
@@ -204,8 +211,20 @@ pub fn ggml_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
                 rows.push(check_ggml_product(dev, ty, m, n, k, 0, next())?);
             }
         }
+        // 9 rows: MMQ where k is whole 256-value stages (K-quants), tiles otherwise.
         rows.push(check_ggml_product(dev, ty, 9, 1001, 2 * narrow, 300, next())?);
-        rows.push(check_ggml_product(dev, ty, 64, 960, narrow, 960, next())?);
+        if mmq_supports(ty, 16, 256) {
+            // MMQ with splits of k: 4 even ones; 2 over a partial last block of rows and tokens;
+            // for Q4_K also none (132 full blocks), and 5 with a short last one.
+            let mut shapes = vec![(16, 960, 4096, 64), (33, 3000, 2048, 300)];
+            if ty == GgmlType::Q4_K {
+                shapes.extend([(64, 8448, 1024, 64), (40, 4096, 14336, 200)]);
+            }
+            for (m, n, k, tile_rows) in shapes {
+                rows.push(check_ggml_product(dev, ty, m, n, k, tile_rows, next())?);
+            }
+        }
+        rows.push(check_ggml_product(dev, ty, 72, 960, narrow, 960, next())?);
         rows.push(super::check::check_gemv_silu(dev, 1, 576, 3 * narrow, format, next())?);
         rows.push(super::check::check_gemv_silu(dev, 5, 1001, 3 * narrow, format, next())?);
         for (m, n, with_bias, indirect) in [(1, 960, false, false), (4, 3072, true, false), (2, 4000, false, true)] {

@@ -497,6 +497,67 @@ pub fn print_fp8_products(
     Ok(())
 }
 
+/// Products of `m` rows against `ty` blocks at each of `shapes` (the weights cycled past L2 as in
+/// `gemv_vs_cublas`), µs per product on every path that takes them: the GEMV (m ≤ 8), MMQ without
+/// and with splits of k (`launch::mmq_supports`), dequantized tiles and cuBLAS; and bf16 cuBLAS on
+/// the same shape. Printed with each path's bandwidth of `ty` blocks, then the sums.
+pub fn print_ggml_products(dev: &GpuDevice, ty: crate::model::gguf::GgmlType, m: usize, shapes: &[(usize, usize, OutType)]) -> Result<(), CudaError> {
+    use crate::cuda::gemm::{mmq_linear, tiled_linear, GGML_TILE_ELEMENTS};
+    use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight};
+    use crate::cuda::launch::{gemv_supports, mmq_supports, WeightFormat};
+    let config = |e: crate::model::ModelError| CudaError::Config(e.to_string());
+    let k0 = shapes.first().map_or(256, |s| s.1);
+    let row_bytes = |k: usize| k / ty.block_size() * ty.type_size();
+    // One pool of valid blocks, rows of `k0`: any whole number of K-quant or 32-value blocks in
+    // it starts a valid matrix of any width.
+    let pool_bytes = shapes.iter().map(|&(n, k, _)| n * row_bytes(k)).max().unwrap_or(0).max(256 << 20);
+    let pool = dev.stream.clone_htod(&crate::model::sources::dummy_ggml_blocks(ty, pool_bytes.div_ceil(row_bytes(k0)), k0, 7).map_err(config)?)?;
+    let bf16_pool_elements = shapes.iter().map(|&(n, k, _)| n * k).max().unwrap_or(0).max(128 << 20);
+    let bf16_pool = dev.stream.clone_htod(&pseudo_random_bf16(bf16_pool_elements, 5))?;
+    let tile = dev.stream.alloc_zeros::<bf16>(GGML_TILE_ELEMENTS)?;
+    println!("{ty:?} products at m={m} (in a graph, weights cycled past L2; µs, GB/s of blocks):");
+    println!("  {:>6} {:>6} {:>14} {:>14} {:>14} {:>14} {:>14}", "N", "K", "GEMV", "MMQ unsplit", "MMQ split", "tiles", "bf16 cuBLAS");
+    let mut sums = [0.0f64; 5];
+    let mut bytes_total = 0usize;
+    for &(n, k, out_type) in shapes {
+        let bytes = n * row_bytes(k);
+        bytes_total += bytes;
+        let x = dev.stream.clone_htod(&pseudo_random_bf16(m * k, 6))?;
+        let out = dev.stream.alloc_zeros::<f32>(m * n)?;
+        let copies = (pool_bytes / bytes).max(1);
+        let launches = copies.max(16);
+        let blocks = |i: usize| ptr(dev, &pool) + ((i % copies) * bytes) as u64;
+        let tile_arg = (ptr(dev, &tile), GGML_TILE_ELEMENTS);
+        let mut times: [Option<f64>; 5] = [None; 5];
+        if gemv_supports(m, k, WeightFormat::Ggml(ty)) {
+            times[0] = Some(graph_us(dev, launches, |i| unsafe {
+                let w = GemvWeight::Ggml { ty, blocks: blocks(i) };
+                gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n })
+            })?);
+        }
+        if m > 1 && mmq_supports(ty, m, k) {
+            for (slot, blocks_wanted) in [(1, 1), (2, 2 * dev.num_sms)] {
+                times[slot] = Some(graph_us(dev, launches, |i| unsafe { mmq_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), (ty, blocks(i)), tile_arg, m, k, n, blocks_wanted) })?);
+            }
+        }
+        if m > 8 {
+            times[3] = Some(graph_us(dev, launches, |i| unsafe { tiled_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), (ty, blocks(i)), tile_arg, m, k, n) })?);
+        }
+        let bf16_copies = (bf16_pool_elements / (n * k)).max(1);
+        times[4] = Some(graph_us(dev, launches, |i| unsafe {
+            cublas_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), ptr(dev, &bf16_pool) + ((i % bf16_copies) * n * k * 2) as u64, m, k, n)
+        })?);
+        let cell = |t: Option<f64>| t.map_or("-".to_string(), |us| format!("{us:.1} {:.0}", bytes as f64 / (us * 1e-6) / 1e9));
+        println!("  {:>6} {:>6} {:>14} {:>14} {:>14} {:>14} {:>14}", n, k, cell(times[0]), cell(times[1]), cell(times[2]), cell(times[3]), cell(times[4]));
+        for (sum, t) in sums.iter_mut().zip(times) {
+            *sum += t.unwrap_or(f64::NAN);
+        }
+    }
+    let cell = |us: f64| if us.is_nan() { "-".to_string() } else { format!("{us:.1} {:.0}", bytes_total as f64 / (us * 1e-6) / 1e9) };
+    println!("  {:>13} {:>14} {:>14} {:>14} {:>14} {:>14}", "all", cell(sums[0]), cell(sums[1]), cell(sums[2]), cell(sums[3]), cell(sums[4]));
+    Ok(())
+}
+
 /// Median milliseconds of one decode step of `batch` sequences at `context` positions each
 /// (greedy tokens computed on the device; only they come back), through the captured CUDA graph
 /// of its bucket when `graphs` (see `GpuBackend::capture_decode_graphs`), else kernel by kernel.

@@ -13,7 +13,8 @@ use cudarc::driver::sys::CUfunction_attribute;
 use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
-    decode_kernel_name, decode_shared_bytes, gemv_kernels, prefill_kernel_name, prefill_shared_bytes, DECODE_THREADS,
+    decode_kernel_name, decode_shared_bytes, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
+    prefill_shared_bytes, WeightFormat, DECODE_THREADS,
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -130,6 +131,12 @@ impl GpuDevice {
         for (name, format) in gemv_kernels() {
             let shared = format.gemv_max_shared().min(opt_in);
             kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+        }
+        // MMQ's ring takes up to 112 KB (Q8_0, 64 rows).
+        for m in [16, 32, 64] {
+            for ty in WeightFormat::KEPT_GGML.into_iter().filter(|&ty| mmq_supports(ty, m, 256)) {
+                kernels.get(&mmq_kernel_name(ty, m)).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, mmq_shared_bytes(ty, m) as i32)?;
+            }
         }
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };

@@ -7,7 +7,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
-use super::launch::{gemv_prefers, WeightFormat};
+use super::launch::{gemv_prefers, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_tokens, WeightFormat, MMQ_ROWS, MMQ_THREADS};
 use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
 
@@ -110,16 +110,39 @@ pub unsafe fn cublas_linear_strided(
 pub const GGML_TILE_ELEMENTS: usize = 32 << 20;
 
 /// `out[m×n] = a[m×k] · Wᵀ` with W in GGUF blocks of `ty` (`[n, k]`, row after row), for `m`
-/// more than the GEMV takes: blocks of W's rows are dequantized into the bf16 `tile`
-/// (`dequant_ggml`, `kernels/ggml.cu`) and multiplied by cuBLAS into their columns of `out`.
-/// Prefill is compute bound, so the extra pass over the weight (a bf16 write and read of it)
-/// costs little there; a decode batch of 9 to 64 pays it at every step.
+/// more than the GEMV takes. Up to `MMQ_MAX_ROWS` rows of the types MMQ takes
+/// (`launch::mmq_supports`) go to `mmq_linear`, the input quantized into the scratch `tile`.
+/// Otherwise blocks of W's rows are dequantized into the bf16 `tile` (`dequant_ggml`,
+/// `kernels/ggml.cu`) and multiplied by cuBLAS into their columns of `out`: prefill is compute
+/// bound, so the extra pass over the weight (a bf16 write and read of it) costs little there.
 ///
 /// # Safety
 /// `out`, `a` and `blocks` must be live device allocations of `m·n` (of `out_type`), `m·k` bf16
 /// and `n·k` values in `ty` blocks; `tile` of `tile_elements` bf16 values; all on `dev`'s stream.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn ggml_linear(
+    dev: &GpuDevice,
+    out: CUdeviceptr,
+    out_type: OutType,
+    a: CUdeviceptr,
+    (ty, blocks): (GgmlType, CUdeviceptr),
+    (tile, tile_elements): (CUdeviceptr, usize),
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), CudaError> {
+    if mmq_supports(ty, m, k) && mmq_input_bytes(m, k) <= 2 * tile_elements {
+        return mmq_linear(dev, out, out_type, a, (ty, blocks), (tile, tile_elements), m, k, n, 2 * dev.num_sms);
+    }
+    tiled_linear(dev, out, out_type, a, (ty, blocks), (tile, tile_elements), m, k, n)
+}
+
+/// `ggml_linear` through dequantized tiles of W and cuBLAS, whatever `m`.
+///
+/// # Safety
+/// As `ggml_linear`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tiled_linear(
     dev: &GpuDevice,
     out: CUdeviceptr,
     out_type: OutType,
@@ -141,6 +164,53 @@ pub unsafe fn ggml_linear(
         let config = super::launch::dequant_config(rows, k);
         super::launchers::dequant_ggml(dev, config, tile, blocks + first as u64 * row_bytes, ty as i32, rows as i32, k as i32, 0)?;
         cublas_linear_strided(dev, out + (first * out_bytes) as u64, n, out_type, a, tile, m, k, rows)?;
+    }
+    Ok(())
+}
+
+/// `out[m×n] = a[m×k] · Wᵀ` on the tensor cores straight from `ty` blocks (MMQ, `kernels/ggml.cu`):
+/// the input quantized to int8 per 32 values into `scratch` (`quantize_q8_mmq`), then one block
+/// per 64 rows of W and split of k (`launch::mmq_split`, aiming at `blocks_wanted` blocks); the
+/// float partials of a split product follow the input in `scratch` and `mmq_reduce` sums them.
+/// Where the scratch cannot hold the partials, fewer splits.
+///
+/// # Safety
+/// As `ggml_linear`; `scratch` must hold at least `mmq_input_bytes(m, k)` bytes (16-byte
+/// aligned).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mmq_linear(
+    dev: &GpuDevice,
+    out: CUdeviceptr,
+    out_type: OutType,
+    a: CUdeviceptr,
+    (ty, blocks): (GgmlType, CUdeviceptr),
+    (scratch, scratch_elements): (CUdeviceptr, usize),
+    m: usize,
+    k: usize,
+    n: usize,
+    blocks_wanted: usize,
+) -> Result<(), CudaError> {
+    let input_bytes = mmq_input_bytes(m, k);
+    if !mmq_supports(ty, m, k) || input_bytes > 2 * scratch_elements || n == 0 {
+        return Err(CudaError::Config(format!("MMQ does not take {ty:?} m {m} k {k} n {n} in {scratch_elements} bf16 of scratch")));
+    }
+    let tokens = mmq_tokens(m);
+    let (xq, xd) = (scratch, scratch + (tokens * k) as u64);
+    let xs = xd + (tokens * (k / 32) * 4) as u64;
+    let partial = scratch + input_bytes as u64;
+    let split = mmq_plan(m, k, n, 2 * scratch_elements, blocks_wanted);
+    super::launchers::quantize_q8_mmq(dev, mmq_quantize_config(m, k), xq, xd, xs, a, m as i32, k as i32, tokens as i32)?;
+    let config = cudarc::driver::LaunchConfig {
+        grid_dim: (n.div_ceil(MMQ_ROWS) as u32, split.splits as u32, 1),
+        block_dim: (MMQ_THREADS, 1, 1),
+        shared_mem_bytes: mmq_shared_bytes(ty, m) as u32,
+    };
+    let out_f32 = i32::from(out_type == OutType::F32);
+    let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+    super::launchers::mmq(dev, ty, m, config, out, out_f32, partial, xq, xd, xs, blocks, m32, n32, k32, split.per_split as i32)?;
+    if split.splits > 1 {
+        let config = cudarc::driver::LaunchConfig { grid_dim: ((m * n).div_ceil(256).min(65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        super::launchers::mmq_reduce(dev, config, out, out_f32, partial, (m * n) as i32, split.splits as i32)?;
     }
     Ok(())
 }

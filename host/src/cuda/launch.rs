@@ -238,6 +238,99 @@ pub fn dequant_config(rows: usize, cols: usize) -> cudarc::driver::LaunchConfig 
     cudarc::driver::LaunchConfig { grid_dim: (groups.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The most input rows that the GEMV from GGUF blocks takes where MMQ could: at 4 rows the two
+/// are level on the 8B shape (a Q4_K step 5.09 ms on the GEMV, 5.40 at 16 rows on MMQ), from 5
+/// the GEMV's 8-row kernel is slower.
+pub const GGML_GEMV_ROWS_BESIDE_MMQ: usize = 4;
+
+/// The most input rows of the batched product from GGUF blocks on the tensor cores (MMQ,
+/// `kernels/ggml.cu`); larger products dequantize tiles of the weight for cuBLAS.
+pub const MMQ_MAX_ROWS: usize = 64;
+
+/// Whether the MMQ kernels take `m` input rows against `ty` blocks `k` values wide: whole 256
+/// values (a stage of the kernel's ring) of Q4_0, Q4_1, Q8_0, Q4_K or Q5_K. (Q6_K's 210-byte
+/// super-blocks are not 16-byte aligned for the copies.)
+pub fn mmq_supports(ty: GgmlType, m: usize, k: usize) -> bool {
+    mmq_row_stride(ty).is_some() && (1..=MMQ_MAX_ROWS).contains(&m) && k.is_multiple_of(256)
+}
+
+/// Bytes between the rows of a stage in MMQ's shared memory (`MmqType::STRIDE`): 256 values of
+/// the type, padded where the rows of a fragment would share banks.
+fn mmq_row_stride(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_K => Some(144),
+        GgmlType::Q4_1 | GgmlType::Q5_K => Some(176),
+        GgmlType::Q8_0 => Some(272),
+        _ => None,
+    }
+}
+
+/// The rows the MMQ kernel for `m` input rows is compiled for: 16, 32 or 64 (the quantized input
+/// is padded with zero rows to it).
+pub fn mmq_tokens(m: usize) -> usize {
+    match m {
+        ..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    }
+}
+
+/// Bytes of the quantized input of `m` rows of `k` (`quantize_q8_mmq`): int8 values, then a float
+/// scale and a float sum per 32 values, for `mmq_tokens(m)` rows. The float partials of a split
+/// product follow it in the same scratch.
+pub fn mmq_input_bytes(m: usize, k: usize) -> usize {
+    let tokens = mmq_tokens(m);
+    tokens * k + 2 * 4 * tokens * (k / 32)
+}
+
+/// Weight rows of one MMQ block (`MMQ_ROWS`), its ring's depth (`MMQ_STAGES`) and threads.
+pub const MMQ_ROWS: usize = 64;
+const MMQ_STAGES: usize = 3;
+pub const MMQ_THREADS: u32 = 128;
+
+/// Dynamic shared memory of the MMQ kernel for `m` rows of `ty`: each stage holds 256 values of
+/// the block's 64 rows and those 256 columns of the quantized input (int8, with a scale and a sum
+/// per 32).
+pub fn mmq_shared_bytes(ty: GgmlType, m: usize) -> usize {
+    MMQ_STAGES * (MMQ_ROWS * mmq_row_stride(ty).unwrap_or(0) + mmq_tokens(m) * (256 + 2 * 8 * 4))
+}
+
+pub fn mmq_kernel_name(ty: GgmlType, m: usize) -> String {
+    format!("mmq_{}t{}", WeightFormat::Ggml(ty).kernel_part(), mmq_tokens(m))
+}
+
+/// How an MMQ product over `n` rows and `super_blocks` 256-value columns is cut along k: `splits`
+/// blocks per 64 rows, each over `per_split` super-blocks (the last over what is left), so that a
+/// narrow product (the 8B shape's 4096 rows are 64 blocks) still has about `blocks_wanted` blocks;
+/// at least 4 super-blocks each, so that a block's ring of copies fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmqSplit {
+    pub splits: usize,
+    pub per_split: usize,
+}
+
+/// The split of an MMQ product of `m` rows by `[n, k]` with `scratch_bytes` for the quantized
+/// input and the partials: `mmq_split` for `blocks_wanted`, or fewer splits where the partials
+/// (`m·n` floats each) would not fit.
+pub fn mmq_plan(m: usize, k: usize, n: usize, scratch_bytes: usize, blocks_wanted: usize) -> MmqSplit {
+    let room = scratch_bytes.saturating_sub(mmq_input_bytes(m, k)) / (m * n * 4).max(1);
+    mmq_split(n, k / 256, blocks_wanted.min(room * n.div_ceil(MMQ_ROWS)))
+}
+
+pub fn mmq_split(n: usize, super_blocks: usize, blocks_wanted: usize) -> MmqSplit {
+    let row_blocks = n.div_ceil(MMQ_ROWS).max(1);
+    let most = (super_blocks / 4).max(1);
+    let splits = blocks_wanted.div_ceil(row_blocks).clamp(1, most);
+    let per_split = super_blocks.div_ceil(splits).max(1);
+    MmqSplit { splits: super_blocks.div_ceil(per_split).max(1), per_split }
+}
+
+/// `quantize_q8_mmq`'s grid: one thread per 8 values of the padded rows, blocks of 256.
+pub fn mmq_quantize_config(m: usize, k: usize) -> cudarc::driver::LaunchConfig {
+    let threads = mmq_tokens(m) * k / 8;
+    cudarc::driver::LaunchConfig { grid_dim: (threads.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// Threads per block for a row-wise kernel over `width` elements: a multiple of 32, at most 1024.
 pub fn row_threads(width: usize) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, 1024) as u32
@@ -370,8 +463,10 @@ pub fn gemv_prefers(m: usize, k: usize, n: usize, format: WeightFormat) -> bool 
     let stream = match format {
         WeightFormat::Bf16 => m == 1 && k >= GEMV_STREAM_MIN_K,
         WeightFormat::Fp8 => m <= FP8_GEMV_STREAM_ROWS,
-        // The alternative dequantizes the whole weight to bf16 first.
-        WeightFormat::Ggml(_) => true,
+        // From 5 rows MMQ (where it takes the type) beats the GEMV, whose int8 dot products
+        // grow with the rows: 8B Q4_K products at 8 rows 268 µs against 413 (H200). Other types
+        // keep the GEMV up to 8 rows: the alternative dequantizes the whole weight first.
+        WeightFormat::Ggml(ty) => m <= GGML_GEMV_ROWS_BESIDE_MMQ || !mmq_supports(ty, m, k),
     };
     gemv_supports(m, k, format) && n > 0 && (n * k <= GEMV_SMALL_WEIGHTS || stream)
 }
@@ -603,7 +698,9 @@ mod tests {
         assert_eq!(gemv_shared_bytes(1, 576, WeightFormat::Ggml(GgmlType::Q4_1)), 640 + 18 * 8, "int8 rows in whole 128 bytes");
         assert_eq!(gemv_shared_bytes(1, 4096, q4k), 4096 + 1024);
         assert_eq!(gemv_shared_bytes(3, 4096, q4k), 4 * (4096 + 1024));
-        assert!(gemv_prefers(1, 4096, 6144, q4k) && gemv_prefers(8, 4096, 100, q4k));
+        assert!(gemv_prefers(1, 4096, 6144, q4k) && gemv_prefers(4, 4096, 6144, q4k) && !gemv_prefers(5, 4096, 6144, q4k), "MMQ from 5 rows");
+        assert!(gemv_prefers(8, 4096, 100, q4k), "small weights: the GEMV and its fused staging");
+        assert!(gemv_prefers(8, 4096, 6144, WeightFormat::Ggml(GgmlType::Q6_K)), "no MMQ for Q6_K");
         assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 1, q4k), "gemv_q4_k_silu_m1");
         assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 3, WeightFormat::Ggml(GgmlType::Q8_0)), "gemv_q8_0_norm_m4");
         assert_eq!(WeightFormat::kept(GgmlType::Q2_K), None);
@@ -611,6 +708,39 @@ mod tests {
         for (name, _) in gemv_kernels() {
             assert!(defined.contains(&name.as_str()), "{name} is not a kernel of any module");
         }
+    }
+
+    #[test]
+    fn mmq_takes_q4_k_batches_and_splits_narrow_products_along_k() {
+        assert!(mmq_supports(GgmlType::Q4_K, 9, 4096) && mmq_supports(GgmlType::Q4_K, 64, 14336));
+        assert!(!mmq_supports(GgmlType::Q4_K, 65, 4096) && !mmq_supports(GgmlType::Q4_K, 16, 4000), "65 rows; no whole super-blocks");
+        assert!(!mmq_supports(GgmlType::Q6_K, 16, 4096) && mmq_supports(GgmlType::Q8_0, 16, 4096), "not Q6_K's 210-byte blocks");
+        assert_eq!((mmq_tokens(9), mmq_tokens(16), mmq_tokens(17), mmq_tokens(64)), (16, 16, 32, 64));
+        assert_eq!(mmq_input_bytes(9, 4096), 16 * 4096 + 16 * 128 * 8);
+        assert_eq!(mmq_shared_bytes(GgmlType::Q4_K, 64), 3 * (64 * 144 + 64 * 320), "89 KB: two blocks a multiprocessor");
+        assert_eq!(mmq_kernel_name(GgmlType::Q4_K, 20), "mmq_q4_k_t32");
+        let defined: Vec<&str> = pagedserve_kernels::MODULES.iter().flat_map(|m| m.functions.iter().copied()).collect();
+        for ty in WeightFormat::KEPT_GGML.into_iter().filter(|&ty| mmq_supports(ty, 16, 256)) {
+            for m in [16, 32, 64] {
+                assert!(defined.contains(&mmq_kernel_name(ty, m).as_str()));
+                assert!(mmq_shared_bytes(ty, m) <= 227 * 1024);
+            }
+        }
+        // The 8B shape on 132 multiprocessors, two blocks each wanted: the 4096-row products (64
+        // blocks of rows) split, gate_up (448) does not.
+        assert_eq!(mmq_split(4096, 16, 264), MmqSplit { splits: 4, per_split: 4 }, "o_proj: at least 4 super-blocks a split");
+        assert_eq!(mmq_split(4096, 56, 264), MmqSplit { splits: 5, per_split: 12 }, "down: the last split is shorter");
+        assert_eq!(mmq_split(6144, 16, 264), MmqSplit { splits: 3, per_split: 6 });
+        assert_eq!(mmq_split(28672, 16, 264), MmqSplit { splits: 1, per_split: 16 });
+        assert_eq!(mmq_split(960, 2, 264), MmqSplit { splits: 1, per_split: 2 }, "too short to split");
+        for (n, sbs, wanted) in [(4096, 56, 264), (100, 57, 1000), (64, 9, 7), (1, 1, 0)] {
+            let s = mmq_split(n, sbs, wanted);
+            assert!(s.splits * s.per_split >= sbs && (s.splits - 1) * s.per_split < sbs, "every super-block once, no empty split: {s:?}");
+        }
+        // Partials need m·n floats each beside the input; without room, no split.
+        assert_eq!(mmq_plan(16, 4096, 4096, 1 << 30, 264).splits, 4);
+        assert_eq!(mmq_plan(16, 4096, 4096, mmq_input_bytes(16, 4096) + 2 * 16 * 4096 * 4, 264).splits, 2);
+        assert_eq!(mmq_plan(16, 4096, 4096, mmq_input_bytes(16, 4096), 264).splits, 1);
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::ffi::c_void;
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{decode_kernel_name, gemv_kernel_name, prefill_kernel_name, GemvMode, WeightFormat};
+use super::launch::{decode_kernel_name, gemv_kernel_name, mmq_kernel_name, prefill_kernel_name, GemvMode, WeightFormat};
+use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
 
 /// A device address: any pointer parameter of a kernel.
@@ -139,6 +140,17 @@ kernels! {
     /// Hugging Face's order when `qk_head_dim` > 0; a grid-stride loop, one thread per block.
     fn dequant_ggml() => "dequant_ggml";
         (out: Ptr, input: Ptr, ty: i32, rows: i32, cols: i32, qk_head_dim: i32)
+    /// `ggml.cu`: `m` bf16 rows of `k` quantized to int8 per 32 values for MMQ, padded with zero
+    /// rows to `tokens`; grid-stride, one thread per 8 values.
+    fn quantize_q8_mmq() => "quantize_q8_mmq";
+        (xq: Ptr, xd: Ptr, xs: Ptr, x: Ptr, m: i32, k: i32, tokens: i32)
+    /// `ggml.cu`: `out[m, n] = x · Wᵀ` from `ty` blocks and the quantized input; grid (64-row
+    /// blocks, splits of k of `split_sbs` super-blocks), float partials when split.
+    fn mmq(ty: GgmlType, m_rows: usize) => mmq_kernel_name(ty, m_rows);
+        (out: Ptr, out_f32: i32, partial: Ptr, xq: Ptr, xd: Ptr, xs: Ptr, w: Ptr, m: i32, n: i32, k: i32, split_sbs: i32)
+    /// `ggml.cu`: `out` = the sum of `splits` float partials of `count` values each; grid-stride.
+    fn mmq_reduce() => "mmq_reduce";
+        (out: Ptr, out_f32: i32, partial: Ptr, count: i32, splits: i32)
     /// `moe.cu`: the assignments grouped by expert and cut into tiles; one block of 1024.
     fn moe_group() => "moe_group";
         (ids: Ptr, assignments: i32, experts: i32, offsets: Ptr, sorted: Ptr, tiles: Ptr)
@@ -242,6 +254,9 @@ mod tests {
             ("softcap_rows", "activation", "softcap_rows"),
             ("moe_route", "moe", "moe_route"),
             ("dequant_ggml", "ggml", "dequant_ggml"),
+            ("quantize_q8_mmq", "ggml", "quantize_q8_mmq"),
+            ("mmq", "ggml", "MMQ_FN"),
+            ("mmq_reduce", "ggml", "mmq_reduce"),
             ("moe_group", "moe", "moe_group"),
             ("moe_gemm", "moe", "moe_gemm"),
             ("moe_combine", "moe", "moe_combine"),
