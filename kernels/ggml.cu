@@ -13,6 +13,10 @@
 //    kept quantized (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), as llama.cpp's MMVQ does it: the input
 //    rows are staged (each GEMV mode of `gemv.cu`) and quantized to int8 with a float scale per 32
 //    values, and every 4 weights by 4 inputs are one `dp4a`. See `gemv_ggml_body`.
+//
+//  * `mmq_<type>_t<TOKENS>`: products of 5 to 64 rows on the int8 tensor cores (llama.cpp's MMQ),
+//    the input quantized once by `quantize_q8_mmq`, split products summed by `mmq_reduce`. See
+//    `mmq_body`.
 
 #include <cuda_fp16.h>
 
@@ -731,8 +735,10 @@ GEMV_GGML_KERNEL(gemv_q6_k_norm_m8, 14, GEMV_NORM, 8)
 // the scales xd and scaled sums xs, float [k/32][TOKENS] each. A super-block's share of all three
 // is contiguous, so it is copied to shared memory in three runs.
 //
-// A block of MMQ_WARPS warps owns MMQ_ROWS weight rows (warp w rows 16w .. 16w + 15) and all the
-// tokens, over the super-blocks (256 values of each row) of its split of k (grid y; one split
+// A block owns MMQ_ROWS weight rows and all the tokens: warp w takes rows 16·(w % 4) .. + 15 and,
+// at 64 tokens, the half w / 4 of them (8 warps: with 4, two a scheduler at two blocks a
+// multiprocessor, the 8B Q4_K products took 807 µs against 725; at 32 tokens halves were 6%
+// slower, H200), over the super-blocks (256 values of each row) of its split of k (grid y; one split
 // writes `out`, several write float partials [split][m][n] that `mmq_reduce` sums). Super-blocks
 // and their input stream through a MMQ_STAGES-deep ring of shared memory filled by cp.async, so a
 // block keeps the next ones in flight while it computes and the MMA loop reads only shared memory
@@ -740,8 +746,7 @@ GEMV_GGML_KERNEL(gemv_q6_k_norm_m8, 14, GEMV_NORM, 8)
 // slower than bf16 cuBLAS at 16 rows). The rows' stride of 144 bytes (36 words) puts the 8 rows of
 // an A fragment on distinct banks; a B fragment's 32 lanes read 256 contiguous bytes.
 
-#define MMQ_WARPS 4
-#define MMQ_ROWS (MMQ_WARPS * 16)
+#define MMQ_ROWS 64
 #define MMQ_STAGES 3
 
 // 4 bytes at a 2-byte aligned shared-memory address.
@@ -836,14 +841,16 @@ extern "C" __global__ void quantize_q8_mmq(signed char* __restrict__ xq, float* 
 
 template <int TYPE, int TOKENS>
 __device__ __forceinline__ void mmq_body(void* __restrict__ out, int out_f32, float* __restrict__ partial,
-                                              const signed char* __restrict__ xq, const float* __restrict__ xd,
-                                              const float* __restrict__ xs, const unsigned char* __restrict__ w, int m,
-                                              int n, int k, int split_sbs) {
+                                         const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                         const float* __restrict__ xs, const unsigned char* __restrict__ w, int m, int n,
+                                         int k, int split_sbs) {
     using T = MmqType<TYPE>;
     constexpr int NT = TOKENS / 8, W_BYTES = MMQ_ROWS * T::STRIDE, X_BYTES = TOKENS * 256, STAGE = W_BYTES + X_BYTES + 2 * 8 * TOKENS * 4;
-    constexpr int W_CHUNKS = MMQ_ROWS * T::BYTES / 16, X_CHUNKS = (STAGE - W_BYTES) / 16, THREADS = MMQ_WARPS * 32;
+    constexpr int HALVES = TOKENS == 64 ? 2 : 1, NTW = NT / HALVES;  // token halves, n8 tiles a warp
+    constexpr int W_CHUNKS = MMQ_ROWS * T::BYTES / 16, X_CHUNKS = (STAGE - W_BYTES) / 16, THREADS = 4 * HALVES * 32;
     extern __shared__ __align__(16) unsigned char mmq_smem[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, gid = lane >> 2, tig = lane & 3;
+    const int t0 = (threadIdx.x >> 7) * NTW;  // this warp's first n8 tile of tokens
     const int row0 = blockIdx.x * MMQ_ROWS, sbs = k >> 8;
     const int sb_begin = blockIdx.y * split_sbs, count = min(sbs, sb_begin + split_sbs) - sb_begin;
     const u64 row_bytes = (u64)sbs * T::BYTES;
@@ -881,9 +888,9 @@ __device__ __forceinline__ void mmq_body(void* __restrict__ out, int out_f32, fl
         cp_async_commit();  // empty groups too: the wait count below assumes one group per stage
     }
 
-    float acc[NT][4];
+    float acc[NTW][4];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+    for (int t = 0; t < NTW; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
     for (int i = 0; i < count; ++i) {
         cp_async_wait<MMQ_STAGES - 2>();  // stage i has landed
         __syncthreads();                  // ... for every thread, and every warp is done with i − 1
@@ -906,12 +913,13 @@ __device__ __forceinline__ void mmq_body(void* __restrict__ out, int out_f32, fl
             T::fragment(lo_row, j, tig, a[0], a[2], ds_lo, dm_lo);
             T::fragment(hi_row, j, tig, a[1], a[3], ds_hi, dm_hi);
 #pragma unroll
-            for (int t = 0; t < NT; ++t) {
-                const uint2 b = *reinterpret_cast<const uint2*>(sxq + ((j * TOKENS + t * 8 + gid) << 5) + 8 * tig);
+            for (int t = 0; t < NTW; ++t) {
+                const int token = (t0 + t) * 8;
+                const uint2 b = *reinterpret_cast<const uint2*>(sxq + ((j * TOKENS + token + gid) << 5) + 8 * tig);
                 int c[4] = {0, 0, 0, 0};
                 mma_s8(c, a, b.x, b.y);
-                const float2 sd = *reinterpret_cast<const float2*>(sxd + j * TOKENS + t * 8 + 2 * tig);
-                const float2 ss = *reinterpret_cast<const float2*>(sxs + j * TOKENS + t * 8 + 2 * tig);
+                const float2 sd = *reinterpret_cast<const float2*>(sxd + j * TOKENS + token + 2 * tig);
+                const float2 ss = *reinterpret_cast<const float2*>(sxs + j * TOKENS + token + 2 * tig);
                 acc[t][0] += ds_lo * sd.x * (float)c[0] - dm_lo * ss.x;
                 acc[t][1] += ds_lo * sd.y * (float)c[1] - dm_lo * ss.y;
                 acc[t][2] += ds_hi * sd.x * (float)c[2] - dm_hi * ss.x;
@@ -919,13 +927,13 @@ __device__ __forceinline__ void mmq_body(void* __restrict__ out, int out_f32, fl
             }
         }
     }
-    // Accumulator (t, e) is weight row gid (+ 8 for e ≥ 2) by token 8t + 2·tig (+ 1 for odd e).
+    // Accumulator (t, e) is weight row gid (+ 8 for e ≥ 2) by token 8·(t0 + t) + 2·tig (+ 1 for odd e).
     const int row_lo = row0 + warp * 16 + gid;
 #pragma unroll
-    for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NTW; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int token = t * 8 + 2 * tig + (e & 1), row = row_lo + (e >> 1) * 8;
+            const int token = (t0 + t) * 8 + 2 * tig + (e & 1), row = row_lo + (e >> 1) * 8;
             if (token < m && row < n) {
                 const u64 at = (u64)token * n + row;
                 if (gridDim.y > 1) partial[(u64)blockIdx.y * m * n + at] = acc[t][e];
@@ -935,8 +943,8 @@ __device__ __forceinline__ void mmq_body(void* __restrict__ out, int out_f32, fl
         }
 }
 
-#define MMQ_KERNEL(MMQ_FN, TYPE, TOKENS)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32)                                                      \
+#define MMQ_KERNEL(MMQ_FN, TYPE, TOKENS)                                                                              \
+    extern "C" __global__ void __launch_bounds__(TOKENS == 64 ? 256 : 128)                                            \
         MMQ_FN(void* out, int out_f32, float* partial, const signed char* xq, const float* xd, const float* xs,       \
                const unsigned char* w, int m, int n, int k, int split_sbs) {                                          \
         mmq_body<TYPE, TOKENS>(out, out_f32, partial, xq, xd, xs, w, m, n, k, split_sbs);                             \

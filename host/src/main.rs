@@ -59,9 +59,9 @@ pub(crate) struct ModelArgs {
     #[arg(long, value_enum, env = "PAGEDSERVE_QUANTIZATION")]
     pub(crate) quantization: Option<Quantization>,
     /// Keep a GGUF's layer projections and head quantized on the GPU where they are stored in
-    /// Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K, instead of dequantizing them to bf16 at load: up to 8
-    /// rows, products read the blocks (int8 dot products); Q4_K up to 64 rows on the int8 tensor
-    /// cores; more rows (other types: more than 8) dequantize each weight into bf16 tiles for
+    /// Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K, instead of dequantizing them to bf16 at load:
+    /// products read the blocks, up to 4 rows with int8 dot products, 5 to 64 on the int8 tensor
+    /// cores (Q6_K: dot products up to 8); more rows dequantize each weight into bf16 tiles for
     /// cuBLAS. About 3.5x less device memory than bf16 at 4 bits.
     #[arg(long, env = "PAGEDSERVE_KEEP_QUANTIZED")]
     pub(crate) keep_quantized: bool,

@@ -1,13 +1,14 @@
 //! Linear layers through cuBLAS: `out[m×n] = a[m×k] · wᵀ` with row-major bf16 operands (`w` is a
 //! `[n×k]` weight), float32 accumulation, and a bf16 or float32 result. Up to 8 rows go to our
-//! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), more to cuBLAS.
+//! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), more to cuBLAS. Weights kept in GGUF blocks
+//! go to MMQ (`mmq_linear`, the int8 tensor cores) up to 64 rows, else to dequantized tiles.
 
 use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
-use super::launch::{gemv_prefers, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_tokens, WeightFormat, MMQ_ROWS, MMQ_THREADS};
+use super::launch::{gemv_prefers, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_threads, mmq_tokens, WeightFormat, MMQ_ROWS};
 use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
 
@@ -202,7 +203,7 @@ pub unsafe fn mmq_linear(
     super::launchers::quantize_q8_mmq(dev, mmq_quantize_config(m, k), xq, xd, xs, a, m as i32, k as i32, tokens as i32)?;
     let config = cudarc::driver::LaunchConfig {
         grid_dim: (n.div_ceil(MMQ_ROWS) as u32, split.splits as u32, 1),
-        block_dim: (MMQ_THREADS, 1, 1),
+        block_dim: (mmq_threads(m), 1, 1),
         shared_mem_bytes: mmq_shared_bytes(ty, m) as u32,
     };
     let out_f32 = i32::from(out_type == OutType::F32);

@@ -283,10 +283,19 @@ pub fn mmq_input_bytes(m: usize, k: usize) -> usize {
     tokens * k + 2 * 4 * tokens * (k / 32)
 }
 
-/// Weight rows of one MMQ block (`MMQ_ROWS`), its ring's depth (`MMQ_STAGES`) and threads.
+/// Weight rows of one MMQ block (`MMQ_ROWS`) and its ring's depth (`MMQ_STAGES`).
 pub const MMQ_ROWS: usize = 64;
 const MMQ_STAGES: usize = 3;
-pub const MMQ_THREADS: u32 = 128;
+
+/// Threads of an MMQ block for `m` rows: a warp per 16 weight rows, and per half of the tokens
+/// at 64 (`mmq_body`'s HALVES).
+pub fn mmq_threads(m: usize) -> u32 {
+    if mmq_tokens(m) == 64 {
+        256
+    } else {
+        128
+    }
+}
 
 /// Dynamic shared memory of the MMQ kernel for `m` rows of `ty`: each stage holds 256 values of
 /// the block's 64 rows and those 256 columns of the quantized input (int8, with a scale and a sum
@@ -719,6 +728,7 @@ mod tests {
         assert_eq!(mmq_input_bytes(9, 4096), 16 * 4096 + 16 * 128 * 8);
         assert_eq!(mmq_shared_bytes(GgmlType::Q4_K, 64), 3 * (64 * 144 + 64 * 320), "89 KB: two blocks a multiprocessor");
         assert_eq!(mmq_kernel_name(GgmlType::Q4_K, 20), "mmq_q4_k_t32");
+        assert_eq!((mmq_threads(16), mmq_threads(32), mmq_threads(33)), (128, 128, 256), "token halves at 64");
         let defined: Vec<&str> = pagedserve_kernels::MODULES.iter().flat_map(|m| m.functions.iter().copied()).collect();
         for ty in WeightFormat::KEPT_GGML.into_iter().filter(|&ty| mmq_supports(ty, 16, 256)) {
             for m in [16, 32, 64] {
