@@ -132,9 +132,10 @@ impl GpuDevice {
             let shared = format.gemv_max_shared().min(opt_in);
             kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
-        // MMQ's ring takes up to 112 KB (Q8_0, 64 rows).
+        // MMQ's ring takes up to 112 KB (Q8_0, 64 rows); where the device allows less (sm_86: 99
+        // KB), those products take the tiles instead (`gemm::ggml_linear`).
         for m in [16, 32, 64] {
-            for ty in WeightFormat::KEPT_GGML.into_iter().filter(|&ty| mmq_supports(ty, m, 256)) {
+            for ty in WeightFormat::KEPT_GGML.into_iter().filter(|&ty| mmq_supports(ty, m, 256) && mmq_shared_bytes(ty, m) <= opt_in) {
                 kernels.get(&mmq_kernel_name(ty, m)).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, mmq_shared_bytes(ty, m) as i32)?;
             }
         }

@@ -132,7 +132,7 @@ pub unsafe fn ggml_linear(
     k: usize,
     n: usize,
 ) -> Result<(), CudaError> {
-    if mmq_supports(ty, m, k) && mmq_input_bytes(m, k) <= 2 * tile_elements {
+    if mmq_supports(ty, m, k) && mmq_input_bytes(m, k) <= 2 * tile_elements && mmq_shared_bytes(ty, m) <= dev.max_shared_optin {
         return mmq_linear(dev, out, out_type, a, (ty, blocks), (tile, tile_elements), m, k, n, 2 * dev.num_sms);
     }
     tiled_linear(dev, out, out_type, a, (ty, blocks), (tile, tile_elements), m, k, n)
@@ -192,7 +192,7 @@ pub unsafe fn mmq_linear(
     blocks_wanted: usize,
 ) -> Result<(), CudaError> {
     let input_bytes = mmq_input_bytes(m, k);
-    if !mmq_supports(ty, m, k) || input_bytes > 2 * scratch_elements || n == 0 {
+    if !mmq_supports(ty, m, k) || input_bytes > 2 * scratch_elements || n == 0 || mmq_shared_bytes(ty, m) > dev.max_shared_optin {
         return Err(CudaError::Config(format!("MMQ does not take {ty:?} m {m} k {k} n {n} in {scratch_elements} bf16 of scratch")));
     }
     let tokens = mmq_tokens(m);
