@@ -30,9 +30,9 @@ use rand::SeedableRng;
 
 use super::check::{as_read_by, device_weight, download_bf16, matmul_reference, random_bf16_values, relative_error, to_bf16, CheckRow, FORWARD_TOLERANCE};
 use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
-use crate::cuda::gemm::{ggml_linear, OutType};
+use crate::cuda::gemm::{ggml_linear, mmq_runs, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
-use crate::cuda::launch::{gemv_prefers, mmq_input_bytes, mmq_plan, mmq_shared_bytes, mmq_supports, WeightFormat};
+use crate::cuda::launch::{gemv_prefers, mmq_plan, mmq_supports, WeightFormat};
 use crate::cuda::weights::MatrixData;
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::model::cpu::CpuModel;
@@ -158,7 +158,7 @@ pub fn check_ggml_product(dev: &GpuDevice, ty: GgmlType, m: usize, n: usize, k: 
     let format = WeightFormat::Ggml(ty);
     let x = random_bf16_values(&mut rng, m * k, 1.0);
     let (w_dev, w_values) = device_weight(dev, &[seed as f32], n, k, format)?;
-    let mmq = tile_rows > 0 && mmq_supports(ty, m, k) && mmq_input_bytes(m, k) <= 2 * tile_rows * k && mmq_shared_bytes(ty, m) <= dev.max_shared_optin;
+    let mmq = tile_rows > 0 && mmq_runs(dev, ty, m, k, tile_rows * k);
     let mut x_read = x.clone();
     if tile_rows == 0 || mmq {
         as_read_by(format, &mut x_read);

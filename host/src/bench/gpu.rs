@@ -502,9 +502,9 @@ pub fn print_fp8_products(
 /// and with splits of k (`launch::mmq_supports`), dequantized tiles and cuBLAS; and bf16 cuBLAS on
 /// the same shape. Printed with each path's bandwidth of `ty` blocks, then the sums.
 pub fn print_ggml_products(dev: &GpuDevice, ty: crate::model::gguf::GgmlType, m: usize, shapes: &[(usize, usize, OutType)]) -> Result<(), CudaError> {
-    use crate::cuda::gemm::{mmq_linear, tiled_linear, GGML_TILE_ELEMENTS};
+    use crate::cuda::gemm::{mmq_linear, mmq_runs, tiled_linear, GGML_TILE_ELEMENTS};
     use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight};
-    use crate::cuda::launch::{gemv_supports, mmq_shared_bytes, mmq_supports, WeightFormat};
+    use crate::cuda::launch::{gemv_supports, WeightFormat};
     let config = |e: crate::model::ModelError| CudaError::Config(e.to_string());
     let k0 = shapes.first().map_or(256, |s| s.1);
     let row_bytes = |k: usize| k / ty.block_size() * ty.type_size();
@@ -535,7 +535,7 @@ pub fn print_ggml_products(dev: &GpuDevice, ty: crate::model::gguf::GgmlType, m:
                 gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n })
             })?);
         }
-        if m > 1 && mmq_supports(ty, m, k) && mmq_shared_bytes(ty, m) <= dev.max_shared_optin {
+        if m > 1 && mmq_runs(dev, ty, m, k, GGML_TILE_ELEMENTS) {
             for (slot, blocks_wanted) in [(1, 1), (2, 2 * dev.num_sms)] {
                 times[slot] = Some(graph_us(dev, launches, |i| unsafe { mmq_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), (ty, blocks(i)), tile_arg, m, k, n, blocks_wanted) })?);
             }

@@ -132,7 +132,7 @@ pub unsafe fn ggml_linear(
     k: usize,
     n: usize,
 ) -> Result<(), CudaError> {
-    if mmq_supports(ty, m, k) && mmq_input_bytes(m, k) <= 2 * tile_elements && mmq_shared_bytes(ty, m) <= dev.max_shared_optin {
+    if mmq_runs(dev, ty, m, k, tile_elements) {
         return mmq_linear(dev, out, out_type, a, (ty, blocks), (tile, tile_elements), m, k, n, 2 * dev.num_sms);
     }
     tiled_linear(dev, out, out_type, a, (ty, blocks), (tile, tile_elements), m, k, n)
@@ -169,6 +169,13 @@ pub unsafe fn tiled_linear(
     Ok(())
 }
 
+/// Whether MMQ takes `m` rows of width `k` against `ty` blocks on `dev`, with a scratch of
+/// `scratch_elements` bf16 for the quantized input: the type and shape (`launch::mmq_supports`),
+/// the scratch, and the device's opt-in shared memory for the kernel's ring.
+pub fn mmq_runs(dev: &GpuDevice, ty: GgmlType, m: usize, k: usize, scratch_elements: usize) -> bool {
+    mmq_supports(ty, m, k) && mmq_input_bytes(m, k) <= 2 * scratch_elements && mmq_shared_bytes(ty, m) <= dev.max_shared_optin
+}
+
 /// `out[m×n] = a[m×k] · Wᵀ` on the tensor cores straight from `ty` blocks (MMQ, `kernels/ggml.cu`):
 /// the input quantized to int8 per 32 values into `scratch` (`quantize_q8_mmq`), then one block
 /// per 64 rows of W and split of k (`launch::mmq_split`, aiming at `blocks_wanted` blocks); the
@@ -191,14 +198,13 @@ pub unsafe fn mmq_linear(
     n: usize,
     blocks_wanted: usize,
 ) -> Result<(), CudaError> {
-    let input_bytes = mmq_input_bytes(m, k);
-    if !mmq_supports(ty, m, k) || input_bytes > 2 * scratch_elements || n == 0 || mmq_shared_bytes(ty, m) > dev.max_shared_optin {
+    if !mmq_runs(dev, ty, m, k, scratch_elements) || n == 0 {
         return Err(CudaError::Config(format!("MMQ does not take {ty:?} m {m} k {k} n {n} in {scratch_elements} bf16 of scratch")));
     }
     let tokens = mmq_tokens(m);
     let (xq, xd) = (scratch, scratch + (tokens * k) as u64);
     let xs = xd + (tokens * (k / 32) * 4) as u64;
-    let partial = scratch + input_bytes as u64;
+    let partial = scratch + mmq_input_bytes(m, k) as u64;
     let split = mmq_plan(m, k, n, 2 * scratch_elements, blocks_wanted);
     super::launchers::quantize_q8_mmq(dev, mmq_quantize_config(m, k), xq, xd, xs, a, m as i32, k as i32, tokens as i32)?;
     let config = cudarc::driver::LaunchConfig {
