@@ -163,6 +163,21 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return *reinterpret_cast<u32*>(&v);
 }
 
+// Asks L2 for the 128-byte line holding `p` (no registers, no wait; nothing if it is there).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// RoPE's rotation of one pair (x1, x2) by `angle`, cosine and sine times `magnitude`, rounded to
+// bf16 as the QKV buffer and the cache store it: `rope_and_cache` and the decode attention kernel
+// that fuses it (`paged_attention.cu`) share it, so the two paths round alike.
+__device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, float magnitude, __nv_bfloat16& y1, __nv_bfloat16& y2) {
+    float s, c;
+    sincosf(angle, &s, &c);
+    s *= magnitude;
+    c *= magnitude;
+    y1 = __float2bfloat16(x1 * c - x2 * s);
+    y2 = __float2bfloat16(x2 * c + x1 * s);
+}
+
 // Rows of keys (or values) of positions p0 .. p0 + ROWS - 1 into `dst` (rows of HD + pad
 // elements), THREADS threads copying 16 bytes each per step; positions at or past `limit` are
 // zero-filled and never read from the cache or the block table.

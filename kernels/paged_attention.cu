@@ -14,22 +14,30 @@
 // layout; this one 78%.) Each of the 4 warps takes 16 keys of each tile with its own online
 // softmax (FlashAttention-2 loop order, as in `prefill_attention.cu`), and the warps' states are
 // merged at the end. Long contexts are cut into `num_splits` partitions processed by separate
-// blocks (split-K, "flash decoding"), whose partial results `attention_reduce` merges.
+// blocks (split-K, "flash decoding"), whose partial results `attention_reduce_hd*` merges.
+//
+// RoPE and the cache write fused (`inv_freq` not null; batches of decode tokens only, each its
+// sequence's only token, as `rope_and_cache` would leave them): every block rotates its group's
+// query heads itself into shared memory, and the one block whose partition holds the token's own
+// position rotates the token's key and writes it and the value into the cache slot `slots[t]`
+// before it loads a tile; no other block reads that position. The QKV buffer is left as it is.
 //
 // Layouts: q rows of `q_stride` elements holding [num_heads, HD] bf16 (the Q part of the QKV
-// projection's output); out [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads,
+// projection's output; with RoPE fused, the whole row: Q heads, then K heads, then V heads); out [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads,
 // block_size, HD] bf16; block_tables [num_seqs, max_blocks] u32; partials (split-K only) float
 // [tokens, num_heads, num_splits, HD] plus max (log2 units of the scaled scores) and sum [tokens, num_heads,
 // num_splits].
 
 #define ATTENTION_PARAMS                                                                                   \
     __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
-        const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache, const u32 *block_tables,               \
+        __nv_bfloat16 *k_cache, __nv_bfloat16 *v_cache, const u32 *block_tables,                           \
         const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
-        int num_heads, int num_kv_heads, int block_size, float scale, int partition, int window
+        int num_heads, int num_kv_heads, int block_size, float scale, int partition, int window,          \
+        const u32 *slots, const float *inv_freq, float position_scale, int rotary_dim, float magnitude
 #define ATTENTION_ARGS                                                                                     \
     out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
-        q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition, window
+        q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition, window, slots,        \
+        inv_freq, position_scale, rotary_dim, magnitude
 #define DC_WARPS 4
 #define DC_THREADS (DC_WARPS * 32)
 #define DC_N (DC_WARPS * 16)  // keys per tile
@@ -61,28 +69,65 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: which 8x8 matrix this lane addresses, which row
     const float scale_log2 = scale * 1.4426950408889634f;
 
-    // Start the copies first: the query fragments below are loaded while they are in flight.
+    const bool rope = inv_freq != nullptr;
+    // With RoPE fused, the block holding the token's own position writes its key and value first.
+    const bool writes_token = rope && begin <= context - 1 && context - 1 < end;
+    auto start_copies = [&]() {
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < num_tiles) {
-            load_kv_rows<HD, DC_N, DC_THREADS>(k_s + s * DC_N, k_cache, table, begin + s * DC_N, end, num_kv_heads, kv_head, block_size);
-            load_kv_rows<HD, DC_N, DC_THREADS>(v_s + s * DC_N, v_cache, table, begin + s * DC_N, end, num_kv_heads, kv_head, block_size);
+        for (int s = 0; s < STAGES - 1; s++) {
+            if (s < num_tiles) {
+                load_kv_rows<HD, DC_N, DC_THREADS>(k_s + s * DC_N, k_cache, table, begin + s * DC_N, end, num_kv_heads, kv_head, block_size);
+                load_kv_rows<HD, DC_N, DC_THREADS>(v_s + s * DC_N, v_cache, table, begin + s * DC_N, end, num_kv_heads, kv_head, block_size);
+            }
+            cp_async_commit();  // empty groups too: the wait counts below assume one group per tile
         }
-        cp_async_commit();  // empty groups too: the wait counts below assume one group per tile
+    };
+    // Start the copies first: the query fragments below are loaded while they are in flight.
+    if (!writes_token) start_copies();
+
+    const __nv_bfloat16* q_row = q + (u64)t * q_stride + (u64)kv_head * group * HD;
+    // The rotated query rows, with RoPE fused: in the last stage's key tile, which the first
+    // copies leave free until the loop's first iteration (after its barrier) refills it.
+    Row* q_s = k_s + (STAGES - 1) * DC_N;
+    if (rope) {
+        const float pos = (float)positions[t] / position_scale;
+        const int half = rotary_dim / 2;
+        if (writes_token) {
+            // The token's key (rotated) and value into its slot: one dimension pair per thread.
+            const __nv_bfloat16* k_row = q + (u64)t * q_stride + (u64)num_heads * HD + (u64)kv_head * HD;
+            const __nv_bfloat16* v_row = k_row + (u64)num_kv_heads * HD;
+            const u64 slot = slots[t];
+            const u64 at = (((slot / block_size) * num_kv_heads + kv_head) * block_size + slot % block_size) * HD;
+            for (int j = threadIdx.x; j < HD / 2; j += DC_THREADS) {
+                const int a = j < half ? j : rotary_dim + 2 * (j - half), b = j < half ? j + half : a + 1;
+                if (j < half) rope_rotate(__bfloat162float(k_row[a]), __bfloat162float(k_row[b]), pos * inv_freq[j], magnitude, k_cache[at + a], k_cache[at + b]);
+                else k_cache[at + a] = k_row[a], k_cache[at + b] = k_row[b];
+                v_cache[at + a] = v_row[a], v_cache[at + b] = v_row[b];
+            }
+        }
+        // The group's query heads rotated, one dimension pair per thread (rows past the group
+        // are never read).
+        for (int p = threadIdx.x; p < group * (HD / 2); p += DC_THREADS) {
+            const int r = p / (HD / 2), j = p % (HD / 2);
+            const __nv_bfloat16* src = q_row + r * HD;
+            const int a = j < half ? j : rotary_dim + 2 * (j - half), b = j < half ? j + half : a + 1;
+            if (j < half) rope_rotate(__bfloat162float(src[a]), __bfloat162float(src[b]), pos * inv_freq[j], magnitude, q_s[r][a], q_s[r][b]);
+            else q_s[r][a] = src[a], q_s[r][b] = src[b];
+        }
+        __syncthreads();  // the rotated queries, and the token's cache row for this block's copies
+        if (writes_token) start_copies();
     }
 
     // A fragments of the query rows: row r is head kv_head * group + r, zero for r >= group.
     u32 qf[HD / 16][4];
-    {
-        const __nv_bfloat16* q_row = q + (u64)t * q_stride + (u64)kv_head * group * HD;
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++)
+    for (int kk = 0; kk < HD / 16; kk++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = gid + (e & 1) * 8, col = kk * 16 + (e >> 1) * 8 + tig * 2;
-                qf[kk][e] = r < group ? *reinterpret_cast<const u32*>(q_row + r * HD + col) : 0u;
-            }
-    }
+        for (int e = 0; e < 4; e++) {
+            const int r = gid + (e & 1) * 8, col = kk * 16 + (e >> 1) * 8 + tig * 2;
+            const u32* at = rope ? reinterpret_cast<const u32*>(&q_s[r][col]) : reinterpret_cast<const u32*>(q_row + r * HD + col);
+            qf[kk][e] = r < group ? *at : 0u;
+        }
 
     float o[HD / 8][4];
 #pragma unroll
@@ -216,32 +261,68 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     }
 }
 
+// Merges the split-K partials of one (row, KV head) per block (grid x, y; the row a token, or an
+// index into `rows` when it is not null, as in the attention kernel), a warp per query head. The
+// merge is on a decode step's critical path, so its loads go out together: each lane takes 32
+// splits' maxima and sums at once, and the partial rows are read a few splits at a time, each
+// split's weight handed round by a shuffle. (One thread per dimension looping over the splits
+// waited out an L2 round trip per split. Doing this merge in the attention kernel's last block
+// instead, counted in with an atomic, made the 8B bf16 batch-1 step 0.1 ms slower: that block
+// held its multiprocessor from the next product's blocks.)
+template <int HD>
+__device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_out,
+                                      const float* __restrict__ part_max, const float* __restrict__ part_sum,
+                                      const u32* __restrict__ rows, int num_splits, int num_heads, int num_kv_heads) {
+    constexpr int PER_LANE = HD / 32;
+    const u64 t = rows ? rows[blockIdx.x] : blockIdx.x;
+    const int kv_head = blockIdx.y, group = num_heads / num_kv_heads;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int g = warp; g < group; g += warps) {
+        const u64 th = t * num_heads + kv_head * group + g;  // token * num_heads + head
+        const float* maxima = part_max + th * num_splits;
+        const float* sums = part_sum + th * num_splits;
+        const float* rows_out = part_out + th * num_splits * HD + lane * PER_LANE;
+        float big = -INFINITY;
+        for (int s = lane; s < num_splits; s += 32) big = fmaxf(big, maxima[s]);
+        big = warp_max(big);
+        float total = 0.0f, value[PER_LANE];
+#pragma unroll
+        for (int j = 0; j < PER_LANE; j++) value[j] = 0.0f;
+        for (int base = 0; base < num_splits; base += 32) {
+            const int mine = base + lane, count = min(32, num_splits - base);
+            const float mx = mine < num_splits ? maxima[mine] : -INFINITY;
+            const float f = mx == -INFINITY ? 0.0f : exp2f(mx - big);
+            if (mine < num_splits) total += sums[mine] * f;
+#pragma unroll 4
+            for (int i = 0; i < count; i++) {
+                const float fi = __shfl_sync(0xffffffffu, f, i);
+                const float* src = rows_out + (u64)(base + i) * HD;
+#pragma unroll
+                for (int j = 0; j < PER_LANE; j += 2) {
+                    const float2 v = *reinterpret_cast<const float2*>(src + j);
+                    value[j] += v.x * fi;
+                    value[j + 1] += v.y * fi;
+                }
+            }
+        }
+        total = warp_sum(total);
+#pragma unroll
+        for (int j = 0; j < PER_LANE; j++)
+            out[th * HD + lane * PER_LANE + j] = __float2bfloat16(total > 0.0f ? value[j] / total : 0.0f);
+    }
+}
+
+#define REDUCE_PARAMS                                                                                      \
+    __nv_bfloat16 *out, const float *part_out, const float *part_max, const float *part_sum, const u32 *rows, \
+        int num_splits, int num_heads, int num_kv_heads
 #define DECODE_KERNEL(HD, STAGES)                                                                          \
     extern "C" __global__ void __launch_bounds__(DC_THREADS) paged_attention_hd##HD(ATTENTION_PARAMS) { PDL_ENTER();    \
         paged_decode_impl<HD, STAGES>(ATTENTION_ARGS);                                                     \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_reduce_hd##HD(REDUCE_PARAMS) {     \
+        PDL_ENTER();                                                                                       \
+        attention_reduce_impl<HD>(out, part_out, part_max, part_sum, rows, num_splits, num_heads, num_kv_heads); \
     }
 DECODE_KERNEL(64, 4)
 DECODE_KERNEL(128, 2)
 DECODE_KERNEL(256, 2)
-
-// Merges split-K partials: one block per (row, head) (grid x, y), one thread per dimension; the
-// row is a token, or an index into `rows` when it is not null (as in the attention kernel).
-extern "C" __global__ void attention_reduce(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_out,
-                                            const float* __restrict__ part_max, const float* __restrict__ part_sum,
-                                            const u32* __restrict__ rows, int num_splits, int head_dim) {
-    PDL_ENTER();
-    const u64 t = rows ? rows[blockIdx.x] : blockIdx.x;
-    const u64 th = t * gridDim.y + blockIdx.y;  // token * num_heads + head
-    float big = -INFINITY;
-    for (int s = 0; s < num_splits; s++) big = fmaxf(big, part_max[th * num_splits + s]);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float total = 0.0f, value = 0.0f;
-        for (int s = 0; s < num_splits; s++) {
-            const float mx = part_max[th * num_splits + s];
-            const float f = mx == -INFINITY ? 0.0f : exp2f(mx - big);
-            total += part_sum[th * num_splits + s] * f;
-            value += part_out[(th * num_splits + s) * head_dim + d] * f;
-        }
-        out[th * head_dim + d] = __float2bfloat16(total > 0.0f ? value / total : 0.0f);
-    }
-}

@@ -23,13 +23,7 @@ extern "C" __global__ void rope_and_cache(__nv_bfloat16* __restrict__ qkv, const
         const int head = p / half, i = p % half;
         __nv_bfloat16* h = head < num_heads ? q + head * head_dim : k + (head - num_heads) * head_dim;
         const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
-        s *= magnitude;
-        c *= magnitude;
-        const float x1 = __bfloat162float(h[a]), x2 = __bfloat162float(h[b]);
-        h[a] = __float2bfloat16(x1 * c - x2 * s);
-        h[b] = __float2bfloat16(x2 * c + x1 * s);
+        rope_rotate(__bfloat162float(h[a]), __bfloat162float(h[b]), pos * inv_freq[i], magnitude, h[a], h[b]);
     }
     __syncthreads();
     const u64 slot = slots[t];

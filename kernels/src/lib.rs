@@ -137,7 +137,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "paged_attention",
         source: include_str!("../paged_attention.cu"),
-        functions: &["paged_attention_hd64", "paged_attention_hd128", "paged_attention_hd256", "attention_reduce"],
+        functions: &["paged_attention_hd64", "paged_attention_hd128", "paged_attention_hd256", "attention_reduce_hd64", "attention_reduce_hd128", "attention_reduce_hd256"],
     },
     KernelModule {
         name: "prefill_attention",

@@ -177,6 +177,93 @@ pub fn check_attention_windowed(
     ))
 }
 
+/// The decode kernel with RoPE and the cache write fused (`AttentionArgs::rope`), as decode-only
+/// batches run it: each sequence has `cached` positions in a cache of random keys and values
+/// (its own slot included, so a missing write cannot go unnoticed) and one new token, whose
+/// unrotated QKV row the kernel reads. Against the CPU's `rope_and_cache` then `paged_attention`:
+/// the worse of the output's and the whole cache's relative errors.
+#[allow(clippy::too_many_arguments)]
+pub fn check_fused_rope_attention(
+    dev: &GpuDevice,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+    magnitude: f32,
+    cached: &[usize],
+    splits: usize,
+    window: usize,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
+    let block_size = 16;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let total_blocks: usize = cached.iter().map(|c| (c + 1).div_ceil(block_size)).sum::<usize>() + 5;
+    let layout = KvCacheLayout { num_layers: 1, num_blocks: total_blocks, block_size, num_kv_heads: kv_heads, head_dim };
+    let mut pool: Vec<u32> = (0..total_blocks as u32).collect();
+    for i in (1..pool.len()).rev() {
+        pool.swap(i, rng.random_range(0..=i));
+    }
+    let mut batch = ForwardBatch::new(block_size, total_blocks);
+    let mut next = 0;
+    for &c in cached {
+        let blocks = &pool[next..next + (c + 1).div_ceil(block_size)];
+        next += blocks.len();
+        batch.push_seq(&[0], c, blocks, false).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    let n = batch.num_tokens();
+    let width = (heads + 2 * kv_heads) * head_dim;
+    let qkv = random_bf16_values(&mut rng, n * width, 1.0);
+    let mut cpu_cache = CpuKvCache::new(layout);
+    let kv_row = kv_heads * head_dim;
+    for slot in 0..total_blocks * block_size {
+        let k = random_bf16_values(&mut rng, kv_row, 1.0);
+        let v = random_bf16_values(&mut rng, kv_row, 1.0);
+        cpu_cache.write(0, slot, &k, &v);
+    }
+    let (keys_before, values_before) = {
+        let (k, v) = cpu_cache.layer(0);
+        (to_bf16(k), to_bf16(v))
+    };
+
+    // CPU: rotate Q and K of each row, write K and V to the token's slot, then attend.
+    let inv_freq = default_inv_freq(rotary_dim);
+    let mut rotated = qkv.clone();
+    for t in 0..n {
+        let (mut cos, mut sin) = cos_sin(&inv_freq, batch.positions[t]);
+        cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= magnitude);
+        let row = &mut rotated[t * width..(t + 1) * width];
+        let (qk, v) = row.split_at_mut((heads + kv_heads) * head_dim);
+        Rope::apply(qk, head_dim, &cos, &sin);
+        cpu_cache.write(0, batch.slot_mapping[t] as usize, &qk[heads * head_dim..], v);
+    }
+    let (keys, values) = cpu_cache.layer(0);
+    let mut want = vec![0.0f32; n * heads * head_dim];
+    let shape = AttentionShape {
+        num_heads: heads,
+        q_stride: width,
+        layer: LayerAttention { window: (window > 0).then_some(window), ..LayerAttention::full(head_dim) },
+    };
+    paged_attention(&mut want, &rotated, &batch, keys, values, &layout, &shape);
+
+    let attention =
+        StandaloneAttention::upload(dev, &batch, &to_bf16(&qkv), &keys_before, &values_before, heads, kv_heads, head_dim, AttentionPath::Decode, splits)?
+            .with_window(window)
+            .with_fused_rope(dev, &batch.slot_mapping, &inv_freq, rotary_dim, magnitude)?;
+    attention.launch(dev)?;
+    let got = attention.output(dev)?;
+    let (got_k, got_v) = attention.cache(dev)?;
+    let cache_want: Vec<f32> = keys.iter().chain(values).copied().collect();
+    let cache_got: Vec<f32> = got_k.into_iter().chain(got_v).collect();
+    let error = relative_error(&got, &want).max(relative_error(&cache_got, &cache_want));
+    let windowed = if window == 0 { String::new() } else { format!(" window {window}") };
+    let shown: Vec<String> = cached.iter().map(|c| format!("{c}+1")).collect();
+    Ok(CheckRow::error(
+        "paged_attention +rope",
+        format!("heads {heads}/{kv_heads} hd {head_dim} rotary {rotary_dim} x{magnitude} lens [{}] splits {splits}{windowed}", shown.join(", ")),
+        error,
+    ))
+}
+
 /// GPT-J-style ("interleaved") RoPE of every head of `x` in place: dimensions `2i` and `2i + 1`
 /// rotate together by the angle of frequency `i`. The CPU model only has the rotate-half form
 /// (`Rope::apply`); this is the reference for `rope_and_cache` with `interleaved = 1`.
@@ -834,6 +921,14 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     rows.push(check_attention_windowed(dev, 16, 8, 4, 256, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 103)?);
     rows.push(check_attention_windowed(dev, 16, 4, 1, 256, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 1, 512, 104)?);
     rows.push(check_attention(dev, 9, 3, 64, &[(1100, 1), (40, 300), (60, 1)], AttentionPath::Mixed, 3, 96)?);
+    // RoPE and the cache write fused into the decode kernel (decode-only batches): the 8B layout
+    // split in 8 (batch 1 at context 512) with sequences shorter than a split, unsplit, partial
+    // rotary with a magnitude through a window, and head dim 256.
+    rows.push(check_fused_rope_attention(dev, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
+    rows.push(check_fused_rope_attention(dev, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
+    rows.push(check_fused_rope_attention(dev, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
+    rows.push(check_fused_rope_attention(dev, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
+    rows.push(check_fused_rope_attention(dev, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
 
     for interleaved in [false, true] {
         rows.push(check_rope(dev, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);

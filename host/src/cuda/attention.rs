@@ -1,5 +1,6 @@
 //! Launching one layer's paged attention: the flash prefill kernel over the batch's tiles, the
-//! decode kernel over its decode rows, and the split-K reduction when decode is split.
+//! decode kernel over its decode rows (which in decode-only batches may apply RoPE and write the
+//! cache itself: `FusedRope`), and the split-K reduction when decode is split.
 
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
@@ -40,12 +41,31 @@ pub struct AttentionArgs {
     /// row of the batch (they are indexed by token row, not by decode row).
     pub split: AttentionSplit,
     pub partials: (CUdeviceptr, CUdeviceptr, CUdeviceptr),
+    /// RoPE and the cache write done by the decode kernel instead of `rope_and_cache`; `q` then
+    /// points at the unrotated QKV rows (`q_stride` their width). Only for batches without
+    /// prefill tiles, where every token is its sequence's only one.
+    pub rope: Option<FusedRope>,
+}
+
+/// What the decode kernel needs to rotate the queries and keys itself (rotate-half RoPE over the
+/// first `rotary_dim` dimensions of each head, as `rope_and_cache` with `interleaved` 0) and to
+/// write each token's key and value to its cache slot.
+#[derive(Clone, Copy)]
+pub struct FusedRope {
+    pub slots: CUdeviceptr,
+    pub inv_freq: CUdeviceptr,
+    pub position_scale: f32,
+    pub rotary_dim: usize,
+    pub magnitude: f32,
 }
 
 /// One layer's attention: the prefill kernel over the tiles, then the decode kernel (and the
-/// split-K reduction when `split.splits > 1`) over the decode rows. A decode-only batch launches exactly
-/// what it did before the prefill kernel existed: no tiles, no row indirection.
+/// split-K reduction when `split.splits > 1`) over the decode rows. A decode-only batch launches
+/// exactly what it did before the prefill kernel existed: no tiles, no row indirection.
 pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
+    if a.rope.is_some() && a.num_tiles > 0 {
+        return Err(CudaError::Config("RoPE fused into the decode kernel in a batch with prefill tiles".into()));
+    }
     let (q_stride, max_blocks) = (a.q_stride as i32, a.max_blocks as i32);
     let (heads, kv_heads, block_size) = (a.num_heads as i32, a.num_kv_heads as i32, a.block_size as i32);
     let (scale, window) = (a.scale, a.window.min(i32::MAX as usize) as i32);
@@ -74,21 +94,23 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         block_dim: (DECODE_THREADS, 1, 1),
         shared_mem_bytes: decode_shared_bytes(a.head_dim) as u32,
     };
-    // SAFETY: as above; with splits, the partials hold a row per (token, head, split).
+    let rope = a.rope.unwrap_or(FusedRope { slots: 0, inv_freq: 0, position_scale: 1.0, rotary_dim: 0, magnitude: 1.0 });
+    // SAFETY: as above; with splits, the partials hold a row per (token, head, split); with RoPE
+    // fused, `q` holds whole QKV rows and the slots one entry per token.
     unsafe {
         launchers::paged_attention(
             dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
-            window,
+            window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude,
         )?;
         if a.split.splits > 1 {
-            let (splits, hd) = (a.split.splits as i32, a.head_dim as i32);
             let config = LaunchConfig {
-                grid_dim: (a.num_decode as u32, a.num_heads as u32, 1),
-                block_dim: (a.head_dim as u32, 1, 1),
+                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, 1),
+                block_dim: (DECODE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launchers::attention_reduce(dev, config, a.out, part_out, part_max, part_sum, a.decode_rows, splits, hd)?;
+            let splits = a.split.splits as i32;
+            launchers::attention_reduce(dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.decode_rows, splits, heads, kv_heads)?;
         }
     }
     Ok(())

@@ -36,6 +36,10 @@ pub struct GpuDevice {
     /// Which of our kernels are launched as programmatic dependents of the kernel before them
     /// (see `launchers`), a `PdlScope`: on sm_90 and newer, unless `PAGEDSERVE_PDL=0`.
     pdl: AtomicU8,
+    /// Whether decode-only batches leave RoPE and the cache write to the decode attention kernel
+    /// (`AttentionArgs::rope`) instead of launching `rope_and_cache`: on unless
+    /// `PAGEDSERVE_FUSED_ROPE=off`, which exists to measure the fusion.
+    pub fused_rope: bool,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -141,7 +145,8 @@ impl GpuDevice {
         }
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, "CUDA device ready");
+        let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -154,6 +159,7 @@ impl GpuDevice {
             max_shared_optin: opt_in,
             decode_blocks_per_sm,
             pdl: AtomicU8::new(pdl as u8),
+            fused_rope,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))

@@ -25,7 +25,7 @@ use std::cell::RefCell;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
-use super::attention::{launch_attention, AttentionArgs};
+use super::attention::{launch_attention, AttentionArgs, FusedRope};
 use super::batch::{BatchArrays, Scratch};
 use super::fp8_gemm::{fp8_linear, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
@@ -104,6 +104,9 @@ pub(crate) struct GpuOps<'a> {
     pending: Vec<Act>,
     /// Freed activations a pending computation still reads.
     deferred: Vec<Act>,
+    /// A decode-only batch's `rope_and_cache` left to the attention that follows it (the QKV
+    /// rows, the layer, its RoPE): the decode kernel rotates and writes the cache itself.
+    fused_rope: Option<(Act, usize, usize)>,
 }
 
 fn backend_error(e: CudaError) -> ModelError {
@@ -119,7 +122,7 @@ fn internal(what: String) -> ModelError {
 pub(crate) fn plan(model: &GpuModel) -> Result<ArenaPlan, ModelError> {
     let mut need: std::collections::BTreeMap<usize, usize> = Default::default();
     for gemv in [true, false] {
-        let mut ops = GpuOps { model, launch: None, n: 1, rows: 1, gemv, slot_bytes: Vec::new(), busy: Vec::new(), acts: Vec::new(), pending: Vec::new(), deferred: Vec::new() };
+        let mut ops = GpuOps { model, launch: None, n: 1, rows: 1, gemv, slot_bytes: Vec::new(), busy: Vec::new(), acts: Vec::new(), pending: Vec::new(), deferred: Vec::new(), fused_rope: None };
         ops.run()?;
         let mut counts: std::collections::BTreeMap<usize, usize> = Default::default();
         for bytes in ops.slot_bytes {
@@ -137,8 +140,11 @@ pub(crate) fn plan(model: &GpuModel) -> Result<ArenaPlan, ModelError> {
 pub(crate) fn enqueue(model: &GpuModel, launch: Launch<'_>, n: usize, rows: usize, gemv: bool) -> Result<(), CudaError> {
     let slot_bytes = launch.scratch.slot_bytes().to_vec();
     let busy = vec![false; slot_bytes.len()];
-    let mut ops = GpuOps { model, launch: Some(launch), n, rows, gemv, slot_bytes, busy, acts: Vec::new(), pending: Vec::new(), deferred: Vec::new() };
+    let mut ops = GpuOps { model, launch: Some(launch), n, rows, gemv, slot_bytes, busy, acts: Vec::new(), pending: Vec::new(), deferred: Vec::new(), fused_rope: None };
     ops.run().map_err(CudaError::Model)?;
+    if ops.fused_rope.is_some() {
+        return Err(CudaError::Model(internal("RoPE left to an attention that never ran".into())));
+    }
     ops.mark("end").map_err(CudaError::Model)
 }
 
@@ -475,9 +481,14 @@ impl Ops for GpuOps<'_> {
         self.resolve_all(None)?;
         let x = self.ptr(qkv)?;
         let c = self.model.config();
-        self.mark("rope_and_cache")?;
         let Some(launch) = &self.launch else { return Ok(()) };
         let dev = self.dev();
+        // Decode tokens only (each its sequence's only token): the attention kernel does this.
+        if dev.fused_rope && launch.arrays.num_tiles == 0 {
+            self.fused_rope = Some((qkv, layer, attention.rope));
+            return Ok(());
+        }
+        self.mark("rope_and_cache")?;
         let rope = &self.model.ropes()[attention.rope];
         let (k_cache, v_cache) = launch.cache.layer_ptrs(dev, layer);
         let config = self.rows_config(self.n, (c.num_attention_heads + c.num_key_value_heads) * c.rotary_dim / 2);
@@ -523,6 +534,20 @@ impl Ops for GpuOps<'_> {
         let s = launch.scratch;
         let partials = if launch.split.splits > 1 { s.partials(dev) } else { (0, 0, 0) };
         let a = launch.arrays;
+        let rope = match self.fused_rope.take() {
+            None => None,
+            Some((act, l, rope)) if act == qkv && l == layer => {
+                let rope = &self.model.ropes()[rope];
+                Some(FusedRope {
+                    slots: a.slots,
+                    inv_freq: ptr(dev, &rope.inv_freq),
+                    position_scale: rope.position_scale,
+                    rotary_dim: c.rotary_dim,
+                    magnitude: rope.magnitude,
+                })
+            }
+            Some(_) => return Err(internal(format!("RoPE of another layer left to layer {layer}'s attention"))),
+        };
         launch_attention(
             dev,
             &AttentionArgs {
@@ -547,6 +572,7 @@ impl Ops for GpuOps<'_> {
                 scale: attention.scale,
                 split: launch.split,
                 partials,
+                rope,
             },
         )
         .map_err(backend_error)?;

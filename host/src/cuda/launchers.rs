@@ -161,14 +161,17 @@ kernels! {
     fn moe_combine() => "moe_combine";
         (out: Ptr, y: Ptr, weights: Ptr, k: i32, hidden: i32)
     /// `paged_attention.cu`: decode attention over the paged cache, instantiated per head
-    /// dimension; grid (rows, KV heads, splits); `window` 0 sees every earlier position.
+    /// dimension; grid (rows, KV heads, splits); `window` 0 sees every earlier position; RoPE and
+    /// the cache write fused when `inv_freq` is not null.
     fn paged_attention(head_dim: usize) => decode_kernel_name(head_dim);
         (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr,
          block_tables: Ptr, token_seq: Ptr, positions: Ptr, rows: Ptr, q_stride: i32, max_blocks: i32,
-         num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32, window: i32)
-    /// `paged_attention.cu`: merges split-K partials; grid (rows, heads).
-    fn attention_reduce() => "attention_reduce";
-        (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, rows: Ptr, num_splits: i32, head_dim: i32)
+         num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32, window: i32,
+         slots: Ptr, inv_freq: Ptr, position_scale: f32, rotary_dim: i32, magnitude: f32)
+    /// `paged_attention.cu`: merges split-K partials, instantiated per head dimension; grid
+    /// (rows, KV heads), a warp per query head.
+    fn attention_reduce(head_dim: usize) => format!("attention_reduce_hd{head_dim}");
+        (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, rows: Ptr, num_splits: i32, num_heads: i32, num_kv_heads: i32)
     /// `prefill_attention.cu`: flash attention of prefill tiles over the paged cache,
     /// instantiated per head dimension; grid (heads, tiles); `window` 0 sees every earlier
     /// position.
@@ -261,7 +264,7 @@ mod tests {
             ("moe_gemm", "moe", "moe_gemm"),
             ("moe_combine", "moe", "moe_combine"),
             ("paged_attention", "paged_attention", "paged_attention_hd##HD"),
-            ("attention_reduce", "paged_attention", "attention_reduce"),
+            ("attention_reduce", "paged_attention", "attention_reduce_hd##HD"),
             ("prefill_attention", "prefill_attention", "prefill_attention_hd##HD"),
             ("gemv", "gemv", "NAME"),
             ("argmax_rows", "sampling", "argmax_rows"),

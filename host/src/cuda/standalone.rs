@@ -6,6 +6,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
 use super::launch::{pack_block_tables, plan_attention, AttentionPath, AttentionSplit};
+use super::attention::FusedRope;
 use super::{launch_attention, AttentionArgs, CudaError, GpuDevice};
 use crate::runner::ForwardBatch;
 
@@ -23,6 +24,10 @@ pub struct StandaloneAttention {
     /// Decode rows: `Some(count)` when listed after the tiles in `plan`, else `None` (every row).
     decode_rows: Option<usize>,
     partials: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>),
+    /// RoPE fused into the decode kernel (`with_fused_rope`): each token's cache slot, the
+    /// inverse frequencies, rotary dimensions and magnitude; `q` then holds whole QKV rows.
+    rope: Option<(CudaSlice<u32>, CudaSlice<f32>, usize, f32)>,
+    q_stride: usize,
     max_blocks: usize,
     shape: (usize, usize, usize, usize, usize),
     split: AttentionSplit,
@@ -75,6 +80,8 @@ impl StandaloneAttention {
                 stream.alloc_zeros::<f32>(rows)?,
                 stream.alloc_zeros::<f32>(rows)?,
             ),
+            rope: None,
+            q_stride: heads * head_dim,
             max_blocks,
             shape: (n, heads, kv_heads, head_dim, batch.block_size),
             split: AttentionSplit::covering(splits, max_context),
@@ -93,6 +100,22 @@ impl StandaloneAttention {
         self
     }
 
+    /// RoPE and the cache write fused into the decode kernel: `q` (as uploaded) holds each token's
+    /// unrotated QKV row (`[heads + 2 kv_heads, head_dim]`), every token is its sequence's only
+    /// one, and the kernel writes its rotated key and its value to `slots[t]` of the cache.
+    pub fn with_fused_rope(mut self, dev: &GpuDevice, slots: &[u32], inv_freq: &[f32], rotary_dim: usize, magnitude: f32) -> Result<Self, CudaError> {
+        let (_, heads, kv_heads, head_dim, _) = self.shape;
+        self.q_stride = (heads + 2 * kv_heads) * head_dim;
+        self.rope = Some((dev.stream.clone_htod(slots)?, dev.stream.clone_htod(inv_freq)?, rotary_dim, magnitude));
+        Ok(self)
+    }
+
+    /// The cache after the launch (`[blocks, kv_heads, block_size, head_dim]` each), in float32.
+    pub fn cache(&self, dev: &GpuDevice) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+        let host = |s: &CudaSlice<bf16>| -> Result<Vec<f32>, CudaError> { Ok(dev.stream.clone_dtoh(s)?.iter().map(|v| v.to_f32()).collect()) };
+        Ok((host(&self.k)?, host(&self.v)?))
+    }
+
     pub fn launch(&self, dev: &GpuDevice) -> Result<(), CudaError> {
         let ptr = |s: &CudaSlice<bf16>| s.device_ptr(&dev.stream).0;
         let ptr32 = |s: &CudaSlice<u32>| s.device_ptr(&dev.stream).0;
@@ -104,7 +127,7 @@ impl StandaloneAttention {
             &AttentionArgs {
                 out: ptr(&self.out),
                 q: ptr(&self.q),
-                q_stride: num_heads * head_dim,
+                q_stride: self.q_stride,
                 k_cache: ptr(&self.k),
                 v_cache: ptr(&self.v),
                 block_tables: ptr32(&self.tables),
@@ -123,6 +146,13 @@ impl StandaloneAttention {
                 window: self.window,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 partials: (ptrf(&self.partials.0), ptrf(&self.partials.1), ptrf(&self.partials.2)),
+                rope: self.rope.as_ref().map(|(slots, inv_freq, rotary_dim, magnitude)| FusedRope {
+                    slots: ptr32(slots),
+                    inv_freq: ptrf(inv_freq),
+                    position_scale: 1.0,
+                    rotary_dim: *rotary_dim,
+                    magnitude: *magnitude,
+                }),
             },
         )
     }
