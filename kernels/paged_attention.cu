@@ -23,10 +23,11 @@
 // before it loads a tile; no other block reads that position. The QKV buffer is left as it is.
 //
 // Layouts: q rows of `q_stride` elements holding [num_heads, HD] bf16 (the Q part of the QKV
-// projection's output; with RoPE fused, the whole row: Q heads, then K heads, then V heads); out [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads,
-// block_size, HD] bf16; block_tables [num_seqs, max_blocks] u32; partials (split-K only) float
-// [tokens, num_heads, num_splits, HD] plus max (log2 units of the scaled scores) and sum [tokens, num_heads,
-// num_splits].
+// projection's output; with RoPE fused, the whole row: Q heads, then K heads, then V heads); out
+// [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads, block_size, HD] bf16;
+// block_tables [num_seqs, max_blocks] u32; partials (split-K only) float [tokens, num_heads,
+// num_splits, HD] plus max (log2 units of the scaled scores) and sum [tokens, num_heads,
+// num_splits]; slots (RoPE fused) u32 [tokens].
 
 #define ATTENTION_PARAMS                                                                                   \
     __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
@@ -267,8 +268,8 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
 // splits' maxima and sums at once, and the partial rows are read a few splits at a time, each
 // split's weight handed round by a shuffle. (One thread per dimension looping over the splits
 // waited out an L2 round trip per split. Doing this merge in the attention kernel's last block
-// instead, counted in with an atomic, made the 8B bf16 batch-1 step 0.1 ms slower: that block
-// held its multiprocessor from the next product's blocks.)
+// instead, counted in with an atomic, made the 8B bf16 batch-1 step 0.1 ms slower, H200; not
+// established why, likely that block holding its multiprocessor from the next product's blocks.)
 template <int HD>
 __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_out,
                                       const float* __restrict__ part_max, const float* __restrict__ part_sum,

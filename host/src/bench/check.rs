@@ -84,6 +84,46 @@ pub(crate) fn download_bf16(
     Ok(host.iter().map(|v| v.to_f32()).collect())
 }
 
+/// A batch of sequences given as `(cached, new)` over cache blocks of `block_size` positions,
+/// scattered and out of order (a fixed permutation of a pool with `spare` blocks more than they
+/// need), and the one-layer cache layout it indexes.
+fn scattered_batch(
+    rng: &mut StdRng,
+    block_size: usize,
+    seqs: &[(usize, usize)],
+    spare: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(ForwardBatch, KvCacheLayout), CudaError> {
+    let total_blocks: usize = seqs.iter().map(|(cached, new)| (cached + new).div_ceil(block_size)).sum::<usize>() + spare;
+    let layout = KvCacheLayout { num_layers: 1, num_blocks: total_blocks, block_size, num_kv_heads: kv_heads, head_dim };
+    let mut pool: Vec<u32> = (0..total_blocks as u32).collect();
+    for i in (1..pool.len()).rev() {
+        pool.swap(i, rng.random_range(0..=i));
+    }
+    let mut batch = ForwardBatch::new(block_size, total_blocks);
+    let mut next = 0;
+    for &(cached, new) in seqs {
+        let blocks = &pool[next..next + (cached + new).div_ceil(block_size)];
+        next += blocks.len();
+        batch.push_seq(&vec![0; new], cached, blocks, false).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    Ok((batch, layout))
+}
+
+/// A one-layer cache with random keys and values in every slot, so a read of the wrong slot (or
+/// a write that never happened) cannot go unnoticed.
+fn random_cache(rng: &mut StdRng, layout: KvCacheLayout) -> CpuKvCache {
+    let mut cache = CpuKvCache::new(layout);
+    let row = layout.num_kv_heads * layout.head_dim;
+    for slot in 0..layout.num_blocks * layout.block_size {
+        let k = random_bf16_values(rng, row, 1.0);
+        let v = random_bf16_values(rng, row, 1.0);
+        cache.write(0, slot, &k, &v);
+    }
+    cache
+}
+
 /// Attention for sequences given as `(cached, new)`: `cached` positions already in the cache (a
 /// prefix-cache hit, or the chunks before a chunked prefill's current one) and `new` query tokens
 /// after them, whose keys are in the cache too (as `rope_and_cache` leaves them). Every slot of
@@ -121,29 +161,10 @@ pub fn check_attention_windowed(
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let total_blocks: usize = seqs.iter().map(|(cached, new)| (cached + new).div_ceil(block_size)).sum::<usize>() + 7;
-    let layout = KvCacheLayout { num_layers: 1, num_blocks: total_blocks, block_size, num_kv_heads: kv_heads, head_dim };
-    // Scattered, out-of-order blocks: a fixed permutation of the pool.
-    let mut pool: Vec<u32> = (0..total_blocks as u32).collect();
-    for i in (1..pool.len()).rev() {
-        pool.swap(i, rng.random_range(0..=i));
-    }
-    let mut batch = ForwardBatch::new(block_size, total_blocks);
-    let mut next = 0;
-    for &(cached, new) in seqs {
-        let blocks = &pool[next..next + (cached + new).div_ceil(block_size)];
-        next += blocks.len();
-        batch.push_seq(&vec![0; new], cached, blocks, false).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
+    let (batch, layout) = scattered_batch(&mut rng, block_size, seqs, 7, kv_heads, head_dim)?;
     let n = batch.num_tokens();
     let q = random_bf16_values(&mut rng, n * heads * head_dim, 1.0);
-    let mut cpu_cache = CpuKvCache::new(layout);
-    let row = kv_heads * head_dim;
-    for slot in 0..total_blocks * block_size {
-        let k = random_bf16_values(&mut rng, row, 1.0);
-        let v = random_bf16_values(&mut rng, row, 1.0);
-        cpu_cache.write(0, slot, &k, &v);
-    }
+    let cpu_cache = random_cache(&mut rng, layout);
     let (keys, values) = cpu_cache.layer(0);
     let mut want = vec![0.0f32; n * heads * head_dim];
     let shape = AttentionShape {
@@ -195,31 +216,13 @@ pub fn check_fused_rope_attention(
     window: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
-    let block_size = 16;
     let mut rng = StdRng::seed_from_u64(seed);
-    let total_blocks: usize = cached.iter().map(|c| (c + 1).div_ceil(block_size)).sum::<usize>() + 5;
-    let layout = KvCacheLayout { num_layers: 1, num_blocks: total_blocks, block_size, num_kv_heads: kv_heads, head_dim };
-    let mut pool: Vec<u32> = (0..total_blocks as u32).collect();
-    for i in (1..pool.len()).rev() {
-        pool.swap(i, rng.random_range(0..=i));
-    }
-    let mut batch = ForwardBatch::new(block_size, total_blocks);
-    let mut next = 0;
-    for &c in cached {
-        let blocks = &pool[next..next + (c + 1).div_ceil(block_size)];
-        next += blocks.len();
-        batch.push_seq(&[0], c, blocks, false).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
+    let seqs: Vec<(usize, usize)> = cached.iter().map(|&c| (c, 1)).collect();
+    let (batch, layout) = scattered_batch(&mut rng, 16, &seqs, 5, kv_heads, head_dim)?;
     let n = batch.num_tokens();
     let width = (heads + 2 * kv_heads) * head_dim;
     let qkv = random_bf16_values(&mut rng, n * width, 1.0);
-    let mut cpu_cache = CpuKvCache::new(layout);
-    let kv_row = kv_heads * head_dim;
-    for slot in 0..total_blocks * block_size {
-        let k = random_bf16_values(&mut rng, kv_row, 1.0);
-        let v = random_bf16_values(&mut rng, kv_row, 1.0);
-        cpu_cache.write(0, slot, &k, &v);
-    }
+    let mut cpu_cache = random_cache(&mut rng, layout);
     let (keys_before, values_before) = {
         let (k, v) = cpu_cache.layer(0);
         (to_bf16(k), to_bf16(v))
