@@ -609,7 +609,7 @@ __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f
         for (int q = 0; q < RPW; ++q) {
             if (row0 + q >= n) break;
             // Whole 128-byte lines, from the one holding the chunk's first byte to the one holding
-            // its last (never outside the matrix: allocations are 256-byte aligned).
+            // its last: never outside the matrix's allocation (each its own, 256-byte aligned).
             const u64 row = reinterpret_cast<u64>(w) + (u64)(row0 + q) * row_bytes;
             for (u64 line = ((row + first) & ~(u64)127) + 128 * lane; line < row + last; line += 32 * 128)
                 prefetch_l2(reinterpret_cast<const void*>(line));

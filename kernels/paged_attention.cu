@@ -20,7 +20,9 @@
 // sequence's only token, as `rope_and_cache` would leave them): every block rotates its group's
 // query heads itself into shared memory, and the one block whose partition holds the token's own
 // position rotates the token's key and writes it and the value into the cache slot `slots[t]`
-// before it loads a tile; no other block reads that position. The QKV buffer is left as it is.
+// before it loads a tile; no other block of a real token reads that position. (A CUDA graph's idle
+// padding rows all write and read one slot of the block no sequence is given: their outputs are
+// never used, as they were not before.) The QKV buffer is left as it is.
 //
 // Layouts: q rows of `q_stride` elements holding [num_heads, HD] bf16 (the Q part of the QKV
 // projection's output; with RoPE fused, the whole row: Q heads, then K heads, then V heads); out

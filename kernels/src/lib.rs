@@ -202,10 +202,11 @@ mod tests {
     fn every_declared_function_is_defined_extern_c() {
         for module in MODULES {
             for function in module.functions {
-                // Plain definitions, or instantiations of a macro: `paged_attention_hd64` is
-                // `DECODE_KERNEL(64, stages)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`,
-                // `gemv_silu_m4` is `GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)`.
-                let instantiated = if let Some(hd) = function.strip_prefix("paged_attention_hd") {
+                // Plain definitions, or instantiations of a macro: `paged_attention_hd64` and
+                // `attention_reduce_hd64` are `DECODE_KERNEL(64, stages)`, `prefill_attention_hd128`
+                // is `PREFILL_KERNEL(128)`, `gemv_silu_m4` is `GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)`.
+                let decode_hd = function.strip_prefix("paged_attention_hd").or_else(|| function.strip_prefix("attention_reduce_hd"));
+                let instantiated = if let Some(hd) = decode_hd {
                     module.source.contains(&format!("DECODE_KERNEL({hd},"))
                 } else if let Some(hd) = function.strip_prefix("prefill_attention_hd") {
                     module.source.contains(&format!("PREFILL_KERNEL({hd})"))

@@ -60,8 +60,8 @@ pub struct FusedRope {
 }
 
 /// One layer's attention: the prefill kernel over the tiles, then the decode kernel (and the
-/// split-K reduction when `split.splits > 1`) over the decode rows. A decode-only batch launches
-/// exactly what it did before the prefill kernel existed: no tiles, no row indirection.
+/// split-K reduction when `split.splits > 1`) over the decode rows. A decode-only batch has no
+/// tiles and no row indirection.
 pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaError> {
     if a.rope.is_some() && a.num_tiles > 0 {
         return Err(CudaError::Config("RoPE fused into the decode kernel in a batch with prefill tiles".into()));

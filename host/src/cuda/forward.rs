@@ -483,7 +483,8 @@ impl Ops for GpuOps<'_> {
         let c = self.model.config();
         let Some(launch) = &self.launch else { return Ok(()) };
         let dev = self.dev();
-        // Decode tokens only (each its sequence's only token): the attention kernel does this.
+        // Decode tokens only (each its sequence's only token): the attention kernel does this,
+        // rotate-half as below (`FusedRope` has no interleaved form; nothing launches one here).
         if dev.fused_rope && launch.arrays.num_tiles == 0 {
             self.fused_rope = Some((qkv, layer, attention.rope));
             return Ok(());
