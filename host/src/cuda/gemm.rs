@@ -8,7 +8,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
-use super::launch::{gemv_prefers, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_threads, mmq_tokens, WeightFormat, MMQ_ROWS};
+use super::launch::{gemv_prefers, grid_stride_config, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_threads, mmq_tokens, WeightFormat, MMQ_ROWS};
 use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
 
@@ -216,8 +216,7 @@ pub unsafe fn mmq_linear(
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
     super::launchers::mmq(dev, ty, m, config, out, out_f32, partial, xq, xd, xs, blocks, m32, n32, k32, split.per_split as i32)?;
     if split.splits > 1 {
-        let config = cudarc::driver::LaunchConfig { grid_dim: ((m * n).div_ceil(256).min(65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        super::launchers::mmq_reduce(dev, config, out, out_f32, partial, (m * n) as i32, split.splits as i32)?;
+        super::launchers::mmq_reduce(dev, grid_stride_config(m * n), out, out_f32, partial, (m * n) as i32, split.splits as i32)?;
     }
     Ok(())
 }

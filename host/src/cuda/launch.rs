@@ -231,11 +231,16 @@ pub fn moe_gemm_config(cols: usize, most_tiles: usize) -> cudarc::driver::Launch
     }
 }
 
+/// A grid-stride kernel's launch over `items` work items: a thread each, blocks of 256, at most
+/// 65,535 blocks (the kernel loops beyond).
+pub fn grid_stride_config(items: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig { grid_dim: (items.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// The launch of `dequant_ggml` (`kernels/ggml.cu`) over `rows` rows of `cols` values: a thread
-/// per 8 values, grid-stride beyond 65,535 blocks of 256.
+/// per 8 values.
 pub fn dequant_config(rows: usize, cols: usize) -> cudarc::driver::LaunchConfig {
-    let groups = rows * cols.div_ceil(8);
-    cudarc::driver::LaunchConfig { grid_dim: (groups.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    grid_stride_config(rows * cols.div_ceil(8))
 }
 
 /// The most input rows that the GEMV from GGUF blocks takes where MMQ could: at 4 rows the two
@@ -336,8 +341,7 @@ pub fn mmq_split(n: usize, super_blocks: usize, blocks_wanted: usize) -> MmqSpli
 
 /// `quantize_q8_mmq`'s grid: one thread per 8 values of the padded rows, blocks of 256.
 pub fn mmq_quantize_config(m: usize, k: usize) -> cudarc::driver::LaunchConfig {
-    let threads = mmq_tokens(m) * k / 8;
-    cudarc::driver::LaunchConfig { grid_dim: (threads.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    grid_stride_config(mmq_tokens(m) * k / 8)
 }
 
 /// Threads per block for a row-wise kernel over `width` elements: a multiple of 32, at most 1024.
@@ -627,6 +631,15 @@ mod tests {
         for head_dim in crate::cuda::DECODE_HEAD_DIMS {
             assert!(source.contains(&format!("DECODE_KERNEL({head_dim}, {})", decode_stages(head_dim))), "{head_dim}");
         }
+    }
+
+    #[test]
+    fn mmq_launch_constants_match_the_kernel_source() {
+        // The host sizes MMQ's grid, threads and shared memory from these; the kernel defines them again.
+        let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "ggml").unwrap().source;
+        assert!(source.contains(&format!("#define MMQ_ROWS {MMQ_ROWS}")));
+        assert!(source.contains(&format!("#define MMQ_STAGES {MMQ_STAGES}")));
+        assert!(source.contains(&format!("__launch_bounds__(TOKENS == 64 ? {} : {})", mmq_threads(64), mmq_threads(16))));
     }
 
     #[test]
