@@ -365,7 +365,11 @@ impl Ops for GpuOps<'_> {
         self.release_or_defer(act);
     }
 
-    fn embed(&mut self, table: &GpuMatrix, multiplier: Option<f32>) -> Result<Act, ModelError> {
+    fn embed(&mut self, table: &GpuMatrix, first_token: usize, multiplier: Option<f32>) -> Result<Act, ModelError> {
+        self.single_rank("a vocabulary-split embedding")?;
+        if first_token != 0 {
+            return Err(internal(format!("an embedding table from token {first_token} in a whole model")));
+        }
         let h = table.cols;
         let out = self.alloc(h, 4)?;
         self.mark("embedding")?;
@@ -379,6 +383,14 @@ impl Ops for GpuOps<'_> {
             };
         }
         Ok(out)
+    }
+
+    fn all_reduce(&mut self, _act: Act) -> Result<(), ModelError> {
+        self.single_rank("an all-reduce")
+    }
+
+    fn all_gather_logits(&mut self) -> Result<(), ModelError> {
+        self.single_rank("an all-gather of the logits")
     }
 
     fn add_norm(&mut self, residual: Act, delta: Option<Act>, weight: &cudarc::driver::CudaSlice<f32>, norm: Norm) -> Result<Act, ModelError> {
@@ -707,6 +719,15 @@ impl Ops for GpuOps<'_> {
 }
 
 impl GpuOps<'_> {
+    /// Tensor parallelism is not on the GPU yet: a GPU model is the whole model (`GpuStore`
+    /// refuses a shard), whose collectives are nothing; `what` across ranks is refused.
+    fn single_rank(&self, what: &str) -> Result<(), ModelError> {
+        match self.model.weights().shard.parallel.world {
+            1 => Ok(()),
+            world => Err(ModelError::Unsupported(format!("{what} across {world} tensor-parallel ranks on CUDA"))),
+        }
+    }
+
     /// `out = act(gate) * up` over `rows` rows of `[gate | up]`, `inter` wide.
     fn gated(&self, activation: Activation, out: CUdeviceptr, gate_up: CUdeviceptr, rows: usize, inter: usize) -> Result<(), ModelError> {
         let config = self.rows_config(rows, inter);

@@ -262,6 +262,14 @@ impl GpuStore {
     }
 }
 
+/// Tensor-parallel shards are not loaded on the GPU yet: every part (biases too) must be whole.
+fn refuse_shard<'p>(mut parts: impl Iterator<Item = &'p Part<'p>>) -> Result<(), ModelError> {
+    match parts.find(|part| !part.is_whole()) {
+        None => Ok(()),
+        Some(part) => Err(ModelError::Unsupported(format!("`{}`: loading a tensor-parallel shard on CUDA", part.name))),
+    }
+}
+
 /// A seed made of a tensor's name (FNV-1a), the same for every load.
 fn name_seed(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
@@ -272,6 +280,7 @@ impl WeightStore for GpuStore {
     const BYTES_PER_ELEMENT: u64 = 2;
 
     fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<GpuMatrix, ModelError> {
+        refuse_shard(parts.iter().chain(bias.unwrap_or_default()))?;
         let dummy = parts.first().is_some_and(Part::is_dummy);
         if let Some(ty) = self.kept_type(cols, parts)? {
             let blocks = self.kept_blocks(name, ty, cols, parts)?;
@@ -303,6 +312,7 @@ impl WeightStore for GpuStore {
     }
 
     fn vector(&mut self, part: &Part<'_>) -> Result<CudaSlice<f32>, ModelError> {
+        refuse_shard(std::iter::once(part))?;
         let values: Vec<f32> = part.f32()?.into_iter().map(|w| w + self.vector_offset).collect();
         self.dev.stream.clone_htod(&values).map_err(Self::err)
     }

@@ -1,6 +1,7 @@
 //! Model definitions and loading: the model specification (`config`), one file per architecture
 //! (`arch`) written over the backend operations (`ops`), weight sources (GGUF files, Hugging Face
-//! directories, deterministic dummy weights), and the CPU backend, the reference forward.
+//! directories, deterministic dummy weights), tensor parallelism's shard plan (`parallel`), and
+//! the CPU backend, the reference forward.
 
 pub mod arch;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod fp8;
 pub mod cpu;
 pub mod gguf;
 pub mod ops;
+pub mod parallel;
 pub mod rope;
 pub mod sources;
 pub mod weights;

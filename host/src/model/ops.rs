@@ -6,6 +6,10 @@
 //! enqueue work and never read results back to the host, so a device backend can capture a whole
 //! forward in a graph. The attention projection's output rows are `[q heads | k heads | v heads]`
 //! (`ModelConfig::q_size` then two `kv_size`), the layout `rope_and_cache` and `attention` expect.
+//!
+//! Under tensor parallelism (`model::parallel`) each rank runs the same forward over its shard
+//! with its local sizes; `all_reduce` and `all_gather_logits` are where the ranks meet. A backend
+//! that runs one rank only makes them nothing.
 
 use super::config::{Activation, LayerAttention, MoeConfig};
 use super::weights::{MoeWeights, Weights};
@@ -33,8 +37,18 @@ pub trait Ops {
     /// The architecture is done with `act`: its memory may be reused by later activations.
     fn free(&mut self, act: Act);
 
-    /// The rows of `table` for the batch's tokens, times `multiplier` when given.
-    fn embed(&mut self, table: &Matrix<Self>, multiplier: Option<f32>) -> Result<Act, ModelError>;
+    /// The rows of `table` for the batch's tokens, times `multiplier` when given. `table` holds
+    /// the token ids `first_token..first_token + rows` (a rank's vocabulary range; 0.. for the
+    /// whole); the rows of other tokens are zeros.
+    fn embed(&mut self, table: &Matrix<Self>, first_token: usize, multiplier: Option<f32>) -> Result<Act, ModelError>;
+
+    /// In place: `act` summed over the tensor-parallel ranks, the same on every rank (added in
+    /// rank order). Nothing at world 1.
+    fn all_reduce(&mut self, act: Act) -> Result<(), ModelError>;
+
+    /// The logits `logits` left, each rank's vocabulary range of each row, become the whole
+    /// vocabulary: every rank's range in rank order. Nothing at world 1.
+    fn all_gather_logits(&mut self) -> Result<(), ModelError>;
 
     /// `residual += delta` (when given), then returns `norm(residual) * weight`.
     fn add_norm(&mut self, residual: Act, delta: Option<Act>, weight: &Vector<Self>, norm: Norm) -> Result<Act, ModelError>;

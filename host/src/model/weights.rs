@@ -11,8 +11,15 @@
 //! Sources hand over one tensor at a time and the store keeps it in its own form (the CPU as
 //! float32, a device as its own copy), so loading never holds more than the store's copy plus the
 //! tensor in flight.
+//!
+//! Under tensor parallelism (`model::parallel`) a `Loader` loads one rank's shard: each `Part`
+//! carries the rows and columns of its tensor the rank keeps (`Selection`), and the store keeps
+//! only those.
+
+use std::ops::Range;
 
 use super::gguf::GgmlType;
+use super::parallel::{ShardPlan, TensorParallel};
 use super::ModelError;
 
 /// A dense float32 tensor, row-major.
@@ -92,13 +99,57 @@ pub trait Weights {
     type Vector: Send + Sync;
 }
 
+/// What a store keeps of a `[rows, cols]` source tensor: some runs of its rows, in order, and
+/// one run of its columns. All of it, but for a tensor-parallel shard (`model::parallel`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    pub rows: Vec<Range<usize>>,
+    pub cols: Range<usize>,
+}
+
+impl Selection {
+    pub fn whole(rows: usize, cols: usize) -> Self {
+        Selection { rows: Self::all_rows(rows), cols: 0..cols }
+    }
+
+    /// Every row of `rows`, as one run.
+    #[allow(clippy::single_range_in_vec_init)] // one run of rows is meant, not the rows one by one
+    fn all_rows(rows: usize) -> Vec<Range<usize>> {
+        vec![0..rows]
+    }
+
+    pub fn is_whole(&self, rows: usize, cols: usize) -> bool {
+        *self == Selection::whole(rows, cols)
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.rows.iter().map(Range::len).sum()
+    }
+
+    /// The selected values of the row-major `[_, cols]` tensor `values`.
+    fn take(&self, values: &[f32], cols: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.num_rows() * self.cols.len());
+        for row in self.rows.iter().flat_map(Clone::clone) {
+            out.extend_from_slice(&values[row * cols..][self.cols.clone()]);
+        }
+        out
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        let fits = |r: &Range<usize>, len: usize| r.start < r.end && r.end <= len;
+        self.rows.iter().all(|r| fits(r, rows)) && fits(&self.cols, cols)
+    }
+}
+
 /// One source tensor of a weight: a `[rows, cols]` matrix stacked with others into one (Q, K and
-/// V into QKV), or a norm's `[rows]` vector (`cols` 1). Stores read it in whichever form suits
-/// them; both check the shape.
+/// V into QKV), or a norm's `[rows]` vector (`cols` 1), of which the store keeps `selection`.
+/// Stores read it in whichever form suits them; both check the shape.
 pub struct Part<'a> {
     pub name: String,
+    /// The tensor's shape in the source.
     pub rows: usize,
     pub cols: usize,
+    pub selection: Selection,
     source: &'a dyn WeightSource,
 }
 
@@ -111,14 +162,25 @@ impl Part<'_> {
         ModelError::Shape(format!("`{}` has shape {got:?}, the config needs {:?}", self.name, self.shape()))
     }
 
-    /// The values as float32.
+    /// Whether the store keeps the whole tensor (always, but for a tensor-parallel shard).
+    pub fn is_whole(&self) -> bool {
+        self.selection.is_whole(self.rows, self.cols)
+    }
+
+    /// Values the store keeps.
+    pub fn selected_len(&self) -> usize {
+        self.selection.num_rows() * self.selection.cols.len()
+    }
+
+    /// The selected values as float32 (the whole tensor is loaded, then sliced).
     pub fn f32(&self) -> Result<Vec<f32>, ModelError> {
         let shape = self.shape();
-        match self.source.load(&self.name, &shape)? {
-            Some(t) if t.shape == shape => Ok(t.data),
-            Some(t) => Err(self.shape_error(&t.shape)),
-            None => Err(ModelError::MissingTensor(self.name.clone())),
-        }
+        let values = match self.source.load(&self.name, &shape)? {
+            Some(t) if t.shape == shape => t.data,
+            Some(t) => return Err(self.shape_error(&t.shape)),
+            None => return Err(ModelError::MissingTensor(self.name.clone())),
+        };
+        Ok(if self.is_whole() { values } else { self.selection.take(&values, self.cols) })
     }
 
     /// The stored bytes, when the source lends them (see `WeightSource::raw`).
@@ -142,8 +204,9 @@ pub trait WeightStore {
     /// Bytes one matrix element takes in the store (for progress).
     const BYTES_PER_ELEMENT: u64;
 
-    /// An `[rows, cols]` matrix stacked from `parts` (their rows add up to `rows`), with their
-    /// biases stacked likewise when given; `name` is for errors and progress.
+    /// An `[rows, cols]` matrix stacked from `parts` (their selected rows add up to `rows`, each
+    /// selects `cols` columns), with their biases stacked likewise when given; `name` is for
+    /// errors and progress.
     fn matrix(
         &mut self,
         name: &str,
@@ -166,6 +229,9 @@ pub struct ModelWeights<W: Weights> {
     pub final_norm: W::Vector,
     /// `[vocab, hidden]`; `None` when tied to `embed_tokens`.
     pub lm_head: Option<W::Matrix>,
+    /// Which part of the model these are: all of it, or one tensor-parallel rank's shard (whose
+    /// `embed_tokens` and `lm_head` rows are the token ids `shard.vocab`).
+    pub shard: ShardPlan,
 }
 
 impl<W: Weights> ModelWeights<W> {
@@ -219,6 +285,7 @@ impl<W: Weights> ModelWeights<W> {
             layers,
             final_norm: vector(&self.final_norm)?,
             lm_head: self.lm_head.as_ref().map(|m| matrix(MatrixRole::Head, m)).transpose()?,
+            shard: self.shard.clone(),
         })
     }
 }
@@ -274,11 +341,41 @@ pub struct MoeWeights<W: Weights> {
     pub down: W::Matrix,
 }
 
-/// Names the tensors of each weight, in Hugging Face's names, and hands them to a store.
+/// One source tensor of a stacked matrix, in Hugging Face's name: its rows in the checkpoint and
+/// the runs of them the store keeps (all, but for a tensor-parallel shard).
+pub struct StackedPart {
+    pub name: String,
+    pub rows: usize,
+    pub keep: Vec<Range<usize>>,
+}
+
+impl StackedPart {
+    pub fn whole(name: impl Into<String>, rows: usize) -> Self {
+        StackedPart { name: name.into(), rows, keep: Selection::all_rows(rows) }
+    }
+
+    /// Only the rows `keep` of the tensor.
+    pub fn rows(name: impl Into<String>, rows: usize, keep: Vec<Range<usize>>) -> Self {
+        StackedPart { name: name.into(), rows, keep }
+    }
+
+    fn kept_rows(&self) -> usize {
+        self.keep.iter().map(Range::len).sum()
+    }
+}
+
+/// The bias beside a weight: `{name without .weight}.bias`.
+fn bias_name(weight: &str) -> String {
+    format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight))
+}
+
+/// Names the tensors of each weight, in Hugging Face's names, and hands them to a store: the
+/// whole of each, or one tensor-parallel rank's slices (`with_shard`).
 pub struct Loader<'a, S: WeightStore> {
     source: &'a dyn WeightSource,
     pub store: &'a mut S,
     progress: Option<LoadProgress>,
+    parallel: TensorParallel,
 }
 
 /// Loads at least this large show their progress.
@@ -327,7 +424,18 @@ impl Drop for LoadProgress {
 
 impl<'a, S: WeightStore> Loader<'a, S> {
     pub fn new(source: &'a dyn WeightSource, store: &'a mut S) -> Self {
-        Loader { source, store, progress: None }
+        Loader { source, store, progress: None, parallel: TensorParallel::SINGLE }
+    }
+
+    /// Loads rank `parallel.rank`'s shard (`model::parallel`) instead of the whole model.
+    pub fn with_shard(mut self, parallel: TensorParallel) -> Self {
+        self.parallel = parallel;
+        self
+    }
+
+    /// Which rank's shard this loads (world 1: the whole model).
+    pub fn tensor_parallel(&self) -> TensorParallel {
+        self.parallel
     }
 
     /// Shows progress (a bar on a terminal, log lines otherwise) when the store will hold at
@@ -347,7 +455,16 @@ impl<'a, S: WeightStore> Loader<'a, S> {
     }
 
     fn part(&self, name: &str, rows: usize, cols: usize) -> Part<'a> {
-        Part { name: name.to_string(), rows, cols, source: self.source }
+        Part { name: name.to_string(), rows, cols, selection: Selection::whole(rows, cols), source: self.source }
+    }
+
+    /// `selection` of the `[rows, cols]` tensor `name`, refused when it reaches outside it (a bug
+    /// of the shard plan, not of the checkpoint).
+    fn selected_part(&self, name: &str, rows: usize, cols: usize, selection: Selection) -> Result<Part<'a>, ModelError> {
+        if !selection.fits(rows, cols) {
+            return Err(ModelError::Shape(format!("`{name}` [{rows}, {cols}]: the selection {selection:?} is empty or outside it")));
+        }
+        Ok(Part { name: name.to_string(), rows, cols, selection, source: self.source })
     }
 
     pub fn vector(&mut self, name: &str, len: usize) -> Result<<S::Family as Weights>::Vector, ModelError> {
@@ -364,34 +481,101 @@ impl<'a, S: WeightStore> Loader<'a, S> {
         self.vector(name, len).map(Some)
     }
 
-    /// One matrix stacked from `parts` (`(name, rows)`, each `[rows, cols]`), with the parts'
-    /// biases (`{name without .weight}.bias`) stacked likewise when `bias` is set.
-    pub fn stacked(&mut self, parts: &[(String, usize)], cols: usize, bias: bool) -> Result<<S::Family as Weights>::Matrix, ModelError> {
-        let rows: usize = parts.iter().map(|(_, r)| r).sum();
-        let weights: Vec<Part<'a>> = parts.iter().map(|(name, r)| self.part(name, *r, cols)).collect();
-        let biases: Option<Vec<Part<'a>>> = bias.then(|| {
-            parts
-                .iter()
-                .map(|(name, r)| self.part(&format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name)), *r, 1))
-                .collect()
-        });
-        let label = parts.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" + ");
-        let matrix = self.store.matrix(&label, rows, cols, &weights, biases.as_deref())?;
+    /// One matrix stacked from the kept rows of `parts` (each `[rows, cols]`), with the parts'
+    /// biases (`{name without .weight}.bias`) stacked likewise when `bias` is set: whole, or
+    /// split by output rows (column-parallel).
+    pub fn stacked(&mut self, parts: &[StackedPart], cols: usize, bias: bool) -> Result<<S::Family as Weights>::Matrix, ModelError> {
+        let weights = parts
+            .iter()
+            .map(|p| self.selected_part(&p.name, p.rows, cols, Selection { rows: p.keep.clone(), cols: 0..cols }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let biases = bias
+            .then(|| parts.iter().map(|p| self.selected_part(&bias_name(&p.name), p.rows, 1, Selection { rows: p.keep.clone(), cols: 0..1 })).collect())
+            .transpose()?;
+        let rows = parts.iter().map(StackedPart::kept_rows).sum();
+        self.load_matrix(rows, cols, &weights, biases)
+    }
+
+    /// One matrix stacked from whole `parts` (`(name, rows)`, each `[rows, cols]`) of which only
+    /// the columns `keep` are kept: split by input columns (row-parallel), every rank's product a
+    /// partial sum. A bias (as in `stacked`) is then added by rank 0 alone, so the sum has it once.
+    pub fn split_columns(&mut self, parts: &[(String, usize)], cols: usize, keep: Range<usize>, bias: bool) -> Result<<S::Family as Weights>::Matrix, ModelError> {
+        let weights = parts
+            .iter()
+            .map(|(name, rows)| self.selected_part(name, *rows, cols, Selection { rows: Selection::all_rows(*rows), cols: keep.clone() }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let biases = (bias && self.parallel.rank == 0).then(|| parts.iter().map(|(name, rows)| self.part(&bias_name(name), *rows, 1)).collect());
+        let rows = parts.iter().map(|(_, rows)| rows).sum();
+        self.load_matrix(rows, keep.len(), &weights, biases)
+    }
+
+    /// One whole `[rows, cols]` matrix (replicated on every rank).
+    pub fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<<S::Family as Weights>::Matrix, ModelError> {
+        self.stacked(&[StackedPart::whole(name, rows)], cols, false)
+    }
+
+    /// The store's `[rows, cols]` matrix of the selected `weights` (and `biases`).
+    fn load_matrix(&mut self, rows: usize, cols: usize, weights: &[Part<'a>], biases: Option<Vec<Part<'a>>>) -> Result<<S::Family as Weights>::Matrix, ModelError> {
+        let label = weights.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" + ");
+        let matrix = self.store.matrix(&label, rows, cols, weights, biases.as_deref())?;
         self.loaded(&label, (rows * cols) as u64 * S::BYTES_PER_ELEMENT);
         Ok(matrix)
     }
-
-    /// One `[rows, cols]` matrix.
-    pub fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<<S::Family as Weights>::Matrix, ModelError> {
-        self.stacked(&[(name.to_string(), rows)], cols, false)
-    }
 }
 
-/// Each part's float32 values, concatenated (what a host store keeps).
+/// Each part's selected float32 values, concatenated (what a host store keeps).
 pub fn concat_f32(parts: &[Part<'_>]) -> Result<Vec<f32>, ModelError> {
-    let mut data = Vec::with_capacity(parts.iter().map(|p| p.rows * p.cols).sum());
+    let mut data = Vec::with_capacity(parts.iter().map(Part::selected_len).sum());
     for part in parts {
         data.extend(part.f32()?);
     }
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cpu::CpuStore;
+
+    /// `m.weight`, a `[4, 4]` matrix holding 0..16 row by row, and its bias `m.bias`, 100..104.
+    struct Counting;
+
+    impl WeightSource for Counting {
+        fn load(&self, hf_name: &str, _: &[usize]) -> Result<Option<Tensor>, ModelError> {
+            Ok(match hf_name {
+                "m.weight" => Some(Tensor::new(vec![4, 4], (0..16).map(|v| v as f32).collect())?),
+                "m.bias" => Some(Tensor::new(vec![4], (100..104).map(|v| v as f32).collect())?),
+                _ => None,
+            })
+        }
+    }
+
+    #[test]
+    fn a_shard_keeps_the_selected_rows_and_columns() {
+        let mut store = CpuStore::default();
+        let mut loader = Loader::new(&Counting, &mut store).with_shard(TensorParallel::new(1, 2).unwrap());
+        let rows = loader.stacked(&[StackedPart::rows("m.weight", 4, vec![1..2, 3..4])], 4, true).unwrap();
+        assert_eq!((rows.rows, rows.cols), (2, 4));
+        assert_eq!(rows.data, [4.0, 5.0, 6.0, 7.0, 12.0, 13.0, 14.0, 15.0]);
+        assert_eq!(rows.bias, Some(vec![101.0, 103.0]));
+        let cols = loader.split_columns(&[("m.weight".to_string(), 4)], 4, 2..4, true).unwrap();
+        assert_eq!((cols.rows, cols.cols), (4, 2));
+        assert_eq!(cols.data, [2.0, 3.0, 6.0, 7.0, 10.0, 11.0, 14.0, 15.0]);
+        // Row-parallel: the ranks' products are summed, so only rank 0 adds the bias.
+        assert_eq!(cols.bias, None);
+        let mut store = CpuStore::default();
+        let mut rank0 = Loader::new(&Counting, &mut store).with_shard(TensorParallel::new(0, 2).unwrap());
+        assert_eq!(rank0.split_columns(&[("m.weight".to_string(), 4)], 4, 0..2, true).unwrap().bias, Some(vec![100.0, 101.0, 102.0, 103.0]));
+    }
+
+    #[test]
+    fn a_selection_outside_the_tensor_is_refused() {
+        let mut store = CpuStore::default();
+        let mut loader = Loader::new(&Counting, &mut store);
+        for keep in [vec![1..2, 3..5], vec![0..1, 2..2]] {
+            let err = loader.stacked(&[StackedPart::rows("m.weight", 4, keep)], 4, false).unwrap_err();
+            assert!(matches!(err, ModelError::Shape(_)), "{err}");
+        }
+        assert!(loader.split_columns(&[("m.weight".to_string(), 4)], 4, 3..5, false).is_err());
+    }
 }

@@ -5,9 +5,16 @@
 //! norm before it joins the residual (Gemma's sandwich norms), and finally the norm and the LM
 //! head. What differs between architectures is configuration (`ModelConfig`) and tensor names
 //! (`Naming`), which each architecture's file supplies.
+//!
+//! Tensor parallelism is stated here once for every architecture: `load` says how each weight
+//! splits across ranks (`model::parallel` computes the slices), and `forward` sums the ranks'
+//! partial outputs where a split leaves them (after the vocabulary-split embedding, the
+//! o-projection and the MLP's down projection) and gathers the vocabulary-split logits. At world
+//! 1 those collectives do nothing.
 
 use crate::model::ops::{Act, Norm, Ops, Vector};
-use crate::model::weights::{LayerWeights, Loader, Mlp, ModelWeights, MoeWeights, WeightStore};
+use crate::model::parallel::ShardPlan;
+use crate::model::weights::{LayerWeights, Loader, Mlp, ModelWeights, MoeWeights, StackedPart, WeightStore};
 use crate::model::{ModelConfig, ModelError};
 
 /// Hugging Face tensor names that differ between architectures (suffixes after
@@ -34,42 +41,61 @@ pub const LLAMA_NAMING: Naming = Naming {
     post_ffn_norm: "",
 };
 
-/// Every weight `config` needs, by Hugging Face name.
+/// Every weight `config` needs, by Hugging Face name: the whole of each, or the loader's rank's
+/// shard of it. `config` is the whole model's (the checkpoint's shapes); a shard's forward runs
+/// with its plan's `local_config`.
+///
+/// Splits: Q, K, V (and their biases), gate and up are split by output rows (column-parallel),
+/// a fused tensor section by section; `o_proj` and `down` by input columns (row-parallel, their
+/// outputs all-reduced); every expert as a dense MLP by the experts' intermediate size, the router
+/// replicated; the embedding and the untied head by vocabulary rows; norms replicated.
 pub fn load<S: WeightStore>(config: &ModelConfig, names: &Naming, loader: &mut Loader<'_, S>) -> Result<ModelWeights<S::Family>, ModelError> {
     let c = config;
+    let shard = ShardPlan::new(c, loader.tensor_parallel())?;
     let h = c.hidden_size;
     let (q, kv, hd) = (c.q_size(), c.kv_size(), c.head_dim);
-    let embed_tokens = loader.matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+    let vocab_rows = |name: &str| [StackedPart::rows(name, c.vocab_size, vec![shard.vocab.clone()])];
+    let embed_tokens = loader.stacked(&vocab_rows("model.embed_tokens.weight"), h, false)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
         let qkv = if names.fused_qkv {
-            loader.stacked(&[(p("self_attn.qkv_proj.weight"), q + 2 * kv)], h, c.attention_bias)?
+            loader.stacked(&[StackedPart::rows(p("self_attn.qkv_proj.weight"), q + 2 * kv, shard.qkv_rows())], h, c.attention_bias)?
         } else {
-            let parts = [(p("self_attn.q_proj.weight"), q), (p("self_attn.k_proj.weight"), kv), (p("self_attn.v_proj.weight"), kv)];
+            let parts = [
+                StackedPart::rows(p("self_attn.q_proj.weight"), q, vec![shard.q_rows()]),
+                StackedPart::rows(p("self_attn.k_proj.weight"), kv, vec![shard.kv_rows()]),
+                StackedPart::rows(p("self_attn.v_proj.weight"), kv, vec![shard.kv_rows()]),
+            ];
             loader.stacked(&parts, h, c.attention_bias)?
         };
         let mlp = if c.is_dense_layer(i) {
             let inter = c.intermediate_size;
+            let slice = shard.intermediate.clone().expect("a model with a dense layer splits its intermediate size");
             let gate_up = if names.fused_gate_up {
-                loader.matrix(&p("mlp.gate_up_proj.weight"), 2 * inter, h)?
+                loader.stacked(&[StackedPart::rows(p("mlp.gate_up_proj.weight"), 2 * inter, shard.gate_up_rows())], h, false)?
             } else {
-                loader.stacked(&[(p("mlp.gate_proj.weight"), inter), (p("mlp.up_proj.weight"), inter)], h, false)?
+                let parts = [StackedPart::rows(p("mlp.gate_proj.weight"), inter, vec![slice.clone()]), StackedPart::rows(p("mlp.up_proj.weight"), inter, vec![slice.clone()])];
+                loader.stacked(&parts, h, false)?
             };
-            Mlp::Dense { gate_up, down: loader.matrix(&p("mlp.down_proj.weight"), h, inter)? }
+            Mlp::Dense { gate_up, down: loader.split_columns(&[(p("mlp.down_proj.weight"), h)], inter, slice, false)? }
         } else {
             let moe = c.moe.as_ref().expect("a sparse layer has a mixture of experts");
             let inter = moe.expert_intermediate_size;
+            let slice = shard.expert_intermediate.clone().expect("a mixture of experts splits its experts' intermediate size");
             let experts = 0..moe.num_experts;
-            let gate_up: Vec<(String, usize)> = experts
+            let gate_up: Vec<StackedPart> = experts
                 .clone()
-                .flat_map(|e| [(p(&format!("mlp.experts.{e}.gate_proj.weight")), inter), (p(&format!("mlp.experts.{e}.up_proj.weight")), inter)])
+                .flat_map(|e| {
+                    let part = |kind: &str| StackedPart::rows(p(&format!("mlp.experts.{e}.{kind}_proj.weight")), inter, vec![slice.clone()]);
+                    [part("gate"), part("up")]
+                })
                 .collect();
             let down: Vec<(String, usize)> = experts.map(|e| (p(&format!("mlp.experts.{e}.down_proj.weight")), h)).collect();
             Mlp::Moe(MoeWeights {
                 router: loader.matrix(&p("mlp.gate.weight"), moe.num_experts, h)?,
                 gate_up: loader.stacked(&gate_up, h, false)?,
-                down: loader.stacked(&down, inter, false)?,
+                down: loader.split_columns(&down, inter, slice, false)?,
             })
         };
         layers.push(LayerWeights {
@@ -77,7 +103,7 @@ pub fn load<S: WeightStore>(config: &ModelConfig, names: &Naming, loader: &mut L
             qkv,
             q_norm: loader.optional_vector(&p("self_attn.q_norm.weight"), hd, c.qk_norm)?,
             k_norm: loader.optional_vector(&p("self_attn.k_norm.weight"), hd, c.qk_norm)?,
-            o_proj: loader.matrix(&p("self_attn.o_proj.weight"), h, q)?,
+            o_proj: loader.split_columns(&[(p("self_attn.o_proj.weight"), h)], q, shard.q_rows(), false)?,
             post_attn_norm: loader.optional_vector(&p(&format!("{}.weight", names.post_attn_norm)), h, c.sandwich_norms)?,
             ffn_norm: loader.vector(&p(&format!("{}.weight", names.ffn_norm)), h)?,
             post_ffn_norm: loader.optional_vector(&p(&format!("{}.weight", names.post_ffn_norm)), h, c.sandwich_norms)?,
@@ -85,15 +111,20 @@ pub fn load<S: WeightStore>(config: &ModelConfig, names: &Naming, loader: &mut L
         });
     }
     let final_norm = loader.vector("model.norm.weight", h)?;
-    let lm_head = if c.tie_word_embeddings { None } else { Some(loader.matrix("lm_head.weight", c.vocab_size, h)?) };
-    Ok(ModelWeights { embed_tokens, layers, final_norm, lm_head })
+    // Tied: the head is the embedding, the same vocabulary rows.
+    let lm_head = if c.tie_word_embeddings { None } else { Some(loader.stacked(&vocab_rows("lm_head.weight"), h, false)?) };
+    Ok(ModelWeights { embed_tokens, layers, final_norm, lm_head, shard })
 }
 
 /// The forward of one batch; the logits of the batch's requested rows stay with the backend.
+/// `config` is the one the weights' rank runs with (`ShardPlan::local_config`; the model's own at
+/// world 1).
 pub fn forward<O: Ops>(config: &ModelConfig, weights: &ModelWeights<O::Family>, ops: &mut O) -> Result<(), ModelError> {
     let c = config;
     let norm = Norm { eps: c.rms_norm_eps, unit_offset: c.norm_unit_offset };
-    let x = ops.embed(&weights.embed_tokens, c.embedding_multiplier)?;
+    let x = ops.embed(&weights.embed_tokens, weights.shard.vocab.start, c.embedding_multiplier)?;
+    // Each rank embedded only the tokens of its vocabulary range, the others as zeros.
+    ops.all_reduce(x)?;
     // Each block's output joins the residual inside the next norm.
     let mut delta = None;
     for (i, layer) in weights.layers.iter().enumerate() {
@@ -118,12 +149,17 @@ pub fn forward<O: Ops>(config: &ModelConfig, weights: &ModelWeights<O::Family>, 
                 consumed(ops, h, |ops, h| ops.moe(h, moe, config, c.hidden_act))?
             }
         };
+        // Each rank's down projection covered its slice of the intermediate size; the post-norm
+        // (Gemma) norms the sum.
+        ops.all_reduce(out)?;
         if let Some(post) = &layer.post_ffn_norm {
             out = normed(ops, out, post, norm)?;
         }
         delta = Some(out);
     }
-    ops.logits(x, delta, &weights.final_norm, norm, weights.lm_head(), c.final_logit_softcapping)
+    ops.logits(x, delta, &weights.final_norm, norm, weights.lm_head(), c.final_logit_softcapping)?;
+    // Each rank scored (and soft-capped, which is per logit) its vocabulary range.
+    ops.all_gather_logits()
 }
 
 /// `f(input)`, then `input` is freed.
@@ -139,7 +175,7 @@ fn normed<O: Ops>(ops: &mut O, x: Act, weight: &Vector<O>, norm: Norm) -> Result
 }
 
 /// Layer `i`'s attention block on normed input `h` (freed): `[rows, hidden]` out of the
-/// o-projection.
+/// o-projection, summed over the ranks (each projected its own heads; a post-norm norms the sum).
 fn attention<O: Ops>(c: &ModelConfig, i: usize, layer: &LayerWeights<O::Family>, h: Act, norm: Norm, ops: &mut O) -> Result<Act, ModelError> {
     let qkv = consumed(ops, h, |ops, h| ops.linear(h, &layer.qkv))?;
     if let (Some(q_norm), Some(k_norm)) = (&layer.q_norm, &layer.k_norm) {
@@ -149,5 +185,7 @@ fn attention<O: Ops>(c: &ModelConfig, i: usize, layer: &LayerWeights<O::Family>,
     let spec = c.layer_attention(i);
     ops.rope_and_cache(qkv, i, &spec)?;
     let out = consumed(ops, qkv, |ops, qkv| ops.attention(qkv, i, &spec))?;
-    consumed(ops, out, |ops, out| ops.linear(out, &layer.o_proj))
+    let projected = consumed(ops, out, |ops, out| ops.linear(out, &layer.o_proj))?;
+    ops.all_reduce(projected)?;
+    Ok(projected)
 }

@@ -5,6 +5,9 @@
 //! the number of rows, so a token's logits are bit-for-bit the same whatever shares its batch
 //! (the mixture of experts included: each expert's rows are independent of which other tokens
 //! chose it).
+//!
+//! A tensor-parallel rank's ops hold its `Communicator` (`cpu::parallel`) for the collectives;
+//! without one (world 1) they do nothing.
 
 use rayon::prelude::*;
 
@@ -12,6 +15,7 @@ use super::attention::{paged_attention, AttentionShape};
 use super::kv_storage::CpuKvCache;
 use super::matmul::matmul_wt;
 use super::ops::{gelu_tanh_mul, rms_norm_scaled, silu_mul};
+use super::parallel::Communicator;
 use super::weights::{CpuMatrix, CpuWeights};
 use crate::model::config::{Activation, LayerAttention, MoeConfig};
 use crate::model::ops::{Act, Norm, Ops};
@@ -32,11 +36,29 @@ pub struct CpuOps<'a> {
     /// Per RoPE table, the cosines and sines of every token's position (made on first use).
     cos_sin: Vec<Option<(Vec<f32>, Vec<f32>)>>,
     logits: Vec<f32>,
+    /// The other tensor-parallel ranks; `None` at world 1.
+    communicator: Option<Communicator<'a>>,
 }
 
 impl<'a> CpuOps<'a> {
     pub fn new(config: &'a ModelConfig, ropes: &'a [Rope], batch: &'a ForwardBatch, cache: &'a mut CpuKvCache) -> Self {
-        CpuOps { config, ropes, batch, cache, acts: Vec::new(), spare: Vec::new(), cos_sin: vec![None; ropes.len()], logits: Vec::new() }
+        CpuOps {
+            config,
+            ropes,
+            batch,
+            cache,
+            acts: Vec::new(),
+            spare: Vec::new(),
+            cos_sin: vec![None; ropes.len()],
+            logits: Vec::new(),
+            communicator: None,
+        }
+    }
+
+    /// The ops of one tensor-parallel rank, meeting the others through `communicator`.
+    pub fn with_communicator(mut self, communicator: Option<Communicator<'a>>) -> Self {
+        self.communicator = communicator;
+        self
     }
 
     /// The logits `[batch.logits_rows.len(), vocab]` the forward ended with.
@@ -129,6 +151,19 @@ fn activate(out: &mut [f32], gate_up: &[f32], activation: Activation) {
     }
 }
 
+/// `rows` rows of every rank's columns side by side: each of `parts` holds `rows` rows of its own
+/// width.
+fn concat_columns(parts: &[Vec<f32>], rows: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for row in 0..rows {
+        for part in parts {
+            let width = part.len() / rows;
+            out.extend_from_slice(&part[row * width..][..width]);
+        }
+    }
+    out
+}
+
 fn softcap(values: &mut [f32], cap: Option<f32>) {
     if let Some(cap) = cap {
         values.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
@@ -144,21 +179,42 @@ impl Ops for CpuOps<'_> {
         }
     }
 
-    fn embed(&mut self, table: &CpuMatrix, multiplier: Option<f32>) -> Result<Act, ModelError> {
+    fn embed(&mut self, table: &CpuMatrix, first_token: usize, multiplier: Option<f32>) -> Result<Act, ModelError> {
         let h = table.cols;
-        if let Some(&bad) = self.batch.token_ids.iter().find(|&&t| t as usize >= table.rows) {
-            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", table.rows)));
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = self.batch.token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
         let out = self.alloc(h);
         let mut x = self.take(out)?;
         for (row, &token) in x.chunks_exact_mut(h).zip(&self.batch.token_ids) {
-            row.copy_from_slice(table.rows(token as usize, 1));
-            if let Some(m) = multiplier {
-                row.iter_mut().for_each(|v| *v *= m);
+            match (token as usize).checked_sub(first_token).filter(|&at| at < table.rows) {
+                Some(at) => {
+                    row.copy_from_slice(table.rows(at, 1));
+                    if let Some(m) = multiplier {
+                        row.iter_mut().for_each(|v| *v *= m);
+                    }
+                }
+                None => row.fill(0.0),
             }
         }
         self.put(out, x);
         Ok(out)
+    }
+
+    fn all_reduce(&mut self, act: Act) -> Result<(), ModelError> {
+        let Some(communicator) = self.communicator else { return Ok(()) };
+        let mut values = self.take(act)?;
+        let summed = communicator.all_reduce(&mut values);
+        self.put(act, values);
+        summed
+    }
+
+    fn all_gather_logits(&mut self) -> Result<(), ModelError> {
+        let Some(communicator) = self.communicator else { return Ok(()) };
+        let ranges = communicator.all_gather(&self.logits)?;
+        self.logits = concat_columns(&ranges, self.batch.logits_rows.len());
+        Ok(())
     }
 
     fn add_norm(&mut self, residual: Act, delta: Option<Act>, weight: &Vec<f32>, norm: Norm) -> Result<Act, ModelError> {

@@ -4,13 +4,15 @@
 //!
 //! A forward takes a `ForwardBatch` that mixes prefill chunks and decode tokens of many
 //! sequences, writes each new token's key and value into its cache slot, and returns the logits
-//! of the rows the batch asks for.
+//! of the rows the batch asks for. `parallel` runs a model split across tensor-parallel ranks,
+//! each a `CpuModel` holding its shard.
 
 mod attention;
 mod forward;
 mod kv_storage;
 pub mod matmul;
 pub mod ops;
+pub mod parallel;
 mod weights;
 
 use std::sync::Arc;
@@ -18,7 +20,10 @@ use std::sync::Arc;
 pub use self::attention::{paged_attention, AttentionShape};
 pub use self::forward::CpuOps;
 pub use self::kv_storage::CpuKvCache;
+pub use self::parallel::CpuTensorParallelModel;
 pub use self::weights::{CpuMatrix, CpuStore, CpuWeights};
+use self::parallel::Communicator;
+use super::parallel::{ShardPlan, TensorParallel};
 use super::rope::Rope;
 use super::fp8::{Fp8Error, Fp8Matrix, Fp8Report};
 use super::weights::{Loader, MatrixRole, ModelWeights, WeightSource, WeightStore};
@@ -26,9 +31,11 @@ use super::{ModelConfig, ModelError};
 use crate::kv_cache::KvCacheLayout;
 use crate::runner::ForwardBatch;
 
-/// Cheap to clone: clones share the weights.
+/// Cheap to clone: clones share the weights. The whole model, or one tensor-parallel rank's shard
+/// (`load_shard`; it runs within a `CpuTensorParallelModel`).
 #[derive(Clone)]
 pub struct CpuModel {
+    /// The configuration the forward runs with: a shard's `ShardPlan::local_config`.
     config: ModelConfig,
     weights: Arc<ModelWeights<CpuWeights>>,
     ropes: Arc<Vec<Rope>>,
@@ -43,10 +50,19 @@ impl CpuModel {
     /// Every weight of `config`'s architecture from `source`; matrices pass through `round` when
     /// given (e.g. to bfloat16 and back, to compare with a device that stores them so).
     pub fn load(config: ModelConfig, source: &dyn WeightSource, round: Option<fn(f32) -> f32>) -> Result<Self, ModelError> {
+        Self::load_shard(config, source, round, TensorParallel::SINGLE)
+    }
+
+    /// As `load`, rank `parallel.rank`'s shard only (`model::parallel`), to run with its local
+    /// configuration; at world 1, the whole model.
+    pub fn load_shard(config: ModelConfig, source: &dyn WeightSource, round: Option<fn(f32) -> f32>, parallel: TensorParallel) -> Result<Self, ModelError> {
+        let local = ShardPlan::new(&config, parallel)?.local_config(&config);
         let mut store = CpuStore { round };
-        let total = config.num_parameters() as u64 * CpuStore::BYTES_PER_ELEMENT;
-        let weights = config.architecture.load(&config, &mut Loader::new(source, &mut store).with_progress(total))?;
-        Ok(CpuModel::new(config, weights))
+        // For progress only: the shard's size but for its vocabulary rows, counted whole.
+        let total = local.num_parameters() as u64 * CpuStore::BYTES_PER_ELEMENT;
+        let mut loader = Loader::new(source, &mut store).with_shard(parallel).with_progress(total);
+        let weights = config.architecture.load(&config, &mut loader)?;
+        Ok(CpuModel::new(local, weights))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -92,6 +108,33 @@ impl CpuModel {
 
     /// Runs `batch` and returns logits `[batch.logits_rows.len(), vocab_size]`.
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut CpuKvCache) -> Result<Vec<f32>, ModelError> {
+        let parallel = self.weights.shard.parallel;
+        if parallel.world > 1 {
+            return Err(ModelError::Input(format!(
+                "rank {} of {} is a tensor-parallel shard: it runs with the other ranks (`CpuTensorParallelModel`)",
+                parallel.rank, parallel.world
+            )));
+        }
+        self.forward_with(batch, cache, None)
+    }
+
+    /// This rank's part of a tensor-parallel forward, meeting the other ranks through
+    /// `communicator`: the whole vocabulary's logits, as every rank gets them.
+    fn forward_rank(&self, batch: &ForwardBatch, cache: &mut CpuKvCache, communicator: Communicator<'_>) -> Result<Vec<f32>, ModelError> {
+        let parallel = self.weights.shard.parallel;
+        if (communicator.rank(), communicator.world()) != (parallel.rank, parallel.world) {
+            return Err(ModelError::Input(format!(
+                "the shard of rank {} of {} given the communicator of rank {} of {}",
+                parallel.rank,
+                parallel.world,
+                communicator.rank(),
+                communicator.world()
+            )));
+        }
+        self.forward_with(batch, cache, Some(communicator))
+    }
+
+    fn forward_with(&self, batch: &ForwardBatch, cache: &mut CpuKvCache, communicator: Option<Communicator<'_>>) -> Result<Vec<f32>, ModelError> {
         let c = &self.config;
         let layout = *cache.layout();
         if layout.num_layers != c.num_hidden_layers
@@ -105,7 +148,7 @@ impl CpuModel {
         if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
         }
-        let mut ops = CpuOps::new(c, &self.ropes, batch, cache);
+        let mut ops = CpuOps::new(c, &self.ropes, batch, cache).with_communicator(communicator);
         c.architecture.forward(c, &self.weights, &mut ops)?;
         Ok(ops.into_logits())
     }
