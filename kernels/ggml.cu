@@ -154,36 +154,6 @@ __device__ __forceinline__ float ggml_element(int type, const unsigned char* b) 
     }
 }
 
-// `rows` rows of `cols` values (cols a multiple of the type's block) from `in` into `out` (16-byte
-// aligned); eight values per thread, grid-stride.
-extern "C" __global__ void dequant_ggml(__nv_bfloat16* __restrict__ out, const unsigned char* __restrict__ in,
-                                        int type, int rows, int cols, int qk_head_dim) {
-    PDL_ENTER();
-    int values, bytes;
-    ggml_block(type, values, bytes);
-    if (values == 0) return;
-    const int groups = (cols + 7) / 8;
-    const u64 total = (u64)rows * groups;
-    for (u64 g = (u64)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += (u64)gridDim.x * blockDim.x) {
-        const int row = (int)(g / groups), c0 = (int)(g % groups) * 8;
-        int dst = row;
-        if (qk_head_dim > 0) {
-            const int head = row / qk_head_dim, w = row % qk_head_dim;
-            dst = head * qk_head_dim + (w & 1) * (qk_head_dim / 2) + (w >> 1);
-        }
-        float v[8];
-        __nv_bfloat16* y = out + (u64)dst * cols + c0;
-        if (values == 1) {
-            // Element types: any width; the last group of a row may be short.
-            const int count = min(8, cols - c0);
-            for (int e = 0; e < count; e++) y[e] = __float2bfloat16(ggml_element(type, in + ((u64)row * cols + c0 + e) * bytes));
-            continue;
-        }
-        ggml_group8(type, in + ((u64)row * (cols / values) + c0 / values) * bytes, c0 % values, v);
-        *reinterpret_cast<uint4*>(y) = float8_to_bf16x8(v);
-    }
-}
-
 // ---- The GEMV from blocks (MMVQ) ----
 // out[m, n] = x[m, :] · W[n, :] (+ bias) for m ≤ 8, W in ggml blocks, row after row.
 //
@@ -449,6 +419,142 @@ struct GgmlUnit<14> {
     }
 };
 
+// ---- Dequantization, in words (after the units: it reads their layouts) ----
+
+// Values `first` .. `first + 7` of the TYPE block at `blk`, as `ggml_group8` gives them, for the
+// types the products keep quantized: each block's bytes read in words as wide as its alignment
+// allows (the blocks of 18, 34 and 210 bytes are only 2-byte aligned, Q4_1's 4-byte, the K-quants'
+// 16-byte), the scales once. `ggml_group8` reads a byte at a time, which left its tiles at about
+// a tenth of the copy rate.
+template <int TYPE>
+__device__ __forceinline__ void group8_words(const unsigned char* __restrict__ blk, int first, float* v);
+
+template <>
+__device__ __forceinline__ void group8_words<2>(const unsigned char* __restrict__ blk, int first, float* v) {  // Q4_0
+    const float d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(blk)));
+    const u32 w[2] = {ldg_u16x2(blk + 2 + (first & 15)), ldg_u16x2(blk + 6 + (first & 15))};
+    const int shift = first >= 16 ? 4 : 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = (float)((int)((w[e >> 2] >> (8 * (e & 3) + shift)) & 0x0F) - 8) * d;
+}
+
+template <>
+__device__ __forceinline__ void group8_words<3>(const unsigned char* __restrict__ blk, int first, float* v) {  // Q4_1
+    const u32* b = reinterpret_cast<const u32*>(blk);
+    const u32 head = __ldg(b);
+    const float d = f16_bits(head), m = f16_bits(head >> 16);
+    const u32 w[2] = {__ldg(b + 1 + ((first & 15) >> 2)), __ldg(b + 2 + ((first & 15) >> 2))};
+    const int shift = first >= 16 ? 4 : 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = (float)((w[e >> 2] >> (8 * (e & 3) + shift)) & 0x0F) * d + m;
+}
+
+template <>
+__device__ __forceinline__ void group8_words<8>(const unsigned char* __restrict__ blk, int first, float* v) {  // Q8_0
+    const float d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(blk)));
+    const u32 w[2] = {ldg_u16x2(blk + 2 + first), ldg_u16x2(blk + 6 + first)};
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = (float)(signed char)((w[e >> 2] >> (8 * (e & 3))) & 0xFF) * d;
+}
+
+template <int TYPE>
+__device__ __forceinline__ void group8_words_k45(const unsigned char* __restrict__ blk, int first, float* v) {  // Q4_K, Q5_K
+    constexpr bool q5 = TYPE == 13;
+    const int j = first >> 6, h = (first >> 5) & 1, l = first & 31;
+    const uint4 head = __ldg(reinterpret_cast<const uint4*>(blk));
+    float sc, mn;
+    k4_scale_min(head, 2 * j + h, sc, mn);
+    const float d = f16_bits(head.x) * sc, m = f16_bits(head.x >> 16) * mn;
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(blk + (q5 ? 48 : 16) + 32 * j + l));
+    const u32 w[2] = {(q.x >> (4 * h)) & NIBBLES, (q.y >> (4 * h)) & NIBBLES};
+    u32 high[2] = {0, 0};
+    if constexpr (q5) {
+        const uint2 qh = __ldg(reinterpret_cast<const uint2*>(blk + 16 + l));
+        high[0] = ((qh.x >> (2 * j + h)) & 0x01010101u) << 4, high[1] = ((qh.y >> (2 * j + h)) & 0x01010101u) << 4;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = d * (float)(((w[e >> 2] | high[e >> 2]) >> (8 * (e & 3))) & 0xFF) - m;
+}
+template <>
+__device__ __forceinline__ void group8_words<12>(const unsigned char* __restrict__ blk, int first, float* v) { group8_words_k45<12>(blk, first, v); }
+template <>
+__device__ __forceinline__ void group8_words<13>(const unsigned char* __restrict__ blk, int first, float* v) { group8_words_k45<13>(blk, first, v); }
+
+template <>
+__device__ __forceinline__ void group8_words<14>(const unsigned char* __restrict__ blk, int first, float* v) {  // Q6_K
+    const int n = first >> 7, t = (first >> 5) & 3, l = first & 31;
+    const float d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(blk + 208))) * (float)(signed char)__ldg(blk + 192 + 8 * n + (l >> 4) + 2 * t);
+    const unsigned char *ql = blk + 64 * n + 32 * (t & 1) + l, *qh = blk + 128 + 32 * n + l;
+    const u32 low[2] = {ldg_u16x2(ql), ldg_u16x2(ql + 4)}, high[2] = {ldg_u16x2(qh), ldg_u16x2(qh + 4)};
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const u32 q = ((low[i] >> (4 * (t >> 1))) & NIBBLES) | (((high[i] >> (2 * t)) & 0x03030303u) << 4);
+#pragma unroll
+        for (int e = 0; e < 4; e++) v[4 * i + e] = d * (float)((int)((q >> (8 * e)) & 0xFF) - 32);
+    }
+}
+
+// Row `row` of a Llama Q/K matrix stored in llama.cpp's interleaved order goes to this row (see
+// the header); every row stays where it is without `qk_head_dim`.
+__device__ __forceinline__ u32 unpermuted_row(u32 row, int qk_head_dim) {
+    if (qk_head_dim <= 0) return row;
+    const u32 head = row / qk_head_dim, w = row % qk_head_dim;
+    return head * qk_head_dim + (w & 1) * (qk_head_dim / 2) + (w >> 1);
+}
+
+// `dequant_ggml` for one of the types the products keep quantized, `total` (rows · cols / 8)
+// below 2^32, so the index arithmetic is 32-bit.
+template <int TYPE>
+__device__ __forceinline__ void dequant_words(__nv_bfloat16* __restrict__ out, const unsigned char* __restrict__ in, u32 rows, u32 cols,
+                                              int qk_head_dim) {
+    using Unit = GgmlUnit<TYPE>;
+    const u32 groups = cols / 8, total = rows * groups, blocks_per_row = cols / Unit::VALUES;
+    for (u32 g = blockIdx.x * blockDim.x + threadIdx.x; g < total; g += gridDim.x * blockDim.x) {
+        const u32 row = g / groups, c0 = (g - row * groups) * 8;
+        float v[8];
+        group8_words<TYPE>(in + ((u64)row * blocks_per_row + c0 / Unit::VALUES) * Unit::BYTES, c0 % Unit::VALUES, v);
+        *reinterpret_cast<uint4*>(out + (u64)unpermuted_row(row, qk_head_dim) * cols + c0) = float8_to_bf16x8(v);
+    }
+}
+
+// `rows` rows of `cols` values (cols a multiple of the type's block) from `in` into `out` (16-byte
+// aligned); eight values per thread, grid-stride. The blocks start where their type's alignment
+// puts them (`in` and each row at a multiple of the block's alignment, as a row of whole blocks
+// after a 256-byte aligned start is).
+extern "C" __global__ void dequant_ggml(__nv_bfloat16* __restrict__ out, const unsigned char* __restrict__ in,
+                                        int type, int rows, int cols, int qk_head_dim) {
+    PDL_ENTER();
+    int values, bytes;
+    ggml_block(type, values, bytes);
+    if (values == 0) return;
+    const int groups = (cols + 7) / 8;
+    const u64 total = (u64)rows * groups;
+    if (total < 0xFFFFFFFFull) {
+        switch (type) {
+            case 2: dequant_words<2>(out, in, rows, cols, qk_head_dim); return;
+            case 3: dequant_words<3>(out, in, rows, cols, qk_head_dim); return;
+            case 8: dequant_words<8>(out, in, rows, cols, qk_head_dim); return;
+            case 12: dequant_words<12>(out, in, rows, cols, qk_head_dim); return;
+            case 13: dequant_words<13>(out, in, rows, cols, qk_head_dim); return;
+            case 14: dequant_words<14>(out, in, rows, cols, qk_head_dim); return;
+            default: break;
+        }
+    }
+    for (u64 g = (u64)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += (u64)gridDim.x * blockDim.x) {
+        const int row = (int)(g / groups), c0 = (int)(g % groups) * 8;
+        float v[8];
+        __nv_bfloat16* y = out + (u64)unpermuted_row(row, qk_head_dim) * cols + c0;
+        if (values == 1) {
+            // Element types: any width; the last group of a row may be short.
+            const int count = min(8, cols - c0);
+            for (int e = 0; e < count; e++) y[e] = __float2bfloat16(ggml_element(type, in + ((u64)row * cols + c0 + e) * bytes));
+            continue;
+        }
+        ggml_group8(type, in + ((u64)row * (cols / values) + c0 / values) * bytes, c0 % values, v);
+        *reinterpret_cast<uint4*>(y) = float8_to_bf16x8(v);
+    }
+}
+
 // 8 values `f` of a 32-value group held by 4 neighbouring lanes, quantized as llama.cpp's q8_1:
 // int8 `packed` (the lowest byte first) with the group's scale d = amax / 127, and s = d · (the
 // group's sum of quantized values). Every lane of the warp must call it (shuffles).
@@ -563,10 +669,11 @@ __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f
     // 12 registers, Q5_K's 20. Two rows a warp: a one-wave grid of 16-warp blocks then covers the
     // 8B shape's 4096-row products at once (three rows left a third of the warps idle there:
     // a Q4_K step took 2.73 ms against 2.60, H200). With eight input rows the accumulators and
-    // inputs leave room for one K-quant unit of one row.
+    // inputs leave room for one K-quant unit of one row, and with four for one unit of two Q4_K rows
+    // or of one Q5_K row (more spilled: the Q4_K step at four rows took 5.12 ms against 4.95 at eight).
     constexpr bool kq = TYPE == 12 || TYPE == 13;
-    constexpr int RPW = kq && MP == 8 ? 1 : 2;
-    constexpr int UNROLL = kq ? (MP == 1 || (MP <= 4 && TYPE == 12) ? 2 : 1) : MP <= 2 ? (sizeof(Unit) <= 36 ? 4 : 2) : 2;
+    constexpr int RPW = kq && (MP == 8 || (MP == 4 && TYPE == 13)) ? 1 : 2;
+    constexpr int UNROLL = kq ? (MP == 1 || (MP == 2 && TYPE == 12) ? 2 : 1) : MP <= 2 ? (sizeof(Unit) <= 36 ? 4 : 2) : 2;
     extern __shared__ __align__(16) unsigned char ggml_smem[];
     __shared__ float scratch[32];
     __shared__ float inv_rms[MP];

@@ -606,7 +606,7 @@ fn print_quantized_8b_steps(dev: &std::sync::Arc<pagedserve::cuda::GpuDevice>, c
         use pagedserve::cuda::gemm::OutType;
         let narrow = [(264, 4096, OutType::Bf16), (264, 14336, OutType::Bf16)];
         gpu::print_ggml_products(dev, quant.ggml(), 1, &[&gpu::LLAMA_8B_PRODUCTS[..], &narrow[..]].concat())?;
-        for m in [8, 16, 32, 64] {
+        for m in [2, 4, 8, 16, 32, 64, 128] {
             gpu::print_ggml_products(dev, quant.ggml(), m, &gpu::LLAMA_8B_PRODUCTS)?;
         }
     }

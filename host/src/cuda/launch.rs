@@ -243,9 +243,9 @@ pub fn dequant_config(rows: usize, cols: usize) -> cudarc::driver::LaunchConfig 
     grid_stride_config(rows * cols.div_ceil(8))
 }
 
-/// The most input rows that the GEMV from GGUF blocks takes where MMQ could: at 4 rows the two
-/// are level on the 8B shape (a Q4_K step 5.09 ms on the GEMV, 5.40 at 16 rows on MMQ), from 5
-/// the GEMV's 8-row kernel is slower.
+/// The most input rows that the GEMV from GGUF blocks takes where MMQ could: the 8B shape's Q4_K
+/// products at 4 rows take 217 µs on the GEMV against 273 on MMQ, at 8 rows 416 against 273 (H200;
+/// the 4-row GEMV at 128 registers without spilling, see `gemv_ggml_body`).
 pub const GGML_GEMV_ROWS_BESIDE_MMQ: usize = 4;
 
 /// The most input rows of the batched product from GGUF blocks on the tensor cores (MMQ,
@@ -477,7 +477,7 @@ pub fn gemv_prefers(m: usize, k: usize, n: usize, format: WeightFormat) -> bool 
         WeightFormat::Bf16 => m == 1 && k >= GEMV_STREAM_MIN_K,
         WeightFormat::Fp8 => m <= FP8_GEMV_STREAM_ROWS,
         // From 5 rows MMQ (where it takes the type) beats the GEMV, whose int8 dot products
-        // grow with the rows: 8B Q4_K products at 8 rows 268 µs against 413 (H200). Other types
+        // grow with the rows: 8B Q4_K products at 8 rows 273 µs against 416 (H200). Other types
         // keep the GEMV up to 8 rows: the alternative dequantizes the whole weight first.
         WeightFormat::Ggml(ty) => m <= GGML_GEMV_ROWS_BESIDE_MMQ || !mmq_supports(ty, m, k),
     };
@@ -676,7 +676,7 @@ mod tests {
 
     #[test]
     fn gemv_takes_up_to_eight_aligned_rows_that_fit_shared_memory() {
-        use WeightFormat::{Bf16, Fp8};
+        use WeightFormat::{Bf16, Fp8, Ggml};
         assert!(gemv_supports(1, 576, Bf16) && gemv_supports(8, 1536, Bf16) && gemv_supports(3, 576, Bf16));
         assert!(!gemv_supports(0, 576, Bf16) && !gemv_supports(9, 576, Bf16), "0 rows, or cuBLAS's batch sizes");
         assert!(!gemv_supports(1, 100, Bf16), "k not a multiple of 8: no 16-byte vectors");
@@ -690,6 +690,8 @@ mod tests {
         assert!(!gemv_prefers(1, 576, 49152, Bf16), "a large weight of short rows: cuBLAS");
         assert!(gemv_prefers(1, 4096, 28672, Fp8) && gemv_prefers(1, 576, 49152, Fp8), "FP8 streams one row");
         assert!(!gemv_prefers(2, 4096, 28672, Fp8) && gemv_prefers(8, 576, 3072, Fp8), "then cuBLASLt, but for small weights");
+        let q4k = Ggml(crate::model::gguf::GgmlType::Q4_K);
+        assert!(gemv_prefers(4, 4096, 28672, q4k) && !gemv_prefers(5, 4096, 28672, q4k), "Q4_K: the GEMV up to 4 rows, then MMQ");
         let source = pagedserve_kernels::MODULES
             .iter()
             .find(|m| m.name == "gemv")
