@@ -8,6 +8,10 @@
 //! anything else costs one tensor's float32 copy at a time. Dummy weights are drawn on the device
 //! and never touch the host.
 //!
+//! A tensor-parallel shard (`model::parallel`) copies only its rank's rows and columns of each
+//! tensor (`RawTensor::select`, borrowed from the map when they are one run, as a whole tensor
+//! is). GGUF columns that split blocks cannot be cut as stored: that part goes through float32.
+//!
 //! GGUF kept quantized (`GpuStore::keeping_quantized`, `--keep-quantized`): layer projections and
 //! untied heads stored in Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K stay in their blocks on the device
 //! (`MatrixData::Ggml`), which the products read directly (see `cuda::gemv` and `gemm::ggml_linear`).
@@ -27,7 +31,7 @@ use super::launchers;
 use super::model::ptr;
 use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
-use crate::model::weights::{concat_f32, Part, RawDtype, RawTensor, WeightStore, Weights};
+use crate::model::weights::{concat_f32, Part, RawDtype, WeightStore, Weights};
 use crate::model::ModelError;
 
 /// The CUDA backend's weight types.
@@ -89,7 +93,7 @@ impl GpuStore {
     /// The type the matrix made of `parts` stays in, if it stays quantized: every part is a dense
     /// layer projection or the untied head (the embedding feeds a gather, and experts and routers
     /// the MoE kernels, which read bf16), all stored in one kept type (or all dummies, drawn in
-    /// the dummy type), in whole blocks.
+    /// the dummy type), in whole blocks (a shard's columns too).
     fn kept_type(&self, cols: usize, parts: &[Part<'_>]) -> Result<Option<GgmlType>, ModelError> {
         const PROJECTIONS: [&str; 10] = [
             "q_proj.weight",
@@ -117,7 +121,8 @@ impl GpuStore {
                     _ => return Ok(None),
                 }
             };
-            if WeightFormat::kept(ty).is_none() || kept.is_some_and(|k| k != ty) || !cols.is_multiple_of(ty.block_size()) {
+            let whole_blocks = cols.is_multiple_of(ty.block_size()) && !RawDtype::Ggml(ty).splits_blocks(&part.selection.cols);
+            if WeightFormat::kept(ty).is_none() || kept.is_some_and(|k| k != ty) || !whole_blocks {
                 return Ok(None);
             }
             kept = Some(ty);
@@ -125,24 +130,28 @@ impl GpuStore {
         Ok(kept)
     }
 
-    /// The `ty` blocks of `parts`, one after another, each part's Q/K rows put back in Hugging
-    /// Face's order (whole rows of blocks move), or random blocks for dummy parts.
+    /// The `ty` blocks of the selected rows and `cols` columns of `parts`, one after another,
+    /// each part's Q/K rows put back in Hugging Face's order (whole rows of blocks move), or
+    /// random blocks for dummy parts.
     fn kept_blocks(&self, name: &str, ty: GgmlType, cols: usize, parts: &[Part<'_>]) -> Result<Vec<u8>, ModelError> {
         let row_bytes = cols / ty.block_size() * ty.type_size();
-        let mut out = Vec::with_capacity(parts.iter().map(|p| p.rows).sum::<usize>() * row_bytes);
+        let mut out = Vec::with_capacity(parts.iter().map(|p| p.selection.num_rows()).sum::<usize>() * row_bytes);
         for part in parts {
+            let (rows, part_cols) = part.selected_shape();
             if part.is_dummy() {
-                out.extend(crate::model::sources::dummy_ggml_blocks(ty, part.rows, cols, name_seed(&part.name))?);
+                out.extend(crate::model::sources::dummy_ggml_blocks(ty, rows, cols, name_seed(&part.name))?);
                 continue;
             }
             let raw = part.raw()?.ok_or_else(|| ModelError::Format(format!("`{name}`: no stored blocks")))?;
-            if raw.bytes.len() != part.rows * row_bytes {
-                return Err(ModelError::Shape(format!("`{}`: {} bytes of {ty:?} for [{}, {cols}]", part.name, raw.bytes.len(), part.rows)));
+            let bytes = part.select_raw(&raw)?;
+            if part_cols != cols || bytes.len() != rows * row_bytes {
+                return Err(ModelError::Shape(format!("`{}`: {} bytes of {ty:?} for [{rows}, {cols}]", part.name, bytes.len())));
             }
             match raw.interleaved_qk_head_dim {
-                None => out.extend_from_slice(raw.bytes),
-                // Rows of blocks move as the CPU path moves rows of values.
-                Some(head_dim) => out.extend(crate::model::arch::llama::unpermute_qk_rows(raw.bytes, part.rows / head_dim, row_bytes)),
+                None => out.extend_from_slice(&bytes),
+                // Rows of blocks move as the CPU path moves rows of values; a shard holds whole
+                // heads (`RawTensor::select`), so its rows are put back head by head alike.
+                Some(head_dim) => out.extend(crate::model::arch::llama::unpermute_qk_rows(&bytes, rows / head_dim, row_bytes)),
             }
         }
         Ok(out)
@@ -169,28 +178,31 @@ impl GpuStore {
         self.dev.stream.memcpy_htod(values, &mut view).map_err(Self::err)
     }
 
-    /// One part's values into `dst` from element `at`: raw ones chunk by chunk, the rest through
-    /// float32.
+    /// One part's selected values into `dst` from element `at`: raw ones chunk by chunk, the
+    /// rest through float32.
     fn fill_part(&mut self, dst: &mut CudaSlice<bf16>, at: usize, part: &Part<'_>) -> Result<(), ModelError> {
-        let n = part.rows * part.cols;
-        match part.raw()? {
-            Some(raw) if matches!(raw.dtype, RawDtype::Ggml(_)) || raw.interleaved_qk_head_dim.is_some() => {
-                let RawDtype::Ggml(ty) = raw.dtype else {
-                    return Err(ModelError::Format(format!("`{}`: interleaved rows outside GGUF", part.name)));
-                };
-                self.dequantize(dst, at, ty, &raw, part)
-            }
-            Some(raw) if cfg!(target_endian = "little") && raw.dtype == RawDtype::BF16 && (raw.bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<bf16>()) => {
-                // Stored as the device keeps it: straight from the map, no host copy at all.
+        // A shard's columns that split GGUF blocks cannot be cut as stored: the source then
+        // dequantizes the whole tensor on the host, and the shard keeps its slice.
+        let Some(raw) = part.raw()?.filter(|raw| !raw.dtype.splits_blocks(&part.selection.cols)) else {
+            return self.fill_f32(dst, at, part);
+        };
+        let bytes = part.select_raw(&raw)?;
+        match raw.dtype {
+            RawDtype::Ggml(ty) => self.dequantize(dst, at, ty, &bytes, raw.interleaved_qk_head_dim, part),
+            _ if raw.interleaved_qk_head_dim.is_some() => Err(ModelError::Format(format!("`{}`: interleaved rows outside GGUF", part.name))),
+            RawDtype::BF16 if cfg!(target_endian = "little") && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<bf16>()) => {
+                // Stored as the device keeps it: straight from the map (or the shard's copy of
+                // its slice), no host conversion at all.
                 // SAFETY: `bf16` is a transparent `u16`; the bytes are 2-aligned (checked above),
                 // `len / 2` values long, and borrowed for the call only.
-                let values = unsafe { std::slice::from_raw_parts(raw.bytes.as_ptr().cast::<bf16>(), raw.bytes.len() / 2) };
+                let values = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<bf16>(), bytes.len() / 2) };
                 self.copy_bf16(dst, at, values)
             }
-            Some(raw) => {
-                // In chunks, so the host never holds more than one chunk beyond the map.
+            _ => {
+                // In chunks, so the host never holds more than one chunk beyond the map (and a
+                // shard's copy of its slice).
                 let width = if raw.dtype == RawDtype::F32 { 4 } else { 2 };
-                for (chunk_index, chunk) in raw.bytes.chunks(CONVERT_CHUNK * width).enumerate() {
+                for (chunk_index, chunk) in bytes.chunks(CONVERT_CHUNK * width).enumerate() {
                     let values: Vec<bf16> = match raw.dtype {
                         RawDtype::BF16 => chunk.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
                         RawDtype::F16 => chunk.chunks_exact(2).map(|b| bf16::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
@@ -201,33 +213,36 @@ impl GpuStore {
                 }
                 Ok(())
             }
-            None => {
-                let values: Vec<bf16> = part.f32()?.into_iter().map(bf16::from_f32).collect();
-                if values.len() != n {
-                    return Err(ModelError::Shape(format!("`{}`: {} values for {n}", part.name, values.len())));
-                }
-                self.copy_bf16(dst, at, &values)
-            }
         }
     }
 
-    /// A GGUF tensor's stored blocks copied to the device as they are and expanded there into
-    /// `dst` from element `at` (`kernels/dequant.cu`), its Q/K rows put back in Hugging Face's
-    /// order on the way.
-    fn dequantize(&mut self, dst: &mut CudaSlice<bf16>, at: usize, ty: GgmlType, raw: &RawTensor<'_>, part: &Part<'_>) -> Result<(), ModelError> {
-        let (rows, cols) = (part.rows, part.cols);
+    /// One part's selected values into `dst` from element `at` through float32 on the host.
+    fn fill_f32(&mut self, dst: &mut CudaSlice<bf16>, at: usize, part: &Part<'_>) -> Result<(), ModelError> {
+        let n = part.selected_len();
+        let values: Vec<bf16> = part.f32()?.into_iter().map(bf16::from_f32).collect();
+        if values.len() != n {
+            return Err(ModelError::Shape(format!("`{}`: {} values for {n}", part.name, values.len())));
+        }
+        self.copy_bf16(dst, at, &values)
+    }
+
+    /// A part's selected GGUF blocks (`bytes`) copied to the device as they are and expanded
+    /// there into `dst` from element `at` (`kernels/dequant.cu`), Q/K rows in heads of
+    /// `qk_head_dim` put back in Hugging Face's order on the way (a shard holds whole heads).
+    fn dequantize(&mut self, dst: &mut CudaSlice<bf16>, at: usize, ty: GgmlType, bytes: &[u8], qk_head_dim: Option<usize>, part: &Part<'_>) -> Result<(), ModelError> {
+        let (rows, cols) = part.selected_shape();
         let expected = rows * cols / ty.block_size() * ty.type_size();
-        if raw.bytes.len() != expected || !cols.is_multiple_of(ty.block_size()) {
-            return Err(ModelError::Shape(format!("`{}`: {} bytes of {ty:?} for [{rows}, {cols}]", part.name, raw.bytes.len())));
+        if bytes.len() != expected || !cols.is_multiple_of(ty.block_size()) {
+            return Err(ModelError::Shape(format!("`{}`: {} bytes of {ty:?} for [{rows}, {cols}]", part.name, bytes.len())));
         }
         if self.staging.as_ref().is_none_or(|s| s.len() < expected) {
             self.staging = Some(self.dev.stream.alloc_zeros::<u8>(expected).map_err(Self::err)?);
         }
         let staging = self.staging.as_mut().expect("sized above");
-        self.dev.stream.memcpy_htod(raw.bytes, &mut staging.slice_mut(..expected)).map_err(Self::err)?;
+        self.dev.stream.memcpy_htod(bytes, &mut staging.slice_mut(..expected)).map_err(Self::err)?;
         let config = dequant_config(rows, cols);
         let out = ptr(&self.dev, dst) + (at * 2) as u64;
-        let qk = raw.interleaved_qk_head_dim.unwrap_or(0) as i32;
+        let qk = qk_head_dim.unwrap_or(0) as i32;
         // SAFETY: `staging` holds the tensor's `rows * cols` values as `ty` blocks; `dst` holds
         // `rows * cols` values from `at` (checked by the caller's part sizes).
         unsafe {
@@ -252,21 +267,14 @@ impl GpuStore {
 }
 
 impl GpuStore {
-    /// A matrix's float32 bias on the device from its parts: zeros for dummy weights.
+    /// A matrix's float32 bias on the device from its parts' selected rows: zeros for dummy
+    /// weights.
     fn bias(&self, parts: Option<&[Part<'_>]>, dummy: bool, rows: usize) -> Result<Option<CudaSlice<f32>>, ModelError> {
         Ok(match parts {
             Some(_) if dummy => Some(self.dev.stream.alloc_zeros::<f32>(rows).map_err(Self::err)?),
             Some(parts) => Some(self.dev.stream.clone_htod(&concat_f32(parts)?).map_err(Self::err)?),
             None => None,
         })
-    }
-}
-
-/// Tensor-parallel shards are not loaded on the GPU yet: every part (biases too) must be whole.
-fn refuse_shard<'p>(mut parts: impl Iterator<Item = &'p Part<'p>>) -> Result<(), ModelError> {
-    match parts.find(|part| !part.is_whole()) {
-        None => Ok(()),
-        Some(part) => Err(ModelError::Unsupported(format!("`{}`: loading a tensor-parallel shard on CUDA", part.name))),
     }
 }
 
@@ -280,7 +288,6 @@ impl WeightStore for GpuStore {
     const BYTES_PER_ELEMENT: u64 = 2;
 
     fn matrix(&mut self, name: &str, rows: usize, cols: usize, parts: &[Part<'_>], bias: Option<&[Part<'_>]>) -> Result<GpuMatrix, ModelError> {
-        refuse_shard(parts.iter().chain(bias.unwrap_or_default()))?;
         let dummy = parts.first().is_some_and(Part::is_dummy);
         if let Some(ty) = self.kept_type(cols, parts)? {
             let blocks = self.kept_blocks(name, ty, cols, parts)?;
@@ -299,7 +306,7 @@ impl WeightStore for GpuStore {
             let mut at = 0;
             for part in parts {
                 self.fill_part(&mut data, at, part)?;
-                at += part.rows * part.cols;
+                at += part.selected_len();
             }
             if at != rows * cols {
                 return Err(ModelError::Shape(format!("`{name}`: parts of {at} values for [{rows}, {cols}]")));
@@ -312,7 +319,6 @@ impl WeightStore for GpuStore {
     }
 
     fn vector(&mut self, part: &Part<'_>) -> Result<CudaSlice<f32>, ModelError> {
-        refuse_shard(std::iter::once(part))?;
         let values: Vec<f32> = part.f32()?.into_iter().map(|w| w + self.vector_offset).collect();
         self.dev.stream.clone_htod(&values).map_err(Self::err)
     }

@@ -16,6 +16,7 @@
 //! carries the rows and columns of its tensor the rank keeps (`Selection`), and the store keeps
 //! only those.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use super::gguf::GgmlType;
@@ -89,6 +90,88 @@ pub enum RawDtype {
     BF16,
     /// ggml blocks of this type (GGUF), whole rows of them.
     Ggml(GgmlType),
+}
+
+impl RawDtype {
+    /// How the type stores a row: this many values in a unit of this many bytes (one value of a
+    /// float, one block of ggml).
+    fn storage_unit(self) -> (usize, usize) {
+        match self {
+            RawDtype::F32 => (1, 4),
+            RawDtype::F16 | RawDtype::BF16 => (1, 2),
+            RawDtype::Ggml(ty) => (ty.block_size(), ty.type_size()),
+        }
+    }
+
+    /// Whether the columns `cols` start or end inside a ggml block, whose bytes cannot be cut
+    /// apart (never for floats).
+    pub fn splits_blocks(self, cols: &Range<usize>) -> bool {
+        let (values, _) = self.storage_unit();
+        !cols.start.is_multiple_of(values) || !cols.end.is_multiple_of(values)
+    }
+
+    /// The bytes of a stored row that hold its values `cols` (which must not split blocks).
+    fn byte_range(self, cols: &Range<usize>) -> Range<usize> {
+        let (values, bytes) = self.storage_unit();
+        cols.start / values * bytes..cols.end / values * bytes
+    }
+}
+
+impl<'a> RawTensor<'a> {
+    /// The tensor as `[rows, cols]` (a vector: `[len, 1]`).
+    fn rows_cols(&self) -> Result<(usize, usize), ModelError> {
+        match self.shape[..] {
+            [rows] => Ok((rows, 1)),
+            [rows, cols] => Ok((rows, cols)),
+            _ => Err(ModelError::Shape(format!("stored bytes of shape {:?}: only matrices and vectors are sliced", self.shape))),
+        }
+    }
+
+    /// The stored bytes of `selection`, values unconverted, row-major: its runs of rows one
+    /// after another, each row cut to its columns. Borrowed when they are one run of the stored
+    /// bytes (the whole tensor, or whole rows of one range), copied otherwise.
+    ///
+    /// Refused: a selection outside the tensor, columns that split ggml blocks, and rows in
+    /// llama.cpp's interleaved Q/K order that split a head. That order is put back head by head
+    /// after the selection (`arch::llama::unpermute_qk_rows`, `dequant_ggml`'s `qk_head_dim`),
+    /// and a head's rows are the same set in either order, so whole heads select the right rows.
+    pub fn select(&self, selection: &Selection) -> Result<Cow<'a, [u8]>, ModelError> {
+        let (rows, cols) = self.rows_cols()?;
+        let refuse = |what: String| ModelError::Shape(format!("stored {:?} tensor {:?}: {what}", self.dtype, self.shape));
+        if self.dtype.splits_blocks(&(0..cols)) {
+            return Err(refuse("rows are not whole blocks".into()));
+        }
+        let row_bytes = self.dtype.byte_range(&(0..cols)).len();
+        if self.bytes.len() != rows * row_bytes {
+            return Err(refuse(format!("{} bytes, {} expected", self.bytes.len(), rows * row_bytes)));
+        }
+        if !selection.fits(rows, cols) {
+            return Err(refuse(format!("the selection {selection:?} is empty or outside it")));
+        }
+        if self.dtype.splits_blocks(&selection.cols) {
+            return Err(refuse(format!("the columns {:?} split blocks of {} values", selection.cols, self.dtype.storage_unit().0)));
+        }
+        if let Some(head_dim) = self.interleaved_qk_head_dim {
+            if let Some(run) = selection.rows.iter().find(|r| !r.start.is_multiple_of(head_dim) || !r.end.is_multiple_of(head_dim)) {
+                return Err(refuse(format!("the rows {run:?} split heads of {head_dim} interleaved Q/K rows")));
+            }
+        }
+        let rows_bytes = |run: &Range<usize>| &self.bytes[run.start * row_bytes..run.end * row_bytes];
+        let whole_rows = selection.cols == (0..cols);
+        if let ([run], true) = (&selection.rows[..], whole_rows) {
+            return Ok(Cow::Borrowed(rows_bytes(run)));
+        }
+        let cut = self.dtype.byte_range(&selection.cols);
+        let mut out = Vec::with_capacity(selection.num_rows() * cut.len());
+        for run in &selection.rows {
+            if whole_rows {
+                out.extend_from_slice(rows_bytes(run));
+            } else {
+                rows_bytes(run).chunks_exact(row_bytes).for_each(|row| out.extend_from_slice(&row[cut.clone()]));
+            }
+        }
+        Ok(Cow::Owned(out))
+    }
 }
 
 /// The types a backend keeps weights as.
@@ -167,6 +250,11 @@ impl Part<'_> {
         self.selection.is_whole(self.rows, self.cols)
     }
 
+    /// The `[rows, cols]` the store keeps.
+    pub fn selected_shape(&self) -> (usize, usize) {
+        (self.selection.num_rows(), self.selection.cols.len())
+    }
+
     /// Values the store keeps.
     pub fn selected_len(&self) -> usize {
         self.selection.num_rows() * self.selection.cols.len()
@@ -190,6 +278,15 @@ impl Part<'_> {
             Some(raw) => Err(self.shape_error(&raw.shape)),
             None => Ok(None),
         }
+    }
+
+    /// The selected bytes of `raw`, this part's stored tensor (`RawTensor::select`), refusals
+    /// naming the tensor.
+    pub fn select_raw<'r>(&self, raw: &RawTensor<'r>) -> Result<Cow<'r, [u8]>, ModelError> {
+        raw.select(&self.selection).map_err(|e| match e {
+            ModelError::Shape(why) => ModelError::Shape(format!("`{}`: {why}", self.name)),
+            other => other,
+        })
     }
 
     /// Whether the source makes its values up (see `WeightSource::is_dummy`).
@@ -533,6 +630,7 @@ pub fn concat_f32(parts: &[Part<'_>]) -> Result<Vec<f32>, ModelError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // selections of one run of rows
 mod tests {
     use super::*;
     use crate::model::cpu::CpuStore;
@@ -566,6 +664,132 @@ mod tests {
         let mut store = CpuStore::default();
         let mut rank0 = Loader::new(&Counting, &mut store).with_shard(TensorParallel::new(0, 2).unwrap());
         assert_eq!(rank0.split_columns(&[("m.weight".to_string(), 4)], 4, 0..2, true).unwrap().bias, Some(vec![100.0, 101.0, 102.0, 103.0]));
+    }
+
+    fn f32_bytes(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
+        values.into_iter().flat_map(f32::to_le_bytes).collect()
+    }
+
+    fn raw<'a>(dtype: RawDtype, shape: &[usize], bytes: &'a [u8]) -> RawTensor<'a> {
+        RawTensor { dtype, shape: shape.to_vec(), bytes, interleaved_qk_head_dim: None }
+    }
+
+    /// A selection of the runs of rows `rows`.
+    fn selection(rows: &[Range<usize>], cols: Range<usize>) -> Selection {
+        Selection { rows: rows.to_vec(), cols }
+    }
+
+    /// The float32 values of `[_, cols]` little-endian float32 bytes.
+    fn f32_values(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+
+    /// `[4, 3]` float32 0..12 row by row: the selected bytes are the selected values, rows in the
+    /// selection's order, each cut to its columns.
+    #[test]
+    fn selecting_dense_rows_and_columns_keeps_the_selected_values_in_order() {
+        let bytes = f32_bytes((0..12).map(|v| v as f32));
+        let tensor = raw(RawDtype::F32, &[4, 3], &bytes);
+        type Case<'a> = (&'a [Range<usize>], Range<usize>, &'a [f32]);
+        let cases: [Case<'_>; 4] = [
+            (&[1..2, 3..4], 0..3, &[3.0, 4.0, 5.0, 9.0, 10.0, 11.0]),
+            (&[0..4], 1..3, &[1.0, 2.0, 4.0, 5.0, 7.0, 8.0, 10.0, 11.0]),
+            (&[2..4, 0..1], 2..3, &[8.0, 11.0, 2.0]),
+            (&[3..4, 0..2], 0..3, &[9.0, 10.0, 11.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
+        ];
+        for (rows, cols, want) in cases {
+            let picked = selection(rows, cols);
+            let got = tensor.select(&picked).unwrap();
+            assert_eq!(f32_values(&got), want, "{picked:?}");
+            // The same values the float32 path keeps.
+            assert_eq!(picked.take(&(0..12).map(|v| v as f32).collect::<Vec<_>>(), 3), want);
+        }
+    }
+
+    #[test]
+    fn one_run_of_whole_rows_is_borrowed_and_the_whole_tensor_is_the_stored_bytes() {
+        let bytes: Vec<u8> = (0..24).collect();
+        for dtype in [RawDtype::F16, RawDtype::BF16] {
+            let tensor = raw(dtype, &[4, 3], &bytes);
+            let whole = tensor.select(&Selection::whole(4, 3)).unwrap();
+            assert!(matches!(whole, Cow::Borrowed(b) if std::ptr::eq(b, &bytes[..])));
+            assert!(matches!(tensor.select(&selection(&[1..3], 0..3)).unwrap(), Cow::Borrowed(b) if b == &bytes[6..18]));
+            // Two-byte values: row 1's columns 1..3 are its bytes 2..6.
+            assert_eq!(&*tensor.select(&selection(&[1..2], 1..3)).unwrap(), &bytes[8..12]);
+        }
+        // A vector is `[len, 1]`.
+        let bias = f32_bytes([1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(f32_values(&raw(RawDtype::F32, &[4], &bias).select(&selection(&[3..4, 0..2], 0..1)).unwrap()), [4.0, 1.0, 2.0]);
+    }
+
+    /// `rows` rows of random `ty` blocks for `cols` columns, and their float32 values.
+    fn blocks(ty: GgmlType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+        let bytes = crate::model::sources::dummy_ggml_blocks(ty, rows, cols, 7).unwrap();
+        let mut values = vec![0.0; rows * cols];
+        crate::model::gguf::dequantize(ty, &bytes, rows * cols, &mut values).unwrap();
+        (bytes, values)
+    }
+
+    /// Whole blocks cut from GGUF rows dequantize to the same values as the float32 path's
+    /// slice; a column range inside a block is refused.
+    #[test]
+    fn ggml_columns_are_cut_on_block_boundaries_only() {
+        for (ty, blocks_per_row) in [(GgmlType::Q8_0, 4), (GgmlType::Q4_K, 3)] {
+            let (rows, cols) = (5, blocks_per_row * ty.block_size());
+            let (bytes, values) = blocks(ty, rows, cols);
+            let tensor = raw(RawDtype::Ggml(ty), &[rows, cols], &bytes);
+            let b = ty.block_size();
+            for picked in [selection(&[0..5], b..3 * b), selection(&[3..5, 0..1], 0..b), selection(&[1..2, 4..5], 2 * b..cols), Selection::whole(rows, cols)] {
+                let cut = tensor.select(&picked).unwrap();
+                assert_eq!(cut.len(), picked.num_rows() * picked.cols.len() / b * ty.type_size(), "{ty:?} {picked:?}");
+                let mut got = vec![0.0; picked.num_rows() * picked.cols.len()];
+                crate::model::gguf::dequantize(ty, &cut, got.len(), &mut got).unwrap();
+                assert_eq!(got, picked.take(&values, cols), "{ty:?} {picked:?}");
+            }
+            for cols in [1..b, b / 2..b, 0..b + 1, b..cols - 16] {
+                assert!(RawDtype::Ggml(ty).splits_blocks(&cols));
+                let err = tensor.select(&selection(&[0..1], cols.clone())).unwrap_err();
+                assert!(matches!(&err, ModelError::Shape(m) if m.contains("split blocks")), "{ty:?} {cols:?}: {err}");
+            }
+        }
+        assert!(!RawDtype::F32.splits_blocks(&(3..5)) && !RawDtype::Ggml(GgmlType::F16).splits_blocks(&(1..3)));
+    }
+
+    #[test]
+    fn selections_outside_the_tensor_and_wrong_sizes_are_refused() {
+        let bytes = f32_bytes((0..12).map(|v| v as f32));
+        let tensor = raw(RawDtype::F32, &[4, 3], &bytes);
+        for picked in [selection(&[3..5], 0..3), selection(&[1..1], 0..3), selection(&[0..1], 2..4), selection(&[0..1], 2..2)] {
+            assert!(matches!(tensor.select(&picked), Err(ModelError::Shape(_))), "{picked:?}");
+        }
+        // The stored bytes must be the shape's.
+        assert!(raw(RawDtype::F32, &[4, 4], &bytes).select(&Selection::whole(4, 4)).is_err());
+        assert!(raw(RawDtype::F32, &[2, 2, 3], &bytes).select(&Selection::whole(2, 3)).is_err());
+        // Rows of a block type hold whole blocks.
+        assert!(raw(RawDtype::Ggml(GgmlType::Q8_0), &[1, 16], &bytes[..34]).select(&Selection::whole(1, 16)).is_err());
+    }
+
+    /// llama.cpp interleaves Q/K rows within each head, and the order is put back after the
+    /// selection, head by head: whole heads give the rows the whole tensor put back would, a
+    /// run that splits a head is refused.
+    #[test]
+    fn interleaved_qk_rows_are_selected_by_whole_heads() {
+        use crate::model::arch::llama::unpermute_qk_rows;
+        let (head_dim, heads, cols) = (4, 3, 2);
+        let rows = head_dim * heads;
+        let values: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let bytes = f32_bytes(values.iter().copied());
+        let tensor = RawTensor { interleaved_qk_head_dim: Some(head_dim), ..raw(RawDtype::F32, &[rows, cols], &bytes) };
+        let in_hf_order = unpermute_qk_rows(&values, heads, cols);
+        for picked in [selection(&[4..8], 0..2), selection(&[0..4, 8..12], 1..2), selection(&[8..12], 0..2)] {
+            let cut = f32_values(&tensor.select(&picked).unwrap());
+            let got = unpermute_qk_rows(&cut, picked.num_rows() / head_dim, picked.cols.len());
+            assert_eq!(got, picked.take(&in_hf_order, cols), "{picked:?}");
+        }
+        for picked in [selection(&[2..6], 0..2), selection(&[4..8, 8..10], 0..2)] {
+            let err = tensor.select(&picked).unwrap_err();
+            assert!(err.to_string().contains("split heads of 4"), "{picked:?}: {err}");
+        }
     }
 
     #[test]

@@ -17,9 +17,10 @@ use crate::model::arch::llama::unpermute_qk_rows;
 use crate::model::cpu::{CpuKvCache, CpuModel};
 use crate::model::gguf::test_writer::GgufBuilder;
 use crate::model::gguf::GgufValue as V;
-use crate::model::gguf::dequantize;
-use crate::model::weights::RawDtype;
-use crate::model::{Arch, ModelConfig, RopeScaling, WeightSource};
+use crate::model::gguf::{dequantize, GgmlType};
+use crate::model::parallel::TensorParallel;
+use crate::model::weights::{Loader, Part, RawDtype, WeightStore, Weights};
+use crate::model::{Arch, ModelConfig, ModelError, RopeScaling, WeightSource};
 use crate::runner::ForwardBatch;
 
 fn fixture(name: &str) -> PathBuf {
@@ -88,7 +89,33 @@ fn permute(data: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
     out
 }
 
+/// Q8_0 blocks of `values` (a row's length a multiple of 32): a float16 scale, 32 signed bytes.
+fn q8_0_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 34);
+    for block in values.chunks_exact(32) {
+        let scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+        out.extend(half::f16::from_f32(scale).to_le_bytes());
+        out.extend(block.iter().map(|v| if scale == 0.0 { 0 } else { (v / scale).round() as i8 as u8 }));
+    }
+    out
+}
+
+/// A tensor's GGUF type id and bytes: matrices (rows a multiple of 32 long) in `matrices`
+/// (F32 or Q8_0), everything else in F32.
+fn stored(matrices: GgmlType, shape: &[u64], values: &[f32]) -> (u32, Vec<u8>) {
+    match matrices {
+        GgmlType::Q8_0 if shape.len() >= 2 && shape[0].is_multiple_of(32) => (GgmlType::Q8_0 as u32, q8_0_bytes(values)),
+        GgmlType::F32 | GgmlType::Q8_0 => (GgmlType::F32 as u32, f32_bytes(values)),
+        other => panic!("fixtures are not written in {other:?}"),
+    }
+}
+
 fn to_gguf(name: &str, c: &ModelConfig) -> Vec<u8> {
+    to_gguf_as(name, c, GgmlType::F32)
+}
+
+/// `to_gguf` with the matrices stored as `matrices` (see `stored`).
+fn to_gguf_as(name: &str, c: &ModelConfig, matrices: GgmlType) -> Vec<u8> {
     let dir = fixture(name);
     let source = SafetensorsSource::open(&dir).unwrap();
     let prefix = c.architecture.names().gguf.unwrap_or("llama");
@@ -174,7 +201,8 @@ fn to_gguf(name: &str, c: &ModelConfig) -> Vec<u8> {
             _ => t.data,
         };
         let shape: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
-        b = b.tensor(&gguf, &shape, 0, f32_bytes(&data));
+        let (ty, bytes) = stored(matrices, &shape, &data);
+        b = b.tensor(&gguf, &shape, ty, bytes);
     }
     if let Some(moe) = &c.moe {
         for layer in (0..c.num_hidden_layers).filter(|l| !c.is_dense_layer(*l)) {
@@ -185,7 +213,8 @@ fn to_gguf(name: &str, c: &ModelConfig) -> Vec<u8> {
                     stacked.extend(source.load(&name, &[]).unwrap().unwrap().data);
                 }
                 let shape = [cols as u64, rows as u64, moe.num_experts as u64];
-                b = b.tensor(&format!("blk.{layer}.ffn_{kind}_exps.weight"), &shape, 0, f32_bytes(&stacked));
+                let (ty, bytes) = stored(matrices, &shape, &stacked);
+                b = b.tensor(&format!("blk.{layer}.ffn_{kind}_exps.weight"), &shape, ty, bytes);
             }
         }
     }
@@ -267,4 +296,100 @@ fn every_fixture_rewritten_as_gguf_loads_to_the_same_model() {
         let tolerance = if name == "llama" || name == "gemma3" { 1e-4 } else { 0.0 };
         assert!(err <= tolerance, "{name}: GGUF logits differ from the checkpoint's by {err:e}");
     }
+}
+
+/// A store that keeps nothing and checks what a device store reads of each matrix part it gets
+/// raw (`cuda::weights::GpuStore`): the selected stored bytes (`RawTensor::select`), expanded as
+/// the device expands them (ggml blocks dequantized, Q/K rows put back head by head; floats
+/// widened), must be exactly the float32 values the CPU store keeps (`Part::f32`). Parts whose
+/// columns split blocks are read through `Part::f32` by the device store too, so only counted.
+#[derive(Default)]
+struct RawSliceCheck {
+    checked: usize,
+    column_cuts: usize,
+    interleaved: usize,
+    split_blocks: usize,
+}
+
+impl Weights for RawSliceCheck {
+    type Matrix = ();
+    type Vector = ();
+}
+
+impl RawSliceCheck {
+    fn check(&mut self, part: &Part<'_>) -> Result<(), ModelError> {
+        let Some(raw) = part.raw()? else { return Ok(()) };
+        if raw.dtype.splits_blocks(&part.selection.cols) {
+            self.split_blocks += 1;
+            return Ok(());
+        }
+        let (rows, cols) = part.selected_shape();
+        let bytes = part.select_raw(&raw)?;
+        let mut values = match raw.dtype {
+            RawDtype::Ggml(ty) => {
+                let mut values = vec![0.0; rows * cols];
+                dequantize(ty, &bytes, rows * cols, &mut values)?;
+                values
+            }
+            RawDtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            RawDtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            RawDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        };
+        if let Some(head_dim) = raw.interleaved_qk_head_dim {
+            values = unpermute_qk_rows(&values, rows / head_dim, cols);
+            self.interleaved += usize::from(!part.is_whole());
+        }
+        assert_eq!(values, part.f32()?, "`{}` {:?}", part.name, part.selection);
+        self.checked += 1;
+        self.column_cuts += usize::from(cols != part.cols);
+        Ok(())
+    }
+}
+
+impl WeightStore for RawSliceCheck {
+    type Family = RawSliceCheck;
+    const BYTES_PER_ELEMENT: u64 = 4;
+
+    fn matrix(&mut self, _: &str, _: usize, _: usize, parts: &[Part<'_>], _: Option<&[Part<'_>]>) -> Result<(), ModelError> {
+        parts.iter().try_for_each(|part| self.check(part))
+    }
+
+    fn vector(&mut self, _: &Part<'_>) -> Result<(), ModelError> {
+        Ok(())
+    }
+}
+
+/// Every rank of worlds 2 and 4 of every fixture, from its bfloat16 safetensors and from GGUF in
+/// F32 and Q8_0 (llama's Q/K rows interleaved): a device store would get the CPU shard's values.
+#[test]
+fn every_ranks_sliced_stored_bytes_expand_to_the_cpu_shards_values() {
+    let mut totals = RawSliceCheck::default();
+    for name in ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "qwen3_moe"] {
+        let dir = fixture(name);
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let hf = HfConfig::new(json);
+        let config = Arch::from_hf(&hf).unwrap().config_from_hf(&hf).unwrap();
+        let mut sources: Vec<(Box<dyn WeightSource>, ModelConfig)> = vec![(Box::new(SafetensorsSource::open(&dir).unwrap()), config.clone())];
+        for matrices in [GgmlType::F32, GgmlType::Q8_0] {
+            let gguf = GgufSource::from_file(crate::model::gguf::GgufFile::from_bytes(to_gguf_as(name, &config, matrices)).unwrap()).unwrap();
+            let gguf_config = gguf.config().unwrap();
+            sources.push((Box::new(gguf), gguf_config));
+        }
+        for (source, config) in &sources {
+            for world in [2, 4] {
+                for parallel in TensorParallel::ranks(world).unwrap() {
+                    let mut store = RawSliceCheck::default();
+                    config.architecture.load(config, &mut Loader::new(source.as_ref(), &mut store).with_shard(parallel)).unwrap_or_else(|e| panic!("{name} {parallel:?}: {e}"));
+                    assert!(store.checked > 0, "{name} {parallel:?}");
+                    totals.checked += store.checked;
+                    totals.column_cuts += store.column_cuts;
+                    totals.interleaved += store.interleaved;
+                    totals.split_blocks += store.split_blocks;
+                }
+            }
+        }
+    }
+    // Column-parallel and row-parallel slices, shards of interleaved heads, and Q8_0 columns
+    // that split blocks were all met.
+    assert!(totals.column_cuts > 0 && totals.interleaved > 0 && totals.split_blocks > 0, "{:?}", (totals.checked, totals.column_cuts, totals.interleaved, totals.split_blocks));
 }
