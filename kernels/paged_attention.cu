@@ -303,6 +303,10 @@ __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const flo
 #pragma unroll 4
             for (int i = 0; i < count; i++) {
                 const float fi = __shfl_sync(0xffffffffu, f, i);
+                // A split past the context (a graph is planned for its bucket's longest context,
+                // so most of its splits are empty at shorter ones) has no row to read: skipping
+                // it is the whole warp's branch.
+                if (fi == 0.0f) continue;
                 const float* src = rows_out + (u64)(base + i) * HD;
 #pragma unroll
                 for (int j = 0; j < PER_LANE; j += 2) {

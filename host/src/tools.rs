@@ -451,7 +451,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     if dev.pdl_supported() {
         use pagedserve::cuda::PdlScope;
         for _ in 0..2 {
-            for scope in [PdlScope::Off, PdlScope::All, PdlScope::AllButGemv, PdlScope::GemvOnly] {
+            for scope in [PdlScope::Off, PdlScope::All, PdlScope::AllButGemv, PdlScope::GemvOnly, PdlScope::GemvAndMerge, PdlScope::GemvAndAttention] {
                 dev.set_pdl_scope(scope);
                 backend.capture_decode_graphs(max_batch, args.context + 16)?;
                 let times: Vec<String> = args

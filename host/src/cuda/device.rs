@@ -56,6 +56,10 @@ pub enum PdlScope {
     AllButGemv = 2,
     /// Only the GEMV (whose first weight loads go before its wait).
     GemvOnly = 3,
+    /// The GEMV and the decode attention's split merge (`attention_reduce_*`).
+    GemvAndMerge = 4,
+    /// The GEMV, the decode attention kernel and its split merge.
+    GemvAndAttention = 5,
 }
 
 impl PdlScope {
@@ -67,13 +71,19 @@ impl PdlScope {
             Ok("1" | "all") => Ok(PdlScope::All),
             Ok("but-gemv") => Ok(PdlScope::AllButGemv),
             Ok("gemv-only") => Ok(PdlScope::GemvOnly),
-            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_PDL is off, all, but-gemv or gemv-only, not {other:?}"))),
+            Ok("gemv-merge") => Ok(PdlScope::GemvAndMerge),
+            Ok("gemv-attention") => Ok(PdlScope::GemvAndAttention),
+            Ok(other) => Err(super::CudaError::Config(format!(
+                "PAGEDSERVE_PDL is off, all, but-gemv, gemv-only, gemv-merge or gemv-attention, not {other:?}"
+            ))),
         }
     }
 
     /// What `serve` uses on sm_90. Only the GEMV overlaps its predecessor: decode steps with
     /// graphs on an H200 (BENCHMARKS.md, session 9) took 4.86 ms at the Llama-3.1-8B shape with
     /// this scope, 4.91 with none and 5.61 with every kernel; at SmolLM2's, 0.73, 0.79 and 0.72.
+    /// Adding the split merge (session 14) took the 8B bf16 batch-1 step to 5.41 ms against 4.85,
+    /// Q4_K's to 2.52 against 2.45; adding the decode attention too, 4.90 and 2.48.
     pub const DEFAULT: PdlScope = PdlScope::GemvOnly;
 }
 
@@ -184,6 +194,8 @@ impl GpuDevice {
             1 => PdlScope::All,
             2 => PdlScope::AllButGemv,
             3 => PdlScope::GemvOnly,
+            4 => PdlScope::GemvAndMerge,
+            5 => PdlScope::GemvAndAttention,
             _ => PdlScope::Off,
         }
     }
@@ -195,6 +207,8 @@ impl GpuDevice {
             PdlScope::All => true,
             PdlScope::AllButGemv => !name.starts_with("gemv"),
             PdlScope::GemvOnly => name.starts_with("gemv"),
+            PdlScope::GemvAndMerge => name.starts_with("gemv") || name.starts_with("attention_reduce"),
+            PdlScope::GemvAndAttention => name.starts_with("gemv") || name.starts_with("attention_reduce") || name.starts_with("paged_attention"),
         }
     }
 
