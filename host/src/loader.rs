@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 
 use crate::model::arch::hf::HfConfig;
-use crate::model::cpu::CpuModel;
+use crate::model::cpu::{CpuModel, CpuTensorParallelModel};
 use crate::model::gguf::GgufFile;
 use crate::model::sources::{DummySource, GgufSource, SafetensorsSource};
 use crate::model::{Arch, ModelConfig, WeightSource};
@@ -67,6 +67,23 @@ impl ModelFiles {
             "model loaded"
         );
         Ok(LoadedModel { name: self.name, model, tokenizer: self.tokenizer })
+    }
+
+    /// As `load_cpu`, one shard per rank of `world` tensor-parallel ranks, or why the model
+    /// cannot be split so (`model::parallel`).
+    pub fn load_cpu_split(&self, world: usize) -> anyhow::Result<CpuTensorParallelModel> {
+        let started = Instant::now();
+        let model = CpuTensorParallelModel::load(self.config.clone(), &*self.source, world)
+            .with_context(|| format!("loading weights from {}", self.path.display()))?;
+        tracing::info!(
+            model = %self.name,
+            architecture = %self.config.architecture,
+            parameters = self.config.num_parameters(),
+            tensor_parallel_size = world,
+            seconds = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
+        Ok(model)
     }
 }
 

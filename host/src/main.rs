@@ -3,6 +3,7 @@
 //! throughput, the engine under load, GPU kernels, the cost of a scheduler call).
 
 mod serve;
+mod tensor_parallel;
 #[cfg(feature = "tools")]
 mod tools;
 
@@ -160,6 +161,8 @@ impl ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    tensor_parallel: tensor_parallel::TensorParallelArgs,
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -197,17 +200,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = args.model.load()?;
-    let tokenizer = loaded.tokenizer.as_ref().context("this model has no tokenizer")?;
+    args.model.refuse_quantization("the CPU path")?;
+    let files = args.model.open()?;
+    let tokenizer = files.tokenizer.clone().context("this model has no tokenizer")?;
+    let tokenizer = &*tokenizer;
     let prompt = if args.chat {
         tokenizer.encode_chat(&[ChatMessage::new("user", &args.prompt)], true)?
     } else {
         tokenizer.encode(&args.prompt, true)?
     };
-    let model = &loaded.model;
-    let max_len = (prompt.len() + args.max_tokens).min(model.config().max_position_embeddings);
+    let weights = args.tensor_parallel.load_cpu(files)?;
+    let max_len = (prompt.len() + args.max_tokens).min(weights.config().max_position_embeddings);
     let block_size = pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
-    let mut generator = Generator::new(model, max_len.div_ceil(block_size), block_size);
+    let mut generator = Generator::with_backend(weights.into_backend(max_len.div_ceil(block_size), block_size));
     let options = GenerateOptions {
         max_new_tokens: max_len.saturating_sub(prompt.len()),
         stop_token_ids: if args.ignore_eos { Vec::new() } else { tokenizer.eos_token_ids().to_vec() },

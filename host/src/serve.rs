@@ -10,12 +10,12 @@ use pagedserve::engine::{EngineConfig, EngineHandle};
 use pagedserve::kv_cache::{KvCacheLayout, DEFAULT_BLOCK_SIZE};
 use pagedserve::metrics::Metrics;
 use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, PluginsConfig};
-use pagedserve::runner::CpuBackend;
 use pagedserve::sched::{native_policy, SchedulerConfig};
 use pagedserve::server::guard::AccessPolicy;
 use pagedserve::server::{self, AppState, DEFAULT_MAX_REQUEST_BODY};
 use pagedserve::validation::Validator;
 
+use crate::tensor_parallel::TensorParallelArgs;
 use crate::ModelArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +63,8 @@ const DEFAULT_CPU_STEP_TOKENS: usize = 128;
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    tensor_parallel: TensorParallelArgs,
     /// Address to listen on.
     #[arg(long, env = "PAGEDSERVE_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -217,6 +219,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tokenizer = files.tokenizer.clone().context("the model has no tokenizer; the server needs one")?;
     let config = files.config.clone();
     let name = files.name.clone();
+    // Before any weight is read: a split the backend cannot run fails at once.
+    if use_cuda {
+        args.tensor_parallel.refuse_on_cuda()?;
+    } else {
+        args.tensor_parallel.check_plan(&config)?;
+    }
+    let tensor_parallel_size = args.tensor_parallel.world();
 
     let context = config.max_position_embeddings;
     let max_model_len = match args.max_model_len {
@@ -230,7 +239,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     // The GPU backend loads its weights straight to the device first, so its cache can be sized
     // from what is left; the CPU backend loads them to the host.
-    let (gpu, cpu_model) = if use_cuda {
+    let (gpu, cpu_weights) = if use_cuda {
         let dev = pagedserve::cuda::GpuDevice::new(0)?;
         tracing::info!(gpu = %dev.name, architecture = %config.architecture, "serving on the GPU");
         let model = args
@@ -241,9 +250,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (Some((dev, model)), None)
     } else {
         args.model.refuse_quantization("the CPU backend")?;
-        (None, Some(files.load_cpu()?.model))
+        (None, Some(args.tensor_parallel.load_cpu(files)?))
     };
-    let block_bytes = KvCacheLayout::for_model(&config, 1, args.block_size).block_bytes(if gpu.is_some() { 2 } else { 4 });
+    // Over every tensor-parallel rank's cache on the CPU (replicated KV heads count each time).
+    let block_bytes = match &cpu_weights {
+        Some(weights) => weights.kv_block_bytes(args.block_size),
+        None => KvCacheLayout::for_model(&config, 1, args.block_size).block_bytes(2),
+    };
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n,
         None if gpu.is_some() => {
@@ -273,12 +286,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             num_blocks * args.block_size
         );
     }
-    let layout = KvCacheLayout::for_model(&config, num_blocks, args.block_size);
     tracing::info!(
         blocks = num_blocks,
         block_size = args.block_size,
         tokens = num_blocks * args.block_size,
-        mib = (layout.block_bytes(if gpu.is_some() { 2 } else { 4 }) * num_blocks) as f64 / (1u64 << 20) as f64,
+        mib = (block_bytes * num_blocks) as f64 / (1u64 << 20) as f64,
         max_model_len,
         "KV cache sized"
     );
@@ -309,7 +321,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("capturing CUDA graphs")?;
             Box::new(backend)
         }
-        None => Box::new(CpuBackend::new(cpu_model.expect("loaded for the CPU"), num_blocks, args.block_size)),
+        None => cpu_weights.expect("loaded for the CPU").into_backend(num_blocks, args.block_size),
     };
     let backend = match args.inject_forward_fault {
         Some(succeed) => {
@@ -408,7 +420,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
         let bound = listener.local_addr()?;
         let listener_port = bound.port();
-        tracing::info!(model = %model_name, %bound, policy = policy_name, "serving");
+        let device = if use_cuda { "cuda" } else { "cpu" };
+        tracing::info!(model = %model_name, %bound, policy = policy_name, device, tensor_parallel_size, "serving");
         eprintln!("pagedserve listening on http://{bound}");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if let Some((port, token)) = admin {

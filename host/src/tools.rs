@@ -99,6 +99,8 @@ pub(crate) struct BenchSchedulerArgs {
 pub(crate) struct BenchServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    tensor_parallel: crate::tensor_parallel::TensorParallelArgs,
     #[arg(long, default_value_t = 64)]
     num_requests: usize,
     /// Clients, each sending its next request when the previous one finishes.
@@ -210,6 +212,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
     }
     let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.cuda {
         use pagedserve::cuda::{GpuBackend, GpuDevice};
+        args.tensor_parallel.refuse_on_cuda()?;
         let dev = GpuDevice::new(0)?;
         let model = args.model.load_gpu(dev, &files)?;
         let mut backend = GpuBackend::new(model, num_blocks, block_size)?;
@@ -217,7 +220,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         Box::new(backend)
     } else {
         args.model.refuse_quantization("the CPU backend")?;
-        Box::new(pagedserve::runner::CpuBackend::new(files.load_cpu()?.model, num_blocks, block_size))
+        args.tensor_parallel.load_cpu(files)?.into_backend(num_blocks, block_size)
     };
     let options = serve::ServeOptions {
         num_requests: args.num_requests,

@@ -40,17 +40,67 @@ pub trait ModelBackend: Send {
     }
 }
 
+/// What the CPU backends do with a step's logits: the native samplers on the host, timing the
+/// step's grammar masks for `step_phases`.
+#[derive(Default)]
+pub(super) struct HostSampling {
+    /// `constraint_masks` of the last step, if it had any.
+    step_phases: Vec<(&'static str, Duration)>,
+}
+
+impl HostSampling {
+    /// One result per entry of `rows`, from `logits` `[rows, vocab]`.
+    pub(super) fn sample(&mut self, logits: &[f32], vocab: usize, rows: &mut [RowSampling<'_>]) -> Vec<SampledRow> {
+        let mask_time = prepare_constraints(rows);
+        self.step_phases.clear();
+        if !mask_time.is_zero() {
+            self.step_phases.push(("constraint_masks", mask_time));
+        }
+        sample_rows_host(logits, vocab, rows)
+    }
+
+    pub(super) fn step_phases(&self) -> &[(&'static str, Duration)] {
+        &self.step_phases
+    }
+}
+
+/// A boxed backend is one, so the offline `Generator` runs whichever backend a command built.
+impl<B: ModelBackend + ?Sized> ModelBackend for Box<B> {
+    fn config(&self) -> &ModelConfig {
+        (**self).config()
+    }
+
+    fn kv_layout(&self) -> &KvCacheLayout {
+        (**self).kv_layout()
+    }
+
+    fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {
+        (**self).copy_blocks(copies)
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
+        (**self).forward(batch)
+    }
+
+    fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        (**self).forward_sampled(batch, rows)
+    }
+
+    fn step_phases(&self) -> &[(&'static str, Duration)] {
+        (**self).step_phases()
+    }
+}
+
 pub struct CpuBackend {
     model: CpuModel,
     cache: CpuKvCache,
-    /// `constraint_masks` of the last step, if it had any.
-    step_phases: Vec<(&'static str, Duration)>,
+    sampling: HostSampling,
 }
 
 impl CpuBackend {
     pub fn new(model: CpuModel, num_blocks: usize, block_size: usize) -> Self {
         let cache = CpuKvCache::new(model.kv_layout(num_blocks, block_size));
-        CpuBackend { model, cache, step_phases: Vec::new() }
+        CpuBackend { model, cache, sampling: HostSampling::default() }
     }
 }
 
@@ -74,17 +124,12 @@ impl ModelBackend for CpuBackend {
     }
 
     fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
-        let logits = self.forward(batch)?;
-        let mask_time = prepare_constraints(rows);
-        self.step_phases.clear();
-        if !mask_time.is_zero() {
-            self.step_phases.push(("constraint_masks", mask_time));
-        }
-        Ok(sample_rows_host(&logits, self.config().vocab_size, rows))
+        let logits = self.model.forward(batch, &mut self.cache)?;
+        Ok(self.sampling.sample(&logits, self.model.config().vocab_size, rows))
     }
 
     fn step_phases(&self) -> &[(&'static str, Duration)] {
-        &self.step_phases
+        self.sampling.step_phases()
     }
 }
 

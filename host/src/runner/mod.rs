@@ -3,7 +3,9 @@
 
 mod backend;
 mod batch;
+mod cpu_parallel;
 pub mod generate;
 
 pub use self::backend::{CpuBackend, FaultyBackend, ModelBackend};
+pub use self::cpu_parallel::CpuTensorParallelBackend;
 pub use self::batch::{BatchError, ForwardBatch, SeqInBatch};
