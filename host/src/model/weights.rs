@@ -172,6 +172,33 @@ impl<'a> RawTensor<'a> {
         }
         Ok(Cow::Owned(out))
     }
+
+    /// The values of `selection` as float32 in Hugging Face's layout, converted from the selected
+    /// stored bytes only: floats widened, ggml blocks dequantized, interleaved Q/K rows put back
+    /// head by head. `None` when the columns split ggml blocks, which only the whole tensor's
+    /// values can cut.
+    pub fn selected_f32(&self, selection: &Selection) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.dtype.splits_blocks(&selection.cols) {
+            return Ok(None);
+        }
+        let bytes = self.select(selection)?;
+        let (rows, cols) = (selection.num_rows(), selection.cols.len());
+        let values: Vec<f32> = match self.dtype {
+            RawDtype::Ggml(ty) => {
+                let mut values = vec![0.0; rows * cols];
+                super::gguf::dequantize(ty, &bytes, rows * cols, &mut values)?;
+                values
+            }
+            RawDtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            RawDtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            RawDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        };
+        Ok(Some(match self.interleaved_qk_head_dim {
+            // `select` refused rows that split a head, so these are whole heads.
+            Some(head_dim) => super::arch::llama::unpermute_qk_rows(&values, rows / head_dim, cols),
+            None => values,
+        }))
+    }
 }
 
 /// The types a backend keeps weights as.
@@ -260,8 +287,21 @@ impl Part<'_> {
         self.selection.num_rows() * self.selection.cols.len()
     }
 
-    /// The selected values as float32 (the whole tensor is loaded, then sliced).
+    /// The selected values as float32: a slice from its stored bytes where the source lends them,
+    /// else cut from the whole tensor.
     pub fn f32(&self) -> Result<Vec<f32>, ModelError> {
+        // A shard converts only its slice of the stored bytes where the source lends them, not
+        // the whole tensor once per rank.
+        if !self.is_whole() {
+            if let Some(values) = self.raw()?.map(|raw| raw.selected_f32(&self.selection)).transpose()?.flatten() {
+                return Ok(values);
+            }
+        }
+        self.f32_of_whole_tensor()
+    }
+
+    /// The selected values cut from the whole tensor's float32 values (`WeightSource::load`).
+    pub(crate) fn f32_of_whole_tensor(&self) -> Result<Vec<f32>, ModelError> {
         let shape = self.shape();
         let values = match self.source.load(&self.name, &shape)? {
             Some(t) if t.shape == shape => t.data,

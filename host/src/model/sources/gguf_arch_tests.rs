@@ -298,11 +298,11 @@ fn every_fixture_rewritten_as_gguf_loads_to_the_same_model() {
     }
 }
 
-/// A store that keeps nothing and checks what a device store reads of each matrix part it gets
-/// raw (`cuda::weights::GpuStore`): the selected stored bytes (`RawTensor::select`), expanded as
-/// the device expands them (ggml blocks dequantized, Q/K rows put back head by head; floats
-/// widened), must be exactly the float32 values the CPU store keeps (`Part::f32`). Parts whose
-/// columns split blocks are read through `Part::f32` by the device store too, so only counted.
+/// A store that keeps nothing and checks what a shard reads of each matrix part whose stored
+/// bytes the source lends: its selection converted from those bytes alone
+/// (`RawTensor::selected_f32`, what `Part::f32` and the device store read), against the same
+/// values cut from the whole tensor's float32 (`WeightSource::load`). Parts whose columns split
+/// blocks are read from the whole tensor by both stores, so only counted.
 #[derive(Default)]
 struct RawSliceCheck {
     checked: usize,
@@ -319,29 +319,15 @@ impl Weights for RawSliceCheck {
 impl RawSliceCheck {
     fn check(&mut self, part: &Part<'_>) -> Result<(), ModelError> {
         let Some(raw) = part.raw()? else { return Ok(()) };
-        if raw.dtype.splits_blocks(&part.selection.cols) {
+        let Some(values) = raw.selected_f32(&part.selection)? else {
             self.split_blocks += 1;
             return Ok(());
-        }
-        let (rows, cols) = part.selected_shape();
-        let bytes = part.select_raw(&raw)?;
-        let mut values = match raw.dtype {
-            RawDtype::Ggml(ty) => {
-                let mut values = vec![0.0; rows * cols];
-                dequantize(ty, &bytes, rows * cols, &mut values)?;
-                values
-            }
-            RawDtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            RawDtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            RawDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
         };
-        if let Some(head_dim) = raw.interleaved_qk_head_dim {
-            values = unpermute_qk_rows(&values, rows / head_dim, cols);
-            self.interleaved += usize::from(!part.is_whole());
-        }
-        assert_eq!(values, part.f32()?, "`{}` {:?}", part.name, part.selection);
+        assert_eq!(values, part.f32_of_whole_tensor()?, "`{}` {:?}", part.name, part.selection);
+        assert_eq!(values, part.f32()?, "`{}`: what the CPU store keeps", part.name);
         self.checked += 1;
-        self.column_cuts += usize::from(cols != part.cols);
+        self.column_cuts += usize::from(part.selected_shape().1 != part.cols);
+        self.interleaved += usize::from(raw.interleaved_qk_head_dim.is_some() && !part.is_whole());
         Ok(())
     }
 }
