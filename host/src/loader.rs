@@ -56,30 +56,25 @@ impl ModelFiles {
 
     /// The weights in float32 on the host, for the CPU backend.
     pub fn load_cpu(self) -> anyhow::Result<LoadedModel> {
-        let started = Instant::now();
-        let model = CpuModel::load(self.config, &*self.source, None)
-            .with_context(|| format!("loading weights from {}", self.path.display()))?;
-        tracing::info!(
-            model = %self.name,
-            architecture = %model.config().architecture,
-            parameters = model.config().num_parameters(),
-            seconds = started.elapsed().as_secs_f32(),
-            "model loaded"
-        );
+        let model = self.timed_load(1, || CpuModel::load(self.config.clone(), &*self.source, None))?;
         Ok(LoadedModel { name: self.name, model, tokenizer: self.tokenizer })
     }
 
     /// As `load_cpu`, one shard per rank of `world` tensor-parallel ranks, or why the model
     /// cannot be split so (`model::parallel`).
     pub fn load_cpu_split(&self, world: usize) -> anyhow::Result<CpuTensorParallelModel> {
+        self.timed_load(world, || CpuTensorParallelModel::load(self.config.clone(), &*self.source, world))
+    }
+
+    /// `load`, the error naming the files and the time it took logged.
+    fn timed_load<T>(&self, tensor_parallel_size: usize, load: impl FnOnce() -> Result<T, crate::model::ModelError>) -> anyhow::Result<T> {
         let started = Instant::now();
-        let model = CpuTensorParallelModel::load(self.config.clone(), &*self.source, world)
-            .with_context(|| format!("loading weights from {}", self.path.display()))?;
+        let model = load().with_context(|| format!("loading weights from {}", self.path.display()))?;
         tracing::info!(
             model = %self.name,
             architecture = %self.config.architecture,
             parameters = self.config.num_parameters(),
-            tensor_parallel_size = world,
+            tensor_parallel_size,
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );

@@ -93,14 +93,22 @@ pub enum RawDtype {
 }
 
 impl RawDtype {
+    /// The same storage as a ggml type (a float is ggml's one-value block), whose sizes and
+    /// conversion to float32 `model::gguf` has.
+    fn as_ggml(self) -> GgmlType {
+        match self {
+            RawDtype::F32 => GgmlType::F32,
+            RawDtype::F16 => GgmlType::F16,
+            RawDtype::BF16 => GgmlType::BF16,
+            RawDtype::Ggml(ty) => ty,
+        }
+    }
+
     /// How the type stores a row: this many values in a unit of this many bytes (one value of a
     /// float, one block of ggml).
     fn storage_unit(self) -> (usize, usize) {
-        match self {
-            RawDtype::F32 => (1, 4),
-            RawDtype::F16 | RawDtype::BF16 => (1, 2),
-            RawDtype::Ggml(ty) => (ty.block_size(), ty.type_size()),
-        }
+        let ty = self.as_ggml();
+        (ty.block_size(), ty.type_size())
     }
 
     /// Whether the columns `cols` start or end inside a ggml block, whose bytes cannot be cut
@@ -183,16 +191,8 @@ impl<'a> RawTensor<'a> {
         }
         let bytes = self.select(selection)?;
         let (rows, cols) = (selection.num_rows(), selection.cols.len());
-        let values: Vec<f32> = match self.dtype {
-            RawDtype::Ggml(ty) => {
-                let mut values = vec![0.0; rows * cols];
-                super::gguf::dequantize(ty, &bytes, rows * cols, &mut values)?;
-                values
-            }
-            RawDtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            RawDtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            RawDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        };
+        let mut values = vec![0.0; rows * cols];
+        super::gguf::dequantize(self.dtype.as_ggml(), &bytes, rows * cols, &mut values)?;
         Ok(Some(match self.interleaved_qk_head_dim {
             // `select` refused rows that split a head, so these are whole heads.
             Some(head_dim) => super::arch::llama::unpermute_qk_rows(&values, rows / head_dim, cols),
