@@ -76,6 +76,8 @@ __device__ __forceinline__ float block_max(float v, float* scratch /* 32 floats 
 #define GEMV_PLAIN 0
 #define GEMV_SILU 1
 #define GEMV_NORM 2
+// ... or merged from the decode attention's split-K partials (`merge_splits8`).
+#define GEMV_MERGE 3
 // The most warps (output rows in flight) per block; `launch::GEMV_WARPS` on the host, which
 // launches fewer for small products (`launch::gemv_block_warps`).
 #define GEMV_WARPS 16
@@ -96,6 +98,36 @@ __device__ __forceinline__ uint4 float8_to_bf16x8(const float* f) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
     return v;
+}
+
+// Values 8v .. 8v + 7 of row t of the decode attention's output (`k` values: heads of
+// `head_dim`), merged from its `splits` split-K partials as `attention_reduce` merges them and
+// rounded to bf16 as it writes them: the GEMV_MERGE staging, which saves that kernel's launch and
+// its dependent loads on a decode step. A split with no weight (past the context: a graph is
+// planned for its bucket's longest) is skipped. `part_out` [t][head][split][head_dim],
+// `part_max` and `part_sum` [t][head][split].
+__device__ __forceinline__ void merge_splits8(const float* __restrict__ part_out, const float* __restrict__ part_max,
+                                              const float* __restrict__ part_sum, u64 t, int v, int k, int splits,
+                                              int head_dim, float* f) {
+    const int head = (8 * v) / head_dim, d = 8 * v - head * head_dim;
+    const u64 th = t * (u64)(k / head_dim) + head;
+    const float* maxima = part_max + th * splits;
+    const float* sums = part_sum + th * splits;
+    float big = -INFINITY;
+    for (int s = 0; s < splits; ++s) big = fmaxf(big, maxima[s]);
+    float total = 0.0f, value[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < splits; ++s) {
+        const float mx = maxima[s];
+        const float weight = mx == -INFINITY ? 0.0f : exp2f(mx - big);
+        if (weight == 0.0f) continue;
+        total += sums[s] * weight;
+        const float4* row = reinterpret_cast<const float4*>(part_out + (th * splits + s) * head_dim + d);
+        const float4 a = row[0], b = row[1];
+        value[0] += a.x * weight, value[1] += a.y * weight, value[2] += a.z * weight, value[3] += a.w * weight;
+        value[4] += b.x * weight, value[5] += b.y * weight, value[6] += b.z * weight, value[7] += b.w * weight;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = total > 0.0f ? value[e] / total : 0.0f;
 }
 
 // Four E4M3 values (the bytes of one 32-bit word) to float, the lowest byte first (sm_89 on).

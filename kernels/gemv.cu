@@ -31,6 +31,11 @@
 //    Block 0 alone writes r to `residual_out` (optional), which must be a different buffer from
 //    x: every block reads x, so nobody may write it during the launch (the caller ping-pongs
 //    two residual buffers; see `run_layers`).
+//  * GEMV_MERGE: x is the decode attention's split-K partial rows (float32), `norm_w` their
+//    maxima and `residual_out` their sums (read only), `splits` and `head_dim` their shape: the
+//    block merges them (`merge_splits8`, rounded to bf16 as `attention_reduce` writes them), so
+//    that kernel is skipped. One row only (MP = 1): a single stream's step, where the merge's own
+//    launch and dependent loads are exposed.
 // Rows m ≥ M of the padded tile (MP is M rounded up to 1, 2, 4, 8) are zeros and never stored.
 //
 // Weights are bf16, or E4M3 with a float32 scale per row (`FP8`, `fp8.cu`'s format; sm_89 on):
@@ -62,10 +67,18 @@ struct GemvRows {
 template <int MODE, int MP>
 __device__ __forceinline__ void gemv_stage(__nv_bfloat16* xs, const void* __restrict__ x, const __nv_bfloat16* __restrict__ delta,
                                            const float* __restrict__ norm_w, float* __restrict__ residual_out,
-                                           const u32* __restrict__ rows, int m, int k, float eps, float* scratch) {
+                                           const u32* __restrict__ rows, int m, int k, float eps, float* scratch, int splits,
+                                           int head_dim) {
     const int xvecs = k >> 3;
     uint4* xs_vec = reinterpret_cast<uint4*>(xs);
-    if (MODE == GEMV_PLAIN) {
+    if (MODE == GEMV_MERGE) {
+        for (int i = threadIdx.x; i < MP * xvecs; i += blockDim.x) {
+            const int r = i / xvecs, v = i - r * xvecs;
+            float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            if (r < m) merge_splits8(reinterpret_cast<const float*>(x), norm_w, residual_out, r, v, k, splits, head_dim, f);
+            xs_vec[i] = float8_to_bf16x8(f);
+        }
+    } else if (MODE == GEMV_PLAIN) {
         const uint4* src = reinterpret_cast<const uint4*>(x);
         for (int i = threadIdx.x; i < MP * xvecs; i += blockDim.x) xs_vec[i] = i < m * xvecs ? src[i] : make_uint4(0, 0, 0, 0);
     } else if (MODE == GEMV_SILU) {
@@ -129,7 +142,8 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
                                           const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
                                           float* __restrict__ residual_out, const u32* __restrict__ rows,
                                           const float* __restrict__ bias, const void* __restrict__ w_raw,
-                                          const float* __restrict__ w_scale, int m, int n, int k, float eps) {
+                                          const float* __restrict__ w_scale, int m, int n, int k, float eps, int splits,
+                                          int head_dim) {
     constexpr int UNROLL = GemvUnroll<MP, FP8>::value;
     constexpr int RPW = GemvRows<FP8>::value;  // output rows per warp at a time
     extern __shared__ __align__(16) unsigned char gemv_smem[];
@@ -163,7 +177,7 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
     pdl_trigger();
 
     // ---- Stage the M input rows (bf16) in shared memory, with the whole block. ----
-    gemv_stage<MODE, MP>(xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch);
+    gemv_stage<MODE, MP>(xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch, splits, head_dim);
     __syncthreads();
 
     // ---- Stream the weight rows: each warp RPW output rows at a time. ----
@@ -257,8 +271,9 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
         NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
              float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
-             int n, int k, float eps) {                                                                              \
-        gemv_body<MODE, MP, FP8>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, w_scale, m, n, k, eps); \
+             int n, int k, float eps, int splits, int head_dim) {                                                    \
+        gemv_body<MODE, MP, FP8>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, w_scale, m, n, k, eps, \
+                                 splits, head_dim);                                                                  \
     }
 
 GEMV_KERNEL(gemv_m1, GEMV_PLAIN, 1, false)
@@ -273,6 +288,7 @@ GEMV_KERNEL(gemv_norm_m1, GEMV_NORM, 1, false)
 GEMV_KERNEL(gemv_norm_m2, GEMV_NORM, 2, false)
 GEMV_KERNEL(gemv_norm_m4, GEMV_NORM, 4, false)
 GEMV_KERNEL(gemv_norm_m8, GEMV_NORM, 8, false)
+GEMV_KERNEL(gemv_merge_m1, GEMV_MERGE, 1, false)
 GEMV_KERNEL(gemv_fp8_m1, GEMV_PLAIN, 1, true)
 GEMV_KERNEL(gemv_fp8_m2, GEMV_PLAIN, 2, true)
 GEMV_KERNEL(gemv_fp8_m4, GEMV_PLAIN, 4, true)
@@ -285,3 +301,4 @@ GEMV_KERNEL(gemv_fp8_norm_m1, GEMV_NORM, 1, true)
 GEMV_KERNEL(gemv_fp8_norm_m2, GEMV_NORM, 2, true)
 GEMV_KERNEL(gemv_fp8_norm_m4, GEMV_NORM, 4, true)
 GEMV_KERNEL(gemv_fp8_norm_m8, GEMV_NORM, 8, true)
+GEMV_KERNEL(gemv_fp8_merge_m1, GEMV_MERGE, 1, true)

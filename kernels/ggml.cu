@@ -157,8 +157,8 @@ __device__ __forceinline__ float ggml_element(int type, const unsigned char* b) 
 // ---- The GEMV from blocks (MMVQ) ----
 // out[m, n] = x[m, :] · W[n, :] (+ bias) for m ≤ 8, W in ggml blocks, row after row.
 //
-// Staging (`stage_q8`): each input row is computed as `gemv.cu` stages it (GEMV_PLAIN, _SILU or
-// _NORM, rounded to bf16 the same way), then quantized per 32 values to int8 with the scale
+// Staging (`stage_q8`): each input row is computed as `gemv.cu` stages it (GEMV_PLAIN, _SILU, _NORM or
+// _MERGE, rounded to bf16 the same way), then quantized per 32 values to int8 with the scale
 // amax / 127, as llama.cpp's q8_1. Shared memory holds, for MP (padded) rows: the int8 rows
 // [MP][k], the scales [MP][k/32] and each 32 values' sum [MP][k/32] (of the quantized values,
 // times the scale, as q8_1's): the min terms of Q4_0/Q4_1/K-quants use them,
@@ -584,7 +584,7 @@ template <int MODE, int MP>
 __device__ __forceinline__ void stage_q8(signed char* xq, float* xd, float* xs, const void* __restrict__ x,
                                          const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
                                          float* __restrict__ residual_out, const u32* __restrict__ rows, int m, int k,
-                                         float eps, float* scratch, float* inv_rms) {
+                                         float eps, float* scratch, float* inv_rms, int splits, int head_dim) {
     if (MODE == GEMV_NORM) {
         // Each row's rms first (a block reduction per row), as `gemv.cu`'s staging.
         for (int r = 0; r < m; ++r) {
@@ -616,6 +616,10 @@ __device__ __forceinline__ void stage_q8(signed char* xq, float* xd, float* xs, 
             uint4 staged;
             if (MODE == GEMV_PLAIN) {
                 staged = reinterpret_cast<const uint4*>(x)[(u64)r * kv + v];
+            } else if (MODE == GEMV_MERGE) {
+                float merged[8];
+                merge_splits8(reinterpret_cast<const float*>(x), norm_w, residual_out, r, v, k, splits, head_dim, merged);
+                staged = float8_to_bf16x8(merged);
             } else if (MODE == GEMV_SILU) {
                 const uint4* gate_up = reinterpret_cast<const uint4*>(x);
                 float g[8], up[8], a[8];
@@ -662,7 +666,7 @@ __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f
                                                const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
                                                float* __restrict__ residual_out, const u32* __restrict__ rows,
                                                const float* __restrict__ bias, const void* __restrict__ w_raw, int m, int n,
-                                               int k, float eps) {
+                                               int k, float eps, int splits, int head_dim) {
     using Unit = GgmlUnit<TYPE>;
     // Units in flight per lane (UNROLL for each of RPW rows): as many bytes as the registers hold
     // without spilling (ptxas -v at the 128 registers of 512 threads). Q4_K's 64-weight units are
@@ -727,7 +731,7 @@ __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f
     prefetch_next(first_row, 0);
     pdl_wait();
     pdl_trigger();
-    stage_q8<MODE, MP>(xq, xd, xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch, inv_rms);
+    stage_q8<MODE, MP>(xq, xd, xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch, inv_rms, splits, head_dim);
     __syncthreads();
 
     bool first_chunk = true;
@@ -781,8 +785,9 @@ __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
         NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
              float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
-             int n, int k, float eps) {                                                                              \
-        gemv_ggml_body<TYPE, MODE, MP>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps);   \
+             int n, int k, float eps, int splits, int head_dim) {                                                    \
+        gemv_ggml_body<TYPE, MODE, MP>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps,    \
+                                       splits, head_dim);                                                            \
     }
 
 GEMV_GGML_KERNEL(gemv_q4_0_m1, 2, GEMV_PLAIN, 1)
@@ -797,6 +802,7 @@ GEMV_GGML_KERNEL(gemv_q4_0_norm_m1, 2, GEMV_NORM, 1)
 GEMV_GGML_KERNEL(gemv_q4_0_norm_m2, 2, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q4_0_norm_m4, 2, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q4_0_norm_m8, 2, GEMV_NORM, 8)
+GEMV_GGML_KERNEL(gemv_q4_0_merge_m1, 2, GEMV_MERGE, 1)
 GEMV_GGML_KERNEL(gemv_q4_1_m1, 3, GEMV_PLAIN, 1)
 GEMV_GGML_KERNEL(gemv_q4_1_m2, 3, GEMV_PLAIN, 2)
 GEMV_GGML_KERNEL(gemv_q4_1_m4, 3, GEMV_PLAIN, 4)
@@ -809,6 +815,7 @@ GEMV_GGML_KERNEL(gemv_q4_1_norm_m1, 3, GEMV_NORM, 1)
 GEMV_GGML_KERNEL(gemv_q4_1_norm_m2, 3, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q4_1_norm_m4, 3, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q4_1_norm_m8, 3, GEMV_NORM, 8)
+GEMV_GGML_KERNEL(gemv_q4_1_merge_m1, 3, GEMV_MERGE, 1)
 GEMV_GGML_KERNEL(gemv_q8_0_m1, 8, GEMV_PLAIN, 1)
 GEMV_GGML_KERNEL(gemv_q8_0_m2, 8, GEMV_PLAIN, 2)
 GEMV_GGML_KERNEL(gemv_q8_0_m4, 8, GEMV_PLAIN, 4)
@@ -821,6 +828,7 @@ GEMV_GGML_KERNEL(gemv_q8_0_norm_m1, 8, GEMV_NORM, 1)
 GEMV_GGML_KERNEL(gemv_q8_0_norm_m2, 8, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q8_0_norm_m4, 8, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q8_0_norm_m8, 8, GEMV_NORM, 8)
+GEMV_GGML_KERNEL(gemv_q8_0_merge_m1, 8, GEMV_MERGE, 1)
 GEMV_GGML_KERNEL(gemv_q4_k_m1, 12, GEMV_PLAIN, 1)
 GEMV_GGML_KERNEL(gemv_q4_k_m2, 12, GEMV_PLAIN, 2)
 GEMV_GGML_KERNEL(gemv_q4_k_m4, 12, GEMV_PLAIN, 4)
@@ -833,6 +841,7 @@ GEMV_GGML_KERNEL(gemv_q4_k_norm_m1, 12, GEMV_NORM, 1)
 GEMV_GGML_KERNEL(gemv_q4_k_norm_m2, 12, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q4_k_norm_m4, 12, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q4_k_norm_m8, 12, GEMV_NORM, 8)
+GEMV_GGML_KERNEL(gemv_q4_k_merge_m1, 12, GEMV_MERGE, 1)
 GEMV_GGML_KERNEL(gemv_q5_k_m1, 13, GEMV_PLAIN, 1)
 GEMV_GGML_KERNEL(gemv_q5_k_m2, 13, GEMV_PLAIN, 2)
 GEMV_GGML_KERNEL(gemv_q5_k_m4, 13, GEMV_PLAIN, 4)
@@ -845,6 +854,7 @@ GEMV_GGML_KERNEL(gemv_q5_k_norm_m1, 13, GEMV_NORM, 1)
 GEMV_GGML_KERNEL(gemv_q5_k_norm_m2, 13, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q5_k_norm_m4, 13, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q5_k_norm_m8, 13, GEMV_NORM, 8)
+GEMV_GGML_KERNEL(gemv_q5_k_merge_m1, 13, GEMV_MERGE, 1)
 GEMV_GGML_KERNEL(gemv_q6_k_m1, 14, GEMV_PLAIN, 1)
 GEMV_GGML_KERNEL(gemv_q6_k_m2, 14, GEMV_PLAIN, 2)
 GEMV_GGML_KERNEL(gemv_q6_k_m4, 14, GEMV_PLAIN, 4)
@@ -857,6 +867,7 @@ GEMV_GGML_KERNEL(gemv_q6_k_norm_m1, 14, GEMV_NORM, 1)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m2, 14, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m4, 14, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m8, 14, GEMV_NORM, 8)
+GEMV_GGML_KERNEL(gemv_q6_k_merge_m1, 14, GEMV_MERGE, 1)
 
 // ---- Batched products from blocks on the tensor cores (MMQ) ----
 // out[m, n] = x[m, :] · W[n, :] for 9 ≤ m ≤ 64, W in Q4_K blocks, as llama.cpp's MMQ: the weights'

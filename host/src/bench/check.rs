@@ -664,6 +664,64 @@ pub fn check_gemv_silu(
     Ok(CheckRow::error(&format!("{} +silu", gemv_label(format)), format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
 }
 
+/// The GEMV at one row with the merge of a split decode attention's partials folded into its
+/// input (`GemvInput::Merge`) against the unfused composition on the CPU: the partials merged as
+/// `attention_reduce` merges them (each head's splits weighted by exp2(max − overall max)),
+/// rounded to bf16, then the product. The last `empty` splits have no keys (maximum −inf, sum 0,
+/// zero rows), as a graph planned for a longer context leaves them.
+#[allow(clippy::too_many_arguments)]
+pub fn check_gemv_merge(
+    dev: &GpuDevice,
+    n: usize,
+    heads: usize,
+    head_dim: usize,
+    splits: usize,
+    empty: usize,
+    format: WeightFormat,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let k = heads * head_dim;
+    let live = splits - empty;
+    let mut part_out = vec![0.0f32; heads * splits * head_dim];
+    let mut part_max = vec![f32::NEG_INFINITY; heads * splits];
+    let mut part_sum = vec![0.0f32; heads * splits];
+    for h in 0..heads {
+        for s in 0..live {
+            part_max[h * splits + s] = rng.random_range(-4.0f32..4.0);
+            part_sum[h * splits + s] = rng.random_range(0.5f32..20.0);
+            for d in 0..head_dim {
+                part_out[(h * splits + s) * head_dim + d] = rng.random_range(-10.0f32..10.0);
+            }
+        }
+    }
+    let mut act = vec![0.0f32; k];
+    for h in 0..heads {
+        let maxima = &part_max[h * splits..(h + 1) * splits];
+        let big = maxima.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = maxima.iter().map(|&m| if m == f32::NEG_INFINITY { 0.0 } else { (m - big).exp2() }).collect();
+        let total: f32 = (0..splits).map(|s| part_sum[h * splits + s] * weights[s]).sum();
+        for d in 0..head_dim {
+            let value: f32 = (0..splits).map(|s| part_out[(h * splits + s) * head_dim + d] * weights[s]).sum();
+            act[h * head_dim + d] = value / total;
+        }
+    }
+    round_bf16(&mut act);
+    as_read_by(format, &mut act);
+    let w = random_bf16_values(&mut rng, n * k, 0.1);
+    let (w_dev, w) = device_weight(dev, &w, n, k, format)?;
+    let want = matmul_reference(&act, &w, None, 1, k, n);
+    let stream = &dev.stream;
+    let (out_dev, max_dev, sum_dev) = (stream.clone_htod(&part_out)?, stream.clone_htod(&part_max)?, stream.clone_htod(&part_sum)?);
+    let out = stream.clone_htod(&vec![bf16::NAN; n])?;
+    let input = GemvInput::Merge { part_out: ptr(dev, &out_dev), part_max: ptr(dev, &max_dev), part_sum: ptr(dev, &sum_dev), splits, head_dim };
+    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: w_dev.weight(dev), bias: 0, m: 1, k, n };
+    unsafe { gemv(dev, &g)? };
+    let got = download_bf16(dev, &out, n)?;
+    let detail = format!("n {n}, {heads} heads of {head_dim}, {splits} splits ({empty} empty)");
+    Ok(CheckRow::error(&format!("{} +merge", gemv_label(format)), detail, relative_error(&got, &want)))
+}
+
 /// The GEMV with the residual add and RMSNorm folded into its input against the unfused
 /// composition (`fused_add_rmsnorm`, rounded to bf16, then the product, plus bias) on the CPU,
 /// and the residual it writes back against residual + delta. With `indirect`, the input rows are
@@ -778,6 +836,12 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for (m, n, with_delta, indirect, with_bias) in [(1, 1024, true, false, false), (2, 600, true, false, true), (1, 2000, true, true, false)] {
         seed += 1;
         rows.push(check_gemv_norm(dev, m, n, 4096, with_delta, indirect, with_bias, WeightFormat::Bf16, seed)?);
+    }
+    // The 8B layout in a batch-1 graph (33 splits, 25 past a context of 512), SmolLM2's, and
+    // Gemma's head dim of 256.
+    for (n, heads, head_dim, splits, empty) in [(4096, 32, 128, 33, 25), (576, 9, 64, 8, 0), (640, 4, 256, 5, 2)] {
+        seed += 1;
+        rows.push(check_gemv_merge(dev, n, heads, head_dim, splits, empty, WeightFormat::Bf16, seed)?);
     }
     Ok(rows)
 }

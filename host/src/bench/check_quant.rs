@@ -230,6 +230,7 @@ pub fn ggml_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         for (m, n, with_bias, indirect) in [(1, 960, false, false), (4, 3072, true, false), (2, 4000, false, true)] {
             rows.push(super::check::check_gemv_norm(dev, m, n, 2 * narrow, true, indirect, with_bias, format, next())?);
         }
+        rows.push(super::check::check_gemv_merge(dev, 1001, 2 * narrow / 128, 128, 9, 4, format, next())?);
     }
     Ok(rows)
 }
@@ -265,6 +266,7 @@ pub fn fp8_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for (m, n, hidden, with_bias, seed) in [(1, 960, 576, false, 440), (3, 3072, 576, true, 441), (2, 6144, 4096, false, 442)] {
         rows.push(super::check::check_gemv_norm(dev, m, n, hidden, true, false, with_bias, WeightFormat::Fp8, seed)?);
     }
+    rows.push(super::check::check_gemv_merge(dev, 4096, 32, 128, 33, 25, WeightFormat::Fp8, 443)?);
     Ok(rows)
 }
 

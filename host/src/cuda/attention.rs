@@ -1,6 +1,7 @@
 //! Launching one layer's paged attention: the flash prefill kernel over the batch's tiles, the
 //! decode kernel over its decode rows (which in decode-only batches may apply RoPE and write the
-//! cache itself: `FusedRope`), and the split-K reduction when decode is split.
+//! cache itself: `FusedRope`), and the split-K reduction when decode is split (`SplitMerge`,
+//! which the next GEMV may do in its staging instead).
 
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
@@ -45,6 +46,49 @@ pub struct AttentionArgs {
     /// points at the unrotated QKV rows (`q_stride` their width). Only for batches without
     /// prefill tiles, where every token is its sequence's only one.
     pub rope: Option<FusedRope>,
+    /// With splits, leave the merge of the partials to the caller (`SplitMerge`): the next GEMV
+    /// merges them in its staging, or `SplitMerge::launch` runs the merge kernel.
+    pub defer_merge: bool,
+}
+
+/// The merge of one layer's decode attention partials into its output (`attention_reduce_hd*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitMerge {
+    pub out: CUdeviceptr,
+    pub partials: (CUdeviceptr, CUdeviceptr, CUdeviceptr),
+    /// Token rows of the decode kernel, or 0 for rows `0..num_decode`.
+    pub decode_rows: CUdeviceptr,
+    pub num_decode: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub splits: usize,
+}
+
+impl SplitMerge {
+    /// The merge of `a`'s decode partials, when its decode kernel is split.
+    pub fn of(a: &AttentionArgs) -> Option<SplitMerge> {
+        (a.num_decode > 0 && a.split.splits > 1).then_some(SplitMerge {
+            out: a.out,
+            partials: a.partials,
+            decode_rows: a.decode_rows,
+            num_decode: a.num_decode,
+            num_heads: a.num_heads,
+            num_kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            splits: a.split.splits,
+        })
+    }
+
+    /// Enqueues the merge kernel.
+    pub fn launch(&self, dev: &GpuDevice) -> Result<(), CudaError> {
+        let config = LaunchConfig { grid_dim: (self.num_decode as u32, self.num_kv_heads as u32, 1), block_dim: (DECODE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (part_out, part_max, part_sum) = self.partials;
+        let (splits, heads, kv_heads) = (self.splits as i32, self.num_heads as i32, self.num_kv_heads as i32);
+        // SAFETY: the partials hold a row per (token, head, split) of the attention that planned
+        // this merge, `out` a row of `num_heads * head_dim` per token row.
+        unsafe { launchers::attention_reduce(dev, self.head_dim, config, self.out, part_out, part_max, part_sum, self.decode_rows, splits, heads, kv_heads) }
+    }
 }
 
 /// What the decode kernel needs to rotate the queries and keys itself (rotate-half RoPE over the
@@ -103,15 +147,9 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
             window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude,
         )?;
-        if a.split.splits > 1 {
-            let config = LaunchConfig {
-                grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, 1),
-                block_dim: (DECODE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let splits = a.split.splits as i32;
-            launchers::attention_reduce(dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.decode_rows, splits, heads, kv_heads)?;
-        }
     }
-    Ok(())
+    match SplitMerge::of(a) {
+        Some(merge) if !a.defer_merge => merge.launch(dev),
+        _ => Ok(()),
+    }
 }

@@ -40,6 +40,11 @@ pub struct GpuDevice {
     /// (`AttentionArgs::rope`) instead of launching `rope_and_cache`: on unless
     /// `PAGEDSERVE_FUSED_ROPE=off`, which exists to measure the fusion.
     pub fused_rope: bool,
+    /// Whether a split decode attention of one token leaves the merge of its partials to the
+    /// o-projection's GEMV staging (`GemvInput::Merge`) instead of launching `attention_reduce`,
+    /// when that projection is GGUF blocks (`forward`'s `attention` says why not bf16): on unless
+    /// `PAGEDSERVE_FUSED_MERGE=off`, which exists to measure the fusion.
+    pub fused_merge: bool,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -156,7 +161,8 @@ impl GpuDevice {
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, "CUDA device ready");
+        let fused_merge = !matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("off" | "0"));
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -170,6 +176,7 @@ impl GpuDevice {
             decode_blocks_per_sm,
             pdl: AtomicU8::new(pdl as u8),
             fused_rope,
+            fused_merge,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))

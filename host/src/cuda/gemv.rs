@@ -31,6 +31,10 @@ pub enum GemvInput {
     /// `residual + delta` there (same row); it must not be `residual` itself, which every block
     /// reads during the launch.
     AddNorm { residual: CUdeviceptr, delta: CUdeviceptr, weight: CUdeviceptr, residual_out: CUdeviceptr, rows: CUdeviceptr, eps: f32 },
+    /// The decode attention's split-K partials of one token (`m` = 1; `cuda::attention`'s
+    /// layout): the input is their merge, rounded to bf16 as `attention_reduce` writes it, which
+    /// is then not launched. `k` is the heads times `head_dim`.
+    Merge { part_out: CUdeviceptr, part_max: CUdeviceptr, part_sum: CUdeviceptr, splits: usize, head_dim: usize },
 }
 
 impl GemvInput {
@@ -39,6 +43,7 @@ impl GemvInput {
             GemvInput::Plain(_) => GemvMode::Plain,
             GemvInput::SiluMul(_) => GemvMode::SiluMul,
             GemvInput::AddNorm { .. } => GemvMode::AddNorm,
+            GemvInput::Merge { .. } => GemvMode::Merge,
         }
     }
 }
@@ -97,9 +102,22 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
         return Err(CudaError::Config(format!("the GEMV does not take m {} k {} n {}", g.m, g.k, g.n)));
     }
     let null: CUdeviceptr = 0;
+    if !super::launch::gemv_mode_rows(g.input.mode()).contains(&super::launch::gemv_padded_rows(g.m)) {
+        return Err(CudaError::Config(format!("the GEMV's {:?} staging does not take {} rows", g.input.mode(), g.m)));
+    }
+    // The kernels share one signature: the merge's maxima and sums go where the norm's weight
+    // and residual output do (`kernels/gemv.cu`, GEMV_MERGE).
+    let (mut splits, mut head_dim) = (0i32, 0i32);
     let (x, delta, weight, residual_out, rows, eps) = match g.input {
         GemvInput::Plain(x) | GemvInput::SiluMul(x) => (x, null, null, null, null, 0.0f32),
         GemvInput::AddNorm { residual, delta, weight, residual_out, rows, eps } => (residual, delta, weight, residual_out, rows, eps),
+        GemvInput::Merge { part_out, part_max, part_sum, splits: s, head_dim: hd } => {
+            if hd == 0 || !hd.is_multiple_of(8) || !g.k.is_multiple_of(hd) || s == 0 {
+                return Err(CudaError::Config(format!("merging {s} splits of heads of {hd} into {} values", g.k)));
+            }
+            (splits, head_dim) = (s as i32, hd as i32);
+            (part_out, null, part_max, part_sum, null, 0.0f32)
+        }
     };
     // The staging reads 16-byte vectors of x (float4 of the residual), the norm weight and the
     // residual it writes back, and pairs of delta values.
@@ -139,6 +157,8 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
         n,
         k,
         eps,
+        splits,
+        head_dim,
     )?;
     Ok(())
 }

@@ -376,6 +376,8 @@ pub enum GemvMode {
     SiluMul,
     /// x is the float32 residual; the input is rmsnorm(residual + delta) · weight.
     AddNorm,
+    /// x is the decode attention's split-K partials; the input is their merge (one row only).
+    Merge,
 }
 
 /// How a matrix's values are stored on the device (`cuda::weights`).
@@ -499,6 +501,7 @@ pub fn gemv_kernel_name(mode: GemvMode, m: usize, format: WeightFormat) -> Strin
         GemvMode::Plain => "",
         GemvMode::SiluMul => "silu_",
         GemvMode::AddNorm => "norm_",
+        GemvMode::Merge => "merge_",
     };
     format!("gemv_{}{mode}m{}", format.kernel_part(), gemv_padded_rows(m))
 }
@@ -506,13 +509,24 @@ pub fn gemv_kernel_name(mode: GemvMode, m: usize, format: WeightFormat) -> Strin
 /// Every GEMV kernel (weight format, mode and padded row count) with its format, for the
 /// device's start-up settings.
 pub fn gemv_kernels() -> Vec<(String, WeightFormat)> {
-    let modes = [GemvMode::Plain, GemvMode::SiluMul, GemvMode::AddNorm];
+    let modes = [GemvMode::Plain, GemvMode::SiluMul, GemvMode::AddNorm, GemvMode::Merge];
     let formats = [WeightFormat::Bf16, WeightFormat::Fp8].into_iter().chain(WeightFormat::KEPT_GGML.map(WeightFormat::Ggml));
     formats
         .flat_map(|format| {
-            modes.iter().flat_map(move |&mode| [1, 2, 4, 8].into_iter().map(move |m| (gemv_kernel_name(mode, m, format), format)))
+            modes.iter().flat_map(move |&mode| {
+                gemv_mode_rows(mode).iter().map(move |&m| (gemv_kernel_name(mode, m, format), format))
+            })
         })
         .collect()
+}
+
+/// The padded row counts a staging mode is instantiated for: the merge of the attention splits
+/// only at one row (a single stream's step, where its separate kernel's latency is exposed).
+pub fn gemv_mode_rows(mode: GemvMode) -> &'static [usize] {
+    match mode {
+        GemvMode::Merge => &[1],
+        _ => &[1, 2, 4, 8],
+    }
 }
 
 /// Warps per GEMV block for `n` output rows: `GEMV_WARPS` when that still gives every
@@ -714,7 +728,8 @@ mod tests {
         assert_eq!(gemv_block_warps(100, 132), 4);
         assert_eq!(gemv_block_warps(4096, 132), 16);
         assert_eq!(gemv_grid(576, gemv_block_warps(576, 132), 132, 1), 72);
-        assert_eq!(gemv_kernels().len(), 8 * 12, "bf16, FP8 and six ggml types, 3 modes x 4 row counts");
+        assert_eq!(gemv_kernels().len(), 8 * 13, "bf16, FP8 and six ggml types, 3 modes x 4 row counts and the merge at one row");
+        assert!(gemv_kernels().iter().any(|(name, _)| name == "gemv_q4_k_merge_m1") && gemv_kernels().iter().any(|(name, _)| name == "gemv_fp8_merge_m1"));
         let q4k = WeightFormat::Ggml(GgmlType::Q4_K);
         assert!(gemv_supports(1, 14336, q4k) && gemv_supports(8, 14336, q4k) && !gemv_supports(9, 4096, q4k));
         assert!(!gemv_supports(1, 4000, q4k), "whole super-blocks");

@@ -182,7 +182,7 @@ kernels! {
     /// padded row count and weight format; `w_scale` is FP8's per-row scales (ignored in bf16).
     fn gemv(mode: GemvMode, m_rows: usize, format: WeightFormat) => gemv_kernel_name(mode, m_rows, format);
         (out: Ptr, out_f32: i32, x: Ptr, delta: Ptr, norm_w: Ptr, residual_out: Ptr, rows: Ptr, bias: Ptr,
-         w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32)
+         w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32, splits: i32, head_dim: i32)
     /// `fp8.cu`: each row of a bf16 `[rows, cols]` matrix to E4M3 with its scale; one block a row.
     fn fp8_quantize_rows() => "fp8_quantize_rows";
         (q: Ptr, scales: Ptr, x: Ptr, cols: i32)

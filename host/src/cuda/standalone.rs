@@ -146,6 +146,7 @@ impl StandaloneAttention {
                 window: self.window,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 partials: (ptrf(&self.partials.0), ptrf(&self.partials.1), ptrf(&self.partials.2)),
+                defer_merge: false,
                 rope: self.rope.as_ref().map(|(slots, inv_freq, rotary_dim, magnitude)| FusedRope {
                     slots: ptr32(slots),
                     inv_freq: ptrf(inv_freq),
