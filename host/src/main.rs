@@ -146,8 +146,18 @@ impl ModelArgs {
 
     /// The model of `files` loaded straight to the GPU, quantized as `--quantization` says.
     pub(crate) fn load_gpu(&self, dev: std::sync::Arc<pagedserve::cuda::GpuDevice>, files: &loader::ModelFiles) -> anyhow::Result<pagedserve::cuda::GpuModel> {
+        self.load_gpu_shard(dev, files, pagedserve::model::parallel::TensorParallel::SINGLE)
+    }
+
+    /// As `load_gpu`, one tensor-parallel rank's shard (the whole model at world 1).
+    pub(crate) fn load_gpu_shard(
+        &self,
+        dev: std::sync::Arc<pagedserve::cuda::GpuDevice>,
+        files: &loader::ModelFiles,
+        parallel: pagedserve::model::parallel::TensorParallel,
+    ) -> anyhow::Result<pagedserve::cuda::GpuModel> {
         let keep = self.keep_quantized.then(|| self.dummy_quant.ggml());
-        let mut model = pagedserve::cuda::GpuModel::load_with(dev, files.config.clone(), files.source(), keep)?;
+        let mut model = pagedserve::cuda::GpuModel::load_shard(dev, files.config.clone(), files.source(), keep, parallel)?;
         if self.quantization == Some(Quantization::Fp8) {
             model.quantize_fp8().context("--quantization fp8")?;
         }
@@ -180,6 +190,11 @@ struct GenerateArgs {
 
 
 fn main() -> anyhow::Result<()> {
+    // NVLink multicast (NVLS) stays off in NCCL (tensor parallelism, `cuda::collective`): a
+    // program that uses it can take a shared host's GPUs out of service. Set before any thread.
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        std::env::set_var("NCCL_NVLS_ENABLE", "0");
+    }
     let cli = Cli::parse();
     // The server logs each request at info; the terminal commands stay quiet.
     let default_filter = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };

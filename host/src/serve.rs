@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use pagedserve::engine::{EngineConfig, EngineHandle};
-use pagedserve::kv_cache::{KvCacheLayout, DEFAULT_BLOCK_SIZE};
+use pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
 use pagedserve::metrics::Metrics;
 use pagedserve::plugin::{PluginKind, PluginLimits, PluginRegistry, PluginRuntime, PluginsConfig};
 use pagedserve::sched::{native_policy, SchedulerConfig};
@@ -219,12 +219,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tokenizer = files.tokenizer.clone().context("the model has no tokenizer; the server needs one")?;
     let config = files.config.clone();
     let name = files.name.clone();
-    // Before any weight is read: a split the backend cannot run fails at once.
-    if use_cuda {
-        args.tensor_parallel.refuse_on_cuda()?;
-    } else {
-        args.tensor_parallel.check_plan(&config)?;
-    }
+    // Before any weight is read: a split the model cannot take fails at once.
+    args.tensor_parallel.check_plan(&config)?;
     let tensor_parallel_size = args.tensor_parallel.world();
 
     let context = config.max_position_embeddings;
@@ -240,31 +236,26 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The GPU backend loads its weights straight to the device first, so its cache can be sized
     // from what is left; the CPU backend loads them to the host.
     let (gpu, cpu_weights) = if use_cuda {
-        let dev = pagedserve::cuda::GpuDevice::new(0)?;
-        tracing::info!(gpu = %dev.name, architecture = %config.architecture, "serving on the GPU");
-        let model = args
-            .model
-            .load_gpu(dev.clone(), &files)
+        tracing::info!(architecture = %config.architecture, tensor_parallel_size, "serving on the GPU");
+        let models = args
+            .tensor_parallel
+            .load_gpu(&args.model, &files)
             .with_context(|| format!("loading {name} to the GPU"))?;
         drop(files);
-        (Some((dev, model)), None)
+        (Some(models), None)
     } else {
         args.model.refuse_quantization("the CPU backend")?;
         (None, Some(args.tensor_parallel.load_cpu(files)?))
     };
     // Over every tensor-parallel rank's cache on the CPU (replicated KV heads count each time).
-    let block_bytes = match &cpu_weights {
-        Some(weights) => weights.kv_block_bytes(args.block_size),
-        None => KvCacheLayout::for_model(&config, 1, args.block_size).block_bytes(2),
+    let block_bytes = match (&cpu_weights, &gpu) {
+        (Some(weights), _) => weights.kv_block_bytes(args.block_size),
+        (None, Some(models)) => models.kv_block_bytes(args.block_size),
+        (None, None) => unreachable!("weights on the CPU or the GPU"),
     };
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n,
-        None if gpu.is_some() => {
-            let (free, _total) = gpu.as_ref().unwrap().0.memory()?;
-            // Leave room for activations and cuBLAS: a quarter of what is free, at most 4 GiB.
-            let reserve = (free / 4).min(4 << 30);
-            ((free - reserve) as f64 * args.gpu_memory_utilization / block_bytes as f64) as usize
-        }
+        None if gpu.is_some() => gpu.as_ref().unwrap().blocks_that_fit(args.block_size, args.gpu_memory_utilization)?,
         None => {
             let gib = args.kv_cache_memory_gb.unwrap_or(DEFAULT_KV_CACHE_GB);
             if gib.is_nan() || gib <= 0.0 {
@@ -314,13 +305,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let policy = native_policy(policy_name).with_context(|| format!("no native scheduling policy {policy_name}"))?;
     let vocab_size = config.vocab_size;
     let backend: Box<dyn pagedserve::runner::ModelBackend> = match gpu {
-        Some((_, model)) => {
-            let mut backend = pagedserve::cuda::GpuBackend::new(model, num_blocks, args.block_size)?;
-            backend
-                .prepare_for_serving(!args.no_cuda_graphs, args.max_num_seqs, max_model_len)
-                .context("capturing CUDA graphs")?;
-            Box::new(backend)
-        }
+        Some(models) => models.into_backend(&config, num_blocks, args.block_size, !args.no_cuda_graphs, args.max_num_seqs, max_model_len)?,
         None => cpu_weights.expect("loaded for the CPU").into_backend(num_blocks, args.block_size),
     };
     let backend = match args.inject_forward_fault {

@@ -211,13 +211,8 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
     }
     let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.cuda {
-        use pagedserve::cuda::{GpuBackend, GpuDevice};
-        args.tensor_parallel.refuse_on_cuda()?;
-        let dev = GpuDevice::new(0)?;
-        let model = args.model.load_gpu(dev, &files)?;
-        let mut backend = GpuBackend::new(model, num_blocks, block_size)?;
-        backend.prepare_for_serving(true, args.max_num_seqs, args.max_model_len)?;
-        Box::new(backend)
+        let config = files.config.clone();
+        args.tensor_parallel.load_gpu(&args.model, &files)?.into_backend(&config, num_blocks, block_size, true, args.max_num_seqs, args.max_model_len)?
     } else {
         args.model.refuse_quantization("the CPU backend")?;
         args.tensor_parallel.load_cpu(files)?.into_backend(num_blocks, block_size)
@@ -342,6 +337,7 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
         rows.extend(pagedserve::bench::check_quant::check_forward_kept(kept, &loaded.model, &prompts)?);
     }
     rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
+    rows.extend(check::check_tensor_parallel_nccl(&dev, &loaded.model, &prompts, 12)?);
     if let Some(tokenizer) = loaded.tokenizer.clone() {
         rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);
     }

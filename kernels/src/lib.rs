@@ -17,7 +17,7 @@ pub struct KernelModule {
 }
 
 pub const MODULES: &[KernelModule] = &[
-    KernelModule { name: "embedding", source: include_str!("../embedding.cu"), functions: &["embedding_gather"] },
+    KernelModule { name: "embedding", source: include_str!("../embedding.cu"), functions: &["embedding_gather", "gather_vocab_ranges"] },
     KernelModule {
         name: "rmsnorm",
         source: include_str!("../rmsnorm.cu"),

@@ -1090,9 +1090,49 @@ pub fn architecture_kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, Cuda
     let out_dev = stream.alloc_zeros::<f32>(n * hidden)?;
     // SAFETY: `n` token ids below the table's 300 rows; `n` rows of `hidden` out.
     unsafe {
-        launchers::embedding_gather(dev, rows_config(n, hidden), ptr(dev, &out_dev), ptr(dev, &table_dev), ptr(dev, &tokens_dev), hidden as i32, scale)?
+        launchers::embedding_gather(dev, rows_config(n, hidden), ptr(dev, &out_dev), ptr(dev, &table_dev), ptr(dev, &tokens_dev), hidden as i32, scale, 0, 300)?
     };
     rows.push(CheckRow::error("embedding_gather", format!("{n} x {hidden}, x{scale}"), relative_error(&stream.clone_dtoh(&out_dev)?, &want)));
+
+    // A tensor-parallel rank's table: ids 100..200 of the 300; the others embed as zeros.
+    let (first, held) = (100usize, 100usize);
+    let table_ref = &table;
+    let want: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&t| {
+            let t = t as usize;
+            let held_row = (first..first + held).contains(&t);
+            (0..hidden).map(move |i| if held_row { table_ref[t * hidden + i] * scale } else { 0.0 })
+        })
+        .collect();
+    let part_dev = stream.clone_htod(&to_bf16(&table[first * hidden..(first + held) * hidden]))?;
+    // SAFETY: the table holds `held` rows of `hidden`; `n` rows of `hidden` out.
+    unsafe {
+        launchers::embedding_gather(dev, rows_config(n, hidden), ptr(dev, &out_dev), ptr(dev, &part_dev), ptr(dev, &tokens_dev), hidden as i32, scale, first as i32, held as i32)?
+    };
+    let outside = tokens.iter().filter(|&&t| !(first..first + held).contains(&(t as usize))).count();
+    rows.push(CheckRow::error("embedding_gather range", format!("ids {first}..{} of 300, {outside} of {n} tokens outside", first + held), relative_error(&stream.clone_dtoh(&out_dev)?, &want)));
+
+    // The logits of 3 ranks over a vocabulary of 1001 (ranges of 334, the last 333), as an
+    // all-gather leaves them: each rank's `[rows, width]` then padding up to `rows * 334`.
+    let (world, vocab) = (3usize, 1001usize);
+    let per_rank = crate::model::parallel::vocab_per_rank(vocab, world);
+    let whole: Vec<f32> = (0..n * vocab).map(|_| rng.random_range(-10.0f32..10.0)).collect();
+    let mut gathered = vec![f32::NAN; world * n * per_rank];
+    for r in 0..world {
+        let (start, end) = (r * per_rank, ((r + 1) * per_rank).min(vocab));
+        for row in 0..n {
+            for col in start..end {
+                gathered[r * n * per_rank + row * (end - start) + col - start] = whole[row * vocab + col];
+            }
+        }
+    }
+    let (gathered_dev, logits_dev) = (stream.clone_htod(&gathered)?, stream.alloc_zeros::<f32>(n * vocab)?);
+    // SAFETY: `gathered` holds `world` ranks of `n * per_rank`; `n` rows of `vocab` out.
+    unsafe {
+        launchers::gather_vocab_ranges(dev, rows_config(n, vocab), ptr(dev, &logits_dev), ptr(dev, &gathered_dev), n as i32, per_rank as i32, vocab as i32)?
+    };
+    rows.push(CheckRow::error("gather_vocab_ranges", format!("{n} rows, {world} ranks of {per_rank} ids, vocab {vocab}"), relative_error(&stream.clone_dtoh(&logits_dev)?, &whole)));
     Ok(rows)
 }
 
@@ -1247,6 +1287,68 @@ pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, 
     }
     rows.push(CheckRow::error("moe experts", format!("{tokens} x {hidden}, {experts} experts top-{top_k}, inter {inter}"), relative_error(&got, &want)));
     Ok(rows)
+}
+
+/// The tensor-parallel path on one GPU: the model joined to an NCCL group of one
+/// (`GpuTensorParallelBackend`: every all-reduce and the logits' all-gather go through NCCL, the
+/// embedding through its vocabulary range, the logits through `gather_vocab_ranges`, the decode
+/// graphs captured with the collectives inside) against the plain backend, both through graphs.
+/// A group of one sums and gathers nothing, so the logits must be the same bits. A GPU cannot hold
+/// two ranks of one NCCL group, so worlds above one need a machine with more GPUs.
+pub fn check_tensor_parallel_nccl(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>], steps: usize) -> Result<Vec<CheckRow>, CudaError> {
+    use crate::cuda::collective::{self, RankComm};
+    use crate::runner::ModelBackend;
+    if !collective::is_available() {
+        return Ok(vec![CheckRow { name: "tensor parallel, NCCL".into(), detail: "skipped: libnccl.so not found".into(), error: None, passed: true }]);
+    }
+    let block_size = 16;
+    let prompts = &prompts[..prompts.len().min(3)];
+    let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + steps + 1).div_ceil(block_size);
+    let num_blocks = blocks_per_seq * prompts.len();
+    let max_context = blocks_per_seq * block_size;
+    let mut plain = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
+    plain.prepare_for_serving(true, prompts.len(), max_context)?;
+    let comm = RankComm::group(std::slice::from_ref(dev))?.remove(0);
+    let rank = GpuModel::from_cpu(dev.clone(), cpu_model)?.with_collective(Arc::new(comm))?;
+    let mut tp = crate::cuda::GpuTensorParallelBackend::new(cpu_model.config().clone(), vec![rank], num_blocks, block_size)?;
+    let captured = tp.prepare_for_serving(true, prompts.len(), max_context)?;
+    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
+    let model_error = |e: crate::model::ModelError| CudaError::Config(e.to_string());
+    let mut prefill = ForwardBatch::new(block_size, num_blocks);
+    for (i, p) in prompts.iter().enumerate() {
+        prefill.push_seq(p, 0, &table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
+    }
+    let vocab = cpu_model.config().vocab_size;
+    let argmax = |logits: &[f32]| -> Vec<u32> {
+        logits.chunks(vocab).map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32)).collect()
+    };
+    let (want, got) = (plain.forward_logits_via_graphs(&prefill)?, tp.forward(&prefill).map_err(model_error)?);
+    let mut worst = relative_error(&got, &want);
+    let mut next = argmax(&got);
+    let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let (mut agreed, mut total) = (0, 0);
+    for _ in 0..steps {
+        let mut batch = ForwardBatch::new(block_size, num_blocks);
+        for (i, &token) in next.iter().enumerate() {
+            batch.push_seq(&[token], lens[i], &table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
+        }
+        let (want, got) = (plain.forward_logits_via_graphs(&batch)?, tp.forward(&batch).map_err(model_error)?);
+        worst = worst.max(relative_error(&got, &want));
+        let (want_tokens, got_tokens) = (argmax(&want), argmax(&got));
+        total += want_tokens.len();
+        agreed += want_tokens.iter().zip(&got_tokens).filter(|(a, b)| a == b).count();
+        next = got_tokens;
+        lens.iter_mut().for_each(|l| *l += 1);
+    }
+    Ok(vec![CheckRow {
+        name: "tensor parallel, NCCL world 1".into(),
+        detail: format!(
+            "NCCL {}; {captured} graphs; prefill and {agreed} of {total} decode tokens equal to the plain backend's; logits max relative error {worst:.1e}",
+            collective::version()?
+        ),
+        error: Some(worst),
+        passed: agreed == total && worst == 0.0,
+    }])
 }
 
 /// Decode steps through captured CUDA graphs against the same steps launched kernel by kernel:

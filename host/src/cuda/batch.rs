@@ -24,6 +24,10 @@ pub(crate) struct Scratch {
     slots: Vec<CudaSlice<u8>>,
     pub(crate) final_h: Option<CudaSlice<bf16>>,
     pub(crate) logits: Option<CudaSlice<f32>>,
+    /// Floats per logits row of a tensor-parallel all-gather (every rank's padded vocabulary
+    /// range, `cuda::collective`), 0 for a whole model; and the buffer they land in.
+    gathered_width: usize,
+    gathered: Option<CudaSlice<f32>>,
     pub(crate) part_out: Option<CudaSlice<f32>>,
     pub(crate) part_max: Option<CudaSlice<f32>>,
     pub(crate) part_sum: Option<CudaSlice<f32>>,
@@ -43,8 +47,8 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     /// An arena with the slots of `plan` (bytes per token each), allocated on first `ensure`.
-    pub(crate) fn new(plan: &[usize], fp8_width: usize, ggml_tile_elements: usize) -> Self {
-        Scratch { slot_bytes: plan.to_vec(), fp8_width, ggml_tile_elements, ..Default::default() }
+    pub(crate) fn new(plan: &[usize], fp8_width: usize, ggml_tile_elements: usize, gathered_width: usize) -> Self {
+        Scratch { slot_bytes: plan.to_vec(), fp8_width, ggml_tile_elements, gathered_width, ..Default::default() }
     }
 
     /// Grows the buffers to hold `tokens` tokens, `rows` logits rows and `partials` split-K rows.
@@ -69,6 +73,9 @@ impl Scratch {
             let r = rows.next_power_of_two();
             s.final_h = Some(dev.stream.alloc_zeros(r * c.hidden_size)?);
             s.logits = Some(dev.stream.alloc_zeros(r * c.vocab_size)?);
+            if s.gathered_width > 0 {
+                s.gathered = Some(dev.stream.alloc_zeros(r * s.gathered_width)?);
+            }
             s.capacity_rows = r;
         }
         if partials > s.capacity_partials {
@@ -91,6 +98,11 @@ impl Scratch {
 
     pub(crate) fn logits_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {
         self.logits.as_ref().map_or(0, |l| ptr(dev, l))
+    }
+
+    /// Where a tensor-parallel all-gather puts every rank's logits (0 for a whole model).
+    pub(crate) fn gathered_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {
+        self.gathered.as_ref().map_or(0, |g| ptr(dev, g))
     }
 
     /// Room for an FP8 product's quantized input and its scales, if the model has FP8 weights.

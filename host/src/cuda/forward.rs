@@ -28,6 +28,7 @@ use cudarc::driver::LaunchConfig;
 
 use super::attention::{launch_attention, AttentionArgs, FusedRope, SplitMerge};
 use super::batch::{BatchArrays, Scratch};
+use super::collective::{Elem, RankComm};
 use super::fp8_gemm::{fp8_linear, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
@@ -40,6 +41,7 @@ use super::weights::{GpuMatrix, GpuWeights};
 use super::{CudaError, GpuDevice};
 use crate::model::config::{Activation, LayerAttention, MoeConfig};
 use crate::model::ops::{Act, Norm, Ops};
+use crate::model::parallel::vocab_per_rank;
 use crate::model::weights::MoeWeights;
 use crate::model::ModelError;
 
@@ -377,31 +379,60 @@ impl Ops for GpuOps<'_> {
     }
 
     fn embed(&mut self, table: &GpuMatrix, first_token: usize, multiplier: Option<f32>) -> Result<Act, ModelError> {
-        self.single_rank("a vocabulary-split embedding")?;
-        if first_token != 0 {
-            return Err(internal(format!("an embedding table from token {first_token} in a whole model")));
-        }
         let h = table.cols;
         let out = self.alloc(h, 4)?;
         self.mark("embedding")?;
         if let Some(launch) = &self.launch {
             let config = self.rows_config(self.n, h);
             let (o, t) = (self.out_ptr(out)?, table.bf16_ptr(self.dev()).map_err(backend_error)?);
-            // SAFETY: `out` holds `n` rows of `h`; every token id was checked against the vocabulary.
+            let (first, table_rows) = (first_token as i32, table.rows as i32);
+            // SAFETY: `out` holds `n` rows of `h`, the table `table_rows` rows of `h`; a token
+            // outside them embeds as zeros.
             unsafe {
-                launchers::embedding_gather(self.dev(), config, o, t, launch.arrays.tokens, h as i32, multiplier.unwrap_or(1.0))
+                launchers::embedding_gather(self.dev(), config, o, t, launch.arrays.tokens, h as i32, multiplier.unwrap_or(1.0), first, table_rows)
                     .map_err(backend_error)?
             };
         }
         Ok(out)
     }
 
-    fn all_reduce(&mut self, _act: Act) -> Result<(), ModelError> {
-        self.single_rank("an all-reduce")
+    fn all_reduce(&mut self, act: Act) -> Result<(), ModelError> {
+        let Some(comm) = self.collective()? else { return Ok(()) };
+        self.resolve(act)?;
+        let (width, f32) = (self.state(act)?.width, self.state(act)?.f32);
+        let buffer = self.ptr(act)?;
+        self.mark("all_reduce")?;
+        if self.launch.is_some() {
+            let elem = if f32 { Elem::F32 } else { Elem::Bf16 };
+            // SAFETY: `act` holds `n` rows of `width` in the arena, which outlives the step; every
+            // rank runs the same forward, so the same collectives in the same order.
+            unsafe { comm.all_reduce_sum(buffer, self.n * width, elem, self.dev().stream.cu_stream()) }.map_err(backend_error)?;
+        }
+        Ok(())
     }
 
     fn all_gather_logits(&mut self) -> Result<(), ModelError> {
-        self.single_rank("an all-gather of the logits")
+        let Some(comm) = self.collective()? else { return Ok(()) };
+        let rows = self.rows;
+        let Some(launch) = &self.launch else { return Ok(()) };
+        if rows == 0 {
+            return Ok(());
+        }
+        let dev = self.dev();
+        let vocab = self.model.config().vocab_size;
+        let per_rank = vocab_per_rank(vocab, comm.world());
+        let (logits, gathered) = (launch.scratch.logits_ptr(dev), launch.scratch.gathered_ptr(dev));
+        self.mark("all_gather logits")?;
+        // SAFETY: `logits` holds `rows` rows of the whole vocabulary (room for this rank's
+        // `rows * per_rank`, its range and then padding), `gathered` `rows * per_rank` for every
+        // rank (`Scratch::ensure`); the kernel reads each rank's `[rows, width_r]` back into
+        // `logits` after the gather, on the same stream.
+        unsafe {
+            comm.all_gather(logits, gathered, rows * per_rank, Elem::F32, dev.stream.cu_stream()).map_err(backend_error)?;
+            launchers::gather_vocab_ranges(dev, self.rows_config(rows, vocab), logits, gathered, rows as i32, per_rank as i32, vocab as i32)
+                .map_err(backend_error)?;
+        }
+        Ok(())
     }
 
     fn add_norm(&mut self, residual: Act, delta: Option<Act>, weight: &cudarc::driver::CudaSlice<f32>, norm: Norm) -> Result<Act, ModelError> {
@@ -746,13 +777,17 @@ impl Ops for GpuOps<'_> {
     }
 }
 
-impl GpuOps<'_> {
-    /// Tensor parallelism is not on the GPU yet: a GPU model is the whole model (`GpuStore`
-    /// refuses a shard), whose collectives are nothing; `what` across ranks is refused.
-    fn single_rank(&self, what: &str) -> Result<(), ModelError> {
-        match self.model.weights().shard.parallel.world {
-            1 => Ok(()),
-            world => Err(ModelError::Unsupported(format!("{what} across {world} tensor-parallel ranks on CUDA"))),
+impl<'a> GpuOps<'a> {
+    /// The NCCL group the collectives go through: none for a whole model (they are nothing), the
+    /// rank's for a shard, which cannot run without one.
+    fn collective(&self) -> Result<Option<&'a RankComm>, ModelError> {
+        let model: &'a GpuModel = self.model;
+        match model.collective() {
+            Some(comm) => Ok(Some(comm.as_ref())),
+            None => match model.weights().shard.parallel.world {
+                1 => Ok(None),
+                world => Err(internal(format!("a shard of {world} tensor-parallel ranks without its NCCL communicator"))),
+            },
         }
     }
 

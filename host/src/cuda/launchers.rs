@@ -97,10 +97,15 @@ unsafe fn launch(dev: &GpuDevice, name: &str, config: LaunchConfig, params: &mut
 }
 
 kernels! {
-    /// `embedding.cu`: `out[t] = table[tokens[t]] * scale` widened to float32, one block per
-    /// token.
+    /// `embedding.cu`: `out[t] = table[tokens[t] - first_token] * scale` widened to float32, zeros
+    /// for a token outside the table's `table_rows` ids, one block per token.
     fn embedding_gather() => "embedding_gather";
-        (out: Ptr, table: Ptr, tokens: Ptr, hidden: i32, scale: f32)
+        (out: Ptr, table: Ptr, tokens: Ptr, hidden: i32, scale: f32, first_token: i32, table_rows: i32)
+    /// `embedding.cu`: the whole vocabulary's `[rows, vocab]` logits from the all-gather of every
+    /// tensor-parallel rank's `[rows, width_r]` range (`per_rank` ids each, the last fewer), one
+    /// block per row.
+    fn gather_vocab_ranges() => "gather_vocab_ranges";
+        (out: Ptr, gathered: Ptr, rows: i32, per_rank: i32, vocab: i32)
     /// `rmsnorm.cu`: `residual += delta` (unless null), `out = rmsnorm(residual) * weight`
     /// (unless null), one block per token.
     fn fused_add_rmsnorm() => "fused_add_rmsnorm";
@@ -246,6 +251,7 @@ mod tests {
         // Where each declared kernel is defined (instantiated kernels: their template's name).
         let sources = [
             ("embedding_gather", "embedding", "embedding_gather"),
+            ("gather_vocab_ranges", "embedding", "gather_vocab_ranges"),
             ("fused_add_rmsnorm", "rmsnorm", "fused_add_rmsnorm"),
             ("rmsnorm_rows", "rmsnorm", "rmsnorm_rows"),
             ("rmsnorm_bf16", "rmsnorm", "rmsnorm_bf16"),

@@ -6,6 +6,7 @@
 
 mod attention;
 mod batch;
+pub mod collective;
 mod device;
 mod forward;
 pub mod fp8_gemm;
@@ -17,6 +18,7 @@ pub mod kernels;
 pub mod launch;
 pub mod launchers;
 mod model;
+mod parallel;
 pub mod profile;
 pub mod sampling;
 mod standalone;
@@ -26,6 +28,7 @@ pub use self::device::{GpuDevice, PdlScope, DECODE_HEAD_DIMS};
 pub use self::attention::{launch_attention, AttentionArgs};
 pub use self::kv_cache::GpuKvCache;
 pub use self::model::{GpuBackend, GpuModel};
+pub use self::parallel::GpuTensorParallelBackend;
 #[cfg(feature = "tools")]
 pub(crate) use self::model::ptr;
 pub use self::standalone::StandaloneAttention;
@@ -42,6 +45,8 @@ pub enum CudaError {
     BlasLt(#[from] cudarc::cublaslt::result::CublasError),
     #[error("compiling kernel module `{module}`: {message}")]
     Compile { module: String, message: String },
+    #[error("NCCL: {0}")]
+    Nccl(String),
     #[error("{0}")]
     Config(String),
     #[error(transparent)]

@@ -14,6 +14,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
 use super::batch::{upload_batch, BatchArrays, Scratch};
+use super::collective::RankComm;
 use super::forward::{self, ArenaPlan, Launch};
 use super::kv_cache::GpuKvCache;
 use super::launch::{plan_attention, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
@@ -23,6 +24,7 @@ use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::{CpuMatrix, CpuModel};
+use crate::model::parallel::{vocab_per_rank, ShardPlan, TensorParallel};
 use crate::model::rope::Rope;
 use crate::model::sources::DummySource;
 use crate::model::weights::{Loader, ModelWeights, WeightSource, WeightStore};
@@ -37,6 +39,9 @@ pub struct GpuModel {
     weights: ModelWeights<GpuWeights>,
     /// One per `Rope::tables` entry (`LayerAttention::rope` picks).
     ropes: Vec<GpuRope>,
+    /// A tensor-parallel rank's end of its NCCL group (`with_collective`); `None` for a whole
+    /// model, whose collectives are nothing.
+    collective: Option<Arc<RankComm>>,
 }
 
 /// A RoPE table on the device (see `model::rope::Rope`).
@@ -92,23 +97,40 @@ impl GpuModel {
     /// quantized on the device (and dummy ones are drawn as blocks of the given type): see
     /// `GpuStore::keeping_quantized`.
     pub fn load_with(dev: Arc<GpuDevice>, config: ModelConfig, source: &dyn WeightSource, keep_quantized: Option<GgmlType>) -> Result<Self, CudaError> {
+        Self::load_shard(dev, config, source, keep_quantized, TensorParallel::SINGLE)
+    }
+
+    /// As `load_with`, rank `parallel.rank`'s shard only (`model::parallel`), which runs with its
+    /// local configuration; at world 1, the whole model. A rank of more than one needs its NCCL
+    /// communicator (`with_collective`) before it runs.
+    pub fn load_shard(
+        dev: Arc<GpuDevice>,
+        config: ModelConfig,
+        source: &dyn WeightSource,
+        keep_quantized: Option<GgmlType>,
+        parallel: TensorParallel,
+    ) -> Result<Self, CudaError> {
         config.validate().map_err(|e| CudaError::Config(e.to_string()))?;
-        check_supported(&config)?;
+        let local = ShardPlan::new(&config, parallel)?.local_config(&config);
+        check_supported(&local)?;
         let started = std::time::Instant::now();
         let mut store = GpuStore::new(dev.clone()).with_unit_offset(config.norm_unit_offset).keeping_quantized(keep_quantized);
-        let total = config.num_parameters() as u64 * GpuStore::BYTES_PER_ELEMENT;
+        // For progress only: the shard's size but for its vocabulary rows, counted whole.
+        let total = local.num_parameters() as u64 * GpuStore::BYTES_PER_ELEMENT;
         let weights = config
             .architecture
-            .load(&config, &mut Loader::new(source, &mut store).with_progress(total))
+            .load(&config, &mut Loader::new(source, &mut store).with_shard(parallel).with_progress(total))
             .map_err(|e| CudaError::Config(e.to_string()))?;
         dev.stream.synchronize()?;
         tracing::info!(
             gib = format!("{:.2}", store.bytes() as f64 / (1u64 << 30) as f64),
             seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
             dummy = source.is_dummy(),
+            rank = parallel.rank,
+            world = parallel.world,
             "weights on the GPU"
         );
-        Self::with_weights(dev, config, weights)
+        Self::with_weights(dev, local, weights)
     }
 
     /// Deterministic random weights made on the device (`--load-format dummy`): matrices uniform
@@ -129,7 +151,7 @@ impl GpuModel {
                 })
             })
             .collect::<Result<_, CudaError>>()?;
-        Ok(GpuModel { ropes, weights, config, dev })
+        Ok(GpuModel { ropes, weights, config, dev, collective: None })
     }
 
     /// Quantizes every dense layer projection (qkv, o_proj, gate_up, down) to FP8 with a scale
@@ -173,6 +195,34 @@ impl GpuModel {
 
     pub(crate) fn weights(&self) -> &ModelWeights<GpuWeights> {
         &self.weights
+    }
+
+    /// Joins this rank to its NCCL group: the forward's all-reduces and its gather of the logits
+    /// go through `comm`, which must be this shard's rank of a group of its world. A whole model
+    /// may take a group of one, which runs the same path (its collectives copy).
+    pub fn with_collective(mut self, comm: Arc<RankComm>) -> Result<Self, CudaError> {
+        let parallel = self.weights.shard.parallel;
+        if (comm.rank(), comm.world()) != (parallel.rank, parallel.world) {
+            return Err(CudaError::Config(format!(
+                "the NCCL rank {} of {} for the shard of rank {} of {}",
+                comm.rank(),
+                comm.world(),
+                parallel.rank,
+                parallel.world
+            )));
+        }
+        self.collective = Some(comm);
+        Ok(self)
+    }
+
+    pub(crate) fn collective(&self) -> Option<&Arc<RankComm>> {
+        self.collective.as_ref()
+    }
+
+    /// Floats per logits row the all-gather of a tensor-parallel rank's logits lands in: every
+    /// rank's range padded to the longest (0 without a group).
+    pub(crate) fn gathered_logits_width(&self) -> usize {
+        self.collective.as_ref().map_or(0, |comm| vocab_per_rank(self.config.vocab_size, comm.world()) * comm.world())
     }
 
     pub(crate) fn ropes(&self) -> &[GpuRope] {
@@ -308,7 +358,7 @@ impl GpuBackend {
         check_supported(c)?;
         let arena = forward::plan(&model)?;
         let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
-        let scratch = Scratch::new(&arena, model.fp8_width(), model.ggml_tile_elements());
+        let scratch = Scratch::new(&arena, model.fp8_width(), model.ggml_tile_elements(), model.gathered_logits_width());
         Ok(GpuBackend {
             model,
             cache,
@@ -413,7 +463,7 @@ impl GpuBackend {
 
     /// A fresh arena for this model (a graph's own buffers).
     pub(crate) fn new_scratch(&self) -> Scratch {
-        Scratch::new(&self.arena, self.model.fp8_width(), self.model.ggml_tile_elements())
+        Scratch::new(&self.arena, self.model.fp8_width(), self.model.ggml_tile_elements(), self.model.gathered_logits_width())
     }
 }
 

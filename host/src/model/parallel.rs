@@ -213,10 +213,16 @@ fn split_evenly(parallel: TensorParallel, total: usize, what: &str) -> Result<Ra
     }
 }
 
+/// The ids each of `world` ranks' vocabulary ranges holds, the last rank's possibly fewer: what
+/// a device's gather of the ranks' logits pads every range to.
+pub fn vocab_per_rank(vocab: usize, world: usize) -> usize {
+    vocab.div_ceil(world)
+}
+
 /// Contiguous ranges of `ceil(vocab / world)` ids, the last possibly shorter; `None` when one
 /// would be empty.
 fn vocab_range(parallel: TensorParallel, vocab: usize) -> Option<Range<usize>> {
-    let per = vocab.div_ceil(parallel.world);
+    let per = vocab_per_rank(vocab, parallel.world);
     let start = parallel.rank * per;
     (start < vocab).then(|| start..(start + per).min(vocab))
 }

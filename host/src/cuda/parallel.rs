@@ -1,0 +1,215 @@
+//! Tensor parallelism served on CUDA (`--tensor-parallel-size N`, issue 14): N GPUs of one host,
+//! one rank each, in one process, meeting in NCCL (`cuda::collective`).
+//!
+//! Rank 0 runs on the engine's thread, inside this backend; every other rank has a worker thread
+//! that owns its `GpuBackend` (its shard, its KV cache, its decode graphs). A step sends the batch
+//! to the workers, runs rank 0's forward and sampling here, and waits for the workers. The ranks
+//! exchange activations only through the collectives the forward enqueues on each GPU, so nothing
+//! else crosses between threads. As on the CPU (`runner::cpu_parallel`), ONE scheduler and ONE
+//! KV-cache manager serve every rank: a block id is the same block on every rank, each holding its
+//! key/value heads' slice of it, and copy-on-write copies it on every rank. After the gather of
+//! the logits rank 0 holds the whole vocabulary's, and samples as one GPU does (constraints and
+//! plugins included).
+//!
+//! A failure on any rank aborts the NCCL group, so no rank waits for ever in a collective, and
+//! the backend refuses every later step with the first failure's message.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::collective::RankComm;
+use super::{CudaError, GpuBackend, GpuModel};
+use crate::kv_cache::{BlockId, KvCacheLayout};
+use crate::model::{ModelConfig, ModelError};
+use crate::runner::{ForwardBatch, ModelBackend};
+use crate::sampling::{RowSampling, SampledRow};
+
+/// What a worker rank is asked to do, in the order the engine does it.
+enum Job {
+    Forward(ForwardBatch),
+    CopyBlocks(Vec<(BlockId, BlockId)>),
+    PrepareForServing { graphs: bool, max_num_seqs: usize, max_model_len: usize },
+}
+
+/// A rank other than 0: its thread, and the channels to it. Jobs that answer (`Forward`,
+/// `PrepareForServing`) answer in order on `answers`.
+struct Worker {
+    rank: usize,
+    jobs: Option<mpsc::Sender<Job>>,
+    answers: mpsc::Receiver<Result<(), String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub struct GpuTensorParallelBackend {
+    /// The whole model's configuration (vocabulary, heads, sizes).
+    config: ModelConfig,
+    rank0: GpuBackend,
+    workers: Vec<Worker>,
+    /// Rank 0's end of the group, to abort it when a step fails.
+    comm: Arc<RankComm>,
+    /// The whole model's layout over the shared blocks: what the engine's block accounting reads
+    /// (a rank's own cache holds only its key/value heads).
+    layout: KvCacheLayout,
+    /// The first failure, after which every step is refused.
+    failed: Option<String>,
+}
+
+impl GpuTensorParallelBackend {
+    /// A backend over `ranks` (rank `r`'s shard at `ranks[r]`, each on its own GPU and joined to
+    /// one NCCL group), every rank's cache `num_blocks` blocks of `block_size` tokens.
+    pub fn new(config: ModelConfig, ranks: Vec<GpuModel>, num_blocks: usize, block_size: usize) -> Result<Self, CudaError> {
+        let world = ranks.len();
+        for (rank, model) in ranks.iter().enumerate() {
+            let comm = model.collective().ok_or_else(|| CudaError::Config(format!("rank {rank} of {world} has no NCCL communicator")))?;
+            if (comm.rank(), comm.world()) != (rank, world) {
+                return Err(CudaError::Config(format!("rank {rank} of {world} holds NCCL rank {} of {}", comm.rank(), comm.world())));
+            }
+        }
+        let mut ranks = ranks.into_iter();
+        let rank0 = ranks.next().ok_or_else(|| CudaError::Config("tensor parallelism over no GPU".into()))?;
+        let comm = rank0.collective().expect("checked above").clone();
+        let rank0 = GpuBackend::new(rank0, num_blocks, block_size)?;
+        let mut workers = Vec::with_capacity(world - 1);
+        for (i, model) in ranks.enumerate() {
+            let rank = i + 1;
+            let backend = GpuBackend::new(model, num_blocks, block_size)?;
+            let (jobs, inbox) = mpsc::channel();
+            let (outbox, answers) = mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("gpu-rank-{rank}"))
+                .spawn(move || serve_rank(backend, inbox, outbox))
+                .map_err(|e| CudaError::Config(format!("starting the thread of rank {rank}: {e}")))?;
+            workers.push(Worker { rank, jobs: Some(jobs), answers, thread: Some(thread) });
+        }
+        let layout = KvCacheLayout::for_model(&config, num_blocks, block_size);
+        Ok(GpuTensorParallelBackend { config, rank0, workers, comm, layout, failed: None })
+    }
+
+    pub fn world(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Captures every rank's decode graphs (all at once: a capture's warm-up runs the
+    /// collectives, which need every rank), as `GpuBackend::prepare_for_serving` does for one.
+    pub fn prepare_for_serving(&mut self, graphs: bool, max_num_seqs: usize, max_model_len: usize) -> Result<usize, CudaError> {
+        let captured = self.step(|workers| workers.send(|| Job::PrepareForServing { graphs, max_num_seqs, max_model_len }), |rank0| {
+            rank0.prepare_for_serving(graphs, max_num_seqs, max_model_len)
+        });
+        captured.map_err(|e| CudaError::Config(e.to_string()))
+    }
+
+    /// Sends a job to every worker, runs `rank0` here, then collects every worker's answer. The
+    /// first failure (rank 0's first) aborts the group and is kept: later steps are refused.
+    fn step<T>(&mut self, send: impl FnOnce(&mut Workers<'_>), rank0: impl FnOnce(&mut GpuBackend) -> Result<T, CudaError>) -> Result<T, ModelError> {
+        if let Some(failed) = &self.failed {
+            return Err(ModelError::Backend(format!("tensor-parallel group failed earlier: {failed}")));
+        }
+        let mut workers = Workers { workers: &self.workers, sent: Vec::new() };
+        send(&mut workers);
+        let sent = workers.sent;
+        let result = rank0(&mut self.rank0);
+        if result.is_err() {
+            // The workers may be waiting in a collective rank 0 never reached.
+            self.comm.abort();
+        }
+        let mut failure = result.as_ref().err().map(|e| format!("rank 0: {e}"));
+        for (worker, sent) in self.workers.iter().zip(sent) {
+            let answer = if sent { worker.answers.recv().unwrap_or_else(|_| Err("its thread ended".into())) } else { Err("its thread ended".into()) };
+            if let Err(e) = answer {
+                self.comm.abort();
+                failure.get_or_insert_with(|| format!("rank {}: {e}", worker.rank));
+            }
+        }
+        match failure {
+            None => Ok(result.expect("no failure")),
+            Some(failure) => {
+                tracing::error!(%failure, "a tensor-parallel rank failed; the group is aborted and refuses further steps");
+                self.failed = Some(failure.clone());
+                Err(ModelError::Backend(format!("CUDA tensor parallelism: {failure}")))
+            }
+        }
+    }
+}
+
+/// The sending half of a step: which workers took the job (a worker whose thread ended did not).
+struct Workers<'a> {
+    workers: &'a [Worker],
+    sent: Vec<bool>,
+}
+
+impl Workers<'_> {
+    fn send(&mut self, job: impl Fn() -> Job) {
+        self.sent = self.workers.iter().map(|w| w.jobs.as_ref().is_some_and(|jobs| jobs.send(job()).is_ok())).collect();
+    }
+}
+
+/// A worker rank's loop: run each job on its backend, answer the ones that answer. A failed
+/// forward aborts the group at once, so rank 0 (and the other workers) stop waiting for it.
+fn serve_rank(mut backend: GpuBackend, jobs: mpsc::Receiver<Job>, answers: mpsc::Sender<Result<(), String>>) {
+    let comm = backend.model().collective().expect("a rank of a group").clone();
+    for job in jobs {
+        let answer = match job {
+            Job::CopyBlocks(copies) => {
+                backend.copy_blocks(&copies);
+                continue;
+            }
+            Job::Forward(batch) => backend.forward_on_device(&batch).and_then(|_| Ok(backend.model().device().stream.synchronize()?)).map(drop),
+            Job::PrepareForServing { graphs, max_num_seqs, max_model_len } => backend.prepare_for_serving(graphs, max_num_seqs, max_model_len).map(drop),
+        };
+        if answer.is_err() {
+            comm.abort();
+        }
+        if answers.send(answer.map_err(|e| e.to_string())).is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for GpuTensorParallelBackend {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            // Closing the channel ends the worker's loop.
+            worker.jobs.take();
+        }
+        for worker in &mut self.workers {
+            if let Some(thread) = worker.thread.take() {
+                if thread.join().is_err() {
+                    tracing::error!(rank = worker.rank, "a tensor-parallel rank's thread panicked");
+                }
+            }
+        }
+    }
+}
+
+impl ModelBackend for GpuTensorParallelBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> &KvCacheLayout {
+        &self.layout
+    }
+
+    fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {
+        self.rank0.copy_blocks(copies);
+        for worker in &self.workers {
+            if let Some(jobs) = &worker.jobs {
+                // A worker that is gone fails the next step, which reports it.
+                let _ = jobs.send(Job::CopyBlocks(copies.to_vec()));
+            }
+        }
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
+        self.step(|workers| workers.send(|| Job::Forward(batch.clone())), |rank0| rank0.forward_logits_via_graphs(batch))
+    }
+
+    fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        self.step(|workers| workers.send(|| Job::Forward(batch.clone())), |rank0| rank0.forward_and_sample(batch, rows))
+    }
+
+    fn step_phases(&self) -> &[(&'static str, std::time::Duration)] {
+        self.rank0.step_phases()
+    }
+}
