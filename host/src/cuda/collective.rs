@@ -10,11 +10,14 @@
 //! and nothing here calls `cuMulticastCreate`.
 //!
 //! A rank that fails between collectives would leave the others waiting inside one for ever, so a
-//! failure aborts the whole group (`RankComm::abort`, `ncclCommAbort` on every communicator): the
-//! waiting kernels return, and the group refuses further work.
+//! failure aborts the whole group (`RankComm::abort`): the group refuses every later collective,
+//! and `ncclCommAbort` on every communicator releases the kernels waiting in one. NCCL's abort of
+//! a group's last communicator waits until every CUDA graph that captured one of its collectives
+//! is destroyed, so it runs on a thread of its own, and the backend drops its graphs
+//! (`cuda::parallel`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::nccl::{result, sys};
@@ -60,12 +63,14 @@ fn nccl_error(e: result::NcclError) -> CudaError {
 struct Group {
     comms: Vec<sys::ncclComm_t>,
     aborted: AtomicBool,
-    /// Held while aborting, so two failing ranks abort the group once.
-    abort_lock: Mutex<()>,
+    /// Read-held while a collective is enqueued, write-held to abort: a communicator is never
+    /// freed while a rank's thread is inside a call on it.
+    in_use: RwLock<()>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread; each rank's is used by one thread at a
-// time (its rank's), except `ncclCommAbort`, which NCCL allows from another thread.
+// time (its rank's), and `abort` frees them only under `in_use`'s write lock, once no rank is
+// inside a call.
 unsafe impl Send for Group {}
 unsafe impl Sync for Group {}
 
@@ -113,7 +118,7 @@ impl RankComm {
         let mut comms = vec![std::ptr::null_mut(); devices.len()];
         // SAFETY: `comms` has room for one communicator per device of `list`.
         unsafe { result::comm_init_all(comms.as_mut_ptr(), list.len() as i32, list.as_ptr()) }.map_err(nccl_error)?;
-        let group = Arc::new(Group { comms, aborted: AtomicBool::new(false), abort_lock: Mutex::new(()) });
+        let group = Arc::new(Group { comms, aborted: AtomicBool::new(false), in_use: RwLock::new(()) });
         let ranks: Vec<RankComm> = (0..devices.len()).map(|rank| RankComm { group: group.clone(), rank }).collect();
         Self::check_sum(&ranks, devices)?;
         Ok(ranks)
@@ -152,11 +157,15 @@ impl RankComm {
         self.group.comms.len()
     }
 
-    fn comm(&self) -> Result<sys::ncclComm_t, CudaError> {
+    /// `call` with this rank's communicator, unless the group was aborted; the communicator
+    /// cannot be freed while it runs.
+    fn with_comm(&self, call: impl FnOnce(sys::ncclComm_t) -> Result<result::NcclStatus, result::NcclError>) -> Result<(), CudaError> {
+        let _in_use = self.group.in_use.read().unwrap_or_else(|p| p.into_inner());
         if self.group.aborted.load(Ordering::Acquire) {
             return Err(CudaError::Nccl("the tensor-parallel group was aborted after a rank failed".into()));
         }
-        Ok(self.group.comms[self.rank])
+        call(self.group.comms[self.rank]).map_err(nccl_error)?;
+        Ok(())
     }
 
     /// Enqueues on `stream` the sum across the ranks of `count` elements at `buffer`, in place.
@@ -165,10 +174,8 @@ impl RankComm {
     /// `buffer` holds `count` elements of `elem` on this rank's device, live until the stream
     /// reaches the operation; every rank enqueues the same collectives in the same order.
     pub unsafe fn all_reduce_sum(&self, buffer: CUdeviceptr, count: usize, elem: Elem, stream: CUstream) -> Result<(), CudaError> {
-        let comm = self.comm()?;
         let ptr = buffer as *mut std::ffi::c_void;
-        result::all_reduce(ptr, ptr, count, elem.nccl(), sys::ncclRedOp_t::ncclSum, comm, stream as sys::cudaStream_t).map_err(nccl_error)?;
-        Ok(())
+        self.with_comm(|comm| result::all_reduce(ptr, ptr, count, elem.nccl(), sys::ncclRedOp_t::ncclSum, comm, stream as sys::cudaStream_t))
     }
 
     /// Enqueues on `stream` the gather of every rank's `count` elements at `send` into `recv`,
@@ -177,24 +184,31 @@ impl RankComm {
     /// # Safety
     /// As `all_reduce_sum`, with `recv` holding `world * count` elements.
     pub unsafe fn all_gather(&self, send: CUdeviceptr, recv: CUdeviceptr, count: usize, elem: Elem, stream: CUstream) -> Result<(), CudaError> {
-        let comm = self.comm()?;
-        result::all_gather(send as *const std::ffi::c_void, recv as *mut std::ffi::c_void, count, elem.nccl(), comm, stream as sys::cudaStream_t)
-            .map_err(nccl_error)?;
-        Ok(())
+        self.with_comm(|comm| result::all_gather(send as *const std::ffi::c_void, recv as *mut std::ffi::c_void, count, elem.nccl(), comm, stream as sys::cudaStream_t))
     }
 
-    /// Aborts every rank's communicator (once), so ranks waiting in a collective for a rank that
-    /// failed return; the group accepts nothing after.
+    /// Aborts the group (once) without waiting: it refuses every later collective at once, and a
+    /// thread of its own aborts every communicator, which releases the kernels waiting in a
+    /// collective for a rank that failed. That thread ends once every graph holding one of the
+    /// group's collectives is destroyed (NCCL waits for them), which the backend sees to.
     pub fn abort(&self) {
-        let _held = self.group.abort_lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.group.aborted.swap(true, Ordering::AcqRel) {
             return;
         }
-        for &comm in &self.group.comms {
-            // SAFETY: NCCL allows aborting a communicator another thread is waiting in.
-            if let Err(e) = unsafe { result::comm_abort(comm) } {
-                tracing::warn!(error = %nccl_error(e), "aborting an NCCL communicator");
+        let group = self.group.clone();
+        let spawned = std::thread::Builder::new().name("nccl-abort".into()).spawn(move || {
+            let _alone = group.in_use.write().unwrap_or_else(|p| p.into_inner());
+            for &comm in &group.comms {
+                // SAFETY: no rank is inside a call on it (the write lock), and none makes one after
+                // (the flag); NCCL allows aborting a communicator whose kernels are waiting.
+                if let Err(e) = unsafe { result::comm_abort(comm) } {
+                    tracing::warn!(error = %nccl_error(e), "aborting an NCCL communicator");
+                }
             }
+            tracing::info!("NCCL group aborted");
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the thread that aborts the NCCL group; ranks waiting in a collective stay there");
         }
     }
 

@@ -149,6 +149,23 @@ impl GpuBackend {
             tracing::info!("CUDA graphs off: decode steps launch kernel by kernel (small batches through the GEMV)");
             return Ok(0);
         }
+        let captured = match self.capture_serving_graphs(max_num_seqs, max_model_len) {
+            Err(e) if self.model().device().pdl() => {
+                // A driver that cannot capture programmatic dependent launches (before CUDA
+                // 12.3) fails here: serve without them rather than not at all. Any other error
+                // (memory) fails the second capture too, and is returned from it.
+                tracing::warn!(error = %e, "capturing the decode graphs failed with programmatic dependent launches on; retrying with them off");
+                self.model().device().set_pdl(false);
+                self.capture_serving_graphs(max_num_seqs, max_model_len)?
+            }
+            other => other?,
+        };
+        Ok(captured)
+    }
+
+    /// The decode graphs `prepare_for_serving` captures, once, with no retry: a tensor-parallel
+    /// rank must not start its captures (and their collectives) over on its own.
+    pub(crate) fn capture_serving_graphs(&mut self, max_num_seqs: usize, max_model_len: usize) -> Result<usize, CudaError> {
         // The small-batch GEMV stays on inside the graphs: with its one-wave grid, parallel
         // staging and the weight loads it issues before the previous kernel ends, it beats
         // cuBLAS at 1-2 rows of a large model and up to 8 rows of a small one (BENCHMARKS.md,
@@ -156,17 +173,7 @@ impl GpuBackend {
         let largest = *GRAPH_BUCKETS.last().expect("buckets");
         let max_batch = max_num_seqs.min(largest);
         let started = std::time::Instant::now();
-        let captured = match self.capture_decode_graphs(max_batch, max_model_len) {
-            Err(e) if self.model().device().pdl() => {
-                // A driver that cannot capture programmatic dependent launches (before CUDA
-                // 12.3) fails here: serve without them rather than not at all. Any other error
-                // (memory) fails the second capture too, and is returned from it.
-                tracing::warn!(error = %e, "capturing the decode graphs failed with programmatic dependent launches on; retrying with them off");
-                self.model().device().set_pdl(false);
-                self.capture_decode_graphs(max_batch, max_model_len)?
-            }
-            other => other?,
-        };
+        let captured = self.capture_decode_graphs(max_batch, max_model_len)?;
         tracing::info!(
             graphs = captured,
             max_batch,

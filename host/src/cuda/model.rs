@@ -288,6 +288,15 @@ impl GpuModel {
     }
 }
 
+/// Why the forward cannot take `batch`, if it cannot: checked before anything is launched (and,
+/// with tensor parallelism, before any rank is asked).
+pub(crate) fn check_batch(config: &ModelConfig, batch: &ForwardBatch) -> Result<(), CudaError> {
+    match batch.token_ids.iter().find(|&&t| t as usize >= config.vocab_size) {
+        Some(&bad) => Err(CudaError::Config(format!("token id {bad} is outside the vocabulary of {}", config.vocab_size))),
+        None => Ok(()),
+    }
+}
+
 /// What the CUDA forward cannot run, if anything (refused at load, by name).
 fn unsupported_feature(config: &ModelConfig) -> Option<String> {
     let c = config;
@@ -406,10 +415,8 @@ impl GpuBackend {
     /// Checks the batch, sizes the buffers, uploads the indices and enqueues the forward; the
     /// logits of the requested rows end up in `scratch.logits`. Returns the number of rows.
     fn enqueue(&mut self, batch: &ForwardBatch) -> Result<usize, CudaError> {
+        check_batch(&self.model.config, batch)?;
         let c = &self.model.config;
-        if let Some(&bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(CudaError::Config(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
-        }
         let (n, rows) = (batch.num_tokens(), batch.logits_rows.len());
         let plan = plan_attention(batch, AttentionPath::Mixed);
         // Split-K serves the decode rows only; partials are indexed by token row, so they are

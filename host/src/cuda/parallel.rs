@@ -11,14 +11,19 @@
 //! the logits rank 0 holds the whole vocabulary's, and samples as one GPU does (constraints and
 //! plugins included).
 //!
-//! A failure on any rank aborts the NCCL group, so no rank waits for ever in a collective, and
-//! the backend refuses every later step with the first failure's message.
+//! A batch the forward cannot take is refused before any rank sees it. Any other failure on any
+//! rank (an error, a panic, a thread gone) aborts the NCCL group, so no rank waits for ever in a
+//! collective; the group is then retired (every rank's graphs dropped, which NCCL's abort waits
+//! for, and the workers ended), and the backend refuses every later step with the first
+//! failure's message. Every rank captures its graphs once, with no retry of its own, so the
+//! ranks' collectives stay in step.
 
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::collective::RankComm;
+use super::model::check_batch;
 use super::{CudaError, GpuBackend, GpuModel};
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::{ModelConfig, ModelError};
@@ -29,7 +34,7 @@ use crate::sampling::{RowSampling, SampledRow};
 enum Job {
     Forward(ForwardBatch),
     CopyBlocks(Vec<(BlockId, BlockId)>),
-    PrepareForServing { graphs: bool, max_num_seqs: usize, max_model_len: usize },
+    PrepareForServing { max_num_seqs: usize, max_model_len: usize },
 }
 
 /// A rank other than 0: its thread, and the channels to it. Jobs that answer (`Forward`,
@@ -91,42 +96,80 @@ impl GpuTensorParallelBackend {
     }
 
     /// Captures every rank's decode graphs (all at once: a capture's warm-up runs the
-    /// collectives, which need every rank), as `GpuBackend::prepare_for_serving` does for one.
+    /// collectives, which need every rank), as `GpuBackend::prepare_for_serving` does for one but
+    /// with no retry: a rank that fails its capture fails the group.
     pub fn prepare_for_serving(&mut self, graphs: bool, max_num_seqs: usize, max_model_len: usize) -> Result<usize, CudaError> {
-        let captured = self.step(|workers| workers.send(|| Job::PrepareForServing { graphs, max_num_seqs, max_model_len }), |rank0| {
-            rank0.prepare_for_serving(graphs, max_num_seqs, max_model_len)
+        if !graphs {
+            tracing::info!("CUDA graphs off: every rank's decode steps launch kernel by kernel");
+            return Ok(0);
+        }
+        let captured = self.step(|workers| workers.send(|| Job::PrepareForServing { max_num_seqs, max_model_len }), |rank0| {
+            rank0.capture_serving_graphs(max_num_seqs, max_model_len)
         });
         captured.map_err(|e| CudaError::Config(e.to_string()))
     }
 
     /// Sends a job to every worker, runs `rank0` here, then collects every worker's answer. The
-    /// first failure (rank 0's first) aborts the group and is kept: later steps are refused.
+    /// first failure (rank 0's first) aborts and retires the group and is kept: later steps are
+    /// refused.
     fn step<T>(&mut self, send: impl FnOnce(&mut Workers<'_>), rank0: impl FnOnce(&mut GpuBackend) -> Result<T, CudaError>) -> Result<T, ModelError> {
         if let Some(failed) = &self.failed {
-            return Err(ModelError::Backend(format!("tensor-parallel group failed earlier: {failed}")));
+            return Err(ModelError::Backend(format!("CUDA tensor parallelism failed earlier: {failed}")));
         }
         let mut workers = Workers { workers: &self.workers, sent: Vec::new() };
         send(&mut workers);
         let sent = workers.sent;
+        if let Some(gone) = self.workers.iter().zip(&sent).find(|(_, &sent)| !sent) {
+            // Rank 0's collectives would wait for it for ever: do not start them.
+            let failure = format!("rank {}: its thread ended", gone.0.rank);
+            let answered: Vec<bool> = sent.iter().map(|&s| !s).collect();
+            return Err(self.retire(failure, &answered));
+        }
         let result = rank0(&mut self.rank0);
         if result.is_err() {
             // The workers may be waiting in a collective rank 0 never reached.
             self.comm.abort();
         }
         let mut failure = result.as_ref().err().map(|e| format!("rank 0: {e}"));
-        for (worker, sent) in self.workers.iter().zip(sent) {
-            let answer = if sent { worker.answers.recv().unwrap_or_else(|_| Err("its thread ended".into())) } else { Err("its thread ended".into()) };
-            if let Err(e) = answer {
+        for worker in &self.workers {
+            if let Err(e) = worker.answers.recv().unwrap_or_else(|_| Err("its thread ended".into())) {
                 self.comm.abort();
                 failure.get_or_insert_with(|| format!("rank {}: {e}", worker.rank));
             }
         }
         match failure {
             None => Ok(result.expect("no failure")),
-            Some(failure) => {
-                tracing::error!(%failure, "a tensor-parallel rank failed; the group is aborted and refuses further steps");
-                self.failed = Some(failure.clone());
-                Err(ModelError::Backend(format!("CUDA tensor parallelism: {failure}")))
+            Some(failure) => Err(self.retire(failure, &vec![true; self.workers.len()])),
+        }
+    }
+
+    /// Ends the group after `failure`: aborts it (if no rank did), drops rank 0's graphs and ends
+    /// every worker (their backends and graphs go with them), which lets NCCL's abort finish.
+    /// `answered[i]`: worker i owes no answer.
+    fn retire(&mut self, failure: String, answered: &[bool]) -> ModelError {
+        tracing::error!(%failure, "a tensor-parallel rank failed; the NCCL group is aborted and the backend refuses further steps");
+        self.comm.abort();
+        self.rank0.graphs = None;
+        for (worker, &answered) in self.workers.iter().zip(answered) {
+            if !answered {
+                let _ = worker.answers.recv();
+            }
+        }
+        self.end_workers();
+        self.failed = Some(failure.clone());
+        ModelError::Backend(format!("CUDA tensor parallelism: {failure}"))
+    }
+
+    /// Closes every worker's channel, which ends its loop, and waits for its thread.
+    fn end_workers(&mut self) {
+        for worker in &mut self.workers {
+            worker.jobs.take();
+        }
+        for worker in &mut self.workers {
+            if let Some(thread) = worker.thread.take() {
+                if thread.join().is_err() {
+                    tracing::error!(rank = worker.rank, "a tensor-parallel rank's thread panicked");
+                }
             }
         }
     }
@@ -144,10 +187,23 @@ impl Workers<'_> {
     }
 }
 
-/// A worker rank's loop: run each job on its backend, answer the ones that answer. A failed
-/// forward aborts the group at once, so rank 0 (and the other workers) stop waiting for it.
+/// Aborts the group if the worker's thread panics, so no other rank waits for it in a collective.
+struct AbortOnPanic(Arc<RankComm>);
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abort();
+        }
+    }
+}
+
+/// A worker rank's loop: run each job on its backend, answer the ones that answer. A failed job
+/// aborts the group at once, so rank 0 (and the other workers) stop waiting for this rank, and
+/// drops the rank's graphs, which NCCL's abort waits for.
 fn serve_rank(mut backend: GpuBackend, jobs: mpsc::Receiver<Job>, answers: mpsc::Sender<Result<(), String>>) {
     let comm = backend.model().collective().expect("a rank of a group").clone();
+    let _guard = AbortOnPanic(comm.clone());
     for job in jobs {
         let answer = match job {
             Job::CopyBlocks(copies) => {
@@ -155,10 +211,11 @@ fn serve_rank(mut backend: GpuBackend, jobs: mpsc::Receiver<Job>, answers: mpsc:
                 continue;
             }
             Job::Forward(batch) => backend.forward_on_device(&batch).and_then(|_| Ok(backend.model().device().stream.synchronize()?)).map(drop),
-            Job::PrepareForServing { graphs, max_num_seqs, max_model_len } => backend.prepare_for_serving(graphs, max_num_seqs, max_model_len).map(drop),
+            Job::PrepareForServing { max_num_seqs, max_model_len } => backend.capture_serving_graphs(max_num_seqs, max_model_len).map(drop),
         };
         if answer.is_err() {
             comm.abort();
+            backend.graphs = None;
         }
         if answers.send(answer.map_err(|e| e.to_string())).is_err() {
             return;
@@ -168,17 +225,12 @@ fn serve_rank(mut backend: GpuBackend, jobs: mpsc::Receiver<Job>, answers: mpsc:
 
 impl Drop for GpuTensorParallelBackend {
     fn drop(&mut self) {
-        for worker in &mut self.workers {
-            // Closing the channel ends the worker's loop.
-            worker.jobs.take();
+        if std::thread::panicking() {
+            // Rank 0 may have stopped in the middle of a step, the workers inside a collective.
+            self.comm.abort();
+            self.rank0.graphs = None;
         }
-        for worker in &mut self.workers {
-            if let Some(thread) = worker.thread.take() {
-                if thread.join().is_err() {
-                    tracing::error!(rank = worker.rank, "a tensor-parallel rank's thread panicked");
-                }
-            }
-        }
+        self.end_workers();
     }
 }
 
@@ -202,10 +254,12 @@ impl ModelBackend for GpuTensorParallelBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
+        check_batch(&self.config, batch).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))?;
         self.step(|workers| workers.send(|| Job::Forward(batch.clone())), |rank0| rank0.forward_logits_via_graphs(batch))
     }
 
     fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        check_batch(&self.config, batch).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))?;
         self.step(|workers| workers.send(|| Job::Forward(batch.clone())), |rank0| rank0.forward_and_sample(batch, rows))
     }
 
