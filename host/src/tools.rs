@@ -77,6 +77,11 @@ pub(crate) struct BenchGpuArgs {
     /// (`--fp8`, `--ggml`), each beside bf16.
     #[arg(long)]
     quantized_only: bool,
+    /// Only the copy bandwidth and the 8B decode step at each `--batch` and `--context`, in bf16
+    /// (and FP8 with `--fp8`): where an eager step's time goes by kind of launch, then the step
+    /// through its CUDA graph. The throughput regime's view (batches of hundreds).
+    #[arg(long)]
+    breakdown_8b_only: bool,
 }
 
 #[derive(Args)]
@@ -391,6 +396,22 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
     if args.quantized_only {
         return print_quantized_8b_steps(&dev, copy, &args, true);
+    }
+    if args.breakdown_8b_only {
+        let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
+        let formats = [Some(gpu::DummyWeights::Bf16), args.fp8.then_some(gpu::DummyWeights::Fp8)];
+        for weights in formats.into_iter().flatten() {
+            let mut big = gpu::llama_8b_backend(&dev, max_batch, args.context + 16, weights)?;
+            for &batch in &args.batch_sizes {
+                gpu::print_step_breakdown(&mut big, batch, args.context, &format!("Llama-3.1-8B {weights:?}"))?;
+            }
+            big.capture_decode_graphs(max_batch, args.context + 16)?;
+            for &batch in &args.batch_sizes {
+                let ms = gpu::decode_step_ms(&mut big, batch, args.context, 10, true)?;
+                println!("Llama-3.1-8B dummy decode {weights:?} b{batch:<4} c{:<5} graphs {ms:>8.3} ms  {:>8.0} tok/s", args.context, batch as f64 / ms * 1e3);
+            }
+        }
+        return Ok(());
     }
     gpu::print_attention_decode(&dev, copy)?;
     gpu::print_attention_prefill(&dev)?;
