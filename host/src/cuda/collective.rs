@@ -14,7 +14,8 @@
 //! and `ncclCommAbort` on every communicator releases the kernels waiting in one. NCCL's abort of
 //! a group's last communicator waits until every CUDA graph that captured one of its collectives
 //! is destroyed, so it runs on a thread of its own, and the backend drops its graphs
-//! (`cuda::parallel`).
+//! (`cuda::parallel`). An error NCCL meets asynchronously (a transport failure), which no call
+//! returns, is found by a watchdog thread that polls every communicator and aborts the group.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -214,5 +215,62 @@ impl RankComm {
 
     pub fn is_aborted(&self) -> bool {
         self.group.aborted.load(Ordering::Acquire)
+    }
+
+    /// Starts the group's watchdog (see `Watchdog`).
+    pub fn watchdog(&self) -> Result<Watchdog, CudaError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (comm, stopped) = (RankComm { group: self.group.clone(), rank: self.rank }, stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("nccl-watchdog".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Acquire) && !comm.is_aborted() {
+                    std::thread::sleep(WATCHDOG_PERIOD);
+                    if let Some((rank, error)) = comm.async_error() {
+                        tracing::error!(rank, error = %nccl_error(result::NcclError(error)), "NCCL reported an asynchronous error; aborting the tensor-parallel group");
+                        comm.abort();
+                    }
+                }
+            })
+            .map_err(|e| CudaError::Config(format!("starting the NCCL watchdog: {e}")))?;
+        Ok(Watchdog { stop, thread: Some(thread) })
+    }
+
+    /// The first rank whose communicator holds an asynchronous error, and the error.
+    fn async_error(&self) -> Option<(usize, sys::ncclResult_t)> {
+        let _in_use = self.group.in_use.read().unwrap_or_else(|p| p.into_inner());
+        if self.is_aborted() {
+            return None;
+        }
+        self.group.comms.iter().enumerate().find_map(|(rank, &comm)| {
+            let mut error = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: the communicator is live (not aborted, and `in_use` keeps an abort out).
+            unsafe { sys::ncclCommGetAsyncError(comm, &mut error) };
+            match error {
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => None,
+                error => Some((rank, error)),
+            }
+        })
+    }
+}
+
+/// How often the watchdog asks NCCL for asynchronous errors.
+const WATCHDOG_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A thread that asks NCCL every `WATCHDOG_PERIOD` whether any communicator of the group met an
+/// asynchronous error (a transport failure, a peer gone), which no call returns and which would
+/// leave the ranks waiting in a collective for ever, and aborts the group when one did: the
+/// ranks then fail their step. It stops when dropped, or once the group is aborted.
+pub struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -58,6 +58,8 @@ pub struct GpuTensorParallelBackend {
     layout: KvCacheLayout,
     /// The first failure, after which every step is refused.
     failed: Option<String>,
+    /// Aborts the group on an NCCL error no call returns (`collective::Watchdog`).
+    _watchdog: super::collective::Watchdog,
 }
 
 impl GpuTensorParallelBackend {
@@ -88,7 +90,8 @@ impl GpuTensorParallelBackend {
             workers.push(Worker { rank, jobs: Some(jobs), answers, thread: Some(thread) });
         }
         let layout = KvCacheLayout::for_model(&config, num_blocks, block_size);
-        Ok(GpuTensorParallelBackend { config, rank0, workers, comm, layout, failed: None })
+        let _watchdog = comm.watchdog()?;
+        Ok(GpuTensorParallelBackend { config, rank0, workers, comm, layout, failed: None, _watchdog })
     }
 
     pub fn world(&self) -> usize {
