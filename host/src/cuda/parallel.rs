@@ -140,6 +140,11 @@ impl GpuTensorParallelBackend {
                 failure.get_or_insert_with(|| format!("rank {}: {e}", worker.rank));
             }
         }
+        if failure.is_none() && self.comm.is_aborted() {
+            // The watchdog aborted the group during the step: the collectives may have returned
+            // without their data, so no rank's result can be trusted.
+            failure = Some("the NCCL group was aborted during the step (an asynchronous NCCL error)".into());
+        }
         match failure {
             None => Ok(result.expect("no failure")),
             Some(failure) => Err(self.retire(failure, &vec![true; self.workers.len()])),
