@@ -100,9 +100,15 @@ impl GpuModels {
         }
     }
 
-    /// Bytes one KV-cache block of `block_size` tokens takes over every rank (bfloat16).
+    /// Bytes one KV-cache block of `block_size` tokens takes on `rank`'s GPU (bfloat16, its own
+    /// key/value heads).
+    fn rank_block_bytes(rank: &GpuModel, block_size: usize) -> usize {
+        KvCacheLayout::for_model(rank.config(), 1, block_size).block_bytes(2)
+    }
+
+    /// Bytes one KV-cache block of `block_size` tokens takes over every rank.
     pub(crate) fn kv_block_bytes(&self, block_size: usize) -> usize {
-        self.ranks().iter().map(|rank| KvCacheLayout::for_model(rank.config(), 1, block_size).block_bytes(2)).sum()
+        self.ranks().iter().map(|rank| Self::rank_block_bytes(rank, block_size)).sum()
     }
 
     /// The blocks every rank's GPU has room for: `utilization` of what is free on it, less a
@@ -113,8 +119,7 @@ impl GpuModels {
         for rank in self.ranks() {
             let (free, _total) = rank.device().memory()?;
             let reserve = (free / 4).min(4 << 30);
-            let block_bytes = KvCacheLayout::for_model(rank.config(), 1, block_size).block_bytes(2);
-            fewest = fewest.min(((free - reserve) as f64 * utilization / block_bytes as f64) as usize);
+            fewest = fewest.min(((free - reserve) as f64 * utilization / Self::rank_block_bytes(rank, block_size) as f64) as usize);
         }
         Ok(fewest)
     }

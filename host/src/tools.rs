@@ -77,7 +77,7 @@ pub(crate) struct BenchGpuArgs {
     /// (`--fp8`, `--ggml`), each beside bf16.
     #[arg(long)]
     quantized_only: bool,
-    /// Only the copy bandwidth and the 8B decode step at each `--batch` and `--context`, in bf16
+    /// Only the copy bandwidth and the 8B decode step at each `--batch-sizes` and `--context`, in bf16
     /// (and FP8 with `--fp8`): where an eager step's time goes by kind of launch, then the step
     /// through its CUDA graph. The throughput regime's view (batches of hundreds).
     #[arg(long)]

@@ -1289,6 +1289,51 @@ pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, 
     Ok(rows)
 }
 
+/// Sequences in runs of contiguous cache blocks, `blocks_per_seq` each: the block tables of the
+/// decode checks.
+struct ContiguousBlocks {
+    block_size: usize,
+    blocks_per_seq: usize,
+    num_seqs: usize,
+}
+
+impl ContiguousBlocks {
+    /// Room for each prompt and `more` tokens after it.
+    fn for_prompts(prompts: &[Vec<u32>], more: usize, block_size: usize) -> Self {
+        let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + more).div_ceil(block_size);
+        ContiguousBlocks { block_size, blocks_per_seq, num_seqs: prompts.len() }
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.blocks_per_seq * self.num_seqs
+    }
+
+    /// One batch: sequence `i`'s `tokens` at positions from `start` on, for each `(i, tokens, start)`.
+    fn batch<'a>(&self, seqs: impl IntoIterator<Item = (usize, &'a [u32], usize)>) -> Result<ForwardBatch, CudaError> {
+        let mut batch = ForwardBatch::new(self.block_size, self.num_blocks());
+        for (i, tokens, start) in seqs {
+            let table: Vec<u32> = ((i * self.blocks_per_seq) as u32..((i + 1) * self.blocks_per_seq) as u32).collect();
+            batch.push_seq(tokens, start, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
+        }
+        Ok(batch)
+    }
+
+    /// Every prompt prefilled from position 0.
+    fn prefill(&self, prompts: &[Vec<u32>]) -> Result<ForwardBatch, CudaError> {
+        self.batch(prompts.iter().enumerate().map(|(i, p)| (i, p.as_slice(), 0)))
+    }
+
+    /// One decode token per sequence, sequence `i`'s `next[i]` at position `lens[i]`.
+    fn decode(&self, next: &[u32], lens: &[usize]) -> Result<ForwardBatch, CudaError> {
+        self.batch(next.iter().zip(lens).enumerate().map(|(i, (token, &len))| (i, std::slice::from_ref(token), len)))
+    }
+}
+
+/// The greedy token of each `vocab`-wide row of `logits`.
+fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
+    logits.chunks(vocab).map(|row| crate::sampling::argmax(row) as u32).collect()
+}
+
 /// The tensor-parallel path on one GPU: the model joined to an NCCL group of one
 /// (`GpuTensorParallelBackend`: every all-reduce and the logits' all-gather go through NCCL, the
 /// embedding through its vocabulary range, the logits through `gather_vocab_ranges`, the decode
@@ -1301,40 +1346,28 @@ pub fn check_tensor_parallel_nccl(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pr
     if !collective::is_available() {
         return Ok(vec![CheckRow { name: "tensor parallel, NCCL".into(), detail: "skipped: libnccl.so not found".into(), error: None, passed: true }]);
     }
-    let block_size = 16;
     let prompts = &prompts[..prompts.len().min(3)];
-    let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + steps + 1).div_ceil(block_size);
-    let num_blocks = blocks_per_seq * prompts.len();
-    let max_context = blocks_per_seq * block_size;
+    let blocks = ContiguousBlocks::for_prompts(prompts, steps + 1, 16);
+    let (num_blocks, block_size, max_context) = (blocks.num_blocks(), blocks.block_size, blocks.blocks_per_seq * blocks.block_size);
     let mut plain = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
     plain.prepare_for_serving(true, prompts.len(), max_context)?;
     let comm = RankComm::group(std::slice::from_ref(dev))?.remove(0);
     let rank = GpuModel::from_cpu(dev.clone(), cpu_model)?.with_collective(Arc::new(comm))?;
     let mut tp = crate::cuda::GpuTensorParallelBackend::new(cpu_model.config().clone(), vec![rank], num_blocks, block_size)?;
     let captured = tp.prepare_for_serving(true, prompts.len(), max_context)?;
-    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
     let model_error = |e: crate::model::ModelError| CudaError::Config(e.to_string());
-    let mut prefill = ForwardBatch::new(block_size, num_blocks);
-    for (i, p) in prompts.iter().enumerate() {
-        prefill.push_seq(p, 0, &table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
+    let prefill = blocks.prefill(prompts)?;
     let vocab = cpu_model.config().vocab_size;
-    let argmax = |logits: &[f32]| -> Vec<u32> {
-        logits.chunks(vocab).map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32)).collect()
-    };
     let (want, got) = (plain.forward_logits_via_graphs(&prefill)?, tp.forward(&prefill).map_err(model_error)?);
     let mut worst = relative_error(&got, &want);
-    let mut next = argmax(&got);
+    let mut next = argmax_rows(&got, vocab);
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let (mut agreed, mut total) = (0, 0);
     for _ in 0..steps {
-        let mut batch = ForwardBatch::new(block_size, num_blocks);
-        for (i, &token) in next.iter().enumerate() {
-            batch.push_seq(&[token], lens[i], &table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
-        }
+        let batch = blocks.decode(&next, &lens)?;
         let (want, got) = (plain.forward_logits_via_graphs(&batch)?, tp.forward(&batch).map_err(model_error)?);
         worst = worst.max(relative_error(&got, &want));
-        let (want_tokens, got_tokens) = (argmax(&want), argmax(&got));
+        let (want_tokens, got_tokens) = (argmax_rows(&want, vocab), argmax_rows(&got, vocab));
         total += want_tokens.len();
         agreed += want_tokens.iter().zip(&got_tokens).filter(|(a, b)| a == b).count();
         next = got_tokens;
@@ -1355,25 +1388,15 @@ pub fn check_tensor_parallel_nccl(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pr
 /// three sequences prefill, then decode `steps` tokens; each step runs eagerly and through its
 /// bucket's graph (padded from 3 to 4 rows) on the same cache state, and the tokens must agree.
 pub fn check_graphs(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>], steps: usize) -> Result<CheckRow, CudaError> {
-    let block_size = 16;
     let prompts = &prompts[..prompts.len().min(3)];
-    let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + steps + 1).div_ceil(block_size);
-    let num_blocks = blocks_per_seq * prompts.len();
-    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
-    let captured = gpu.capture_decode_graphs(prompts.len(), blocks_per_seq * block_size)?;
-    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
-    let mut prefill = ForwardBatch::new(block_size, num_blocks);
-    for (i, p) in prompts.iter().enumerate() {
-        prefill.push_seq(p, 0, &table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
-    }
-    let mut next = gpu.forward_argmax(&prefill)?;
+    let blocks = ContiguousBlocks::for_prompts(prompts, steps + 1, 16);
+    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, blocks.num_blocks(), blocks.block_size)?;
+    let captured = gpu.capture_decode_graphs(prompts.len(), blocks.blocks_per_seq * blocks.block_size)?;
+    let mut next = gpu.forward_argmax(&blocks.prefill(prompts)?)?;
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let (mut agreed, mut total) = (0, 0);
     for _ in 0..steps {
-        let mut batch = ForwardBatch::new(block_size, num_blocks);
-        for (i, &token) in next.iter().enumerate() {
-            batch.push_seq(&[token], lens[i], &table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
-        }
+        let batch = blocks.decode(&next, &lens)?;
         let eager = gpu.forward_argmax(&batch)?;
         let graphed = gpu
             .decode_argmax_graph(&batch)

@@ -12,10 +12,10 @@
 //! **Fusion at batch 1–8.** With the GEMV on, `add_norm` and a SiLU `gated_activation` launch
 //! nothing: they leave their output *pending*, and the `linear` that consumes it folds the step
 //! into the GEMV's input staging (`GemvInput::AddNorm` / `SiluMul`), the launch and the round trip
-//! through memory saved. So does a split decode attention of one token: its partials' merge is
-//! left pending for the o-projection's GEMV (`GemvInput::Merge`). A fused add+norm writes the updated residual into a fresh slot (the GEMV
-//! reads the old one in every block, so it cannot be updated in place) and the residual's handle
-//! moves there. A pending output consumed by anything but a fusable `linear` is computed first
+//! through memory saved. So does a split decode attention of one token over a GGUF o-projection:
+//! its partials' merge is left pending for that GEMV (`GemvInput::Merge`). A fused add+norm writes
+//! the updated residual into a fresh slot (the GEMV reads the old one in every block, so it cannot
+//! be updated in place) and the residual's handle moves there. A pending output consumed by anything but a fusable `linear` is computed first
 //! (`resolve`), so fusion never changes what an architecture can ask. Freeing an input a pending
 //! output still reads is deferred until it is resolved.
 //!
@@ -620,29 +620,29 @@ impl Ops for GpuOps<'_> {
         let ggml_o_proj = matches!(self.model.weights().layers[layer].o_proj.format(), WeightFormat::Ggml(_));
         let defer_merge = dev.fused_merge && ggml_o_proj && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
         let args = AttentionArgs {
-                out: self.out_ptr(out)?,
-                q,
-                q_stride: c.q_size() + 2 * c.kv_size(),
-                k_cache,
-                v_cache,
-                block_tables: a.block_tables,
-                token_seq: a.token_seq,
-                positions: a.positions,
-                max_blocks: a.max_blocks,
-                tiles: a.tiles,
-                num_tiles: a.num_tiles,
-                decode_rows: a.decode_rows,
-                num_decode: a.num_decode,
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-                block_size: launch.cache.layout().block_size,
-                window: attention.window.unwrap_or(0),
-                scale: attention.scale,
-                split: launch.split,
-                partials,
-                rope,
-                defer_merge,
+            out: self.out_ptr(out)?,
+            q,
+            q_stride: c.q_size() + 2 * c.kv_size(),
+            k_cache,
+            v_cache,
+            block_tables: a.block_tables,
+            token_seq: a.token_seq,
+            positions: a.positions,
+            max_blocks: a.max_blocks,
+            tiles: a.tiles,
+            num_tiles: a.num_tiles,
+            decode_rows: a.decode_rows,
+            num_decode: a.num_decode,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            block_size: launch.cache.layout().block_size,
+            window: attention.window.unwrap_or(0),
+            scale: attention.scale,
+            split: launch.split,
+            partials,
+            rope,
+            defer_merge,
         };
         launch_attention(dev, &args).map_err(backend_error)?;
         if let Some(merge) = SplitMerge::of(&args).filter(|_| defer_merge) {

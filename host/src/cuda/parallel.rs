@@ -106,22 +106,19 @@ impl GpuTensorParallelBackend {
             tracing::info!("CUDA graphs off: every rank's decode steps launch kernel by kernel");
             return Ok(0);
         }
-        let captured = self.step(|workers| workers.send(|| Job::PrepareForServing { max_num_seqs, max_model_len }), |rank0| {
-            rank0.capture_serving_graphs(max_num_seqs, max_model_len)
-        });
+        let captured = self.step(|| Job::PrepareForServing { max_num_seqs, max_model_len }, |rank0| rank0.capture_serving_graphs(max_num_seqs, max_model_len));
         captured.map_err(|e| CudaError::Config(e.to_string()))
     }
 
-    /// Sends a job to every worker, runs `rank0` here, then collects every worker's answer. The
+    /// Sends `job()` to every worker, runs `rank0` here, then collects every worker's answer. The
     /// first failure (rank 0's first) aborts and retires the group and is kept: later steps are
     /// refused.
-    fn step<T>(&mut self, send: impl FnOnce(&mut Workers<'_>), rank0: impl FnOnce(&mut GpuBackend) -> Result<T, CudaError>) -> Result<T, ModelError> {
+    fn step<T>(&mut self, job: impl Fn() -> Job, rank0: impl FnOnce(&mut GpuBackend) -> Result<T, CudaError>) -> Result<T, ModelError> {
         if let Some(failed) = &self.failed {
             return Err(ModelError::Backend(format!("CUDA tensor parallelism failed earlier: {failed}")));
         }
-        let mut workers = Workers { workers: &self.workers, sent: Vec::new() };
-        send(&mut workers);
-        let sent = workers.sent;
+        // A worker whose thread ended takes no job.
+        let sent: Vec<bool> = self.workers.iter().map(|w| w.jobs.as_ref().is_some_and(|jobs| jobs.send(job()).is_ok())).collect();
         if let Some(gone) = self.workers.iter().zip(&sent).find(|(_, &sent)| !sent) {
             // Rank 0's collectives would wait for it for ever: do not start them.
             let failure = format!("rank {}: its thread ended", gone.0.rank);
@@ -180,18 +177,6 @@ impl GpuTensorParallelBackend {
                 }
             }
         }
-    }
-}
-
-/// The sending half of a step: which workers took the job (a worker whose thread ended did not).
-struct Workers<'a> {
-    workers: &'a [Worker],
-    sent: Vec<bool>,
-}
-
-impl Workers<'_> {
-    fn send(&mut self, job: impl Fn() -> Job) {
-        self.sent = self.workers.iter().map(|w| w.jobs.as_ref().is_some_and(|jobs| jobs.send(job()).is_ok())).collect();
     }
 }
 
@@ -263,12 +248,12 @@ impl ModelBackend for GpuTensorParallelBackend {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
         check_batch(&self.config, batch).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))?;
-        self.step(|workers| workers.send(|| Job::Forward(batch.clone())), |rank0| rank0.forward_logits_via_graphs(batch))
+        self.step(|| Job::Forward(batch.clone()), |rank0| rank0.forward_logits_via_graphs(batch))
     }
 
     fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
         check_batch(&self.config, batch).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))?;
-        self.step(|workers| workers.send(|| Job::Forward(batch.clone())), |rank0| rank0.forward_and_sample(batch, rows))
+        self.step(|| Job::Forward(batch.clone()), |rank0| rank0.forward_and_sample(batch, rows))
     }
 
     fn step_phases(&self) -> &[(&'static str, std::time::Duration)] {
