@@ -210,23 +210,43 @@ __device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, flo
     y2 = __float2bfloat16(x2 * c + x1 * s);
 }
 
-// Rows of keys (or values) of positions p0 .. p0 + ROWS - 1 into `dst` (rows of HD + pad
-// elements), THREADS threads copying 16 bytes each per step; positions at or past `limit` are
-// zero-filled and never read from the cache or the block table.
+// Rows of keys of positions p0 .. p0 + ROWS - 1 into `k_dst` and, with PAIR, the same rows of
+// values into `v_dst` (rows of HD + pad elements), THREADS threads copying 16 bytes each per
+// step; positions at or past `limit` are zero-filled and never read from the cache or the block
+// table. `table[i - table_base]` is the sequence's block i: the whole block table in global
+// memory (base 0), or a copy of a stretch of it in shared memory starting at block `table_base`.
+// The address arithmetic is most of a decode tile's instructions, so it is done once for a key
+// and its value, with one division per call: each next row of a thread is STEP positions on.
+template <int HD, int ROWS, int THREADS, int STRIDE, bool PAIR>
+__device__ __forceinline__ void copy_cache_rows(__nv_bfloat16 (*k_dst)[STRIDE], __nv_bfloat16 (*v_dst)[STRIDE],
+                                                const __nv_bfloat16* __restrict__ k_cache,
+                                                const __nv_bfloat16* __restrict__ v_cache, const u32* __restrict__ table,
+                                                int p0, int limit, int num_kv_heads, int kv_head, int block_size,
+                                                int table_base) {
+    constexpr int CHUNKS = HD / 8, STEP = THREADS / CHUNKS;
+    static_assert(ROWS % STEP == 0, "whole rows per step");
+    const int c = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
+    // Elements of one cache block (every KV head's rows), and this thread's chunk in its head's rows.
+    const u64 block_elems = (u64)num_kv_heads * block_size * HD;
+    const u64 head_chunk = (u64)kv_head * block_size * HD + c * 8;
+    int p = p0 + r0, blk = p / block_size - table_base, off = p % block_size;
+#pragma unroll
+    for (int i = 0; i < ROWS / STEP; i++) {
+        const int r = r0 + i * STEP;
+        const bool valid = p < limit;
+        const u64 at = valid ? (u64)table[blk] * block_elems + head_chunk + (u64)(off * HD) : 0;
+        cp_async_16(smem_addr(&k_dst[r][c * 8]), k_cache + at, valid);
+        if (PAIR) cp_async_16(smem_addr(&v_dst[r][c * 8]), v_cache + at, valid);
+        p += STEP, off += STEP;
+        while (off >= block_size) off -= block_size, blk++;
+    }
+}
+
+// `copy_cache_rows` for one cache (keys or values).
 template <int HD, int ROWS, int THREADS, int STRIDE>
 __device__ __forceinline__ void load_kv_rows(__nv_bfloat16 (*dst)[STRIDE], const __nv_bfloat16* __restrict__ cache,
                                              const u32* __restrict__ table, int p0, int limit, int num_kv_heads,
-                                             int kv_head, int block_size) {
-    constexpr int CHUNKS = HD / 8, STEP = THREADS / CHUNKS;
-    static_assert(ROWS % STEP == 0, "whole rows per step");
-    const int c = threadIdx.x % CHUNKS;
-#pragma unroll
-    for (int i = 0; i < ROWS / STEP; i++) {
-        const int r = threadIdx.x / CHUNKS + i * STEP, p = p0 + r;
-        const bool valid = p < limit;
-        const __nv_bfloat16* src = cache;
-        if (valid)
-            src = cache + (((u64)table[p / block_size] * num_kv_heads + kv_head) * block_size + p % block_size) * HD + c * 8;
-        cp_async_16(smem_addr(&dst[r][c * 8]), src, valid);
-    }
+                                             int kv_head, int block_size, int table_base = 0) {
+    copy_cache_rows<HD, ROWS, THREADS, STRIDE, false>(dst, dst, cache, cache, table, p0, limit, num_kv_heads, kv_head,
+                                                      block_size, table_base);
 }

@@ -13,9 +13,11 @@
 # Both servers get --max-model-len 2048 --max-num-seqs 512 --max-num-batched-tokens 8192.
 # Environment: PAGEDSERVE (the binary; default target/release/pagedserve), MODELS (the model
 # folders, made here by make_model_dirs.py when missing; default /tmp/peer-models), PS_DEVICE
-# (pagedserve's --device; default cuda), PS_EXTRA and
-# VLLM_EXTRA (more server arguments), PORT. vLLM must be installed first (scripts/peer/vllm/ensure.sh
-# with the .peer/p1 piece sent; see BENCHMARKS.md). Run from the repository root.
+# (pagedserve's --device; default cuda), PS_EXTRA and VLLM_EXTRA (more server arguments), PORT,
+# PS_METRICS (a file: pagedserve's /metrics is saved there after the last workload, with its step
+# phases, to see where the served time went). vLLM must be installed first
+# (scripts/peer/vllm/ensure.sh with the .peer/p1 piece sent; see BENCHMARKS.md). Run from the
+# repository root.
 set -u
 sys=${1:?SYSTEM}; shape=${2:?SHAPE}; shift 2
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -69,6 +71,10 @@ for w in "$@"; do
     --concurrency "$conc" --vocab "$vocab" --label "$sys/$shape/$name" $stream_flag $client_flags \
     || echo "{\"label\":\"$sys/$shape/$name\",\"error\":\"client failed\"}"
 done
+if [ "$sys" = pagedserve ] && [ -n "${PS_METRICS:-}" ]; then
+  python3 -c "import urllib.request,sys; open(sys.argv[2],'wb').write(urllib.request.urlopen(sys.argv[1], timeout=10).read())" \
+    "http://127.0.0.1:$port/metrics" "$PS_METRICS" || echo "{\"label\":\"$sys/$shape\",\"error\":\"metrics not saved\"}"
+fi
 stop
 trap - EXIT
 grep -iE "panic|error" "$log" | tail -3

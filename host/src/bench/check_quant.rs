@@ -20,7 +20,10 @@
 //!   model's weights) it is weight-only FP8, as the CPU reference, and must be within
 //!   `FORWARD_TOLERANCE`; where the GEMM runs (prefill, larger batches) it also quantizes each
 //!   product's input, which the CPU reference does not: held to `W8A8_FORWARD_TOLERANCE`, with
-//!   the rows whose greedy token agrees reported.
+//!   the rows whose greedy token agrees reported. A decode step after such a prefill attends to
+//!   the keys and values that prefill wrote, so it carries the prefill's input quantization and is
+//!   held to the same tolerance (seen on the H200: Gemma 3's and Qwen 3's fixtures 4.0e-2 to
+//!   6.1e-2 at decode after 6.6e-2 and 8.0e-2 at prefill; Llama's 2.7e-2 after 4.1e-2).
 
 use std::sync::Arc;
 
@@ -343,13 +346,21 @@ pub fn check_forward_fp8(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[
     let mut gpu = GpuBackend::new(model, num_blocks, 16)?;
     let vocab = cpu_model.config().vocab_size;
     let mut rows = Vec::new();
+    // Whether an earlier step's products quantized their inputs: its keys and values are in the
+    // cache every later step reads.
+    let mut cache_quantized = false;
     for step in forward_steps(&mut gpu, &mut cpu, prompts, vocab)? {
         let error = relative_error(&step.got, &step.want);
         // The widest projection decides: if the GEMV takes it, it takes every one.
         let c = cpu_model.config();
         let weight_only = gemv_prefers(step.tokens, c.hidden_size, 2 * c.intermediate_size, WeightFormat::Fp8);
-        let tolerance = if weight_only { FORWARD_TOLERANCE } else { W8A8_FORWARD_TOLERANCE };
-        let path = if weight_only { "GEMV, bf16 input" } else { "GEMM, FP8 input" };
+        let tolerance = if weight_only && !cache_quantized { FORWARD_TOLERANCE } else { W8A8_FORWARD_TOLERANCE };
+        let path = match (weight_only, cache_quantized) {
+            (true, false) => "GEMV, bf16 input",
+            (true, true) => "GEMV, bf16 input, over keys and values from FP8 inputs",
+            (false, _) => "GEMM, FP8 input",
+        };
+        cache_quantized |= !weight_only;
         rows.push(CheckRow {
             name: "fp8 fwd vs fp8 CPU".into(),
             detail: format!("{} ({path}): top-1 agrees on {}/{}; weights' FP8 error {:.2e}", step.label, step.agreeing(vocab), step.rows, report.relative_rms_error),

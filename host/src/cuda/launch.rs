@@ -11,6 +11,9 @@ use crate::runner::ForwardBatch;
 pub const DECODE_THREADS: u32 = 128;
 pub const DECODE_TILE_KEYS: usize = 64;
 const DECODE_ROW_PAD: usize = 8;
+/// Block-table entries a decode attention block stages in shared memory, after its ring of tiles
+/// (`DC_TABLE`): a partition of up to this many cache blocks reads its table there.
+const DECODE_TABLE_ENTRIES: usize = 256;
 
 /// Tiles in the decode kernel's ring for this head dimension (the `DECODE_KERNEL` instantiations:
 /// four tiles of half the size at head dim 64, two at 128).
@@ -172,13 +175,14 @@ pub fn decode_kernel_name(head_dim: usize) -> String {
 pub const MAX_GQA_GROUP: usize = 16;
 
 /// Dynamic shared memory of one decode attention block: its ring of key and value tiles (bf16
-/// rows padded by `DC_PAD`), which the end of the kernel reuses to merge its 4 warps' float32
-/// states (16 rows of `head_dim`, plus a max and a sum per row).
+/// rows padded by `DC_PAD`) and its partition's stretch of the block table (`DC_TABLE` u32s), which
+/// the end of the kernel reuses to merge its 4 warps' float32 states (16 rows of `head_dim`, plus
+/// a max and a sum per row).
 pub fn decode_shared_bytes(head_dim: usize) -> usize {
     let warps = DECODE_THREADS as usize / 32;
     let ring = decode_stages(head_dim) * 2 * DECODE_TILE_KEYS * (head_dim + DECODE_ROW_PAD) * 2;
     let merge = warps * 16 * (head_dim + 2) * 4;
-    ring.max(merge)
+    (ring + DECODE_TABLE_ENTRIES * 4).max(merge)
 }
 
 /// Dynamic shared memory of one prefill attention block: a key tile and a value tile (bf16 rows
@@ -642,6 +646,7 @@ mod tests {
         assert!(source.contains("#define DC_N (DC_WARPS * 16)"));
         assert_eq!(DECODE_TILE_KEYS, DECODE_THREADS as usize / 32 * 16, "16 keys per warp");
         assert!(source.contains(&format!("#define DC_PAD {DECODE_ROW_PAD}")));
+        assert!(source.contains(&format!("#define DC_TABLE {DECODE_TABLE_ENTRIES}")));
         for head_dim in crate::cuda::DECODE_HEAD_DIMS {
             assert!(source.contains(&format!("DECODE_KERNEL({head_dim}, {})", decode_stages(head_dim))), "{head_dim}");
         }
@@ -675,10 +680,12 @@ mod tests {
         assert_eq!(prefill_kernel_name(64), "prefill_attention_hd64");
         // Stages of 64 keys and 64 values, rows padded by 8: two at head dim 128 (70 KB, three
         // blocks per H100 SM), four at 64 (74 KB); the merge of 4 warps x 16 rows fits inside.
-        assert_eq!(decode_shared_bytes(128), 2 * 2 * 64 * 136 * 2);
-        assert_eq!(decode_shared_bytes(64), 4 * 2 * 64 * 72 * 2);
+        // Plus 1 KB of block table: three blocks still fit an SM's 228 KB (1 KB reserved each).
+        assert_eq!(decode_shared_bytes(128), 2 * 2 * 64 * 136 * 2 + 256 * 4);
+        assert_eq!(decode_shared_bytes(64), 4 * 2 * 64 * 72 * 2 + 256 * 4);
+        assert!(3 * (decode_shared_bytes(64) + 1024) <= 228 * 1024);
         // Gemma's head dim 256: two stages (135 KB), and the prefill tiles past the static limit.
-        assert_eq!(decode_shared_bytes(256), 2 * 2 * 64 * 264 * 2);
+        assert_eq!(decode_shared_bytes(256), 2 * 2 * 64 * 264 * 2 + 256 * 4);
         assert_eq!(prefill_shared_bytes(256), 2 * 64 * 264 * 2);
         let prefill = pagedserve_kernels::MODULES.iter().find(|m| m.name == "prefill_attention").unwrap().source;
         assert!(prefill.contains(&format!("#define PF_PAD {DECODE_ROW_PAD}")) && prefill.contains(&format!("#define PF_N {PREFILL_TILE}")));
