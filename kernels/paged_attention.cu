@@ -20,8 +20,8 @@
 // batch 256, context 512, H200: 51% of DRAM bandwidth, the top stall a fixed-latency dependency,
 // 3 warps a scheduler): a block stages its partition's block-table entries in shared memory, a
 // key and its value share one address computation with one division per tile, and the scores'
-// MMAs run in two chains. That took the launch from 222 to 156 us (74% of DRAM bandwidth) and
-// at context 2048 from 754 to 550 us.
+// MMAs run in two chains. That took the launch from 234 to 156 us (74% of DRAM bandwidth) and
+// at context 2048 from 790 to 550 us.
 //
 // RoPE and the cache write fused (`inv_freq` not null; batches of decode tokens only, each its
 // sequence's only token, as `rope_and_cache` would leave them): every block rotates its group's
