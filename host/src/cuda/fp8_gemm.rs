@@ -66,6 +66,12 @@ pub struct Fp8Gemm {
     plans: HashMap<(usize, usize, usize), Plan>,
     /// Whether the GEMM applies the scale vectors (outer-vector scaling); `None` until asked.
     outer_vector_scales: Option<bool>,
+    /// Hopper's fast FP8 accumulation (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`, asked for by
+    /// `PAGEDSERVE_FP8_FAST_ACCUM=1`): the tensor cores' partial sums are not promoted to float32
+    /// every few K steps. Off by default: on the H200 (8B shape) it saved 1.3-1.4% of a decode
+    /// step at 64 and 256 rows, while the GEMM's error against the CPU grew from 2.3e-3 to 2.9e-3
+    /// at K = 14336 (BENCHMARKS.md, session 16).
+    fast_accumulation: bool,
 }
 
 // SAFETY: the handle and plans are used only through `&mut Fp8Gemm`, under the device's lock.
@@ -91,6 +97,7 @@ impl Fp8Gemm {
             plans: HashMap::new(),
             // `None` probes outer-vector scaling on the first product.
             outer_vector_scales: if std::env::var("PAGEDSERVE_FP8_OUTER_SCALES").is_ok_and(|v| v == "1") { None } else { Some(false) },
+            fast_accumulation: std::env::var("PAGEDSERVE_FP8_FAST_ACCUM").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -128,6 +135,9 @@ impl Fp8Gemm {
         unsafe {
             set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32))?;
             set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32))?;
+            if self.fast_accumulation {
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+            }
             if let Some((a_scales, b_scales)) = outer {
                 let mode = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
