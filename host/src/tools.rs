@@ -135,6 +135,12 @@ pub(crate) struct BenchServeArgs {
     /// Run the model on the GPU (with decode CUDA graphs, as `serve` does) instead of the CPU.
     #[arg(long)]
     cuda: bool,
+    /// Run no model: each row gets a pseudo-random token at once (no weights are loaded; the
+    /// model's configuration and tokenizer are). The step phases are then the engine's own host
+    /// cost per step (scheduling, bookkeeping, detokenizing, events): what a GPU waits out between
+    /// two forwards.
+    #[arg(long, conflicts_with = "cuda")]
+    host_only: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -215,7 +221,9 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         let workload = serve::sharegpt_like_workload(args.num_requests, files.config.vocab_size, args.max_model_len, args.seed);
         std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
     }
-    let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.cuda {
+    let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.host_only {
+        Box::new(pagedserve::runner::HostOnlyBackend::new(files.config.clone(), num_blocks, block_size, args.seed))
+    } else if args.cuda {
         let config = files.config.clone();
         args.tensor_parallel.load_gpu(&args.model, &files)?.into_backend(&config, num_blocks, block_size, true, args.max_num_seqs, args.max_model_len)?
     } else {

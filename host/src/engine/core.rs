@@ -27,8 +27,8 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::output::TextStream;
-use super::request::{FinishReason, GenerateRequest, RequestId, RequestTimings, StopReason, StreamEvent, Usage};
+use super::output::{TextStream, TokenEnds, TokenOutcome};
+use super::request::{FinishReason, GenerateRequest, RequestId, RequestTimings, StreamEvent, Usage};
 use super::EngineError;
 use crate::kv_cache::KvCacheManager;
 use crate::metrics::Metrics;
@@ -666,7 +666,8 @@ impl EngineCore {
         seq.tokens.push(token);
         let generated = seq.num_generated();
         let total_len = seq.tokens.len();
-        let state = self.requests.get_mut(&sample.request).expect("live request");
+        let request_id = sample.request;
+        let state = self.requests.get_mut(&request_id).expect("live request");
         state.completion_tokens += 1;
         self.metrics.generation_tokens.inc();
         if state.first_token.is_none() {
@@ -677,50 +678,24 @@ impl EngineCore {
         if let Some(last) = sample.last_token_at.replace(now) {
             self.metrics.time_per_output_token.observe((now - last).as_secs_f64());
         }
-
         let r = &state.request;
-        let mut finish = None;
-        let is_eos = !r.ignore_eos && self.eos_tokens.contains(&token);
-        if is_eos {
-            finish = Some((FinishReason::Stop, None));
-        } else if r.stop_token_ids.contains(&token) {
-            finish = Some((FinishReason::Stop, Some(StopReason::Token(token))));
-        }
-        // The end-of-sequence token itself is not text of the answer.
-        let mut delta = if is_eos { Ok(Default::default()) } else { sample.text.push(&self.tokenizer, token) };
-        if let Ok(d) = &delta {
-            if let Some(stop) = &d.stopped_by {
-                finish = Some((FinishReason::Stop, Some(StopReason::String(stop.clone()))));
-            }
-        }
-        if finish.is_none() && (generated >= r.max_tokens || total_len >= self.max_model_len) {
-            finish = Some((FinishReason::Length, None));
-        }
-        if finish.is_some() && delta.as_ref().is_ok_and(|d| d.stopped_by.is_none()) {
-            // Release whatever text was held back (not after a stop string: that text is cut).
-            match sample.text.finish(&self.tokenizer) {
-                Ok(tail) => {
-                    if let Ok(d) = &mut delta {
-                        d.text.push_str(&tail.text);
-                        if let Some(stop) = tail.stopped_by {
-                            finish = Some((FinishReason::Stop, Some(StopReason::String(stop))));
-                        }
-                    }
-                }
-                Err(e) => delta = Err(e),
-            }
-        }
+        let eos = !r.ignore_eos && self.eos_tokens.contains(&token);
+        let ends = TokenEnds {
+            eos,
+            stop_token: !eos && r.stop_token_ids.contains(&token),
+            length: generated >= r.max_tokens || total_len >= self.max_model_len,
+        };
+        let TokenOutcome { delta, finish } = sample.text.take_token(&self.tokenizer, token, ends);
         let delta = match delta {
             Ok(d) => d,
             Err(error) => {
-                let request = sample.request;
                 let _ = state.events.send(StreamEvent::Error(EngineError::Detokenize(error.to_string())));
-                self.abort(request);
+                self.abort(request_id);
                 return;
             }
         };
         let index = sample.index;
-        let logprobs = if r.sampling.logprobs.is_some() { vec![sampled] } else { Vec::new() };
+        let logprobs = if state.request.sampling.logprobs.is_some() { vec![sampled] } else { Vec::new() };
         let _ = state.events.send(StreamEvent::Delta { index, token_ids: vec![token], text: delta.text, logprobs });
         if let Some((reason, stop_reason)) = finish {
             let _ = state.events.send(StreamEvent::Finished { index, reason, stop_reason });
@@ -786,3 +761,4 @@ impl EngineCore {
         self.last_prefix_stats = stats;
     }
 }
+

@@ -2,7 +2,28 @@
 //! still become a stop string is held back, so stop text never reaches the client, even when it
 //! spans several tokens; what is held back is released when it can no longer match.
 
+use super::request::{FinishReason, StopReason};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer, TokenizerError};
+
+/// Why a sample's new token ends it, as far as is known before its text: the end-of-sequence
+/// token, one of the request's stop tokens, or its length (`max_tokens` or the model's length).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenEnds {
+    pub eos: bool,
+    pub stop_token: bool,
+    pub length: bool,
+}
+
+/// A finish reason, and for `stop` what stopped the sample.
+pub type Finish = (FinishReason, Option<StopReason>);
+
+/// What a sample's new token did: the text it released (or why detokenizing failed), and
+/// whether and why the sample ended.
+#[derive(Debug)]
+pub struct TokenOutcome {
+    pub delta: Result<TextDelta, TokenizerError>,
+    pub finish: Option<Finish>,
+}
 
 pub struct TextStream {
     detokenizer: IncrementalDetokenizer,
@@ -28,6 +49,41 @@ impl TextStream {
             include_stop,
             held: String::new(),
         }
+    }
+
+    /// Takes the sample's new `token`: its text, then why the sample ends, in order of
+    /// precedence: the end-of-sequence token (which is not text of the answer) or a stop token,
+    /// then a stop string in the text, then its length. A sample that ends other than by a stop
+    /// string releases everything still held back (stop strings still honoured in that tail).
+    pub fn take_token(&mut self, tokenizer: &Tokenizer, token: u32, ends: TokenEnds) -> TokenOutcome {
+        let mut finish = if ends.eos {
+            Some((FinishReason::Stop, None))
+        } else if ends.stop_token {
+            Some((FinishReason::Stop, Some(StopReason::Token(token))))
+        } else {
+            None
+        };
+        let mut delta = if ends.eos { Ok(TextDelta::default()) } else { self.push(tokenizer, token) };
+        if let Ok(TextDelta { stopped_by: Some(stop), .. }) = &delta {
+            finish = Some((FinishReason::Stop, Some(StopReason::String(stop.clone()))));
+        }
+        if finish.is_none() && ends.length {
+            finish = Some((FinishReason::Length, None));
+        }
+        if finish.is_some() && delta.as_ref().is_ok_and(|d| d.stopped_by.is_none()) {
+            match self.finish(tokenizer) {
+                Ok(tail) => {
+                    if let Ok(d) = &mut delta {
+                        d.text.push_str(&tail.text);
+                        if let Some(stop) = tail.stopped_by {
+                            finish = Some((FinishReason::Stop, Some(StopReason::String(stop))));
+                        }
+                    }
+                }
+                Err(e) => delta = Err(e),
+            }
+        }
+        TokenOutcome { delta, finish }
     }
 
     /// Adds a generated token; returns the text that is now safe to emit.
@@ -122,6 +178,45 @@ mod tests {
         assert_eq!(stream.release("xE".into()).text, "x");
         assert_eq!(stream.release("Nx".into()).text, "ENx");
         assert_eq!(feed(&["END"], false, &["no stop here E"]), ("no stop here E".into(), None));
+    }
+
+    /// Byte `b`'s id in the byte-level test vocabulary (two control tokens come first).
+    fn byte(b: u8) -> u32 {
+        b as u32 + 2
+    }
+
+    #[test]
+    fn a_token_ends_its_sample_by_eos_stop_token_stop_string_then_length() {
+        let tokenizer = crate::tokenizer::tests::byte_level_tokenizer();
+        let stream = || TextStream::new(&tokenizer, &[], true, vec!["xy".into()], false);
+        let take = |s: &mut TextStream, b: u8, ends: TokenEnds| s.take_token(&tokenizer, byte(b), ends);
+        let go_on = TokenEnds::default();
+
+        // "ax": "x" may begin "xy", so it is held back; end-of-sequence releases it, adds no text.
+        let mut s = stream();
+        assert_eq!(take(&mut s, b'a', go_on).delta.unwrap().text, "a");
+        assert_eq!(take(&mut s, b'x', go_on).delta.unwrap().text, "");
+        let end = take(&mut s, b'z', TokenEnds { eos: true, ..go_on });
+        assert_eq!((end.delta.unwrap().text.as_str(), end.finish), ("x", Some((FinishReason::Stop, None))));
+
+        // A stop token is text of the answer, and ends the sample with its id.
+        let mut s = stream();
+        let end = take(&mut s, b'q', TokenEnds { stop_token: true, length: true, ..go_on });
+        assert_eq!(end.delta.unwrap().text, "q");
+        assert_eq!(end.finish, Some((FinishReason::Stop, Some(StopReason::Token(byte(b'q'))))));
+
+        // A stop string completed by the last allowed token wins over the length, and is cut.
+        let mut s = stream();
+        take(&mut s, b'x', go_on);
+        let end = take(&mut s, b'y', TokenEnds { length: true, ..go_on });
+        assert_eq!(end.delta.unwrap().text, "");
+        assert_eq!(end.finish, Some((FinishReason::Stop, Some(StopReason::String("xy".into())))));
+
+        // At its length the sample releases what it held.
+        let mut s = stream();
+        take(&mut s, b'a', go_on);
+        let end = take(&mut s, b'x', TokenEnds { length: true, ..go_on });
+        assert_eq!((end.delta.unwrap().text.as_str(), end.finish), ("x", Some((FinishReason::Length, None))));
     }
 
     #[test]

@@ -4,8 +4,10 @@
 mod backend;
 mod batch;
 mod cpu_parallel;
+mod host_only;
 pub mod generate;
 
 pub use self::backend::{CpuBackend, FaultyBackend, ModelBackend};
 pub use self::cpu_parallel::CpuTensorParallelBackend;
+pub use self::host_only::HostOnlyBackend;
 pub use self::batch::{BatchError, ForwardBatch, SeqInBatch};
