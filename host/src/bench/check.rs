@@ -908,7 +908,8 @@ pub fn print_table(rows: &[CheckRow]) -> bool {
 /// The standard set of kernel checks: the decode kernel on odd sizes, one block, many blocks, GQA
 /// groups 1, 3, 4, 7, 8, 12 and 16, head dims 64 and 128, with and without split-K; the prefill kernel
 /// alone (one token, lengths off the tile and block sizes, chunked prefill and prefix-cache hits,
-/// GQA groups 1 to 8 incl. 3 and 7); both kernels with cache blocks of 1, 5 and 32 positions;
+/// GQA groups 1 to 8 incl. 3 and 7); the decode kernel over more cache blocks than it stages in
+/// shared memory; both kernels with cache blocks of 1, 5 and 32 positions;
 /// mixed batches split between the two kernels as the backend splits them; RoPE in both forms;
 /// RMSNorm; SiLU.
 pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
@@ -936,6 +937,10 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         let seqs = vec![(context - 1, 1); batch];
         rows.push(check_attention(dev, heads, kv_heads, head_dim, &seqs, AttentionPath::Decode, split.splits, 96 + context as u64)?);
     }
+    // A partition of more cache blocks than a decode block stages in shared memory (`DC_TABLE`,
+    // 256) reads its block table from global memory, beside sequences short enough to stage theirs.
+    rows.push(check_attention_windowed(dev, 1, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 1, 0, 115)?);
+    rows.push(check_attention(dev, 32, 8, 128, &fresh(&[4200, 40]), AttentionPath::Decode, 1, 116)?);
     // Cache blocks other than 16 positions: a tile of keys spans many blocks, or part of one.
     for block_size in [1, 5, 32] {
         seed += 1;
