@@ -222,6 +222,10 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec(&workload)?).with_context(|| path.display().to_string())?;
     }
     let backend: Box<dyn pagedserve::runner::ModelBackend> = if args.host_only {
+        anyhow::ensure!(
+            args.tensor_parallel.tensor_parallel_size == 1 && args.model.quantization.is_none() && !args.model.keep_quantized,
+            "--host-only loads no weights: --tensor-parallel-size, --quantization and --keep-quantized have nothing to act on"
+        );
         Box::new(pagedserve::runner::HostOnlyBackend::new(files.config.clone(), num_blocks, block_size, args.seed))
     } else if args.cuda {
         let config = files.config.clone();
