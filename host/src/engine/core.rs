@@ -695,7 +695,7 @@ impl EngineCore {
             }
         };
         let index = sample.index;
-        let logprobs = if state.request.sampling.logprobs.is_some() { vec![sampled] } else { Vec::new() };
+        let logprobs = if r.sampling.logprobs.is_some() { vec![sampled] } else { Vec::new() };
         let _ = state.events.send(StreamEvent::Delta { index, token_ids: vec![token], text: delta.text, logprobs });
         if let Some((reason, stop_reason)) = finish {
             let _ = state.events.send(StreamEvent::Finished { index, reason, stop_reason });
@@ -761,4 +761,3 @@ impl EngineCore {
         self.last_prefix_stats = stats;
     }
 }
-

@@ -14,15 +14,13 @@ pub struct TokenEnds {
     pub length: bool,
 }
 
-/// A finish reason, and for `stop` what stopped the sample.
-pub type Finish = (FinishReason, Option<StopReason>);
-
 /// What a sample's new token did: the text it released (or why detokenizing failed), and
 /// whether and why the sample ended.
 #[derive(Debug)]
 pub struct TokenOutcome {
     pub delta: Result<TextDelta, TokenizerError>,
-    pub finish: Option<Finish>,
+    /// Why the sample ended, and for `stop` what stopped it.
+    pub finish: Option<(FinishReason, Option<StopReason>)>,
 }
 
 pub struct TextStream {
@@ -87,14 +85,14 @@ impl TextStream {
     }
 
     /// Adds a generated token; returns the text that is now safe to emit.
-    pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<TextDelta, TokenizerError> {
+    fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<TextDelta, TokenizerError> {
         let new_text = self.detokenizer.step(tokenizer, token)?;
         Ok(self.release(new_text))
     }
 
     /// The sample ended for another reason: everything still held is emitted (stop strings are
     /// still honoured in the flushed tail).
-    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<TextDelta, TokenizerError> {
+    fn finish(&mut self, tokenizer: &Tokenizer) -> Result<TextDelta, TokenizerError> {
         let tail = self.detokenizer.finish(tokenizer)?;
         let mut delta = self.release(tail);
         if delta.stopped_by.is_none() {

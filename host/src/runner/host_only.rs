@@ -4,8 +4,6 @@
 //! and the events to each request. So a run times the engine's own host cost per step, the part
 //! a GPU waits out between two forwards.
 
-use std::time::Duration;
-
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::{ModelConfig, ModelError};
 use crate::runner::{ForwardBatch, ModelBackend};
@@ -69,10 +67,6 @@ impl ModelBackend for HostOnlyBackend {
             out.push(SampledRow::Token(Sampled { token, logprob: 0.0, top: Vec::new() }));
         }
         Ok(out)
-    }
-
-    fn step_phases(&self) -> &[(&'static str, Duration)] {
-        &[]
     }
 }
 
