@@ -484,3 +484,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     }
     if (threadIdx.x == 0) { o[0] = (u32)token; o[1] = logprob_bits; }
 }
+
+// Async scheduling: the fed tokens of a batch take the tokens the previous launch sampled, before
+// the forward reads them. pairs[2i] is a token's index in the batch, pairs[2i + 1] the word of its
+// sample's token in the previous launch's output buffer.
+extern "C" __global__ void feed_tokens(u32* __restrict__ tokens, const u32* __restrict__ sampled,
+                                       const u32* __restrict__ pairs, int n) {
+    PDL_ENTER();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) tokens[pairs[2 * i]] = sampled[pairs[2 * i + 1]];
+}

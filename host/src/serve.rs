@@ -32,6 +32,14 @@ pub enum Policy {
     Priority,
 }
 
+/// `--async-scheduling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AsyncScheduling {
+    Auto,
+    On,
+    Off,
+}
+
 /// Default CPU memory for the KV cache when neither `--num-kv-blocks` nor
 /// `--kv-cache-memory-gb` is given.
 const DEFAULT_KV_CACHE_GB: f64 = 1.0;
@@ -102,6 +110,11 @@ pub struct ServeArgs {
     /// Turn automatic prefix caching off.
     #[arg(long, env = "PAGEDSERVE_NO_PREFIX_CACHING")]
     no_prefix_caching: bool,
+    /// Async scheduling: schedule and launch step N+1 while step N runs on the GPU, its decode
+    /// tokens fed from step N's samples on the device. `auto`: on with one GPU, off on the CPU
+    /// (where nothing overlaps: `on` there runs the same pipelined engine path, for testing).
+    #[arg(long, value_enum, env = "PAGEDSERVE_ASYNC_SCHEDULING", default_value = "auto")]
+    async_scheduling: AsyncScheduling,
     #[arg(long, value_enum, env = "PAGEDSERVE_SCHEDULING_POLICY", default_value = "fcfs")]
     scheduling_policy: Policy,
     /// Run decode steps kernel by kernel instead of replaying CUDA graphs captured at start-up
@@ -308,6 +321,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(models) => models.into_backend(&config, num_blocks, args.block_size, !args.no_cuda_graphs, args.max_num_seqs, max_model_len)?,
         None => cpu_weights.expect("loaded for the CPU").into_backend(num_blocks, args.block_size),
     };
+    let async_scheduling = match args.async_scheduling {
+        AsyncScheduling::Auto => backend.pipelined(),
+        AsyncScheduling::On => true,
+        AsyncScheduling::Off => false,
+    };
+    let backend: Box<dyn pagedserve::runner::ModelBackend> = if async_scheduling && !backend.pipelined() {
+        Box::new(pagedserve::runner::HostPipeline::new(backend))
+    } else {
+        backend
+    };
+    tracing::info!(async_scheduling, "engine steps {}", if async_scheduling { "pipelined" } else { "one at a time" });
     let backend = match args.inject_forward_fault {
         Some(succeed) => {
             tracing::warn!(succeed, "--inject-forward-fault: forward passes fail after this many");
@@ -323,6 +347,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_model_len,
         max_queue: args.max_queue,
         prefix_caching: !args.no_prefix_caching,
+        async_scheduling,
     };
     let (engine, engine_thread) =
         EngineHandle::spawn(backend, tokenizer.clone(), metrics.clone(), policy, engine_config);

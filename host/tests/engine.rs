@@ -1,6 +1,7 @@
 //! The serving engine in-process, on the real default model: continuous batching gives every
 //! request exactly its unloaded output; preemption, prefix caching, copy-on-write forks, aborts and
-//! stop strings keep that promise and return every block.
+//! stop strings keep that promise and return every block. Each runs with steps one at a time and
+//! pipelined (async scheduling, through `HostPipeline`): the outputs must be the same.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use pagedserve::engine::{EngineConfig, EngineError, EngineHandle, FinishReason, GenerateRequest, StreamEvent, Usage};
 use pagedserve::metrics::Metrics;
 use pagedserve::runner::generate::{GenerateOptions, Generator};
-use pagedserve::runner::CpuBackend;
+use pagedserve::runner::{CpuBackend, HostPipeline, ModelBackend};
 use pagedserve::sampling::SamplingParams;
 use pagedserve::sched::{native_policy, SchedulerConfig};
 
@@ -31,8 +32,11 @@ struct Outcome {
     usage: Usage,
 }
 
-fn engine(num_blocks: usize, max_num_seqs: usize, max_num_batched_tokens: usize, prefix_caching: bool) -> TestEngine {
-    engine_with_queue(num_blocks, max_num_seqs, max_num_batched_tokens, prefix_caching, 1024)
+/// Steps one at a time, then pipelined (async scheduling).
+const MODES: [bool; 2] = [false, true];
+
+fn engine(num_blocks: usize, max_num_seqs: usize, max_num_batched_tokens: usize, prefix_caching: bool, pipelined: bool) -> TestEngine {
+    engine_with_queue(num_blocks, max_num_seqs, max_num_batched_tokens, prefix_caching, 1024, pipelined)
 }
 
 fn engine_with_queue(
@@ -41,9 +45,11 @@ fn engine_with_queue(
     max_num_batched_tokens: usize,
     prefix_caching: bool,
     max_queue: usize,
+    pipelined: bool,
 ) -> TestEngine {
     let loaded = loaded_model();
-    let backend = CpuBackend::new(loaded.model.clone(), num_blocks, 16);
+    let backend: Box<dyn ModelBackend> = Box::new(CpuBackend::new(loaded.model.clone(), num_blocks, 16));
+    let backend: Box<dyn ModelBackend> = if pipelined { Box::new(HostPipeline::new(backend)) } else { backend };
     let metrics = Arc::new(Metrics::new("test"));
     let tokenizer = loaded.tokenizer.clone().expect("tokenizer");
     let config = EngineConfig {
@@ -51,9 +57,10 @@ fn engine_with_queue(
         max_model_len: 2048,
         max_queue,
         prefix_caching,
+        async_scheduling: pipelined,
     };
     let (handle, _thread) =
-        EngineHandle::spawn(Box::new(backend), tokenizer, metrics.clone(), native_policy("fcfs").unwrap(), config);
+        EngineHandle::spawn(backend, tokenizer, metrics.clone(), native_policy("fcfs").unwrap(), config);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     TestEngine { handle, metrics, runtime }
 }
@@ -128,15 +135,18 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
 #[test]
 fn concurrent_requests_each_get_their_unloaded_output() {
     let prompts = mixed_prompts(32);
-    let max_tokens = 10;
-    let engine = engine(512, 64, 256, true);
-    let outcomes = engine.run_all(prompts.iter().map(|p| greedy(p.clone(), max_tokens)).collect());
-    for (prompt, outcome) in prompts.iter().zip(&outcomes) {
-        assert_eq!(outcome.tokens[0], alone(prompt, max_tokens), "prompt of {} tokens", prompt.len());
-        assert_eq!(outcome.reasons[0], FinishReason::Length);
-        assert_eq!(outcome.usage, Usage { prompt_tokens: prompt.len(), completion_tokens: max_tokens });
+    // Different lengths: requests end on different steps, while others run on.
+    let max_tokens = |i: usize| 4 + i % 9;
+    for pipelined in MODES {
+        let engine = engine(512, 64, 256, true, pipelined);
+        let outcomes = engine.run_all(prompts.iter().enumerate().map(|(i, p)| greedy(p.clone(), max_tokens(i))).collect());
+        for (i, (prompt, outcome)) in prompts.iter().zip(&outcomes).enumerate() {
+            assert_eq!(outcome.tokens[0], alone(prompt, max_tokens(i)), "prompt of {} tokens, pipelined {pipelined}", prompt.len());
+            assert_eq!(outcome.reasons[0], FinishReason::Length);
+            assert_eq!(outcome.usage, Usage { prompt_tokens: prompt.len(), completion_tokens: max_tokens(i) });
+        }
+        assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0, "every block returned");
     }
-    assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0, "every block returned");
 }
 
 #[test]
@@ -144,13 +154,15 @@ fn preemption_under_a_small_pool_keeps_outputs_identical() {
     // 12 blocks of 16 tokens for 8 sequences that each grow to 40-130 tokens: preemption is forced.
     let prompts = mixed_prompts(8);
     let max_tokens = 40;
-    let engine = engine(12, 8, 512, false);
-    let outcomes = engine.run_all(prompts.iter().map(|p| greedy(p.clone(), max_tokens)).collect());
-    assert!(engine.gauge("pagedserve_num_preemptions_total") > 0.0, "the pool was meant to be too small");
-    for (prompt, outcome) in prompts.iter().zip(&outcomes) {
-        assert_eq!(outcome.tokens[0], alone(prompt, max_tokens));
+    for pipelined in MODES {
+        let engine = engine(12, 8, 512, false, pipelined);
+        let outcomes = engine.run_all(prompts.iter().map(|p| greedy(p.clone(), max_tokens)).collect());
+        assert!(engine.gauge("pagedserve_num_preemptions_total") > 0.0, "the pool was meant to be too small");
+        for (prompt, outcome) in prompts.iter().zip(&outcomes) {
+            assert_eq!(outcome.tokens[0], alone(prompt, max_tokens), "pipelined {pipelined}");
+        }
+        assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0);
     }
-    assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0);
 }
 
 #[test]
@@ -159,7 +171,7 @@ fn a_shared_prefix_is_served_from_the_cache_with_identical_output() {
     let system = "You are a meticulous assistant. Answer briefly, cite nothing, and never apologise. ".repeat(4);
     let prompt = |question: &str| tokenizer.encode(&format!("{system}\nQuestion: {question}\nAnswer:"), false).unwrap();
     let (first, second) = (prompt("What is a block table?"), prompt("Why share prefixes?"));
-    let engine = engine(256, 8, 512, true);
+    let engine = engine(256, 8, 512, true, false);
     engine.run_all(vec![greedy(first.clone(), 4)]);
     let hits_before = engine.gauge("pagedserve_prefix_cache_hits_total");
     let outcome = engine.run_all(vec![greedy(second.clone(), 8)]).remove(0);
@@ -176,48 +188,55 @@ fn seeded_samples_repeat_alone_and_in_a_busy_batch_and_n_forks_share_the_prompt(
         sampling: SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(1234), ..SamplingParams::default() },
         ..greedy(prompt.clone(), 12)
     };
-    let engine = engine(256, 32, 256, true);
-    let single = engine.run_all(vec![seeded(1)]).remove(0);
-    let mut busy: Vec<GenerateRequest> = mixed_prompts(12).into_iter().map(|p| greedy(p, 12)).collect();
-    busy.insert(5, seeded(1));
-    let in_batch = engine.run_all(busy).remove(5);
-    assert_eq!(single.tokens, in_batch.tokens, "same seed, same tokens, whatever else runs");
+    let mut singles = Vec::new();
+    for pipelined in MODES {
+        let engine = engine(256, 32, 256, true, pipelined);
+        let single = engine.run_all(vec![seeded(1)]).remove(0);
+        let mut busy: Vec<GenerateRequest> = mixed_prompts(12).into_iter().map(|p| greedy(p, 12)).collect();
+        busy.insert(5, seeded(1));
+        let in_batch = engine.run_all(busy).remove(5);
+        assert_eq!(single.tokens, in_batch.tokens, "same seed, same tokens, whatever else runs");
 
-    let forked = engine.run_all(vec![seeded(3)]).remove(0);
-    assert_eq!(forked.tokens[0], single.tokens[0], "sample 0 of n=3 equals the n=1 sample");
-    assert_ne!(forked.tokens[1], forked.tokens[0], "samples draw independently");
-    assert_eq!(forked.usage.completion_tokens, 36);
-    assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0, "forked blocks all returned");
+        let forked = engine.run_all(vec![seeded(3)]).remove(0);
+        assert_eq!(forked.tokens[0], single.tokens[0], "sample 0 of n=3 equals the n=1 sample");
+        assert_ne!(forked.tokens[1], forked.tokens[0], "samples draw independently");
+        assert_eq!(forked.usage.completion_tokens, 36);
+        assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0, "forked blocks all returned");
+        singles.push(single);
+    }
+    assert_eq!(singles[0], singles[1], "pipelining changes no seeded draw");
 }
 
 #[test]
 fn dropping_a_stream_aborts_and_frees_its_blocks() {
-    let engine = engine(256, 8, 256, false);
-    engine.runtime.block_on(async {
-        let mut stream = engine.handle.submit(greedy(mixed_prompts(5)[4].clone(), 500)).unwrap();
-        // Wait for a few tokens, then walk away.
-        let mut deltas = 0;
-        while deltas < 3 {
-            if let Some(StreamEvent::Delta { .. }) = stream.next().await {
-                deltas += 1;
+    for pipelined in MODES {
+        let engine = engine(256, 8, 256, false, pipelined);
+        engine.runtime.block_on(async {
+            let mut stream = engine.handle.submit(greedy(mixed_prompts(5)[4].clone(), 500)).unwrap();
+            // Wait for a few tokens, then walk away.
+            let mut deltas = 0;
+            while deltas < 3 {
+                if let Some(StreamEvent::Delta { .. }) = stream.next().await {
+                    deltas += 1;
+                }
             }
-        }
-        assert!(engine.gauge("pagedserve_kv_cache_usage_perc") > 0.0);
-        drop(stream);
-        for _ in 0..100 {
-            if engine.gauge("pagedserve_kv_cache_usage_perc") == 0.0 {
-                return;
+            assert!(engine.gauge("pagedserve_kv_cache_usage_perc") > 0.0);
+            drop(stream);
+            for _ in 0..100 {
+                if engine.gauge("pagedserve_kv_cache_usage_perc") == 0.0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("blocks were not returned after the abort");
-    });
+            panic!("blocks were not returned after the abort (pipelined {pipelined})");
+        });
+    }
 }
 
 #[test]
 fn the_waiting_queue_is_capped_and_its_count_returns_to_zero() {
     // One running sequence at a time: while one runs, every other request waits.
-    let engine = engine_with_queue(256, 1, 256, false, 2);
+    let engine = engine_with_queue(256, 1, 256, false, 2, true);
     engine.runtime.block_on(async {
         let prompt = mixed_prompts(5)[4].clone();
         // The second round finds the count back at zero, not drifted by the first.
@@ -244,18 +263,23 @@ fn stop_strings_and_stop_tokens_end_the_sample_without_leaking() {
     let plain = &reference["greedy"]["prompts"][0];
     let prompt: Vec<u32> = plain["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     // The continuation is " Paris.\n\nThe answer is: 2018-01-22 12:12:53.<|im_end|>..."; "01-22" spans tokens.
-    let engine = engine(64, 8, 256, false);
-    let request = GenerateRequest { stop: vec!["01-22".into()], ..greedy(prompt.clone(), 32) };
-    let outcome = engine.run_all(vec![request]).remove(0);
-    assert_eq!(outcome.texts[0], " Paris.\n\nThe answer is: 2018-");
-    assert_eq!(outcome.reasons[0], FinishReason::Stop);
+    for pipelined in MODES {
+        let engine = engine(64, 8, 256, false, pipelined);
+        let request = GenerateRequest { stop: vec!["01-22".into()], ..greedy(prompt.clone(), 32) };
+        // Beside it, a request that runs on: the stopped one's extra pipelined token is dropped.
+        let outcome = engine.run_all(vec![request, greedy(prompt.clone(), 32)]).remove(0);
+        assert_eq!(outcome.texts[0], " Paris.\n\nThe answer is: 2018-", "pipelined {pipelined}");
+        assert_eq!(outcome.reasons[0], FinishReason::Stop);
+        assert_eq!(outcome.usage.completion_tokens, outcome.tokens[0].len(), "no dropped token is counted");
 
-    let request = GenerateRequest { stop_token_ids: vec![198], ..greedy(prompt.clone(), 32) };
-    let outcome = engine.run_all(vec![request]).remove(0);
-    assert_eq!(outcome.tokens[0], vec![7042, 30, 198], "stops at the first newline token");
+        let request = GenerateRequest { stop_token_ids: vec![198], ..greedy(prompt.clone(), 32) };
+        let outcome = engine.run_all(vec![request]).remove(0);
+        assert_eq!(outcome.tokens[0], vec![7042, 30, 198], "stops at the first newline token");
 
-    // End of sequence is honoured unless ignore_eos: the reference stops at index 29.
-    let outcome = engine.run_all(vec![GenerateRequest::greedy(prompt, 32)]).remove(0);
-    assert_eq!(outcome.tokens[0].len(), 30);
-    assert_eq!(outcome.texts[0], " Paris.\n\nThe answer is: 2018-01-22 12:12:53.");
+        // End of sequence is honoured unless ignore_eos: the reference stops at index 29.
+        let outcome = engine.run_all(vec![GenerateRequest::greedy(prompt.clone(), 32)]).remove(0);
+        assert_eq!(outcome.tokens[0].len(), 30);
+        assert_eq!(outcome.texts[0], " Paris.\n\nThe answer is: 2018-01-22 12:12:53.");
+        assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0, "pipelined {pipelined}: every block returned");
+    }
 }

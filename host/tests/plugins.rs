@@ -72,6 +72,7 @@ fn engine(num_blocks: usize, max_num_seqs: usize, limits: PluginLimits) -> TestE
         max_model_len: 2048,
         max_queue: 1024,
         prefix_caching: false,
+        async_scheduling: false,
     };
     let tokenizer = loaded.tokenizer.clone().unwrap();
     let (handle, _thread) =

@@ -183,7 +183,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
     },
     KernelModule { name: "fp8", source: include_str!("../fp8.cu"), functions: &["fp8_quantize_rows", "fp8_scale_output"] },
-    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows"] },
+    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows", "feed_tokens"] },
 ];
 
 impl KernelModule {

@@ -63,6 +63,43 @@ fn completions_and_chat_reproduce_the_reference_greedy_outputs() {
 }
 
 #[test]
+fn a_pipelined_server_gives_the_same_outputs() {
+    // Async scheduling forced on the CPU: the engine's pipelined path (placeholder tokens fed from
+    // the previous step, dropped tokens after a stop) serves every prompt at once, streamed and
+    // not, and each gets the reference continuation; a stop string still ends the text before it.
+    let pipelined = Server::start(&["--max-model-len", "1024", "--async-scheduling", "on"]);
+    let prompts = greedy_prompts();
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let pipelined = &pipelined;
+                scope.spawn(move || {
+                    let mut body = json!({"max_tokens": 32, "temperature": 0, "ignore_eos": true, "prompt": ids(&prompt["prompt_ids"])});
+                    let expected = prompt["new_text_skip_special"].as_str().unwrap();
+                    if i % 2 == 0 {
+                        assert_eq!(pipelined.complete("/v1/completions", &body), expected);
+                    } else {
+                        body["stream"] = json!(true);
+                        assert_eq!(stream_text(&pipelined.stream("/v1/completions", &body), 0).0, expected);
+                    }
+                })
+            })
+            .collect();
+        for run in runs {
+            run.join().unwrap();
+        }
+    });
+    let plain = &prompts[0];
+    let body = json!({"prompt": ids(&plain["prompt_ids"]), "max_tokens": 32, "temperature": 0, "stop": ["01-22"]});
+    let answer = pipelined.post_ok("/v1/completions", &body);
+    assert_eq!(answer["choices"][0]["text"], " Paris.\n\nThe answer is: 2018-");
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    assert_eq!(pipelined.metric("pagedserve_kv_cache_usage_perc"), 0.0, "every block returned");
+}
+
+#[test]
 fn n_samples_of_several_prompts_are_indexed_prompt_major() {
     let server = server();
     let reference = greedy_prompts();

@@ -304,8 +304,19 @@ fn a_huge_prompt_does_not_stall_the_server() {
 
 #[test]
 fn a_failing_forward_pass_ends_every_affected_stream_and_turns_health_503() {
+    failing_forward_pass_ends_every_affected_stream("off");
+}
+
+#[test]
+fn a_failing_pipelined_forward_pass_ends_every_affected_stream_and_turns_health_503() {
+    // With async scheduling a step is launched before the last one's results are taken: the
+    // failure must still end every stream it touches and leave nothing held.
+    failing_forward_pass_ends_every_affected_stream("on");
+}
+
+fn failing_forward_pass_ends_every_affected_stream(async_scheduling: &str) {
     // Forward passes fail once three have run.
-    let server = Server::start(&["--inject-forward-fault", "3"]);
+    let server = Server::start(&["--inject-forward-fault", "3", "--async-scheduling", async_scheduling]);
     let greedy = json!({"prompt": "Once upon a time", "max_tokens": 2, "temperature": 0, "ignore_eos": true});
     assert_eq!(server.post_ok("/v1/completions", &greedy)["usage"]["completion_tokens"], 2);
     assert_eq!(server.get("/health").status, 200);

@@ -1827,7 +1827,8 @@ fn check_distribution(dev: &GpuDevice, logits: &[f32], label: &str, p: &Sampling
 }
 
 /// The serving engine on the GPU backend, greedy requests (the reference prompts, all at once,
-/// one of them with `n = 2`), run with decode CUDA graphs and without: the tokens must agree.
+/// one of them with `n = 2`, one seeded and sampled instead), run without decode CUDA graphs, with them, and with them and async
+/// scheduling (steps pipelined, decode tokens fed on the device): the tokens must agree.
 pub fn check_engine_graphs(
     dev: &Arc<GpuDevice>,
     cpu_model: &CpuModel,
@@ -1839,7 +1840,7 @@ pub fn check_engine_graphs(
     let max_model_len = prompts.iter().map(Vec::len).max().unwrap_or(1) + max_tokens + 1;
     let num_blocks = (prompts.len() + 1) * max_model_len.div_ceil(block_size) * 2;
     let mut outputs = Vec::new();
-    for graphs in [false, true] {
+    for (graphs, pipelined) in [(false, false), (true, false), (true, true)] {
         let mut backend = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
         if graphs {
             backend.capture_decode_graphs(prompts.len() + 1, max_model_len)?;
@@ -1851,11 +1852,17 @@ pub fn check_engine_graphs(
         );
         let metrics = Arc::new(crate::metrics::Metrics::new("check"));
         let mut engine = crate::engine::EngineCore::new(Box::new(backend), tokenizer.clone(), metrics, scheduler, true, max_model_len);
+        engine.set_async_scheduling(pipelined);
         let mut receivers = Vec::new();
         for (id, prompt) in prompts.iter().enumerate() {
             let mut request = crate::engine::GenerateRequest::greedy(prompt.clone(), max_tokens);
             request.ignore_eos = true;
             request.n = if id == 0 { 2 } else { 1 };
+            // One seeded sampled request: its draws depend on each sampler's step count, which a
+            // pipelined launch must advance past the token still in flight.
+            if id == 1 {
+                request.sampling = crate::sampling::SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(7), ..Default::default() };
+            }
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             engine.add_request(id as u64, request, tx);
             receivers.push(rx);
@@ -1884,12 +1891,13 @@ pub fn check_engine_graphs(
     Ok(CheckRow {
         name: "engine graphs".into(),
         detail: format!(
-            "{} greedy requests through the engine (one n=2), {total} tokens: graphs on {} graphs off",
+            "{} requests through the engine (one n=2, one seeded sampling), {total} tokens: graphs on {} graphs off, pipelined {} one at a time",
             prompts.len(),
-            if outputs[0] == outputs[1] { "==" } else { "!=" }
+            if outputs[0] == outputs[1] { "==" } else { "!=" },
+            if outputs[2] == outputs[1] { "==" } else { "!=" },
         ),
         error: None,
-        passed: outputs[0] == outputs[1] && complete,
+        passed: outputs[0] == outputs[1] && outputs[1] == outputs[2] && complete,
     })
 }
 

@@ -3,7 +3,7 @@
 //! rows, attention tiles), packed into one buffer and uploaded once per step (`upload_batch`).
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
 use half::bf16;
 
 use super::launch::{pack_block_tables, AttentionPlan};
@@ -145,7 +145,49 @@ pub(crate) struct BatchArrays {
 
 /// Packs every index array of `batch` (and the attention plan's tiles and decode rows) into one
 /// buffer of `scratch` with one upload, and returns where each lies.
-pub(crate) fn upload_batch(dev: &GpuDevice, scratch: &mut Scratch, batch: &ForwardBatch, plan: &AttentionPlan) -> Result<BatchArrays, CudaError> {
+/// Grows a page-locked `slot` to at least `len` elements (to the next power of two).
+pub(crate) fn grow_pinned(dev: &GpuDevice, slot: &mut Option<PinnedHostSlice<u32>>, len: usize) -> Result<(), CudaError> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        // SAFETY: plain page-locked memory; every word is written before it is uploaded.
+        *slot = Some(unsafe { dev.context.alloc_pinned_with_flags::<u32>(len.max(1).next_power_of_two(), 0)? });
+    }
+    Ok(())
+}
+
+/// Page-locked staging for one kind of per-forward upload (the batch's arrays, the fed tokens),
+/// two buffers used by alternate forwards. A copy from pageable memory may make the driver wait
+/// for the stream, which would stall the host behind the step in flight and undo async
+/// scheduling; from page-locked memory it is enqueued and returns.
+#[derive(Default)]
+pub(crate) struct PinnedStaging {
+    buffers: [Option<PinnedHostSlice<u32>>; 2],
+}
+
+impl PinnedStaging {
+    /// Copies `words` into buffer `parity` and enqueues their upload to `dst` on the stream.
+    /// The caller alternates `parity` between forwards and has collected the forward that used
+    /// this buffer before (two forwards ago), so its copy is done.
+    pub(crate) fn upload(&mut self, dev: &GpuDevice, parity: usize, words: &[u32], dst: CUdeviceptr) -> Result<(), CudaError> {
+        let slot = &mut self.buffers[parity & 1];
+        grow_pinned(dev, slot, words.len())?;
+        let staging = &mut slot.as_mut().unwrap().as_mut_slice()?[..words.len()];
+        staging.copy_from_slice(words);
+        // SAFETY: `dst` holds `words.len()` words (the caller sized it); the staging buffer is not
+        // written again before this copy has run (see above).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, staging, dev.stream.cu_stream())? };
+        Ok(())
+    }
+}
+
+/// Packs the batch's arrays and enqueues their upload (through `staging`, buffer `parity`).
+pub(crate) fn upload_batch(
+    dev: &GpuDevice,
+    scratch: &mut Scratch,
+    batch: &ForwardBatch,
+    plan: &AttentionPlan,
+    staging: &mut PinnedStaging,
+    parity: usize,
+) -> Result<BatchArrays, CudaError> {
     let (tables, max_blocks) = pack_block_tables(batch);
     let n = batch.num_tokens();
     let decode_rows = plan.decode_rows.as_deref().unwrap_or(&[]);
@@ -169,8 +211,8 @@ pub(crate) fn upload_batch(dev: &GpuDevice, scratch: &mut Scratch, batch: &Forwa
         s.capacity_indices = capacity;
     }
     let indices = s.indices.as_mut().unwrap();
-    dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
     let base = ptr(dev, indices);
+    staging.upload(dev, parity, &packed, base)?;
     let at = |offset: usize| base + (offset * 4) as u64;
     Ok(BatchArrays {
         tokens: at(0),

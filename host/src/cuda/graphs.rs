@@ -221,9 +221,13 @@ impl GpuBackend {
         let block_size = self.cache().layout().block_size;
         let packed = pack(Some(batch), bucket, graphs.max_blocks, self.trash_block(), block_size);
         let dev = self.model().device().clone();
-        let graphs = self.graphs.as_mut().unwrap();
         let result = (|| {
-            dev.stream.memcpy_htod(&packed, &mut graphs.indices.slice_mut(..packed.len()))?;
+            let graphs = self.graphs.as_mut().unwrap();
+            // Token ids come first in the packed arrays (`layout`).
+            let tokens = super::model::ptr(&dev, &graphs.indices);
+            self.batch_staging.upload(&dev, self.forwards, &packed, tokens)?;
+            self.apply_feed(tokens)?;
+            let graphs = self.graphs.as_ref().unwrap();
             graphs.graphs[&bucket].0.launch()?;
             Ok((super::model::ptr(&dev, graphs.scratch.logits.as_ref().expect("sized at capture")), n))
         })();

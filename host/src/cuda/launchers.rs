@@ -204,6 +204,9 @@ kernels! {
     fn sample_rows() => "sample_rows";
         (out: Ptr, work: Ptr, logits: Ptr, params: Ptr, bias_tokens: Ptr, bias_values: Ptr,
          penalty_tokens: Ptr, penalty_counts: Ptr, masks: Ptr, vocab: i32)
+    /// `sampling.cu`: fed tokens from the previous launch's samples (async scheduling).
+    fn feed_tokens() => "feed_tokens";
+        (tokens: Ptr, sampled: Ptr, pairs: Ptr, n: i32)
 }
 
 #[cfg(test)]
@@ -276,6 +279,7 @@ mod tests {
             ("argmax_rows", "sampling", "argmax_rows"),
             ("init_uniform_bf16", "sampling", "init_uniform_bf16"),
             ("sample_rows", "sampling", "sample_rows"),
+            ("feed_tokens", "sampling", "feed_tokens"),
             ("fp8_quantize_rows", "fp8", "fp8_quantize_rows"),
             ("fp8_scale_output", "fp8", "fp8_scale_output"),
         ];

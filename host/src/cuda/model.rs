@@ -13,12 +13,12 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
-use super::batch::{upload_batch, BatchArrays, Scratch};
+use super::batch::{upload_batch, BatchArrays, PinnedStaging, Scratch};
 use super::collective::RankComm;
 use super::forward::{self, ArenaPlan, Launch};
 use super::kv_cache::GpuKvCache;
 use super::launch::{plan_attention, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
-use super::sampling::sample_on_device;
+use super::sampling::{collect_sampling, launch_sampling};
 use super::weights::{GpuMatrix, GpuStore, GpuWeights, MatrixData};
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
@@ -291,7 +291,9 @@ impl GpuModel {
 /// Why the forward cannot take `batch`, if it cannot: checked before anything is launched (and,
 /// with tensor parallelism, before any rank is asked).
 pub(crate) fn check_batch(config: &ModelConfig, batch: &ForwardBatch) -> Result<(), CudaError> {
-    match batch.token_ids.iter().find(|&&t| t as usize >= config.vocab_size) {
+    // A fed token's placeholder is replaced on the device before the forward reads it.
+    let fed = |i: usize| batch.fed.iter().any(|f| f.token == i);
+    match batch.token_ids.iter().enumerate().find(|&(i, &t)| t as usize >= config.vocab_size && !fed(i)).map(|(_, t)| t) {
         Some(&bad) => Err(CudaError::Config(format!("token id {bad} is outside the vocabulary of {}", config.vocab_size))),
         None => Ok(()),
     }
@@ -352,6 +354,18 @@ pub struct GpuBackend {
     /// The last step's phases: host wall times (constraint masks, packing, unpacking) and, on a
     /// timed step, device times.
     step_phases: Vec<(&'static str, std::time::Duration)>,
+    /// Launched steps not yet collected, oldest first: each one's `step_timer` number.
+    launched: std::collections::VecDeque<u64>,
+    /// The fed tokens of the batch being launched: the previous launch's sampling output and the
+    /// (token index, output word) pairs, applied right after the batch's upload (`apply_feed`).
+    pending_feed: Option<(CUdeviceptr, Vec<u32>)>,
+    /// Device copy of the fed pairs.
+    feed_pairs: Option<CudaSlice<u32>>,
+    /// Page-locked staging of each forward's uploads: the batch's arrays, the fed pairs.
+    pub(crate) batch_staging: PinnedStaging,
+    feed_staging: PinnedStaging,
+    /// Forwards enqueued so far: their parity picks the staging buffers.
+    pub(crate) forwards: usize,
 }
 
 impl GpuBackend {
@@ -379,6 +393,12 @@ impl GpuBackend {
             gemv_enabled: true,
             profiler: Default::default(),
             step_timer: Default::default(),
+            launched: Default::default(),
+            pending_feed: None,
+            feed_pairs: None,
+            batch_staging: Default::default(),
+            feed_staging: Default::default(),
+            forwards: 0,
             step_phases: Vec::new(),
         })
     }
@@ -428,7 +448,8 @@ impl GpuBackend {
         );
         let partials = if split.splits > 1 { n * c.num_attention_heads * split.splits } else { 0 };
         self.ensure_scratch(n, rows, partials)?;
-        let arrays = upload_batch(&self.model.dev, &mut self.scratch, batch, &plan)?;
+        let arrays = upload_batch(&self.model.dev, &mut self.scratch, batch, &plan, &mut self.batch_staging, self.forwards)?;
+        self.apply_feed(arrays.tokens)?;
         self.run_forward(&self.scratch, n, rows, &arrays, split)?;
         Ok(rows)
     }
@@ -495,6 +516,18 @@ impl ModelBackend for GpuBackend {
         self.forward_and_sample(batch, rows).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
     }
 
+    fn pipelined(&self) -> bool {
+        true
+    }
+
+    fn launch(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<(), ModelError> {
+        self.launch_step(batch, rows).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
+    }
+
+    fn collect(&mut self, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        self.collect_step(rows).map_err(|e| ModelError::Input(format!("CUDA forward: {e}")))
+    }
+
     fn step_phases(&self) -> &[(&'static str, std::time::Duration)] {
         &self.step_phases
     }
@@ -506,20 +539,66 @@ impl GpuBackend {
     /// the host while the forward runs (it is only enqueued) and go up as bitmasks beside the
     /// sampling parameters.
     pub fn forward_and_sample(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
+        self.launch_step(batch, rows)?;
+        self.collect_step(rows)
+    }
+
+    /// Enqueues the forward and the sampling of `rows`, its fed tokens taken on the device from
+    /// the previous launch's samples, and returns without waiting (`collect_step` takes the
+    /// results).
+    pub fn launch_step(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<(), CudaError> {
         use super::profile::StepMark;
         let dev = self.model.dev.clone();
-        self.step_phases.clear();
-        self.step_timer.begin(&dev)?;
+        self.pending_feed = None;
+        if !batch.fed.is_empty() {
+            self.pending_feed = Some(self.sampling.fed_source(&dev, &batch.fed)?);
+        }
+        let step = self.step_timer.begin(&dev)?;
         let (logits, num_rows) = self.forward_on_device(batch)?;
+        if self.pending_feed.take().is_some() {
+            return Err(CudaError::Config("the batch's fed tokens were not applied".into()));
+        }
         self.step_timer.mark(&dev, StepMark::ForwardEnd)?;
+        // A fed row's sampler has not observed the token it was fed yet.
+        let fed: std::collections::HashSet<usize> = batch.fed.iter().map(|f| f.token).collect();
+        let unobserved: Vec<bool> = rows.iter().map(|r| batch.logits_rows.get(r.row).is_some_and(|t| fed.contains(t))).collect();
         let vocab = self.model.config.vocab_size;
-        let (results, times) = sample_on_device(&dev, &mut self.sampling, logits, num_rows, vocab, rows, Some(&self.step_timer))?;
+        launch_sampling(&dev, &mut self.sampling, logits, num_rows, vocab, rows, &unobserved, Some(&self.step_timer))?;
+        self.launched.push_back(step);
+        Ok(())
+    }
+
+    /// Waits for the oldest launched step and returns its results (`rows`: its samplers, in the
+    /// launch's order).
+    pub fn collect_step(&mut self, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
+        self.step_phases.clear();
+        let step = self.launched.pop_front().ok_or_else(|| CudaError::Config("collect without a launched step".into()))?;
+        let (results, times) = collect_sampling(&mut self.sampling, rows)?;
         if !times.masks.is_zero() {
             self.step_phases.push(("constraint_masks", times.masks));
         }
         self.step_phases.extend([("sample_pack", times.pack), ("sample_unpack", times.unpack)]);
-        self.step_phases.extend(self.step_timer.phases()?);
+        self.step_phases.extend(self.step_timer.phases(step)?);
         Ok(results)
+    }
+
+    /// Puts the pending fed tokens (see `pending_feed`) into the uploaded batch's token ids at
+    /// `tokens`, on the stream after the upload and before the forward.
+    pub(crate) fn apply_feed(&mut self, tokens: CUdeviceptr) -> Result<(), CudaError> {
+        let Some((sampled, pairs)) = self.pending_feed.take() else { return Ok(()) };
+        let dev = &self.model.dev;
+        if self.feed_pairs.as_ref().is_none_or(|b| b.len() < pairs.len()) {
+            self.feed_pairs = Some(dev.stream.alloc_zeros::<u32>(pairs.len().next_power_of_two())?);
+        }
+        let buffer = self.feed_pairs.as_mut().unwrap();
+        self.feed_staging.upload(dev, self.forwards, &pairs, ptr(dev, buffer))?;
+        let n = pairs.len() / 2;
+        let config = cudarc::driver::LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `tokens` holds the batch's token ids, `sampled` the previous launch's output
+        // (its set is not written again before this launch's sampling), and every pair indexes
+        // inside them (`SamplingBuffers::fed_source`).
+        unsafe { super::launchers::feed_tokens(dev, config, tokens, sampled, ptr(dev, buffer), n as i32)? };
+        Ok(())
     }
 
     /// Runs the forward and leaves the logits of the batch's requested rows on the device:
@@ -527,6 +606,7 @@ impl GpuBackend {
     /// are on), else kernel by kernel. Returns the logits pointer and the number of real rows
     /// (a graph's padding rows come after them and are never read).
     pub(crate) fn forward_on_device(&mut self, batch: &ForwardBatch) -> Result<(CUdeviceptr, usize), CudaError> {
+        self.forwards += 1;
         if let Some(replayed) = self.replay_decode_graph(batch) {
             return replayed;
         }

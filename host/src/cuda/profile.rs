@@ -87,7 +87,11 @@ pub struct ServingStepTimer {
     /// forward start, forward end, sampling start (after the upload), sampling end.
     events: Option<[CudaEvent; 4]>,
     steps: u64,
+    /// Whether the step being launched records the events.
     timing: bool,
+    /// The step whose times the events hold, not yet read (`phases` reads them once, for that
+    /// step: with async scheduling the next step is launched before they are read).
+    recorded: Option<u64>,
 }
 
 /// The timer's marks, in step order.
@@ -101,20 +105,31 @@ pub enum StepMark {
 
 impl Default for ServingStepTimer {
     fn default() -> Self {
-        ServingStepTimer { events: None, steps: 0, timing: false }
+        ServingStepTimer { events: None, steps: 0, timing: false, recorded: None }
     }
 }
 
 impl ServingStepTimer {
-    /// Starts a step: decides whether it is timed (and records its first mark if so).
-    pub fn begin(&mut self, dev: &GpuDevice) -> Result<(), CudaError> {
+    /// Starts a step: decides whether it is timed (and records its first mark if so). Returns
+    /// the step's number, for `phases`.
+    pub fn begin(&mut self, dev: &GpuDevice) -> Result<u64, CudaError> {
         self.steps += 1;
         self.timing = self.steps % TIME_EVERY == 1;
+        // Times of a step that was never collected (its launch failed) are dropped.
+        if self.recorded.is_some_and(|r| r + 2 < self.steps) {
+            self.recorded = None;
+        }
+        // A timed step's events are not recorded over before they are read.
+        self.timing = self.timing && self.recorded.is_none();
         if self.timing && self.events.is_none() {
             let new = || dev.context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
             self.events = Some([new()?, new()?, new()?, new()?]);
         }
-        self.mark(dev, StepMark::ForwardStart)
+        if self.timing {
+            self.recorded = Some(self.steps);
+        }
+        self.mark(dev, StepMark::ForwardStart)?;
+        Ok(self.steps)
     }
 
     /// Records `mark` on the stream if this step is timed.
@@ -127,8 +142,12 @@ impl ServingStepTimer {
 
     /// A timed step's device phases, once its last mark has completed (the caller has waited for
     /// the step's results); empty for an untimed step.
-    pub fn phases(&self) -> Result<Vec<(&'static str, std::time::Duration)>, CudaError> {
-        let (Some(e), true) = (&self.events, self.timing) else { return Ok(Vec::new()) };
+    pub fn phases(&mut self, step: u64) -> Result<Vec<(&'static str, std::time::Duration)>, CudaError> {
+        if self.recorded != Some(step) {
+            return Ok(Vec::new());
+        }
+        self.recorded = None;
+        let Some(e) = &self.events else { return Ok(Vec::new()) };
         let span = |a: &CudaEvent, b: &CudaEvent| -> Result<std::time::Duration, CudaError> {
             Ok(std::time::Duration::from_secs_f64(f64::from(a.elapsed_ms(b)?.max(0.0)) / 1e3))
         };

@@ -12,15 +12,18 @@
 //! `observe`d by its sampler, as the host sampler does. Packing and unpacking are plain functions,
 //! unit-tested without a GPU.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, LaunchConfig, PinnedHostSlice};
 
+use super::batch::grow_pinned;
 use super::launchers;
 use super::model::ptr;
 use super::profile::{ServingStepTimer, StepMark};
 use super::{CudaError, GpuDevice};
+use crate::runner::FedToken;
 use crate::sampling::{prepare_constraint_masks, RowSampling, Sampled, SampledRow, TokenLogprob};
 
 /// Words of one sample's parameters (`SAMPLE_PARAM_WORDS` in the kernel).
@@ -103,7 +106,9 @@ fn penalty_entries(r: &RowSampling<'_>, vocab: usize) -> Vec<(u32, u32)> {
     entries
 }
 
-pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
+/// `unobserved[i]` (absent: false): row `i`'s sampler has a token in flight that it has not
+/// observed yet, so the row draws at the step after its observed ones.
+pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize, unobserved: &[bool]) -> PackedRows {
     let mut params = vec![0u32; rows.len() * PARAM_WORDS];
     let (mut bias_tokens, mut bias_values) = (Vec::new(), Vec::new());
     let (mut penalty_tokens, mut penalty_counts) = (Vec::new(), Vec::new());
@@ -152,7 +157,8 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize) -> PackedRows {
         };
         out_len += 2 + 2 * pairs;
         outputs.push(output);
-        let (seed, step) = (r.sampler.device_seed(), r.sampler.num_observed());
+        let in_flight = u64::from(unobserved.get(i).copied().unwrap_or(false));
+        let (seed, step) = (r.sampler.device_seed(), r.sampler.num_observed() + in_flight);
         w[word::ROW] = r.row as u32;
         w[word::FLAGS] = flags;
         w[word::TEMPERATURE] = p.temperature.to_bits();
@@ -225,9 +231,12 @@ pub(crate) fn unpack(out: &[u32], packed: &PackedRows, rows: &mut [RowSampling<'
         .collect()
 }
 
-/// Buffers of the sampler, grown to the largest step seen.
+/// One set of the sampler's buffers, grown to the largest step seen. Launches alternate between
+/// two sets, so that a launch enqueued while the previous one runs (async scheduling) writes
+/// nothing that one still reads: its page-locked uploads and downloads, and its output, which the
+/// next batch's fed tokens are read from.
 #[derive(Default)]
-pub struct SamplingBuffers {
+struct BufferSet {
     /// Page-locked host copies of the uploads (parameters; masks, one slot per sample, written
     /// in place by the threads that compute them), so that each copy is enqueued without waiting
     /// for the stream (the forward still runs) and goes up by DMA as soon as the forward is done.
@@ -237,6 +246,47 @@ pub struct SamplingBuffers {
     masks: Option<CudaSlice<u32>>,
     output: Option<CudaSlice<u32>>,
     work: Option<CudaSlice<f32>>,
+    /// Page-locked copy of the output, downloaded at the end of the launch.
+    download: Option<PinnedHostSlice<u32>>,
+    /// Recorded after the download: the launch's results are on the host.
+    done: Option<CudaEvent>,
+}
+
+/// A sampling launched and not yet collected.
+struct PendingSample {
+    set: usize,
+    packed: PackedRows,
+    masks: Duration,
+    pack: Duration,
+}
+
+/// The sampler's buffers and its launches in flight (at most two: see `BufferSet`).
+#[derive(Default)]
+pub struct SamplingBuffers {
+    sets: [BufferSet; 2],
+    /// The set the next launch uses.
+    next: usize,
+    /// Launched and not yet collected, oldest first.
+    pending: VecDeque<PendingSample>,
+    /// The last launch's set, and the output word of each of its samples' token (`None` for a
+    /// sample that returns candidates): where the next batch's fed tokens come from.
+    last: Option<(usize, Vec<Option<u32>>)>,
+}
+
+impl SamplingBuffers {
+    /// The device address of the last launch's output and, for each fed token, the pair (its
+    /// index in the batch, its sample's token word there), for `feed_tokens`.
+    pub(crate) fn fed_source(&self, dev: &GpuDevice, fed: &[FedToken]) -> Result<(CUdeviceptr, Vec<u32>), CudaError> {
+        let missing = || CudaError::Config("a fed token without a previous launch's sample".into());
+        let (set, words) = self.last.as_ref().ok_or_else(missing)?;
+        let output = self.sets[*set].output.as_ref().ok_or_else(missing)?;
+        let mut pairs = Vec::with_capacity(2 * fed.len());
+        for f in fed {
+            let word = words.get(f.sample).copied().flatten().ok_or_else(missing)?;
+            pairs.extend([f.token as u32, word]);
+        }
+        Ok((ptr(dev, output), pairs))
+    }
 }
 
 /// Grows `slot` to at least `len` elements (to the next power of two).
@@ -247,15 +297,6 @@ fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 ) -> Result<(), CudaError> {
     if slot.as_ref().is_none_or(|s| s.len() < len) {
         *slot = Some(dev.stream.alloc_zeros::<T>(len.max(1).next_power_of_two())?);
-    }
-    Ok(())
-}
-
-/// Grows a page-locked `slot` to at least `len` elements (to the next power of two).
-fn grow_pinned(dev: &GpuDevice, slot: &mut Option<PinnedHostSlice<u32>>, len: usize) -> Result<(), CudaError> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        // SAFETY: plain page-locked memory; every word is written before it is uploaded.
-        *slot = Some(unsafe { dev.context.alloc_pinned_with_flags::<u32>(len.max(1).next_power_of_two(), 0)? });
     }
     Ok(())
 }
@@ -285,76 +326,132 @@ pub fn sample_on_device(
     rows: &mut [RowSampling<'_>],
     timer: Option<&ServingStepTimer>,
 ) -> Result<(Vec<SampledRow>, SampleTimes), CudaError> {
-    if rows.is_empty() {
-        return Ok((Vec::new(), SampleTimes::default()));
+    launch_sampling(dev, buffers, logits, num_logit_rows, vocab, rows, &[], timer)?;
+    collect_sampling(buffers, rows)
+}
+
+/// Enqueues the sampling of `rows` and the download of its results; `collect_sampling` takes
+/// them. `unobserved[i]`: row `i`'s sampler has one token in flight that it has not observed yet
+/// (a fed token), so its generator's step is one further on.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_sampling(
+    dev: &GpuDevice,
+    buffers: &mut SamplingBuffers,
+    logits: CUdeviceptr,
+    num_logit_rows: usize,
+    vocab: usize,
+    rows: &mut [RowSampling<'_>],
+    unobserved: &[bool],
+    timer: Option<&ServingStepTimer>,
+) -> Result<(), CudaError> {
+    if buffers.pending.len() >= 2 {
+        return Err(CudaError::Config("a third sampling launched before the first was collected".into()));
     }
     if let Some(r) = rows.iter().find(|r| r.row >= num_logit_rows) {
         return Err(CudaError::Config(format!("a sample reads logits row {} of {num_logit_rows}", r.row)));
     }
+    let set_index = buffers.next;
+    let set = &mut buffers.sets[set_index];
     let masks_started = Instant::now();
     let mask_words = vocab.div_ceil(32);
     // Slots up to the last constrained sample go up (a slot is `mask_words` words).
     let mask_len = rows.iter().rposition(|r| r.sampler.constraint().is_some()).map_or(0, |last| (last + 1) * mask_words);
     if mask_len > 0 {
-        grow_pinned(dev, &mut buffers.mask_staging, rows.len() * mask_words)?;
-        grow(dev, &mut buffers.masks, mask_len)?;
-        // The last step's copy out of the staging buffer finished before its results were read.
-        let staging = buffers.mask_staging.as_mut().unwrap().as_mut_slice()?;
+        grow_pinned(dev, &mut set.mask_staging, rows.len() * mask_words)?;
+        grow(dev, &mut set.masks, mask_len)?;
+        // This set's last launch was collected (its copies done) before this one began.
+        let staging = set.mask_staging.as_mut().unwrap().as_mut_slice()?;
         prepare_constraint_masks(rows, vocab, staging);
-        let device = ptr(dev, buffers.masks.as_ref().unwrap());
+        let device = ptr(dev, set.masks.as_ref().unwrap());
         // SAFETY: the device buffer holds `mask_len` words; the staging buffer stays allocated
-        // and unwritten until this step's results are downloaded below, after the copy.
+        // and unwritten until this launch is collected, after the copy.
         unsafe { cudarc::driver::result::memcpy_htod_async(device, &staging[..mask_len], dev.stream.cu_stream())? };
     }
     let masks = if mask_len > 0 { masks_started.elapsed() } else { Duration::ZERO };
     let started = Instant::now();
-    let packed = pack_rows(rows, vocab);
-    let len = packed.words.len();
-    grow(dev, &mut buffers.input, len)?;
-    grow(dev, &mut buffers.output, packed.out_len)?;
-    grow(dev, &mut buffers.work, packed.work_rows * vocab)?;
-    grow_pinned(dev, &mut buffers.staging, len)?;
-    let staging = &mut buffers.staging.as_mut().unwrap().as_mut_slice()?[..len];
-    staging.copy_from_slice(&packed.words);
-    let input = buffers.input.as_mut().unwrap();
-    let base = ptr(dev, input);
-    // SAFETY: as for the masks above.
-    unsafe { cudarc::driver::result::memcpy_htod_async(base, staging, dev.stream.cu_stream())? };
-    if let Some(timer) = timer {
-        timer.mark(dev, StepMark::SampleStart)?;
+    let packed = pack_rows(rows, vocab, unobserved);
+    if !rows.is_empty() {
+        let len = packed.words.len();
+        grow(dev, &mut set.input, len)?;
+        grow(dev, &mut set.output, packed.out_len)?;
+        grow(dev, &mut set.work, packed.work_rows * vocab)?;
+        grow_pinned(dev, &mut set.staging, len)?;
+        grow_pinned(dev, &mut set.download, packed.out_len)?;
+        let staging = &mut set.staging.as_mut().unwrap().as_mut_slice()?[..len];
+        staging.copy_from_slice(&packed.words);
+        let input = set.input.as_mut().unwrap();
+        let base = ptr(dev, input);
+        // SAFETY: as for the masks above.
+        unsafe { cudarc::driver::result::memcpy_htod_async(base, staging, dev.stream.cu_stream())? };
+        if let Some(timer) = timer {
+            timer.mark(dev, StepMark::SampleStart)?;
+        }
+        let at = |offset: usize| base + (offset * 4) as u64;
+        let output = ptr(dev, set.output.as_ref().unwrap());
+        let masks_ptr = set.masks.as_ref().map_or(0, |m| ptr(dev, m));
+        let vocab_i = vocab as i32;
+        let config = LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the packed parameters describe every row's offsets inside these buffers; a row
+        // with a mask offset has its slot uploaded.
+        unsafe {
+            launchers::sample_rows(
+                dev,
+                config,
+                output,
+                ptr(dev, set.work.as_ref().unwrap()),
+                logits,
+                base,
+                at(packed.bias_tokens),
+                at(packed.bias_values),
+                at(packed.penalty_tokens),
+                at(packed.penalty_counts),
+                masks_ptr,
+                vocab_i,
+            )?;
+        }
+        if let Some(timer) = timer {
+            timer.mark(dev, StepMark::SampleEnd)?;
+        }
+        let download = &mut set.download.as_mut().unwrap().as_mut_slice()?[..packed.out_len];
+        // SAFETY: the page-locked buffer holds `out_len` words and is read only once `done` has
+        // passed (`collect_sampling`), and written again only by this set's next launch.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(download, output, dev.stream.cu_stream())? };
+        match &set.done {
+            Some(done) => done.record(&dev.stream)?,
+            None => set.done = Some(dev.stream.record_event(None)?),
+        }
     }
-    let at = |offset: usize| base + (offset * 4) as u64;
-    let output = buffers.output.as_ref().unwrap();
-    let masks_ptr = buffers.masks.as_ref().map_or(0, |m| ptr(dev, m));
-    let vocab_i = vocab as i32;
-    let config = LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: the packed parameters describe every row's offsets inside these buffers; a row
-    // with a mask offset has its slot uploaded.
-    unsafe {
-        launchers::sample_rows(
-            dev,
-            config,
-            ptr(dev, output),
-            ptr(dev, buffers.work.as_ref().unwrap()),
-            logits,
-            base,
-            at(packed.bias_tokens),
-            at(packed.bias_values),
-            at(packed.penalty_tokens),
-            at(packed.penalty_counts),
-            masks_ptr,
-            vocab_i,
-        )?;
+    let words = packed
+        .outputs
+        .iter()
+        .map(|o| match *o {
+            RowOutput::Token { offset, .. } => Some(offset as u32),
+            RowOutput::Candidates { .. } => None,
+        })
+        .collect();
+    buffers.last = Some((set_index, words));
+    buffers.next = 1 - set_index;
+    buffers.pending.push_back(PendingSample { set: set_index, packed, masks, pack: started.elapsed() });
+    Ok(())
+}
+
+/// Waits for the oldest launched sampling and returns its results; `rows` are its samplers, in
+/// the launch's order (token results are observed by them).
+pub fn collect_sampling(buffers: &mut SamplingBuffers, rows: &mut [RowSampling<'_>]) -> Result<(Vec<SampledRow>, SampleTimes), CudaError> {
+    let pending = buffers.pending.pop_front().ok_or_else(|| CudaError::Config("collect without a launched sampling".into()))?;
+    if pending.packed.outputs.len() != rows.len() {
+        return Err(CudaError::Config(format!("{} rows collected for a launch of {}", rows.len(), pending.packed.outputs.len())));
     }
-    if let Some(timer) = timer {
-        timer.mark(dev, StepMark::SampleEnd)?;
+    let times = SampleTimes { masks: pending.masks, pack: pending.pack, unpack: Duration::ZERO };
+    if rows.is_empty() {
+        return Ok((Vec::new(), times));
     }
-    let pack = started.elapsed();
-    let mut out = vec![0u32; packed.out_len];
-    dev.stream.memcpy_dtoh(&output.slice(..packed.out_len), &mut out)?;
+    let set = &mut buffers.sets[pending.set];
+    set.done.as_ref().expect("recorded at launch").synchronize()?;
     let unpacking = Instant::now();
-    let results = unpack(&out, &packed, rows);
-    Ok((results, SampleTimes { masks, pack, unpack: unpacking.elapsed() }))
+    let out = &set.download.as_mut().expect("grown at launch").as_mut_slice()?[..pending.packed.out_len];
+    let results = unpack(out, &pending.packed, rows);
+    Ok((results, SampleTimes { unpack: unpacking.elapsed(), ..times }))
 }
 
 #[cfg(test)]
@@ -384,7 +481,7 @@ mod tests {
             RowSampling { row: 0, sampler: &mut b, candidates: None },
             RowSampling { row: 1, sampler: &mut c, candidates: Some(4) },
         ];
-        let p = pack_rows(&rows, 60);
+        let p = pack_rows(&rows, 60, &[]);
         let w = |row: usize, word: usize| p.words[row * PARAM_WORDS + word];
         assert_eq!((w(0, word::ROW), w(1, word::ROW), w(2, word::ROW)), (1, 0, 1));
         assert_eq!(w(0, word::FLAGS), 0, "no bias or penalties: the raw row is read in place");
@@ -395,6 +492,9 @@ mod tests {
         assert_eq!((w(0, word::SEED), w(0, word::SEED + 1)), (7, 0));
         assert_ne!(w(2, word::SEED), 7, "the second sample of a seeded request draws apart");
         assert_eq!((w(1, word::STEP), w(0, word::STEP)), (3, 0));
+        let fed = pack_rows(&rows, 60, &[true, false]);
+        let step = |row: usize| fed.words[row * PARAM_WORDS + word::STEP];
+        assert_eq!((step(0), step(1)), (1, 3), "a fed row draws at the step after its observed tokens");
         // Bias: token 99 is outside the vocabulary of 60 and dropped.
         assert_eq!((w(1, word::BIAS), w(1, word::BIAS + 1)), (0, 2));
         assert_eq!(&p.words[p.bias_tokens..p.bias_values], &[3, 9]);
@@ -431,7 +531,7 @@ mod tests {
             RowSampling { row: 0, sampler: &mut a, candidates: None },
             RowSampling { row: 0, sampler: &mut b, candidates: Some(2) },
         ];
-        let packed = pack_rows(&rows, 8);
+        let packed = pack_rows(&rows, 8, &[]);
         let out = [5, (-0.5f32).to_bits(), 5, (-0.5f32).to_bits(), u32::MAX, f32::NAN.to_bits(), 6, 3f32.to_bits(), 1, 2f32.to_bits()];
         let got = unpack(&out, &packed, &mut rows);
         let top = vec![TokenLogprob { token: 5, logprob: -0.5 }];

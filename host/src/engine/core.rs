@@ -20,6 +20,17 @@
 //! by that plugin. Before each forward, the engine asks each plugin once for all its sequences
 //! that sample in the step (`fetch_constraint_masks`) and sets the masks on their samplers, which
 //! every sampling path then applies; a fault fails the requests of that call, after the forward.
+//!
+//! Async scheduling (with a pipelined backend and `async_scheduling` on): step N+1 is scheduled
+//! and launched while step N runs on the device, and step N's results are taken after it, so the
+//! host's work between two steps (processing, scheduling, building the batch) overlaps the GPU.
+//! Each decode sequence of step N gets a placeholder token, which the backend replaces with the
+//! token step N sampled (`runner::FedToken`) before step N+1 reads it; the engine writes the
+//! token in when step N's results come. A sequence that step N ends (an end-of-sequence token, a
+//! stop string) has its step N+1 token dropped; one that would end by length gets no placeholder.
+//! Only a step whose samples all depend on nothing but their last token is pipelined (native
+//! samplers without penalties or constraints, no forks); any other waits for its results before
+//! the next is scheduled, exactly as without async scheduling.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -34,7 +45,7 @@ use crate::kv_cache::KvCacheManager;
 use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::plugin::{ConstraintStart, ConstraintStep, PluginRegistry, PluginSampleInput};
-use crate::runner::{ForwardBatch, ModelBackend};
+use crate::runner::{ForwardBatch, ModelBackend, PLACEHOLDER_TOKEN};
 use crate::sampling::{RowSampling, Sampled, SampledRow, SequenceSampler};
 use crate::sched::{SchedSeq, Scheduler, SchedulerOutput, SchedulingPolicy, SeqId};
 use crate::tokenizer::Tokenizer;
@@ -61,6 +72,26 @@ struct PlannedSample {
     /// The sampler plugin that picks its token and the candidates it wants, or why the sample
     /// cannot be taken (a sampler or constraint plugin failed, or refused the request).
     plugin: Option<Result<(String, usize), EngineError>>,
+}
+
+/// A launched step whose results have not been taken yet.
+struct InFlight {
+    output: SchedulerOutput,
+    plan: Vec<PlannedSample>,
+    /// For each plan entry, whether it was handed to the backend (a sample whose plugin failed is
+    /// not: it has no row).
+    sampled: Vec<bool>,
+    /// The results, when the step ran to the end at launch (a backend without pipelining, or a
+    /// launch that failed).
+    ready: Option<Result<Vec<SampledRow>, ModelError>>,
+    /// Whether the next step may be launched before this one's results are in.
+    pipelinable: bool,
+    /// Whether `Scheduler::step_done` has recorded its tokens as computed.
+    computed: bool,
+    /// For each plan entry, whether its sequence holds a placeholder for this step's token.
+    placeholders: Vec<bool>,
+    /// Host time spent launching (and, without pipelining, running) it.
+    forward_time: std::time::Duration,
 }
 
 struct SampleState {
@@ -106,6 +137,10 @@ pub struct EngineCore {
     /// Why the last forward pass failed, if it did (cleared by the next that succeeds): the
     /// server reports itself unhealthy meanwhile.
     forward_failure: Option<String>,
+    /// Whether steps are pipelined (see the module header): asked for and the backend can.
+    async_scheduling: bool,
+    /// The launched step whose results the next `step` takes.
+    in_flight: Option<InFlight>,
 }
 
 /// Tokens of a sequence's recent past a sampler plugin sees.
@@ -140,7 +175,15 @@ impl EngineCore {
             plugins: None,
             constraint_seqs: BTreeMap::new(),
             forward_failure: None,
+            async_scheduling: false,
+            in_flight: None,
         }
+    }
+
+    /// Turns async scheduling on (where the backend pipelines) or off; returns whether it is on.
+    pub fn set_async_scheduling(&mut self, on: bool) -> bool {
+        self.async_scheduling = on && self.backend.pipelined();
+        self.async_scheduling
     }
 
     /// Why the last forward pass failed, while no later one has succeeded.
@@ -149,7 +192,7 @@ impl EngineCore {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.scheduler.is_empty()
+        !self.scheduler.is_empty() || self.in_flight.is_some()
     }
 
     pub fn num_requests(&self) -> usize {
@@ -286,6 +329,8 @@ impl EngineCore {
 
     /// Fails every request (the engine is going down).
     pub fn fail_all(&mut self, error: EngineError) {
+        // Its results would go to requests that are about to end.
+        self.in_flight = None;
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
             if let Some(state) = self.requests.get(&id) {
@@ -304,7 +349,39 @@ impl EngineCore {
     /// scheduled, before the forward pass and before any of the step's output is sent: the engine
     /// thread publishes its waiting count there, so a client that has seen its first token never
     /// finds its request still counted against `--max-queue`.
+    ///
+    /// With a step in flight (async scheduling), this schedules and launches the next one first
+    /// and then takes the results of the one in flight.
     pub fn step_then(&mut self, scheduled: impl FnOnce(&Self)) -> usize {
+        let mut previous = self.in_flight.take();
+        let mut feed = HashMap::new();
+        if let Some(previous) = &mut previous {
+            // Its tokens are computed once it runs; the next step starts after them.
+            self.scheduler.step_done(&previous.output, &mut self.kv);
+            previous.computed = true;
+            feed = self.add_placeholders(previous);
+        }
+        let launched = self.schedule_and_launch(scheduled, &feed);
+        let tokens = launched.as_ref().map_or(0, |l| l.output.num_tokens);
+        let had_previous = previous.is_some();
+        let previous_tokens = previous.as_ref().map_or(0, |p| p.output.num_tokens);
+        if let Some(previous) = previous {
+            self.complete(previous);
+        }
+        match launched {
+            Some(step) if step.pipelinable => self.in_flight = Some(step),
+            Some(step) => self.complete(step),
+            None if !had_previous => self.fail_unschedulable(),
+            None => {}
+        }
+        self.update_gauges();
+        // A step that only took the last one's results still did work.
+        tokens.max(previous_tokens)
+    }
+
+    /// Schedules a batch and launches it; `None` when nothing could be scheduled. `feed` maps a
+    /// sequence holding a placeholder to its sample in the step in flight.
+    fn schedule_and_launch(&mut self, scheduled: impl FnOnce(&Self), feed: &HashMap<SeqId, usize>) -> Option<InFlight> {
         let metrics = self.metrics.clone();
         let phase = |name: &str, since: Instant| {
             metrics.engine_step_phase.with_label_values(&[name]).observe(since.elapsed().as_secs_f64())
@@ -320,9 +397,7 @@ impl EngineCore {
         }
         self.metrics.num_preemptions.inc_by(output.preempted.len() as u64);
         if output.scheduled.is_empty() {
-            self.fail_unschedulable();
-            self.update_gauges();
-            return 0;
+            return None;
         }
         let now = Instant::now();
         for scheduled in &output.scheduled {
@@ -350,24 +425,53 @@ impl EngineCore {
             phase("constraint_plugins", asked);
         }
         let forward_started = Instant::now();
-        let forward = self.run_batch(&output, &mut plan);
-        phase("forward", forward_started);
+        let mut step = self.launch(output, plan, feed);
+        step.forward_time = forward_started.elapsed();
+        // The host's part of the forward: building the batch and enqueueing it (with async
+        // scheduling; without, the whole forward).
+        phase("launch", forward_started);
+        Some(step)
+    }
+
+    /// Takes a launched step's results (waiting for them if they are not in) and emits them; a
+    /// failed step fails its requests.
+    fn complete(&mut self, mut step: InFlight) {
+        let metrics = self.metrics.clone();
+        let waited = Instant::now();
+        let results = match step.ready.take() {
+            Some(results) => results,
+            None => {
+                let gone = step.plan.iter().filter(|p| p.fork.is_none() && !self.samples.contains_key(&p.seq)).count();
+                let mut spares: Vec<SequenceSampler> =
+                    (0..gone).map(|_| SequenceSampler::new(Default::default(), &[], 0)).collect();
+                let (mut rows, _) = sampling_rows(&mut self.samples, &mut step.plan, &mut spares);
+                self.backend.collect(&mut rows)
+            }
+        };
+        let forward_time = step.forward_time + waited.elapsed();
+        metrics.engine_step_phase.with_label_values(&["forward"]).observe(forward_time.as_secs_f64());
         // The backend's own breakdown of the forward (grammar masks, sampling, device times).
         for &(name, time) in self.backend.step_phases() {
             metrics.engine_step_phase.with_label_values(&[name]).observe(time.as_secs_f64());
         }
-        self.forward_failure = forward.as_ref().err().map(|e| e.to_string());
-        match forward {
+        self.forward_failure = results.as_ref().err().map(|e| e.to_string());
+        match results {
             Ok(results) => {
                 let process_started = Instant::now();
-                self.scheduler.step_done(&output, &mut self.kv);
-                self.process_samples(plan, results);
-                phase("process", process_started);
+                if !step.computed {
+                    self.scheduler.step_done(&step.output, &mut self.kv);
+                }
+                let mut results = results.into_iter();
+                let results = step.sampled.iter().map(|&s| if s { results.next() } else { None }).collect();
+                self.process_samples(step.plan, results, &step.placeholders);
+                metrics.engine_step_phase.with_label_values(&["process"]).observe(process_started.elapsed().as_secs_f64());
             }
             Err(error) => {
                 tracing::error!(%error, "forward pass failed");
-                let requests: Vec<RequestId> =
-                    output.scheduled.iter().map(|s| self.samples[&s.id].request).collect();
+                // A request may have ended meanwhile (its client left, or an earlier step ended it).
+                let mut requests: Vec<RequestId> =
+                    step.output.scheduled.iter().filter_map(|s| self.samples.get(&s.id)).map(|s| s.request).collect();
+                requests.dedup();
                 for id in requests {
                     if let Some(state) = self.requests.get(&id) {
                         let _ = state.events.send(StreamEvent::Error(EngineError::Forward(error.to_string())));
@@ -376,9 +480,38 @@ impl EngineCore {
                 }
             }
         }
-        self.metrics.iteration_tokens.observe(output.num_tokens as f64);
-        self.update_gauges();
-        output.num_tokens
+        self.metrics.iteration_tokens.observe(step.output.num_tokens as f64);
+    }
+
+    /// Appends a placeholder token to each sequence of the step in flight that goes on after
+    /// it (one that the step's token ends by length gets none); returns each such sequence's
+    /// sample index in that step.
+    fn add_placeholders(&mut self, step: &mut InFlight) -> HashMap<SeqId, usize> {
+        let mut feed = HashMap::new();
+        // A pipelined step has no forks and no plugins: its plan entries are its rows, in order.
+        for (i, p) in step.plan.iter().enumerate() {
+            let Some(sample) = self.samples.get(&p.seq) else { continue };
+            let Some(seq) = self.scheduler.get_mut(p.seq) else { continue };
+            let request = &self.requests[&sample.request].request;
+            let ends_by_length = seq.num_generated() + 1 >= request.max_tokens || seq.tokens.len() + 1 >= self.max_model_len;
+            if ends_by_length || !seq.running {
+                continue;
+            }
+            seq.tokens.push(PLACEHOLDER_TOKEN);
+            step.placeholders[i] = true;
+            feed.insert(p.seq, i);
+        }
+        feed
+    }
+
+    /// Whether a planned sample depends on nothing but its sequence's last token, so that the
+    /// next step may be launched before its result is known.
+    fn pipelinable(&self, p: &PlannedSample) -> bool {
+        if p.fork.is_some() || p.plugin.is_some() {
+            return false;
+        }
+        let sampler = &self.samples[&p.seq].sampler;
+        sampler.constraint().is_none() && !sampler.params().has_penalties()
     }
 
     /// This step's samples, in the order they are emitted: for each sequence that samples, the
@@ -522,9 +655,47 @@ impl EngineCore {
         }
     }
 
-    /// Runs the forward and samples every planned sample whose sampler can run (one result per
-    /// plan entry; `None` for a plugin that could not be asked).
-    fn run_batch(&mut self, output: &SchedulerOutput, plan: &mut [PlannedSample]) -> Result<Vec<Option<SampledRow>>, ModelError> {
+    /// Builds the step's batch and launches it: pipelined when async scheduling is on, else run
+    /// to the end (the results are then `ready`).
+    fn launch(&mut self, output: SchedulerOutput, mut plan: Vec<PlannedSample>, feed: &HashMap<SeqId, usize>) -> InFlight {
+        let pipelinable = self.async_scheduling && plan.iter().all(|p| self.pipelinable(p));
+        let mut step = InFlight {
+            sampled: Vec::new(),
+            ready: None,
+            pipelinable,
+            computed: false,
+            placeholders: vec![false; plan.len()],
+            forward_time: Default::default(),
+            output,
+            plan: Vec::new(),
+        };
+        let result = self.launch_batch(&step.output, &mut plan, feed, &mut step.sampled);
+        step.plan = plan;
+        match result {
+            // Launched and pending: taken by `complete`, now or after the next launch.
+            Ok(None) => {}
+            Ok(Some(results)) => {
+                step.ready = Some(Ok(results));
+                step.pipelinable = false;
+            }
+            Err(error) => {
+                step.ready = Some(Err(error));
+                step.pipelinable = false;
+            }
+        }
+        step
+    }
+
+    /// Copies blocks, builds the batch and hands it to the backend with one `RowSampling` per
+    /// planned sample whose sampler can run (`sampled` says which). Returns the results, or
+    /// `None` when the backend launched the step to be collected later.
+    fn launch_batch(
+        &mut self,
+        output: &SchedulerOutput,
+        plan: &mut [PlannedSample],
+        feed: &HashMap<SeqId, usize>,
+        sampled: &mut Vec<bool>,
+    ) -> Result<Option<Vec<SampledRow>>, ModelError> {
         if !output.copies.is_empty() {
             self.backend.copy_blocks(&output.copies);
         }
@@ -532,41 +703,30 @@ impl EngineCore {
         let mut batch = ForwardBatch::new(layout.block_size, layout.num_blocks);
         for s in &output.scheduled {
             let seq = self.scheduler.get(s.id).expect("scheduled sequence");
-            batch
-                .push_seq(&seq.tokens[s.start..s.start + s.num_new], s.start, seq.blocks.table(), s.samples)
-                .map_err(|e| ModelError::Input(e.to_string()))?;
+            let end = s.start + s.num_new;
+            batch.push_seq(&seq.tokens[s.start..end], s.start, seq.blocks.table(), s.samples).map_err(|e| ModelError::Input(e.to_string()))?;
+            if seq.tokens[end - 1] == PLACEHOLDER_TOKEN {
+                let sample = feed.get(&s.id).ok_or_else(|| ModelError::Input(format!("sequence {} has a placeholder token but no fed sample", s.id)))?;
+                batch.feed_last_token(*sample);
+            }
         }
-        // Every sampler of the step at once: live sequences' from `samples`, forks' from the plan.
-        let live_ids: HashSet<SeqId> = plan.iter().filter(|p| p.fork.is_none()).map(|p| p.seq).collect();
-        let mut live: HashMap<SeqId, &mut SequenceSampler> =
-            self.samples.iter_mut().filter(|(id, _)| live_ids.contains(id)).map(|(id, s)| (*id, &mut s.sampler)).collect();
-        let mut rows = Vec::with_capacity(plan.len());
-        let mut sampled = Vec::with_capacity(plan.len());
-        for p in plan.iter_mut() {
-            let candidates = match &p.plugin {
-                None => None,
-                Some(Ok((_, n))) => Some(*n),
-                Some(Err(_)) => {
-                    sampled.push(false);
-                    continue;
-                }
-            };
-            let sampler = match &mut p.fork {
-                Some((_, state)) => &mut state.sampler,
-                None => live.remove(&p.seq).expect("a live sample"),
-            };
-            rows.push(RowSampling { row: p.row, sampler, candidates });
-            sampled.push(true);
+        let (mut rows, was_sampled) = sampling_rows(&mut self.samples, plan, &mut []);
+        *sampled = was_sampled;
+        if self.async_scheduling {
+            self.backend.launch(&batch, &mut rows)?;
+            Ok(None)
+        } else {
+            self.backend.forward_sampled(&batch, &mut rows).map(Some)
         }
-        let mut results = self.backend.forward_sampled(&batch, &mut rows)?.into_iter();
-        Ok(sampled.into_iter().map(|s| if s { results.next() } else { None }).collect())
     }
 
-    fn process_samples(&mut self, plan: Vec<PlannedSample>, results: Vec<Option<SampledRow>>) {
+    /// Emits a step's results; `placeholders` says which plan entries' sequences hold a
+    /// placeholder for their token.
+    fn process_samples(&mut self, plan: Vec<PlannedSample>, results: Vec<Option<SampledRow>>, placeholders: &[bool]) {
         let vocab = self.backend.config().vocab_size;
         // Sequences whose sampler is a plugin: their candidates, per plugin, sampled after the loop.
         let mut deferred: Vec<(String, Vec<PluginSampleInput>)> = Vec::new();
-        for (p, result) in plan.into_iter().zip(results) {
+        for ((p, result), &placeholder) in plan.into_iter().zip(results).zip(placeholders) {
             if let Some((parent, state)) = p.fork {
                 // The request may have failed earlier in this loop (a sibling's error).
                 if self.scheduler.get(parent).is_none() || !self.requests.contains_key(&state.request) {
@@ -586,7 +746,7 @@ impl EngineCore {
                         None => deferred.push((name, vec![input])),
                     }
                 }
-                (None, Some(SampledRow::Token(sampled))) => self.emit_sampled(p.seq, sampled),
+                (None, Some(SampledRow::Token(sampled))) => self.emit_sampled(p.seq, sampled, placeholder),
                 (_, other) => {
                     let message = format!("the backend returned {other:?} for sequence {}", p.seq);
                     self.fail_request(sample.request, EngineError::Forward(message));
@@ -634,7 +794,7 @@ impl EngineCore {
                     let Some(sample) = self.samples.get_mut(&input.seq) else { continue };
                     sample.sampler.observe(out.token);
                     let sampled = Sampled { token: out.token, logprob: out.logprob.unwrap_or(f32::NAN), top: Vec::new() };
-                    self.emit_sampled(input.seq, sampled);
+                    self.emit_sampled(input.seq, sampled, false);
                 }
             }
             Err(message) => {
@@ -657,13 +817,20 @@ impl EngineCore {
         self.abort(id);
     }
 
-    /// Appends a sampled token, streams it, and finishes the sample if it should stop.
-    fn emit_sampled(&mut self, seq_id: SeqId, sampled: Sampled) {
+    /// Appends a sampled token (or writes it over the sequence's placeholder), streams it, and
+    /// finishes the sample if it should stop.
+    fn emit_sampled(&mut self, seq_id: SeqId, sampled: Sampled, placeholder: bool) {
         let now = Instant::now();
         let sample = self.samples.get_mut(&seq_id).expect("live sample");
         let token = sampled.token;
         let seq = self.scheduler.get_mut(seq_id).expect("live sequence");
-        seq.tokens.push(token);
+        match seq.tokens.last_mut().filter(|_| placeholder) {
+            Some(last) => {
+                debug_assert_eq!(*last, PLACEHOLDER_TOKEN);
+                *last = token;
+            }
+            None => seq.tokens.push(token),
+        }
         let generated = seq.num_generated();
         let total_len = seq.tokens.len();
         let request_id = sample.request;
@@ -760,4 +927,38 @@ impl EngineCore {
         self.metrics.prefix_cache_hits.inc_by(stats.hits - self.last_prefix_stats.hits);
         self.last_prefix_stats = stats;
     }
+}
+
+/// One `RowSampling` per planned sample whose sampler can run, in plan order: live sequences'
+/// samplers from `samples`, forks' from the plan; and, per plan entry, whether it has a row. A
+/// sample that is gone (ended while its step ran) takes one of `spares`, so that the rows still
+/// match the launch's.
+fn sampling_rows<'a>(
+    samples: &'a mut HashMap<SeqId, SampleState>,
+    plan: &'a mut [PlannedSample],
+    spares: &'a mut [SequenceSampler],
+) -> (Vec<RowSampling<'a>>, Vec<bool>) {
+    let mut spares = spares.iter_mut();
+    let live_ids: HashSet<SeqId> = plan.iter().filter(|p| p.fork.is_none()).map(|p| p.seq).collect();
+    let mut live: HashMap<SeqId, &mut SequenceSampler> =
+        samples.iter_mut().filter(|(id, _)| live_ids.contains(id)).map(|(id, s)| (*id, &mut s.sampler)).collect();
+    let mut rows = Vec::with_capacity(plan.len());
+    let mut sampled = Vec::with_capacity(plan.len());
+    for p in plan.iter_mut() {
+        let candidates = match &p.plugin {
+            None => None,
+            Some(Ok((_, n))) => Some(*n),
+            Some(Err(_)) => {
+                sampled.push(false);
+                continue;
+            }
+        };
+        let sampler = match &mut p.fork {
+            Some((_, state)) => &mut state.sampler,
+            None => live.remove(&p.seq).or_else(|| spares.next()).expect("a live sample or a spare"),
+        };
+        rows.push(RowSampling { row: p.row, sampler, candidates });
+        sampled.push(true);
+    }
+    (rows, sampled)
 }

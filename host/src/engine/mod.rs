@@ -71,6 +71,8 @@ pub struct EngineConfig {
     /// Most requests waiting to start before new ones are refused.
     pub max_queue: usize,
     pub prefix_caching: bool,
+    /// Pipeline steps where the backend can (`EngineCore`'s async scheduling).
+    pub async_scheduling: bool,
 }
 
 enum Command {
@@ -157,7 +159,8 @@ impl EngineHandle {
             forward_failure: Default::default(),
         });
         let scheduler = Scheduler::new(config.scheduler, policy);
-        let core = EngineCore::new(backend, tokenizer, metrics, scheduler, config.prefix_caching, config.max_model_len);
+        let mut core = EngineCore::new(backend, tokenizer, metrics, scheduler, config.prefix_caching, config.max_model_len);
+        core.set_async_scheduling(config.async_scheduling);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("pagedserve-engine".into())

@@ -1,6 +1,13 @@
 //! The seam between the engine and a model backend: run a `ForwardBatch` against the backend's
 //! own KV-cache memory (returning logits, or sampled tokens), and copy blocks for copy-on-write.
 //! The CPU backend is the reference; the CUDA backend implements the same trait.
+//!
+//! Pipelining (async scheduling): a backend that says it is `pipelined` splits `forward_sampled`
+//! into `launch`, which returns once the step is enqueued, and `collect`, which waits for its
+//! results; the engine schedules and launches step N+1 between the two halves of step N, its
+//! decode tokens fed from step N's samples on the device (`FedToken`). `HostPipeline` gives any
+//! backend the same interface, running each launch to the end (no overlap: for testing the
+//! engine's pipelined path on the CPU).
 
 use crate::kv_cache::{BlockId, KvCacheLayout};
 use crate::model::cpu::{CpuKvCache, CpuModel};
@@ -29,6 +36,25 @@ pub trait ModelBackend: Send {
         let logits = self.forward(batch)?;
         prepare_constraints(rows);
         Ok(sample_rows_host(&logits, self.config().vocab_size, rows))
+    }
+
+    /// Whether `launch` and `collect` are implemented (see the module header).
+    fn pipelined(&self) -> bool {
+        false
+    }
+
+    /// Enqueues the batch's forward and the sampling of `rows`, resolving its fed tokens from the
+    /// previous launch's samples, and returns without waiting for the results. At most two
+    /// launches are outstanding; `collect` takes them in order.
+    fn launch(&mut self, _batch: &ForwardBatch, _rows: &mut [RowSampling<'_>]) -> Result<(), ModelError> {
+        Err(ModelError::Input("this backend does not pipeline steps".into()))
+    }
+
+    /// Waits for the oldest outstanding launch and returns its results, one per row; `rows` are
+    /// that launch's samplers in the same order (token results are `observe`d by them, as in
+    /// `forward_sampled`).
+    fn collect(&mut self, _rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        Err(ModelError::Input("this backend does not pipeline steps".into()))
     }
 
     /// Where the last `forward_sampled` spent its time, by named phase, for the engine's
@@ -86,8 +112,97 @@ impl<B: ModelBackend + ?Sized> ModelBackend for Box<B> {
         (**self).forward_sampled(batch, rows)
     }
 
+    fn pipelined(&self) -> bool {
+        (**self).pipelined()
+    }
+
+    fn launch(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<(), ModelError> {
+        (**self).launch(batch, rows)
+    }
+
+    fn collect(&mut self, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        (**self).collect(rows)
+    }
+
     fn step_phases(&self) -> &[(&'static str, Duration)] {
         (**self).step_phases()
+    }
+}
+
+/// Any backend behind the pipelined interface: each `launch` runs the step to the end, its fed
+/// tokens taken from the previous launch's results on the host, and `collect` hands back the
+/// results in order. No overlap; it lets the engine's pipelined path run on the CPU reference.
+pub struct HostPipeline {
+    inner: Box<dyn ModelBackend>,
+    outstanding: std::collections::VecDeque<Vec<SampledRow>>,
+    /// The last launch's sampled token per row (`None` for a row that gave candidates).
+    last_tokens: Vec<Option<u32>>,
+}
+
+impl HostPipeline {
+    pub fn new(inner: Box<dyn ModelBackend>) -> Self {
+        HostPipeline { inner, outstanding: Default::default(), last_tokens: Vec::new() }
+    }
+}
+
+impl ModelBackend for HostPipeline {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    fn kv_layout(&self) -> &KvCacheLayout {
+        self.inner.kv_layout()
+    }
+
+    fn copy_blocks(&mut self, copies: &[(BlockId, BlockId)]) {
+        self.inner.copy_blocks(copies)
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
+        self.inner.forward(batch)
+    }
+
+    fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        self.inner.forward_sampled(batch, rows)
+    }
+
+    fn pipelined(&self) -> bool {
+        true
+    }
+
+    fn launch(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<(), ModelError> {
+        let last_tokens = std::mem::take(&mut self.last_tokens);
+        let resolved;
+        let batch = if batch.fed.is_empty() {
+            batch
+        } else {
+            let mut copy = batch.clone();
+            copy.resolve_fed(&last_tokens).map_err(|e| ModelError::Input(e.to_string()))?;
+            resolved = copy;
+            &resolved
+        };
+        if batch.has_placeholders() {
+            return Err(ModelError::Input("a placeholder token without a fed sample".into()));
+        }
+        let results = self.inner.forward_sampled(batch, rows)?;
+        self.last_tokens = results
+            .iter()
+            .map(|r| match r {
+                SampledRow::Token(s) => Some(s.token),
+                SampledRow::Candidates { .. } => None,
+            })
+            .collect();
+        self.outstanding.push_back(results);
+        Ok(())
+    }
+
+    fn collect(&mut self, _rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        // The samplers observed their tokens when the launch sampled them.
+        self.outstanding.pop_front().ok_or_else(|| ModelError::Input("collect without a launch".into()))
+    }
+
+    fn step_phases(&self) -> &[(&'static str, Duration)] {
+        self.inner.step_phases()
     }
 }
 
@@ -178,6 +293,19 @@ impl ModelBackend for FaultyBackend {
     fn forward_sampled(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
         self.pass()?;
         self.inner.forward_sampled(batch, rows)
+    }
+
+    fn pipelined(&self) -> bool {
+        self.inner.pipelined()
+    }
+
+    fn launch(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<(), ModelError> {
+        self.pass()?;
+        self.inner.launch(batch, rows)
+    }
+
+    fn collect(&mut self, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, ModelError> {
+        self.inner.collect(rows)
     }
 
     fn step_phases(&self) -> &[(&'static str, Duration)] {

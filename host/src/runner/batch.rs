@@ -5,6 +5,11 @@
 //! Invariants (checked by `push_seq`): a sequence's block table covers every position it writes
 //! and reads; its new tokens take positions `start_pos..start_pos + len`, and attention for the
 //! token at position `p` reads positions `0..=p` of the same sequence from the cache.
+//!
+//! Fed tokens (async scheduling): a decode token sampled by the previous launch, whose value the
+//! host does not know yet, goes in as `PLACEHOLDER_TOKEN` with a `FedToken` entry saying which
+//! of that launch's samples it is; the backend puts the sampled token in its place before the
+//! forward reads it (`ModelBackend::launch`).
 
 use std::ops::Range;
 
@@ -18,6 +23,20 @@ pub enum BatchError {
     EmptyChunk { seq: usize },
     #[error("sequence {seq}: block id {block} is outside the pool of {num_blocks} blocks")]
     BlockOutOfRange { seq: usize, block: BlockId, num_blocks: usize },
+    #[error("a fed token names sample {sample}, but the previous launch gave no token there ({samples} samples)")]
+    NoFedToken { sample: usize, samples: usize },
+}
+
+/// The token id a fed token has in `token_ids` (and in its sequence) until its value is known.
+pub const PLACEHOLDER_TOKEN: u32 = u32::MAX;
+
+/// A token of the batch that is the previous launch's sample number `sample` (an index into that
+/// launch's `RowSampling`s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FedToken {
+    /// Index into `token_ids`.
+    pub token: usize,
+    pub sample: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +68,8 @@ pub struct ForwardBatch {
     pub seqs: Vec<SeqInBatch>,
     /// Tokens whose logits the caller wants, in order (usually each sequence's last token).
     pub logits_rows: Vec<usize>,
+    /// Placeholder tokens to take from the previous launch's samples (see the module header).
+    pub fed: Vec<FedToken>,
 }
 
 impl ForwardBatch {
@@ -62,6 +83,7 @@ impl ForwardBatch {
             token_seq: Vec::new(),
             seqs: Vec::new(),
             logits_rows: Vec::new(),
+            fed: Vec::new(),
         }
     }
 
@@ -109,6 +131,31 @@ impl ForwardBatch {
         self.seqs.push(SeqInBatch { tokens: first..self.token_ids.len(), start_pos, block_table: block_table.to_vec() });
         Ok(seq)
     }
+
+    /// Marks the last token pushed, a `PLACEHOLDER_TOKEN`, as the previous launch's sample
+    /// number `sample`.
+    pub fn feed_last_token(&mut self, sample: usize) {
+        let token = self.token_ids.len() - 1;
+        debug_assert_eq!(self.token_ids[token], PLACEHOLDER_TOKEN, "only a placeholder is fed");
+        self.fed.push(FedToken { token, sample });
+    }
+
+    /// Puts the sampled tokens in place of the fed placeholders (`previous`: the previous launch's
+    /// sampled token of each of its samples; `None` for a sample that gave no token).
+    pub fn resolve_fed(&mut self, previous: &[Option<u32>]) -> Result<(), BatchError> {
+        for fed in std::mem::take(&mut self.fed) {
+            match previous.get(fed.sample).copied().flatten() {
+                Some(token) => self.token_ids[fed.token] = token,
+                None => return Err(BatchError::NoFedToken { sample: fed.sample, samples: previous.len() }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a placeholder is still in the batch (a backend that cannot feed refuses it).
+    pub fn has_placeholders(&self) -> bool {
+        !self.fed.is_empty() || self.token_ids.contains(&PLACEHOLDER_TOKEN)
+    }
 }
 
 #[cfg(test)]
@@ -135,5 +182,25 @@ mod tests {
         assert!(matches!(batch.push_seq(&[1], 0, &[8], false), Err(BatchError::BlockOutOfRange { .. })));
         assert!(matches!(batch.push_seq(&[], 0, &[0], false), Err(BatchError::EmptyChunk { .. })));
         assert_eq!(batch.num_tokens(), 0);
+    }
+
+    #[test]
+    fn fed_placeholders_take_the_previous_samples() {
+        let mut batch = ForwardBatch::new(4, 16);
+        batch.push_seq(&[5, 6, 7], 0, &[1], true).unwrap();
+        batch.push_seq(&[PLACEHOLDER_TOKEN], 6, &[2, 3], true).unwrap();
+        batch.feed_last_token(1);
+        batch.push_seq(&[PLACEHOLDER_TOKEN], 2, &[4], true).unwrap();
+        batch.feed_last_token(0);
+        assert!(batch.has_placeholders());
+        assert_eq!(batch.resolve_fed(&[Some(40), None]), Err(BatchError::NoFedToken { sample: 1, samples: 2 }));
+        let mut batch2 = ForwardBatch::new(4, 16);
+        batch2.push_seq(&[PLACEHOLDER_TOKEN], 6, &[2, 3], true).unwrap();
+        batch2.feed_last_token(1);
+        batch2.push_seq(&[PLACEHOLDER_TOKEN], 2, &[4], true).unwrap();
+        batch2.feed_last_token(0);
+        batch2.resolve_fed(&[Some(40), Some(41)]).unwrap();
+        assert_eq!(batch2.token_ids, vec![41, 40]);
+        assert!(!batch2.has_placeholders());
     }
 }

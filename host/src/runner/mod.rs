@@ -7,7 +7,7 @@ mod cpu_parallel;
 mod host_only;
 pub mod generate;
 
-pub use self::backend::{CpuBackend, FaultyBackend, ModelBackend};
+pub use self::backend::{CpuBackend, FaultyBackend, HostPipeline, ModelBackend};
 pub use self::cpu_parallel::CpuTensorParallelBackend;
 pub use self::host_only::HostOnlyBackend;
-pub use self::batch::{BatchError, ForwardBatch, SeqInBatch};
+pub use self::batch::{BatchError, FedToken, ForwardBatch, SeqInBatch, PLACEHOLDER_TOKEN};
