@@ -32,12 +32,28 @@ pub enum Policy {
     Priority,
 }
 
-/// `--async-scheduling`.
+/// `--async-scheduling` (of `serve` and `bench serve`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AsyncScheduling {
     Auto,
     On,
     Off,
+}
+
+impl AsyncScheduling {
+    /// The backend the engine gets, and whether its steps are pipelined: `auto` where the backend
+    /// pipelines itself, `on` always (behind a `HostPipeline`, without overlap, where it cannot).
+    pub fn apply(self, backend: Box<dyn pagedserve::runner::ModelBackend>) -> (Box<dyn pagedserve::runner::ModelBackend>, bool) {
+        let on = match self {
+            AsyncScheduling::Auto => backend.pipelined(),
+            AsyncScheduling::On => true,
+            AsyncScheduling::Off => false,
+        };
+        if on && !backend.pipelined() {
+            return (Box::new(pagedserve::runner::HostPipeline::new(backend)), true);
+        }
+        (backend, on)
+    }
 }
 
 /// Default CPU memory for the KV cache when neither `--num-kv-blocks` nor
@@ -321,16 +337,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(models) => models.into_backend(&config, num_blocks, args.block_size, !args.no_cuda_graphs, args.max_num_seqs, max_model_len)?,
         None => cpu_weights.expect("loaded for the CPU").into_backend(num_blocks, args.block_size),
     };
-    let async_scheduling = match args.async_scheduling {
-        AsyncScheduling::Auto => backend.pipelined(),
-        AsyncScheduling::On => true,
-        AsyncScheduling::Off => false,
-    };
-    let backend: Box<dyn pagedserve::runner::ModelBackend> = if async_scheduling && !backend.pipelined() {
-        Box::new(pagedserve::runner::HostPipeline::new(backend))
-    } else {
-        backend
-    };
+    let (backend, async_scheduling) = args.async_scheduling.apply(backend);
     tracing::info!(async_scheduling, "engine steps {}", if async_scheduling { "pipelined" } else { "one at a time" });
     let backend = match args.inject_forward_fault {
         Some(succeed) => {

@@ -141,6 +141,9 @@ pub(crate) struct BenchServeArgs {
     /// two forwards.
     #[arg(long, conflicts_with = "cuda")]
     host_only: bool,
+    /// As `serve --async-scheduling`: pipeline the engine's steps (`auto`: on with the GPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    async_scheduling: crate::serve::AsyncScheduling,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -234,6 +237,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         args.model.refuse_quantization("the CPU backend")?;
         args.tensor_parallel.load_cpu(files)?.into_backend(num_blocks, block_size)
     };
+    let (backend, async_scheduling) = args.async_scheduling.apply(backend);
     let options = serve::ServeOptions {
         num_requests: args.num_requests,
         concurrency: args.concurrency,
@@ -243,6 +247,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         },
         max_model_len: args.max_model_len,
         seed: args.seed,
+        async_scheduling,
     };
     // The registry must outlive the run: the Wasm policy calls into its slot.
     let mut _registry = None;

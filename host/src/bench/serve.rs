@@ -76,6 +76,8 @@ pub struct ServeOptions {
     pub scheduler: SchedulerConfig,
     pub max_model_len: usize,
     pub seed: u64,
+    /// Pipeline the engine's steps (the backend must pipeline: see `ModelBackend::pipelined`).
+    pub async_scheduling: bool,
 }
 
 struct InFlight {
@@ -124,6 +126,7 @@ pub fn run_with_swaps(
     let policy_name = policy.name().to_string();
     let scheduler = Scheduler::new(options.scheduler, policy);
     let mut core = EngineCore::new(backend, tokenizer, metrics.clone(), scheduler, true, options.max_model_len);
+    core.set_async_scheduling(options.async_scheduling);
 
     let started = Instant::now();
     let mut next = 0;
