@@ -487,10 +487,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
 
 // Async scheduling: the fed tokens of a batch take the tokens the previous launch sampled, before
 // the forward reads them. pairs[2i] is a token's index in the batch, pairs[2i + 1] the word of its
-// sample's token in the previous launch's output buffer.
+// sample's token in the previous launch's output buffer. A token outside the vocabulary (a sampler
+// fault the host fails the request for when it takes the results) goes in as 0, so the embedding
+// never reads out of bounds.
 extern "C" __global__ void feed_tokens(u32* __restrict__ tokens, const u32* __restrict__ sampled,
-                                       const u32* __restrict__ pairs, int n) {
+                                       const u32* __restrict__ pairs, int n, int vocab) {
     PDL_ENTER();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) tokens[pairs[2 * i]] = sampled[pairs[2 * i + 1]];
+    if (i < n) {
+        const u32 token = sampled[pairs[2 * i + 1]];
+        tokens[pairs[2 * i]] = token < (u32)vocab ? token : 0u;
+    }
 }

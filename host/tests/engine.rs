@@ -150,6 +150,22 @@ fn concurrent_requests_each_get_their_unloaded_output() {
 }
 
 #[test]
+fn prompts_prefilled_in_small_chunks_keep_outputs_identical() {
+    // 16 tokens a step: most steps are prefill chunks with nothing to sample, running beside (and,
+    // pipelined, ahead of) other sequences' decode steps.
+    let prompts = mixed_prompts(6);
+    let max_tokens = 8;
+    for pipelined in MODES {
+        let engine = engine(256, 8, 16, true, pipelined);
+        let outcomes = engine.run_all(prompts.iter().map(|p| greedy(p.clone(), max_tokens)).collect());
+        for (prompt, outcome) in prompts.iter().zip(&outcomes) {
+            assert_eq!(outcome.tokens[0], alone(prompt, max_tokens), "prompt of {} tokens, pipelined {pipelined}", prompt.len());
+        }
+        assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0);
+    }
+}
+
+#[test]
 fn preemption_under_a_small_pool_keeps_outputs_identical() {
     // 12 blocks of 16 tokens for 8 sequences that each grow to 40-130 tokens: preemption is forced.
     let prompts = mixed_prompts(8);

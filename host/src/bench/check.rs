@@ -1847,7 +1847,9 @@ pub fn check_engine_graphs(
         }
         let policy = crate::sched::native_policy("fcfs").expect("built-in policy");
         let scheduler = crate::sched::Scheduler::new(
-            crate::sched::SchedulerConfig { max_num_seqs: 64, max_num_batched_tokens: 2048 },
+            // A budget of 16 tokens a step: the prompts are prefilled in chunks, so steps with
+            // nothing to sample run between (and, pipelined, ahead of) the decode steps.
+            crate::sched::SchedulerConfig { max_num_seqs: 64, max_num_batched_tokens: 16 },
             policy,
         );
         let metrics = Arc::new(crate::metrics::Metrics::new("check"));

@@ -206,7 +206,7 @@ kernels! {
          penalty_tokens: Ptr, penalty_counts: Ptr, masks: Ptr, vocab: i32)
     /// `sampling.cu`: fed tokens from the previous launch's samples (async scheduling).
     fn feed_tokens() => "feed_tokens";
-        (tokens: Ptr, sampled: Ptr, pairs: Ptr, n: i32)
+        (tokens: Ptr, sampled: Ptr, pairs: Ptr, n: i32, vocab: i32)
 }
 
 #[cfg(test)]

@@ -354,8 +354,13 @@ pub struct GpuBackend {
     /// The last step's phases: host wall times (constraint masks, packing, unpacking) and, on a
     /// timed step, device times.
     step_phases: Vec<(&'static str, std::time::Duration)>,
-    /// Launched steps not yet collected, oldest first: each one's `step_timer` number.
-    launched: std::collections::VecDeque<u64>,
+    /// Launched steps not yet collected, oldest first: each one's `step_timer` number and an
+    /// event recorded after its last work. `collect_step` waits for that event even for a step
+    /// with nothing to sample (a prefill chunk), so at most two steps are ever enqueued and the
+    /// host buffers a launch writes (page-locked staging, alternate launches) are free again.
+    launched: std::collections::VecDeque<(u64, cudarc::driver::CudaEvent)>,
+    /// Events of collected steps, for reuse.
+    spare_events: Vec<cudarc::driver::CudaEvent>,
     /// The fed tokens of the batch being launched: the previous launch's sampling output and the
     /// (token index, output word) pairs, applied right after the batch's upload (`apply_feed`).
     pending_feed: Option<(CUdeviceptr, Vec<u32>)>,
@@ -394,6 +399,7 @@ impl GpuBackend {
             profiler: Default::default(),
             step_timer: Default::default(),
             launched: Default::default(),
+            spare_events: Vec::new(),
             pending_feed: None,
             feed_pairs: None,
             batch_staging: Default::default(),
@@ -549,6 +555,9 @@ impl GpuBackend {
     pub fn launch_step(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<(), CudaError> {
         use super::profile::StepMark;
         let dev = self.model.dev.clone();
+        if self.launched.len() >= 2 {
+            return Err(CudaError::Config("a third step launched before the first was collected".into()));
+        }
         self.pending_feed = None;
         if !batch.fed.is_empty() {
             self.pending_feed = Some(self.sampling.fed_source(&dev, &batch.fed)?);
@@ -564,7 +573,12 @@ impl GpuBackend {
         let unobserved: Vec<bool> = rows.iter().map(|r| batch.logits_rows.get(r.row).is_some_and(|t| fed.contains(t))).collect();
         let vocab = self.model.config.vocab_size;
         launch_sampling(&dev, &mut self.sampling, logits, num_rows, vocab, rows, &unobserved, Some(&self.step_timer))?;
-        self.launched.push_back(step);
+        let done = match self.spare_events.pop() {
+            Some(event) => event,
+            None => dev.context.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?,
+        };
+        done.record(&dev.stream)?;
+        self.launched.push_back((step, done));
         Ok(())
     }
 
@@ -572,7 +586,9 @@ impl GpuBackend {
     /// launch's order).
     pub fn collect_step(&mut self, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
         self.step_phases.clear();
-        let step = self.launched.pop_front().ok_or_else(|| CudaError::Config("collect without a launched step".into()))?;
+        let (step, done) = self.launched.pop_front().ok_or_else(|| CudaError::Config("collect without a launched step".into()))?;
+        done.synchronize()?;
+        self.spare_events.push(done);
         let (results, times) = collect_sampling(&mut self.sampling, rows)?;
         if !times.masks.is_zero() {
             self.step_phases.push(("constraint_masks", times.masks));
@@ -597,7 +613,8 @@ impl GpuBackend {
         // SAFETY: `tokens` holds the batch's token ids, `sampled` the previous launch's output
         // (its set is not written again before this launch's sampling), and every pair indexes
         // inside them (`SamplingBuffers::fed_source`).
-        unsafe { super::launchers::feed_tokens(dev, config, tokens, sampled, ptr(dev, buffer), n as i32)? };
+        let vocab = self.model.config.vocab_size as i32;
+        unsafe { super::launchers::feed_tokens(dev, config, tokens, sampled, ptr(dev, buffer), n as i32, vocab)? };
         Ok(())
     }
 

@@ -92,6 +92,9 @@ pub struct ServingStepTimer {
     /// The step whose times the events hold, not yet read (`phases` reads them once, for that
     /// step: with async scheduling the next step is launched before they are read).
     recorded: Option<u64>,
+    /// Which of the events that step recorded (one with nothing to sample records no sampling
+    /// marks, and an event never recorded cannot be timed).
+    marked: std::cell::Cell<[bool; 4]>,
 }
 
 /// The timer's marks, in step order.
@@ -105,7 +108,7 @@ pub enum StepMark {
 
 impl Default for ServingStepTimer {
     fn default() -> Self {
-        ServingStepTimer { events: None, steps: 0, timing: false, recorded: None }
+        ServingStepTimer { events: None, steps: 0, timing: false, recorded: None, marked: Default::default() }
     }
 }
 
@@ -127,6 +130,7 @@ impl ServingStepTimer {
         }
         if self.timing {
             self.recorded = Some(self.steps);
+            self.marked.set([false; 4]);
         }
         self.mark(dev, StepMark::ForwardStart)?;
         Ok(self.steps)
@@ -135,7 +139,13 @@ impl ServingStepTimer {
     /// Records `mark` on the stream if this step is timed.
     pub fn mark(&self, dev: &GpuDevice, mark: StepMark) -> Result<(), CudaError> {
         match (&self.events, self.timing) {
-            (Some(events), true) => Ok(events[mark as usize].record(&dev.stream)?),
+            (Some(events), true) => {
+                events[mark as usize].record(&dev.stream)?;
+                let mut marked = self.marked.get();
+                marked[mark as usize] = true;
+                self.marked.set(marked);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -151,10 +161,13 @@ impl ServingStepTimer {
         let span = |a: &CudaEvent, b: &CudaEvent| -> Result<std::time::Duration, CudaError> {
             Ok(std::time::Duration::from_secs_f64(f64::from(a.elapsed_ms(b)?.max(0.0)) / 1e3))
         };
-        Ok(vec![
-            ("device_forward", span(&e[0], &e[1])?),
-            ("device_sample_wait", span(&e[1], &e[2])?),
-            ("device_sample", span(&e[2], &e[3])?),
-        ])
+        let marked = self.marked.get();
+        let mut phases = Vec::new();
+        for (name, from, to) in [("device_forward", 0, 1), ("device_sample_wait", 1, 2), ("device_sample", 2, 3)] {
+            if marked[from] && marked[to] {
+                phases.push((name, span(&e[from], &e[to])?));
+            }
+        }
+        Ok(phases)
     }
 }

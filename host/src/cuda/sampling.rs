@@ -6,6 +6,11 @@
 //! one 1024-thread block per sample on the logits the forward left on
 //! the device, and one download of only what the host needs: tokens, log-probs, candidates.
 //!
+//! A launch (`launch_sampling`) enqueues all of that and returns; `collect_sampling` waits for
+//! its download. Two launches may be outstanding (async scheduling), so the buffers come in two
+//! sets used by alternate launches, and the last launch's output stays on the device for the next
+//! batch's fed tokens (`SamplingBuffers::fed_source`).
+//!
 //! Invariants: the parameter words here and the `P_*` words of the kernel agree
 //! (`PARAM_WORDS == SAMPLE_PARAM_WORDS`); a sample reads only a real logits row (`row <
 //! num_logit_rows`: padding rows of a CUDA-graph bucket are never sampled); a token result is

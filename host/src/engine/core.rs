@@ -86,7 +86,8 @@ struct InFlight {
     ready: Option<Result<Vec<SampledRow>, ModelError>>,
     /// Whether the next step may be launched before this one's results are in.
     pipelinable: bool,
-    /// Whether `Scheduler::step_done` has recorded its tokens as computed.
+    /// Whether `Scheduler::advance` has counted its tokens as computed (they are committed to
+    /// the KV-cache manager once it succeeds).
     computed: bool,
     /// For each plan entry, whether its sequence holds a placeholder for this step's token.
     placeholders: Vec<bool>,
@@ -357,7 +358,7 @@ impl EngineCore {
         let mut feed = HashMap::new();
         if let Some(previous) = &mut previous {
             // Its tokens are computed once it runs; the next step starts after them.
-            self.scheduler.step_done(&previous.output, &mut self.kv);
+            self.scheduler.advance(&previous.output);
             previous.computed = true;
             feed = self.add_placeholders(previous);
         }
@@ -365,14 +366,25 @@ impl EngineCore {
         let tokens = launched.as_ref().map_or(0, |l| l.output.num_tokens);
         let had_previous = previous.is_some();
         let previous_tokens = previous.as_ref().map_or(0, |p| p.output.num_tokens);
+        // The health check sees a failure of any step this call took results of, not only the
+        // last one's.
+        let mut completed = 0;
+        let mut failure = None;
         if let Some(previous) = previous {
-            self.complete(previous);
+            completed += 1;
+            failure = self.complete(previous).or(failure);
         }
         match launched {
             Some(step) if step.pipelinable => self.in_flight = Some(step),
-            Some(step) => self.complete(step),
+            Some(step) => {
+                completed += 1;
+                failure = self.complete(step).or(failure);
+            }
             None if !had_previous => self.fail_unschedulable(),
             None => {}
+        }
+        if completed > 0 {
+            self.forward_failure = failure;
         }
         self.update_gauges();
         // A step that only took the last one's results still did work.
@@ -434,8 +446,8 @@ impl EngineCore {
     }
 
     /// Takes a launched step's results (waiting for them if they are not in) and emits them; a
-    /// failed step fails its requests.
-    fn complete(&mut self, mut step: InFlight) {
+    /// failed step fails its requests, and its error is returned.
+    fn complete(&mut self, mut step: InFlight) -> Option<String> {
         let metrics = self.metrics.clone();
         let waited = Instant::now();
         let results = match step.ready.take() {
@@ -450,15 +462,20 @@ impl EngineCore {
         };
         let forward_time = step.forward_time + waited.elapsed();
         metrics.engine_step_phase.with_label_values(&["forward"]).observe(forward_time.as_secs_f64());
-        // The backend's own breakdown of the forward (grammar masks, sampling, device times).
-        for &(name, time) in self.backend.step_phases() {
-            metrics.engine_step_phase.with_label_values(&[name]).observe(time.as_secs_f64());
+        // The backend's own breakdown of the forward (grammar masks, sampling, device times);
+        // a failed step has none of its own.
+        if results.is_ok() {
+            for &(name, time) in self.backend.step_phases() {
+                metrics.engine_step_phase.with_label_values(&[name]).observe(time.as_secs_f64());
+            }
         }
-        self.forward_failure = results.as_ref().err().map(|e| e.to_string());
+        let failure = results.as_ref().err().map(|e| e.to_string());
         match results {
             Ok(results) => {
                 let process_started = Instant::now();
-                if !step.computed {
+                if step.computed {
+                    self.scheduler.commit(&step.output, &mut self.kv);
+                } else {
                     self.scheduler.step_done(&step.output, &mut self.kv);
                 }
                 let mut results = results.into_iter();
@@ -481,6 +498,7 @@ impl EngineCore {
             }
         }
         self.metrics.iteration_tokens.observe(step.output.num_tokens as f64);
+        failure
     }
 
     /// Appends a placeholder token to each sequence of the step in flight that goes on after
@@ -820,6 +838,15 @@ impl EngineCore {
     /// Appends a sampled token (or writes it over the sequence's placeholder), streams it, and
     /// finishes the sample if it should stop.
     fn emit_sampled(&mut self, seq_id: SeqId, sampled: Sampled, placeholder: bool) {
+        let vocab = self.backend.config().vocab_size;
+        if sampled.token as usize >= vocab {
+            // A sampler fault; the next step would read the token (on the device, a fed one
+            // went in as 0): only this request fails.
+            let request = self.samples[&seq_id].request;
+            let message = format!("the sampler returned token {} outside the vocabulary of {vocab}", sampled.token);
+            self.fail_request(request, EngineError::Forward(message));
+            return;
+        }
         let now = Instant::now();
         let sample = self.samples.get_mut(&seq_id).expect("live sample");
         let token = sampled.token;

@@ -290,11 +290,29 @@ impl Scheduler {
         seq.num_preemptions += 1;
     }
 
-    /// Records that the scheduled tokens were computed (their keys and values are cached).
+    /// Records that the scheduled tokens were computed (their keys and values are cached):
+    /// `advance`, then `commit`.
     pub fn step_done(&mut self, output: &SchedulerOutput, kv: &mut KvCacheManager) {
+        self.advance(output);
+        self.commit(output, kv);
+    }
+
+    /// Counts the scheduled tokens as computed, so that the next step starts after them. With
+    /// async scheduling this happens while the step still runs; `commit` waits for its success.
+    pub fn advance(&mut self, output: &SchedulerOutput) {
         for s in &output.scheduled {
             if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.num_computed = s.start + s.num_new;
+            }
+        }
+    }
+
+    /// Hands the scheduled sequences' computed blocks to the KV-cache manager (prefix-cache
+    /// hashes of the full ones, blocks a sliding window has left behind): only once the step
+    /// that computed them succeeded.
+    pub fn commit(&mut self, output: &SchedulerOutput, kv: &mut KvCacheManager) {
+        for s in &output.scheduled {
+            if let Some(seq) = self.seqs.get_mut(&s.id) {
                 kv.commit(&mut seq.blocks, &seq.tokens, seq.num_computed);
             }
         }
