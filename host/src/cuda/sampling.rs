@@ -306,7 +306,7 @@ fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     Ok(())
 }
 
-/// Host-side time of one `sample_on_device`.
+/// Host-side time of one sampling (`launch_sampling`, then `collect_sampling`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SampleTimes {
     /// Advancing the constrained samples' grammars and computing their masks, in parallel
