@@ -143,8 +143,6 @@ pub(crate) struct BatchArrays {
     pub num_decode: usize,
 }
 
-/// Packs every index array of `batch` (and the attention plan's tiles and decode rows) into one
-/// buffer of `scratch` with one upload, and returns where each lies.
 /// Grows a page-locked `slot` to at least `len` elements (to the next power of two).
 pub(crate) fn grow_pinned(dev: &GpuDevice, slot: &mut Option<PinnedHostSlice<u32>>, len: usize) -> Result<(), CudaError> {
     if slot.as_ref().is_none_or(|s| s.len() < len) {
@@ -179,7 +177,9 @@ impl PinnedStaging {
     }
 }
 
-/// Packs the batch's arrays and enqueues their upload (through `staging`, buffer `parity`).
+/// Packs every index array of `batch` (and the attention plan's tiles and decode rows) into one
+/// buffer of `scratch` with one upload (through `staging`, buffer `parity`), and returns where
+/// each lies.
 pub(crate) fn upload_batch(
     dev: &GpuDevice,
     scratch: &mut Scratch,

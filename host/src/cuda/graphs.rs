@@ -222,9 +222,8 @@ impl GpuBackend {
         let packed = pack(Some(batch), bucket, graphs.max_blocks, self.trash_block(), block_size);
         let dev = self.model().device().clone();
         let result = (|| {
-            let graphs = self.graphs.as_mut().unwrap();
             // Token ids come first in the packed arrays (`layout`).
-            let tokens = super::model::ptr(&dev, &graphs.indices);
+            let tokens = super::model::ptr(&dev, &self.graphs.as_ref().unwrap().indices);
             self.batch_staging.upload(&dev, self.forwards, &packed, tokens)?;
             self.apply_feed(tokens)?;
             let graphs = self.graphs.as_ref().unwrap();

@@ -292,8 +292,8 @@ impl GpuModel {
 /// with tensor parallelism, before any rank is asked).
 pub(crate) fn check_batch(config: &ModelConfig, batch: &ForwardBatch) -> Result<(), CudaError> {
     // A fed token's placeholder is replaced on the device before the forward reads it.
-    let fed = |i: usize| batch.fed.iter().any(|f| f.token == i);
-    match batch.token_ids.iter().enumerate().find(|&(i, &t)| t as usize >= config.vocab_size && !fed(i)).map(|(_, t)| t) {
+    let fed = batch.fed_tokens();
+    match batch.token_ids.iter().zip(&fed).find(|&(&t, &fed)| t as usize >= config.vocab_size && !fed).map(|(t, _)| t) {
         Some(&bad) => Err(CudaError::Config(format!("token id {bad} is outside the vocabulary of {}", config.vocab_size))),
         None => Ok(()),
     }
@@ -354,13 +354,10 @@ pub struct GpuBackend {
     /// The last step's phases: host wall times (constraint masks, packing, unpacking) and, on a
     /// timed step, device times.
     step_phases: Vec<(&'static str, std::time::Duration)>,
-    /// Launched steps not yet collected, oldest first: each one's `step_timer` number and an
-    /// event recorded after its last work. `collect_step` waits for that event even for a step
-    /// with nothing to sample (a prefill chunk), so at most two steps are ever enqueued and the
-    /// host buffers a launch writes (page-locked staging, alternate launches) are free again.
-    launched: std::collections::VecDeque<(u64, cudarc::driver::CudaEvent)>,
-    /// Events of collected steps, for reuse.
-    spare_events: Vec<cudarc::driver::CudaEvent>,
+    /// Launched steps not yet collected, oldest first: each one's `step_timer` number. Each
+    /// collect waits for its whole step (`collect_sampling`), so at most two are enqueued and the
+    /// page-locked staging a launch wrote (alternate forwards) is free again two launches on.
+    launched: std::collections::VecDeque<u64>,
     /// The fed tokens of the batch being launched: the previous launch's sampling output and the
     /// (token index, output word) pairs, applied right after the batch's upload (`apply_feed`).
     pending_feed: Option<(CUdeviceptr, Vec<u32>)>,
@@ -399,7 +396,6 @@ impl GpuBackend {
             profiler: Default::default(),
             step_timer: Default::default(),
             launched: Default::default(),
-            spare_events: Vec::new(),
             pending_feed: None,
             feed_pairs: None,
             batch_staging: Default::default(),
@@ -555,9 +551,6 @@ impl GpuBackend {
     pub fn launch_step(&mut self, batch: &ForwardBatch, rows: &mut [RowSampling<'_>]) -> Result<(), CudaError> {
         use super::profile::StepMark;
         let dev = self.model.dev.clone();
-        if self.launched.len() >= 2 {
-            return Err(CudaError::Config("a third step launched before the first was collected".into()));
-        }
         self.pending_feed = None;
         if !batch.fed.is_empty() {
             self.pending_feed = Some(self.sampling.fed_source(&dev, &batch.fed)?);
@@ -569,16 +562,11 @@ impl GpuBackend {
         }
         self.step_timer.mark(&dev, StepMark::ForwardEnd)?;
         // A fed row's sampler has not observed the token it was fed yet.
-        let fed: std::collections::HashSet<usize> = batch.fed.iter().map(|f| f.token).collect();
-        let unobserved: Vec<bool> = rows.iter().map(|r| batch.logits_rows.get(r.row).is_some_and(|t| fed.contains(t))).collect();
+        let fed = batch.fed_tokens();
+        let unobserved: Vec<bool> = rows.iter().map(|r| batch.logits_rows.get(r.row).is_some_and(|&t| fed[t])).collect();
         let vocab = self.model.config.vocab_size;
         launch_sampling(&dev, &mut self.sampling, logits, num_rows, vocab, rows, &unobserved, Some(&self.step_timer))?;
-        let done = match self.spare_events.pop() {
-            Some(event) => event,
-            None => dev.context.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?,
-        };
-        done.record(&dev.stream)?;
-        self.launched.push_back((step, done));
+        self.launched.push_back(step);
         Ok(())
     }
 
@@ -586,9 +574,7 @@ impl GpuBackend {
     /// launch's order).
     pub fn collect_step(&mut self, rows: &mut [RowSampling<'_>]) -> Result<Vec<SampledRow>, CudaError> {
         self.step_phases.clear();
-        let (step, done) = self.launched.pop_front().ok_or_else(|| CudaError::Config("collect without a launched step".into()))?;
-        done.synchronize()?;
-        self.spare_events.push(done);
+        let step = self.launched.pop_front().ok_or_else(|| CudaError::Config("collect without a launched step".into()))?;
         let (results, times) = collect_sampling(&mut self.sampling, rows)?;
         if !times.masks.is_zero() {
             self.step_phases.push(("constraint_masks", times.masks));

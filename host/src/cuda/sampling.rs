@@ -421,10 +421,13 @@ pub fn launch_sampling(
         // SAFETY: the page-locked buffer holds `out_len` words and is read only once `done` has
         // passed (`collect_sampling`), and written again only by this set's next launch.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(download, output, dev.stream.cu_stream())? };
-        match &set.done {
-            Some(done) => done.record(&dev.stream)?,
-            None => set.done = Some(dev.stream.record_event(None)?),
-        }
+    }
+    // Recorded even with nothing to sample (a step of prefill chunks): `collect_sampling` waits
+    // for it, so a collected launch has finished everything enqueued before it, the forward
+    // included, and the host buffers it used may be written again.
+    match &set.done {
+        Some(done) => done.record(&dev.stream)?,
+        None => set.done = Some(dev.stream.record_event(None)?),
     }
     let words = packed
         .outputs
@@ -448,11 +451,11 @@ pub fn collect_sampling(buffers: &mut SamplingBuffers, rows: &mut [RowSampling<'
         return Err(CudaError::Config(format!("{} rows collected for a launch of {}", rows.len(), pending.packed.outputs.len())));
     }
     let times = SampleTimes { masks: pending.masks, pack: pending.pack, unpack: Duration::ZERO };
+    let set = &mut buffers.sets[pending.set];
+    set.done.as_ref().expect("recorded at launch").synchronize()?;
     if rows.is_empty() {
         return Ok((Vec::new(), times));
     }
-    let set = &mut buffers.sets[pending.set];
-    set.done.as_ref().expect("recorded at launch").synchronize()?;
     let unpacking = Instant::now();
     let out = &set.download.as_mut().expect("grown at launch").as_mut_slice()?[..pending.packed.out_len];
     let results = unpack(out, &pending.packed, rows);

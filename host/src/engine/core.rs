@@ -181,10 +181,9 @@ impl EngineCore {
         }
     }
 
-    /// Turns async scheduling on (where the backend pipelines) or off; returns whether it is on.
-    pub fn set_async_scheduling(&mut self, on: bool) -> bool {
+    /// Turns async scheduling on (where the backend pipelines) or off.
+    pub fn set_async_scheduling(&mut self, on: bool) {
         self.async_scheduling = on && self.backend.pipelined();
-        self.async_scheduling
     }
 
     /// Why the last forward pass failed, while no later one has succeeded.
@@ -677,43 +676,34 @@ impl EngineCore {
     /// to the end (the results are then `ready`).
     fn launch(&mut self, output: SchedulerOutput, mut plan: Vec<PlannedSample>, feed: &HashMap<SeqId, usize>) -> InFlight {
         let pipelinable = self.async_scheduling && plan.iter().all(|p| self.pipelinable(p));
-        let mut step = InFlight {
-            sampled: Vec::new(),
-            ready: None,
-            pipelinable,
+        let (sampled, ready) = match self.launch_batch(&output, &mut plan, feed) {
+            // Launched and pending: taken by `complete`, now or after the next launch.
+            Ok((sampled, None)) => (sampled, None),
+            Ok((sampled, Some(results))) => (sampled, Some(Ok(results))),
+            Err(error) => (Vec::new(), Some(Err(error))),
+        };
+        InFlight {
+            pipelinable: pipelinable && ready.is_none(),
+            sampled,
+            ready,
             computed: false,
             placeholders: vec![false; plan.len()],
             forward_time: Default::default(),
             output,
-            plan: Vec::new(),
-        };
-        let result = self.launch_batch(&step.output, &mut plan, feed, &mut step.sampled);
-        step.plan = plan;
-        match result {
-            // Launched and pending: taken by `complete`, now or after the next launch.
-            Ok(None) => {}
-            Ok(Some(results)) => {
-                step.ready = Some(Ok(results));
-                step.pipelinable = false;
-            }
-            Err(error) => {
-                step.ready = Some(Err(error));
-                step.pipelinable = false;
-            }
+            plan,
         }
-        step
     }
 
     /// Copies blocks, builds the batch and hands it to the backend with one `RowSampling` per
-    /// planned sample whose sampler can run (`sampled` says which). Returns the results, or
-    /// `None` when the backend launched the step to be collected later.
+    /// planned sample whose sampler can run. Returns which plan entries have a row, and the
+    /// results, or `None` when the backend launched the step to be collected later.
+    #[allow(clippy::type_complexity)]
     fn launch_batch(
         &mut self,
         output: &SchedulerOutput,
         plan: &mut [PlannedSample],
         feed: &HashMap<SeqId, usize>,
-        sampled: &mut Vec<bool>,
-    ) -> Result<Option<Vec<SampledRow>>, ModelError> {
+    ) -> Result<(Vec<bool>, Option<Vec<SampledRow>>), ModelError> {
         if !output.copies.is_empty() {
             self.backend.copy_blocks(&output.copies);
         }
@@ -728,13 +718,12 @@ impl EngineCore {
                 batch.feed_last_token(*sample);
             }
         }
-        let (mut rows, was_sampled) = sampling_rows(&mut self.samples, plan, &mut []);
-        *sampled = was_sampled;
+        let (mut rows, sampled) = sampling_rows(&mut self.samples, plan, &mut []);
         if self.async_scheduling {
             self.backend.launch(&batch, &mut rows)?;
-            Ok(None)
+            Ok((sampled, None))
         } else {
-            self.backend.forward_sampled(&batch, &mut rows).map(Some)
+            Ok((sampled, Some(self.backend.forward_sampled(&batch, &mut rows)?)))
         }
     }
 

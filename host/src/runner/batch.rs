@@ -152,6 +152,15 @@ impl ForwardBatch {
         Ok(())
     }
 
+    /// For each token, whether it is fed (`fed` as a mask over `token_ids`).
+    pub fn fed_tokens(&self) -> Vec<bool> {
+        let mut fed = vec![false; self.token_ids.len()];
+        for f in &self.fed {
+            fed[f.token] = true;
+        }
+        fed
+    }
+
     /// Whether a placeholder is still in the batch (a backend that cannot feed refuses it).
     pub fn has_placeholders(&self) -> bool {
         !self.fed.is_empty() || self.token_ids.contains(&PLACEHOLDER_TOKEN)
@@ -199,6 +208,7 @@ mod tests {
         batch2.feed_last_token(1);
         batch2.push_seq(&[PLACEHOLDER_TOKEN], 2, &[4], true).unwrap();
         batch2.feed_last_token(0);
+        assert_eq!(batch2.fed_tokens(), vec![true, true]);
         batch2.resolve_fed(&[Some(40), Some(41)]).unwrap();
         assert_eq!(batch2.token_ids, vec![41, 40]);
         assert!(!batch2.has_placeholders());
