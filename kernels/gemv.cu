@@ -3,17 +3,27 @@
 // weight stream (N·K·2 bytes against M·K·2 of input), so the kernel is built to read W once at
 // full bandwidth, for all M rows together:
 //
-//  * one block of up to GEMV_WARPS warps per multiprocessor (or as many as fit, `launch::gemv_grid`),
-//    each warp streaming whole output rows (grid-stride over rows; two at a time in FP8); each lane reads 16-byte
-//    vectors (8 bf16) of the row, lane-consecutive, so a warp reads 512 contiguous bytes per
-//    load instruction, and issues all of a row chunk's loads (32·UNROLL vectors) before the first
-//    FMA: K = 4096 at one row is 512 vectors, one chunk;
+//  * one block of up to GEMV_WARPS warps per multiprocessor (`launch::gemv_grid`), each warp
+//    streaming whole output rows (grid-stride over rows; two at a time in FP8), cut into chunks
+//    of 32·U 16-byte vectors (8 bf16 each), lane-consecutive, so a warp reads 512 contiguous
+//    bytes per copy instruction;
+//  * the chunks go through a per-warp ring of S stages in shared memory, filled with cp.async:
+//    each lane copies its own vectors of a chunk and later reads back only those, so a warp keeps
+//    S - 1 chunks in flight while it computes on one, across row boundaries, without holding them
+//    in registers. A decode-sized product is bound by the bytes each multiprocessor has in flight:
+//    with S = 6 stages of 2 KB a warp (160 KB a multiprocessor in flight) the Llama-3.1-8B products
+//    at one row ran 1.06-1.13x faster than with one 8 KB chunk a warp in registers (loaded, then
+//    used, then the next), the head as fast, and the whole decode step 6-7% faster. Two 4 KB
+//    register buffers a warp and 4 stages of 4 KB (12 warps fit) fell in between; 12 stages of
+//    1 KB (more instructions a byte), blocks of 8 warps and of 18 were slower than either (H200,
+//    BENCHMARKS.md, session 18);
 //  * the M input rows are staged once per block in shared memory as bf16 ([MP][K]), so every
 //    weight vector is multiplied by every row from registers and shared memory; the M partial
 //    sums are reduced with warp shuffles and lane 0 writes them. Few, large blocks keep the
 //    staging cheap: it is repeated per block, and at the 8B shape's down projection (K = 14336)
 //    a block's input is 28 KB per row read from L2, which a grid of thousands of small blocks
-//    would pay thousands of times.
+//    would pay thousands of times. The host fits as many warps as the ring leaves room for
+//    (`launch::gemv_block_fit`).
 //
 // Bytes: N·K·2 of weights from DRAM (read once), M·K·2 (plain) of input per block from L2,
 // M·N·(2|4) out. The Llama-3.1-8B products at M = 1 are 33 MB (o_proj) to 1.05 GB (lm_head);
@@ -41,22 +51,20 @@
 // Weights are bf16, or E4M3 with a float32 scale per row (`FP8`, `fp8.cu`'s format; sm_89 on):
 // a 16-byte vector then holds 16 weights, so an FP8 row streams half the bytes, each lane's
 // partial sums are of the stored values, and the row's scale multiplies the reduced sum
-// (K a multiple of 16).
+// (K a multiple of 16). An FP8 warp streams two rows at once (`GemvRows`), half a chunk each:
+// each input element is read from shared memory and converted once for both rows.
 //
-// Under a programmatic dependent launch (`pdl_wait` in common.cuh) each warp issues the loads of
-// its first row chunk before waiting for the kernel that produces x; everything else follows the
-// wait.
+// Under a programmatic dependent launch (`pdl_wait` in common.cuh) each warp issues the copies of
+// its first S - 1 chunks before waiting for the kernel that produces x; everything else follows
+// the wait.
 
 // GEMV_PLAIN, GEMV_SILU, GEMV_NORM and GEMV_WARPS are in common.cuh (the ggml GEMV shares them).
 
-// 16-byte weight loads issued per lane and row before the first use: one chunk of a row. An FP8
-// warp streams two rows at once (`GemvRows`), half as many loads each: the same registers and
-// bytes in flight as one bf16 row, and each input element read from shared memory and converted
-// once for both rows.
-template <int MP, bool FP8>
-struct GemvUnroll {
-    static constexpr int value = (MP <= 2 ? 16 : 8) / (FP8 ? 2 : 1);
-};
+// The ring: stages a warp, and 16-byte vectors a lane in each (`launch::GEMV_RING_BYTES_PER_WARP`
+// on the host: 6 · 4 · 32 · 16 bytes).
+#define GEMV_STAGES 6
+#define GEMV_STAGE_VECTORS 4
+
 template <bool FP8>
 struct GemvRows {
     static constexpr int value = FP8 ? 2 : 1;
@@ -137,132 +145,141 @@ __device__ __forceinline__ void gemv_stage(__nv_bfloat16* xs, const void* __rest
     }
 }
 
-template <int MODE, int MP, bool FP8>
+// The product (see the top of this file): stage the input, stream the weight rows through the
+// ring.
+template <int MODE, int MP, bool FP8, int S, int U>
 __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, const void* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
                                           float* __restrict__ residual_out, const u32* __restrict__ rows,
                                           const float* __restrict__ bias, const void* __restrict__ w_raw,
                                           const float* __restrict__ w_scale, int m, int n, int k, float eps, int splits,
                                           int head_dim) {
-    constexpr int UNROLL = GemvUnroll<MP, FP8>::value;
-    constexpr int RPW = GemvRows<FP8>::value;  // output rows per warp at a time
+    constexpr int RPW = GemvRows<FP8>::value;
+    constexpr int UR = U / RPW;  // vectors per lane and row in one stage
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     __shared__ float scratch[32];
     __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(gemv_smem);  // [MP][k]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // 16-byte vectors per row: of the input (8 bf16 each), and of the weight (8 bf16 or 16 E4M3).
     const int xvecs = k >> 3;
     const int vecs = FP8 ? k >> 4 : xvecs;
+    // This warp's ring: [S][U][32] vectors after the staged input.
+    uint4* ring = reinterpret_cast<uint4*>(gemv_smem + (u64)MP * k * 2) + (u64)warp * S * U * 32;
     const unsigned char* w = reinterpret_cast<const unsigned char*>(w_raw);
     const u64 row_bytes = FP8 ? (u64)k : (u64)k * 2;
     const int warps = blockDim.x >> 5;
     const int first_row = (blockIdx.x * warps + warp) * RPW;
+    const int stride = gridDim.x * warps * RPW;
+    const int groups = first_row < n ? (n - first_row + stride - 1) / stride : 0;
+    const int chunk_vecs = 32 * UR;
+    const int chunks = (vecs + chunk_vecs - 1) / chunk_vecs;
+    const int items = groups * chunks;  // warp-uniform
 
-    // ---- The first weight loads, before waiting for the previous kernel. ----
-    // Weights are never written by a kernel, so under a programmatic dependent launch these loads
-    // may run while the kernel that produces x is still finishing: the DRAM round trip of the
-    // warp's first row chunk overlaps it instead of following it.
-    // `wv` is the one chunk buffer: the main loop reloads it for every chunk but this first one.
-    uint4 wv[RPW][UNROLL];
+    auto issue = [&](int item) {
+        if (item < items) {
+            const int g = item / chunks, c = item - g * chunks;
+            const int row0 = first_row + g * stride;
+            uint4* stage = ring + (item % S) * U * 32;
 #pragma unroll
-    for (int q = 0; q < RPW; ++q) {
+            for (int q = 0; q < RPW; ++q) {
+                const uint4* wrow = reinterpret_cast<const uint4*>(w + (u64)(row0 + q) * row_bytes);
 #pragma unroll
-        for (int j = 0; j < UNROLL; ++j) {
-            const int v = j * 32 + lane, row = first_row + q;
-            wv[q][j] = row < n && v < vecs ? __ldg(reinterpret_cast<const uint4*>(w + (u64)row * row_bytes) + v)
-                                           : make_uint4(0, 0, 0, 0);
+                for (int j = 0; j < UR; ++j) {
+                    const int v = c * chunk_vecs + j * 32 + lane;
+                    const bool valid = row0 + q < n && v < vecs;
+                    cp_async_16(smem_addr(stage + (q * UR + j) * 32 + lane), valid ? wrow + v : reinterpret_cast<const uint4*>(w), valid);
+                }
+            }
         }
-    }
+        cp_async_commit();  // empty groups too: the wait below counts one group an item
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(i);
     pdl_wait();
     pdl_trigger();
 
-    // ---- Stage the M input rows (bf16) in shared memory, with the whole block. ----
     gemv_stage<MODE, MP>(xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch, splits, head_dim);
     __syncthreads();
 
-    // ---- Stream the weight rows: each warp RPW output rows at a time. ----
     const uint4* xv = reinterpret_cast<const uint4*>(xs);
-    bool first_chunk = true;
-    for (int row0 = first_row; row0 < n; row0 += gridDim.x * warps * RPW) {
-        float acc[RPW][MP];
+    float acc[RPW][MP];
 #pragma unroll
-        for (int q = 0; q < RPW; ++q)
+    for (int q = 0; q < RPW; ++q)
 #pragma unroll
-            for (int r = 0; r < MP; ++r) acc[q][r] = 0.0f;
-        for (int base = 0; base < vecs; base += 32 * UNROLL) {
-            if (first_chunk) {
-                first_chunk = false;
-            } else {
+        for (int r = 0; r < MP; ++r) acc[q][r] = 0.0f;
+    for (int i = 0; i < items; ++i) {
+        cp_async_wait<S - 2>();  // item i has landed (this lane's vectors of it)
+        issue(i + S - 1);        // into the stage item i - 1 used
+        const int g = i / chunks, c = i - g * chunks;
+        const uint4* stage = ring + (i % S) * U * 32;
+#pragma unroll
+        for (int j = 0; j < UR; ++j) {
+            const int v = c * chunk_vecs + j * 32 + lane;
+            if (v < vecs) {
+                if constexpr (FP8) {
+                    float wf[RPW][16];
+#pragma unroll
+                    for (int q = 0; q < RPW; ++q) {
+                        const uint4 wq = stage[(q * UR + j) * 32 + lane];
+                        e4m3x4_to_float(wq.x, wf[q]);
+                        e4m3x4_to_float(wq.y, wf[q] + 4);
+                        e4m3x4_to_float(wq.z, wf[q] + 8);
+                        e4m3x4_to_float(wq.w, wf[q] + 12);
+                    }
+#pragma unroll
+                    for (int r = 0; r < MP; ++r) {
+                        float xf[16];
+                        bf16x8_to_float(xv[r * xvecs + 2 * v], xf);
+                        bf16x8_to_float(xv[r * xvecs + 2 * v + 1], xf + 8);
+#pragma unroll
+                        for (int q = 0; q < RPW; ++q)
+#pragma unroll
+                            for (int e = 0; e < 16; ++e) acc[q][r] = fmaf(wf[q][e], xf[e], acc[q][r]);
+                    }
+                } else {
+                    float wf[8];
+                    bf16x8_to_float(stage[j * 32 + lane], wf);
+#pragma unroll
+                    for (int r = 0; r < MP; ++r) {
+                        float xf[8];
+                        bf16x8_to_float(xv[r * xvecs + v], xf);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[0][r] = fmaf(wf[e], xf[e], acc[0][r]);
+                    }
+                }
+            }
+        }
+        if (c == chunks - 1) {
+            const int row0 = first_row + g * stride;
+#pragma unroll
+            for (int q = 0; q < RPW; ++q)
+#pragma unroll
+                for (int r = 0; r < MP; ++r) acc[q][r] = warp_sum(acc[q][r]);
+            if (lane == 0) {
 #pragma unroll
                 for (int q = 0; q < RPW; ++q) {
-                    const uint4* wrow = reinterpret_cast<const uint4*>(w + (u64)(row0 + q) * row_bytes);
-#pragma unroll
-                    for (int j = 0; j < UNROLL; ++j) {
-                        const int v = base + j * 32 + lane;
-                        wv[q][j] = row0 + q < n && v < vecs ? __ldg(wrow + v) : make_uint4(0, 0, 0, 0);
-                    }
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < UNROLL; ++j) {
-                const int v = base + j * 32 + lane;
-                if (v < vecs) {
-                    if constexpr (FP8) {
-                        float wf[RPW][16];
-#pragma unroll
-                        for (int q = 0; q < RPW; ++q) {
-                            e4m3x4_to_float(wv[q][j].x, wf[q]);
-                            e4m3x4_to_float(wv[q][j].y, wf[q] + 4);
-                            e4m3x4_to_float(wv[q][j].z, wf[q] + 8);
-                            e4m3x4_to_float(wv[q][j].w, wf[q] + 12);
-                        }
+                    const int row = row0 + q;
+                    if (row < n) {
+                        const float b = bias != nullptr ? bias[row] : 0.0f;
+                        const float scale = FP8 ? w_scale[row] : 1.0f;
 #pragma unroll
                         for (int r = 0; r < MP; ++r) {
-                            float xf[16];
-                            bf16x8_to_float(xv[r * xvecs + 2 * v], xf);
-                            bf16x8_to_float(xv[r * xvecs + 2 * v + 1], xf + 8);
-#pragma unroll
-                            for (int q = 0; q < RPW; ++q)
-#pragma unroll
-                                for (int e = 0; e < 16; ++e) acc[q][r] = fmaf(wf[q][e], xf[e], acc[q][r]);
-                        }
-                    } else {
-                        float wf[8];
-                        bf16x8_to_float(wv[0][j], wf);
-#pragma unroll
-                        for (int r = 0; r < MP; ++r) {
-                            float xf[8];
-                            bf16x8_to_float(xv[r * xvecs + v], xf);
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) acc[0][r] = fmaf(wf[e], xf[e], acc[0][r]);
+                            if (r < m) {
+                                const u64 at = (u64)r * n + row;
+                                const float y = acc[q][r] * scale + b;
+                                if (out_f32) reinterpret_cast<float*>(out)[at] = y;
+                                else reinterpret_cast<__nv_bfloat16*>(out)[at] = __float2bfloat16(y);
+                            }
                         }
                     }
                 }
             }
-        }
 #pragma unroll
-        for (int q = 0; q < RPW; ++q)
+            for (int q = 0; q < RPW; ++q)
 #pragma unroll
-            for (int r = 0; r < MP; ++r) acc[q][r] = warp_sum(acc[q][r]);
-        if (lane == 0) {
-#pragma unroll
-            for (int q = 0; q < RPW; ++q) {
-                const int row = row0 + q;
-                if (row >= n) break;
-                const float b = bias != nullptr ? bias[row] : 0.0f;
-                const float scale = FP8 ? w_scale[row] : 1.0f;
-#pragma unroll
-                for (int r = 0; r < MP; ++r) {
-                    if (r < m) {
-                        const u64 at = (u64)r * n + row;
-                        const float y = acc[q][r] * scale + b;
-                        if (out_f32) reinterpret_cast<float*>(out)[at] = y;
-                        else reinterpret_cast<__nv_bfloat16*>(out)[at] = __float2bfloat16(y);
-                    }
-                }
-            }
+                for (int r = 0; r < MP; ++r) acc[q][r] = 0.0f;
         }
     }
+    cp_async_wait<0>();  // no copy may land after the block has left
 }
 
 // Every variant has one signature (arguments a mode does not use are ignored), so the host
@@ -272,8 +289,8 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
         NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
              float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
              int n, int k, float eps, int splits, int head_dim) {                                                    \
-        gemv_body<MODE, MP, FP8>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, w_scale, m, n, k, eps, \
-                                 splits, head_dim);                                                                  \
+        gemv_body<MODE, MP, FP8, GEMV_STAGES, GEMV_STAGE_VECTORS>(out, out_f32, x, delta, norm_w, residual_out, rows,  \
+                                                                 bias, w, w_scale, m, n, k, eps, splits, head_dim);  \
     }
 
 GEMV_KERNEL(gemv_m1, GEMV_PLAIN, 1, false)
@@ -302,3 +319,4 @@ GEMV_KERNEL(gemv_fp8_norm_m2, GEMV_NORM, 2, true)
 GEMV_KERNEL(gemv_fp8_norm_m4, GEMV_NORM, 4, true)
 GEMV_KERNEL(gemv_fp8_norm_m8, GEMV_NORM, 8, true)
 GEMV_KERNEL(gemv_fp8_merge_m1, GEMV_MERGE, 1, true)
+

@@ -428,6 +428,13 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                 println!("Llama-3.1-8B dummy decode {weights:?} b{batch:<4} c{:<5} graphs {ms:>8.3} ms  {:>8.0} tok/s", args.context, batch as f64 / ms * 1e3);
             }
         }
+        // Each product alone at one row, in a graph (the GEMV against cuBLAS).
+        if args.batch_sizes.contains(&1) {
+            gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B", 1, &gpu::LLAMA_8B_PRODUCTS)?;
+            if args.fp8 {
+                gpu::print_fp8_products(&dev, "Llama-3.1-8B", 1, &gpu::LLAMA_8B_PRODUCTS[..4])?;
+            }
+        }
         return Ok(());
     }
     gpu::print_attention_decode(&dev, copy)?;

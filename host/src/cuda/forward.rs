@@ -307,7 +307,7 @@ impl<'a> GpuOps<'a> {
     fn gemv_runs(&self, m: usize, w: &GpuMatrix) -> bool {
         // A device that allows less shared memory than the format's GEMV may take (sm_86: 99 KB
         // against the GGUF GEMV's 200) runs the larger stagings through cuBLAS instead.
-        let fits = super::launch::gemv_shared_bytes(m, w.cols, w.format()) <= self.dev().max_shared_optin;
+        let fits = super::launch::gemv_block_fit(m, w.cols, w.format(), super::launch::GEMV_WARPS, self.dev().max_shared_optin).is_some();
         self.gemv && fits && gemv_prefers(m, w.cols, w.rows, w.format())
     }
 

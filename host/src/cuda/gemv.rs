@@ -12,7 +12,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_shared_bytes, gemv_supports, GemvMode, WeightFormat};
+use super::launch::{gemv_block_fit, gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_supports, GemvMode, WeightFormat};
 use super::launchers;
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
@@ -127,10 +127,10 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
-    let shared = gemv_shared_bytes(g.m, g.k, format);
     // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
     let row_groups = g.n.div_ceil(format.rows_per_warp());
-    let warps = gemv_block_warps(row_groups, dev.num_sms);
+    let (warps, shared) = gemv_block_fit(g.m, g.k, format, gemv_block_warps(row_groups, dev.num_sms), dev.max_shared_optin)
+        .ok_or_else(|| CudaError::Config(format!("a GEMV block of m {} k {} does not fit in this device's shared memory", g.m, g.k)))?;
     let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(g.input.mode(), g.m, format), warps * 32, shared)?;
     let config = LaunchConfig {
         grid_dim: (gemv_grid(row_groups, warps, dev.num_sms, blocks_per_sm), 1, 1),

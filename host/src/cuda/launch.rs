@@ -371,6 +371,44 @@ pub const GEMV_MAX_SHARED: usize = 96 * 1024;
 /// (sm_90 allows 227 KB; sm_80 163 KB, where such a product falls back to tiles).
 pub const GGML_GEMV_MAX_SHARED: usize = 200 * 1024;
 
+/// Shared memory each warp of the bf16 and FP8 GEMV streams its weight rows through: a ring of
+/// `GEMV_STAGES` (6) stages of `GEMV_STAGE_VECTORS` (4) 16-byte vectors a lane, in
+/// `kernels/gemv.cu`; it comes on top of the staged input (`gemv_shared_bytes`).
+pub const GEMV_RING_BYTES_PER_WARP: usize = 6 * 4 * 32 * 16;
+
+/// What a GEMV block's static shared memory (its reduction scratch) may take, kept out of the
+/// opt-in limit when sizing the dynamic part.
+const GEMV_STATIC_SHARED: usize = 1024;
+
+/// The fewest warps a bf16 or FP8 GEMV block runs with; a product whose staged input leaves room
+/// for fewer rings goes to cuBLAS.
+const GEMV_MIN_RING_WARPS: usize = 4;
+
+/// The most dynamic shared memory a GEMV block of `format` may use on a device that lets a block
+/// opt in to `opt_in` bytes (the kernels' attribute, set at device start).
+pub fn gemv_dynamic_shared_limit(format: WeightFormat, opt_in: usize) -> usize {
+    match format {
+        WeightFormat::Bf16 | WeightFormat::Fp8 => opt_in.saturating_sub(GEMV_STATIC_SHARED),
+        WeightFormat::Ggml(_) => format.gemv_max_shared().min(opt_in),
+    }
+}
+
+/// Warps of at most `wanted` a GEMV block of an `[m, k]` input runs with where blocks may opt in
+/// to `opt_in` bytes of shared memory, and the dynamic shared memory it takes; `None` where even
+/// the fewest do not fit. The bf16 and FP8 kernels give each warp a ring beside the staged input.
+pub fn gemv_block_fit(m: usize, k: usize, format: WeightFormat, wanted: u32, opt_in: usize) -> Option<(u32, usize)> {
+    let input = gemv_shared_bytes(m, k, format);
+    let limit = gemv_dynamic_shared_limit(format, opt_in);
+    match format {
+        WeightFormat::Bf16 | WeightFormat::Fp8 => {
+            let room = limit.checked_sub(input)? / GEMV_RING_BYTES_PER_WARP;
+            let warps = (wanted as usize).min(room);
+            (warps >= GEMV_MIN_RING_WARPS.min(wanted as usize)).then_some((warps as u32, input + warps * GEMV_RING_BYTES_PER_WARP))
+        }
+        WeightFormat::Ggml(_) => (input <= limit).then_some((wanted, input)),
+    }
+}
+
 /// What the GEMV's input staging computes (`MODE` in `kernels/gemv.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvMode {
@@ -720,6 +758,21 @@ mod tests {
             .source;
         assert!(source.contains(&format!("static constexpr int value = FP8 ? {} : {};", Fp8.rows_per_warp(), Bf16.rows_per_warp())));
         assert_eq!(gemv_shared_bytes(3, 576, Bf16), 4 * 576 * 2, "3 rows run in the 4-row tile");
+        // The ring beside the staged input: the kernel's stages times vectors times lanes times 16 bytes.
+        let define = |name: &str| -> usize {
+            let at = source.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no {name} in gemv.cu")) + name.len() + 9;
+            source[at..].split_whitespace().next().unwrap().parse().unwrap()
+        };
+        assert_eq!(define("GEMV_STAGES") * define("GEMV_STAGE_VECTORS") * 32 * 16, GEMV_RING_BYTES_PER_WARP);
+        let h200 = 227 * 1024;
+        let ring = GEMV_RING_BYTES_PER_WARP;
+        assert_eq!(gemv_block_fit(1, 4096, Bf16, 16, h200), Some((16, 8192 + 16 * ring)), "one row: every warp gets its ring");
+        assert_eq!(gemv_block_fit(1, 14336, Bf16, 16, h200), Some((16, 28672 + 16 * ring)), "the 8B down projection");
+        assert_eq!(gemv_block_fit(8, 4096, Fp8, 16, h200), Some((13, 65536 + 13 * ring)), "8 staged rows leave room for 13");
+        assert_eq!(gemv_block_fit(1, 576, Bf16, 4, h200), Some((4, 1152 + 4 * ring)), "a small product asks for fewer");
+        assert_eq!(gemv_block_fit(8, 4096, Bf16, 16, 99 * 1024), None, "sm_86: fewer than 4 rings beside 64 KB of input");
+        assert_eq!(gemv_block_fit(1, 4096, Bf16, 16, 99 * 1024), Some((7, 8192 + 7 * ring)));
+        assert_eq!(gemv_block_fit(1, 4096, Ggml(crate::model::gguf::GgmlType::Q4_K), 16, h200), Some((16, 4096 + 1024)), "no ring from GGUF blocks");
         assert_eq!(gemv_kernel_name(GemvMode::Plain, 1, Bf16), "gemv_m1");
         assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3, Bf16), "gemv_silu_m4");
         assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5, Bf16), "gemv_norm_m8");
