@@ -106,6 +106,17 @@ impl TestEngine {
         })
     }
 
+    /// Runs `prompts` greedily together (prompt i to `max_tokens(i)` tokens) and asserts that each
+    /// output is that prompt's output alone (`what` names the run in a failure); returns the
+    /// outcomes for further checks.
+    fn run_as_if_alone(&self, prompts: &[Vec<u32>], max_tokens: impl Fn(usize) -> usize, what: &str) -> Vec<Outcome> {
+        let outcomes = self.run_all(prompts.iter().enumerate().map(|(i, p)| greedy(p.clone(), max_tokens(i))).collect());
+        for (i, (prompt, outcome)) in prompts.iter().zip(&outcomes).enumerate() {
+            assert_eq!(outcome.tokens[0], alone(prompt, max_tokens(i)), "prompt of {} tokens, {what}", prompt.len());
+        }
+        outcomes
+    }
+
     fn gauge(&self, name: &str) -> f64 {
         let text = self.metrics.render();
         let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} missing"));
@@ -139,9 +150,8 @@ fn concurrent_requests_each_get_their_unloaded_output() {
     let max_tokens = |i: usize| 4 + i % 9;
     for pipelined in MODES {
         let engine = engine(512, 64, 256, true, pipelined);
-        let outcomes = engine.run_all(prompts.iter().enumerate().map(|(i, p)| greedy(p.clone(), max_tokens(i))).collect());
+        let outcomes = engine.run_as_if_alone(&prompts, max_tokens, &format!("pipelined {pipelined}"));
         for (i, (prompt, outcome)) in prompts.iter().zip(&outcomes).enumerate() {
-            assert_eq!(outcome.tokens[0], alone(prompt, max_tokens(i)), "prompt of {} tokens, pipelined {pipelined}", prompt.len());
             assert_eq!(outcome.reasons[0], FinishReason::Length);
             assert_eq!(outcome.usage, Usage { prompt_tokens: prompt.len(), completion_tokens: max_tokens(i) });
         }
@@ -157,10 +167,7 @@ fn prompts_prefilled_in_small_chunks_keep_outputs_identical() {
     let max_tokens = 8;
     for pipelined in MODES {
         let engine = engine(256, 8, 16, true, pipelined);
-        let outcomes = engine.run_all(prompts.iter().map(|p| greedy(p.clone(), max_tokens)).collect());
-        for (prompt, outcome) in prompts.iter().zip(&outcomes) {
-            assert_eq!(outcome.tokens[0], alone(prompt, max_tokens), "prompt of {} tokens, pipelined {pipelined}", prompt.len());
-        }
+        engine.run_as_if_alone(&prompts, |_| max_tokens, &format!("pipelined {pipelined}"));
         assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0);
     }
 }
@@ -172,11 +179,8 @@ fn preemption_under_a_small_pool_keeps_outputs_identical() {
     let max_tokens = 40;
     for pipelined in MODES {
         let engine = engine(12, 8, 512, false, pipelined);
-        let outcomes = engine.run_all(prompts.iter().map(|p| greedy(p.clone(), max_tokens)).collect());
+        engine.run_as_if_alone(&prompts, |_| max_tokens, &format!("pipelined {pipelined}"));
         assert!(engine.gauge("pagedserve_num_preemptions_total") > 0.0, "the pool was meant to be too small");
-        for (prompt, outcome) in prompts.iter().zip(&outcomes) {
-            assert_eq!(outcome.tokens[0], alone(prompt, max_tokens), "pipelined {pipelined}");
-        }
         assert_eq!(engine.gauge("pagedserve_kv_cache_usage_perc"), 0.0);
     }
 }

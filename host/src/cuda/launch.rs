@@ -361,9 +361,9 @@ pub const GEMV_WARPS: u32 = 16;
 /// The most input rows the GEMV takes; larger batches go to cuBLAS, which is fast there.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// The most dynamic shared memory a GEMV block stages its padded input rows in (the kernels opt
-/// in above the 48 KB default at device start; every sm_80+ GPU allows 99 KB or more): 8 rows of
-/// K = 4096, or one row of K = 49152.
+/// The most shared memory a bf16 or FP8 GEMV block stages its padded input rows in: 8 rows of
+/// K = 4096, or one row of K = 49152. The warps' rings come on top, as many as the device's
+/// opt-in limit leaves room for (`gemv_block_fit`).
 pub const GEMV_MAX_SHARED: usize = 96 * 1024;
 
 /// The same for the GEMV from GGUF blocks, whose staged rows take 1.25 bytes a value: 8 rows of
