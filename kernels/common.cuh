@@ -35,6 +35,27 @@ __device__ __forceinline__ void pdl_trigger() {
     pdl_wait();     \
     pdl_trigger()
 
+// The next product's weights into L2 while a latency-bound kernel runs (the decode attention of
+// a few rows leaves DRAM mostly idle for its ~10 us): block b of the grid prefetches its share of
+// [p, p + bytes) in pieces of at most 64 KB with cp.async.bulk.prefetch, which takes no registers
+// or shared memory and has no completion to wait for. It reads only weights, so it may run before
+// the kernel's programmatic-dependent wait. `p` 16-byte aligned and `bytes` a multiple of 16
+// (the host's `L2Prefetch`); sm_90 and newer, elsewhere nothing.
+__device__ __forceinline__ void prefetch_l2_share(const unsigned char* p, u64 bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (bytes == 0) return;
+    const u64 blocks = (u64)gridDim.x * gridDim.y * gridDim.z;
+    const u64 b = blockIdx.x + (u64)gridDim.x * (blockIdx.y + (u64)gridDim.y * blockIdx.z);
+    const u64 share = ((bytes + blocks - 1) / blocks + 15) & ~15ull;
+    const u64 end = min(bytes, (b + 1) * share);
+    constexpr u64 PIECE = 64 * 1024;
+    for (u64 at = b * share + threadIdx.x * PIECE; at < end; at += (u64)blockDim.x * PIECE) {
+        const unsigned n = (unsigned)min(PIECE, end - at);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + at), "r"(n) : "memory");
+    }
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);

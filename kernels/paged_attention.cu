@@ -43,11 +43,12 @@
         __nv_bfloat16 *k_cache, __nv_bfloat16 *v_cache, const u32 *block_tables,                           \
         const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
         int num_heads, int num_kv_heads, int block_size, float scale, int partition, int window,          \
-        const u32 *slots, const float *inv_freq, float position_scale, int rotary_dim, float magnitude
+        const u32 *slots, const float *inv_freq, float position_scale, int rotary_dim, float magnitude,    \
+        const unsigned char *l2_prefetch, u64 l2_prefetch_bytes
 #define ATTENTION_ARGS                                                                                     \
     out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
         q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition, window, slots,        \
-        inv_freq, position_scale, rotary_dim, magnitude
+        inv_freq, position_scale, rotary_dim, magnitude, l2_prefetch, l2_prefetch_bytes
 #define DC_WARPS 4
 #define DC_THREADS (DC_WARPS * 32)
 #define DC_N (DC_WARPS * 16)  // keys per tile
@@ -357,7 +358,10 @@ __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const flo
     __nv_bfloat16 *out, const float *part_out, const float *part_max, const float *part_sum, const u32 *rows, \
         int num_splits, int num_heads, int num_kv_heads
 #define DECODE_KERNEL(HD, STAGES)                                                                          \
-    extern "C" __global__ void __launch_bounds__(DC_THREADS) paged_attention_hd##HD(ATTENTION_PARAMS) { PDL_ENTER();    \
+    extern "C" __global__ void __launch_bounds__(DC_THREADS)                                              \
+        paged_attention_hd##HD(ATTENTION_PARAMS) {                                                       \
+        prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
+        PDL_ENTER();                                                                                       \
         paged_decode_impl<HD, STAGES>(ATTENTION_ARGS);                                                     \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_reduce_hd##HD(REDUCE_PARAMS) {     \

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{
-    gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionPath,
+    gated_config, gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, AttentionPath,
     AttentionSplit, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
 };
 use crate::cuda::weights::{GpuMatrix, MatrixData};
@@ -404,7 +404,7 @@ pub fn check_rmsnorm(dev: &GpuDevice, tokens: usize, hidden: usize, seed: u64) -
     let w_dev = stream.clone_htod(&weight)?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * hidden])?;
     let (hidden_i, eps) = (hidden as i32, 1e-5f32);
-    let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (row_threads(hidden), 1, 1), shared_mem_bytes: 0 };
+    let config = norm_config(tokens, hidden);
     // SAFETY: every buffer was allocated above for `tokens` rows of `hidden`.
     unsafe {
         launchers::fused_add_rmsnorm(dev, config, ptr(dev, &x_dev), ptr(dev, &delta_dev), ptr(dev, &w_dev), ptr(dev, &out_dev), hidden_i, eps)?;
@@ -425,7 +425,7 @@ pub fn check_silu(dev: &GpuDevice, tokens: usize, inter: usize, seed: u64) -> Re
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * inter])?;
     let inter_i = inter as i32;
-    let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (row_threads(inter), 1, 1), shared_mem_bytes: 0 };
+    let config = gated_config(tokens, inter);
     // SAFETY: every buffer was allocated above for `tokens` rows.
     unsafe { launchers::silu_and_mul(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), inter_i)? };
     let got = download_bf16(dev, &out_dev, tokens * inter)?;
@@ -1009,10 +1009,15 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // Partial rotary (the rest of each head passes through) and YaRN's magnitude.
     rows.push(check_rope(dev, 9, 8, 2, 128, 64, 1.0, false, 9)?);
     rows.push(check_rope(dev, 9, 8, 2, 64, 64, 1.2079, false, 10)?);
+    // The norm and the gated activation take 8 values a thread where rows are 8-aligned (two
+    // register chunks past 8,192 values), and a scalar loop where they are not (4,100; 1,001).
     rows.push(check_rmsnorm(dev, 7, 576, 3)?);
     rows.push(check_rmsnorm(dev, 3, 4096, 4)?);
+    rows.push(check_rmsnorm(dev, 2, 12288, 12)?);
+    rows.push(check_rmsnorm(dev, 3, 4100, 13)?);
     rows.push(check_silu(dev, 5, 1536, 5)?);
     rows.push(check_silu(dev, 2, 14336, 6)?);
+    rows.push(check_silu(dev, 3, 1001, 14)?);
     // Experts: one token; several tiles per expert (300 tokens over 8 experts); Qwen3-30B-A3B's
     // 128 experts, top-8; widths that are not multiples of the tile.
     rows.extend(check_moe(dev, 1, 256, 8, 2, 128, true, 11)?);
@@ -1076,7 +1081,7 @@ pub fn architecture_kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, Cuda
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; n * inter])?;
     // SAFETY: `n` rows of `2 * inter` in, `inter` out.
-    unsafe { launchers::gelu_tanh_and_mul(dev, rows_config(n, inter), ptr(dev, &out_dev), ptr(dev, &in_dev), inter as i32)? };
+    unsafe { launchers::gelu_tanh_and_mul(dev, gated_config(n, inter), ptr(dev, &out_dev), ptr(dev, &in_dev), inter as i32)? };
     rows.push(CheckRow::error("gelu_tanh_and_mul", format!("{n} x {inter}"), relative_error(&download_bf16(dev, &out_dev, n * inter)?, &want)));
 
     let (vocab, cap) = (5000usize, 30.0f32);
@@ -1243,7 +1248,7 @@ pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, 
         launchers::moe_group(dev, MOE_GROUP_CONFIG, ptr(dev, &ids_dev), assignments as i32, e, ptr(dev, &offsets_dev), ptr(dev, &sorted_dev), ptr(dev, &tiles_dev))?;
         let (sorted, tiles) = (ptr(dev, &sorted_dev), ptr(dev, &tiles_dev));
         launchers::moe_gemm(dev, gemm(2 * inter), ptr(dev, &gate_up_out), ptr(dev, &x_dev), ptr(dev, &gate_up_dev), sorted, tiles, num_tiles, k, 2 * i, h)?;
-        launchers::silu_and_mul(dev, one(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), i)?;
+        launchers::silu_and_mul(dev, gated_config(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), i)?;
         launchers::moe_gemm(dev, gemm(hidden), ptr(dev, &down_out), ptr(dev, &act_out), ptr(dev, &down_dev), sorted, tiles, num_tiles, 1, h, i)?;
         launchers::moe_combine(dev, one(tokens, hidden), ptr(dev, &out_dev), ptr(dev, &down_out), ptr(dev, &weights_dev), k, h)?;
     }

@@ -49,6 +49,10 @@ pub struct AttentionArgs {
     /// With splits, leave the merge of the partials to the caller (`SplitMerge`): the next GEMV
     /// merges them in its staging, or `SplitMerge::launch` runs the merge kernel.
     pub defer_merge: bool,
+    /// Device bytes the decode kernel's blocks pull into L2 for the product after it (the
+    /// o-projection's weights: `GpuDevice::l2_prefetch_bytes`), from the address given; (0, 0)
+    /// for none. The address 16-byte aligned, the bytes a multiple of 16.
+    pub l2_prefetch: (CUdeviceptr, usize),
 }
 
 /// The merge of one layer's decode attention partials into its output (`attention_reduce_hd*`).
@@ -145,7 +149,8 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         launchers::paged_attention(
             dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
-            window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude,
+            window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude, a.l2_prefetch.0,
+            a.l2_prefetch.1 as u64,
         )?;
     }
     match SplitMerge::of(a) {

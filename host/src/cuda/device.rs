@@ -45,6 +45,11 @@ pub struct GpuDevice {
     /// when that projection is GGUF blocks (`forward`'s `attention` says why not bf16): on unless
     /// `PAGEDSERVE_FUSED_MERGE=off`, which exists to measure the fusion.
     pub fused_merge: bool,
+    /// The most bytes of the o-projection's weights the decode attention of a small batch pulls
+    /// into L2 for it (`AttentionArgs::l2_prefetch`): three quarters of the L2 on sm_90 and newer
+    /// (`cp.async.bulk.prefetch`), none before; `PAGEDSERVE_L2_PREFETCH=off` turns it off, `=N`
+    /// sets N MB.
+    pub l2_prefetch_limit: usize,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -162,7 +167,17 @@ impl GpuDevice {
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
         let fused_merge = !matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("off" | "0"));
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, "CUDA device ready");
+        let l2_bytes = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
+        let l2_prefetch_limit = match std::env::var("PAGEDSERVE_L2_PREFETCH").as_deref() {
+            _ if major < 9 => 0,
+            Ok("off" | "0") => 0,
+            Ok(mb) => match mb.parse::<usize>() {
+                Ok(mb) => mb << 20,
+                Err(_) => return Err(CudaError::Config(format!("PAGEDSERVE_L2_PREFETCH={mb}: expected off or a number of MB"))),
+            },
+            Err(_) => l2_bytes / 4 * 3,
+        };
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -177,6 +192,7 @@ impl GpuDevice {
             pdl: AtomicU8::new(pdl as u8),
             fused_rope,
             fused_merge,
+            l2_prefetch_limit,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))

@@ -33,7 +33,7 @@ use super::fp8_gemm::{fp8_linear, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
-use super::launch::{gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, row_threads, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
+use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_MAX_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
@@ -261,7 +261,7 @@ impl<'a> GpuOps<'a> {
                 let (x, d) = (self.ptr(residual)?, delta.map(|d| self.ptr(d)).transpose()?.unwrap_or(0));
                 self.mark("add_rmsnorm")?;
                 if self.launch.is_some() {
-                    let config = self.rows_config(self.n, width);
+                    let config = norm_config(self.n, width);
                     // SAFETY: residual, delta and out hold `n` rows of `width`; the weight `width`.
                     unsafe { launchers::fused_add_rmsnorm(self.dev(), config, x, d, weight, out, width as i32, eps).map_err(backend_error)? };
                 }
@@ -270,7 +270,7 @@ impl<'a> GpuOps<'a> {
                 let input = self.ptr(gate_up)?;
                 self.mark("activation")?;
                 if self.launch.is_some() {
-                    let config = self.rows_config(self.n, width);
+                    let config = gated_config(self.n, width);
                     // SAFETY: gate_up holds `n` rows of `2 * width`, out `n` rows of `width`.
                     unsafe { launchers::silu_and_mul(self.dev(), config, out, input, width as i32).map_err(backend_error)? };
                 }
@@ -617,7 +617,16 @@ impl Ops for GpuOps<'_> {
         // Only for GGUF blocks: every block of the GEMV redoes the merge in its staging, which a
         // quantized o-projection's few bytes hide and a bf16 one's do not (8B, batch 1, H200:
         // Q4_K 2.380 -> 2.322 ms a step, bf16 4.741 -> 4.917 ms).
-        let ggml_o_proj = matches!(self.model.weights().layers[layer].o_proj.format(), WeightFormat::Ggml(_));
+        let o_proj = &self.model.weights().layers[layer].o_proj;
+        let ggml_o_proj = matches!(o_proj.format(), WeightFormat::Ggml(_));
+        // A small batch's decode attention is latency-bound and leaves DRAM idle: its blocks pull
+        // the o-projection's weights into L2 for the product that follows.
+        let (o_values, o_bytes) = o_proj.values_region(dev);
+        let l2_prefetch = if a.num_decode > 0 && self.n <= L2_PREFETCH_MAX_ROWS && o_bytes <= dev.l2_prefetch_limit {
+            (o_values, o_bytes / 16 * 16)
+        } else {
+            (0, 0)
+        };
         let defer_merge = dev.fused_merge && ggml_o_proj && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
         let args = AttentionArgs {
             out: self.out_ptr(out)?,
@@ -643,6 +652,7 @@ impl Ops for GpuOps<'_> {
             partials,
             rope,
             defer_merge,
+            l2_prefetch,
         };
         launch_attention(dev, &args).map_err(backend_error)?;
         if let Some(merge) = SplitMerge::of(&args).filter(|_| defer_merge) {
@@ -760,7 +770,7 @@ impl Ops for GpuOps<'_> {
             // of them; `final_h` holds `rows` rows.
             unsafe {
                 if d != 0 {
-                    launchers::fused_add_rmsnorm(dev, self.rows_config(self.n, h), x, d, w, 0, h as i32, norm.eps).map_err(backend_error)?;
+                    launchers::fused_add_rmsnorm(dev, norm_config(self.n, h), x, d, w, 0, h as i32, norm.eps).map_err(backend_error)?;
                 }
                 launchers::rmsnorm_rows(dev, self.rows_config(rows, h), x, launch.arrays.rows, w, final_h, h as i32, norm.eps)
                     .map_err(backend_error)?;
@@ -793,7 +803,7 @@ impl<'a> GpuOps<'a> {
 
     /// `out = act(gate) * up` over `rows` rows of `[gate | up]`, `inter` wide.
     fn gated(&self, activation: Activation, out: CUdeviceptr, gate_up: CUdeviceptr, rows: usize, inter: usize) -> Result<(), ModelError> {
-        let config = self.rows_config(rows, inter);
+        let config = gated_config(rows, inter);
         // SAFETY: `gate_up` holds `rows` rows of `2 * inter`, `out` `rows` of `inter`.
         unsafe {
             match activation {

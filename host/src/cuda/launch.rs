@@ -353,6 +353,26 @@ pub fn row_threads(width: usize) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
+/// The most tokens in a batch whose decode attention pulls the o-projection's weights into L2
+/// (`AttentionArgs::l2_prefetch`): up to here attention is latency-bound and leaves DRAM idle;
+/// from a few hundred rows it streams far more cache than L2 holds, which would evict them.
+pub const L2_PREFETCH_MAX_ROWS: usize = 64;
+
+/// `fused_add_rmsnorm`'s block, one a row: a thread for every 8 values (`kernels/rmsnorm.cu`
+/// holds them in registers), so rows up to 8,192 wide take one load round.
+pub fn norm_config(rows: usize, width: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(width.div_ceil(8)), 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The gated activations' grid (`kernels/activation.cu`): row t in x, and each row spread over
+/// enough blocks of 256 threads, 8 values a thread, to cover it, so that a few rows still fill
+/// the GPU.
+pub fn gated_config(rows: usize, inter: usize) -> cudarc::driver::LaunchConfig {
+    const THREADS: usize = 256;
+    let blocks_per_row = inter.div_ceil(THREADS * 8).max(1);
+    cudarc::driver::LaunchConfig { grid_dim: (rows as u32, blocks_per_row as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// Warps (output rows in flight) per block of the small-M GEMV (`GEMV_WARPS` in
 /// `kernels/gemv.cu`): one large block per multiprocessor, so the input staging (repeated per
 /// block) is paid a hundred times, not thousands.
@@ -853,5 +873,24 @@ mod tests {
         assert_eq!(row_threads(576), 576);
         assert_eq!(row_threads(4096), 1024);
         assert_eq!(row_threads(1), 32);
+    }
+
+    #[test]
+    fn norm_and_gated_grids_cover_their_rows() {
+        // `fused_add_rmsnorm` holds a row in registers when it fits 16 values a thread; every
+        // 8-aligned width up to 16,384 must, so that no model's norm takes the scalar loop.
+        for width in (8..=16384).step_by(8) {
+            let c = norm_config(3, width);
+            assert_eq!(c.grid_dim, (3, 1, 1));
+            assert!(c.block_dim.0 as usize * 16 >= width && c.block_dim.0 % 32 == 0, "width {width}");
+        }
+        assert_eq!(norm_config(32, 4096).block_dim.0, 512, "8B: one register chunk a thread");
+        // The gated activations: enough 256-thread blocks a row, 8 values a thread.
+        for inter in [1, 1001, 1536, 2048, 2049, 14336, 28672] {
+            let c = gated_config(5, inter);
+            assert_eq!((c.grid_dim.0, c.block_dim.0), (5, 256));
+            assert!(c.grid_dim.1 as usize * 256 * 8 >= inter && (c.grid_dim.1 as usize - 1) * 256 * 8 < inter.max(1), "inter {inter}");
+        }
+        assert_eq!(gated_config(32, 14336).grid_dim, (32, 7, 1), "8B at 32 rows: 224 blocks, not 32");
     }
 }

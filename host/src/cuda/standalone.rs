@@ -147,6 +147,9 @@ impl StandaloneAttention {
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 partials: (ptrf(&self.partials.0), ptrf(&self.partials.1), ptrf(&self.partials.2)),
                 defer_merge: false,
+                // A live buffer of the right kind (the values cache), so that every check row also
+                // runs the prefetch the forward gives its o-projection.
+                l2_prefetch: (ptr(&self.v), self.v.len() * 2 / 16 * 16),
                 rope: self.rope.as_ref().map(|(slots, inv_freq, rotary_dim, magnitude)| FusedRope {
                     slots: ptr32(slots),
                     inv_freq: ptrf(inv_freq),

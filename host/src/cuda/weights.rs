@@ -351,6 +351,16 @@ impl GpuMatrix {
         }
     }
 
+    /// The device address and length in bytes of the values a product streams (FP8's scales
+    /// aside): what `AttentionArgs::l2_prefetch` pulls into L2.
+    pub fn values_region(&self, dev: &GpuDevice) -> (cudarc::driver::sys::CUdeviceptr, usize) {
+        match &self.data {
+            MatrixData::Bf16(data) => (ptr(dev, data), data.len() * 2),
+            MatrixData::Fp8 { values, .. } => (ptr(dev, values), values.len()),
+            MatrixData::Ggml { blocks, .. } => (ptr(dev, blocks), blocks.len()),
+        }
+    }
+
     /// Bytes of its values (and scales) on the device, bias aside.
     pub fn bytes(&self) -> usize {
         match &self.data {
