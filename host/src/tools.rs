@@ -319,6 +319,9 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let mut rows = check::kernel_checks(&dev)?;
     rows.extend(check::gemv_checks(&dev)?);
+    if dev.skinny.is_some() {
+        rows.extend(check::skinny_checks(&dev)?);
+    }
     rows.extend(pagedserve::bench::check_quant::fp8_checks(&dev)?);
     rows.extend(pagedserve::bench::check_quant::ggml_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
@@ -426,6 +429,12 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
             for &batch in &args.batch_sizes {
                 let ms = gpu::decode_step_ms(&mut big, batch, args.context, 10, true)?;
                 println!("Llama-3.1-8B dummy decode {weights:?} b{batch:<4} c{:<5} graphs {ms:>8.3} ms  {:>8.0} tok/s", args.context, batch as f64 / ms * 1e3);
+            }
+        }
+        // Each product alone at 9-64 rows, in a graph: the skinny GEMM against cuBLAS.
+        for &m in args.batch_sizes.iter().filter(|&&m| m > 8 && m <= 64) {
+            if dev.skinny.is_some() {
+                gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B (skinny GEMM)", m, &gpu::LLAMA_8B_PRODUCTS)?;
             }
         }
         // Each product alone at one row, in a graph (the GEMV against cuBLAS).

@@ -182,6 +182,7 @@ pub const MODULES: &[KernelModule] = &[
             "gemv_fp8_merge_m1",
         ],
     },
+    KernelModule { name: "skinny_gemm", source: include_str!("../skinny_gemm.cu"), functions: &["skinny_gemm_m16", "skinny_gemm_m32", "skinny_gemm_m64"] },
     KernelModule { name: "fp8", source: include_str!("../fp8.cu"), functions: &["fp8_quantize_rows", "fp8_scale_output"] },
     KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows", "feed_tokens"] },
 ];

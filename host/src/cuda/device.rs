@@ -14,7 +14,7 @@ use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
     decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
-    prefill_shared_bytes, WeightFormat, DECODE_THREADS,
+    prefill_shared_bytes, skinny_kernel_name, skinny_partial_floats, skinny_shared_bytes, WeightFormat, DECODE_THREADS, SKINNY_MAX_TILES, SKINNY_STAGES,
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -50,11 +50,25 @@ pub struct GpuDevice {
     /// (`cp.async.bulk.prefetch`), none before; `PAGEDSERVE_L2_PREFETCH=off` turns it off, `=N`
     /// sets N MB.
     pub l2_prefetch_limit: usize,
+    /// The skinny GEMM's partials and tile counters (`kernels/skinny_gemm.cu`), allocated at
+    /// start on sm_80 and newer (the counters zeroed; every launch leaves them so), and whether
+    /// the forward's 9-64-row bf16 products use it rather than cuBLAS: off unless
+    /// `PAGEDSERVE_SKINNY=on` until it is measured against cuBLAS. `pagedserve check` runs it
+    /// either way.
+    pub skinny: Option<SkinnyScratch>,
+    pub skinny_in_forward: bool,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
     /// cuBLASLt, for the FP8 GEMMs (`cuda::fp8_gemm`), sharing the cuBLAS workspace.
     fp8_gemm: Mutex<Fp8Gemm>,
+}
+
+/// The skinny GEMM's device buffers: float32 partials for two tiles a block (one block a
+/// multiprocessor) and a counter a tile (`launch::SKINNY_MAX_TILES`).
+pub struct SkinnyScratch {
+    pub partials: cudarc::driver::CudaSlice<f32>,
+    pub counters: cudarc::driver::CudaSlice<u32>,
 }
 
 /// Which kernels are launched as programmatic dependents (see `launchers::launch`).
@@ -177,7 +191,20 @@ impl GpuDevice {
             },
             Err(_) => l2_bytes / 4 * 3,
         };
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, "CUDA device ready");
+        let skinny = if major >= 8 {
+            for (rows, _) in SKINNY_STAGES {
+                kernels.get(&skinny_kernel_name(rows)).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, skinny_shared_bytes(rows) as i32)?;
+            }
+            let fits = SKINNY_STAGES.iter().all(|&(rows, _)| skinny_shared_bytes(rows) <= opt_in);
+            fits.then(|| -> Result<SkinnyScratch, CudaError> {
+                Ok(SkinnyScratch { partials: stream.alloc_zeros::<f32>(skinny_partial_floats(num_sms))?, counters: stream.alloc_zeros::<u32>(SKINNY_MAX_TILES)? })
+            })
+            .transpose()?
+        } else {
+            None
+        };
+        let skinny_in_forward = skinny.is_some() && matches!(std::env::var("PAGEDSERVE_SKINNY").as_deref(), Ok("on" | "1"));
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, skinny_in_forward, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -193,6 +220,8 @@ impl GpuDevice {
             fused_rope,
             fused_merge,
             l2_prefetch_limit,
+            skinny,
+            skinny_in_forward,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))
