@@ -51,7 +51,8 @@ pub struct GpuDevice {
     /// sets N MB.
     pub l2_prefetch_limit: usize,
     /// The skinny GEMM's partials and tile counters (`kernels/skinny_gemm.cu`), allocated at
-    /// start on sm_80 and newer (the counters zeroed; every launch leaves them so), and whether
+    /// start where a block may take its shared memory (sm_90; the counters zeroed, and every
+    /// launch leaves them so), and whether
     /// the forward's 9-64-row bf16 products use it rather than cuBLAS: off unless
     /// `PAGEDSERVE_SKINNY=on` until it is measured against cuBLAS. `pagedserve check` runs it
     /// either way.
@@ -191,15 +192,13 @@ impl GpuDevice {
             },
             Err(_) => l2_bytes / 4 * 3,
         };
-        let skinny = if major >= 8 {
+        // The skinny GEMM's rings take up to 216 KB a block: sm_90's opt-in (227 KB) allows it,
+        // sm_80's (163 KB) and sm_86's (99 KB) do not, and those devices run cuBLAS.
+        let skinny = if major >= 8 && SKINNY_STAGES.iter().all(|&(rows, _)| skinny_shared_bytes(rows) <= opt_in) {
             for (rows, _) in SKINNY_STAGES {
                 kernels.get(&skinny_kernel_name(rows)).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, skinny_shared_bytes(rows) as i32)?;
             }
-            let fits = SKINNY_STAGES.iter().all(|&(rows, _)| skinny_shared_bytes(rows) <= opt_in);
-            fits.then(|| -> Result<SkinnyScratch, CudaError> {
-                Ok(SkinnyScratch { partials: stream.alloc_zeros::<f32>(skinny_partial_floats(num_sms))?, counters: stream.alloc_zeros::<u32>(SKINNY_MAX_TILES)? })
-            })
-            .transpose()?
+            Some(SkinnyScratch { partials: stream.alloc_zeros::<f32>(skinny_partial_floats(num_sms))?, counters: stream.alloc_zeros::<u32>(SKINNY_MAX_TILES)? })
         } else {
             None
         };
