@@ -175,6 +175,20 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                  : "memory");
 }
+// The same copy with an L2 eviction policy (`l2_evict_first_policy`) for data read once.
+__device__ __forceinline__ void cp_async_16_hint(u32 dst, const void* src, bool valid, u64 policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0), "l"(policy)
+                 : "memory");
+}
+// An L2 policy under which lines are the first to go: for a stream read once (a decode step's
+// keys and values), so that it does not push out what will be read again (weights prefetched
+// for the next product, activations).
+__device__ __forceinline__ u64 l2_evict_first_policy() {
+    u64 policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
@@ -238,12 +252,13 @@ __device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, flo
 // memory (base 0), or a copy of a stretch of it in shared memory starting at block `table_base`.
 // The address arithmetic is most of a decode tile's instructions, so it is done once for a key
 // and its value, with one division per call: each next row of a thread is STEP positions on.
+// With `evict_first`, the copies carry `policy` (`l2_evict_first_policy`).
 template <int HD, int ROWS, int THREADS, int STRIDE, bool PAIR>
 __device__ __forceinline__ void copy_cache_rows(__nv_bfloat16 (*k_dst)[STRIDE], __nv_bfloat16 (*v_dst)[STRIDE],
                                                 const __nv_bfloat16* __restrict__ k_cache,
                                                 const __nv_bfloat16* __restrict__ v_cache, const u32* __restrict__ table,
                                                 int p0, int limit, int num_kv_heads, int kv_head, int block_size,
-                                                int table_base) {
+                                                int table_base, bool evict_first = false, u64 policy = 0) {
     constexpr int CHUNKS = HD / 8, STEP = THREADS / CHUNKS;
     static_assert(ROWS % STEP == 0, "whole rows per step");
     const int c = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
@@ -256,8 +271,13 @@ __device__ __forceinline__ void copy_cache_rows(__nv_bfloat16 (*k_dst)[STRIDE], 
         const int r = r0 + i * STEP;
         const bool valid = p < limit;
         const u64 at = valid ? (u64)table[blk] * block_elems + head_chunk + (u64)(off * HD) : 0;
-        cp_async_16(smem_addr(&k_dst[r][c * 8]), k_cache + at, valid);
-        if (PAIR) cp_async_16(smem_addr(&v_dst[r][c * 8]), v_cache + at, valid);
+        if (evict_first) {
+            cp_async_16_hint(smem_addr(&k_dst[r][c * 8]), k_cache + at, valid, policy);
+            if (PAIR) cp_async_16_hint(smem_addr(&v_dst[r][c * 8]), v_cache + at, valid, policy);
+        } else {
+            cp_async_16(smem_addr(&k_dst[r][c * 8]), k_cache + at, valid);
+            if (PAIR) cp_async_16(smem_addr(&v_dst[r][c * 8]), v_cache + at, valid);
+        }
         p += STEP, off += STEP;
         while (off >= block_size) off -= block_size, blk++;
     }

@@ -44,11 +44,11 @@
         const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
         int num_heads, int num_kv_heads, int block_size, float scale, int partition, int window,          \
         const u32 *slots, const float *inv_freq, float position_scale, int rotary_dim, float magnitude,    \
-        const unsigned char *l2_prefetch, u64 l2_prefetch_bytes
+        const unsigned char *l2_prefetch, u64 l2_prefetch_bytes, int kv_evict_first
 #define ATTENTION_ARGS                                                                                     \
     out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
         q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition, window, slots,        \
-        inv_freq, position_scale, rotary_dim, magnitude, l2_prefetch, l2_prefetch_bytes
+        inv_freq, position_scale, rotary_dim, magnitude, l2_prefetch, l2_prefetch_bytes, kv_evict_first
 #define DC_WARPS 4
 #define DC_THREADS (DC_WARPS * 32)
 #define DC_N (DC_WARPS * 16)  // keys per tile
@@ -110,11 +110,15 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     const bool rope = inv_freq != nullptr;
     // With RoPE fused, the block holding the token's own position writes its key and value first.
     const bool writes_token = rope && begin <= context - 1 && context - 1 < end;
+    // A decode step reads each key and value once (one block a KV head and partition): with
+    // `kv_evict_first` they stream through L2 under evict-first, so they do not push out the
+    // o-projection's weights this kernel prefetched (`l2_prefetch`) or the activations.
+    const u64 policy = kv_evict_first ? l2_evict_first_policy() : 0;
     // Tile `tile` of the partition (keys and values) into ring stage `stage`.
     auto copy_tile = [&](int stage, int tile) {
         copy_cache_rows<HD, DC_N, DC_THREADS, HD + DC_PAD, true>(k_s + stage * DC_N, v_s + stage * DC_N, k_cache, v_cache,
                                                                 table, begin + tile * DC_N, end, num_kv_heads, kv_head,
-                                                                block_size, base);
+                                                                block_size, base, kv_evict_first != 0, policy);
     };
     auto start_copies = [&]() {
 #pragma unroll

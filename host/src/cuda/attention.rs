@@ -53,6 +53,9 @@ pub struct AttentionArgs {
     /// o-projection's weights: `GpuDevice::l2_prefetch_bytes`), from the address given; (0, 0)
     /// for none. The address 16-byte aligned, the bytes a multiple of 16.
     pub l2_prefetch: (CUdeviceptr, usize),
+    /// Whether the decode kernel reads the cache under an evict-first L2 policy (each key and
+    /// value is read once a step), so that the prefetched weights stay (`GpuDevice::kv_evict_first`).
+    pub kv_evict_first: bool,
 }
 
 /// The merge of one layer's decode attention partials into its output (`attention_reduce_hd*`).
@@ -150,7 +153,7 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
             dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
             window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude, a.l2_prefetch.0,
-            a.l2_prefetch.1 as u64,
+            a.l2_prefetch.1 as u64, i32::from(a.kv_evict_first),
         )?;
     }
     match SplitMerge::of(a) {

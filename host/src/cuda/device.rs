@@ -50,6 +50,10 @@ pub struct GpuDevice {
     /// (`cp.async.bulk.prefetch`), none before; `PAGEDSERVE_L2_PREFETCH=off` turns it off, `=N`
     /// sets N MB.
     pub l2_prefetch_limit: usize,
+    /// Whether the decode attention reads the cache under an evict-first L2 policy
+    /// (`AttentionArgs::kv_evict_first`): on unless `PAGEDSERVE_KV_EVICT_FIRST=off`, which exists
+    /// to measure it.
+    pub kv_evict_first: bool,
     /// The skinny GEMM's partials and tile counters (`kernels/skinny_gemm.cu`), allocated at
     /// start where a block may take its shared memory (sm_90; the counters zeroed, and every
     /// launch leaves them so), and whether
@@ -202,8 +206,9 @@ impl GpuDevice {
         } else {
             None
         };
+        let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let skinny_in_forward = skinny.is_some() && matches!(std::env::var("PAGEDSERVE_SKINNY").as_deref(), Ok("on" | "1"));
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, skinny_in_forward, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, skinny_in_forward, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -219,6 +224,7 @@ impl GpuDevice {
             fused_rope,
             fused_merge,
             l2_prefetch_limit,
+            kv_evict_first,
             skinny,
             skinny_in_forward,
             gemv_occupancy: Mutex::new(HashMap::new()),

@@ -653,6 +653,7 @@ impl Ops for GpuOps<'_> {
             rope,
             defer_merge,
             l2_prefetch,
+            kv_evict_first: dev.kv_evict_first,
         };
         launch_attention(dev, &args).map_err(backend_error)?;
         if let Some(merge) = SplitMerge::of(&args).filter(|_| defer_merge) {

@@ -150,6 +150,7 @@ impl StandaloneAttention {
                 // A live buffer of the right kind (the values cache), so that every check row also
                 // runs the prefetch the forward gives its o-projection.
                 l2_prefetch: (ptr(&self.v), self.v.len() * 2 / 16 * 16),
+                kv_evict_first: dev.kv_evict_first,
                 rope: self.rope.as_ref().map(|(slots, inv_freq, rotary_dim, magnitude)| FusedRope {
                     slots: ptr32(slots),
                     inv_freq: ptrf(inv_freq),
