@@ -13,7 +13,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
-    decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
+    decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, GGML_ONE_ROW_WARP_KERNELS, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
     prefill_shared_bytes, WeightFormat, DECODE_THREADS,
 };
 
@@ -150,6 +150,10 @@ impl GpuDevice {
         for (name, format) in gemv_kernels() {
             let shared = gemv_dynamic_shared_limit(format, opt_in);
             kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+        }
+        for name in GGML_ONE_ROW_WARP_KERNELS {
+            let shared = gemv_dynamic_shared_limit(WeightFormat::Ggml(crate::model::gguf::GgmlType::Q4_K), opt_in);
+            kernels.get(name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
         // MMQ's ring takes up to 112 KB (Q8_0, 64 rows); where the device allows less (sm_86: 99
         // KB), those products take the tiles instead (`gemm::ggml_linear`).
