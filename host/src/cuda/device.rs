@@ -45,6 +45,13 @@ pub struct GpuDevice {
     /// when that projection is GGUF blocks (`forward`'s `attention` says why not bf16): on unless
     /// `PAGEDSERVE_FUSED_MERGE=off`, which exists to measure the fusion.
     pub fused_merge: bool,
+    /// EXPERIMENT (`PAGEDSERVE_FUSED_MERGE=all`): the merge also goes into a bf16 or FP8
+    /// o-projection's staging, so that GEMV is the attention kernel's programmatic dependent.
+    pub fused_merge_all: bool,
+    /// EXPERIMENT (`PAGEDSERVE_MERGE_GEMV_WARPS=N`): the merging GEMV's block takes at most N warps
+    /// (N rings), so that it fits beside a decode attention block and starts its weight stream
+    /// while attention runs.
+    pub merge_gemv_warps: Option<u32>,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -166,6 +173,8 @@ impl GpuDevice {
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
         let fused_merge = !matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("off" | "0"));
+        let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
+        let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
         tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
@@ -181,6 +190,8 @@ impl GpuDevice {
             pdl: AtomicU8::new(pdl as u8),
             fused_rope,
             fused_merge,
+            fused_merge_all,
+            merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))

@@ -618,7 +618,7 @@ impl Ops for GpuOps<'_> {
         // quantized o-projection's few bytes hide and a bf16 one's do not (8B, batch 1, H200:
         // Q4_K 2.380 -> 2.322 ms a step, bf16 4.741 -> 4.917 ms).
         let ggml_o_proj = matches!(self.model.weights().layers[layer].o_proj.format(), WeightFormat::Ggml(_));
-        let defer_merge = dev.fused_merge && ggml_o_proj && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
+        let defer_merge = dev.fused_merge && (ggml_o_proj || dev.fused_merge_all) && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
         let args = AttentionArgs {
             out: self.out_ptr(out)?,
             q,
