@@ -661,7 +661,10 @@ __device__ __forceinline__ void stage_q8(signed char* xq, float* xd, float* xs, 
     }
 }
 
-template <int TYPE, int MODE, int MP>
+// RPW_FORCE 1: one row a warp at one input row (`_r1` kernels, Q4_K), with as many units in flight
+// a lane as two rows have; the host takes it where two rows a warp would leave most of a last
+// round of warps idle (the 8B QKV: 3,072 row pairs on 2,112 warps are 1.45 rounds, 6,144 rows 2.9).
+template <int TYPE, int MODE, int MP, int RPW_FORCE = 0>
 __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f32, const void* __restrict__ x,
                                                const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
                                                float* __restrict__ residual_out, const u32* __restrict__ rows,
@@ -676,8 +679,9 @@ __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f
     // inputs leave room for one K-quant unit of one row, and with four for one unit of two Q4_K rows
     // or of one Q5_K row (more spilled: the Q4_K step at four rows took 5.12 ms against 4.95 at eight).
     constexpr bool kq = TYPE == 12 || TYPE == 13;
-    constexpr int RPW = kq && (MP == 8 || (MP == 4 && TYPE == 13)) ? 1 : 2;
-    constexpr int UNROLL = kq ? (MP == 1 || (MP == 2 && TYPE == 12) ? 2 : 1) : MP <= 2 ? (sizeof(Unit) <= 36 ? 4 : 2) : 2;
+    constexpr int RPW = RPW_FORCE > 0 ? RPW_FORCE : kq && (MP == 8 || (MP == 4 && TYPE == 13)) ? 1 : 2;
+    constexpr int UNROLL = RPW_FORCE == 1 && kq && MP == 1 ? 4
+                           : kq ? (MP == 1 || (MP == 2 && TYPE == 12) ? 2 : 1) : MP <= 2 ? (sizeof(Unit) <= 36 ? 4 : 2) : 2;
     extern __shared__ __align__(16) unsigned char ggml_smem[];
     __shared__ float scratch[32];
     __shared__ float inv_rms[MP];
@@ -842,6 +846,17 @@ GEMV_GGML_KERNEL(gemv_q4_k_norm_m2, 12, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q4_k_norm_m4, 12, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q4_k_norm_m8, 12, GEMV_NORM, 8)
 GEMV_GGML_KERNEL(gemv_q4_k_merge_m1, 12, GEMV_MERGE, 1)
+#define GEMV_GGML_KERNEL_R1(NAME, TYPE, MODE)                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
+        NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
+             float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
+             int n, int k, float eps, int splits, int head_dim) {                                                    \
+        gemv_ggml_body<TYPE, MODE, 1, 1>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps,  \
+                                         splits, head_dim);                                                          \
+    }
+GEMV_GGML_KERNEL_R1(gemv_q4_k_m1_r1, 12, GEMV_PLAIN)
+GEMV_GGML_KERNEL_R1(gemv_q4_k_silu_m1_r1, 12, GEMV_SILU)
+GEMV_GGML_KERNEL_R1(gemv_q4_k_norm_m1_r1, 12, GEMV_NORM)
 GEMV_GGML_KERNEL(gemv_q5_k_m1, 13, GEMV_PLAIN, 1)
 GEMV_GGML_KERNEL(gemv_q5_k_m2, 13, GEMV_PLAIN, 2)
 GEMV_GGML_KERNEL(gemv_q5_k_m4, 13, GEMV_PLAIN, 4)

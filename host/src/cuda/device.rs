@@ -14,7 +14,8 @@ use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
     decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
-    prefill_shared_bytes, skinny_kernel_name, skinny_partial_floats, skinny_shared_bytes, WeightFormat, DECODE_THREADS, SKINNY_MAX_TILES, SKINNY_STAGES,
+    prefill_shared_bytes, skinny_kernel_name, skinny_partial_floats, skinny_shared_bytes, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS, SKINNY_MAX_TILES,
+    SKINNY_STAGES,
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -62,6 +63,13 @@ pub struct GpuDevice {
     /// either way.
     pub skinny: Option<SkinnyScratch>,
     pub skinny_in_forward: bool,
+    /// EXPERIMENT (`PAGEDSERVE_FUSED_MERGE=all`): the merge also goes into a bf16 or FP8
+    /// o-projection's staging, so that GEMV is the attention kernel's programmatic dependent.
+    pub fused_merge_all: bool,
+    /// EXPERIMENT (`PAGEDSERVE_MERGE_GEMV_WARPS=N`): the merging GEMV's block takes at most N warps
+    /// (N rings), so that it fits beside a decode attention block and starts its weight stream
+    /// while attention runs.
+    pub merge_gemv_warps: Option<u32>,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -175,6 +183,10 @@ impl GpuDevice {
             let shared = gemv_dynamic_shared_limit(format, opt_in);
             kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
+        for name in GGML_ONE_ROW_WARP_KERNELS {
+            let shared = gemv_dynamic_shared_limit(WeightFormat::Ggml(crate::model::gguf::GgmlType::Q4_K), opt_in);
+            kernels.get(name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+        }
         // MMQ's ring takes up to 112 KB (Q8_0, 64 rows); where the device allows less (sm_86: 99
         // KB), those products take the tiles instead (`gemm::ggml_linear`).
         for m in [16, 32, 64] {
@@ -208,7 +220,10 @@ impl GpuDevice {
         };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let skinny_in_forward = skinny.is_some() && matches!(std::env::var("PAGEDSERVE_SKINNY").as_deref(), Ok("on" | "1"));
+        let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
+        let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
         tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, skinny_in_forward, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -227,6 +242,8 @@ impl GpuDevice {
             kv_evict_first,
             skinny,
             skinny_in_forward,
+            fused_merge_all,
+            merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))

@@ -627,7 +627,7 @@ impl Ops for GpuOps<'_> {
         } else {
             (0, 0)
         };
-        let defer_merge = dev.fused_merge && ggml_o_proj && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
+        let defer_merge = dev.fused_merge && (ggml_o_proj || dev.fused_merge_all) && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
         let args = AttentionArgs {
             out: self.out_ptr(out)?,
             q,

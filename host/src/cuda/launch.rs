@@ -479,6 +479,22 @@ pub fn skinny_kernel_name(rows: usize) -> String {
     format!("skinny_gemm_m{rows}")
 }
 
+/// The GGUF GEMV kernels that stream one row a warp instead of two (`_r1` in `kernels/ggml.cu`):
+/// Q4_K at one input row, every staging but the merge.
+pub const GGML_ONE_ROW_WARP_KERNELS: [&str; 3] = ["gemv_q4_k_m1_r1", "gemv_q4_k_silu_m1_r1", "gemv_q4_k_norm_m1_r1"];
+
+/// Whether a one-row Q4_K GEMV over `n` output rows should stream one row a warp (`_r1`) rather
+/// than two, on `warp_slots` resident warps: where two rows a warp leave a last round mostly idle
+/// and one row a warp does not (the 8B QKV, 6,144 rows on 2,112 warps: 72% of the rounds' warps
+/// busy against 97%). The fraction busy is the work over the rounds times the warps.
+pub fn ggml_one_row_warps(n: usize, warp_slots: usize) -> bool {
+    let busy = |rows_per_warp: usize| {
+        let groups = n.div_ceil(rows_per_warp);
+        groups as f64 / (groups.div_ceil(warp_slots.max(1)) * warp_slots.max(1)) as f64
+    };
+    busy(1) > busy(2) + 0.1
+}
+
 /// What the GEMV's input staging computes (`MODE` in `kernels/gemv.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvMode {
@@ -843,6 +859,11 @@ mod tests {
         assert_eq!(gemv_block_fit(8, 4096, Bf16, 16, 99 * 1024), None, "sm_86: fewer than 4 rings beside 64 KB of input");
         assert_eq!(gemv_block_fit(1, 4096, Bf16, 16, 99 * 1024), Some((7, 8192 + 7 * ring)));
         assert_eq!(gemv_block_fit(1, 4096, Ggml(crate::model::gguf::GgmlType::Q4_K), 16, h200), Some((16, 4096 + 1024)), "no ring from GGUF blocks");
+        assert!(ggml_one_row_warps(6144, 2112), "the 8B QKV: 1.45 rounds of row pairs, 2.9 of rows");
+        assert!(!ggml_one_row_warps(4096, 2112) && !ggml_one_row_warps(28672, 2112), "o, down, gate-up: both fill their rounds");
+        for name in GGML_ONE_ROW_WARP_KERNELS {
+            assert!(pagedserve_kernels::MODULES.iter().any(|m| m.functions.contains(&name)), "{name} is not a kernel");
+        }
         assert_eq!(gemv_kernel_name(GemvMode::Plain, 1, Bf16), "gemv_m1");
         assert_eq!(gemv_kernel_name(GemvMode::SiluMul, 3, Bf16), "gemv_silu_m4");
         assert_eq!(gemv_kernel_name(GemvMode::AddNorm, 5, Bf16), "gemv_norm_m8");
