@@ -6,12 +6,9 @@
 # covers. Run: python3 kernels/emulate/prefill_attention.py (about 5 s). Keep it in step with
 # the kernel when either changes.
 import numpy as np
+from fragments import bf, mma
 rng = np.random.default_rng(0)
 PF_M = PF_N = 64
-def bf(x): # round to bf16
-    a = np.asarray(x, dtype=np.float32).copy(); u = a.view(np.uint32)
-    u[...] = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000); return a
-
 def ldmatrix_x4(smem, addr, trans=False):
     # addr[lane] = (row, col) of the row this lane addresses; returns r[4][lane] = (lo, hi)
     r = np.zeros((4, 32, 2), np.float32)
@@ -23,22 +20,6 @@ def ldmatrix_x4(smem, addr, trans=False):
             if not trans: r[i, lane] = M[g, 2*t:2*t+2]
             else: r[i, lane] = [M[2*t, g], M[2*t+1, g]]
     return r
-
-def mma(c, a, b0, b1):
-    # c[lane][4], a[4][lane][2], b0/b1[lane][2]
-    A = np.zeros((16, 16)); B = np.zeros((16, 8)); C = np.zeros((16, 8))
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        for e in range(2):
-            A[g, 2*t+e] = a[0][lane][e]; A[g+8, 2*t+e] = a[1][lane][e]
-            A[g, 2*t+8+e] = a[2][lane][e]; A[g+8, 2*t+8+e] = a[3][lane][e]
-            B[2*t+e, g] = b0[lane][e]; B[2*t+8+e, g] = b1[lane][e]
-            C[g, 2*t+e] = c[lane][e]; C[g+8, 2*t+e] = c[lane][2+e]
-    C = C + A @ B
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        for e in range(2):
-            c[lane][e] = C[g, 2*t+e]; c[lane][2+e] = C[g+8, 2*t+e]
 
 def kernel(HD, out, q, q_stride, kc, vc, table, positions, tile, head, num_heads, num_kv_heads, bs, scale):
     PAD = 8

@@ -8,15 +8,10 @@
 # in step with the kernel when either changes.
 import numpy as np
 
+from fragments import bf, mma
+
 rng = np.random.default_rng(0)
 SK_THREADS, SK_BN, SK_BK = 256, 128, 64
-
-
-def bf(x):  # round to bf16
-    a = np.asarray(x, dtype=np.float32).copy()
-    u = a.view(np.uint32)
-    u[...] = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return a
 
 
 def sk_offset(r, c):
@@ -40,23 +35,6 @@ def ldmatrix_x4(smem, addr):
             g, t = lane // 4, lane % 4
             r[i, lane] = M[g, 2 * t:2 * t + 2]
     return r
-
-
-def mma(c, a, b0, b1):
-    # c[lane][4] += A(16x16, fragments a[4][lane][2]) · B(16x8, fragments b0, b1[lane][2])
-    A = np.zeros((16, 16))
-    B = np.zeros((16, 8))
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        for e in range(2):
-            A[g, 2 * t + e] = a[0][lane][e]; A[g + 8, 2 * t + e] = a[1][lane][e]
-            A[g, 2 * t + 8 + e] = a[2][lane][e]; A[g + 8, 2 * t + 8 + e] = a[3][lane][e]
-            B[2 * t + e, g] = b0[lane][e]; B[2 * t + 8 + e, g] = b1[lane][e]
-    C = A @ B
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        for e in range(2):
-            c[lane][e] += C[g, 2 * t + e]; c[lane][2 + e] += C[g + 8, 2 * t + e]
 
 
 def skinny(x, w, m, n, k, NT, blocks, order):
