@@ -151,19 +151,104 @@ __device__ __forceinline__ void merge_splits8(const float* __restrict__ part_out
     for (int e = 0; e < 8; ++e) f[e] = total > 0.0f ? value[e] / total : 0.0f;
 }
 
-// Four E4M3 values (the bytes of one 32-bit word) to float, the lowest byte first (sm_89 on).
-__device__ __forceinline__ void e4m3x4_to_float(u32 word, float* f) {
+// ---- E4M3 (FP8 weights, `fp8.cu` and `gemv.cu`; the FP8 KV cache, the attention kernels) ----
+// The conversions are sm_89 (Ada) and later instructions; the host refuses FP8 before that.
+
+// Four E4M3 values (the bytes of one 32-bit word) to two f16 pairs: bytes 0 and 1 to `lo`, 2 and
+// 3 to `hi`, the lower byte in the lower half. E4M3 is exact in f16: one instruction a pair.
+__device__ __forceinline__ void e4m3x4_to_half2x2(u32 word, u32& lo, u32& hi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    u32 lo, hi;
     asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
         : "=r"(lo), "=r"(hi)
         : "r"(word));
-    const float2 a = __half22float2(*reinterpret_cast<__half2*>(&lo));
-    const float2 b = __half22float2(*reinterpret_cast<__half2*>(&hi));
-    f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
 #else
     __trap();
 #endif
+}
+
+// Four E4M3 values (the bytes of one 32-bit word) to float, the lowest byte first.
+__device__ __forceinline__ void e4m3x4_to_float(u32 word, float* f) {
+    u32 lo, hi;
+    e4m3x4_to_half2x2(word, lo, hi);
+    const float2 a = __half22float2(*reinterpret_cast<__half2*>(&lo));
+    const float2 b = __half22float2(*reinterpret_cast<__half2*>(&hi));
+    f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
+}
+
+// Two floats to a pair of E4M3 bytes, `lo` in the low byte (the lower address), rounded to
+// nearest even and saturated at +-448 (`model::fp8::e4m3_bits` on the host).
+__device__ __forceinline__ unsigned short e4m3x2_from_floats(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short r;
+    // The first source goes to the upper byte.
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// One float as an E4M3 byte.
+__device__ __forceinline__ unsigned char e4m3_from_float(float v) { return (unsigned char)(e4m3x2_from_floats(v, 0.0f) & 0xff); }
+
+// The KV cache's element: bf16, or an E4M3 byte in an FP8 cache (`KvCacheDtype::Fp8E4M3`).
+template <bool FP8>
+struct KvElement {
+    typedef __nv_bfloat16 T;
+};
+template <>
+struct KvElement<true> {
+    typedef unsigned char T;
+};
+
+// WORDS 32-bit words from `p` in the widest loads its alignment allows (16 bytes when WORDS is a
+// multiple of 4, else 8 or 4): shared-memory reads that are one instruction, not WORDS.
+template <int WORDS>
+__device__ __forceinline__ void load_words(u32 (&w)[WORDS], const unsigned char* p) {
+    if constexpr (WORDS % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < WORDS / 4; i++) {
+            const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (WORDS == 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        w[0] = v.x, w[1] = v.y;
+    } else {
+        static_assert(WORDS == 1, "1, 2 or a multiple of 4 words");
+        w[0] = *reinterpret_cast<const u32*>(p);
+    }
+}
+
+// A cache value stored from a float: bf16, or E4M3 (the FP8 cache, scale 1: `KV_FP8_SCALE`).
+__device__ __forceinline__ void store_cache_value(__nv_bfloat16& dst, float v) { dst = __float2bfloat16(v); }
+__device__ __forceinline__ void store_cache_value(unsigned char& dst, float v) { dst = e4m3_from_float(v); }
+
+// A bf16 pair to an f16 pair (the attention kernels' queries over an FP8 cache, whose products
+// run on f16 operands: exact unless a query passes f16's 65504, far beyond what attention sees).
+__device__ __forceinline__ u32 bf16x2_to_half2(u32 v) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+    __half2 h = __float22half2_rn(f);
+    return *reinterpret_cast<u32*>(&h);
+}
+
+// ROWS x HD E4M3 values (rows SRC_STRIDE bytes apart) to f16 rows (DST_STRIDE halves apart; the
+// destination typed bf16 as the tiles it shares code with), THREADS threads, 8 values at a time:
+// consecutive threads read consecutive 8 bytes and write consecutive 16, so neither side has a
+// bank conflict.
+template <int HD, int ROWS, int THREADS, int SRC_STRIDE, int DST_STRIDE>
+__device__ __forceinline__ void e4m3_rows_to_half(__nv_bfloat16 (*dst)[DST_STRIDE], const unsigned char (*src)[SRC_STRIDE]) {
+    constexpr int CHUNKS = HD / 8;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
+        const int r = i / CHUNKS, c = i % CHUNKS;
+        const uint2 w = *reinterpret_cast<const uint2*>(&src[r][c * 8]);
+        uint4 h;
+        e4m3x4_to_half2x2(w.x, h.x, h.y);
+        e4m3x4_to_half2x2(w.y, h.z, h.w);
+        *reinterpret_cast<uint4*>(&dst[r][c * 8]) = h;
+    }
 }
 
 // ---- Tensor-core and asynchronous-copy helpers (the attention kernels) ----
@@ -215,6 +300,25 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The same product of f16 operands (the attention kernels over an FP8 cache).
+__device__ __forceinline__ void mma_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The attention kernels' product: bf16 operands over a bf16 cache, f16 over an FP8 one.
+template <bool F16>
+__device__ __forceinline__ void mma_attention(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if constexpr (F16) {
+        mma_f16(c, a, b0, b1);
+    } else {
+        mma_bf16(c, a, b0, b1);
+    }
+}
+
 // c += a * b for a 16x32 (row-major) by 32x8 (column-major) int8 product, int32 accumulators.
 __device__ __forceinline__ void mma_s8(int (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm volatile(
@@ -230,19 +334,36 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return *reinterpret_cast<u32*>(&v);
 }
 
+// The same as an f16 pair.
+__device__ __forceinline__ u32 pack_f16(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// `pack_bf16`, or `pack_f16` for the products over an FP8 cache (`mma_attention`).
+template <bool F16>
+__device__ __forceinline__ u32 pack_attention(float lo, float hi) {
+    if constexpr (F16) {
+        return pack_f16(lo, hi);
+    } else {
+        return pack_bf16(lo, hi);
+    }
+}
+
 // Asks L2 for the 128-byte line holding `p` (no registers, no wait; nothing if it is there).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
-// RoPE's rotation of one pair (x1, x2) by `angle`, cosine and sine times `magnitude`, rounded to
-// bf16 as the QKV buffer and the cache store it: `rope_and_cache` and the decode attention kernel
-// that fuses it (`paged_attention.cu`) share it, so the two paths round alike.
-__device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, float magnitude, __nv_bfloat16& y1, __nv_bfloat16& y2) {
+// RoPE's rotation of one pair (x1, x2) by `angle`, cosine and sine times `magnitude`, stored as
+// the QKV buffer (bf16) or the cache (bf16 or E4M3) holds values: `rope_and_cache` and the decode
+// attention kernel that fuses it (`paged_attention.cu`) share it, so the two paths round alike.
+template <typename T>
+__device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, float magnitude, T& y1, T& y2) {
     float s, c;
     sincosf(angle, &s, &c);
     s *= magnitude;
     c *= magnitude;
-    y1 = __float2bfloat16(x1 * c - x2 * s);
-    y2 = __float2bfloat16(x2 * c + x1 * s);
+    store_cache_value(y1, x1 * c - x2 * s);
+    store_cache_value(y2, x2 * c + x1 * s);
 }
 
 // Rows of keys of positions p0 .. p0 + ROWS - 1 into `k_dst` and, with PAIR, the same rows of
@@ -253,18 +374,19 @@ __device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, flo
 // The address arithmetic is most of a decode tile's instructions, so it is done once for a key
 // and its value, with one division per call: each next row of a thread is STEP positions on.
 // With `evict_first`, the copies carry `policy` (`l2_evict_first_policy`).
-template <int HD, int ROWS, int THREADS, int STRIDE, bool PAIR>
-__device__ __forceinline__ void copy_cache_rows(__nv_bfloat16 (*k_dst)[STRIDE], __nv_bfloat16 (*v_dst)[STRIDE],
-                                                const __nv_bfloat16* __restrict__ k_cache,
-                                                const __nv_bfloat16* __restrict__ v_cache, const u32* __restrict__ table,
+// The cache's elements are T: bf16, or E4M3 bytes (an FP8 cache, 16 values a copy, copied raw),
+// and value rows may have their own stride (V_STRIDE elements; STRIDE by default).
+template <int HD, int ROWS, int THREADS, int STRIDE, bool PAIR, int V_STRIDE = STRIDE, typename T = __nv_bfloat16>
+__device__ __forceinline__ void copy_cache_rows(T (*k_dst)[STRIDE], T (*v_dst)[V_STRIDE], const T* __restrict__ k_cache,
+                                                const T* __restrict__ v_cache, const u32* __restrict__ table,
                                                 int p0, int limit, int num_kv_heads, int kv_head, int block_size,
                                                 int table_base, bool evict_first = false, u64 policy = 0) {
-    constexpr int CHUNKS = HD / 8, STEP = THREADS / CHUNKS;
+    constexpr int VEC = 16 / sizeof(T), CHUNKS = HD / VEC, STEP = THREADS / CHUNKS;
     static_assert(ROWS % STEP == 0, "whole rows per step");
     const int c = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
     // Elements of one cache block (every KV head's rows), and this thread's chunk in its head's rows.
     const u64 block_elems = (u64)num_kv_heads * block_size * HD;
-    const u64 head_chunk = (u64)kv_head * block_size * HD + c * 8;
+    const u64 head_chunk = (u64)kv_head * block_size * HD + c * VEC;
     int p = p0 + r0, blk = p / block_size - table_base, off = p % block_size;
 #pragma unroll
     for (int i = 0; i < ROWS / STEP; i++) {
@@ -272,22 +394,22 @@ __device__ __forceinline__ void copy_cache_rows(__nv_bfloat16 (*k_dst)[STRIDE], 
         const bool valid = p < limit;
         const u64 at = valid ? (u64)table[blk] * block_elems + head_chunk + (u64)(off * HD) : 0;
         if (evict_first) {
-            cp_async_16_hint(smem_addr(&k_dst[r][c * 8]), k_cache + at, valid, policy);
-            if (PAIR) cp_async_16_hint(smem_addr(&v_dst[r][c * 8]), v_cache + at, valid, policy);
+            cp_async_16_hint(smem_addr(&k_dst[r][c * VEC]), k_cache + at, valid, policy);
+            if (PAIR) cp_async_16_hint(smem_addr(&v_dst[r][c * VEC]), v_cache + at, valid, policy);
         } else {
-            cp_async_16(smem_addr(&k_dst[r][c * 8]), k_cache + at, valid);
-            if (PAIR) cp_async_16(smem_addr(&v_dst[r][c * 8]), v_cache + at, valid);
+            cp_async_16(smem_addr(&k_dst[r][c * VEC]), k_cache + at, valid);
+            if (PAIR) cp_async_16(smem_addr(&v_dst[r][c * VEC]), v_cache + at, valid);
         }
         p += STEP, off += STEP;
         while (off >= block_size) off -= block_size, blk++;
     }
 }
 
-// `copy_cache_rows` for one cache (keys or values).
-template <int HD, int ROWS, int THREADS, int STRIDE>
-__device__ __forceinline__ void load_kv_rows(__nv_bfloat16 (*dst)[STRIDE], const __nv_bfloat16* __restrict__ cache,
-                                             const u32* __restrict__ table, int p0, int limit, int num_kv_heads,
-                                             int kv_head, int block_size, int table_base = 0) {
-    copy_cache_rows<HD, ROWS, THREADS, STRIDE, false>(dst, dst, cache, cache, table, p0, limit, num_kv_heads, kv_head,
-                                                      block_size, table_base);
+// `copy_cache_rows` for one cache (keys or values), of bf16 or E4M3 elements.
+template <int HD, int ROWS, int THREADS, int STRIDE, typename T>
+__device__ __forceinline__ void load_kv_rows(T (*dst)[STRIDE], const T* __restrict__ cache, const u32* __restrict__ table,
+                                             int p0, int limit, int num_kv_heads, int kv_head, int block_size,
+                                             int table_base = 0) {
+    copy_cache_rows<HD, ROWS, THREADS, STRIDE, false, STRIDE, T>(dst, dst, cache, cache, table, p0, limit, num_kv_heads,
+                                                                 kv_head, block_size, table_base);
 }

@@ -6,23 +6,11 @@
 // row of tiny values at least FLT_MIN), each value x / scale rounded to nearest even, exactly as
 // `Fp8Matrix::quantize` computes it: the division is IEEE (NVRTC's default -prec-div), the
 // rounding the hardware's cvt.rn.satfinite (the saturation never acts: |x / scale| <= 448).
-// The E4M3 conversions are sm_89 (Ada) and later instructions; the host refuses FP8 before that.
+// The E4M3 conversions (`common.cuh`) are sm_89 (Ada) and later instructions; the host refuses
+// FP8 before that.
 
 #define E4M3_MAX 448.0f
 #define FP8_FLT_MIN 1.17549435e-38f
-
-// Two floats to a pair of E4M3 bytes, `lo` in the low byte (the lower address).
-__device__ __forceinline__ unsigned short e4m3x2_from_floats(float lo, float hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    unsigned short r;
-    // The first source goes to the upper byte.
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    return r;
-#else
-    __trap();
-    return 0;
-#endif
-}
 
 // Row r of the bf16 [rows, cols] matrix x (cols even) to E4M3 in q, its scale to scales[r]; one
 // block per row.

@@ -31,16 +31,24 @@
 // padding rows all write and read one slot of the block no sequence is given: their outputs are
 // never used, as they were not before.) The QKV buffer is left as it is.
 //
+// Over an FP8 cache (`paged_attention_fp8_hd*`: E4M3 bytes at scale 1, `KvCacheDtype::Fp8E4M3`)
+// the ring holds the raw bytes, half a bf16 tile's, and there is no ldmatrix: each lane reads its
+// own bytes of the keys and values its MMA fragments need with 8- or 16-byte shared loads and
+// turns each pair into f16 with one instruction (E4M3 is exact in f16), so the products run on f16
+// operands (queries converted from bf16 once a block, probabilities packed as f16). For that the
+// head dimensions are permuted, consistently for queries and keys in the scores and undone for
+// the output (see the loops); `kernels/emulate/paged_attention_fp8.py` replays these maps.
+//
 // Layouts: q rows of `q_stride` elements holding [num_heads, HD] bf16 (the Q part of the QKV
 // projection's output; with RoPE fused, the whole row: Q heads, then K heads, then V heads); out
-// [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads, block_size, HD] bf16;
+// [tokens, num_heads, HD] bf16; caches [num_blocks, num_kv_heads, block_size, HD] bf16 or E4M3;
 // block_tables [num_seqs, max_blocks] u32; partials (split-K only) float [tokens, num_heads,
 // num_splits, HD] plus max (log2 units of the scaled scores) and sum [tokens, num_heads,
 // num_splits]; slots (RoPE fused) u32 [tokens].
 
-#define ATTENTION_PARAMS                                                                                   \
+#define ATTENTION_PARAMS(CACHE)                                                                            \
     __nv_bfloat16 *out, float *part_out, float *part_max, float *part_sum, const __nv_bfloat16 *q,         \
-        __nv_bfloat16 *k_cache, __nv_bfloat16 *v_cache, const u32 *block_tables,                           \
+        CACHE *k_cache, CACHE *v_cache, const u32 *block_tables,                                           \
         const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
         int num_heads, int num_kv_heads, int block_size, float scale, int partition, int window,          \
         const u32 *slots, const float *inv_freq, float position_scale, int rotary_dim, float magnitude,    \
@@ -60,26 +68,42 @@
 // block 42%). Head dim 64: four (74 KB, three blocks per SM), whose tiles are half as large
 // (SmolLM2 layout, batch 256, context 512: 1970 GB/s against 1700 with 2 stages).
 
-// Dimension pair j (of HD / 2) of one head from `src` to `dst`: below rotary_dim / 2, RoPE's pair
-// (j, j + rotary_dim / 2) rotated to position `pos`; above, two consecutive dimensions past
-// rotary_dim, copied.
-__device__ __forceinline__ void rope_pair(const __nv_bfloat16* src, __nv_bfloat16* dst, int j, int rotary_dim, float pos,
+// Dimension pair j (of HD / 2) of one head from `src` to `dst` (bf16, or E4M3 bytes in an FP8
+// cache): below rotary_dim / 2, RoPE's pair (j, j + rotary_dim / 2) rotated to position `pos`;
+// above, two consecutive dimensions past rotary_dim, copied.
+template <typename T>
+__device__ __forceinline__ void rope_pair(const __nv_bfloat16* src, T* dst, int j, int rotary_dim, float pos,
                                           const float* inv_freq, float magnitude) {
     const int half = rotary_dim / 2;
     if (j < half) {
         rope_rotate(__bfloat162float(src[j]), __bfloat162float(src[j + half]), pos * inv_freq[j], magnitude, dst[j], dst[j + half]);
     } else {
         const int a = rotary_dim + 2 * (j - half);
-        dst[a] = src[a], dst[a + 1] = src[a + 1];
+        store_cache_value(dst[a], __bfloat162float(src[a]));
+        store_cache_value(dst[a + 1], __bfloat162float(src[a + 1]));
     }
 }
 
-template <int HD, int STAGES>
-__device__ void paged_decode_impl(ATTENTION_PARAMS) {
+// Shared-memory rows of the ring, in bytes. A bf16 cache: HD + DC_PAD elements for keys and
+// values alike, read by ldmatrix. An FP8 cache: raw E4M3 rows that each lane reads its own bytes
+// of (see `paged_decode_impl`), keys HD + 16 bytes apart (HD 64: HD) and values HD + 16, the
+// strides at which those reads meet no bank conflict at head dims 64 and 128 (256: two-way).
+template <int HD, bool FP8>
+struct DecodeRows {
+    static constexpr int K = FP8 ? HD + (HD == 64 ? 0 : 16) : (HD + DC_PAD) * 2;
+    static constexpr int V = FP8 ? HD + 16 : (HD + DC_PAD) * 2;
+};
+
+template <int HD, int STAGES, bool FP8>
+__device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) {
+    typedef typename KvElement<FP8>::T C;  // the cache's element: bf16, or an E4M3 byte
     typedef __nv_bfloat16 Row[HD + DC_PAD];
+    constexpr int K_BYTES = DecodeRows<HD, FP8>::K, V_BYTES = DecodeRows<HD, FP8>::V;
+    typedef C KRow[K_BYTES / sizeof(C)];
+    typedef C VRow[V_BYTES / sizeof(C)];
     extern __shared__ __align__(16) unsigned char dc_smem[];
-    Row* k_s = reinterpret_cast<Row*>(dc_smem);  // [STAGES * DC_N]
-    Row* v_s = k_s + STAGES * DC_N;
+    KRow* k_s = reinterpret_cast<KRow*>(dc_smem);  // [STAGES * DC_N]
+    VRow* v_s = reinterpret_cast<VRow*>(dc_smem + STAGES * DC_N * K_BYTES);
     const int t = rows ? rows[blockIdx.x] : blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int group = num_heads / num_kv_heads;
     const int context = positions[t] + 1;
@@ -97,7 +121,7 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     const u32* table = seq_table;
     int base = 0;
     if (table_len <= DC_TABLE) {
-        u32* table_s = reinterpret_cast<u32*>(dc_smem + 2 * STAGES * DC_N * sizeof(Row));
+        u32* table_s = reinterpret_cast<u32*>(dc_smem + STAGES * DC_N * (K_BYTES + V_BYTES));
         for (int i = threadIdx.x; i < table_len; i += DC_THREADS) table_s[i] = seq_table[table_base + i];
         __syncthreads();
         table = table_s, base = table_base;
@@ -116,9 +140,9 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     const u64 policy = kv_evict_first ? l2_evict_first_policy() : 0;
     // Tile `tile` of the partition (keys and values) into ring stage `stage`.
     auto copy_tile = [&](int stage, int tile) {
-        copy_cache_rows<HD, DC_N, DC_THREADS, HD + DC_PAD, true>(k_s + stage * DC_N, v_s + stage * DC_N, k_cache, v_cache,
-                                                                table, begin + tile * DC_N, end, num_kv_heads, kv_head,
-                                                                block_size, base, kv_evict_first != 0, policy);
+        copy_cache_rows<HD, DC_N, DC_THREADS, K_BYTES / sizeof(C), true, V_BYTES / sizeof(C)>(
+            k_s + stage * DC_N, v_s + stage * DC_N, k_cache, v_cache, table, begin + tile * DC_N, end, num_kv_heads,
+            kv_head, block_size, base, kv_evict_first != 0, policy);
     };
     auto start_copies = [&]() {
 #pragma unroll
@@ -131,9 +155,11 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     if (!writes_token) start_copies();
 
     const __nv_bfloat16* q_row = q + (u64)t * q_stride + (u64)kv_head * group * HD;
-    // The rotated query rows, with RoPE fused: in the last stage's key tile, which the first
-    // copies leave free until the loop's first iteration (after its barrier) refills it.
-    Row* q_s = k_s + (STAGES - 1) * DC_N;
+    // The rotated query rows (bf16), with RoPE fused: in the last stage's key tile, which the
+    // first copies leave free until the loop's first iteration (after its barrier) refills it.
+    // (An FP8 key tile of 64 rows of HD bytes holds the 16 rows of HD + DC_PAD halves.)
+    Row* q_s = reinterpret_cast<Row*>(k_s + (STAGES - 1) * DC_N);
+    static_assert(16 * sizeof(Row) <= DC_N * K_BYTES, "the rotated queries fit in a key tile");
     if (rope) {
         const float pos = (float)positions[t] / position_scale;
         if (writes_token) {
@@ -143,7 +169,7 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
             const u64 slot = slots[t];
             const u64 at = (((slot / block_size) * num_kv_heads + kv_head) * block_size + slot % block_size) * HD;
             for (int j = threadIdx.x; j < HD / 2; j += DC_THREADS) rope_pair(k_row, k_cache + at, j, rotary_dim, pos, inv_freq, magnitude);
-            for (int d = threadIdx.x; d < HD; d += DC_THREADS) v_cache[at + d] = v_row[d];
+            for (int d = threadIdx.x; d < HD; d += DC_THREADS) store_cache_value(v_cache[at + d], __bfloat162float(v_row[d]));
         }
         // The group's query heads rotated, one dimension pair per thread (rows past the group
         // are never read).
@@ -154,14 +180,20 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
     }
 
     // A fragments of the query rows: row r is head kv_head * group + r, zero for r >= group.
+    // Over an FP8 cache the head dimensions are permuted, the same way for queries and keys (a
+    // dot product does not care): slice kk's columns tig * 2 + {0, 1, 8, 9} are dimensions
+    // tig * HD / 4 + kk * 4 + {0, 1, 2, 3}, so that each lane's share of a key row is HD / 4
+    // consecutive bytes, read with 16-byte loads and turned into the B fragments as they are.
     u32 qf[HD / 16][4];
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const int r = gid + (e & 1) * 8, col = kk * 16 + (e >> 1) * 8 + tig * 2;
+            const int r = gid + (e & 1) * 8;
+            const int col = FP8 ? tig * (HD / 4) + kk * 4 + (e >> 1) * 2 : kk * 16 + (e >> 1) * 8 + tig * 2;
             const u32* at = rope ? reinterpret_cast<const u32*>(&q_s[r][col]) : reinterpret_cast<const u32*>(q_row + r * HD + col);
-            qf[kk][e] = r < group ? *at : 0u;
+            const u32 pair = r < group ? *at : 0u;
+            qf[kk][e] = FP8 ? bf16x2_to_half2(pair) : pair;
         }
 
     float o[HD / 8][4];
@@ -181,8 +213,8 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
         }
         const int key0 = begin + i * DC_N + warp * 16;  // this warp's first key
         if (key0 >= end) continue;                      // warp-uniform: past the partition's end
-        const Row* ks = k_s + (i % STAGES) * DC_N + warp * 16;
-        const Row* vs = v_s + (i % STAGES) * DC_N + warp * 16;
+        const KRow* ks = k_s + (i % STAGES) * DC_N + warp * 16;
+        const VRow* vs = v_s + (i % STAGES) * DC_N + warp * 16;
 
         // Scores of keys 0..7 and 8..15, each summed over the head dim in two chains (even and odd
         // 16-dim slices) added at the end: one chain of HD / 16 dependent MMAs left the warps
@@ -192,14 +224,37 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
         for (int n = 0; n < 2; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[n][e] = s_odd[n][e] = 0.0f;
+        if constexpr (FP8) {
+            // Keys gid and gid + 8: this lane's HD / 4 bytes of each, a word per 16-dim slice
+            // (bytes 0, 1 the B fragment's first register, 2, 3 its second).
+            const unsigned char* k_lo = ks[gid] + tig * (HD / 4);
+            const unsigned char* k_hi = ks[gid + 8] + tig * (HD / 4);
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            // Matrices: keys 0..7 then 8..15, each at dims kk*16 + 0..7 and + 8..15.
-            u32 b[4];
-            ldmatrix_x4(b, smem_addr(&ks[(mat >> 1) * 8 + mrow][kk * 16 + (mat & 1) * 8]));
-            float (*acc)[4] = kk % 2 == 0 ? s : s_odd;
-            mma_bf16(acc[0], qf[kk], b[0], b[1]);
-            mma_bf16(acc[1], qf[kk], b[2], b[3]);
+            for (int c = 0; c < HD / 64; c++) {
+                const uint4 wl = *reinterpret_cast<const uint4*>(k_lo + c * 16);
+                const uint4 wh = *reinterpret_cast<const uint4*>(k_hi + c * 16);
+                const u32 lo[4] = {wl.x, wl.y, wl.z, wl.w}, hi[4] = {wh.x, wh.y, wh.z, wh.w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int kk = c * 4 + j;
+                    u32 b[4];
+                    e4m3x4_to_half2x2(lo[j], b[0], b[1]);
+                    e4m3x4_to_half2x2(hi[j], b[2], b[3]);
+                    float (*acc)[4] = kk % 2 == 0 ? s : s_odd;
+                    mma_f16(acc[0], qf[kk], b[0], b[1]);
+                    mma_f16(acc[1], qf[kk], b[2], b[3]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                // Matrices: keys 0..7 then 8..15, each at dims kk*16 + 0..7 and + 8..15.
+                u32 b[4];
+                ldmatrix_x4(b, smem_addr(&ks[(mat >> 1) * 8 + mrow][kk * 16 + (mat & 1) * 8]));
+                float (*acc)[4] = kk % 2 == 0 ? s : s_odd;
+                mma_bf16(acc[0], qf[kk], b[0], b[1]);
+                mma_bf16(acc[1], qf[kk], b[2], b[3]);
+            }
         }
 #pragma unroll
         for (int n = 0; n < 2; n++)
@@ -239,16 +294,42 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
             }
         }
         if (!upper_rows) s[0][2] = s[0][3] = s[1][2] = s[1][3] = 0.0f;
-        // The score accumulators are already P's A fragment layout.
-        const u32 a[4] = {pack_bf16(s[0][0], s[0][1]), pack_bf16(s[0][2], s[0][3]), pack_bf16(s[1][0], s[1][1]),
-                          pack_bf16(s[1][2], s[1][3])};
+        // The score accumulators are already P's A fragment layout (keys tig * 2 + {0, 1} and
+        // tig * 2 + {8, 9} of the warp's 16).
+        const u32 a[4] = {pack_attention<FP8>(s[0][0], s[0][1]), pack_attention<FP8>(s[0][2], s[0][3]),
+                          pack_attention<FP8>(s[1][0], s[1][1]), pack_attention<FP8>(s[1][2], s[1][3])};
+        if constexpr (FP8) {
+            // Values of keys tig * 2, + 1, + 8 and + 9: this lane's HD / 8 bytes of each, which
+            // are output column gid of every 8-dimension group: group j's column n is dimension
+            // n * HD / 8 + j (undone where the output is written). A byte permute pairs two keys'
+            // bytes of one dimension into the B fragment's order, then one conversion a pair.
+            constexpr int WORDS = HD / 32;
+            u32 va[WORDS], vb[WORDS], vc[WORDS], vd[WORDS];
+            const int at = gid * (HD / 8);
+            load_words(va, vs[tig * 2] + at);
+            load_words(vb, vs[tig * 2 + 1] + at);
+            load_words(vc, vs[tig * 2 + 8] + at);
+            load_words(vd, vs[tig * 2 + 9] + at);
 #pragma unroll
-        for (int dp = 0; dp < HD / 16; dp++) {
-            // Transposed: keys 0..7 then 8..15, at dims dp*16 + 0..7 and + 8..15.
-            u32 b[4];
-            ldmatrix_x4_trans(b, smem_addr(&vs[(mat & 1) * 8 + mrow][dp * 16 + (mat >> 1) * 8]));
-            mma_bf16(o[2 * dp], a, b[0], b[1]);
-            mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+            for (int w = 0; w < WORDS; w++) {
+                // Dimensions 4w .. 4w + 3 of this lane's share: groups 4w .. 4w + 3.
+                u32 b0[4], b1[4];
+                e4m3x4_to_half2x2(__byte_perm(va[w], vb[w], 0x5140), b0[0], b0[1]);
+                e4m3x4_to_half2x2(__byte_perm(va[w], vb[w], 0x7362), b0[2], b0[3]);
+                e4m3x4_to_half2x2(__byte_perm(vc[w], vd[w], 0x5140), b1[0], b1[1]);
+                e4m3x4_to_half2x2(__byte_perm(vc[w], vd[w], 0x7362), b1[2], b1[3]);
+#pragma unroll
+                for (int g = 0; g < 4; g++) mma_f16(o[4 * w + g], a, b0[g], b1[g]);
+            }
+        } else {
+#pragma unroll
+            for (int dp = 0; dp < HD / 16; dp++) {
+                // Transposed: keys 0..7 then 8..15, at dims dp*16 + 0..7 and + 8..15.
+                u32 b[4];
+                ldmatrix_x4_trans(b, smem_addr(&vs[(mat & 1) * 8 + mrow][dp * 16 + (mat >> 1) * 8]));
+                mma_bf16(o[2 * dp], a, b[0], b[1]);
+                mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+            }
         }
     }
 
@@ -270,10 +351,14 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS) {
             l_s[warp * 16 + row] = sum;
         }
 #pragma unroll
-        for (int d = 0; d < HD / 8; d++) {
-            acc_s[(warp * 16 + row) * HD + d * 8 + tig * 2] = o[d][2 * r];
-            acc_s[(warp * 16 + row) * HD + d * 8 + tig * 2 + 1] = o[d][2 * r + 1];
-        }
+        for (int d = 0; d < HD / 8; d++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                // Column tig * 2 + e of group d: dimension d * 8 + column, or over an FP8
+                // cache column * HD / 8 + d (the values' permutation above).
+                const int col = tig * 2 + e, dim = FP8 ? col * (HD / 8) + d : d * 8 + col;
+                acc_s[(warp * 16 + row) * HD + dim] = o[d][2 * r + e];
+            }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < group * HD; i += DC_THREADS) {
@@ -363,15 +448,28 @@ __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const flo
         int num_splits, int num_heads, int num_kv_heads
 #define DECODE_KERNEL(HD, STAGES)                                                                          \
     extern "C" __global__ void __launch_bounds__(DC_THREADS)                                              \
-        paged_attention_hd##HD(ATTENTION_PARAMS) {                                                       \
+        paged_attention_hd##HD(ATTENTION_PARAMS(__nv_bfloat16)) {                                          \
         prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
         PDL_ENTER();                                                                                       \
-        paged_decode_impl<HD, STAGES>(ATTENTION_ARGS);                                                     \
+        paged_decode_impl<HD, STAGES, false>(ATTENTION_ARGS);                                              \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_reduce_hd##HD(REDUCE_PARAMS) {     \
         PDL_ENTER();                                                                                       \
         attention_reduce_impl<HD>(out, part_out, part_max, part_sum, rows, num_splits, num_heads, num_kv_heads); \
     }
+// Over an FP8 cache (E4M3 bytes; sm_89 on). Twice the stages of the bf16 kernel's in about the
+// same shared memory, since a tile is half the bytes: as many blocks a multiprocessor, and the
+// same bytes in flight.
+#define DECODE_FP8_KERNEL(HD, STAGES)                                                                      \
+    extern "C" __global__ void __launch_bounds__(DC_THREADS)                                              \
+        paged_attention_fp8_hd##HD(ATTENTION_PARAMS(unsigned char)) {                                      \
+        prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
+        PDL_ENTER();                                                                                       \
+        paged_decode_impl<HD, STAGES, true>(ATTENTION_ARGS);                                               \
+    }
 DECODE_KERNEL(64, 4)
 DECODE_KERNEL(128, 2)
 DECODE_KERNEL(256, 2)
+DECODE_FP8_KERNEL(64, 8)
+DECODE_FP8_KERNEL(128, 4)
+DECODE_FP8_KERNEL(256, 4)

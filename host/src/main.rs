@@ -72,8 +72,8 @@ pub(crate) struct ModelArgs {
     pub(crate) dummy_quant: DummyQuant,
     /// What the KV cache stores keys and values as: `auto` (float32 on the CPU, bfloat16 on the
     /// GPU) or `fp8` / `fp8_e4m3` (E4M3 at scale 1, as vLLM's `--kv-cache-dtype fp8` without
-    /// calibrated scales: one byte a value, a quarter of float32's; the CPU only for now, the
-    /// GPU's FP8 attention kernels are still to land).
+    /// calibrated scales: one byte a value, so twice bfloat16's tokens fit and a decode step
+    /// reads half the bytes; on the GPU sm_89 or newer).
     #[arg(long, default_value = "auto", env = "PAGEDSERVE_KV_CACHE_DTYPE")]
     pub(crate) kv_cache_dtype: pagedserve::kv_cache::KvCacheDtype,
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use pagedserve::kv_cache::KvCacheDtype;
 use pagedserve::loader::LoadFormat;
 use pagedserve::runner::generate::{GenerateOptions, Generator};
 
@@ -326,6 +327,7 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     rows.extend(pagedserve::bench::check_quant::fp8_checks(&dev)?);
     rows.extend(pagedserve::bench::check_quant::ggml_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
+    rows.extend(check::fp8_cache_checks(&dev)?);
     let files = args.model.open()?;
     // Dummy weights are drawn on the device by the direct path: nothing to compare with.
     let direct = (!files.source().is_dummy()).then(|| pagedserve::cuda::GpuModel::load(dev.clone(), files.config.clone(), files.source()));
@@ -345,7 +347,10 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     if let Some(direct) = direct {
         rows.push(check::check_direct_load(&dev, direct?, &loaded.model, &prompts)?);
     }
-    rows.extend(check::check_forward(&dev, &loaded.model, &prompts)?);
+    rows.extend(check::check_forward(&dev, &loaded.model, &prompts, KvCacheDtype::Auto)?);
+    if dev.compute_capability() >= 89 {
+        rows.extend(check::check_forward(&dev, &loaded.model, &prompts, KvCacheDtype::Fp8E4M3)?);
+    }
     rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
     rows.extend(pagedserve::bench::check_quant::check_forward_fp8(&dev, &loaded.model, &prompts)?);
     // A GGUF file's own blocks kept on the device (`--keep-quantized`), against the CPU reading

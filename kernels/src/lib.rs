@@ -26,7 +26,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "rope_cache",
         source: include_str!("../rope_cache.cu"),
-        functions: &["rope_and_cache", "add_bias"],
+        functions: &["rope_and_cache", "rope_and_cache_fp8", "add_bias"],
     },
     KernelModule {
         name: "activation",
@@ -146,12 +146,29 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "paged_attention",
         source: include_str!("../paged_attention.cu"),
-        functions: &["paged_attention_hd64", "paged_attention_hd128", "paged_attention_hd256", "attention_reduce_hd64", "attention_reduce_hd128", "attention_reduce_hd256"],
+        functions: &[
+            "paged_attention_hd64",
+            "paged_attention_hd128",
+            "paged_attention_hd256",
+            "attention_reduce_hd64",
+            "attention_reduce_hd128",
+            "attention_reduce_hd256",
+            "paged_attention_fp8_hd64",
+            "paged_attention_fp8_hd128",
+            "paged_attention_fp8_hd256",
+        ],
     },
     KernelModule {
         name: "prefill_attention",
         source: include_str!("../prefill_attention.cu"),
-        functions: &["prefill_attention_hd64", "prefill_attention_hd128", "prefill_attention_hd256"],
+        functions: &[
+            "prefill_attention_hd64",
+            "prefill_attention_hd128",
+            "prefill_attention_hd256",
+            "prefill_attention_fp8_hd64",
+            "prefill_attention_fp8_hd128",
+            "prefill_attention_fp8_hd256",
+        ],
     },
     KernelModule {
         name: "gemv",
@@ -215,15 +232,24 @@ mod tests {
         for module in MODULES {
             for function in module.functions {
                 // Plain definitions, or instantiations of a macro: `paged_attention_hd64` and
-                // `attention_reduce_hd64` are `DECODE_KERNEL(64, stages)`, `prefill_attention_hd128`
-                // is `PREFILL_KERNEL(128)`, `gemv_silu_m4` is `GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)`.
+                // `attention_reduce_hd64` are `DECODE_KERNEL(64, stages)`, `paged_attention_fp8_hd64`
+                // `DECODE_FP8_KERNEL(64, stages)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`
+                // (`_fp8_`: `PREFILL_FP8_KERNEL`), `skinny_gemm_m16` `SKINNY_KERNEL(16, stages)`,
+                // `gemv_silu_m4` is `GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)`.
                 let decode_hd = function.strip_prefix("paged_attention_hd").or_else(|| function.strip_prefix("attention_reduce_hd"));
                 let instantiated = if let Some(hd) = decode_hd {
                     module.source.contains(&format!("DECODE_KERNEL({hd},"))
+                } else if let Some(hd) = function.strip_prefix("paged_attention_fp8_hd") {
+                    module.source.contains(&format!("DECODE_FP8_KERNEL({hd},"))
                 } else if let Some(hd) = function.strip_prefix("prefill_attention_hd") {
                     module.source.contains(&format!("PREFILL_KERNEL({hd})"))
+                } else if let Some(hd) = function.strip_prefix("prefill_attention_fp8_hd") {
+                    module.source.contains(&format!("PREFILL_FP8_KERNEL({hd})"))
+                } else if let Some(rows) = function.strip_prefix("skinny_gemm_m") {
+                    module.source.contains(&format!("SKINNY_KERNEL({rows},"))
                 } else {
-                    module.source.contains(&format!("_KERNEL({function},"))
+                    // (`_KERNEL_R1(`: the GGUF GEMV's one-row-a-warp variants.)
+                    module.source.contains(&format!("_KERNEL({function},")) || module.source.contains(&format!("_KERNEL_R1({function},"))
                 };
                 let defined = module.source.contains(&format!("{function}(")) || instantiated;
                 assert!(defined, "{} does not define {function}", module.name);

@@ -20,7 +20,7 @@ use crate::cuda::launch::{
 use crate::cuda::weights::{GpuMatrix, MatrixData};
 use crate::cuda::{launchers, ptr};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
-use crate::kv_cache::KvCacheLayout;
+use crate::kv_cache::{KvCacheDtype, KvCacheLayout};
 use crate::model::config::LayerAttention;
 use crate::model::cpu::{ops, paged_attention, AttentionShape, CpuKvCache, CpuModel};
 use crate::model::fp8::Fp8Matrix;
@@ -111,10 +111,10 @@ fn scattered_batch(
     Ok((batch, layout))
 }
 
-/// A one-layer cache with random keys and values in every slot, so a read of the wrong slot (or
-/// a write that never happened) cannot go unnoticed.
-fn random_cache(rng: &mut StdRng, layout: KvCacheLayout) -> CpuKvCache {
-    let mut cache = CpuKvCache::new(layout);
+/// A one-layer cache of `dtype` with random keys and values in every slot, so a read of the wrong
+/// slot (or a write that never happened) cannot go unnoticed.
+fn random_cache(rng: &mut StdRng, layout: KvCacheLayout, dtype: KvCacheDtype) -> CpuKvCache {
+    let mut cache = CpuKvCache::with_dtype(layout, dtype);
     let row = layout.num_kv_heads * layout.head_dim;
     for slot in 0..layout.num_blocks * layout.block_size {
         let k = random_bf16_values(rng, row, 1.0);
@@ -160,11 +160,31 @@ pub fn check_attention_windowed(
     window: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
+    check_attention_over(dev, KvCacheDtype::Auto, block_size, heads, kv_heads, head_dim, seqs, path, splits, window, seed)
+}
+
+/// `check_attention_windowed` over a cache of `cache` values: the CPU's `CpuKvCache` of that
+/// type holds the same values the kernels read (an FP8 one, E4M3 bytes), so the rows measure the
+/// kernels, not the format.
+#[allow(clippy::too_many_arguments)]
+pub fn check_attention_over(
+    dev: &GpuDevice,
+    cache: KvCacheDtype,
+    block_size: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    seqs: &[(usize, usize)],
+    path: AttentionPath,
+    splits: usize,
+    window: usize,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (batch, layout) = scattered_batch(&mut rng, block_size, seqs, 7, kv_heads, head_dim)?;
     let n = batch.num_tokens();
     let q = random_bf16_values(&mut rng, n * heads * head_dim, 1.0);
-    let cpu_cache = random_cache(&mut rng, layout);
+    let cpu_cache = random_cache(&mut rng, layout, cache);
     let (keys, values) = cpu_cache.layer(0);
     let mut want = vec![0.0f32; n * heads * head_dim];
     let shape = AttentionShape {
@@ -175,14 +195,17 @@ pub fn check_attention_windowed(
     paged_attention(&mut want, &q, &batch, keys, values, &layout, &shape);
 
     let attention =
-        StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(&keys.to_vec()), &to_bf16(&values.to_vec()), heads, kv_heads, head_dim, path, splits)?
+        StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &keys.to_vec(), &values.to_vec(), cache, heads, kv_heads, head_dim, path, splits)?
             .with_window(window);
     attention.launch(dev)?;
     let got = attention.output(dev)?;
-    let name = match path {
-        AttentionPath::Decode => "paged_attention",
-        AttentionPath::Prefill => "prefill_attention",
-        AttentionPath::Mixed => "mixed attention",
+    let name = match (path, cache) {
+        (AttentionPath::Decode, KvCacheDtype::Auto) => "paged_attention",
+        (AttentionPath::Prefill, KvCacheDtype::Auto) => "prefill_attention",
+        (AttentionPath::Mixed, KvCacheDtype::Auto) => "mixed attention",
+        (AttentionPath::Decode, KvCacheDtype::Fp8E4M3) => "paged_attention fp8",
+        (AttentionPath::Prefill, KvCacheDtype::Fp8E4M3) => "prefill_attn fp8",
+        (AttentionPath::Mixed, KvCacheDtype::Fp8E4M3) => "mixed attn fp8",
     };
     let mut shown: Vec<String> =
         seqs.iter().map(|&(cached, new)| if cached == 0 { format!("{new}") } else { format!("{cached}+{new}") }).collect();
@@ -202,10 +225,12 @@ pub fn check_attention_windowed(
 /// batches run it: each sequence has `cached` positions in a cache of random keys and values
 /// (its own slot included, so a missing write cannot go unnoticed) and one new token, whose
 /// unrotated QKV row the kernel reads. Against the CPU's `rope_and_cache` then `paged_attention`:
-/// the worse of the output's and the whole cache's relative errors.
+/// the worse of the output's and the whole cache's relative errors. The cache holds `cache`
+/// values (an FP8 one: the kernel writes the rotated key's E4M3 bytes).
 #[allow(clippy::too_many_arguments)]
 pub fn check_fused_rope_attention(
     dev: &GpuDevice,
+    cache: KvCacheDtype,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -222,10 +247,10 @@ pub fn check_fused_rope_attention(
     let n = batch.num_tokens();
     let width = (heads + 2 * kv_heads) * head_dim;
     let qkv = random_bf16_values(&mut rng, n * width, 1.0);
-    let mut cpu_cache = random_cache(&mut rng, layout);
+    let mut cpu_cache = random_cache(&mut rng, layout, cache);
     let (keys_before, values_before) = {
         let (k, v) = cpu_cache.layer(0);
-        (to_bf16(&k.to_vec()), to_bf16(&v.to_vec()))
+        (k.to_vec(), v.to_vec())
     };
 
     // CPU: rotate Q and K of each row, write K and V to the token's slot, then attend.
@@ -249,7 +274,7 @@ pub fn check_fused_rope_attention(
     paged_attention(&mut want, &rotated, &batch, keys, values, &layout, &shape);
 
     let attention =
-        StandaloneAttention::upload(dev, &batch, &to_bf16(&qkv), &keys_before, &values_before, heads, kv_heads, head_dim, AttentionPath::Decode, splits)?
+        StandaloneAttention::upload(dev, &batch, &to_bf16(&qkv), &keys_before, &values_before, cache, heads, kv_heads, head_dim, AttentionPath::Decode, splits)?
             .with_window(window)
             .with_fused_rope(dev, &batch.slot_mapping, &inv_freq, rotary_dim, magnitude)?;
     attention.launch(dev)?;
@@ -261,7 +286,7 @@ pub fn check_fused_rope_attention(
     let windowed = if window == 0 { String::new() } else { format!(" window {window}") };
     let shown: Vec<String> = cached.iter().map(|c| format!("{c}+1")).collect();
     Ok(CheckRow::error(
-        "paged_attention +rope",
+        if cache == KvCacheDtype::Auto { "paged_attention +rope" } else { "paged_attn +rope fp8" },
         format!("heads {heads}/{kv_heads} hd {head_dim} rotary {rotary_dim} x{magnitude} lens [{}] splits {splits}{windowed}", shown.join(", ")),
         error,
     ))
@@ -293,10 +318,11 @@ fn cos_sin(inv_freq: &[f32], position: u32) -> (Vec<f32>, Vec<f32>) {
 /// `rope_and_cache` on `tokens` random rows at random positions (up to 8000, so large angles are
 /// covered) and scattered slots, rotate-half or interleaved, over the first `rotary_dim`
 /// dimensions of each head, cosines and sines times `magnitude`: the rotated Q and K in the QKV
-/// buffer, and the K and V the cache received, against the CPU.
+/// buffer, and the K and V the cache (of `cache` values) received, against the CPU.
 #[allow(clippy::too_many_arguments)]
 pub fn check_rope(
     dev: &GpuDevice,
+    cache: KvCacheDtype,
     tokens: usize,
     heads: usize,
     kv_heads: usize,
@@ -322,7 +348,7 @@ pub fn check_rope(
     // CPU: rotate Q and K of every row; the cache gets K (rotated) and V at the row's slot.
     let layout = KvCacheLayout { num_layers: 1, num_blocks, block_size, num_kv_heads: kv_heads, head_dim };
     let mut want_qkv = qkv.clone();
-    let mut cpu_cache = CpuKvCache::new(layout);
+    let mut cpu_cache = CpuKvCache::with_dtype(layout, cache);
     for t in 0..tokens {
         let (mut cos, mut sin) = cos_sin(&inv_freq, positions[t]);
         cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= magnitude);
@@ -341,8 +367,9 @@ pub fn check_rope(
     let positions_dev = stream.clone_htod(&positions)?;
     let slots_dev = stream.clone_htod(&slots)?;
     let inv_freq_dev = stream.clone_htod(&inv_freq)?;
-    let k_cache = stream.clone_htod(&vec![bf16::ZERO; layout.layer_len()])?;
-    let v_cache = stream.clone_htod(&vec![bf16::ZERO; layout.layer_len()])?;
+    let cache_bytes = layout.layer_len() * cache.bytes_per_value(2);
+    let k_cache = stream.alloc_zeros::<u8>(cache_bytes)?;
+    let v_cache = stream.alloc_zeros::<u8>(cache_bytes)?;
     let (heads_i, kv_heads_i, hd_i, bs_i) = (heads as i32, kv_heads as i32, head_dim as i32, block_size as i32);
     let (position_scale, interleaved_i) = (1.0f32, interleaved as i32);
     let config = LaunchConfig {
@@ -354,6 +381,7 @@ pub fn check_rope(
     unsafe {
         launchers::rope_and_cache(
             dev,
+            cache,
             config,
             ptr(dev, &qkv_dev),
             ptr(dev, &positions_dev),
@@ -372,13 +400,18 @@ pub fn check_rope(
         )?;
     }
     let mut got = download_bf16(dev, &qkv_dev, tokens * width)?;
-    got.extend(download_bf16(dev, &k_cache, layout.layer_len())?);
-    got.extend(download_bf16(dev, &v_cache, layout.layer_len())?);
+    for array in [&k_cache, &v_cache] {
+        let bytes = stream.clone_dtoh(array)?;
+        match cache {
+            KvCacheDtype::Auto => got.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+            KvCacheDtype::Fp8E4M3 => got.extend(bytes.iter().map(|&b| crate::model::fp8::e4m3_value(b))),
+        }
+    }
     let (keys, values) = cpu_cache.layer(0);
     want_qkv.extend(keys.to_vec());
     want_qkv.extend(values.to_vec());
     Ok(CheckRow::error(
-        "rope_and_cache",
+        if cache == KvCacheDtype::Auto { "rope_and_cache" } else { "rope_and_cache fp8" },
         format!(
             "{} {tokens} x {heads}/{kv_heads} hd {head_dim} rotary {rotary_dim} x{magnitude}",
             if interleaved { "interleaved" } else { "rotate-half" }
@@ -437,16 +470,22 @@ pub fn check_silu(dev: &GpuDevice, tokens: usize, inter: usize, seed: u64) -> Re
 /// rounded to bfloat16 and with the float32 weights. Tolerance `FORWARD_TOLERANCE`: each kernel
 /// stays near 2e-3, but the activations are rounded to bfloat16 before every matrix product, and
 /// over 30 layers that compounds to about 1e-2 of the logits (seen on SmolLM2-135M, H100).
-pub fn check_forward(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
+/// Every backend's cache holds `cache` values (an FP8 one: both sides round each key and value
+/// to E4M3, the CPU from float32, the GPU from its bf16 activations).
+pub fn check_forward(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>], cache: KvCacheDtype) -> Result<Vec<CheckRow>, CudaError> {
     let block_size = 16;
     let blocks_per_seq = prompts.iter().map(|p| p.len() + 4).max().unwrap_or(1).div_ceil(block_size);
     let num_blocks = blocks_per_seq * prompts.len();
     let rounded = cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32());
+    let (bf16_name, f32_name) = match cache {
+        KvCacheDtype::Auto => ("forward vs bf16 CPU", "forward vs f32 CPU"),
+        KvCacheDtype::Fp8E4M3 => ("fwd fp8 KV vs bf16 CPU", "fwd fp8 KV vs f32 CPU"),
+    };
     let mut references = [
-        ("forward vs bf16 CPU", CpuBackend::new(rounded, num_blocks, block_size), FORWARD_TOLERANCE),
-        ("forward vs f32 CPU", CpuBackend::new(cpu_model.clone(), num_blocks, block_size), FORWARD_TOLERANCE),
+        (bf16_name, CpuBackend::with_kv_cache(rounded, num_blocks, block_size, cache), FORWARD_TOLERANCE),
+        (f32_name, CpuBackend::with_kv_cache(cpu_model.clone(), num_blocks, block_size, cache), FORWARD_TOLERANCE),
     ];
-    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
+    let mut gpu = GpuBackend::with_kv_cache(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size, cache)?;
     let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
     let config_err = |e: String| CudaError::Config(e);
     // Step 1: every prompt but the last prefills.
@@ -1044,19 +1083,19 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // RoPE and the cache write fused into the decode kernel (decode-only batches): the 8B layout
     // split in 8 (batch 1 at context 512) with sequences shorter than a split, unsplit, partial
     // rotary with a magnitude through a window, and head dim 256.
-    rows.push(check_fused_rope_attention(dev, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
-    rows.push(check_fused_rope_attention(dev, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
-    rows.push(check_fused_rope_attention(dev, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
-    rows.push(check_fused_rope_attention(dev, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
-    rows.push(check_fused_rope_attention(dev, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
 
     for interleaved in [false, true] {
-        rows.push(check_rope(dev, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);
-        rows.push(check_rope(dev, 5, 32, 8, 128, 128, 1.0, interleaved, 8)?);
+        rows.push(check_rope(dev, KvCacheDtype::Auto, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);
+        rows.push(check_rope(dev, KvCacheDtype::Auto, 5, 32, 8, 128, 128, 1.0, interleaved, 8)?);
     }
     // Partial rotary (the rest of each head passes through) and YaRN's magnitude.
-    rows.push(check_rope(dev, 9, 8, 2, 128, 64, 1.0, false, 9)?);
-    rows.push(check_rope(dev, 9, 8, 2, 64, 64, 1.2079, false, 10)?);
+    rows.push(check_rope(dev, KvCacheDtype::Auto, 9, 8, 2, 128, 64, 1.0, false, 9)?);
+    rows.push(check_rope(dev, KvCacheDtype::Auto, 9, 8, 2, 64, 64, 1.2079, false, 10)?);
     // The norm and the gated activation take 8 values a thread where rows are 8-aligned (two
     // register chunks past 8,192 values), and a scalar loop where they are not (4,100; 1,001).
     rows.push(check_rmsnorm(dev, 7, 576, 3)?);
@@ -1074,6 +1113,56 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     rows.extend(check_moe(dev, 5, 200, 6, 3, 40, false, 14)?);
     rows.extend(architecture_kernel_checks(dev)?);
     rows.extend(dequant_checks(dev)?);
+    Ok(rows)
+}
+
+/// The attention kernels over an FP8 cache (`--kv-cache-dtype fp8`; sm_89 on, else no rows), each
+/// against the CPU's attention over a `CpuKvCache` of the same E4M3 bytes: the decode kernel's
+/// permuted fragments at head dims 64, 128 and 256, GQA groups 1 to 12 (past 8 the MMA's upper
+/// rows), odd lengths, split-K, cache blocks of 1, 5 and 32 positions, a window; the prefill
+/// kernel's conversion pass over lengths off the tile, a chunk after a cached prefix and prefix
+/// hits; a mixed batch; RoPE and the cache write fused into the decode kernel, and `rope_and_cache`.
+pub fn fp8_cache_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
+    let mut rows = Vec::new();
+    if dev.compute_capability() < 89 {
+        return Ok(rows);
+    }
+    let fp8 = KvCacheDtype::Fp8E4M3;
+    let fresh = |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (0, l)).collect() };
+    let mut seed = 300;
+    for (heads, kv_heads, head_dim) in [(9, 3, 64), (32, 8, 128), (12, 1, 64), (24, 2, 128), (8, 4, 256), (4, 4, 64)] {
+        for lens in [&[1usize][..], &[37, 5], &[300, 1, 129]] {
+            seed += 1;
+            rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Decode, 1, 0, seed)?);
+        }
+        for lens in [&[1usize][..], &[17], &[100], &[37, 5, 129]] {
+            seed += 1;
+            rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Prefill, 1, 0, seed)?);
+        }
+    }
+    rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &fresh(&[1500, 700]), AttentionPath::Decode, 3, 0, 320)?);
+    rows.push(check_attention_over(dev, fp8, 16, 9, 3, 64, &fresh(&[1100]), AttentionPath::Decode, 3, 0, 321)?);
+    for block_size in [1, 5, 32] {
+        let seqs = fresh(&[300, 1, 129]);
+        rows.push(check_attention_over(dev, fp8, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, 322)?);
+        rows.push(check_attention_over(dev, fp8, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, 323)?);
+    }
+    rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 2, 100, 324)?);
+    for (heads, kv_heads, head_dim) in [(9, 3, 64), (32, 8, 128)] {
+        rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(200, 37)], AttentionPath::Prefill, 1, 0, 325)?);
+        rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(96, 130), (16, 1), (64, 64), (5, 70)], AttentionPath::Prefill, 1, 0, 326)?);
+        rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(0, 300), (200, 130)], AttentionPath::Prefill, 1, 64, 327)?);
+    }
+    rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1), (3, 1)], AttentionPath::Mixed, 3, 0, 328)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[511], 8, 0, 330)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 331)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 332)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 333)?);
+    for interleaved in [false, true] {
+        rows.push(check_rope(dev, fp8, 37, 9, 3, 64, 64, 1.0, interleaved, 334)?);
+        rows.push(check_rope(dev, fp8, 5, 32, 8, 128, 128, 1.0, interleaved, 335)?);
+    }
+    rows.push(check_rope(dev, fp8, 9, 8, 2, 128, 64, 1.0, false, 336)?);
     Ok(rows)
 }
 

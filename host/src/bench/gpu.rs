@@ -17,6 +17,7 @@ use crate::cuda::gemm::{cublas_linear, linear, skinny_linear, OutType};
 use crate::cuda::launch::{decode_kernel_name, prefill_kernel_name, skinny_rows, AttentionPath, AttentionSplit, GEMV_MAX_ROWS};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
+use crate::kv_cache::KvCacheDtype;
 use crate::model::ModelConfig;
 use crate::runner::ForwardBatch;
 
@@ -78,7 +79,13 @@ fn scattered_batch(seqs: usize, new: usize, context: usize, block_size: usize) -
     Ok((fb, num_blocks))
 }
 
-/// Decode attention (one query token per sequence) over `context` cached positions.
+/// `count` pseudo-random values (`pseudo_random_bf16`'s) as float32: a cache layer's keys or
+/// values, which `StandaloneAttention::upload` stores as the cache type says.
+fn pseudo_random_cache(count: usize, seed: u64) -> Vec<f32> {
+    pseudo_random_bf16(count, seed).iter().map(|v| v.to_f32()).collect()
+}
+
+/// Decode attention (one query token per sequence) over `context` cached positions of `cache`.
 pub fn attention_decode(
     dev: &GpuDevice,
     batch: usize,
@@ -86,6 +93,7 @@ pub fn attention_decode(
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    cache: KvCacheDtype,
 ) -> Result<AttentionBench, CudaError> {
     let block_size = 16;
     let (fb, num_blocks) = scattered_batch(batch, 1, context, block_size)?;
@@ -95,8 +103,9 @@ pub fn attention_decode(
         dev,
         &fb,
         &pseudo_random_bf16(batch * heads * head_dim, 3),
-        &pseudo_random_bf16(cache_len, 1),
-        &pseudo_random_bf16(cache_len, 2),
+        &pseudo_random_cache(cache_len, 1),
+        &pseudo_random_cache(cache_len, 2),
+        cache,
         heads,
         kv_heads,
         head_dim,
@@ -105,7 +114,7 @@ pub fn attention_decode(
     )?;
     let ms = time_ms(dev, 5, 50, || attention.launch(dev))?;
     // K and V of every cached position, read once; q and out are negligible.
-    let bytes = 2 * batch * context * kv_heads * head_dim * 2;
+    let bytes = 2 * batch * context * kv_heads * head_dim * cache.bytes_per_value(2);
     Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9, splits })
 }
 
@@ -124,24 +133,39 @@ fn print_kernel_resources(dev: &GpuDevice, name: &str, extra: &str) -> Result<()
     Ok(())
 }
 
+/// The caches the attention rows run over, each with its label (FP8 only where the device has
+/// the E4M3 conversions).
+fn attention_caches(dev: &GpuDevice) -> Vec<(KvCacheDtype, &'static str)> {
+    let mut caches = vec![(KvCacheDtype::Auto, "bf16")];
+    if dev.compute_capability() >= 89 {
+        caches.push((KvCacheDtype::Fp8E4M3, "fp8"));
+    }
+    caches
+}
+
 /// The decode attention rows of `bench gpu`: the Llama-3.1-8B head layout (32/8, head dim 128)
 /// at the batch 64, context 2048, and beside it batch 1 and batch 256 at shorter
-/// contexts, then SmolLM2's layout (9/3, head dim 64); each against the copy bandwidth.
+/// contexts, then SmolLM2's layout (9/3, head dim 64); each against the copy bandwidth, over a
+/// bf16 cache and an FP8 one (whose GB/s count its own, half as many, bytes).
 pub fn print_attention_decode(dev: &GpuDevice, copy_gbps: f64) -> Result<(), CudaError> {
     for head_dim in crate::cuda::DECODE_HEAD_DIMS {
         let blocks = format!(", {} blocks per SM", dev.decode_slots(head_dim) / dev.num_sms);
-        print_kernel_resources(dev, &decode_kernel_name(head_dim), &blocks)?;
+        for (cache, _) in attention_caches(dev) {
+            print_kernel_resources(dev, &decode_kernel_name(head_dim, cache), &blocks)?;
+        }
     }
     for (name, heads, kv_heads, head_dim) in ATTENTION_LAYOUTS {
         for (batch, context) in [(64, 2048), (1, 2048), (256, 512), (1, 512)] {
-            let r = attention_decode(dev, batch, context, heads, kv_heads, head_dim)?;
-            println!(
-                "paged attention {name:<7} b{batch:<3} c{context:<4} {:>9.3} ms {:>7.0} GB/s {:>5.1}% of copy  ({} splits)",
-                r.ms,
-                r.gbps,
-                100.0 * r.gbps / copy_gbps,
-                r.splits
-            );
+            for (cache, label) in attention_caches(dev) {
+                let r = attention_decode(dev, batch, context, heads, kv_heads, head_dim, cache)?;
+                println!(
+                    "paged attention {name:<7} {label:<4} b{batch:<3} c{context:<4} {:>9.3} ms {:>7.0} GB/s {:>5.1}% of copy  ({} splits)",
+                    r.ms,
+                    r.gbps,
+                    100.0 * r.gbps / copy_gbps,
+                    r.splits
+                );
+            }
         }
     }
     Ok(())
@@ -172,14 +196,15 @@ pub fn attention_prefill(
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    cache: KvCacheDtype,
 ) -> Result<PrefillBench, CudaError> {
     let block_size = 16;
     let (fb, num_blocks) = scattered_batch(seqs, len, len, block_size)?;
     let n = fb.num_tokens();
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
-    let (q, k, v) = (pseudo_random_bf16(n * heads * head_dim, 3), pseudo_random_bf16(cache_len, 1), pseudo_random_bf16(cache_len, 2));
+    let (q, k, v) = (pseudo_random_bf16(n * heads * head_dim, 3), pseudo_random_cache(cache_len, 1), pseudo_random_cache(cache_len, 2));
     let upload = |path: AttentionPath, splits: usize| {
-        crate::cuda::StandaloneAttention::upload(dev, &fb, &q, &k, &v, heads, kv_heads, head_dim, path, splits)
+        crate::cuda::StandaloneAttention::upload(dev, &fb, &q, &k, &v, cache, heads, kv_heads, head_dim, path, splits)
     };
     let prefill = upload(AttentionPath::Mixed, 1)?;
     let prefill_ms = time_ms(dev, 5, 30, || prefill.launch(dev))?;
@@ -195,19 +220,23 @@ pub fn attention_prefill(
 /// Llama-3.1-8B head layout (32/8, head dim 128) and SmolLM2's (9/3, head dim 64).
 pub fn print_attention_prefill(dev: &GpuDevice) -> Result<(), CudaError> {
     for head_dim in crate::cuda::DECODE_HEAD_DIMS {
-        print_kernel_resources(dev, &prefill_kernel_name(head_dim), "")?;
+        for (cache, _) in attention_caches(dev) {
+            print_kernel_resources(dev, &prefill_kernel_name(head_dim, cache), "")?;
+        }
     }
     for (name, heads, kv_heads, head_dim) in ATTENTION_LAYOUTS {
         for (seqs, len) in [(1, 2048), (8, 512)] {
-            let r = attention_prefill(dev, seqs, len, heads, kv_heads, head_dim)?;
-            println!(
-                "prefill attention {name:<7} {seqs}x{len:<5} flash {:>8.3} ms {:>6.1} TFLOP/s | per-token decode kernel {:>8.3} ms {:>6.1} TFLOP/s | {:>5.1}x",
-                r.prefill_ms,
-                r.tflops(r.prefill_ms),
-                r.decode_kernel_ms,
-                r.tflops(r.decode_kernel_ms),
-                r.decode_kernel_ms / r.prefill_ms
-            );
+            for (cache, label) in attention_caches(dev) {
+                let r = attention_prefill(dev, seqs, len, heads, kv_heads, head_dim, cache)?;
+                println!(
+                    "prefill attention {name:<7} {label:<4} {seqs}x{len:<5} flash {:>8.3} ms {:>6.1} TFLOP/s | per-token decode kernel {:>8.3} ms {:>6.1} TFLOP/s | {:>5.1}x",
+                    r.prefill_ms,
+                    r.tflops(r.prefill_ms),
+                    r.decode_kernel_ms,
+                    r.tflops(r.decode_kernel_ms),
+                    r.decode_kernel_ms / r.prefill_ms
+                );
+            }
         }
     }
     Ok(())

@@ -9,6 +9,7 @@ use cudarc::driver::LaunchConfig;
 use super::launch::{decode_shared_bytes, prefill_shared_bytes, AttentionSplit, DECODE_THREADS, PREFILL_THREADS};
 use super::launchers;
 use super::{CudaError, GpuDevice};
+use crate::kv_cache::KvCacheDtype;
 
 /// Device pointers and sizes of one layer's attention: the prefill kernel over `tiles` (see
 /// `kernels/prefill_attention.cu`), the decode kernel over `decode_rows` (see
@@ -56,6 +57,8 @@ pub struct AttentionArgs {
     /// Whether the decode kernel reads the cache under an evict-first L2 policy (each key and
     /// value is read once a step), so that the prefetched weights stay (`GpuDevice::kv_evict_first`).
     pub kv_evict_first: bool,
+    /// What the cache holds: bf16 values, or E4M3 bytes (the `_fp8` kernels).
+    pub cache: KvCacheDtype,
 }
 
 /// The merge of one layer's decode attention partials into its output (`attention_reduce_hd*`).
@@ -125,12 +128,12 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         let config = LaunchConfig {
             grid_dim: (a.num_heads as u32, a.num_tiles as u32, 1),
             block_dim: (PREFILL_THREADS, 1, 1),
-            shared_mem_bytes: prefill_shared_bytes(a.head_dim) as u32,
+            shared_mem_bytes: prefill_shared_bytes(a.head_dim, a.cache) as u32,
         };
         // SAFETY: the caller's pointers describe the batch (see `AttentionArgs`).
         unsafe {
             launchers::prefill_attention(
-                dev, a.head_dim, config, a.out, a.q, a.k_cache, a.v_cache, a.block_tables, a.positions, a.tiles, q_stride,
+                dev, a.head_dim, a.cache, config, a.out, a.q, a.k_cache, a.v_cache, a.block_tables, a.positions, a.tiles, q_stride,
                 max_blocks, heads, kv_heads, block_size, scale, window,
             )?;
         }
@@ -143,14 +146,14 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
     let config = LaunchConfig {
         grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
         block_dim: (DECODE_THREADS, 1, 1),
-        shared_mem_bytes: decode_shared_bytes(a.head_dim) as u32,
+        shared_mem_bytes: decode_shared_bytes(a.head_dim, a.cache) as u32,
     };
     let rope = a.rope.unwrap_or(FusedRope { slots: 0, inv_freq: 0, position_scale: 1.0, rotary_dim: 0, magnitude: 1.0 });
     // SAFETY: as above; with splits, the partials hold a row per (token, head, split); with RoPE
     // fused, `q` holds whole QKV rows and the slots one entry per token.
     unsafe {
         launchers::paged_attention(
-            dev, a.head_dim, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
+            dev, a.head_dim, a.cache, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
             window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude, a.l2_prefetch.0,
             a.l2_prefetch.1 as u64, i32::from(a.kv_evict_first),

@@ -20,6 +20,7 @@ use super::launch::{
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 use super::CudaError;
+use crate::kv_cache::KvCacheDtype;
 
 pub struct GpuDevice {
     pub context: Arc<CudaContext>,
@@ -168,13 +169,19 @@ impl GpuDevice {
         // The decode attention kernels take more than the 48 KiB of dynamic shared memory a kernel
         // gets without opting in; how many of their blocks then fit on a multiprocessor sizes split-K.
         let mut decode_blocks_per_sm = Vec::new();
+        // (The FP8 cache's kernels take about the same shared memory and registers as the bf16
+        // ones, `launch::decode_shared_bytes`: the bf16 kernel's count sizes split-K for both.)
         for head_dim in DECODE_HEAD_DIMS {
-            let (function, shared) = (kernels.get(&decode_kernel_name(head_dim)), decode_shared_bytes(head_dim));
-            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
-            let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)?;
-            decode_blocks_per_sm.push((head_dim, blocks.max(1) as usize));
-            let (function, shared) = (kernels.get(&prefill_kernel_name(head_dim)), prefill_shared_bytes(head_dim));
-            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+            for cache in [KvCacheDtype::Auto, KvCacheDtype::Fp8E4M3] {
+                let (function, shared) = (kernels.get(&decode_kernel_name(head_dim, cache)), decode_shared_bytes(head_dim, cache));
+                function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+                if cache == KvCacheDtype::Auto {
+                    let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)?;
+                    decode_blocks_per_sm.push((head_dim, blocks.max(1) as usize));
+                }
+                let (function, shared) = (kernels.get(&prefill_kernel_name(head_dim, cache)), prefill_shared_bytes(head_dim, cache));
+                function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+            }
         }
         // The GEMV stages up to 96 KB of input rows per block (200 KB from ggml blocks), where the
         // device allows it.

@@ -562,6 +562,7 @@ impl Ops for GpuOps<'_> {
         unsafe {
             launchers::rope_and_cache(
                 dev,
+                launch.cache.dtype(),
                 config,
                 x,
                 launch.arrays.positions,
@@ -654,6 +655,7 @@ impl Ops for GpuOps<'_> {
             defer_merge,
             l2_prefetch,
             kv_evict_first: dev.kv_evict_first,
+            cache: launch.cache.dtype(),
         };
         launch_attention(dev, &args).map_err(backend_error)?;
         if let Some(merge) = SplitMerge::of(&args).filter(|_| defer_merge) {

@@ -1,7 +1,6 @@
 //! The paged KV cache in device memory: one key and one value array per layer, in the layout of
-//! `kv_cache::KvCacheLayout` (`[num_blocks, num_kv_heads, block_size, head_dim]`) of bfloat16
-//! values, held as bytes so that an E4M3 cache (`KvCacheDtype::Fp8E4M3`) can share the type once
-//! the attention kernels read one (until then it is refused here).
+//! `kv_cache::KvCacheLayout` (`[num_blocks, num_kv_heads, block_size, head_dim]`), of bfloat16
+//! values or of E4M3 bytes (`KvCacheDtype::Fp8E4M3`, the format of the CPU's `CpuKvCache`).
 //! Which blocks belong to whom is the block pool's business; this stores and copies.
 
 use cudarc::driver::sys::CUdeviceptr;
@@ -25,12 +24,10 @@ const BF16_BYTES: usize = 2;
 
 impl GpuKvCache {
     pub fn new(dev: &GpuDevice, layout: KvCacheLayout, dtype: KvCacheDtype) -> Result<Self, CudaError> {
-        if dtype == KvCacheDtype::Fp8E4M3 {
-            // The attention kernels that read E4M3 bytes are not in this build yet: refused
-            // rather than read as bf16.
+        if dtype == KvCacheDtype::Fp8E4M3 && dev.compute_capability() < 89 {
             return Err(CudaError::Unavailable(format!(
-                "an FP8 KV cache runs on the CPU only in this build (the GPU's FP8 attention kernels are not in it yet); {} would read it as bf16",
-                dev.name
+                "an FP8 KV cache needs sm_89 or newer (the E4M3 conversions); {} is {}",
+                dev.name, dev.arch
             )));
         }
         let bytes = layout.layer_len() * dtype.bytes_per_value(BF16_BYTES);
@@ -56,6 +53,10 @@ impl GpuKvCache {
         self.dtype
     }
 
+    /// Whether the cache holds E4M3 bytes (the kernels' `_fp8` variants read and write it).
+    pub fn is_fp8(&self) -> bool {
+        self.dtype == KvCacheDtype::Fp8E4M3
+    }
 
     /// Raw key and value array pointers of `layer` (for kernel checks).
     pub fn layer_ptrs(&self, dev: &GpuDevice, layer: usize) -> (CUdeviceptr, CUdeviceptr) {

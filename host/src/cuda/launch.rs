@@ -3,6 +3,7 @@
 //! prefill and which to the decode attention kernel, how many split-K partitions decode attention
 //! uses, and which CUDA-graph bucket a decode batch falls in.
 
+use crate::kv_cache::KvCacheDtype;
 use crate::model::gguf::GgmlType;
 use crate::runner::ForwardBatch;
 
@@ -16,12 +17,22 @@ const DECODE_ROW_PAD: usize = 8;
 const DECODE_TABLE_ENTRIES: usize = 256;
 
 /// Tiles in the decode kernel's ring for this head dimension (the `DECODE_KERNEL` instantiations:
-/// four tiles of half the size at head dim 64, two at 128).
-pub fn decode_stages(head_dim: usize) -> usize {
-    if head_dim <= 64 {
-        4
-    } else {
-        2
+/// four tiles of half the size at head dim 64, two at 128); over an FP8 cache twice as many of
+/// half the bytes (`DECODE_FP8_KERNEL`).
+pub fn decode_stages(head_dim: usize, cache: KvCacheDtype) -> usize {
+    let bf16 = if head_dim <= 64 { 4 } else { 2 };
+    match cache {
+        KvCacheDtype::Auto => bf16,
+        KvCacheDtype::Fp8E4M3 => 2 * bf16,
+    }
+}
+
+/// Bytes of one key row and one value row in the decode kernel's ring (`DecodeRows`): bf16 rows
+/// padded by `DC_PAD` elements, or raw E4M3 rows at their bank-conflict-free strides.
+fn decode_row_bytes(head_dim: usize, cache: KvCacheDtype) -> (usize, usize) {
+    match cache {
+        KvCacheDtype::Auto => ((head_dim + DECODE_ROW_PAD) * 2, (head_dim + DECODE_ROW_PAD) * 2),
+        KvCacheDtype::Fp8E4M3 => (head_dim + if head_dim == 64 { 0 } else { 16 }, head_dim + 16),
     }
 }
 
@@ -165,36 +176,47 @@ impl AttentionSplit {
     }
 }
 
-/// The decode attention kernel for this head dimension (any GQA group up to `MAX_GQA_GROUP`: the
-/// group's heads are rows of one MMA tile).
-pub fn decode_kernel_name(head_dim: usize) -> String {
-    format!("paged_attention_hd{head_dim}")
+/// The decode attention kernel for this head dimension and cache type (any GQA group up to
+/// `MAX_GQA_GROUP`: the group's heads are rows of one MMA tile).
+pub fn decode_kernel_name(head_dim: usize, cache: KvCacheDtype) -> String {
+    match cache {
+        KvCacheDtype::Auto => format!("paged_attention_hd{head_dim}"),
+        KvCacheDtype::Fp8E4M3 => format!("paged_attention_fp8_hd{head_dim}"),
+    }
 }
 
 /// The most query heads per KV head the decode attention kernel takes.
 pub const MAX_GQA_GROUP: usize = 16;
 
-/// Dynamic shared memory of one decode attention block: its ring of key and value tiles (bf16
-/// rows padded by `DC_PAD`) and its partition's stretch of the block table (`DC_TABLE` u32s), which
+/// Dynamic shared memory of one decode attention block: its ring of key and value tiles
+/// (`decode_row_bytes`) and its partition's stretch of the block table (`DC_TABLE` u32s), which
 /// the end of the kernel reuses to merge its 4 warps' float32 states (16 rows of `head_dim`, plus
 /// a max and a sum per row).
-pub fn decode_shared_bytes(head_dim: usize) -> usize {
+pub fn decode_shared_bytes(head_dim: usize, cache: KvCacheDtype) -> usize {
     let warps = DECODE_THREADS as usize / 32;
-    let ring = decode_stages(head_dim) * 2 * DECODE_TILE_KEYS * (head_dim + DECODE_ROW_PAD) * 2;
+    let (key_row, value_row) = decode_row_bytes(head_dim, cache);
+    let ring = decode_stages(head_dim, cache) * DECODE_TILE_KEYS * (key_row + value_row);
     let merge = warps * 16 * (head_dim + 2) * 4;
     (ring + DECODE_TABLE_ENTRIES * 4).max(merge)
 }
 
 /// Dynamic shared memory of one prefill attention block: a key tile and a value tile (bf16 rows
-/// padded by `PF_PAD`).
-pub fn prefill_shared_bytes(head_dim: usize) -> usize {
-    2 * PREFILL_TILE * (head_dim + DECODE_ROW_PAD) * 2
+/// padded by `PF_PAD`), and over an FP8 cache the raw E4M3 rows they are converted from.
+pub fn prefill_shared_bytes(head_dim: usize, cache: KvCacheDtype) -> usize {
+    let tiles = 2 * PREFILL_TILE * (head_dim + DECODE_ROW_PAD) * 2;
+    match cache {
+        KvCacheDtype::Auto => tiles,
+        KvCacheDtype::Fp8E4M3 => tiles + 2 * PREFILL_TILE * head_dim,
+    }
 }
 
-/// The prefill attention kernel for this head dimension (one per head dim: it takes one query
-/// head per block, so any GQA group size works).
-pub fn prefill_kernel_name(head_dim: usize) -> String {
-    format!("prefill_attention_hd{head_dim}")
+/// The prefill attention kernel for this head dimension and cache type (one per head dim: it
+/// takes one query head per block, so any GQA group size works).
+pub fn prefill_kernel_name(head_dim: usize, cache: KvCacheDtype) -> String {
+    match cache {
+        KvCacheDtype::Auto => format!("prefill_attention_hd{head_dim}"),
+        KvCacheDtype::Fp8E4M3 => format!("prefill_attention_fp8_hd{head_dim}"),
+    }
 }
 
 /// Batch sizes CUDA graphs are captured for; a decode batch runs in the smallest bucket that
@@ -772,8 +794,13 @@ mod tests {
         assert!(source.contains(&format!("#define DC_PAD {DECODE_ROW_PAD}")));
         assert!(source.contains(&format!("#define DC_TABLE {DECODE_TABLE_ENTRIES}")));
         for head_dim in crate::cuda::DECODE_HEAD_DIMS {
-            assert!(source.contains(&format!("DECODE_KERNEL({head_dim}, {})", decode_stages(head_dim))), "{head_dim}");
+            assert!(source.contains(&format!("DECODE_KERNEL({head_dim}, {})", decode_stages(head_dim, KvCacheDtype::Auto))), "{head_dim}");
+            let stages = decode_stages(head_dim, KvCacheDtype::Fp8E4M3);
+            assert!(source.contains(&format!("DECODE_FP8_KERNEL({head_dim}, {stages})")), "{head_dim}");
         }
+        // The FP8 rows' strides (`DecodeRows`), which the host's shared-memory size repeats.
+        assert!(source.contains("static constexpr int K = FP8 ? HD + (HD == 64 ? 0 : 16) : (HD + DC_PAD) * 2;"));
+        assert!(source.contains("static constexpr int V = FP8 ? HD + 16 : (HD + DC_PAD) * 2;"));
     }
 
     #[test]
@@ -799,24 +826,40 @@ mod tests {
 
     #[test]
     fn attention_kernels_and_their_shared_memory() {
-        assert_eq!(decode_kernel_name(64), "paged_attention_hd64");
-        assert_eq!(decode_kernel_name(128), "paged_attention_hd128");
-        assert_eq!(prefill_kernel_name(64), "prefill_attention_hd64");
+        use KvCacheDtype::{Auto, Fp8E4M3};
+        assert_eq!(decode_kernel_name(64, Auto), "paged_attention_hd64");
+        assert_eq!(decode_kernel_name(128, Auto), "paged_attention_hd128");
+        assert_eq!(decode_kernel_name(128, Fp8E4M3), "paged_attention_fp8_hd128");
+        assert_eq!(prefill_kernel_name(64, Auto), "prefill_attention_hd64");
+        assert_eq!(prefill_kernel_name(64, Fp8E4M3), "prefill_attention_fp8_hd64");
         // Stages of 64 keys and 64 values, rows padded by 8: two at head dim 128 (70 KB, three
         // blocks per H100 SM), four at 64 (74 KB); the merge of 4 warps x 16 rows fits inside.
         // Plus 1 KB of block table: three blocks still fit an SM's 228 KB (1 KB reserved each).
-        assert_eq!(decode_shared_bytes(128), 2 * 2 * 64 * 136 * 2 + 256 * 4);
-        assert_eq!(decode_shared_bytes(64), 4 * 2 * 64 * 72 * 2 + 256 * 4);
-        assert!(3 * (decode_shared_bytes(64) + 1024) <= 228 * 1024);
+        assert_eq!(decode_shared_bytes(128, Auto), 2 * 2 * 64 * 136 * 2 + 256 * 4);
+        assert_eq!(decode_shared_bytes(64, Auto), 4 * 2 * 64 * 72 * 2 + 256 * 4);
+        assert!(3 * (decode_shared_bytes(64, Auto) + 1024) <= 228 * 1024);
+        // Over an FP8 cache: twice the stages of raw rows (keys 144 bytes apart, values 144; at
+        // head dim 64, 64 and 80), about the same bytes, so as many blocks fit.
+        assert_eq!(decode_shared_bytes(128, Fp8E4M3), 4 * 64 * (144 + 144) + 256 * 4);
+        assert_eq!(decode_shared_bytes(64, Fp8E4M3), 8 * 64 * (64 + 80) + 256 * 4);
+        for head_dim in [64, 128] {
+            assert!(3 * (decode_shared_bytes(head_dim, Fp8E4M3) + 1024) <= 228 * 1024, "{head_dim}");
+        }
         // Gemma's head dim 256: two stages (135 KB), and the prefill tiles past the static limit.
-        assert_eq!(decode_shared_bytes(256), 2 * 2 * 64 * 264 * 2 + 256 * 4);
-        assert_eq!(prefill_shared_bytes(256), 2 * 64 * 264 * 2);
+        assert_eq!(decode_shared_bytes(256, Auto), 2 * 2 * 64 * 264 * 2 + 256 * 4);
+        assert!(decode_shared_bytes(256, Fp8E4M3) + 1024 <= 227 * 1024);
+        assert_eq!(prefill_shared_bytes(256, Auto), 2 * 64 * 264 * 2);
+        assert_eq!(prefill_shared_bytes(128, Fp8E4M3), 2 * 64 * 136 * 2 + 2 * 64 * 128);
         let prefill = pagedserve_kernels::MODULES.iter().find(|m| m.name == "prefill_attention").unwrap().source;
         assert!(prefill.contains(&format!("#define PF_PAD {DECODE_ROW_PAD}")) && prefill.contains(&format!("#define PF_N {PREFILL_TILE}")));
         for head_dim in crate::cuda::DECODE_HEAD_DIMS {
             assert!(prefill.contains(&format!("PREFILL_KERNEL({head_dim})")), "{head_dim}");
+            assert!(prefill.contains(&format!("PREFILL_FP8_KERNEL({head_dim})")), "{head_dim}");
+            // The warps' merge reuses the ring.
+            for cache in [Auto, Fp8E4M3] {
+                assert!(decode_shared_bytes(head_dim, cache) >= 4 * 16 * (head_dim + 2) * 4, "{head_dim} {cache:?}");
+            }
         }
-        assert!(decode_shared_bytes(128) >= 4 * 16 * 130 * 4);
     }
 
     #[test]

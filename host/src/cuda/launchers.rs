@@ -13,6 +13,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::LaunchConfig;
 
 use super::launch::{decode_kernel_name, gemv_kernel_name, mmq_kernel_name, prefill_kernel_name, skinny_kernel_name, GemvMode, WeightFormat};
+use crate::kv_cache::KvCacheDtype;
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
 
@@ -120,8 +121,8 @@ kernels! {
     fn head_rmsnorm() => "head_rmsnorm";
         (x: Ptr, weight: Ptr, row_width: i32, first_head: i32, num_heads: i32, head_dim: i32, eps: f32)
     /// `rope_cache.cu`: RoPE on the query and key heads of `qkv` in place, keys and values into
-    /// the cache slots, one block per token.
-    fn rope_and_cache() => "rope_and_cache";
+    /// the cache slots (bf16, or E4M3 bytes in an FP8 cache), one block per token.
+    fn rope_and_cache(cache: KvCacheDtype) => match cache { KvCacheDtype::Auto => "rope_and_cache", KvCacheDtype::Fp8E4M3 => "rope_and_cache_fp8" };
         (qkv: Ptr, positions: Ptr, slots: Ptr, inv_freq: Ptr, k_cache: Ptr, v_cache: Ptr, num_heads: i32,
          num_kv_heads: i32, head_dim: i32, block_size: i32, position_scale: f32, interleaved: i32,
          rotary_dim: i32, magnitude: f32)
@@ -166,11 +167,11 @@ kernels! {
     fn moe_combine() => "moe_combine";
         (out: Ptr, y: Ptr, weights: Ptr, k: i32, hidden: i32)
     /// `paged_attention.cu`: decode attention over the paged cache, instantiated per head
-    /// dimension; grid (rows, KV heads, splits); `window` 0 sees every earlier position; RoPE and
+    /// dimension and cache type; grid (rows, KV heads, splits); `window` 0 sees every earlier position; RoPE and
     /// the cache write fused when `inv_freq` is not null; `l2_prefetch_bytes` of the next product's
     /// weights from `l2_prefetch` pulled into L2 (0: none); the cache read under an evict-first
     /// L2 policy when `kv_evict_first` is not 0.
-    fn paged_attention(head_dim: usize) => decode_kernel_name(head_dim);
+    fn paged_attention(head_dim: usize, cache: KvCacheDtype) => decode_kernel_name(head_dim, cache);
         (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr,
          block_tables: Ptr, token_seq: Ptr, positions: Ptr, rows: Ptr, q_stride: i32, max_blocks: i32,
          num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32, window: i32,
@@ -181,9 +182,9 @@ kernels! {
     fn attention_reduce(head_dim: usize) => format!("attention_reduce_hd{head_dim}");
         (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, rows: Ptr, num_splits: i32, num_heads: i32, num_kv_heads: i32)
     /// `prefill_attention.cu`: flash attention of prefill tiles over the paged cache,
-    /// instantiated per head dimension; grid (heads, tiles); `window` 0 sees every earlier
+    /// instantiated per head dimension and cache type; grid (heads, tiles); `window` 0 sees every earlier
     /// position.
-    fn prefill_attention(head_dim: usize) => prefill_kernel_name(head_dim);
+    fn prefill_attention(head_dim: usize, cache: KvCacheDtype) => prefill_kernel_name(head_dim, cache);
         (out: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr, block_tables: Ptr, positions: Ptr, tiles: Ptr,
          q_stride: i32, max_blocks: i32, num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, window: i32)
     /// `gemv.cu`: small-batch products with their input staging, instantiated per staging mode,
@@ -223,7 +224,8 @@ mod tests {
     use super::DECLARED;
 
     /// The parameter list of `kernel` in the sources: the text between the parentheses after
-    /// `{cuda_name}(` in `file`, with `#define`d parameter lists expanded.
+    /// `{cuda_name}(` in `file`, with `#define`d parameter lists expanded (`PARAMS` or, taking the
+    /// cache's element type, `PARAMS(T)`: the body as written, since only pointers use `T`).
     fn source_params(file: &str, cuda_name: &str) -> Vec<String> {
         let source = pagedserve_kernels::MODULES
             .iter()
@@ -234,9 +236,16 @@ mod tests {
         let end = at + source[at..].find(')').unwrap();
         let mut params = source[at..end].replace('\\', " ");
         let define = params.trim().to_string();
-        if !define.is_empty() && define.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
-            let key = format!("#define {define}");
-            let start = source.find(&key).unwrap() + key.len();
+        let (name, argument) = match define.split_once('(') {
+            Some((name, _)) => (name.to_string(), true),
+            None => (define.clone(), false),
+        };
+        if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            let key = if argument { format!("#define {name}(") } else { format!("#define {name}") };
+            let mut start = source.find(&key).unwrap_or_else(|| panic!("no `{key}` in {file}")) + key.len();
+            if argument {
+                start += source[start..].find(')').unwrap() + 1;
+            }
             let stop = start + source[start..].find("\n#define").unwrap();
             params = source[start..stop].replace('\\', " ");
         }

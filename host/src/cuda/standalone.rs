@@ -8,12 +8,16 @@ use half::bf16;
 use super::launch::{pack_block_tables, plan_attention, AttentionPath, AttentionSplit};
 use super::attention::FusedRope;
 use super::{launch_attention, AttentionArgs, CudaError, GpuDevice};
+use crate::kv_cache::KvCacheDtype;
+use crate::model::fp8::{e4m3_bits, e4m3_value};
 use crate::runner::ForwardBatch;
 
 pub struct StandaloneAttention {
     q: CudaSlice<bf16>,
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
+    /// The cache layer's keys and values as the kernels read them: bf16 or E4M3 bytes.
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    cache: KvCacheDtype,
     out: CudaSlice<bf16>,
     tables: CudaSlice<u32>,
     token_seq: CudaSlice<u32>,
@@ -39,16 +43,17 @@ pub struct StandaloneAttention {
 
 impl StandaloneAttention {
     /// `q` is `[tokens, heads, head_dim]`; `k` and `v` are one layer of the cache
-    /// (`[blocks, kv_heads, block_size, head_dim]`); the output starts poisoned with NaN. `path`
-    /// says which kernel takes which tokens; `splits` is the decode kernel's split-K (its partitions
-    /// cover the batch's longest context).
+    /// (`[blocks, kv_heads, block_size, head_dim]`), stored as `cache` says (E4M3: each value
+    /// rounded); the output starts poisoned with NaN. `path` says which kernel takes which tokens;
+    /// `splits` is the decode kernel's split-K (its partitions cover the batch's longest context).
     #[allow(clippy::too_many_arguments)]
     pub fn upload(
         dev: &GpuDevice,
         batch: &ForwardBatch,
         q: &[bf16],
-        k: &[bf16],
-        v: &[bf16],
+        k: &[f32],
+        v: &[f32],
+        cache: KvCacheDtype,
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
@@ -64,10 +69,17 @@ impl StandaloneAttention {
         words.push(0);
         let rows = (n * heads * splits).max(1);
         let max_context = batch.positions.iter().max().map_or(1, |&p| p as usize + 1);
+        let encode = |values: &[f32]| -> Vec<u8> {
+            match cache {
+                KvCacheDtype::Auto => values.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+                KvCacheDtype::Fp8E4M3 => values.iter().map(|&x| e4m3_bits(x)).collect(),
+            }
+        };
         Ok(StandaloneAttention {
             q: stream.clone_htod(q)?,
-            k: stream.clone_htod(k)?,
-            v: stream.clone_htod(v)?,
+            k: stream.clone_htod(&encode(k))?,
+            v: stream.clone_htod(&encode(v))?,
+            cache,
             out: stream.clone_htod(&vec![bf16::NAN; n * heads * head_dim])?,
             tables: stream.clone_htod(&tables)?,
             token_seq: stream.clone_htod(&batch.token_seq)?,
@@ -112,12 +124,19 @@ impl StandaloneAttention {
 
     /// The cache after the launch (`[blocks, kv_heads, block_size, head_dim]` each), in float32.
     pub fn cache(&self, dev: &GpuDevice) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
-        let host = |s: &CudaSlice<bf16>| -> Result<Vec<f32>, CudaError> { Ok(dev.stream.clone_dtoh(s)?.iter().map(|v| v.to_f32()).collect()) };
+        let host = |s: &CudaSlice<u8>| -> Result<Vec<f32>, CudaError> {
+            let bytes = dev.stream.clone_dtoh(s)?;
+            Ok(match self.cache {
+                KvCacheDtype::Auto => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                KvCacheDtype::Fp8E4M3 => bytes.iter().map(|&b| e4m3_value(b)).collect(),
+            })
+        };
         Ok((host(&self.k)?, host(&self.v)?))
     }
 
     pub fn launch(&self, dev: &GpuDevice) -> Result<(), CudaError> {
         let ptr = |s: &CudaSlice<bf16>| s.device_ptr(&dev.stream).0;
+        let ptr8 = |s: &CudaSlice<u8>| s.device_ptr(&dev.stream).0;
         let ptr32 = |s: &CudaSlice<u32>| s.device_ptr(&dev.stream).0;
         let ptrf = |s: &CudaSlice<f32>| s.device_ptr(&dev.stream).0;
         let (num_tokens, num_heads, num_kv_heads, head_dim, block_size) = self.shape;
@@ -128,8 +147,8 @@ impl StandaloneAttention {
                 out: ptr(&self.out),
                 q: ptr(&self.q),
                 q_stride: self.q_stride,
-                k_cache: ptr(&self.k),
-                v_cache: ptr(&self.v),
+                k_cache: ptr8(&self.k),
+                v_cache: ptr8(&self.v),
                 block_tables: ptr32(&self.tables),
                 token_seq: ptr32(&self.token_seq),
                 positions: ptr32(&self.positions),
@@ -149,8 +168,9 @@ impl StandaloneAttention {
                 defer_merge: false,
                 // A live buffer of the right kind (the values cache), so that every check row also
                 // runs the prefetch the forward gives its o-projection.
-                l2_prefetch: (ptr(&self.v), self.v.len() * 2 / 16 * 16),
+                l2_prefetch: (ptr8(&self.v), self.v.len() / 16 * 16),
                 kv_evict_first: dev.kv_evict_first,
+                cache: self.cache,
                 rope: self.rope.as_ref().map(|(slots, inv_freq, rotary_dim, magnitude)| FusedRope {
                     slots: ptr32(slots),
                     inv_freq: ptrf(inv_freq),
