@@ -79,8 +79,9 @@ pub(crate) struct BenchGpuArgs {
     #[arg(long)]
     quantized_only: bool,
     /// Only the copy bandwidth and the 8B decode step at each `--batch-sizes` and `--context`, in bf16
-    /// (and FP8 with `--fp8`): where an eager step's time goes by kind of launch, then the step
-    /// through its CUDA graph. The throughput regime's view (batches of hundreds).
+    /// (and FP8 with `--fp8`), over a cache of `--kv-cache-dtype`: where an eager step's time goes
+    /// by kind of launch, then the step through its CUDA graph. The throughput regime's view
+    /// (batches of hundreds).
     #[arg(long)]
     breakdown_8b_only: bool,
 }
@@ -427,14 +428,20 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
         let formats = [Some(gpu::DummyWeights::Bf16), args.fp8.then_some(gpu::DummyWeights::Fp8)];
         for weights in formats.into_iter().flatten() {
-            let mut big = gpu::llama_8b_backend(&dev, max_batch, args.context + 16, weights)?;
+            let cache = args.model.kv_cache_dtype;
+            let mut big = gpu::llama_8b_backend(&dev, max_batch, args.context + 16, weights, cache)?;
             for &batch in &args.batch_sizes {
-                gpu::print_step_breakdown(&mut big, batch, args.context, &format!("Llama-3.1-8B {weights:?}"))?;
+                gpu::print_step_breakdown(&mut big, batch, args.context, &format!("Llama-3.1-8B {weights:?}, {} cache", cache.name()))?;
             }
             big.capture_decode_graphs(max_batch, args.context + 16)?;
             for &batch in &args.batch_sizes {
                 let ms = gpu::decode_step_ms(&mut big, batch, args.context, 10, true)?;
-                println!("Llama-3.1-8B dummy decode {weights:?} b{batch:<4} c{:<5} graphs {ms:>8.3} ms  {:>8.0} tok/s", args.context, batch as f64 / ms * 1e3);
+                println!(
+                    "Llama-3.1-8B dummy decode {weights:?} {} cache b{batch:<4} c{:<5} graphs {ms:>8.3} ms  {:>8.0} tok/s",
+                    cache.name(),
+                    args.context,
+                    batch as f64 / ms * 1e3
+                );
             }
         }
         // Each product alone at 9-64 rows, in a graph: the skinny GEMM against cuBLAS.
@@ -568,7 +575,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         }
         print_quantized_8b_steps(&dev, copy, &args, false)?;
         let (batch, context) = (64, 2048);
-        let mut big = gpu::llama_8b_backend(&dev, batch, context, gpu::DummyWeights::Bf16)?;
+        let mut big = gpu::llama_8b_backend(&dev, batch, context, gpu::DummyWeights::Bf16, KvCacheDtype::Auto)?;
         let c = big.model().config().clone();
         let floor = |batch: usize, context: usize| {
             let kv_bytes = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * 2;
@@ -670,7 +677,7 @@ fn print_quantized_8b_steps(dev: &std::sync::Arc<pagedserve::cuda::GpuDevice>, c
         }
     }
     for (weights, label) in formats {
-        let mut big = gpu::llama_8b_backend(dev, 64, 2048, weights)?;
+        let mut big = gpu::llama_8b_backend(dev, 64, 2048, weights, KvCacheDtype::Auto)?;
         let memory: Vec<String> = big.model().bytes_by_format().iter().map(|(f, b)| format!("{f:?} {:.2} GiB", *b as f64 / (1u64 << 30) as f64)).collect();
         println!(
             "Llama-3.1-8B {label}: {:.2} GiB of weights read per step; matrices on the device: {}",

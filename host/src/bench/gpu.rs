@@ -640,9 +640,9 @@ pub enum DummyWeights {
     Ggml(crate::model::gguf::GgmlType),
 }
 
-/// A dummy 8B model with a cache for `batch` sequences of `context` tokens, its projections in
-/// `weights`.
-pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize, weights: DummyWeights) -> Result<GpuBackend, CudaError> {
+/// A dummy 8B model with a cache of `cache` values for `batch` sequences of `context` tokens,
+/// its projections in `weights`.
+pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize, weights: DummyWeights, cache: KvCacheDtype) -> Result<GpuBackend, CudaError> {
     let config = llama_8b_config();
     let source = crate::model::sources::DummySource::for_model(0, &config);
     let keep = match weights {
@@ -653,7 +653,7 @@ pub fn llama_8b_backend(dev: &Arc<GpuDevice>, batch: usize, context: usize, weig
     if weights == DummyWeights::Fp8 {
         model.quantize_fp8()?;
     }
-    GpuBackend::new(model, batch * context.div_ceil(16), 16)
+    GpuBackend::with_kv_cache(model, batch * context.div_ceil(16), 16, cache)
 }
 
 /// How a serving step picks its tokens, for `serving_step_ms`.
