@@ -356,14 +356,18 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // RoPE's rotation of one pair (x1, x2) by `angle`, cosine and sine times `magnitude`, stored as
 // the QKV buffer (bf16) or the cache (bf16 or E4M3) holds values: `rope_and_cache` and the decode
 // attention kernel that fuses it (`paged_attention.cu`) share it, so the two paths round alike.
-template <typename T>
-__device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, float magnitude, T& y1, T& y2) {
+__device__ __forceinline__ float2 rope_rotation(float x1, float x2, float angle, float magnitude) {
     float s, c;
     sincosf(angle, &s, &c);
     s *= magnitude;
     c *= magnitude;
-    store_cache_value(y1, x1 * c - x2 * s);
-    store_cache_value(y2, x2 * c + x1 * s);
+    return make_float2(x1 * c - x2 * s, x2 * c + x1 * s);
+}
+template <typename T>
+__device__ __forceinline__ void rope_rotate(float x1, float x2, float angle, float magnitude, T& y1, T& y2) {
+    const float2 y = rope_rotation(x1, x2, angle, magnitude);
+    store_cache_value(y1, y.x);
+    store_cache_value(y2, y.y);
 }
 
 // Rows of keys of positions p0 .. p0 + ROWS - 1 into `k_dst` and, with PAIR, the same rows of

@@ -29,11 +29,13 @@ __device__ void rope_and_cache_impl(__nv_bfloat16* __restrict__ qkv, const u32* 
         const int head = p / half, i = p % half;
         __nv_bfloat16* h = head < num_heads ? q + head * head_dim : k + (head - num_heads) * head_dim;
         const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        const float x1 = __bfloat162float(h[a]), x2 = __bfloat162float(h[b]), angle = pos * inv_freq[i];
-        rope_rotate(x1, x2, angle, magnitude, h[a], h[b]);
+        const float2 y = rope_rotation(__bfloat162float(h[a]), __bfloat162float(h[b]), pos * inv_freq[i], magnitude);
+        store_cache_value(h[a], y.x);
+        store_cache_value(h[b], y.y);
         if (head >= num_heads) {
             T* dst = k_cache + ((block * num_kv_heads + (head - num_heads)) * block_size + offset) * head_dim;
-            rope_rotate(x1, x2, angle, magnitude, dst[a], dst[b]);
+            store_cache_value(dst[a], y.x);
+            store_cache_value(dst[b], y.y);
         }
     }
     // Values, and the key dimensions past rotary_dim, which pass through unrotated.

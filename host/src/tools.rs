@@ -349,10 +349,11 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
         rows.push(check::check_direct_load(&dev, direct?, &loaded.model, &prompts)?);
     }
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts, KvCacheDtype::Auto)?);
+    rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts, KvCacheDtype::Auto)?);
     if dev.compute_capability() >= 89 {
         rows.extend(check::check_forward(&dev, &loaded.model, &prompts, KvCacheDtype::Fp8E4M3)?);
+        rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts, KvCacheDtype::Fp8E4M3)?);
     }
-    rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts)?);
     rows.extend(pagedserve::bench::check_quant::check_forward_fp8(&dev, &loaded.model, &prompts)?);
     // A GGUF file's own blocks kept on the device (`--keep-quantized`), against the CPU reading
     // the same file.

@@ -163,6 +163,18 @@ pub fn check_attention_windowed(
     check_attention_over(dev, KvCacheDtype::Auto, block_size, heads, kv_heads, head_dim, seqs, path, splits, window, seed)
 }
 
+/// A row saying the attention of `head_dim` over `cache` was not run because its kernels need
+/// more shared memory than a block may take on this device (head dim 256 on sm_86 and sm_89,
+/// whose models the backend refuses), or None when it fits.
+fn skipped_attention(dev: &GpuDevice, head_dim: usize, cache: KvCacheDtype) -> Option<CheckRow> {
+    (!dev.attention_fits(head_dim, cache)).then(|| CheckRow {
+        name: "attention".into(),
+        detail: format!("hd {head_dim} over a {} cache skipped: more shared memory than {} allows a block", cache.name(), dev.arch),
+        error: None,
+        passed: true,
+    })
+}
+
 /// `check_attention_windowed` over a cache of `cache` values: the CPU's `CpuKvCache` of that
 /// type holds the same values the kernels read (an FP8 one, E4M3 bytes), so the rows measure the
 /// kernels, not the format.
@@ -180,6 +192,9 @@ pub fn check_attention_over(
     window: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
+    if let Some(row) = skipped_attention(dev, head_dim, cache) {
+        return Ok(row);
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let (batch, layout) = scattered_batch(&mut rng, block_size, seqs, 7, kv_heads, head_dim)?;
     let n = batch.num_tokens();
@@ -241,6 +256,9 @@ pub fn check_fused_rope_attention(
     window: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
+    if let Some(row) = skipped_attention(dev, head_dim, cache) {
+        return Ok(row);
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let seqs: Vec<(usize, usize)> = cached.iter().map(|&c| (c, 1)).collect();
     let (batch, layout) = scattered_batch(&mut rng, 16, &seqs, 5, kv_heads, head_dim)?;
@@ -935,15 +953,17 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
 
 /// Decode steps at batch 1 and at up to 8 sequences, where the forward takes the fused GEMV
 /// path, against the same steps with every product through cuBLAS (the unfused kernels) and
-/// against the CPU with bf16-rounded weights: logits within `FORWARD_TOLERANCE`.
-pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
+/// against the CPU with bf16-rounded weights: logits within `FORWARD_TOLERANCE`. Decode-only
+/// steps are the ones whose RoPE and cache write the attention kernel does itself, so with an
+/// FP8 `cache` this is the serving path's forward over it.
+pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>], cache: KvCacheDtype) -> Result<Vec<CheckRow>, CudaError> {
     let block_size = 16;
     let prompts = &prompts[..prompts.len().min(GEMV_MAX_ROWS)];
     let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(block_size);
     let num_blocks = blocks_per_seq * prompts.len();
     let rounded = cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32());
-    let mut cpu = CpuBackend::new(rounded, num_blocks, block_size);
-    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
+    let mut cpu = CpuBackend::with_kv_cache(rounded, num_blocks, block_size, cache);
+    let mut gpu = GpuBackend::with_kv_cache(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size, cache)?;
     let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
     let config_err = |e: crate::runner::BatchError| CudaError::Config(e.to_string());
     let mut prefill = ForwardBatch::new(block_size, num_blocks);
@@ -967,7 +987,11 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
         let unfused = gpu.forward_logits(&decode)?;
         gpu.set_gemv_enabled(true);
         let want = cpu.forward(&decode).map_err(|e| CudaError::Config(e.to_string()))?;
-        for (name, reference) in [("gemv fwd vs cuBLAS", &unfused), ("gemv fwd vs bf16 CPU", &want)] {
+        let names = match cache {
+            KvCacheDtype::Auto => ["gemv fwd vs cuBLAS", "gemv fwd vs bf16 CPU"],
+            KvCacheDtype::Fp8E4M3 => ["gemv fwd fp8 KV vs cuBLAS", "gemv fwd fp8 KV vs bf16 CPU"],
+        };
+        for (name, reference) in [(names[0], &unfused), (names[1], &want)] {
             let error = relative_error(&fused, reference);
             rows.push(CheckRow {
                 name: name.into(),
@@ -1163,6 +1187,7 @@ pub fn fp8_cache_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_rope(dev, fp8, 5, 32, 8, 128, 128, 1.0, interleaved, 335)?);
     }
     rows.push(check_rope(dev, fp8, 9, 8, 2, 128, 64, 1.0, false, 336)?);
+    rows.push(check_rope(dev, fp8, 9, 8, 2, 64, 64, 1.2079, false, 337)?);
     Ok(rows)
 }
 
