@@ -14,7 +14,8 @@ if [[ ! -f "$dest/.complete-$version" ]]; then
   touch "$dest/.complete-$version"
 fi
 cd "$root/kernels/emulate"
-for emulator in prefill_attention.py skinny_gemm.py paged_attention_fp8.py; do
+for emulator in *.py; do
+  [[ "$emulator" == fragments.py ]] && continue  # the helpers they share
   echo "== $emulator"
   PYTHONPATH="$dest" python3 "$emulator"
 done
