@@ -70,6 +70,12 @@ pub(crate) struct ModelArgs {
     /// drawn in.
     #[arg(long, value_enum, default_value = "q4_k", env = "PAGEDSERVE_DUMMY_QUANT")]
     pub(crate) dummy_quant: DummyQuant,
+    /// What the KV cache stores keys and values as: `auto` (float32 on the CPU, bfloat16 on the
+    /// GPU) or `fp8` / `fp8_e4m3` (E4M3 at scale 1, as vLLM's `--kv-cache-dtype fp8` without
+    /// calibrated scales: one byte a value, a quarter of float32's; the CPU only for now, the
+    /// GPU's FP8 attention kernels are still to land).
+    #[arg(long, default_value = "auto", env = "PAGEDSERVE_KV_CACHE_DTYPE")]
+    pub(crate) kv_cache_dtype: pagedserve::kv_cache::KvCacheDtype,
 }
 
 /// Weight quantization applied at load (`--quantization`).
@@ -227,7 +233,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let weights = args.tensor_parallel.load_cpu(files)?;
     let max_len = (prompt.len() + args.max_tokens).min(weights.config().max_position_embeddings);
     let block_size = pagedserve::kv_cache::DEFAULT_BLOCK_SIZE;
-    let mut generator = Generator::with_backend(weights.into_backend(max_len.div_ceil(block_size), block_size));
+    let cache = tensor_parallel::CacheShape { num_blocks: max_len.div_ceil(block_size), block_size, dtype: args.model.kv_cache_dtype };
+    let mut generator = Generator::with_backend(weights.into_backend(cache));
     let options = GenerateOptions {
         max_new_tokens: max_len.saturating_sub(prompt.len()),
         stop_token_ids: if args.ignore_eos { Vec::new() } else { tokenizer.eos_token_ids().to_vec() },

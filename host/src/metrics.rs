@@ -52,6 +52,9 @@ pub struct Metrics {
     pub plugin_rollbacks: IntCounterVec,
     /// 1 for the active version of each plugin: kind, name, version, sha256.
     pub plugin_active_info: IntGaugeVec,
+    /// 1, labelled with the KV cache's configuration (vLLM's `cache_config_info`): block size,
+    /// blocks, and what a value is stored as.
+    pub cache_config_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -172,6 +175,11 @@ impl Metrics {
             plugin_active_info: register!(IntGaugeVec::new(
                 Opts::new("plugin_active_info", "The active version of each plugin (value 1)."),
                 &["kind", "name", "version", "sha256"]
+            )
+            .expect("valid gauge")),
+            cache_config_info: register!(IntGaugeVec::new(
+                Opts::new("cache_config_info", "The KV cache's configuration (value 1)."),
+                &["block_size", "num_gpu_blocks", "cache_dtype"]
             )
             .expect("valid gauge")),
             registry,

@@ -15,7 +15,7 @@ use pagedserve::server::guard::AccessPolicy;
 use pagedserve::server::{self, AppState, DEFAULT_MAX_REQUEST_BODY};
 use pagedserve::validation::Validator;
 
-use crate::tensor_parallel::TensorParallelArgs;
+use crate::tensor_parallel::{CacheShape, TensorParallelArgs};
 use crate::ModelArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -276,15 +276,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.model.refuse_quantization("the CPU backend")?;
         (None, Some(args.tensor_parallel.load_cpu(files)?))
     };
+    let kv_dtype = args.model.kv_cache_dtype;
     // Over every tensor-parallel rank's cache on the CPU (replicated KV heads count each time).
     let block_bytes = match (&cpu_weights, &gpu) {
-        (Some(weights), _) => weights.kv_block_bytes(args.block_size),
-        (None, Some(models)) => models.kv_block_bytes(args.block_size),
+        (Some(weights), _) => weights.kv_block_bytes(args.block_size, kv_dtype),
+        (None, Some(models)) => models.kv_block_bytes(args.block_size, kv_dtype),
         (None, None) => unreachable!("weights on the CPU or the GPU"),
     };
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n,
-        None if gpu.is_some() => gpu.as_ref().unwrap().blocks_that_fit(args.block_size, args.gpu_memory_utilization)?,
+        None if gpu.is_some() => gpu.as_ref().unwrap().blocks_that_fit(args.block_size, args.gpu_memory_utilization, kv_dtype)?,
         None => {
             let gib = args.kv_cache_memory_gb.unwrap_or(DEFAULT_KV_CACHE_GB);
             if gib.is_nan() || gib <= 0.0 {
@@ -310,6 +311,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         blocks = num_blocks,
         block_size = args.block_size,
         tokens = num_blocks * args.block_size,
+        dtype = kv_dtype.name(),
         mib = (block_bytes * num_blocks) as f64 / (1u64 << 20) as f64,
         max_model_len,
         "KV cache sized"
@@ -317,6 +319,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let model_name = args.served_model_name.clone().unwrap_or_else(|| name.clone());
     let metrics = Arc::new(Metrics::new(&model_name));
+    // vLLM's label names: `num_gpu_blocks` counts the cache's blocks on either device.
+    metrics.cache_config_info.with_label_values(&[&args.block_size.to_string(), &num_blocks.to_string(), kv_dtype.name()]).set(1);
     let policy_name = match args.scheduling_policy {
         Policy::Fcfs => "fcfs",
         Policy::Priority => "priority",
@@ -333,9 +337,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let policy = native_policy(policy_name).with_context(|| format!("no native scheduling policy {policy_name}"))?;
     let vocab_size = config.vocab_size;
+    let cache = CacheShape { num_blocks, block_size: args.block_size, dtype: kv_dtype };
     let backend: Box<dyn pagedserve::runner::ModelBackend> = match gpu {
-        Some(models) => models.into_backend(&config, num_blocks, args.block_size, !args.no_cuda_graphs, args.max_num_seqs, max_model_len)?,
-        None => cpu_weights.expect("loaded for the CPU").into_backend(num_blocks, args.block_size),
+        Some(models) => models.into_backend(&config, cache, !args.no_cuda_graphs, args.max_num_seqs, max_model_len)?,
+        None => cpu_weights.expect("loaded for the CPU").into_backend(cache),
     };
     let (backend, async_scheduling) = args.async_scheduling.apply(backend);
     tracing::info!(async_scheduling, "engine steps {}", if async_scheduling { "pipelined" } else { "one at a time" });

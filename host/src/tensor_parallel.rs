@@ -9,8 +9,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use pagedserve::cuda::collective::RankComm;
-use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel, GpuTensorParallelBackend};
-use pagedserve::kv_cache::KvCacheLayout;
+use pagedserve::cuda::{GpuBackend, GpuDevice, GpuKvCache, GpuModel, GpuTensorParallelBackend};
+use pagedserve::kv_cache::{KvCacheDtype, KvCacheLayout};
 use pagedserve::loader::ModelFiles;
 use pagedserve::model::cpu::{CpuModel, CpuTensorParallelModel};
 use pagedserve::model::parallel::{ShardPlan, TensorParallel};
@@ -86,6 +86,14 @@ impl TensorParallelArgs {
     }
 }
 
+/// The KV cache a backend is built with: `num_blocks` blocks of `block_size` tokens of `dtype`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheShape {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub dtype: KvCacheDtype,
+}
+
 /// The GPU's weights as the flag asks: the whole model, or one shard per GPU.
 pub(crate) enum GpuModels {
     Whole(GpuModel),
@@ -100,41 +108,37 @@ impl GpuModels {
         }
     }
 
-    /// Bytes one KV-cache block of `block_size` tokens takes on `rank`'s GPU (bfloat16, its own
-    /// key/value heads).
-    fn rank_block_bytes(rank: &GpuModel, block_size: usize) -> usize {
-        KvCacheLayout::for_model(rank.config(), 1, block_size).block_bytes(2)
-    }
-
-    /// Bytes one KV-cache block of `block_size` tokens takes over every rank.
-    pub(crate) fn kv_block_bytes(&self, block_size: usize) -> usize {
-        self.ranks().iter().map(|rank| Self::rank_block_bytes(rank, block_size)).sum()
+    /// Bytes one KV-cache block of `block_size` tokens of `dtype` takes over every rank (each
+    /// holding its own key/value heads).
+    pub(crate) fn kv_block_bytes(&self, block_size: usize, dtype: KvCacheDtype) -> usize {
+        self.ranks().iter().map(|rank| GpuKvCache::block_bytes(rank.config(), block_size, dtype)).sum()
     }
 
     /// The blocks every rank's GPU has room for: `utilization` of what is free on it, less a
     /// quarter (at most 4 GiB) left for activations and cuBLAS; the fewest over the ranks, since
     /// every rank holds every block.
-    pub(crate) fn blocks_that_fit(&self, block_size: usize, utilization: f64) -> anyhow::Result<usize> {
+    pub(crate) fn blocks_that_fit(&self, block_size: usize, utilization: f64, dtype: KvCacheDtype) -> anyhow::Result<usize> {
         let mut fewest = usize::MAX;
         for rank in self.ranks() {
             let (free, _total) = rank.device().memory()?;
             let reserve = (free / 4).min(4 << 30);
-            fewest = fewest.min(((free - reserve) as f64 * utilization / Self::rank_block_bytes(rank, block_size) as f64) as usize);
+            fewest = fewest.min(((free - reserve) as f64 * utilization / GpuKvCache::block_bytes(rank.config(), block_size, dtype) as f64) as usize);
         }
         Ok(fewest)
     }
 
-    /// The serving backend over `num_blocks` blocks of `block_size` tokens, its decode graphs
-    /// captured unless `graphs` is false.
-    pub(crate) fn into_backend(self, config: &ModelConfig, num_blocks: usize, block_size: usize, graphs: bool, max_num_seqs: usize, max_model_len: usize) -> anyhow::Result<Box<dyn ModelBackend>> {
+    /// The serving backend over `cache` (`num_blocks` blocks of `block_size` tokens of a type),
+    /// its decode graphs captured unless `graphs` is false.
+    pub(crate) fn into_backend(self, config: &ModelConfig, cache: CacheShape, graphs: bool, max_num_seqs: usize, max_model_len: usize) -> anyhow::Result<Box<dyn ModelBackend>> {
+        let CacheShape { num_blocks, block_size, dtype } = cache;
         Ok(match self {
             GpuModels::Whole(model) => {
-                let mut backend = GpuBackend::new(model, num_blocks, block_size)?;
+                let mut backend = GpuBackend::with_kv_cache(model, num_blocks, block_size, dtype)?;
                 backend.prepare_for_serving(graphs, max_num_seqs, max_model_len).context("capturing CUDA graphs")?;
                 Box::new(backend)
             }
             GpuModels::Split(ranks) => {
-                let mut backend = GpuTensorParallelBackend::new(config.clone(), ranks, num_blocks, block_size)?;
+                let mut backend = GpuTensorParallelBackend::new(config.clone(), ranks, num_blocks, block_size, dtype)?;
                 backend.prepare_for_serving(graphs, max_num_seqs, max_model_len).context("capturing every rank's CUDA graphs")?;
                 Box::new(backend)
             }
@@ -150,18 +154,19 @@ impl CpuModels {
         }
     }
 
-    /// Bytes one KV-cache block of `block_size` tokens takes over every rank (float32).
-    pub(crate) fn kv_block_bytes(&self, block_size: usize) -> usize {
+    /// Bytes one KV-cache block of `block_size` tokens of `dtype` takes over every rank.
+    pub(crate) fn kv_block_bytes(&self, block_size: usize, dtype: KvCacheDtype) -> usize {
         match self {
-            CpuModels::Whole(model) => KvCacheLayout::for_model(model.config(), 1, block_size).block_bytes(std::mem::size_of::<f32>()),
-            CpuModels::Split(model) => CpuTensorParallelBackend::block_bytes(model, block_size),
+            CpuModels::Whole(model) => KvCacheLayout::for_model(model.config(), 1, block_size).block_bytes(dtype.bytes_per_value(std::mem::size_of::<f32>())),
+            CpuModels::Split(model) => CpuTensorParallelBackend::block_bytes(model, block_size, dtype),
         }
     }
 
-    pub(crate) fn into_backend(self, num_blocks: usize, block_size: usize) -> Box<dyn ModelBackend> {
+    pub(crate) fn into_backend(self, cache: CacheShape) -> Box<dyn ModelBackend> {
+        let CacheShape { num_blocks, block_size, dtype } = cache;
         match self {
-            CpuModels::Whole(model) => Box::new(CpuBackend::new(model, num_blocks, block_size)),
-            CpuModels::Split(model) => Box::new(CpuTensorParallelBackend::new(model, num_blocks, block_size)),
+            CpuModels::Whole(model) => Box::new(CpuBackend::with_kv_cache(model, num_blocks, block_size, dtype)),
+            CpuModels::Split(model) => Box::new(CpuTensorParallelBackend::new(model, num_blocks, block_size, dtype)),
         }
     }
 }

@@ -232,10 +232,11 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         Box::new(pagedserve::runner::HostOnlyBackend::new(files.config.clone(), num_blocks, block_size, args.seed))
     } else if args.cuda {
         let config = files.config.clone();
-        args.tensor_parallel.load_gpu(&args.model, &files)?.into_backend(&config, num_blocks, block_size, true, args.max_num_seqs, args.max_model_len)?
+        let cache = crate::tensor_parallel::CacheShape { num_blocks, block_size, dtype: args.model.kv_cache_dtype };
+        args.tensor_parallel.load_gpu(&args.model, &files)?.into_backend(&config, cache, true, args.max_num_seqs, args.max_model_len)?
     } else {
         args.model.refuse_quantization("the CPU backend")?;
-        args.tensor_parallel.load_cpu(files)?.into_backend(num_blocks, block_size)
+        args.tensor_parallel.load_cpu(files)?.into_backend(crate::tensor_parallel::CacheShape { num_blocks, block_size, dtype: args.model.kv_cache_dtype })
     };
     let (backend, async_scheduling) = args.async_scheduling.apply(backend);
     let options = serve::ServeOptions {

@@ -43,6 +43,30 @@ fn plain_and_chat_prompts_give_the_reference_continuations() {
 }
 
 #[test]
+fn an_fp8_kv_cache_keeps_the_plain_prompts_continuations_and_unknown_types_are_refused() {
+    // E4M3 rounding of every key and value leaves the two plain prompts' 32 greedy tokens as
+    // they were (`host/tests/fp8_reference.rs` measures how far each prompt's log-probs move).
+    for prompt in reference()["greedy"]["prompts"].as_array().unwrap().iter().filter(|p| p["kind"] != "chat") {
+        let expected = ids(&prompt["new_ids"]);
+        let max_tokens = expected.len().to_string();
+        let text = prompt["prompt_text"].as_str().unwrap();
+        let (stdout, _) = generate(&["--kv-cache-dtype", "fp8", "--max-tokens", &max_tokens, "--ignore-eos", "--print-ids", "--prompt", text]);
+        assert_eq!(stdout.lines().last().unwrap(), format!("{expected:?}"), "{text:?}");
+    }
+    for (value, says) in [("fp8_e5m2", "E4M3"), ("int8", "expected auto, fp8 or fp8_e4m3")] {
+        let output = Command::new(binary())
+            .args(["serve", "--device", "cpu", "--port", "0", "--model"])
+            .arg(model_path())
+            .args(["--kv-cache-dtype", value])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--kv-cache-dtype") && stderr.contains(says), "{value}: {stderr}");
+    }
+}
+
+#[test]
 fn generation_stops_at_end_of_sequence() {
     let (stdout, stderr) = generate(&["--chat", "--prompt", "What is the capital of France?", "--max-tokens", "32"]);
     assert_eq!(stdout.trim_end(), "The capital of France is Paris.");

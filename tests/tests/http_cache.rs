@@ -1,10 +1,10 @@
 //! KV-cache behaviour seen through HTTP on the real model: automatic prefix caching of a shared
-//! system prompt, and blocks coming back when a client disconnects mid-request.
+//! system prompt, blocks coming back when a client disconnects mid-request, and the FP8 cache.
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-use pagedserve_tests::Server;
+use pagedserve_tests::{reference, Server};
 use serde_json::json;
 
 fn chat(system: &str, question: &str) -> serde_json::Value {
@@ -74,4 +74,31 @@ fn a_client_that_disconnects_gives_its_blocks_back() {
     server.wait_for_kv_usage(baseline, Duration::from_secs(10));
     assert_eq!(aborted(), 2.0);
     assert!(server.log().contains("client went away"), "{}", server.log());
+}
+
+/// The `cache_config_info` series' labels: (block size, blocks, cache type).
+fn cache_config(server: &Server) -> (String, usize, String) {
+    let scrape = server.scrape();
+    let sample = scrape.samples.iter().find(|s| s.metric == "pagedserve_cache_config_info").expect("cache_config_info exported");
+    let label = |name: &str| sample.labels.get(name).unwrap_or_else(|| panic!("label {name}")).to_string();
+    (label("block_size"), label("num_gpu_blocks").parse().unwrap(), label("cache_dtype"))
+}
+
+#[test]
+fn an_fp8_kv_cache_holds_four_times_the_blocks_and_serves_the_plain_prompts_as_before() {
+    let fp8 = Server::start(&["--kv-cache-dtype", "fp8"]);
+    let exact = Server::start(&[]);
+    let (block_size, fp8_blocks, dtype) = cache_config(&fp8);
+    assert_eq!((block_size.as_str(), dtype.as_str()), ("16", "fp8_e4m3"));
+    let (_, f32_blocks, dtype) = cache_config(&exact);
+    assert_eq!(dtype, "auto");
+    // The same --kv-cache-memory-gb: one byte a value instead of float32's four.
+    assert_eq!(fp8_blocks / 4, f32_blocks, "{fp8_blocks} FP8 blocks against {f32_blocks}");
+    for prompt in reference()["greedy"]["prompts"].as_array().unwrap().iter().filter(|p| p["kind"] != "chat") {
+        let body = json!({"prompt": prompt["prompt_text"], "max_tokens": 32, "temperature": 0, "ignore_eos": true});
+        let text = fp8.complete("/v1/completions", &body);
+        assert_eq!(text, prompt["new_text_skip_special"].as_str().unwrap(), "{}", prompt["prompt_text"]);
+        assert_eq!(text, exact.complete("/v1/completions", &body));
+    }
+    assert_eq!(fp8.metric("pagedserve_kv_cache_usage_perc"), 0.0, "every block returned");
 }

@@ -175,7 +175,7 @@ pub fn check_attention_windowed(
     paged_attention(&mut want, &q, &batch, keys, values, &layout, &shape);
 
     let attention =
-        StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(keys), &to_bf16(values), heads, kv_heads, head_dim, path, splits)?
+        StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &to_bf16(&keys.to_vec()), &to_bf16(&values.to_vec()), heads, kv_heads, head_dim, path, splits)?
             .with_window(window);
     attention.launch(dev)?;
     let got = attention.output(dev)?;
@@ -225,7 +225,7 @@ pub fn check_fused_rope_attention(
     let mut cpu_cache = random_cache(&mut rng, layout);
     let (keys_before, values_before) = {
         let (k, v) = cpu_cache.layer(0);
-        (to_bf16(k), to_bf16(v))
+        (to_bf16(&k.to_vec()), to_bf16(&v.to_vec()))
     };
 
     // CPU: rotate Q and K of each row, write K and V to the token's slot, then attend.
@@ -255,7 +255,7 @@ pub fn check_fused_rope_attention(
     attention.launch(dev)?;
     let got = attention.output(dev)?;
     let (got_k, got_v) = attention.cache(dev)?;
-    let cache_want: Vec<f32> = keys.iter().chain(values).copied().collect();
+    let cache_want: Vec<f32> = keys.to_vec().into_iter().chain(values.to_vec()).collect();
     let cache_got: Vec<f32> = got_k.into_iter().chain(got_v).collect();
     let error = relative_error(&got, &want).max(relative_error(&cache_got, &cache_want));
     let windowed = if window == 0 { String::new() } else { format!(" window {window}") };
@@ -375,8 +375,8 @@ pub fn check_rope(
     got.extend(download_bf16(dev, &k_cache, layout.layer_len())?);
     got.extend(download_bf16(dev, &v_cache, layout.layer_len())?);
     let (keys, values) = cpu_cache.layer(0);
-    want_qkv.extend_from_slice(keys);
-    want_qkv.extend_from_slice(values);
+    want_qkv.extend(keys.to_vec());
+    want_qkv.extend(values.to_vec());
     Ok(CheckRow::error(
         "rope_and_cache",
         format!(
@@ -1358,7 +1358,7 @@ pub fn check_tensor_parallel_nccl(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pr
     plain.prepare_for_serving(true, prompts.len(), max_context)?;
     let comm = RankComm::group(std::slice::from_ref(dev))?.remove(0);
     let rank = GpuModel::from_cpu(dev.clone(), cpu_model)?.with_collective(Arc::new(comm))?;
-    let mut tp = crate::cuda::GpuTensorParallelBackend::new(cpu_model.config().clone(), vec![rank], num_blocks, block_size)?;
+    let mut tp = crate::cuda::GpuTensorParallelBackend::new(cpu_model.config().clone(), vec![rank], num_blocks, block_size, crate::kv_cache::KvCacheDtype::Auto)?;
     let captured = tp.prepare_for_serving(true, prompts.len(), max_context)?;
     let model_error = |e: crate::model::ModelError| CudaError::Config(e.to_string());
     let prefill = blocks.prefill(prompts)?;

@@ -22,7 +22,7 @@ use super::sampling::{collect_sampling, launch_sampling};
 use super::weights::{GpuMatrix, GpuStore, GpuWeights, MatrixData};
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
-use crate::kv_cache::{BlockId, KvCacheLayout};
+use crate::kv_cache::{BlockId, KvCacheDtype, KvCacheLayout};
 use crate::model::cpu::{CpuMatrix, CpuModel};
 use crate::model::parallel::{vocab_per_rank, ShardPlan, TensorParallel};
 use crate::model::rope::Rope;
@@ -371,7 +371,13 @@ pub struct GpuBackend {
 }
 
 impl GpuBackend {
+    /// A bfloat16 cache of `num_blocks` blocks of `block_size` tokens.
     pub fn new(model: GpuModel, num_blocks: usize, block_size: usize) -> Result<Self, CudaError> {
+        Self::with_kv_cache(model, num_blocks, block_size, KvCacheDtype::Auto)
+    }
+
+    /// A cache whose values are `dtype` (FP8 needs sm_89 or newer: the E4M3 conversions).
+    pub fn with_kv_cache(model: GpuModel, num_blocks: usize, block_size: usize, dtype: KvCacheDtype) -> Result<Self, CudaError> {
         let c = model.config();
         let visible_layout = KvCacheLayout {
             num_layers: c.num_hidden_layers,
@@ -382,7 +388,7 @@ impl GpuBackend {
         };
         check_supported(c)?;
         let arena = forward::plan(&model)?;
-        let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout })?;
+        let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout }, dtype)?;
         let scratch = Scratch::new(&arena, model.fp8_width(), model.ggml_tile_elements(), model.gathered_logits_width());
         Ok(GpuBackend {
             model,

@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use super::collective::RankComm;
 use super::model::check_batch;
 use super::{CudaError, GpuBackend, GpuModel};
-use crate::kv_cache::{BlockId, KvCacheLayout};
+use crate::kv_cache::{BlockId, KvCacheDtype, KvCacheLayout};
 use crate::model::{ModelConfig, ModelError};
 use crate::runner::{ForwardBatch, ModelBackend};
 use crate::sampling::{RowSampling, SampledRow};
@@ -64,8 +64,8 @@ pub struct GpuTensorParallelBackend {
 
 impl GpuTensorParallelBackend {
     /// A backend over `ranks` (rank `r`'s shard at `ranks[r]`, each on its own GPU and joined to
-    /// one NCCL group), every rank's cache `num_blocks` blocks of `block_size` tokens.
-    pub fn new(config: ModelConfig, ranks: Vec<GpuModel>, num_blocks: usize, block_size: usize) -> Result<Self, CudaError> {
+    /// one NCCL group), every rank's cache `num_blocks` blocks of `block_size` tokens of `dtype`.
+    pub fn new(config: ModelConfig, ranks: Vec<GpuModel>, num_blocks: usize, block_size: usize, dtype: KvCacheDtype) -> Result<Self, CudaError> {
         let world = ranks.len();
         for (rank, model) in ranks.iter().enumerate() {
             let comm = model.collective().ok_or_else(|| CudaError::Config(format!("rank {rank} of {world} has no NCCL communicator")))?;
@@ -76,11 +76,11 @@ impl GpuTensorParallelBackend {
         let mut ranks = ranks.into_iter();
         let rank0 = ranks.next().ok_or_else(|| CudaError::Config("tensor parallelism over no GPU".into()))?;
         let comm = rank0.collective().expect("checked above").clone();
-        let rank0 = GpuBackend::new(rank0, num_blocks, block_size)?;
+        let rank0 = GpuBackend::with_kv_cache(rank0, num_blocks, block_size, dtype)?;
         let mut workers = Vec::with_capacity(world - 1);
         for (i, model) in ranks.enumerate() {
             let rank = i + 1;
-            let backend = GpuBackend::new(model, num_blocks, block_size)?;
+            let backend = GpuBackend::with_kv_cache(model, num_blocks, block_size, dtype)?;
             let (jobs, inbox) = mpsc::channel();
             let (outbox, answers) = mpsc::channel();
             let thread = std::thread::Builder::new()

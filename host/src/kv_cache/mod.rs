@@ -15,6 +15,56 @@ pub use self::manager::{KvCacheManager, PrefixCacheStats, SeqBlocks};
 /// Default number of tokens per block, as in vLLM.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
+/// What the cache stores each key and value as (`serve --kv-cache-dtype`, vLLM's flag and names).
+/// The layout is the same for every type; only the bytes a value takes change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// The backend's activation type: float32 on the CPU, bfloat16 on the GPU.
+    #[default]
+    Auto,
+    /// E4M3, one byte a value: `e4m3(x / scale)`, read back as `byte · scale`, with one scale
+    /// for keys and one for values (`KV_FP8_SCALE`). Half of bfloat16's bytes, so a decode step
+    /// that is bound by reading the cache reads half as much, and twice the tokens fit.
+    Fp8E4M3,
+}
+
+/// The scale of keys and of values in an FP8 cache. vLLM's default when a checkpoint brings no
+/// `k_scale`/`v_scale`: values up to E4M3's ±448 are kept, larger ones saturate. (Keys and values
+/// of the Llama-family models sit well inside that range; a model whose cache values do not
+/// would need calibrated scales, which are not read yet.)
+pub const KV_FP8_SCALE: f32 = 1.0;
+
+impl KvCacheDtype {
+    /// Bytes one key or value element takes, given the backend's own element size.
+    pub fn bytes_per_value(self, native: usize) -> usize {
+        match self {
+            KvCacheDtype::Auto => native,
+            KvCacheDtype::Fp8E4M3 => 1,
+        }
+    }
+
+    /// The flag's canonical spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::Fp8E4M3 => "fp8_e4m3",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KvCacheDtype::Auto),
+            "fp8" | "fp8_e4m3" => Ok(KvCacheDtype::Fp8E4M3),
+            "fp8_e5m2" => Err("fp8_e5m2 is not supported: the FP8 cache is E4M3 (fp8, fp8_e4m3)".into()),
+            other => Err(format!("unknown KV cache type {other:?}: expected auto, fp8 or fp8_e4m3")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheLayout {
     pub num_layers: usize,
@@ -75,5 +125,17 @@ mod tests {
         assert_eq!(layout.blocks_for(0), 0);
         assert_eq!(layout.blocks_for(16), 1);
         assert_eq!(layout.blocks_for(17), 2);
+    }
+
+    #[test]
+    fn cache_types_parse_as_vllm_names_them() {
+        assert_eq!("auto".parse(), Ok(KvCacheDtype::Auto));
+        assert_eq!("fp8".parse(), Ok(KvCacheDtype::Fp8E4M3));
+        assert_eq!("fp8_e4m3".parse(), Ok(KvCacheDtype::Fp8E4M3));
+        assert!("fp8_e5m2".parse::<KvCacheDtype>().unwrap_err().contains("E4M3"));
+        assert!("int8".parse::<KvCacheDtype>().unwrap_err().contains("\"int8\""));
+        assert_eq!(KvCacheDtype::Fp8E4M3.bytes_per_value(2), 1);
+        assert_eq!(KvCacheDtype::Auto.bytes_per_value(4), 4);
+        assert_eq!(KvCacheDtype::Fp8E4M3.name().parse(), Ok(KvCacheDtype::Fp8E4M3));
     }
 }

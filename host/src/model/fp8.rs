@@ -14,6 +14,20 @@ use float8::F8E4M3;
 /// E4M3's largest finite magnitude.
 pub const E4M3_MAX: f32 = 448.0;
 
+/// `v` as an E4M3 bit pattern, rounded to nearest even and saturated at ±448 (as the GPU's
+/// `cvt.rn.satfinite`); NaN stays NaN.
+#[inline]
+pub fn e4m3_bits(v: f32) -> u8 {
+    F8E4M3::from_f32(v.clamp(-E4M3_MAX, E4M3_MAX)).to_bits()
+}
+
+/// The value of an E4M3 bit pattern (exact in float32), from a table.
+#[inline]
+pub fn e4m3_value(bits: u8) -> f32 {
+    static TABLE: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| std::array::from_fn(|b| F8E4M3::from_bits(b as u8).to_f32()));
+    TABLE[bits as usize]
+}
+
 /// A `[rows, cols]` matrix in E4M3 with a scale per row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fp8Matrix {
@@ -42,7 +56,7 @@ impl Fp8Matrix {
             // A row of tiny values keeps a normal scale (amax / 448 would underflow to 0).
             let scale = if amax > 0.0 { (amax / E4M3_MAX).max(f32::MIN_POSITIVE) } else { 1.0 };
             // Dividing (not multiplying by 1/scale) keeps the row's largest value exactly at 448.
-            bytes.extend(row.iter().map(|&v| F8E4M3::from_f32((v / scale).clamp(-E4M3_MAX, E4M3_MAX)).to_bits()));
+            bytes.extend(row.iter().map(|&v| e4m3_bits(v / scale)));
             scales.push(scale);
         }
         Ok(Fp8Matrix { rows, cols, bytes, scales })
@@ -52,7 +66,7 @@ impl Fp8Matrix {
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.bytes.len());
         for (row, &scale) in self.bytes.chunks_exact(self.cols.max(1)).zip(&self.scales) {
-            out.extend(row.iter().map(|&b| F8E4M3::from_bits(b).to_f32() * scale));
+            out.extend(row.iter().map(|&b| e4m3_value(b) * scale));
         }
         out
     }
@@ -116,6 +130,23 @@ mod tests {
                 assert!((w - d).abs() <= (w.abs() / 16.0).max(q.scales[r] * 2f32.powi(-10)) * 1.0001, "row {r} col {c}: {w} -> {d}");
             }
         }
+    }
+
+    #[test]
+    fn the_table_and_the_rounding_agree_with_float8() {
+        for b in 0..=255u8 {
+            let v = F8E4M3::from_bits(b).to_f32();
+            assert!(e4m3_value(b) == v || (v.is_nan() && e4m3_value(b).is_nan()), "{b:#x}");
+            if v.is_finite() {
+                assert_eq!(e4m3_bits(v), b, "{v} round-trips");
+            }
+        }
+        // Saturation, not infinity or NaN, past the largest finite value; halfway rounds to even
+        // (between 1.0 and 1.125: 1.0625 goes to 1.0, the even mantissa).
+        assert_eq!(e4m3_value(e4m3_bits(1e6)), 448.0);
+        assert_eq!(e4m3_value(e4m3_bits(-500.0)), -448.0);
+        assert_eq!(e4m3_value(e4m3_bits(1.0625)), 1.0);
+        assert!(e4m3_value(e4m3_bits(f32::NAN)).is_nan());
     }
 
     #[test]

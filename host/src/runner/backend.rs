@@ -9,7 +9,7 @@
 //! backend the same interface, running each launch to the end (no overlap: for testing the
 //! engine's pipelined path on the CPU).
 
-use crate::kv_cache::{BlockId, KvCacheLayout};
+use crate::kv_cache::{BlockId, KvCacheDtype, KvCacheLayout};
 use crate::model::cpu::{CpuKvCache, CpuModel};
 use crate::model::{ModelConfig, ModelError};
 use crate::runner::ForwardBatch;
@@ -213,8 +213,14 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
+    /// A float32 cache of `num_blocks` blocks of `block_size` tokens.
     pub fn new(model: CpuModel, num_blocks: usize, block_size: usize) -> Self {
-        let cache = CpuKvCache::new(model.kv_layout(num_blocks, block_size));
+        Self::with_kv_cache(model, num_blocks, block_size, KvCacheDtype::Auto)
+    }
+
+    /// A cache whose values are `dtype`.
+    pub fn with_kv_cache(model: CpuModel, num_blocks: usize, block_size: usize, dtype: KvCacheDtype) -> Self {
+        let cache = CpuKvCache::with_dtype(model.kv_layout(num_blocks, block_size), dtype);
         CpuBackend { model, cache, sampling: HostSampling::default() }
     }
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use super::backend::HostSampling;
-use crate::kv_cache::{BlockId, KvCacheLayout};
+use crate::kv_cache::{BlockId, KvCacheDtype, KvCacheLayout};
 use crate::model::cpu::{CpuKvCache, CpuTensorParallelModel};
 use crate::model::{ModelConfig, ModelError};
 use crate::runner::{ForwardBatch, ModelBackend};
@@ -25,8 +25,8 @@ pub struct CpuTensorParallelBackend {
 }
 
 impl CpuTensorParallelBackend {
-    pub fn new(model: CpuTensorParallelModel, num_blocks: usize, block_size: usize) -> Self {
-        let caches = model.kv_caches(num_blocks, block_size);
+    pub fn new(model: CpuTensorParallelModel, num_blocks: usize, block_size: usize, dtype: KvCacheDtype) -> Self {
+        let caches = model.kv_caches(num_blocks, block_size, dtype);
         let layout = KvCacheLayout::for_model(model.config(), num_blocks, block_size);
         CpuTensorParallelBackend { model, caches, layout, sampling: HostSampling::default() }
     }
@@ -35,11 +35,12 @@ impl CpuTensorParallelBackend {
         self.model.world()
     }
 
-    /// Bytes one block of `block_size` tokens takes over all of `model`'s ranks (float32), to
+    /// Bytes one block of `block_size` tokens of `dtype` takes over all of `model`'s ranks, to
     /// size the cache before it exists: more than the whole model's when key/value heads are
     /// replicated across ranks.
-    pub fn block_bytes(model: &CpuTensorParallelModel, block_size: usize) -> usize {
-        model.ranks().iter().map(|rank| rank.kv_layout(1, block_size).block_bytes(std::mem::size_of::<f32>())).sum()
+    pub fn block_bytes(model: &CpuTensorParallelModel, block_size: usize, dtype: KvCacheDtype) -> usize {
+        let bytes = dtype.bytes_per_value(std::mem::size_of::<f32>());
+        model.ranks().iter().map(|rank| rank.kv_layout(1, block_size).block_bytes(bytes)).sum()
     }
 }
 

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use super::CpuTensorParallelBackend;
+use crate::kv_cache::KvCacheDtype;
 use crate::loader::{open, LoadFormat, ModelFiles};
 use crate::model::cpu::{CpuModel, CpuTensorParallelModel};
 use crate::runner::generate::{GenerateOptions, Generator};
@@ -27,7 +28,7 @@ fn whole_backend(files: &ModelFiles) -> CpuBackend {
 
 fn split_backend(files: &ModelFiles, world: usize) -> CpuTensorParallelBackend {
     let model = CpuTensorParallelModel::load(files.config.clone(), files.source(), world).unwrap();
-    CpuTensorParallelBackend::new(model, NUM_BLOCKS, BLOCK_SIZE)
+    CpuTensorParallelBackend::new(model, NUM_BLOCKS, BLOCK_SIZE, KvCacheDtype::Auto)
 }
 
 /// Three prompts of 5, 9 and 13 tokens, with ids spread over every rank's vocabulary range.
@@ -76,7 +77,7 @@ fn block_bytes_count_replicated_kv_heads_on_every_rank() {
     for world in WORLDS {
         let model = CpuTensorParallelModel::load(files.config.clone(), files.source(), world).unwrap();
         let copies_of_each_head = world.div_ceil(kv_heads);
-        assert_eq!(CpuTensorParallelBackend::block_bytes(&model, BLOCK_SIZE), whole * copies_of_each_head, "world {world}");
+        assert_eq!(CpuTensorParallelBackend::block_bytes(&model, BLOCK_SIZE, KvCacheDtype::Auto), whole * copies_of_each_head, "world {world}");
     }
 }
 
@@ -106,7 +107,7 @@ fn copy_on_write_copies_the_block_on_every_rank() {
             let block = |b: usize| {
                 let len = cache.layout().layer_len() / NUM_BLOCKS;
                 let (keys, values) = cache.layer(0);
-                (keys[b * len..(b + 1) * len].to_vec(), values[b * len..(b + 1) * len].to_vec())
+                (keys.to_vec()[b * len..(b + 1) * len].to_vec(), values.to_vec()[b * len..(b + 1) * len].to_vec())
             };
             assert_eq!(block(5), block(0), "world {world} rank {rank}: block 0 copied to 5");
             assert!(block(5).0.iter().any(|&v| v != 0.0), "world {world} rank {rank}: the prompt's keys are there");

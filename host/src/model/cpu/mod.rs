@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 pub use self::attention::{paged_attention, AttentionShape};
 pub use self::forward::CpuOps;
-pub use self::kv_storage::CpuKvCache;
+pub use self::kv_storage::{CpuKvCache, KvRows};
 pub use self::parallel::CpuTensorParallelModel;
 pub use self::weights::{CpuMatrix, CpuStore, CpuWeights};
 use self::parallel::Communicator;

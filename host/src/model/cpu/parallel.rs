@@ -14,6 +14,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::kv_storage::CpuKvCache;
 use super::CpuModel;
+use crate::kv_cache::KvCacheDtype;
 use crate::model::parallel::TensorParallel;
 use crate::model::weights::WeightSource;
 use crate::model::{ModelConfig, ModelError};
@@ -51,8 +52,8 @@ impl CpuTensorParallelModel {
     }
 
     /// One cache per rank, for its own key/value heads, all with the same blocks.
-    pub fn kv_caches(&self, num_blocks: usize, block_size: usize) -> Vec<CpuKvCache> {
-        self.ranks.iter().map(|rank| CpuKvCache::new(rank.kv_layout(num_blocks, block_size))).collect()
+    pub fn kv_caches(&self, num_blocks: usize, block_size: usize, dtype: KvCacheDtype) -> Vec<CpuKvCache> {
+        self.ranks.iter().map(|rank| CpuKvCache::with_dtype(rank.kv_layout(num_blocks, block_size), dtype)).collect()
     }
 
     /// Runs `batch` on every rank (`caches` from `kv_caches`, one per rank) and returns the whole

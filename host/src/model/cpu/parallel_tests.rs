@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 use super::{CpuTensorParallelModel, ThreadGroup};
+use crate::kv_cache::KvCacheDtype;
 use crate::loader::{open, LoadFormat, ModelFiles};
 use crate::model::cpu::{CpuKvCache, CpuMatrix, CpuModel, CpuWeights};
 use crate::model::parallel::ShardPlan;
@@ -83,7 +84,7 @@ impl Comparison {
 fn compare(whole: &CpuModel, split: &CpuTensorParallelModel, group: impl Fn() -> ThreadGroup) -> Comparison {
     let vocab = whole.config().vocab_size;
     let mut whole_cache = CpuKvCache::new(whole.kv_layout(NUM_BLOCKS, BLOCK_SIZE));
-    let mut split_caches = split.kv_caches(NUM_BLOCKS, BLOCK_SIZE);
+    let mut split_caches = split.kv_caches(NUM_BLOCKS, BLOCK_SIZE, KvCacheDtype::Auto);
     let prompts = prompts();
     let mut comparison = Comparison { bit_identical: true, ..Comparison::default() };
     let mut next: Vec<u32> = Vec::new();
@@ -206,7 +207,7 @@ fn every_shard_is_the_plans_slices_of_the_whole_weights() {
 #[test]
 fn a_failing_rank_fails_the_forward_without_hanging_the_others() {
     let split = Fixture::new("qwen3").split(2).unwrap();
-    let mut caches = split.kv_caches(NUM_BLOCKS, BLOCK_SIZE);
+    let mut caches = split.kv_caches(NUM_BLOCKS, BLOCK_SIZE, KvCacheDtype::Auto);
     // Rank 1's cache is for another block size: it fails before the first collective, which
     // rank 0 is then waiting in.
     caches[1] = CpuKvCache::new(split.ranks()[1].kv_layout(NUM_BLOCKS, 2 * BLOCK_SIZE));
