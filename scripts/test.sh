@@ -3,7 +3,8 @@
 # unit-tested natively), then every unit and end-to-end test of the host, built optimized (the
 # tests run the real model on the CPU and the real plugin components). NVRTC comes from PyPI so
 # that the CUDA kernels are compiled for sm_90 on every run, GPU or not; the OpenAI Python client
-# too, for the client round-trip test, and Chromium with Selenium for the web page's browser test.
+# too, for the client round-trip test, and Chromium with Selenium for the web page's browser test;
+# numpy for the kernels' CPU emulators (scripts/emulate-kernels.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,6 +13,7 @@ cd "$root"
 eval "$(./scripts/fetch-nvrtc.sh)"
 ./scripts/fetch-pyclient.sh
 ./scripts/fetch-browser.sh
+./scripts/emulate-kernels.sh
 export PAGEDSERVE_REQUIRE_NVRTC=1 PAGEDSERVE_KERNEL_CACHE="$root/target/kernel-cache"
 cargo test --release --workspace "$@"
 # A fixed pass of every fuzz target (the same inputs every run: see scripts/fuzz.sh).

@@ -144,6 +144,18 @@ pub fn check_attention(
     check_attention_windowed(dev, 16, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
 }
 
+/// A row saying the attention of `head_dim` was not run because its kernels need more shared
+/// memory than a block may take on this device (head dim 256 on sm_86 and sm_89, whose models
+/// the backend refuses), or None when it fits.
+fn skipped_attention(dev: &GpuDevice, head_dim: usize) -> Option<CheckRow> {
+    (!dev.attention_fits(head_dim)).then(|| CheckRow {
+        name: "attention".into(),
+        detail: format!("hd {head_dim} skipped: more shared memory than {} allows a block", dev.arch),
+        error: None,
+        passed: true,
+    })
+}
+
 /// `check_attention` with cache blocks of `block_size` positions (`serve --block-size`), through
 /// a sliding window of `window` positions (0: none) as Mistral, Phi-3 and Gemma 3's local layers
 /// attend.
@@ -160,6 +172,9 @@ pub fn check_attention_windowed(
     window: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
+    if let Some(row) = skipped_attention(dev, head_dim) {
+        return Ok(row);
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let (batch, layout) = scattered_batch(&mut rng, block_size, seqs, 7, kv_heads, head_dim)?;
     let n = batch.num_tokens();
@@ -216,6 +231,9 @@ pub fn check_fused_rope_attention(
     window: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
+    if let Some(row) = skipped_attention(dev, head_dim) {
+        return Ok(row);
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let seqs: Vec<(usize, usize)> = cached.iter().map(|&c| (c, 1)).collect();
     let (batch, layout) = scattered_batch(&mut rng, 16, &seqs, 5, kv_heads, head_dim)?;

@@ -136,17 +136,24 @@ impl GpuDevice {
         // The decode attention kernels take more than the 48 KiB of dynamic shared memory a kernel
         // gets without opting in; how many of their blocks then fit on a multiprocessor sizes split-K.
         let mut decode_blocks_per_sm = Vec::new();
+        let opt_in = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        // A kernel that needs more than a block may take here (head dim 256 on sm_86 and sm_89,
+        // 99 KB a block) is left alone: setting it would fail and stop every model from starting;
+        // models of that head dim are refused when their backend is made (`attention_fits`).
         for head_dim in DECODE_HEAD_DIMS {
             let (function, shared) = (kernels.get(&decode_kernel_name(head_dim)), decode_shared_bytes(head_dim));
-            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
-            let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)?;
-            decode_blocks_per_sm.push((head_dim, blocks.max(1) as usize));
+            if shared <= opt_in {
+                function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+                let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)?;
+                decode_blocks_per_sm.push((head_dim, blocks.max(1) as usize));
+            }
             let (function, shared) = (kernels.get(&prefill_kernel_name(head_dim)), prefill_shared_bytes(head_dim));
-            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+            if shared <= opt_in {
+                function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+            }
         }
         // The GEMV stages up to 96 KB of input rows per block (200 KB from ggml blocks), where the
         // device allows it.
-        let opt_in = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
         for (name, format) in gemv_kernels() {
             let shared = gemv_dynamic_shared_limit(format, opt_in);
             kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
@@ -180,6 +187,12 @@ impl GpuDevice {
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))
+    }
+
+    /// Whether the attention kernels of `head_dim` fit the shared memory a block may take on this
+    /// device (head dim 256 does not on sm_86 and sm_89).
+    pub fn attention_fits(&self, head_dim: usize) -> bool {
+        decode_shared_bytes(head_dim).max(prefill_shared_bytes(head_dim)) <= self.max_shared_optin
     }
 
     /// Decode attention blocks of this head dimension that run at once on the whole GPU (the

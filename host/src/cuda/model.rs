@@ -387,6 +387,16 @@ impl GpuBackend {
             head_dim: c.head_dim,
         };
         check_supported(c)?;
+        if !model.dev.attention_fits(c.head_dim) {
+            return Err(CudaError::Unavailable(format!(
+                "head_dim {} attention needs {} bytes of shared memory a block; {} ({}) allows {}",
+                c.head_dim,
+                super::launch::decode_shared_bytes(c.head_dim).max(super::launch::prefill_shared_bytes(c.head_dim)),
+                model.dev.name,
+                model.dev.arch,
+                model.dev.max_shared_optin
+            )));
+        }
         let arena = forward::plan(&model)?;
         let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout }, dtype)?;
         let scratch = Scratch::new(&arena, model.fp8_width(), model.ggml_tile_elements(), model.gathered_logits_width());
