@@ -59,23 +59,18 @@ __device__ void prefill_attention_impl(__nv_bfloat16* __restrict__ out, const __
     const int pos0 = positions[row0];
     const int last = pos0 + len - 1;  // the last key any row of this tile reads
     const u32* table = block_tables + (u64)seq * max_blocks;
-    // The copies of tile j's keys and values: straight into the tiles, or into the raw rows.
-    auto load_k = [&](int j) {
+    // The copies of tile j's keys (or values) as one group: straight into the tile, or into the
+    // raw rows.
+    auto load = [&](__nv_bfloat16(*tile)[HD + PF_PAD], unsigned char(*raw)[HD], const typename KvElement<FP8>::T* cache, int j) {
         if constexpr (FP8) {
-            load_kv_rows<HD, PF_N, PF_THREADS>(k_raw, k_cache, table, j * PF_N, last + 1, num_kv_heads, kv_head, block_size);
+            load_kv_rows<HD, PF_N, PF_THREADS>(raw, cache, table, j * PF_N, last + 1, num_kv_heads, kv_head, block_size);
         } else {
-            load_kv_rows<HD, PF_N, PF_THREADS>(k_s, k_cache, table, j * PF_N, last + 1, num_kv_heads, kv_head, block_size);
+            load_kv_rows<HD, PF_N, PF_THREADS>(tile, cache, table, j * PF_N, last + 1, num_kv_heads, kv_head, block_size);
         }
         cp_async_commit();
     };
-    auto load_v = [&](int j) {
-        if constexpr (FP8) {
-            load_kv_rows<HD, PF_N, PF_THREADS>(v_raw, v_cache, table, j * PF_N, last + 1, num_kv_heads, kv_head, block_size);
-        } else {
-            load_kv_rows<HD, PF_N, PF_THREADS>(v_s, v_cache, table, j * PF_N, last + 1, num_kv_heads, kv_head, block_size);
-        }
-        cp_async_commit();
-    };
+    auto load_k = [&](int j) { load(k_s, k_raw, k_cache, j); };
+    auto load_v = [&](int j) { load(v_s, v_raw, v_cache, j); };
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int tig = lane & 3, gid = lane >> 2;  // MMA fragment coordinates: column pair, row
     const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: which 8x8 matrix this lane addresses, which row
