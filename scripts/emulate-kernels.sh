@@ -6,13 +6,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="$root/target/pyemulate"
-version="2.4.6"
-if [[ ! -f "$dest/.complete-$version" ]]; then
-  echo "installing numpy==$version into $dest ..." >&2
-  rm -rf "$dest"
-  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target "$dest" "numpy==$version" >&2
-  touch "$dest/.complete-$version"
-fi
+source "$root/scripts/pip-target.sh"
+pip_target "$dest" numpy 2.4.6
 cd "$root/kernels/emulate"
 for emulator in *.py; do
   [[ "$emulator" == fragments.py ]] && continue  # the helpers they share

@@ -12,11 +12,5 @@ if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
   "${sudo[@]}" apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
 fi
-dest="$root/target/pybrowser"
-version="4.51.0"
-if [[ ! -f "$dest/.complete-$version" ]]; then
-  echo "installing selenium==$version into $dest ..." >&2
-  rm -rf "$dest"
-  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target "$dest" "selenium==$version" >&2
-  touch "$dest/.complete-$version"
-fi
+source "$root/scripts/pip-target.sh"
+pip_target "$root/target/pybrowser" selenium 4.51.0
