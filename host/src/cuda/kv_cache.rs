@@ -56,7 +56,6 @@ impl GpuKvCache {
         self.dtype
     }
 
-
     /// Raw key and value array pointers of `layer` (for kernel checks).
     pub fn layer_ptrs(&self, dev: &GpuDevice, layer: usize) -> (CUdeviceptr, CUdeviceptr) {
         (ptr(dev, &self.keys[layer]), ptr(dev, &self.values[layer]))

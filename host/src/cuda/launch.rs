@@ -191,6 +191,12 @@ pub fn prefill_shared_bytes(head_dim: usize) -> usize {
     2 * PREFILL_TILE * (head_dim + DECODE_ROW_PAD) * 2
 }
 
+/// The most dynamic shared memory a block of either attention kernel of `head_dim` takes: what a
+/// device must allow for a model of that head dim (`GpuDevice::attention_fits`).
+pub fn attention_shared_bytes(head_dim: usize) -> usize {
+    decode_shared_bytes(head_dim).max(prefill_shared_bytes(head_dim))
+}
+
 /// The prefill attention kernel for this head dimension (one per head dim: it takes one query
 /// head per block, so any GQA group size works).
 pub fn prefill_kernel_name(head_dim: usize) -> String {

@@ -391,7 +391,7 @@ impl GpuBackend {
             return Err(CudaError::Unavailable(format!(
                 "head_dim {} attention needs {} bytes of shared memory a block; {} ({}) allows {}",
                 c.head_dim,
-                super::launch::decode_shared_bytes(c.head_dim).max(super::launch::prefill_shared_bytes(c.head_dim)),
+                super::launch::attention_shared_bytes(c.head_dim),
                 model.dev.name,
                 model.dev.arch,
                 model.dev.max_shared_optin
