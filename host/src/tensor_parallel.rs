@@ -12,7 +12,7 @@ use pagedserve::cuda::collective::RankComm;
 use pagedserve::cuda::{GpuBackend, GpuDevice, GpuKvCache, GpuModel, GpuTensorParallelBackend};
 use pagedserve::kv_cache::{KvCacheDtype, KvCacheLayout};
 use pagedserve::loader::ModelFiles;
-use pagedserve::model::cpu::{CpuModel, CpuTensorParallelModel};
+use pagedserve::model::cpu::{CpuKvCache, CpuModel, CpuTensorParallelModel};
 use pagedserve::model::parallel::{ShardPlan, TensorParallel};
 use pagedserve::model::ModelConfig;
 use pagedserve::runner::{CpuBackend, CpuTensorParallelBackend, ModelBackend};
@@ -157,7 +157,7 @@ impl CpuModels {
     /// Bytes one KV-cache block of `block_size` tokens of `dtype` takes over every rank.
     pub(crate) fn kv_block_bytes(&self, block_size: usize, dtype: KvCacheDtype) -> usize {
         match self {
-            CpuModels::Whole(model) => KvCacheLayout::for_model(model.config(), 1, block_size).block_bytes(dtype.bytes_per_value(std::mem::size_of::<f32>())),
+            CpuModels::Whole(model) => CpuKvCache::bytes_for(&KvCacheLayout::for_model(model.config(), 1, block_size), dtype),
             CpuModels::Split(model) => CpuTensorParallelBackend::block_bytes(model, block_size, dtype),
         }
     }

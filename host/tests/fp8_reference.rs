@@ -103,6 +103,18 @@ fn agreement(model: &CpuModel, label: &str, variant_logprobs: impl Fn(&[u32]) ->
     a
 }
 
+impl Agreement {
+    /// Asserts the first-step shifts and KL under these bounds, the reference's top-1 kept on at
+    /// least 80% of the prompts and at least half the greedy tokens equal to the model's as it is.
+    fn assert_within(&self, top1_shift: f64, top10_shift: f64, kl: f64) {
+        assert!(self.worst_top1_shift < top1_shift, "{self:?}");
+        assert!(self.worst_top10_shift < top10_shift, "{self:?}");
+        assert!(self.worst_kl < kl, "{self:?}");
+        assert!(self.top1_kept * 10 >= self.prompts * 8, "{self:?}");
+        assert!(self.same_tokens * 2 >= self.all_tokens, "{self:?}");
+    }
+}
+
 // FP8 weights: about 1.5 times the worst measured on the four reference prompts (session 9:
 // 0.268, 1.152 and 0.0436; BENCHMARKS.md): a broken quantizer (a wrong scale, a lost sign) lands
 // far outside.
@@ -123,11 +135,7 @@ fn fp8_projections_stay_close_to_the_reference() {
     let a = agreement(model, "fp8 weights", |p| first_step_logprobs(&fp8, p), |p, n| greedy(&fp8, p, n));
     // Bounds with room over what was measured (BENCHMARKS.md, session 9): a broken quantizer
     // (a wrong scale, a lost sign, an unquantized matrix reported as quantized) fails them.
-    assert!(a.worst_top1_shift < TOP1_SHIFT_BOUND, "{a:?}");
-    assert!(a.worst_top10_shift < TOP10_SHIFT_BOUND, "{a:?}");
-    assert!(a.worst_kl < KL_BOUND, "{a:?}");
-    assert!(a.top1_kept * 10 >= a.prompts * 8, "{a:?}");
-    assert!(a.same_tokens * 2 >= a.all_tokens, "{a:?}");
+    a.assert_within(TOP1_SHIFT_BOUND, TOP10_SHIFT_BOUND, KL_BOUND);
 }
 
 // FP8 KV cache: about 1.5 times the worst measured on the four reference prompts (session 20:
@@ -146,11 +154,7 @@ fn an_fp8_kv_cache_stays_close_to_the_reference() {
     // The cache really is quantized: the first step already reads the prompt's keys and values
     // back from it, so its log-probs move.
     assert!(a.worst_kl > 1e-6, "{a:?}");
-    assert!(a.worst_top1_shift < KV_TOP1_SHIFT_BOUND, "{a:?}");
-    assert!(a.worst_top10_shift < KV_TOP10_SHIFT_BOUND, "{a:?}");
-    assert!(a.worst_kl < KV_KL_BOUND, "{a:?}");
-    assert!(a.top1_kept * 10 >= a.prompts * 8, "{a:?}");
-    assert!(a.same_tokens * 2 >= a.all_tokens, "{a:?}");
+    a.assert_within(KV_TOP1_SHIFT_BOUND, KV_TOP10_SHIFT_BOUND, KV_KL_BOUND);
 }
 
 /// An FP8 checkpoint in vLLM's format, made from the tiny Llama fixture (each projection's

@@ -13,7 +13,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
-    decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
+    attention_shared_bytes, decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
     prefill_shared_bytes, skinny_kernel_name, skinny_partial_floats, skinny_shared_bytes, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS, SKINNY_MAX_TILES,
     SKINNY_STAGES,
 };
@@ -266,7 +266,7 @@ impl GpuDevice {
     /// Whether the attention kernels of `head_dim` over a `cache` cache fit the shared memory a
     /// block may take on this device (head dim 256 does not on sm_86 and sm_89).
     pub fn attention_fits(&self, head_dim: usize, cache: KvCacheDtype) -> bool {
-        decode_shared_bytes(head_dim, cache).max(prefill_shared_bytes(head_dim, cache)) <= self.max_shared_optin
+        attention_shared_bytes(head_dim, cache) <= self.max_shared_optin
     }
 
     /// Decode attention blocks of this head dimension that run at once on the whole GPU (the

@@ -210,6 +210,13 @@ pub fn prefill_shared_bytes(head_dim: usize, cache: KvCacheDtype) -> usize {
     }
 }
 
+/// The most dynamic shared memory a block of either attention kernel of `head_dim` over a `cache`
+/// cache takes: what a device must allow for a model of that head dim
+/// (`GpuDevice::attention_fits`).
+pub fn attention_shared_bytes(head_dim: usize, cache: KvCacheDtype) -> usize {
+    decode_shared_bytes(head_dim, cache).max(prefill_shared_bytes(head_dim, cache))
+}
+
 /// The prefill attention kernel for this head dimension and cache type (one per head dim: it
 /// takes one query head per block, so any GQA group size works).
 pub fn prefill_kernel_name(head_dim: usize, cache: KvCacheDtype) -> String {

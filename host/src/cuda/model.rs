@@ -392,7 +392,7 @@ impl GpuBackend {
                 "head_dim {} attention over a {} cache needs {} bytes of shared memory a block; {} ({}) allows {}",
                 c.head_dim,
                 dtype.name(),
-                super::launch::decode_shared_bytes(c.head_dim, dtype).max(super::launch::prefill_shared_bytes(c.head_dim, dtype)),
+                super::launch::attention_shared_bytes(c.head_dim, dtype),
                 model.dev.name,
                 model.dev.arch,
                 model.dev.max_shared_optin

@@ -39,8 +39,7 @@ impl CpuTensorParallelBackend {
     /// size the cache before it exists: more than the whole model's when key/value heads are
     /// replicated across ranks.
     pub fn block_bytes(model: &CpuTensorParallelModel, block_size: usize, dtype: KvCacheDtype) -> usize {
-        let bytes = dtype.bytes_per_value(std::mem::size_of::<f32>());
-        model.ranks().iter().map(|rank| rank.kv_layout(1, block_size).block_bytes(bytes)).sum()
+        model.ranks().iter().map(|rank| CpuKvCache::bytes_for(&rank.kv_layout(1, block_size), dtype)).sum()
     }
 }
 
