@@ -322,9 +322,6 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let mut rows = check::kernel_checks(&dev)?;
     rows.extend(check::gemv_checks(&dev)?);
-    if dev.skinny.is_some() {
-        rows.extend(check::skinny_checks(&dev)?);
-    }
     rows.extend(pagedserve::bench::check_quant::fp8_checks(&dev)?);
     rows.extend(pagedserve::bench::check_quant::ggml_checks(&dev)?);
     rows.extend(check::sampling_checks(&dev)?);
@@ -443,12 +440,6 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                     args.context,
                     batch as f64 / ms * 1e3
                 );
-            }
-        }
-        // Each product alone at 9-64 rows, in a graph: the skinny GEMM against cuBLAS.
-        for &m in args.batch_sizes.iter().filter(|&&m| m > 8 && m <= 64) {
-            if dev.skinny.is_some() {
-                gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B (skinny GEMM)", m, &gpu::LLAMA_8B_PRODUCTS)?;
             }
         }
         // Each product alone at one row, in a graph (the GEMV against cuBLAS).

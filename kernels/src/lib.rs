@@ -202,7 +202,6 @@ pub const MODULES: &[KernelModule] = &[
             "gemv_fp8_merge_m1",
         ],
     },
-    KernelModule { name: "skinny_gemm", source: include_str!("../skinny_gemm.cu"), functions: &["skinny_gemm_m16", "skinny_gemm_m32", "skinny_gemm_m64"] },
     KernelModule { name: "fp8", source: include_str!("../fp8.cu"), functions: &["fp8_quantize_rows", "fp8_scale_output"] },
     KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows", "feed_tokens"] },
 ];
@@ -234,7 +233,7 @@ mod tests {
                 // Plain definitions, or instantiations of a macro: `paged_attention_hd64` and
                 // `attention_reduce_hd64` are `DECODE_KERNEL(64, stages)`, `paged_attention_fp8_hd64`
                 // `DECODE_FP8_KERNEL(64, stages)`, `prefill_attention_hd128` is `PREFILL_KERNEL(128)`
-                // (`_fp8_`: `PREFILL_FP8_KERNEL`), `skinny_gemm_m16` `SKINNY_KERNEL(16, stages)`,
+                // (`_fp8_`: `PREFILL_FP8_KERNEL`),
                 // `gemv_silu_m4` is `GEMV_KERNEL(gemv_silu_m4, GEMV_SILU, 4)`.
                 let decode_hd = function.strip_prefix("paged_attention_hd").or_else(|| function.strip_prefix("attention_reduce_hd"));
                 let instantiated = if let Some(hd) = decode_hd {
@@ -245,8 +244,6 @@ mod tests {
                     module.source.contains(&format!("PREFILL_KERNEL({hd})"))
                 } else if let Some(hd) = function.strip_prefix("prefill_attention_fp8_hd") {
                     module.source.contains(&format!("PREFILL_FP8_KERNEL({hd})"))
-                } else if let Some(rows) = function.strip_prefix("skinny_gemm_m") {
-                    module.source.contains(&format!("SKINNY_KERNEL({rows},"))
                 } else {
                     // (`_KERNEL_R1(`: the GGUF GEMV's one-row-a-warp variants.)
                     module.source.contains(&format!("_KERNEL({function},")) || module.source.contains(&format!("_KERNEL_R1({function},"))

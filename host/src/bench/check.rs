@@ -11,7 +11,7 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::cuda::gemm::{linear, skinny_linear, OutType};
+use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{
     gated_config, gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, AttentionPath,
@@ -873,54 +873,6 @@ pub fn check_gemv_norm(
         if with_bias { " +bias" } else { "" }
     );
     Ok(CheckRow::error(&format!("{} +add+norm", gemv_label(format)), detail, relative_error(&got, &want)))
-}
-
-/// The skinny GEMM (`skinny_linear`, whether or not the forward uses it) against the CPU
-/// product, launched twice on a poisoned output: the second launch shows the first left its
-/// tile counters at zero. Its shapes cover each instance (16, 32 and 64 rows, m below each),
-/// rows that fill no whole tile (1001, 130), a product of two iterations (two blocks), the 8B
-/// widths (K = 4096 and 14336, whose tiles several blocks share) and a float32 head.
-pub fn skinny_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
-    let mut rows = Vec::new();
-    let cases = [
-        (9, 960, 576, OutType::Bf16),
-        (16, 1001, 576, OutType::Bf16),
-        (17, 3072, 576, OutType::Bf16),
-        (32, 576, 1536, OutType::Bf16),
-        (20, 130, 64, OutType::Bf16),
-        (33, 4096, 4096, OutType::Bf16),
-        (64, 6144, 4096, OutType::Bf16),
-        (32, 4096, 14336, OutType::Bf16),
-        (48, 49152, 576, OutType::F32),
-    ];
-    for (i, (m, n, k, out_type)) in cases.into_iter().enumerate() {
-        let mut rng = StdRng::seed_from_u64(400 + i as u64);
-        let x = random_bf16_values(&mut rng, m * k, 1.0);
-        let w = random_bf16_values(&mut rng, n * k, 0.1);
-        let want = matmul_reference(&x, &w, None, m, k, n);
-        let stream = &dev.stream;
-        let (x_dev, w_dev) = (stream.clone_htod(&to_bf16(&x))?, stream.clone_htod(&to_bf16(&w))?);
-        let mut worst = 0.0f64;
-        for _launch in 0..2 {
-            let got = match out_type {
-                OutType::Bf16 => {
-                    let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
-                    // SAFETY: `out` holds m x n, x m x k, w n x k, all fresh allocations (aligned).
-                    unsafe { skinny_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x_dev), ptr(dev, &w_dev), m, k, n)? };
-                    download_bf16(dev, &out, m * n)?
-                }
-                OutType::F32 => {
-                    let out = stream.clone_htod(&vec![f32::NAN; m * n])?;
-                    // SAFETY: as above.
-                    unsafe { skinny_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x_dev), ptr(dev, &w_dev), m, k, n)? };
-                    stream.clone_dtoh(&out)?
-                }
-            };
-            worst = worst.max(relative_error(&got, &want));
-        }
-        rows.push(CheckRow::error("skinny gemm", format!("m {m} n {n} k {k} {out_type:?} out, twice"), worst));
-    }
-    Ok(rows)
 }
 
 /// The small-M linear layers: the GEMV (through `linear`, so the path it prefers) on SmolLM2's

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use half::bf16;
 
 use super::median;
-use crate::cuda::gemm::{cublas_linear, linear, skinny_linear, OutType};
-use crate::cuda::launch::{decode_kernel_name, prefill_kernel_name, skinny_rows, AttentionPath, AttentionSplit, GEMV_MAX_ROWS};
+use crate::cuda::gemm::{cublas_linear, linear, OutType};
+use crate::cuda::launch::{decode_kernel_name, prefill_kernel_name, AttentionPath, AttentionSplit};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::kv_cache::KvCacheDtype;
@@ -352,9 +352,6 @@ pub fn gemv_vs_cublas(
             graph_us(dev, launches, |i: usize| unsafe {
                 if cublas {
                     cublas_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
-                } else if m > GEMV_MAX_ROWS && dev.skinny.is_some() && skinny_rows(m, k, n).is_some() {
-                    // Past the GEMV, ours is the skinny GEMM whether or not the forward uses it.
-                    skinny_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
                 } else {
                     linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
                 }

@@ -14,8 +14,7 @@ use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
     attention_shared_bytes, decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
-    prefill_shared_bytes, skinny_kernel_name, skinny_partial_floats, skinny_shared_bytes, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS, SKINNY_MAX_TILES,
-    SKINNY_STAGES,
+    prefill_shared_bytes, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS,
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -56,14 +55,6 @@ pub struct GpuDevice {
     /// (`AttentionArgs::kv_evict_first`): on unless `PAGEDSERVE_KV_EVICT_FIRST=off`, which exists
     /// to measure it.
     pub kv_evict_first: bool,
-    /// The skinny GEMM's partials and tile counters (`kernels/skinny_gemm.cu`), allocated at
-    /// start where a block may take its shared memory (sm_90; the counters zeroed, and every
-    /// launch leaves them so), and whether
-    /// the forward's 9-64-row bf16 products use it rather than cuBLAS: off unless
-    /// `PAGEDSERVE_SKINNY=on` until it is measured against cuBLAS. `pagedserve check` runs it
-    /// either way.
-    pub skinny: Option<SkinnyScratch>,
-    pub skinny_in_forward: bool,
     /// EXPERIMENT (`PAGEDSERVE_FUSED_MERGE=all`): the merge also goes into a bf16 or FP8
     /// o-projection's staging, so that GEMV is the attention kernel's programmatic dependent.
     pub fused_merge_all: bool,
@@ -76,13 +67,6 @@ pub struct GpuDevice {
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
     /// cuBLASLt, for the FP8 GEMMs (`cuda::fp8_gemm`), sharing the cuBLAS workspace.
     fp8_gemm: Mutex<Fp8Gemm>,
-}
-
-/// The skinny GEMM's device buffers: float32 partials for two tiles a block (one block a
-/// multiprocessor) and a counter a tile (`launch::SKINNY_MAX_TILES`).
-pub struct SkinnyScratch {
-    pub partials: cudarc::driver::CudaSlice<f32>,
-    pub counters: cudarc::driver::CudaSlice<u32>,
 }
 
 /// Which kernels are launched as programmatic dependents (see `launchers::launch`).
@@ -222,22 +206,10 @@ impl GpuDevice {
             },
             Err(_) => l2_bytes / 4 * 3,
         };
-        // The skinny GEMM's rings take up to 216 KB a block: sm_90's opt-in (227 KB) allows it,
-        // sm_80's (163 KB) and sm_86's (99 KB) do not, and those devices run cuBLAS.
-        let skinny = if major >= 8 && SKINNY_STAGES.iter().all(|&(rows, _)| skinny_shared_bytes(rows) <= opt_in) {
-            for (rows, _) in SKINNY_STAGES {
-                kernels.get(&skinny_kernel_name(rows)).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, skinny_shared_bytes(rows) as i32)?;
-            }
-            Some(SkinnyScratch { partials: stream.alloc_zeros::<f32>(skinny_partial_floats(num_sms))?, counters: stream.alloc_zeros::<u32>(SKINNY_MAX_TILES)? })
-        } else {
-            None
-        };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
-        let skinny_in_forward = skinny.is_some() && matches!(std::env::var("PAGEDSERVE_SKINNY").as_deref(), Ok("on" | "1"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, skinny_in_forward, "CUDA device ready");
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -254,8 +226,6 @@ impl GpuDevice {
             fused_merge,
             l2_prefetch_limit,
             kv_evict_first,
-            skinny,
-            skinny_in_forward,
             fused_merge_all,
             merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),

@@ -30,7 +30,7 @@ use super::attention::{launch_attention, AttentionArgs, FusedRope, SplitMerge};
 use super::batch::{BatchArrays, Scratch};
 use super::collective::{Elem, RankComm};
 use super::fp8_gemm::{fp8_linear, Fp8Product};
-use super::gemm::{gemm_linear, ggml_linear, OutType};
+use super::gemm::{cublas_linear, ggml_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_MAX_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
@@ -329,7 +329,7 @@ impl<'a> GpuOps<'a> {
         };
         match weight {
             // SAFETY: as above.
-            GemvWeight::Bf16(w) => unsafe { gemm_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
+            GemvWeight::Bf16(w) => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
             GemvWeight::Fp8 { values, scales } => {
                 let (input_fp8, input_scales) =
                     launch.scratch.fp8_input(dev).ok_or_else(|| internal("an FP8 product without room for its quantized input".into()))?;

@@ -1,18 +1,14 @@
 //! Linear layers through cuBLAS: `out[m×n] = a[m×k] · wᵀ` with row-major bf16 operands (`w` is a
 //! `[n×k]` weight), float32 accumulation, and a bf16 or float32 result. Up to 8 rows go to our
-//! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), 9-64 to our skinny GEMM where the device runs
-//! it (`skinny_linear`, `PAGEDSERVE_SKINNY=on` until it is measured), more to cuBLAS. Weights kept in GGUF blocks
+//! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), more to cuBLAS. Weights kept in GGUF blocks
 //! go to MMQ (`mmq_linear`, the int8 tensor cores) up to 64 rows, else to dequantized tiles.
 
 use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::LaunchConfig;
 
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
-use super::launch::{gemv_prefers, grid_stride_config, skinny_blocks, skinny_rows, skinny_shared_bytes, SKINNY_THREADS, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_threads, mmq_tokens, WeightFormat, MMQ_ROWS};
-use super::launchers;
-use super::model::ptr;
+use super::launch::{gemv_prefers, grid_stride_config, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_threads, mmq_tokens, WeightFormat, MMQ_ROWS};
 use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
 
@@ -42,57 +38,7 @@ pub unsafe fn linear(
     if gemv_prefers(m, k, n, WeightFormat::Bf16) && (a | w).is_multiple_of(16) {
         return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w: GemvWeight::Bf16(w), bias: 0, m, k, n });
     }
-    gemm_linear(dev, out, out_type, a, w, m, k, n)
-}
-
-/// The product of more rows than the GEMV takes: the skinny GEMM where the device runs it in the
-/// forward (`GpuDevice::skinny_in_forward`) and it takes the shape, else cuBLAS.
-///
-/// # Safety
-/// As for `linear`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_linear(
-    dev: &GpuDevice,
-    out: CUdeviceptr,
-    out_type: OutType,
-    a: CUdeviceptr,
-    w: CUdeviceptr,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Result<(), CudaError> {
-    if dev.skinny_in_forward && skinny_rows(m, k, n).is_some() && (a | w).is_multiple_of(16) {
-        return skinny_linear(dev, out, out_type, a, w, m, k, n);
-    }
     cublas_linear(dev, out, out_type, a, w, m, k, n)
-}
-
-/// The same product through the skinny GEMM (`kernels/skinny_gemm.cu`): 9-64 rows on the tensor
-/// cores, the weights streamed as by the GEMV; an error where it does not take the shape
-/// (`launch::skinny_rows`) or the device has none.
-///
-/// # Safety
-/// As for `linear`, with `a` and `w` 16-byte aligned.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn skinny_linear(
-    dev: &GpuDevice,
-    out: CUdeviceptr,
-    out_type: OutType,
-    a: CUdeviceptr,
-    w: CUdeviceptr,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Result<(), CudaError> {
-    let rows = skinny_rows(m, k, n).ok_or_else(|| CudaError::Config(format!("the skinny GEMM does not take m {m} k {k} n {n}")))?;
-    let scratch = dev.skinny.as_ref().ok_or_else(|| CudaError::Config("this device has no skinny GEMM".into()))?;
-    let blocks = skinny_blocks(n, k, dev.num_sms);
-    let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (SKINNY_THREADS, 1, 1), shared_mem_bytes: skinny_shared_bytes(rows) as u32 };
-    let (partials, counters) = (ptr(dev, &scratch.partials), ptr(dev, &scratch.counters));
-    // SAFETY: the caller's buffers as `linear` says; the partials hold two tiles for each of at
-    // most `num_sms` blocks (`skinny_partial_floats`), the counters one a tile (`skinny_rows`
-    // keeps the tiles within `SKINNY_MAX_TILES`), all zero between launches.
-    launchers::skinny_gemm(dev, rows, config, out, i32::from(out_type == OutType::F32), a, w, m as i32, n as i32, k as i32, partials, counters)
 }
 
 /// The same product through cuBLAS, whatever `m`.
@@ -217,7 +163,7 @@ pub unsafe fn tiled_linear(
     for first in (0..n).step_by(rows_per_tile) {
         let rows = rows_per_tile.min(n - first);
         let config = super::launch::dequant_config(rows, k);
-        launchers::dequant_ggml(dev, config, tile, blocks + first as u64 * row_bytes, ty as i32, rows as i32, k as i32, 0)?;
+        super::launchers::dequant_ggml(dev, config, tile, blocks + first as u64 * row_bytes, ty as i32, rows as i32, k as i32, 0)?;
         cublas_linear_strided(dev, out + (first * out_bytes) as u64, n, out_type, a, tile, m, k, rows)?;
     }
     Ok(())

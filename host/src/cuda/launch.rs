@@ -458,56 +458,6 @@ pub fn gemv_block_fit(m: usize, k: usize, format: WeightFormat, wanted: u32, opt
     }
 }
 
-/// The padded row counts of `kernels/skinny_gemm.cu`'s instances (`skinny_gemm_m{rows}`), each
-/// with its ring's stages (`SKINNY_KERNEL(ROWS, STAGES)` there): as many 16 KB weight steps plus
-/// the rows' input slices as fit in about 216 KB.
-pub const SKINNY_STAGES: [(usize, usize); 3] = [(16, 12), (32, 10), (64, 9)];
-
-/// Weight rows a tile of the skinny GEMM (`SK_BN`), and k a step (`SK_BK`).
-pub const SKINNY_TILE_ROWS: usize = 128;
-pub const SKINNY_STEP_K: usize = 64;
-
-/// Threads of a skinny GEMM block (`SK_THREADS`: 8 warps).
-pub const SKINNY_THREADS: u32 = 256;
-
-/// The most tiles a skinny GEMM's output may have: its tile counters are allocated once, at
-/// device start (`GpuDevice::skinny`), and a wider product goes to cuBLAS. 4,096 tiles of 128
-/// rows take a 512K-entry vocabulary's head.
-pub const SKINNY_MAX_TILES: usize = 4096;
-
-/// The skinny GEMM instance (padded rows) for an `m`-row product, where it takes one: 9 to 64
-/// rows (the GEMV takes fewer), K a multiple of its 64-wide steps.
-pub fn skinny_rows(m: usize, k: usize, n: usize) -> Option<usize> {
-    if !(GEMV_MAX_ROWS < m && m <= 64) || k == 0 || !k.is_multiple_of(SKINNY_STEP_K) || n == 0 || n.div_ceil(SKINNY_TILE_ROWS) > SKINNY_MAX_TILES {
-        return None;
-    }
-    SKINNY_STAGES.iter().map(|&(rows, _)| rows).find(|&rows| m <= rows)
-}
-
-/// Dynamic shared memory of the `rows` instance: its stages of 128 weight rows and `rows` input
-/// rows, 64 bf16 values each.
-pub fn skinny_shared_bytes(rows: usize) -> usize {
-    let stages = SKINNY_STAGES.iter().find(|&&(r, _)| r == rows).map_or(0, |&(_, s)| s);
-    stages * (SKINNY_TILE_ROWS + rows) * SKINNY_STEP_K * 2
-}
-
-/// Blocks of a skinny GEMM over `n` rows of `k`: one a multiprocessor, and no more than its
-/// (tile, step) iterations, so that no block's range is empty (the fix-up counts on it).
-pub fn skinny_blocks(n: usize, k: usize, num_sms: usize) -> usize {
-    let iterations = n.div_ceil(SKINNY_TILE_ROWS) * (k / SKINNY_STEP_K);
-    num_sms.min(iterations).max(1)
-}
-
-/// Floats of the skinny GEMM's partials for `blocks` blocks: two tiles a block, of 128 weight
-/// rows by the widest instance's 64 input rows.
-pub fn skinny_partial_floats(blocks: usize) -> usize {
-    blocks * 2 * SKINNY_TILE_ROWS * 64
-}
-
-pub fn skinny_kernel_name(rows: usize) -> String {
-    format!("skinny_gemm_m{rows}")
-}
-
 /// The GGUF GEMV kernels that stream one row a warp instead of two (`_r1` in `kernels/ggml.cu`):
 /// Q4_K at one input row, every staging but the merge.
 pub const GGML_ONE_ROW_WARP_KERNELS: [&str; 3] = ["gemv_q4_k_m1_r1", "gemv_q4_k_silu_m1_r1", "gemv_q4_k_norm_m1_r1"];
@@ -994,28 +944,6 @@ mod tests {
         assert_eq!(row_threads(576), 576);
         assert_eq!(row_threads(4096), 1024);
         assert_eq!(row_threads(1), 32);
-    }
-
-    #[test]
-    fn skinny_instances_match_the_source_and_fit() {
-        let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "skinny_gemm").unwrap().source;
-        for (rows, stages) in SKINNY_STAGES {
-            assert!(source.contains(&format!("SKINNY_KERNEL({rows}, {stages})")), "skinny_gemm.cu instantiates {rows} rows with {stages} stages");
-            assert!(skinny_shared_bytes(rows) <= 227 * 1024 - 1024, "{rows} rows: {} bytes over sm_90's opt-in", skinny_shared_bytes(rows));
-        }
-        for (define, value) in [("SK_BN", SKINNY_TILE_ROWS), ("SK_BK", SKINNY_STEP_K), ("SK_THREADS", SKINNY_THREADS as usize)] {
-            assert!(source.contains(&format!("#define {define} {value}")), "{define} is {value}");
-        }
-        assert_eq!(skinny_rows(8, 4096, 4096), None, "the GEMV's");
-        assert_eq!(skinny_rows(9, 4096, 4096), Some(16));
-        assert_eq!(skinny_rows(32, 14336, 4096), Some(32));
-        assert_eq!(skinny_rows(33, 4096, 6144), Some(64));
-        assert_eq!(skinny_rows(65, 4096, 4096), None, "cuBLAS's");
-        assert_eq!(skinny_rows(32, 4100, 4096), None, "K not whole steps");
-        assert_eq!(skinny_rows(32, 4096, 128256), Some(32), "the 8B head: 1,002 tiles");
-        assert_eq!(skinny_rows(32, 4096, SKINNY_TILE_ROWS * SKINNY_MAX_TILES + 1), None);
-        assert_eq!(skinny_blocks(4096, 4096, 132), 132);
-        assert_eq!(skinny_blocks(130, 64, 132), 2, "no block without iterations");
     }
 
     #[test]

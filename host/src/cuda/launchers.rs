@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{decode_kernel_name, gemv_kernel_name, mmq_kernel_name, prefill_kernel_name, skinny_kernel_name, GemvMode, WeightFormat};
+use super::launch::{decode_kernel_name, gemv_kernel_name, mmq_kernel_name, prefill_kernel_name, GemvMode, WeightFormat};
 use crate::kv_cache::KvCacheDtype;
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
@@ -193,11 +193,6 @@ kernels! {
     fn gemv(mode: GemvMode, m_rows: usize, format: WeightFormat, suffix: &str) => format!("{}{suffix}", gemv_kernel_name(mode, m_rows, format));
         (out: Ptr, out_f32: i32, x: Ptr, delta: Ptr, norm_w: Ptr, residual_out: Ptr, rows: Ptr, bias: Ptr,
          w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32, splits: i32, head_dim: i32)
-    /// `skinny_gemm.cu`: bf16 products of 9-64 rows on the tensor cores, instantiated per padded
-    /// row count; grid `launch::skinny_blocks`, `SKINNY_THREADS`, `skinny_shared_bytes`; the
-    /// partials and tile counters are the device's (`GpuDevice::skinny`).
-    fn skinny_gemm(rows: usize) => skinny_kernel_name(rows);
-        (out: Ptr, out_f32: i32, x: Ptr, w: Ptr, m: i32, n: i32, k: i32, partials: Ptr, counters: Ptr)
     /// `fp8.cu`: each row of a bf16 `[rows, cols]` matrix to E4M3 with its scale; one block a row.
     fn fp8_quantize_rows() => "fp8_quantize_rows";
         (q: Ptr, scales: Ptr, x: Ptr, cols: i32)
@@ -298,7 +293,6 @@ mod tests {
             ("init_uniform_bf16", "sampling", "init_uniform_bf16"),
             ("sample_rows", "sampling", "sample_rows"),
             ("feed_tokens", "sampling", "feed_tokens"),
-            ("skinny_gemm", "skinny_gemm", "skinny_gemm_m##ROWS"),
             ("fp8_quantize_rows", "fp8", "fp8_quantize_rows"),
             ("fp8_scale_output", "fp8", "fp8_scale_output"),
         ];
