@@ -1,5 +1,8 @@
 // RMSNorm fused with the residual add: residual += delta (if given); out = rmsnorm(residual) * w
-// (if `out` is given: the last layer's add needs no normalised copy of every row).
+// (if `out` is given: the last layer's add needs no normalised copy of every row). A delta that is
+// an FP8 GEMM's unscaled output comes with its scales (`delta_col_scales` non-null): delta[t, i] *
+// delta_row_scales[t] * delta_col_scales[i] is added, so that product needs no scaling pass of
+// its own (`fp8_scale_output`); the sum is then one rounding closer to the exact product.
 // One block per token; the residual stream stays float32, the normalised output is bf16 for the
 // next matrix product.
 //
@@ -12,6 +15,7 @@
 // wider than 16 values a thread, take that loop.
 template <int CHUNKS>
 __device__ __forceinline__ void add_rmsnorm_vec8(float* __restrict__ x, const __nv_bfloat16* __restrict__ delta,
+                                                 float delta_row_scale, const float* __restrict__ delta_col_scales,
                                                  const float* __restrict__ weight, __nv_bfloat16* __restrict__ out,
                                                  int hidden, float eps, float* scratch) {
     float v[CHUNKS][8];
@@ -25,6 +29,12 @@ __device__ __forceinline__ void add_rmsnorm_vec8(float* __restrict__ x, const __
             if (delta != nullptr) {
                 float d[8];
                 bf16x8_to_float(*reinterpret_cast<const uint4*>(delta + i), d);
+                if (delta_col_scales != nullptr) {
+                    const float4 p = *reinterpret_cast<const float4*>(delta_col_scales + i), q = *reinterpret_cast<const float4*>(delta_col_scales + i + 4);
+                    const float cs[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
+#pragma unroll
+                    for (int j = 0; j < 8; j++) d[j] *= delta_row_scale * cs[j];
+                }
 #pragma unroll
                 for (int j = 0; j < 8; j++) v[c][j] += d[j];
                 *reinterpret_cast<float4*>(x + i) = make_float4(v[c][0], v[c][1], v[c][2], v[c][3]);
@@ -53,6 +63,7 @@ __device__ __forceinline__ void add_rmsnorm_vec8(float* __restrict__ x, const __
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<u64>(p) & 15) == 0; }
 
 extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const __nv_bfloat16* __restrict__ delta,
+                                             const float* __restrict__ delta_row_scales, const float* __restrict__ delta_col_scales,
                                              const float* __restrict__ weight, __nv_bfloat16* __restrict__ out,
                                              int hidden, float eps) {
     PDL_ENTER();
@@ -60,22 +71,24 @@ extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const
     const int t = blockIdx.x;
     float* x = residual + (u64)t * hidden;
     const __nv_bfloat16* d = delta != nullptr ? delta + (u64)t * hidden : nullptr;
+    const float* cs = d != nullptr ? delta_col_scales : nullptr;
+    const float rs = cs != nullptr ? delta_row_scales[t] : 1.0f;
     __nv_bfloat16* o = out != nullptr ? out + (u64)t * hidden : nullptr;
     // Block-uniform: the same for every thread.
-    const bool vec = hidden % 8 == 0 && aligned16(x) && aligned16(d) && aligned16(weight) && aligned16(o);
+    const bool vec = hidden % 8 == 0 && aligned16(x) && aligned16(d) && aligned16(cs) && aligned16(weight) && aligned16(o);
     if (vec && hidden <= (int)blockDim.x * 8) {
-        add_rmsnorm_vec8<1>(x, d, weight, o, hidden, eps, scratch);
+        add_rmsnorm_vec8<1>(x, d, rs, cs, weight, o, hidden, eps, scratch);
         return;
     }
     if (vec && hidden <= (int)blockDim.x * 16) {
-        add_rmsnorm_vec8<2>(x, d, weight, o, hidden, eps, scratch);
+        add_rmsnorm_vec8<2>(x, d, rs, cs, weight, o, hidden, eps, scratch);
         return;
     }
     float sum_sq = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = x[i];
         if (d != nullptr) {
-            v += __bfloat162float(d[i]);
+            v += cs != nullptr ? __bfloat162float(d[i]) * (rs * cs[i]) : __bfloat162float(d[i]);
             x[i] = v;
         }
         sum_sq += v * v;

@@ -438,14 +438,35 @@ pub fn check_rope(
     ))
 }
 
-/// RMSNorm with the fused residual add, on `tokens` rows of width `hidden`.
-pub fn check_rmsnorm(dev: &GpuDevice, tokens: usize, hidden: usize, seed: u64) -> Result<CheckRow, CudaError> {
+/// Row and column scales of an FP8 GEMM's output (`scaled`), or none: what `fused_add_rmsnorm`
+/// and the gated activations fold in. Spread over about two orders of magnitude, as E4M3 scales
+/// (max|x| / 448) of real rows are.
+fn fp8_output_scales(rng: &mut StdRng, rows: usize, cols: usize, scaled: bool) -> Option<(Vec<f32>, Vec<f32>)> {
+    let mut scales = |count: usize| (0..count).map(|_| 10f32.powf(rng.random_range(-3.0f32..-1.0))).collect::<Vec<f32>>();
+    scaled.then(|| (scales(rows), scales(cols)))
+}
+
+/// `values[r, c] * rows[r] * cols[c]` of the bf16-rounded values: what a kernel given an FP8
+/// GEMM's unscaled bf16 output and its scales computes.
+fn apply_output_scales(values: &[f32], scales: &Option<(Vec<f32>, Vec<f32>)>) -> Vec<f32> {
+    let rounded: Vec<f32> = values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    match scales {
+        None => rounded,
+        Some((rows, cols)) => rounded.chunks_exact(cols.len()).zip(rows).flat_map(|(row, rs)| row.iter().zip(cols).map(move |(v, cs)| v * (rs * cs))).collect(),
+    }
+}
+
+/// RMSNorm with the fused residual add, on `tokens` rows of width `hidden`; with `scaled`, the
+/// delta is an FP8 GEMM's unscaled output and the kernel applies its row and column scales.
+pub fn check_rmsnorm(dev: &GpuDevice, tokens: usize, hidden: usize, scaled: bool, seed: u64) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let x = random_bf16_values(&mut rng, tokens * hidden, 2.0);
-    let delta = random_bf16_values(&mut rng, tokens * hidden, 2.0);
+    let scales = fp8_output_scales(&mut rng, tokens, hidden, scaled);
+    // Unscaled FP8 products are hundreds of times their scaled values.
+    let delta = random_bf16_values(&mut rng, tokens * hidden, if scaled { 400.0 } else { 2.0 });
     let weight = random_bf16_values(&mut rng, hidden, 1.5);
     let mut want = vec![0.0f32; tokens * hidden];
-    let summed: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    let summed: Vec<f32> = x.iter().zip(apply_output_scales(&delta, &scales)).map(|(a, b)| a + b).collect();
     for (out, row) in want.chunks_exact_mut(hidden).zip(summed.chunks_exact(hidden)) {
         ops::rms_norm(out, row, &weight, 1e-5);
     }
@@ -454,33 +475,43 @@ pub fn check_rmsnorm(dev: &GpuDevice, tokens: usize, hidden: usize, seed: u64) -
     let delta_dev = stream.clone_htod(&to_bf16(&delta))?;
     let w_dev = stream.clone_htod(&weight)?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * hidden])?;
+    let scales_dev = scales.as_ref().map(|(r, c)| Ok::<_, CudaError>((stream.clone_htod(r)?, stream.clone_htod(c)?))).transpose()?;
+    let (row_scales, col_scales) = scales_dev.as_ref().map_or((0, 0), |(r, c)| (ptr(dev, r), ptr(dev, c)));
     let (hidden_i, eps) = (hidden as i32, 1e-5f32);
     let config = norm_config(tokens, hidden);
-    // SAFETY: every buffer was allocated above for `tokens` rows of `hidden`.
+    // SAFETY: every buffer was allocated above for `tokens` rows of `hidden` (the scales `tokens`
+    // and `hidden`).
     unsafe {
-        launchers::fused_add_rmsnorm(dev, config, ptr(dev, &x_dev), ptr(dev, &delta_dev), ptr(dev, &w_dev), ptr(dev, &out_dev), hidden_i, eps)?;
+        launchers::fused_add_rmsnorm(dev, config, ptr(dev, &x_dev), ptr(dev, &delta_dev), row_scales, col_scales, ptr(dev, &w_dev), ptr(dev, &out_dev), hidden_i, eps)?;
     }
     let got = download_bf16(dev, &out_dev, tokens * hidden)?;
-    Ok(CheckRow::error("fused_add_rmsnorm", format!("{tokens} x {hidden}"), relative_error(&got, &want)))
+    let name = if scaled { "fused_add_rmsnorm fp8 delta" } else { "fused_add_rmsnorm" };
+    Ok(CheckRow::error(name, format!("{tokens} x {hidden}"), relative_error(&got, &want)))
 }
 
-/// SiLU-and-multiply on `tokens` rows of `inter` outputs.
-pub fn check_silu(dev: &GpuDevice, tokens: usize, inter: usize, seed: u64) -> Result<CheckRow, CudaError> {
+/// SiLU-and-multiply on `tokens` rows of `inter` outputs; with `scaled`, of an FP8 GEMM's
+/// unscaled output whose scales the kernel applies.
+pub fn check_silu(dev: &GpuDevice, tokens: usize, inter: usize, scaled: bool, seed: u64) -> Result<CheckRow, CudaError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let gate_up = random_bf16_values(&mut rng, tokens * 2 * inter, 4.0);
+    let scales = fp8_output_scales(&mut rng, tokens, 2 * inter, scaled);
+    let gate_up = random_bf16_values(&mut rng, tokens * 2 * inter, if scaled { 800.0 } else { 4.0 });
     let mut want = vec![0.0f32; tokens * inter];
-    for (out, row) in want.chunks_exact_mut(inter).zip(gate_up.chunks_exact(2 * inter)) {
+    for (out, row) in want.chunks_exact_mut(inter).zip(apply_output_scales(&gate_up, &scales).chunks_exact(2 * inter)) {
         ops::silu_mul(out, row);
     }
     let stream = &dev.stream;
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * inter])?;
+    let scales_dev = scales.as_ref().map(|(r, c)| Ok::<_, CudaError>((stream.clone_htod(r)?, stream.clone_htod(c)?))).transpose()?;
+    let (row_scales, col_scales) = scales_dev.as_ref().map_or((0, 0), |(r, c)| (ptr(dev, r), ptr(dev, c)));
     let inter_i = inter as i32;
     let config = gated_config(tokens, inter);
-    // SAFETY: every buffer was allocated above for `tokens` rows.
-    unsafe { launchers::silu_and_mul(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), inter_i)? };
+    // SAFETY: every buffer was allocated above for `tokens` rows (the scales `tokens` and
+    // `2 * inter`).
+    unsafe { launchers::silu_and_mul(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), row_scales, col_scales, inter_i)? };
     let got = download_bf16(dev, &out_dev, tokens * inter)?;
-    Ok(CheckRow::error("silu_and_mul", format!("{tokens} x {inter}"), relative_error(&got, &want)))
+    let name = if scaled { "silu_and_mul fp8 input" } else { "silu_and_mul" };
+    Ok(CheckRow::error(name, format!("{tokens} x {inter}"), relative_error(&got, &want)))
 }
 
 /// The whole forward: logits of a mixed batch (prefills of several prompts, then a step where
@@ -1108,13 +1139,16 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     rows.push(check_rope(dev, KvCacheDtype::Auto, 9, 8, 2, 64, 64, 1.2079, false, 10)?);
     // The norm and the gated activation take 8 values a thread where rows are 8-aligned (two
     // register chunks past 8,192 values), and a scalar loop where they are not (4,100; 1,001).
-    rows.push(check_rmsnorm(dev, 7, 576, 3)?);
-    rows.push(check_rmsnorm(dev, 3, 4096, 4)?);
-    rows.push(check_rmsnorm(dev, 2, 12288, 12)?);
-    rows.push(check_rmsnorm(dev, 3, 4100, 13)?);
-    rows.push(check_silu(dev, 5, 1536, 5)?);
-    rows.push(check_silu(dev, 2, 14336, 6)?);
-    rows.push(check_silu(dev, 3, 1001, 14)?);
+    // With `scaled`, each also folds in an FP8 GEMM's output scales (vector and scalar paths).
+    for scaled in [false, true] {
+        rows.push(check_rmsnorm(dev, 7, 576, scaled, 3)?);
+        rows.push(check_rmsnorm(dev, 3, 4096, scaled, 4)?);
+        rows.push(check_rmsnorm(dev, 2, 12288, scaled, 12)?);
+        rows.push(check_rmsnorm(dev, 3, 4100, scaled, 13)?);
+        rows.push(check_silu(dev, 5, 1536, scaled, 5)?);
+        rows.push(check_silu(dev, 2, 14336, scaled, 6)?);
+        rows.push(check_silu(dev, 3, 1001, scaled, 14)?);
+    }
     // Experts: one token; several tiles per expert (300 tokens over 8 experts); Qwen3-30B-A3B's
     // 128 experts, top-8; widths that are not multiples of the tile.
     rows.extend(check_moe(dev, 1, 256, 8, 2, 128, true, 11)?);
@@ -1229,7 +1263,7 @@ pub fn architecture_kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, Cuda
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; n * inter])?;
     // SAFETY: `n` rows of `2 * inter` in, `inter` out.
-    unsafe { launchers::gelu_tanh_and_mul(dev, gated_config(n, inter), ptr(dev, &out_dev), ptr(dev, &in_dev), inter as i32)? };
+    unsafe { launchers::gelu_tanh_and_mul(dev, gated_config(n, inter), ptr(dev, &out_dev), ptr(dev, &in_dev), 0, 0, inter as i32)? };
     rows.push(CheckRow::error("gelu_tanh_and_mul", format!("{n} x {inter}"), relative_error(&download_bf16(dev, &out_dev, n * inter)?, &want)));
 
     let (vocab, cap) = (5000usize, 30.0f32);
@@ -1396,7 +1430,7 @@ pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, 
         launchers::moe_group(dev, MOE_GROUP_CONFIG, ptr(dev, &ids_dev), assignments as i32, e, ptr(dev, &offsets_dev), ptr(dev, &sorted_dev), ptr(dev, &tiles_dev))?;
         let (sorted, tiles) = (ptr(dev, &sorted_dev), ptr(dev, &tiles_dev));
         launchers::moe_gemm(dev, gemm(2 * inter), ptr(dev, &gate_up_out), ptr(dev, &x_dev), ptr(dev, &gate_up_dev), sorted, tiles, num_tiles, k, 2 * i, h)?;
-        launchers::silu_and_mul(dev, gated_config(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), i)?;
+        launchers::silu_and_mul(dev, gated_config(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), 0, 0, i)?;
         launchers::moe_gemm(dev, gemm(hidden), ptr(dev, &down_out), ptr(dev, &act_out), ptr(dev, &down_dev), sorted, tiles, num_tiles, 1, h, i)?;
         launchers::moe_combine(dev, one(tokens, hidden), ptr(dev, &out_dev), ptr(dev, &down_out), ptr(dev, &weights_dev), k, h)?;
     }

@@ -29,7 +29,7 @@ use cudarc::driver::LaunchConfig;
 use super::attention::{launch_attention, AttentionArgs, FusedRope, SplitMerge};
 use super::batch::{BatchArrays, Scratch};
 use super::collective::{Elem, RankComm};
-use super::fp8_gemm::{fp8_linear, Fp8Product};
+use super::fp8_gemm::{fp8_linear_leaving_scales, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
@@ -64,13 +64,20 @@ pub(crate) type ArenaPlan = Vec<usize>;
 /// An output left for its consumer to compute (see the module docs).
 #[derive(Debug, Clone, Copy)]
 enum Pending {
-    /// `residual += delta`, then `rmsnorm(residual) * weight`.
-    AddNorm { residual: Act, delta: Option<Act>, weight: CUdeviceptr, eps: f32 },
+    /// `residual += delta`, then `rmsnorm(residual) * weight`; `delta_scales`: the delta is an
+    /// FP8 GEMM's unscaled output, and these are its scales (`Fp8Scales`, folded in).
+    AddNorm { residual: Act, delta: Option<Act>, weight: CUdeviceptr, eps: f32, delta_scales: Option<(CUdeviceptr, CUdeviceptr)> },
     /// `silu(gate) * up` of the `[gate | up]` rows.
     SiluMul { gate_up: Act },
     /// The decode attention's split-K partials merged (they live in the scratch, not in an
     /// activation; the next attention resolves this first, as every op but `linear` does).
     Merge(SplitMerge),
+    /// An FP8 GEMM's output, written unscaled: each `[i, j]` still to be multiplied by
+    /// `rows[i] * cols[j]` (`fp8_linear_leaving_scales`). `add_norm` and `gated_activation` fold
+    /// that into their kernels; anything else gets `fp8_scale_output` first. The row scales live
+    /// in the FP8 input scratch, so this is always resolved before the next FP8 product (every
+    /// op resolves what it does not fold before it launches).
+    Fp8Scales { rows: CUdeviceptr, cols: CUdeviceptr },
 }
 
 impl Pending {
@@ -78,7 +85,7 @@ impl Pending {
         match *self {
             Pending::AddNorm { residual, delta, .. } => residual == act || delta == Some(act),
             Pending::SiluMul { gate_up } => gate_up == act,
-            Pending::Merge(_) => false,
+            Pending::Merge(_) | Pending::Fp8Scales { .. } => false,
         }
     }
 }
@@ -257,13 +264,24 @@ impl<'a> GpuOps<'a> {
         let out = self.out_ptr(act)?;
         let width = self.acts[act.0].width;
         match pending {
-            Pending::AddNorm { residual, delta, weight, eps } => {
-                let (x, d) = (self.ptr(residual)?, delta.map(|d| self.ptr(d)).transpose()?.unwrap_or(0));
+            Pending::AddNorm { residual, delta, weight, eps, delta_scales } => {
+                // A delta whose scales are folded here was marked consumed (its bytes are not
+                // its values): its address, not `ptr`'s check.
+                let d = match delta {
+                    Some(d) if delta_scales.is_some() => self.out_ptr(d)?,
+                    Some(d) => self.ptr(d)?,
+                    None => 0,
+                };
+                let x = self.ptr(residual)?;
+                let (row_scales, col_scales) = delta_scales.unwrap_or((0, 0));
                 self.mark("add_rmsnorm")?;
                 if self.launch.is_some() {
                     let config = norm_config(self.n, width);
-                    // SAFETY: residual, delta and out hold `n` rows of `width`; the weight `width`.
-                    unsafe { launchers::fused_add_rmsnorm(self.dev(), config, x, d, weight, out, width as i32, eps).map_err(backend_error)? };
+                    // SAFETY: residual, delta and out hold `n` rows of `width`; the weight `width`;
+                    // the scales (if any) `n` and `width` floats.
+                    unsafe {
+                        launchers::fused_add_rmsnorm(self.dev(), config, x, d, row_scales, col_scales, weight, out, width as i32, eps).map_err(backend_error)?
+                    };
                 }
             }
             Pending::SiluMul { gate_up } => {
@@ -272,7 +290,7 @@ impl<'a> GpuOps<'a> {
                 if self.launch.is_some() {
                     let config = gated_config(self.n, width);
                     // SAFETY: gate_up holds `n` rows of `2 * width`, out `n` rows of `width`.
-                    unsafe { launchers::silu_and_mul(self.dev(), config, out, input, width as i32).map_err(backend_error)? };
+                    unsafe { launchers::silu_and_mul(self.dev(), config, out, input, 0, 0, width as i32).map_err(backend_error)? };
                 }
             }
             Pending::Merge(merge) => {
@@ -281,9 +299,27 @@ impl<'a> GpuOps<'a> {
                     merge.launch(self.dev()).map_err(backend_error)?;
                 }
             }
+            Pending::Fp8Scales { rows, cols } => {
+                self.mark("linear")?;
+                if self.launch.is_some() {
+                    let config = self.rows_config(self.n, width);
+                    // SAFETY: `out` holds `n` rows of `width` bf16 values, the scales `n` and
+                    // `width` floats (the FP8 input scratch still holds this product's).
+                    unsafe { launchers::fp8_scale_output(self.dev(), config, out, rows, cols, width as i32).map_err(backend_error)? };
+                }
+            }
         }
         self.set_pending(act, None);
         Ok(())
+    }
+
+    /// Takes `act`'s pending FP8 scales for the caller to fold into the kernel it launches next:
+    /// `act` is then marked consumed, since its bytes are not its values.
+    fn take_fp8_scales(&mut self, act: Act) -> Option<(CUdeviceptr, CUdeviceptr)> {
+        let Some(Pending::Fp8Scales { rows, cols }) = self.acts.get(act.0)?.pending else { return None };
+        self.set_pending(act, None);
+        self.acts[act.0].consumed = true;
+        Some((rows, cols))
     }
 
     /// Computes every pending output but `except`.
@@ -312,9 +348,11 @@ impl<'a> GpuOps<'a> {
     }
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
-    /// the shape, else cuBLAS (or cuBLASLt's FP8 GEMM for an FP8 weight) and `add_bias`.
-    fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize) -> Result<(), ModelError> {
-        let Some(launch) = &self.launch else { return Ok(()) };
+    /// the shape, else cuBLAS (or cuBLASLt's FP8 GEMM for an FP8 weight) and `add_bias`. With
+    /// `leave_scales`, an FP8 GEMM's output is left unscaled and its scales are the answer (for
+    /// `Pending::Fp8Scales`), unless a bias has to be added after them.
+    fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize, leave_scales: bool) -> Result<Option<(CUdeviceptr, CUdeviceptr)>, ModelError> {
+        let Some(launch) = &self.launch else { return Ok(None) };
         let dev = self.dev();
         let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
         let (k, n) = (w.cols, w.rows);
@@ -322,11 +360,12 @@ impl<'a> GpuOps<'a> {
         if self.gemv_runs(m, w) {
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
             // `bias` the matrix's.
-            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n }).map_err(backend_error) };
+            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n }).map(|_| None).map_err(backend_error) };
         }
         let GemvInput::Plain(input) = input else {
             return Err(internal("a fused input outside the GEMV".into()));
         };
+        let mut left = None;
         match weight {
             // SAFETY: as above.
             GemvWeight::Bf16(w) => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
@@ -338,7 +377,12 @@ impl<'a> GpuOps<'a> {
                 }
                 let p = Fp8Product { out, input, weight: values, weight_scales: scales, input_fp8, input_scales, m, k, n };
                 // SAFETY: as above; the scratch's FP8 room holds `m` rows of the widest FP8 input.
-                unsafe { fp8_linear(dev, &p).map_err(backend_error)? };
+                left = unsafe { fp8_linear_leaving_scales(dev, &p).map_err(backend_error)? };
+                if let Some((rows, cols)) = left.filter(|_| !leave_scales || bias != 0) {
+                    // SAFETY: `out` holds `m` rows of `n`; the scales `m` and `n` floats.
+                    unsafe { launchers::fp8_scale_output(dev, self.rows_config(m, n), out, rows, cols, n as i32).map_err(backend_error)? };
+                    left = None;
+                }
             }
             GemvWeight::Ggml { ty, blocks } => {
                 let tile = launch.scratch.ggml_tile(dev).ok_or_else(|| internal("a quantized GGUF product without its dequantization tile".into()))?;
@@ -351,7 +395,7 @@ impl<'a> GpuOps<'a> {
             // SAFETY: `out` holds `m` rows of `n` bf16 values; the bias `n`.
             unsafe { launchers::add_bias(dev, config, out, bias, n as i32).map_err(backend_error)? };
         }
-        Ok(())
+        Ok(left)
     }
 
     fn release_or_defer(&mut self, act: Act) {
@@ -436,11 +480,14 @@ impl Ops for GpuOps<'_> {
     }
 
     fn add_norm(&mut self, residual: Act, delta: Option<Act>, weight: &cudarc::driver::CudaSlice<f32>, norm: Norm) -> Result<Act, ModelError> {
-        self.resolve_all(None)?;
         let h = self.state(residual)?.width;
+        // A delta straight from an FP8 GEMM: its scales go into this launch (made right away:
+        // the GEMV does not take the batch), the delta's own bytes stay unscaled.
+        let folded = delta.filter(|_| !self.gemv_takes(self.n, h)).and_then(|d| self.take_fp8_scales(d));
+        self.resolve_all(None)?;
         let out = self.alloc_bf16(h)?;
         let weight = self.launch.as_ref().map_or(0, |_| ptr(self.dev(), weight));
-        self.set_pending(out, Some(Pending::AddNorm { residual, delta, weight, eps: norm.eps }));
+        self.set_pending(out, Some(Pending::AddNorm { residual, delta, weight, eps: norm.eps, delta_scales: folded }));
         if !self.gemv_takes(self.n, h) {
             self.resolve(out)?;
         }
@@ -470,7 +517,12 @@ impl Ops for GpuOps<'_> {
         let (m, n) = (self.n, w.rows);
         let pending = self.state(x)?.pending;
         let stages = |mode| gemv_mode_rows(mode).contains(&gemv_padded_rows(m));
-        if pending.is_some() && (!self.gemv_runs(m, w) || (matches!(pending, Some(Pending::Merge(_))) && !stages(GemvMode::Merge))) {
+        let fusable = match pending {
+            Some(Pending::Merge(_)) => stages(GemvMode::Merge),
+            Some(Pending::Fp8Scales { .. }) => false,
+            _ => true,
+        };
+        if pending.is_some() && (!self.gemv_runs(m, w) || !fusable) {
             self.resolve(x)?;
         }
         let out = self.alloc_bf16(n)?;
@@ -479,9 +531,14 @@ impl Ops for GpuOps<'_> {
             None => {
                 let input = self.ptr(x)?;
                 self.mark("linear")?;
-                self.product(o, OutType::Bf16, GemvInput::Plain(input), w, m)?;
+                if let Some((rows, cols)) = self.product(o, OutType::Bf16, GemvInput::Plain(input), w, m, true)? {
+                    self.set_pending(out, Some(Pending::Fp8Scales { rows, cols }));
+                }
             }
-            Some(Pending::AddNorm { residual, delta, weight, eps }) => {
+            Some(Pending::AddNorm { delta_scales: Some(_), .. }) | Some(Pending::Fp8Scales { .. }) => {
+                return Err(internal(format!("{x:?}: a pending output no GEMV stages")));
+            }
+            Some(Pending::AddNorm { residual, delta, weight, eps, delta_scales: None }) => {
                 // The GEMV writes `residual + delta` into a fresh slot and the residual moves there.
                 let h = self.state(residual)?.width;
                 let moved = delta.map(|_| self.alloc(h, 4)).transpose()?;
@@ -494,7 +551,7 @@ impl Ops for GpuOps<'_> {
                     eps,
                 };
                 self.mark("gemv +add+norm")?;
-                self.product(o, OutType::Bf16, input, w, m)?;
+                self.product(o, OutType::Bf16, input, w, m, false)?;
                 if let Some(moved) = moved {
                     let old = self.acts[residual.0].slot;
                     self.acts[residual.0].slot = self.acts[moved.0].slot.take();
@@ -508,7 +565,7 @@ impl Ops for GpuOps<'_> {
             Some(Pending::SiluMul { gate_up }) => {
                 let input = GemvInput::SiluMul(self.ptr(gate_up)?);
                 self.mark("gemv +silu")?;
-                self.product(o, OutType::Bf16, input, w, m)?;
+                self.product(o, OutType::Bf16, input, w, m, false)?;
                 self.acts[x.0].consumed = true;
                 self.set_pending(x, None);
             }
@@ -516,7 +573,7 @@ impl Ops for GpuOps<'_> {
                 let (part_out, part_max, part_sum) = merge.partials;
                 let input = GemvInput::Merge { part_out, part_max, part_sum, splits: merge.splits, head_dim: merge.head_dim };
                 self.mark("gemv +merge")?;
-                self.product(o, OutType::Bf16, input, w, m)?;
+                self.product(o, OutType::Bf16, input, w, m, false)?;
                 self.acts[x.0].consumed = true;
                 self.set_pending(x, None);
             }
@@ -665,21 +722,25 @@ impl Ops for GpuOps<'_> {
     }
 
     fn gated_activation(&mut self, gate_up: Act, activation: Activation) -> Result<Act, ModelError> {
-        self.resolve_all(None)?;
         let inter = self.state(gate_up)?.width / 2;
-        let input = self.ptr(gate_up)?;
+        let staged = activation == Activation::Silu && self.gemv_takes(self.n, inter);
+        // Straight from an FP8 GEMM (and not left to the GEMV): the scales go into this launch.
+        let folded = if staged { None } else { self.take_fp8_scales(gate_up) };
+        self.resolve_all(None)?;
+        let input = if folded.is_some() { self.out_ptr(gate_up)? } else { self.ptr(gate_up)? };
         let out = self.alloc_bf16(inter)?;
-        if activation == Activation::Silu && self.gemv_takes(self.n, inter) {
+        if staged {
             self.set_pending(out, Some(Pending::SiluMul { gate_up }));
             return Ok(out);
         }
         self.mark("activation")?;
         if self.launch.is_some() {
             let o = self.out_ptr(out)?;
-            self.gated(activation, o, input, self.n, inter)?;
+            self.gated(activation, o, input, self.n, inter, folded)?;
         }
         Ok(out)
     }
+
 
     fn moe(&mut self, x: Act, weights: &MoeWeights<GpuWeights>, config: &MoeConfig, activation: Activation) -> Result<Act, ModelError> {
         self.resolve_all(None)?;
@@ -709,7 +770,7 @@ impl Ops for GpuOps<'_> {
             let (gate_up_p, act_p, down_p, out_p) = (p(gate_up)?, p(act)?, p(down)?, p(out)?);
             let n = self.n;
             let assignments = n * k;
-            self.product(logits_p, OutType::F32, GemvInput::Plain(input), &weights.router, n)?;
+            self.product(logits_p, OutType::F32, GemvInput::Plain(input), &weights.router, n, false)?;
             let most_tiles = moe_most_tiles(assignments, experts);
             let gemm = |cols: usize| moe_gemm_config(cols, most_tiles);
             let num_tiles = offsets_p + 4 * (experts as u64 + 1);
@@ -724,7 +785,7 @@ impl Ops for GpuOps<'_> {
                 launchers::moe_gemm(dev, gemm(2 * inter), gate_up_p, input, gate_up_w, sorted_p, tiles_p, num_tiles, ki, 2 * ii, hi)
                     .map_err(backend_error)?;
             }
-            self.gated(activation, act_p, gate_up_p, assignments, inter)?;
+            self.gated(activation, act_p, gate_up_p, assignments, inter, None)?;
             // SAFETY: as above.
             unsafe {
                 let down_w = weights.down.bf16_ptr(dev).map_err(backend_error)?;
@@ -765,7 +826,7 @@ impl Ops for GpuOps<'_> {
             // only; nothing reads the residual after, so it is not written back.
             self.mark("gemv lm_head +add+norm")?;
             let input = GemvInput::AddNorm { residual: x, delta: d, weight: w, residual_out: 0, rows: launch.arrays.rows, eps: norm.eps };
-            self.product(logits, OutType::F32, input, lm_head, rows)?;
+            self.product(logits, OutType::F32, input, lm_head, rows, false)?;
         } else {
             self.mark("add_rmsnorm")?;
             let final_h = s.final_h_ptr(dev);
@@ -773,13 +834,13 @@ impl Ops for GpuOps<'_> {
             // of them; `final_h` holds `rows` rows.
             unsafe {
                 if d != 0 {
-                    launchers::fused_add_rmsnorm(dev, norm_config(self.n, h), x, d, w, 0, h as i32, norm.eps).map_err(backend_error)?;
+                    launchers::fused_add_rmsnorm(dev, norm_config(self.n, h), x, d, 0, 0, w, 0, h as i32, norm.eps).map_err(backend_error)?;
                 }
                 launchers::rmsnorm_rows(dev, self.rows_config(rows, h), x, launch.arrays.rows, w, final_h, h as i32, norm.eps)
                     .map_err(backend_error)?;
             }
             self.mark("lm_head")?;
-            self.product(logits, OutType::F32, GemvInput::Plain(final_h), lm_head, rows)?;
+            self.product(logits, OutType::F32, GemvInput::Plain(final_h), lm_head, rows, false)?;
         }
         if let Some(cap) = softcap {
             self.mark("softcap")?;
@@ -804,14 +865,16 @@ impl<'a> GpuOps<'a> {
         }
     }
 
-    /// `out = act(gate) * up` over `rows` rows of `[gate | up]`, `inter` wide.
-    fn gated(&self, activation: Activation, out: CUdeviceptr, gate_up: CUdeviceptr, rows: usize, inter: usize) -> Result<(), ModelError> {
+    /// `out = act(gate) * up` over `rows` rows of `[gate | up]`, `inter` wide; `scales`: of an
+    /// FP8 GEMM's unscaled `gate_up` (`rows` and `2 * inter` floats).
+    fn gated(&self, activation: Activation, out: CUdeviceptr, gate_up: CUdeviceptr, rows: usize, inter: usize, scales: Option<(CUdeviceptr, CUdeviceptr)>) -> Result<(), ModelError> {
         let config = gated_config(rows, inter);
+        let (row_scales, col_scales) = scales.unwrap_or((0, 0));
         // SAFETY: `gate_up` holds `rows` rows of `2 * inter`, `out` `rows` of `inter`.
         unsafe {
             match activation {
-                Activation::Silu => launchers::silu_and_mul(self.dev(), config, out, gate_up, inter as i32),
-                Activation::GeluTanh => launchers::gelu_tanh_and_mul(self.dev(), config, out, gate_up, inter as i32),
+                Activation::Silu => launchers::silu_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32),
+                Activation::GeluTanh => launchers::gelu_tanh_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32),
             }
             .map_err(backend_error)
         }

@@ -3,8 +3,9 @@
 //! with its own scale (`fp8_quantize_rows`), so the GEMM runs on Hopper's FP8 tensor cores
 //! (twice bf16's rate, and half the weight bytes), and the result is `Σ xq·wq · sx[i] · sw[j]`.
 //!
-//! By default the GEMM runs unscaled and `fp8_scale_output` applies the per-row and per-token
-//! scales, one more pass over the output. cuBLASLt can apply both vectors itself (its
+//! By default the GEMM runs unscaled and the per-row and per-token scales are applied after it:
+//! by the kernel that reads the output next where the forward can fold them in
+//! (`fp8_linear_leaving_scales`), else by `fp8_scale_output`, one more pass over the output. cuBLASLt can apply both vectors itself (its
 //! outer-vector scaling, cuBLAS 12.9 on Hopper), and `PAGEDSERVE_FP8_OUTER_SCALES=1` asks for it
 //! (falling back when the first heuristic query finds no kernel); on an H200 with cuBLAS 13 those
 //! kernels were slower: the 8B shape served 5,101 tok/s at 32 clients against 5,745 and 12,644
@@ -209,8 +210,25 @@ pub struct Fp8Product {
 /// Every pointer must be a live device allocation of the size its field documents, on `dev`'s
 /// stream, 16-byte aligned; `out` must not overlap the inputs.
 pub unsafe fn fp8_linear(dev: &GpuDevice, p: &Fp8Product) -> Result<(), CudaError> {
+    if let Some((row_scales, col_scales)) = fp8_linear_leaving_scales(dev, p)? {
+        let rows = LaunchConfig { grid_dim: (p.m as u32, 1, 1), block_dim: (row_threads(p.n), 1, 1), shared_mem_bytes: 0 };
+        launchers::fp8_scale_output(dev, rows, p.out, row_scales, col_scales, p.n as i32)?;
+    }
+    Ok(())
+}
+
+/// As `fp8_linear`, but without the scales' pass: where the GEMM did not apply the scales itself,
+/// `out` holds the unscaled products and the answer is the (per-token, per-output-row) scale
+/// vectors, `[m]` and `[n]` floats, to multiply element `[i, j]` by. The forward folds them into
+/// the kernel that reads `out` next (`fused_add_rmsnorm`, the gated activations) and saves a
+/// pass over it. The per-token scales live in `input_scales`, which the next FP8 product
+/// overwrites: they must be applied before it.
+///
+/// # Safety
+/// As for `fp8_linear`.
+pub unsafe fn fp8_linear_leaving_scales(dev: &GpuDevice, p: &Fp8Product) -> Result<Option<(CUdeviceptr, CUdeviceptr)>, CudaError> {
     if p.m == 0 {
-        return Ok(());
+        return Ok(None);
     }
     if !p.k.is_multiple_of(16) || !p.n.is_multiple_of(16) {
         return Err(CudaError::Config(format!("cuBLASLt's FP8 GEMM takes K and N multiples of 16, not {} and {}", p.k, p.n)));
@@ -246,8 +264,5 @@ pub unsafe fn fp8_linear(dev: &GpuDevice, p: &Fp8Product) -> Result<(), CudaErro
         dev.stream.cu_stream() as _,
     )?;
     drop(gemm);
-    if !outer {
-        launchers::fp8_scale_output(dev, rows(p.n), p.out, p.input_scales, p.weight_scales, p.n as i32)?;
-    }
-    Ok(())
+    Ok((!outer).then_some((p.input_scales, p.weight_scales)))
 }

@@ -107,10 +107,11 @@ kernels! {
     /// block per row.
     fn gather_vocab_ranges() => "gather_vocab_ranges";
         (out: Ptr, gathered: Ptr, rows: i32, per_rank: i32, vocab: i32)
-    /// `rmsnorm.cu`: `residual += delta` (unless null), `out = rmsnorm(residual) * weight`
-    /// (unless null), one block per token.
+    /// `rmsnorm.cu`: `residual += delta` (unless null; scaled by `delta_row_scales[t] *
+    /// delta_col_scales[i]` unless the column scales are null: an FP8 GEMM's unscaled output),
+    /// `out = rmsnorm(residual) * weight` (unless null), one block per token.
     fn fused_add_rmsnorm() => "fused_add_rmsnorm";
-        (residual: Ptr, delta: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
+        (residual: Ptr, delta: Ptr, delta_row_scales: Ptr, delta_col_scales: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
     /// `rmsnorm.cu`: `out[i] = rmsnorm(residual[rows[i]]) * weight`, one block per row.
     fn rmsnorm_rows() => "rmsnorm_rows";
         (residual: Ptr, rows: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
@@ -129,12 +130,14 @@ kernels! {
     /// `rope_cache.cu`: `x[r] += bias` in bfloat16, one block per row.
     fn add_bias() => "add_bias";
         (x: Ptr, bias: Ptr, cols: i32)
-    /// `activation.cu`: `out = silu(gate) * up` of `[gate | up]` rows, one block per token.
+    /// `activation.cu`: `out = silu(gate) * up` of `[gate | up]` rows (each value scaled by
+    /// `row_scales[t] * col_scales[c]` first unless the column scales are null: an FP8 GEMM's
+    /// unscaled output); grid `launch::gated_config`.
     fn silu_and_mul() => "silu_and_mul";
-        (out: Ptr, gate_up: Ptr, inter: i32)
-    /// `activation.cu`: `out = gelu_tanh(gate) * up` of `[gate | up]` rows, one block per token.
+        (out: Ptr, gate_up: Ptr, row_scales: Ptr, col_scales: Ptr, inter: i32)
+    /// `activation.cu`: `out = gelu_tanh(gate) * up`, as `silu_and_mul`.
     fn gelu_tanh_and_mul() => "gelu_tanh_and_mul";
-        (out: Ptr, gate_up: Ptr, inter: i32)
+        (out: Ptr, gate_up: Ptr, row_scales: Ptr, col_scales: Ptr, inter: i32)
     /// `activation.cu`: `x = cap * tanh(x / cap)` in place, one block per row.
     fn softcap_rows() => "softcap_rows";
         (x: Ptr, cols: i32, cap: f32)
