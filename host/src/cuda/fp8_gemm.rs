@@ -67,11 +67,13 @@ pub struct Fp8Gemm {
     plans: HashMap<(usize, usize, usize), Plan>,
     /// Whether the GEMM applies the scale vectors (outer-vector scaling); `None` until asked.
     outer_vector_scales: Option<bool>,
-    /// Hopper's fast FP8 accumulation (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`, asked for by
-    /// `PAGEDSERVE_FP8_FAST_ACCUM=1`): the tensor cores' partial sums are not promoted to float32
-    /// every few K steps. Off by default: on the H200 (8B shape) it saved 1.3-1.4% of a decode
-    /// step at 64 and 256 rows, while the GEMM's error against the CPU grew from 2.3e-3 to 2.9e-3
-    /// at K = 14336 (BENCHMARKS.md, session 16).
+    /// Hopper's fast FP8 accumulation (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`; `PAGEDSERVE_FP8_FAST_ACCUM=0`
+    /// turns it off): the tensor cores' partial sums are not promoted to float32 every few K
+    /// steps. On, as vLLM's own Hopper FP8 GEMMs run (every CUTLASS schedule of its sm90 FP8
+    /// dispatch is an `FP8FastAccum` one): on the H200 (8B shape) it saved 1.3-1.4% of a decode
+    /// step at 64 and 256 rows, and the GEMM's error against the CPU went from 2.3e-3 to 2.9e-3
+    /// at K = 14336 (BENCHMARKS.md, session 16), a tenth of what the E4M3 weights themselves
+    /// move the forward (`check`'s FP8 rows: 2.5e-2).
     fast_accumulation: bool,
 }
 
@@ -98,7 +100,7 @@ impl Fp8Gemm {
             plans: HashMap::new(),
             // `None` probes outer-vector scaling on the first product.
             outer_vector_scales: if std::env::var("PAGEDSERVE_FP8_OUTER_SCALES").is_ok_and(|v| v == "1") { None } else { Some(false) },
-            fast_accumulation: std::env::var("PAGEDSERVE_FP8_FAST_ACCUM").is_ok_and(|v| v == "1"),
+            fast_accumulation: !std::env::var("PAGEDSERVE_FP8_FAST_ACCUM").is_ok_and(|v| v == "0"),
         })
     }
 
