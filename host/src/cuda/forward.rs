@@ -33,7 +33,7 @@ use super::fp8_gemm::{fp8_linear_leaving_scales, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
-use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_MAX_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
+use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
@@ -680,7 +680,7 @@ impl Ops for GpuOps<'_> {
         // A small batch's decode attention is latency-bound and leaves DRAM idle: its blocks pull
         // the o-projection's weights into L2 for the product that follows.
         let (o_values, o_bytes) = o_proj.values_region(dev);
-        let l2_prefetch = if a.num_decode > 0 && self.n <= L2_PREFETCH_MAX_ROWS && o_bytes <= dev.l2_prefetch_limit {
+        let l2_prefetch = if a.num_decode > 0 && L2_PREFETCH_ROWS.contains(&self.n) && o_bytes <= dev.l2_prefetch_limit {
             (o_values, o_bytes / 16 * 16)
         } else {
             (0, 0)

@@ -382,10 +382,14 @@ pub fn row_threads(width: usize) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-/// The most tokens in a batch whose decode attention pulls the o-projection's weights into L2
-/// (`AttentionArgs::l2_prefetch`): up to here attention is latency-bound and leaves DRAM idle;
-/// from a few hundred rows it streams far more cache than L2 holds, which would evict them.
-pub const L2_PREFETCH_MAX_ROWS: usize = 64;
+/// The tokens of a batch whose decode attention pulls the o-projection's weights into L2
+/// (`AttentionArgs::l2_prefetch`): up to 64 attention is latency-bound and leaves DRAM idle;
+/// from a few hundred rows it streams far more cache than L2 holds, which would evict them. Not
+/// at one row, where the o-projection's GEMV already issues its first loads as a programmatic
+/// dependent while attention finishes, and the prefetch only competed with them: the 8B bf16
+/// graph step took 4.479 and 4.508 ms with it against 4.424 without, served TPOT 4.50 against
+/// 4.43 ms (H200, BENCHMARKS.md, session 21).
+pub const L2_PREFETCH_ROWS: std::ops::RangeInclusive<usize> = 2..=64;
 
 /// `fused_add_rmsnorm`'s block, one a row: a thread for every 8 values (`kernels/rmsnorm.cu`
 /// holds them in registers), so rows up to 8,192 wide take one load round.
