@@ -141,26 +141,7 @@ pub fn check_attention(
     splits: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
-    check_attention_windowed(dev, 16, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
-}
-
-/// `check_attention` with cache blocks of `block_size` positions (`serve --block-size`), through
-/// a sliding window of `window` positions (0: none) as Mistral, Phi-3 and Gemma 3's local layers
-/// attend.
-#[allow(clippy::too_many_arguments)]
-pub fn check_attention_windowed(
-    dev: &GpuDevice,
-    block_size: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    seqs: &[(usize, usize)],
-    path: AttentionPath,
-    splits: usize,
-    window: usize,
-    seed: u64,
-) -> Result<CheckRow, CudaError> {
-    check_attention_over(dev, KvCacheDtype::Auto, block_size, heads, kv_heads, head_dim, seqs, path, splits, window, seed)
+    check_attention_over(dev, KvCacheDtype::Auto, 16, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
 }
 
 /// A row saying the attention of `head_dim` over `cache` was not run because its kernels need
@@ -175,9 +156,11 @@ fn skipped_attention(dev: &GpuDevice, head_dim: usize, cache: KvCacheDtype) -> O
     })
 }
 
-/// `check_attention_windowed` over a cache of `cache` values: the CPU's `CpuKvCache` of that
-/// type holds the same values the kernels read (an FP8 one, E4M3 bytes), so the rows measure the
-/// kernels, not the format.
+/// `check_attention` over a cache of `cache` values with cache blocks of `block_size` positions
+/// (`serve --block-size`), through a sliding window of `window` positions (0: none) as Mistral,
+/// Phi-3 and Gemma 3's local layers attend. The CPU's `CpuKvCache` of that type holds the same
+/// values the kernels read (an FP8 one, E4M3 bytes), so the rows measure the kernels, not the
+/// format.
 #[allow(clippy::too_many_arguments)]
 pub fn check_attention_over(
     dev: &GpuDevice,
@@ -1067,14 +1050,14 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     }
     // A partition of more cache blocks than a decode block stages in shared memory (`DC_TABLE`,
     // 256) reads its block table from global memory, beside sequences short enough to stage theirs.
-    rows.push(check_attention_windowed(dev, 1, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 1, 0, 115)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 1, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 1, 0, 115)?);
     rows.push(check_attention(dev, 32, 8, 128, &fresh(&[4200, 40]), AttentionPath::Decode, 1, 116)?);
     // Cache blocks other than 16 positions: a tile of keys spans many blocks, or part of one.
     for block_size in [1, 5, 32] {
         seed += 1;
         let seqs = fresh(&[300, 1, 129]);
-        rows.push(check_attention_windowed(dev, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, seed)?);
-        rows.push(check_attention_windowed(dev, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, seed)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, seed)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, seed)?);
     }
 
     // The prefill kernel alone.
@@ -1108,18 +1091,18 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // and without split-K; prefill chunks whose rows see different windows; a mixed batch.
     for (window, splits) in [(7, 1), (64, 1), (100, 2), (1000, 3), (4096, 1)] {
         let decode = fresh(&[1500, 700, 90, 3]);
-        rows.push(check_attention_windowed(dev, 16, 32, 8, 128, &decode, AttentionPath::Decode, splits, window, 98)?);
-        rows.push(check_attention_windowed(dev, 16, 9, 3, 64, &decode, AttentionPath::Decode, splits, window, 99)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 32, 8, 128, &decode, AttentionPath::Decode, splits, window, 98)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 9, 3, 64, &decode, AttentionPath::Decode, splits, window, 99)?);
     }
     for window in [7, 64, 100, 500] {
         let prefill = [(0, 300), (200, 130), (5, 70)];
-        rows.push(check_attention_windowed(dev, 16, 32, 8, 128, &prefill, AttentionPath::Prefill, 1, window, 100)?);
-        rows.push(check_attention_windowed(dev, 16, 8, 4, 64, &prefill, AttentionPath::Prefill, 1, window, 101)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 32, 8, 128, &prefill, AttentionPath::Prefill, 1, window, 100)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 8, 4, 64, &prefill, AttentionPath::Prefill, 1, window, 101)?);
     }
-    rows.push(check_attention_windowed(dev, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 102)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 102)?);
     // Gemma 3's head dim 256 with its windows, split and not.
-    rows.push(check_attention_windowed(dev, 16, 8, 4, 256, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 103)?);
-    rows.push(check_attention_windowed(dev, 16, 4, 1, 256, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 1, 512, 104)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 8, 4, 256, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 103)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 4, 1, 256, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 1, 512, 104)?);
     rows.push(check_attention(dev, 9, 3, 64, &[(1100, 1), (40, 300), (60, 1)], AttentionPath::Mixed, 3, 96)?);
     // RoPE and the cache write fused into the decode kernel (decode-only batches): the 8B layout
     // split in 8 (batch 1 at context 512) with sequences shorter than a split, unsplit, partial
