@@ -429,6 +429,14 @@ fn fp8_output_scales(rng: &mut StdRng, rows: usize, cols: usize, scaled: bool) -
     scaled.then(|| (scales(rows), scales(cols)))
 }
 
+/// `scales` on the device (kept alive by the caller) and their addresses, 0 and 0 for none: the
+/// row and column scale arguments of the kernels that fold them in.
+fn upload_output_scales(dev: &GpuDevice, scales: &Option<(Vec<f32>, Vec<f32>)>) -> Result<(Option<(CudaSlice<f32>, CudaSlice<f32>)>, (u64, u64)), CudaError> {
+    let uploaded = scales.as_ref().map(|(r, c)| Ok::<_, CudaError>((dev.stream.clone_htod(r)?, dev.stream.clone_htod(c)?))).transpose()?;
+    let ptrs = uploaded.as_ref().map_or((0, 0), |(r, c)| (ptr(dev, r), ptr(dev, c)));
+    Ok((uploaded, ptrs))
+}
+
 /// `values[r, c] * rows[r] * cols[c]` of the bf16-rounded values: what a kernel given an FP8
 /// GEMM's unscaled bf16 output and its scales computes.
 fn apply_output_scales(values: &[f32], scales: &Option<(Vec<f32>, Vec<f32>)>) -> Vec<f32> {
@@ -458,8 +466,7 @@ pub fn check_rmsnorm(dev: &GpuDevice, tokens: usize, hidden: usize, scaled: bool
     let delta_dev = stream.clone_htod(&to_bf16(&delta))?;
     let w_dev = stream.clone_htod(&weight)?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * hidden])?;
-    let scales_dev = scales.as_ref().map(|(r, c)| Ok::<_, CudaError>((stream.clone_htod(r)?, stream.clone_htod(c)?))).transpose()?;
-    let (row_scales, col_scales) = scales_dev.as_ref().map_or((0, 0), |(r, c)| (ptr(dev, r), ptr(dev, c)));
+    let (_scales_dev, (row_scales, col_scales)) = upload_output_scales(dev, &scales)?;
     let (hidden_i, eps) = (hidden as i32, 1e-5f32);
     let config = norm_config(tokens, hidden);
     // SAFETY: every buffer was allocated above for `tokens` rows of `hidden` (the scales `tokens`
@@ -485,8 +492,7 @@ pub fn check_silu(dev: &GpuDevice, tokens: usize, inter: usize, scaled: bool, se
     let stream = &dev.stream;
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; tokens * inter])?;
-    let scales_dev = scales.as_ref().map(|(r, c)| Ok::<_, CudaError>((stream.clone_htod(r)?, stream.clone_htod(c)?))).transpose()?;
-    let (row_scales, col_scales) = scales_dev.as_ref().map_or((0, 0), |(r, c)| (ptr(dev, r), ptr(dev, c)));
+    let (_scales_dev, (row_scales, col_scales)) = upload_output_scales(dev, &scales)?;
     let inter_i = inter as i32;
     let config = gated_config(tokens, inter);
     // SAFETY: every buffer was allocated above for `tokens` rows (the scales `tokens` and

@@ -51,8 +51,9 @@ pub struct AttentionArgs {
     /// merges them in its staging, or `SplitMerge::launch` runs the merge kernel.
     pub defer_merge: bool,
     /// Device bytes the decode kernel's blocks pull into L2 for the product after it (the
-    /// o-projection's weights: `GpuDevice::l2_prefetch_bytes`), from the address given; (0, 0)
-    /// for none. The address 16-byte aligned, the bytes a multiple of 16.
+    /// o-projection's weights, up to `GpuDevice::l2_prefetch_limit`, in batches of
+    /// `launch::L2_PREFETCH_ROWS`), from the address given; (0, 0) for none. The address 16-byte
+    /// aligned, the bytes a multiple of 16.
     pub l2_prefetch: (CUdeviceptr, usize),
     /// Whether the decode kernel reads the cache under an evict-first L2 policy (each key and
     /// value is read once a step), so that the prefetched weights stay (`GpuDevice::kv_evict_first`).

@@ -29,7 +29,7 @@ use cudarc::driver::LaunchConfig;
 use super::attention::{launch_attention, AttentionArgs, FusedRope, SplitMerge};
 use super::batch::{BatchArrays, Scratch};
 use super::collective::{Elem, RankComm};
-use super::fp8_gemm::{fp8_linear_leaving_scales, Fp8Product};
+use super::fp8_gemm::{fp8_linear, fp8_linear_leaving_scales, scale_output, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
@@ -302,10 +302,9 @@ impl<'a> GpuOps<'a> {
             Pending::Fp8Scales { rows, cols } => {
                 self.mark("linear")?;
                 if self.launch.is_some() {
-                    let config = self.rows_config(self.n, width);
                     // SAFETY: `out` holds `n` rows of `width` bf16 values, the scales `n` and
                     // `width` floats (the FP8 input scratch still holds this product's).
-                    unsafe { launchers::fp8_scale_output(self.dev(), config, out, rows, cols, width as i32).map_err(backend_error)? };
+                    unsafe { scale_output(self.dev(), out, (rows, cols), self.n, width).map_err(backend_error)? };
                 }
             }
         }
@@ -377,11 +376,13 @@ impl<'a> GpuOps<'a> {
                 }
                 let p = Fp8Product { out, input, weight: values, weight_scales: scales, input_fp8, input_scales, m, k, n };
                 // SAFETY: as above; the scratch's FP8 room holds `m` rows of the widest FP8 input.
-                left = unsafe { fp8_linear_leaving_scales(dev, &p).map_err(backend_error)? };
-                if let Some((rows, cols)) = left.filter(|_| !leave_scales || bias != 0) {
-                    // SAFETY: `out` holds `m` rows of `n`; the scales `m` and `n` floats.
-                    unsafe { launchers::fp8_scale_output(dev, self.rows_config(m, n), out, rows, cols, n as i32).map_err(backend_error)? };
-                    left = None;
+                // A bias is added to the scaled product, so then the scales cannot wait.
+                unsafe {
+                    if leave_scales && bias == 0 {
+                        left = fp8_linear_leaving_scales(dev, &p).map_err(backend_error)?;
+                    } else {
+                        fp8_linear(dev, &p).map_err(backend_error)?;
+                    }
                 }
             }
             GemvWeight::Ggml { ty, blocks } => {
@@ -740,7 +741,6 @@ impl Ops for GpuOps<'_> {
         }
         Ok(out)
     }
-
 
     fn moe(&mut self, x: Act, weights: &MoeWeights<GpuWeights>, config: &MoeConfig, activation: Activation) -> Result<Act, ModelError> {
         self.resolve_all(None)?;

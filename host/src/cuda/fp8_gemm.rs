@@ -5,8 +5,8 @@
 //!
 //! By default the GEMM runs unscaled and the per-row and per-token scales are applied after it:
 //! by the kernel that reads the output next where the forward can fold them in
-//! (`fp8_linear_leaving_scales`), else by `fp8_scale_output`, one more pass over the output. cuBLASLt can apply both vectors itself (its
-//! outer-vector scaling, cuBLAS 12.9 on Hopper), and `PAGEDSERVE_FP8_OUTER_SCALES=1` asks for it
+//! (`fp8_linear_leaving_scales`), else by `scale_output`, one more pass over the output.
+//! cuBLASLt can apply both vectors itself (its outer-vector scaling, cuBLAS 12.9 on Hopper), and `PAGEDSERVE_FP8_OUTER_SCALES=1` asks for it
 //! (falling back when the first heuristic query finds no kernel); on an H200 with cuBLAS 13 those
 //! kernels were slower: the 8B shape served 5,101 tok/s at 32 clients against 5,745 and 12,644
 //! against 12,849 at 1000 requests (BENCHMARKS.md, session 10).
@@ -212,11 +212,21 @@ pub struct Fp8Product {
 /// Every pointer must be a live device allocation of the size its field documents, on `dev`'s
 /// stream, 16-byte aligned; `out` must not overlap the inputs.
 pub unsafe fn fp8_linear(dev: &GpuDevice, p: &Fp8Product) -> Result<(), CudaError> {
-    if let Some((row_scales, col_scales)) = fp8_linear_leaving_scales(dev, p)? {
-        let rows = LaunchConfig { grid_dim: (p.m as u32, 1, 1), block_dim: (row_threads(p.n), 1, 1), shared_mem_bytes: 0 };
-        launchers::fp8_scale_output(dev, rows, p.out, row_scales, col_scales, p.n as i32)?;
+    match fp8_linear_leaving_scales(dev, p)? {
+        Some(scales) => scale_output(dev, p.out, scales, p.m, p.n),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Multiplies element `[i, j]` of the bf16 `[m, n]` product at `out` by `rows[i] * cols[j]`, in
+/// place (`fp8_scale_output`, one block a row): the scales `fp8_linear_leaving_scales` left.
+///
+/// # Safety
+/// `out` must hold `m` rows of `n` bf16 values and the scales `m` and `n` floats, on `dev`'s
+/// stream.
+pub unsafe fn scale_output(dev: &GpuDevice, out: CUdeviceptr, (rows, cols): (CUdeviceptr, CUdeviceptr), m: usize, n: usize) -> Result<(), CudaError> {
+    let config = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (row_threads(n), 1, 1), shared_mem_bytes: 0 };
+    launchers::fp8_scale_output(dev, config, out, rows, cols, n as i32)
 }
 
 /// As `fp8_linear`, but without the scales' pass: where the GEMM did not apply the scales itself,
