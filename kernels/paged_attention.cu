@@ -152,7 +152,14 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
         }
     };
     // Start the copies first: the query fragments below are loaded while they are in flight.
-    if (!writes_token) start_copies();
+    // With RoPE fused, a block whose partition does not hold the token's own position reads
+    // only cache rows of earlier steps, which no kernel of this step writes: under a
+    // programmatic dependent launch its copies go out before the wait for the QKV product, as
+    // do the index reads above (the host's, uploaded before the step).
+    if (rope && !writes_token) start_copies();
+    pdl_wait();
+    pdl_trigger();
+    if (!rope) start_copies();
 
     const __nv_bfloat16* q_row = q + (u64)t * q_stride + (u64)kv_head * group * HD;
     // The rotated query rows (bf16), with RoPE fused: in the last stage's key tile, which the
@@ -450,8 +457,7 @@ __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const flo
     extern "C" __global__ void __launch_bounds__(DC_THREADS)                                              \
         paged_attention_hd##HD(ATTENTION_PARAMS(__nv_bfloat16)) {                                          \
         prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
-        PDL_ENTER();                                                                                       \
-        paged_decode_impl<HD, STAGES, false>(ATTENTION_ARGS);                                              \
+        paged_decode_impl<HD, STAGES, false>(ATTENTION_ARGS); /* its own programmatic-dependent wait */    \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_reduce_hd##HD(REDUCE_PARAMS) {     \
         PDL_ENTER();                                                                                       \
@@ -464,8 +470,7 @@ __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const flo
     extern "C" __global__ void __launch_bounds__(DC_THREADS)                                              \
         paged_attention_fp8_hd##HD(ATTENTION_PARAMS(unsigned char)) {                                      \
         prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
-        PDL_ENTER();                                                                                       \
-        paged_decode_impl<HD, STAGES, true>(ATTENTION_ARGS);                                               \
+        paged_decode_impl<HD, STAGES, true>(ATTENTION_ARGS); /* its own programmatic-dependent wait */     \
     }
 DECODE_KERNEL(64, 4)
 DECODE_KERNEL(128, 2)
