@@ -172,8 +172,20 @@ __device__ __forceinline__ float ggml_element(int type, const unsigned char* b) 
 // Blocks of 18, 34 and 210 bytes are only 2-byte aligned: those are read 2 bytes at a time.
 //
 // Under a programmatic dependent launch the first units' weight loads are issued before the wait.
+//
+// Tried and dropped (H200, session 22): `gemv.cu`'s weight stream, one row a warp through a
+// cp.async ring of 2048-value chunks in shared memory (about 11 KB a warp in flight, units read
+// back from the stage): correct, and 50 registers against 93, but at one input row the 8B Q4_K
+// products ran 2-19% slower (head 95 against 80 µs) and the step took 2.60 ms against 2.25.
+// Blocks of 8 warps instead of 16 (more blocks a multiprocessor) took it to 2.65 ms.
 
 __device__ __forceinline__ float f16_bits(u32 bits) { return __half2float(__ushort_as_half((unsigned short)(bits & 0xFFFF))); }
+
+// 4 bytes at a 2-byte aligned address.
+__device__ __forceinline__ u32 ldg_u16x2(const unsigned char* p) {
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+    return (u32)__ldg(h) | ((u32)__ldg(h + 1) << 16);
+}
 
 // Where byte `at` of the staged int8 rows lives in shared memory (a region of whole 128 bytes):
 // the 16-byte slots are permuted within each 128 bytes (slot s to s ^ ((s / 8) % 8)). The lanes of a warp read one 16-byte slot
@@ -184,28 +196,6 @@ __device__ __forceinline__ int xq_at(int at) { return (((at >> 4) ^ ((at >> 7) &
 // 16 staged int8 inputs from byte `at` (a multiple of 16), and 8 from a multiple of 8.
 __device__ __forceinline__ int4 x16(const signed char* xq, int at) { return *reinterpret_cast<const int4*>(xq + xq_at(at)); }
 __device__ __forceinline__ int2 x8(const signed char* xq, int at) { return *reinterpret_cast<const int2*>(xq + xq_at(at)); }
-
-// A unit's loads: from global memory through the read-only path, or (SHARED) from a stage of the
-// one-row GEMV's ring in shared memory (`gemv_ggml_ring_body`), whose chunks keep the blocks'
-// alignment (they start at whole blocks of a row).
-template <bool SHARED>
-__device__ __forceinline__ uint4 ld_u128(const unsigned char* p) {
-    if constexpr (SHARED) return *reinterpret_cast<const uint4*>(p);
-    else return __ldg(reinterpret_cast<const uint4*>(p));
-}
-template <bool SHARED>
-__device__ __forceinline__ u32 ld_u32(const unsigned char* p) {
-    if constexpr (SHARED) return *reinterpret_cast<const u32*>(p);
-    else return __ldg(reinterpret_cast<const u32*>(p));
-}
-template <bool SHARED>
-__device__ __forceinline__ u32 ld_u16(const unsigned char* p) {
-    if constexpr (SHARED) return *reinterpret_cast<const unsigned short*>(p);
-    else return __ldg(reinterpret_cast<const unsigned short*>(p));
-}
-// 4 bytes at a 2-byte aligned address.
-template <bool SHARED>
-__device__ __forceinline__ u32 ld_u16x2(const unsigned char* p) { return ld_u16<SHARED>(p) | (ld_u16<SHARED>(p + 2) << 16); }
 
 #define NIBBLES 0x0F0F0F0Fu
 
@@ -229,18 +219,18 @@ struct GgmlUnitQ4 {
     static constexpr int VALUES = 32, BYTES = Q41 ? 20 : 18, WEIGHTS = 32;
     u32 q[4];
     float d, m;
-    template <bool SHARED = false>
     __device__ __forceinline__ void load(const unsigned char* row, int u) {
         const unsigned char* b = row + (u64)u * BYTES;
         if constexpr (Q41) {  // 4-byte aligned blocks
-            const u32 head = ld_u32<SHARED>(b);
+            const u32* w = reinterpret_cast<const u32*>(b);
+            const u32 head = __ldg(w);
             d = f16_bits(head), m = f16_bits(head >> 16);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) q[i] = ld_u32<SHARED>(b + 4 + 4 * i);
+            for (int i = 0; i < 4; ++i) q[i] = __ldg(w + 1 + i);
         } else {
-            d = f16_bits(ld_u16<SHARED>(b)), m = -8.0f * d;
+            d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(b))), m = -8.0f * d;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) q[i] = ld_u16x2<SHARED>(b + 2 + 4 * i);
+            for (int i = 0; i < 4; ++i) q[i] = ldg_u16x2(b + 2 + 4 * i);
         }
     }
     __device__ __forceinline__ void zero() { d = m = 0.0f, q[0] = q[1] = q[2] = q[3] = 0; }
@@ -264,12 +254,11 @@ struct GgmlUnit<8> {  // Q8_0: d, then 32 int8
     static constexpr int VALUES = 32, BYTES = 34, WEIGHTS = 32;
     u32 q[8];
     float d;
-    template <bool SHARED = false>
     __device__ __forceinline__ void load(const unsigned char* row, int u) {
         const unsigned char* b = row + (u64)u * BYTES;
-        d = f16_bits(ld_u16<SHARED>(b));
+        d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(b)));
 #pragma unroll
-        for (int i = 0; i < 8; ++i) q[i] = ld_u16x2<SHARED>(b + 2 + 4 * i);
+        for (int i = 0; i < 8; ++i) q[i] = ldg_u16x2(b + 2 + 4 * i);
     }
     __device__ __forceinline__ void zero() {
         d = 0.0f;
@@ -324,16 +313,15 @@ template <bool Q5>
 struct GgmlUnitK45 : K5Bits<Q5> {
     static constexpr int VALUES = 256, BYTES = Q5 ? 176 : 144, WEIGHTS = 64;
     uint4 head, qs[2];
-    template <bool SHARED = false>
     __device__ __forceinline__ void load(const unsigned char* row, int u) {
         const int p = u & 3;
         const unsigned char* b = row + (u64)(u >> 2) * BYTES;
-        head = ld_u128<SHARED>(b);
-        const unsigned char* q = b + (Q5 ? 48 : 16) + 32 * p;
-        qs[0] = ld_u128<SHARED>(q), qs[1] = ld_u128<SHARED>(q + 16);
+        head = __ldg(reinterpret_cast<const uint4*>(b));
+        const uint4* q = reinterpret_cast<const uint4*>(b + (Q5 ? 48 : 16) + 32 * p);
+        qs[0] = __ldg(q), qs[1] = __ldg(q + 1);
         if constexpr (Q5) {
-            this->qh[0] = ld_u128<SHARED>(b + 16);
-            this->qh[1] = ld_u128<SHARED>(b + 32);
+            this->qh[0] = __ldg(reinterpret_cast<const uint4*>(b + 16));
+            this->qh[1] = __ldg(reinterpret_cast<const uint4*>(b + 32));
         }
     }
     __device__ __forceinline__ void zero() {
@@ -391,18 +379,17 @@ struct GgmlUnit<14> {
     static constexpr int VALUES = 256, BYTES = 210, WEIGHTS = 32;
     u32 ql0[2], ql1[2], qh[2], sc[2];
     float d;
-    template <bool SHARED = false>
     __device__ __forceinline__ void load(const unsigned char* row, int u) {
         const int c = u & 7, n = c >> 2, l = 8 * (c & 3);
         const unsigned char* b = row + (u64)(u >> 3) * BYTES;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            ql0[i] = ld_u16x2<SHARED>(b + 64 * n + l + 4 * i);
-            ql1[i] = ld_u16x2<SHARED>(b + 64 * n + 32 + l + 4 * i);
-            qh[i] = ld_u16x2<SHARED>(b + 128 + 32 * n + l + 4 * i);
-            sc[i] = ld_u16x2<SHARED>(b + 192 + 8 * n + 4 * i);  // scales 8n .. 8n + 7
+            ql0[i] = ldg_u16x2(b + 64 * n + l + 4 * i);
+            ql1[i] = ldg_u16x2(b + 64 * n + 32 + l + 4 * i);
+            qh[i] = ldg_u16x2(b + 128 + 32 * n + l + 4 * i);
+            sc[i] = ldg_u16x2(b + 192 + 8 * n + 4 * i);  // scales 8n .. 8n + 7
         }
-        d = f16_bits(ld_u16<SHARED>(b + 208));
+        d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(b + 208)));
     }
     __device__ __forceinline__ void zero() {
         d = 0.0f;
@@ -451,7 +438,7 @@ __device__ __forceinline__ void group8_words(const unsigned char* __restrict__ b
 template <>
 __device__ __forceinline__ void group8_words<2>(const unsigned char* __restrict__ blk, int first, float* v) {  // Q4_0
     const float d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(blk)));
-    const u32 w[2] = {ld_u16x2<false>(blk + 2 + (first & 15)), ld_u16x2<false>(blk + 6 + (first & 15))};
+    const u32 w[2] = {ldg_u16x2(blk + 2 + (first & 15)), ldg_u16x2(blk + 6 + (first & 15))};
     const int shift = first >= 16 ? 4 : 0;
 #pragma unroll
     for (int e = 0; e < 8; e++) v[e] = (float)((int)((w[e >> 2] >> (8 * (e & 3) + shift)) & 0x0F) - 8) * d;
@@ -471,7 +458,7 @@ __device__ __forceinline__ void group8_words<3>(const unsigned char* __restrict_
 template <>
 __device__ __forceinline__ void group8_words<8>(const unsigned char* __restrict__ blk, int first, float* v) {  // Q8_0
     const float d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(blk)));
-    const u32 w[2] = {ld_u16x2<false>(blk + 2 + first), ld_u16x2<false>(blk + 6 + first)};
+    const u32 w[2] = {ldg_u16x2(blk + 2 + first), ldg_u16x2(blk + 6 + first)};
 #pragma unroll
     for (int e = 0; e < 8; e++) v[e] = (float)(signed char)((w[e >> 2] >> (8 * (e & 3))) & 0xFF) * d;
 }
@@ -504,7 +491,7 @@ __device__ __forceinline__ void group8_words<14>(const unsigned char* __restrict
     const int n = first >> 7, t = (first >> 5) & 3, l = first & 31;
     const float d = f16_bits(__ldg(reinterpret_cast<const unsigned short*>(blk + 208))) * (float)(signed char)__ldg(blk + 192 + 8 * n + (l >> 4) + 2 * t);
     const unsigned char *ql = blk + 64 * n + 32 * (t & 1) + l, *qh = blk + 128 + 32 * n + l;
-    const u32 low[2] = {ld_u16x2<false>(ql), ld_u16x2<false>(ql + 4)}, high[2] = {ld_u16x2<false>(qh), ld_u16x2<false>(qh + 4)};
+    const u32 low[2] = {ldg_u16x2(ql), ldg_u16x2(ql + 4)}, high[2] = {ldg_u16x2(qh), ldg_u16x2(qh + 4)};
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const u32 q = ((low[i] >> (4 * (t >> 1))) & NIBBLES) | (((high[i] >> (2 * t)) & 0x03030303u) << 4);
@@ -902,138 +889,6 @@ GEMV_GGML_KERNEL(gemv_q6_k_norm_m2, 14, GEMV_NORM, 2)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m4, 14, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q6_k_norm_m8, 14, GEMV_NORM, 8)
 GEMV_GGML_KERNEL(gemv_q6_k_merge_m1, 14, GEMV_MERGE, 1)
-
-// ---- The one-row GEMV through a shared-memory ring (`_ring` kernels) ----
-// out[n] = x · W[n, :] for one input row, W in ggml blocks, k a multiple of GGML_RING_VALUES: the
-// GEMV above with `gemv.cu`'s weight stream. Each warp streams whole rows (one at a time,
-// grid-stride) cut into chunks of GGML_RING_VALUES values, which start at whole blocks and
-// so keep the blocks' alignment (Q4_K: 8 super-blocks, 1,152 bytes). The chunks go through the
-// warp's ring of STAGES in shared memory, filled by cp.async 16 bytes a lane, so STAGES - 1 chunks
-// (about 11 KB a warp, 170 KB a multiprocessor) stay in flight while the warp computes on one,
-// across row boundaries. A lane's units are read from the stage, not from the vectors it copied
-// itself, so each stage is handed round by a __syncwarp. (The register-loading body keeps at most
-// a few units a lane in flight and waits a round trip at every chunk: the 8B Q4_K products at one
-// row ran at about half the copy rate.)
-//
-// Staging, the units and their products are the body's above. The host takes this path at one
-// input row where k allows (`launch::ggml_ring_supports`), `PAGEDSERVE_GGML_RING=off` aside.
-#define GGML_RING_VALUES 2048
-#define GGML_RING_BUDGET 12288  // bytes of ring a warp: as many whole chunks as fit
-
-template <int TYPE>
-struct GgmlChunk {
-    using Unit = GgmlUnit<TYPE>;
-    static constexpr int BYTES = GGML_RING_VALUES / Unit::VALUES * Unit::BYTES;
-    static constexpr int UNITS = GGML_RING_VALUES / Unit::WEIGHTS;  // 32 (Q4_K, Q5_K) or 64
-    static constexpr int PER_LANE = UNITS / 32;
-    static constexpr int VECTORS = BYTES / 16;
-    static constexpr int STAGES = GGML_RING_BUDGET / BYTES;
-    static_assert(BYTES % 16 == 0 && UNITS % 32 == 0 && STAGES >= 3, "a chunk is whole 16-byte vectors and whole units a lane");
-};
-
-template <int TYPE, int MODE>
-__device__ __forceinline__ void gemv_ggml_ring_body(void* __restrict__ out, int out_f32, const void* __restrict__ x,
-                                                    const __nv_bfloat16* __restrict__ delta, const float* __restrict__ norm_w,
-                                                    float* __restrict__ residual_out, const u32* __restrict__ rows,
-                                                    const float* __restrict__ bias, const void* __restrict__ w_raw, int m, int n,
-                                                    int k, float eps, int splits, int head_dim) {
-    using Unit = GgmlUnit<TYPE>;
-    using C = GgmlChunk<TYPE>;
-    extern __shared__ __align__(16) unsigned char ggml_smem[];
-    __shared__ float scratch[32];
-    __shared__ float inv_rms[1];
-    signed char* xq = reinterpret_cast<signed char*>(ggml_smem);  // [k], then xd and xs [k / 32] each
-    const u64 xq_bytes = ((u64)k + 127) & ~(u64)127;
-    float* xd = reinterpret_cast<float*>(ggml_smem + xq_bytes);
-    float* xs = xd + (k >> 5);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    // This warp's ring after the staged input (`launch::gemv_shared_bytes`, a multiple of 16 here).
-    unsigned char* ring = ggml_smem + xq_bytes + (u64)(k >> 5) * 8 + (u64)warp * C::STAGES * C::BYTES;
-    const unsigned char* w = reinterpret_cast<const unsigned char*>(w_raw);
-    const u64 row_bytes = (u64)(k / Unit::VALUES) * Unit::BYTES;
-    const int first_row = blockIdx.x * warps + warp, stride = gridDim.x * warps;
-    const int groups = first_row < n ? (n - first_row + stride - 1) / stride : 0;
-    const int chunks = k / GGML_RING_VALUES;
-    const int items = groups * chunks;  // warp-uniform
-
-    auto issue = [&](int item) {
-        if (item < items) {
-            const int g = item / chunks, c = item - g * chunks;
-            const uint4* src = reinterpret_cast<const uint4*>(w + (u64)(first_row + g * stride) * row_bytes + (u64)c * C::BYTES);
-            const u32 stage = smem_addr(ring + (item % C::STAGES) * C::BYTES);
-#pragma unroll
-            for (int v = lane; v < C::VECTORS; v += 32) cp_async_16(stage + 16 * v, src + v, true);
-        }
-        cp_async_commit();  // empty groups too: the wait below counts one group an item
-    };
-    // Weights are never written by a kernel: the first copies may precede the wait.
-#pragma unroll
-    for (int i = 0; i < C::STAGES - 1; ++i) issue(i);
-    pdl_wait();
-    pdl_trigger();
-    stage_q8<MODE, 1>(xq, xd, xs, x, delta, norm_w, residual_out, rows, m, k, eps, scratch, inv_rms, splits, head_dim);
-    __syncthreads();
-
-    float acc = 0.0f;
-    for (int i = 0; i < items; ++i) {
-        cp_async_wait<C::STAGES - 2>();  // this lane's copies of item i have landed
-        __syncwarp();                    // ... every lane's, and every lane is done with item i - 1
-        issue(i + C::STAGES - 1);        // into the stage item i - 1 used
-        const int g = i / chunks, c = i - g * chunks;
-        const unsigned char* stage = ring + (i % C::STAGES) * C::BYTES;
-#pragma unroll
-        for (int j = 0; j < C::PER_LANE; ++j) {
-            const int u = 32 * j + lane;  // the unit within the chunk
-            Unit unit;
-            unit.template load<true>(stage, u);
-            unit.template dot<1>(c * C::UNITS + u, xq, xd, xs, k, &acc);
-        }
-        if (c == chunks - 1) {
-            acc = warp_sum(acc);
-            if (lane == 0) {
-                const int row = first_row + g * stride;
-                const float y = acc + (bias != nullptr ? bias[row] : 0.0f);
-                if (out_f32) reinterpret_cast<float*>(out)[row] = y;
-                else reinterpret_cast<__nv_bfloat16*>(out)[row] = __float2bfloat16(y);
-            }
-            acc = 0.0f;
-        }
-    }
-    cp_async_wait<0>();  // no copy may land after the block has left
-}
-
-#define GEMV_GGML_RING_KERNEL(NAME, TYPE, MODE)                                                                      \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
-        NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
-             float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
-             int n, int k, float eps, int splits, int head_dim) {                                                    \
-        gemv_ggml_ring_body<TYPE, MODE>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps,   \
-                                        splits, head_dim);                                                           \
-    }
-GEMV_GGML_RING_KERNEL(gemv_q4_0_m1_ring, 2, GEMV_PLAIN)
-GEMV_GGML_RING_KERNEL(gemv_q4_0_silu_m1_ring, 2, GEMV_SILU)
-GEMV_GGML_RING_KERNEL(gemv_q4_0_norm_m1_ring, 2, GEMV_NORM)
-GEMV_GGML_RING_KERNEL(gemv_q4_0_merge_m1_ring, 2, GEMV_MERGE)
-GEMV_GGML_RING_KERNEL(gemv_q4_1_m1_ring, 3, GEMV_PLAIN)
-GEMV_GGML_RING_KERNEL(gemv_q4_1_silu_m1_ring, 3, GEMV_SILU)
-GEMV_GGML_RING_KERNEL(gemv_q4_1_norm_m1_ring, 3, GEMV_NORM)
-GEMV_GGML_RING_KERNEL(gemv_q4_1_merge_m1_ring, 3, GEMV_MERGE)
-GEMV_GGML_RING_KERNEL(gemv_q8_0_m1_ring, 8, GEMV_PLAIN)
-GEMV_GGML_RING_KERNEL(gemv_q8_0_silu_m1_ring, 8, GEMV_SILU)
-GEMV_GGML_RING_KERNEL(gemv_q8_0_norm_m1_ring, 8, GEMV_NORM)
-GEMV_GGML_RING_KERNEL(gemv_q8_0_merge_m1_ring, 8, GEMV_MERGE)
-GEMV_GGML_RING_KERNEL(gemv_q4_k_m1_ring, 12, GEMV_PLAIN)
-GEMV_GGML_RING_KERNEL(gemv_q4_k_silu_m1_ring, 12, GEMV_SILU)
-GEMV_GGML_RING_KERNEL(gemv_q4_k_norm_m1_ring, 12, GEMV_NORM)
-GEMV_GGML_RING_KERNEL(gemv_q4_k_merge_m1_ring, 12, GEMV_MERGE)
-GEMV_GGML_RING_KERNEL(gemv_q5_k_m1_ring, 13, GEMV_PLAIN)
-GEMV_GGML_RING_KERNEL(gemv_q5_k_silu_m1_ring, 13, GEMV_SILU)
-GEMV_GGML_RING_KERNEL(gemv_q5_k_norm_m1_ring, 13, GEMV_NORM)
-GEMV_GGML_RING_KERNEL(gemv_q5_k_merge_m1_ring, 13, GEMV_MERGE)
-GEMV_GGML_RING_KERNEL(gemv_q6_k_m1_ring, 14, GEMV_PLAIN)
-GEMV_GGML_RING_KERNEL(gemv_q6_k_silu_m1_ring, 14, GEMV_SILU)
-GEMV_GGML_RING_KERNEL(gemv_q6_k_norm_m1_ring, 14, GEMV_NORM)
-GEMV_GGML_RING_KERNEL(gemv_q6_k_merge_m1_ring, 14, GEMV_MERGE)
 
 // ---- Batched products from blocks on the tensor cores (MMQ) ----
 // out[m, n] = x[m, :] · W[n, :] for 9 ≤ m ≤ 64, W in Q4_K blocks, as llama.cpp's MMQ: the weights'

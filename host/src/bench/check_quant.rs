@@ -194,8 +194,8 @@ pub fn check_ggml_product(dev: &GpuDevice, ty: GgmlType, m: usize, n: usize, k: 
 
 /// Every row of the GGUF types kept quantized: for each type the GEMV at 1, 2, 3 and 8 rows
 /// (SmolLM2-like widths, and the Llama-3.1-8B ones at one row for Q4_K and Q6_K, the types of
-/// Q4_K_M files), each fused staging, the tiled path with a partial last tile, and the one-row
-/// ring kernels in each staging.
+/// Q4_K_M files), each fused staging, the tiled path with a partial last tile, and one input row
+/// at wider rows in each staging.
 pub fn ggml_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     let mut rows = Vec::new();
     let mut seed = 500;
@@ -235,9 +235,9 @@ pub fn ggml_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
             rows.push(super::check::check_gemv_norm(dev, m, n, 2 * narrow, true, indirect, with_bias, format, next())?);
         }
         rows.push(super::check::check_gemv_merge(dev, 1001, 2 * narrow / 128, 128, 9, 4, format, next())?);
-        // One input row of whole ring chunks (`launch::GGML_RING_VALUES`): the `_ring` kernels in
-        // every staging, rows spread unevenly over the warps (1001), and several chunks a row.
-        let wide = crate::cuda::launch::GGML_RING_VALUES;
+        // One input row at widths of whole 2048 values, as the 8B's (4096, 14336), in every
+        // staging: rows spread unevenly over the warps (1001), several chunks a lane a row.
+        let wide = 2048;
         rows.push(check_ggml_product(dev, ty, 1, 1001, wide, 0, next())?);
         rows.push(check_ggml_product(dev, ty, 1, 5000, 3 * wide, 0, next())?);
         rows.push(super::check::check_gemv_silu(dev, 1, 1001, 2 * wide, format, next())?);

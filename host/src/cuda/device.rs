@@ -14,7 +14,7 @@ use super::fp8_gemm::Fp8Gemm;
 use super::kernels::Kernels;
 use super::launch::{
     attention_shared_bytes, decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
-    prefill_shared_bytes, ggml_ring_kernels, ggml_ring_shared_limit, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS,
+    prefill_shared_bytes, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS,
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -55,10 +55,6 @@ pub struct GpuDevice {
     /// (`AttentionArgs::kv_evict_first`): on unless `PAGEDSERVE_KV_EVICT_FIRST=off`, which exists
     /// to measure it.
     pub kv_evict_first: bool,
-    /// Whether a one-row GEMV from GGUF blocks streams them through its shared-memory ring (the
-    /// `_ring` kernels of `kernels/ggml.cu`) where k allows: on unless `PAGEDSERVE_GGML_RING=off`,
-    /// which exists to measure it.
-    pub ggml_ring: bool,
     /// EXPERIMENT (`PAGEDSERVE_FUSED_MERGE=all`): the merge also goes into a bf16 or FP8
     /// o-projection's staging, so that GEMV is the attention kernel's programmatic dependent.
     pub fused_merge_all: bool,
@@ -189,9 +185,6 @@ impl GpuDevice {
             let shared = gemv_dynamic_shared_limit(WeightFormat::Ggml(crate::model::gguf::GgmlType::Q4_K), opt_in);
             kernels.get(name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
         }
-        for name in ggml_ring_kernels() {
-            kernels.get(&name).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ggml_ring_shared_limit(opt_in) as i32)?;
-        }
         // MMQ's ring takes up to 112 KB (Q8_0, 64 rows); where the device allows less (sm_86: 99
         // KB), those products take the tiles instead (`gemm::ggml_linear`).
         for m in [16, 32, 64] {
@@ -214,10 +207,9 @@ impl GpuDevice {
             Err(_) => l2_bytes / 4 * 3,
         };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
-        let ggml_ring = !matches!(std::env::var("PAGEDSERVE_GGML_RING").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, ggml_ring, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -234,7 +226,6 @@ impl GpuDevice {
             fused_merge,
             l2_prefetch_limit,
             kv_evict_first,
-            ggml_ring,
             fused_merge_all,
             merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),

@@ -12,7 +12,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{ggml_one_row_warps, ggml_ring_fit, ggml_ring_kernel_name, ggml_ring_supports, gemv_block_fit, gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_supports, GemvMode, WeightFormat};
+use super::launch::{ggml_one_row_warps, gemv_block_fit, gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_supports, GemvMode, WeightFormat};
 use super::launchers;
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
@@ -127,36 +127,21 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
-    // One input row from GGUF blocks streams through the `_ring` kernels, a row a warp.
-    let ring = match format {
-        WeightFormat::Ggml(ty) if dev.ggml_ring && ggml_ring_supports(g.m, g.k, format) => Some(ty),
-        _ => None,
-    };
     // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
-    let mut row_groups = if ring.is_some() { g.n } else { g.n.div_ceil(format.rows_per_warp()) };
+    let mut row_groups = g.n.div_ceil(format.rows_per_warp());
     let mut wanted = gemv_block_warps(row_groups, dev.num_sms);
     if let (GemvInput::Merge { .. }, Some(cap)) = (g.input, dev.merge_gemv_warps) {
         wanted = wanted.min(cap.max(1));
     }
-    let fit = match ring {
-        Some(ty) => ggml_ring_fit(g.k, ty, wanted, dev.max_shared_optin),
-        None => gemv_block_fit(g.m, g.k, format, wanted, dev.max_shared_optin),
-    };
-    let (warps, shared) = fit.ok_or_else(|| CudaError::Config(format!("a GEMV block of m {} k {} does not fit in this device's shared memory", g.m, g.k)))?;
-    let kernel = match ring {
-        Some(ty) => ggml_ring_kernel_name(g.input.mode(), ty),
-        None => gemv_kernel_name(g.input.mode(), g.m, format),
-    };
-    let blocks_per_sm = dev.gemv_blocks_per_sm(&kernel, warps * 32, shared)?;
-    let one_row_warps = ring.is_none()
-        && format == WeightFormat::Ggml(GgmlType::Q4_K)
+    let (warps, shared) = gemv_block_fit(g.m, g.k, format, wanted, dev.max_shared_optin)
+        .ok_or_else(|| CudaError::Config(format!("a GEMV block of m {} k {} does not fit in this device's shared memory", g.m, g.k)))?;
+    let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(g.input.mode(), g.m, format), warps * 32, shared)?;
+    let one_row_warps = format == WeightFormat::Ggml(GgmlType::Q4_K)
         && !matches!(std::env::var("PAGEDSERVE_GGML_R1").as_deref(), Ok("off"))
         && g.m == 1
         && g.input.mode() != GemvMode::Merge
         && ggml_one_row_warps(g.n, warps as usize * blocks_per_sm * dev.num_sms);
-    let suffix = if ring.is_some() {
-        "_ring"
-    } else if one_row_warps {
+    let suffix = if one_row_warps {
         row_groups = g.n;
         "_r1"
     } else {

@@ -453,61 +453,13 @@ pub fn gemv_block_fit(m: usize, k: usize, format: WeightFormat, wanted: u32, opt
     let input = gemv_shared_bytes(m, k, format);
     let limit = gemv_dynamic_shared_limit(format, opt_in);
     match format {
-        WeightFormat::Bf16 | WeightFormat::Fp8 => ring_fit(input, limit, GEMV_RING_BYTES_PER_WARP, wanted),
+        WeightFormat::Bf16 | WeightFormat::Fp8 => {
+            let room = limit.checked_sub(input)? / GEMV_RING_BYTES_PER_WARP;
+            let warps = (wanted as usize).min(room);
+            (warps >= GEMV_MIN_RING_WARPS.min(wanted as usize)).then_some((warps as u32, input + warps * GEMV_RING_BYTES_PER_WARP))
+        }
         WeightFormat::Ggml(_) => (input <= limit).then_some((wanted, input)),
     }
-}
-
-/// At most `wanted` warps, each with a ring of `per_warp` bytes beside `input` bytes of staged
-/// input within `limit`, and the dynamic shared memory they take; `None` below the fewest.
-fn ring_fit(input: usize, limit: usize, per_warp: usize, wanted: u32) -> Option<(u32, usize)> {
-    let room = limit.checked_sub(input)? / per_warp;
-    let warps = (wanted as usize).min(room);
-    (warps >= GEMV_MIN_RING_WARPS.min(wanted as usize)).then_some((warps as u32, input + warps * per_warp))
-}
-
-/// Values of a weight row that one chunk of the one-row GGUF GEMV's ring covers
-/// (`GGML_RING_VALUES` in `kernels/ggml.cu`): whole blocks of every kept type.
-pub const GGML_RING_VALUES: usize = 2048;
-
-/// The most ring a warp of that GEMV streams through (`GGML_RING_BUDGET`): whole chunks.
-const GGML_RING_BUDGET: usize = 12 * 1024;
-
-/// Whether a GEMV of `m` input rows, `k` wide, from `format` can take the `_ring` kernels of
-/// `kernels/ggml.cu` (one input row; GGUF blocks of a kept type; whole chunks a row).
-pub fn ggml_ring_supports(m: usize, k: usize, format: WeightFormat) -> bool {
-    matches!(format, WeightFormat::Ggml(ty) if WeightFormat::KEPT_GGML.contains(&ty)) && m == 1 && k > 0 && k.is_multiple_of(GGML_RING_VALUES)
-}
-
-/// One warp's ring of `ty` chunks: as many whole chunks as `GGML_RING_BUDGET` holds (the
-/// kernel's `GgmlChunk::STAGES`).
-pub fn ggml_ring_bytes_per_warp(ty: GgmlType) -> usize {
-    let chunk = GGML_RING_VALUES / ty.block_size() * ty.type_size();
-    GGML_RING_BUDGET / chunk * chunk
-}
-
-/// Warps of at most `wanted` a `_ring` GEMV block of `ty` over a row of `k` runs with, and its
-/// dynamic shared memory: each warp's ring beside the staged input, in what the device lets a
-/// block opt in to (`ggml_ring_shared_limit`).
-pub fn ggml_ring_fit(k: usize, ty: GgmlType, wanted: u32, opt_in: usize) -> Option<(u32, usize)> {
-    ring_fit(gemv_shared_bytes(1, k, WeightFormat::Ggml(ty)), ggml_ring_shared_limit(opt_in), ggml_ring_bytes_per_warp(ty), wanted)
-}
-
-/// The dynamic shared memory the `_ring` kernels opt in to: all the device allows beside their
-/// static part.
-pub fn ggml_ring_shared_limit(opt_in: usize) -> usize {
-    opt_in.saturating_sub(GEMV_STATIC_SHARED)
-}
-
-/// The `_ring` kernel of a staging mode and type.
-pub fn ggml_ring_kernel_name(mode: GemvMode, ty: GgmlType) -> String {
-    format!("{}_ring", gemv_kernel_name(mode, 1, WeightFormat::Ggml(ty)))
-}
-
-/// Every `_ring` kernel.
-pub fn ggml_ring_kernels() -> Vec<String> {
-    let modes = [GemvMode::Plain, GemvMode::SiluMul, GemvMode::AddNorm, GemvMode::Merge];
-    WeightFormat::KEPT_GGML.iter().flat_map(|&ty| modes.map(|mode| ggml_ring_kernel_name(mode, ty))).collect()
 }
 
 /// The GGUF GEMV kernels that stream one row a warp instead of two (`_r1` in `kernels/ggml.cu`):
@@ -911,25 +863,6 @@ mod tests {
         assert_eq!(gemv_block_fit(8, 4096, Bf16, 16, 99 * 1024), None, "sm_86: fewer than 4 rings beside 64 KB of input");
         assert_eq!(gemv_block_fit(1, 4096, Bf16, 16, 99 * 1024), Some((7, 8192 + 7 * ring)));
         assert_eq!(gemv_block_fit(1, 4096, Ggml(crate::model::gguf::GgmlType::Q4_K), 16, h200), Some((16, 4096 + 1024)), "no ring from GGUF blocks");
-        let ggml_source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "ggml").unwrap().source;
-        let ggml_define = |name: &str| -> usize {
-            let at = ggml_source.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no {name} in ggml.cu")) + name.len() + 9;
-            ggml_source[at..].split_whitespace().next().unwrap().parse().unwrap()
-        };
-        assert_eq!(ggml_define("GGML_RING_VALUES"), GGML_RING_VALUES);
-        assert_eq!(ggml_define("GGML_RING_BUDGET"), GGML_RING_BUDGET);
-        let q4k_ty = crate::model::gguf::GgmlType::Q4_K;
-        assert_eq!(ggml_ring_bytes_per_warp(q4k_ty), 10 * 1152, "Q4_K: ten chunks of 8 super-blocks");
-        assert_eq!(ggml_ring_bytes_per_warp(crate::model::gguf::GgmlType::Q8_0), 5 * 2176);
-        assert_eq!(ggml_ring_bytes_per_warp(crate::model::gguf::GgmlType::Q6_K), 7 * 1680);
-        assert_eq!(ggml_ring_fit(14336, q4k_ty, 16, h200), Some((16, 14336 + 3584 + 16 * 11520)), "the 8B down projection: 16 rings");
-        assert_eq!(ggml_ring_fit(4096, q4k_ty, 16, 99 * 1024), Some((8, 4096 + 1024 + 8 * 11520)), "sm_86: fewer rings");
-        assert!(ggml_ring_supports(1, 4096, Ggml(q4k_ty)) && ggml_ring_supports(1, 14336, Ggml(q4k_ty)));
-        assert!(!ggml_ring_supports(2, 4096, Ggml(q4k_ty)) && !ggml_ring_supports(1, 576, Ggml(q4k_ty)) && !ggml_ring_supports(1, 4096, Bf16));
-        for name in ggml_ring_kernels() {
-            assert!(pagedserve_kernels::MODULES.iter().any(|m| m.functions.contains(&name.as_str())), "{name} is not a kernel");
-        }
-        assert_eq!(ggml_ring_kernel_name(GemvMode::SiluMul, q4k_ty), "gemv_q4_k_silu_m1_ring");
         assert!(ggml_one_row_warps(6144, 2112), "the 8B QKV: 1.45 rounds of row pairs, 2.9 of rows");
         assert!(!ggml_one_row_warps(4096, 2112) && !ggml_one_row_warps(28672, 2112), "o, down, gate-up: both fill their rounds");
         for name in GGML_ONE_ROW_WARP_KERNELS {

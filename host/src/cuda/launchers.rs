@@ -192,8 +192,7 @@ kernels! {
          q_stride: i32, max_blocks: i32, num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, window: i32)
     /// `gemv.cu`: small-batch products with their input staging, instantiated per staging mode,
     /// padded row count and weight format (and `suffix`: "_r1" for `ggml.cu`'s one-row-a-warp
-    /// Q4_K kernels, "_ring" for its one-row ring kernels, else ""); `w_scale` is FP8's per-row
-    /// scales (ignored in bf16).
+    /// Q4_K kernels, else ""); `w_scale` is FP8's per-row scales (ignored in bf16).
     fn gemv(mode: GemvMode, m_rows: usize, format: WeightFormat, suffix: &str) => format!("{}{suffix}", gemv_kernel_name(mode, m_rows, format));
         (out: Ptr, out_f32: i32, x: Ptr, delta: Ptr, norm_w: Ptr, residual_out: Ptr, rows: Ptr, bias: Ptr,
          w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32, splits: i32, head_dim: i32)
