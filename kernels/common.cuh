@@ -18,8 +18,8 @@ typedef unsigned long long u64;
 // kernel may read only what that kernel does not write (weights; the host's uploads; what kernels
 // before it wrote, since each of our kernels triggers only after its own wait, and a kernel not
 // launched as a dependent starts after its predecessor ends); every activation read and every
-// write comes after it. `pdl_trigger` lets the next kernel's blocks be scheduled as soon as every block
-// of this one has started. Both are no-ops when the launch was an ordinary one, and before sm_90.
+// write comes after it. `pdl_trigger` lets the next kernel's blocks be scheduled as soon as every
+// block of this one has started. Both are no-ops when the launch was an ordinary one, and before sm_90.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

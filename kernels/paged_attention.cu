@@ -157,8 +157,7 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     // programmatic dependent launch its copies go out before the wait for the QKV product, as
     // do the index reads above (the host's, uploaded before the step).
     if (rope && !writes_token) start_copies();
-    pdl_wait();
-    pdl_trigger();
+    PDL_ENTER();
     if (!rope) start_copies();
 
     const __nv_bfloat16* q_row = q + (u64)t * q_stride + (u64)kv_head * group * HD;

@@ -236,7 +236,7 @@ pub fn ggml_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         }
         rows.push(super::check::check_gemv_merge(dev, 1001, 2 * narrow / 128, 128, 9, 4, format, next())?);
         // One input row at widths of whole 2048 values, as the 8B's (4096, 14336), in every
-        // staging: rows spread unevenly over the warps (1001), several chunks a lane a row.
+        // staging: rows spread unevenly over the warps (1001), rows of several of a warp's chunks.
         let wide = 2048;
         rows.push(check_ggml_product(dev, ty, 1, 1001, wide, 0, next())?);
         rows.push(check_ggml_product(dev, ty, 1, 5000, 3 * wide, 0, next())?);

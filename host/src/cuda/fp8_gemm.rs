@@ -6,10 +6,11 @@
 //! By default the GEMM runs unscaled and the per-row and per-token scales are applied after it:
 //! by the kernel that reads the output next where the forward can fold them in
 //! (`fp8_linear_leaving_scales`), else by `scale_output`, one more pass over the output.
-//! cuBLASLt can apply both vectors itself (its outer-vector scaling, cuBLAS 12.9 on Hopper), and `PAGEDSERVE_FP8_OUTER_SCALES=1` asks for it
-//! (falling back when the first heuristic query finds no kernel); on an H200 with cuBLAS 13 those
-//! kernels were slower: the 8B shape served 5,101 tok/s at 32 clients against 5,745 and 12,644
-//! against 12,849 at 1000 requests (BENCHMARKS.md, session 10).
+//! cuBLASLt can apply both vectors itself (its outer-vector scaling, cuBLAS 12.9 on Hopper), and
+//! `PAGEDSERVE_FP8_OUTER_SCALES=1` asks for it (falling back when the first heuristic query finds
+//! no kernel); on an H200 with cuBLAS 13 those kernels were slower: the 8B shape served 5,101
+//! tok/s at 32 clients against 5,745 and 12,644 against 12,849 at 1000 requests (BENCHMARKS.md,
+//! session 10).
 //!
 //! Everything is capturable in a CUDA graph: the plans (descriptors and the chosen algorithm,
 //! per shape) are host objects made before the first launch of a shape, the workspace is the
