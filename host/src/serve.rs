@@ -106,10 +106,11 @@ pub struct ServeArgs {
     /// Tokens per KV-cache block.
     #[arg(long, env = "PAGEDSERVE_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
     block_size: usize,
-    /// KV-cache blocks to allocate (overrides --kv-cache-memory-gb).
+    /// KV-cache blocks to allocate (instead of --kv-cache-memory-gb).
     #[arg(long, env = "PAGEDSERVE_NUM_KV_BLOCKS", conflicts_with = "kv_cache_memory_gb")]
     num_kv_blocks: Option<usize>,
-    /// Memory for the KV cache, in GiB [default: 1]
+    /// Memory for the KV cache, in GiB [default: on the CPU 1; on the GPU what
+    /// --gpu-memory-utilization leaves]
     #[arg(long, env = "PAGEDSERVE_KV_CACHE_MEMORY_GB")]
     kv_cache_memory_gb: Option<f64>,
     /// Most sequences in the running batch.
@@ -208,6 +209,19 @@ pub struct ServeArgs {
 }
 
 /// A non-negative, finite number of seconds from a flag.
+/// `blocks` blocks of `block_bytes`, in GiB.
+fn gib_of(blocks: usize, block_bytes: usize) -> f64 {
+    blocks as f64 * block_bytes as f64 / (1u64 << 30) as f64
+}
+
+/// The host memory available to a new allocation (Linux's `MemAvailable`), if known.
+fn host_memory_available() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 fn seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0, not {value}"))
 }
@@ -231,8 +245,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.block_size == 0 || args.max_num_seqs == 0 || max_num_batched_tokens == 0 {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
     }
-    if args.max_connections == 0 || args.http_workers == Some(0) {
-        bail!("--max-connections and --http-workers must be at least 1");
+    if args.max_connections == 0 || args.http_workers == Some(0) || args.max_queue == 0 {
+        bail!("--max-connections, --http-workers and --max-queue must be at least 1");
+    }
+    if let Some(gib) = args.kv_cache_memory_gb.filter(|gib| !(gib.is_finite() && *gib > 0.0)) {
+        bail!("--kv-cache-memory-gb must be a positive number of GiB, got {gib}");
+    }
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization must be above 0 and at most 1, got {}", args.gpu_memory_utilization);
     }
     let connection_limits = server::listen::ConnectionLimits {
         header_read_timeout: seconds("--header-read-timeout", args.header_read_timeout)?,
@@ -283,15 +303,47 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(models)) => models.kv_block_bytes(args.block_size, kv_dtype),
         (None, None) => unreachable!("weights on the CPU or the GPU"),
     };
-    let num_blocks = match args.num_kv_blocks {
-        Some(n) => n,
-        None if gpu.is_some() => gpu.as_ref().unwrap().blocks_that_fit(args.block_size, args.gpu_memory_utilization, kv_dtype)?,
-        None => {
-            let gib = args.kv_cache_memory_gb.unwrap_or(DEFAULT_KV_CACHE_GB);
-            if gib.is_nan() || gib <= 0.0 {
-                bail!("--kv-cache-memory-gb must be positive, got {gib}");
+    // --num-kv-blocks, else --kv-cache-memory-gb, else on the GPU what --gpu-memory-utilization
+    // leaves and on the CPU DEFAULT_KV_CACHE_GB; never more than the device can hold.
+    let blocks_of = |gib: f64| (gib * (1u64 << 30) as f64 / block_bytes as f64) as usize;
+    let asked = match (args.num_kv_blocks, args.kv_cache_memory_gb) {
+        (Some(n), _) => Some(n),
+        (None, Some(gib)) => Some(blocks_of(gib)),
+        (None, None) => None,
+    };
+    let num_blocks = match (&gpu, asked) {
+        (Some(models), asked) => {
+            let fit = models.blocks_that_fit(args.block_size, args.gpu_memory_utilization, kv_dtype)?;
+            match asked {
+                None => fit,
+                Some(n) => {
+                    let room = models.blocks_that_fit(args.block_size, 1.0, kv_dtype)?;
+                    if n > room {
+                        bail!(
+                            "the KV cache asked for ({n} blocks, {:.2} GiB) is more than the GPU has free after the weights \
+                             ({room} blocks, {:.2} GiB)",
+                            gib_of(n, block_bytes),
+                            gib_of(room, block_bytes)
+                        );
+                    }
+                    n
+                }
             }
-            (gib * (1u64 << 30) as f64 / block_bytes as f64) as usize
+        }
+        (None, asked) => {
+            let n = asked.unwrap_or_else(|| blocks_of(DEFAULT_KV_CACHE_GB));
+            // The cache is allocated whole at start-up: one that cannot be is refused here, with the
+            // sizes, rather than by the allocator aborting the process.
+            if let Some(available) = host_memory_available() {
+                if n.checked_mul(block_bytes).is_none_or(|bytes| bytes > available) {
+                    bail!(
+                        "the KV cache asked for ({n} blocks, {:.2} GiB) is more than this machine's available memory ({:.2} GiB)",
+                        gib_of(n, block_bytes),
+                        available as f64 / (1u64 << 30) as f64
+                    );
+                }
+            }
+            n
         }
     };
     // The blocks one sequence of --max-model-len holds at once: all of them, or with a window on
@@ -383,6 +435,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("constraint plugins get an empty vocabulary: {e}"),
     }
     let plugins = PluginRegistry::new(runtime, metrics.clone());
+    plugins.set_native_scheduler(policy_name)?;
     plugins.attach_engine(engine.clone())?;
     if let Some(path) = &args.plugins_config {
         let config = PluginsConfig::load(path)?;

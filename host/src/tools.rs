@@ -265,7 +265,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         registry.install(PluginKind::Scheduler, "bench", &bytes, None, "", "bench")?;
         let slot = registry.slot(PluginKind::Scheduler, "bench").context("installed plugin")?;
         _registry = Some(registry);
-        policies.push(Box::new(WasmScheduler::new(slot)));
+        policies.push(Box::new(WasmScheduler::new(slot, Box::new(pagedserve::sched::Fcfs))));
     }
     if policies.is_empty() || args.swap_every.is_some() {
         policies.push(pagedserve::sched::native_policy("fcfs").context("built-in policy")?);

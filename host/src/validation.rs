@@ -479,6 +479,15 @@ impl Validator {
             prompt_texts.push(text);
         }
         let stream = params.stream.unwrap_or(false);
+        if let Some(options) = &params.stream_options {
+            // As vLLM and OpenAI answer: options of a stream on a request that is not one.
+            if !stream {
+                return Err(ValidationError::Invalid { field: "stream_options", message: "is only allowed when `stream` is true".into() });
+            }
+            if options.continuous_usage_stats == Some(true) {
+                return Err(ValidationError::Unsupported { field: "stream_options", message: "`continuous_usage_stats` is not implemented; `include_usage` sends the usage in the last chunk".into() });
+            }
+        }
         Ok(ValidRequest {
             requests,
             prompt_texts,

@@ -396,7 +396,7 @@ fn hostile_schedulers_are_contained_within_their_deadline_or_limit() {
         ("error", "invalid_output"),
     ] {
         registry.install(PluginKind::Scheduler, "hostile", &component("hostile-scheduler"), None, mode, "t").unwrap();
-        let mut policy = WasmScheduler::new(registry.slot(PluginKind::Scheduler, "hostile").unwrap());
+        let mut policy = WasmScheduler::new(registry.slot(PluginKind::Scheduler, "hostile").unwrap(), Box::new(pagedserve::sched::Fcfs));
         let before = metric(&metrics, "pagedserve_plugin_faults_total", &[&format!("reason=\"{reason}\"")]);
         let started = Instant::now();
         let answer = policy.rank(&seqs, &BUDGET);
@@ -417,7 +417,7 @@ fn the_circuit_breaker_disables_a_faulty_version_and_restores_the_previous_one()
     registry.install(PluginKind::Scheduler, "s", &hostile, None, "ok", "t").unwrap();
     registry.install(PluginKind::Scheduler, "s", &hostile, None, "trap", "t").unwrap();
     let slot = registry.slot(PluginKind::Scheduler, "s").unwrap();
-    let mut policy = WasmScheduler::new(slot.clone());
+    let mut policy = WasmScheduler::new(slot.clone(), Box::new(pagedserve::sched::Fcfs));
     let seqs = views(5);
     for _ in 0..3 {
         assert!(policy.rank(&seqs, &BUDGET).is_err());
@@ -432,7 +432,7 @@ fn the_circuit_breaker_disables_a_faulty_version_and_restores_the_previous_one()
     // With nothing to restore, the slot goes inactive and the policy ranks natively (FCFS).
     registry.install(PluginKind::Scheduler, "lone", &hostile, None, "trap", "t").unwrap();
     let lone = registry.slot(PluginKind::Scheduler, "lone").unwrap();
-    let mut policy = WasmScheduler::new(lone.clone());
+    let mut policy = WasmScheduler::new(lone.clone(), Box::new(pagedserve::sched::Fcfs));
     for _ in 0..3 {
         assert!(policy.rank(&seqs, &BUDGET).is_err());
     }

@@ -123,3 +123,27 @@ fn keeping_gguf_blocks_quantized_on_the_cpu_is_refused_by_name() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--keep-quantized is not available"), "{stderr}");
 }
+
+#[test]
+fn serve_refuses_cache_sizes_and_limits_it_cannot_honour_with_a_clear_error() {
+    // Each would once have crashed (an infinite or huge cache: a capacity overflow or an aborted
+    // allocation) or started a server that refuses everything (a queue of 0).
+    let cases: [(&[&str], &str); 5] = [
+        (&["--kv-cache-memory-gb", "inf"], "--kv-cache-memory-gb must be a positive number"),
+        (&["--kv-cache-memory-gb", "1e9"], "more than this machine's available memory"),
+        (&["--num-kv-blocks", "100000000000"], "more than this machine's available memory"),
+        (&["--max-queue", "0"], "--max-queue must be at least 1"),
+        (&["--gpu-memory-utilization", "5"], "--gpu-memory-utilization must be above 0 and at most 1"),
+    ];
+    for (args, expected) in cases {
+        let output = Command::new(binary())
+            .args(["serve", "--port", "0", "--device", "cpu"])
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}

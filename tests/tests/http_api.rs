@@ -375,3 +375,35 @@ fn a_body_over_the_limit_is_413() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("--max-request-body"), "{response}");
 }
+
+#[test]
+fn completion_logprobs_keep_every_byte_token_apart() {
+    // Pieces of multi-byte characters all decode to U+FFFD: spelled `bytes:\xNN` they stay
+    // distinct, so each step lists its top tokens and its own token with its own log-prob.
+    let body = json!({"prompt": "Emoji list: 🌍", "max_tokens": 6, "temperature": 1.5, "seed": 3, "logprobs": 3});
+    let answer = server().post_ok("/v1/completions", &body);
+    let logprobs = &answer["choices"][0]["logprobs"];
+    let tokens = logprobs["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 6, "{answer}");
+    for (i, token) in tokens.iter().enumerate() {
+        let top = logprobs["top_logprobs"][i].as_object().unwrap();
+        assert!(top.len() >= 3, "step {i}: {top:?}");
+        let own = top.get(token.as_str().unwrap()).unwrap_or_else(|| panic!("step {i}: {token} not in {top:?}"));
+        assert_eq!(own, &logprobs["token_logprobs"][i], "step {i}");
+    }
+}
+
+#[test]
+fn fields_that_would_be_ignored_and_unknown_routes_get_clear_errors() {
+    let server = server();
+    let refused = server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2, "stream_options": {"include_usage": true}}));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["param"], "stream_options");
+    let refused = server.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "echo": true}));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["param"], "echo");
+    let missing = server.get("/v1/nothing");
+    assert_eq!((missing.status, missing.json()["error"]["code"].clone()), (404, json!(404)), "{}", missing.body);
+    let wrong_method = server.get("/v1/completions");
+    assert_eq!((wrong_method.status, wrong_method.json()["error"]["code"].clone()), (405, json!(405)), "{}", wrong_method.body);
+}

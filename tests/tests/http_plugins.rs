@@ -339,3 +339,83 @@ fn filters_uploaded_over_the_admin_api_clamp_refuse_and_stop_outputs() {
     }
     assert_eq!((finished("stop"), finished("abort")), (2.0, 0.0));
 }
+
+#[test]
+fn removing_a_plugin_touches_only_its_kind_and_never_one_in_use() {
+    let server = start(&["--admin-port", "0", "--admin-token", TOKEN, "--scheduling-policy", "priority"]);
+    let upload = |kind: &str, name: &str, component: &str, config: &Value| {
+        let body = bytes(component);
+        let (hash, config) = (sha256(&body), config.to_string());
+        let mut headers = vec![("x-sha256", hash.as_str())];
+        if config != "null" {
+            headers.push(("x-plugin-config", config.as_str()));
+        }
+        let reply = server.admin("PUT", &format!("/admin/plugins/{kind}/{name}"), Some(TOKEN), &body, &headers);
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    };
+    let clamped = |server: &Server| {
+        server.post_ok("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 20, "ignore_eos": true, "temperature": 0}))["usage"]["completion_tokens"].clone()
+    };
+    // A filter and a sampler of the same name: removing the sampler leaves the filter running.
+    upload("filter", "guard", "max-tokens", &json!({"max_tokens": 3}));
+    upload("sampler", "guard", "mirostat", &Value::Null);
+    assert_eq!(clamped(&server), 3);
+    let removed = server.admin("DELETE", "/admin/plugins/sampler/guard", Some(TOKEN), &[], &[]);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    assert_eq!(clamped(&server), 3, "the filter `guard` must still run");
+    assert_eq!(server.admin("GET", "/admin/plugins", Some(TOKEN), &[], &[]).json()["filters"], json!(["guard"]));
+
+    let removed = server.admin("DELETE", "/admin/plugins/filter/guard", Some(TOKEN), &[], &[]);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+
+    // A sampler that a request in flight uses is not removed from under it.
+    upload("sampler", "slow", "mirostat", &Value::Null);
+    let request = json!({"prompt": "Tell me a story", "max_tokens": 400, "ignore_eos": true, "sampler": "slow", "seed": 1, "stream": true});
+    std::thread::scope(|scope| {
+        let streaming = scope.spawn(|| server.stream("/v1/completions", &request));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while server.metric("pagedserve_num_requests_running") < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "the request never started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let refused = server.admin("DELETE", "/admin/plugins/sampler/slow", Some(TOKEN), &[], &[]);
+        assert_eq!(refused.status, 409, "{}", refused.body);
+        assert!(refused.json()["error"]["message"].as_str().unwrap().contains("in use"), "{}", refused.body);
+        let chunks = streaming.join().unwrap();
+        let (_, finish) = stream_text(&chunks, 0);
+        assert_eq!(finish.as_deref(), Some("length"), "the request ran to its end: {chunks:?}");
+    });
+    let removed = server.admin("DELETE", "/admin/plugins/sampler/slow", Some(TOKEN), &[], &[]);
+    assert_eq!(removed.status, 200, "once its request ended: {}", removed.body);
+
+    // A scheduler removed gives way to the policy the server was started with, not to FCFS.
+    // (`/ui/state` reuses one engine snapshot for 250 ms: polled until it shows the policy.)
+    let policy_becomes = |expected: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let policy = server.get("/ui/state").json()["engine"]["policy"].clone();
+            if policy == expected {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the policy is {policy}, not {expected}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    upload("scheduler", "fcfs", "fcfs", &Value::Null);
+    policy_becomes("wasm:fcfs");
+    let removed = server.admin("DELETE", "/admin/plugins/scheduler/fcfs", Some(TOKEN), &[], &[]);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    policy_becomes("priority");
+    server.complete("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+
+    // Admin errors are JSON, unknown routes and methods included.
+    for (method, path, status) in [
+        ("POST", "/admin/plugins/scheduler/fcfs/activate", 400),
+        ("GET", "/admin/nothing", 404),
+        ("GET", "/admin/plugins/scheduler/fcfs/rollback", 405),
+    ] {
+        let reply = server.admin(method, path, Some(TOKEN), &[], &[]);
+        assert_eq!(reply.status, status, "{method} {path}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], status, "{method} {path}: {}", reply.body);
+    }
+}

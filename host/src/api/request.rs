@@ -39,6 +39,8 @@ impl StopSpec {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// vLLM's usage in every chunk: refused when asked for (not implemented).
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// Parameters common to completions and chat completions. `None` means the default.
@@ -108,6 +110,9 @@ pub struct ExtraFields {
     pub continue_final_message: Option<serde_json::Value>,
     pub guided_whitespace_pattern: Option<serde_json::Value>,
     pub audio: Option<serde_json::Value>,
+    /// Chat's `echo` (vLLM: the reply starts with the last message when it has the reply's
+    /// role). Completions parse their own `echo` before this struct sees the request.
+    pub echo: Option<serde_json::Value>,
 }
 
 /// A field's value that does not say what it should.
@@ -202,7 +207,7 @@ impl ExtraFields {
         let no_tool = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
         let tools = "tools are for /v1/chat/completions";
         let functions = "the deprecated `functions` API is not supported; send `tools`";
-        let fields: [(&'static str, bool, &'static str); 18] = [
+        let fields: [(&'static str, bool, &'static str); 19] = [
             ("tools", !chat && asks(&self.tools), tools),
             ("tool_choice", !chat && asks(&self.tool_choice) && !no_tool, tools),
             ("parallel_tool_calls", !chat && asks(&self.parallel_tool_calls), tools),
@@ -221,6 +226,7 @@ impl ExtraFields {
             ("continue_final_message", asks(&self.continue_final_message), "continuing the final message is not implemented"),
             ("guided_whitespace_pattern", asks(&self.guided_whitespace_pattern), "a custom JSON whitespace pattern is not supported"),
             ("audio", asks(&self.audio), "audio output is not supported"),
+            ("echo", chat && asks(&self.echo), "echoing the last message in a chat reply is not implemented"),
         ];
         fields.into_iter().find(|(_, asked, _)| *asked).map(|(field, _, why)| (field, why))
     }

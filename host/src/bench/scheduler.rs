@@ -71,7 +71,7 @@ pub fn run(component: &[u8], running: usize, waiting: usize, iterations: usize) 
     let metrics = Arc::new(Metrics::new("bench"));
     let registry = PluginRegistry::new(PluginRuntime::new(PluginLimits::default())?, metrics);
     registry.install(PluginKind::Scheduler, "bench", component, None, "", "bench")?;
-    let mut wasm = WasmScheduler::new(registry.slot(PluginKind::Scheduler, "bench").expect("installed"));
+    let mut wasm = WasmScheduler::new(registry.slot(PluginKind::Scheduler, "bench").expect("installed"), Box::new(crate::sched::Fcfs));
     let tenants = tenants();
     let views = synthetic_views(&tenants, running, waiting);
     let budget = Budget { free_blocks: 1_000, total_blocks: 20_000, block_size: 16, token_budget: 2_048, max_seqs: 256 };

@@ -44,7 +44,7 @@ use super::EngineError;
 use crate::kv_cache::KvCacheManager;
 use crate::metrics::Metrics;
 use crate::model::ModelError;
-use crate::plugin::{ConstraintStart, ConstraintStep, PluginRegistry, PluginSampleInput};
+use crate::plugin::{ConstraintStart, ConstraintStep, PluginKind, PluginRegistry, PluginSampleInput};
 use crate::runner::{ForwardBatch, ModelBackend, PLACEHOLDER_TOKEN};
 use crate::sampling::{RowSampling, Sampled, SampledRow, SequenceSampler};
 use crate::sched::{SchedSeq, Scheduler, SchedulerOutput, SchedulingPolicy, SeqId};
@@ -244,21 +244,21 @@ impl EngineCore {
     }
 
     pub fn add_request(&mut self, id: RequestId, request: GenerateRequest, events: UnboundedSender<StreamEvent>) {
-        if let Some(name) = &request.sampler {
-            let loaded = self.plugins.as_ref().and_then(|p| p.sampler(name)).is_some_and(|s| s.active_version().is_some());
-            if !loaded {
-                let _ = events.send(StreamEvent::Error(EngineError::Plugin(format!("no sampler plugin `{name}` is loaded"))));
+        // The plugins a request names are pinned while it is in the engine: the admin API cannot
+        // remove them from under it (`unpin_plugins` when it ends).
+        let mut pinned = Vec::new();
+        let named = [(PluginKind::Sampler, request.sampler.as_deref()), (PluginKind::Constraint, request.constraint.as_ref().and_then(|c| c.plugin_name()))];
+        for (kind, name) in named {
+            let Some(name) = name else { continue };
+            if self.plugins.as_ref().and_then(|p| p.pin(kind, name)).is_none() {
+                for &(kind, name) in &pinned {
+                    self.plugins.as_ref().expect("pinned in the registry").unpin(kind, name);
+                }
+                let _ = events.send(StreamEvent::Error(EngineError::Plugin(format!("no {kind} plugin `{name}` is loaded"))));
                 self.metrics.request_failure.with_label_values(&["plugin"]).inc();
                 return;
             }
-        }
-        if let Some(name) = request.constraint.as_ref().and_then(|c| c.plugin_name()) {
-            let loaded = self.plugins.as_ref().and_then(|p| p.constraint(name)).is_some_and(|s| s.active_version().is_some());
-            if !loaded {
-                let _ = events.send(StreamEvent::Error(EngineError::Plugin(format!("no constraint plugin `{name}` is loaded"))));
-                self.metrics.request_failure.with_label_values(&["plugin"]).inc();
-                return;
-            }
+            pinned.push((kind, name));
         }
         let seq_id = self.new_seq_id();
         let arrival = self.next_arrival;
@@ -314,16 +314,37 @@ impl EngineCore {
         self.end_early(id, FinishReason::Abort);
     }
 
-    /// Ends a request before it finished, counted under `reason`: its sequences leave and their
-    /// blocks return to the pool. A request already gone is ignored.
+    /// Ends a request before it finished, counted under `reason` (a success: the client went, or
+    /// a filter stopped the output): its sequences leave and their blocks return to the pool. A
+    /// request already gone is ignored.
     pub fn end_early(&mut self, id: RequestId, reason: FinishReason) {
-        if let Some(state) = self.requests.remove(&id) {
-            for seq in state.samples {
-                self.scheduler.remove(seq, &mut self.kv);
-                self.samples.remove(&seq);
-            }
+        if let Some(state) = self.release(id) {
+            self.metrics.e2e_request_latency.observe(state.arrival.elapsed().as_secs_f64());
             self.metrics.request_success.with_label_values(&[reason.as_str()]).inc();
-            self.metrics.kv_cache_usage_perc.set(self.kv.usage());
+        }
+    }
+
+    /// Takes a request out of the engine, counting nothing: its sequences leave and their blocks
+    /// return to the pool.
+    fn release(&mut self, id: RequestId) -> Option<RequestState> {
+        let state = self.requests.remove(&id)?;
+        self.unpin_plugins(&state.request);
+        for &seq in &state.samples {
+            self.scheduler.remove(seq, &mut self.kv);
+            self.samples.remove(&seq);
+        }
+        self.metrics.kv_cache_usage_perc.set(self.kv.usage());
+        Some(state)
+    }
+
+    /// The plugins `request` named (pinned by `add_request`) are no longer in use by it.
+    fn unpin_plugins(&self, request: &GenerateRequest) {
+        let Some(plugins) = &self.plugins else { return };
+        if let Some(name) = &request.sampler {
+            plugins.unpin(PluginKind::Sampler, name);
+        }
+        if let Some(name) = request.constraint.as_ref().and_then(|c| c.plugin_name()) {
+            plugins.unpin(PluginKind::Constraint, name);
         }
     }
 
@@ -333,10 +354,7 @@ impl EngineCore {
         self.in_flight = None;
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
-            if let Some(state) = self.requests.get(&id) {
-                let _ = state.events.send(StreamEvent::Error(error.clone()));
-            }
-            self.abort(id);
+            self.fail_request(id, error.clone());
         }
     }
 
@@ -815,13 +833,13 @@ impl EngineCore {
         }
     }
 
-    /// Ends a request with an error event and frees its blocks.
+    /// Ends a request with an error event, counted as a failure (not also as a success), and
+    /// frees its blocks first, so a client that sees the error sees them returned.
     fn fail_request(&mut self, id: RequestId, error: EngineError) {
-        if let Some(state) = self.requests.get(&id) {
+        if let Some(state) = self.release(id) {
             self.metrics.request_failure.with_label_values(&[error.label()]).inc();
             let _ = state.events.send(StreamEvent::Error(error));
         }
-        self.abort(id);
     }
 
     /// Appends a sampled token (or writes it over the sequence's placeholder), streams it, and
@@ -895,6 +913,7 @@ impl EngineCore {
             return;
         }
         let state = self.requests.remove(&sample.request).expect("live request");
+        self.unpin_plugins(&state.request);
         let now = Instant::now();
         let usage = Usage { prompt_tokens: state.request.prompt_tokens.len(), completion_tokens: state.completion_tokens };
         let timings = RequestTimings {

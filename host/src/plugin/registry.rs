@@ -12,7 +12,7 @@
 //! of the scheduler in use takes effect at the next step. Every change is logged with who asked,
 //! the old and new hash and the result.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -25,7 +25,7 @@ use super::scheduler::WasmScheduler;
 use super::slot::{PluginSlot, PluginVersion};
 use super::{FaultReason, PluginKind};
 use crate::metrics::Metrics;
-use crate::sched::{native_policy, SchedulingPolicy};
+use crate::sched::{native_policy, SchedulingPolicy, NATIVE_POLICIES};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -45,6 +45,8 @@ pub enum RegistryError {
     Version(String),
     #[error("the engine is not running")]
     EngineDown,
+    #[error("{kind} plugin `{name}` is in use by {requests} request(s) in flight; remove it once they have ended")]
+    InUse { kind: PluginKind, name: String, requests: usize },
 }
 
 impl RegistryError {
@@ -56,7 +58,7 @@ impl RegistryError {
             RegistryError::Compile(CompileError::TooLarge { .. }) => 413,
             RegistryError::Compile(_) | RegistryError::Setup(_) => 422,
             RegistryError::NotFound { .. } => 404,
-            RegistryError::Version(_) => 409,
+            RegistryError::Version(_) | RegistryError::InUse { .. } => 409,
             RegistryError::EngineDown => 503,
         }
     }
@@ -103,6 +105,12 @@ pub struct PluginRegistry {
     engine: Mutex<Option<Arc<dyn PluginHost>>>,
     /// The scheduler plugin the engine uses (`None`: a native policy).
     scheduler_in_use: Mutex<Option<String>>,
+    /// The native policy the server was started with (`--scheduling-policy`): what ranks when a
+    /// scheduler plugin is removed or has no active version.
+    native_scheduler: Mutex<&'static str>,
+    /// Requests in the engine that named each sampler or constraint plugin (`pin`): such a
+    /// plugin is not removed from under them.
+    pins: Mutex<HashMap<(PluginKind, String), usize>>,
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -132,7 +140,20 @@ impl PluginRegistry {
             filter_order: Mutex::new(Vec::new()),
             engine: Mutex::new(None),
             scheduler_in_use: Mutex::new(None),
+            native_scheduler: Mutex::new("fcfs"),
+            pins: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Sets the native policy (`fcfs`, `priority`) that ranks when no scheduler plugin does: the
+    /// server's `--scheduling-policy`. FCFS until set.
+    pub fn set_native_scheduler(&self, policy: &str) -> Result<(), RegistryError> {
+        let name = NATIVE_POLICIES
+            .into_iter()
+            .find(|&p| p == policy)
+            .ok_or_else(|| RegistryError::NotFound { kind: PluginKind::Scheduler, name: policy.into() })?;
+        *lock(&self.native_scheduler) = name;
+        Ok(())
     }
 
     pub fn runtime(&self) -> &Arc<PluginRuntime> {
@@ -154,6 +175,29 @@ impl PluginRegistry {
 
     fn slot_or_404(&self, kind: PluginKind, name: &str) -> Result<Arc<PluginSlot>, RegistryError> {
         self.slot(kind, name).ok_or_else(|| RegistryError::NotFound { kind, name: name.to_string() })
+    }
+
+    /// Admits a request that names the sampler or constraint plugin `kind`/`name`: the plugin if
+    /// it is loaded with an active version, then counted as in use (`remove` refuses it) until
+    /// `unpin`.
+    pub fn pin(&self, kind: PluginKind, name: &str) -> Option<Arc<PluginSlot>> {
+        let slots = lock(&self.slots);
+        let slot = slots.get(&(kind, name.to_string()))?;
+        slot.active_version()?;
+        *lock(&self.pins).entry((kind, name.to_string())).or_default() += 1;
+        Some(slot.clone())
+    }
+
+    /// A request `pin` admitted has ended.
+    pub fn unpin(&self, kind: PluginKind, name: &str) {
+        let mut pins = lock(&self.pins);
+        let key = (kind, name.to_string());
+        if let Some(count) = pins.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&key);
+            }
+        }
     }
 
     /// The sampler plugin `name`, if one is loaded (active or not).
@@ -270,15 +314,29 @@ impl PluginRegistry {
         result
     }
 
-    /// Unloads every version of `kind`/`name`. A scheduler in use is replaced by native FCFS.
+    /// Unloads every version of `kind`/`name`. A scheduler in use is replaced by the native policy
+    /// (`set_native_scheduler`); a sampler or constraint that requests in the engine named is
+    /// refused (`InUse`) until they end.
     pub fn remove(&self, kind: PluginKind, name: &str, who: &str) -> Result<(), RegistryError> {
-        let slot = lock(&self.slots)
-            .remove(&(kind, name.to_string()))
-            .ok_or_else(|| RegistryError::NotFound { kind, name: name.to_string() })?;
+        let slot = {
+            let mut slots = lock(&self.slots);
+            let key = (kind, name.to_string());
+            if !slots.contains_key(&key) {
+                return Err(RegistryError::NotFound { kind, name: name.to_string() });
+            }
+            if let Some(&requests) = lock(&self.pins).get(&key) {
+                tracing::info!(who, %kind, name, requests, "plugin remove refused: in use");
+                return Err(RegistryError::InUse { kind, name: name.to_string(), requests });
+            }
+            slots.remove(&key).expect("present")
+        };
         slot.clear();
-        lock(&self.filter_order).retain(|n| n != name);
+        if kind == PluginKind::Filter {
+            lock(&self.filter_order).retain(|n| n != name);
+        }
         if kind == PluginKind::Scheduler && lock(&self.scheduler_in_use).as_deref() == Some(name) {
-            self.use_native_scheduler("fcfs", who)?;
+            let native = *lock(&self.native_scheduler);
+            self.use_native_scheduler(native, who)?;
         }
         tracing::info!(who, %kind, name, "plugin removed");
         Ok(())
@@ -288,7 +346,9 @@ impl PluginRegistry {
     pub fn use_scheduler(&self, name: &str, who: &str) -> Result<(), RegistryError> {
         let slot = self.slot_or_404(PluginKind::Scheduler, name)?;
         let engine = lock(&self.engine).clone().ok_or(RegistryError::EngineDown)?;
-        if !engine.swap_policy(Box::new(WasmScheduler::new(slot))) {
+        let native = *lock(&self.native_scheduler);
+        let fallback = native_policy(native).expect("a native policy's name");
+        if !engine.swap_policy(Box::new(WasmScheduler::new(slot, fallback))) {
             return Err(RegistryError::EngineDown);
         }
         let old = lock(&self.scheduler_in_use).replace(name.to_string());

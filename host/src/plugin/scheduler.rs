@@ -2,8 +2,9 @@
 //! with the queues as a columnar `queue-view` (see `wit/plugins.wit`), and the plugin's answer,
 //! indices into that view, becomes the ranking of sequence ids. A fault (trap, deadline, limit,
 //! invalid ranking) is returned as `PolicyError::Failed`, so the mechanism runs that step
-//! first-come-first-served; a slot with no active version (removed, or disabled by the circuit
-//! breaker with nothing to restore) ranks FCFS natively without calling anything.
+//! first-come-first-served; a slot with no active version (removed, rolled back to none, or
+//! disabled by the circuit breaker with nothing to restore) ranks with the server's native
+//! policy (`--scheduling-policy`) without calling anything.
 //!
 //! The view's columns are kept between calls and refilled in place: a step with a thousand
 //! sequences then allocates nothing but the tenant names.
@@ -16,12 +17,14 @@ use super::answers;
 use super::bindings::types;
 use super::slot::{CallFailure, Live, PluginSlot};
 use super::PluginError;
-use crate::sched::{fcfs_ranking, Budget, PolicyError, SchedulingPolicy, SeqId, SeqView};
+use crate::sched::{Budget, PolicyError, SchedulingPolicy, SeqId, SeqView};
 
 pub struct WasmScheduler {
     slot: Arc<PluginSlot>,
     label: String,
     view: types::QueueView,
+    /// The native policy that ranks while the slot has no active version.
+    fallback: Box<dyn SchedulingPolicy>,
 }
 
 fn empty_view() -> types::QueueView {
@@ -81,9 +84,9 @@ fn fill_view(view: &mut types::QueueView, seqs: &[SeqView<'_>]) {
 }
 
 impl WasmScheduler {
-    pub fn new(slot: Arc<PluginSlot>) -> Self {
+    pub fn new(slot: Arc<PluginSlot>, fallback: Box<dyn SchedulingPolicy>) -> Self {
         let label = format!("wasm:{}", slot.name());
-        WasmScheduler { slot, label, view: empty_view() }
+        WasmScheduler { slot, label, view: empty_view(), fallback }
     }
 }
 
@@ -94,7 +97,7 @@ impl SchedulingPolicy for WasmScheduler {
 
     fn rank(&mut self, seqs: &[SeqView<'_>], budget: &Budget) -> Result<Vec<SeqId>, PolicyError> {
         fill_view(&mut self.view, seqs);
-        let budget = types::Budget {
+        let wit_budget = types::Budget {
             free_blocks: budget.free_blocks,
             total_blocks: budget.total_blocks,
             block_size: budget.block_size,
@@ -104,14 +107,14 @@ impl SchedulingPolicy for WasmScheduler {
         let view = &self.view;
         let answer = self.slot.call(|live| {
             let Live::Scheduler { store, plugin } = live else { unreachable!("a scheduler slot holds schedulers") };
-            match plugin.call_rank(store, view, budget)? {
+            match plugin.call_rank(store, view, wit_budget)? {
                 Ok(ranking) => answers::ranking(&view.ids, &ranking).map_err(CallFailure::Invalid),
                 Err(message) => Err(CallFailure::Invalid(format!("the plugin answered an error: {message}"))),
             }
         });
         match answer {
             Ok(ranking) => Ok(ranking),
-            Err(PluginError::Inactive { .. }) => Ok(fcfs_ranking(seqs)),
+            Err(PluginError::Inactive { .. }) => self.fallback.rank(seqs, budget),
             Err(fault) => Err(PolicyError::Failed(fault.to_string())),
         }
     }

@@ -294,7 +294,9 @@ impl PluginSlot {
                 let reason = classify(&error, limit_hit);
                 // A fresh Store for the next call: this one may be mid-way through anything.
                 inner.live = None;
-                Err(self.fault(&mut inner, reason, format!("{error:#}")))
+                // The whole chain (with the Wasm backtrace) goes to the log; the error, which
+                // reaches API clients, says only what went wrong.
+                Err(self.fault_with_detail(&mut inner, reason, error.root_cause().to_string(), &format!("{error:#}")))
             }
             Err(CallFailure::Invalid(message)) => Err(self.fault(&mut inner, FaultReason::InvalidOutput, message)),
         }
@@ -322,9 +324,16 @@ impl PluginSlot {
     }
 
     fn fault(&self, inner: &mut SlotInner, reason: FaultReason, message: String) -> PluginError {
+        let detail = message.clone();
+        self.fault_with_detail(inner, reason, message, &detail)
+    }
+
+    /// A fault whose log line carries `detail` (e.g. a Wasm backtrace) and whose error, which
+    /// reaches clients, carries `message`.
+    fn fault_with_detail(&self, inner: &mut SlotInner, reason: FaultReason, message: String, detail: &str) -> PluginError {
         let (kind, name) = (self.kind.as_str(), self.name.as_str());
         self.metrics.plugin_faults.with_label_values(&[kind, name, reason.as_str()]).inc();
-        tracing::warn!(kind, name, version = ?inner.active, reason = reason.as_str(), %message, "plugin fault");
+        tracing::warn!(kind, name, version = ?inner.active, reason = reason.as_str(), message = detail, "plugin fault");
         let now = Instant::now();
         let window = self.runtime.limits().breaker_window;
         inner.faults.push_back(now);

@@ -11,7 +11,7 @@
 //! - `POST /admin/plugins/{kind}/{name}/activate?version=N`: makes an earlier version active;
 //! - `POST /admin/plugins/{kind}/{name}/rollback`: restores the version active before;
 //! - `DELETE /admin/plugins/{kind}/{name}`: unloads every version (a scheduler in use is
-//!   replaced by native FCFS).
+//!   replaced by the native `--scheduling-policy`).
 //!
 //! Errors are JSON (`{"error": {"message", "type", "code"}}`) with the registry's statuses:
 //! 400 bad name / hash mismatch / missing hash, 401 wrong or missing token, 404 unknown plugin,
@@ -83,6 +83,10 @@ pub fn router(state: Arc<AdminState>, access: Arc<super::guard::AccessPolicy>) -
         .route("/admin/plugins/{kind}/{name}", put(upload).delete(remove))
         .route("/admin/plugins/{kind}/{name}/activate", post(activate))
         .route("/admin/plugins/{kind}/{name}/rollback", post(rollback))
+        .fallback(|uri: axum::http::Uri| async move { AdminError::new(StatusCode::NOT_FOUND, format!("no admin route for {}", uri.path())) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            AdminError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} does not take {method}", uri.path()))
+        })
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state);
@@ -243,9 +247,12 @@ async fn activate(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     Path((kind_name, name)): Path<(String, String)>,
-    Query(query): Query<ActivateQuery>,
+    query: Result<Query<ActivateQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
     let kind = kind(&kind_name)?;
+    let Query(query) = query.map_err(|e| {
+        AdminError::new(StatusCode::BAD_REQUEST, format!("activate needs `?version=N`, a version number: {}", e.body_text()))
+    })?;
     let registry = state.registry.clone();
     let who = client.to_string();
     let version = query.version;

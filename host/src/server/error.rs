@@ -68,10 +68,12 @@ impl ApiError {
 const RETRY_AFTER_SECONDS: &str = "1";
 
 impl IntoResponse for ApiError {
-    /// The error body; a 429 or 503 also says when to come back (`Retry-After`).
+    /// The error body; a 429 or 503 of the server's own also says when to come back
+    /// (`Retry-After`). One a filter plugin chose does not: the filter's interface carries no
+    /// delay, and its message may name a much longer one (a rate limit's refill) than ours.
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
-        if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) && self.label != "filter" {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         response

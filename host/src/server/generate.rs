@@ -637,8 +637,9 @@ impl Drop for Generation {
     }
 }
 
-/// A whole chat answer: its content, or its tool calls (with the text before them as content);
-/// output whose calls did not parse is returned as text.
+/// A whole chat answer: its content, or its tool calls (with the text before them as content),
+/// as the streamed deltas give them (a call cut off by `max_tokens` dropped, markup no call came
+/// of as content); output with a malformed call object is returned as text.
 fn chat_message(c: &ChoiceState) -> ChatMessageOut {
     let assistant = |content: Option<String>, tool_calls| ChatMessageOut { role: "assistant".into(), content, tool_calls };
     match c.tool_parser.as_ref() {
@@ -655,7 +656,8 @@ fn chat_message(c: &ChoiceState) -> ChatMessageOut {
                     })
                     .collect(),
             ),
-            None => assistant(Some(parser.text().to_string()), Vec::new()),
+            None if parser.malformed() => assistant(Some(parser.text().to_string()), Vec::new()),
+            None => assistant(Some(c.text.clone()), Vec::new()),
         },
     }
 }

@@ -116,6 +116,9 @@ pub fn router(state: Arc<AppState>, access: Arc<AccessPolicy>) -> Router {
         .route("/ui/app.js", get(ui::script))
         .route("/ui/app.css", get(ui::stylesheet))
         .route("/ui/state", get(ui::ui_state))
+        .route("/", get(|| async { axum::response::Redirect::temporary("/ui") }))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_request_body))
         .with_state(state);
     guarded(routes, access)

@@ -51,6 +51,25 @@ fn byte_level_byte(c: char) -> Option<u8> {
     (0u32..256).filter(|&b| !printable(b)).nth(index as usize).map(|b| b as u8)
 }
 
+/// A token as the completions log-probs spell it: its text, or where that is a piece of a
+/// multi-byte character, `bytes:` and its bytes as `\xNN` (OpenAI's spelling). Such pieces all
+/// decode to U+FFFD, so as keys of `top_logprobs` they would collide and hide each other.
+pub fn completion_token(tokenizer: &Tokenizer, id: u32) -> String {
+    let text = token_text(tokenizer, id);
+    if !text.contains('\u{FFFD}') {
+        return text;
+    }
+    let bytes = token_bytes(tokenizer, id, &text);
+    if std::str::from_utf8(&bytes).is_ok() {
+        return text; // a U+FFFD of the vocabulary's own, or bytes the alphabet could not give back
+    }
+    let mut spelled = String::from("bytes:");
+    for b in bytes {
+        spelled.push_str(&format!("\\x{b:02x}"));
+    }
+    spelled
+}
+
 /// Appends one choice's new tokens to its completions-shaped log-probs. `offset` is the character
 /// offset of the first token's text in the choice's text; `texts` the text each token added.
 pub fn push_completion_logprobs(
@@ -61,13 +80,13 @@ pub fn push_completion_logprobs(
     texts: &[&str],
 ) {
     for (i, s) in sampled.iter().enumerate() {
-        out.tokens.push(token_text(tokenizer, s.token));
+        out.tokens.push(completion_token(tokenizer, s.token));
         out.token_logprobs.push(Some(s.logprob));
         let mut top: BTreeMap<String, f32> = BTreeMap::new();
         for alt in &s.top {
-            top.entry(token_text(tokenizer, alt.token)).or_insert(alt.logprob);
+            top.entry(completion_token(tokenizer, alt.token)).or_insert(alt.logprob);
         }
-        top.entry(token_text(tokenizer, s.token)).or_insert(s.logprob);
+        top.insert(completion_token(tokenizer, s.token), s.logprob);
         out.top_logprobs.push(Some(top));
         out.text_offset.push(offset);
         offset += texts.get(i).map_or(0, |t| t.chars().count());

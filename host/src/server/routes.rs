@@ -1,4 +1,5 @@
-//! The small routes: health, metrics, model list, tokenize and detokenize.
+//! The small routes: health, metrics, model list, tokenize and detokenize, and the answers to
+//! unknown paths and methods.
 
 use std::sync::Arc;
 
@@ -18,6 +19,16 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         None => StatusCode::OK.into_response(),
         Some(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, None, "unavailable").into_response(),
     }
+}
+
+/// Any path no route serves: an OpenAI-style 404, not an empty body.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {}", uri.path()), None, "invalid_request")
+}
+
+/// A known path asked with a method it does not take: an OpenAI-style 405.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} does not take {method}", uri.path()), None, "invalid_request")
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -307,6 +307,9 @@ pub struct ToolCallParser {
     current_id: Option<String>,
     /// All text received, for the fallback when a call turns out invalid.
     received: String,
+    /// Where in `received` the call markup began (the first start marker or object): released
+    /// as content at the end if no call came of it.
+    calls_from: Option<usize>,
     /// Calls after this many are dropped.
     max_calls: usize,
 }
@@ -339,6 +342,7 @@ impl ToolCallParser {
             valid: true,
             current_id: None,
             received: String::new(),
+            calls_from: None,
             max_calls: usize::MAX,
         }
     }
@@ -358,20 +362,31 @@ impl ToolCallParser {
         out
     }
 
-    /// Ends the output: held-back text is released.
+    /// Ends the output: held-back text is released. A call cut off (max_tokens) is dropped; the
+    /// calls before it stand. Markup that no call came of (a start marker and nothing complete
+    /// after it) was text after all, and goes out as content, streamed or not alike.
     pub fn finish(&mut self) -> ParsedDelta {
         let mut out = ParsedDelta::default();
         self.advance(&mut out, true);
-        if let Phase::Object(_) | Phase::MistralName(_) = self.phase {
-            // Cut off inside a call (max_tokens): not a valid call.
-            self.valid = false;
+        if self.calls.is_empty() && self.current_id.is_none() {
+            if let Some(from) = self.calls_from.take() {
+                out.content.push_str(&self.received[from..]);
+                self.pending.clear();
+                self.phase = Phase::Done;
+            }
         }
         out
     }
 
-    /// The calls found, when every call object was complete and valid.
+    /// The complete calls found, when every complete call object was valid.
     pub fn calls(&self) -> Option<&[ToolCall]> {
         (self.valid && !self.calls.is_empty()).then_some(&self.calls[..])
+    }
+
+    /// Whether a call object was complete but malformed (not JSON, no name, arguments not JSON):
+    /// the non-streamed answer then returns the whole output as text.
+    pub fn malformed(&self) -> bool {
+        !self.valid
     }
 
     /// Whether any call has begun (its header sent).
@@ -398,6 +413,7 @@ impl ToolCallParser {
                     }
                     if trimmed.starts_with('{') || trimmed.starts_with(start_marker) {
                         self.pending = trimmed.to_string();
+                        self.calls_from.get_or_insert(self.received.len() - self.pending.len());
                         self.phase = Phase::Calls;
                     } else if start_marker.starts_with(trimmed) && !at_end {
                         return;
@@ -412,6 +428,7 @@ impl ToolCallParser {
                     }
                     if let Some(at) = self.pending.find(start_marker) {
                         out.content.push_str(&self.pending[..at]);
+                        self.calls_from.get_or_insert(self.received.len() - self.pending.len() + at);
                         self.pending.drain(..at + start_marker.len());
                         self.phase = Phase::Calls;
                         continue;
@@ -448,6 +465,11 @@ impl ToolCallParser {
                     if let Some(p) = punctuation.iter().filter(|p| self.pending.starts_with(**p)).max_by_key(|p| p.len()) {
                         self.pending.drain(..p.len());
                         continue;
+                    }
+                    // A marker cut off by the end of the output (`</tool_call`) is not text.
+                    if at_end && punctuation.iter().any(|p| longer(&p)) {
+                        self.pending.clear();
+                        return;
                     }
                     if self.format == ToolCallFormat::Mistral && self.pending.starts_with(|c: char| c.is_alphabetic() || c == '_') {
                         self.phase = Phase::MistralName(String::new());
@@ -655,6 +677,30 @@ mod tests {
         assert!(parser.calls().is_none());
         let (_, _, parser) = stream(ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\" 1}}</tool_call>", 4);
         assert!(parser.calls().is_none());
+    }
+
+    #[test]
+    fn a_cut_off_call_is_dropped_and_the_calls_before_it_stand() {
+        let text = "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"g\", \"argu";
+        for step in [1, 3, 1000] {
+            let (content, _, parser) = stream(ToolCallFormat::Hermes, text, step);
+            let calls = parser.calls().expect("the complete call stands");
+            assert_eq!((calls.len(), calls[0].name.as_str(), content.as_str()), (1, "f", ""), "step {step}");
+        }
+        // A closing marker cut off at the end is not content.
+        let (content, calls, _) = stream(ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\"}</tool_call", 2);
+        assert_eq!((content.as_str(), calls.len()), ("", 1));
+    }
+
+    #[test]
+    fn markup_that_no_call_came_of_is_content_in_every_step_size() {
+        for text in ["<tool_call>\n\n<tool_call>", "Sure. <tool_call>\n{\"na"] {
+            for step in [1, 2, 5, 1000] {
+                let (content, calls, parser) = stream(ToolCallFormat::Hermes, text, step);
+                assert_eq!((content.as_str(), calls.len()), (text, 0), "step {step}");
+                assert!(parser.calls().is_none() && !parser.malformed());
+            }
+        }
     }
 
     #[test]
