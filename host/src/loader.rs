@@ -124,6 +124,10 @@ pub fn open(path: &Path, format: LoadFormat) -> anyhow::Result<ModelFiles> {
             (config, Some(Arc::new(tokenizer)), source)
         }
         LoadFormat::Gguf => bail!("{}: --load-format gguf needs a .gguf file", path.display()),
+        LoadFormat::Safetensors if is_gguf => bail!(
+            "{}: --load-format safetensors needs a Hugging Face directory (config.json and *.safetensors); this is a GGUF file (--load-format gguf or auto)",
+            path.display()
+        ),
         LoadFormat::Safetensors | LoadFormat::Dummy => {
             let (dir, config_path) = if path.is_dir() {
                 (path.to_path_buf(), path.join("config.json"))
@@ -198,6 +202,11 @@ mod tests {
         assert!(err.contains("needs a .gguf file"), "{err}");
         let err = format!("{:#}", load(dir.path(), LoadFormat::Safetensors).err().unwrap());
         assert!(err.contains("config.json"), "{err}");
+        let gguf = dir.path().join("model.gguf");
+        std::fs::write(&gguf, b"GGUF").unwrap();
+        let err = load(&gguf, LoadFormat::Safetensors).err().unwrap().to_string();
+        assert!(err.contains("needs a Hugging Face directory") && err.contains("GGUF file"), "{err}");
+        std::fs::remove_file(&gguf).unwrap();
         // A missing tokenizer is reported before any weight is looked for.
         let config = serde_json::json!({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
             "num_attention_heads": 2, "vocab_size": 10});

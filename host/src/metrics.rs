@@ -92,7 +92,7 @@ impl Metrics {
             )),
             prefix_cache_hits: register!(counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.")),
             num_preemptions: register!(counter("num_preemptions_total", "Sequences preempted (recompute).")),
-            prompt_tokens: register!(counter("prompt_tokens_total", "Prompt tokens prefilled.")),
+            prompt_tokens: register!(counter("prompt_tokens_total", "Prompt tokens of the requests that produced a first token, counted then (prefix-cache hits included).")),
             generation_tokens: register!(counter("generation_tokens_total", "Tokens generated.")),
             request_success: register!(IntCounterVec::new(
                 Opts::new("request_success_total", "Requests finished, by finish reason."),

@@ -359,13 +359,9 @@ impl Validator {
         self.tokenizer.encode(text, add_special_tokens).map_err(|source| ValidationError::Tokenizer { field: "prompt", source })
     }
 
-    /// Renders the chat template (with the assistant's turn opened when `add_generation_prompt`).
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>, ValidationError> {
-        self.encode_chat_with(messages, add_generation_prompt, None)
-    }
-
-    /// `encode_chat` with the request's tools; a history with tool calls or results is rendered
-    /// as `tool_calls::prepare_messages` says, with or without tools.
+    /// Renders the chat template (with the assistant's turn opened when `add_generation_prompt`)
+    /// with the request's tools, if any; a history with tool calls or results is rendered as
+    /// `tool_calls::prepare_messages` says, with or without tools.
     pub fn encode_chat_with(
         &self,
         messages: &[ChatMessage],

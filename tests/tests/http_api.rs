@@ -407,3 +407,18 @@ fn fields_that_would_be_ignored_and_unknown_routes_get_clear_errors() {
     let wrong_method = server.get("/v1/completions");
     assert_eq!((wrong_method.status, wrong_method.json()["error"]["code"].clone()), (405, json!(405)), "{}", wrong_method.body);
 }
+
+#[test]
+fn tokenize_counts_the_tools_a_chat_request_would_send() {
+    let server = server();
+    let messages = json!([{"role": "user", "content": "What's the weather in Paris?"}]);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let plain = server.post_ok("/tokenize", &json!({"messages": messages}))["count"].as_u64().unwrap();
+    let with_tools = server.post_ok("/tokenize", &json!({"messages": messages, "tools": tools}))["count"].as_u64().unwrap();
+    let chat = server.post_ok("/v1/chat/completions", &json!({"messages": messages, "tools": tools, "max_tokens": 1, "temperature": 0}));
+    assert!(with_tools > plain, "{with_tools} vs {plain}");
+    assert_eq!(chat["usage"]["prompt_tokens"].as_u64(), Some(with_tools), "{chat}");
+    let refused = server.post("/tokenize", &json!({"messages": messages, "tools": "weather"}));
+    assert_eq!((refused.status, refused.json()["error"]["param"].clone()), (400, json!("tools")), "{}", refused.body);
+}

@@ -16,6 +16,8 @@ pub enum TokenizeRequest {
         /// Default false: the chat template writes the special tokens.
         add_special_tokens: Option<bool>,
         return_token_strs: Option<bool>,
+        /// As chat completions take them: the tools the template writes into the prompt.
+        tools: Option<serde_json::Value>,
     },
     Completion {
         prompt: String,

@@ -81,8 +81,12 @@ pub struct PluginInfo {
     pub kind: &'static str,
     pub name: String,
     pub active_version: Option<u32>,
-    /// For schedulers: whether it is the engine's policy now.
+    /// Whether its code runs now: a scheduler that is the engine's policy with an active version;
+    /// a filter with an active version (it is in the chain); a sampler or constraint that
+    /// requests in the engine named.
     pub in_use: bool,
+    /// Requests in the engine that named it (samplers and constraints; 0 for the other kinds).
+    pub requests: usize,
     pub faults_in_window: usize,
     pub versions: Vec<VersionInfo>,
 }
@@ -372,7 +376,8 @@ impl PluginRegistry {
     /// What is loaded, per kind and name, with versions and hashes.
     pub fn list(&self) -> Vec<PluginInfo> {
         let slots: Vec<Arc<PluginSlot>> = lock(&self.slots).values().cloned().collect();
-        let in_use = lock(&self.scheduler_in_use).clone();
+        let scheduler = lock(&self.scheduler_in_use).clone();
+        let pins = lock(&self.pins).clone();
         slots
             .iter()
             .map(|slot| {
@@ -380,11 +385,18 @@ impl PluginRegistry {
                     let inner = slot.lock();
                     (inner.active, inner.faults_in_window(), inner.versions.iter().map(|v| v.version).collect::<Vec<_>>())
                 };
+                let requests = pins.get(&(slot.kind(), slot.name().to_string())).copied().unwrap_or(0);
+                let in_use = match slot.kind() {
+                    PluginKind::Scheduler => scheduler.as_deref() == Some(slot.name()) && active.is_some(),
+                    PluginKind::Filter => active.is_some(),
+                    PluginKind::Sampler | PluginKind::Constraint => requests > 0,
+                };
                 PluginInfo {
                     kind: slot.kind().as_str(),
                     name: slot.name().to_string(),
                     active_version: active,
-                    in_use: slot.kind() == PluginKind::Scheduler && in_use.as_deref() == Some(slot.name()),
+                    in_use,
+                    requests,
                     faults_in_window: faults,
                     versions: numbers.into_iter().filter_map(|n| self.version_info(slot, n)).collect(),
                 }

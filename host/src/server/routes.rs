@@ -61,8 +61,11 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<TokenizeResponse, ApiE
     let request: TokenizeRequest = api::parse_json(body)?;
     let v = &state.validator;
     let (tokens, model, return_strs) = match request {
-        TokenizeRequest::Chat { messages, model, add_generation_prompt, add_special_tokens, return_token_strs } => {
-            let mut tokens = v.encode_chat(&messages, add_generation_prompt.unwrap_or(true))?;
+        TokenizeRequest::Chat { messages, model, add_generation_prompt, add_special_tokens, return_token_strs, tools } => {
+            // The tools count as the chat request's do: written into the prompt by the template.
+            let tools = crate::tool_calls::ToolRequest::parse(tools.as_ref(), None, None)
+                .map_err(|e| ApiError::bad_request(e.message, Some(e.field)))?;
+            let mut tokens = v.encode_chat_with(&messages, add_generation_prompt.unwrap_or(true), tools.as_ref())?;
             if add_special_tokens.unwrap_or(false) {
                 if let Some(bos) = state.tokenizer.bos_token_id().filter(|_| state.tokenizer.add_bos_token()) {
                     tokens.insert(0, bos);
