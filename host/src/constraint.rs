@@ -86,9 +86,22 @@ impl TokenizerEnv for TokenizerBytes {
         &self.trie
     }
 
+    /// A grammar's forced bytes may begin or end inside a multi-byte character (a literal is
+    /// forced a token at a time): whole characters go through the tokenizer, the pieces of one
+    /// byte by byte through the trie. (Through `from_utf8_lossy` a piece became U+FFFD, and the
+    /// output carried that character instead of the literal's.)
     fn tokenize_bytes(&self, bytes: &[u8]) -> Vec<u32> {
-        let text = String::from_utf8_lossy(bytes);
-        self.tokenizer.encode(&text, false).unwrap_or_else(|_| self.trie.greedy_tokenize(bytes))
+        let mut tokens = Vec::new();
+        for chunk in bytes.utf8_chunks() {
+            if !chunk.valid().is_empty() {
+                match self.tokenizer.encode(chunk.valid(), false) {
+                    Ok(ids) => tokens.extend(ids),
+                    Err(_) => tokens.extend(self.trie.greedy_tokenize(chunk.valid().as_bytes())),
+                }
+            }
+            tokens.extend(self.trie.greedy_tokenize(chunk.invalid()));
+        }
+        tokens
     }
 }
 

@@ -402,6 +402,10 @@ fn fields_that_would_be_ignored_and_unknown_routes_get_clear_errors() {
     let refused = server.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "echo": true}));
     assert_eq!(refused.status, 400, "{}", refused.body);
     assert_eq!(refused.json()["error"]["param"], "echo");
+    let refused = server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2, "spaces_between_special_tokens": true}));
+    assert_eq!(refused.json()["error"]["param"], "spaces_between_special_tokens", "{}", refused.body);
+    let accepted = server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2, "spaces_between_special_tokens": false}));
+    assert_eq!(accepted.status, 200, "{}", accepted.body);
     let missing = server.get("/v1/nothing");
     assert_eq!((missing.status, missing.json()["error"]["code"].clone()), (404, json!(404)), "{}", missing.body);
     let wrong_method = server.get("/v1/completions");

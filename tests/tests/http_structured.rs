@@ -62,3 +62,29 @@ fn outputs_match_what_the_request_asked_for() {
     assert_eq!(reply.status, 400, "{}", reply.body);
     assert_eq!(reply.json()["error"]["param"], "tools", "{}", reply.body);
 }
+
+#[test]
+fn literals_beyond_ascii_come_out_whole_and_a_finished_grammar_ends_the_output() {
+    let server = Server::start(&["--device", "cpu"]);
+    // A grammar forces a literal a token at a time, so its bytes may stop inside a character:
+    // those pieces must be the literal's bytes, not U+FFFD.
+    let choices = ["🍎", "日本語", "Zürich 🏔"];
+    for (temperature, seed) in [(0.0, 0), (1.0, 5)] {
+        let answer = server.post_ok("/v1/completions", &json!({"prompt": "A word:", "max_tokens": 20, "temperature": temperature,
+                                                                "seed": seed, "guided_choice": choices}));
+        let text = answer["choices"][0]["text"].as_str().unwrap();
+        assert!(choices.contains(&text), "{text:?}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    }
+    let schema = json!({"type": "object", "properties": {"city": {"enum": ["東京", "Zürich 🏔"]}}, "required": ["city"],
+                        "additionalProperties": false});
+    let answer = server.post_ok("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "A city?"}], "max_tokens": 40,
+        "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}));
+    let value: Value = serde_json::from_str(&content(&answer, 0)).unwrap_or_else(|e| panic!("{answer}: {e}"));
+    assert!(["東京", "Zürich 🏔"].contains(&value["city"].as_str().unwrap()), "{value}");
+    // With ignore_eos the grammar's end still ends the output (not max_tokens of masked EOS).
+    let answer = server.post_ok("/v1/completions", &json!({"prompt": "Fruit:", "max_tokens": 200, "temperature": 0,
+                                                            "guided_choice": ["apple", "cherry"], "ignore_eos": true}));
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() < 10, "{answer}");
+}

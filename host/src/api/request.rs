@@ -113,6 +113,9 @@ pub struct ExtraFields {
     /// Chat's `echo` (vLLM: the reply starts with the last message when it has the reply's
     /// role). Completions parse their own `echo` before this struct sees the request.
     pub echo: Option<serde_json::Value>,
+    /// vLLM's spaces between special tokens in the text (none are put in: only `false` is what
+    /// the detokenizer does).
+    pub spaces_between_special_tokens: Option<serde_json::Value>,
 }
 
 /// A field's value that does not say what it should.
@@ -207,7 +210,7 @@ impl ExtraFields {
         let no_tool = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
         let tools = "tools are for /v1/chat/completions";
         let functions = "the deprecated `functions` API is not supported; send `tools`";
-        let fields: [(&'static str, bool, &'static str); 19] = [
+        let fields: [(&'static str, bool, &'static str); 20] = [
             ("tools", !chat && asks(&self.tools), tools),
             ("tool_choice", !chat && asks(&self.tool_choice) && !no_tool, tools),
             ("parallel_tool_calls", !chat && asks(&self.parallel_tool_calls), tools),
@@ -227,6 +230,7 @@ impl ExtraFields {
             ("guided_whitespace_pattern", asks(&self.guided_whitespace_pattern), "a custom JSON whitespace pattern is not supported"),
             ("audio", asks(&self.audio), "audio output is not supported"),
             ("echo", chat && asks(&self.echo), "echoing the last message in a chat reply is not implemented"),
+            ("spaces_between_special_tokens", asks(&self.spaces_between_special_tokens), "special tokens are written without spaces between them (only `false`)"),
         ];
         fields.into_iter().find(|(_, asked, _)| *asked).map(|(field, _, why)| (field, why))
     }

@@ -880,7 +880,10 @@ impl EngineCore {
             self.metrics.time_per_output_token.observe((now - last).as_secs_f64());
         }
         let r = &state.request;
-        let eos = !r.ignore_eos && self.eos_tokens.contains(&token);
+        // Under a constraint an end-of-sequence token is the grammar's end (it allowed it), so it
+        // ends the output even with `ignore_eos`: otherwise a finished JSON object or choice would
+        // decode masked EOS tokens up to `max_tokens`.
+        let eos = (!r.ignore_eos || r.constraint.is_some()) && self.eos_tokens.contains(&token);
         let ends = TokenEnds {
             eos,
             stop_token: !eos && r.stop_token_ids.contains(&token),
