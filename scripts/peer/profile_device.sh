@@ -14,7 +14,8 @@
 # ncu serializes the launches and replays each kernel once per counter pass, flushing the caches
 # before each (its default), so a profiled kernel runs alone and cold: programmatic dependent
 # launches do not overlap, and the times are the kernel's own, not a graph step's share. The
-# clocks are left as they are (`--clock-control none`, as the device's METHOD.md asks).
+# clocks are left as they are (`--clock-control none`, as the device's METHOD.md asks), and the
+# command is stopped once COUNT launches are profiled (`--kill yes`).
 # PAGEDSERVE_KERNEL_CACHE, if set, holds the binary's compiled kernels.
 set -u
 ps=${PAGEDSERVE:-target/release/pagedserve}
@@ -25,7 +26,7 @@ shift 5
 command -v ncu > /dev/null || { echo "ncu is not on the PATH" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
-ncu --clock-control none -k "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
+ncu --clock-control none --kill yes -k "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
   --section WarpStateStats --section SchedulerStats \
   -f -o "$out/$label" "$ps" "$@" > "$out/$label.log" 2>&1
