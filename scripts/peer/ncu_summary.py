@@ -6,8 +6,8 @@ output. Used by profile_device.sh; also runs on its own:
 
 Launches of one kernel with the same grid are one line, the median launch by duration, with
 their count (n). Columns: kernel (name without its argument list), grid x block, registers a thread, dynamic
-shared memory, duration (µs), DRAM bytes read (MB) and the rate that makes over the duration
-(GB/s), DRAM throughput (% of peak), achieved occupancy (% of the warps a multiprocessor holds),
+shared memory, duration (µs), DRAM bytes moved (MB, reads and writes) and their rate (GB/s), DRAM
+throughput (% of peak), achieved occupancy (% of the warps a multiprocessor holds),
 issue slots busy (%), then the four largest warp stall reasons (cycles a warp spends stalled on
 each, per instruction issued). Metrics the report lacks print as '-'.
 """
@@ -78,19 +78,21 @@ def summarize(path):
     for launches in groups.values():
         launches.sort(key=lambda r: first(r, "gpu__time_duration.sum") or 0.0)
         picked.append((launches[len(launches) // 2], len(launches)))
-    print(f"{'kernel':<44} {'n':>3} {'grid x block':>12} {'regs':>4} {'smem':>7} {'µs':>8} {'MB read':>8} {'GB/s':>6} "
+    print(f"{'kernel':<44} {'n':>3} {'grid x block':>12} {'regs':>4} {'smem':>7} {'µs':>8} {'MB dram':>8} {'GB/s':>6} "
           f"{'dram%':>5} {'occ%':>5} {'issue%':>6}  stalls (cycles per issue)")
     for row, count in picked:
         ns = first(row, "gpu__time_duration.sum")
-        read = first(row, "dram__bytes_read.sum")
-        rate = read / ns if read is not None and ns else None  # bytes per ns = GB/s
+        # DRAM traffic (reads and writes) as the SpeedOfLight section gives it: bytes a second.
+        per_second = first(row, "dram__bytes.sum.per_second")
+        rate = per_second / 1e9 if per_second is not None else None
+        read = rate * ns if rate is not None and ns else None  # GB/s x ns = bytes
         grid, block = dims(row.get("Grid Size")), dims(row.get("Block Size"))
         stalls = ", ".join(f"{reason} {value:.1f}" for reason, value in stall_reasons(row)[:4])
         print(f"{short(row.get('Kernel Name'))[:44]:<44} {count:>3} {grid + ' x ' + block:>12} "
               f"{show(first(row, 'launch__registers_per_thread'), '.0f'):>4} "
               f"{show(first(row, 'launch__shared_mem_per_block_dynamic'), '.0f'):>7} "
               f"{show(ns and ns / 1e3, '.2f'):>8} {show(read and read / 1e6, '.2f'):>8} {show(rate, '.0f'):>6} "
-              f"{show(first(row, 'dram__throughput.avg.pct_of_peak_sustained_elapsed'), '.1f'):>5} "
+              f"{show(first(row, 'gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed', 'dram__throughput.avg.pct_of_peak_sustained_elapsed'), '.1f'):>5} "
               f"{show(first(row, 'sm__warps_active.avg.pct_of_peak_sustained_active'), '.1f'):>5} "
               f"{show(first(row, 'smsp__issue_active.avg.pct_of_peak_sustained_active'), '.1f'):>6}  {stalls}")
     return 0
