@@ -208,7 +208,6 @@ pub struct ServeArgs {
     inject_forward_fault: Option<usize>,
 }
 
-/// A non-negative, finite number of seconds from a flag.
 /// `blocks` blocks of `block_bytes`, in GiB.
 fn gib_of(blocks: usize, block_bytes: usize) -> f64 {
     blocks as f64 * block_bytes as f64 / (1u64 << 30) as f64
@@ -222,6 +221,7 @@ fn host_memory_available() -> Option<usize> {
     kib.checked_mul(1024)
 }
 
+/// A non-negative, finite number of seconds from a flag.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0, not {value}"))
 }
@@ -312,23 +312,18 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let num_blocks = match (&gpu, asked) {
-        (Some(models), asked) => {
-            let fit = models.blocks_that_fit(args.block_size, args.gpu_memory_utilization, kv_dtype)?;
-            match asked {
-                None => fit,
-                Some(n) => {
-                    let room = models.blocks_that_fit(args.block_size, 1.0, kv_dtype)?;
-                    if n > room {
-                        bail!(
-                            "the KV cache asked for ({n} blocks, {:.2} GiB) is more than the GPU has free after the weights \
-                             ({room} blocks, {:.2} GiB)",
-                            gib_of(n, block_bytes),
-                            gib_of(room, block_bytes)
-                        );
-                    }
-                    n
-                }
+        (Some(models), None) => models.blocks_that_fit(args.block_size, args.gpu_memory_utilization, kv_dtype)?,
+        (Some(models), Some(n)) => {
+            let room = models.blocks_that_fit(args.block_size, 1.0, kv_dtype)?;
+            if n > room {
+                bail!(
+                    "the KV cache asked for ({n} blocks, {:.2} GiB) is more than the GPU has free after the weights \
+                     ({room} blocks, {:.2} GiB)",
+                    gib_of(n, block_bytes),
+                    gib_of(room, block_bytes)
+                );
             }
+            n
         }
         (None, asked) => {
             let n = asked.unwrap_or_else(|| blocks_of(DEFAULT_KV_CACHE_GB));
@@ -339,7 +334,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     bail!(
                         "the KV cache asked for ({n} blocks, {:.2} GiB) is more than this machine's available memory ({:.2} GiB)",
                         gib_of(n, block_bytes),
-                        available as f64 / (1u64 << 30) as f64
+                        gib_of(available, 1)
                     );
                 }
             }

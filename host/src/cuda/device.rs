@@ -62,10 +62,6 @@ pub struct GpuDevice {
     /// (N rings), so that it fits beside a decode attention block and starts its weight stream
     /// while attention runs.
     pub merge_gemv_warps: Option<u32>,
-    /// EXPERIMENT (`PAGEDSERVE_GGML_TILE_MB=N`): the most of the GGUF tile scratch one dequantized
-    /// tile of a large product takes (`gemm::tiled_linear`), so that a tile written by
-    /// `dequant_ggml` may still be in L2 when cuBLAS reads it; the whole scratch (64 MB) without it.
-    pub ggml_tile_limit: usize,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -213,13 +209,6 @@ impl GpuDevice {
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        let ggml_tile_limit = match std::env::var("PAGEDSERVE_GGML_TILE_MB") {
-            Err(_) => usize::MAX,
-            Ok(mb) => match mb.parse::<usize>() {
-                Ok(mb) if mb > 0 => mb << 20,
-                _ => return Err(CudaError::Config(format!("PAGEDSERVE_GGML_TILE_MB={mb}: expected a number of MB above 0"))),
-            },
-        };
         tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
@@ -239,7 +228,6 @@ impl GpuDevice {
             kv_evict_first,
             fused_merge_all,
             merge_gemv_warps,
-            ggml_tile_limit,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
         }))

@@ -157,8 +157,9 @@ pub unsafe fn tiled_linear(
     if !k.is_multiple_of(ty.block_size()) || tile_elements < k {
         return Err(CudaError::Config(format!("a {ty:?} product of K {k} with a tile of {tile_elements}")));
     }
-    // A tile of at least one row, within the scratch and the device's experimental limit (bytes).
-    let rows_per_tile = (tile_elements.min(dev.ggml_tile_limit / 2) / k).max(1);
+    // Whole 64 MB tiles: L2-sized ones (16 MB, more and smaller cuBLAS products) made the 8B Q4_K
+    // prefill slower on an H200, TTFT 29.8 against 19.3 ms (BENCHMARKS.md, session 23).
+    let rows_per_tile = tile_elements / k;
     let row_bytes = (k / ty.block_size() * ty.type_size()) as u64;
     let out_bytes = if out_type == OutType::F32 { 4 } else { 2 };
     for first in (0..n).step_by(rows_per_tile) {

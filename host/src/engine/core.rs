@@ -250,7 +250,7 @@ impl EngineCore {
         let named = [(PluginKind::Sampler, request.sampler.as_deref()), (PluginKind::Constraint, request.constraint.as_ref().and_then(|c| c.plugin_name()))];
         for (kind, name) in named {
             let Some(name) = name else { continue };
-            if self.plugins.as_ref().and_then(|p| p.pin(kind, name)).is_none() {
+            if !self.plugins.as_ref().is_some_and(|p| p.pin(kind, name)) {
                 for &(kind, name) in &pinned {
                     self.plugins.as_ref().expect("pinned in the registry").unpin(kind, name);
                 }

@@ -25,7 +25,7 @@ use super::scheduler::WasmScheduler;
 use super::slot::{PluginSlot, PluginVersion};
 use super::{FaultReason, PluginKind};
 use crate::metrics::Metrics;
-use crate::sched::{native_policy, SchedulingPolicy, NATIVE_POLICIES};
+use crate::sched::{native_policy, SchedulingPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -111,7 +111,7 @@ pub struct PluginRegistry {
     scheduler_in_use: Mutex<Option<String>>,
     /// The native policy the server was started with (`--scheduling-policy`): what ranks when a
     /// scheduler plugin is removed or has no active version.
-    native_scheduler: Mutex<&'static str>,
+    native_scheduler: Mutex<String>,
     /// Requests in the engine that named each sampler or constraint plugin (`pin`): such a
     /// plugin is not removed from under them.
     pins: Mutex<HashMap<(PluginKind, String), usize>>,
@@ -144,7 +144,7 @@ impl PluginRegistry {
             filter_order: Mutex::new(Vec::new()),
             engine: Mutex::new(None),
             scheduler_in_use: Mutex::new(None),
-            native_scheduler: Mutex::new("fcfs"),
+            native_scheduler: Mutex::new("fcfs".into()),
             pins: Mutex::new(HashMap::new()),
         })
     }
@@ -152,11 +152,10 @@ impl PluginRegistry {
     /// Sets the native policy (`fcfs`, `priority`) that ranks when no scheduler plugin does: the
     /// server's `--scheduling-policy`. FCFS until set.
     pub fn set_native_scheduler(&self, policy: &str) -> Result<(), RegistryError> {
-        let name = NATIVE_POLICIES
-            .into_iter()
-            .find(|&p| p == policy)
-            .ok_or_else(|| RegistryError::NotFound { kind: PluginKind::Scheduler, name: policy.into() })?;
-        *lock(&self.native_scheduler) = name;
+        if native_policy(policy).is_none() {
+            return Err(RegistryError::NotFound { kind: PluginKind::Scheduler, name: policy.into() });
+        }
+        *lock(&self.native_scheduler) = policy.to_string();
         Ok(())
     }
 
@@ -181,15 +180,17 @@ impl PluginRegistry {
         self.slot(kind, name).ok_or_else(|| RegistryError::NotFound { kind, name: name.to_string() })
     }
 
-    /// Admits a request that names the sampler or constraint plugin `kind`/`name`: the plugin if
-    /// it is loaded with an active version, then counted as in use (`remove` refuses it) until
+    /// Admits a request that names the sampler or constraint plugin `kind`/`name`: whether it is
+    /// loaded with an active version; if so it counts as in use (`remove` refuses it) until
     /// `unpin`.
-    pub fn pin(&self, kind: PluginKind, name: &str) -> Option<Arc<PluginSlot>> {
+    pub fn pin(&self, kind: PluginKind, name: &str) -> bool {
+        let key = (kind, name.to_string());
         let slots = lock(&self.slots);
-        let slot = slots.get(&(kind, name.to_string()))?;
-        slot.active_version()?;
-        *lock(&self.pins).entry((kind, name.to_string())).or_default() += 1;
-        Some(slot.clone())
+        if slots.get(&key).and_then(|slot| slot.active_version()).is_none() {
+            return false;
+        }
+        *lock(&self.pins).entry(key).or_default() += 1;
+        true
     }
 
     /// A request `pin` admitted has ended.
@@ -339,8 +340,8 @@ impl PluginRegistry {
             lock(&self.filter_order).retain(|n| n != name);
         }
         if kind == PluginKind::Scheduler && lock(&self.scheduler_in_use).as_deref() == Some(name) {
-            let native = *lock(&self.native_scheduler);
-            self.use_native_scheduler(native, who)?;
+            let native = lock(&self.native_scheduler).clone();
+            self.use_native_scheduler(&native, who)?;
         }
         tracing::info!(who, %kind, name, "plugin removed");
         Ok(())
@@ -350,8 +351,7 @@ impl PluginRegistry {
     pub fn use_scheduler(&self, name: &str, who: &str) -> Result<(), RegistryError> {
         let slot = self.slot_or_404(PluginKind::Scheduler, name)?;
         let engine = lock(&self.engine).clone().ok_or(RegistryError::EngineDown)?;
-        let native = *lock(&self.native_scheduler);
-        let fallback = native_policy(native).expect("a native policy's name");
+        let fallback = native_policy(&lock(&self.native_scheduler)).expect("set_native_scheduler checked the name");
         if !engine.swap_policy(Box::new(WasmScheduler::new(slot, fallback))) {
             return Err(RegistryError::EngineDown);
         }

@@ -12,7 +12,7 @@ mod policy;
 use std::collections::HashMap;
 
 pub use self::policy::{
-    fcfs_ranking, native_policy, validate_ranking, Budget, Fcfs, PolicyError, Priority, SchedulingPolicy, SeqId, NATIVE_POLICIES,
+    fcfs_ranking, native_policy, validate_ranking, Budget, Fcfs, PolicyError, Priority, SchedulingPolicy, SeqId,
     SeqView,
 };
 use crate::kv_cache::{BlockId, KvCacheManager, SeqBlocks};

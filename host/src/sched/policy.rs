@@ -124,9 +124,6 @@ impl SchedulingPolicy for Priority {
 }
 
 /// A native policy by name.
-/// The names `native_policy` knows.
-pub const NATIVE_POLICIES: [&str; 2] = ["fcfs", "priority"];
-
 pub fn native_policy(name: &str) -> Option<Box<dyn SchedulingPolicy>> {
     match name {
         "fcfs" => Some(Box::new(Fcfs)),
