@@ -394,6 +394,81 @@ __device__ int sample_random(const float* __restrict__ x, int n, const u32* __re
     return block_argmax(best, index, s);
 }
 
+// Plain greedy samples (flags exactly F_GREEDY: no bias, penalty, mask, log-probs or candidates):
+// the largest raw logit, the first on ties, spread over the GPU in GREEDY_CHUNK-logit chunks.
+// One 1024-thread block scanning a whole row (sample_rows) took ~50 us for a 128,256-logit row,
+// a whole step's worth of the 8B model's attention at one client; a chunk is 8 loads a thread,
+// all in flight at once. Grid (chunks, samples): each block writes its chunk's best to
+// `partials` (value bits, index), and the block of a sample that arrives last (`arrivals`, one
+// counter a sample, zero between launches: the last block resets it) merges them and writes the
+// sample's output words as sample_rows would (token, NaN log-prob). Blocks of other samples
+// return at once; sample_rows returns at once for these samples.
+#define GREEDY_CHUNK 2048
+#define GREEDY_THREADS 256
+extern "C" __global__ void __launch_bounds__(GREEDY_THREADS) greedy_chunks(
+    u32* __restrict__ out,
+    u32* __restrict__ partials,
+    u32* __restrict__ arrivals,
+    const float* __restrict__ logits,
+    const u32* __restrict__ params,
+    int vocab) {
+    PDL_ENTER();
+    __shared__ float best_s[GREEDY_THREADS / 32];
+    __shared__ int index_s[GREEDY_THREADS / 32];
+    __shared__ bool last_s;
+    const u32* p = params + (u64)blockIdx.y * SAMPLE_PARAM_WORDS;
+    if (p[P_FLAGS] != F_GREEDY) return;
+    const float* row = logits + (u64)p[P_ROW] * vocab;
+    const int begin = blockIdx.x * GREEDY_CHUNK;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float values[GREEDY_CHUNK / GREEDY_THREADS];
+#pragma unroll
+    for (int j = 0; j < GREEDY_CHUNK / GREEDY_THREADS; ++j) {
+        const int i = begin + j * GREEDY_THREADS + threadIdx.x;
+        values[j] = i < vocab ? row[i] : -INFINITY;
+    }
+    float best = -INFINITY;
+    int index = 0x7fffffff;
+#pragma unroll
+    for (int j = 0; j < GREEDY_CHUNK / GREEDY_THREADS; ++j) {
+        const int i = begin + j * GREEDY_THREADS + threadIdx.x;
+        if (i < vocab) argmax_merge(best, index, values[j], i);
+    }
+    for (int o = 16; o > 0; o >>= 1) argmax_merge(best, index, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, index, o));
+    if (lane == 0) { best_s[warp] = best; index_s[warp] = index; }
+    __syncthreads();
+    const int chunks = gridDim.x;
+    u32* part = partials + 2ull * blockIdx.y * chunks;
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < GREEDY_THREADS / 32; ++w) argmax_merge(best, index, best_s[w], index_s[w]);
+        part[2 * blockIdx.x] = __float_as_uint(best);
+        part[2 * blockIdx.x + 1] = (u32)index;
+        // The partial is visible to every block before this block is counted.
+        __threadfence();
+        last_s = atomicAdd(&arrivals[blockIdx.y], 1u) == (u32)chunks - 1;
+    }
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    best = -INFINITY;
+    index = 0x7fffffff;
+    for (int c = threadIdx.x; c < chunks; c += GREEDY_THREADS) {
+        // L2 reads: other blocks wrote these after this block's L1 could have seen them.
+        argmax_merge(best, index, __uint_as_float(__ldcg(&part[2 * c])), (int)__ldcg(&part[2 * c + 1]));
+    }
+    for (int o = 16; o > 0; o >>= 1) argmax_merge(best, index, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, index, o));
+    __syncthreads();
+    if (lane == 0) { best_s[warp] = best; index_s[warp] = index; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < GREEDY_THREADS / 32; ++w) argmax_merge(best, index, best_s[w], index_s[w]);
+        u32* o = out + p[P_OUT];
+        o[0] = (u32)index;
+        o[1] = 0x7fc00000u;  // NaN: no log-prob asked
+        arrivals[blockIdx.y] = 0;
+    }
+}
+
 // One block per sample. `out` gets, at the row's offset: token (0xffffffff for a plugin row),
 // log-prob bits (NaN unless asked), then (token, log-prob) of the top-L raw alternatives, or for
 // a plugin row (token, processed logit) of its top-N candidates.
@@ -412,6 +487,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     __shared__ SampleShared s;
     const u32* p = params + (u64)blockIdx.x * SAMPLE_PARAM_WORDS;
     const u32 flags = p[P_FLAGS];
+    if (flags == F_GREEDY) return;  // greedy_chunks' sample
     const float* raw = logits + (u64)p[P_ROW] * vocab;
     u32* o = out + p[P_OUT];
     const float* x = raw;

@@ -423,6 +423,9 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         return print_quantized_8b_steps(&dev, copy, &args, true);
     }
     if args.breakdown_8b_only {
+        for tiles in pagedserve::cuda::skinny::TILES {
+            gpu::print_kernel_resources(&dev, &pagedserve::cuda::skinny::kernel_name(tiles), "")?;
+        }
         let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
         let formats = [Some(gpu::DummyWeights::Bf16), args.fp8.then_some(gpu::DummyWeights::Fp8)];
         for weights in formats.into_iter().flatten() {
@@ -441,8 +444,22 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                     batch as f64 / ms * 1e3
                 );
             }
+            // The served step: the graph, then the device sampler (greedy, as the load client
+            // asks, and T 0.8 top-p 0.95), its uploads and its download; the step above ends in
+            // `argmax_rows` instead, one block a row.
+            let greedy = pagedserve::sampling::SamplingParams { temperature: 0.0, ..Default::default() };
+            let random = pagedserve::sampling::SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(1), ..Default::default() };
+            for &batch in &args.batch_sizes {
+                let mut served = |params| gpu::serving_step_ms(&mut big, batch, args.context, 10, true, gpu::StepSampling::Device, params);
+                let (greedy_ms, random_ms) = (served(&greedy)?, served(&random)?);
+                println!("Llama-3.1-8B served decode step {weights:?} b{batch:<4} c{:<5} greedy {greedy_ms:>8.3} ms | T 0.8 top-p 0.95 {random_ms:>8.3} ms", args.context);
+            }
         }
-        // Each product alone at one row, in a graph (the GEMV against cuBLAS).
+        // Each product alone at each batch size, in a graph (the GEMV at one row, the skinny
+        // kernel at 2 to 64, against cuBLAS).
+        for &batch in args.batch_sizes.iter().filter(|&&b| (2..=64).contains(&b)) {
+            gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B", batch, &gpu::LLAMA_8B_PRODUCTS)?;
+        }
         if args.batch_sizes.contains(&1) {
             gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B", 1, &gpu::LLAMA_8B_PRODUCTS)?;
             if args.fp8 {

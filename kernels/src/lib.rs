@@ -203,7 +203,16 @@ pub const MODULES: &[KernelModule] = &[
         ],
     },
     KernelModule { name: "fp8", source: include_str!("../fp8.cu"), functions: &["fp8_quantize_rows", "fp8_scale_output"] },
-    KernelModule { name: "sampling", source: include_str!("../sampling.cu"), functions: &["argmax_rows", "init_uniform_bf16", "sample_rows", "feed_tokens"] },
+    KernelModule {
+        name: "sampling",
+        source: include_str!("../sampling.cu"),
+        functions: &["argmax_rows", "init_uniform_bf16", "greedy_chunks", "sample_rows", "feed_tokens"],
+    },
+    KernelModule {
+        name: "skinny",
+        source: include_str!("../skinny.cu"),
+        functions: &["gemv_mma_n1", "gemv_mma_n2", "gemv_mma_n4", "gemv_mma_n8"],
+    },
 ];
 
 impl KernelModule {

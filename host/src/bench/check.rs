@@ -720,7 +720,13 @@ pub fn check_gemv(dev: &GpuDevice, m: usize, n: usize, k: usize, out_type: OutTy
             stream.clone_dtoh(&out)?
         }
     };
-    let path = if gemv_prefers(m, k, n, WeightFormat::Bf16) { "gemv" } else { "cuBLAS" };
+    let path = if gemv_prefers(m, k, n, WeightFormat::Bf16) {
+        "gemv"
+    } else if crate::cuda::skinny::prefers(dev, m, k, n) {
+        "skinny"
+    } else {
+        "cuBLAS"
+    };
     Ok(CheckRow::error("linear small-M", format!("{path} m {m} n {n} k {k} {out_type:?} out"), relative_error(&got, &want)))
 }
 
@@ -914,6 +920,23 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for (m, n, k) in [(1, 6144, 4096), (1, 4096, 14336), (2, 100, 14336)] {
         seed += 1;
         rows.push(check_gemv(dev, m, n, k, OutType::Bf16, seed)?);
+    }
+    // The skinny tensor-core kernel (`cuda::skinny`, 2 to 64 rows): each tile count, partial
+    // row groups (1001 rows), K split over blocks (the 8B QKV in 5 splits, down in 8 of 1792)
+    // and not (gate-up), a float32 head.
+    for (m, n, k, out_type) in [
+        (9, 960, 576, OutType::Bf16),
+        (16, 1001, 1536, OutType::Bf16),
+        (27, 49152, 576, OutType::F32),
+        (32, 6144, 4096, OutType::Bf16),
+        (32, 4096, 14336, OutType::Bf16),
+        (32, 28672, 4096, OutType::Bf16),
+        (5, 4096, 4096, OutType::F32),
+        (64, 576, 1536, OutType::Bf16),
+        (50, 4096, 14336, OutType::Bf16),
+    ] {
+        seed += 1;
+        rows.push(check_gemv(dev, m, n, k, out_type, seed)?);
     }
     for m in [1, 3, 8] {
         rows.push(check_gemv_silu(dev, m, 576, 1536, WeightFormat::Bf16, 300 + m as u64)?);
@@ -1680,8 +1703,9 @@ pub fn sampling_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         let (ids, _) = crate::plugin::top_candidates(&logits[row * vocab..(row + 1) * vocab], 3);
         [(ids[0], -100.0), (ids[2], 0.75), (7, 3.0)].into()
     };
-    for vocab in [49_152usize, 151_936] {
-        let n = 12;
+    // 50,257 is not a multiple of `greedy_chunks`' 2,048-logit chunk.
+    for vocab in [49_152usize, 50_257, 151_936] {
+        let n = 14;
         let logits = random_logits(&mut rng, n, vocab);
         let lp = |k| Some(k);
         let params: Vec<SamplingParams> = vec![
@@ -1705,7 +1729,12 @@ pub fn sampling_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
             SamplingParams { temperature: 1.3, top_k: 2, top_p: 1e-6, repetition_penalty: 1.5, seed: Some(3), ..Default::default() },
             SamplingParams { temperature: 0.8, top_p: 1e-6, logit_bias: bias(&logits, vocab, 10), seed: None, ..Default::default() },
             SamplingParams { temperature: 2.0, top_k: 1, presence_penalty: 2.0, logprobs: lp(2), ..Default::default() },
+            // Plain greedy (`greedy_chunks`): row 12 has its best value hundreds of times over,
+            // in every chunk, and the lowest index must win.
+            greedy.clone(),
+            greedy.clone(),
         ];
+        assert_eq!(params.len(), n);
         let mut cpu = samplers_for(&params, &logits, vocab);
         let mut gpu = samplers_for(&params, &logits, vocab);
         // The CPU reference: its greedy choice after bias and penalties, and its log-probs.
@@ -1758,6 +1787,32 @@ pub fn sampling_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
             detail: format!("V {vocab}: max |device - CPU| of chosen and top-L raw log-probs"),
             error: Some(worst),
             passed: worst < 1e-4,
+        });
+
+        // Only plain greedy samples (the one-client step: `sample_rows` is not launched), three
+        // launches on the same buffers (each leaves its arrival counters at zero for the next),
+        // every row once and row 12 (ties) twice.
+        let want: Vec<u32> = (0..n).chain([12]).map(|row| crate::sampling::argmax(&logits[row * vocab..(row + 1) * vocab]) as u32).collect();
+        let mut plain: Vec<SequenceSampler> = (0..=n).map(|i| SequenceSampler::new(greedy.clone(), &[], i as u64)).collect();
+        let on_device = dev.stream.clone_htod(&logits)?;
+        let logits_ptr = cudarc::driver::DevicePtr::device_ptr(&on_device, &dev.stream).0;
+        let mut buffers = SamplingBuffers::default();
+        let mut launches = Vec::new();
+        for _ in 0..3 {
+            let mut rows: Vec<RowSampling> = plain
+                .iter_mut()
+                .enumerate()
+                .map(|(i, sampler)| RowSampling { row: if i == n { 12 } else { i }, sampler, candidates: None })
+                .collect();
+            let (got, _) = sample_on_device(dev, &mut buffers, logits_ptr, n, vocab, &mut rows, None)?;
+            launches.push(got.iter().map(|g| token_of(g).map_or(u32::MAX, |s| s.token)).collect::<Vec<u32>>());
+        }
+        let same = launches.iter().filter(|got| **got == want).count();
+        rows_out.push(CheckRow {
+            name: "sampling greedy, chunked".into(),
+            detail: format!("V {vocab}: {same}/3 launches of {} plain greedy samples equal to the CPU argmax", n + 1),
+            error: None,
+            passed: same == 3,
         });
 
         // Plugin candidates: the same ids in the same order, the same processed logits.

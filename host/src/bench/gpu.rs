@@ -123,7 +123,7 @@ pub fn attention_decode(
 const ATTENTION_LAYOUTS: [(&str, usize, usize, usize); 2] = [("8B", 32, 8, 128), ("SmolLM2", 9, 3, 64)];
 
 /// Prints a kernel's registers and local memory (spills), and `extra` after them.
-fn print_kernel_resources(dev: &GpuDevice, name: &str, extra: &str) -> Result<(), CudaError> {
+pub fn print_kernel_resources(dev: &GpuDevice, name: &str, extra: &str) -> Result<(), CudaError> {
     let function = dev.function(name);
     println!(
         "{name}: {} registers, {} bytes of local memory per thread{extra}",

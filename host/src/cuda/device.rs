@@ -11,6 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::driver::sys::CUfunction_attribute;
 
 use super::fp8_gemm::Fp8Gemm;
+use super::skinny::{self, Skinny};
 use super::kernels::Kernels;
 use super::launch::{
     attention_shared_bytes, decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
@@ -67,6 +68,9 @@ pub struct GpuDevice {
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
     /// cuBLASLt, for the FP8 GEMMs (`cuda::fp8_gemm`), sharing the cuBLAS workspace.
     fp8_gemm: Mutex<Fp8Gemm>,
+    /// The skinny tensor-core products' workspace and row range (`cuda::skinny`); `None` when
+    /// `PAGEDSERVE_SKINNY=off` or a block's shared memory does not fit this device.
+    pub skinny: Option<Skinny>,
 }
 
 /// Which kernels are launched as programmatic dependents (see `launchers::launch`).
@@ -192,6 +196,18 @@ impl GpuDevice {
                 kernels.get(&mmq_kernel_name(ty, m)).set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, mmq_shared_bytes(ty, m) as i32)?;
             }
         }
+        // The skinny products' blocks take ~195 KB (sm_80 and sm_90 have it; sm_86 and sm_89 do not).
+        let skinny = match Skinny::rows_from_env()? {
+            Some(rows) if skinny::TILES.iter().all(|&t| skinny::shared_bytes(t) <= opt_in) => {
+                for tiles in skinny::TILES {
+                    kernels
+                        .get(&skinny::kernel_name(tiles))
+                        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, skinny::shared_bytes(tiles) as i32)?;
+                }
+                Some(Skinny::new(&stream, rows)?)
+            }
+            _ => None,
+        };
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
@@ -209,7 +225,7 @@ impl GpuDevice {
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -230,6 +246,7 @@ impl GpuDevice {
             merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
+            skinny,
         }))
     }
 

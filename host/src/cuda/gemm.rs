@@ -1,6 +1,7 @@
 //! Linear layers through cuBLAS: `out[m×n] = a[m×k] · wᵀ` with row-major bf16 operands (`w` is a
-//! `[n×k]` weight), float32 accumulation, and a bf16 or float32 result. Up to 8 rows go to our
-//! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), more to cuBLAS. Weights kept in GGUF blocks
+//! `[n×k]` weight), float32 accumulation, and a bf16 or float32 result. One row goes to our
+//! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), up to 64 to the skinny tensor-core kernel
+//! (`cuda::skinny`), more to cuBLAS. Weights kept in GGUF blocks
 //! go to MMQ (`mmq_linear`, the int8 tensor cores) up to 64 rows, else to dequantized tiles.
 
 use cudarc::cublas::result::gemm_ex;
@@ -8,6 +9,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
+use super::skinny;
 use super::launch::{gemv_prefers, grid_stride_config, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_threads, mmq_tokens, WeightFormat, MMQ_ROWS};
 use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
@@ -37,6 +39,9 @@ pub unsafe fn linear(
 ) -> Result<(), CudaError> {
     if gemv_prefers(m, k, n, WeightFormat::Bf16) && (a | w).is_multiple_of(16) {
         return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w: GemvWeight::Bf16(w), bias: 0, m, k, n });
+    }
+    if skinny::prefers(dev, m, k, n) && (a | w).is_multiple_of(16) {
+        return skinny::skinny_linear(dev, out, out_type, a, w, m, k, n);
     }
     cublas_linear(dev, out, out_type, a, w, m, k, n)
 }

@@ -196,6 +196,10 @@ kernels! {
     fn gemv(mode: GemvMode, m_rows: usize, format: WeightFormat, suffix: &str) => format!("{}{suffix}", gemv_kernel_name(mode, m_rows, format));
         (out: Ptr, out_f32: i32, x: Ptr, delta: Ptr, norm_w: Ptr, residual_out: Ptr, rows: Ptr, bias: Ptr,
          w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32, splits: i32, head_dim: i32)
+    /// `skinny.cu`: a bf16 product of up to 64 input rows on the tensor cores, instantiated per
+    /// tiles of 8 rows; grid (row groups, splits of K) (see `cuda::skinny`).
+    fn gemv_mma(tiles: usize) => super::skinny::kernel_name(tiles);
+        (out: Ptr, out_f32: i32, x: Ptr, w: Ptr, partials: Ptr, arrivals: Ptr, m: i32, n: i32, k: i32, k_per_split: i32)
     /// `fp8.cu`: each row of a bf16 `[rows, cols]` matrix to E4M3 with its scale; one block a row.
     fn fp8_quantize_rows() => "fp8_quantize_rows";
         (q: Ptr, scales: Ptr, x: Ptr, cols: i32)
@@ -208,6 +212,10 @@ kernels! {
     /// `sampling.cu`: `n` bfloat16 values uniform in `[-scale, scale)` from `seed`.
     fn init_uniform_bf16() => "init_uniform_bf16";
         (out: Ptr, n: u64, seed: u64, scale: f32)
+    /// `sampling.cu`: the plain greedy samples' tokens, chunks of a row over the GPU; grid
+    /// (chunks, samples) (see `cuda::sampling`).
+    fn greedy_chunks() => "greedy_chunks";
+        (out: Ptr, partials: Ptr, arrivals: Ptr, logits: Ptr, params: Ptr, vocab: i32)
     /// `sampling.cu`: the full sampler, one block per sample (see `cuda::sampling`).
     fn sample_rows() => "sample_rows";
         (out: Ptr, work: Ptr, logits: Ptr, params: Ptr, bias_tokens: Ptr, bias_values: Ptr,
@@ -292,8 +300,10 @@ mod tests {
             ("attention_reduce", "paged_attention", "attention_reduce_hd##HD"),
             ("prefill_attention", "prefill_attention", "prefill_attention_hd##HD"),
             ("gemv", "gemv", "NAME"),
+            ("gemv_mma", "skinny", "NAME"),
             ("argmax_rows", "sampling", "argmax_rows"),
             ("init_uniform_bf16", "sampling", "init_uniform_bf16"),
+            ("greedy_chunks", "sampling", "greedy_chunks"),
             ("sample_rows", "sampling", "sample_rows"),
             ("feed_tokens", "sampling", "feed_tokens"),
             ("fp8_quantize_rows", "fp8", "fp8_quantize_rows"),

@@ -21,6 +21,7 @@ mod model;
 mod parallel;
 pub mod profile;
 pub mod sampling;
+pub mod skinny;
 mod standalone;
 pub mod weights;
 

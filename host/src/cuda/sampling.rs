@@ -4,7 +4,8 @@
 //! (structured outputs and constraint plugins cost `vocab / 8` bytes per sample, never a logits
 //! copy; the masks are computed while the forward runs),
 //! one 1024-thread block per sample on the logits the forward left on
-//! the device, and one download of only what the host needs: tokens, log-probs, candidates.
+//! the device (plain greedy samples, the common case, are split over many blocks instead:
+//! `greedy_chunks`), and one download of only what the host needs: tokens, log-probs, candidates.
 //!
 //! A launch (`launch_sampling`) enqueues all of that and returns; `collect_sampling` waits for
 //! its download. Two launches may be outstanding (async scheduling), so the buffers come in two
@@ -67,6 +68,10 @@ const F_CANDIDATES: u32 = 2;
 const F_MODIFIED: u32 = 4;
 const F_LOGPROB: u32 = 8;
 
+/// Logits of one `greedy_chunks` block (`GREEDY_CHUNK` in the kernel), and its threads.
+const GREEDY_CHUNK: usize = 2048;
+const GREEDY_THREADS: u32 = 256;
+
 /// What one sample's output region holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum RowOutput {
@@ -92,6 +97,9 @@ pub(crate) struct PackedRows {
     pub out_len: usize,
     /// Samples with bias or penalties: each gets a work row of `vocab` floats.
     pub work_rows: usize,
+    /// Plain greedy samples (flags exactly `F_GREEDY`): `greedy_chunks` takes them, `sample_rows`
+    /// the others.
+    pub plain_greedy: usize,
 }
 
 /// The penalty entries of a sample: every token the repetition penalty covers (prompt and
@@ -118,7 +126,7 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize, unobserved: &[bo
     let (mut bias_tokens, mut bias_values) = (Vec::new(), Vec::new());
     let (mut penalty_tokens, mut penalty_counts) = (Vec::new(), Vec::new());
     let mut outputs = Vec::with_capacity(rows.len());
-    let (mut out_len, mut work_rows) = (0, 0);
+    let (mut out_len, mut work_rows, mut plain_greedy) = (0, 0, 0);
     for (i, (r, w)) in rows.iter().zip(params.chunks_exact_mut(PARAM_WORDS)).enumerate() {
         let p = r.sampler.params();
         let bias_begin = bias_tokens.len() as u32;
@@ -187,6 +195,7 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize, unobserved: &[bo
         w[word::OUT] = offset as u32;
         w[word::WORK] = work_rows as u32;
         work_rows += usize::from(modified);
+        plain_greedy += usize::from(flags == F_GREEDY);
     }
     let bias_tokens_at = params.len();
     let bias_values_at = bias_tokens_at + bias_tokens.len();
@@ -206,6 +215,7 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize, unobserved: &[bo
         outputs,
         out_len,
         work_rows,
+        plain_greedy,
     }
 }
 
@@ -251,6 +261,10 @@ struct BufferSet {
     masks: Option<CudaSlice<u32>>,
     output: Option<CudaSlice<u32>>,
     work: Option<CudaSlice<f32>>,
+    /// `greedy_chunks`' best of each chunk (value bits, index) and, per sample, how many of its
+    /// chunks are done (zero between launches).
+    partials: Option<CudaSlice<u32>>,
+    arrivals: Option<CudaSlice<u32>>,
     /// Page-locked copy of the output, downloaded at the end of the launch.
     download: Option<PinnedHostSlice<u32>>,
     /// Recorded after the download: the launch's results are on the host.
@@ -395,24 +409,46 @@ pub fn launch_sampling(
         let output = ptr(dev, set.output.as_ref().unwrap());
         let masks_ptr = set.masks.as_ref().map_or(0, |m| ptr(dev, m));
         let vocab_i = vocab as i32;
-        let config = LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the packed parameters describe every row's offsets inside these buffers; a row
-        // with a mask offset has its slot uploaded.
-        unsafe {
-            launchers::sample_rows(
-                dev,
-                config,
-                output,
-                ptr(dev, set.work.as_ref().unwrap()),
-                logits,
-                base,
-                at(packed.bias_tokens),
-                at(packed.bias_values),
-                at(packed.penalty_tokens),
-                at(packed.penalty_counts),
-                masks_ptr,
-                vocab_i,
-            )?;
+        if packed.plain_greedy > 0 {
+            let chunks = vocab.div_ceil(GREEDY_CHUNK);
+            grow(dev, &mut set.partials, 2 * chunks * rows.len())?;
+            grow(dev, &mut set.arrivals, rows.len())?;
+            let config = LaunchConfig { grid_dim: (chunks as u32, rows.len() as u32, 1), block_dim: (GREEDY_THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: `partials` holds `chunks` pairs a sample and `arrivals` a zeroed counter a
+            // sample (the last block of a launch resets its sample's); outputs as for sample_rows.
+            unsafe {
+                launchers::greedy_chunks(
+                    dev,
+                    config,
+                    output,
+                    ptr(dev, set.partials.as_ref().unwrap()),
+                    ptr(dev, set.arrivals.as_ref().unwrap()),
+                    logits,
+                    base,
+                    vocab_i,
+                )?;
+            }
+        }
+        if packed.plain_greedy < rows.len() {
+            let config = LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the packed parameters describe every row's offsets inside these buffers; a
+            // row with a mask offset has its slot uploaded.
+            unsafe {
+                launchers::sample_rows(
+                    dev,
+                    config,
+                    output,
+                    ptr(dev, set.work.as_ref().unwrap()),
+                    logits,
+                    base,
+                    at(packed.bias_tokens),
+                    at(packed.bias_values),
+                    at(packed.penalty_tokens),
+                    at(packed.penalty_counts),
+                    masks_ptr,
+                    vocab_i,
+                )?;
+            }
         }
         if let Some(timer) = timer {
             timer.mark(dev, StepMark::SampleEnd)?;
@@ -515,6 +551,7 @@ mod tests {
         entries.sort();
         assert_eq!(entries, vec![(2, 1), (4, 0), (5, 2)]);
         assert_eq!(p.work_rows, 1);
+        assert_eq!(p.plain_greedy, 0, "greedy with penalties and log-probs is sample_rows' sample");
         assert_eq!(w(1, word::WORK), 0);
         // Outputs: 2 words, then 3 alternatives, then 4 candidates.
         assert_eq!(
@@ -558,5 +595,28 @@ mod tests {
             assert!(source.contains(&format!("#define {name} {value}\n")), "{name}");
         }
         assert!(source.contains(&format!("#define F_MODIFIED {F_MODIFIED}u")));
+        assert!(source.contains(&format!("#define GREEDY_CHUNK {GREEDY_CHUNK}\n")));
+        assert!(source.contains(&format!("#define GREEDY_THREADS {GREEDY_THREADS}\n")));
+    }
+
+    #[test]
+    fn only_greedy_samples_with_nothing_else_asked_go_to_the_chunked_argmax() {
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        let mut plain = SequenceSampler::new(greedy.clone(), &[], 0);
+        let mut biased = SequenceSampler::new(SamplingParams { logit_bias: [(1, 1.0)].into(), ..greedy.clone() }, &[], 0);
+        let mut logprobs = SequenceSampler::new(SamplingParams { logprobs: Some(0), ..greedy.clone() }, &[], 0);
+        let mut random = SequenceSampler::new(SamplingParams { temperature: 0.5, ..Default::default() }, &[], 0);
+        let mut plain_too = SequenceSampler::new(greedy, &[], 1);
+        let rows = vec![
+            RowSampling { row: 0, sampler: &mut plain, candidates: None },
+            RowSampling { row: 1, sampler: &mut biased, candidates: None },
+            RowSampling { row: 2, sampler: &mut logprobs, candidates: None },
+            RowSampling { row: 3, sampler: &mut random, candidates: None },
+            RowSampling { row: 4, sampler: &mut plain_too, candidates: Some(3) },
+        ];
+        let p = pack_rows(&rows, 10, &[]);
+        let flags: Vec<u32> = (0..5).map(|i| p.words[i * PARAM_WORDS + word::FLAGS]).collect();
+        assert_eq!(flags, vec![F_GREEDY, F_GREEDY | F_MODIFIED, F_GREEDY | F_LOGPROB, 0, F_CANDIDATES]);
+        assert_eq!(p.plain_greedy, 1);
     }
 }

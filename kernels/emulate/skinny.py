@@ -1,0 +1,115 @@
+# Emulates kernels/skinny.cu lane by lane on the CPU (numpy): which 16-byte vectors each lane
+# copies into its ring slots and into the staged slices of x, the words it hands to
+# mma.sync m16n8k16 as the PTX ISA lays out its fragments (fragments.py), where it writes its
+# accumulators, and the split-K partials added in split order, against a plain float64 product.
+# It checks the index arithmetic (the permuted K order, partial row groups, input rows past m,
+# slices and splits that end inside a chunk run); not the cp.async pipeline or the barriers,
+# which only the GPU check (`pagedserve check`) covers. Run: python3 kernels/emulate/skinny.py
+# (a few seconds). Keep it in step with the kernel when either changes.
+import numpy as np
+from fragments import bf, mma
+
+SK_WARPS, SK_KC, SK_STAGES, SK_SLICE = 16, 64, 4, 2048
+
+
+def words(v16):
+    # 8 bf16 values -> 4 "u32" words, each the pair (lo, hi) as the registers hold them
+    return [v16[2 * i:2 * i + 2] for i in range(4)]
+
+
+def kernel(NT, x, w, m, n, k, k_per_split):
+    SLICE = SK_SLICE // NT
+    CPS = SLICE // SK_KC
+    ROWS = 8 * NT
+    rows_per_block = 16 * SK_WARPS
+    groups = -(-n // rows_per_block)
+    splits = -(-k // k_per_split)
+    out = np.full((m, n), np.nan)
+    partials = np.full((splits, m, n), np.nan)
+    for bx in range(groups):
+        for by in range(splits):
+            k_begin = by * k_per_split
+            k_end = min(k, k_begin + k_per_split)
+            chunks = (k_end - k_begin) // SK_KC
+            for warp in range(SK_WARPS):
+                row0 = bx * rows_per_block + warp * 16
+                acc = np.zeros((NT, 32, 4))
+                for q in range(chunks):
+                    # The slice holding chunk q, as issue_slice staged it (rows past m zero).
+                    first = (q // CPS) * CPS
+                    kk0 = k_begin + first * SK_KC
+                    length = min(CPS, chunks - first) * SK_KC
+                    xs = np.zeros((ROWS, SLICE + 8), np.float32)
+                    xs[:, :] = np.nan  # padding and unused columns are never read
+                    for r in range(ROWS):
+                        xs[r, :length] = x[r, kk0:kk0 + length] if r < m else 0.0
+                    stage = np.zeros((4, 32, 8), np.float32)
+                    for lane in range(32):
+                        g, c = lane // 4, lane % 4
+                        kk = k_begin + q * SK_KC + 16 * c
+                        for v in range(4):
+                            row = row0 + g + 8 * (v >> 1)
+                            src = kk + 8 * (v & 1)
+                            stage[v, lane] = w[row, src:src + 8] if row < n else 0.0
+                    for j in range(NT):
+                        a_steps = [[[None] * 32 for _ in range(4)] for _ in range(4)]
+                        b_steps = [[[None] * 32 for _ in range(2)] for _ in range(4)]
+                        for lane in range(32):
+                            g, c = lane // 4, lane % 4
+                            col = (q % CPS) * SK_KC + 16 * c
+                            x0 = words(xs[8 * j + g, col:col + 8])
+                            x1 = words(xs[8 * j + g, col + 8:col + 16])
+                            w0, w1, w2, w3 = (words(stage[v, lane]) for v in range(4))
+                            steps = [((w0[0], w2[0], w0[1], w2[1]), (x0[0], x0[1])),
+                                     ((w0[2], w2[2], w0[3], w2[3]), (x0[2], x0[3])),
+                                     ((w1[0], w3[0], w1[1], w3[1]), (x1[0], x1[1])),
+                                     ((w1[2], w3[2], w1[3], w3[3]), (x1[2], x1[3]))]
+                            for s, (a, b) in enumerate(steps):
+                                for i in range(4):
+                                    a_steps[s][i][lane] = a[i]
+                                b_steps[s][0][lane], b_steps[s][1][lane] = b
+                        for s in range(4):
+                            mma(acc[j], a_steps[s], b_steps[s][0], b_steps[s][1])
+                for j in range(NT):
+                    for lane in range(32):
+                        g, c = lane // 4, lane % 4
+                        for e in range(4):
+                            row, r = row0 + g + 8 * (e >> 1), 8 * j + 2 * c + (e & 1)
+                            if row < n and r < m:
+                                if splits == 1:
+                                    out[r, row] = acc[j][lane][e]
+                                else:
+                                    partials[by, r, row] = acc[j][lane][e]
+        if splits > 1:
+            # The last block of the group adds the splits in split order.
+            first_row = bx * rows_per_block
+            rows = min(rows_per_block, n - first_row)
+            for e in range(rows * m):
+                r, row = e // rows, first_row + e % rows
+                total = 0.0
+                for s in range(splits):
+                    total += partials[s, r, row]
+                out[r, row] = total
+    return out
+
+
+def check(NT, m, n, k, k_per_split, rng):
+    x = bf(rng.standard_normal((m, k)))
+    w = bf(rng.standard_normal((n, k)) * 0.05)
+    got = kernel(NT, x, w, m, n, k, k_per_split)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    err = np.max(np.abs(got - want))
+    assert np.isfinite(got).all(), "an output was never written"
+    assert err < 1e-3, f"NT {NT} m {m} n {n} k {k} split {k_per_split}: max error {err}"
+    print(f"NT {NT}: m {m:2} n {n:3} k {k:4} k/split {k_per_split:4}: max |error| {err:.1e}")
+
+
+rng = np.random.default_rng(0)
+# One split over two slices and a partial third (NT 4: 512-value slices), a partial row group.
+check(4, 27, 276, 1152, 1152, rng)
+# Splits that end inside a slice, and a split shorter than the ring.
+check(4, 32, 260, 1216, 576, rng)
+check(2, 9, 40, 2112, 1088, rng)
+check(8, 64, 20, 384, 128, rng)
+check(1, 3, 17, 2176, 2176, rng)
+print("skinny: ok")
