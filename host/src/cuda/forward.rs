@@ -35,6 +35,7 @@ use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
+use super::skinny;
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
 use super::weights::{GpuMatrix, GpuWeights};
@@ -109,7 +110,8 @@ pub(crate) struct GpuOps<'a> {
     launch: Option<Launch<'a>>,
     n: usize,
     rows: usize,
-    /// Products of at most `GEMV_MAX_ROWS` rows go through the GEMV, with fusion.
+    /// Products of at most `GEMV_MAX_ROWS` rows go through the GEMV, with fusion, and bf16 ones
+    /// of the skinny kernel's rows through it (`cuda::skinny`); off, every product is cuBLAS's.
     gemv: bool,
     slot_bytes: Vec<usize>,
     busy: Vec<bool>,
@@ -367,6 +369,9 @@ impl<'a> GpuOps<'a> {
         let mut left = None;
         match weight {
             // SAFETY: as above.
+            GemvWeight::Bf16(w) if self.gemv && skinny::prefers(dev, m, k, n) && (input | w).is_multiple_of(16) => unsafe {
+                skinny::skinny_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)?
+            },
             GemvWeight::Bf16(w) => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
             GemvWeight::Fp8 { values, scales } => {
                 let (input_fp8, input_scales) =
