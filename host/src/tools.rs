@@ -423,8 +423,10 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         return print_quantized_8b_steps(&dev, copy, &args, true);
     }
     if args.breakdown_8b_only {
-        for tiles in pagedserve::cuda::skinny::TILES {
-            gpu::print_kernel_resources(&dev, &pagedserve::cuda::skinny::kernel_name(tiles), "")?;
+        if dev.skinny.is_some() {
+            for tiles in pagedserve::cuda::skinny::TILES {
+                gpu::print_kernel_resources(&dev, &pagedserve::cuda::skinny::kernel_name(tiles), "")?;
+            }
         }
         let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);
         let formats = [Some(gpu::DummyWeights::Bf16), args.fp8.then_some(gpu::DummyWeights::Fp8)];
@@ -457,7 +459,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
         }
         // Each product alone at each batch size, in a graph (the GEMV at one row, the skinny
         // kernel at 2 to 64, against cuBLAS).
-        for &batch in args.batch_sizes.iter().filter(|&&b| (2..=64).contains(&b)) {
+        for &batch in args.batch_sizes.iter().filter(|&&b| dev.skinny.as_ref().is_some_and(|s| s.rows.contains(&b))) {
             gpu::print_gemv_vs_cublas(&dev, "Llama-3.1-8B", batch, &gpu::LLAMA_8B_PRODUCTS)?;
         }
         if args.batch_sizes.contains(&1) {
