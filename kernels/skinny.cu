@@ -47,7 +47,18 @@
 // K values of one staged slice of x times NT (the slice is 2048 / NT values of 8·NT rows).
 #define SK_SLICE 2048
 
-template <int NT>
+// What x is (`MODE`): SK_PLAIN, the bf16 input rows [m][k]; SK_SILU, the gate_up rows [m][2k] of a
+// gated MLP, whose activation silu(gate) · up (`silu_and_mul`'s formula and bf16 rounding) the
+// block computes as it stages each slice, so that kernel and its round trip are skipped. Its
+// loads are plain loads, issued at the start of the slice before (into registers: SK_SILU_VECS
+// gate and up vectors a thread) and stored at that slice's last chunk, so their latency hides
+// behind a slice of products.
+#define SK_PLAIN 0
+#define SK_SILU 1
+// 16-byte vectors of a staged slice a thread: 8·NT rows of SK_SLICE / NT values are 2048 vectors.
+#define SK_SILU_VECS (SK_SLICE * 8 / 8 / (SK_WARPS * 32))
+
+template <int NT, int MODE>
 __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32, const __nv_bfloat16* __restrict__ x,
                                             const __nv_bfloat16* __restrict__ w, float* __restrict__ partials,
                                             u32* __restrict__ arrivals, int m, int n, int k, int k_per_split) {
@@ -87,18 +98,56 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
         }
     };
     // Slice i of x (chunks [i·CPS, (i+1)·CPS) of this block's stretch) into buffer i % 2, by the
-    // whole block; rows past m are zeros.
-    auto issue_slice = [&](int i) {
+    // whole block; rows past m are zeros. SK_PLAIN: cp.async copies (they ride in the next commit
+    // group). SK_SILU: `load_slice` takes the gate and up vectors into registers, `store_slice`
+    // writes their activation.
+    auto slice_vecs = [&](int i) {  // 16-byte vectors a row of slice i (0 past the stretch)
         const int first = i * CPS;
-        if (first >= chunks) return;
-        const int kk0 = k_begin + first * SK_KC;
-        const int len = min(CPS, chunks - first) * SK_KC;  // values
-        const int vecs_per_row = len / 8;
+        return first >= chunks ? 0 : min(CPS, chunks - first) * SK_KC / 8;
+    };
+    auto issue_slice = [&](int i) {
+        const int vecs_per_row = slice_vecs(i);
+        const int kk0 = k_begin + i * CPS * SK_KC;
         __nv_bfloat16* buf = xs + (i & 1) * ROWS * XSTRIDE;
         for (int e = threadIdx.x; e < ROWS * vecs_per_row; e += blockDim.x) {
             const int r = e / vecs_per_row, v = e - r * vecs_per_row;
             const bool valid = r < m;
             cp_async_16(smem_addr(buf + r * XSTRIDE + 8 * v), x + (u64)(valid ? r : 0) * k + kk0 + 8 * v, valid);
+        }
+    };
+    uint4 gate_v[MODE == SK_SILU ? SK_SILU_VECS : 1], up_v[MODE == SK_SILU ? SK_SILU_VECS : 1];
+    auto load_slice = [&](int i) {
+        const int vecs_per_row = slice_vecs(i);
+        const int kk0 = k_begin + i * CPS * SK_KC;
+#pragma unroll
+        for (int t = 0; t < SK_SILU_VECS; ++t) {
+            const int e = threadIdx.x + t * SK_WARPS * 32;
+            const int r = vecs_per_row > 0 ? e / vecs_per_row : ROWS, v = e - r * vecs_per_row;
+            if (r < m) {
+                const __nv_bfloat16* row = x + (u64)r * 2 * k + kk0 + 8 * v;
+                gate_v[t] = *reinterpret_cast<const uint4*>(row);
+                up_v[t] = *reinterpret_cast<const uint4*>(row + k);
+            }
+        }
+    };
+    auto store_slice = [&](int i) {
+        const int vecs_per_row = slice_vecs(i);
+        __nv_bfloat16* buf = xs + (i & 1) * ROWS * XSTRIDE;
+#pragma unroll
+        for (int t = 0; t < SK_SILU_VECS; ++t) {
+            const int e = threadIdx.x + t * SK_WARPS * 32;
+            const int r = vecs_per_row > 0 ? e / vecs_per_row : ROWS, v = e - r * vecs_per_row;
+            if (r < ROWS) {
+                float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+                if (r < m) {
+                    float g[8], u[8];
+                    bf16x8_to_float(gate_v[t], g);
+                    bf16x8_to_float(up_v[t], u);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) a[j] = g[j] / (1.0f + __expf(-g[j])) * u[j];
+                }
+                *reinterpret_cast<uint4*>(buf + r * XSTRIDE + 8 * v) = float8_to_bf16x8(a);
+            }
         }
     };
 
@@ -109,7 +158,12 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
     }
     pdl_wait();
     pdl_trigger();
-    issue_slice(0);
+    if (MODE == SK_SILU) {
+        load_slice(0);
+        store_slice(0);
+    } else {
+        issue_slice(0);
+    }
     cp_async_commit();
 
     float acc[NT][4];
@@ -125,8 +179,12 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
             // Everyone's part of this slice has landed, and nobody reads the slice before it,
             // whose buffer the next slice takes.
             __syncthreads();
-            issue_slice(q / CPS + 1);
+            if (MODE == SK_SILU) load_slice(q / CPS + 1);
+            else issue_slice(q / CPS + 1);
         }
+        // The next slice's activation goes in at this slice's last chunk (its buffer's readers,
+        // the slice before, are past the barrier above).
+        if (MODE == SK_SILU && (q % CPS == CPS - 1 || q == chunks - 1)) store_slice(q / CPS + 1);
         issue_chunk(q + SK_STAGES - 1);
         cp_async_commit();
 
@@ -190,14 +248,18 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
     if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;
 }
 
-#define SKINNY_KERNEL(NAME, NT)                                                                                      \
+#define SKINNY_KERNEL(NAME, NT, MODE)                                                                                \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)                                                     \
         NAME(void* out, int out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, float* partials, u32* arrivals, \
              int m, int n, int k, int k_per_split) {                                                                 \
-        skinny_body<NT>(out, out_f32, x, w, partials, arrivals, m, n, k, k_per_split);                              \
+        skinny_body<NT, MODE>(out, out_f32, x, w, partials, arrivals, m, n, k, k_per_split);                        \
     }
 
-SKINNY_KERNEL(gemv_mma_n1, 1)
-SKINNY_KERNEL(gemv_mma_n2, 2)
-SKINNY_KERNEL(gemv_mma_n4, 4)
-SKINNY_KERNEL(gemv_mma_n8, 8)
+SKINNY_KERNEL(gemv_mma_n1, 1, SK_PLAIN)
+SKINNY_KERNEL(gemv_mma_n2, 2, SK_PLAIN)
+SKINNY_KERNEL(gemv_mma_n4, 4, SK_PLAIN)
+SKINNY_KERNEL(gemv_mma_n8, 8, SK_PLAIN)
+SKINNY_KERNEL(gemv_mma_silu_n1, 1, SK_SILU)
+SKINNY_KERNEL(gemv_mma_silu_n2, 2, SK_SILU)
+SKINNY_KERNEL(gemv_mma_silu_n4, 4, SK_SILU)
+SKINNY_KERNEL(gemv_mma_silu_n8, 8, SK_SILU)

@@ -425,7 +425,9 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     if args.breakdown_8b_only {
         if dev.skinny.is_some() {
             for tiles in pagedserve::cuda::skinny::TILES {
-                gpu::print_kernel_resources(&dev, &pagedserve::cuda::skinny::kernel_name(tiles), "")?;
+                for silu in [false, true] {
+                    gpu::print_kernel_resources(&dev, &pagedserve::cuda::skinny::kernel_name(tiles, silu), "")?;
+                }
             }
         }
         let max_batch = args.batch_sizes.iter().copied().max().unwrap_or(1);

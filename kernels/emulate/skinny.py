@@ -17,7 +17,28 @@ def words(v16):
     return [v16[2 * i:2 * i + 2] for i in range(4)]
 
 
-def kernel(NT, x, w, m, n, k, k_per_split):
+def silu_slice(NT, gate_up, m, k, kk0, vecs_per_row):
+    # SK_SILU's staging of one slice: thread t's vectors e = t + 512 i (i < SK_SILU_VECS), row
+    # e // vecs_per_row, activation bf16(silu(gate) * up) of its 8 values; rows m..ROWS zero.
+    ROWS, SLICE = 8 * NT, SK_SLICE // NT
+    xs = np.full((ROWS, SLICE + 8), np.nan, np.float32)
+    threads = SK_WARPS * 32
+    for t in range(threads):
+        for i in range(SK_SLICE * 8 // 8 // threads):
+            e = t + i * threads
+            r = e // vecs_per_row if vecs_per_row > 0 else ROWS
+            v = e - r * vecs_per_row
+            if r < ROWS:
+                if r < m:
+                    g = gate_up[r, kk0 + 8 * v:kk0 + 8 * v + 8].astype(np.float32)
+                    u = gate_up[r, k + kk0 + 8 * v:k + kk0 + 8 * v + 8].astype(np.float32)
+                    xs[r, 8 * v:8 * v + 8] = bf(g / (1.0 + np.exp(-g)) * u)
+                else:
+                    xs[r, 8 * v:8 * v + 8] = 0.0
+    return xs
+
+
+def kernel(NT, x, w, m, n, k, k_per_split, silu=False):
     SLICE = SK_SLICE // NT
     CPS = SLICE // SK_KC
     ROWS = 8 * NT
@@ -39,10 +60,13 @@ def kernel(NT, x, w, m, n, k, k_per_split):
                     first = (q // CPS) * CPS
                     kk0 = k_begin + first * SK_KC
                     length = min(CPS, chunks - first) * SK_KC
-                    xs = np.zeros((ROWS, SLICE + 8), np.float32)
-                    xs[:, :] = np.nan  # padding and unused columns are never read
-                    for r in range(ROWS):
-                        xs[r, :length] = x[r, kk0:kk0 + length] if r < m else 0.0
+                    if silu:
+                        xs = silu_slice(NT, x, m, k, kk0, length // 8)
+                    else:
+                        xs = np.zeros((ROWS, SLICE + 8), np.float32)
+                        xs[:, :] = np.nan  # padding and unused columns are never read
+                        for r in range(ROWS):
+                            xs[r, :length] = x[r, kk0:kk0 + length] if r < m else 0.0
                     stage = np.zeros((4, 32, 8), np.float32)
                     for lane in range(32):
                         g, c = lane // 4, lane % 4
@@ -104,6 +128,19 @@ def check(NT, m, n, k, k_per_split, rng):
     print(f"NT {NT}: m {m:2} n {n:3} k {k:4} k/split {k_per_split:4}: max |error| {err:.1e}")
 
 
+def check_silu(NT, m, n, k, k_per_split, rng):
+    gate_up = bf(rng.standard_normal((m, 2 * k)))
+    w = bf(rng.standard_normal((n, k)) * 0.05)
+    got = kernel(NT, gate_up, w, m, n, k, k_per_split, silu=True)
+    g, u = gate_up[:, :k].astype(np.float32), gate_up[:, k:].astype(np.float32)
+    act = bf(g / (1.0 + np.exp(-g)) * u)
+    want = act.astype(np.float64) @ w.astype(np.float64).T
+    err = np.max(np.abs(got - want))
+    assert np.isfinite(got).all(), "an output was never written"
+    assert err < 1e-3, f"silu NT {NT} m {m} n {n} k {k} split {k_per_split}: max error {err}"
+    print(f"silu NT {NT}: m {m:2} n {n:3} k {k:4} k/split {k_per_split:4}: max |error| {err:.1e}")
+
+
 rng = np.random.default_rng(0)
 # One split over two slices and a partial third (NT 4: 512-value slices), a partial row group.
 check(4, 27, 276, 1152, 1152, rng)
@@ -112,4 +149,7 @@ check(4, 32, 260, 1216, 576, rng)
 check(2, 9, 40, 2112, 1088, rng)
 check(8, 64, 20, 384, 128, rng)
 check(1, 3, 17, 2176, 2176, rng)
+# The SiLU staging: a slice cut short by its split, rows past m.
+check_silu(4, 30, 40, 1152, 640, rng)
+check_silu(8, 33, 20, 448, 448, rng)
 print("skinny: ok")

@@ -211,7 +211,16 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "skinny",
         source: include_str!("../skinny.cu"),
-        functions: &["gemv_mma_n1", "gemv_mma_n2", "gemv_mma_n4", "gemv_mma_n8"],
+        functions: &[
+            "gemv_mma_n1",
+            "gemv_mma_n2",
+            "gemv_mma_n4",
+            "gemv_mma_n8",
+            "gemv_mma_silu_n1",
+            "gemv_mma_silu_n2",
+            "gemv_mma_silu_n4",
+            "gemv_mma_silu_n8",
+        ],
     },
 ];
 

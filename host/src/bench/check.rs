@@ -754,19 +754,28 @@ pub fn check_gemv_silu(
     let stream = &dev.stream;
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
-    let g = Gemv {
-        out: ptr(dev, &out),
-        out_type: OutType::Bf16,
-        input: GemvInput::SiluMul(ptr(dev, &in_dev)),
-        w: w_dev.weight(dev),
-        bias: 0,
-        m,
-        k: inter,
-        n,
-    };
-    unsafe { gemv(dev, &g)? };
+    // Past the GEMV's rows, a bf16 weight's product is the skinny kernel's (`cuda::skinny`).
+    let skinny = format == WeightFormat::Bf16 && m > crate::cuda::launch::GEMV_MAX_ROWS;
+    if skinny {
+        let (input, weight) = (crate::cuda::skinny::SkinnyInput::SiluMul(ptr(dev, &in_dev)), w_dev.weight(dev));
+        let crate::cuda::gemv::GemvWeight::Bf16(weight) = weight else { unreachable!("a bf16 matrix") };
+        unsafe { crate::cuda::skinny::skinny_linear(dev, ptr(dev, &out), OutType::Bf16, input, weight, m, inter, n)? };
+    } else {
+        let g = Gemv {
+            out: ptr(dev, &out),
+            out_type: OutType::Bf16,
+            input: GemvInput::SiluMul(ptr(dev, &in_dev)),
+            w: w_dev.weight(dev),
+            bias: 0,
+            m,
+            k: inter,
+            n,
+        };
+        unsafe { gemv(dev, &g)? };
+    }
     let got = download_bf16(dev, &out, m * n)?;
-    Ok(CheckRow::error(&format!("{} +silu", gemv_label(format)), format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
+    let label = if skinny { "skinny".to_string() } else { gemv_label(format) };
+    Ok(CheckRow::error(&format!("{label} +silu"), format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
 }
 
 /// The GEMV at one row with the merge of a split decode attention's partials folded into its
@@ -944,6 +953,11 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     }
     rows.push(check_gemv_silu(dev, 1, 512, 14336, WeightFormat::Bf16, 320)?);
     rows.push(check_gemv_silu(dev, 2, 100, 14336, WeightFormat::Bf16, 321)?);
+    // The skinny kernel's SiLU staging: each tile count past the GEMV's rows, K split (the 8B
+    // down projection in 8 splits of 1,792) and not.
+    for (m, n, inter, seed) in [(9, 576, 1536, 322), (16, 1001, 576, 323), (32, 4096, 14336, 324), (64, 576, 1536, 325), (50, 300, 14336, 326)] {
+        rows.push(check_gemv_silu(dev, m, n, inter, WeightFormat::Bf16, seed)?);
+    }
     for (m, n, with_delta, indirect, with_bias) in [
         (1, 960, true, false, false),
         (3, 3072, true, false, false),

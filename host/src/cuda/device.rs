@@ -200,9 +200,11 @@ impl GpuDevice {
         let skinny = match Skinny::rows_from_env()? {
             Some(rows) if skinny::TILES.iter().all(|&t| skinny::shared_bytes(t) <= opt_in) => {
                 for tiles in skinny::TILES {
-                    kernels
-                        .get(&skinny::kernel_name(tiles))
-                        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, skinny::shared_bytes(tiles) as i32)?;
+                    for silu in [false, true] {
+                        kernels
+                            .get(&skinny::kernel_name(tiles, silu))
+                            .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, skinny::shared_bytes(tiles) as i32)?;
+                    }
                 }
                 Some(Skinny::new(&stream, rows)?)
             }

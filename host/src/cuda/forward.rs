@@ -35,7 +35,7 @@ use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
-use super::skinny;
+use super::skinny::{self, SkinnyInput};
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
 use super::weights::{GpuMatrix, GpuWeights};
@@ -348,6 +348,12 @@ impl<'a> GpuOps<'a> {
         self.gemv && fits && gemv_prefers(m, w.cols, w.rows, w.format())
     }
 
+    /// Whether the skinny kernel runs the product of `m` rows with `w` (bf16, its rows, K a
+    /// multiple of 64), taking a plain or SiLU-and-multiply input.
+    fn skinny_runs(&self, m: usize, w: &GpuMatrix) -> bool {
+        self.gemv && w.format() == WeightFormat::Bf16 && skinny::prefers(self.dev(), m, w.cols, w.rows)
+    }
+
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
     /// the shape, else cuBLAS (or cuBLASLt's FP8 GEMM for an FP8 weight) and `add_bias`. With
     /// `leave_scales`, an FP8 GEMM's output is left unscaled and its scales are the answer (for
@@ -363,37 +369,40 @@ impl<'a> GpuOps<'a> {
             // `bias` the matrix's.
             return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n }).map(|_| None).map_err(backend_error) };
         }
-        let GemvInput::Plain(input) = input else {
-            return Err(internal("a fused input outside the GEMV".into()));
-        };
         let mut left = None;
-        match weight {
-            // SAFETY: as above.
-            GemvWeight::Bf16(w) if self.gemv && skinny::prefers(dev, m, k, n) && (input | w).is_multiple_of(16) => unsafe {
-                skinny::skinny_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)?
-            },
-            GemvWeight::Bf16(w) => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
-            GemvWeight::Fp8 { values, scales } => {
-                let (input_fp8, input_scales) =
-                    launch.scratch.fp8_input(dev).ok_or_else(|| internal("an FP8 product without room for its quantized input".into()))?;
-                if out_type != OutType::Bf16 {
-                    return Err(internal("an FP8 product into float32".into()));
-                }
-                let p = Fp8Product { out, input, weight: values, weight_scales: scales, input_fp8, input_scales, m, k, n };
-                // SAFETY: as above; the scratch's FP8 room holds `m` rows of the widest FP8 input.
-                // A bias is added to the scaled product, so then the scales cannot wait.
-                unsafe {
-                    if leave_scales && bias == 0 {
-                        left = fp8_linear_leaving_scales(dev, &p).map_err(backend_error)?;
-                    } else {
-                        fp8_linear(dev, &p).map_err(backend_error)?;
+        match (weight, skinny_input(input).filter(|_| self.skinny_runs(m, w))) {
+            // SAFETY: as above (a SiLU input is `m` rows of `2 * k`).
+            (GemvWeight::Bf16(w), Some(x)) => unsafe { skinny::skinny_linear(dev, out, out_type, x, w, m, k, n).map_err(backend_error)? },
+            (weight, _) => {
+                let GemvInput::Plain(input) = input else {
+                    return Err(internal("a fused input outside the GEMV and the skinny kernel".into()));
+                };
+                match weight {
+                    // SAFETY: as above.
+                    GemvWeight::Bf16(w) => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
+                    GemvWeight::Fp8 { values, scales } => {
+                        let (input_fp8, input_scales) =
+                            launch.scratch.fp8_input(dev).ok_or_else(|| internal("an FP8 product without room for its quantized input".into()))?;
+                        if out_type != OutType::Bf16 {
+                            return Err(internal("an FP8 product into float32".into()));
+                        }
+                        let p = Fp8Product { out, input, weight: values, weight_scales: scales, input_fp8, input_scales, m, k, n };
+                        // SAFETY: as above; the scratch's FP8 room holds `m` rows of the widest FP8 input.
+                        // A bias is added to the scaled product, so then the scales cannot wait.
+                        unsafe {
+                            if leave_scales && bias == 0 {
+                                left = fp8_linear_leaving_scales(dev, &p).map_err(backend_error)?;
+                            } else {
+                                fp8_linear(dev, &p).map_err(backend_error)?;
+                            }
+                        }
+                    }
+                    GemvWeight::Ggml { ty, blocks } => {
+                        let tile = launch.scratch.ggml_tile(dev).ok_or_else(|| internal("a quantized GGUF product without its dequantization tile".into()))?;
+                        // SAFETY: as above; the tile holds `tile.1` bf16 values.
+                        unsafe { ggml_linear(dev, out, out_type, input, (ty, blocks), tile, m, k, n).map_err(backend_error)? };
                     }
                 }
-            }
-            GemvWeight::Ggml { ty, blocks } => {
-                let tile = launch.scratch.ggml_tile(dev).ok_or_else(|| internal("a quantized GGUF product without its dequantization tile".into()))?;
-                // SAFETY: as above; the tile holds `tile.1` bf16 values.
-                unsafe { ggml_linear(dev, out, out_type, input, (ty, blocks), tile, m, k, n).map_err(backend_error)? };
             }
         }
         if bias != 0 {
@@ -409,6 +418,15 @@ impl<'a> GpuOps<'a> {
             self.deferred.push(act);
             self.release_deferred();
         }
+    }
+}
+
+/// The skinny kernel's view of a GEMV input it can stage (plain or SiLU-and-multiply).
+fn skinny_input(input: GemvInput) -> Option<SkinnyInput> {
+    match input {
+        GemvInput::Plain(x) => Some(SkinnyInput::Plain(x)),
+        GemvInput::SiluMul(gate_up) => Some(SkinnyInput::SiluMul(gate_up)),
+        _ => None,
     }
 }
 
@@ -528,7 +546,9 @@ impl Ops for GpuOps<'_> {
             Some(Pending::Fp8Scales { .. }) => false,
             _ => true,
         };
-        if pending.is_some() && (!self.gemv_runs(m, w) || !fusable) {
+        // The skinny kernel stages a SiLU-and-multiply too (not a norm or a merge).
+        let fused = self.gemv_runs(m, w) || (matches!(pending, Some(Pending::SiluMul { .. })) && self.skinny_runs(m, w));
+        if pending.is_some() && (!fused || !fusable) {
             self.resolve(x)?;
         }
         let out = self.alloc_bf16(n)?;
@@ -729,7 +749,8 @@ impl Ops for GpuOps<'_> {
 
     fn gated_activation(&mut self, gate_up: Act, activation: Activation) -> Result<Act, ModelError> {
         let inter = self.state(gate_up)?.width / 2;
-        let staged = activation == Activation::Silu && self.gemv_takes(self.n, inter);
+        let skinny_takes = self.gemv && inter.is_multiple_of(skinny::KC) && self.dev().skinny.as_ref().is_some_and(|s| s.rows.contains(&self.n));
+        let staged = activation == Activation::Silu && (self.gemv_takes(self.n, inter) || skinny_takes);
         // Straight from an FP8 GEMM (and not left to the GEMV): the scales go into this launch.
         let folded = if staged { None } else { self.take_fp8_scales(gate_up) };
         self.resolve_all(None)?;

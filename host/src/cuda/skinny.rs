@@ -43,8 +43,18 @@ pub fn shared_bytes(tiles: usize) -> usize {
     WARPS * STAGES * 4 * 32 * 16 + 2 * (8 * tiles) * (SLICE / tiles + 8) * 2
 }
 
-pub fn kernel_name(tiles: usize) -> String {
-    format!("gemv_mma_n{tiles}")
+/// What the kernel reads as its input rows (`SK_PLAIN`, `SK_SILU`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkinnyInput {
+    /// bf16 `[m, k]`.
+    Plain(CUdeviceptr),
+    /// A gated MLP's bf16 gate_up `[m, 2k]`: the input is silu(gate) · up, computed as the
+    /// kernel stages it (`silu_and_mul`'s formula and rounding).
+    SiluMul(CUdeviceptr),
+}
+
+pub fn kernel_name(tiles: usize, silu: bool) -> String {
+    format!("gemv_mma_{}n{tiles}", if silu { "silu_" } else { "" })
 }
 
 /// How one product is cut: row groups of `ROWS_PER_BLOCK` (the grid's x) times splits of K (y).
@@ -122,14 +132,15 @@ pub fn prefers(dev: &GpuDevice, m: usize, k: usize, n: usize) -> bool {
 /// `out[m×n] = x[m×k] · wᵀ` through the skinny kernel (`prefers` said yes).
 ///
 /// # Safety
-/// `out`, `x` and `w` must be live device allocations of at least `m*n` (of `out_type`), `m*k`
-/// and `n*k` bf16 elements, `x` and `w` 16-byte aligned, on `dev`'s stream.
+/// `out`, the input and `w` must be live device allocations of at least `m*n` (of `out_type`),
+/// `m*k` (`2*m*k` for `SiluMul`) and `n*k` bf16 elements, the input and `w` 16-byte aligned, on
+/// `dev`'s stream.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn skinny_linear(
     dev: &GpuDevice,
     out: CUdeviceptr,
     out_type: OutType,
-    x: CUdeviceptr,
+    input: SkinnyInput,
     w: CUdeviceptr,
     m: usize,
     k: usize,
@@ -137,6 +148,10 @@ pub unsafe fn skinny_linear(
 ) -> Result<(), CudaError> {
     let skinny = dev.skinny.as_ref().ok_or_else(|| CudaError::Config("the skinny kernel is off on this device".into()))?;
     let plan = Plan::new(m, n, k, dev.num_sms).ok_or_else(|| CudaError::Config(format!("the skinny kernel does not take m {m}, n {n}, k {k}")))?;
+    let (x, silu) = match input {
+        SkinnyInput::Plain(x) => (x, false),
+        SkinnyInput::SiluMul(gate_up) => (gate_up, true),
+    };
     if !(x | w).is_multiple_of(16) {
         return Err(CudaError::Config("the skinny kernel reads 16-byte vectors: unaligned operands".into()));
     }
@@ -150,6 +165,7 @@ pub unsafe fn skinny_linear(
     launchers::gemv_mma(
         dev,
         plan.tiles,
+        silu,
         config,
         out,
         i32::from(out_type == OutType::F32),
@@ -175,7 +191,8 @@ mod tests {
             assert!(source.contains(&format!("#define {name} {value}\n")), "{name}");
         }
         for tiles in TILES {
-            assert!(source.contains(&format!("SKINNY_KERNEL({}, {tiles})", kernel_name(tiles))), "{tiles} tiles");
+            assert!(source.contains(&format!("SKINNY_KERNEL({}, {tiles}, SK_PLAIN)", kernel_name(tiles, false))), "{tiles} tiles");
+            assert!(source.contains(&format!("SKINNY_KERNEL({}, {tiles}, SK_SILU)", kernel_name(tiles, true))), "{tiles} tiles, SiLU");
         }
     }
 
