@@ -235,15 +235,40 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
     __syncthreads();
     if (!last_s) return;
     __threadfence();
+    // The group's m × rows sums, by the whole block, the latency of its L2 reads overlapped: four
+    // neighbouring rows a thread (16-byte reads where n allows), its NT slots' reads all issued
+    // before their sums (a slot a time, each split's read waiting on the last, took one L2
+    // round trip per split per slot: tens of µs of tail for one block while the GPU idled).
     const int first_row = blockIdx.x * rows_per_block;
     const int rows = min(rows_per_block, n - first_row);
-    for (int e = threadIdx.x; e < rows * m; e += blockDim.x) {
-        const int r = e / rows, row = first_row + (e - r * rows);
+    const int quads = (rows + 3) / 4;
+    const int splits = gridDim.y;
+    const bool vec = (n & 3) == 0;
+#pragma unroll
+    for (int slot = 0; slot < NT; ++slot) {
+        // m × quads ≤ 8·NT × 64 = NT · 512 = NT · blockDim.x.
+        const int e = threadIdx.x + slot * SK_WARPS * 32;
+        if (e >= m * quads) continue;
+        const int r = e / quads, row = first_row + 4 * (e - r * quads);
         const u64 at = (u64)r * n + row;
-        float sum = 0.0f;
-        for (int s = 0; s < (int)gridDim.y; ++s) sum += __ldcg(partials + (u64)s * m * n + at);
-        if (out_f32) reinterpret_cast<float*>(out)[at] = sum;
-        else reinterpret_cast<__nv_bfloat16*>(out)[at] = __float2bfloat16(sum);
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+        for (int s = 0; s < splits; ++s) {
+            const float* p = partials + (u64)s * m * n + at;
+            if (vec) {
+                const float4 v = __ldcg(reinterpret_cast<const float4*>(p));
+                sum[0] += v.x, sum[1] += v.y, sum[2] += v.z, sum[3] += v.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) if (row + i < n) sum[i] += __ldcg(p + i);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (row + i >= min(n, first_row + rows)) break;
+            if (out_f32) reinterpret_cast<float*>(out)[at + i] = sum[i];
+            else reinterpret_cast<__nv_bfloat16*>(out)[at + i] = __float2bfloat16(sum[i]);
+        }
     }
     if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;
 }

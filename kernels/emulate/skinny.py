@@ -105,15 +105,25 @@ def kernel(NT, x, w, m, n, k, k_per_split, silu=False):
                                 else:
                                     partials[by, r, row] = acc[j][lane][e]
         if splits > 1:
-            # The last block of the group adds the splits in split order.
+            # The last block of the group adds the splits in split order: thread t's slots
+            # e = t + 512 i (i < NT), each four neighbouring rows.
             first_row = bx * rows_per_block
             rows = min(rows_per_block, n - first_row)
-            for e in range(rows * m):
-                r, row = e // rows, first_row + e % rows
-                total = 0.0
-                for s in range(splits):
-                    total += partials[s, r, row]
-                out[r, row] = total
+            quads = (rows + 3) // 4
+            for t in range(SK_WARPS * 32):
+                for slot in range(NT):
+                    e = t + slot * SK_WARPS * 32
+                    if e >= m * quads:
+                        continue
+                    r, row = e // quads, first_row + 4 * (e % quads)
+                    for i in range(4):
+                        if row + i >= first_row + rows:
+                            break
+                        total = 0.0
+                        for s in range(splits):
+                            total += partials[s, r, row + i]
+                        assert np.isnan(out[r, row + i]), "an output written twice"
+                        out[r, row + i] = total
     return out
 
 
@@ -147,6 +157,7 @@ check(4, 27, 276, 1152, 1152, rng)
 # Splits that end inside a slice, and a split shorter than the ring.
 check(4, 32, 260, 1216, 576, rng)
 check(2, 9, 40, 2112, 1088, rng)
+check(4, 31, 263, 640, 192, rng)  # rows not a multiple of 4: the reduction's scalar reads
 check(8, 64, 20, 384, 128, rng)
 check(1, 3, 17, 2176, 2176, rng)
 # The SiLU staging: a slice cut short by its split, rows past m.
