@@ -108,6 +108,7 @@ extern "C" __global__ void init_uniform_bf16(__nv_bfloat16* __restrict__ out, u6
 #define F_CANDIDATES 2u
 #define F_MODIFIED 4u
 #define F_LOGPROB 8u
+#define F_CHUNKED 16u
 
 struct SampleShared {
     u64 hist[256];
@@ -394,11 +395,12 @@ __device__ int sample_random(const float* __restrict__ x, int n, const u32* __re
     return block_argmax(best, index, s);
 }
 
-// Plain greedy samples (flags exactly F_GREEDY: no bias, penalty, mask, log-probs or candidates):
-// the largest raw logit, the first on ties, spread over the GPU in GREEDY_CHUNK-logit chunks.
-// One 1024-thread block scanning a whole row (sample_rows) took ~50 us for a 128,256-logit row,
-// a whole step's worth of the 8B model's attention at one client; a chunk is 8 loads a thread,
-// all in flight at once. Grid (chunks, samples): each block writes its chunk's best to
+// Plain greedy samples (no bias, penalty, mask, log-probs or candidates), which the host marks
+// F_CHUNKED (`PAGEDSERVE_GREEDY_CHUNKS`): the largest raw logit, the first on ties, spread over
+// the GPU in GREEDY_CHUNK-logit chunks. One 1024-thread block scanning a whole row (sample_rows'
+// greedy path, as argmax_rows) is one multiprocessor reading 0.5 MB of an 8B model's 128,256
+// logits: argmax_rows took 51.6 us for 32 such rows (ncu, BENCHMARKS.md session 23). A chunk is
+// 8 loads a thread, all in flight at once. Grid (chunks, samples): each block writes its chunk's best to
 // `partials` (value bits, index), and the block of a sample that arrives last (`arrivals`, one
 // counter a sample, zero between launches: the last block resets it) merges them and writes the
 // sample's output words as sample_rows would (token, NaN log-prob). Blocks of other samples
@@ -417,7 +419,7 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS) greedy_chunks(
     __shared__ int index_s[GREEDY_THREADS / 32];
     __shared__ bool last_s;
     const u32* p = params + (u64)blockIdx.y * SAMPLE_PARAM_WORDS;
-    if (p[P_FLAGS] != F_GREEDY) return;
+    if (p[P_FLAGS] != (F_GREEDY | F_CHUNKED)) return;
     const float* row = logits + (u64)p[P_ROW] * vocab;
     const int begin = blockIdx.x * GREEDY_CHUNK;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -487,7 +489,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     __shared__ SampleShared s;
     const u32* p = params + (u64)blockIdx.x * SAMPLE_PARAM_WORDS;
     const u32 flags = p[P_FLAGS];
-    if (flags == F_GREEDY) return;  // greedy_chunks' sample
+    if (flags & F_CHUNKED) return;  // greedy_chunks' sample
     const float* raw = logits + (u64)p[P_ROW] * vocab;
     u32* o = out + p[P_OUT];
     const float* x = raw;

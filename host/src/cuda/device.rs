@@ -68,6 +68,9 @@ pub struct GpuDevice {
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
     /// cuBLASLt, for the FP8 GEMMs (`cuda::fp8_gemm`), sharing the cuBLAS workspace.
     fp8_gemm: Mutex<Fp8Gemm>,
+    /// Whether plain greedy samples take `greedy_chunks` (the argmax spread over the GPU)
+    /// rather than one `sample_rows` block a row: on unless `PAGEDSERVE_GREEDY_CHUNKS=off`.
+    pub greedy_chunks: bool,
     /// The skinny tensor-core products' workspace and row range (`cuda::skinny`); `None` when
     /// `PAGEDSERVE_SKINNY=off` or a block's shared memory does not fit this device.
     pub skinny: Option<Skinny>,
@@ -210,6 +213,7 @@ impl GpuDevice {
             }
             _ => None,
         };
+        let greedy_chunks = !matches!(std::env::var("PAGEDSERVE_GREEDY_CHUNKS").as_deref(), Ok("off" | "0"));
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
@@ -227,7 +231,7 @@ impl GpuDevice {
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -248,6 +252,7 @@ impl GpuDevice {
             merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
+            greedy_chunks,
             skinny,
         }))
     }

@@ -67,6 +67,8 @@ const F_GREEDY: u32 = 1;
 const F_CANDIDATES: u32 = 2;
 const F_MODIFIED: u32 = 4;
 const F_LOGPROB: u32 = 8;
+/// A plain greedy sample (`F_GREEDY` and nothing else) that `greedy_chunks` takes.
+const F_CHUNKED: u32 = 16;
 
 /// Logits of one `greedy_chunks` block (`GREEDY_CHUNK` in the kernel), and its threads.
 const GREEDY_CHUNK: usize = 2048;
@@ -97,8 +99,8 @@ pub(crate) struct PackedRows {
     pub out_len: usize,
     /// Samples with bias or penalties: each gets a work row of `vocab` floats.
     pub work_rows: usize,
-    /// Plain greedy samples (flags exactly `F_GREEDY`): `greedy_chunks` takes them, `sample_rows`
-    /// the others.
+    /// Plain greedy samples marked `F_CHUNKED`: `greedy_chunks` takes them, `sample_rows` the
+    /// others.
     pub plain_greedy: usize,
 }
 
@@ -120,8 +122,9 @@ fn penalty_entries(r: &RowSampling<'_>, vocab: usize) -> Vec<(u32, u32)> {
 }
 
 /// `unobserved[i]` (absent: false): row `i`'s sampler has a token in flight that it has not
-/// observed yet, so the row draws at the step after its observed ones.
-pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize, unobserved: &[bool]) -> PackedRows {
+/// observed yet, so the row draws at the step after its observed ones. With `chunked_greedy`,
+/// plain greedy samples are marked for `greedy_chunks`.
+pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize, unobserved: &[bool], chunked_greedy: bool) -> PackedRows {
     let mut params = vec![0u32; rows.len() * PARAM_WORDS];
     let (mut bias_tokens, mut bias_values) = (Vec::new(), Vec::new());
     let (mut penalty_tokens, mut penalty_counts) = (Vec::new(), Vec::new());
@@ -195,7 +198,10 @@ pub(crate) fn pack_rows(rows: &[RowSampling<'_>], vocab: usize, unobserved: &[bo
         w[word::OUT] = offset as u32;
         w[word::WORK] = work_rows as u32;
         work_rows += usize::from(modified);
-        plain_greedy += usize::from(flags == F_GREEDY);
+        if chunked_greedy && flags == F_GREEDY {
+            w[word::FLAGS] = F_GREEDY | F_CHUNKED;
+            plain_greedy += 1;
+        }
     }
     let bias_tokens_at = params.len();
     let bias_values_at = bias_tokens_at + bias_tokens.len();
@@ -388,7 +394,7 @@ pub fn launch_sampling(
     }
     let masks = if mask_len > 0 { masks_started.elapsed() } else { Duration::ZERO };
     let started = Instant::now();
-    let packed = pack_rows(rows, vocab, unobserved);
+    let packed = pack_rows(rows, vocab, unobserved, dev.greedy_chunks);
     if !rows.is_empty() {
         let len = packed.words.len();
         grow(dev, &mut set.input, len)?;
@@ -525,7 +531,7 @@ mod tests {
             RowSampling { row: 0, sampler: &mut b, candidates: None },
             RowSampling { row: 1, sampler: &mut c, candidates: Some(4) },
         ];
-        let p = pack_rows(&rows, 60, &[]);
+        let p = pack_rows(&rows, 60, &[], true);
         let w = |row: usize, word: usize| p.words[row * PARAM_WORDS + word];
         assert_eq!((w(0, word::ROW), w(1, word::ROW), w(2, word::ROW)), (1, 0, 1));
         assert_eq!(w(0, word::FLAGS), 0, "no bias or penalties: the raw row is read in place");
@@ -536,7 +542,7 @@ mod tests {
         assert_eq!((w(0, word::SEED), w(0, word::SEED + 1)), (7, 0));
         assert_ne!(w(2, word::SEED), 7, "the second sample of a seeded request draws apart");
         assert_eq!((w(1, word::STEP), w(0, word::STEP)), (3, 0));
-        let fed = pack_rows(&rows, 60, &[true, false]);
+        let fed = pack_rows(&rows, 60, &[true, false], true);
         let step = |row: usize| fed.words[row * PARAM_WORDS + word::STEP];
         assert_eq!((step(0), step(1)), (1, 3), "a fed row draws at the step after its observed tokens");
         // Bias: token 99 is outside the vocabulary of 60 and dropped.
@@ -576,7 +582,7 @@ mod tests {
             RowSampling { row: 0, sampler: &mut a, candidates: None },
             RowSampling { row: 0, sampler: &mut b, candidates: Some(2) },
         ];
-        let packed = pack_rows(&rows, 8, &[]);
+        let packed = pack_rows(&rows, 8, &[], true);
         let out = [5, (-0.5f32).to_bits(), 5, (-0.5f32).to_bits(), u32::MAX, f32::NAN.to_bits(), 6, 3f32.to_bits(), 1, 2f32.to_bits()];
         let got = unpack(&out, &packed, &mut rows);
         let top = vec![TokenLogprob { token: 5, logprob: -0.5 }];
@@ -595,6 +601,7 @@ mod tests {
             assert!(source.contains(&format!("#define {name} {value}\n")), "{name}");
         }
         assert!(source.contains(&format!("#define F_MODIFIED {F_MODIFIED}u")));
+        assert!(source.contains(&format!("#define F_CHUNKED {F_CHUNKED}u")));
         assert!(source.contains(&format!("#define GREEDY_CHUNK {GREEDY_CHUNK}\n")));
         assert!(source.contains(&format!("#define GREEDY_THREADS {GREEDY_THREADS}\n")));
     }
@@ -614,9 +621,11 @@ mod tests {
             RowSampling { row: 3, sampler: &mut random, candidates: None },
             RowSampling { row: 4, sampler: &mut plain_too, candidates: Some(3) },
         ];
-        let p = pack_rows(&rows, 10, &[]);
+        let p = pack_rows(&rows, 10, &[], true);
         let flags: Vec<u32> = (0..5).map(|i| p.words[i * PARAM_WORDS + word::FLAGS]).collect();
-        assert_eq!(flags, vec![F_GREEDY, F_GREEDY | F_MODIFIED, F_GREEDY | F_LOGPROB, 0, F_CANDIDATES]);
+        assert_eq!(flags, vec![F_GREEDY | F_CHUNKED, F_GREEDY | F_MODIFIED, F_GREEDY | F_LOGPROB, 0, F_CANDIDATES]);
         assert_eq!(p.plain_greedy, 1);
+        let unchunked = pack_rows(&rows, 10, &[], false);
+        assert_eq!((unchunked.words[word::FLAGS], unchunked.plain_greedy), (F_GREEDY, 0), "PAGEDSERVE_GREEDY_CHUNKS=off: sample_rows takes it");
     }
 }
