@@ -101,13 +101,13 @@ pub struct Skinny {
 }
 
 impl Skinny {
-    /// The default row range, or `$PAGEDSERVE_SKINNY`: `off`, or `A-B` (rows A to B, within 1 to
-    /// 64). `Ok(None)` when off.
+    /// `$PAGEDSERVE_SKINNY`: `off` (the default until the kernel has been measured on a GPU),
+    /// `on` (rows 2 to 64), or `A-B` (rows A to B, within 1 to 64). `Ok(None)` when off.
     pub fn rows_from_env() -> Result<Option<RangeInclusive<usize>>, CudaError> {
-        let bad = |v: &str| CudaError::Config(format!("PAGEDSERVE_SKINNY is off or a row range A-B within 1-64, not {v:?}"));
+        let bad = |v: &str| CudaError::Config(format!("PAGEDSERVE_SKINNY is off, on or a row range A-B within 1-64, not {v:?}"));
         match std::env::var("PAGEDSERVE_SKINNY").as_deref() {
-            Err(_) => Ok(Some(2..=64)),
-            Ok("off" | "0") => Ok(None),
+            Err(_) | Ok("off" | "0") => Ok(None),
+            Ok("on" | "1") => Ok(Some(2..=64)),
             Ok(v) => {
                 let (a, b) = v.split_once('-').ok_or_else(|| bad(v))?;
                 let (a, b) = (a.trim().parse::<usize>().map_err(|_| bad(v))?, b.trim().parse::<usize>().map_err(|_| bad(v))?);
