@@ -184,15 +184,20 @@ __device__ __forceinline__ void argmax_merge(float& best, int& index, float ob, 
     if (oi != 0x7fffffff && (index == 0x7fffffff || ob > best || (ob == best && oi < index))) { best = ob; index = oi; }
 }
 
+// The warp's best (value, index) in every lane.
+__device__ __forceinline__ void warp_argmax(float& best, int& index) {
+    for (int o = 16; o > 0; o >>= 1) argmax_merge(best, index, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, index, o));
+}
+
 __device__ __forceinline__ int block_argmax(float best, int index, SampleShared& s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int o = 16; o > 0; o >>= 1) argmax_merge(best, index, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, index, o));
+    warp_argmax(best, index);
     __syncthreads();
     if (lane == 0) { s.red_f[warp] = best; s.red_i[warp] = index; }
     __syncthreads();
     best = lane < (int)(blockDim.x >> 5) ? s.red_f[lane] : -INFINITY;
     index = lane < (int)(blockDim.x >> 5) ? s.red_i[lane] : 0x7fffffff;
-    for (int o = 16; o > 0; o >>= 1) argmax_merge(best, index, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, index, o));
+    warp_argmax(best, index);
     return index;
 }
 
@@ -436,13 +441,19 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS) greedy_chunks(
         const int i = begin + j * GREEDY_THREADS + threadIdx.x;
         if (i < vocab) argmax_merge(best, index, values[j], i);
     }
-    for (int o = 16; o > 0; o >>= 1) argmax_merge(best, index, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, index, o));
-    if (lane == 0) { best_s[warp] = best; index_s[warp] = index; }
-    __syncthreads();
+    // The block's best into thread 0's (best, index).
+    auto block_best = [&]() {
+        warp_argmax(best, index);
+        __syncthreads();  // the slots' last readers are done
+        if (lane == 0) { best_s[warp] = best; index_s[warp] = index; }
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int w = 1; w < GREEDY_THREADS / 32; ++w) argmax_merge(best, index, best_s[w], index_s[w]);
+    };
+    block_best();
     const int chunks = gridDim.x;
     u32* part = partials + 2ull * blockIdx.y * chunks;
     if (threadIdx.x == 0) {
-        for (int w = 1; w < GREEDY_THREADS / 32; ++w) argmax_merge(best, index, best_s[w], index_s[w]);
         part[2 * blockIdx.x] = __float_as_uint(best);
         part[2 * blockIdx.x + 1] = (u32)index;
         // The partial is visible to every block before this block is counted.
@@ -458,12 +469,8 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS) greedy_chunks(
         // L2 reads: other blocks wrote these after this block's L1 could have seen them.
         argmax_merge(best, index, __uint_as_float(__ldcg(&part[2 * c])), (int)__ldcg(&part[2 * c + 1]));
     }
-    for (int o = 16; o > 0; o >>= 1) argmax_merge(best, index, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, index, o));
-    __syncthreads();
-    if (lane == 0) { best_s[warp] = best; index_s[warp] = index; }
-    __syncthreads();
+    block_best();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < GREEDY_THREADS / 32; ++w) argmax_merge(best, index, best_s[w], index_s[w]);
         u32* o = out + p[P_OUT];
         o[0] = (u32)index;
         o[1] = 0x7fc00000u;  // NaN: no log-prob asked

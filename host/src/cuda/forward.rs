@@ -751,7 +751,7 @@ impl Ops for GpuOps<'_> {
 
     fn gated_activation(&mut self, gate_up: Act, activation: Activation) -> Result<Act, ModelError> {
         let inter = self.state(gate_up)?.width / 2;
-        let skinny_takes = self.gemv && inter.is_multiple_of(skinny::KC) && self.dev().skinny.as_ref().is_some_and(|s| s.rows.contains(&self.n));
+        let skinny_takes = self.gemv && skinny::takes(self.dev(), self.n, inter);
         let staged = activation == Activation::Silu && (self.gemv_takes(self.n, inter) || skinny_takes);
         // Straight from an FP8 GEMM (and not left to the GEMV): the scales go into this launch.
         let folded = if staged { None } else { self.take_fp8_scales(gate_up) };

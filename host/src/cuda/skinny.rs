@@ -124,9 +124,15 @@ impl Skinny {
     }
 }
 
+/// Whether the skinny kernel is on for `m` input rows of `k` values on `dev` (whatever the
+/// weight's rows): what a fused input may be left pending for.
+pub fn takes(dev: &GpuDevice, m: usize, k: usize) -> bool {
+    dev.skinny.as_ref().is_some_and(|s| s.rows.contains(&m)) && k.is_multiple_of(KC)
+}
+
 /// Whether `out[m×n] = x[m×k] · wᵀ` (bf16 weights) goes to the skinny kernel on `dev`.
 pub fn prefers(dev: &GpuDevice, m: usize, k: usize, n: usize) -> bool {
-    dev.skinny.as_ref().is_some_and(|s| s.rows.contains(&m)) && Plan::new(m, n, k, dev.num_sms).is_some()
+    takes(dev, m, k) && Plan::new(m, n, k, dev.num_sms).is_some()
 }
 
 /// `out[m×n] = x[m×k] · wᵀ` through the skinny kernel (`prefers` said yes).
