@@ -10,30 +10,39 @@
 //    `mma.sync m16n8k16`, the M side: out columns), so a block covers 16·SK_WARPS rows; the
 //    input rows are the N side, NT tiles of 8 (m ≤ 8·NT; rows past m are zeros);
 //  * the block takes one stretch of K (`k_per_split`, a multiple of SK_KC; the grid's y is the
-//    split), in chunks of SK_KC = 64 values. Lane (g, c) = (lane / 4, lane % 4) copies, for rows g
-//    and g + 8 of its warp's 16, the 16 values [16c, 16c + 16) of each chunk (two 16-byte
-//    vectors a row: one 128-byte line a row a chunk across the four lanes of a row) into its own
-//    slots of the warp's cp.async ring (SK_STAGES chunks, SK_STAGES - 1 in flight while one is
-//    multiplied), and reads back only those, so the ring needs no barrier. Weights are read
-//    once: the copies go under an evict-first L2 policy;
-//  * the K values a lane holds are not the ones `mma`'s fragment layout names, and need not be:
-//    a dot product is the same in any order of K, so long as A and B agree. K step s (0..3) of a
-//    chunk takes logical columns {2c, 2c+1} from physical [16c + 4s, 16c + 4s + 2) and {2c + 8,
-//    2c + 9} from [16c + 4s + 2, 16c + 4s + 4): word 2s and word 2s + 1 of the lane's 32 bytes,
-//    for A (its weights) and B (the input rows, read the same way from shared memory). No
-//    shuffles, no ldmatrix: each lane's 16-byte reads are whole fragments
-//    (kernels/emulate/skinny.py replays this against a plain product);
-//  * the input rows are staged in shared memory a slice of K at a time ([8·NT][SK_SLICE / NT + 8]
-//    bf16: 32 KB whatever NT; 16 bytes of padding a row keep the fragment reads free of bank
-//    conflicts), double-buffered, with cp.async copies that ride in the weight ring's commit
-//    groups (a slice's copies go with the group of the first chunk of the slice before it, so
-//    waiting for a chunk's weights also covers its slice; one barrier a slice);
+//    split), in chunks of SK_KC = 64 values. A warp's chunk (its 16 rows × 64 values, 2 KB) goes
+//    through its own cp.async ring (SK_STAGES chunks, SK_STAGES - 1 in flight while one is
+//    multiplied); copy instruction v takes rows 4v .. 4v + 3, lane l the 16-byte vector l % 8 of
+//    row 4v + l / 8, so each instruction reads four whole 128-byte lines. A stage keeps row r's
+//    vector t at slot r·8 + (t ^ (r % 8)), so that the ldmatrix reads (8 rows, one vector each)
+//    fall on distinct banks, and ldmatrix.x4 hands each K step's A fragments to `mma` in its own
+//    layout; the input rows' B fragments come from the staged slice by ldmatrix too. A warp's
+//    lanes read each other's slots, so every chunk starts with a __syncwarp (after the wait for
+//    its copies, before the slot of the chunk before is refilled). How the copies are laid out
+//    decided the speed (H100, BENCHMARKS.md session 25, the five 8B products at 2-64 rows,
+//    bytes over summed time): a lane owning 32 contiguous bytes of rows g and g + 8 (fragments
+//    without ldmatrix) asked for each 32-byte sector twice, half each time: 1,440-1,690 GB/s;
+//    whole sectors (64 bytes a row an instruction): 2,180-2,270; whole lines: 2,160-2,600;
+//    cuBLAS: 2,630-2,780. A layer's four products still take 1.13x cuBLAS's time at 2 rows,
+//    1.10x at 8, 1.27x at 32 and 1.51x at 64 (most where K is split), so the kernel is off by default
+//    (`skinny::Skinny::rows_from_env`).
+//    No L2 eviction hint on these copies: with one, ptxas (12.9, and the 580 driver's JIT)
+//    encoded the cache-policy operand of some copies in an odd uniform register, an illegal
+//    instruction (compute-sanitizer); without one, the whole-sector kernel was 2% slower;
+//  * the input rows are staged in shared memory a slice of K at a time ([8·NT][SK_SLICE / NT +
+//    SK_XPAD] bf16: 32 KB and a little whatever NT; 16 bytes of padding a row keep ldmatrix's
+//    row reads on distinct banks), double-buffered, with cp.async copies that ride in the
+//    weight ring's commit groups (a slice's copies go with the group of the first chunk of the
+//    slice before it, so waiting for a chunk's weights also covers its slice; one barrier a
+//    slice);
 //  * with one split, each lane writes its accumulators to y. With several, every block writes
 //    its float32 partial [m][rows] to `partials` (split-major) and counts itself in its row
 //    group's `arrivals`; the last block of the group adds the splits in split order (the same
 //    sum whichever block comes last) and writes y, then sets the counter back to zero for the
 //    next launch. The host sizes the splits so that the grid fills the GPU once (`launch::
 //    skinny_plan`): QKV and o-projections of the 8B model have too few rows to.
+// kernels/emulate/skinny.py replays the copies, the swizzle, the ldmatrix reads, the fragments,
+// the epilogue and the split-K sums against a plain product.
 //
 // The kernels are named as GEMVs (`gemv_mma_n{NT}`): they are weight streams that issue their first
 // copies before the programmatic-dependent wait, and launch in the GEMV's PDL scope.
@@ -46,6 +55,9 @@
 #define SK_STAGES 4
 // K values of one staged slice of x times NT (the slice is 2048 / NT values of 8·NT rows).
 #define SK_SLICE 2048
+// bf16 of padding a staged input row: 16 bytes, so that ldmatrix's 8 row reads fall on
+// different banks.
+#define SK_XPAD 8
 
 // What x is (`MODE`): SK_PLAIN, the bf16 input rows [m][k]; SK_SILU, the gate_up rows [m][2k] of a
 // gated MLP, whose activation silu(gate) · up (`silu_and_mul`'s formula and bf16 rounding) the
@@ -63,7 +75,7 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
                                             const __nv_bfloat16* __restrict__ w, float* __restrict__ partials,
                                             u32* __restrict__ arrivals, int m, int n, int k, int k_per_split) {
     constexpr int SLICE = SK_SLICE / NT;           // K values of a staged slice
-    constexpr int XSTRIDE = SLICE + 8;             // bf16 a staged row (16 bytes of padding)
+    constexpr int XSTRIDE = SLICE + SK_XPAD;       // bf16 a staged row
     constexpr int CPS = SLICE / SK_KC;             // chunks a slice
     constexpr int ROWS = 8 * NT;                   // staged input rows
     static_assert(CPS >= SK_STAGES - 1, "a slice's copies must land before its first chunk is waited for");
@@ -81,19 +93,22 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
     const int k_end = min(k, k_begin + k_per_split);
     const int chunks = (k_end - k_begin) / SK_KC;
     uint4* my_ring = ring + warp * SK_STAGES * 4 * 32;
-    const u64 policy = l2_evict_first_policy();
 
-    // Vector v of a chunk: row g (v = 0, 1) or g + 8 (v = 2, 3), values 16c + 8·(v & 1).
+    // A ring stage is the chunk's 16 rows × 64 values, row r's 16-byte vector t at slot
+    // r·8 + (t ^ (r & 7)) (the XOR keeps ldmatrix's 8 row reads on distinct banks). Copy
+    // instruction v takes rows 4v .. 4v + 3, lane l vector l & 7 of row 4v + l / 8: four whole
+    // 128-byte lines.
     auto issue_chunk = [&](int q) {
         if (q < chunks) {
-            const int kk = k_begin + q * SK_KC + 16 * c;
+            const int t = lane & 7;
+            const int kk = k_begin + q * SK_KC + 8 * t;
             uint4* stage = my_ring + (q % SK_STAGES) * 4 * 32;
 #pragma unroll
             for (int v = 0; v < 4; ++v) {
-                const int row = row0 + g + 8 * (v >> 1);
-                const bool valid = row < n;
-                const __nv_bfloat16* src = w + (u64)(valid ? row : 0) * k + kk + 8 * (v & 1);
-                cp_async_16_hint(smem_addr(stage + v * 32 + lane), src, valid, policy);
+                const int r = 4 * v + (lane >> 3);
+                const bool valid = row0 + r < n;
+                const __nv_bfloat16* src = w + (u64)(valid ? row0 + r : 0) * k + kk;
+                cp_async_16(smem_addr(stage + r * 8 + (t ^ (r & 7))), src, valid);
             }
         }
     };
@@ -185,22 +200,35 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
         // The next slice's activation goes in at this slice's last chunk (its buffer's readers,
         // the slice before, are past the barrier above).
         if (MODE == SK_SILU && (q % CPS == CPS - 1 || q == chunks - 1)) store_slice(q / CPS + 1);
+        // The lanes' copies of chunk q are visible to the whole warp (ldmatrix reads other lanes'
+        // slots), and every lane's reads of chunk q - 1, whose slot is refilled next, are done.
+        __syncwarp();
         issue_chunk(q + SK_STAGES - 1);
         cp_async_commit();
 
         const uint4* stage = my_ring + (q % SK_STAGES) * 4 * 32;
-        const uint4 w0 = stage[0 * 32 + lane], w1 = stage[1 * 32 + lane];  // row g
-        const uint4 w2 = stage[2 * 32 + lane], w3 = stage[3 * 32 + lane];  // row g + 8
-        const __nv_bfloat16* buf = xs + ((q / CPS) & 1) * ROWS * XSTRIDE + (q % CPS) * SK_KC + 16 * c;
+        // A of K step s (values 16s .. 16s + 15): lane l addresses row (l & 7) + 8·((l >> 3) & 1),
+        // vector 2s + l / 16, so the four matrices are A's fragments a0..a3.
+        u32 a[4][4];
+        {
+            const int r = (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+            for (int step = 0; step < 4; ++step)
+                ldmatrix_x4(a[step], smem_addr(stage + r * 8 + ((2 * step + (lane >> 4)) ^ (r & 7))));
+        }
+        const __nv_bfloat16* buf = xs + ((q / CPS) & 1) * ROWS * XSTRIDE + (q % CPS) * SK_KC;
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const uint4 x0 = *reinterpret_cast<const uint4*>(buf + (8 * j + g) * XSTRIDE);
-            const uint4 x1 = *reinterpret_cast<const uint4*>(buf + (8 * j + g) * XSTRIDE + 8);
-            // K steps 0 and 1 from the first 8 values, 2 and 3 from the second.
-            { const u32 a[4] = {w0.x, w2.x, w0.y, w2.y}; mma_bf16(acc[j], a, x0.x, x0.y); }
-            { const u32 a[4] = {w0.z, w2.z, w0.w, w2.w}; mma_bf16(acc[j], a, x0.z, x0.w); }
-            { const u32 a[4] = {w1.x, w3.x, w1.y, w3.y}; mma_bf16(acc[j], a, x1.x, x1.y); }
-            { const u32 a[4] = {w1.z, w3.z, w1.w, w3.w}; mma_bf16(acc[j], a, x1.z, x1.w); }
+            // B: lane l addresses input row 8j + (l & 7), vector l / 8 (`lo`: vectors 0-3) and
+            // 4 + l / 8 (`hi`); K step s takes vectors 2s and 2s + 1.
+            u32 lo[4], hi[4];
+            const __nv_bfloat16* row = buf + (8 * j + (lane & 7)) * XSTRIDE + 8 * (lane >> 3);
+            ldmatrix_x4(lo, smem_addr(row));
+            ldmatrix_x4(hi, smem_addr(row + 32));
+            mma_bf16(acc[j], a[0], lo[0], lo[1]);
+            mma_bf16(acc[j], a[1], lo[2], lo[3]);
+            mma_bf16(acc[j], a[2], hi[0], hi[1]);
+            mma_bf16(acc[j], a[3], hi[2], hi[3]);
         }
     }
     cp_async_wait<0>();

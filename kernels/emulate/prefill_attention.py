@@ -6,21 +6,9 @@
 # covers. Run: python3 kernels/emulate/prefill_attention.py (about 5 s). Keep it in step with
 # the kernel when either changes.
 import numpy as np
-from fragments import bf, mma
+from fragments import bf, ldmatrix_x4, mma
 rng = np.random.default_rng(0)
 PF_M = PF_N = 64
-def ldmatrix_x4(smem, addr, trans=False):
-    # addr[lane] = (row, col) of the row this lane addresses; returns r[4][lane] = (lo, hi)
-    r = np.zeros((4, 32, 2), np.float32)
-    for i in range(4):
-        rows = [smem[addr[8*i+j][0], addr[8*i+j][1]:addr[8*i+j][1]+8] for j in range(8)]
-        M = np.stack(rows)  # 8x8
-        for lane in range(32):
-            g, t = lane // 4, lane % 4
-            if not trans: r[i, lane] = M[g, 2*t:2*t+2]
-            else: r[i, lane] = [M[2*t, g], M[2*t+1, g]]
-    return r
-
 def kernel(HD, out, q, q_stride, kc, vc, table, positions, tile, head, num_heads, num_kv_heads, bs, scale):
     PAD = 8
     kv_head = head // (num_heads // num_kv_heads)

@@ -1,27 +1,22 @@
 # Emulates kernels/skinny.cu lane by lane on the CPU (numpy): which 16-byte vectors each lane
-# copies into its ring slots and into the staged slices of x, the words it hands to
-# mma.sync m16n8k16 as the PTX ISA lays out its fragments (fragments.py), where it writes its
-# accumulators, and the split-K partials added in split order, against a plain float64 product.
-# It checks the index arithmetic (the permuted K order, partial row groups, input rows past m,
+# copies into the swizzled ring slots and into the staged slices of x, the rows each lane hands
+# ldmatrix, the fragments mma.sync m16n8k16 gets as the PTX ISA lays them out (fragments.py),
+# where each lane writes its accumulators, and the split-K partials added in split order, against
+# a plain float64 product. It checks the index arithmetic (the swizzle, partial row groups, input rows past m,
 # slices and splits that end inside a chunk run); not the cp.async pipeline or the barriers,
 # which only the GPU check (`pagedserve check`) covers. Run: python3 kernels/emulate/skinny.py
 # (a few seconds). Keep it in step with the kernel when either changes.
 import numpy as np
-from fragments import bf, mma
+from fragments import bf, ldmatrix_x4, mma
 
-SK_WARPS, SK_KC, SK_STAGES, SK_SLICE = 16, 64, 4, 2048
-
-
-def words(v16):
-    # 8 bf16 values -> 4 "u32" words, each the pair (lo, hi) as the registers hold them
-    return [v16[2 * i:2 * i + 2] for i in range(4)]
+SK_WARPS, SK_KC, SK_STAGES, SK_SLICE, SK_XPAD = 16, 64, 4, 2048, 8
 
 
 def silu_slice(NT, gate_up, m, k, kk0, vecs_per_row):
     # SK_SILU's staging of one slice: thread t's vectors e = t + 512 i (i < SK_SILU_VECS), row
     # e // vecs_per_row, activation bf16(silu(gate) * up) of its 8 values; rows m..ROWS zero.
     ROWS, SLICE = 8 * NT, SK_SLICE // NT
-    xs = np.full((ROWS, SLICE + 8), np.nan, np.float32)
+    xs = np.full((ROWS, SLICE + SK_XPAD), np.nan, np.float32)
     threads = SK_WARPS * 32
     for t in range(threads):
         for i in range(SK_SLICE * 8 // 8 // threads):
@@ -63,37 +58,31 @@ def kernel(NT, x, w, m, n, k, k_per_split, silu=False):
                     if silu:
                         xs = silu_slice(NT, x, m, k, kk0, length // 8)
                     else:
-                        xs = np.zeros((ROWS, SLICE + 8), np.float32)
+                        xs = np.zeros((ROWS, SLICE + SK_XPAD), np.float32)
                         xs[:, :] = np.nan  # padding and unused columns are never read
                         for r in range(ROWS):
                             xs[r, :length] = x[r, kk0:kk0 + length] if r < m else 0.0
-                    stage = np.zeros((4, 32, 8), np.float32)
-                    for lane in range(32):
-                        g, c = lane // 4, lane % 4
-                        kk = k_begin + q * SK_KC + 16 * c
-                        for v in range(4):
-                            row = row0 + g + 8 * (v >> 1)
-                            src = kk + 8 * (v & 1)
-                            stage[v, lane] = w[row, src:src + 8] if row < n else 0.0
-                    for j in range(NT):
-                        a_steps = [[[None] * 32 for _ in range(4)] for _ in range(4)]
-                        b_steps = [[[None] * 32 for _ in range(2)] for _ in range(4)]
+                    # The ring stage: row r's vector t at slot r * 8 + (t ^ (r & 7)), copied by
+                    # instruction v = r // 4, lane 8 * (r % 4) + t.
+                    stage = np.full((128, 8), np.nan, np.float32)
+                    for v in range(4):
                         for lane in range(32):
-                            g, c = lane // 4, lane % 4
-                            col = (q % CPS) * SK_KC + 16 * c
-                            x0 = words(xs[8 * j + g, col:col + 8])
-                            x1 = words(xs[8 * j + g, col + 8:col + 16])
-                            w0, w1, w2, w3 = (words(stage[v, lane]) for v in range(4))
-                            steps = [((w0[0], w2[0], w0[1], w2[1]), (x0[0], x0[1])),
-                                     ((w0[2], w2[2], w0[3], w2[3]), (x0[2], x0[3])),
-                                     ((w1[0], w3[0], w1[1], w3[1]), (x1[0], x1[1])),
-                                     ((w1[2], w3[2], w1[3], w3[3]), (x1[2], x1[3]))]
-                            for s, (a, b) in enumerate(steps):
-                                for i in range(4):
-                                    a_steps[s][i][lane] = a[i]
-                                b_steps[s][0][lane], b_steps[s][1][lane] = b
-                        for s in range(4):
-                            mma(acc[j], a_steps[s], b_steps[s][0], b_steps[s][1])
+                            t, r = lane & 7, 4 * v + (lane >> 3)
+                            src = k_begin + q * SK_KC + 8 * t
+                            stage[r * 8 + (t ^ (r & 7))] = w[row0 + r, src:src + 8] if row0 + r < n else 0.0
+                    a = []
+                    for step in range(4):
+                        addr = []
+                        for lane in range(32):
+                            r = (lane & 7) + 8 * ((lane >> 3) & 1)
+                            addr.append((r * 8 + ((2 * step + (lane >> 4)) ^ (r & 7)), 0))
+                        a.append(ldmatrix_x4(stage, addr))
+                    col = (q % CPS) * SK_KC
+                    for j in range(NT):
+                        lo = ldmatrix_x4(xs, [(8 * j + (lane & 7), col + 8 * (lane >> 3)) for lane in range(32)])
+                        hi = ldmatrix_x4(xs, [(8 * j + (lane & 7), col + 32 + 8 * (lane >> 3)) for lane in range(32)])
+                        for step, (b0, b1) in enumerate([(lo[0], lo[1]), (lo[2], lo[3]), (hi[0], hi[1]), (hi[2], hi[3])]):
+                            mma(acc[j], a[step], b0, b1)
                 for j in range(NT):
                     for lane in range(32):
                         g, c = lane // 4, lane % 4

@@ -69,8 +69,9 @@ pub struct GpuDevice {
     /// cuBLASLt, for the FP8 GEMMs (`cuda::fp8_gemm`), sharing the cuBLAS workspace.
     fp8_gemm: Mutex<Fp8Gemm>,
     /// Whether plain greedy samples take `greedy_chunks` (the argmax spread over the GPU)
-    /// rather than one `sample_rows` block a row: `PAGEDSERVE_GREEDY_CHUNKS=on` (off by default
-    /// until it has been run on a GPU).
+    /// rather than one `sample_rows` block a row (the default; `PAGEDSERVE_GREEDY_CHUNKS=off`
+    /// for the one-block path). On an H100 it took ~50 µs off the 8B served decode step at 1
+    /// and 32 rows (BENCHMARKS.md, session 25).
     pub greedy_chunks: bool,
     /// The skinny tensor-core products' workspace and row range (`cuda::skinny`); `None` when
     /// `PAGEDSERVE_SKINNY=off` or a block's shared memory does not fit this device.
@@ -214,7 +215,7 @@ impl GpuDevice {
             }
             _ => None,
         };
-        let greedy_chunks = matches!(std::env::var("PAGEDSERVE_GREEDY_CHUNKS").as_deref(), Ok("on" | "1"));
+        let greedy_chunks = !matches!(std::env::var("PAGEDSERVE_GREEDY_CHUNKS").as_deref(), Ok("off" | "0"));
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));

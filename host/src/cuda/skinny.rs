@@ -23,6 +23,8 @@ pub const WARPS: usize = 16;
 pub const KC: usize = 64;
 pub const STAGES: usize = 4;
 pub const SLICE: usize = 2048;
+/// bf16 of padding a staged input row (`SK_XPAD`).
+pub const XPAD: usize = 8;
 /// Weight rows a block covers.
 pub const ROWS_PER_BLOCK: usize = 16 * WARPS;
 /// Tiles of 8 input rows the kernels are instantiated for.
@@ -40,7 +42,7 @@ pub fn tiles_for(m: usize) -> Option<usize> {
 
 /// Dynamic shared memory of a block: the warps' rings, then two staged slices of the input.
 pub fn shared_bytes(tiles: usize) -> usize {
-    WARPS * STAGES * 4 * 32 * 16 + 2 * (8 * tiles) * (SLICE / tiles + 8) * 2
+    WARPS * STAGES * 4 * 32 * 16 + 2 * (8 * tiles) * (SLICE / tiles + XPAD) * 2
 }
 
 /// What the kernel reads as its input rows (`SK_PLAIN`, `SK_SILU`).
@@ -101,7 +103,8 @@ pub struct Skinny {
 }
 
 impl Skinny {
-    /// `$PAGEDSERVE_SKINNY`: `off` (the default until the kernel has been measured on a GPU),
+    /// `$PAGEDSERVE_SKINNY`: `off` (the default: on an H100 a layer's 8B products took 1.10-1.51x
+    /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25),
     /// `on` (rows 2 to 64), or `A-B` (rows A to B, within 1 to 64). `Ok(None)` when off.
     pub fn rows_from_env() -> Result<Option<RangeInclusive<usize>>, CudaError> {
         let bad = |v: &str| CudaError::Config(format!("PAGEDSERVE_SKINNY is off, on or a row range A-B within 1-64, not {v:?}"));
@@ -193,7 +196,7 @@ mod tests {
     #[test]
     fn constants_match_the_kernel() {
         let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "skinny").unwrap().source;
-        for (name, value) in [("SK_WARPS", WARPS), ("SK_KC", KC), ("SK_STAGES", STAGES), ("SK_SLICE", SLICE)] {
+        for (name, value) in [("SK_WARPS", WARPS), ("SK_KC", KC), ("SK_STAGES", STAGES), ("SK_SLICE", SLICE), ("SK_XPAD", XPAD)] {
             assert!(source.contains(&format!("#define {name} {value}\n")), "{name}");
         }
         for tiles in TILES {
