@@ -4,7 +4,8 @@
 # tests run the real model on the CPU and the real plugin components). NVRTC comes from PyPI so
 # that the CUDA kernels are compiled for sm_90 on every run, GPU or not; the OpenAI Python client
 # too, for the client round-trip test, and Chromium with Selenium for the web page's browser test;
-# numpy for the kernels' CPU emulators (scripts/emulate-kernels.sh).
+# numpy for the kernels' CPU emulators (scripts/emulate-kernels.sh); ptxas and cuobjdump, also from
+# PyPI, to assemble every kernel for sm_90 and lint its machine code (scripts/sass-check.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,5 +17,6 @@ eval "$(./scripts/fetch-nvrtc.sh)"
 ./scripts/emulate-kernels.sh
 export PAGEDSERVE_REQUIRE_NVRTC=1 PAGEDSERVE_KERNEL_CACHE="$root/target/kernel-cache"
 cargo test --release --workspace "$@"
+./scripts/sass-check.sh "$root/target/release/pagedserve"
 # A fixed pass of every fuzz target (the same inputs every run: see scripts/fuzz.sh).
 ./scripts/fuzz.sh --runs 100000

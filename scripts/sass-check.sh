@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Assembles every kernel module for sm_90 with ptxas and reads the machine code back with
+# cuobjdump (with nvdisasm, all from NVIDIA's PyPI wheels: no GPU, no CUDA toolkit), to catch before a GPU lease
+# what NVRTC's PTX does not show:
+#  * ptxas errors (the PTX compiles, the SASS does not);
+#  * a memory instruction whose descriptor operand (`desc[URn]`, e.g. the L2 cache policy of a
+#    `cp.async ... L2::cache_hint`: a 64-bit pair of uniform registers) starts at an odd uniform
+#    register. ptxas 12.9, and the 580 driver's JIT alike, emitted such an operand for the skinny
+#    kernel's hinted weight copies, and the GPU stopped with CUDA_ERROR_ILLEGAL_INSTRUCTION at
+#    exactly that instruction (compute-sanitizer; BENCHMARKS.md, session 25); every kernel that
+#    runs has them at even registers. Any is a failure.
+# It also prints each kernel's registers and spills (a few kernels spill a few bytes by design:
+# reported, not a failure).
+#
+# Usage: scripts/sass-check.sh [PAGEDSERVE_BINARY]   (default: target/release/pagedserve; it
+#        compiles the kernels with NVRTC into a temporary cache), or scripts/sass-check.sh DIR for
+#        the .ptx files already in a kernel cache DIR.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bin="${1:-$root/target/release/pagedserve}"
+tools="$root/target/sass-tools"
+wheels=("nvidia-cuda-nvcc-cu12==12.9.86" "nvidia-cuda-cuobjdump==13.5.37" "nvidia-cuda-nvdisasm==13.5.37")
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+if [[ ! -f "$tools/.complete" ]]; then
+  echo "fetching ${wheels[*]} from PyPI ..." >&2
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check --only-binary=:all: \
+    --platform manylinux2014_x86_64 --python-version 3.11 -d "$work" "${wheels[@]}" >&2
+  rm -rf "$tools"
+  mkdir -p "$tools/bin"
+  python3 - "$tools/bin" "$work"/*.whl <<'PY'
+import os, sys, zipfile
+dest, *wheels = sys.argv[1:]
+for wheel in wheels:
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.endswith(("/bin/ptxas", "/bin/cuobjdump", "/bin/nvdisasm")):
+                path = os.path.join(dest, os.path.basename(name))
+                with open(path, "wb") as out:
+                    out.write(z.read(name))
+                os.chmod(path, 0o755)
+PY
+  touch "$tools/.complete"
+fi
+
+cache="$work/cache"
+mkdir -p "$cache"
+if [[ -d "$bin" ]]; then
+  cp "$bin"/*.ptx "$cache"/
+else
+  eval "$("$root/scripts/fetch-nvrtc.sh")"
+  PAGEDSERVE_REQUIRE_NVRTC=1 PAGEDSERVE_KERNEL_CACHE="$cache" "$bin" check --compile-only sm_90 >&2
+fi
+
+python3 - "$tools/bin" "$cache" <<'PY'
+import glob, os, re, subprocess, sys
+tools, cache = sys.argv[1:]
+odd = re.compile(r"desc\[UR(\d*[13579])\]")
+failures = []
+for ptx in sorted(glob.glob(os.path.join(cache, "*.ptx"))):
+    module = os.path.basename(ptx).rsplit("-", 1)[0]
+    cubin = ptx[:-4] + ".cubin"
+    assembled = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90", "-v", ptx, "-o", cubin], capture_output=True, text=True)
+    if assembled.returncode != 0:
+        failures.append(f"{module}: ptxas failed:\n{assembled.stderr}")
+        continue
+    # ptxas -v: "Compiling entry function 'NAME'", then its stack/spill line, then its registers.
+    kernel, kernels, spills = None, 0, []
+    for line in assembled.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '([^']+)'", line):
+            kernel, kernels = m.group(1), kernels + 1
+        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            if int(m.group(1)) or int(m.group(2)):
+                spills.append(f"{kernel} ({m.group(1)}/{m.group(2)} bytes)")
+    # cuobjdump finds nvdisasm on the PATH.
+    env = dict(os.environ, PATH=tools + os.pathsep + os.environ.get("PATH", ""))
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True, env=env).stdout
+    function, bad = None, []
+    for line in sass.splitlines():
+        if m := re.search(r"Function : (\S+)", line):
+            function = m.group(1)
+        elif odd.search(line):
+            bad.append(f"{function}: {line.split(';')[0].strip()}")
+    if bad:
+        failures.append(f"{module}: {len(bad)} descriptor operand(s) at an odd uniform register, e.g.\n  " + "\n  ".join(bad[:4]))
+    print(f"{module:<20} {kernels:>4} kernels  spills: {', '.join(spills) if spills else 'none'}")
+if failures:
+    print("\n".join(["", "sass-check FAILED:"] + failures), file=sys.stderr)
+    sys.exit(1)
+print("sass-check: every module assembles for sm_90, no descriptor at an odd uniform register")
+PY
