@@ -8,23 +8,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="$root/target/nvrtc"
 wheels=("nvidia-cuda-nvrtc-cu12==12.9.86" "nvidia-cuda-runtime-cu12==12.9.79")
 
-if [[ ! -f "$dest/.complete" ]]; then
-  work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
-  echo "fetching ${wheels[*]} from PyPI ..." >&2
-  python3 -m pip download --quiet --no-deps --disable-pip-version-check --only-binary=:all: \
-    --platform manylinux2014_x86_64 --python-version 3.11 -d "$work" "${wheels[@]}" >&2
-  rm -rf "$dest"
-  mkdir -p "$dest"
-  python3 - "$dest" "$work"/*.whl <<'PY'
-import sys, zipfile
-dest, *wheels = sys.argv[1:]
-for wheel in wheels:
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(dest)
-PY
-  ln -sf libnvrtc.so.12 "$dest/nvidia/cuda_nvrtc/lib/libnvrtc.so"
-  touch "$dest/.complete"
-fi
+source "$root/scripts/pip-target.sh"
+pip_wheels "$dest" "${wheels[@]}"
+ln -sf libnvrtc.so.12 "$dest/nvidia/cuda_nvrtc/lib/libnvrtc.so"
 echo "export LD_LIBRARY_PATH=\"$dest/nvidia/cuda_nvrtc/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
 echo "export CUDA_HOME=\"$dest/nvidia/cuda_runtime\""

@@ -21,29 +21,15 @@ bin="${1:-$root/target/release/pagedserve}"
 tools="$root/target/sass-tools"
 wheels=("nvidia-cuda-nvcc-cu12==12.9.86" "nvidia-cuda-cuobjdump==13.5.37" "nvidia-cuda-nvdisasm==13.5.37")
 
+source "$root/scripts/pip-target.sh"
+pip_wheels "$tools" "${wheels[@]}"
+# cuobjdump runs nvidia/cu13/bin/nvdisasm, found on the PATH.
+bin_dir="$tools/nvidia/cu13/bin"
+ptxas="$tools/nvidia/cuda_nvcc/bin/ptxas"
+chmod +x "$ptxas" "$bin_dir/cuobjdump" "$bin_dir/nvdisasm"
+
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-if [[ ! -f "$tools/.complete" ]]; then
-  echo "fetching ${wheels[*]} from PyPI ..." >&2
-  python3 -m pip download --quiet --no-deps --disable-pip-version-check --only-binary=:all: \
-    --platform manylinux2014_x86_64 --python-version 3.11 -d "$work" "${wheels[@]}" >&2
-  rm -rf "$tools"
-  mkdir -p "$tools/bin"
-  python3 - "$tools/bin" "$work"/*.whl <<'PY'
-import os, sys, zipfile
-dest, *wheels = sys.argv[1:]
-for wheel in wheels:
-    with zipfile.ZipFile(wheel) as z:
-        for name in z.namelist():
-            if name.endswith(("/bin/ptxas", "/bin/cuobjdump", "/bin/nvdisasm")):
-                path = os.path.join(dest, os.path.basename(name))
-                with open(path, "wb") as out:
-                    out.write(z.read(name))
-                os.chmod(path, 0o755)
-PY
-  touch "$tools/.complete"
-fi
-
 cache="$work/cache"
 mkdir -p "$cache"
 if [[ -d "$bin" ]]; then
@@ -53,15 +39,15 @@ else
   PAGEDSERVE_REQUIRE_NVRTC=1 PAGEDSERVE_KERNEL_CACHE="$cache" "$bin" check --compile-only sm_90 >&2
 fi
 
-python3 - "$tools/bin" "$cache" <<'PY'
+python3 - "$ptxas" "$bin_dir" "$cache" <<'PY'
 import glob, os, re, subprocess, sys
-tools, cache = sys.argv[1:]
+ptxas, bin_dir, cache = sys.argv[1:]
 odd = re.compile(r"desc\[UR(\d*[13579])\]")
 failures = []
 for ptx in sorted(glob.glob(os.path.join(cache, "*.ptx"))):
     module = os.path.basename(ptx).rsplit("-", 1)[0]
     cubin = ptx[:-4] + ".cubin"
-    assembled = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90", "-v", ptx, "-o", cubin], capture_output=True, text=True)
+    assembled = subprocess.run([ptxas, "-arch=sm_90", "-v", ptx, "-o", cubin], capture_output=True, text=True)
     if assembled.returncode != 0:
         failures.append(f"{module}: ptxas failed:\n{assembled.stderr}")
         continue
@@ -73,9 +59,8 @@ for ptx in sorted(glob.glob(os.path.join(cache, "*.ptx"))):
         elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
             if int(m.group(1)) or int(m.group(2)):
                 spills.append(f"{kernel} ({m.group(1)}/{m.group(2)} bytes)")
-    # cuobjdump finds nvdisasm on the PATH.
-    env = dict(os.environ, PATH=tools + os.pathsep + os.environ.get("PATH", ""))
-    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True, env=env).stdout
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True, env=env).stdout
     function, bad = None, []
     for line in sass.splitlines():
         if m := re.search(r"Function : (\S+)", line):
