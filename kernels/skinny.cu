@@ -24,11 +24,11 @@
 //    without ldmatrix) asked for each 32-byte sector twice, half each time: 1,440-1,690 GB/s;
 //    whole sectors (64 bytes a row an instruction): 2,180-2,270; whole lines: 2,160-2,600;
 //    cuBLAS: 2,630-2,780. A layer's four products still take 1.13x cuBLAS's time at 2 rows,
-//    1.10x at 8, 1.27x at 32 and 1.51x at 64 (most where K is split), so the kernel is off by default
-//    (`skinny::Skinny::rows_from_env`).
-//    No L2 eviction hint on these copies: with one, ptxas (12.9, and the 580 driver's JIT)
-//    encoded the cache-policy operand of some copies in an odd uniform register, an illegal
-//    instruction (compute-sanitizer); without one, the whole-sector kernel was 2% slower;
+//    1.10x at 8, 1.18x at 16, 1.27x at 32 and 1.51x at 64 (most where K is split), so the
+//    kernel is off by default (`skinny::Skinny::rows_from_env`). No L2 eviction hint on these
+//    copies: with one, ptxas (12.9, and the 580 driver's JIT) put the cache-policy operand of
+//    some copies in an odd uniform register, an illegal instruction (compute-sanitizer; now
+//    caught by scripts/sass-check.sh); without one, the whole-sector kernel was 2% slower;
 //  * the input rows are staged in shared memory a slice of K at a time ([8·NT][SK_SLICE / NT +
 //    SK_XPAD] bf16: 32 KB and a little whatever NT; 16 bytes of padding a row keep ldmatrix's
 //    row reads on distinct banks), double-buffered, with cp.async copies that ride in the
