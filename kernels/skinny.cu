@@ -219,8 +219,9 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
         // the slice before, are past the barrier above).
         if (MODE == SK_SILU && (q % steps_per_slice == steps_per_slice - 1 || q == steps - 1))
             store_slice(q / steps_per_slice + 1);
-        // The lanes' copies of chunk q are visible to the whole warp (ldmatrix reads other lanes'
-        // slots), and every lane's reads of chunk q - 1, whose slot is refilled next, are done.
+        // The lanes' copies of step q's chunk are visible to the whole warp (ldmatrix reads other
+        // lanes' slots), and every lane's reads of step q - 1's, whose slot is refilled next, are
+        // done.
         __syncwarp();
         issue_chunk(q + SK_STAGES - 1);
         cp_async_commit();
