@@ -255,8 +255,9 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
     }
     cp_async_wait<0>();
 
-    // The warps of a row group add their sums in slot order (the first warp holds the total),
-    // through the ring's memory, which nobody reads any more past the barrier.
+    // The warps of a row group add their sums in slot order (the first, the writer, holds the
+    // total), through the ring's memory, which nobody reads any more past the barrier.
+    const bool writer = ks == 0;
     if (k_warps > 1) {
         __syncthreads();
         float* sums = reinterpret_cast<float*>(skinny_smem);  // [warp][NT·4][32]
@@ -265,14 +266,13 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
 #pragma unroll
             for (int e = 0; e < 4; ++e) sums[(warp * NT * 4 + j * 4 + e) * 32 + lane] = acc[j][e];
         __syncthreads();
-        if (ks == 0)
+        if (writer)
             for (int o = 1; o < k_warps; ++o)
 #pragma unroll
                 for (int j = 0; j < NT; ++j)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[j][e] += sums[((warp + o) * NT * 4 + j * 4 + e) * 32 + lane];
     }
-    const bool writer = ks == 0;
 
     // acc[j][e]: weight row row0 + g + 8·(e >> 1), input row 8j + 2c + (e & 1).
     if (gridDim.y == 1) {

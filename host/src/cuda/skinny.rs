@@ -32,6 +32,7 @@ pub const K_WARPS: [usize; 3] = [1, 2, 4];
 pub fn rows_per_block(k_warps: usize) -> usize {
     16 * WARPS / k_warps
 }
+
 /// Tiles of 8 input rows the kernels are instantiated for.
 pub const TILES: [usize; 4] = [1, 2, 4, 8];
 /// Float32 split-K partials the workspace holds (16 MB: the 8B o-projection at 64 rows in 8
@@ -113,8 +114,8 @@ pub struct Skinny {
 
 impl Skinny {
     /// `$PAGEDSERVE_SKINNY`: `off` (the default: on an H100 a layer's 8B products took 1.10-1.51x
-    /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25),
-    /// `on` (rows 2 to 64), or `A-B` (rows A to B, within 1 to 64). `Ok(None)` when off.
+    /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25), `on` (rows 2 to 64), or `A-B` (rows
+    /// A to B, within 1 to 64). `Ok(None)` when off.
     pub fn rows_from_env() -> Result<Option<RangeInclusive<usize>>, CudaError> {
         let bad = |v: &str| CudaError::Config(format!("PAGEDSERVE_SKINNY is off, on or a row range A-B within 1-64, not {v:?}"));
         match std::env::var("PAGEDSERVE_SKINNY").as_deref() {
@@ -158,7 +159,7 @@ pub fn takes(dev: &GpuDevice, m: usize, k: usize) -> bool {
 
 /// Whether `out[m×n] = x[m×k] · wᵀ` (bf16 weights) goes to the skinny kernel on `dev`.
 pub fn prefers(dev: &GpuDevice, m: usize, k: usize, n: usize) -> bool {
-    takes(dev, m, k) && dev.skinny.as_ref().is_some_and(|s| Plan::new(m, n, k, dev.num_sms, s.k_warps).is_some())
+    takes(dev, m, k) && dev.skinny.as_ref().and_then(|s| Plan::new(m, n, k, dev.num_sms, s.k_warps)).is_some()
 }
 
 /// `out[m×n] = x[m×k] · wᵀ` through the skinny kernel (`prefers` said yes).
