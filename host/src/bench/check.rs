@@ -754,12 +754,25 @@ pub fn check_gemv_silu(
     let stream = &dev.stream;
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
-    // Past the GEMV's rows, a bf16 weight's product is the skinny kernel's (`cuda::skinny`).
-    let skinny = format == WeightFormat::Bf16 && m > crate::cuda::launch::GEMV_MAX_ROWS;
-    if skinny {
+    // Past the GEMV's rows the forward folds the activation into the skinny kernel's staging
+    // where that kernel is on (`PAGEDSERVE_SKINNY`), and otherwise runs `silu_and_mul`, then
+    // the product (cuBLAS): the row checks the path the forward takes.
+    let past_gemv = format == WeightFormat::Bf16 && m > GEMV_MAX_ROWS;
+    let skinny = past_gemv && crate::cuda::skinny::prefers(dev, m, inter, n);
+    let label = if skinny {
         let (input, weight) = (crate::cuda::skinny::SkinnyInput::SiluMul(ptr(dev, &in_dev)), w_dev.weight(dev));
         let crate::cuda::gemv::GemvWeight::Bf16(weight) = weight else { unreachable!("a bf16 matrix") };
         unsafe { crate::cuda::skinny::skinny_linear(dev, ptr(dev, &out), OutType::Bf16, input, weight, m, inter, n)? };
+        "skinny".to_string()
+    } else if past_gemv {
+        let crate::cuda::gemv::GemvWeight::Bf16(weight) = w_dev.weight(dev) else { unreachable!("a bf16 matrix") };
+        let act_dev = stream.clone_htod(&vec![bf16::NAN; m * inter])?;
+        // SAFETY: gate_up holds `m` rows of `2 * inter`, act `m` rows of `inter`, the weight `n` of `inter`.
+        unsafe {
+            launchers::silu_and_mul(dev, gated_config(m, inter), ptr(dev, &act_dev), ptr(dev, &in_dev), 0, 0, inter as i32)?;
+            linear(dev, ptr(dev, &out), OutType::Bf16, ptr(dev, &act_dev), weight, m, inter, n)?;
+        }
+        "silu_and_mul, cuBLAS".to_string()
     } else {
         let g = Gemv {
             out: ptr(dev, &out),
@@ -772,9 +785,9 @@ pub fn check_gemv_silu(
             n,
         };
         unsafe { gemv(dev, &g)? };
-    }
+        gemv_label(format)
+    };
     let got = download_bf16(dev, &out, m * n)?;
-    let label = if skinny { "skinny".to_string() } else { gemv_label(format) };
     Ok(CheckRow::error(&format!("{label} +silu"), format!("m {m} n {n} k {inter}"), relative_error(&got, &want)))
 }
 
@@ -953,8 +966,9 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     }
     rows.push(check_gemv_silu(dev, 1, 512, 14336, WeightFormat::Bf16, 320)?);
     rows.push(check_gemv_silu(dev, 2, 100, 14336, WeightFormat::Bf16, 321)?);
-    // The skinny kernel's SiLU staging: each tile count past the GEMV's rows, K split (the 8B
-    // down projection in 8 splits of 1,792) and not.
+    // Past the GEMV's rows: the skinny kernel's SiLU staging where it is on (each tile count,
+    // K split as the 8B down projection's 8 of 1,792, and not), `silu_and_mul` then cuBLAS where
+    // it is off.
     for (m, n, inter, seed) in [(9, 576, 1536, 322), (16, 1001, 576, 323), (32, 4096, 14336, 324), (64, 576, 1536, 325), (50, 300, 14336, 326)] {
         rows.push(check_gemv_silu(dev, m, n, inter, WeightFormat::Bf16, seed)?);
     }
