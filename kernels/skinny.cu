@@ -11,9 +11,10 @@
 //    columns), so a block covers 16·SK_WARPS / k_warps rows; the input rows are the N side, NT
 //    tiles of 8 (m ≤ 8·NT; rows past m are zeros). The warps of a row group take its chunks of
 //    K in turn and add their sums at the end (in a fixed order), so that with k_warps > 1 a
-//    row's neighbouring lines are asked for at about the same time: whether DRAM rewards those
-//    longer runs (the GEMV, which streams 2 KB of one row at a time, reaches the copy rate where
-//    this kernel, 128 bytes of 16 rows a chunk, does not) is what the switch is there to measure;
+//    row's neighbouring lines are asked for at about the same time. That tested whether DRAM
+//    rewards longer runs (the GEMV, which streams 2 KB of one row at a time, reaches the copy
+//    rate where this kernel, 128 bytes of 16 rows a chunk, does not): it does not much (H100, a
+//    layer's products at 32 rows: 0.79x cuBLAS at 1, 0.83x at 2, 0.78x at 4; session 26);
 //  * the block takes one stretch of K (`k_per_split`, a multiple of SK_KC; the grid's y is the
 //    split), in chunks of SK_KC = 64 values, a step of the loop a chunk per warp. A warp's chunk (its 16 rows × 64 values, 2 KB) goes
 //    through its own cp.async ring (SK_STAGES chunks, SK_STAGES - 1 in flight while one is

@@ -132,8 +132,8 @@ impl Skinny {
         }
     }
 
-    /// `$PAGEDSERVE_SKINNY_KW`: warps a row group, 1 (the default), 2 or 4 (an experiment:
-    /// longer runs of each weight row in flight at once, `kernels/skinny.cu`).
+    /// `$PAGEDSERVE_SKINNY_KW`: warps a row group, 1 (the default), 2 or 4 (longer runs of each
+    /// weight row in flight at once, `kernels/skinny.cu`; measured no faster, session 26).
     pub fn k_warps_from_env() -> Result<usize, CudaError> {
         match std::env::var("PAGEDSERVE_SKINNY_KW").as_deref() {
             Err(_) => Ok(1),
