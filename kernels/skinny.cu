@@ -6,17 +6,11 @@
 // (BENCHMARKS.md, session 23's profile). Here the weights stream as the GEMV streams them and
 // the tensor cores do the products:
 //
-//  * a block is SK_WARPS warps in row groups of `k_warps` (1, 2 or 4; `PAGEDSERVE_SKINNY_KW`):
-//    a row group owns 16 weight rows (the A operand of `mma.sync m16n8k16`, the M side: out
-//    columns), so a block covers 16·SK_WARPS / k_warps rows; the input rows are the N side, NT
-//    tiles of 8 (m ≤ 8·NT; rows past m are zeros). The warps of a row group take its chunks of
-//    K in turn and add their sums at the end (in a fixed order), so that with k_warps > 1 a
-//    row's neighbouring lines are asked for at about the same time. That tested whether DRAM
-//    rewards longer runs (the GEMV, which streams 2 KB of one row at a time, reaches the copy
-//    rate where this kernel, 128 bytes of 16 rows a chunk, does not): it does not much (H100, a
-//    layer's products at 32 rows: 0.79x cuBLAS at 1, 0.83x at 2, 0.78x at 4; session 26);
+//  * a block is SK_WARPS warps; warp w owns 16 weight rows (the A operand of
+//    `mma.sync m16n8k16`, the M side: out columns), so a block covers 16·SK_WARPS rows; the
+//    input rows are the N side, NT tiles of 8 (m ≤ 8·NT; rows past m are zeros);
 //  * the block takes one stretch of K (`k_per_split`, a multiple of SK_KC; the grid's y is the
-//    split), in chunks of SK_KC = 64 values, a step of the loop a chunk per warp. A warp's chunk (its 16 rows × 64 values, 2 KB) goes
+//    split), in chunks of SK_KC = 64 values. A warp's chunk (its 16 rows × 64 values, 2 KB) goes
 //    through its own cp.async ring (SK_STAGES chunks, SK_STAGES - 1 in flight while one is
 //    multiplied); copy instruction v takes rows 4v .. 4v + 3, lane l the 16-byte vector l % 8 of
 //    row 4v + l / 8, so each instruction reads four whole 128-byte lines. A stage keeps row r's
@@ -35,6 +29,8 @@
 //    copies: with one, ptxas (12.9, and the 580 driver's JIT) put the cache-policy operand of
 //    some copies in an odd uniform register, an illegal instruction (compute-sanitizer; now
 //    caught by scripts/sass-check.sh); without one, the whole-sector kernel was 2% slower;
+//    2 or 4 warps sharing a row group and taking its chunks in turn (longer runs of each row in
+//    flight, `327932d`) gained nothing consistent (session 26) and were taken out again;
 //  * the input rows are staged in shared memory a slice of K at a time ([8·NT][SK_SLICE / NT +
 //    SK_XPAD] bf16: 32 KB and a little whatever NT; 16 bytes of padding a row keep ldmatrix's
 //    row reads on distinct banks), double-buffered, with cp.async copies that ride in the
@@ -79,13 +75,12 @@
 template <int NT, int MODE>
 __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32, const __nv_bfloat16* __restrict__ x,
                                             const __nv_bfloat16* __restrict__ w, float* __restrict__ partials,
-                                            u32* __restrict__ arrivals, int m, int n, int k, int k_per_split,
-                                            int k_warps) {
+                                            u32* __restrict__ arrivals, int m, int n, int k, int k_per_split) {
     constexpr int SLICE = SK_SLICE / NT;           // K values of a staged slice
     constexpr int XSTRIDE = SLICE + SK_XPAD;       // bf16 a staged row
-    constexpr int CPS = SLICE / SK_KC;             // chunks a slice (a multiple of k_warps: 4 or more)
+    constexpr int CPS = SLICE / SK_KC;             // chunks a slice
     constexpr int ROWS = 8 * NT;                   // staged input rows
-    static_assert(SK_STAGES == 4, "the waits below count groups for a 4-stage ring");
+    static_assert(CPS >= SK_STAGES - 1, "a slice's copies must land before its first chunk is waited for");
     extern __shared__ __align__(16) unsigned char skinny_smem[];
     // The ring: [warp][stage][4 vectors][32 lanes] of 16 bytes; then two slices of x.
     uint4* ring = reinterpret_cast<uint4*>(skinny_smem);
@@ -94,27 +89,21 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
-    // k_warps warps share a row group, taking its chunks in turn (warp slot ks: chunks ks,
-    // ks + k_warps, ...), so that a row's neighbouring 128-byte lines are asked for together.
-    const int ks = warp % k_warps;
-    const int rows_per_block = 16 * (SK_WARPS / k_warps);
-    const int row0 = blockIdx.x * rows_per_block + (warp / k_warps) * 16;
+    const int rows_per_block = 16 * SK_WARPS;
+    const int row0 = blockIdx.x * rows_per_block + warp * 16;
     const int k_begin = blockIdx.y * k_per_split;
     const int k_end = min(k, k_begin + k_per_split);
-    const int chunks = (k_end - k_begin) / SK_KC;               // the block's
-    const int steps = (chunks + k_warps - 1) / k_warps;         // every warp's loop count
-    const int steps_per_slice = CPS / k_warps;
+    const int chunks = (k_end - k_begin) / SK_KC;
     uint4* my_ring = ring + warp * SK_STAGES * 4 * 32;
 
     // A ring stage is the chunk's 16 rows × 64 values, row r's 16-byte vector t at slot
     // r·8 + (t ^ (r & 7)) (the XOR keeps ldmatrix's 8 row reads on distinct banks). Copy
     // instruction v takes rows 4v .. 4v + 3, lane l vector l & 7 of row 4v + l / 8: four whole
     // 128-byte lines.
-    // Step q's chunk of this warp is the block's chunk q·k_warps + ks (none past the stretch).
     auto issue_chunk = [&](int q) {
-        if (q * k_warps + ks < chunks) {
+        if (q < chunks) {
             const int t = lane & 7;
-            const int kk = k_begin + (q * k_warps + ks) * SK_KC + 8 * t;
+            const int kk = k_begin + q * SK_KC + 8 * t;
             uint4* stage = my_ring + (q % SK_STAGES) * 4 * 32;
 #pragma unroll
             for (int v = 0; v < 4; ++v) {
@@ -200,34 +189,24 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
-    // Commit groups, per thread: chunks of steps 0, 1, 2; slice 0; then one a step (step q's holds
-    // the chunk of step q + 3, and at a slice's first step the next slice's copies). Step q waits
-    // for the chunk of step q; at a slice's first step also for that slice's copies, committed
-    // steps_per_slice steps before: all but steps_per_slice - 1 groups once that is under 3.
-    for (int q = 0; q < steps; ++q) {
-        const bool first_of_slice = q % steps_per_slice == 0;
-        if (q == 0 || (first_of_slice && steps_per_slice == 1)) cp_async_wait<0>();
-        else if (first_of_slice && steps_per_slice == 2) cp_async_wait<1>();
+    for (int q = 0; q < chunks; ++q) {
+        if (q == 0) cp_async_wait<0>();
         else cp_async_wait<SK_STAGES - 2>();
-        if (first_of_slice) {
+        if (q % CPS == 0) {
             // Everyone's part of this slice has landed, and nobody reads the slice before it,
             // whose buffer the next slice takes.
             __syncthreads();
-            if (MODE == SK_SILU) load_slice(q / steps_per_slice + 1);
-            else issue_slice(q / steps_per_slice + 1);
+            if (MODE == SK_SILU) load_slice(q / CPS + 1);
+            else issue_slice(q / CPS + 1);
         }
-        // The next slice's activation goes in at this slice's last step (its buffer's readers,
+        // The next slice's activation goes in at this slice's last chunk (its buffer's readers,
         // the slice before, are past the barrier above).
-        if (MODE == SK_SILU && (q % steps_per_slice == steps_per_slice - 1 || q == steps - 1))
-            store_slice(q / steps_per_slice + 1);
-        // The lanes' copies of step q's chunk are visible to the whole warp (ldmatrix reads other
-        // lanes' slots), and every lane's reads of step q - 1's, whose slot is refilled next, are
-        // done.
+        if (MODE == SK_SILU && (q % CPS == CPS - 1 || q == chunks - 1)) store_slice(q / CPS + 1);
+        // The lanes' copies of chunk q are visible to the whole warp (ldmatrix reads other lanes'
+        // slots), and every lane's reads of chunk q - 1, whose slot is refilled next, are done.
         __syncwarp();
         issue_chunk(q + SK_STAGES - 1);
         cp_async_commit();
-        const int chunk = q * k_warps + ks;  // of the block's stretch
-        if (chunk >= chunks) continue;
 
         const uint4* stage = my_ring + (q % SK_STAGES) * 4 * 32;
         // A of K step s (values 16s .. 16s + 15): lane l addresses row (l & 7) + 8·((l >> 3) & 1),
@@ -239,7 +218,7 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
             for (int step = 0; step < 4; ++step)
                 ldmatrix_x4(a[step], smem_addr(stage + r * 8 + ((2 * step + (lane >> 4)) ^ (r & 7))));
         }
-        const __nv_bfloat16* buf = xs + ((chunk / CPS) & 1) * ROWS * XSTRIDE + (chunk % CPS) * SK_KC;
+        const __nv_bfloat16* buf = xs + ((q / CPS) & 1) * ROWS * XSTRIDE + (q % CPS) * SK_KC;
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             // B: lane l addresses input row 8j + (l & 7), vector l / 8 (`lo`: vectors 0-3) and
@@ -256,28 +235,8 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
     }
     cp_async_wait<0>();
 
-    // The warps of a row group add their sums in slot order (the first, the writer, holds the
-    // total), through the ring's memory, which nobody reads any more past the barrier.
-    const bool writer = ks == 0;
-    if (k_warps > 1) {
-        __syncthreads();
-        float* sums = reinterpret_cast<float*>(skinny_smem);  // [warp][NT·4][32]
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sums[(warp * NT * 4 + j * 4 + e) * 32 + lane] = acc[j][e];
-        __syncthreads();
-        if (writer)
-            for (int o = 1; o < k_warps; ++o)
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[j][e] += sums[((warp + o) * NT * 4 + j * 4 + e) * 32 + lane];
-    }
-
     // acc[j][e]: weight row row0 + g + 8·(e >> 1), input row 8j + 2c + (e & 1).
     if (gridDim.y == 1) {
-        if (!writer) return;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -297,7 +256,7 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int row = row0 + g + 8 * (e >> 1), r = 8 * j + 2 * c + (e & 1);
-            if (writer && row < n && r < m) mine[(u64)r * n + row] = acc[j][e];
+            if (row < n && r < m) mine[(u64)r * n + row] = acc[j][e];
         }
     // Every thread's partial is visible GPU-wide before the block is counted.
     __threadfence();
@@ -347,8 +306,8 @@ __device__ __forceinline__ void skinny_body(void* __restrict__ out, int out_f32,
 #define SKINNY_KERNEL(NAME, NT, MODE)                                                                                \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)                                                     \
         NAME(void* out, int out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, float* partials, u32* arrivals, \
-             int m, int n, int k, int k_per_split, int k_warps) {                                                    \
-        skinny_body<NT, MODE>(out, out_f32, x, w, partials, arrivals, m, n, k, k_per_split, k_warps);               \
+             int m, int n, int k, int k_per_split) {                                                                 \
+        skinny_body<NT, MODE>(out, out_f32, x, w, partials, arrivals, m, n, k, k_per_split);                        \
     }
 
 SKINNY_KERNEL(gemv_mma_n1, 1, SK_PLAIN)

@@ -33,12 +33,11 @@ def silu_slice(NT, gate_up, m, k, kk0, vecs_per_row):
     return xs
 
 
-def kernel(NT, x, w, m, n, k, k_per_split, silu=False, k_warps=1):
+def kernel(NT, x, w, m, n, k, k_per_split, silu=False):
     SLICE = SK_SLICE // NT
     CPS = SLICE // SK_KC
     ROWS = 8 * NT
-    assert CPS % k_warps == 0
-    rows_per_block = 16 * (SK_WARPS // k_warps)
+    rows_per_block = 16 * SK_WARPS
     groups = -(-n // rows_per_block)
     splits = -(-k // k_per_split)
     out = np.full((m, n), np.nan)
@@ -48,20 +47,12 @@ def kernel(NT, x, w, m, n, k, k_per_split, silu=False, k_warps=1):
             k_begin = by * k_per_split
             k_end = min(k, k_begin + k_per_split)
             chunks = (k_end - k_begin) // SK_KC
-            steps = -(-chunks // k_warps)
-            check_waits(steps, CPS // k_warps)
-            sums = {}
             for warp in range(SK_WARPS):
-                ks = warp % k_warps
-                row0 = bx * rows_per_block + (warp // k_warps) * 16
+                row0 = bx * rows_per_block + warp * 16
                 acc = np.zeros((NT, 32, 4))
-                for q in range(steps):
-                    # Step q's chunk of this warp (none past the stretch), in the slice that
-                    # issue_slice staged for it (rows past m zero).
-                    chunk = q * k_warps + ks
-                    if chunk >= chunks:
-                        continue
-                    first = (chunk // CPS) * CPS
+                for q in range(chunks):
+                    # The slice holding chunk q, as issue_slice staged it (rows past m zero).
+                    first = (q // CPS) * CPS
                     kk0 = k_begin + first * SK_KC
                     length = min(CPS, chunks - first) * SK_KC
                     if silu:
@@ -77,7 +68,7 @@ def kernel(NT, x, w, m, n, k, k_per_split, silu=False, k_warps=1):
                     for v in range(4):
                         for lane in range(32):
                             t, r = lane & 7, 4 * v + (lane >> 3)
-                            src = k_begin + chunk * SK_KC + 8 * t
+                            src = k_begin + q * SK_KC + 8 * t
                             stage[r * 8 + (t ^ (r & 7))] = w[row0 + r, src:src + 8] if row0 + r < n else 0.0
                     a = []
                     for step in range(4):
@@ -86,19 +77,12 @@ def kernel(NT, x, w, m, n, k, k_per_split, silu=False, k_warps=1):
                             r = (lane & 7) + 8 * ((lane >> 3) & 1)
                             addr.append((r * 8 + ((2 * step + (lane >> 4)) ^ (r & 7)), 0))
                         a.append(ldmatrix_x4(stage, addr))
-                    col = (chunk % CPS) * SK_KC
+                    col = (q % CPS) * SK_KC
                     for j in range(NT):
                         lo = ldmatrix_x4(xs, [(8 * j + (lane & 7), col + 8 * (lane >> 3)) for lane in range(32)])
                         hi = ldmatrix_x4(xs, [(8 * j + (lane & 7), col + 32 + 8 * (lane >> 3)) for lane in range(32)])
                         for step, (b0, b1) in enumerate([(lo[0], lo[1]), (lo[2], lo[3]), (hi[0], hi[1]), (hi[2], hi[3])]):
                             mma(acc[j], a[step], b0, b1)
-                sums[warp] = acc
-            # The first warp of each row group adds the others' sums in slot order and writes.
-            for warp in range(0, SK_WARPS, k_warps):
-                acc = sums[warp].copy()
-                for o in range(1, k_warps):
-                    acc += sums[warp + o]
-                row0 = bx * rows_per_block + (warp // k_warps) * 16
                 for j in range(NT):
                     for lane in range(32):
                         g, c = lane // 4, lane % 4
@@ -132,52 +116,28 @@ def kernel(NT, x, w, m, n, k, k_per_split, silu=False, k_warps=1):
     return out
 
 
-def check_waits(steps, steps_per_slice):
-    # The kernel's cp.async accounting, per thread: groups 0-2 the chunks of steps 0-2, group 3
-    # slice 0, then group 4 + q at step q (the chunk of step q + 3; at a slice's first step, the
-    # next slice's copies). wait_group W completes every group but the W newest. Step q must
-    # find its chunk's group complete, and at a slice's first step the slice's group.
-    committed = 4
-    for q in range(steps):
-        first_of_slice = q % steps_per_slice == 0
-        if q == 0 or (first_of_slice and steps_per_slice == 1):
-            wait = 0
-        elif first_of_slice and steps_per_slice == 2:
-            wait = 1
-        else:
-            wait = SK_STAGES - 2
-        complete = committed - wait  # groups 0 .. complete - 1
-        chunk_group = q if q < 3 else q + 1
-        assert chunk_group < complete, f"step {q}: its chunk's copies not waited for"
-        if first_of_slice:
-            i = q // steps_per_slice  # the slice read from here on
-            slice_group = 3 if i == 0 else 4 + (i - 1) * steps_per_slice
-            assert slice_group < complete, f"step {q}: slice {i}'s copies not waited for"
-        committed += 1
-
-
-def check(NT, m, n, k, k_per_split, rng, k_warps=1):
+def check(NT, m, n, k, k_per_split, rng):
     x = bf(rng.standard_normal((m, k)))
     w = bf(rng.standard_normal((n, k)) * 0.05)
-    got = kernel(NT, x, w, m, n, k, k_per_split, k_warps=k_warps)
+    got = kernel(NT, x, w, m, n, k, k_per_split)
     want = x.astype(np.float64) @ w.astype(np.float64).T
     err = np.max(np.abs(got - want))
     assert np.isfinite(got).all(), "an output was never written"
-    assert err < 1e-3, f"NT {NT} m {m} n {n} k {k} split {k_per_split} k_warps {k_warps}: max error {err}"
-    print(f"NT {NT}: m {m:2} n {n:3} k {k:4} k/split {k_per_split:4} k_warps {k_warps}: max |error| {err:.1e}")
+    assert err < 1e-3, f"NT {NT} m {m} n {n} k {k} split {k_per_split}: max error {err}"
+    print(f"NT {NT}: m {m:2} n {n:3} k {k:4} k/split {k_per_split:4}: max |error| {err:.1e}")
 
 
-def check_silu(NT, m, n, k, k_per_split, rng, k_warps=1):
+def check_silu(NT, m, n, k, k_per_split, rng):
     gate_up = bf(rng.standard_normal((m, 2 * k)))
     w = bf(rng.standard_normal((n, k)) * 0.05)
-    got = kernel(NT, gate_up, w, m, n, k, k_per_split, silu=True, k_warps=k_warps)
+    got = kernel(NT, gate_up, w, m, n, k, k_per_split, silu=True)
     g, u = gate_up[:, :k].astype(np.float32), gate_up[:, k:].astype(np.float32)
     act = bf(g / (1.0 + np.exp(-g)) * u)
     want = act.astype(np.float64) @ w.astype(np.float64).T
     err = np.max(np.abs(got - want))
     assert np.isfinite(got).all(), "an output was never written"
-    assert err < 1e-3, f"silu NT {NT} m {m} n {n} k {k} split {k_per_split} k_warps {k_warps}: max error {err}"
-    print(f"silu NT {NT}: m {m:2} n {n:3} k {k:4} k/split {k_per_split:4} k_warps {k_warps}: max |error| {err:.1e}")
+    assert err < 1e-3, f"silu NT {NT} m {m} n {n} k {k} split {k_per_split}: max error {err}"
+    print(f"silu NT {NT}: m {m:2} n {n:3} k {k:4} k/split {k_per_split:4}: max |error| {err:.1e}")
 
 
 rng = np.random.default_rng(0)
@@ -192,15 +152,4 @@ check(1, 3, 17, 2176, 2176, rng)
 # The SiLU staging: a slice cut short by its split, rows past m.
 check_silu(4, 30, 40, 1152, 640, rng)
 check_silu(8, 33, 20, 448, 448, rng)
-# Row groups of 2 and 4 warps: chunk counts not a multiple of the warps (some warps idle on the
-# last step), a slice a step (NT 8, 4 warps) and two, splits, partial row groups.
-check(4, 32, 70, 1216, 576, rng, k_warps=2)
-check(8, 40, 33, 1088, 640, rng, k_warps=4)
-check(2, 16, 100, 2240, 2240, rng, k_warps=4)
-check(1, 5, 17, 704, 320, rng, k_warps=2)
-check_silu(4, 27, 40, 1152, 704, rng, k_warps=4)
-check_silu(8, 64, 20, 320, 320, rng, k_warps=2)
-# The wait accounting alone, over longer loops than the products above.
-for steps_per_slice in (1, 2, 3, 4, 8, 16, 32):
-    check_waits(100, steps_per_slice)
 print("skinny: ok")

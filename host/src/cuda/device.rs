@@ -211,7 +211,7 @@ impl GpuDevice {
                             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, skinny::shared_bytes(tiles) as i32)?;
                     }
                 }
-                Some(Skinny::new(&stream, rows, Skinny::k_warps_from_env()?)?)
+                Some(Skinny::new(&stream, rows)?)
             }
             _ => None,
         };

@@ -200,7 +200,7 @@ kernels! {
     /// tiles of 8 rows and input (plain, or SiLU-and-multiply of gate_up rows); grid (row groups,
     /// splits of K) (see `cuda::skinny`).
     fn gemv_mma(tiles: usize, silu: bool) => super::skinny::kernel_name(tiles, silu);
-        (out: Ptr, out_f32: i32, x: Ptr, w: Ptr, partials: Ptr, arrivals: Ptr, m: i32, n: i32, k: i32, k_per_split: i32, k_warps: i32)
+        (out: Ptr, out_f32: i32, x: Ptr, w: Ptr, partials: Ptr, arrivals: Ptr, m: i32, n: i32, k: i32, k_per_split: i32)
     /// `fp8.cu`: each row of a bf16 `[rows, cols]` matrix to E4M3 with its scale; one block a row.
     fn fp8_quantize_rows() => "fp8_quantize_rows";
         (q: Ptr, scales: Ptr, x: Ptr, cols: i32)

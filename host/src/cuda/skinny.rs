@@ -1,8 +1,8 @@
 //! Skinny bf16 products on the tensor cores (`kernels/skinny.cu`): `out[m×n] = x[m×k] · Wᵀ` for a
 //! few tens of input rows, where a linear layer is still a weight stream. Owns the kernel's
 //! launch plan (how many splits of K fill the GPU once), its device workspace (split-K partials
-//! and the per-row-group arrival counters the kernel leaves at zero), which row counts take it
-//! (`PAGEDSERVE_SKINNY`) and how many warps share a row group (`PAGEDSERVE_SKINNY_KW`).
+//! and the per-row-group arrival counters the kernel leaves at zero) and which row counts take
+//! it (`PAGEDSERVE_SKINNY`).
 //!
 //! Invariants: the constants here are the kernel's `SK_*` (a unit test reads the source); the
 //! workspace is allocated once with the device, before any graph capture, and a plan never
@@ -17,22 +17,16 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use super::gemm::OutType;
 use super::{launchers, CudaError, GpuDevice};
 
-/// Warps a block, K values a chunk, ring stages, and the staged slice of the input (K values
-/// times tiles): the kernel's `SK_WARPS`, `SK_KC`, `SK_STAGES`, `SK_SLICE`.
+/// Warps a block (each 16 weight rows), K values a chunk, ring stages, and the staged slice of
+/// the input (K values times tiles): the kernel's `SK_WARPS`, `SK_KC`, `SK_STAGES`, `SK_SLICE`.
 pub const WARPS: usize = 16;
 pub const KC: usize = 64;
 pub const STAGES: usize = 4;
 pub const SLICE: usize = 2048;
 /// bf16 of padding a staged input row (`SK_XPAD`).
 pub const XPAD: usize = 8;
-/// Warps that share a row group of 16 weight rows, taking its chunks in turn (`k_warps`).
-pub const K_WARPS: [usize; 3] = [1, 2, 4];
-
-/// Weight rows a block covers with `k_warps` warps a row group.
-pub fn rows_per_block(k_warps: usize) -> usize {
-    16 * WARPS / k_warps
-}
-
+/// Weight rows a block covers.
+pub const ROWS_PER_BLOCK: usize = 16 * WARPS;
 /// Tiles of 8 input rows the kernels are instantiated for.
 pub const TILES: [usize; 4] = [1, 2, 4, 8];
 /// Float32 split-K partials the workspace holds (16 MB: the 8B o-projection at 64 rows in 8
@@ -65,12 +59,10 @@ pub fn kernel_name(tiles: usize, silu: bool) -> String {
     format!("gemv_mma_{}n{tiles}", if silu { "silu_" } else { "" })
 }
 
-/// How one product is cut: row groups of `rows_per_block(k_warps)` (the grid's x) times splits
-/// of K (y).
+/// How one product is cut: row groups of `ROWS_PER_BLOCK` (the grid's x) times splits of K (y).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
     pub tiles: usize,
-    pub k_warps: usize,
     pub groups: usize,
     pub splits: usize,
     pub k_per_split: usize,
@@ -81,14 +73,14 @@ impl Plan {
     /// wave: as many splits of K as leave no multiprocessor without a block, no more (each split
     /// adds a float32 partial of the output to write and add back). Products with a row group
     /// for every multiprocessor (the 8B gate-up and head) are not split; the 8B QKV (24 groups)
-    /// takes 5 splits, the o and down projections (16 groups) 8 (one warp a row group). `None`
-    /// when the kernel does not take the shape, or `k_warps` is not one of `K_WARPS`.
-    pub fn new(m: usize, n: usize, k: usize, num_sms: usize, k_warps: usize) -> Option<Plan> {
+    /// takes 5 splits, the o and down projections (16 groups) 8. `None` when the kernel does not
+    /// take the shape.
+    pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> Option<Plan> {
         let tiles = tiles_for(m)?;
-        if m == 0 || n == 0 || k == 0 || !k.is_multiple_of(KC) || !K_WARPS.contains(&k_warps) {
+        if m == 0 || n == 0 || k == 0 || !k.is_multiple_of(KC) {
             return None;
         }
-        let groups = n.div_ceil(rows_per_block(k_warps));
+        let groups = n.div_ceil(ROWS_PER_BLOCK);
         if groups > ARRIVAL_COUNTERS {
             return None;
         }
@@ -98,7 +90,7 @@ impl Plan {
             splits -= 1;
         }
         let chunks_per_split = chunks.div_ceil(splits);
-        Some(Plan { tiles, k_warps, groups, splits: chunks.div_ceil(chunks_per_split), k_per_split: chunks_per_split * KC })
+        Some(Plan { tiles, groups, splits: chunks.div_ceil(chunks_per_split), k_per_split: chunks_per_split * KC })
     }
 }
 
@@ -108,14 +100,12 @@ pub struct Skinny {
     arrivals: CudaSlice<u32>,
     /// Input row counts that go to the kernel instead of cuBLAS (`PAGEDSERVE_SKINNY`).
     pub rows: RangeInclusive<usize>,
-    /// Warps a row group (`PAGEDSERVE_SKINNY_KW`).
-    pub k_warps: usize,
 }
 
 impl Skinny {
     /// `$PAGEDSERVE_SKINNY`: `off` (the default: on an H100 a layer's 8B products took 1.10-1.51x
-    /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25), `on` (rows 2 to 64), or `A-B` (rows
-    /// A to B, within 1 to 64). `Ok(None)` when off.
+    /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25),
+    /// `on` (rows 2 to 64), or `A-B` (rows A to B, within 1 to 64). `Ok(None)` when off.
     pub fn rows_from_env() -> Result<Option<RangeInclusive<usize>>, CudaError> {
         let bad = |v: &str| CudaError::Config(format!("PAGEDSERVE_SKINNY is off, on or a row range A-B within 1-64, not {v:?}"));
         match std::env::var("PAGEDSERVE_SKINNY").as_deref() {
@@ -132,22 +122,8 @@ impl Skinny {
         }
     }
 
-    /// `$PAGEDSERVE_SKINNY_KW`: warps a row group, 1 (the default), 2 or 4 (longer runs of each
-    /// weight row in flight at once, `kernels/skinny.cu`; measured no faster, session 26).
-    pub fn k_warps_from_env() -> Result<usize, CudaError> {
-        match std::env::var("PAGEDSERVE_SKINNY_KW").as_deref() {
-            Err(_) => Ok(1),
-            Ok(v) => v
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|w| K_WARPS.contains(w))
-                .ok_or_else(|| CudaError::Config(format!("PAGEDSERVE_SKINNY_KW is 1, 2 or 4, not {v:?}"))),
-        }
-    }
-
-    pub fn new(stream: &Arc<CudaStream>, rows: RangeInclusive<usize>, k_warps: usize) -> Result<Skinny, CudaError> {
-        Ok(Skinny { partials: stream.alloc_zeros(PARTIAL_FLOATS)?, arrivals: stream.alloc_zeros(ARRIVAL_COUNTERS)?, rows, k_warps })
+    pub fn new(stream: &Arc<CudaStream>, rows: RangeInclusive<usize>) -> Result<Skinny, CudaError> {
+        Ok(Skinny { partials: stream.alloc_zeros(PARTIAL_FLOATS)?, arrivals: stream.alloc_zeros(ARRIVAL_COUNTERS)?, rows })
     }
 }
 
@@ -159,7 +135,7 @@ pub fn takes(dev: &GpuDevice, m: usize, k: usize) -> bool {
 
 /// Whether `out[m×n] = x[m×k] · wᵀ` (bf16 weights) goes to the skinny kernel on `dev`.
 pub fn prefers(dev: &GpuDevice, m: usize, k: usize, n: usize) -> bool {
-    takes(dev, m, k) && dev.skinny.as_ref().and_then(|s| Plan::new(m, n, k, dev.num_sms, s.k_warps)).is_some()
+    takes(dev, m, k) && Plan::new(m, n, k, dev.num_sms).is_some()
 }
 
 /// `out[m×n] = x[m×k] · wᵀ` through the skinny kernel (`prefers` said yes).
@@ -180,7 +156,7 @@ pub unsafe fn skinny_linear(
     n: usize,
 ) -> Result<(), CudaError> {
     let skinny = dev.skinny.as_ref().ok_or_else(|| CudaError::Config("the skinny kernel is off on this device".into()))?;
-    let plan = Plan::new(m, n, k, dev.num_sms, skinny.k_warps).ok_or_else(|| CudaError::Config(format!("the skinny kernel does not take m {m}, n {n}, k {k}")))?;
+    let plan = Plan::new(m, n, k, dev.num_sms).ok_or_else(|| CudaError::Config(format!("the skinny kernel does not take m {m}, n {n}, k {k}")))?;
     let (x, silu) = match input {
         SkinnyInput::Plain(x) => (x, false),
         SkinnyInput::SiluMul(gate_up) => (gate_up, true),
@@ -210,7 +186,6 @@ pub unsafe fn skinny_linear(
         n as i32,
         k as i32,
         plan.k_per_split as i32,
-        plan.k_warps as i32,
     )
 }
 
@@ -233,28 +208,20 @@ mod tests {
     #[test]
     fn plans_fill_the_gpu_once_and_cover_k() {
         // The 8B products at 32 rows on 132 multiprocessors.
-        let plan = |n, k| Plan::new(32, n, k, 132, 1).unwrap();
-        assert_eq!(plan(6144, 4096), Plan { tiles: 4, k_warps: 1, groups: 24, splits: 5, k_per_split: 832 });
-        assert_eq!(plan(4096, 4096), Plan { tiles: 4, k_warps: 1, groups: 16, splits: 8, k_per_split: 512 });
-        assert_eq!(plan(28672, 4096), Plan { tiles: 4, k_warps: 1, groups: 112, splits: 1, k_per_split: 4096 });
-        assert_eq!(plan(4096, 14336), Plan { tiles: 4, k_warps: 1, groups: 16, splits: 8, k_per_split: 1792 });
+        let plan = |n, k| Plan::new(32, n, k, 132).unwrap();
+        assert_eq!(plan(6144, 4096), Plan { tiles: 4, groups: 24, splits: 5, k_per_split: 832 });
+        assert_eq!(plan(4096, 4096), Plan { tiles: 4, groups: 16, splits: 8, k_per_split: 512 });
+        assert_eq!(plan(28672, 4096), Plan { tiles: 4, groups: 112, splits: 1, k_per_split: 4096 });
+        assert_eq!(plan(4096, 14336), Plan { tiles: 4, groups: 16, splits: 8, k_per_split: 1792 });
         assert_eq!(plan(128_256, 4096).splits, 1);
-        // Four warps a row group: blocks of 64 rows, four times the groups, fewer splits.
-        assert_eq!(Plan::new(32, 4096, 4096, 132, 4), Some(Plan { tiles: 4, k_warps: 4, groups: 64, splits: 2, k_per_split: 2048 }));
-        assert_eq!(Plan::new(32, 6144, 4096, 132, 2).map(|p| (p.groups, p.splits)), Some((48, 2)));
-        for k_warps in K_WARPS {
-            for (m, n, k) in [(9, 960, 576), (64, 576, 1536), (3, 100, 64), (17, 4096, 14336)] {
-                let p = Plan::new(m, n, k, 132, k_warps).unwrap();
-                assert!(p.splits * p.k_per_split >= k && (p.splits - 1) * p.k_per_split < k, "{m} {n} {k}: {p:?}");
-                assert!(p.splits * m * n <= PARTIAL_FLOATS);
-                assert!(p.groups * rows_per_block(k_warps) >= n && p.tiles * 8 >= m);
-                // The kernel's steps a slice: a slice's chunks split evenly over the row group's warps.
-                assert!((SLICE / p.tiles / KC).is_multiple_of(k_warps), "{p:?}");
-            }
+        for (m, n, k) in [(9, 960, 576), (64, 576, 1536), (3, 100, 64), (17, 4096, 14336)] {
+            let p = Plan::new(m, n, k, 132).unwrap();
+            assert!(p.splits * p.k_per_split >= k && (p.splits - 1) * p.k_per_split < k, "{m} {n} {k}: {p:?}");
+            assert!(p.splits * m * n <= PARTIAL_FLOATS);
+            assert!(p.groups * ROWS_PER_BLOCK >= n && p.tiles * 8 >= m);
         }
-        assert_eq!(Plan::new(65, 4096, 4096, 132, 1), None, "past 64 rows");
-        assert_eq!(Plan::new(8, 4096, 4000, 132, 1), None, "K not a multiple of 64");
-        assert_eq!(Plan::new(8, 4096, 4096, 132, 3), None, "3 warps a row group");
+        assert_eq!(Plan::new(65, 4096, 4096, 132), None, "past 64 rows");
+        assert_eq!(Plan::new(8, 4096, 4000, 132), None, "K not a multiple of 64");
     }
 
     #[test]
