@@ -11,6 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::driver::sys::CUfunction_attribute;
 
 use super::fp8_gemm::Fp8Gemm;
+use super::tuned_gemm::TunedGemm;
 use super::skinny::{self, Skinny};
 use super::kernels::Kernels;
 use super::launch::{
@@ -68,6 +69,9 @@ pub struct GpuDevice {
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
     /// cuBLASLt, for the FP8 GEMMs (`cuda::fp8_gemm`), sharing the cuBLAS workspace.
     fp8_gemm: Mutex<Fp8Gemm>,
+    /// The timed cuBLASLt path for bf16 products of a few rows (`cuda::tuned_gemm`) and the row
+    /// counts that take it (`PAGEDSERVE_BLAS_TUNE`); `None` when off.
+    tuned_gemm: Option<(std::ops::RangeInclusive<usize>, Mutex<TunedGemm>)>,
     /// Whether plain greedy samples take `greedy_chunks` (the argmax spread over the GPU)
     /// rather than one `sample_rows` block a row (the default; `PAGEDSERVE_GREEDY_CHUNKS=off`
     /// for the one-block path). On an H100 it took ~50 µs off the 8B served decode step at 1
@@ -230,10 +234,14 @@ impl GpuDevice {
             },
             Err(_) => l2_bytes / 4 * 3,
         };
+        let tuned_gemm = match TunedGemm::rows_from_env()? {
+            Some(rows) => Some((rows, Mutex::new(TunedGemm::new(workspace_ptr, CUBLAS_WORKSPACE_BYTES, l2_bytes)?))),
+            None => None,
+        };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -254,6 +262,7 @@ impl GpuDevice {
             merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
+            tuned_gemm,
             greedy_chunks,
             skinny,
         }))
@@ -343,6 +352,16 @@ impl GpuDevice {
     /// The cuBLASLt state of the FP8 GEMMs.
     pub(crate) fn fp8_gemm(&self) -> std::sync::MutexGuard<'_, Fp8Gemm> {
         self.fp8_gemm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The row counts of the timed cuBLASLt path (`cuda::tuned_gemm`), if it is on.
+    pub fn tuned_gemm_rows(&self) -> Option<std::ops::RangeInclusive<usize>> {
+        self.tuned_gemm.as_ref().map(|(rows, _)| rows.clone())
+    }
+
+    /// The timed cuBLASLt path's state, if it is on.
+    pub(crate) fn tuned_gemm(&self) -> Option<std::sync::MutexGuard<'_, TunedGemm>> {
+        self.tuned_gemm.as_ref().map(|(_, tuned)| tuned.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn function(&self, name: &str) -> &CudaFunction {

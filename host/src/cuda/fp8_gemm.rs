@@ -18,47 +18,16 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::mem::size_of;
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
+use super::blaslt::{set_desc, Plan};
 use super::launch::row_threads;
 use super::launchers;
 use super::{CudaError, GpuDevice};
-
-/// Attributes are plain values; cuBLASLt copies them.
-unsafe fn set_desc<T>(
-    desc: sys::cublasLtMatmulDesc_t,
-    attr: sys::cublasLtMatmulDescAttributes_t,
-    value: &T,
-) -> Result<(), CudaError> {
-    lt::set_matmul_desc_attribute(desc, attr, (value as *const T).cast(), size_of::<T>())
-        .map_err(|e| CudaError::Config(format!("cuBLASLt {attr:?}: {e}")))
-}
-
-/// The descriptors and algorithm of one `(m, n, k)`.
-struct Plan {
-    desc: sys::cublasLtMatmulDesc_t,
-    a: sys::cublasLtMatrixLayout_t,
-    b: sys::cublasLtMatrixLayout_t,
-    d: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
-}
-
-impl Drop for Plan {
-    fn drop(&mut self) {
-        // SAFETY: each was created once, by `Fp8Gemm::plan`, and is destroyed once, here.
-        unsafe {
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.d);
-            let _ = lt::destroy_matmul_desc(self.desc);
-        }
-    }
-}
 
 /// A cuBLASLt handle and the plans made with it.
 pub struct Fp8Gemm {
@@ -115,30 +84,10 @@ impl Fp8Gemm {
     /// descriptor before the heuristic query (later products set their own).
     fn make_plan(&self, m: usize, n: usize, k: usize, outer: Option<(CUdeviceptr, CUdeviceptr)>) -> Result<Plan, CudaError> {
         use sys::cublasLtMatmulDescAttributes_t as Attr;
-        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)?;
-        // Column-major, as cuBLAS sees it: out (n×m) = op(A) · B with A the row-major [n, k]
-        // weight read transposed ([k, n] column-major) and B the row-major [m, k] input ([k, m]
-        // column-major): both K-major, the "TN" layout Hopper's FP8 GEMMs require.
-        let make = || -> Result<Plan, CudaError> {
-            let a = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, n as u64, k as i64)?;
-            let b = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, m as u64, k as i64)?;
-            let d = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, n as u64, m as u64, n as i64)?;
-            Ok(Plan { desc, a, b, d, algo: unsafe { std::mem::zeroed() } })
-        };
-        let mut plan = match make() {
-            Ok(plan) => plan,
-            Err(e) => {
-                // SAFETY: created above, not yet owned by a plan.
-                unsafe {
-                    let _ = lt::destroy_matmul_desc(desc);
-                }
-                return Err(e);
-            }
-        };
-        // SAFETY: the descriptors are live; every value is of its attribute's type.
+        let mut plan = Plan::new(sys::cudaDataType::CUDA_R_8F_E4M3, sys::cudaDataType::CUDA_R_8F_E4M3, sys::cudaDataType::CUDA_R_16BF, m, n, k, n)?;
+        let desc = plan.desc;
+        // SAFETY: the descriptor is live; every value is of its attribute's type.
         unsafe {
-            set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32))?;
-            set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &(cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32))?;
             if self.fast_accumulation {
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
             }
@@ -149,18 +98,8 @@ impl Fp8Gemm {
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &(a_scales as *const c_void))?;
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &(b_scales as *const c_void))?;
             }
-            let pref = lt::create_matmul_pref()?;
-            let bytes = self.workspace_bytes as u64;
-            let found = lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&bytes as *const u64).cast(),
-                size_of::<u64>(),
-            )
-            .and_then(|_| lt::get_matmul_algo_heuristic(self.handle, desc, plan.a, plan.b, plan.d, plan.d, pref));
-            let _ = lt::destroy_matmul_pref(pref);
-            plan.algo = found.map_err(|e| CudaError::Config(format!("cuBLASLt heuristic for m {m} n {n} k {k}: {e}")))?.algo;
         }
+        plan.algo = plan.candidates(self.handle, self.workspace_bytes, 256, 1).map_err(|e| CudaError::Config(format!("m {m} n {n} k {k}: {e}")))?[0];
         Ok(plan)
     }
 

@@ -10,6 +10,7 @@ use cudarc::driver::sys::CUdeviceptr;
 
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::skinny;
+use super::tuned_gemm;
 use super::launch::{gemv_prefers, grid_stride_config, mmq_input_bytes, mmq_quantize_config, mmq_plan, mmq_shared_bytes, mmq_supports, mmq_threads, mmq_tokens, WeightFormat, MMQ_ROWS};
 use super::{CudaError, GpuDevice};
 use crate::model::gguf::GgmlType;
@@ -46,7 +47,8 @@ pub unsafe fn linear(
     cublas_linear(dev, out, out_type, a, w, m, k, n)
 }
 
-/// The same product through cuBLAS, whatever `m`.
+/// The same product through cuBLAS, whatever `m` (through cuBLASLt with a timed algorithm for
+/// the rows `PAGEDSERVE_BLAS_TUNE` names, `cuda::tuned_gemm`).
 ///
 /// # Safety
 /// As for `linear`.
@@ -80,6 +82,9 @@ pub unsafe fn cublas_linear_strided(
 ) -> Result<(), CudaError> {
     if m == 0 {
         return Ok(());
+    }
+    if tuned_gemm::takes(dev, m) {
+        return tuned_gemm::tuned_linear(dev, out, ldc, out_type, a, w, m, k, n);
     }
     let (alpha, beta) = (1.0f32, 0.0f32);
     // Row-major out[m×n] is column-major outᵀ[n×m] = W · aᵀ, with W column-major [k×n] transposed.

@@ -7,6 +7,25 @@ use crate::kv_cache::KvCacheDtype;
 use crate::model::gguf::GgmlType;
 use crate::runner::ForwardBatch;
 
+/// A row-range switch's value (`PAGEDSERVE_SKINNY`, `PAGEDSERVE_BLAS_TUNE`): unset, `off` or `0`
+/// is `None`; `on` or `1` is `on`; `A-B` is rows A to B, within 1 to `most`. The error names
+/// `var` and what it takes.
+pub fn parse_row_range(var: &str, value: Option<&str>, on: std::ops::RangeInclusive<usize>, most: usize) -> Result<Option<std::ops::RangeInclusive<usize>>, String> {
+    let bad = |v: &str| format!("{var} is off, on or a row range A-B within 1-{most}, not {v:?}");
+    match value {
+        None | Some("off" | "0") => Ok(None),
+        Some("on" | "1") => Ok(Some(on)),
+        Some(v) => {
+            let (a, b) = v.split_once('-').ok_or_else(|| bad(v))?;
+            let (a, b) = (a.trim().parse::<usize>().map_err(|_| bad(v))?, b.trim().parse::<usize>().map_err(|_| bad(v))?);
+            if a == 0 || a > b || b > most {
+                return Err(bad(v));
+            }
+            Ok(Some(a..=b))
+        }
+    }
+}
+
 /// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`), keys per
 /// pipeline tile (`DC_N`) and the row padding (`DC_PAD`).
 pub const DECODE_THREADS: u32 = 128;
@@ -967,5 +986,18 @@ mod tests {
             assert!(c.grid_dim.1 as usize * 256 * 8 >= inter && (c.grid_dim.1 as usize - 1) * 256 * 8 < inter.max(1), "inter {inter}");
         }
         assert_eq!(gated_config(32, 14336).grid_dim, (32, 7, 1), "8B at 32 rows: 224 blocks, not 32");
+    }
+
+    #[test]
+    fn row_range_switches_parse() {
+        let parse = |v: Option<&str>| parse_row_range("X", v, 2..=64, 64);
+        assert_eq!(parse(None), Ok(None));
+        assert_eq!(parse(Some("off")), Ok(None));
+        assert_eq!(parse(Some("on")), Ok(Some(2..=64)));
+        assert_eq!(parse(Some("8-32")), Ok(Some(8..=32)));
+        for bad in ["0-8", "9-8", "2-65", "8", "a-b", "yes"] {
+            let e = parse(Some(bad)).unwrap_err();
+            assert!(e.contains("X is off, on or a row range A-B within 1-64"), "{e}");
+        }
     }
 }

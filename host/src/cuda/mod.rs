@@ -6,6 +6,7 @@
 
 mod attention;
 mod batch;
+mod blaslt;
 pub mod collective;
 mod device;
 mod forward;
@@ -23,6 +24,7 @@ pub mod profile;
 pub mod sampling;
 pub mod skinny;
 mod standalone;
+pub mod tuned_gemm;
 pub mod weights;
 
 pub use self::device::{GpuDevice, PdlScope, DECODE_HEAD_DIMS};

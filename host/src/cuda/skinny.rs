@@ -107,19 +107,7 @@ impl Skinny {
     /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25),
     /// `on` (rows 2 to 64), or `A-B` (rows A to B, within 1 to 64). `Ok(None)` when off.
     pub fn rows_from_env() -> Result<Option<RangeInclusive<usize>>, CudaError> {
-        let bad = |v: &str| CudaError::Config(format!("PAGEDSERVE_SKINNY is off, on or a row range A-B within 1-64, not {v:?}"));
-        match std::env::var("PAGEDSERVE_SKINNY").as_deref() {
-            Err(_) | Ok("off" | "0") => Ok(None),
-            Ok("on" | "1") => Ok(Some(2..=64)),
-            Ok(v) => {
-                let (a, b) = v.split_once('-').ok_or_else(|| bad(v))?;
-                let (a, b) = (a.trim().parse::<usize>().map_err(|_| bad(v))?, b.trim().parse::<usize>().map_err(|_| bad(v))?);
-                if a == 0 || a > b || b > 64 {
-                    return Err(bad(v));
-                }
-                Ok(Some(a..=b))
-            }
-        }
+        super::launch::parse_row_range("PAGEDSERVE_SKINNY", std::env::var("PAGEDSERVE_SKINNY").ok().as_deref(), 2..=64, 64).map_err(CudaError::Config)
     }
 
     pub fn new(stream: &Arc<CudaStream>, rows: RangeInclusive<usize>) -> Result<Skinny, CudaError> {
