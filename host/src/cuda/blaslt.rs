@@ -99,9 +99,9 @@ impl Plan {
                     .try_for_each(|attr| set(attr, (&alignment as *const u32).cast(), size_of::<u32>()))
                 })
                 .and_then(|_| {
-                sys::cublasLtMatmulAlgoGetHeuristic(handle, self.desc, self.a, self.b, self.d, self.d, pref, count as i32, results.as_mut_ptr(), &mut found)
-                    .result()
-            })
+                    sys::cublasLtMatmulAlgoGetHeuristic(handle, self.desc, self.a, self.b, self.d, self.d, pref, count as i32, results.as_mut_ptr(), &mut found)
+                        .result()
+                })
         };
         // SAFETY: made above, used by nothing else.
         unsafe {

@@ -104,8 +104,8 @@ pub struct Skinny {
 
 impl Skinny {
     /// `$PAGEDSERVE_SKINNY`: `off` (the default: on an H100 a layer's 8B products took 1.10-1.51x
-    /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25),
-    /// `on` (rows 2 to 64), or `A-B` (rows A to B, within 1 to 64). `Ok(None)` when off.
+    /// cuBLAS's time at 2-64 rows, BENCHMARKS.md session 25), `on` (rows 2 to 64), or `A-B` (rows
+    /// A to B, within 1 to 64). `Ok(None)` when off.
     pub fn rows_from_env() -> Result<Option<RangeInclusive<usize>>, CudaError> {
         super::launch::parse_row_range("PAGEDSERVE_SKINNY", std::env::var("PAGEDSERVE_SKINNY").ok().as_deref(), 2..=64, 64).map_err(CudaError::Config)
     }

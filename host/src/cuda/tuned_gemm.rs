@@ -10,7 +10,7 @@
 //! tuned them, use it.
 //!
 //! Measured on an H100 (BENCHMARKS.md, session 26), the 8B shapes: the eager products of a step
-//! 1.4-1.7% shorter at 8 and 32 rows, the served decode step 0.4-0.8% (7.091-7.118 ms against
+//! 1.3-1.7% shorter at 8 and 32 rows, the served decode step 0.4-0.8% (7.091-7.118 ms against
 //! 7.144-7.149 at 32 rows), within noise at times; `check` 548 of 548 with it on. cuBLAS's own
 //! heuristic is close to the best of its first eight, so the path stays off by default.
 //! `RUST_LOG=pagedserve=info` prints each shape's heuristic and best times.
