@@ -163,8 +163,11 @@ pub unsafe fn tuned_linear(dev: &GpuDevice, out: CUdeviceptr, ldc: usize, out_ty
     let tuned = &mut *guard;
     let align = alignment([out, x, w]);
     let shape = (m, n, k, ldc, out_type == OutType::F32, align);
-    let capturing = dev.stream.capture_status()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-    if tuned.plans.get(&shape).is_none_or(|(_, timed)| !timed && !capturing) {
+    // A timed plan is the common case: only a missing or untimed one asks the driver whether the
+    // stream is capturing (no timing then).
+    let timed_plan = tuned.plans.get(&shape).is_some_and(|(_, timed)| *timed);
+    let capturing = !timed_plan && dev.stream.capture_status()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    if !timed_plan && !(capturing && tuned.plans.contains_key(&shape)) {
         let out_dt = match out_type {
             OutType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
             OutType::F32 => sys::cudaDataType::CUDA_R_32F,
