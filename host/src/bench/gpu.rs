@@ -14,7 +14,8 @@ use half::bf16;
 
 use super::median;
 use crate::cuda::gemm::{cublas_linear, linear, OutType};
-use crate::cuda::launch::{decode_kernel_name, prefill_kernel_name, AttentionPath, AttentionSplit};
+use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight, NextProduct};
+use crate::cuda::launch::{decode_kernel_name, gemv_prefers, gemv_supports, prefill_kernel_name, AttentionPath, AttentionSplit, WeightFormat};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::kv_cache::KvCacheDtype;
@@ -352,6 +353,11 @@ pub fn gemv_vs_cublas(
             graph_us(dev, launches, |i: usize| unsafe {
                 if cublas {
                     cublas_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
+                } else if gemv_prefers(m, k, n, WeightFormat::Bf16) {
+                    // As in a forward: the GEMV prefetches the start of the product after it
+                    // (here the next copy) where the device does (`GpuDevice::gemv_next`).
+                    let next = Some(NextProduct { w: GemvWeight::Bf16(weight(i + 1)), k, n });
+                    gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w: GemvWeight::Bf16(weight(i)), bias: 0, m, k, n, next })
                 } else {
                     linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
                 }
@@ -435,8 +441,6 @@ pub fn fp8_products(
     shapes: &[(usize, usize, OutType)],
 ) -> Result<Vec<Fp8Bench>, CudaError> {
     use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
-    use crate::cuda::gemv::{gemv, Gemv, GemvInput};
-    use crate::cuda::launch::{gemv_supports, WeightFormat};
     use crate::cuda::weights::{GpuMatrix, MatrixData};
     // The same values in FP8: the pool as one matrix of rows of the first shape's K.
     let k0 = shapes.first().map_or(1, |s| s.1);
@@ -468,8 +472,9 @@ pub fn fp8_products(
         let fp8_weight = |i: usize| ptr(dev, pool8_values) + ((i % copies) * n * k) as u64;
         let gemv_us = if gemv_supports(m, k, WeightFormat::Fp8) {
             Some(graph_us(dev, launches, |i| unsafe {
-                let w = crate::cuda::gemv::GemvWeight::Fp8 { values: fp8_weight(i), scales: ptr(dev, &scales) };
-                gemv(dev, &Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n })
+                let w = GemvWeight::Fp8 { values: fp8_weight(i), scales: ptr(dev, &scales) };
+                let next = Some(NextProduct { w: GemvWeight::Fp8 { values: fp8_weight(i + 1), scales: ptr(dev, &scales) }, k, n });
+                gemv(dev, &Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n, next })
             })?)
         } else {
             None
@@ -534,8 +539,6 @@ pub fn print_fp8_products(
 /// the same shape. Printed with each path's bandwidth of `ty` blocks, then the sums.
 pub fn print_ggml_products(dev: &GpuDevice, ty: crate::model::gguf::GgmlType, m: usize, shapes: &[(usize, usize, OutType)]) -> Result<(), CudaError> {
     use crate::cuda::gemm::{mmq_linear, mmq_runs, tiled_linear, GGML_TILE_ELEMENTS};
-    use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight};
-    use crate::cuda::launch::{gemv_supports, WeightFormat};
     let config = |e: crate::model::ModelError| CudaError::Config(e.to_string());
     let k0 = shapes.first().map_or(256, |s| s.1);
     let row_bytes = |k: usize| k / ty.block_size() * ty.type_size();
@@ -563,7 +566,7 @@ pub fn print_ggml_products(dev: &GpuDevice, ty: crate::model::gguf::GgmlType, m:
         if gemv_supports(m, k, WeightFormat::Ggml(ty)) {
             times[0] = Some(graph_us(dev, launches, |i| unsafe {
                 let w = GemvWeight::Ggml { ty, blocks: blocks(i) };
-                gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n })
+                gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n, next: None })
             })?);
         }
         if m > 1 && mmq_runs(dev, ty, m, k, GGML_TILE_ELEMENTS) {

@@ -33,7 +33,7 @@ use super::batch::{BatchArrays, Scratch};
 use super::collective::{Elem, RankComm};
 use super::fp8_gemm::{fp8_linear, fp8_linear_leaving_scales, scale_output, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
-use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
+use super::gemv::{gemv, Gemv, GemvInput, GemvWeight, NextProduct};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
@@ -59,10 +59,16 @@ pub(crate) struct Launch<'a> {
     pub arrays: &'a BatchArrays,
     pub split: AttentionSplit,
     pub profiler: &'a RefCell<Option<StepProfiler>>,
+    pub successors: &'a ProductSuccessors,
 }
 
 /// The arena's slots a model's forward needs, bytes per token each.
 pub(crate) type ArenaPlan = Vec<usize>;
+
+/// Each product's successor in the forward's order, by the address of its weight's values (a
+/// weight is used once a forward), from the planning run: the GEMV prefetches the start of it
+/// (`gemv::NextProduct`). `true` where a decode attention or an MoE block runs between the two.
+pub(crate) type ProductSuccessors = std::collections::HashMap<CUdeviceptr, (NextProduct, bool)>;
 
 /// An output left for its consumer to compute (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +131,11 @@ pub(crate) struct GpuOps<'a> {
     /// A decode-only batch's `rope_and_cache` left to the attention that follows it (the QKV
     /// rows, the layer, its RoPE): the decode kernel rotates and writes the cache itself.
     fused_rope: Option<(Act, usize, usize)>,
+    /// While planning, the products in order (their values' address, the product, whether an
+    /// attention or MoE block ran since the one before): `ProductSuccessors`.
+    planned: Vec<(CUdeviceptr, NextProduct, bool)>,
+    /// Whether an attention or MoE block has run since the last product.
+    block_since_product: bool,
 }
 
 fn backend_error(e: CudaError) -> ModelError {
@@ -135,13 +146,19 @@ fn internal(what: String) -> ModelError {
     ModelError::Backend(format!("CUDA forward: {what}"))
 }
 
-/// The arena `model`'s forward needs: the slots of a planning run through the fused path and
-/// through the unfused one, by width, the more of each.
-pub(crate) fn plan(model: &GpuModel) -> Result<ArenaPlan, ModelError> {
+/// The arena `model`'s forward needs (the slots of a planning run through the fused path and
+/// through the unfused one, by width, the more of each) and its products' successors.
+pub(crate) fn plan(model: &GpuModel) -> Result<(ArenaPlan, ProductSuccessors), ModelError> {
     let mut need: std::collections::BTreeMap<usize, usize> = Default::default();
+    let mut successors = ProductSuccessors::new();
     for gemv in [true, false] {
-        let mut ops = GpuOps { model, launch: None, n: 1, rows: 1, gemv, slot_bytes: Vec::new(), busy: Vec::new(), acts: Vec::new(), pending: Vec::new(), deferred: Vec::new(), fused_rope: None };
+        let mut ops = GpuOps::new(model, None, 1, 1, gemv, Vec::new());
         ops.run()?;
+        if gemv {
+            for pair in ops.planned.windows(2) {
+                successors.insert(pair[0].0, (pair[1].1, pair[1].2));
+            }
+        }
         let mut counts: std::collections::BTreeMap<usize, usize> = Default::default();
         for bytes in ops.slot_bytes {
             *counts.entry(bytes).or_default() += 1;
@@ -151,14 +168,13 @@ pub(crate) fn plan(model: &GpuModel) -> Result<ArenaPlan, ModelError> {
             *entry = (*entry).max(count);
         }
     }
-    Ok(need.into_iter().flat_map(|(bytes, count)| std::iter::repeat_n(bytes, count)).collect())
+    Ok((need.into_iter().flat_map(|(bytes, count)| std::iter::repeat_n(bytes, count)).collect(), successors))
 }
 
 /// Enqueues the forward of `n` tokens, the logits of `rows` of them into `launch.scratch.logits`.
 pub(crate) fn enqueue(model: &GpuModel, launch: Launch<'_>, n: usize, rows: usize, gemv: bool) -> Result<(), CudaError> {
     let slot_bytes = launch.scratch.slot_bytes().to_vec();
-    let busy = vec![false; slot_bytes.len()];
-    let mut ops = GpuOps { model, launch: Some(launch), n, rows, gemv, slot_bytes, busy, acts: Vec::new(), pending: Vec::new(), deferred: Vec::new(), fused_rope: None };
+    let mut ops = GpuOps::new(model, Some(launch), n, rows, gemv, slot_bytes);
     ops.run().map_err(CudaError::Model)?;
     if ops.fused_rope.is_some() {
         return Err(CudaError::Model(internal("RoPE left to an attention that never ran".into())));
@@ -167,6 +183,34 @@ pub(crate) fn enqueue(model: &GpuModel, launch: Launch<'_>, n: usize, rows: usiz
 }
 
 impl<'a> GpuOps<'a> {
+    fn new(model: &'a GpuModel, launch: Option<Launch<'a>>, n: usize, rows: usize, gemv: bool, slot_bytes: Vec<usize>) -> Self {
+        let busy = vec![false; slot_bytes.len()];
+        GpuOps {
+            model,
+            launch,
+            n,
+            rows,
+            gemv,
+            slot_bytes,
+            busy,
+            acts: Vec::new(),
+            pending: Vec::new(),
+            deferred: Vec::new(),
+            fused_rope: None,
+            planned: Vec::new(),
+            block_since_product: false,
+        }
+    }
+
+    /// Records a product while planning (`ProductSuccessors`).
+    fn note_product(&mut self, w: &GpuMatrix) {
+        if self.launch.is_none() {
+            let weight = w.weight(self.dev());
+            let between = std::mem::take(&mut self.block_since_product);
+            self.planned.push((weight.pointers().0, NextProduct { w: weight, k: w.cols, n: w.rows }, between));
+        }
+    }
+
     fn run(&mut self) -> Result<(), ModelError> {
         let model = self.model;
         let config = model.config();
@@ -367,9 +411,10 @@ impl<'a> GpuOps<'a> {
         let (k, n) = (w.cols, w.rows);
         let weight = w.weight(dev);
         if self.gemv_runs(m, w) {
+            let next = launch.successors.get(&weight.pointers().0).filter(|(_, between)| !between || dev.gemv_next.across_attention).map(|&(next, _)| next);
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
-            // `bias` the matrix's.
-            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n }).map(|_| None).map_err(backend_error) };
+            // `bias` the matrix's; `next` is a weight of this model.
+            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n, next }).map(|_| None).map_err(backend_error) };
         }
         let mut left = None;
         match (weight, skinny_input(input).filter(|_| self.skinny_runs(m, w))) {
@@ -539,6 +584,7 @@ impl Ops for GpuOps<'_> {
     }
 
     fn linear(&mut self, x: Act, w: &GpuMatrix) -> Result<Act, ModelError> {
+        self.note_product(w);
         self.resolve_all(Some(x))?;
         let (m, n) = (self.n, w.rows);
         let pending = self.state(x)?.pending;
@@ -677,6 +723,7 @@ impl Ops for GpuOps<'_> {
         let q = self.ptr(qkv)?;
         let c = self.model.config();
         let out = self.alloc_bf16(c.q_size())?;
+        self.block_since_product = true;
         self.mark("attention")?;
         let Some(launch) = &self.launch else { return Ok(out) };
         let dev = self.dev();
@@ -771,6 +818,7 @@ impl Ops for GpuOps<'_> {
     }
 
     fn moe(&mut self, x: Act, weights: &MoeWeights<GpuWeights>, config: &MoeConfig, activation: Activation) -> Result<Act, ModelError> {
+        self.block_since_product = true;
         self.resolve_all(None)?;
         let (experts, k, inter) = (config.num_experts, config.top_k, config.expert_intermediate_size);
         if experts > MOE_MAX_EXPERTS || k > MOE_MAX_TOP_K {
@@ -836,6 +884,7 @@ impl Ops for GpuOps<'_> {
         lm_head: &GpuMatrix,
         softcap: Option<f32>,
     ) -> Result<(), ModelError> {
+        self.note_product(lm_head);
         self.resolve_all(None)?;
         let rows = self.rows;
         let x = self.ptr(residual)?;

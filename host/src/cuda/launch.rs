@@ -443,10 +443,19 @@ pub const GEMV_MAX_SHARED: usize = 96 * 1024;
 /// (sm_90 allows 227 KB; sm_80 163 KB, where such a product falls back to tiles).
 pub const GGML_GEMV_MAX_SHARED: usize = 200 * 1024;
 
+/// Stages of the bf16 and FP8 GEMV's per-warp ring (`GEMV_STAGES` in `kernels/gemv.cu`): a warp
+/// keeps all but one of them in flight, and copies that many chunks before its
+/// programmatic-dependent wait.
+pub const GEMV_STAGES: usize = 6;
+
+/// Bytes a warp of the bf16 and FP8 GEMV copies per ring stage (`GEMV_STAGE_VECTORS` (4) 16-byte
+/// vectors a lane): one chunk of its row, or of each of its two FP8 rows.
+pub const GEMV_STAGE_BYTES: usize = 4 * 32 * 16;
+
 /// Shared memory each warp of the bf16 and FP8 GEMV streams its weight rows through: a ring of
-/// `GEMV_STAGES` (6) stages of `GEMV_STAGE_VECTORS` (4) 16-byte vectors a lane, in
-/// `kernels/gemv.cu`; it comes on top of the staged input (`gemv_shared_bytes`).
-pub const GEMV_RING_BYTES_PER_WARP: usize = 6 * 4 * 32 * 16;
+/// `GEMV_STAGES` stages of `GEMV_STAGE_BYTES`, in `kernels/gemv.cu`; it comes on top of the
+/// staged input (`gemv_shared_bytes`).
+pub const GEMV_RING_BYTES_PER_WARP: usize = GEMV_STAGES * GEMV_STAGE_BYTES;
 
 /// What a GEMV block's static shared memory (its reduction scratch) may take, kept out of the
 /// opt-in limit when sizing the dynamic part.
@@ -872,7 +881,8 @@ mod tests {
             let at = source.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no {name} in gemv.cu")) + name.len() + 9;
             source[at..].split_whitespace().next().unwrap().parse().unwrap()
         };
-        assert_eq!(define("GEMV_STAGES") * define("GEMV_STAGE_VECTORS") * 32 * 16, GEMV_RING_BYTES_PER_WARP);
+        assert_eq!(define("GEMV_STAGES"), GEMV_STAGES);
+        assert_eq!(define("GEMV_STAGE_VECTORS") * 32 * 16, GEMV_STAGE_BYTES);
         let h200 = 227 * 1024;
         let ring = GEMV_RING_BYTES_PER_WARP;
         assert_eq!(gemv_block_fit(1, 4096, Bf16, 16, h200), Some((16, 8192 + 16 * ring)), "one row: every warp gets its ring");
