@@ -84,6 +84,10 @@ pub(crate) struct BenchGpuArgs {
     /// (batches of hundreds).
     #[arg(long)]
     breakdown_8b_only: bool,
+    /// With `--breakdown-8b-only`: also the graph step without the attention kernels and without
+    /// the products, to see what each costs inside the graph (those steps compute nothing useful).
+    #[arg(long)]
+    omissions: bool,
 }
 
 #[derive(Args)]
@@ -439,6 +443,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                 gpu::print_step_breakdown(&mut big, batch, args.context, &format!("Llama-3.1-8B {weights:?}, {} cache", cache.name()))?;
             }
             big.capture_decode_graphs(max_batch, args.context + 16)?;
+            let mut full = Vec::new();
             for &batch in &args.batch_sizes {
                 let ms = gpu::decode_step_ms(&mut big, batch, args.context, 10, true)?;
                 println!(
@@ -447,6 +452,10 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                     args.context,
                     batch as f64 / ms * 1e3
                 );
+                full.push((batch, ms));
+            }
+            if args.omissions {
+                gpu::print_graph_omissions(&mut big, &full, args.context, max_batch, args.context + 16)?;
             }
             // The served step: the graph, then the device sampler (greedy, as the load client
             // asks, and T 0.8 top-p 0.95), its uploads and its download; the step above ends in

@@ -615,6 +615,30 @@ pub fn decode_step_ms(
     time_ms(&dev, 3, repeats, || backend.forward_argmax(&fb).map(|_| ()))
 }
 
+/// The decode step through its graph without the attention kernels, then without the products
+/// (`GpuBackend::omit_for_timing`), against the whole step `full_ms` of each batch: what each
+/// costs inside the graph, seams included, a step and a layer. Recaptures the graphs (for
+/// `max_batch` rows and `max_context` positions) and leaves whole ones captured.
+pub fn print_graph_omissions(backend: &mut GpuBackend, full_ms: &[(usize, f64)], context: usize, max_batch: usize, max_context: usize) -> Result<(), CudaError> {
+    use crate::cuda::Omit;
+    let layers = backend.model().config().num_hidden_layers as f64;
+    for omit in [Omit::Attention, Omit::Products] {
+        backend.omit_for_timing(omit);
+        backend.capture_decode_graphs(max_batch, max_context)?;
+        for &(batch, full) in full_ms {
+            let ms = decode_step_ms(backend, batch, context, 10, true)?;
+            println!(
+                "  graph step b{batch:<4} c{context:<5} without {omit:?}: {ms:>8.3} ms; {omit:?} in the graph {:>7.3} ms a step, {:>6.2} µs a layer",
+                full - ms,
+                (full - ms) * 1e3 / layers
+            );
+        }
+    }
+    backend.omit_for_timing(Omit::Nothing);
+    backend.capture_decode_graphs(max_batch, max_context)?;
+    Ok(())
+}
+
 /// The Llama-3.1-8B shape (for dummy weights).
 pub fn llama_8b_config() -> ModelConfig {
     let mut c = ModelConfig::dense(crate::model::Arch::Llama, 4096, 14336, 32, 32, 8, 128, 128_256).expect("the 8B shape is within the limits");

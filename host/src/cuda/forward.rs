@@ -60,6 +60,20 @@ pub(crate) struct Launch<'a> {
     pub split: AttentionSplit,
     pub profiler: &'a RefCell<Option<StepProfiler>>,
     pub successors: &'a ProductSuccessors,
+    pub omit: Omit,
+}
+
+/// Launches a timing run leaves out (`GpuBackend::omit_for_timing`, for `bench gpu` only): a
+/// decode step captured in a graph without them, against the whole step, is what they cost
+/// inside the graph, their seams with their neighbours included. The step's results are wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Omit {
+    #[default]
+    Nothing,
+    /// The attention kernels (with RoPE and the cache write fused, and the split merge).
+    Attention,
+    /// Every product (GEMV, cuBLAS, FP8 and GGUF paths), with what a GEMV's staging fuses.
+    Products,
 }
 
 /// The arena's slots a model's forward needs, bytes per token each.
@@ -406,6 +420,9 @@ impl<'a> GpuOps<'a> {
     /// `Pending::Fp8Scales`), unless a bias has to be added after them.
     fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize, leave_scales: bool) -> Result<Option<(CUdeviceptr, CUdeviceptr)>, ModelError> {
         let Some(launch) = &self.launch else { return Ok(None) };
+        if launch.omit == Omit::Products {
+            return Ok(None);
+        }
         let dev = self.dev();
         let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
         let (k, n) = (w.cols, w.rows);
@@ -745,6 +762,9 @@ impl Ops for GpuOps<'_> {
             }
             Some(_) => return Err(internal(format!("RoPE of another layer left to layer {layer}'s attention"))),
         };
+        if launch.omit == Omit::Attention {
+            return Ok(out);
+        }
         // One decode token's split partials are merged by the o-projection's GEMV staging when
         // it runs (`linear`), else by the merge kernel when the output is first read (`resolve`).
         // Only for GGUF blocks: every block of the GEMV redoes the merge in its staging, which a

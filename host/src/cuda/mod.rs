@@ -30,6 +30,7 @@ pub mod weights;
 pub use self::device::{GpuDevice, PdlScope, DECODE_HEAD_DIMS};
 pub use self::attention::{launch_attention, AttentionArgs};
 pub use self::kv_cache::GpuKvCache;
+pub use self::forward::Omit;
 pub use self::model::{GpuBackend, GpuModel};
 pub use self::parallel::GpuTensorParallelBackend;
 #[cfg(feature = "tools")]

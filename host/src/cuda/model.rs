@@ -15,7 +15,7 @@ use half::bf16;
 
 use super::batch::{upload_batch, BatchArrays, PinnedStaging, Scratch};
 use super::collective::RankComm;
-use super::forward::{self, ArenaPlan, Launch, ProductSuccessors};
+use super::forward::{self, ArenaPlan, Launch, Omit, ProductSuccessors};
 use super::kv_cache::GpuKvCache;
 use super::launch::{plan_attention, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
 use super::sampling::{collect_sampling, launch_sampling};
@@ -343,6 +343,8 @@ pub struct GpuBackend {
     arena: ArenaPlan,
     /// Each product's successor (`forward::plan`), which the GEMV prefetches the start of.
     successors: ProductSuccessors,
+    /// Launches left out of every forward (`omit_for_timing`); `Omit::Nothing` but in `bench gpu`.
+    omit: Omit,
     scratch: Scratch,
     pub(crate) graphs: Option<super::graphs::DecodeGraphs>,
     sampling: super::sampling::SamplingBuffers,
@@ -410,6 +412,7 @@ impl GpuBackend {
             scratch,
             arena,
             successors,
+            omit: Omit::Nothing,
             graphs: None,
             sampling: Default::default(),
             gemv_enabled: true,
@@ -437,6 +440,13 @@ impl GpuBackend {
     /// path they were captured with.
     pub fn set_gemv_enabled(&mut self, enabled: bool) {
         self.gemv_enabled = enabled;
+    }
+
+    /// Leaves `omit`'s launches out of every forward from now on (`Omit::Nothing` puts them back),
+    /// to time a step without them (`bench gpu`): the forward's results are then wrong. Graphs
+    /// captured before keep what they were captured with.
+    pub fn omit_for_timing(&mut self, omit: Omit) {
+        self.omit = omit;
     }
 
     /// Installs a fresh profiler (`Some`) or takes the installed one out (`None`), returning it.
@@ -507,7 +517,7 @@ impl GpuBackend {
     /// graph). Batches of at most `GEMV_MAX_ROWS` tokens fuse norms and activations into the
     /// GEMV while it is on (see `cuda::forward`).
     pub(crate) fn run_forward(&self, scratch: &Scratch, n: usize, rows: usize, arrays: &BatchArrays, split: AttentionSplit) -> Result<(), CudaError> {
-        let launch = Launch { scratch, cache: &self.cache, arrays, split, profiler: &self.profiler, successors: &self.successors };
+        let launch = Launch { scratch, cache: &self.cache, arrays, split, profiler: &self.profiler, successors: &self.successors, omit: self.omit };
         forward::enqueue(&self.model, launch, n, rows, self.gemv_enabled)
     }
 
