@@ -12,7 +12,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{ggml_one_row_warps, gemv_block_fit, gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_supports, GemvMode, WeightFormat, GEMV_STAGE_BYTES};
+use super::launch::{ggml_one_row_warps, gemv_block_fit, gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_prefers, gemv_supports, GemvMode, WeightFormat, GEMV_STAGE_BYTES};
 use super::launchers;
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
@@ -140,12 +140,12 @@ fn geometry(dev: &GpuDevice, m: usize, k: usize, n: usize, format: WeightFormat,
 /// The kernel's next_* arguments for `next` after a GEMV of `m` rows (see `NextProduct`): its
 /// weight, row bytes, rows, rows a warp, warps in its grid, chunks to prefetch and a chunk's
 /// bytes of a row; all zero (nothing) where `dev` prefetches none, for a GGUF weight, or for a
-/// product the GEMV does not take (its launch would not be the GEMV's grid).
+/// product of `m` rows that goes to cuBLAS rather than the GEMV (which reads in another order).
 fn next_arguments(dev: &GpuDevice, m: usize, next: Option<NextProduct>) -> (CUdeviceptr, u64, i32, i32, i32, i32, i32) {
     let none = (0, 0, 0, 0, 0, 0, 0);
     let Some(p) = next.filter(|_| dev.gemv_next.chunks > 0) else { return none };
     let format = p.w.format();
-    if !matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) || !gemv_supports(m, p.k, format) {
+    if !matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) || !gemv_prefers(m, p.k, p.n, format) {
         return none;
     }
     let Ok(g) = geometry(dev, m, p.k, p.n, format, GemvMode::Plain) else { return none };
