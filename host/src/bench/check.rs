@@ -785,7 +785,7 @@ pub fn check_gemv_silu(
             n,
             // Where the device prefetches the next product's start (`PAGEDSERVE_GEMV_NEXT`),
             // that runs too (of its own weight here: the output must not change).
-            next: Some(NextProduct { w: w_dev.weight(dev), k: inter, n }),
+            next: Some(NextProduct { w: w_dev.weight(dev), k: inter, n, m }),
         };
         unsafe { gemv(dev, &g)? };
         gemv_label(format)
@@ -908,7 +908,7 @@ pub fn check_gemv_norm(
         eps: 1e-5,
     };
     let bias = if with_bias { ptr(dev, &bias_dev) } else { 0 };
-    let next = Some(NextProduct { w: w_dev.weight(dev), k: hidden, n });
+    let next = Some(NextProduct { w: w_dev.weight(dev), k: hidden, n, m });
     let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: w_dev.weight(dev), bias, m, k: hidden, n, next };
     unsafe { gemv(dev, &g)? };
     let mut got = download_bf16(dev, &out, m * n)?;

@@ -138,7 +138,7 @@ pub fn check_product(
             m,
             k,
             n,
-            next: Some(NextProduct { w: w_dev.weight(dev), k, n }),
+            next: Some(NextProduct { w: w_dev.weight(dev), k, n, m }),
         };
         // SAFETY: as above.
         unsafe { gemv(dev, &g)? };

@@ -356,7 +356,7 @@ pub fn gemv_vs_cublas(
                 } else if gemv_prefers(m, k, n, WeightFormat::Bf16) {
                     // As in a forward: the GEMV prefetches the start of the product after it
                     // (here the next copy) where the device does (`GpuDevice::gemv_next`).
-                    let next = Some(NextProduct { w: GemvWeight::Bf16(weight(i + 1)), k, n });
+                    let next = Some(NextProduct { w: GemvWeight::Bf16(weight(i + 1)), k, n, m });
                     gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w: GemvWeight::Bf16(weight(i)), bias: 0, m, k, n, next })
                 } else {
                     linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
@@ -473,7 +473,7 @@ pub fn fp8_products(
         let gemv_us = if gemv_supports(m, k, WeightFormat::Fp8) {
             Some(graph_us(dev, launches, |i| unsafe {
                 let w = GemvWeight::Fp8 { values: fp8_weight(i), scales: ptr(dev, &scales) };
-                let next = Some(NextProduct { w: GemvWeight::Fp8 { values: fp8_weight(i + 1), scales: ptr(dev, &scales) }, k, n });
+                let next = Some(NextProduct { w: GemvWeight::Fp8 { values: fp8_weight(i + 1), scales: ptr(dev, &scales) }, k, n, m });
                 gemv(dev, &Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n, next })
             })?)
         } else {

@@ -70,9 +70,11 @@ pub(crate) struct Launch<'a> {
 pub enum Omit {
     #[default]
     Nothing,
-    /// The attention kernels (with RoPE and the cache write fused, and the split merge).
+    /// The attention kernels (with RoPE and the cache write fused, and the split merge; at 2 to
+    /// 64 rows also the attention's L2 prefetch of the o-projection, which then starts colder).
     Attention,
-    /// Every product (GEMV, cuBLAS, FP8 and GGUF paths), with what a GEMV's staging fuses.
+    /// Every product (GEMV, cuBLAS, FP8 and GGUF paths), with what a GEMV's staging fuses, and
+    /// every MoE block.
     Products,
 }
 
@@ -81,8 +83,21 @@ pub(crate) type ArenaPlan = Vec<usize>;
 
 /// Each product's successor in the forward's order, by the address of its weight's values (a
 /// weight is used once a forward), from the planning run: the GEMV prefetches the start of it
-/// (`gemv::NextProduct`). `true` where a decode attention or an MoE block runs between the two.
-pub(crate) type ProductSuccessors = std::collections::HashMap<CUdeviceptr, (NextProduct, bool)>;
+/// (`gemv::NextProduct`). The products are the linear layers, an MoE block's router and the head
+/// (not an MoE block's expert GEMMs, which its router's successor skips over).
+pub(crate) type ProductSuccessors = std::collections::HashMap<CUdeviceptr, Successor>;
+
+/// The product after another (`ProductSuccessors`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Successor {
+    w: GemvWeight,
+    k: usize,
+    n: usize,
+    /// It runs on the batch's logits rows (the head), not on all its tokens.
+    logits_rows: bool,
+    /// A decode attention or an MoE block runs between the two.
+    after_block: bool,
+}
 
 /// An output left for its consumer to compute (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -145,9 +160,9 @@ pub(crate) struct GpuOps<'a> {
     /// A decode-only batch's `rope_and_cache` left to the attention that follows it (the QKV
     /// rows, the layer, its RoPE): the decode kernel rotates and writes the cache itself.
     fused_rope: Option<(Act, usize, usize)>,
-    /// While planning, the products in order (their values' address, the product, whether an
-    /// attention or MoE block ran since the one before): `ProductSuccessors`.
-    planned: Vec<(CUdeviceptr, NextProduct, bool)>,
+    /// While planning, the products in order (their values' address, then what they are):
+    /// `ProductSuccessors`.
+    planned: Vec<(CUdeviceptr, Successor)>,
     /// Whether an attention or MoE block has run since the last product.
     block_since_product: bool,
 }
@@ -170,7 +185,7 @@ pub(crate) fn plan(model: &GpuModel) -> Result<(ArenaPlan, ProductSuccessors), M
         ops.run()?;
         if gemv {
             for pair in ops.planned.windows(2) {
-                successors.insert(pair[0].0, (pair[1].1, pair[1].2));
+                successors.insert(pair[0].0, pair[1].1);
             }
         }
         let mut counts: std::collections::BTreeMap<usize, usize> = Default::default();
@@ -216,13 +231,25 @@ impl<'a> GpuOps<'a> {
         }
     }
 
-    /// Records a product while planning (`ProductSuccessors`).
-    fn note_product(&mut self, w: &GpuMatrix) {
+    /// Records a product while planning (`ProductSuccessors`); `logits_rows`: it runs on the
+    /// batch's logits rows (the head), not on all its tokens.
+    fn note_product(&mut self, w: &GpuMatrix, logits_rows: bool) {
         if self.launch.is_none() {
             let weight = w.weight(self.dev());
-            let between = std::mem::take(&mut self.block_since_product);
-            self.planned.push((weight.pointers().0, NextProduct { w: weight, k: w.cols, n: w.rows }, between));
+            let after_block = std::mem::take(&mut self.block_since_product);
+            self.planned.push((weight.pointers().0, Successor { w: weight, k: w.cols, n: w.rows, logits_rows, after_block }));
         }
+    }
+
+    /// The product after `w`'s in this forward, for the GEMV to prefetch the start of (`None`
+    /// where there is none, or a block runs between them and the device does not prefetch across).
+    fn next_product(&self, w: &GemvWeight) -> Option<NextProduct> {
+        let launch = self.launch.as_ref()?;
+        let s = launch.successors.get(&w.pointers().0)?;
+        if s.after_block && !self.dev().gemv_next.across_attention {
+            return None;
+        }
+        Some(NextProduct { w: s.w, k: s.k, n: s.n, m: if s.logits_rows { self.rows } else { self.n } })
     }
 
     fn run(&mut self) -> Result<(), ModelError> {
@@ -428,7 +455,7 @@ impl<'a> GpuOps<'a> {
         let (k, n) = (w.cols, w.rows);
         let weight = w.weight(dev);
         if self.gemv_runs(m, w) {
-            let next = launch.successors.get(&weight.pointers().0).filter(|(_, between)| !between || dev.gemv_next.across_attention).map(|&(next, _)| next);
+            let next = self.next_product(&weight);
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
             // `bias` the matrix's; `next` is a weight of this model.
             return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n, next }).map(|_| None).map_err(backend_error) };
@@ -601,7 +628,7 @@ impl Ops for GpuOps<'_> {
     }
 
     fn linear(&mut self, x: Act, w: &GpuMatrix) -> Result<Act, ModelError> {
-        self.note_product(w);
+        self.note_product(w, false);
         self.resolve_all(Some(x))?;
         let (m, n) = (self.n, w.rows);
         let pending = self.state(x)?.pending;
@@ -838,6 +865,8 @@ impl Ops for GpuOps<'_> {
     }
 
     fn moe(&mut self, x: Act, weights: &MoeWeights<GpuWeights>, config: &MoeConfig, activation: Activation) -> Result<Act, ModelError> {
+        // The router is a product; the expert GEMMs after it are not (`ProductSuccessors`).
+        self.note_product(&weights.router, false);
         self.block_since_product = true;
         self.resolve_all(None)?;
         let (experts, k, inter) = (config.num_experts, config.top_k, config.expert_intermediate_size);
@@ -859,7 +888,9 @@ impl Ops for GpuOps<'_> {
         let down = self.alloc_bf16(k * h)?;
         let out = self.alloc_bf16(h)?;
         self.mark("moe")?;
-        if self.launch.is_some() {
+        // Timing without the products leaves the whole block out: the routing reads the router's
+        // logits, which would be garbage, as expert ids.
+        if self.launch.as_ref().is_some_and(|l| l.omit != Omit::Products) {
             let dev = self.dev();
             let p = |a: Act| self.out_ptr(a);
             let (logits_p, ids_p, weights_p, offsets_p, sorted_p, tiles_p) = (p(logits)?, p(ids)?, p(gate_weights)?, p(offsets)?, p(sorted)?, p(tiles)?);
@@ -904,7 +935,7 @@ impl Ops for GpuOps<'_> {
         lm_head: &GpuMatrix,
         softcap: Option<f32>,
     ) -> Result<(), ModelError> {
-        self.note_product(lm_head);
+        self.note_product(lm_head, true);
         self.resolve_all(None)?;
         let rows = self.rows;
         let x = self.ptr(residual)?;

@@ -85,6 +85,8 @@ pub struct NextProduct {
     pub w: GemvWeight,
     pub k: usize,
     pub n: usize,
+    /// The input rows it runs on (its launch geometry; the GEMV or cuBLAS).
+    pub m: usize,
 }
 
 /// One small-M linear layer.
@@ -137,18 +139,19 @@ fn geometry(dev: &GpuDevice, m: usize, k: usize, n: usize, format: WeightFormat,
     Ok(Geometry { warps, shared, grid: gemv_grid(row_groups, warps, dev.num_sms, blocks_per_sm), suffix })
 }
 
-/// The kernel's next_* arguments for `next` after a GEMV of `m` rows (see `NextProduct`): its
-/// weight, row bytes, rows, rows a warp, warps in its grid, chunks to prefetch and a chunk's
-/// bytes of a row; all zero (nothing) where `dev` prefetches none, for a GGUF weight, or for a
-/// product of `m` rows that goes to cuBLAS rather than the GEMV (which reads in another order).
-fn next_arguments(dev: &GpuDevice, m: usize, next: Option<NextProduct>) -> (CUdeviceptr, u64, i32, i32, i32, i32, i32) {
+/// The kernel's next_* arguments for `next` (see `NextProduct`): its weight, row bytes, rows,
+/// rows a warp, warps in its grid, chunks to prefetch and a chunk's bytes of a row; all zero
+/// (nothing) where `dev` prefetches none, for a GGUF weight, or for a product that goes to cuBLAS
+/// rather than the GEMV (which reads in another order). The grid is a plain staging's: a merging
+/// one under `PAGEDSERVE_MERGE_GEMV_WARPS` has fewer warps, and the prefetch misses its rows.
+fn next_arguments(dev: &GpuDevice, next: Option<NextProduct>) -> (CUdeviceptr, u64, i32, i32, i32, i32, i32) {
     let none = (0, 0, 0, 0, 0, 0, 0);
     let Some(p) = next.filter(|_| dev.gemv_next.chunks > 0) else { return none };
     let format = p.w.format();
-    if !matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) || !gemv_prefers(m, p.k, p.n, format) {
+    if !matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) || !gemv_prefers(p.m, p.k, p.n, format) {
         return none;
     }
-    let Ok(g) = geometry(dev, m, p.k, p.n, format, GemvMode::Plain) else { return none };
+    let Ok(g) = geometry(dev, p.m, p.k, p.n, format, GemvMode::Plain) else { return none };
     let rpw = format.rows_per_warp();
     let row_bytes = p.k * if format == WeightFormat::Fp8 { 1 } else { 2 };
     let (values, _) = p.w.pointers();
@@ -195,7 +198,7 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     let geo = geometry(dev, g.m, g.k, g.n, format, g.input.mode())?;
     let config = LaunchConfig { grid_dim: (geo.grid, 1, 1), block_dim: (geo.warps * 32, 1, 1), shared_mem_bytes: geo.shared as u32 };
     let (next_w, next_row_bytes, next_n, next_rpw, next_warps, next_chunks, next_chunk_bytes) =
-        if matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) { next_arguments(dev, g.m, g.next) } else { (0, 0, 0, 0, 0, 0, 0) };
+        if matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) { next_arguments(dev, g.next) } else { (0, 0, 0, 0, 0, 0, 0) };
     launchers::gemv(
         dev,
         g.input.mode(),
