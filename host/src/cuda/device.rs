@@ -280,7 +280,7 @@ impl GpuDevice {
             Err(_) => l2_bytes / 4 * 3,
         };
         let tuned_gemm = match TunedGemm::rows_from_env()? {
-            Some(rows) => Some((rows, Mutex::new(TunedGemm::new(workspace_ptr, CUBLAS_WORKSPACE_BYTES, l2_bytes)?))),
+            Some(rows) => Some((rows, Mutex::new(TunedGemm::new(workspace_ptr, CUBLAS_WORKSPACE_BYTES, l2_bytes, TunedGemm::candidates_from_env()?)?))),
             None => None,
         };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));

@@ -4,7 +4,8 @@
 //! smaller 8B shapes: Nsight Compute put the QKV product at 32 rows on 96 blocks of 132
 //! multiprocessors at 64% of DRAM peak, and the o and down products behind a second split-K
 //! reduce launch (BENCHMARKS.md, session 23). Here the first product of each shape outside a
-//! graph capture times up to `CANDIDATES` of the heuristic's algorithms on the real operands,
+//! graph capture times up to `CANDIDATES` (or `$PAGEDSERVE_BLAS_TUNE_CANDIDATES`) of the
+//! heuristic's algorithms on the real operands,
 //! each run after the L2 is flushed (a weight stream must not be timed from L2), and keeps the
 //! fastest; later products of the shape, and the graphs captured after the warm-up run that
 //! tuned them, use it.
@@ -32,8 +33,10 @@ use super::blaslt::Plan;
 use super::gemm::OutType;
 use super::{CudaError, GpuDevice};
 
-/// Algorithms timed per shape (the heuristic's first ones).
+/// Algorithms timed per shape (the heuristic's first ones), unless
+/// `PAGEDSERVE_BLAS_TUNE_CANDIDATES` says how many, up to `MOST_CANDIDATES`.
 const CANDIDATES: usize = 8;
+const MOST_CANDIDATES: usize = 128;
 /// Timed runs per algorithm (the median counts), after one untimed run.
 const RUNS: usize = 3;
 
@@ -55,6 +58,8 @@ pub struct TunedGemm {
     flush_bytes: usize,
     /// Each shape's plan, and whether its algorithm was timed (else the heuristic's first).
     plans: HashMap<Shape, (Plan, bool)>,
+    /// How many of the heuristic's algorithms are timed per shape.
+    candidates: usize,
 }
 
 // SAFETY: the handle and plans are used only through `&mut TunedGemm`, under the device's lock.
@@ -78,10 +83,22 @@ impl TunedGemm {
             .map_err(CudaError::Config)
     }
 
+    /// `$PAGEDSERVE_BLAS_TUNE_CANDIDATES`: how many of the heuristic's algorithms to time per
+    /// shape (1 to `MOST_CANDIDATES`; `CANDIDATES` when unset). The heuristic may offer fewer.
+    pub fn candidates_from_env() -> Result<usize, CudaError> {
+        match std::env::var("PAGEDSERVE_BLAS_TUNE_CANDIDATES") {
+            Err(_) => Ok(CANDIDATES),
+            Ok(value) => value.parse().ok().filter(|n| (1..=MOST_CANDIDATES).contains(n)).ok_or_else(|| {
+                CudaError::Config(format!("PAGEDSERVE_BLAS_TUNE_CANDIDATES is a count from 1 to {MOST_CANDIDATES}, not {value:?}"))
+            }),
+        }
+    }
+
     /// A handle using `workspace_bytes` of device memory at `workspace` (which must outlive it;
-    /// the cuBLAS workspace, shared: every user runs on the one stream).
-    pub fn new(workspace: CUdeviceptr, workspace_bytes: usize, l2_bytes: usize) -> Result<Self, CudaError> {
-        Ok(TunedGemm { handle: lt::create_handle()?, workspace, workspace_bytes, flush_bytes: (2 * l2_bytes).max(8 << 20), plans: HashMap::new() })
+    /// the cuBLAS workspace, shared: every user runs on the one stream), timing `candidates` of
+    /// the heuristic's algorithms per shape.
+    pub fn new(workspace: CUdeviceptr, workspace_bytes: usize, l2_bytes: usize, candidates: usize) -> Result<Self, CudaError> {
+        Ok(TunedGemm { handle: lt::create_handle()?, workspace, workspace_bytes, flush_bytes: (2 * l2_bytes).max(8 << 20), plans: HashMap::new(), candidates })
     }
 
     /// Enqueues `out = x · wᵀ` with `algo`.
@@ -173,7 +190,7 @@ pub unsafe fn tuned_linear(dev: &GpuDevice, out: CUdeviceptr, ldc: usize, out_ty
             OutType::F32 => sys::cudaDataType::CUDA_R_32F,
         };
         let mut plan = Plan::new(sys::cudaDataType::CUDA_R_16BF, sys::cudaDataType::CUDA_R_16BF, out_dt, m, n, k, ldc)?;
-        let algos = plan.candidates(tuned.handle, tuned.workspace_bytes, align, CANDIDATES).map_err(|e| CudaError::Config(format!("m {m} n {n} k {k}: {e}")))?;
+        let algos = plan.candidates(tuned.handle, tuned.workspace_bytes, align, tuned.candidates).map_err(|e| CudaError::Config(format!("m {m} n {n} k {k}: {e}")))?;
         plan.algo = algos[0];
         let mut timed = false;
         if !capturing {
