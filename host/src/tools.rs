@@ -88,6 +88,11 @@ pub(crate) struct BenchGpuArgs {
     /// the products, to see what each costs inside the graph (those steps compute nothing useful).
     #[arg(long)]
     omissions: bool,
+    /// With `--breakdown-8b-only`: capture the graphs for sequences of up to this many positions
+    /// (the server captures them for `--max-model-len`, so a one-row graph plans its attention's
+    /// split for that, most of its splits empty at shorter contexts); default `--context` + 16.
+    #[arg(long)]
+    graph_context: Option<usize>,
 }
 
 #[derive(Args)]
@@ -442,12 +447,13 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
             for &batch in &args.batch_sizes {
                 gpu::print_step_breakdown(&mut big, batch, args.context, &format!("Llama-3.1-8B {weights:?}, {} cache", cache.name()))?;
             }
-            big.capture_decode_graphs(max_batch, args.context + 16)?;
+            let graph_context = args.graph_context.unwrap_or(args.context + 16).max(args.context + 1);
+            big.capture_decode_graphs(max_batch, graph_context)?;
             let mut full = Vec::new();
             for &batch in &args.batch_sizes {
                 let ms = gpu::decode_step_ms(&mut big, batch, args.context, 10, true)?;
                 println!(
-                    "Llama-3.1-8B dummy decode {weights:?} {} cache b{batch:<4} c{:<5} graphs {ms:>8.3} ms  {:>8.0} tok/s",
+                    "Llama-3.1-8B dummy decode {weights:?} {} cache b{batch:<4} c{:<5} graphs {ms:>8.3} ms  {:>8.0} tok/s (graphs for {graph_context} positions)",
                     cache.name(),
                     args.context,
                     batch as f64 / ms * 1e3
@@ -455,7 +461,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
                 full.push((batch, ms));
             }
             if args.omissions {
-                gpu::print_graph_omissions(&mut big, &full, args.context, max_batch, args.context + 16)?;
+                gpu::print_graph_omissions(&mut big, &full, args.context, max_batch, graph_context)?;
             }
             // The served step: the graph, then the device sampler (greedy, as the load client
             // asks, and T 0.8 top-p 0.95), its uploads and its download; the step above ends in
