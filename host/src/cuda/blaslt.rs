@@ -20,6 +20,33 @@ pub(super) unsafe fn set_desc<T>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cub
     lt::set_matmul_desc_attribute(desc, attr, (value as *const T).cast(), size_of::<T>()).map_err(|e| CudaError::Config(format!("cuBLASLt {attr:?}: {e}")))
 }
 
+/// A cuBLASLt handle, destroyed with its holder (`Fp8Gemm`, `TunedGemm`). A holder declares it
+/// after the plans made with it, so that those are destroyed first.
+pub(super) struct Handle(sys::cublasLtHandle_t);
+
+// SAFETY: a holder uses its handle only through `&mut` (under the device's lock), from whichever
+// thread holds that.
+unsafe impl Send for Handle {}
+
+impl Handle {
+    pub fn new() -> Result<Self, CudaError> {
+        Ok(Handle(lt::create_handle()?))
+    }
+
+    pub fn raw(&self) -> sys::cublasLtHandle_t {
+        self.0
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created once, in `new`.
+        unsafe {
+            let _ = lt::destroy_handle(self.0);
+        }
+    }
+}
+
 /// The descriptors and algorithm of one product shape.
 pub(super) struct Plan {
     pub desc: sys::cublasLtMatmulDesc_t,
@@ -32,6 +59,10 @@ pub(super) struct Plan {
     /// Zeroed until chosen (`candidates`).
     pub algo: sys::cublasLtMatmulAlgo_t,
 }
+
+// SAFETY: the descriptors are host-side cuBLASLt objects, used only through their holder's `&mut`
+// (under the device's lock), from whichever thread holds that.
+unsafe impl Send for Plan {}
 
 impl Drop for Plan {
     fn drop(&mut self) {

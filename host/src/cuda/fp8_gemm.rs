@@ -24,14 +24,13 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
-use super::blaslt::{set_desc, Plan};
+use super::blaslt::{set_desc, Handle, Plan};
 use super::launch::row_threads;
 use super::launchers;
 use super::{CudaError, GpuDevice};
 
 /// A cuBLASLt handle and the plans made with it.
 pub struct Fp8Gemm {
-    handle: sys::cublasLtHandle_t,
     workspace: CUdeviceptr,
     workspace_bytes: usize,
     plans: HashMap<(usize, usize, usize), Plan>,
@@ -45,26 +44,15 @@ pub struct Fp8Gemm {
     /// at K = 14336 (BENCHMARKS.md, session 16), a tenth of what the E4M3 weights themselves
     /// move the forward (`check`'s FP8 rows: 2.5e-2).
     fast_accumulation: bool,
-}
-
-// SAFETY: the handle and plans are used only through `&mut Fp8Gemm`, under the device's lock.
-unsafe impl Send for Fp8Gemm {}
-
-impl Drop for Fp8Gemm {
-    fn drop(&mut self) {
-        self.plans.clear();
-        // SAFETY: created once in `new`.
-        unsafe {
-            let _ = lt::destroy_handle(self.handle);
-        }
-    }
+    /// Last: dropped after the plans made with it.
+    handle: Handle,
 }
 
 impl Fp8Gemm {
     /// A handle using `workspace_bytes` of device memory at `workspace` (which must outlive it).
     pub fn new(workspace: CUdeviceptr, workspace_bytes: usize) -> Result<Self, CudaError> {
         Ok(Fp8Gemm {
-            handle: lt::create_handle()?,
+            handle: Handle::new()?,
             workspace,
             workspace_bytes,
             plans: HashMap::new(),
@@ -99,7 +87,7 @@ impl Fp8Gemm {
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &(b_scales as *const c_void))?;
             }
         }
-        plan.algo = plan.candidates(self.handle, self.workspace_bytes, 256, 1).map_err(|e| CudaError::Config(format!("m {m} n {n} k {k}: {e}")))?[0];
+        plan.algo = plan.candidates(self.handle.raw(), self.workspace_bytes, 256, 1).map_err(|e| CudaError::Config(format!("m {m} n {n} k {k}: {e}")))?[0];
         Ok(plan)
     }
 
@@ -189,7 +177,7 @@ pub unsafe fn fp8_linear_leaving_scales(dev: &GpuDevice, p: &Fp8Product) -> Resu
     launchers::fp8_quantize_rows(dev, rows(p.k / 2), p.input_fp8, p.input_scales, p.input, p.k as i32)?;
     let mut gemm = dev.fp8_gemm();
     let workspace = (gemm.workspace, gemm.workspace_bytes);
-    let handle = gemm.handle;
+    let handle = gemm.handle.raw();
     let (plan, outer) = gemm.plan(p.m, p.n, p.k, (p.weight_scales, p.input_scales))?;
     use sys::cublasLtMatmulDescAttributes_t as Attr;
     if outer {

@@ -29,7 +29,7 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::sys::{CUdeviceptr, CUevent_flags, CUstreamCaptureStatus};
 
-use super::blaslt::Plan;
+use super::blaslt::{Handle, Plan};
 use super::gemm::OutType;
 use super::{CudaError, GpuDevice};
 
@@ -51,7 +51,6 @@ fn alignment(pointers: [CUdeviceptr; 3]) -> usize {
 
 /// A cuBLASLt handle and the plans chosen with it.
 pub struct TunedGemm {
-    handle: sys::cublasLtHandle_t,
     workspace: CUdeviceptr,
     workspace_bytes: usize,
     /// Bytes written between timed runs to push the operands out of L2 (twice its size).
@@ -60,19 +59,8 @@ pub struct TunedGemm {
     plans: HashMap<Shape, (Plan, bool)>,
     /// How many of the heuristic's algorithms are timed per shape.
     candidates: usize,
-}
-
-// SAFETY: the handle and plans are used only through `&mut TunedGemm`, under the device's lock.
-unsafe impl Send for TunedGemm {}
-
-impl Drop for TunedGemm {
-    fn drop(&mut self) {
-        self.plans.clear();
-        // SAFETY: created once in `new`.
-        unsafe {
-            let _ = lt::destroy_handle(self.handle);
-        }
-    }
+    /// Last: dropped after the plans made with it.
+    handle: Handle,
 }
 
 impl TunedGemm {
@@ -98,7 +86,7 @@ impl TunedGemm {
     /// the cuBLAS workspace, shared: every user runs on the one stream), timing `candidates` of
     /// the heuristic's algorithms per shape.
     pub fn new(workspace: CUdeviceptr, workspace_bytes: usize, l2_bytes: usize, candidates: usize) -> Result<Self, CudaError> {
-        Ok(TunedGemm { handle: lt::create_handle()?, workspace, workspace_bytes, flush_bytes: (2 * l2_bytes).max(8 << 20), plans: HashMap::new(), candidates })
+        Ok(TunedGemm { handle: Handle::new()?, workspace, workspace_bytes, flush_bytes: (2 * l2_bytes).max(8 << 20), plans: HashMap::new(), candidates })
     }
 
     /// Enqueues `out = x · wᵀ` with `algo`.
@@ -108,7 +96,7 @@ impl TunedGemm {
     unsafe fn run(&self, dev: &GpuDevice, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t, out: CUdeviceptr, x: CUdeviceptr, w: CUdeviceptr) -> Result<(), CudaError> {
         let (alpha, beta) = (1.0f32, 0.0f32);
         lt::matmul(
-            self.handle,
+            self.handle.raw(),
             plan.desc,
             (&alpha as *const f32).cast(),
             (&beta as *const f32).cast(),
@@ -190,7 +178,7 @@ pub unsafe fn tuned_linear(dev: &GpuDevice, out: CUdeviceptr, ldc: usize, out_ty
             OutType::F32 => sys::cudaDataType::CUDA_R_32F,
         };
         let mut plan = Plan::new(sys::cudaDataType::CUDA_R_16BF, sys::cudaDataType::CUDA_R_16BF, out_dt, m, n, k, ldc)?;
-        let algos = plan.candidates(tuned.handle, tuned.workspace_bytes, align, tuned.candidates).map_err(|e| CudaError::Config(format!("m {m} n {n} k {k}: {e}")))?;
+        let algos = plan.candidates(tuned.handle.raw(), tuned.workspace_bytes, align, tuned.candidates).map_err(|e| CudaError::Config(format!("m {m} n {n} k {k}: {e}")))?;
         plan.algo = algos[0];
         let mut timed = false;
         if !capturing {
