@@ -15,7 +15,7 @@ use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput, NextProduct};
 use crate::cuda::launch::{
     gated_config, gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, AttentionPath,
-    AttentionSplit, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
+    AttentionSplit, DecodeKernel, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
 };
 use crate::cuda::weights::{GpuMatrix, MatrixData};
 use crate::cuda::{launchers, ptr};
@@ -175,6 +175,25 @@ pub fn check_attention_over(
     window: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
+    check_attention_with(dev, cache, DecodeKernel::Ring, block_size, heads, kv_heads, head_dim, seqs, path, splits, window, seed)
+}
+
+/// `check_attention_over` with the decode rows read by `kernel`'s blocks.
+#[allow(clippy::too_many_arguments)]
+pub fn check_attention_with(
+    dev: &GpuDevice,
+    cache: KvCacheDtype,
+    kernel: DecodeKernel,
+    block_size: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    seqs: &[(usize, usize)],
+    path: AttentionPath,
+    splits: usize,
+    window: usize,
+    seed: u64,
+) -> Result<CheckRow, CudaError> {
     if let Some(row) = skipped_attention(dev, head_dim, cache) {
         return Ok(row);
     }
@@ -194,10 +213,12 @@ pub fn check_attention_over(
 
     let attention =
         StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &keys.to_vec(), &values.to_vec(), cache, heads, kv_heads, head_dim, path, splits)?
-            .with_window(window);
+            .with_window(window)
+            .with_kernel(kernel);
     attention.launch(dev)?;
     let got = attention.output(dev)?;
     let name = match (path, cache) {
+        (AttentionPath::Decode, KvCacheDtype::Auto) if kernel == DecodeKernel::Lean => "paged_attention lean",
         (AttentionPath::Decode, KvCacheDtype::Auto) => "paged_attention",
         (AttentionPath::Prefill, KvCacheDtype::Auto) => "prefill_attention",
         (AttentionPath::Mixed, KvCacheDtype::Auto) => "mixed attention",
@@ -229,6 +250,7 @@ pub fn check_attention_over(
 pub fn check_fused_rope_attention(
     dev: &GpuDevice,
     cache: KvCacheDtype,
+    kernel: DecodeKernel,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -277,6 +299,7 @@ pub fn check_fused_rope_attention(
     let attention =
         StandaloneAttention::upload(dev, &batch, &to_bf16(&qkv), &keys_before, &values_before, cache, heads, kv_heads, head_dim, AttentionPath::Decode, splits)?
             .with_window(window)
+            .with_kernel(kernel)
             .with_fused_rope(dev, &batch.slot_mapping, &inv_freq, rotary_dim, magnitude)?;
     attention.launch(dev)?;
     let got = attention.output(dev)?;
@@ -287,7 +310,11 @@ pub fn check_fused_rope_attention(
     let windowed = if window == 0 { String::new() } else { format!(" window {window}") };
     let shown: Vec<String> = cached.iter().map(|c| format!("{c}+1")).collect();
     Ok(CheckRow::error(
-        if cache == KvCacheDtype::Auto { "paged_attention +rope" } else { "paged_attn +rope fp8" },
+        match (cache, kernel) {
+            (KvCacheDtype::Fp8E4M3, _) => "paged_attn +rope fp8",
+            (KvCacheDtype::Auto, DecodeKernel::Lean) => "paged_attn lean +rope",
+            (KvCacheDtype::Auto, DecodeKernel::Ring) => "paged_attention +rope",
+        },
         format!("heads {heads}/{kv_heads} hd {head_dim} rotary {rotary_dim} x{magnitude} lens [{}] splits {splits}{windowed}", shown.join(", ")),
         error,
     ))
@@ -1105,7 +1132,7 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for (heads, kv_heads, head_dim, batch, context) in
         [(9, 3, 64, 64, 1801), (32, 8, 128, 64, 2048), (9, 3, 64, 1, 512), (32, 8, 128, 1, 2048)]
     {
-        let split = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim));
+        let split = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim, DecodeKernel::Ring));
         let seqs = vec![(context - 1, 1); batch];
         rows.push(check_attention(dev, heads, kv_heads, head_dim, &seqs, AttentionPath::Decode, split.splits, 96 + context as u64)?);
     }
@@ -1168,11 +1195,29 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // RoPE and the cache write fused into the decode kernel (decode-only batches): the 8B layout
     // split in 8 (batch 1 at context 512) with sequences shorter than a split, unsplit, partial
     // rotary with a magnitude through a window, and head dim 256.
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
+    // The lean kernel (`DecodeKernel::Lean`, one stage of 32 keys): one-tile and several-tile
+    // partitions, split and not, fused RoPE, a window, cache blocks other than 16, head dims 64 and 128.
+    let lean = DecodeKernel::Lean;
+    for (heads, kv_heads, head_dim) in [(32, 8, 128), (9, 3, 64), (12, 1, 64), (32, 2, 128)] {
+        for (lens, splits) in [(&[1usize][..], 1), (&[37, 5][..], 1), (&[300, 1, 129][..], 1), (&[300, 1, 129][..], 10), (&[1500, 700][..], 47)] {
+            seed += 1;
+            rows.push(check_attention_with(dev, KvCacheDtype::Auto, lean, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Decode, splits, 0, seed)?);
+        }
+    }
+    for block_size in [1, 5, 32] {
+        seed += 1;
+        rows.push(check_attention_with(dev, KvCacheDtype::Auto, lean, block_size, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 4, 0, seed)?);
+    }
+    rows.push(check_attention_with(dev, KvCacheDtype::Auto, lean, 16, 32, 8, 128, &fresh(&[4200, 40]), AttentionPath::Decode, 1, 0, 117)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 32, 8, 128, 128, 1.0, &[511], 16, 0, 118)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 32, 8, 128, 128, 1.0, &[2047], 64, 0, 119)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 120)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 121)?);
 
     for interleaved in [false, true] {
         rows.push(check_rope(dev, KvCacheDtype::Auto, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);
@@ -1242,10 +1287,10 @@ pub fn fp8_cache_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(0, 300), (200, 130)], AttentionPath::Prefill, 1, 64, 327)?);
     }
     rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1), (3, 1)], AttentionPath::Mixed, 3, 0, 328)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[511], 8, 0, 330)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 331)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 332)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 333)?);
+    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[511], 8, 0, 330)?);
+    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 331)?);
+    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 332)?);
+    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 333)?);
     for interleaved in [false, true] {
         rows.push(check_rope(dev, fp8, 37, 9, 3, 64, 64, 1.0, interleaved, 334)?);
         rows.push(check_rope(dev, fp8, 5, 32, 8, 128, 128, 1.0, interleaved, 335)?);

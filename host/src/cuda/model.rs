@@ -473,10 +473,12 @@ impl GpuBackend {
         let plan = plan_attention(batch, AttentionPath::Mixed);
         // Split-K serves the decode rows only; partials are indexed by token row, so they are
         // sized for the whole batch.
-        let split = AttentionSplit::plan(
+        let split = self.model.dev.decode_split(
+            c.head_dim,
+            self.cache.dtype(),
             c.attention_span(plan.decode_context),
-            plan.num_decode(n) * c.num_key_value_heads,
-            self.model.dev.decode_slots(c.head_dim),
+            plan.num_decode(n),
+            c.num_key_value_heads,
         );
         let partials = if split.splits > 1 { n * c.num_attention_heads * split.splits } else { 0 };
         self.ensure_scratch(n, rows, partials)?;

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
-use super::launch::{pack_block_tables, plan_attention, AttentionPath, AttentionSplit};
+use super::launch::{pack_block_tables, plan_attention, AttentionPath, AttentionSplit, DecodeKernel};
 use super::attention::FusedRope;
 use super::{launch_attention, AttentionArgs, CudaError, GpuDevice};
 use crate::kv_cache::KvCacheDtype;
@@ -109,6 +109,14 @@ impl StandaloneAttention {
         if window > 0 {
             self.split = AttentionSplit::covering(self.split.splits, self.max_context.min(window));
         }
+        self
+    }
+
+    /// The decode rows read by `kernel`'s blocks (`DecodeKernel`), the partitions cut again in
+    /// its tiles (call after `with_window`).
+    pub fn with_kernel(mut self, kernel: DecodeKernel) -> Self {
+        let span = if self.window > 0 { self.max_context.min(self.window) } else { self.max_context };
+        self.split = AttentionSplit::covering_for(kernel, self.split.splits, span);
         self
     }
 
