@@ -69,7 +69,8 @@ pub struct GpuDevice {
     /// (N rings), so that it fits beside a decode attention block and starts its weight stream
     /// while attention runs.
     pub merge_gemv_warps: Option<u32>,
-    /// EXPERIMENT, not yet measured on a GPU (`PAGEDSERVE_GEMV_NEXT=N|N,attn`; off by default):
+    /// EXPERIMENT (`PAGEDSERVE_GEMV_NEXT=N|N,attn`; off by default; on an H100 it made the 8B
+    /// one-row step slower, BENCHMARKS.md session 28):
     /// chunks of the next product's weights each warp of a bf16 or FP8 GEMV asks L2 for as it
     /// finishes (`gemv::NextProduct`), and whether across a decode attention or MoE block too.
     pub gemv_next: GemvNextPrefetch,
