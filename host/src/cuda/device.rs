@@ -365,7 +365,7 @@ impl GpuDevice {
     /// `PAGEDSERVE_LEAN_ATTENTION` covers that many rows and it exists for the layout, else the
     /// ring kernel.
     pub fn decode_kernel(&self, head_dim: usize, cache: KvCacheDtype, decode_rows: usize) -> DecodeKernel {
-        let lean = decode_rows <= self.lean_attention_rows && DecodeKernel::Lean.exists(head_dim, cache);
+        let lean = (1..=self.lean_attention_rows).contains(&decode_rows) && DecodeKernel::Lean.exists(head_dim, cache);
         if lean { DecodeKernel::Lean } else { DecodeKernel::Ring }
     }
 
