@@ -15,7 +15,7 @@ use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput, NextProduct};
 use crate::cuda::launch::{
     gated_config, gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, AttentionPath,
-    AttentionSplit, DecodeKernel, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
+    DecodeKernel, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
 };
 use crate::cuda::weights::{GpuMatrix, MatrixData};
 use crate::cuda::{launchers, ptr};
@@ -1114,7 +1114,7 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for (heads, kv_heads, head_dim, batch, context) in
         [(9, 3, 64, 64, 1801), (32, 8, 128, 64, 2048), (9, 3, 64, 1, 512), (32, 8, 128, 1, 2048)]
     {
-        let split = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim, DecodeKernel::Ring));
+        let split = dev.split_for(DecodeKernel::Ring, head_dim, context, batch * kv_heads);
         let seqs = vec![(context - 1, 1); batch];
         rows.push(check_attention(dev, heads, kv_heads, head_dim, &seqs, AttentionPath::Decode, split.splits, 96 + context as u64)?);
     }

@@ -372,8 +372,13 @@ impl GpuDevice {
     /// The split-K plan of a decode attention of `decode_rows` rows over contexts of up to `span`
     /// positions, for the kernel `decode_kernel` picks.
     pub fn decode_split(&self, head_dim: usize, cache: KvCacheDtype, span: usize, decode_rows: usize, kv_heads: usize) -> AttentionSplit {
-        let kernel = self.decode_kernel(head_dim, cache, decode_rows);
-        AttentionSplit::plan_for(kernel, span, decode_rows * kv_heads, self.decode_slots(head_dim, kernel))
+        self.split_for(self.decode_kernel(head_dim, cache, decode_rows), head_dim, span, decode_rows * kv_heads)
+    }
+
+    /// `AttentionSplit::plan` for `kernel`'s blocks on this device, over `work_items` (token, KV
+    /// head) pairs.
+    pub fn split_for(&self, kernel: DecodeKernel, head_dim: usize, span: usize, work_items: usize) -> AttentionSplit {
+        AttentionSplit::plan(kernel, span, work_items, self.decode_slots(head_dim, kernel))
     }
 
     /// Whether any launch overlaps the previous kernel's tail (programmatic dependent launch).

@@ -26,10 +26,9 @@ pub fn parse_row_range(var: &str, value: Option<&str>, on: std::ops::RangeInclus
     }
 }
 
-/// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`), keys per
-/// pipeline tile (`DC_N`) and the row padding (`DC_PAD`).
+/// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`; 16 keys a
+/// warp make its tile, `DecodeKernel::tile_keys`) and the row padding (`DC_PAD`).
 pub const DECODE_THREADS: u32 = 128;
-pub const DECODE_TILE_KEYS: usize = 64;
 const DECODE_ROW_PAD: usize = 8;
 /// Block-table entries a decode attention block stages in shared memory, after its ring of tiles
 /// (`DC_TABLE`): a partition of up to this many cache blocks reads its table there.
@@ -167,12 +166,8 @@ impl AttentionSplit {
     /// fewer splits on a tie), with partitions of whole tiles. At batch 1 this cuts a long context
     /// into many short partitions (latency); at batch 64 and context 2048 on the 8B layout, into 3
     /// (4 nearly full waves rather than 2 splits' 2.6).
-    pub fn plan(max_context: usize, work_items: usize, slots: usize) -> Self {
-        Self::plan_for(DecodeKernel::Ring, max_context, work_items, slots)
-    }
-
-    /// `plan` for the tiles of `kernel`, whose blocks fill `slots` at once.
-    pub fn plan_for(kernel: DecodeKernel, max_context: usize, work_items: usize, slots: usize) -> Self {
+    /// The partitions are whole tiles of `kernel`, whose blocks fill `slots` at once.
+    pub fn plan(kernel: DecodeKernel, max_context: usize, work_items: usize, slots: usize) -> Self {
         let (items, slots, tile) = (work_items.max(1), slots.max(1), kernel.tile_keys());
         let most = max_context.div_ceil(tile).max(1);
         let cost = |split: &AttentionSplit| {
@@ -182,19 +177,14 @@ impl AttentionSplit {
             waves * (tiles + BLOCK_OVERHEAD_TILES) + reduce
         };
         (1..=most)
-            .map(|splits| Self::covering_for(kernel, splits, max_context))
+            .map(|splits| Self::covering(kernel, splits, max_context))
             .min_by_key(|split| (cost(split), split.splits))
             .unwrap_or(Self::NONE.with_kernel(kernel))
     }
 
-    /// At most `splits` partitions covering `max_context` positions, each a whole number of the
-    /// ring kernel's tiles.
-    pub fn covering(splits: usize, max_context: usize) -> Self {
-        Self::covering_for(DecodeKernel::Ring, splits, max_context)
-    }
-
-    /// `covering` in whole tiles of `kernel`.
-    pub fn covering_for(kernel: DecodeKernel, splits: usize, max_context: usize) -> Self {
+    /// At most `splits` partitions covering `max_context` positions, each a whole number of
+    /// `kernel`'s tiles.
+    pub fn covering(kernel: DecodeKernel, splits: usize, max_context: usize) -> Self {
         let none = Self::NONE.with_kernel(kernel);
         if splits <= 1 {
             return none;
@@ -809,7 +799,7 @@ mod tests {
 
     #[test]
     fn splits_trade_shorter_blocks_against_waves() {
-        let plan = AttentionSplit::plan;
+        let plan = |max_context, items, slots| AttentionSplit::plan(DecodeKernel::Ring, max_context, items, slots);
         // The H100's slots: 3 blocks of either head dim on each of 132 SMs.
         let slots = 3 * 132;
         assert_eq!(plan(100, 3, slots), AttentionSplit::NONE, "two tiles: a reduction costs more than it saves");
@@ -825,28 +815,28 @@ mod tests {
 
     #[test]
     fn lean_splits_are_whole_tiles_of_32_keys() {
-        let lean = |max_context, items, slots| AttentionSplit::plan_for(DecodeKernel::Lean, max_context, items, slots);
+        let lean = |max_context, items, slots| AttentionSplit::plan(DecodeKernel::Lean, max_context, items, slots);
         // Batch 1 at the 8B layout (8 KV heads), 9-10 lean blocks an SM on 132 SMs: one-tile partitions.
         assert_eq!(lean(2048, 8, 9 * 132), AttentionSplit { splits: 64, partition: 32, kernel: DecodeKernel::Lean });
         assert_eq!(lean(528, 8, 9 * 132), AttentionSplit { splits: 17, partition: 32, kernel: DecodeKernel::Lean });
         assert_eq!(lean(20, 8, 9 * 132), AttentionSplit::NONE.with_kernel(DecodeKernel::Lean));
         // Three partitions of 100 positions round up to two of 64.
-        assert_eq!(AttentionSplit::covering_for(DecodeKernel::Lean, 3, 100), AttentionSplit { splits: 2, partition: 64, kernel: DecodeKernel::Lean });
+        assert_eq!(AttentionSplit::covering(DecodeKernel::Lean, 3, 100), AttentionSplit { splits: 2, partition: 64, kernel: DecodeKernel::Lean });
         assert_eq!(DecodeKernel::Lean.tile_keys(), 32);
-        assert_eq!(DecodeKernel::Ring.tile_keys(), DECODE_TILE_KEYS);
+        assert_eq!(DecodeKernel::Ring.tile_keys(), 64);
     }
 
     #[test]
     fn partitions_always_cover_the_planned_context() {
         for max_context in [1, 31, 64, 65, 256, 257, 1000, 1536, 1537, 2048, 8192, 131_072] {
             for work_items in [1, 3, 24, 192, 512, 768, 4096] {
-                let split = AttentionSplit::plan(max_context, work_items, 396);
+                let split = AttentionSplit::plan(DecodeKernel::Ring, max_context, work_items, 396);
                 assert!(split.splits * split.partition >= max_context, "{max_context} {work_items}: {split:?}");
-                assert!(split.splits == 1 || split.partition.is_multiple_of(DECODE_TILE_KEYS), "whole tiles: {split:?}");
+                assert!(split.splits == 1 || split.partition.is_multiple_of(DecodeKernel::Ring.tile_keys()), "whole tiles: {split:?}");
                 assert!(split.splits == 1 || (split.splits - 1) * split.partition < max_context, "no empty split: {split:?}");
             }
             for splits in 1..=40 {
-                let split = AttentionSplit::covering(splits, max_context);
+                let split = AttentionSplit::covering(DecodeKernel::Ring, splits, max_context);
                 assert!(split.splits * split.partition >= max_context);
                 assert!(split.splits <= splits.max(1));
             }
@@ -859,7 +849,7 @@ mod tests {
         let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "paged_attention").unwrap().source;
         assert!(source.contains(&format!("#define DC_WARPS {}", DECODE_THREADS / 32)));
         assert!(source.contains("#define DC_N (DC_WARPS * 16)"));
-        assert_eq!(DECODE_TILE_KEYS, DECODE_THREADS as usize / 32 * 16, "16 keys per warp");
+        assert_eq!(DecodeKernel::Ring.tile_keys(), DECODE_THREADS as usize / 32 * 16, "16 keys per warp");
         assert!(source.contains(&format!("#define DC_PAD {DECODE_ROW_PAD}")));
         assert!(source.contains(&format!("#define DC_TABLE {DECODE_TABLE_ENTRIES}")));
         for head_dim in crate::cuda::DECODE_HEAD_DIMS {
