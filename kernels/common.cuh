@@ -58,36 +58,6 @@ __device__ __forceinline__ void prefetch_l2_share(const unsigned char* p, u64 by
 #endif
 }
 
-// The seam between two GEMVs (`gemv.cu`): a block of the next one can start on a multiprocessor
-// only once this one's block there has left (a block takes most of the shared memory), and its
-// first copies then wait a DRAM round trip, while the multiprocessors still finishing this product
-// leave DRAM part idle. So each warp, once it has issued its own last copies, asks L2 for the
-// first `chunks` chunks (`chunk_bytes` of each row, `rpw` rows at a time, `gemv_body`'s items)
-// that warp `warp` (and warp + `warps_here`, ...) of the next product's grid of `warps` warps
-// copies first: those land in L2 during this product's tail and the next one's first copies hit
-// there. Weights only (nothing a kernel writes), a hint with no completion: results cannot change.
-// The whole warp calls it (a lane a row); sm_90 and newer, elsewhere nothing.
-__device__ __forceinline__ void gemv_prefetch_next(int warp, int warps_here, const unsigned char* w, u64 row_bytes, int n,
-                                                   int rpw, int warps, int chunks, int chunk_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (w == nullptr || chunks <= 0) return;
-    const int lane = threadIdx.x & 31;
-    const int chunks_per_row = (int)((row_bytes + chunk_bytes - 1) / chunk_bytes);
-    const int groups = (chunks + chunks_per_row - 1) / chunks_per_row;  // row groups the chunks reach
-    const u64 stride = (u64)warps * rpw;                                 // rows between a warp's groups
-    for (int h = warp; h < warps; h += warps_here) {
-        for (int j = lane; j < groups * rpw; j += 32) {
-            const int g = j / rpw, q = j - g * rpw;
-            const u64 row = (u64)h * rpw + g * stride + q;
-            if (row >= (u64)n) continue;
-            const int take = min(chunks - g * chunks_per_row, chunks_per_row);
-            const u64 bytes = min(row_bytes, (u64)take * chunk_bytes);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w + row * row_bytes), "r"((unsigned)bytes) : "memory");
-        }
-    }
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
@@ -134,15 +104,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch /* 32 floats 
 // The most warps (output rows in flight) per block; `launch::GEMV_WARPS` on the host, which
 // launches fewer for small products (`launch::gemv_block_warps`).
 #define GEMV_WARPS 16
-// Every GEMV's parameters (`gemv.cu`, and `ggml.cu`'s, which ignore `w_scale` and the next_*):
-// `launchers::gemv` on the host. next_* describe the product launched after this one, whose first
-// weight chunks this one asks L2 for as it finishes (`gemv_prefetch_next`); `next_w` null: none.
-#define GEMV_PARAMS                                                                                              \
-    void *out, int out_f32, const void *x, const __nv_bfloat16 *delta, const float *norm_w, float *residual_out, \
-        const u32 *rows, const float *bias, const void *w, const float *w_scale, int m, int n, int k, float eps,  \
-        int splits, int head_dim, const unsigned char *next_w, u64 next_row_bytes, int next_n, int next_rpw,      \
-        int next_warps, int next_chunks, int next_chunk_bytes
-#define GEMV_NEXT_ARGS next_w, next_row_bytes, next_n, next_rpw, next_warps, next_chunks, next_chunk_bytes
 
 __device__ __forceinline__ void bf16x8_to_float(const uint4& v, float* f) {
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);

@@ -57,13 +57,6 @@
 // Under a programmatic dependent launch (`pdl_wait` in common.cuh) each warp issues the copies of
 // its first S - 1 chunks before waiting for the kernel that produces x; everything else follows
 // the wait.
-//
-// The seam to the next product (EXPERIMENT, off unless `PAGEDSERVE_GEMV_NEXT`): a block of the
-// next GEMV can start on a multiprocessor only when this one's block there has left, so its
-// pre-wait copies start late and wait a DRAM round trip while the rest of this product drains.
-// With `next_w` given, each warp, once it has issued its own last copy, asks L2 for the first
-// `next_chunks` chunks of the next product's warp of the same index (`gemv_prefetch_next`;
-// `kernels/emulate/gemv_next.py` replays the ranges against `issue`'s).
 
 // GEMV_PLAIN, GEMV_SILU, GEMV_NORM and GEMV_WARPS are in common.cuh (the ggml GEMV shares them).
 
@@ -160,8 +153,7 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
                                           float* __restrict__ residual_out, const u32* __restrict__ rows,
                                           const float* __restrict__ bias, const void* __restrict__ w_raw,
                                           const float* __restrict__ w_scale, int m, int n, int k, float eps, int splits,
-                                          int head_dim, const unsigned char* next_w, u64 next_row_bytes, int next_n,
-                                          int next_rpw, int next_warps, int next_chunks, int next_chunk_bytes) {
+                                          int head_dim) {
     constexpr int RPW = GemvRows<FP8>::value;
     constexpr int UR = U / RPW;  // vectors per lane and row in one stage
     extern __shared__ __align__(16) unsigned char gemv_smem[];
@@ -209,11 +201,6 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
     __syncthreads();
 
     const uint4* xv = reinterpret_cast<const uint4*>(xs);
-    // The iteration after which this warp issues no copies of its own: then the next product's
-    // first chunks go to L2 (`gemv_prefetch_next`).
-    const int global_warp = blockIdx.x * warps + warp;
-    const int prefetch_at = max(items - (S - 1), 0);
-    if (items == 0) gemv_prefetch_next(global_warp, gridDim.x * warps, GEMV_NEXT_ARGS);
     float acc[RPW][MP];
 #pragma unroll
     for (int q = 0; q < RPW; ++q)
@@ -222,7 +209,6 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
     for (int i = 0; i < items; ++i) {
         cp_async_wait<S - 2>();  // item i has landed (this lane's vectors of it)
         issue(i + S - 1);        // into the stage item i - 1 used
-        if (i == prefetch_at) gemv_prefetch_next(global_warp, gridDim.x * warps, GEMV_NEXT_ARGS);
         const int g = i / chunks, c = i - g * chunks;
         const uint4* stage = ring + (i % S) * U * 32;
 #pragma unroll
@@ -299,10 +285,12 @@ __device__ __forceinline__ void gemv_body(void* __restrict__ out, int out_f32, c
 // Every variant has one signature (arguments a mode does not use are ignored), so the host
 // launches them all the same way (`cuda::gemv`).
 #define GEMV_KERNEL(NAME, MODE, MP, FP8)                                                                             \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) NAME(GEMV_PARAMS) {                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
+        NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
+             float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
+             int n, int k, float eps, int splits, int head_dim) {                                                    \
         gemv_body<MODE, MP, FP8, GEMV_STAGES, GEMV_STAGE_VECTORS>(out, out_f32, x, delta, norm_w, residual_out, rows,  \
-                                                                 bias, w, w_scale, m, n, k, eps, splits, head_dim,   \
-                                                                 GEMV_NEXT_ARGS);                                    \
+                                                                 bias, w, w_scale, m, n, k, eps, splits, head_dim);  \
     }
 
 GEMV_KERNEL(gemv_m1, GEMV_PLAIN, 1, false)

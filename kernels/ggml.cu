@@ -790,9 +790,12 @@ __device__ __forceinline__ void gemv_ggml_body(void* __restrict__ out, int out_f
     }
 }
 
-// The signature of every GEMV (`GEMV_PARAMS`); `w_scale` and the next product's are unused here.
+// The signature of every GEMV (`gemv.cu`); `w_scale` is unused here.
 #define GEMV_GGML_KERNEL(NAME, TYPE, MODE, MP)                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) NAME(GEMV_PARAMS) {                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
+        NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
+             float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
+             int n, int k, float eps, int splits, int head_dim) {                                                    \
         gemv_ggml_body<TYPE, MODE, MP>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps,    \
                                        splits, head_dim);                                                            \
     }
@@ -850,7 +853,10 @@ GEMV_GGML_KERNEL(gemv_q4_k_norm_m4, 12, GEMV_NORM, 4)
 GEMV_GGML_KERNEL(gemv_q4_k_norm_m8, 12, GEMV_NORM, 8)
 GEMV_GGML_KERNEL(gemv_q4_k_merge_m1, 12, GEMV_MERGE, 1)
 #define GEMV_GGML_KERNEL_R1(NAME, TYPE, MODE)                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) NAME(GEMV_PARAMS) {                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
+        NAME(void* out, int out_f32, const void* x, const __nv_bfloat16* delta, const float* norm_w,                 \
+             float* residual_out, const u32* rows, const float* bias, const void* w, const float* w_scale, int m,    \
+             int n, int k, float eps, int splits, int head_dim) {                                                    \
         gemv_ggml_body<TYPE, MODE, 1, 1>(out, out_f32, x, delta, norm_w, residual_out, rows, bias, w, m, n, k, eps,  \
                                          splits, head_dim);                                                          \
     }

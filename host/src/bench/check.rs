@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::cuda::gemm::{linear, OutType};
-use crate::cuda::gemv::{gemv, Gemv, GemvInput, NextProduct};
+use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{
     gated_config, gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, AttentionPath,
     DecodeKernel, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
@@ -792,9 +792,6 @@ pub fn check_gemv_silu(
             m,
             k: inter,
             n,
-            // Where the device prefetches the next product's start (`PAGEDSERVE_GEMV_NEXT`),
-            // that runs too (of its own weight here: the output must not change).
-            next: Some(NextProduct { w: w_dev.weight(dev), k: inter, n, m }),
         };
         unsafe { gemv(dev, &g)? };
         gemv_label(format)
@@ -854,7 +851,7 @@ pub fn check_gemv_merge(
     let (out_dev, max_dev, sum_dev) = (stream.clone_htod(&part_out)?, stream.clone_htod(&part_max)?, stream.clone_htod(&part_sum)?);
     let out = stream.clone_htod(&vec![bf16::NAN; n])?;
     let input = GemvInput::Merge { part_out: ptr(dev, &out_dev), part_max: ptr(dev, &max_dev), part_sum: ptr(dev, &sum_dev), splits, head_dim };
-    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: w_dev.weight(dev), bias: 0, m: 1, k, n, next: None };
+    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: w_dev.weight(dev), bias: 0, m: 1, k, n };
     unsafe { gemv(dev, &g)? };
     let got = download_bf16(dev, &out, n)?;
     let detail = format!("n {n}, {heads} heads of {head_dim}, {splits} splits ({empty} empty)");
@@ -917,8 +914,7 @@ pub fn check_gemv_norm(
         eps: 1e-5,
     };
     let bias = if with_bias { ptr(dev, &bias_dev) } else { 0 };
-    let next = Some(NextProduct { w: w_dev.weight(dev), k: hidden, n, m });
-    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: w_dev.weight(dev), bias, m, k: hidden, n, next };
+    let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input, w: w_dev.weight(dev), bias, m, k: hidden, n };
     unsafe { gemv(dev, &g)? };
     let mut got = download_bf16(dev, &out, m * n)?;
     let mut want = want;

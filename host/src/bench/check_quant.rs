@@ -34,7 +34,7 @@ use rand::SeedableRng;
 use super::check::{as_read_by, device_weight, download_bf16, matmul_reference, random_bf16_values, relative_error, to_bf16, CheckRow, FORWARD_TOLERANCE};
 use crate::cuda::fp8_gemm::{fp8_linear, Fp8Product};
 use crate::cuda::gemm::{ggml_linear, mmq_runs, OutType};
-use crate::cuda::gemv::{gemv, Gemv, GemvInput, NextProduct};
+use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{gemv_prefers, mmq_plan, mmq_supports, WeightFormat};
 use crate::cuda::weights::MatrixData;
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
@@ -138,7 +138,6 @@ pub fn check_product(
             m,
             k,
             n,
-            next: Some(NextProduct { w: w_dev.weight(dev), k, n, m }),
         };
         // SAFETY: as above.
         unsafe { gemv(dev, &g)? };
@@ -173,7 +172,7 @@ pub fn check_ggml_product(dev: &GpuDevice, ty: GgmlType, m: usize, n: usize, k: 
     let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
     let weight = w_dev.weight(dev);
     let path = if tile_rows == 0 {
-        let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x_dev)), w: weight, bias: 0, m, k, n, next: None };
+        let g = Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x_dev)), w: weight, bias: 0, m, k, n };
         // SAFETY: every buffer is allocated above at the size `Gemv` documents.
         unsafe { gemv(dev, &g)? };
         "gemv".to_string()

@@ -14,8 +14,8 @@ use half::bf16;
 
 use super::median;
 use crate::cuda::gemm::{cublas_linear, linear, OutType};
-use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight, NextProduct};
-use crate::cuda::launch::{decode_kernel_name, gemv_prefers, gemv_supports, prefill_kernel_name, AttentionPath, DecodeKernel, WeightFormat};
+use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight};
+use crate::cuda::launch::{decode_kernel_name, gemv_supports, prefill_kernel_name, AttentionPath, DecodeKernel, WeightFormat};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::kv_cache::KvCacheDtype;
@@ -353,11 +353,6 @@ pub fn gemv_vs_cublas(
             graph_us(dev, launches, |i: usize| unsafe {
                 if cublas {
                     cublas_linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
-                } else if gemv_prefers(m, k, n, WeightFormat::Bf16) {
-                    // As in a forward: the GEMV prefetches the start of the product after it
-                    // (here the next copy) where the device does (`GpuDevice::gemv_next`).
-                    let next = Some(NextProduct { w: GemvWeight::Bf16(weight(i + 1)), k, n, m });
-                    gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w: GemvWeight::Bf16(weight(i)), bias: 0, m, k, n, next })
                 } else {
                     linear(dev, ptr(dev, &out), out_type, ptr(dev, &x), weight(i), m, k, n)
                 }
@@ -473,8 +468,7 @@ pub fn fp8_products(
         let gemv_us = if gemv_supports(m, k, WeightFormat::Fp8) {
             Some(graph_us(dev, launches, |i| unsafe {
                 let w = GemvWeight::Fp8 { values: fp8_weight(i), scales: ptr(dev, &scales) };
-                let next = Some(NextProduct { w: GemvWeight::Fp8 { values: fp8_weight(i + 1), scales: ptr(dev, &scales) }, k, n, m });
-                gemv(dev, &Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n, next })
+                gemv(dev, &Gemv { out: ptr(dev, &out), out_type: OutType::Bf16, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n })
             })?)
         } else {
             None
@@ -566,7 +560,7 @@ pub fn print_ggml_products(dev: &GpuDevice, ty: crate::model::gguf::GgmlType, m:
         if gemv_supports(m, k, WeightFormat::Ggml(ty)) {
             times[0] = Some(graph_us(dev, launches, |i| unsafe {
                 let w = GemvWeight::Ggml { ty, blocks: blocks(i) };
-                gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n, next: None })
+                gemv(dev, &Gemv { out: ptr(dev, &out), out_type, input: GemvInput::Plain(ptr(dev, &x)), w, bias: 0, m, k, n })
             })?);
         }
         if m > 1 && mmq_runs(dev, ty, m, k, GGML_TILE_ELEMENTS) {

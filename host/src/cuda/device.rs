@@ -69,11 +69,6 @@ pub struct GpuDevice {
     /// (N rings), so that it fits beside a decode attention block and starts its weight stream
     /// while attention runs.
     pub merge_gemv_warps: Option<u32>,
-    /// EXPERIMENT (`PAGEDSERVE_GEMV_NEXT=N|N,attn`; off by default; on an H100 it made the 8B
-    /// one-row step slower, BENCHMARKS.md session 28):
-    /// chunks of the next product's weights each warp of a bf16 or FP8 GEMV asks L2 for as it
-    /// finishes (`gemv::NextProduct`), and whether across a decode attention or MoE block too.
-    pub gemv_next: GemvNextPrefetch,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -90,47 +85,6 @@ pub struct GpuDevice {
     /// The skinny tensor-core products' workspace and row range (`cuda::skinny`); `None` when
     /// `PAGEDSERVE_SKINNY=off` or a block's shared memory does not fit this device.
     pub skinny: Option<Skinny>,
-}
-
-/// How much of the next product a GEMV asks L2 for as it finishes (`gemv::NextProduct`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GemvNextPrefetch {
-    /// Chunks (`launch::GEMV_STAGE_BYTES` of a row) per warp of the next GEMV's grid; 0: none.
-    pub chunks: usize,
-    /// Also when a decode attention or an MoE block runs between the two products (there the
-    /// prefetch competes with that block's latency-bound reads).
-    pub across_attention: bool,
-}
-
-impl GemvNextPrefetch {
-    /// No prefetch: the default until the experiment is measured (BENCHMARKS.md will say).
-    pub const OFF: GemvNextPrefetch = GemvNextPrefetch { chunks: 0, across_attention: false };
-    /// The chunks the next GEMV's warps copy before their programmatic-dependent wait (`5`),
-    /// between back-to-back products only: the experiment's first setting.
-    pub const PRE_WAIT: GemvNextPrefetch = GemvNextPrefetch { chunks: super::launch::GEMV_STAGES - 1, across_attention: false };
-    /// The most chunks (64 KB of a 2 KB-chunk row: one bulk prefetch).
-    pub const MOST_CHUNKS: usize = 32;
-
-    /// `$PAGEDSERVE_GEMV_NEXT` (see `parse`), or off.
-    pub fn from_env() -> Result<Self, super::CudaError> {
-        match std::env::var("PAGEDSERVE_GEMV_NEXT") {
-            Err(_) => Ok(Self::OFF),
-            Ok(value) => Self::parse(&value).ok_or_else(|| {
-                super::CudaError::Config(format!("PAGEDSERVE_GEMV_NEXT is off, N or N,attn (N chunks, at most {}), not {value:?}", Self::MOST_CHUNKS))
-            }),
-        }
-    }
-
-    /// `off` (or `0`), `N` chunks, or `N,attn` (across attention too).
-    pub fn parse(value: &str) -> Option<Self> {
-        let (count, across_attention) = match value.split_once(',') {
-            Some((count, "attn")) => (count, true),
-            Some(_) => return None,
-            None => (value, false),
-        };
-        let chunks = if count == "off" { 0 } else { count.parse().ok().filter(|&n| n <= Self::MOST_CHUNKS)? };
-        Some(GemvNextPrefetch { chunks, across_attention: across_attention && chunks > 0 })
-    }
 }
 
 /// `$PAGEDSERVE_LEAN_ATTENTION`: unset, `off` or `0` (never), `on` (one row) or N (batches of up
@@ -316,10 +270,8 @@ impl GpuDevice {
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        // A bulk prefetch into L2 is an sm_90 instruction; elsewhere the kernel skips it.
-        let gemv_next = if major >= 9 { GemvNextPrefetch::from_env()? } else { GemvNextPrefetch::OFF };
         let lean_attention_rows = lean_attention_rows_from_env()?;
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, ?gemv_next, lean_attention_rows, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, lean_attention_rows, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -339,7 +291,6 @@ impl GpuDevice {
             kv_evict_first,
             fused_merge_all,
             merge_gemv_warps,
-            gemv_next,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
             tuned_gemm,
@@ -477,7 +428,7 @@ impl GpuDevice {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_lean_attention_rows, GemvNextPrefetch};
+    use super::parse_lean_attention_rows;
 
     #[test]
     fn lean_attention_switch_parses() {
@@ -487,19 +438,5 @@ mod tests {
         assert_eq!(parse_lean_attention_rows(Some("4")), Some(4));
         assert_eq!(parse_lean_attention_rows(Some("9")), None);
         assert_eq!(parse_lean_attention_rows(Some("yes")), None);
-    }
-
-    #[test]
-    fn gemv_next_switch_parses() {
-        let p = GemvNextPrefetch::parse;
-        assert_eq!(p("off"), Some(GemvNextPrefetch::OFF));
-        assert_eq!(p("0"), Some(GemvNextPrefetch::OFF));
-        assert_eq!(p("0,attn"), Some(GemvNextPrefetch::OFF));
-        assert_eq!(p("5"), Some(GemvNextPrefetch::PRE_WAIT));
-        assert_eq!(p("10,attn"), Some(GemvNextPrefetch { chunks: 10, across_attention: true }));
-        assert_eq!(p("32"), Some(GemvNextPrefetch { chunks: GemvNextPrefetch::MOST_CHUNKS, across_attention: false }));
-        for bad in ["33", "-1", "on", "5,", "5,all", ""] {
-            assert_eq!(p(bad), None, "{bad:?}");
-        }
     }
 }

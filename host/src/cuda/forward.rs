@@ -33,7 +33,7 @@ use super::batch::{BatchArrays, Scratch};
 use super::collective::{Elem, RankComm};
 use super::fp8_gemm::{fp8_linear, fp8_linear_leaving_scales, scale_output, Fp8Product};
 use super::gemm::{cublas_linear, ggml_linear, OutType};
-use super::gemv::{gemv, Gemv, GemvInput, GemvWeight, NextProduct};
+use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
@@ -59,7 +59,6 @@ pub(crate) struct Launch<'a> {
     pub arrays: &'a BatchArrays,
     pub split: AttentionSplit,
     pub profiler: &'a RefCell<Option<StepProfiler>>,
-    pub successors: &'a ProductSuccessors,
     pub omit: Omit,
 }
 
@@ -80,24 +79,6 @@ pub enum Omit {
 
 /// The arena's slots a model's forward needs, bytes per token each.
 pub(crate) type ArenaPlan = Vec<usize>;
-
-/// Each product's successor in the forward's order, by the address of its weight's values (a
-/// weight is used once a forward), from the planning run: the GEMV prefetches the start of it
-/// (`gemv::NextProduct`). The products are the linear layers, an MoE block's router and the head
-/// (not an MoE block's expert GEMMs, which its router's successor skips over).
-pub(crate) type ProductSuccessors = std::collections::HashMap<CUdeviceptr, Successor>;
-
-/// The product after another (`ProductSuccessors`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Successor {
-    w: GemvWeight,
-    k: usize,
-    n: usize,
-    /// It runs on the batch's logits rows (the head), not on all its tokens.
-    logits_rows: bool,
-    /// A decode attention or an MoE block runs between the two.
-    after_block: bool,
-}
 
 /// An output left for its consumer to compute (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -160,11 +141,6 @@ pub(crate) struct GpuOps<'a> {
     /// A decode-only batch's `rope_and_cache` left to the attention that follows it (the QKV
     /// rows, the layer, its RoPE): the decode kernel rotates and writes the cache itself.
     fused_rope: Option<(Act, usize, usize)>,
-    /// While planning, the products in order (their values' address, then what they are):
-    /// `ProductSuccessors`.
-    planned: Vec<(CUdeviceptr, Successor)>,
-    /// Whether an attention or MoE block has run since the last product.
-    block_since_product: bool,
 }
 
 fn backend_error(e: CudaError) -> ModelError {
@@ -175,19 +151,13 @@ fn internal(what: String) -> ModelError {
     ModelError::Backend(format!("CUDA forward: {what}"))
 }
 
-/// The arena `model`'s forward needs (the slots of a planning run through the fused path and
-/// through the unfused one, by width, the more of each) and its products' successors.
-pub(crate) fn plan(model: &GpuModel) -> Result<(ArenaPlan, ProductSuccessors), ModelError> {
+/// The arena `model`'s forward needs: the slots of a planning run through the fused path and
+/// through the unfused one, by width, the more of each.
+pub(crate) fn plan(model: &GpuModel) -> Result<ArenaPlan, ModelError> {
     let mut need: std::collections::BTreeMap<usize, usize> = Default::default();
-    let mut successors = ProductSuccessors::new();
     for gemv in [true, false] {
         let mut ops = GpuOps::new(model, None, 1, 1, gemv, Vec::new());
         ops.run()?;
-        if gemv {
-            for pair in ops.planned.windows(2) {
-                successors.insert(pair[0].0, pair[1].1);
-            }
-        }
         let mut counts: std::collections::BTreeMap<usize, usize> = Default::default();
         for bytes in ops.slot_bytes {
             *counts.entry(bytes).or_default() += 1;
@@ -197,7 +167,7 @@ pub(crate) fn plan(model: &GpuModel) -> Result<(ArenaPlan, ProductSuccessors), M
             *entry = (*entry).max(count);
         }
     }
-    Ok((need.into_iter().flat_map(|(bytes, count)| std::iter::repeat_n(bytes, count)).collect(), successors))
+    Ok(need.into_iter().flat_map(|(bytes, count)| std::iter::repeat_n(bytes, count)).collect())
 }
 
 /// Enqueues the forward of `n` tokens, the logits of `rows` of them into `launch.scratch.logits`.
@@ -226,30 +196,7 @@ impl<'a> GpuOps<'a> {
             pending: Vec::new(),
             deferred: Vec::new(),
             fused_rope: None,
-            planned: Vec::new(),
-            block_since_product: false,
         }
-    }
-
-    /// Records a product while planning (`ProductSuccessors`); `logits_rows`: it runs on the
-    /// batch's logits rows (the head), not on all its tokens.
-    fn note_product(&mut self, w: &GpuMatrix, logits_rows: bool) {
-        if self.launch.is_none() {
-            let weight = w.weight(self.dev());
-            let after_block = std::mem::take(&mut self.block_since_product);
-            self.planned.push((weight.pointers().0, Successor { w: weight, k: w.cols, n: w.rows, logits_rows, after_block }));
-        }
-    }
-
-    /// The product after `w`'s in this forward, for the GEMV to prefetch the start of (`None`
-    /// where there is none, or a block runs between them and the device does not prefetch across).
-    fn next_product(&self, w: &GemvWeight) -> Option<NextProduct> {
-        let launch = self.launch.as_ref()?;
-        let s = launch.successors.get(&w.pointers().0)?;
-        if s.after_block && !self.dev().gemv_next.across_attention {
-            return None;
-        }
-        Some(NextProduct { w: s.w, k: s.k, n: s.n, m: if s.logits_rows { self.rows } else { self.n } })
     }
 
     fn run(&mut self) -> Result<(), ModelError> {
@@ -455,10 +402,9 @@ impl<'a> GpuOps<'a> {
         let (k, n) = (w.cols, w.rows);
         let weight = w.weight(dev);
         if self.gemv_runs(m, w) {
-            let next = self.next_product(&weight);
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
-            // `bias` the matrix's; `next` is a weight of this model.
-            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n, next }).map(|_| None).map_err(backend_error) };
+            // `bias` the matrix's.
+            return unsafe { gemv(dev, &Gemv { out, out_type, input, w: weight, bias, m, k, n }).map(|_| None).map_err(backend_error) };
         }
         let mut left = None;
         match (weight, skinny_input(input).filter(|_| self.skinny_runs(m, w))) {
@@ -628,7 +574,6 @@ impl Ops for GpuOps<'_> {
     }
 
     fn linear(&mut self, x: Act, w: &GpuMatrix) -> Result<Act, ModelError> {
-        self.note_product(w, false);
         self.resolve_all(Some(x))?;
         let (m, n) = (self.n, w.rows);
         let pending = self.state(x)?.pending;
@@ -767,7 +712,6 @@ impl Ops for GpuOps<'_> {
         let q = self.ptr(qkv)?;
         let c = self.model.config();
         let out = self.alloc_bf16(c.q_size())?;
-        self.block_since_product = true;
         self.mark("attention")?;
         let Some(launch) = &self.launch else { return Ok(out) };
         let dev = self.dev();
@@ -865,9 +809,6 @@ impl Ops for GpuOps<'_> {
     }
 
     fn moe(&mut self, x: Act, weights: &MoeWeights<GpuWeights>, config: &MoeConfig, activation: Activation) -> Result<Act, ModelError> {
-        // The router is a product; the expert GEMMs after it are not (`ProductSuccessors`).
-        self.note_product(&weights.router, false);
-        self.block_since_product = true;
         self.resolve_all(None)?;
         let (experts, k, inter) = (config.num_experts, config.top_k, config.expert_intermediate_size);
         if experts > MOE_MAX_EXPERTS || k > MOE_MAX_TOP_K {
@@ -935,7 +876,6 @@ impl Ops for GpuOps<'_> {
         lm_head: &GpuMatrix,
         softcap: Option<f32>,
     ) -> Result<(), ModelError> {
-        self.note_product(lm_head, true);
         self.resolve_all(None)?;
         let rows = self.rows;
         let x = self.ptr(residual)?;

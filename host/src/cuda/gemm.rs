@@ -39,7 +39,7 @@ pub unsafe fn linear(
     n: usize,
 ) -> Result<(), CudaError> {
     if gemv_prefers(m, k, n, WeightFormat::Bf16) && (a | w).is_multiple_of(16) {
-        return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w: GemvWeight::Bf16(w), bias: 0, m, k, n, next: None });
+        return gemv(dev, &Gemv { out, out_type, input: GemvInput::Plain(a), w: GemvWeight::Bf16(w), bias: 0, m, k, n });
     }
     if skinny::prefers(dev, m, k, n) && (a | w).is_multiple_of(16) {
         return skinny::skinny_linear(dev, out, out_type, skinny::SkinnyInput::Plain(a), w, m, k, n);

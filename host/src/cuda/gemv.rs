@@ -12,7 +12,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::OutType;
-use super::launch::{ggml_one_row_warps, gemv_block_fit, gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_prefers, gemv_supports, GemvMode, WeightFormat, GEMV_STAGE_BYTES};
+use super::launch::{ggml_one_row_warps, gemv_block_fit, gemv_block_warps, gemv_grid, gemv_kernel_name, gemv_supports, GemvMode, WeightFormat};
 use super::launchers;
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
@@ -68,25 +68,12 @@ impl GemvWeight {
     }
 
     /// The values and the scales (0 for bf16).
-    pub(crate) fn pointers(&self) -> (CUdeviceptr, CUdeviceptr) {
+    fn pointers(&self) -> (CUdeviceptr, CUdeviceptr) {
         match *self {
             GemvWeight::Bf16(values) | GemvWeight::Ggml { blocks: values, .. } => (values, 0),
             GemvWeight::Fp8 { values, scales } => (values, scales),
         }
     }
-}
-
-/// The product launched right after a GEMV (its `[n, k]` weight): as each warp of the GEMV
-/// issues its last copies, it asks L2 for the first chunks the next product's warps will copy
-/// (`gemv_prefetch_next` in `kernels/common.cuh`, `GpuDevice::gemv_next`), so that they load from
-/// L2 and DRAM stays busy across the seam between the two kernels. bf16 and FP8 GEMVs only.
-#[derive(Debug, Clone, Copy)]
-pub struct NextProduct {
-    pub w: GemvWeight,
-    pub k: usize,
-    pub n: usize,
-    /// The input rows it runs on (its launch geometry; the GEMV or cuBLAS).
-    pub m: usize,
 }
 
 /// One small-M linear layer.
@@ -101,61 +88,6 @@ pub struct Gemv {
     pub m: usize,
     pub k: usize,
     pub n: usize,
-    /// The product after this one, to prefetch the start of (`None`: nothing).
-    pub next: Option<NextProduct>,
-}
-
-/// A GEMV launch's shape: warps a block, dynamic shared memory, blocks, and the kernel name's
-/// suffix.
-struct Geometry {
-    warps: u32,
-    shared: usize,
-    grid: u32,
-    suffix: &'static str,
-}
-
-/// How a GEMV of `m` rows over an `[n, k]` weight of `format` with `mode`'s staging launches.
-fn geometry(dev: &GpuDevice, m: usize, k: usize, n: usize, format: WeightFormat, mode: GemvMode) -> Result<Geometry, CudaError> {
-    // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
-    let mut row_groups = n.div_ceil(format.rows_per_warp());
-    let mut wanted = gemv_block_warps(row_groups, dev.num_sms);
-    if let (GemvMode::Merge, Some(cap)) = (mode, dev.merge_gemv_warps) {
-        wanted = wanted.min(cap.max(1));
-    }
-    let (warps, shared) = gemv_block_fit(m, k, format, wanted, dev.max_shared_optin)
-        .ok_or_else(|| CudaError::Config(format!("a GEMV block of m {m} k {k} does not fit in this device's shared memory")))?;
-    let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(mode, m, format), warps * 32, shared)?;
-    let one_row_warps = format == WeightFormat::Ggml(GgmlType::Q4_K)
-        && !matches!(std::env::var("PAGEDSERVE_GGML_R1").as_deref(), Ok("off"))
-        && m == 1
-        && mode != GemvMode::Merge
-        && ggml_one_row_warps(n, warps as usize * blocks_per_sm * dev.num_sms);
-    let suffix = if one_row_warps {
-        row_groups = n;
-        "_r1"
-    } else {
-        ""
-    };
-    Ok(Geometry { warps, shared, grid: gemv_grid(row_groups, warps, dev.num_sms, blocks_per_sm), suffix })
-}
-
-/// The kernel's next_* arguments for `next` (see `NextProduct`): its weight, row bytes, rows,
-/// rows a warp, warps in its grid, chunks to prefetch and a chunk's bytes of a row; all zero
-/// (nothing) where `dev` prefetches none, for a GGUF weight, or for a product that goes to cuBLAS
-/// rather than the GEMV (which reads in another order). The grid is a plain staging's: a merging
-/// one under `PAGEDSERVE_MERGE_GEMV_WARPS` has fewer warps, and the prefetch misses its rows.
-fn next_arguments(dev: &GpuDevice, next: Option<NextProduct>) -> (CUdeviceptr, u64, i32, i32, i32, i32, i32) {
-    let none = (0, 0, 0, 0, 0, 0, 0);
-    let Some(p) = next.filter(|_| dev.gemv_next.chunks > 0) else { return none };
-    let format = p.w.format();
-    if !matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) || !gemv_prefers(p.m, p.k, p.n, format) {
-        return none;
-    }
-    let Ok(g) = geometry(dev, p.m, p.k, p.n, format, GemvMode::Plain) else { return none };
-    let rpw = format.rows_per_warp();
-    let row_bytes = p.k * if format == WeightFormat::Fp8 { 1 } else { 2 };
-    let (values, _) = p.w.pointers();
-    (values, row_bytes as u64, p.n as i32, rpw as i32, (g.grid * g.warps) as i32, dev.gemv_next.chunks as i32, (GEMV_STAGE_BYTES / rpw) as i32)
 }
 
 /// Enqueues the GEMV on `dev`'s stream; refuses shapes the kernel does not take (see
@@ -195,16 +127,37 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     }
     let out_f32 = i32::from(g.out_type == OutType::F32);
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
-    let geo = geometry(dev, g.m, g.k, g.n, format, g.input.mode())?;
-    let config = LaunchConfig { grid_dim: (geo.grid, 1, 1), block_dim: (geo.warps * 32, 1, 1), shared_mem_bytes: geo.shared as u32 };
-    let (next_w, next_row_bytes, next_n, next_rpw, next_warps, next_chunks, next_chunk_bytes) =
-        if matches!(format, WeightFormat::Bf16 | WeightFormat::Fp8) { next_arguments(dev, g.next) } else { (0, 0, 0, 0, 0, 0, 0) };
+    // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
+    let mut row_groups = g.n.div_ceil(format.rows_per_warp());
+    let mut wanted = gemv_block_warps(row_groups, dev.num_sms);
+    if let (GemvInput::Merge { .. }, Some(cap)) = (g.input, dev.merge_gemv_warps) {
+        wanted = wanted.min(cap.max(1));
+    }
+    let (warps, shared) = gemv_block_fit(g.m, g.k, format, wanted, dev.max_shared_optin)
+        .ok_or_else(|| CudaError::Config(format!("a GEMV block of m {} k {} does not fit in this device's shared memory", g.m, g.k)))?;
+    let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(g.input.mode(), g.m, format), warps * 32, shared)?;
+    let one_row_warps = format == WeightFormat::Ggml(GgmlType::Q4_K)
+        && !matches!(std::env::var("PAGEDSERVE_GGML_R1").as_deref(), Ok("off"))
+        && g.m == 1
+        && g.input.mode() != GemvMode::Merge
+        && ggml_one_row_warps(g.n, warps as usize * blocks_per_sm * dev.num_sms);
+    let suffix = if one_row_warps {
+        row_groups = g.n;
+        "_r1"
+    } else {
+        ""
+    };
+    let config = LaunchConfig {
+        grid_dim: (gemv_grid(row_groups, warps, dev.num_sms, blocks_per_sm), 1, 1),
+        block_dim: (warps * 32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
     launchers::gemv(
         dev,
         g.input.mode(),
         g.m,
         format,
-        geo.suffix,
+        suffix,
         config,
         g.out,
         out_f32,
@@ -222,13 +175,6 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
         eps,
         splits,
         head_dim,
-        next_w,
-        next_row_bytes,
-        next_n,
-        next_rpw,
-        next_warps,
-        next_chunks,
-        next_chunk_bytes,
     )?;
     Ok(())
 }

@@ -195,8 +195,7 @@ kernels! {
     /// Q4_K kernels, else ""); `w_scale` is FP8's per-row scales (ignored in bf16).
     fn gemv(mode: GemvMode, m_rows: usize, format: WeightFormat, suffix: &str) => format!("{}{suffix}", gemv_kernel_name(mode, m_rows, format));
         (out: Ptr, out_f32: i32, x: Ptr, delta: Ptr, norm_w: Ptr, residual_out: Ptr, rows: Ptr, bias: Ptr,
-         w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32, splits: i32, head_dim: i32, next_w: Ptr,
-         next_row_bytes: u64, next_n: i32, next_rpw: i32, next_warps: i32, next_chunks: i32, next_chunk_bytes: i32)
+         w: Ptr, w_scale: Ptr, m: i32, n: i32, k: i32, eps: f32, splits: i32, head_dim: i32)
     /// `skinny.cu`: a bf16 product of up to 64 input rows on the tensor cores, instantiated per
     /// tiles of 8 rows and input (plain, or SiLU-and-multiply of gate_up rows); grid (row groups,
     /// splits of K) (see `cuda::skinny`).

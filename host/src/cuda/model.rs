@@ -15,7 +15,7 @@ use half::bf16;
 
 use super::batch::{upload_batch, BatchArrays, PinnedStaging, Scratch};
 use super::collective::RankComm;
-use super::forward::{self, ArenaPlan, Launch, Omit, ProductSuccessors};
+use super::forward::{self, ArenaPlan, Launch, Omit};
 use super::kv_cache::GpuKvCache;
 use super::launch::{plan_attention, AttentionPath, AttentionSplit, MAX_GQA_GROUP};
 use super::sampling::{collect_sampling, launch_sampling};
@@ -341,8 +341,6 @@ pub struct GpuBackend {
     visible_layout: KvCacheLayout,
     /// The activation arena's slots a forward of this model needs (`forward::plan`).
     arena: ArenaPlan,
-    /// Each product's successor (`forward::plan`), which the GEMV prefetches the start of.
-    successors: ProductSuccessors,
     /// Launches left out of every forward (`omit_for_timing`); `Omit::Nothing` but in `bench gpu`.
     omit: Omit,
     scratch: Scratch,
@@ -402,7 +400,7 @@ impl GpuBackend {
                 model.dev.max_shared_optin
             )));
         }
-        let (arena, successors) = forward::plan(&model)?;
+        let arena = forward::plan(&model)?;
         let cache = GpuKvCache::new(&model.dev, KvCacheLayout { num_blocks: num_blocks + 1, ..visible_layout }, dtype)?;
         let scratch = Scratch::new(&arena, model.fp8_width(), model.ggml_tile_elements(), model.gathered_logits_width());
         Ok(GpuBackend {
@@ -411,7 +409,6 @@ impl GpuBackend {
             visible_layout,
             scratch,
             arena,
-            successors,
             omit: Omit::Nothing,
             graphs: None,
             sampling: Default::default(),
@@ -519,7 +516,7 @@ impl GpuBackend {
     /// graph). Batches of at most `GEMV_MAX_ROWS` tokens fuse norms and activations into the
     /// GEMV while it is on (see `cuda::forward`).
     pub(crate) fn run_forward(&self, scratch: &Scratch, n: usize, rows: usize, arrays: &BatchArrays, split: AttentionSplit) -> Result<(), CudaError> {
-        let launch = Launch { scratch, cache: &self.cache, arrays, split, profiler: &self.profiler, successors: &self.successors, omit: self.omit };
+        let launch = Launch { scratch, cache: &self.cache, arrays, split, profiler: &self.profiler, omit: self.omit };
         forward::enqueue(&self.model, launch, n, rows, self.gemv_enabled)
     }
 
