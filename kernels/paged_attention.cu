@@ -94,18 +94,16 @@ struct DecodeRows {
     static constexpr int V = FP8 ? HD + 16 : (HD + DC_PAD) * 2;
 };
 
-template <int HD, int STAGES, bool FP8, int WARPS>
+template <int HD, int STAGES, bool FP8>
 __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) {
     typedef typename KvElement<FP8>::T C;  // the cache's element: bf16, or an E4M3 byte
-    constexpr int THREADS = WARPS * 32, N = WARPS * 16;  // threads, keys per tile
-    static_assert(STAGES >= 1 && (STAGES > 1 || !FP8), "a one-stage ring is the lean bf16 kernel's");
     typedef __nv_bfloat16 Row[HD + DC_PAD];
     constexpr int K_BYTES = DecodeRows<HD, FP8>::K, V_BYTES = DecodeRows<HD, FP8>::V;
     typedef C KRow[K_BYTES / sizeof(C)];
     typedef C VRow[V_BYTES / sizeof(C)];
     extern __shared__ __align__(16) unsigned char dc_smem[];
-    KRow* k_s = reinterpret_cast<KRow*>(dc_smem);  // [STAGES * N]
-    VRow* v_s = reinterpret_cast<VRow*>(dc_smem + STAGES * N * K_BYTES);
+    KRow* k_s = reinterpret_cast<KRow*>(dc_smem);  // [STAGES * DC_N]
+    VRow* v_s = reinterpret_cast<VRow*>(dc_smem + STAGES * DC_N * K_BYTES);
     const int t = rows ? rows[blockIdx.x] : blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int group = num_heads / num_kv_heads;
     const int context = positions[t] + 1;
@@ -114,7 +112,7 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     const int begin = first + split * partition;
     // In 64 bits: without split-K `partition` is INT_MAX, and `begin` may be past 0.
     const int end = (int)min((long long)context, (long long)begin + partition);
-    const int num_tiles = end > begin ? (end - begin + N - 1) / N : 0;
+    const int num_tiles = end > begin ? (end - begin + DC_N - 1) / DC_N : 0;
     const u32* seq_table = block_tables + (u64)token_seq[t] * max_blocks;
     // The partition's stretch of the block table, staged in shared memory when it fits, so that
     // a tile's cp.async addresses wait on a shared load, not on a global one, at every tile.
@@ -123,8 +121,8 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     const u32* table = seq_table;
     int base = 0;
     if (table_len <= DC_TABLE) {
-        u32* table_s = reinterpret_cast<u32*>(dc_smem + STAGES * N * (K_BYTES + V_BYTES));
-        for (int i = threadIdx.x; i < table_len; i += THREADS) table_s[i] = seq_table[table_base + i];
+        u32* table_s = reinterpret_cast<u32*>(dc_smem + STAGES * DC_N * (K_BYTES + V_BYTES));
+        for (int i = threadIdx.x; i < table_len; i += DC_THREADS) table_s[i] = seq_table[table_base + i];
         __syncthreads();
         table = table_s, base = table_base;
     }
@@ -142,16 +140,13 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     const u64 policy = kv_evict_first ? l2_evict_first_policy() : 0;
     // Tile `tile` of the partition (keys and values) into ring stage `stage`.
     auto copy_tile = [&](int stage, int tile) {
-        copy_cache_rows<HD, N, THREADS, K_BYTES / sizeof(C), true, V_BYTES / sizeof(C)>(
-            k_s + stage * N, v_s + stage * N, k_cache, v_cache, table, begin + tile * N, end, num_kv_heads,
+        copy_cache_rows<HD, DC_N, DC_THREADS, K_BYTES / sizeof(C), true, V_BYTES / sizeof(C)>(
+            k_s + stage * DC_N, v_s + stage * DC_N, k_cache, v_cache, table, begin + tile * DC_N, end, num_kv_heads,
             kv_head, block_size, base, kv_evict_first != 0, policy);
     };
-    // Tiles copied ahead of the loop: all stages but one, or with a one-stage ring (the lean
-    // kernel) its only stage, which the loop refills after each tile.
-    constexpr int AHEAD = STAGES > 1 ? STAGES - 1 : 1;
     auto start_copies = [&]() {
 #pragma unroll
-        for (int s = 0; s < AHEAD; s++) {
+        for (int s = 0; s < STAGES - 1; s++) {
             if (s < num_tiles) copy_tile(s, s);
             cp_async_commit();  // empty groups too: the wait counts below assume one group per tile
         }
@@ -168,11 +163,9 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     const __nv_bfloat16* q_row = q + (u64)t * q_stride + (u64)kv_head * group * HD;
     // The rotated query rows (bf16), with RoPE fused: in the last stage's key tile, which the
     // first copies leave free until the loop's first iteration (after its barrier) refills it.
-    // (An FP8 key tile of 64 rows of HD bytes holds the 16 rows of HD + DC_PAD halves.) A
-    // one-stage ring has no free tile: there they follow the block table (`decode_shared_bytes`).
-    Row* q_s = STAGES > 1 ? reinterpret_cast<Row*>(k_s + (STAGES - 1) * N)
-                          : reinterpret_cast<Row*>(dc_smem + STAGES * N * (K_BYTES + V_BYTES) + DC_TABLE * sizeof(u32));
-    static_assert(STAGES == 1 || 16 * sizeof(Row) <= N * K_BYTES, "the rotated queries fit in a key tile");
+    // (An FP8 key tile of 64 rows of HD bytes holds the 16 rows of HD + DC_PAD halves.)
+    Row* q_s = reinterpret_cast<Row*>(k_s + (STAGES - 1) * DC_N);
+    static_assert(16 * sizeof(Row) <= DC_N * K_BYTES, "the rotated queries fit in a key tile");
     if (rope) {
         const float pos = (float)positions[t] / position_scale;
         if (writes_token) {
@@ -181,12 +174,12 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
             const __nv_bfloat16* v_row = k_row + (u64)num_kv_heads * HD;
             const u64 slot = slots[t];
             const u64 at = (((slot / block_size) * num_kv_heads + kv_head) * block_size + slot % block_size) * HD;
-            for (int j = threadIdx.x; j < HD / 2; j += THREADS) rope_pair(k_row, k_cache + at, j, rotary_dim, pos, inv_freq, magnitude);
-            for (int d = threadIdx.x; d < HD; d += THREADS) store_cache_value(v_cache[at + d], __bfloat162float(v_row[d]));
+            for (int j = threadIdx.x; j < HD / 2; j += DC_THREADS) rope_pair(k_row, k_cache + at, j, rotary_dim, pos, inv_freq, magnitude);
+            for (int d = threadIdx.x; d < HD; d += DC_THREADS) store_cache_value(v_cache[at + d], __bfloat162float(v_row[d]));
         }
         // The group's query heads rotated, one dimension pair per thread (rows past the group
         // are never read).
-        for (int p = threadIdx.x; p < group * (HD / 2); p += THREADS)
+        for (int p = threadIdx.x; p < group * (HD / 2); p += DC_THREADS)
             rope_pair(q_row + (p / (HD / 2)) * HD, q_s[p / (HD / 2)], p % (HD / 2), rotary_dim, pos, inv_freq, magnitude);
         __syncthreads();  // the rotated queries, and the token's cache row for this block's copies
         if (writes_token) start_copies();
@@ -217,26 +210,17 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     const bool upper_rows = group > 8;  // rows 8..15 hold heads only for groups above 8
 
     for (int i = 0; i < num_tiles; i++) {
-        if constexpr (STAGES == 1) {
-            // The only stage: refilled once every warp is done with tile i - 1, then waited for.
-            if (i > 0) {
-                __syncthreads();
-                copy_tile(0, i);
-                cp_async_commit();
-            }
-            cp_async_wait<0>();
-            __syncthreads();
-        } else {
-            cp_async_wait<STAGES - 2>();  // tile i has landed
-            __syncthreads();              // ... for every thread, and every warp is done with tile i - 1
+        cp_async_wait<STAGES - 2>();  // tile i has landed
+        __syncthreads();              // ... for every thread, and every warp is done with tile i - 1
+        {
             const int next = i + STAGES - 1, stage = next % STAGES;
             if (next < num_tiles) copy_tile(stage, next);
             cp_async_commit();
         }
-        const int key0 = begin + i * N + warp * 16;  // this warp's first key
+        const int key0 = begin + i * DC_N + warp * 16;  // this warp's first key
         if (key0 >= end) continue;                      // warp-uniform: past the partition's end
-        const KRow* ks = k_s + (i % STAGES) * N + warp * 16;
-        const VRow* vs = v_s + (i % STAGES) * N + warp * 16;
+        const KRow* ks = k_s + (i % STAGES) * DC_N + warp * 16;
+        const VRow* vs = v_s + (i % STAGES) * DC_N + warp * 16;
 
         // Scores of keys 0..7 and 8..15, each summed over the head dim in two chains (even and odd
         // 16-dim slices) added at the end: one chain of HD / 16 dependent MMAs left the warps
@@ -358,9 +342,9 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     // Merge the warps' states through shared memory (the tiles are no longer needed).
     cp_async_wait<0>();
     __syncthreads();
-    float* m_s = reinterpret_cast<float*>(dc_smem);  // [WARPS][16]
-    float* l_s = m_s + WARPS * 16;                // [WARPS][16]
-    float* acc_s = l_s + WARPS * 16;              // [WARPS][16][HD]
+    float* m_s = reinterpret_cast<float*>(dc_smem);  // [DC_WARPS][16]
+    float* l_s = m_s + DC_WARPS * 16;                // [DC_WARPS][16]
+    float* acc_s = l_s + DC_WARPS * 16;              // [DC_WARPS][16][HD]
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float sum = row_sum[r];
@@ -383,14 +367,14 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
             }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < group * HD; i += THREADS) {
+    for (int i = threadIdx.x; i < group * HD; i += DC_THREADS) {
         const int g = i / HD, d = i % HD;
         float big = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < WARPS; w++) big = fmaxf(big, m_s[w * 16 + g]);
+        for (int w = 0; w < DC_WARPS; w++) big = fmaxf(big, m_s[w * 16 + g]);
         float total = 0.0f, value = 0.0f;
 #pragma unroll
-        for (int w = 0; w < WARPS; w++) {
+        for (int w = 0; w < DC_WARPS; w++) {
             const float m = m_s[w * 16 + g];
             const float f = m == -INFINITY ? 0.0f : exp2f(m - big);
             total += l_s[w * 16 + g] * f;
@@ -472,7 +456,7 @@ __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const flo
     extern "C" __global__ void __launch_bounds__(DC_THREADS)                                              \
         paged_attention_hd##HD(ATTENTION_PARAMS(__nv_bfloat16)) {                                          \
         prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
-        paged_decode_impl<HD, STAGES, false, DC_WARPS>(ATTENTION_ARGS); /* its own programmatic-dependent wait */ \
+        paged_decode_impl<HD, STAGES, false>(ATTENTION_ARGS); /* its own programmatic-dependent wait */    \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(DC_THREADS) attention_reduce_hd##HD(REDUCE_PARAMS) {     \
         PDL_ENTER();                                                                                       \
@@ -485,19 +469,7 @@ __device__ void attention_reduce_impl(__nv_bfloat16* __restrict__ out, const flo
     extern "C" __global__ void __launch_bounds__(DC_THREADS)                                              \
         paged_attention_fp8_hd##HD(ATTENTION_PARAMS(unsigned char)) {                                      \
         prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
-        paged_decode_impl<HD, STAGES, true, DC_WARPS>(ATTENTION_ARGS); /* its own programmatic-dependent wait */ \
-    }
-// The lean kernel (EXPERIMENT, `PAGEDSERVE_LEAN_ATTENTION`; `launch::DecodeKernel::Lean`): 2 warps,
-// tiles of 32 keys, a ring of one stage, so a block takes ~22 KB of shared memory at head dim
-// 128 against the ring kernel's 70. A one-row decode step's blocks then fit on a multiprocessor
-// beside a running GEMV block (~200 KB): launched as a programmatic dependent of the QKV GEMV,
-// they are resident, with their block table read and their first tile's copies issued, before
-// that product ends, and the o-projection's GEMV blocks fit beside them in turn. (The ring
-// kernel's blocks could start only as the GEMV's left.) bf16 cache only.
-#define DECODE_LEAN_KERNEL(HD)                                                                              \
-    extern "C" __global__ void __launch_bounds__(64) paged_attention_lean_hd##HD(ATTENTION_PARAMS(__nv_bfloat16)) { \
-        prefetch_l2_share(l2_prefetch, l2_prefetch_bytes);                                                 \
-        paged_decode_impl<HD, 1, false, 2>(ATTENTION_ARGS); /* its own programmatic-dependent wait */      \
+        paged_decode_impl<HD, STAGES, true>(ATTENTION_ARGS); /* its own programmatic-dependent wait */     \
     }
 DECODE_KERNEL(64, 4)
 DECODE_KERNEL(128, 2)
@@ -505,5 +477,3 @@ DECODE_KERNEL(256, 2)
 DECODE_FP8_KERNEL(64, 8)
 DECODE_FP8_KERNEL(128, 4)
 DECODE_FP8_KERNEL(256, 4)
-DECODE_LEAN_KERNEL(64)
-DECODE_LEAN_KERNEL(128)

@@ -156,8 +156,6 @@ pub const MODULES: &[KernelModule] = &[
             "paged_attention_fp8_hd64",
             "paged_attention_fp8_hd128",
             "paged_attention_fp8_hd256",
-            "paged_attention_lean_hd64",
-            "paged_attention_lean_hd128",
         ],
     },
     KernelModule {
@@ -258,8 +256,6 @@ mod tests {
                 let decode_hd = function.strip_prefix("paged_attention_hd").or_else(|| function.strip_prefix("attention_reduce_hd"));
                 let instantiated = if let Some(hd) = decode_hd {
                     module.source.contains(&format!("DECODE_KERNEL({hd},"))
-                } else if let Some(hd) = function.strip_prefix("paged_attention_lean_hd") {
-                    module.source.contains(&format!("DECODE_LEAN_KERNEL({hd})"))
                 } else if let Some(hd) = function.strip_prefix("paged_attention_fp8_hd") {
                     module.source.contains(&format!("DECODE_FP8_KERNEL({hd},"))
                 } else if let Some(hd) = function.strip_prefix("prefill_attention_hd") {

@@ -15,7 +15,7 @@ use crate::cuda::gemm::{linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput};
 use crate::cuda::launch::{
     gated_config, gemv_prefers, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, AttentionPath,
-    DecodeKernel, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
+    AttentionSplit, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
 };
 use crate::cuda::weights::{GpuMatrix, MatrixData};
 use crate::cuda::{launchers, ptr};
@@ -141,7 +141,7 @@ pub fn check_attention(
     splits: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
-    check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
+    check_attention_over(dev, KvCacheDtype::Auto, 16, heads, kv_heads, head_dim, seqs, path, splits, 0, seed)
 }
 
 /// A row saying the attention of `head_dim` over `cache` was not run because its kernels need
@@ -160,12 +160,11 @@ fn skipped_attention(dev: &GpuDevice, head_dim: usize, cache: KvCacheDtype) -> O
 /// (`serve --block-size`), through a sliding window of `window` positions (0: none) as Mistral,
 /// Phi-3 and Gemma 3's local layers attend. The CPU's `CpuKvCache` of that type holds the same
 /// values the kernels read (an FP8 one, E4M3 bytes), so the rows measure the kernels, not the
-/// format. `kernel` is the decode kernel shape that reads the decode rows (`DecodeKernel`).
+/// format.
 #[allow(clippy::too_many_arguments)]
 pub fn check_attention_over(
     dev: &GpuDevice,
     cache: KvCacheDtype,
-    kernel: DecodeKernel,
     block_size: usize,
     heads: usize,
     kv_heads: usize,
@@ -195,12 +194,10 @@ pub fn check_attention_over(
 
     let attention =
         StandaloneAttention::upload(dev, &batch, &to_bf16(&q), &keys.to_vec(), &values.to_vec(), cache, heads, kv_heads, head_dim, path, splits)?
-            .with_window(window)
-            .with_kernel(kernel);
+            .with_window(window);
     attention.launch(dev)?;
     let got = attention.output(dev)?;
     let name = match (path, cache) {
-        (AttentionPath::Decode, KvCacheDtype::Auto) if kernel == DecodeKernel::Lean => "paged_attention lean",
         (AttentionPath::Decode, KvCacheDtype::Auto) => "paged_attention",
         (AttentionPath::Prefill, KvCacheDtype::Auto) => "prefill_attention",
         (AttentionPath::Mixed, KvCacheDtype::Auto) => "mixed attention",
@@ -232,7 +229,6 @@ pub fn check_attention_over(
 pub fn check_fused_rope_attention(
     dev: &GpuDevice,
     cache: KvCacheDtype,
-    kernel: DecodeKernel,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -281,7 +277,6 @@ pub fn check_fused_rope_attention(
     let attention =
         StandaloneAttention::upload(dev, &batch, &to_bf16(&qkv), &keys_before, &values_before, cache, heads, kv_heads, head_dim, AttentionPath::Decode, splits)?
             .with_window(window)
-            .with_kernel(kernel)
             .with_fused_rope(dev, &batch.slot_mapping, &inv_freq, rotary_dim, magnitude)?;
     attention.launch(dev)?;
     let got = attention.output(dev)?;
@@ -292,11 +287,7 @@ pub fn check_fused_rope_attention(
     let windowed = if window == 0 { String::new() } else { format!(" window {window}") };
     let shown: Vec<String> = cached.iter().map(|c| format!("{c}+1")).collect();
     Ok(CheckRow::error(
-        match (cache, kernel) {
-            (KvCacheDtype::Fp8E4M3, _) => "paged_attn +rope fp8",
-            (KvCacheDtype::Auto, DecodeKernel::Lean) => "paged_attn lean +rope",
-            (KvCacheDtype::Auto, DecodeKernel::Ring) => "paged_attention +rope",
-        },
+        if cache == KvCacheDtype::Auto { "paged_attention +rope" } else { "paged_attn +rope fp8" },
         format!("heads {heads}/{kv_heads} hd {head_dim} rotary {rotary_dim} x{magnitude} lens [{}] splits {splits}{windowed}", shown.join(", ")),
         error,
     ))
@@ -1110,20 +1101,20 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for (heads, kv_heads, head_dim, batch, context) in
         [(9, 3, 64, 64, 1801), (32, 8, 128, 64, 2048), (9, 3, 64, 1, 512), (32, 8, 128, 1, 2048)]
     {
-        let split = dev.split_for(DecodeKernel::Ring, head_dim, context, batch * kv_heads);
+        let split = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim));
         let seqs = vec![(context - 1, 1); batch];
         rows.push(check_attention(dev, heads, kv_heads, head_dim, &seqs, AttentionPath::Decode, split.splits, 96 + context as u64)?);
     }
     // A partition of more cache blocks than a decode block stages in shared memory (`DC_TABLE`,
     // 256) reads its block table from global memory, beside sequences short enough to stage theirs.
-    rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 1, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 1, 0, 115)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 1, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 1, 0, 115)?);
     rows.push(check_attention(dev, 32, 8, 128, &fresh(&[4200, 40]), AttentionPath::Decode, 1, 116)?);
     // Cache blocks other than 16 positions: a tile of keys spans many blocks, or part of one.
     for block_size in [1, 5, 32] {
         seed += 1;
         let seqs = fresh(&[300, 1, 129]);
-        rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, seed)?);
-        rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, seed)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, seed)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, seed)?);
     }
 
     // The prefill kernel alone.
@@ -1157,45 +1148,27 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // and without split-K; prefill chunks whose rows see different windows; a mixed batch.
     for (window, splits) in [(7, 1), (64, 1), (100, 2), (1000, 3), (4096, 1)] {
         let decode = fresh(&[1500, 700, 90, 3]);
-        rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, 32, 8, 128, &decode, AttentionPath::Decode, splits, window, 98)?);
-        rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, 9, 3, 64, &decode, AttentionPath::Decode, splits, window, 99)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 32, 8, 128, &decode, AttentionPath::Decode, splits, window, 98)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 9, 3, 64, &decode, AttentionPath::Decode, splits, window, 99)?);
     }
     for window in [7, 64, 100, 500] {
         let prefill = [(0, 300), (200, 130), (5, 70)];
-        rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, 32, 8, 128, &prefill, AttentionPath::Prefill, 1, window, 100)?);
-        rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, 8, 4, 64, &prefill, AttentionPath::Prefill, 1, window, 101)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 32, 8, 128, &prefill, AttentionPath::Prefill, 1, window, 100)?);
+        rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 8, 4, 64, &prefill, AttentionPath::Prefill, 1, window, 101)?);
     }
-    rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 102)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 102)?);
     // Gemma 3's head dim 256 with its windows, split and not.
-    rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, 8, 4, 256, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 103)?);
-    rows.push(check_attention_over(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 16, 4, 1, 256, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 1, 512, 104)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 8, 4, 256, &[(0, 70), (1500, 1), (0, 129), (700, 1)], AttentionPath::Mixed, 3, 100, 103)?);
+    rows.push(check_attention_over(dev, KvCacheDtype::Auto, 16, 4, 1, 256, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 1, 512, 104)?);
     rows.push(check_attention(dev, 9, 3, 64, &[(1100, 1), (40, 300), (60, 1)], AttentionPath::Mixed, 3, 96)?);
     // RoPE and the cache write fused into the decode kernel (decode-only batches): the 8B layout
     // split in 8 (batch 1 at context 512) with sequences shorter than a split, unsplit, partial
     // rotary with a magnitude through a window, and head dim 256.
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, DecodeKernel::Ring, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
-    // The lean kernel (`DecodeKernel::Lean`, one stage of 32 keys): one-tile and several-tile
-    // partitions, split and not, fused RoPE, a window, cache blocks other than 16, head dims 64 and 128.
-    let lean = DecodeKernel::Lean;
-    for (heads, kv_heads, head_dim) in [(32, 8, 128), (9, 3, 64), (12, 1, 64), (32, 2, 128)] {
-        for (lens, splits) in [(&[1usize][..], 1), (&[37, 5][..], 1), (&[300, 1, 129][..], 1), (&[300, 1, 129][..], 10), (&[1500, 700][..], 47)] {
-            seed += 1;
-            rows.push(check_attention_over(dev, KvCacheDtype::Auto, lean, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Decode, splits, 0, seed)?);
-        }
-    }
-    for block_size in [1, 5, 32] {
-        seed += 1;
-        rows.push(check_attention_over(dev, KvCacheDtype::Auto, lean, block_size, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 4, 0, seed)?);
-    }
-    rows.push(check_attention_over(dev, KvCacheDtype::Auto, lean, 16, 32, 8, 128, &fresh(&[4200, 40]), AttentionPath::Decode, 1, 0, 117)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 32, 8, 128, 128, 1.0, &[511], 16, 0, 118)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 32, 8, 128, 128, 1.0, &[2047], 64, 0, 119)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 120)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, lean, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 121)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
 
     for interleaved in [false, true] {
         rows.push(check_rope(dev, KvCacheDtype::Auto, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);
@@ -1244,31 +1217,31 @@ pub fn fp8_cache_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     for (heads, kv_heads, head_dim) in [(9, 3, 64), (32, 8, 128), (12, 1, 64), (24, 2, 128), (8, 4, 256), (4, 4, 64)] {
         for lens in [&[1usize][..], &[37, 5], &[300, 1, 129]] {
             seed += 1;
-            rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Decode, 1, 0, seed)?);
+            rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Decode, 1, 0, seed)?);
         }
         for lens in [&[1usize][..], &[17], &[100], &[37, 5, 129]] {
             seed += 1;
-            rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Prefill, 1, 0, seed)?);
+            rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &fresh(lens), AttentionPath::Prefill, 1, 0, seed)?);
         }
     }
-    rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, 32, 8, 128, &fresh(&[1500, 700]), AttentionPath::Decode, 3, 0, 320)?);
-    rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, 9, 3, 64, &fresh(&[1100]), AttentionPath::Decode, 3, 0, 321)?);
+    rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &fresh(&[1500, 700]), AttentionPath::Decode, 3, 0, 320)?);
+    rows.push(check_attention_over(dev, fp8, 16, 9, 3, 64, &fresh(&[1100]), AttentionPath::Decode, 3, 0, 321)?);
     for block_size in [1, 5, 32] {
         let seqs = fresh(&[300, 1, 129]);
-        rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, 322)?);
-        rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, 323)?);
+        rows.push(check_attention_over(dev, fp8, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, 322)?);
+        rows.push(check_attention_over(dev, fp8, block_size, 9, 3, 64, &seqs, AttentionPath::Prefill, 1, 0, 323)?);
     }
-    rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, 32, 8, 128, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 2, 100, 324)?);
+    rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &fresh(&[1500, 700, 90, 3]), AttentionPath::Decode, 2, 100, 324)?);
     for (heads, kv_heads, head_dim) in [(9, 3, 64), (32, 8, 128)] {
-        rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, heads, kv_heads, head_dim, &[(200, 37)], AttentionPath::Prefill, 1, 0, 325)?);
-        rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, heads, kv_heads, head_dim, &[(96, 130), (16, 1), (64, 64), (5, 70)], AttentionPath::Prefill, 1, 0, 326)?);
-        rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, heads, kv_heads, head_dim, &[(0, 300), (200, 130)], AttentionPath::Prefill, 1, 64, 327)?);
+        rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(200, 37)], AttentionPath::Prefill, 1, 0, 325)?);
+        rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(96, 130), (16, 1), (64, 64), (5, 70)], AttentionPath::Prefill, 1, 0, 326)?);
+        rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(0, 300), (200, 130)], AttentionPath::Prefill, 1, 64, 327)?);
     }
-    rows.push(check_attention_over(dev, fp8, DecodeKernel::Ring, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1), (3, 1)], AttentionPath::Mixed, 3, 0, 328)?);
-    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[511], 8, 0, 330)?);
-    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 331)?);
-    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 332)?);
-    rows.push(check_fused_rope_attention(dev, fp8, DecodeKernel::Ring, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 333)?);
+    rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1), (3, 1)], AttentionPath::Mixed, 3, 0, 328)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[511], 8, 0, 330)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 331)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 332)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 333)?);
     for interleaved in [false, true] {
         rows.push(check_rope(dev, fp8, 37, 9, 3, 64, 64, 1.0, interleaved, 334)?);
         rows.push(check_rope(dev, fp8, 5, 32, 8, 128, 128, 1.0, interleaved, 335)?);

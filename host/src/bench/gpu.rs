@@ -15,7 +15,7 @@ use half::bf16;
 use super::median;
 use crate::cuda::gemm::{cublas_linear, linear, OutType};
 use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight};
-use crate::cuda::launch::{decode_kernel_name, gemv_supports, prefill_kernel_name, AttentionPath, DecodeKernel, WeightFormat};
+use crate::cuda::launch::{decode_kernel_name, gemv_supports, prefill_kernel_name, AttentionPath, AttentionSplit, WeightFormat};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
 use crate::kv_cache::KvCacheDtype;
@@ -99,7 +99,7 @@ pub fn attention_decode(
     let block_size = 16;
     let (fb, num_blocks) = scattered_batch(batch, 1, context, block_size)?;
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
-    let splits = dev.split_for(DecodeKernel::Ring, head_dim, context, batch * kv_heads).splits;
+    let splits = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim)).splits;
     let attention = crate::cuda::StandaloneAttention::upload(
         dev,
         &fb,
@@ -150,9 +150,9 @@ fn attention_caches(dev: &GpuDevice) -> Vec<(KvCacheDtype, &'static str)> {
 /// bf16 cache and an FP8 one (whose GB/s count its own, half as many, bytes).
 pub fn print_attention_decode(dev: &GpuDevice, copy_gbps: f64) -> Result<(), CudaError> {
     for head_dim in crate::cuda::DECODE_HEAD_DIMS {
-        let blocks = format!(", {} blocks per SM", dev.decode_slots(head_dim, DecodeKernel::Ring) / dev.num_sms);
+        let blocks = format!(", {} blocks per SM", dev.decode_slots(head_dim) / dev.num_sms);
         for (cache, _) in attention_caches(dev) {
-            print_kernel_resources(dev, &decode_kernel_name(head_dim, cache, DecodeKernel::Ring), &blocks)?;
+            print_kernel_resources(dev, &decode_kernel_name(head_dim, cache), &blocks)?;
         }
     }
     for (name, heads, kv_heads, head_dim) in ATTENTION_LAYOUTS {
@@ -210,7 +210,7 @@ pub fn attention_prefill(
     let prefill = upload(AttentionPath::Mixed, 1)?;
     let prefill_ms = time_ms(dev, 5, 30, || prefill.launch(dev))?;
     drop(prefill);
-    let decode = upload(AttentionPath::Decode, dev.split_for(DecodeKernel::Ring, head_dim, len, n * kv_heads).splits)?;
+    let decode = upload(AttentionPath::Decode, AttentionSplit::plan(len, n * kv_heads, dev.decode_slots(head_dim)).splits)?;
     let decode_kernel_ms = time_ms(dev, 3, 10, || decode.launch(dev))?;
     let mean_keys = (len + 1) as f64 / 2.0;
     let flops = 4.0 * n as f64 * mean_keys * head_dim as f64 * heads as f64;

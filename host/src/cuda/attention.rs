@@ -38,8 +38,7 @@ pub struct AttentionArgs {
     pub window: usize,
     /// Multiplies q·k before the softmax (`LayerAttention::scale`).
     pub scale: f32,
-    /// Split-K of the decode kernel, planned for at least the longest decode context, and which
-    /// kernel shape reads the partitions (`AttentionSplit::kernel`); with more
+    /// Split-K of the decode kernel, planned for at least the longest decode context; with more
     /// than one split, `partials` must hold `num_tokens * num_heads * splits` rows for every token
     /// row of the batch (they are indexed by token row, not by decode row).
     pub split: AttentionSplit,
@@ -145,21 +144,17 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
     }
     let partition = a.split.partition.min(i32::MAX as usize) as i32;
     let (part_out, part_max, part_sum) = a.partials;
-    let kernel = a.split.kernel;
-    if !kernel.exists(a.head_dim, a.cache) {
-        return Err(CudaError::Config(format!("no {kernel:?} decode attention kernel for head dim {} over a {:?} cache", a.head_dim, a.cache)));
-    }
     let config = LaunchConfig {
         grid_dim: (a.num_decode as u32, a.num_kv_heads as u32, a.split.splits as u32),
-        block_dim: (kernel.threads(), 1, 1),
-        shared_mem_bytes: decode_shared_bytes(a.head_dim, a.cache, kernel) as u32,
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: decode_shared_bytes(a.head_dim, a.cache) as u32,
     };
     let rope = a.rope.unwrap_or(FusedRope { slots: 0, inv_freq: 0, position_scale: 1.0, rotary_dim: 0, magnitude: 1.0 });
     // SAFETY: as above; with splits, the partials hold a row per (token, head, split); with RoPE
     // fused, `q` holds whole QKV rows and the slots one entry per token.
     unsafe {
         launchers::paged_attention(
-            dev, a.head_dim, a.cache, kernel, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
+            dev, a.head_dim, a.cache, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
             window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude, a.l2_prefetch.0,
             a.l2_prefetch.1 as u64, i32::from(a.kv_evict_first),

@@ -16,7 +16,7 @@ use super::skinny::{self, Skinny};
 use super::kernels::Kernels;
 use super::launch::{
     attention_shared_bytes, decode_kernel_name, decode_shared_bytes, gemv_dynamic_shared_limit, gemv_kernels, mmq_kernel_name, mmq_shared_bytes, mmq_supports, prefill_kernel_name,
-    prefill_shared_bytes, AttentionSplit, DecodeKernel, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS,
+    prefill_shared_bytes, WeightFormat, DECODE_THREADS, GGML_ONE_ROW_WARP_KERNELS,
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -34,13 +34,8 @@ pub struct GpuDevice {
     pub num_sms: usize,
     /// The most dynamic shared memory a block may opt in to (227 KB on sm_90).
     pub max_shared_optin: usize,
-    /// Resident blocks per multiprocessor of the decode attention kernels, by head dimension and
-    /// kernel shape.
-    decode_blocks_per_sm: Vec<(usize, DecodeKernel, usize)>,
-    /// EXPERIMENT (`PAGEDSERVE_LEAN_ATTENTION=N`, off by default): decode batches of at most N
-    /// rows over a bf16 cache take the lean decode attention kernel (`DecodeKernel::Lean`), launched
-    /// as a programmatic dependent of the GEMV before it; 0 for never.
-    pub lean_attention_rows: usize,
+    /// Resident blocks per multiprocessor of the decode attention kernel, by head dimension.
+    decode_blocks_per_sm: Vec<(usize, usize)>,
     /// Which of our kernels are launched as programmatic dependents of the kernel before them
     /// (see `launchers`), a `PdlScope`: on sm_90 and newer, unless `PAGEDSERVE_PDL=0`.
     pdl: AtomicU8,
@@ -85,21 +80,6 @@ pub struct GpuDevice {
     /// The skinny tensor-core products' workspace and row range (`cuda::skinny`); `None` when
     /// `PAGEDSERVE_SKINNY=off` or a block's shared memory does not fit this device.
     pub skinny: Option<Skinny>,
-}
-
-/// `$PAGEDSERVE_LEAN_ATTENTION`: unset, `off` or `0` (never), `on` (one row) or N (batches of up
-/// to N decode rows, at most 8) take the lean decode attention kernel.
-fn lean_attention_rows_from_env() -> Result<usize, super::CudaError> {
-    parse_lean_attention_rows(std::env::var("PAGEDSERVE_LEAN_ATTENTION").ok().as_deref())
-        .ok_or_else(|| super::CudaError::Config("PAGEDSERVE_LEAN_ATTENTION is off, on or a number of rows from 1 to 8".into()))
-}
-
-fn parse_lean_attention_rows(value: Option<&str>) -> Option<usize> {
-    match value {
-        None | Some("off" | "0") => Some(0),
-        Some("on") => Some(1),
-        Some(rows) => rows.parse().ok().filter(|rows| (1..=8).contains(rows)),
-    }
 }
 
 /// Which kernels are launched as programmatic dependents (see `launchers::launch`).
@@ -194,12 +174,12 @@ impl GpuDevice {
         // is made (`attention_fits`), not every model at start.
         for head_dim in DECODE_HEAD_DIMS {
             for cache in [KvCacheDtype::Auto, KvCacheDtype::Fp8E4M3] {
-                let (function, shared) = (kernels.get(&decode_kernel_name(head_dim, cache, DecodeKernel::Ring)), decode_shared_bytes(head_dim, cache, DecodeKernel::Ring));
+                let (function, shared) = (kernels.get(&decode_kernel_name(head_dim, cache)), decode_shared_bytes(head_dim, cache));
                 if shared <= opt_in {
                     function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
                     if cache == KvCacheDtype::Auto {
                         let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)?;
-                        decode_blocks_per_sm.push((head_dim, DecodeKernel::Ring, blocks.max(1) as usize));
+                        decode_blocks_per_sm.push((head_dim, blocks.max(1) as usize));
                     }
                 }
                 let (function, shared) = (kernels.get(&prefill_kernel_name(head_dim, cache)), prefill_shared_bytes(head_dim, cache));
@@ -207,15 +187,6 @@ impl GpuDevice {
                     function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
                 }
             }
-        }
-        // The lean kernels (~22 KB) need no opt-in. They ask for the largest shared-memory
-        // carveout, the GEMV's, so that a multiprocessor running a GEMV block can take them.
-        for head_dim in DECODE_HEAD_DIMS.into_iter().filter(|&hd| DecodeKernel::Lean.exists(hd, KvCacheDtype::Auto)) {
-            let (function, shared) = (kernels.get(&decode_kernel_name(head_dim, KvCacheDtype::Auto, DecodeKernel::Lean)), decode_shared_bytes(head_dim, KvCacheDtype::Auto, DecodeKernel::Lean));
-            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
-            function.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)?;
-            let blocks = function.occupancy_max_active_blocks_per_multiprocessor(DecodeKernel::Lean.threads(), shared, None)?;
-            decode_blocks_per_sm.push((head_dim, DecodeKernel::Lean, blocks.max(1) as usize));
         }
         // The GEMV stages up to 96 KB of input rows per block (200 KB from ggml blocks), where the
         // device allows it.
@@ -270,8 +241,7 @@ impl GpuDevice {
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        let lean_attention_rows = lean_attention_rows_from_env()?;
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, lean_attention_rows, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -283,7 +253,6 @@ impl GpuDevice {
             num_sms,
             max_shared_optin: opt_in,
             decode_blocks_per_sm,
-            lean_attention_rows,
             pdl: AtomicU8::new(pdl as u8),
             fused_rope,
             fused_merge,
@@ -307,29 +276,9 @@ impl GpuDevice {
 
     /// Decode attention blocks of this head dimension that run at once on the whole GPU (the
     /// `slots` of `AttentionSplit::plan`).
-    pub fn decode_slots(&self, head_dim: usize, kernel: DecodeKernel) -> usize {
-        let per_sm = self.decode_blocks_per_sm.iter().find(|&&(hd, k, _)| hd == head_dim && k == kernel).map_or(1, |&(_, _, b)| b);
+    pub fn decode_slots(&self, head_dim: usize) -> usize {
+        let per_sm = self.decode_blocks_per_sm.iter().find(|&&(hd, _)| hd == head_dim).map_or(1, |&(_, b)| b);
         per_sm * self.num_sms
-    }
-
-    /// The decode attention kernel for a batch of `decode_rows` decode rows: the lean one where
-    /// `PAGEDSERVE_LEAN_ATTENTION` covers that many rows and it exists for the layout, else the
-    /// ring kernel.
-    pub fn decode_kernel(&self, head_dim: usize, cache: KvCacheDtype, decode_rows: usize) -> DecodeKernel {
-        let lean = (1..=self.lean_attention_rows).contains(&decode_rows) && DecodeKernel::Lean.exists(head_dim, cache);
-        if lean { DecodeKernel::Lean } else { DecodeKernel::Ring }
-    }
-
-    /// The split-K plan of a decode attention of `decode_rows` rows over contexts of up to `span`
-    /// positions, for the kernel `decode_kernel` picks.
-    pub fn decode_split(&self, head_dim: usize, cache: KvCacheDtype, span: usize, decode_rows: usize, kv_heads: usize) -> AttentionSplit {
-        self.split_for(self.decode_kernel(head_dim, cache, decode_rows), head_dim, span, decode_rows * kv_heads)
-    }
-
-    /// `AttentionSplit::plan` for `kernel`'s blocks on this device, over `work_items` (token, KV
-    /// head) pairs.
-    pub fn split_for(&self, kernel: DecodeKernel, head_dim: usize, span: usize, work_items: usize) -> AttentionSplit {
-        AttentionSplit::plan(kernel, span, work_items, self.decode_slots(head_dim, kernel))
     }
 
     /// Whether any launch overlaps the previous kernel's tail (programmatic dependent launch).
@@ -356,9 +305,8 @@ impl GpuDevice {
             PdlScope::Off => false,
             PdlScope::All => true,
             PdlScope::AllButGemv => !name.starts_with("gemv"),
-            // The lean decode attention exists to start under the GEMV's tail (`DecodeKernel::Lean`).
-            PdlScope::GemvOnly => name.starts_with("gemv") || name.starts_with("paged_attention_lean"),
-            PdlScope::GemvAndMerge => name.starts_with("gemv") || name.starts_with("attention_reduce") || name.starts_with("paged_attention_lean"),
+            PdlScope::GemvOnly => name.starts_with("gemv"),
+            PdlScope::GemvAndMerge => name.starts_with("gemv") || name.starts_with("attention_reduce"),
             PdlScope::GemvAndAttention => name.starts_with("gemv") || name.starts_with("attention_reduce") || name.starts_with("paged_attention"),
         }
     }
@@ -423,20 +371,5 @@ impl GpuDevice {
     /// Free and total device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize), CudaError> {
         Ok(self.context.mem_get_info()?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_lean_attention_rows;
-
-    #[test]
-    fn lean_attention_switch_parses() {
-        assert_eq!(parse_lean_attention_rows(None), Some(0));
-        assert_eq!(parse_lean_attention_rows(Some("off")), Some(0));
-        assert_eq!(parse_lean_attention_rows(Some("on")), Some(1));
-        assert_eq!(parse_lean_attention_rows(Some("4")), Some(4));
-        assert_eq!(parse_lean_attention_rows(Some("9")), None);
-        assert_eq!(parse_lean_attention_rows(Some("yes")), None);
     }
 }

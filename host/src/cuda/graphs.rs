@@ -19,7 +19,7 @@ use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig};
 
 use super::launchers;
 use super::model::ptr;
-use super::launch::{graph_bucket, GRAPH_BUCKETS};
+use super::launch::{graph_bucket, AttentionSplit, GRAPH_BUCKETS};
 use super::batch::{BatchArrays, Scratch};
 use super::model::GpuBackend;
 use super::CudaError;
@@ -99,9 +99,9 @@ impl GpuBackend {
         let cache_layout = *self.cache().layout();
         let max_blocks = max_context.div_ceil(cache_layout.block_size);
         let largest = graph_bucket(max_batch).ok_or_else(|| CudaError::Config(format!("no graph bucket holds {max_batch}")))?;
-        let cache_dtype = self.cache().dtype();
+        let slots = dev.decode_slots(c.head_dim);
         let buckets: Vec<usize> = GRAPH_BUCKETS.iter().copied().filter(|&b| b <= largest).collect();
-        let split_of = |bucket: usize| dev.decode_split(c.head_dim, cache_dtype, c.attention_span(max_context), bucket, c.num_key_value_heads);
+        let split_of = |bucket: usize| AttentionSplit::plan(c.attention_span(max_context), bucket * c.num_key_value_heads, slots);
         // Split-K partials are indexed by token row: a bucket of b rows and s splits uses b * s
         // rows per head. The most splits go with the smallest buckets, so size for the largest
         // product, not for the largest bucket times the most splits.

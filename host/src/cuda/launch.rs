@@ -26,9 +26,10 @@ pub fn parse_row_range(var: &str, value: Option<&str>, on: std::ops::RangeInclus
     }
 }
 
-/// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`; 16 keys a
-/// warp make its tile, `DecodeKernel::tile_keys`) and the row padding (`DC_PAD`).
+/// Threads of one decode attention block (`DC_THREADS` in `kernels/paged_attention.cu`), keys per
+/// pipeline tile (`DC_N`) and the row padding (`DC_PAD`).
 pub const DECODE_THREADS: u32 = 128;
+pub const DECODE_TILE_KEYS: usize = 64;
 const DECODE_ROW_PAD: usize = 8;
 /// Block-table entries a decode attention block stages in shared memory, after its ring of tiles
 /// (`DC_TABLE`): a partition of up to this many cache blocks reads its table there.
@@ -146,17 +147,15 @@ pub fn plan_attention(batch: &ForwardBatch, path: AttentionPath) -> AttentionPla
 /// (token, KV head), block `i` covering positions `i * partition ..` up to `(i + 1) * partition`.
 /// Planned for a context of at most some length, the partitions together cover all of it
 /// (`splits * partition >= max_context`); a shorter context leaves the last blocks empty.
-/// `kernel` is the decode kernel the partitions are cut for (whole tiles of its `tile_keys`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionSplit {
     pub splits: usize,
     pub partition: usize,
-    pub kernel: DecodeKernel,
 }
 
 impl AttentionSplit {
-    /// One block of the ring kernel per (token, KV head) over the whole context.
-    pub const NONE: AttentionSplit = AttentionSplit { splits: 1, partition: i32::MAX as usize, kernel: DecodeKernel::Ring };
+    /// One block per (token, KV head) over the whole context.
+    pub const NONE: AttentionSplit = AttentionSplit { splits: 1, partition: i32::MAX as usize };
 
     /// Split-K for contexts of at most `max_context` positions in a launch of `work_items`
     /// (token, KV head) pairs, when `slots` decode blocks fit on the GPU at once
@@ -166,95 +165,42 @@ impl AttentionSplit {
     /// fewer splits on a tie), with partitions of whole tiles. At batch 1 this cuts a long context
     /// into many short partitions (latency); at batch 64 and context 2048 on the 8B layout, into 3
     /// (4 nearly full waves rather than 2 splits' 2.6).
-    /// The partitions are whole tiles of `kernel`, whose blocks fill `slots` at once.
-    pub fn plan(kernel: DecodeKernel, max_context: usize, work_items: usize, slots: usize) -> Self {
-        let (items, slots, tile) = (work_items.max(1), slots.max(1), kernel.tile_keys());
-        let most = max_context.div_ceil(tile).max(1);
+    pub fn plan(max_context: usize, work_items: usize, slots: usize) -> Self {
+        let (items, slots) = (work_items.max(1), slots.max(1));
+        let most = max_context.div_ceil(DECODE_TILE_KEYS).max(1);
         let cost = |split: &AttentionSplit| {
             let waves = (items * split.splits).div_ceil(slots);
-            let tiles = split.partition.min(max_context).div_ceil(tile);
+            let tiles = split.partition.min(max_context).div_ceil(DECODE_TILE_KEYS);
             let reduce = if split.splits > 1 { REDUCE_OVERHEAD_TILES } else { 0 };
             waves * (tiles + BLOCK_OVERHEAD_TILES) + reduce
         };
         (1..=most)
-            .map(|splits| Self::covering(kernel, splits, max_context))
+            .map(|splits| Self::covering(splits, max_context))
             .min_by_key(|split| (cost(split), split.splits))
-            .unwrap_or(Self::NONE.with_kernel(kernel))
+            .unwrap_or(Self::NONE)
     }
 
-    /// At most `splits` partitions covering `max_context` positions, each a whole number of
-    /// `kernel`'s tiles.
-    pub fn covering(kernel: DecodeKernel, splits: usize, max_context: usize) -> Self {
-        let none = Self::NONE.with_kernel(kernel);
+    /// At most `splits` partitions covering `max_context` positions, each a whole number of the
+    /// kernel's tiles.
+    pub fn covering(splits: usize, max_context: usize) -> Self {
         if splits <= 1 {
-            return none;
+            return Self::NONE;
         }
-        let tile = kernel.tile_keys();
-        let partition = max_context.div_ceil(splits).div_ceil(tile).max(1) * tile;
+        let partition = max_context.div_ceil(splits).div_ceil(DECODE_TILE_KEYS).max(1) * DECODE_TILE_KEYS;
         // Rounding the partition up may leave the last splits nothing to cover: drop them.
         match max_context.div_ceil(partition) {
-            0 | 1 => none,
-            splits => AttentionSplit { splits, partition, kernel },
-        }
-    }
-
-    /// The same partitions, read by `kernel`'s blocks.
-    pub const fn with_kernel(self, kernel: DecodeKernel) -> Self {
-        AttentionSplit { kernel, ..self }
-    }
-}
-
-/// The shape of the decode attention kernel (`kernels/paged_attention.cu`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DecodeKernel {
-    /// 4 warps, tiles of 64 keys streamed through a ring of `decode_stages` tiles: every
-    /// batch, by default.
-    Ring,
-    /// EXPERIMENT (`PAGEDSERVE_LEAN_ATTENTION`, `GpuDevice::decode_kernel`): 2 warps, tiles of 32
-    /// keys, one stage, ~22 KB of shared memory at head dim 128, so that a few rows' blocks fit
-    /// on a multiprocessor beside a GEMV block and start under its tail (`paged_attention_lean_*`;
-    /// bf16 caches of head dim 64 and 128).
-    Lean,
-}
-
-impl DecodeKernel {
-    /// Threads of one block (`DC_THREADS` for the ring kernel; the lean kernel's launch bounds).
-    pub const fn threads(self) -> u32 {
-        match self {
-            DecodeKernel::Ring => DECODE_THREADS,
-            DecodeKernel::Lean => 64,
-        }
-    }
-
-    /// Keys of one tile: 16 a warp.
-    pub const fn tile_keys(self) -> usize {
-        self.threads() as usize / 32 * 16
-    }
-
-    /// Whether the kernel is built for this head dimension and cache.
-    pub fn exists(self, head_dim: usize, cache: KvCacheDtype) -> bool {
-        match self {
-            DecodeKernel::Ring => true,
-            DecodeKernel::Lean => cache == KvCacheDtype::Auto && matches!(head_dim, 64 | 128),
-        }
-    }
-
-    /// Tiles in its ring.
-    fn stages(self, head_dim: usize, cache: KvCacheDtype) -> usize {
-        match self {
-            DecodeKernel::Ring => decode_stages(head_dim, cache),
-            DecodeKernel::Lean => 1,
+            0 | 1 => Self::NONE,
+            splits => AttentionSplit { splits, partition },
         }
     }
 }
 
 /// The decode attention kernel for this head dimension and cache type (any GQA group up to
 /// `MAX_GQA_GROUP`: the group's heads are rows of one MMA tile).
-pub fn decode_kernel_name(head_dim: usize, cache: KvCacheDtype, kernel: DecodeKernel) -> String {
-    match (kernel, cache) {
-        (DecodeKernel::Lean, _) => format!("paged_attention_lean_hd{head_dim}"),
-        (DecodeKernel::Ring, KvCacheDtype::Auto) => format!("paged_attention_hd{head_dim}"),
-        (DecodeKernel::Ring, KvCacheDtype::Fp8E4M3) => format!("paged_attention_fp8_hd{head_dim}"),
+pub fn decode_kernel_name(head_dim: usize, cache: KvCacheDtype) -> String {
+    match cache {
+        KvCacheDtype::Auto => format!("paged_attention_hd{head_dim}"),
+        KvCacheDtype::Fp8E4M3 => format!("paged_attention_fp8_hd{head_dim}"),
     }
 }
 
@@ -263,17 +209,14 @@ pub const MAX_GQA_GROUP: usize = 16;
 
 /// Dynamic shared memory of one decode attention block: its ring of key and value tiles
 /// (`decode_row_bytes`) and its partition's stretch of the block table (`DC_TABLE` u32s), which
-/// the end of the kernel reuses to merge its warps' float32 states (16 rows of `head_dim`, plus
-/// a max and a sum per row). A one-stage ring (the lean kernel) has no tile free for the rotated
-/// query rows (16 bf16 rows of `head_dim` + `DC_PAD`): they follow the table.
-pub fn decode_shared_bytes(head_dim: usize, cache: KvCacheDtype, kernel: DecodeKernel) -> usize {
-    let warps = kernel.threads() as usize / 32;
+/// the end of the kernel reuses to merge its 4 warps' float32 states (16 rows of `head_dim`, plus
+/// a max and a sum per row).
+pub fn decode_shared_bytes(head_dim: usize, cache: KvCacheDtype) -> usize {
+    let warps = DECODE_THREADS as usize / 32;
     let (key_row, value_row) = decode_row_bytes(head_dim, cache);
-    let stages = kernel.stages(head_dim, cache);
-    let ring = stages * kernel.tile_keys() * (key_row + value_row);
-    let queries = if stages == 1 { 16 * (head_dim + DECODE_ROW_PAD) * 2 } else { 0 };
+    let ring = decode_stages(head_dim, cache) * DECODE_TILE_KEYS * (key_row + value_row);
     let merge = warps * 16 * (head_dim + 2) * 4;
-    (ring + DECODE_TABLE_ENTRIES * 4 + queries).max(merge)
+    (ring + DECODE_TABLE_ENTRIES * 4).max(merge)
 }
 
 /// Dynamic shared memory of one prefill attention block: a key tile and a value tile (bf16 rows
@@ -290,7 +233,7 @@ pub fn prefill_shared_bytes(head_dim: usize, cache: KvCacheDtype) -> usize {
 /// cache takes: what a device must allow for a model of that head dim
 /// (`GpuDevice::attention_fits`).
 pub fn attention_shared_bytes(head_dim: usize, cache: KvCacheDtype) -> usize {
-    decode_shared_bytes(head_dim, cache, DecodeKernel::Ring).max(prefill_shared_bytes(head_dim, cache))
+    decode_shared_bytes(head_dim, cache).max(prefill_shared_bytes(head_dim, cache))
 }
 
 /// The prefill attention kernel for this head dimension and cache type (one per head dim: it
@@ -799,44 +742,31 @@ mod tests {
 
     #[test]
     fn splits_trade_shorter_blocks_against_waves() {
-        let plan = |max_context, items, slots| AttentionSplit::plan(DecodeKernel::Ring, max_context, items, slots);
+        let plan = AttentionSplit::plan;
         // The H100's slots: 3 blocks of either head dim on each of 132 SMs.
         let slots = 3 * 132;
         assert_eq!(plan(100, 3, slots), AttentionSplit::NONE, "two tiles: a reduction costs more than it saves");
         // Batch 1: as many one-tile partitions as the context has tiles (one wave either way).
-        assert_eq!(plan(512, 3, slots), AttentionSplit { splits: 8, partition: 64, kernel: DecodeKernel::Ring });
-        assert_eq!(plan(2048, 8, slots), AttentionSplit { splits: 32, partition: 64, kernel: DecodeKernel::Ring });
+        assert_eq!(plan(512, 3, slots), AttentionSplit { splits: 8, partition: 64 });
+        assert_eq!(plan(2048, 8, slots), AttentionSplit { splits: 32, partition: 64 });
         // 64 sequences x 8 KV heads = 512 blocks on 396 slots: 2 splits would run 2.6 waves of
         // 16 tiles, 3 run 3.9 waves of 11.
-        assert_eq!(plan(2048, 512, slots), AttentionSplit { splits: 3, partition: 704, kernel: DecodeKernel::Ring });
+        assert_eq!(plan(2048, 512, slots), AttentionSplit { splits: 3, partition: 704 });
         // A grid of several waves already: no split.
         assert_eq!(plan(512, 256 * 8, slots), AttentionSplit::NONE);
-    }
-
-    #[test]
-    fn lean_splits_are_whole_tiles_of_32_keys() {
-        let lean = |max_context, items, slots| AttentionSplit::plan(DecodeKernel::Lean, max_context, items, slots);
-        // Batch 1 at the 8B layout (8 KV heads), 9-10 lean blocks an SM on 132 SMs: one-tile partitions.
-        assert_eq!(lean(2048, 8, 9 * 132), AttentionSplit { splits: 64, partition: 32, kernel: DecodeKernel::Lean });
-        assert_eq!(lean(528, 8, 9 * 132), AttentionSplit { splits: 17, partition: 32, kernel: DecodeKernel::Lean });
-        assert_eq!(lean(20, 8, 9 * 132), AttentionSplit::NONE.with_kernel(DecodeKernel::Lean));
-        // Three partitions of 100 positions round up to two of 64.
-        assert_eq!(AttentionSplit::covering(DecodeKernel::Lean, 3, 100), AttentionSplit { splits: 2, partition: 64, kernel: DecodeKernel::Lean });
-        assert_eq!(DecodeKernel::Lean.tile_keys(), 32);
-        assert_eq!(DecodeKernel::Ring.tile_keys(), 64);
     }
 
     #[test]
     fn partitions_always_cover_the_planned_context() {
         for max_context in [1, 31, 64, 65, 256, 257, 1000, 1536, 1537, 2048, 8192, 131_072] {
             for work_items in [1, 3, 24, 192, 512, 768, 4096] {
-                let split = AttentionSplit::plan(DecodeKernel::Ring, max_context, work_items, 396);
+                let split = AttentionSplit::plan(max_context, work_items, 396);
                 assert!(split.splits * split.partition >= max_context, "{max_context} {work_items}: {split:?}");
-                assert!(split.splits == 1 || split.partition.is_multiple_of(DecodeKernel::Ring.tile_keys()), "whole tiles: {split:?}");
+                assert!(split.splits == 1 || split.partition.is_multiple_of(DECODE_TILE_KEYS), "whole tiles: {split:?}");
                 assert!(split.splits == 1 || (split.splits - 1) * split.partition < max_context, "no empty split: {split:?}");
             }
             for splits in 1..=40 {
-                let split = AttentionSplit::covering(DecodeKernel::Ring, splits, max_context);
+                let split = AttentionSplit::covering(splits, max_context);
                 assert!(split.splits * split.partition >= max_context);
                 assert!(split.splits <= splits.max(1));
             }
@@ -849,7 +779,7 @@ mod tests {
         let source = pagedserve_kernels::MODULES.iter().find(|m| m.name == "paged_attention").unwrap().source;
         assert!(source.contains(&format!("#define DC_WARPS {}", DECODE_THREADS / 32)));
         assert!(source.contains("#define DC_N (DC_WARPS * 16)"));
-        assert_eq!(DecodeKernel::Ring.tile_keys(), DECODE_THREADS as usize / 32 * 16, "16 keys per warp");
+        assert_eq!(DECODE_TILE_KEYS, DECODE_THREADS as usize / 32 * 16, "16 keys per warp");
         assert!(source.contains(&format!("#define DC_PAD {DECODE_ROW_PAD}")));
         assert!(source.contains(&format!("#define DC_TABLE {DECODE_TABLE_ENTRIES}")));
         for head_dim in crate::cuda::DECODE_HEAD_DIMS {
@@ -857,10 +787,6 @@ mod tests {
             let stages = decode_stages(head_dim, KvCacheDtype::Fp8E4M3);
             assert!(source.contains(&format!("DECODE_FP8_KERNEL({head_dim}, {stages})")), "{head_dim}");
         }
-        // The lean kernel: 2 warps, one stage, head dims 64 and 128.
-        assert!(source.contains(&format!("__launch_bounds__({}) paged_attention_lean_hd##HD", DecodeKernel::Lean.threads())));
-        assert!(source.contains("paged_decode_impl<HD, 1, false, 2>"));
-        assert!(source.contains("DECODE_LEAN_KERNEL(64)") && source.contains("DECODE_LEAN_KERNEL(128)"));
         // The FP8 rows' strides (`DecodeRows`), which the host's shared-memory size repeats.
         assert!(source.contains("static constexpr int K = FP8 ? HD + (HD == 64 ? 0 : 16) : (HD + DC_PAD) * 2;"));
         assert!(source.contains("static constexpr int V = FP8 ? HD + 16 : (HD + DC_PAD) * 2;"));
@@ -889,41 +815,28 @@ mod tests {
 
     #[test]
     fn attention_kernels_and_their_shared_memory() {
-        use DecodeKernel::{Lean, Ring};
         use KvCacheDtype::{Auto, Fp8E4M3};
-        assert_eq!(decode_kernel_name(64, Auto, Ring), "paged_attention_hd64");
-        assert_eq!(decode_kernel_name(128, Auto, Ring), "paged_attention_hd128");
-        assert_eq!(decode_kernel_name(128, Fp8E4M3, Ring), "paged_attention_fp8_hd128");
+        assert_eq!(decode_kernel_name(64, Auto), "paged_attention_hd64");
+        assert_eq!(decode_kernel_name(128, Auto), "paged_attention_hd128");
+        assert_eq!(decode_kernel_name(128, Fp8E4M3), "paged_attention_fp8_hd128");
         assert_eq!(prefill_kernel_name(64, Auto), "prefill_attention_hd64");
         assert_eq!(prefill_kernel_name(64, Fp8E4M3), "prefill_attention_fp8_hd64");
         // Stages of 64 keys and 64 values, rows padded by 8: two at head dim 128 (70 KB, three
         // blocks per H100 SM), four at 64 (74 KB); the merge of 4 warps x 16 rows fits inside.
         // Plus 1 KB of block table: three blocks still fit an SM's 228 KB (1 KB reserved each).
-        assert_eq!(decode_shared_bytes(128, Auto, Ring), 2 * 2 * 64 * 136 * 2 + 256 * 4);
-        assert_eq!(decode_shared_bytes(64, Auto, Ring), 4 * 2 * 64 * 72 * 2 + 256 * 4);
-        assert!(3 * (decode_shared_bytes(64, Auto, Ring) + 1024) <= 228 * 1024);
+        assert_eq!(decode_shared_bytes(128, Auto), 2 * 2 * 64 * 136 * 2 + 256 * 4);
+        assert_eq!(decode_shared_bytes(64, Auto), 4 * 2 * 64 * 72 * 2 + 256 * 4);
+        assert!(3 * (decode_shared_bytes(64, Auto) + 1024) <= 228 * 1024);
         // Over an FP8 cache: twice the stages of raw rows (keys 144 bytes apart, values 144; at
         // head dim 64, 64 and 80), about the same bytes, so as many blocks fit.
-        assert_eq!(decode_shared_bytes(128, Fp8E4M3, Ring), 4 * 64 * (144 + 144) + 256 * 4);
-        assert_eq!(decode_shared_bytes(64, Fp8E4M3, Ring), 8 * 64 * (64 + 80) + 256 * 4);
+        assert_eq!(decode_shared_bytes(128, Fp8E4M3), 4 * 64 * (144 + 144) + 256 * 4);
+        assert_eq!(decode_shared_bytes(64, Fp8E4M3), 8 * 64 * (64 + 80) + 256 * 4);
         for head_dim in [64, 128] {
-            assert!(3 * (decode_shared_bytes(head_dim, Fp8E4M3, Ring) + 1024) <= 228 * 1024, "{head_dim}");
+            assert!(3 * (decode_shared_bytes(head_dim, Fp8E4M3) + 1024) <= 228 * 1024, "{head_dim}");
         }
-        // The lean kernel: one stage of 32 keys and 32 values, the table, then 16 query rows; the
-        // merge of its 2 warps fits inside. Beside a 200 KB GEMV block (plus 1 KB reserved each)
-        // one fits an SM's 228 KB at head dim 128.
-        assert_eq!(decode_kernel_name(128, Auto, Lean), "paged_attention_lean_hd128");
-        assert_eq!(decode_shared_bytes(128, Auto, Lean), 32 * 136 * 2 * 2 + 256 * 4 + 16 * 136 * 2);
-        assert_eq!(decode_shared_bytes(64, Auto, Lean), 32 * 72 * 2 * 2 + 256 * 4 + 16 * 72 * 2);
-        assert!(decode_shared_bytes(128, Auto, Lean) + 1024 + 204_800 + 1024 <= 228 * 1024);
-        for head_dim in [64, 128] {
-            assert!(decode_shared_bytes(head_dim, Auto, Lean) >= 2 * 16 * (head_dim + 2) * 4);
-            assert!(Lean.exists(head_dim, Auto) && !Lean.exists(head_dim, Fp8E4M3));
-        }
-        assert!(!Lean.exists(256, Auto) && Ring.exists(256, Fp8E4M3));
         // Gemma's head dim 256: two stages (135 KB), and the prefill tiles past the static limit.
-        assert_eq!(decode_shared_bytes(256, Auto, Ring), 2 * 2 * 64 * 264 * 2 + 256 * 4);
-        assert!(decode_shared_bytes(256, Fp8E4M3, Ring) + 1024 <= 227 * 1024);
+        assert_eq!(decode_shared_bytes(256, Auto), 2 * 2 * 64 * 264 * 2 + 256 * 4);
+        assert!(decode_shared_bytes(256, Fp8E4M3) + 1024 <= 227 * 1024);
         assert_eq!(prefill_shared_bytes(256, Auto), 2 * 64 * 264 * 2);
         assert_eq!(prefill_shared_bytes(128, Fp8E4M3), 2 * 64 * 136 * 2 + 2 * 64 * 128);
         let prefill = pagedserve_kernels::MODULES.iter().find(|m| m.name == "prefill_attention").unwrap().source;
@@ -933,7 +846,7 @@ mod tests {
             assert!(prefill.contains(&format!("PREFILL_FP8_KERNEL({head_dim})")), "{head_dim}");
             // The warps' merge reuses the ring.
             for cache in [Auto, Fp8E4M3] {
-                assert!(decode_shared_bytes(head_dim, cache, Ring) >= 4 * 16 * (head_dim + 2) * 4, "{head_dim} {cache:?}");
+                assert!(decode_shared_bytes(head_dim, cache) >= 4 * 16 * (head_dim + 2) * 4, "{head_dim} {cache:?}");
             }
         }
     }

@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{decode_kernel_name, gemv_kernel_name, mmq_kernel_name, prefill_kernel_name, DecodeKernel, GemvMode, WeightFormat};
+use super::launch::{decode_kernel_name, gemv_kernel_name, mmq_kernel_name, prefill_kernel_name, GemvMode, WeightFormat};
 use crate::kv_cache::KvCacheDtype;
 use crate::model::gguf::GgmlType;
 use super::{CudaError, GpuDevice};
@@ -174,7 +174,7 @@ kernels! {
     /// the cache write fused when `inv_freq` is not null; `l2_prefetch_bytes` of the next product's
     /// weights from `l2_prefetch` pulled into L2 (0: none); the cache read under an evict-first
     /// L2 policy when `kv_evict_first` is not 0.
-    fn paged_attention(head_dim: usize, cache: KvCacheDtype, kernel: DecodeKernel) => decode_kernel_name(head_dim, cache, kernel);
+    fn paged_attention(head_dim: usize, cache: KvCacheDtype) => decode_kernel_name(head_dim, cache);
         (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr,
          block_tables: Ptr, token_seq: Ptr, positions: Ptr, rows: Ptr, q_stride: i32, max_blocks: i32,
          num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32, window: i32,

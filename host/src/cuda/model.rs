@@ -470,12 +470,10 @@ impl GpuBackend {
         let plan = plan_attention(batch, AttentionPath::Mixed);
         // Split-K serves the decode rows only; partials are indexed by token row, so they are
         // sized for the whole batch.
-        let split = self.model.dev.decode_split(
-            c.head_dim,
-            self.cache.dtype(),
+        let split = AttentionSplit::plan(
             c.attention_span(plan.decode_context),
-            plan.num_decode(n),
-            c.num_key_value_heads,
+            plan.num_decode(n) * c.num_key_value_heads,
+            self.model.dev.decode_slots(c.head_dim),
         );
         let partials = if split.splits > 1 { n * c.num_attention_heads * split.splits } else { 0 };
         self.ensure_scratch(n, rows, partials)?;

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
-use super::launch::{pack_block_tables, plan_attention, AttentionPath, AttentionSplit, DecodeKernel};
+use super::launch::{pack_block_tables, plan_attention, AttentionPath, AttentionSplit};
 use super::attention::FusedRope;
 use super::{launch_attention, AttentionArgs, CudaError, GpuDevice};
 use crate::kv_cache::KvCacheDtype;
@@ -96,7 +96,7 @@ impl StandaloneAttention {
             q_stride: heads * head_dim,
             max_blocks,
             shape: (n, heads, kv_heads, head_dim, batch.block_size),
-            split: AttentionSplit::covering(DecodeKernel::Ring, splits, max_context),
+            split: AttentionSplit::covering(splits, max_context),
             max_context,
             window: 0,
         })
@@ -107,16 +107,8 @@ impl StandaloneAttention {
     pub fn with_window(mut self, window: usize) -> Self {
         self.window = window;
         if window > 0 {
-            self.split = AttentionSplit::covering(self.split.kernel, self.split.splits, self.max_context.min(window));
+            self.split = AttentionSplit::covering(self.split.splits, self.max_context.min(window));
         }
-        self
-    }
-
-    /// The decode rows read by `kernel`'s blocks (`DecodeKernel`), the partitions cut again in
-    /// its tiles (call after `with_window`).
-    pub fn with_kernel(mut self, kernel: DecodeKernel) -> Self {
-        let span = if self.window > 0 { self.max_context.min(self.window) } else { self.max_context };
-        self.split = AttentionSplit::covering(kernel, self.split.splits, span);
         self
     }
 
