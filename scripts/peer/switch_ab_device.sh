@@ -8,9 +8,9 @@
 #
 #   PAGEDSERVE=/tmp/ps bash scripts/peer/switch_ab_device.sh OUTDIR ROUNDS SETTING...
 #
-# SETTING  space-separated VAR=value pairs, or "default" for none. Example (session 28's plan):
-#   bash scripts/peer/switch_ab_device.sh /tmp/ab 2 default PAGEDSERVE_LEAN_ATTENTION=1 \
-#        "PAGEDSERVE_LEAN_ATTENTION=1 PAGEDSERVE_FUSED_MERGE=all"
+# SETTING  space-separated VAR=value pairs, or "default" for none. Example:
+#   bash scripts/peer/switch_ab_device.sh /tmp/ab 2 default PAGEDSERVE_FUSED_MERGE=all \
+#        "PAGEDSERVE_PDL=gemv-attention PAGEDSERVE_FUSED_MERGE=all"
 # PAGEDSERVE_KERNEL_CACHE, if set, holds the binary's compiled kernels.
 set -u
 ps=${PAGEDSERVE:-target/release/pagedserve}
