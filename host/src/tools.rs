@@ -375,7 +375,8 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     if let Some(kept) = load_kept()? {
         rows.extend(pagedserve::bench::check_quant::check_forward_kept(kept, &loaded.model, &prompts)?);
     }
-    rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12)?);
+    rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12, None)?);
+    rows.push(check::check_graphs(&dev, &loaded.model, &prompts, 12, Some(4096))?);
     rows.extend(check::check_tensor_parallel_nccl(&dev, &loaded.model, &prompts, 12)?);
     if let Some(tokenizer) = loaded.tokenizer.clone() {
         rows.push(check::check_engine_graphs(&dev, &loaded.model, tokenizer, &prompts, 24)?);

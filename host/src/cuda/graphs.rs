@@ -4,8 +4,14 @@
 //!
 //! A graph replays fixed pointers and grid sizes, so everything it touches is static: its own
 //! scratch buffers, one index buffer laid out for the bucket (block tables `max_blocks` wide),
-//! split-K sized for `max_context`. A batch smaller than its bucket is padded with idle rows that
-//! attend only to themselves in the backend's reserved trash block.
+//! split-K sized for the longest context it takes. A batch smaller than its bucket is padded with
+//! idle rows that attend only to themselves in the backend's reserved trash block.
+//!
+//! A bucket's graph is planned for `max_context`, and where the attention's split for a shorter
+//! context tier (`GRAPH_CONTEXT_TIERS`) differs, the bucket gets a graph for that tier too: a
+//! batch replays the graph of the shortest tier that holds its longest context. Without the
+//! tiers, a short context replays a graph split for the longest one, most of whose split blocks
+//! find nothing to read yet are still launched and merged.
 //!
 //! A graph ends at the logits: what picks the tokens (greedy `argmax_rows`, or the full sampler
 //! of `cuda::sampling` in the serving path) is launched after the replay on the first `n` rows,
@@ -39,9 +45,29 @@ pub(crate) struct DecodeGraphs {
     tokens_out: CudaSlice<u32>,
     max_blocks: usize,
     max_context: usize,
-    graphs: HashMap<usize, SendGraph>,
+    /// By (bucket, the longest context the graph takes: a tier or `max_context`).
+    graphs: HashMap<(usize, usize), SendGraph>,
     /// Replays are used only while on (`set_graphs_enabled`; benchmarks compare both ways).
     enabled: bool,
+}
+
+/// The shorter contexts a bucket may get a graph of its own for (see the module docs). On an
+/// H200 a one-row 8B decode step at 512 positions took 4.845 ms through a graph split for 2048
+/// positions against 4.781 ms through one split for 528 (BENCHMARKS.md, session 29).
+pub const GRAPH_CONTEXT_TIERS: &[usize] = &[512, 2048, 8192, 32768];
+
+/// The contexts graphs are planned for when they take up to `max_context` positions, longest
+/// first: `max_context`, then each tier at most half of it (a tier close to `max_context` would
+/// save next to nothing).
+fn context_tiers(max_context: usize) -> Vec<usize> {
+    let shorter = GRAPH_CONTEXT_TIERS.iter().rev().copied().filter(|&t| 2 * t <= max_context);
+    std::iter::once(max_context).chain(shorter).collect()
+}
+
+/// Of the graphs captured for `bucket` (by (bucket, context)), the one for the shortest context
+/// that holds `context` positions.
+fn graph_for<G>(graphs: &HashMap<(usize, usize), G>, bucket: usize, context: usize) -> Option<(usize, usize)> {
+    graphs.keys().copied().filter(|&(b, c)| b == bucket && c >= context).min_by_key(|&(_, c)| c)
 }
 
 /// The packed index arrays of one bucket (see `layout`): real rows from `batch`, the rest idle.
@@ -92,7 +118,8 @@ fn layout(base: u64, bucket: usize, max_blocks: usize) -> BatchArrays {
 
 impl GpuBackend {
     /// Captures a decode graph for every bucket up to `max_batch`, for sequences of at most
-    /// `max_context` tokens.
+    /// `max_context` tokens, and more for shorter context tiers where the attention splits them
+    /// differently (see the module docs). Returns how many graphs it captured.
     pub fn capture_decode_graphs(&mut self, max_batch: usize, max_context: usize) -> Result<usize, CudaError> {
         let dev = self.model().device().clone();
         let c = self.model().config().clone();
@@ -101,22 +128,32 @@ impl GpuBackend {
         let largest = graph_bucket(max_batch).ok_or_else(|| CudaError::Config(format!("no graph bucket holds {max_batch}")))?;
         let slots = dev.decode_slots(c.head_dim);
         let buckets: Vec<usize> = GRAPH_BUCKETS.iter().copied().filter(|&b| b <= largest).collect();
-        let split_of = |bucket: usize| AttentionSplit::plan(c.attention_span(max_context), bucket * c.num_key_value_heads, slots);
+        let split_of = |bucket: usize, context: usize| AttentionSplit::plan(c.attention_span(context), bucket * c.num_key_value_heads, slots);
+        // Each bucket's graphs, longest context first, and each split: a shorter tier whose split
+        // is the longer one's needs no graph of its own (that graph is the same one).
+        let mut plans: Vec<(usize, usize, AttentionSplit)> = Vec::new();
+        for &bucket in &buckets {
+            for context in context_tiers(max_context) {
+                let split = split_of(bucket, context);
+                if plans.last().is_none_or(|&(b, _, longer)| b != bucket || longer != split) {
+                    plans.push((bucket, context, split));
+                }
+            }
+        }
         // Split-K partials are indexed by token row: a bucket of b rows and s splits uses b * s
         // rows per head. The most splits go with the smallest buckets, so size for the largest
         // product, not for the largest bucket times the most splits.
-        let partial_rows = buckets.iter().map(|&b| match split_of(b).splits { 1 => 0, s => b * s }).max().unwrap_or(0);
+        let partial_rows = plans.iter().map(|&(b, _, split)| match split.splits { 1 => 0, s => b * s }).max().unwrap_or(0);
         let mut scratch = self.new_scratch();
         scratch.ensure(&dev, &c, largest, largest, partial_rows * c.num_attention_heads)?;
         let mut indices = dev.stream.alloc_zeros::<u32>(5 * largest + largest * max_blocks)?;
         let tokens_out = dev.stream.alloc_zeros::<u32>(largest)?;
         let base = super::model::ptr(&dev, &indices);
         let mut graphs = HashMap::new();
-        for &bucket in &buckets {
+        for (bucket, context, split) in plans {
             let packed = pack(None, bucket, max_blocks, self.trash_block(), cache_layout.block_size);
             dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
             let arrays = layout(base, bucket, max_blocks);
-            let split = split_of(bucket);
             // A warm-up run outside the capture lets cuBLAS pick its kernels first.
             self.run_forward(&scratch, bucket, bucket, &arrays, split)?;
             dev.stream.synchronize()?;
@@ -126,7 +163,7 @@ impl GpuBackend {
             enqueued?;
             let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
             graph.upload()?;
-            graphs.insert(bucket, SendGraph(graph));
+            graphs.insert((bucket, context), SendGraph(graph));
         }
         let captured = graphs.len();
         self.graphs = Some(DecodeGraphs { scratch, indices, tokens_out, max_blocks, max_context, graphs, enabled: true });
@@ -212,12 +249,9 @@ impl GpuBackend {
     /// them are garbage). `None` when the batch does not qualify (not all single-token, too big,
     /// context too long, no graphs captured or graphs turned off).
     pub(crate) fn replay_decode_graph(&mut self, batch: &ForwardBatch) -> Option<Result<(u64, usize), CudaError>> {
-        let graphs = self.graphs.as_ref().filter(|g| g.enabled)?;
-        let n = batch.num_tokens();
-        let bucket = graph_bucket(n)?;
-        if !fits_graph(batch, graphs.max_blocks, graphs.max_context) || !graphs.graphs.contains_key(&bucket) {
-            return None;
-        }
+        let key = self.decode_graph_for(batch)?;
+        let (n, bucket) = (batch.num_tokens(), key.0);
+        let graphs = self.graphs.as_ref().expect("a graph was found");
         let block_size = self.cache().layout().block_size;
         let packed = pack(Some(batch), bucket, graphs.max_blocks, self.trash_block(), block_size);
         let dev = self.model().device().clone();
@@ -227,10 +261,22 @@ impl GpuBackend {
             self.batch_staging.upload(&dev, self.forwards, &packed, tokens)?;
             self.apply_feed(tokens)?;
             let graphs = self.graphs.as_ref().unwrap();
-            graphs.graphs[&bucket].0.launch()?;
+            graphs.graphs[&key].0.launch()?;
             Ok((super::model::ptr(&dev, graphs.scratch.logits.as_ref().expect("sized at capture")), n))
         })();
         Some(result)
+    }
+
+    /// The graph a decode batch replays, as (its bucket, the longest context it takes); `None`
+    /// when the batch does not qualify (see `replay_decode_graph`).
+    pub fn decode_graph_for(&self, batch: &ForwardBatch) -> Option<(usize, usize)> {
+        let graphs = self.graphs.as_ref().filter(|g| g.enabled)?;
+        let bucket = graph_bucket(batch.num_tokens())?;
+        if !fits_graph(batch, graphs.max_blocks, graphs.max_context) {
+            return None;
+        }
+        let context = batch.seqs.iter().map(|s| s.context_len()).max().unwrap_or(0);
+        graph_for(&graphs.graphs, bucket, context)
     }
 }
 
@@ -264,6 +310,28 @@ mod tests {
         assert_eq!(tables, vec![3, 4, 0, 5, 0, 0, 9, 0, 0, 9, 0, 0]);
         assert_eq!((0..4).map(|i| at(arrays.rows, i)).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         assert_eq!(packed.len(), 5 * 4 + 4 * 3);
+    }
+
+    #[test]
+    fn shorter_context_tiers_are_at_most_half_the_longest() {
+        assert_eq!(context_tiers(2048), vec![2048, 512]);
+        assert_eq!(context_tiers(528), vec![528], "the bench's 512 + 16: no tier worth a graph");
+        assert_eq!(context_tiers(1024), vec![1024, 512]);
+        assert_eq!(context_tiers(4096), vec![4096, 2048, 512]);
+        assert_eq!(context_tiers(131072), vec![131072, 32768, 8192, 2048, 512]);
+        assert_eq!(context_tiers(100), vec![100]);
+    }
+
+    #[test]
+    fn a_batch_replays_the_shortest_graph_that_holds_its_context() {
+        let graphs: HashMap<(usize, usize), ()> = [(1, 2048), (1, 512), (2, 2048), (4, 2048), (4, 512)].into_iter().map(|k| (k, ())).collect();
+        assert_eq!(graph_for(&graphs, 1, 300), Some((1, 512)));
+        assert_eq!(graph_for(&graphs, 1, 512), Some((1, 512)), "a tier holds exactly its length");
+        assert_eq!(graph_for(&graphs, 1, 513), Some((1, 2048)));
+        assert_eq!(graph_for(&graphs, 2, 10), Some((2, 2048)), "no tier graph: its split was the longest one's");
+        assert_eq!(graph_for(&graphs, 4, 2048), Some((4, 2048)));
+        assert_eq!(graph_for(&graphs, 4, 2049), None);
+        assert_eq!(graph_for(&graphs, 8, 10), None, "a bucket not captured");
     }
 
     #[test]
