@@ -1621,13 +1621,17 @@ pub fn check_tensor_parallel_nccl(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pr
 /// bucket's graph (padded from 3 to 4 rows) on the same cache state, and the tokens must agree.
 /// With `max_context`, the graphs are captured for that many positions, far more than the
 /// sequences reach, so the steps must replay a graph of a shorter context tier
-/// (`cuda::graphs`); without, for the sequences' own blocks.
+/// (`cuda::graphs`, whether or not the device serves with them); without, for the sequences' own
+/// blocks, as the device serves.
 pub fn check_graphs(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>], steps: usize, max_context: Option<usize>) -> Result<CheckRow, CudaError> {
     let prompts = &prompts[..prompts.len().min(3)];
     let blocks = ContiguousBlocks::for_prompts(prompts, steps + 1, 16);
     let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, blocks.num_blocks(), blocks.block_size)?;
     let captured_for = max_context.unwrap_or(blocks.blocks_per_seq * blocks.block_size);
-    let captured = gpu.capture_decode_graphs(prompts.len(), captured_for)?;
+    let captured = match max_context {
+        Some(_) => gpu.capture_decode_graphs_tiered(prompts.len(), captured_for, true)?,
+        None => gpu.capture_decode_graphs(prompts.len(), captured_for)?,
+    };
     let mut next = gpu.forward_argmax(&blocks.prefill(prompts)?)?;
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let (mut agreed, mut total) = (0, 0);

@@ -11,7 +11,9 @@
 //! context tier (`GRAPH_CONTEXT_TIERS`) differs, the bucket gets a graph for that tier too: a
 //! batch replays the graph of the shortest tier that holds its longest context. Without the
 //! tiers, a short context replays a graph split for the longest one, most of whose split blocks
-//! find nothing to read yet are still launched and merged.
+//! find nothing to read yet are still launched and merged. The tiers are off unless
+//! `PAGEDSERVE_GRAPH_TIERS=on` (`GpuDevice::graph_tiers`) until they are measured on a GPU;
+//! `check` always runs them.
 //!
 //! A graph ends at the logits: what picks the tokens (greedy `argmax_rows`, or the full sampler
 //! of `cuda::sampling` in the serving path) is launched after the replay on the first `n` rows,
@@ -118,9 +120,15 @@ fn layout(base: u64, bucket: usize, max_blocks: usize) -> BatchArrays {
 
 impl GpuBackend {
     /// Captures a decode graph for every bucket up to `max_batch`, for sequences of at most
-    /// `max_context` tokens, and more for shorter context tiers where the attention splits them
-    /// differently (see the module docs). Returns how many graphs it captured.
+    /// `max_context` tokens, and more for shorter context tiers where the device takes them
+    /// (`GpuDevice::graph_tiers`; see the module docs). Returns how many graphs it captured.
     pub fn capture_decode_graphs(&mut self, max_batch: usize, max_context: usize) -> Result<usize, CudaError> {
+        let tiers = self.model().device().graph_tiers;
+        self.capture_decode_graphs_tiered(max_batch, max_context, tiers)
+    }
+
+    /// `capture_decode_graphs` with the shorter context tiers on or off.
+    pub fn capture_decode_graphs_tiered(&mut self, max_batch: usize, max_context: usize, tiers: bool) -> Result<usize, CudaError> {
         let dev = self.model().device().clone();
         let c = self.model().config().clone();
         let cache_layout = *self.cache().layout();
@@ -133,7 +141,8 @@ impl GpuBackend {
         // is the longer one's needs no graph of its own (that graph is the same one).
         let mut plans: Vec<(usize, usize, AttentionSplit)> = Vec::new();
         for &bucket in &buckets {
-            for context in context_tiers(max_context) {
+            let contexts = if tiers { context_tiers(max_context) } else { vec![max_context] };
+            for context in contexts {
                 let split = split_of(bucket, context);
                 if plans.last().is_none_or(|&(b, _, longer)| b != bucket || longer != split) {
                     plans.push((bucket, context, split));
