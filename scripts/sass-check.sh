@@ -11,6 +11,13 @@
 #    runs has them at even registers. Any is a failure.
 # It also prints each kernel's registers and spills (a few kernels spill a few bytes by design:
 # reported, not a failure).
+# And it pins the machine code of the modules in kernels/sass-pins.txt (the bf16 and FP8 GEMV,
+# which the one-row decode step rides on at about 95% of the copy rate): each kernel's
+# instruction sequence, operands left out, must hash to its pinned value. A change there fails
+# the check until the products table (`bench gpu --breakdown-8b-only`, ours against cuBLAS) has
+# been measured on a GPU and the printed lines replace the module's in the pins file. Session 27
+# added one parameter list and one branch to the GEMV's loop, off by default, and that alone made
+# every bf16 product 15% slower on an H200, unseen for two sessions (BENCHMARKS.md, session 29).
 #
 # Usage: scripts/sass-check.sh [PAGEDSERVE_BINARY]   (default: target/release/pagedserve; it
 #        compiles the kernels with NVRTC into a temporary cache), or scripts/sass-check.sh DIR for
@@ -39,10 +46,17 @@ else
   PAGEDSERVE_REQUIRE_NVRTC=1 PAGEDSERVE_KERNEL_CACHE="$cache" "$bin" check --compile-only sm_90 >&2
 fi
 
-python3 - "$ptxas" "$bin_dir" "$cache" <<'PY'
-import glob, os, re, subprocess, sys
-ptxas, bin_dir, cache = sys.argv[1:]
+python3 - "$ptxas" "$bin_dir" "$cache" "$root/kernels/sass-pins.txt" <<'PY'
+import glob, hashlib, os, re, subprocess, sys
+ptxas, bin_dir, cache, pins_file = sys.argv[1:]
 odd = re.compile(r"desc\[UR(\d*[13579])\]")
+# Pinned kernels: "module function instructions hash" lines ('#' comments).
+pins = {}
+for line in open(pins_file):
+    if line.strip() and not line.startswith("#"):
+        module, function, count, digest = line.split()
+        pins.setdefault(module, {})[function] = (int(count), digest)
+instruction = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 failures = []
 for ptx in sorted(glob.glob(os.path.join(cache, "*.ptx"))):
     module = os.path.basename(ptx).rsplit("-", 1)[0]
@@ -61,17 +75,29 @@ for ptx in sorted(glob.glob(os.path.join(cache, "*.ptx"))):
                 spills.append(f"{kernel} ({m.group(1)}/{m.group(2)} bytes)")
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True, env=env).stdout
-    function, bad = None, []
+    function, bad, opcodes = None, [], {}
     for line in sass.splitlines():
         if m := re.search(r"Function : (\S+)", line):
             function = m.group(1)
-        elif odd.search(line):
-            bad.append(f"{function}: {line.split(';')[0].strip()}")
+            opcodes[function] = []
+        else:
+            if odd.search(line):
+                bad.append(f"{function}: {line.split(';')[0].strip()}")
+            if function and (m := instruction.search(line)):
+                opcodes[function].append((m.group(1) or "").strip() + m.group(2))
+    if module in pins:
+        got = {f: (len(ops), hashlib.sha256("\n".join(ops).encode()).hexdigest()[:16]) for f, ops in opcodes.items()}
+        if got != pins[module]:
+            changed = sorted(f for f in set(got) | set(pins[module]) if got.get(f) != pins[module].get(f))
+            failures.append(
+                f"{module}: the pinned machine code changed ({len(changed)} kernels, e.g. {', '.join(changed[:3])}). Measure the "
+                "products on a GPU (bench gpu --breakdown-8b-only: ours against cuBLAS, against BENCHMARKS.md's last figures), then "
+                f"replace the module's lines in kernels/sass-pins.txt with:\n" + "\n".join(f"{module} {f} {n} {d}" for f, (n, d) in sorted(got.items())))
     if bad:
         failures.append(f"{module}: {len(bad)} descriptor operand(s) at an odd uniform register, e.g.\n  " + "\n  ".join(bad[:4]))
     print(f"{module:<20} {kernels:>4} kernels  spills: {', '.join(spills) if spills else 'none'}")
 if failures:
     print("\n".join(["", "sass-check FAILED:"] + failures), file=sys.stderr)
     sys.exit(1)
-print("sass-check: every module assembles for sm_90, no descriptor at an odd uniform register")
+print(f"sass-check: every module assembles for sm_90, no descriptor at an odd uniform register, pinned machine code unchanged ({', '.join(sorted(pins))})")
 PY
