@@ -1628,10 +1628,7 @@ pub fn check_graphs(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u
     let blocks = ContiguousBlocks::for_prompts(prompts, steps + 1, 16);
     let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, blocks.num_blocks(), blocks.block_size)?;
     let captured_for = max_context.unwrap_or(blocks.blocks_per_seq * blocks.block_size);
-    let captured = match max_context {
-        Some(_) => gpu.capture_decode_graphs_tiered(prompts.len(), captured_for, true)?,
-        None => gpu.capture_decode_graphs(prompts.len(), captured_for)?,
-    };
+    let captured = gpu.capture_decode_graphs_tiered(prompts.len(), captured_for, max_context.is_some() || dev.graph_tiers)?;
     let mut next = gpu.forward_argmax(&blocks.prefill(prompts)?)?;
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let (mut agreed, mut total) = (0, 0);

@@ -47,8 +47,9 @@ pub(crate) struct DecodeGraphs {
     tokens_out: CudaSlice<u32>,
     max_blocks: usize,
     max_context: usize,
-    /// By (bucket, the longest context the graph takes: a tier or `max_context`).
-    graphs: HashMap<(usize, usize), SendGraph>,
+    /// Each bucket's graphs with the longest context each takes (a tier or `max_context`),
+    /// shortest first.
+    graphs: HashMap<usize, Vec<(usize, SendGraph)>>,
     /// Replays are used only while on (`set_graphs_enabled`; benchmarks compare both ways).
     enabled: bool,
 }
@@ -66,10 +67,10 @@ fn context_tiers(max_context: usize) -> Vec<usize> {
     std::iter::once(max_context).chain(shorter).collect()
 }
 
-/// Of the graphs captured for `bucket` (by (bucket, context)), the one for the shortest context
-/// that holds `context` positions.
-fn graph_for<G>(graphs: &HashMap<(usize, usize), G>, bucket: usize, context: usize) -> Option<(usize, usize)> {
-    graphs.keys().copied().filter(|&(b, c)| b == bucket && c >= context).min_by_key(|&(_, c)| c)
+/// Of a bucket's graphs (by the longest context each takes, shortest first), the index of the
+/// first that holds `context` positions.
+fn graph_for<G>(by_context: &[(usize, G)], context: usize) -> Option<usize> {
+    by_context.iter().position(|&(longest, _)| longest >= context)
 }
 
 /// The packed index arrays of one bucket (see `layout`): real rows from `batch`, the rest idle.
@@ -158,7 +159,7 @@ impl GpuBackend {
         let mut indices = dev.stream.alloc_zeros::<u32>(5 * largest + largest * max_blocks)?;
         let tokens_out = dev.stream.alloc_zeros::<u32>(largest)?;
         let base = super::model::ptr(&dev, &indices);
-        let mut graphs = HashMap::new();
+        let mut graphs: HashMap<usize, Vec<(usize, SendGraph)>> = HashMap::new();
         for (bucket, context, split) in plans {
             let packed = pack(None, bucket, max_blocks, self.trash_block(), cache_layout.block_size);
             dev.stream.memcpy_htod(&packed, &mut indices.slice_mut(..packed.len()))?;
@@ -172,9 +173,10 @@ impl GpuBackend {
             enqueued?;
             let graph = graph.ok_or_else(|| CudaError::Config("graph capture produced no graph".into()))?;
             graph.upload()?;
-            graphs.insert((bucket, context), SendGraph(graph));
+            // The plans go longest first: each bucket's list ends up shortest first.
+            graphs.entry(bucket).or_default().insert(0, (context, SendGraph(graph)));
         }
-        let captured = graphs.len();
+        let captured = graphs.values().map(Vec::len).sum();
         self.graphs = Some(DecodeGraphs { scratch, indices, tokens_out, max_blocks, max_context, graphs, enabled: true });
         Ok(captured)
     }
@@ -258,8 +260,8 @@ impl GpuBackend {
     /// them are garbage). `None` when the batch does not qualify (not all single-token, too big,
     /// context too long, no graphs captured or graphs turned off).
     pub(crate) fn replay_decode_graph(&mut self, batch: &ForwardBatch) -> Option<Result<(u64, usize), CudaError>> {
-        let key = self.decode_graph_for(batch)?;
-        let (n, bucket) = (batch.num_tokens(), key.0);
+        let (bucket, index) = self.decode_graph_slot(batch)?;
+        let n = batch.num_tokens();
         let graphs = self.graphs.as_ref().expect("a graph was found");
         let block_size = self.cache().layout().block_size;
         let packed = pack(Some(batch), bucket, graphs.max_blocks, self.trash_block(), block_size);
@@ -270,7 +272,8 @@ impl GpuBackend {
             self.batch_staging.upload(&dev, self.forwards, &packed, tokens)?;
             self.apply_feed(tokens)?;
             let graphs = self.graphs.as_ref().unwrap();
-            graphs.graphs[&key].0.launch()?;
+            let (_, SendGraph(graph)) = &graphs.graphs[&bucket][index];
+            graph.launch()?;
             Ok((super::model::ptr(&dev, graphs.scratch.logits.as_ref().expect("sized at capture")), n))
         })();
         Some(result)
@@ -279,13 +282,19 @@ impl GpuBackend {
     /// The graph a decode batch replays, as (its bucket, the longest context it takes); `None`
     /// when the batch does not qualify (see `replay_decode_graph`).
     pub fn decode_graph_for(&self, batch: &ForwardBatch) -> Option<(usize, usize)> {
+        let (bucket, index) = self.decode_graph_slot(batch)?;
+        Some((bucket, self.graphs.as_ref()?.graphs[&bucket][index].0))
+    }
+
+    /// The graph a decode batch replays, as its bucket and its index in the bucket's list.
+    fn decode_graph_slot(&self, batch: &ForwardBatch) -> Option<(usize, usize)> {
         let graphs = self.graphs.as_ref().filter(|g| g.enabled)?;
         let bucket = graph_bucket(batch.num_tokens())?;
         if !fits_graph(batch, graphs.max_blocks, graphs.max_context) {
             return None;
         }
         let context = batch.seqs.iter().map(|s| s.context_len()).max().unwrap_or(0);
-        graph_for(&graphs.graphs, bucket, context)
+        Some((bucket, graph_for(graphs.graphs.get(&bucket)?, context)?))
     }
 }
 
@@ -333,14 +342,14 @@ mod tests {
 
     #[test]
     fn a_batch_replays_the_shortest_graph_that_holds_its_context() {
-        let graphs: HashMap<(usize, usize), ()> = [(1, 2048), (1, 512), (2, 2048), (4, 2048), (4, 512)].into_iter().map(|k| (k, ())).collect();
-        assert_eq!(graph_for(&graphs, 1, 300), Some((1, 512)));
-        assert_eq!(graph_for(&graphs, 1, 512), Some((1, 512)), "a tier holds exactly its length");
-        assert_eq!(graph_for(&graphs, 1, 513), Some((1, 2048)));
-        assert_eq!(graph_for(&graphs, 2, 10), Some((2, 2048)), "no tier graph: its split was the longest one's");
-        assert_eq!(graph_for(&graphs, 4, 2048), Some((4, 2048)));
-        assert_eq!(graph_for(&graphs, 4, 2049), None);
-        assert_eq!(graph_for(&graphs, 8, 10), None, "a bucket not captured");
+        let tiered = [(512, ()), (2048, ())];
+        assert_eq!(graph_for(&tiered, 300), Some(0));
+        assert_eq!(graph_for(&tiered, 512), Some(0), "a tier holds exactly its length");
+        assert_eq!(graph_for(&tiered, 513), Some(1));
+        assert_eq!(graph_for(&tiered, 2048), Some(1));
+        assert_eq!(graph_for(&tiered, 2049), None);
+        assert_eq!(graph_for(&[(2048, ())], 10), Some(0), "no tier graph: its split was the longest one's");
+        assert_eq!(graph_for::<()>(&[], 10), None, "a bucket not captured");
     }
 
     #[test]
