@@ -58,7 +58,7 @@ pub struct GpuDevice {
     /// to measure it.
     pub kv_evict_first: bool,
     /// Whether the serving decode graphs are also captured for shorter context tiers
-    /// (`cuda::graphs`): off unless `PAGEDSERVE_GRAPH_TIERS=on`, until they are measured on a GPU.
+    /// (`cuda::graphs`): on unless `PAGEDSERVE_GRAPH_TIERS=off`, which exists to measure them.
     pub graph_tiers: bool,
     /// EXPERIMENT (`PAGEDSERVE_FUSED_MERGE=all`): the merge also goes into a bf16 or FP8
     /// o-projection's staging, so that GEMV is the attention kernel's programmatic dependent.
@@ -242,7 +242,7 @@ impl GpuDevice {
             None => None,
         };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
-        let graph_tiers = matches!(std::env::var("PAGEDSERVE_GRAPH_TIERS").as_deref(), Ok("on" | "1"));
+        let graph_tiers = !matches!(std::env::var("PAGEDSERVE_GRAPH_TIERS").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
         tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, "CUDA device ready");

@@ -11,9 +11,8 @@
 //! context tier (`GRAPH_CONTEXT_TIERS`) differs, the bucket gets a graph for that tier too: a
 //! batch replays the graph of the shortest tier that holds its longest context. Without the
 //! tiers, a short context replays a graph split for the longest one, most of whose split blocks
-//! find nothing to read yet are still launched and merged. The tiers are off unless
-//! `PAGEDSERVE_GRAPH_TIERS=on` (`GpuDevice::graph_tiers`) until they are measured on a GPU;
-//! `check` always runs them.
+//! find nothing to read yet are still launched and merged. The tiers are on unless
+//! `PAGEDSERVE_GRAPH_TIERS=off` (`GpuDevice::graph_tiers`); `check` always runs them.
 //!
 //! A graph ends at the logits: what picks the tokens (greedy `argmax_rows`, or the full sampler
 //! of `cuda::sampling` in the serving path) is launched after the replay on the first `n` rows,
