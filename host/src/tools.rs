@@ -356,6 +356,7 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
     }
     rows.extend(check::check_forward(&dev, &loaded.model, &prompts, KvCacheDtype::Auto)?);
     rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts, KvCacheDtype::Auto)?);
+    rows.extend(check::check_forward_split_k(&dev, &loaded.model, &prompts)?);
     if dev.compute_capability() >= 89 {
         rows.extend(check::check_forward(&dev, &loaded.model, &prompts, KvCacheDtype::Fp8E4M3)?);
         rows.extend(check::check_forward_small_batch(&dev, &loaded.model, &prompts, KvCacheDtype::Fp8E4M3)?);

@@ -21,7 +21,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "rmsnorm",
         source: include_str!("../rmsnorm.cu"),
-        functions: &["fused_add_rmsnorm", "rmsnorm_rows", "rmsnorm_bf16", "head_rmsnorm"],
+        functions: &["fused_add_rmsnorm", "fused_add_rmsnorm_partials", "sum_partials_bf16", "rmsnorm_rows", "rmsnorm_bf16", "head_rmsnorm"],
     },
     KernelModule {
         name: "rope_cache",

@@ -730,6 +730,58 @@ pub fn check_gemv(dev: &GpuDevice, m: usize, n: usize, k: usize, out_type: OutTy
     Ok(CheckRow::error("linear small-M", format!("{path} m {m} n {n} k {k} {out_type:?} out"), relative_error(&got, &want)))
 }
 
+/// A product split over K (`gemm::split_k_partials`, two slices into float32 partials) against
+/// the CPU product, two ways: its partials summed by `sum_partials_bf16` (what a consumer that does
+/// not take the pieces gets), and folded into the residual add and norm after it
+/// (`fused_add_rmsnorm_partials`: the residual it leaves and the normalised rows). Outputs poisoned
+/// first.
+pub fn check_split_k(dev: &GpuDevice, m: usize, n: usize, k: usize, seed: u64) -> Result<Vec<CheckRow>, CudaError> {
+    use crate::cuda::gemm::split_k_partials;
+    let splits = crate::cuda::launch::SPLIT_K_SLICES;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = random_bf16_values(&mut rng, m * k, 1.0);
+    let w = random_bf16_values(&mut rng, n * k, 0.1);
+    let residual: Vec<f32> = (0..m * n).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+    let norm_weight = random_bf16_values(&mut rng, n, 1.5);
+    let product = matmul_reference(&x, &w, None, m, k, n);
+    let want_residual: Vec<f32> = residual.iter().zip(&product).map(|(a, b)| a + b).collect();
+    let mut want_out = vec![0.0f32; m * n];
+    for (out, row) in want_out.chunks_exact_mut(n).zip(want_residual.chunks_exact(n)) {
+        ops::rms_norm(out, row, &norm_weight, 1e-5);
+    }
+    let stream = &dev.stream;
+    let (x_dev, w_dev) = (stream.clone_htod(&to_bf16(&x))?, stream.clone_htod(&to_bf16(&w))?);
+    let partials = stream.clone_htod(&vec![f32::NAN; splits * m * n])?;
+    let summed = stream.clone_htod(&vec![bf16::NAN; m * n])?;
+    let residual_dev = stream.clone_htod(&residual)?;
+    let norm_weight_dev = stream.clone_htod(&norm_weight)?;
+    let out = stream.clone_htod(&vec![bf16::NAN; m * n])?;
+    let stride = (m * n) as u64;
+    // SAFETY: every buffer was allocated above at the sizes the calls read and write.
+    unsafe {
+        split_k_partials(dev, ptr(dev, &partials), ptr(dev, &x_dev), ptr(dev, &w_dev), m, k, n, splits)?;
+        launchers::sum_partials_bf16(dev, crate::cuda::launch::grid_stride_config(m * n), ptr(dev, &summed), ptr(dev, &partials), splits as i32, stride, stride)?;
+        launchers::fused_add_rmsnorm_partials(
+            dev,
+            norm_config(m, n),
+            ptr(dev, &residual_dev),
+            ptr(dev, &partials),
+            splits as i32,
+            stride,
+            ptr(dev, &norm_weight_dev),
+            ptr(dev, &out),
+            n as i32,
+            1e-5,
+        )?;
+    }
+    let detail = format!("m {m} n {n} k {k}, {splits} slices");
+    Ok(vec![
+        CheckRow::error("split-K product, summed", detail.clone(), relative_error(&download_bf16(dev, &summed, m * n)?, &product)),
+        CheckRow::error("split-K +add+norm residual", detail.clone(), relative_error(&stream.clone_dtoh(&residual_dev)?, &want_residual)),
+        CheckRow::error("split-K +add+norm", detail, relative_error(&download_bf16(dev, &out, m * n)?, &want_out)),
+    ])
+}
+
 /// The GEMV with SiLU-and-multiply folded into its input against the unfused composition
 /// (`silu_and_mul`, rounded to bf16, then the product) on the CPU.
 pub fn check_gemv_silu(
@@ -1061,6 +1113,53 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
     Ok(rows)
 }
 
+/// A decode step of more sequences than the GEMV takes (cuBLAS products) with every product
+/// split over K (`SplitK::Every`: the residual adds and norms sum the o and down projections'
+/// partials, every other consumer gets them summed first) against the same step unsplit and
+/// against the CPU.
+pub fn check_forward_split_k(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
+    use crate::cuda::SplitK;
+    let block_size = 16;
+    let sequences = 12;
+    let prompts: Vec<&Vec<u32>> = prompts.iter().cycle().take(sequences).collect();
+    let blocks_per_seq = (prompts.iter().map(|p| p.len()).max().unwrap_or(1) + 2).div_ceil(block_size);
+    let num_blocks = blocks_per_seq * sequences;
+    let mut cpu = CpuBackend::new(cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32()), num_blocks, block_size);
+    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
+    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
+    let config_err = |e: crate::runner::BatchError| CudaError::Config(e.to_string());
+    let mut prefill = ForwardBatch::new(block_size, num_blocks);
+    for (i, p) in prompts.iter().enumerate() {
+        prefill.push_seq(p, 0, &table(i), true).map_err(config_err)?;
+    }
+    let logits = gpu.forward_logits(&prefill)?;
+    cpu.forward(&prefill).map_err(|e| CudaError::Config(e.to_string()))?;
+    let vocab = cpu_model.config().vocab_size;
+    let mut decode = ForwardBatch::new(block_size, num_blocks);
+    for (i, p) in prompts.iter().enumerate() {
+        let next = crate::sampling::argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
+        decode.push_seq(&[next], p.len(), &table(i), true).map_err(config_err)?;
+    }
+    // Each run rewrites the step's own cache slots before reading them (see
+    // `check_forward_small_batch`).
+    let before = dev.split_k();
+    dev.set_split_k(SplitK::Every);
+    let split = gpu.forward_logits(&decode);
+    dev.set_split_k(SplitK::Off);
+    let whole = gpu.forward_logits(&decode);
+    dev.set_split_k(before);
+    let (split, whole) = (split?, whole?);
+    let want = cpu.forward(&decode).map_err(|e| CudaError::Config(e.to_string()))?;
+    let detail = format!("decode logits, {sequences} sequences");
+    Ok([("split-K fwd vs unsplit", &whole), ("split-K fwd vs bf16 CPU", &want)]
+        .into_iter()
+        .map(|(name, reference)| {
+            let error = relative_error(&split, reference);
+            CheckRow { name: name.into(), detail: detail.clone(), error: Some(error), passed: error < FORWARD_TOLERANCE }
+        })
+        .collect())
+}
+
 /// Prints the table; returns whether every row passed.
 pub fn print_table(rows: &[CheckRow]) -> bool {
     println!("{:<20} {:>12} {:>6}  detail", "check", "rel. error", "ok");
@@ -1189,6 +1288,13 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_silu(dev, 2, 14336, scaled, 6)?);
         rows.push(check_silu(dev, 3, 1001, scaled, 14)?);
     }
+    // Products split over K into partials (`launch::split_k_splits`): the 8B down and o
+    // projections at rows where they split, SmolLM2's down, and rows not 8-aligned (the norm's
+    // scalar loop).
+    rows.extend(check_split_k(dev, 8, 4096, 14336, 15)?);
+    rows.extend(check_split_k(dev, 12, 4096, 4096, 16)?);
+    rows.extend(check_split_k(dev, 33, 576, 1536, 17)?);
+    rows.extend(check_split_k(dev, 5, 260, 256, 18)?);
     // Experts: one token; several tiles per expert (300 tokens over 8 experts); Qwen3-30B-A3B's
     // 128 experts, top-8; widths that are not multiples of the tile.
     rows.extend(check_moe(dev, 1, 256, 8, 2, 128, true, 11)?);

@@ -6,7 +6,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, PinnedHostSlice};
 use half::bf16;
 
-use super::launch::{pack_block_tables, AttentionPlan};
+use super::launch::{pack_block_tables, AttentionPlan, SPLIT_K_MAX_ROWS, SPLIT_K_SLICES};
 use super::model::ptr;
 use super::{CudaError, GpuDevice};
 use crate::model::ModelConfig;
@@ -43,6 +43,9 @@ pub(crate) struct Scratch {
     /// (`gemm::ggml_linear`); 0 elements without quantized GGUF weights.
     ggml_tile_elements: usize,
     ggml_tile: Option<CudaSlice<bf16>>,
+    /// A split product's float32 partials (`gemm::split_k_partials`): `SPLIT_K_SLICES` blocks of
+    /// up to `SPLIT_K_MAX_ROWS` rows of the hidden size.
+    product_partials: Option<CudaSlice<f32>>,
 }
 
 impl Scratch {
@@ -67,6 +70,7 @@ impl Scratch {
             if s.ggml_tile_elements > 0 && s.ggml_tile.is_none() {
                 s.ggml_tile = Some(dev.stream.alloc_zeros(s.ggml_tile_elements)?);
             }
+            s.product_partials = Some(dev.stream.alloc_zeros(SPLIT_K_SLICES * t.min(SPLIT_K_MAX_ROWS) * c.hidden_size)?);
             s.capacity_tokens = t;
         }
         if rows > s.capacity_rows {
@@ -113,6 +117,11 @@ impl Scratch {
     /// The GGUF dequantization tile and its elements, if the model has quantized GGUF weights.
     pub(crate) fn ggml_tile(&self, dev: &GpuDevice) -> Option<(CUdeviceptr, usize)> {
         Some((ptr(dev, self.ggml_tile.as_ref()?), self.ggml_tile_elements))
+    }
+
+    /// Room for a split product's partials of `floats` values, if the scratch has that much.
+    pub(crate) fn product_partials(&self, dev: &GpuDevice, floats: usize) -> Option<CUdeviceptr> {
+        self.product_partials.as_ref().filter(|p| p.len() >= floats).map(|p| ptr(dev, p))
     }
 
     pub(crate) fn final_h_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {

@@ -60,6 +60,9 @@ pub struct GpuDevice {
     /// Whether the serving decode graphs are also captured for shorter context tiers
     /// (`cuda::graphs`): on unless `PAGEDSERVE_GRAPH_TIERS=off`, which exists to measure them.
     pub graph_tiers: bool,
+    /// Which bf16 cuBLAS products of 2-64 rows are cut into K slices whose float32 partials the
+    /// residual add and norm after them sums (`launch::split_k_splits`): a `SplitK` as a byte.
+    split_k: AtomicU8,
     /// EXPERIMENT (`PAGEDSERVE_FUSED_MERGE=all`): the merge also goes into a bf16 or FP8
     /// o-projection's staging, so that GEMV is the attention kernel's programmatic dependent.
     pub fused_merge_all: bool,
@@ -123,6 +126,32 @@ impl PdlScope {
     /// Adding the split merge (session 14) took the 8B bf16 batch-1 step to 5.41 ms against 4.85,
     /// Q4_K's to 2.52 against 2.45; adding the decode attention too, 4.90 and 2.48.
     pub const DEFAULT: PdlScope = PdlScope::GemvOnly;
+}
+
+/// Which bf16 products of 2-64 rows go through cuBLAS as K slices into float32 partials that the
+/// residual add and norm consuming them sums (`gemm::split_k_partials`, `launch::split_k_splits`),
+/// instead of one product whose split, where cuBLAS makes one, needs a reduce launch of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitK {
+    Off = 0,
+    /// The shapes where two slices measured faster (`launch::split_k_splits`).
+    Auto = 1,
+    /// Every product the partials scratch holds, in two slices (for `check`).
+    Every = 2,
+}
+
+impl SplitK {
+    /// `$PAGEDSERVE_SPLIT_K`: `auto` (the default), `off` (or `0`, which exists to measure it),
+    /// `every`. On an H100 `auto` took the 8B graph step 2.6% shorter at 8 and 16 rows and 1.3%
+    /// at 32 and 64 (BENCHMARKS.md, session 30).
+    pub fn from_env() -> Result<Self, super::CudaError> {
+        match std::env::var("PAGEDSERVE_SPLIT_K").as_deref() {
+            Ok("off" | "0") => Ok(SplitK::Off),
+            Err(_) | Ok("auto" | "on" | "1") => Ok(SplitK::Auto),
+            Ok("every") => Ok(SplitK::Every),
+            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_SPLIT_K is off, auto or every, not {other:?}"))),
+        }
+    }
 }
 
 /// Head dimensions the attention kernels are instantiated for.
@@ -242,10 +271,11 @@ impl GpuDevice {
             None => None,
         };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
+        let split_k = SplitK::from_env()?;
         let graph_tiers = !matches!(std::env::var("PAGEDSERVE_GRAPH_TIERS").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
         let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, ?split_k, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -263,6 +293,7 @@ impl GpuDevice {
             l2_prefetch_limit,
             kv_evict_first,
             graph_tiers,
+            split_k: AtomicU8::new(split_k as u8),
             fused_merge_all,
             merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),
@@ -319,6 +350,19 @@ impl GpuDevice {
     /// Turns programmatic dependent launches on (for every kernel) or off.
     pub fn set_pdl(&self, on: bool) {
         self.set_pdl_scope(if on { PdlScope::All } else { PdlScope::Off });
+    }
+
+    pub fn split_k(&self) -> SplitK {
+        match self.split_k.load(Ordering::Relaxed) {
+            0 => SplitK::Off,
+            1 => SplitK::Auto,
+            _ => SplitK::Every,
+        }
+    }
+
+    /// Sets which products split K (`check` forces `Every` on shapes `Auto` leaves alone).
+    pub fn set_split_k(&self, mode: SplitK) {
+        self.split_k.store(mode as u8, Ordering::Relaxed);
     }
 
     /// The compute capability as a number: 90 for sm_90.

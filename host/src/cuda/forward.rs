@@ -21,6 +21,11 @@
 //! (`resolve`), so fusion never changes what an architecture can ask. Freeing an input a pending
 //! output still reads is deferred until it is resolved.
 //!
+//! **Products left in pieces.** Outputs of products can be pending too: an FP8 GEMM's unscaled
+//! output (`Pending::Fp8Scales`), and at 2-64 rows a bf16 cuBLAS product made as float32 partials
+//! over slices of K (`Pending::SplitSum`, `launch::split_k_splits`). `add_norm` folds either into
+//! its launch; any other consumer gets them finished first.
+//!
 //! Norm weights arrive with any (1 + w) offset already folded in (`cuda::weights`).
 
 use std::cell::RefCell;
@@ -32,10 +37,10 @@ use super::attention::{launch_attention, AttentionArgs, FusedRope, SplitMerge};
 use super::batch::{BatchArrays, Scratch};
 use super::collective::{Elem, RankComm};
 use super::fp8_gemm::{fp8_linear, fp8_linear_leaving_scales, scale_output, Fp8Product};
-use super::gemm::{cublas_linear, ggml_linear, OutType};
+use super::gemm::{cublas_linear, ggml_linear, split_k_partials, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
-use super::launch::{gated_config, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
+use super::launch::{gated_config, grid_stride_config, split_k_splits, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
 use super::launchers;
 use super::skinny::{self, SkinnyInput};
 use super::model::{ptr, GpuModel};
@@ -84,8 +89,16 @@ pub(crate) type ArenaPlan = Vec<usize>;
 #[derive(Debug, Clone, Copy)]
 enum Pending {
     /// `residual += delta`, then `rmsnorm(residual) * weight`; `delta_scales`: the delta is an
-    /// FP8 GEMM's unscaled output, and these are its scales (`Fp8Scales`, folded in).
-    AddNorm { residual: Act, delta: Option<Act>, weight: CUdeviceptr, eps: f32, delta_scales: Option<(CUdeviceptr, CUdeviceptr)> },
+    /// FP8 GEMM's unscaled output, and these are its scales (`Fp8Scales`, folded in);
+    /// `delta_partials`: the delta is still a split product's partials (`SplitSum`, folded in).
+    AddNorm {
+        residual: Act,
+        delta: Option<Act>,
+        weight: CUdeviceptr,
+        eps: f32,
+        delta_scales: Option<(CUdeviceptr, CUdeviceptr)>,
+        delta_partials: Option<(CUdeviceptr, usize)>,
+    },
     /// `silu(gate) * up` of the `[gate | up]` rows.
     SiluMul { gate_up: Act },
     /// The decode attention's split-K partials merged (they live in the scratch, not in an
@@ -97,6 +110,17 @@ enum Pending {
     /// in the FP8 input scratch, so this is always resolved before the next FP8 product (every
     /// op resolves what it does not fold before it launches).
     Fp8Scales { rows: CUdeviceptr, cols: CUdeviceptr },
+    /// A bf16 product made as `splits` float32 partials over slices of K (`gemm::split_k_partials`,
+    /// in the scratch's `product_partials`): `add_norm` folds their sum into its kernel; anything
+    /// else gets `sum_partials_bf16` first. The scratch holds one product's partials, so this is
+    /// always resolved before the next product (every op resolves what it does not fold).
+    SplitSum { partials: CUdeviceptr, splits: usize },
+}
+
+/// What a product left for its consumer to finish (`Pending::Fp8Scales` or `Pending::SplitSum`).
+enum Left {
+    Fp8Scales(CUdeviceptr, CUdeviceptr),
+    SplitPartials(CUdeviceptr, usize),
 }
 
 impl Pending {
@@ -104,7 +128,7 @@ impl Pending {
         match *self {
             Pending::AddNorm { residual, delta, .. } => residual == act || delta == Some(act),
             Pending::SiluMul { gate_up } => gate_up == act,
-            Pending::Merge(_) | Pending::Fp8Scales { .. } => false,
+            Pending::Merge(_) | Pending::Fp8Scales { .. } | Pending::SplitSum { .. } => false,
         }
     }
 }
@@ -300,7 +324,25 @@ impl<'a> GpuOps<'a> {
         let out = self.out_ptr(act)?;
         let width = self.acts[act.0].width;
         match pending {
-            Pending::AddNorm { residual, delta, weight, eps, delta_scales } => {
+            Pending::AddNorm { residual, delta, weight, eps, delta_scales, delta_partials: Some((partials, splits)) } => {
+                if delta_scales.is_some() || delta.is_none() {
+                    return Err(internal(format!("{act:?}: split partials without a delta, or with FP8 scales")));
+                }
+                let x = self.ptr(residual)?;
+                self.mark("add_rmsnorm")?;
+                if self.launch.is_some() {
+                    let config = norm_config(self.n, width);
+                    let stride = (self.n * width) as u64;
+                    // SAFETY: residual and out hold `n` rows of `width`, the partials `splits`
+                    // blocks of `n` rows of `width` (`split_k_partials` wrote them for this
+                    // forward's rows), the weight `width`.
+                    unsafe {
+                        launchers::fused_add_rmsnorm_partials(self.dev(), config, x, partials, splits as i32, stride, weight, out, width as i32, eps)
+                            .map_err(backend_error)?
+                    };
+                }
+            }
+            Pending::AddNorm { residual, delta, weight, eps, delta_scales, delta_partials: None } => {
                 // A delta whose scales are folded here was marked consumed (its bytes are not
                 // its values): its address, not `ptr`'s check.
                 let d = match delta {
@@ -335,6 +377,19 @@ impl<'a> GpuOps<'a> {
                     merge.launch(self.dev()).map_err(backend_error)?;
                 }
             }
+            Pending::SplitSum { partials, splits } => {
+                self.mark("linear")?;
+                if self.launch.is_some() {
+                    let elements = self.n * width;
+                    let config = grid_stride_config(elements);
+                    // SAFETY: `out` holds `n` rows of `width` bf16 values, the partials `splits`
+                    // blocks of as many floats.
+                    unsafe {
+                        launchers::sum_partials_bf16(self.dev(), config, out, partials, splits as i32, elements as u64, elements as u64)
+                            .map_err(backend_error)?
+                    };
+                }
+            }
             Pending::Fp8Scales { rows, cols } => {
                 self.mark("linear")?;
                 if self.launch.is_some() {
@@ -355,6 +410,15 @@ impl<'a> GpuOps<'a> {
         self.set_pending(act, None);
         self.acts[act.0].consumed = true;
         Some((rows, cols))
+    }
+
+    /// Takes `act`'s pending split partials for the caller to fold into the kernel it launches
+    /// next: `act` is then marked consumed, as for `take_fp8_scales`.
+    fn take_split_partials(&mut self, act: Act) -> Option<(CUdeviceptr, usize)> {
+        let Some(Pending::SplitSum { partials, splits }) = self.acts.get(act.0)?.pending else { return None };
+        self.set_pending(act, None);
+        self.acts[act.0].consumed = true;
+        Some((partials, splits))
     }
 
     /// Computes every pending output but `except`.
@@ -390,9 +454,11 @@ impl<'a> GpuOps<'a> {
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
     /// the shape, else cuBLAS (or cuBLASLt's FP8 GEMM for an FP8 weight) and `add_bias`. With
-    /// `leave_scales`, an FP8 GEMM's output is left unscaled and its scales are the answer (for
-    /// `Pending::Fp8Scales`), unless a bias has to be added after them.
-    fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize, leave_scales: bool) -> Result<Option<(CUdeviceptr, CUdeviceptr)>, ModelError> {
+    /// `leave_scales` (the consumer may finish the product), an FP8 GEMM's output is left unscaled
+    /// and its scales are the answer (for `Pending::Fp8Scales`), and a bf16 product that splits
+    /// over K (`launch::split_k_splits`) is left as its partials (for `Pending::SplitSum`),
+    /// unless a bias has to be added after them.
+    fn product(&self, out: CUdeviceptr, out_type: OutType, input: GemvInput, w: &GpuMatrix, m: usize, leave_scales: bool) -> Result<Option<Left>, ModelError> {
         let Some(launch) = &self.launch else { return Ok(None) };
         if launch.omit == Omit::Products {
             return Ok(None);
@@ -415,8 +481,19 @@ impl<'a> GpuOps<'a> {
                     return Err(internal("a fused input outside the GEMV and the skinny kernel".into()));
                 };
                 match weight {
-                    // SAFETY: as above.
-                    GemvWeight::Bf16(w) => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
+                    GemvWeight::Bf16(w) => {
+                        // A product its consumer may finish, in K slices where that pays.
+                        let splits = if leave_scales && bias == 0 && out_type == OutType::Bf16 { split_k_splits(dev.split_k(), m, k, n) } else { 1 };
+                        match launch.scratch.product_partials(dev, splits * m * n).filter(|_| splits > 1) {
+                            Some(partials) => {
+                                // SAFETY: as above; the partials hold `splits * m * n` floats.
+                                unsafe { split_k_partials(dev, partials, input, w, m, k, n, splits).map_err(backend_error)? };
+                                left = Some(Left::SplitPartials(partials, splits));
+                            }
+                            // SAFETY: as above.
+                            None => unsafe { cublas_linear(dev, out, out_type, input, w, m, k, n).map_err(backend_error)? },
+                        }
+                    }
                     GemvWeight::Fp8 { values, scales } => {
                         let (input_fp8, input_scales) =
                             launch.scratch.fp8_input(dev).ok_or_else(|| internal("an FP8 product without room for its quantized input".into()))?;
@@ -428,7 +505,7 @@ impl<'a> GpuOps<'a> {
                         // A bias is added to the scaled product, so then the scales cannot wait.
                         unsafe {
                             if leave_scales && bias == 0 {
-                                left = fp8_linear_leaving_scales(dev, &p).map_err(backend_error)?;
+                                left = fp8_linear_leaving_scales(dev, &p).map_err(backend_error)?.map(|(rows, cols)| Left::Fp8Scales(rows, cols));
                             } else {
                                 fp8_linear(dev, &p).map_err(backend_error)?;
                             }
@@ -545,10 +622,13 @@ impl Ops for GpuOps<'_> {
         // A delta straight from an FP8 GEMM: its scales go into this launch (made right away:
         // the GEMV does not take the batch), the delta's own bytes stay unscaled.
         let folded = delta.filter(|_| !self.gemv_takes(self.n, h)).and_then(|d| self.take_fp8_scales(d));
+        // A split product's partials: summed in this launch (no GEMV stages them: a product
+        // that takes this output resolves it first).
+        let partials = delta.and_then(|d| self.take_split_partials(d));
         self.resolve_all(None)?;
         let out = self.alloc_bf16(h)?;
         let weight = self.launch.as_ref().map_or(0, |_| ptr(self.dev(), weight));
-        self.set_pending(out, Some(Pending::AddNorm { residual, delta, weight, eps: norm.eps, delta_scales: folded }));
+        self.set_pending(out, Some(Pending::AddNorm { residual, delta, weight, eps: norm.eps, delta_scales: folded, delta_partials: partials }));
         if !self.gemv_takes(self.n, h) {
             self.resolve(out)?;
         }
@@ -580,7 +660,7 @@ impl Ops for GpuOps<'_> {
         let stages = |mode| gemv_mode_rows(mode).contains(&gemv_padded_rows(m));
         let fusable = match pending {
             Some(Pending::Merge(_)) => stages(GemvMode::Merge),
-            Some(Pending::Fp8Scales { .. }) => false,
+            Some(Pending::Fp8Scales { .. } | Pending::SplitSum { .. } | Pending::AddNorm { delta_partials: Some(_), .. }) => false,
             _ => true,
         };
         // The skinny kernel stages a SiLU-and-multiply too (not a norm or a merge).
@@ -594,14 +674,17 @@ impl Ops for GpuOps<'_> {
             None => {
                 let input = self.ptr(x)?;
                 self.mark("linear")?;
-                if let Some((rows, cols)) = self.product(o, OutType::Bf16, GemvInput::Plain(input), w, m, true)? {
-                    self.set_pending(out, Some(Pending::Fp8Scales { rows, cols }));
+                match self.product(o, OutType::Bf16, GemvInput::Plain(input), w, m, true)? {
+                    Some(Left::Fp8Scales(rows, cols)) => self.set_pending(out, Some(Pending::Fp8Scales { rows, cols })),
+                    Some(Left::SplitPartials(partials, splits)) => self.set_pending(out, Some(Pending::SplitSum { partials, splits })),
+                    None => {}
                 }
             }
-            Some(Pending::AddNorm { delta_scales: Some(_), .. }) | Some(Pending::Fp8Scales { .. }) => {
+            Some(Pending::AddNorm { delta_scales: Some(_), .. } | Pending::AddNorm { delta_partials: Some(_), .. })
+            | Some(Pending::Fp8Scales { .. } | Pending::SplitSum { .. }) => {
                 return Err(internal(format!("{x:?}: a pending output no GEMV stages")));
             }
-            Some(Pending::AddNorm { residual, delta, weight, eps, delta_scales: None }) => {
+            Some(Pending::AddNorm { residual, delta, weight, eps, delta_scales: None, delta_partials: None }) => {
                 // The GEMV writes `residual + delta` into a fresh slot and the residual moves there.
                 let h = self.state(residual)?.width;
                 let moved = delta.map(|_| self.alloc(h, 4)).transpose()?;

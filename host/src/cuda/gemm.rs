@@ -1,10 +1,11 @@
 //! Linear layers through cuBLAS: `out[m×n] = a[m×k] · wᵀ` with row-major bf16 operands (`w` is a
 //! `[n×k]` weight), float32 accumulation, and a bf16 or float32 result. One row goes to our
 //! GEMV (`cuda::gemv`: cuBLAS is slow at batch 1), up to 64 to the skinny tensor-core kernel
-//! (`cuda::skinny`), more to cuBLAS. Weights kept in GGUF blocks
+//! (`cuda::skinny`), more to cuBLAS; `split_k_partials` makes a product as float32 partials over
+//! slices of K, for a consumer that sums them (`cuda::forward`). Weights kept in GGUF blocks
 //! go to MMQ (`mmq_linear`, the int8 tensor cores) up to 64 rows, else to dequantized tiles.
 
-use cudarc::cublas::result::gemm_ex;
+use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::driver::sys::CUdeviceptr;
 
@@ -109,6 +110,57 @@ pub unsafe fn cublas_linear_strided(
             OutType::F32 => cudaDataType_t::CUDA_R_32F,
         },
         ldc as i32,
+        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )?;
+    Ok(())
+}
+
+/// `out[m×n] = a[m×k] · wᵀ` as `splits` float32 partial products, one per slice of K:
+/// `partials[s][m×n] = a[:, s·k/splits ..] · w[:, s·k/splits ..]ᵀ`, in one strided-batched cuBLAS
+/// call (`launch::split_k_splits` says where that beats one product; the consumer sums the
+/// slices, `fused_add_rmsnorm_partials`). `k` must be a multiple of `splits`.
+///
+/// # Safety
+/// `partials` must hold `splits·m·n` floats, `a` and `w` `m·k` and `n·k` bf16 values, all live
+/// on `dev`'s stream.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn split_k_partials(
+    dev: &GpuDevice,
+    partials: CUdeviceptr,
+    a: CUdeviceptr,
+    w: CUdeviceptr,
+    m: usize,
+    k: usize,
+    n: usize,
+    splits: usize,
+) -> Result<(), CudaError> {
+    let slice = k / splits;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // As `cublas_linear_strided`: column-major partialᵀ[n×m] = W_s · a_sᵀ, slice s of W and of
+    // a starting `slice` values further along their rows (leading dimension still k).
+    gemm_strided_batched_ex(
+        *dev.blas.handle(),
+        cublasOperation_t::CUBLAS_OP_T,
+        cublasOperation_t::CUBLAS_OP_N,
+        n as i32,
+        m as i32,
+        slice as i32,
+        (&alpha) as *const f32 as *const _,
+        w as *const _,
+        cudaDataType_t::CUDA_R_16BF,
+        k as i32,
+        slice as i64,
+        a as *const _,
+        cudaDataType_t::CUDA_R_16BF,
+        k as i32,
+        slice as i64,
+        (&beta) as *const f32 as *const _,
+        partials as *mut _,
+        cudaDataType_t::CUDA_R_32F,
+        n as i32,
+        (m * n) as i64,
+        splits as i32,
         cublasComputeType_t::CUBLAS_COMPUTE_32F,
         cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )?;

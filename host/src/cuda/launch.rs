@@ -3,6 +3,7 @@
 //! prefill and which to the decode attention kernel, how many split-K partitions decode attention
 //! uses, and which CUDA-graph bucket a decode batch falls in.
 
+use super::SplitK;
 use crate::kv_cache::KvCacheDtype;
 use crate::model::gguf::GgmlType;
 use crate::runner::ForwardBatch;
@@ -683,8 +684,56 @@ pub fn gemv_grid(n: usize, warps: u32, num_sms: usize, blocks_per_sm: usize) -> 
     n.div_ceil(warps.max(1) as usize).clamp(1, blocks_per_sm.max(1) * num_sms.max(1)) as u32
 }
 
+/// Slices of K a split product (`gemm::split_k_partials`) is cut into: the partials scratch
+/// (`Scratch::product_partials`) holds this many.
+pub const SPLIT_K_SLICES: usize = 2;
+/// The most rows of a split product: the partials scratch holds `SPLIT_K_SLICES` of this many
+/// rows of the hidden size.
+pub const SPLIT_K_MAX_ROWS: usize = 64;
+
+/// Into how many K slices (1: none) a bf16 product of `m` rows, `[n, k]` weight, goes through
+/// cuBLAS, for a consumer that sums the float32 partials itself (`fused_add_rmsnorm_partials`:
+/// the o and down projections, whose outputs join the residual). Where it pays (the 8B shapes on
+/// an H100, strided-batched products into float32 against one product, each in a graph,
+/// BENCHMARKS.md session 30): a K at least twice N (the down projection: 43.3 → 40.9 µs at 8
+/// rows, 44.4 → 42.1 at 32, where cuBLAS splits it itself and adds a reduce launch) at 2-64
+/// rows, and a square weight (the o projection: 16.4 → 14.0 µs) up to 16 rows, where cuBLAS's
+/// kernel covers half the GPU; elsewhere two slices were slower. Both only for products of at
+/// least 4096 by 4096, the shapes measured.
+pub fn split_k_splits(mode: SplitK, m: usize, k: usize, n: usize) -> usize {
+    let takes = (2..=SPLIT_K_MAX_ROWS).contains(&m) && k.is_multiple_of(SPLIT_K_SLICES * 64);
+    let pays = n >= 4096 && k >= 4096 && (k >= 2 * n || (k == n && m <= 16));
+    match mode {
+        SplitK::Every if takes => SPLIT_K_SLICES,
+        SplitK::Auto if takes && pays => SPLIT_K_SLICES,
+        _ => 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn split_k_takes_the_down_projection_and_a_few_rows_of_the_o_projection() {
+        use super::{split_k_splits, SplitK};
+        // Llama-3.1-8B: down 4096 x 14336, o 4096 x 4096, QKV 6144 x 4096, gate_up 28672 x 4096.
+        for m in [2, 8, 32, 64] {
+            assert_eq!(split_k_splits(SplitK::Auto, m, 14336, 4096), 2, "down at {m} rows");
+        }
+        for (m, want) in [(2, 2), (16, 2), (17, 1), (32, 1)] {
+            assert_eq!(split_k_splits(SplitK::Auto, m, 4096, 4096), want, "o at {m} rows");
+        }
+        assert_eq!(split_k_splits(SplitK::Auto, 8, 4096, 6144), 1, "QKV");
+        assert_eq!(split_k_splits(SplitK::Auto, 8, 4096, 28672), 1, "gate_up");
+        // One row is the GEMV's, more than 64 cuBLAS's own; small models are not split.
+        assert_eq!(split_k_splits(SplitK::Auto, 1, 14336, 4096), 1);
+        assert_eq!(split_k_splits(SplitK::Auto, 65, 14336, 4096), 1);
+        assert_eq!(split_k_splits(SplitK::Auto, 8, 1536, 576), 1);
+        // Off splits nothing; Every splits what the slices divide, whatever the shape.
+        assert_eq!(split_k_splits(SplitK::Off, 8, 14336, 4096), 1);
+        assert_eq!(split_k_splits(SplitK::Every, 8, 1536, 576), 2);
+        assert_eq!(split_k_splits(SplitK::Every, 8, 100, 576), 1, "K not a multiple of 128");
+    }
+
     use super::*;
 
     #[test]

@@ -112,6 +112,13 @@ kernels! {
     /// `out = rmsnorm(residual) * weight` (unless null), one block per token.
     fn fused_add_rmsnorm() => "fused_add_rmsnorm";
         (residual: Ptr, delta: Ptr, delta_row_scales: Ptr, delta_col_scales: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
+    /// `rmsnorm.cu`: `fused_add_rmsnorm` of a delta in `splits` float32 partial products (split-K
+    /// slices, `split_stride` floats apart, row t at `t * hidden`), summed in split order.
+    fn fused_add_rmsnorm_partials() => "fused_add_rmsnorm_partials";
+        (residual: Ptr, partials: Ptr, splits: i32, split_stride: u64, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
+    /// `rmsnorm.cu`: `out[i] = bf16(sum of the splits' partials[s * split_stride + i])`, grid-stride.
+    fn sum_partials_bf16() => "sum_partials_bf16";
+        (out: Ptr, partials: Ptr, splits: i32, split_stride: u64, elements: u64)
     /// `rmsnorm.cu`: `out[i] = rmsnorm(residual[rows[i]]) * weight`, one block per row.
     fn rmsnorm_rows() => "rmsnorm_rows";
         (residual: Ptr, rows: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
@@ -281,6 +288,8 @@ mod tests {
             ("embedding_gather", "embedding", "embedding_gather"),
             ("gather_vocab_ranges", "embedding", "gather_vocab_ranges"),
             ("fused_add_rmsnorm", "rmsnorm", "fused_add_rmsnorm"),
+            ("fused_add_rmsnorm_partials", "rmsnorm", "fused_add_rmsnorm_partials"),
+            ("sum_partials_bf16", "rmsnorm", "sum_partials_bf16"),
             ("rmsnorm_rows", "rmsnorm", "rmsnorm_rows"),
             ("rmsnorm_bf16", "rmsnorm", "rmsnorm_bf16"),
             ("head_rmsnorm", "rmsnorm", "head_rmsnorm"),
