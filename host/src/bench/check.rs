@@ -1048,27 +1048,60 @@ pub fn gemv_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     Ok(rows)
 }
 
+/// Sequence i of a check's batches in cache blocks `i * per_seq ..(i + 1) * per_seq`, room for
+/// its prompt and two more tokens.
+struct SeqBlocks {
+    block_size: usize,
+    per_seq: usize,
+    num_blocks: usize,
+}
+
+impl SeqBlocks {
+    fn new<P: AsRef<[u32]>>(prompts: &[P], block_size: usize) -> Self {
+        let per_seq = (prompts.iter().map(|p| p.as_ref().len()).max().unwrap_or(1) + 2).div_ceil(block_size);
+        SeqBlocks { block_size, per_seq, num_blocks: per_seq * prompts.len() }
+    }
+
+    fn table(&self, i: usize) -> Vec<u32> {
+        ((i * self.per_seq) as u32..((i + 1) * self.per_seq) as u32).collect()
+    }
+
+    /// Every prompt's prefill as one batch.
+    fn prefill<P: AsRef<[u32]>>(&self, prompts: &[P]) -> Result<ForwardBatch, CudaError> {
+        let mut batch = ForwardBatch::new(self.block_size, self.num_blocks);
+        for (i, p) in prompts.iter().enumerate() {
+            batch.push_seq(p.as_ref(), 0, &self.table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
+        }
+        Ok(batch)
+    }
+
+    /// The next decode step of the first `count` sequences, each token the argmax of its row of
+    /// the prefill's `logits`.
+    fn decode_after<P: AsRef<[u32]>>(&self, prompts: &[P], logits: &[f32], vocab: usize, count: usize) -> Result<ForwardBatch, CudaError> {
+        let mut batch = ForwardBatch::new(self.block_size, self.num_blocks);
+        for (i, p) in prompts.iter().enumerate().take(count) {
+            let next = crate::sampling::argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
+            batch.push_seq(&[next], p.as_ref().len(), &self.table(i), true).map_err(|e| CudaError::Config(e.to_string()))?;
+        }
+        Ok(batch)
+    }
+}
+
 /// Decode steps at batch 1 and at up to 8 sequences, where the forward takes the fused GEMV
 /// path, against the same steps with every product through cuBLAS (the unfused kernels) and
 /// against the CPU with bf16-rounded weights: logits within `FORWARD_TOLERANCE`. Decode-only
 /// steps are the ones whose RoPE and cache write the attention kernel does itself, so with an
 /// FP8 `cache` this is the serving path's forward over it.
 pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>], cache: KvCacheDtype) -> Result<Vec<CheckRow>, CudaError> {
-    let block_size = 16;
     let prompts = &prompts[..prompts.len().min(GEMV_MAX_ROWS)];
-    let blocks_per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(1) + 2).div_ceil(block_size);
-    let num_blocks = blocks_per_seq * prompts.len();
+    let blocks = SeqBlocks::new(prompts, 16);
+    let (num_blocks, block_size) = (blocks.num_blocks, blocks.block_size);
     let rounded = cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32());
     // Over an FP8 cache, the CPU over an exact one too: its distance sets the CPU row's tolerance.
     let mut exact = (cache == KvCacheDtype::Fp8E4M3).then(|| CpuBackend::new(rounded.clone(), num_blocks, block_size));
     let mut cpu = CpuBackend::with_kv_cache(rounded, num_blocks, block_size, cache);
     let mut gpu = GpuBackend::with_kv_cache(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size, cache)?;
-    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
-    let config_err = |e: crate::runner::BatchError| CudaError::Config(e.to_string());
-    let mut prefill = ForwardBatch::new(block_size, num_blocks);
-    for (i, p) in prompts.iter().enumerate() {
-        prefill.push_seq(p, 0, &table(i), true).map_err(config_err)?;
-    }
+    let prefill = blocks.prefill(prompts)?;
     let logits = gpu.forward_logits(&prefill)?;
     cpu.forward(&prefill).map_err(|e| CudaError::Config(e.to_string()))?;
     if let Some(exact) = exact.as_mut() {
@@ -1077,11 +1110,7 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
     let vocab = cpu_model.config().vocab_size;
     let mut rows = Vec::new();
     for batch_size in [1, prompts.len()] {
-        let mut decode = ForwardBatch::new(block_size, num_blocks);
-        for (i, p) in prompts.iter().enumerate().take(batch_size) {
-            let next = crate::sampling::argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
-            decode.push_seq(&[next], p.len(), &table(i), true).map_err(config_err)?;
-        }
+        let decode = blocks.decode_after(prompts, &logits, vocab, batch_size)?;
         // Each run rewrites the step's own cache slots before reading them, so the three see
         // the same cache.
         let fused = gpu.forward_logits(&decode)?;
@@ -1119,27 +1148,15 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
 /// against the CPU.
 pub fn check_forward_split_k(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
     use crate::cuda::SplitK;
-    let block_size = 16;
     let sequences = 12;
     let prompts: Vec<&Vec<u32>> = prompts.iter().cycle().take(sequences).collect();
-    let blocks_per_seq = (prompts.iter().map(|p| p.len()).max().unwrap_or(1) + 2).div_ceil(block_size);
-    let num_blocks = blocks_per_seq * sequences;
-    let mut cpu = CpuBackend::new(cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32()), num_blocks, block_size);
-    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, num_blocks, block_size)?;
-    let table = |i: usize| -> Vec<u32> { ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect() };
-    let config_err = |e: crate::runner::BatchError| CudaError::Config(e.to_string());
-    let mut prefill = ForwardBatch::new(block_size, num_blocks);
-    for (i, p) in prompts.iter().enumerate() {
-        prefill.push_seq(p, 0, &table(i), true).map_err(config_err)?;
-    }
+    let blocks = SeqBlocks::new(&prompts, 16);
+    let mut cpu = CpuBackend::new(cpu_model.map_matrices(|v| bf16::from_f32(v).to_f32()), blocks.num_blocks, blocks.block_size);
+    let mut gpu = GpuBackend::new(GpuModel::from_cpu(dev.clone(), cpu_model)?, blocks.num_blocks, blocks.block_size)?;
+    let prefill = blocks.prefill(&prompts)?;
     let logits = gpu.forward_logits(&prefill)?;
     cpu.forward(&prefill).map_err(|e| CudaError::Config(e.to_string()))?;
-    let vocab = cpu_model.config().vocab_size;
-    let mut decode = ForwardBatch::new(block_size, num_blocks);
-    for (i, p) in prompts.iter().enumerate() {
-        let next = crate::sampling::argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
-        decode.push_seq(&[next], p.len(), &table(i), true).map_err(config_err)?;
-    }
+    let decode = blocks.decode_after(&prompts, &logits, cpu_model.config().vocab_size, sequences)?;
     // Each run rewrites the step's own cache slots before reading them (see
     // `check_forward_small_batch`).
     let before = dev.split_k();
