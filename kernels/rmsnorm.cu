@@ -18,8 +18,10 @@
 // products of a matrix product whose K was split (`gemm::split_k_partials`), summed here in split
 // order, so the product needs no reduce launch of its own and the sum is not rounded to bf16
 // before it joins the residual.
-// Where a row's delta comes from: `load(i, d)` fills d with the 8 values from column i and says
-// whether there is a delta at all (the same answer for every thread of the block).
+
+// Where a row's delta comes from: `present()` says whether there is one at all (the same answer
+// for every thread of the block), `load(i, d)` fills d with the 8 values from column i, `at(i)`
+// gives the one at column i.
 struct Bf16Delta {
     const __nv_bfloat16* delta;     // this row's, or null
     float row_scale;
@@ -173,6 +175,7 @@ extern "C" __global__ void sum_partials_bf16(__nv_bfloat16* __restrict__ out, co
     }
 }
 
+// The final norm, only for the rows whose logits are wanted: out[r] = rmsnorm(residual[rows[r]]).
 extern "C" __global__ void rmsnorm_rows(const float* __restrict__ residual, const u32* __restrict__ rows,
                                         const float* __restrict__ weight, __nv_bfloat16* __restrict__ out,
                                         int hidden, float eps) {
