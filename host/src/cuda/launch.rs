@@ -1,7 +1,8 @@
 //! Launch arithmetic of the GPU forward, kept free of CUDA calls so it is unit-tested on machines
 //! without a GPU: how a batch's block tables are packed for the kernels, which tokens go to the
 //! prefill and which to the decode attention kernel, how many split-K partitions decode attention
-//! uses, and which CUDA-graph bucket a decode batch falls in.
+//! uses, which CUDA-graph bucket a decode batch falls in, and which products go to the GEMV or
+//! split over K.
 
 use super::SplitK;
 use crate::kv_cache::KvCacheDtype;
