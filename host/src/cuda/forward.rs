@@ -324,41 +324,34 @@ impl<'a> GpuOps<'a> {
         let out = self.out_ptr(act)?;
         let width = self.acts[act.0].width;
         match pending {
-            Pending::AddNorm { residual, delta, weight, eps, delta_scales, delta_partials: Some((partials, splits)) } => {
-                if delta_scales.is_some() || delta.is_none() {
-                    return Err(internal(format!("{act:?}: split partials without a delta, or with FP8 scales")));
-                }
-                let x = self.ptr(residual)?;
-                self.mark("add_rmsnorm")?;
-                if self.launch.is_some() {
-                    let config = norm_config(self.n, width);
-                    let stride = (self.n * width) as u64;
-                    // SAFETY: residual and out hold `n` rows of `width`, the partials `splits`
-                    // blocks of `n` rows of `width` (`split_k_partials` wrote them for this
-                    // forward's rows), the weight `width`.
-                    unsafe {
-                        launchers::fused_add_rmsnorm_partials(self.dev(), config, x, partials, splits as i32, stride, weight, out, width as i32, eps)
-                            .map_err(backend_error)?
-                    };
-                }
-            }
-            Pending::AddNorm { residual, delta, weight, eps, delta_scales, delta_partials: None } => {
-                // A delta whose scales are folded here was marked consumed (its bytes are not
-                // its values): its address, not `ptr`'s check.
+            Pending::AddNorm { residual, delta, weight, eps, delta_scales, delta_partials } => {
+                // A delta whose scales or partials are folded here was marked consumed (its bytes
+                // are not its values): its address, not `ptr`'s check.
                 let d = match delta {
-                    Some(d) if delta_scales.is_some() => self.out_ptr(d)?,
+                    Some(d) if delta_scales.is_some() || delta_partials.is_some() => self.out_ptr(d)?,
                     Some(d) => self.ptr(d)?,
                     None => 0,
                 };
                 let x = self.ptr(residual)?;
-                let (row_scales, col_scales) = delta_scales.unwrap_or((0, 0));
                 self.mark("add_rmsnorm")?;
                 if self.launch.is_some() {
                     let config = norm_config(self.n, width);
                     // SAFETY: residual, delta and out hold `n` rows of `width`; the weight `width`;
-                    // the scales (if any) `n` and `width` floats.
+                    // the scales (if any) `n` and `width` floats; the partials (if any) `splits`
+                    // blocks of `n` rows of `width`, written by `split_k_partials` for this
+                    // forward's rows.
                     unsafe {
-                        launchers::fused_add_rmsnorm(self.dev(), config, x, d, row_scales, col_scales, weight, out, width as i32, eps).map_err(backend_error)?
+                        match delta_partials {
+                            Some((partials, splits)) => {
+                                let stride = (self.n * width) as u64;
+                                launchers::fused_add_rmsnorm_partials(self.dev(), config, x, partials, splits as i32, stride, weight, out, width as i32, eps)
+                            }
+                            None => {
+                                let (row_scales, col_scales) = delta_scales.unwrap_or((0, 0));
+                                launchers::fused_add_rmsnorm(self.dev(), config, x, d, row_scales, col_scales, weight, out, width as i32, eps)
+                            }
+                        }
+                        .map_err(backend_error)?
                     };
                 }
             }
