@@ -93,6 +93,16 @@ pub(crate) struct BenchGpuArgs {
     /// split for that, most of its splits empty at shorter contexts); default `--context` + 16.
     #[arg(long)]
     graph_context: Option<usize>,
+    /// Only the copy bandwidth and the 8B layout's decode attention at each `--batch-sizes` and
+    /// `--sweep-contexts`, with every split count from 1 to 8 beside the planned one.
+    #[arg(long)]
+    attention_sweep: bool,
+    /// Contexts of `--attention-sweep`.
+    #[arg(long, value_delimiter = ',', default_value = "128,256,512,1024,2048")]
+    sweep_contexts: Vec<usize>,
+    /// Split counts `--attention-sweep` tries beside the planned one.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,6,8,12,16")]
+    sweep_splits: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -430,6 +440,9 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
     let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
     println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
+    if args.attention_sweep {
+        return Ok(gpu::print_attention_sweep(&dev, copy, &args.batch_sizes, &args.sweep_contexts, &args.sweep_splits)?);
+    }
     if args.quantized_only {
         return print_quantized_8b_steps(&dev, copy, &args, true);
     }

@@ -1145,7 +1145,7 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
 /// A decode step of more sequences than the GEMV takes (cuBLAS products) with every product
 /// split over K (`SplitK::Every`: the residual adds and norms sum the o and down projections'
 /// partials, every other consumer gets them summed first) against the same step unsplit and
-/// against the CPU.
+/// against the CPU. Both rows fail if no product split (the profile of the split step counts them).
 pub fn check_forward_split_k(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
     use crate::cuda::SplitK;
     let sequences = 12;
@@ -1159,20 +1159,25 @@ pub fn check_forward_split_k(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts
     let decode = blocks.decode_after(&prompts, &logits, cpu_model.config().vocab_size, sequences)?;
     // Each run rewrites the step's own cache slots before reading them (see
     // `check_forward_small_batch`).
+    // The split run is profiled to count the products it split: rows that compared two unsplit
+    // runs (a model whose shapes never split) must not pass.
     let before = dev.split_k();
     dev.set_split_k(SplitK::Every);
+    gpu.swap_profiler(Some(crate::cuda::profile::StepProfiler::default()));
     let split = gpu.forward_logits(&decode);
+    let profiler = gpu.swap_profiler(None).expect("installed above");
     dev.set_split_k(SplitK::Off);
     let whole = gpu.forward_logits(&decode);
     dev.set_split_k(before);
     let (split, whole) = (split?, whole?);
+    let split_products = profiler.finish()?.iter().filter(|k| k.kind == "linear split-K").map(|k| k.count).sum::<usize>();
     let want = cpu.forward(&decode).map_err(|e| CudaError::Config(e.to_string()))?;
-    let detail = format!("decode logits, {sequences} sequences");
+    let detail = format!("decode logits, {sequences} sequences, {split_products} products split");
     Ok([("split-K fwd vs unsplit", &whole), ("split-K fwd vs bf16 CPU", &want)]
         .into_iter()
         .map(|(name, reference)| {
             let error = relative_error(&split, reference);
-            CheckRow { name: name.into(), detail: detail.clone(), error: Some(error), passed: error < FORWARD_TOLERANCE }
+            CheckRow { name: name.into(), detail: detail.clone(), error: Some(error), passed: split_products > 0 && error < FORWARD_TOLERANCE }
         })
         .collect())
 }

@@ -70,14 +70,31 @@ fn pseudo_random_bf16(n: usize, seed: u64) -> Vec<bf16> {
 /// table interleaved with the others' so it is scattered across the pool. Returns the batch and
 /// the pool's size in blocks.
 fn scattered_batch(seqs: usize, new: usize, context: usize, block_size: usize) -> Result<(ForwardBatch, usize), CudaError> {
-    let blocks_per_seq = context.div_ceil(block_size);
-    let num_blocks = seqs * blocks_per_seq;
+    scattered_batch_of(&vec![context; seqs], new, block_size)
+}
+
+/// `scattered_batch` with each sequence's own context (the pool is laid out for the longest).
+fn scattered_batch_of(contexts: &[usize], new: usize, block_size: usize) -> Result<(ForwardBatch, usize), CudaError> {
+    let seqs = contexts.len();
+    let most_blocks = contexts.iter().max().map_or(0, |c| c.div_ceil(block_size));
+    let num_blocks = seqs * most_blocks;
     let mut fb = ForwardBatch::new(block_size, num_blocks);
-    for b in 0..seqs {
-        let table: Vec<u32> = (0..blocks_per_seq).map(|i| (i * seqs + b) as u32).collect();
+    for (b, &context) in contexts.iter().enumerate() {
+        let table: Vec<u32> = (0..context.div_ceil(block_size)).map(|i| (i * seqs + b) as u32).collect();
         fb.push_seq(&vec![1; new], context - new, &table, true).map_err(|e| CudaError::Config(e.to_string()))?;
     }
     Ok((fb, num_blocks))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// `batch` contexts spread evenly from 64 positions up to `longest`, as in a running batch whose
+/// sequences are at different points of their prompts and answers.
+pub fn ramp_contexts(batch: usize, longest: usize) -> Vec<usize> {
+    let shortest = 64.min(longest);
+    (0..batch).map(|i| if batch == 1 { longest } else { shortest + (longest - shortest) * i / (batch - 1) }).collect()
 }
 
 /// `count` pseudo-random values (`pseudo_random_bf16`'s) as float32: a cache layer's keys or
@@ -86,7 +103,8 @@ fn pseudo_random_cache(count: usize, seed: u64) -> Vec<f32> {
     pseudo_random_bf16(count, seed).iter().map(|v| v.to_f32()).collect()
 }
 
-/// Decode attention (one query token per sequence) over `context` cached positions of `cache`.
+/// Decode attention (one query token per sequence) over `context` cached positions of `cache`,
+/// split as `AttentionSplit::plan` says.
 pub fn attention_decode(
     dev: &GpuDevice,
     batch: usize,
@@ -96,11 +114,27 @@ pub fn attention_decode(
     head_dim: usize,
     cache: KvCacheDtype,
 ) -> Result<AttentionBench, CudaError> {
-    let block_size = 16;
-    let (fb, num_blocks) = scattered_batch(batch, 1, context, block_size)?;
-    let cache_len = num_blocks * kv_heads * block_size * head_dim;
     let splits = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim)).splits;
-    let attention = crate::cuda::StandaloneAttention::upload(
+    Ok(attention_decode_splits(dev, &vec![context; batch], (heads, kv_heads, head_dim), cache, &[splits], 1)?.remove(0))
+}
+
+/// `attention_decode` at each of `splits` (each as `AttentionSplit::covering` rounds it), over
+/// one uploaded cache; each time is the median launch of bursts of `burst` back-to-back launches
+/// (a burst hides the host's launch latency, as a graph does, from kernels of a few µs).
+pub fn attention_decode_splits(
+    dev: &GpuDevice,
+    contexts: &[usize],
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    cache: KvCacheDtype,
+    splits: &[usize],
+    burst: usize,
+) -> Result<Vec<AttentionBench>, CudaError> {
+    let block_size = 16;
+    let batch = contexts.len();
+    let (fb, num_blocks) = scattered_batch_of(contexts, 1, block_size)?;
+    let cache_len = num_blocks * kv_heads * block_size * head_dim;
+    let most = splits.iter().copied().max().unwrap_or(1);
+    let mut attention = crate::cuda::StandaloneAttention::upload(
         dev,
         &fb,
         &pseudo_random_bf16(batch * heads * head_dim, 3),
@@ -111,12 +145,62 @@ pub fn attention_decode(
         kv_heads,
         head_dim,
         AttentionPath::Decode,
-        splits,
+        most,
     )?;
-    let ms = time_ms(dev, 5, 50, || attention.launch(dev))?;
     // K and V of every cached position, read once; q and out are negligible.
-    let bytes = 2 * batch * context * kv_heads * head_dim * cache.bytes_per_value(2);
-    Ok(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9, splits })
+    let bytes = 2 * contexts.iter().sum::<usize>() * kv_heads * head_dim * cache.bytes_per_value(2);
+    let burst = burst.max(1);
+    let mut benches = Vec::with_capacity(splits.len());
+    for &wanted in splits {
+        attention.set_splits(wanted);
+        let ms = time_ms(dev, 5, 50, || (0..burst).try_for_each(|_| attention.launch(dev)))? / burst as f64;
+        benches.push(AttentionBench { ms, bytes, gbps: bytes as f64 / (ms * 1e-3) / 1e9, splits: attention.splits() });
+    }
+    Ok(benches)
+}
+
+/// `bench gpu --attention-sweep`: the 8B layout's decode attention at each batch and longest
+/// context, with all sequences that long (`even`) and with their contexts spread from 64 up to
+/// it (`ramp_contexts`: shortest first, `ramp`; longest first, `desc`; shuffled, `shuf`; block x
+/// of the launch takes sequence x), at each of `splits` beside the one `AttentionSplit::plan` picks
+/// (planned, as the server plans, for the longest context): what the planner's wave model leaves
+/// on the table. Caches of more than 2^18 positions in all are skipped.
+pub fn print_attention_sweep(dev: &GpuDevice, copy_gbps: f64, batches: &[usize], contexts: &[usize], splits: &[usize]) -> Result<(), CudaError> {
+    let (heads, kv_heads, head_dim) = (32, 8, 128);
+    let slots = dev.decode_slots(head_dim);
+    for &context in contexts {
+        // Larger caches take long to fill from the host and add nothing the wave model lacks.
+        for &batch in batches.iter().filter(|&&b| b * context <= 1 << 18) {
+            let planned = AttentionSplit::plan(context, batch * kv_heads, slots).splits;
+            let mut candidates: Vec<usize> = splits.iter().map(|&s| AttentionSplit::covering(s, context).splits).collect();
+            candidates.push(planned);
+            candidates.sort_unstable();
+            candidates.dedup();
+            let ramp = ramp_contexts(batch, context);
+            let descending: Vec<usize> = ramp.iter().rev().copied().collect();
+            // A fixed shuffle (a multiplicative step through the indices), as a server's batch
+            // order is neither.
+            let step = (batch * 5 / 8) | 1;
+            let step = (step..batch.max(2)).find(|s| gcd(*s, batch) == 1).unwrap_or(1);
+            let shuffled: Vec<usize> = (0..batch).map(|i| ramp[(i * step) % batch]).collect();
+            for (label, lens) in [("even", vec![context; batch]), ("ramp", ramp), ("desc", descending), ("shuf", shuffled)] {
+                let runs = attention_decode_splits(dev, &lens, (heads, kv_heads, head_dim), KvCacheDtype::Auto, &candidates, 20)?;
+                let best = runs.iter().min_by(|a, b| a.ms.total_cmp(&b.ms)).expect("at least one split");
+                let at_plan = runs.iter().find(|r| r.splits == planned).expect("the plan is a candidate");
+                let cells: Vec<String> = runs.iter().map(|r| format!("{}:{:.1}", r.splits, r.ms * 1e3)).collect();
+                println!(
+                    "attention sweep 8B {label} b{batch:<4} c{context:<5} plan {planned:<2} {:>7.1} us ({:>4.1}% of copy) | best {:<2} {:>7.1} us ({:>4.1}%) | us by splits {}",
+                    at_plan.ms * 1e3,
+                    100.0 * at_plan.gbps / copy_gbps,
+                    best.splits,
+                    best.ms * 1e3,
+                    100.0 * best.gbps / copy_gbps,
+                    cells.join(" ")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The head layouts the attention rows of `bench gpu` run: (name, query heads, KV heads, head

@@ -124,6 +124,11 @@ impl Scratch {
         self.product_partials.as_ref().filter(|p| p.len() >= floats).map(|p| ptr(dev, p))
     }
 
+    /// Whether `product_partials` has room for `floats`.
+    pub(crate) fn holds_product_partials(&self, floats: usize) -> bool {
+        self.product_partials.as_ref().is_some_and(|p| p.len() >= floats)
+    }
+
     pub(crate) fn final_h_ptr(&self, dev: &GpuDevice) -> CUdeviceptr {
         self.final_h.as_ref().map_or(0, |f| ptr(dev, f))
     }

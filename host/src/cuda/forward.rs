@@ -371,7 +371,7 @@ impl<'a> GpuOps<'a> {
                 }
             }
             Pending::SplitSum { partials, splits } => {
-                self.mark("linear")?;
+                self.mark("split-K sum")?;
                 if self.launch.is_some() {
                     let elements = self.n * width;
                     let config = grid_stride_config(elements);
@@ -445,6 +445,20 @@ impl<'a> GpuOps<'a> {
         self.gemv && w.format() == WeightFormat::Bf16 && skinny::prefers(self.dev(), m, w.cols, w.rows)
     }
 
+    /// How many slices of K the product of `m` rows with `w` is cut into when its consumer may
+    /// finish it (`product`'s `leave_scales`): `launch::split_k_splits`'s answer for a bf16 weight
+    /// without a bias that goes to cuBLAS, where the scratch has room for the partials; else 1.
+    fn splits_over_k(&self, m: usize, w: &GpuMatrix) -> usize {
+        let Some(launch) = &self.launch else { return 1 };
+        if w.bias.is_some() || w.format() != WeightFormat::Bf16 || self.gemv_runs(m, w) || self.skinny_runs(m, w) {
+            return 1;
+        }
+        match split_k_splits(self.dev().split_k(), m, w.cols, w.rows) {
+            splits if splits > 1 && launch.scratch.holds_product_partials(splits * m * w.rows) => splits,
+            _ => 1,
+        }
+    }
+
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
     /// the shape, else cuBLAS (or cuBLASLt's FP8 GEMM for an FP8 weight) and `add_bias`. With
     /// `leave_scales` (the consumer may finish the product), an FP8 GEMM's output is left unscaled
@@ -460,6 +474,8 @@ impl<'a> GpuOps<'a> {
         let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
         let (k, n) = (w.cols, w.rows);
         let weight = w.weight(dev);
+        // Taken only by the bf16 cuBLAS branch below (and 1 wherever else the product goes).
+        let splits = if leave_scales && out_type == OutType::Bf16 { self.splits_over_k(m, w) } else { 1 };
         if self.gemv_runs(m, w) {
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
             // `bias` the matrix's.
@@ -476,7 +492,6 @@ impl<'a> GpuOps<'a> {
                 match weight {
                     GemvWeight::Bf16(w) => {
                         // A product its consumer may finish, in K slices where that pays.
-                        let splits = if leave_scales && bias == 0 && out_type == OutType::Bf16 { split_k_splits(dev.split_k(), m, k, n) } else { 1 };
                         match launch.scratch.product_partials(dev, splits * m * n).filter(|_| splits > 1) {
                             Some(partials) => {
                                 // SAFETY: as above; the partials hold `splits * m * n` floats.
@@ -666,7 +681,9 @@ impl Ops for GpuOps<'_> {
         match self.acts[x.0].pending {
             None => {
                 let input = self.ptr(x)?;
-                self.mark("linear")?;
+                // Split products are marked apart: `bench gpu`'s breakdown shows them, and
+                // `check` knows its split-K rows split something.
+                self.mark(if self.splits_over_k(m, w) > 1 { "linear split-K" } else { "linear" })?;
                 match self.product(o, OutType::Bf16, GemvInput::Plain(input), w, m, true)? {
                     Some(Left::Fp8Scales(rows, cols)) => self.set_pending(out, Some(Pending::Fp8Scales { rows, cols })),
                     Some(Left::SplitPartials(partials, splits)) => self.set_pending(out, Some(Pending::SplitSum { partials, splits })),

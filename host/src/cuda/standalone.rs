@@ -102,6 +102,21 @@ impl StandaloneAttention {
         })
     }
 
+    /// Cut the decode kernel's contexts into `splits` partitions from now on (as
+    /// `AttentionSplit::covering` rounds it), at most the `splits` given to `upload`, which sized
+    /// the partials.
+    pub fn set_splits(&mut self, splits: usize) {
+        let (n, heads, ..) = self.shape;
+        let split = AttentionSplit::covering(splits, self.max_context);
+        assert!(n * heads * split.splits <= self.partials.1.len(), "the partials hold fewer splits than {splits}");
+        self.split = split;
+    }
+
+    /// The decode kernel's split count now.
+    pub fn splits(&self) -> usize {
+        self.split.splits
+    }
+
     /// The same attention through a sliding window of `window` positions (0: none); split-K
     /// partitions then cover the window.
     pub fn with_window(mut self, window: usize) -> Self {
