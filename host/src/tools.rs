@@ -94,7 +94,7 @@ pub(crate) struct BenchGpuArgs {
     #[arg(long)]
     graph_context: Option<usize>,
     /// Only the copy bandwidth and the 8B layout's decode attention at each `--batch-sizes` and
-    /// `--sweep-contexts`, with every split count from 1 to 8 beside the planned one.
+    /// `--sweep-contexts`, even and mixed, at each `--sweep-splits` beside the planned split.
     #[arg(long)]
     attention_sweep: bool,
     /// Contexts of `--attention-sweep`.
