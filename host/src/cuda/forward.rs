@@ -445,18 +445,28 @@ impl<'a> GpuOps<'a> {
         self.gemv && w.format() == WeightFormat::Bf16 && skinny::prefers(self.dev(), m, w.cols, w.rows)
     }
 
-    /// How many slices of K the product of `m` rows with `w` is cut into when its consumer may
-    /// finish it (`product`'s `leave_scales`): `launch::split_k_splits`'s answer for a bf16 weight
-    /// without a bias that goes to cuBLAS, where the scratch has room for the partials; else 1.
-    fn splits_over_k(&self, m: usize, w: &GpuMatrix) -> usize {
+    /// Slices of K for a bf16 cuBLAS product of `m` rows, K `k`, N `n` whose consumer may finish
+    /// it: `launch::split_k_splits`'s answer where the scratch has room for the partials, else 1.
+    fn split_k_room(&self, m: usize, k: usize, n: usize) -> usize {
         let Some(launch) = &self.launch else { return 1 };
-        if w.bias.is_some() || w.format() != WeightFormat::Bf16 || self.gemv_runs(m, w) || self.skinny_runs(m, w) {
-            return 1;
-        }
-        match split_k_splits(self.dev().split_k(), m, w.cols, w.rows) {
-            splits if splits > 1 && launch.scratch.holds_product_partials(splits * m * w.rows) => splits,
+        match split_k_splits(self.dev().split_k(), m, k, n) {
+            splits if splits > 1 && launch.scratch.holds_product_partials(splits * m * n) => splits,
             _ => 1,
         }
+    }
+
+    /// Marks a plain-input product of `m` rows with `w` as `linear`, or as `linear split-K` when
+    /// `product` will leave it in K slices (`bench gpu`'s breakdown shows them apart; `check`
+    /// counts them). Only a profiled step asks which: the others skip the question.
+    fn mark_linear(&self, m: usize, w: &GpuMatrix) -> Result<(), ModelError> {
+        let profiled = self.launch.as_ref().is_some_and(|l| l.profiler.borrow().is_some());
+        let split = profiled
+            && w.bias.is_none()
+            && w.format() == WeightFormat::Bf16
+            && !self.gemv_runs(m, w)
+            && !self.skinny_runs(m, w)
+            && self.split_k_room(m, w.cols, w.rows) > 1;
+        self.mark(if split { "linear split-K" } else { "linear" })
     }
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
@@ -474,8 +484,6 @@ impl<'a> GpuOps<'a> {
         let bias = w.bias.as_ref().map_or(0, |b| ptr(dev, b));
         let (k, n) = (w.cols, w.rows);
         let weight = w.weight(dev);
-        // Taken only by the bf16 cuBLAS branch below (and 1 wherever else the product goes).
-        let splits = if leave_scales && out_type == OutType::Bf16 { self.splits_over_k(m, w) } else { 1 };
         if self.gemv_runs(m, w) {
             // SAFETY: `out` holds `m` rows of `n`, the input `m` rows of `k` (as staged), `w` and
             // `bias` the matrix's.
@@ -492,6 +500,7 @@ impl<'a> GpuOps<'a> {
                 match weight {
                     GemvWeight::Bf16(w) => {
                         // A product its consumer may finish, in K slices where that pays.
+                        let splits = if leave_scales && bias == 0 && out_type == OutType::Bf16 { self.split_k_room(m, k, n) } else { 1 };
                         match launch.scratch.product_partials(dev, splits * m * n).filter(|_| splits > 1) {
                             Some(partials) => {
                                 // SAFETY: as above; the partials hold `splits * m * n` floats.
@@ -681,9 +690,7 @@ impl Ops for GpuOps<'_> {
         match self.acts[x.0].pending {
             None => {
                 let input = self.ptr(x)?;
-                // Split products are marked apart: `bench gpu`'s breakdown shows them, and
-                // `check` knows its split-K rows split something.
-                self.mark(if self.splits_over_k(m, w) > 1 { "linear split-K" } else { "linear" })?;
+                self.mark_linear(m, w)?;
                 match self.product(o, OutType::Bf16, GemvInput::Plain(input), w, m, true)? {
                     Some(Left::Fp8Scales(rows, cols)) => self.set_pending(out, Some(Pending::Fp8Scales { rows, cols })),
                     Some(Left::SplitPartials(partials, splits)) => self.set_pending(out, Some(Pending::SplitSum { partials, splits })),
