@@ -9,7 +9,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-# The builds need several GB (the test suite's ~2 GB, the fuzz build's ~3 GB, the plugins');
+# The builds need about 6 GB (the test suite's ~2 GB, the fuzz build's ~3 GB, the plugins' ~1 GB);
 # say up front what the disk has, so that a run that fills it is plain from its log.
 echo "test.sh: free disk: $(df -h --output=avail "$root" | tail -1 | tr -d ' ')" >&2
 ./scripts/setup.sh
