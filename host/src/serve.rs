@@ -121,6 +121,14 @@ pub struct ServeArgs {
     /// prompt is prefilled in chunks of about a second and other streams keep moving.
     #[arg(long, env = "PAGEDSERVE_MAX_NUM_BATCHED_TOKENS")]
     max_num_batched_tokens: Option<usize>,
+    /// Prompt pacing at light load: while every sequence, running and waiting, fits in a step of
+    /// this many tokens, a step takes at most this many (each running decode its token, prompt
+    /// chunks what is left), so that a burst of prompts starts over a few steps instead of
+    /// stalling every stream behind one long prefill (the first tokens come sooner, the decode
+    /// steps are a little longer). 0 turns it off. Off by default: with many long prompts, small
+    /// paced steps read the weights more often for each token (BENCHMARKS.md, session 34).
+    #[arg(long, env = "PAGEDSERVE_LIGHT_LOAD_STEP_TOKENS", default_value_t = 0)]
+    light_load_step_tokens: usize,
     /// Most requests waiting to start; more are refused with 429.
     #[arg(long, env = "PAGEDSERVE_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
@@ -402,6 +410,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         scheduler: SchedulerConfig {
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens,
+            light_load_step_tokens: args.light_load_step_tokens,
         },
         max_model_len,
         max_queue: args.max_queue,

@@ -136,6 +136,9 @@ pub(crate) struct BenchServeArgs {
     max_num_seqs: usize,
     #[arg(long, default_value_t = 2048)]
     max_num_batched_tokens: usize,
+    /// Prompt pacing at light load, as `serve --light-load-step-tokens` (0: off).
+    #[arg(long, default_value_t = 0)]
+    light_load_step_tokens: usize,
     #[arg(long, default_value_t = 2048)]
     max_model_len: usize,
     /// KV-cache blocks of 16 tokens [default: enough for every client at the longest length]
@@ -266,6 +269,7 @@ fn bench_serve(args: BenchServeArgs) -> anyhow::Result<()> {
         scheduler: pagedserve::sched::SchedulerConfig {
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens: args.max_num_batched_tokens,
+            light_load_step_tokens: args.light_load_step_tokens,
         },
         max_model_len: args.max_model_len,
         seed: args.seed,

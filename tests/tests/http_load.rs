@@ -1,6 +1,6 @@
 //! The server under concurrent load, on the real model: continuous batching keeps every output
 //! identical to the request's output alone (temperature 0), also when a deliberately small KV pool
-//! forces preemptions; a full waiting queue answers 429.
+//! forces preemptions or prompts are paced at light load; a full waiting queue answers 429.
 
 use pagedserve_tests::Server;
 use serde_json::{json, Value};
@@ -38,6 +38,53 @@ fn thirty_two_concurrent_requests_each_give_their_output_alone() {
         assert_eq!(t, a, "request {i} differs under load");
     }
     assert!(server.metric("pagedserve_request_success_total") >= 64.0);
+}
+
+/// Steps counted by the engine's tokens-a-step histogram: (all, those of at most `le` tokens).
+fn steps_of_at_most(server: &Server, le: f64) -> (f64, f64) {
+    let scrape = server.scrape();
+    let histogram = scrape.samples.iter().find(|s| s.metric == "pagedserve_iteration_tokens_total").expect("histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &histogram.value else { panic!("not a histogram") };
+    let total = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+    (total, buckets.iter().find(|b| b.less_than == le).expect("bucket").count)
+}
+
+#[test]
+fn paced_prompts_start_over_several_steps_and_outputs_stay_identical() {
+    // Twelve prompts of 12-70 tokens at once: unpaced, the first step would take 128 of them (the
+    // CPU's budget); paced at 32, no step of the burst computes more than 32 tokens.
+    let server = Server::start(&["--max-model-len", "512", "--light-load-step-tokens", "32"]);
+    let requests: Vec<Value> = (0..12)
+        .map(|i| {
+            let mut request = mixed_request(i);
+            request["max_tokens"] = json!(40);
+            request
+        })
+        .collect();
+    let alone: Vec<String> = requests.iter().map(|r| server.complete("/v1/completions", r)).collect();
+    // A stream that keeps decoding through the burst, so that its first prompt is never alone in
+    // the engine (one prompt alone is not paced: nobody waits for it).
+    let mut background = server.open_post(
+        "/v1/completions",
+        &json!({"prompt": "Count slowly:", "max_tokens": 400, "stream": true, "ignore_eos": true, "temperature": 0}),
+    );
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let mut chunk = [0u8; 512];
+        let n = std::io::Read::read(&mut background, &mut chunk).expect("the background stream answers");
+        assert!(n > 0, "the background stream ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    let before = steps_of_at_most(&server, 32.0);
+    let together = burst(&server, &requests);
+    let after = steps_of_at_most(&server, 32.0);
+    drop(background);
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(t, a, "request {i} differs when paced");
+    }
+    let (steps, small_steps) = (after.0 - before.0, after.1 - before.1);
+    assert!(steps >= 40.0, "the burst took {steps} steps");
+    assert_eq!(small_steps, steps, "a step of the burst computed more than 32 tokens");
 }
 
 #[test]

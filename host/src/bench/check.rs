@@ -2248,7 +2248,7 @@ pub fn check_engine_graphs(
         let scheduler = crate::sched::Scheduler::new(
             // A budget of 16 tokens a step: the prompts are prefilled in chunks, so steps with
             // nothing to sample run between (and, pipelined, ahead of) the decode steps.
-            crate::sched::SchedulerConfig { max_num_seqs: 64, max_num_batched_tokens: 16 },
+            crate::sched::SchedulerConfig::new(64, 16),
             policy,
         );
         let metrics = Arc::new(crate::metrics::Metrics::new("check"));

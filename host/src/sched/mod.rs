@@ -6,6 +6,11 @@
 //!
 //! vLLM V1's rule drives it: a sequence has `num_computed` tokens catching up with its token
 //! count; prefill, chunked prefill, decode and resumption after preemption are all that one rule.
+//!
+//! At light load the prompts are paced (`SchedulerConfig::light_load_step_tokens`, Sarathi-Serve's
+//! stall-free batching): decodes always run, and prompt chunks fill only what is left of a step of
+//! that many tokens, so a burst of prompts starts over several steps instead of stalling every
+//! decode behind one long prefill.
 
 mod policy;
 
@@ -23,6 +28,22 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens computed in one step (prefill chunks plus decode tokens).
     pub max_num_batched_tokens: usize,
+    /// Prompt pacing at light load; 0 turns it off. While every sequence (running and waiting)
+    /// would fit in a step of this many tokens, a step holds at most this many: each running
+    /// decode its one token, prompt chunks the rest. The first tokens come much sooner (no stream
+    /// waits behind a burst's whole prefill) and equal requests that arrive together stop
+    /// moving in lockstep (all prefilled in one step, all finishing in one step, all arriving
+    /// again together). The price: more steps carry prompt chunks, and those run kernel by
+    /// kernel, not as a captured graph. One prompt with nothing else in the system is never
+    /// paced: nobody would wait for it.
+    pub light_load_step_tokens: usize,
+}
+
+impl SchedulerConfig {
+    /// No prompt pacing (`light_load_step_tokens` 0).
+    pub fn new(max_num_seqs: usize, max_num_batched_tokens: usize) -> Self {
+        SchedulerConfig { max_num_seqs, max_num_batched_tokens, light_load_step_tokens: 0 }
+    }
 }
 
 /// One sequence as the scheduler keeps it.
@@ -211,6 +232,8 @@ impl Scheduler {
         };
 
         let mut token_budget = self.config.max_num_batched_tokens;
+        // Prompt tokens (anything but a running sequence's one decode token) this step may take.
+        let mut prompt_budget = self.prompt_budget();
         let mut slots = self.config.max_num_seqs;
         // Sequences at `tail` and beyond are out of this step (preempted, or not admissible).
         let mut tail = ranking.len();
@@ -226,13 +249,15 @@ impl Scheduler {
                 }
                 continue;
             }
-            if !seq.running && token_budget == 0 {
+            if !seq.running && (token_budget == 0 || prompt_budget == 0) {
                 continue;
             }
             if !seq.running && seq.blocks.num_blocks() == 0 {
                 seq.num_computed = kv.match_prefix(&mut seq.blocks, &seq.tokens);
             }
-            let num_new = (seq.tokens.len() - seq.num_computed).min(token_budget);
+            let needed = seq.tokens.len() - seq.num_computed;
+            let is_decode = seq.running && needed == 1;
+            let num_new = if is_decode { needed.min(token_budget) } else { needed.min(token_budget).min(prompt_budget) };
             let admitted = num_new == 0
                 || loop {
                     let seq = self.seqs.get_mut(&id).unwrap();
@@ -272,6 +297,9 @@ impl Scheduler {
             seq.running = true;
             slots -= 1;
             token_budget -= num_new;
+            if !is_decode {
+                prompt_budget -= num_new;
+            }
             out.num_tokens += num_new;
             out.scheduled.push(ScheduledSeq {
                 id,
@@ -281,6 +309,22 @@ impl Scheduler {
             });
         }
         out
+    }
+
+    /// How many prompt tokens this step may take: the whole token budget, or at light load what
+    /// a step of `light_load_step_tokens` leaves after the running decodes.
+    fn prompt_budget(&self) -> usize {
+        let full = self.config.max_num_batched_tokens;
+        let target = self.config.light_load_step_tokens;
+        if target == 0 || target >= full || self.seqs.len() > target {
+            return full;
+        }
+        if self.seqs.len() == 1 {
+            return full;
+        }
+        let decodes = self.seqs.values().filter(|s| s.running && s.tokens.len() - s.num_computed == 1).count();
+        // `seqs.len() <= target`: at least one token is left for each sequence that is not decoding.
+        target - decodes
     }
 
     fn preempt(seq: &mut SchedSeq, kv: &mut KvCacheManager) {
@@ -324,7 +368,7 @@ mod tests {
     use super::*;
 
     fn config(max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerConfig {
-        SchedulerConfig { max_num_seqs, max_num_batched_tokens }
+        SchedulerConfig::new(max_num_seqs, max_num_batched_tokens)
     }
 
     fn seq(id: SeqId, prompt_len: usize, priority: i32) -> SchedSeq {
@@ -362,6 +406,82 @@ mod tests {
         );
         let out = step(&mut s, &mut kv);
         assert_eq!(out.num_tokens, 2, "two decode tokens");
+    }
+
+    fn paced(max_num_batched_tokens: usize, light_load_step_tokens: usize) -> SchedulerConfig {
+        SchedulerConfig { light_load_step_tokens, ..config(64, max_num_batched_tokens) }
+    }
+
+    fn tokens_of(out: &SchedulerOutput, id: SeqId) -> usize {
+        out.scheduled.iter().find(|x| x.id == id).map_or(0, |x| x.num_new)
+    }
+
+    #[test]
+    fn a_burst_of_prompts_at_light_load_starts_over_several_steps() {
+        let mut kv = KvCacheManager::new(64, 4, false);
+        let mut s = Scheduler::new(paced(256, 20), Box::new(Fcfs));
+        for id in 1..=4 {
+            s.add(seq(id, 16, 0));
+        }
+        // Without pacing all four prompts (64 tokens) would go in the first step.
+        let out = step(&mut s, &mut kv);
+        assert_eq!((out.num_tokens, tokens_of(&out, 1), tokens_of(&out, 2)), (20, 16, 4));
+        // Seq 1 decodes; the prompts share what a step of 20 leaves.
+        let out = step(&mut s, &mut kv);
+        assert_eq!((out.num_tokens, tokens_of(&out, 1), tokens_of(&out, 2), tokens_of(&out, 3)), (20, 1, 12, 7));
+        let out = step(&mut s, &mut kv);
+        assert_eq!((tokens_of(&out, 1), tokens_of(&out, 2), tokens_of(&out, 3), tokens_of(&out, 4)), (1, 1, 9, 9));
+        assert_eq!(out.num_tokens, 20);
+        let out = step(&mut s, &mut kv);
+        assert_eq!((out.num_tokens, tokens_of(&out, 4)), (10, 7), "three decodes and the last prompt's rest");
+    }
+
+    #[test]
+    fn a_prompt_longer_than_a_paced_step_goes_in_chunks_first_in_line() {
+        let mut kv = KvCacheManager::new(64, 4, false);
+        let mut s = Scheduler::new(paced(256, 20), Box::new(Fcfs));
+        s.add(seq(1, 50, 0));
+        s.add(seq(2, 4, 0));
+        let out = step(&mut s, &mut kv);
+        assert_eq!((tokens_of(&out, 1), tokens_of(&out, 2)), (20, 0), "the short one does not cut in");
+        let out = step(&mut s, &mut kv);
+        assert_eq!((tokens_of(&out, 1), tokens_of(&out, 2)), (20, 0));
+        let out = step(&mut s, &mut kv);
+        assert_eq!((tokens_of(&out, 1), tokens_of(&out, 2)), (10, 4), "the rest of the long one, then the short one whole");
+    }
+
+    #[test]
+    fn pacing_never_holds_a_decode_back() {
+        let mut kv = KvCacheManager::new(128, 4, false);
+        // A more urgent long prompt ranks above three running decodes, yet they all run every
+        // step and the prompt takes only what a step of 20 leaves.
+        let mut s = Scheduler::new(paced(256, 20), Box::new(Priority));
+        for id in 1..=3 {
+            s.add(seq(id, 4, 5));
+        }
+        step(&mut s, &mut kv);
+        s.add(seq(9, 100, 0));
+        for _ in 0..3 {
+            let out = step(&mut s, &mut kv);
+            assert_eq!((1..=3).map(|id| tokens_of(&out, id)).collect::<Vec<_>>(), vec![1, 1, 1]);
+            assert_eq!((tokens_of(&out, 9), out.num_tokens), (17, 20));
+        }
+    }
+
+    #[test]
+    fn pacing_leaves_a_lone_prompt_and_heavy_load_to_the_whole_budget() {
+        let mut kv = KvCacheManager::new(256, 4, false);
+        let mut s = Scheduler::new(paced(64, 20), Box::new(Fcfs));
+        s.add(seq(1, 100, 0));
+        assert_eq!(step(&mut s, &mut kv).num_tokens, 64, "alone: nobody waits for it");
+        assert_eq!(step(&mut s, &mut kv).num_tokens, 36, "its second chunk too");
+        s.remove(1, &mut kv);
+        // More sequences than a paced step holds: the step takes the whole budget, as unpaced.
+        for id in 1..=21 {
+            s.add(seq(id, 3, 0));
+        }
+        assert_eq!(step(&mut s, &mut kv).num_tokens, 63);
+        assert_eq!(step(&mut s, &mut kv).num_tokens, 21);
     }
 
     #[test]
