@@ -53,7 +53,7 @@ fn engine_with_queue(
     let metrics = Arc::new(Metrics::new("test"));
     let tokenizer = loaded.tokenizer.clone().expect("tokenizer");
     let config = EngineConfig {
-        scheduler: SchedulerConfig { max_num_seqs, max_num_batched_tokens },
+        scheduler: SchedulerConfig::new(max_num_seqs, max_num_batched_tokens),
         max_model_len: 2048,
         max_queue,
         prefix_caching,

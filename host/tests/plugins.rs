@@ -68,7 +68,7 @@ fn engine(num_blocks: usize, max_num_seqs: usize, limits: PluginLimits) -> TestE
     let backend = CpuBackend::new(loaded.model.clone(), num_blocks, 16);
     let metrics = Arc::new(Metrics::new("test"));
     let config = EngineConfig {
-        scheduler: SchedulerConfig { max_num_seqs, max_num_batched_tokens: 512 },
+        scheduler: SchedulerConfig::new(max_num_seqs, 512),
         max_model_len: 2048,
         max_queue: 1024,
         prefix_caching: false,
