@@ -373,6 +373,16 @@ impl Server {
         prometheus_parse::Scrape::parse(reply.body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
     }
 
+    /// A histogram's observations: (all of them, those at most `le`, which must be a bucket bound).
+    pub fn histogram_at_most(&self, name: &str, le: f64) -> (f64, f64) {
+        let scrape = self.scrape();
+        let histogram = scrape.samples.iter().find(|s| s.metric == name).unwrap_or_else(|| panic!("no histogram {name}"));
+        let prometheus_parse::Value::Histogram(buckets) = &histogram.value else { panic!("{name} is not a histogram") };
+        let total = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+        let at_most = buckets.iter().find(|b| b.less_than == le).unwrap_or_else(|| panic!("{name} has no bucket {le}: {buckets:?}"));
+        (total, at_most.count)
+    }
+
     /// The sum of a counter or gauge over its series (0 when absent).
     pub fn metric(&self, name: &str) -> f64 {
         self.scrape()

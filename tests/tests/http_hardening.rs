@@ -378,12 +378,8 @@ fn a_long_prompt_on_the_cpu_is_prefilled_in_short_steps() {
     });
     assert!(long.2 > 900, "prompt tokens {}", long.2);
     // No step computed more than 128 tokens (the histogram's bucket `le="128"` holds them all).
-    let scrape = server.scrape();
-    let histogram = scrape.samples.iter().find(|s| s.metric == "pagedserve_iteration_tokens_total").expect("histogram");
-    let prometheus_parse::Value::Histogram(buckets) = &histogram.value else { panic!("not a histogram") };
-    let total = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
-    let at_most_128 = buckets.iter().find(|b| b.less_than == 128.0).unwrap().count;
-    assert_eq!(at_most_128, total, "{buckets:?}");
+    let (total, at_most_128) = server.histogram_at_most("pagedserve_iteration_tokens_total", 128.0);
+    assert_eq!(at_most_128, total, "steps of more than 128 tokens");
     // A 2048-token step stalled every stream for the whole prompt (12-20 s on two cores).
     let worst = gaps.iter().max().copied().unwrap_or_default();
     let took = long.1 - long.0;

@@ -40,15 +40,6 @@ fn thirty_two_concurrent_requests_each_give_their_output_alone() {
     assert!(server.metric("pagedserve_request_success_total") >= 64.0);
 }
 
-/// Steps counted by the engine's tokens-a-step histogram: (all, those of at most `le` tokens).
-fn steps_of_at_most(server: &Server, le: f64) -> (f64, f64) {
-    let scrape = server.scrape();
-    let histogram = scrape.samples.iter().find(|s| s.metric == "pagedserve_iteration_tokens_total").expect("histogram");
-    let prometheus_parse::Value::Histogram(buckets) = &histogram.value else { panic!("not a histogram") };
-    let total = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
-    (total, buckets.iter().find(|b| b.less_than == le).expect("bucket").count)
-}
-
 #[test]
 fn paced_prompts_start_over_several_steps_and_outputs_stay_identical() {
     // Twelve prompts of 12-70 tokens at once: unpaced, the first step would take 128 of them (the
@@ -75,9 +66,11 @@ fn paced_prompts_start_over_several_steps_and_outputs_stay_identical() {
         assert!(n > 0, "the background stream ended: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&chunk[..n]);
     }
-    let before = steps_of_at_most(&server, 32.0);
+    // Engine steps, all and those of at most 32 tokens (the tokens-a-step histogram).
+    let steps_of_at_most_32 = || server.histogram_at_most("pagedserve_iteration_tokens_total", 32.0);
+    let before = steps_of_at_most_32();
     let together = burst(&server, &requests);
-    let after = steps_of_at_most(&server, 32.0);
+    let after = steps_of_at_most_32();
     drop(background);
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(t, a, "request {i} differs when paced");

@@ -316,10 +316,8 @@ impl Scheduler {
     fn prompt_budget(&self) -> usize {
         let full = self.config.max_num_batched_tokens;
         let target = self.config.light_load_step_tokens;
-        if target == 0 || target >= full || self.seqs.len() > target {
-            return full;
-        }
-        if self.seqs.len() == 1 {
+        // Off; or heavy load; or one sequence alone, which nobody waits for.
+        if target == 0 || target >= full || self.seqs.len() > target || self.seqs.len() == 1 {
             return full;
         }
         let decodes = self.seqs.values().filter(|s| s.running && s.tokens.len() - s.num_computed == 1).count();
