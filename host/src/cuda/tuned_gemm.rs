@@ -65,9 +65,9 @@ pub struct TunedGemm {
 
 impl TunedGemm {
     /// `$PAGEDSERVE_BLAS_TUNE`: `off` (the default), `on` (rows 2 to 64) or `A-B` (rows A to B,
-    /// within 1 to 256). `Ok(None)` when off.
+    /// within 1 to the largest graph bucket, 256). `Ok(None)` when off.
     pub fn rows_from_env() -> Result<Option<RangeInclusive<usize>>, CudaError> {
-        super::launch::parse_row_range("PAGEDSERVE_BLAS_TUNE", std::env::var("PAGEDSERVE_BLAS_TUNE").ok().as_deref(), 2..=64, 256)
+        super::launch::parse_row_range("PAGEDSERVE_BLAS_TUNE", std::env::var("PAGEDSERVE_BLAS_TUNE").ok().as_deref(), 2..=64, *super::launch::GRAPH_BUCKETS.last().expect("buckets"))
             .map_err(CudaError::Config)
     }
 
@@ -151,9 +151,17 @@ impl TunedGemm {
     }
 }
 
-/// Whether `m` rows take the tuned path on `dev`.
+/// Whether `m` rows take the tuned path on `dev`: rows in the `PAGEDSERVE_BLAS_TUNE` range that
+/// are a decode graph's batch size (`launch::GRAPH_BUCKETS`), the shapes a server replays over and
+/// over. An eager step's rows (a prompt chunk's, any count) keep the heuristic's choice: timing
+/// every count at first sight would stall those steps for tens of milliseconds each.
 pub fn takes(dev: &GpuDevice, m: usize) -> bool {
-    dev.tuned_gemm_rows().is_some_and(|rows| rows.contains(&m))
+    dev.tuned_gemm_rows().is_some_and(|rows| tunes(&rows, m))
+}
+
+/// `takes` for a given row range.
+fn tunes(rows: &RangeInclusive<usize>, m: usize) -> bool {
+    rows.contains(&m) && super::launch::GRAPH_BUCKETS.contains(&m)
 }
 
 /// `out[m×n] = x[m×k] · wᵀ` (rows of `out` `ldc` apart) through cuBLASLt with the algorithm
@@ -204,6 +212,15 @@ pub unsafe fn tuned_linear(dev: &GpuDevice, out: CUdeviceptr, ldc: usize, out_ty
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_graph_batch_sizes_within_the_range_are_tuned() {
+        let rows = 2..=64;
+        assert!(tunes(&rows, 32) && tunes(&rows, 48) && tunes(&rows, 64));
+        // A prompt chunk's row count, and bucket sizes outside the range, keep the heuristic's.
+        assert!(!tunes(&rows, 33) && !tunes(&rows, 1) && !tunes(&rows, 96));
+        assert!(tunes(&(2..=256), 256) && !tunes(&(2..=256), 200));
+    }
 
     #[test]
     fn alignment_is_the_least_aligned_operand_up_to_256() {
