@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Which engine steps of the 1000-request ShareGPT-like run (scripts/bench_http.py's `sharegpt`, seed 0)
-could replay a CUDA graph, and which run eager: a model of the schedule, not a measurement.
+"""Which engine steps of the 1000-request ShareGPT-like run (the client's `sharegpt` workload, seed 0,
+from scripts/workloads.py) could replay a CUDA graph, and which run eager: a model of the schedule, not a
+measurement.
 
 Admission is first-come first-served up to --max-num-seqs sequences and --max-num-batched-tokens prompt
-tokens a step, as in session 30's `results/2026-12-06/session30/sg_schedule_model.py` (whose step-time
-fit, H100, this reuses for the time columns). A step is
+tokens a step, as in session 30's `results/2026-12-06/session30/sg_schedule_model.py`, whose step-time
+fit (H100) this reuses for the time columns. (That model drew its lengths without the prompt ids,
+so its requests are another sample of the same distribution, not the client's.) A step is
   * `graph`: decode rows only, at most the largest graph bucket (`launch::GRAPH_BUCKETS`);
   * `eager decode`: decode rows only, more than that;
   * `mixed`: it carries prompt tokens (always eager).
@@ -13,24 +15,22 @@ An eager step costs about 0.5 ms more than its graph on an H100 at 256 rows (BEN
     python3 scripts/peer/schedule_model.py [--largest-bucket 256] [--max-num-seqs 512]
 """
 import argparse
-import math
-import random
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from workloads import sharegpt  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--largest-bucket", type=int, default=256)
 parser.add_argument("--max-num-seqs", type=int, default=512)
 parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+parser.add_argument("--vocab", type=int, default=128256, help="the model's vocabulary (Llama-3.1-8B's by default)")
 parser.add_argument("--eager-ms", type=float, default=0.5, help="what an eager step costs beyond its graph")
 args = parser.parse_args()
 
-rng = random.Random(0)
-requests = []
-while len(requests) < 1000:
-    prompt = int(round(math.exp(rng.gauss(4.72, 0.9))))
-    output = int(round(math.exp(rng.gauss(5.58, 0.8))))
-    if prompt < 4 or output < 4 or prompt > 1024 or prompt + output > 2048:
-        continue
-    requests.append((prompt, output))
+# The client's own requests (the lengths depend on the vocabulary: the prompt ids share the draws).
+requests = [(len(r["prompt_ids"]), r["max_tokens"]) for r in sharegpt(1000, args.vocab)]
 
 KV_BYTES_PER_POSITION = 4096 * 32
 waiting, running = list(requests), []
