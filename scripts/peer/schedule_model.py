@@ -53,5 +53,6 @@ while waiting or running:
 total = sum(s for _, s in steps.values())
 print(f"{sum(n for n, _ in steps.values())} steps, {total:.2f} s (session 30's H100 fit)")
 for kind, (n, s) in steps.items():
-    extra = "" if kind == "graph" else f", about {n * args.eager_ms / 1e3:.2f} s of it eager overhead ({100 * n * args.eager_ms / 1e3 / total:.1f}%)"
+    overhead = n * args.eager_ms / 1e3
+    extra = "" if kind == "graph" else f", about {overhead:.2f} s of it eager overhead ({100 * overhead / total:.1f}%)"
     print(f"  {kind:<13} {n:>5} steps, {s:6.2f} s{extra}")
