@@ -1,5 +1,5 @@
 """The load client's deterministic workloads (scripts/bench_http.py), apart so that a tool without the
-client's dependencies (scripts/peer/schedule_model.py) draws exactly the same requests: each a list of
+client's dependencies (scripts/peer/schedule_model.py, scripts/peer/floors.py) draws exactly the same requests: each a list of
 prompt token ids and an output length (`max_tokens`, with ignore_eos the exact length)."""
 
 import math

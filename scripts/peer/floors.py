@@ -3,12 +3,10 @@
 a lower bound on the run's time, so that a measured tok/s (ours, vLLM's, a target) reads as a fraction
 of what the machine allows. A model of the schedule, not a measurement; no GPU.
 
-The requests are the client's own (scripts/workloads.py, seed 0). The schedule is the one both servers
-run with ignore_eos: first-come first-served admission up to --max-num-seqs sequences and
---max-num-batched-tokens tokens a step (decode rows and prompts), a prompt computed whole in the step that admits it
-(a chunked prompt would only add steps), then one token a step until `max_tokens`. Below the request
-count, the concurrency is a closed loop: a client sends its next request in the step after its last one
-ends. Each step costs at least the larger of
+The requests are the client's own (scripts/workloads.py, seed 0), under the schedule both servers run
+(scripts/peer/schedule.py: first-come first-served under --max-num-seqs and --max-num-batched-tokens, a
+prompt whole in the step that admits it, where a chunked one would only add steps; below the request
+count the concurrency is a closed loop). Each step costs at least the larger of
   * its bytes at the copy rate: the weights it streams (every layer's products and the head: the
     embedding table is only gathered), the cache it reads (every decode row's context, keys and values
     of every layer) and the cache it writes;
@@ -29,6 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from peer.schedule import steps as schedule  # noqa: E402
 from workloads import fixed, sharegpt  # noqa: E402
 
 # Llama-3.1-8B.
@@ -83,29 +82,15 @@ def main():
     args = parser.parse_args()
     bandwidth, flops_peak = args.copy_gbps * 1e9, args.tflops * 1e12
 
-    waiting, concurrency = requests_of(args.workload, VOCAB)
-    output_tokens = sum(out for _, out in waiting)
-    queued, running = [], []  # running: [prompt, output, generated]
-    seconds, sequential_seconds, steps, weight_seconds = 0.0, 0.0, 0, 0.0
-    while waiting or queued or running:
-        while waiting and len(queued) + len(running) < concurrency:  # sent and not yet seen to end
-            queued.append(waiting.pop(0))
-        # The step's token budget counts its decode rows too (both servers' `max-num-batched-tokens`).
-        admitted, prompt_tokens = [], len(running)
-        while queued and len(running) + len(admitted) < args.max_num_seqs and prompt_tokens + queued[0][0] <= args.max_num_batched_tokens:
-            prompt, output = queued.pop(0)
-            prompt_tokens += prompt
-            admitted.append([prompt, output, 0])
-        # Sequences admitted before this step decode; the admitted ones get their first token from the prompt.
-        contexts = [prompt + generated for prompt, _, generated in running]
-        overlapped, sequential = step_floors([p for p, _, _ in admitted], contexts, bandwidth, flops_peak)
+    requests, concurrency = requests_of(args.workload, VOCAB)
+    output_tokens = sum(out for _, out in requests)
+    seconds, sequential_seconds, steps = 0.0, 0.0, 0
+    for prompts, contexts in schedule(requests, concurrency, args.max_num_seqs, args.max_num_batched_tokens):
+        overlapped, sequential = step_floors(prompts, contexts, bandwidth, flops_peak)
         seconds += overlapped
         sequential_seconds += sequential
-        weight_seconds += 2 * (LAYER_WEIGHTS + HEAD_WEIGHTS) / bandwidth
         steps += 1
-        for r in running + admitted:
-            r[2] += 1
-        running = [r for r in running + admitted if r[2] < r[1]]
+    weight_seconds = steps * 2 * (LAYER_WEIGHTS + HEAD_WEIGHTS) / bandwidth
 
     floor, sequential_floor = output_tokens / seconds, output_tokens / sequential_seconds
     print(f"{args.workload}: {output_tokens:,} output tokens in {steps:,} steps "
