@@ -5,17 +5,19 @@ them), a prompt computed whole in the step that admits it, then one token a step
 length (ignore_eos). With `concurrency` below the request count the clients are a closed loop: each
 sends its next request in the step after its last one ends."""
 
+from collections import deque
+
 
 def steps(requests, concurrency, max_num_seqs, max_num_batched_tokens):
     """Yields each step as (the prompt lengths it admits, the contexts of the sequences it decodes);
     `requests` are (prompt length, output length) pairs in the order the clients send them."""
-    waiting, queued, running = list(requests), [], []  # running: [prompt, output, generated]
+    waiting, queued, running = deque(requests), deque(), []  # running: [prompt, output, generated]
     while waiting or queued or running:
         while waiting and len(queued) + len(running) < concurrency:  # sent and not yet seen to end
-            queued.append(waiting.pop(0))
+            queued.append(waiting.popleft())
         admitted, tokens = [], len(running)
         while queued and len(running) + len(admitted) < max_num_seqs and tokens + queued[0][0] <= max_num_batched_tokens:
-            prompt, output = queued.pop(0)
+            prompt, output = queued.popleft()
             tokens += prompt
             admitted.append([prompt, output, 0])
         yield [p for p, _, _ in admitted], [p + generated for p, _, generated in running]
