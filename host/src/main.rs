@@ -30,8 +30,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Generate a continuation of one prompt, streaming it to the terminal (greedy).
     Generate(GenerateArgs),
-    /// Benchmarks: `bench decode` (fixed batches), `bench serve` (the engine under load) and
-    /// `bench scheduler` (one scheduling-policy call, Wasm plugin against native).
+    /// Benchmarks: `bench decode` (fixed batches), `bench serve` (the engine under load),
+    /// `bench scheduler` (one scheduling-policy call, Wasm plugin against native) and `bench gpu`
+    /// (GPU kernels and decode steps against the copy bandwidth).
     #[cfg(feature = "tools")]
     #[command(subcommand)]
     Bench(tools::BenchCommand),

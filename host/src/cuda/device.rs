@@ -104,7 +104,8 @@ pub enum PdlScope {
 }
 
 impl PdlScope {
-    /// The default, or `$PAGEDSERVE_PDL`: `off` (or `0`), `all` (or `1`), `but-gemv`, `gemv-only`.
+    /// The default, or `$PAGEDSERVE_PDL`: `off` (or `0`), `all` (or `1`), `but-gemv`, `gemv-only`,
+    /// `gemv-merge`, `gemv-attention`.
     pub fn from_env() -> Result<Self, super::CudaError> {
         match std::env::var("PAGEDSERVE_PDL").as_deref() {
             Err(_) => Ok(PdlScope::DEFAULT),

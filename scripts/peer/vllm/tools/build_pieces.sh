@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build the pieces that carry vLLM 0.24.0 to the GPU machine (run HERE, not there).
 #   bash scripts/peer/vllm/tools/build_pieces.sh /path/to/vllm-0.24.0-cp38-abi3-manylinux_2_28_x86_64.whl
-# (scripts/peer/fetch-vllm.sh downloads the wheel and calls this.)  PEER_FALLBACK=0 skips the
+# (scripts/peer/README.md: `pip download` the wheel, then run this.)  PEER_FALLBACK=0 skips the
 # optional and fallback pieces (.peer/opt-moe, .peer/fb1, .peer/fb2), which only a failed selftest needs.
 # Output: .peer/p1 (the one piece the install needs), .peer/opt-moe (optional MoE
 # extension), .peer/fb1 + .peer/fb2 (fallback: the unpruned _C extension), and
