@@ -63,13 +63,11 @@ pub struct GpuDevice {
     /// Which bf16 cuBLAS products of 2-64 rows are cut into K slices whose float32 partials the
     /// residual add and norm after them sums (`launch::split_k_splits`): a `SplitK` as a byte.
     split_k: AtomicU8,
-    /// EXPERIMENT (`PAGEDSERVE_FUSED_MERGE=all`): the merge also goes into a bf16 or FP8
-    /// o-projection's staging, so that GEMV is the attention kernel's programmatic dependent.
+    /// `PAGEDSERVE_FUSED_MERGE=all`: the merge also goes into a bf16 or FP8 o-projection's
+    /// staging, so that GEMV is the attention kernel's programmatic dependent. Off by default: a
+    /// bf16 one-row step lost 0.18 ms with it on an H200 (session 15, before the GEMV's ring) and
+    /// gained 0.9% on an H100 (session 38); the H200 decides.
     pub fused_merge_all: bool,
-    /// EXPERIMENT (`PAGEDSERVE_MERGE_GEMV_WARPS=N`): the merging GEMV's block takes at most N warps
-    /// (N rings), so that it fits beside a decode attention block and starts its weight stream
-    /// while attention runs.
-    pub merge_gemv_warps: Option<u32>,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -275,7 +273,6 @@ impl GpuDevice {
         let split_k = SplitK::from_env()?;
         let graph_tiers = !matches!(std::env::var("PAGEDSERVE_GRAPH_TIERS").as_deref(), Ok("off" | "0"));
         let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
-        let merge_gemv_warps = std::env::var("PAGEDSERVE_MERGE_GEMV_WARPS").ok().and_then(|v| v.parse().ok());
         tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, ?split_k, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
@@ -296,7 +293,6 @@ impl GpuDevice {
             graph_tiers,
             split_k: AtomicU8::new(split_k as u8),
             fused_merge_all,
-            merge_gemv_warps,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
             tuned_gemm,

@@ -129,10 +129,7 @@ pub unsafe fn gemv(dev: &GpuDevice, g: &Gemv) -> Result<(), CudaError> {
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
     // Warps stream `rows_per_warp` output rows at a time: size the grid in those.
     let mut row_groups = g.n.div_ceil(format.rows_per_warp());
-    let mut wanted = gemv_block_warps(row_groups, dev.num_sms);
-    if let (GemvInput::Merge { .. }, Some(cap)) = (g.input, dev.merge_gemv_warps) {
-        wanted = wanted.min(cap.max(1));
-    }
+    let wanted = gemv_block_warps(row_groups, dev.num_sms);
     let (warps, shared) = gemv_block_fit(g.m, g.k, format, wanted, dev.max_shared_optin)
         .ok_or_else(|| CudaError::Config(format!("a GEMV block of m {} k {} does not fit in this device's shared memory", g.m, g.k)))?;
     let blocks_per_sm = dev.gemv_blocks_per_sm(&gemv_kernel_name(g.input.mode(), g.m, format), warps * 32, shared)?;
