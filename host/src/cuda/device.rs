@@ -43,11 +43,9 @@ pub struct GpuDevice {
     /// (`AttentionArgs::rope`) instead of launching `rope_and_cache`: on unless
     /// `PAGEDSERVE_FUSED_ROPE=off`, which exists to measure the fusion.
     pub fused_rope: bool,
-    /// Whether a split decode attention of one token leaves the merge of its partials to the
-    /// o-projection's GEMV staging (`GemvInput::Merge`) instead of launching `attention_reduce`,
-    /// when that projection is GGUF blocks (`forward`'s `attention` says why not bf16): on unless
-    /// `PAGEDSERVE_FUSED_MERGE=off`, which exists to measure the fusion.
-    pub fused_merge: bool,
+    /// Which o-projections merge a one-token split decode attention's partials in their GEMV's
+    /// staging (`GemvInput::Merge`) instead of after an `attention_reduce` launch (`FusedMerge`).
+    pub fused_merge: FusedMerge,
     /// The most bytes of the o-projection's weights the decode attention of a small batch pulls
     /// into L2 for it (`AttentionArgs::l2_prefetch`): three quarters of the L2 on sm_90 and newer
     /// (`cp.async.bulk.prefetch`), none before; `PAGEDSERVE_L2_PREFETCH=off` turns it off, `=N`
@@ -63,11 +61,6 @@ pub struct GpuDevice {
     /// Which bf16 cuBLAS products of 2-64 rows are cut into K slices whose float32 partials the
     /// residual add and norm after them sums (`launch::split_k_splits`): a `SplitK` as a byte.
     split_k: AtomicU8,
-    /// `PAGEDSERVE_FUSED_MERGE=all`: the merge also goes into a bf16 or FP8 o-projection's
-    /// staging, so that GEMV is the attention kernel's programmatic dependent. Off by default: a
-    /// bf16 one-row step lost 0.18 ms with it on an H200 (session 15, before the GEMV's ring) and
-    /// gained 0.9% on an H100 (session 38); the H200 decides.
-    pub fused_merge_all: bool,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -125,6 +118,45 @@ impl PdlScope {
     /// Adding the split merge (session 14) took the 8B bf16 batch-1 step to 5.41 ms against 4.85,
     /// Q4_K's to 2.52 against 2.45; adding the decode attention too, 4.90 and 2.48.
     pub const DEFAULT: PdlScope = PdlScope::GemvOnly;
+}
+
+/// Which o-projections take a one-token split decode attention's merge into their GEMV's staging
+/// (`GemvInput::Merge`): every block of the GEMV redoes the merge (the 8B shape: 32 heads of up to
+/// 33 splits) while its first weight chunks are in flight, and the `attention_reduce` launch is
+/// gone. GGUF blocks took it first (session 15, H200: Q4_K 2.380 -> 2.322 ms a step), when a bf16
+/// one-row step lost 0.18 ms with it; since the GEMV streams through its ring (session 18) that
+/// no longer holds: on an H100 (session 38) the 8B one-row step with every format fused took
+/// 5.556 and 5.558 ms against 5.622 and 5.628 (bf16) and 3.664 and 3.656 against 3.698 and 3.717
+/// (FP8), one client served 5.44 ms TPOT against 5.55 (bf16) and 3.56 against 3.60 (FP8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedMerge {
+    /// Every merge is `attention_reduce`'s.
+    Off,
+    /// Only GGUF o-projections fuse it (the default before session 38).
+    Ggml,
+    /// Every o-projection's GEMV fuses it.
+    All,
+}
+
+impl FusedMerge {
+    /// `All`, or `$PAGEDSERVE_FUSED_MERGE`: `off` (or `0`), `ggml`, `all` (or `on`, `1`).
+    pub fn from_env() -> Result<Self, super::CudaError> {
+        match std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref() {
+            Err(_) | Ok("all" | "on" | "1") => Ok(FusedMerge::All),
+            Ok("off" | "0") => Ok(FusedMerge::Off),
+            Ok("ggml") => Ok(FusedMerge::Ggml),
+            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_FUSED_MERGE is off, ggml or all, not {other:?}"))),
+        }
+    }
+
+    /// Whether an o-projection in GGUF blocks (`ggml`) or not takes the merge.
+    pub fn takes(self, ggml: bool) -> bool {
+        match self {
+            FusedMerge::Off => false,
+            FusedMerge::Ggml => ggml,
+            FusedMerge::All => true,
+        }
+    }
 }
 
 /// Which bf16 products of 2-64 rows go through cuBLAS as K slices into float32 partials that the
@@ -254,7 +286,7 @@ impl GpuDevice {
         let name = context.name()?;
         let pdl = if major >= 9 { PdlScope::from_env()? } else { PdlScope::Off };
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
-        let fused_merge = !matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("off" | "0"));
+        let fused_merge = FusedMerge::from_env()?;
         let l2_bytes = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
         let l2_prefetch_limit = match std::env::var("PAGEDSERVE_L2_PREFETCH").as_deref() {
             _ if major < 9 => 0,
@@ -272,8 +304,7 @@ impl GpuDevice {
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let split_k = SplitK::from_env()?;
         let graph_tiers = !matches!(std::env::var("PAGEDSERVE_GRAPH_TIERS").as_deref(), Ok("off" | "0"));
-        let fused_merge_all = matches!(std::env::var("PAGEDSERVE_FUSED_MERGE").as_deref(), Ok("all"));
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, ?split_k, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, ?fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, ?split_k, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -292,7 +323,6 @@ impl GpuDevice {
             kv_evict_first,
             graph_tiers,
             split_k: AtomicU8::new(split_k as u8),
-            fused_merge_all,
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
             tuned_gemm,
@@ -417,5 +447,19 @@ impl GpuDevice {
     /// Free and total device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize), CudaError> {
         Ok(self.context.mem_get_info()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FusedMerge;
+
+    #[test]
+    fn fused_merge_takes_ggml_o_projections_only_under_ggml() {
+        for ggml in [false, true] {
+            assert!(!FusedMerge::Off.takes(ggml));
+            assert!(FusedMerge::All.takes(ggml));
+            assert_eq!(FusedMerge::Ggml.takes(ggml), ggml);
+        }
     }
 }

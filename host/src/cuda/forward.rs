@@ -837,10 +837,8 @@ impl Ops for GpuOps<'_> {
             return Ok(out);
         }
         // One decode token's split partials are merged by the o-projection's GEMV staging when
-        // it runs (`linear`), else by the merge kernel when the output is first read (`resolve`).
-        // Only for GGUF blocks: every block of the GEMV redoes the merge in its staging, which a
-        // quantized o-projection's few bytes hide and a bf16 one's do not (8B, batch 1, H200:
-        // Q4_K 2.380 -> 2.322 ms a step, bf16 4.741 -> 4.917 ms).
+        // it runs (`linear`), else by the merge kernel when the output is first read (`resolve`);
+        // `FusedMerge` says which formats and why.
         let o_proj = &self.model.weights().layers[layer].o_proj;
         let ggml_o_proj = matches!(o_proj.format(), WeightFormat::Ggml(_));
         // A small batch's decode attention is latency-bound and leaves DRAM idle: its blocks pull
@@ -851,7 +849,7 @@ impl Ops for GpuOps<'_> {
         } else {
             (0, 0)
         };
-        let defer_merge = dev.fused_merge && (ggml_o_proj || dev.fused_merge_all) && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
+        let defer_merge = dev.fused_merge.takes(ggml_o_proj) && self.gemv && self.n == 1 && a.num_tiles == 0 && launch.split.splits > 1;
         let args = AttentionArgs {
             out: self.out_ptr(out)?,
             q,
