@@ -124,10 +124,11 @@ impl PdlScope {
 /// (`GemvInput::Merge`): every block of the GEMV redoes the merge (the 8B shape: 32 heads of up to
 /// 33 splits) while its first weight chunks are in flight, and the `attention_reduce` launch is
 /// gone. GGUF blocks took it first (session 15, H200: Q4_K 2.380 -> 2.322 ms a step), when a bf16
-/// one-row step lost 0.18 ms with it; since the GEMV streams through its ring (session 18) that
-/// no longer holds: on an H100 (session 38) the 8B one-row step with every format fused took
-/// 5.556 and 5.558 ms against 5.622 and 5.628 (bf16) and 3.664 and 3.656 against 3.698 and 3.717
-/// (FP8), one client served 5.44 ms TPOT against 5.55 (bf16) and 3.56 against 3.60 (FP8).
+/// one-row step lost 0.18 ms with it. The GEMV has streamed through its ring since (session 18),
+/// and on an H100 (session 38) every format gains: the 8B one-row step took 5.556 and 5.558 ms
+/// against 5.622 and 5.628 (bf16) and 3.664 and 3.656 against 3.698 and 3.717 (FP8); one client
+/// served, 5.44 ms TPOT against 5.55 and, on a second machine, 5.46 against 5.52 (bf16), 3.56
+/// against 3.60 (FP8). The H200 has not run it since session 15 (BENCHMARKS.md, session 38).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FusedMerge {
     /// Every merge is `attention_reduce`'s.
