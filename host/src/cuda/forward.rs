@@ -42,12 +42,12 @@ use super::gemm::{cublas_linear, ggml_linear, split_k_partials, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gated_config, grid_stride_config, split_k_splits, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
-use super::launchers;
+use super::launchers::{self, L2Rows};
 use super::skinny::{self, SkinnyInput};
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
 use super::weights::{GpuMatrix, GpuWeights};
-use super::{CudaError, GpuDevice};
+use super::{CudaError, GpuDevice, NormPrefetch};
 use crate::model::config::{Activation, LayerAttention, MoeConfig};
 use crate::model::ops::{Act, Norm, Ops};
 use crate::model::parallel::vocab_per_rank;
@@ -321,6 +321,12 @@ impl<'a> GpuOps<'a> {
 
     /// Computes `act` if it is pending.
     fn resolve(&mut self, act: Act) -> Result<(), ModelError> {
+        self.resolve_for(act, L2Rows::NONE)
+    }
+
+    /// Computes `act` if it is pending, the norm or activation launch asking `next` (the start
+    /// of the product's weights that reads it) into L2 meanwhile.
+    fn resolve_for(&mut self, act: Act, next: L2Rows) -> Result<(), ModelError> {
         let Some(pending) = self.acts[act.0].pending else { return Ok(()) };
         let out = self.out_ptr(act)?;
         let width = self.acts[act.0].width;
@@ -345,11 +351,11 @@ impl<'a> GpuOps<'a> {
                         match delta_partials {
                             Some((partials, splits)) => {
                                 let stride = (self.n * width) as u64;
-                                launchers::fused_add_rmsnorm_partials(self.dev(), config, x, partials, splits as i32, stride, weight, out, width as i32, eps)
+                                launchers::fused_add_rmsnorm_partials(self.dev(), config, x, partials, splits as i32, stride, weight, out, width as i32, eps, next)
                             }
                             None => {
                                 let (row_scales, col_scales) = delta_scales.unwrap_or((0, 0));
-                                launchers::fused_add_rmsnorm(self.dev(), config, x, d, row_scales, col_scales, weight, out, width as i32, eps)
+                                launchers::fused_add_rmsnorm(self.dev(), config, x, d, row_scales, col_scales, weight, out, width as i32, eps, next)
                             }
                         }
                         .map_err(backend_error)?
@@ -362,7 +368,7 @@ impl<'a> GpuOps<'a> {
                 if self.launch.is_some() {
                     let config = gated_config(self.n, width);
                     // SAFETY: gate_up holds `n` rows of `2 * width`, out `n` rows of `width`.
-                    unsafe { launchers::silu_and_mul(self.dev(), config, out, input, 0, 0, width as i32).map_err(backend_error)? };
+                    unsafe { launchers::silu_and_mul(self.dev(), config, out, input, 0, 0, width as i32, next).map_err(backend_error)? };
                 }
             }
             Pending::Merge(merge) => {
@@ -428,6 +434,25 @@ impl<'a> GpuOps<'a> {
     /// Whether the GEMV takes an `[m, k]` input (of a bf16 weight, the stricter format: an FP8
     /// one takes every K a bf16 one does but those not a multiple of 16, which no model has): the
     /// fused element-wise steps stay pending on this, and the product decides (`gemv_runs`).
+    /// Whether an add + norm or a SiLU gated activation the GEMV does not stage is left pending
+    /// all the same, for the product that reads it to launch with `next_l2` (`NormPrefetch`):
+    /// the same answer planning and launching, so both take the same slots.
+    fn defers_for_prefetch(&self) -> bool {
+        self.dev().norm_prefetch != NormPrefetch::Off && L2_PREFETCH_ROWS.contains(&self.n)
+    }
+
+    /// What the launch that computes a product's input asks into L2 of its weights `w`
+    /// (`NormPrefetch`); nothing when the products are left out of a timing run.
+    fn next_l2(&self, w: &GpuMatrix) -> L2Rows {
+        match &self.launch {
+            Some(launch) if launch.omit != Omit::Products && L2_PREFETCH_ROWS.contains(&self.n) => {
+                let (values, bytes) = w.values_region(self.dev());
+                self.dev().norm_prefetch.region(values, w.rows, bytes)
+            }
+            _ => L2Rows::NONE,
+        }
+    }
+
     fn gemv_takes(&self, m: usize, k: usize) -> bool {
         self.gemv && gemv_supports(m, k, WeightFormat::Bf16)
     }
@@ -647,7 +672,7 @@ impl Ops for GpuOps<'_> {
         let out = self.alloc_bf16(h)?;
         let weight = self.launch.as_ref().map_or(0, |_| ptr(self.dev(), weight));
         self.set_pending(out, Some(Pending::AddNorm { residual, delta, weight, eps: norm.eps, delta_scales: folded, delta_partials: partials }));
-        if !self.gemv_takes(self.n, h) {
+        if !self.gemv_takes(self.n, h) && !self.defers_for_prefetch() {
             self.resolve(out)?;
         }
         Ok(out)
@@ -678,13 +703,19 @@ impl Ops for GpuOps<'_> {
         let stages = |mode| gemv_mode_rows(mode).contains(&gemv_padded_rows(m));
         let fusable = match pending {
             Some(Pending::Merge(_)) => stages(GemvMode::Merge),
-            Some(Pending::Fp8Scales { .. } | Pending::SplitSum { .. } | Pending::AddNorm { delta_partials: Some(_), .. }) => false,
+            Some(
+                Pending::Fp8Scales { .. }
+                | Pending::SplitSum { .. }
+                | Pending::AddNorm { delta_partials: Some(_), .. }
+                | Pending::AddNorm { delta_scales: Some(_), .. },
+            ) => false,
             _ => true,
         };
         // The skinny kernel stages a SiLU-and-multiply too (not a norm or a merge).
         let fused = self.gemv_runs(m, w) || (matches!(pending, Some(Pending::SiluMul { .. })) && self.skinny_runs(m, w));
         if pending.is_some() && (!fused || !fusable) {
-            self.resolve(x)?;
+            let next = self.next_l2(w);
+            self.resolve_for(x, next)?;
         }
         let out = self.alloc_bf16(n)?;
         let o = self.out_ptr(out)?;
@@ -892,6 +923,9 @@ impl Ops for GpuOps<'_> {
         let staged = activation == Activation::Silu && (self.gemv_takes(self.n, inter) || skinny_takes);
         // Straight from an FP8 GEMM (and not left to the GEMV): the scales go into this launch.
         let folded = if staged { None } else { self.take_fp8_scales(gate_up) };
+        // Left for the down projection to launch with its weights' prefetch (not an FP8 GEMM's
+        // output: `Pending::SiluMul` carries no scales).
+        let staged = staged || (activation == Activation::Silu && folded.is_none() && self.defers_for_prefetch());
         self.resolve_all(None)?;
         let input = if folded.is_some() { self.out_ptr(gate_up)? } else { self.ptr(gate_up)? };
         let out = self.alloc_bf16(inter)?;
@@ -1001,7 +1035,8 @@ impl Ops for GpuOps<'_> {
             // of them; `final_h` holds `rows` rows.
             unsafe {
                 if d != 0 {
-                    launchers::fused_add_rmsnorm(dev, norm_config(self.n, h), x, d, 0, 0, w, 0, h as i32, norm.eps).map_err(backend_error)?;
+                    let next = self.next_l2(lm_head);
+                    launchers::fused_add_rmsnorm(dev, norm_config(self.n, h), x, d, 0, 0, w, 0, h as i32, norm.eps, next).map_err(backend_error)?;
                 }
                 launchers::rmsnorm_rows(dev, self.rows_config(rows, h), x, launch.arrays.rows, w, final_h, h as i32, norm.eps)
                     .map_err(backend_error)?;
@@ -1040,8 +1075,8 @@ impl<'a> GpuOps<'a> {
         // SAFETY: `gate_up` holds `rows` rows of `2 * inter`, `out` `rows` of `inter`.
         unsafe {
             match activation {
-                Activation::Silu => launchers::silu_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32),
-                Activation::GeluTanh => launchers::gelu_tanh_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32),
+                Activation::Silu => launchers::silu_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32, L2Rows::NONE),
+                Activation::GeluTanh => launchers::gelu_tanh_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32, L2Rows::NONE),
             }
             .map_err(backend_error)
         }
