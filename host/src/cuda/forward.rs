@@ -22,6 +22,10 @@
 //! (`resolve`), so fusion never changes what an architecture can ask. Freeing an input a pending
 //! output still reads is deferred until it is resolved.
 //!
+//! **Prefetch at 2-64 rows** (`NormPrefetch`, opt-in): an add+norm or a SiLU `gated_activation`
+//! no GEMV stages is left pending too, so that the `linear` reading it launches it with the
+//! start of the product's weights to ask into L2 (`next_l2`) while the short launch leaves DRAM idle.
+//!
 //! **Products left in pieces.** Outputs of products can be pending too: an FP8 GEMM's unscaled
 //! output (`Pending::Fp8Scales`), and at 2-64 rows a bf16 cuBLAS product made as float32 partials
 //! over slices of K (`Pending::SplitSum`, `launch::split_k_splits`). `add_norm` folds either into
@@ -431,9 +435,6 @@ impl<'a> GpuOps<'a> {
         Ok(())
     }
 
-    /// Whether the GEMV takes an `[m, k]` input (of a bf16 weight, the stricter format: an FP8
-    /// one takes every K a bf16 one does but those not a multiple of 16, which no model has): the
-    /// fused element-wise steps stay pending on this, and the product decides (`gemv_runs`).
     /// Whether an add + norm or a SiLU gated activation the GEMV does not stage is left pending
     /// all the same, for the product that reads it to launch with `next_l2` (`NormPrefetch`):
     /// the same answer planning and launching, so both take the same slots.
@@ -453,6 +454,9 @@ impl<'a> GpuOps<'a> {
         }
     }
 
+    /// Whether the GEMV takes an `[m, k]` input (of a bf16 weight, the stricter format: an FP8
+    /// one takes every K a bf16 one does but those not a multiple of 16, which no model has): the
+    /// fused element-wise steps stay pending on this, and the product decides (`gemv_runs`).
     fn gemv_takes(&self, m: usize, k: usize) -> bool {
         self.gemv && gemv_supports(m, k, WeightFormat::Bf16)
     }
