@@ -443,12 +443,13 @@ impl<'a> GpuOps<'a> {
     }
 
     /// What the launch that computes a product's input asks into L2 of its weights `w`
-    /// (`NormPrefetch`); nothing when the products are left out of a timing run.
+    /// (`NormPrefetch`); nothing when the products are left out of a timing run. A product made
+    /// in K slices reads each row as that many shorter rows, each slice from its own start.
     fn next_l2(&self, w: &GpuMatrix) -> L2Rows {
         match &self.launch {
             Some(launch) if launch.omit != Omit::Products && L2_PREFETCH_ROWS.contains(&self.n) => {
                 let (values, bytes) = w.values_region(self.dev());
-                self.dev().norm_prefetch.region(values, w.rows, bytes)
+                self.dev().norm_prefetch.region(values, w.rows * self.plain_product_slices(self.n, w), bytes)
             }
             _ => L2Rows::NONE,
         }
@@ -490,13 +491,15 @@ impl<'a> GpuOps<'a> {
     /// counts them). Only a profiled step asks which: the others skip the question.
     fn mark_linear(&self, m: usize, w: &GpuMatrix) -> Result<(), ModelError> {
         let profiled = self.launch.as_ref().is_some_and(|l| l.profiler.borrow().is_some());
-        let split = profiled
-            && w.bias.is_none()
-            && w.format() == WeightFormat::Bf16
-            && !self.gemv_runs(m, w)
-            && !self.skinny_runs(m, w)
-            && self.split_k_room(m, w.cols, w.rows) > 1;
+        let split = profiled && self.plain_product_slices(m, w) > 1;
         self.mark(if split { "linear split-K" } else { "linear" })
+    }
+
+    /// The K slices `product` makes of a plain-input product of `m` rows with `w` that its
+    /// consumer may finish (1: one product).
+    fn plain_product_slices(&self, m: usize, w: &GpuMatrix) -> usize {
+        let splits = w.bias.is_none() && w.format() == WeightFormat::Bf16 && !self.gemv_runs(m, w) && !self.skinny_runs(m, w);
+        if splits { self.split_k_room(m, w.cols, w.rows) } else { 1 }
     }
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
