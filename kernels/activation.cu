@@ -7,7 +7,6 @@
 // is an FP8 GEMM's unscaled output comes with its scales (`col_scales` non-null, 2 * inter of
 // them): gate_up[t, c] * row_scales[t] * col_scales[c] is what the activation reads, so that
 // product needs no scaling pass of its own (`fp8_scale_output`).
-// `next`: the down projection's weights to ask into L2 meanwhile, as the fused norms do.
 template <bool GELU>
 __device__ __forceinline__ float gated(float g, float u) {
     const float act = GELU ? 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)))
@@ -59,15 +58,13 @@ __device__ __forceinline__ void gated_and_mul(__nv_bfloat16* __restrict__ out, c
 }
 
 extern "C" __global__ void silu_and_mul(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ gate_up,
-                                        const float* __restrict__ row_scales, const float* __restrict__ col_scales, int inter, L2Rows next) {
-    prefetch_l2_rows(next);
+                                        const float* __restrict__ row_scales, const float* __restrict__ col_scales, int inter) {
     PDL_ENTER();
     gated_and_mul<false>(out, gate_up, row_scales, col_scales, inter);
 }
 
 extern "C" __global__ void gelu_tanh_and_mul(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ gate_up,
-                                             const float* __restrict__ row_scales, const float* __restrict__ col_scales, int inter, L2Rows next) {
-    prefetch_l2_rows(next);
+                                             const float* __restrict__ row_scales, const float* __restrict__ col_scales, int inter) {
     PDL_ENTER();
     gated_and_mul<true>(out, gate_up, row_scales, col_scales, inter);
 }

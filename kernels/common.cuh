@@ -37,39 +37,25 @@ __device__ __forceinline__ void pdl_trigger() {
     pdl_wait();     \
     pdl_trigger()
 
-// The next product's weights into L2 while a latency-bound kernel runs (the decode attention, a
-// norm or a gated activation of a few rows leaves DRAM mostly idle for its few microseconds): the
-// first `row_bytes` of each of `rows` rows `row_stride` bytes apart from `p`, in pieces of at most
-// 64 KB with cp.async.bulk.prefetch, which takes no registers or shared memory and has no
-// completion to wait for. Piece i goes to block i % blocks, so every block of the grid issues a
-// few. It reads only weights, so it may run before the kernel's programmatic-dependent wait. `p`,
-// `row_bytes` and `row_stride` multiples of 16 (the host's `L2Rows`); nothing when `rows` or
-// `row_bytes` is 0; sm_90 and newer, elsewhere nothing. Host mirror: `cuda::launchers::L2Rows`.
-struct L2Rows {
-    const unsigned char* p;
-    u64 row_bytes;
-    u64 row_stride;
-    u64 rows;
-};
-
-__device__ __forceinline__ void prefetch_l2_rows(const L2Rows& r) {
+// The next product's weights into L2 while a latency-bound kernel runs (the decode attention of
+// a few rows leaves DRAM mostly idle for its ~10 us): block b of the grid prefetches its share of
+// [p, p + bytes) in pieces of at most 64 KB with cp.async.bulk.prefetch, which takes no registers
+// or shared memory and has no completion to wait for. It reads only weights, so it may run before
+// the kernel's programmatic-dependent wait. `p` 16-byte aligned and `bytes` a multiple of 16
+// (the host's `L2Prefetch`); sm_90 and newer, elsewhere nothing.
+__device__ __forceinline__ void prefetch_l2_share(const unsigned char* p, u64 bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (r.rows == 0 || r.row_bytes == 0) return;
-    constexpr u64 PIECE = 64 * 1024;
-    const u64 per_row = (r.row_bytes + PIECE - 1) / PIECE;
+    if (bytes == 0) return;
     const u64 blocks = (u64)gridDim.x * gridDim.y * gridDim.z;
     const u64 b = blockIdx.x + (u64)gridDim.x * (blockIdx.y + (u64)gridDim.y * blockIdx.z);
-    for (u64 i = b + threadIdx.x * blocks; i < r.rows * per_row; i += blocks * blockDim.x) {
-        const u64 row = i / per_row, at = (i % per_row) * PIECE;
-        const unsigned n = (unsigned)min(PIECE, r.row_bytes - at);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(r.p + row * r.row_stride + at), "r"(n) : "memory");
+    const u64 share = ((bytes + blocks - 1) / blocks + 15) & ~15ull;
+    const u64 end = min(bytes, (b + 1) * share);
+    constexpr u64 PIECE = 64 * 1024;
+    for (u64 at = b * share + threadIdx.x * PIECE; at < end; at += (u64)blockDim.x * PIECE) {
+        const unsigned n = (unsigned)min(PIECE, end - at);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + at), "r"(n) : "memory");
     }
 #endif
-}
-
-// `[p, p + bytes)` into L2, as `prefetch_l2_rows` of one row.
-__device__ __forceinline__ void prefetch_l2_share(const unsigned char* p, u64 bytes) {
-    prefetch_l2_rows(L2Rows{p, bytes, 0, 1});
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -18,10 +18,6 @@
 // products of a matrix product whose K was split (`gemm::split_k_partials`), summed here in split
 // order, so the product needs no reduce launch of its own and the sum is not rounded to bf16
 // before it joins the residual.
-//
-// Both take `next`: the start of the next product's weights, asked into L2 while this launch's
-// few microseconds leave DRAM idle (`prefetch_l2_rows`; `NormPrefetch` on the host, off unless
-// asked for).
 
 // Where a row's delta comes from: `present()` says whether there is one at all (the same answer
 // for every thread of the block), `load(i, d)` fills d with the 8 values from column i, `at(i)`
@@ -137,8 +133,7 @@ __device__ __forceinline__ void add_rmsnorm_row(float* __restrict__ x, const Del
 extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const __nv_bfloat16* __restrict__ delta,
                                              const float* __restrict__ delta_row_scales, const float* __restrict__ delta_col_scales,
                                              const float* __restrict__ weight, __nv_bfloat16* __restrict__ out,
-                                             int hidden, float eps, L2Rows next) {
-    prefetch_l2_rows(next);
+                                             int hidden, float eps) {
     PDL_ENTER();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
@@ -157,9 +152,7 @@ extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const
 // of K (row t at t * hidden).
 extern "C" __global__ void fused_add_rmsnorm_partials(float* __restrict__ residual, const float* __restrict__ partials, int splits,
                                                       u64 split_stride, const float* __restrict__ weight,
-                                                      __nv_bfloat16* __restrict__ out, int hidden, float eps,
-                                                      L2Rows next) {
-    prefetch_l2_rows(next);
+                                                      __nv_bfloat16* __restrict__ out, int hidden, float eps) {
     PDL_ENTER();
     __shared__ float scratch[32];
     const int t = blockIdx.x;

@@ -18,8 +18,7 @@ use crate::cuda::launch::{
     AttentionSplit, WeightFormat, GEMV_MAX_ROWS, MOE_GROUP_CONFIG,
 };
 use crate::cuda::weights::{GpuMatrix, MatrixData};
-use crate::cuda::launchers::{self, L2Rows};
-use crate::cuda::{ptr, NormPrefetch};
+use crate::cuda::{launchers, ptr};
 use crate::cuda::{CudaError, GpuBackend, GpuDevice, GpuModel, StandaloneAttention};
 use crate::kv_cache::{KvCacheDtype, KvCacheLayout};
 use crate::model::config::LayerAttention;
@@ -470,13 +469,10 @@ pub fn check_rmsnorm(dev: &GpuDevice, tokens: usize, hidden: usize, scaled: bool
     let (_scales_dev, (row_scales, col_scales)) = upload_output_scales(dev, &scales)?;
     let (hidden_i, eps) = (hidden as i32, 1e-5f32);
     let config = norm_config(tokens, hidden);
-    // The delta's rows' heads asked into L2 as a product's weights would be (`NormPrefetch`):
-    // the same results, and a bad address or extent would fail the launch here.
-    let next = NormPrefetch::RowHeads(tokens * 64).region(ptr(dev, &delta_dev), tokens, tokens * hidden * 2);
     // SAFETY: every buffer was allocated above for `tokens` rows of `hidden` (the scales `tokens`
-    // and `hidden`); `next` lies inside the delta.
+    // and `hidden`).
     unsafe {
-        launchers::fused_add_rmsnorm(dev, config, ptr(dev, &x_dev), ptr(dev, &delta_dev), row_scales, col_scales, ptr(dev, &w_dev), ptr(dev, &out_dev), hidden_i, eps, next)?;
+        launchers::fused_add_rmsnorm(dev, config, ptr(dev, &x_dev), ptr(dev, &delta_dev), row_scales, col_scales, ptr(dev, &w_dev), ptr(dev, &out_dev), hidden_i, eps)?;
     }
     let got = download_bf16(dev, &out_dev, tokens * hidden)?;
     let name = if scaled { "fused_add_rmsnorm fp8 delta" } else { "fused_add_rmsnorm" };
@@ -499,11 +495,9 @@ pub fn check_silu(dev: &GpuDevice, tokens: usize, inter: usize, scaled: bool, se
     let (_scales_dev, (row_scales, col_scales)) = upload_output_scales(dev, &scales)?;
     let inter_i = inter as i32;
     let config = gated_config(tokens, inter);
-    // The input's first bytes asked into L2 (`NormPrefetch::Start`), as for the fused norm.
-    let next = NormPrefetch::Start(usize::MAX).region(ptr(dev, &in_dev), tokens, tokens * 2 * inter * 2);
     // SAFETY: every buffer was allocated above for `tokens` rows (the scales `tokens` and
-    // `2 * inter`); `next` lies inside the input.
-    unsafe { launchers::silu_and_mul(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), row_scales, col_scales, inter_i, next)? };
+    // `2 * inter`).
+    unsafe { launchers::silu_and_mul(dev, config, ptr(dev, &out_dev), ptr(dev, &in_dev), row_scales, col_scales, inter_i)? };
     let got = download_bf16(dev, &out_dev, tokens * inter)?;
     let name = if scaled { "silu_and_mul fp8 input" } else { "silu_and_mul" };
     Ok(CheckRow::error(name, format!("{tokens} x {inter}"), relative_error(&got, &want)))
@@ -778,7 +772,6 @@ pub fn check_split_k(dev: &GpuDevice, m: usize, n: usize, k: usize, seed: u64) -
             ptr(dev, &out),
             n as i32,
             1e-5,
-            L2Rows::NONE,
         )?;
     }
     let detail = format!("m {m} n {n} k {k}, {splits} slices");
@@ -828,7 +821,7 @@ pub fn check_gemv_silu(
         let act_dev = stream.clone_htod(&vec![bf16::NAN; m * inter])?;
         // SAFETY: gate_up holds `m` rows of `2 * inter`, act `m` rows of `inter`, the weight `n` of `inter`.
         unsafe {
-            launchers::silu_and_mul(dev, gated_config(m, inter), ptr(dev, &act_dev), ptr(dev, &in_dev), 0, 0, inter as i32, L2Rows::NONE)?;
+            launchers::silu_and_mul(dev, gated_config(m, inter), ptr(dev, &act_dev), ptr(dev, &in_dev), 0, 0, inter as i32)?;
             linear(dev, ptr(dev, &out), OutType::Bf16, ptr(dev, &act_dev), weight, m, inter, n)?;
         }
         "silu_and_mul, cuBLAS".to_string()
@@ -1438,7 +1431,7 @@ pub fn architecture_kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, Cuda
     let in_dev = stream.clone_htod(&to_bf16(&gate_up))?;
     let out_dev = stream.clone_htod(&vec![bf16::NAN; n * inter])?;
     // SAFETY: `n` rows of `2 * inter` in, `inter` out.
-    unsafe { launchers::gelu_tanh_and_mul(dev, gated_config(n, inter), ptr(dev, &out_dev), ptr(dev, &in_dev), 0, 0, inter as i32, L2Rows::NONE)? };
+    unsafe { launchers::gelu_tanh_and_mul(dev, gated_config(n, inter), ptr(dev, &out_dev), ptr(dev, &in_dev), 0, 0, inter as i32)? };
     rows.push(CheckRow::error("gelu_tanh_and_mul", format!("{n} x {inter}"), relative_error(&download_bf16(dev, &out_dev, n * inter)?, &want)));
 
     let (vocab, cap) = (5000usize, 30.0f32);
@@ -1605,7 +1598,7 @@ pub fn check_moe(dev: &GpuDevice, tokens: usize, hidden: usize, experts: usize, 
         launchers::moe_group(dev, MOE_GROUP_CONFIG, ptr(dev, &ids_dev), assignments as i32, e, ptr(dev, &offsets_dev), ptr(dev, &sorted_dev), ptr(dev, &tiles_dev))?;
         let (sorted, tiles) = (ptr(dev, &sorted_dev), ptr(dev, &tiles_dev));
         launchers::moe_gemm(dev, gemm(2 * inter), ptr(dev, &gate_up_out), ptr(dev, &x_dev), ptr(dev, &gate_up_dev), sorted, tiles, num_tiles, k, 2 * i, h)?;
-        launchers::silu_and_mul(dev, gated_config(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), 0, 0, i, L2Rows::NONE)?;
+        launchers::silu_and_mul(dev, gated_config(assignments, inter), ptr(dev, &act_out), ptr(dev, &gate_up_out), 0, 0, i)?;
         launchers::moe_gemm(dev, gemm(hidden), ptr(dev, &down_out), ptr(dev, &act_out), ptr(dev, &down_dev), sorted, tiles, num_tiles, 1, h, i)?;
         launchers::moe_combine(dev, one(tokens, hidden), ptr(dev, &out_dev), ptr(dev, &down_out), ptr(dev, &weights_dev), k, h)?;
     }

@@ -20,7 +20,6 @@ use super::launch::{
 };
 
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
-use super::launchers::L2Rows;
 use super::CudaError;
 use crate::kv_cache::KvCacheDtype;
 
@@ -52,9 +51,6 @@ pub struct GpuDevice {
     /// (`cp.async.bulk.prefetch`), none before; `PAGEDSERVE_L2_PREFETCH=off` turns it off, `=N`
     /// sets N MB.
     pub l2_prefetch_limit: usize,
-    /// What the residual add + norm and the gated activation of a small batch ask into L2 of the
-    /// product that reads their output (`NormPrefetch`): off unless `PAGEDSERVE_NORM_PREFETCH`.
-    pub norm_prefetch: NormPrefetch,
     /// Whether the decode attention reads the cache under an evict-first L2 policy
     /// (`AttentionArgs::kv_evict_first`): on unless `PAGEDSERVE_KV_EVICT_FIRST=off`, which exists
     /// to measure it.
@@ -160,71 +156,6 @@ impl FusedMerge {
             FusedMerge::Off => false,
             FusedMerge::Ggml => ggml,
             FusedMerge::All => true,
-        }
-    }
-}
-
-/// What a residual add + norm or a gated activation of 2-64 rows (`launch::L2_PREFETCH_ROWS`) that
-/// runs as its own launch asks into L2 of the product that reads its output, as the decode
-/// attention does for the o-projection (`AttentionArgs::l2_prefetch`). Those launches take a few
-/// microseconds each, 97 a step of the 8B shape, and leave DRAM idle meanwhile (H100, session 37:
-/// about 0.46 ms of a 6.44 ms step at 32 rows beside products already at the copy rate). Which
-/// bytes help depends on how cuBLAS walks the weights: a product whose blocks all run in one wave
-/// (the 8B QKV at 32 rows: 96 blocks, session 23) is as slow as its slowest block, so only bytes
-/// every block reads early shorten it (`RowHeads`); one of several waves takes its first tiles'
-/// rows whole (`Start`). Off by default until a GPU has measured it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NormPrefetch {
-    Off,
-    /// The first this many bytes of the matrix: whole rows, from the first.
-    Start(usize),
-    /// This many bytes spread over the first columns of every row (each row's head a multiple of
-    /// 16 bytes; the matrix's first bytes instead if its rows are not 16-byte multiples apart).
-    RowHeads(usize),
-}
-
-impl NormPrefetch {
-    /// `$PAGEDSERVE_NORM_PREFETCH`: unset, `off` or `0` (the default), `N` (`Start` of N MB) or
-    /// `rows:N` (`RowHeads` of N MB); before sm_90 (no `cp.async.bulk.prefetch`) always `Off`.
-    pub fn from_env(major: i32) -> Result<Self, super::CudaError> {
-        Self::parse(std::env::var("PAGEDSERVE_NORM_PREFETCH").ok().as_deref(), major)
-    }
-
-    fn parse(value: Option<&str>, major: i32) -> Result<Self, super::CudaError> {
-        let parsed = match value {
-            None | Some("off" | "0") => Some(NormPrefetch::Off),
-            Some(v) => match v.strip_prefix("rows:") {
-                Some(mb) => mb.parse::<usize>().ok().filter(|&mb| mb > 0).map(|mb| NormPrefetch::RowHeads(mb << 20)),
-                None => v.parse::<usize>().ok().map(|mb| NormPrefetch::Start(mb << 20)),
-            },
-        };
-        match parsed {
-            Some(_) if major < 9 => Ok(NormPrefetch::Off),
-            Some(p) => Ok(p),
-            None => Err(super::CudaError::Config(format!("PAGEDSERVE_NORM_PREFETCH is off, a number of MB or rows:MB, not {:?}", value.unwrap_or_default()))),
-        }
-    }
-
-    /// What to ask for of a matrix of `rows` rows stored row after row at `ptr` (16-byte
-    /// aligned), `bytes` in all.
-    pub fn region(self, ptr: u64, rows: usize, bytes: usize) -> L2Rows {
-        let start = |limit: usize| match limit.min(bytes) & !15 {
-            0 => L2Rows::NONE,
-            n => L2Rows { ptr, row_bytes: n as u64, row_stride: 0, rows: 1 },
-        };
-        match self {
-            NormPrefetch::Off => L2Rows::NONE,
-            NormPrefetch::Start(limit) => start(limit),
-            NormPrefetch::RowHeads(limit) => {
-                let stride = if rows > 0 && bytes.is_multiple_of(rows) { bytes / rows } else { 0 };
-                if stride == 0 || !stride.is_multiple_of(16) {
-                    return start(limit);
-                }
-                match (limit / rows).min(stride) & !15 {
-                    0 => L2Rows::NONE,
-                    head => L2Rows { ptr, row_bytes: head as u64, row_stride: stride as u64, rows: rows as u64 },
-                }
-            }
         }
     }
 }
@@ -367,7 +298,6 @@ impl GpuDevice {
             },
             Err(_) => l2_bytes / 4 * 3,
         };
-        let norm_prefetch = NormPrefetch::from_env(major)?;
         let tuned_gemm = match TunedGemm::rows_from_env()? {
             Some(rows) => Some((rows, Mutex::new(TunedGemm::new(workspace_ptr, CUBLAS_WORKSPACE_BYTES, l2_bytes, TunedGemm::candidates_from_env()?)?))),
             None => None,
@@ -375,7 +305,7 @@ impl GpuDevice {
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let split_k = SplitK::from_env()?;
         let graph_tiers = !matches!(std::env::var("PAGEDSERVE_GRAPH_TIERS").as_deref(), Ok("off" | "0"));
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, ?fused_merge, l2_bytes, l2_prefetch_limit, ?norm_prefetch, kv_evict_first, graph_tiers, ?split_k, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, ?fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, ?split_k, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -391,7 +321,6 @@ impl GpuDevice {
             fused_rope,
             fused_merge,
             l2_prefetch_limit,
-            norm_prefetch,
             kv_evict_first,
             graph_tiers,
             split_k: AtomicU8::new(split_k as u8),
@@ -524,7 +453,7 @@ impl GpuDevice {
 
 #[cfg(test)]
 mod tests {
-    use super::{FusedMerge, L2Rows, NormPrefetch};
+    use super::FusedMerge;
 
     #[test]
     fn fused_merge_takes_ggml_o_projections_only_under_ggml() {
@@ -533,37 +462,5 @@ mod tests {
             assert!(FusedMerge::All.takes(ggml));
             assert_eq!(FusedMerge::Ggml.takes(ggml), ggml);
         }
-    }
-
-    #[test]
-    fn norm_prefetch_reads_off_megabytes_or_rows() {
-        const MB: usize = 1 << 20;
-        assert_eq!(NormPrefetch::parse(None, 9).unwrap(), NormPrefetch::Off);
-        assert_eq!(NormPrefetch::parse(Some("off"), 9).unwrap(), NormPrefetch::Off);
-        assert_eq!(NormPrefetch::parse(Some("16"), 9).unwrap(), NormPrefetch::Start(16 * MB));
-        assert_eq!(NormPrefetch::parse(Some("rows:24"), 9).unwrap(), NormPrefetch::RowHeads(24 * MB));
-        assert_eq!(NormPrefetch::parse(Some("16"), 8).unwrap(), NormPrefetch::Off);
-        for bad in ["on", "rows:", "rows:0", "-1", "16MB", "rows:x"] {
-            assert!(NormPrefetch::parse(Some(bad), 9).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn norm_prefetch_asks_for_the_start_or_every_rows_head() {
-        const MB: usize = 1 << 20;
-        let (ptr, rows, stride) = (1 << 20, 6144, 8192);
-        assert_eq!(NormPrefetch::Off.region(ptr, rows, rows * stride), L2Rows::NONE);
-        // The start: whole bytes from the first, never past the matrix, 16-byte multiples.
-        assert_eq!(NormPrefetch::Start(16 * MB).region(ptr, rows, rows * stride), L2Rows { ptr, row_bytes: 16 * MB as u64, row_stride: 0, rows: 1 });
-        assert_eq!(NormPrefetch::Start(16 * MB).region(ptr, 3, 3 * 1000 + 8), L2Rows { ptr, row_bytes: 3008, row_stride: 0, rows: 1 });
-        // Every row's head: the budget shared by the rows, rounded down to 16 bytes.
-        let heads = NormPrefetch::RowHeads(16 * MB).region(ptr, rows, rows * stride);
-        assert_eq!(heads, L2Rows { ptr, row_bytes: (16 * MB / rows) as u64 & !15, row_stride: stride as u64, rows: rows as u64 });
-        assert!(heads.row_bytes * heads.rows <= 16 * MB as u64 && heads.row_bytes > 0);
-        // A budget past the matrix takes whole rows; one too small for 16 bytes a row, nothing.
-        assert_eq!(NormPrefetch::RowHeads(1 << 40).region(ptr, 4, 4 * 64).row_bytes, 64);
-        assert_eq!(NormPrefetch::RowHeads(16 * 6143).region(ptr, rows, rows * stride), L2Rows::NONE);
-        // Rows not 16 bytes apart (an odd bf16 width): the start instead.
-        assert_eq!(NormPrefetch::RowHeads(MB).region(ptr, 10, 10 * 18), L2Rows { ptr, row_bytes: 176, row_stride: 0, rows: 1 });
     }
 }

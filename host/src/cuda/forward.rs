@@ -22,10 +22,6 @@
 //! (`resolve`), so fusion never changes what an architecture can ask. Freeing an input a pending
 //! output still reads is deferred until it is resolved.
 //!
-//! **Prefetch at 2-64 rows** (`NormPrefetch`, opt-in): an add+norm or a SiLU `gated_activation`
-//! no GEMV stages is left pending too, so that the `linear` reading it launches it with the
-//! start of the product's weights to ask into L2 (`next_l2`) while the short launch leaves DRAM idle.
-//!
 //! **Products left in pieces.** Outputs of products can be pending too: an FP8 GEMM's unscaled
 //! output (`Pending::Fp8Scales`), and at 2-64 rows a bf16 cuBLAS product made as float32 partials
 //! over slices of K (`Pending::SplitSum`, `launch::split_k_splits`). `add_norm` folds either into
@@ -46,12 +42,12 @@ use super::gemm::{cublas_linear, ggml_linear, split_k_partials, OutType};
 use super::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use super::kv_cache::GpuKvCache;
 use super::launch::{gated_config, grid_stride_config, split_k_splits, gemv_mode_rows, gemv_padded_rows, gemv_prefers, gemv_supports, GemvMode, moe_gemm_config, moe_most_tiles, moe_route_config, norm_config, row_threads, L2_PREFETCH_ROWS, AttentionSplit, WeightFormat, MOE_GROUP_CONFIG};
-use super::launchers::{self, L2Rows};
+use super::launchers;
 use super::skinny::{self, SkinnyInput};
 use super::model::{ptr, GpuModel};
 use super::profile::StepProfiler;
 use super::weights::{GpuMatrix, GpuWeights};
-use super::{CudaError, GpuDevice, NormPrefetch};
+use super::{CudaError, GpuDevice};
 use crate::model::config::{Activation, LayerAttention, MoeConfig};
 use crate::model::ops::{Act, Norm, Ops};
 use crate::model::parallel::vocab_per_rank;
@@ -325,12 +321,6 @@ impl<'a> GpuOps<'a> {
 
     /// Computes `act` if it is pending.
     fn resolve(&mut self, act: Act) -> Result<(), ModelError> {
-        self.resolve_for(act, L2Rows::NONE)
-    }
-
-    /// Computes `act` if it is pending, the norm or activation launch asking `next` (the start
-    /// of the product's weights that reads it) into L2 meanwhile.
-    fn resolve_for(&mut self, act: Act, next: L2Rows) -> Result<(), ModelError> {
         let Some(pending) = self.acts[act.0].pending else { return Ok(()) };
         let out = self.out_ptr(act)?;
         let width = self.acts[act.0].width;
@@ -355,11 +345,11 @@ impl<'a> GpuOps<'a> {
                         match delta_partials {
                             Some((partials, splits)) => {
                                 let stride = (self.n * width) as u64;
-                                launchers::fused_add_rmsnorm_partials(self.dev(), config, x, partials, splits as i32, stride, weight, out, width as i32, eps, next)
+                                launchers::fused_add_rmsnorm_partials(self.dev(), config, x, partials, splits as i32, stride, weight, out, width as i32, eps)
                             }
                             None => {
                                 let (row_scales, col_scales) = delta_scales.unwrap_or((0, 0));
-                                launchers::fused_add_rmsnorm(self.dev(), config, x, d, row_scales, col_scales, weight, out, width as i32, eps, next)
+                                launchers::fused_add_rmsnorm(self.dev(), config, x, d, row_scales, col_scales, weight, out, width as i32, eps)
                             }
                         }
                         .map_err(backend_error)?
@@ -372,7 +362,7 @@ impl<'a> GpuOps<'a> {
                 if self.launch.is_some() {
                     let config = gated_config(self.n, width);
                     // SAFETY: gate_up holds `n` rows of `2 * width`, out `n` rows of `width`.
-                    unsafe { launchers::silu_and_mul(self.dev(), config, out, input, 0, 0, width as i32, next).map_err(backend_error)? };
+                    unsafe { launchers::silu_and_mul(self.dev(), config, out, input, 0, 0, width as i32).map_err(backend_error)? };
                 }
             }
             Pending::Merge(merge) => {
@@ -435,26 +425,6 @@ impl<'a> GpuOps<'a> {
         Ok(())
     }
 
-    /// Whether an add + norm or a SiLU gated activation the GEMV does not stage is left pending
-    /// all the same, for the product that reads it to launch with `next_l2` (`NormPrefetch`):
-    /// the same answer planning and launching, so both take the same slots.
-    fn defers_for_prefetch(&self) -> bool {
-        self.dev().norm_prefetch != NormPrefetch::Off && L2_PREFETCH_ROWS.contains(&self.n)
-    }
-
-    /// What the launch that computes a product's input asks into L2 of its weights `w`
-    /// (`NormPrefetch`); nothing when the products are left out of a timing run. A product made
-    /// in K slices reads each row as that many shorter rows, each slice from its own start.
-    fn next_l2(&self, w: &GpuMatrix) -> L2Rows {
-        match &self.launch {
-            Some(launch) if launch.omit != Omit::Products && L2_PREFETCH_ROWS.contains(&self.n) => {
-                let (values, bytes) = w.values_region(self.dev());
-                self.dev().norm_prefetch.region(values, w.rows * self.plain_product_slices(self.n, w), bytes)
-            }
-            _ => L2Rows::NONE,
-        }
-    }
-
     /// Whether the GEMV takes an `[m, k]` input (of a bf16 weight, the stricter format: an FP8
     /// one takes every K a bf16 one does but those not a multiple of 16, which no model has): the
     /// fused element-wise steps stay pending on this, and the product decides (`gemv_runs`).
@@ -491,15 +461,13 @@ impl<'a> GpuOps<'a> {
     /// counts them). Only a profiled step asks which: the others skip the question.
     fn mark_linear(&self, m: usize, w: &GpuMatrix) -> Result<(), ModelError> {
         let profiled = self.launch.as_ref().is_some_and(|l| l.profiler.borrow().is_some());
-        let split = profiled && self.plain_product_slices(m, w) > 1;
+        let split = profiled
+            && w.bias.is_none()
+            && w.format() == WeightFormat::Bf16
+            && !self.gemv_runs(m, w)
+            && !self.skinny_runs(m, w)
+            && self.split_k_room(m, w.cols, w.rows) > 1;
         self.mark(if split { "linear split-K" } else { "linear" })
-    }
-
-    /// The K slices `product` makes of a plain-input product of `m` rows with `w` that its
-    /// consumer may finish (1: one product).
-    fn plain_product_slices(&self, m: usize, w: &GpuMatrix) -> usize {
-        let splits = w.bias.is_none() && w.format() == WeightFormat::Bf16 && !self.gemv_runs(m, w) && !self.skinny_runs(m, w);
-        if splits { self.split_k_room(m, w.cols, w.rows) } else { 1 }
     }
 
     /// `out = input · wᵀ (+ bias)` for `m` rows: through the GEMV (bias fused) where it takes
@@ -679,7 +647,7 @@ impl Ops for GpuOps<'_> {
         let out = self.alloc_bf16(h)?;
         let weight = self.launch.as_ref().map_or(0, |_| ptr(self.dev(), weight));
         self.set_pending(out, Some(Pending::AddNorm { residual, delta, weight, eps: norm.eps, delta_scales: folded, delta_partials: partials }));
-        if !self.gemv_takes(self.n, h) && !self.defers_for_prefetch() {
+        if !self.gemv_takes(self.n, h) {
             self.resolve(out)?;
         }
         Ok(out)
@@ -710,19 +678,13 @@ impl Ops for GpuOps<'_> {
         let stages = |mode| gemv_mode_rows(mode).contains(&gemv_padded_rows(m));
         let fusable = match pending {
             Some(Pending::Merge(_)) => stages(GemvMode::Merge),
-            Some(
-                Pending::Fp8Scales { .. }
-                | Pending::SplitSum { .. }
-                | Pending::AddNorm { delta_partials: Some(_), .. }
-                | Pending::AddNorm { delta_scales: Some(_), .. },
-            ) => false,
+            Some(Pending::Fp8Scales { .. } | Pending::SplitSum { .. } | Pending::AddNorm { delta_partials: Some(_), .. }) => false,
             _ => true,
         };
         // The skinny kernel stages a SiLU-and-multiply too (not a norm or a merge).
         let fused = self.gemv_runs(m, w) || (matches!(pending, Some(Pending::SiluMul { .. })) && self.skinny_runs(m, w));
         if pending.is_some() && (!fused || !fusable) {
-            let next = self.next_l2(w);
-            self.resolve_for(x, next)?;
+            self.resolve(x)?;
         }
         let out = self.alloc_bf16(n)?;
         let o = self.out_ptr(out)?;
@@ -930,9 +892,6 @@ impl Ops for GpuOps<'_> {
         let staged = activation == Activation::Silu && (self.gemv_takes(self.n, inter) || skinny_takes);
         // Straight from an FP8 GEMM (and not left to the GEMV): the scales go into this launch.
         let folded = if staged { None } else { self.take_fp8_scales(gate_up) };
-        // Left for the down projection to launch with its weights' prefetch (not an FP8 GEMM's
-        // output: `Pending::SiluMul` carries no scales).
-        let staged = staged || (activation == Activation::Silu && folded.is_none() && self.defers_for_prefetch());
         self.resolve_all(None)?;
         let input = if folded.is_some() { self.out_ptr(gate_up)? } else { self.ptr(gate_up)? };
         let out = self.alloc_bf16(inter)?;
@@ -1042,8 +1001,7 @@ impl Ops for GpuOps<'_> {
             // of them; `final_h` holds `rows` rows.
             unsafe {
                 if d != 0 {
-                    let next = self.next_l2(lm_head);
-                    launchers::fused_add_rmsnorm(dev, norm_config(self.n, h), x, d, 0, 0, w, 0, h as i32, norm.eps, next).map_err(backend_error)?;
+                    launchers::fused_add_rmsnorm(dev, norm_config(self.n, h), x, d, 0, 0, w, 0, h as i32, norm.eps).map_err(backend_error)?;
                 }
                 launchers::rmsnorm_rows(dev, self.rows_config(rows, h), x, launch.arrays.rows, w, final_h, h as i32, norm.eps)
                     .map_err(backend_error)?;
@@ -1082,8 +1040,8 @@ impl<'a> GpuOps<'a> {
         // SAFETY: `gate_up` holds `rows` rows of `2 * inter`, `out` `rows` of `inter`.
         unsafe {
             match activation {
-                Activation::Silu => launchers::silu_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32, L2Rows::NONE),
-                Activation::GeluTanh => launchers::gelu_tanh_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32, L2Rows::NONE),
+                Activation::Silu => launchers::silu_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32),
+                Activation::GeluTanh => launchers::gelu_tanh_and_mul(self.dev(), config, out, gate_up, row_scales, col_scales, inter as i32),
             }
             .map_err(backend_error)
         }

@@ -20,22 +20,6 @@ use super::{CudaError, GpuDevice};
 /// A device address: any pointer parameter of a kernel.
 pub type Ptr = CUdeviceptr;
 
-/// `common.cuh`'s `L2Rows`, passed by value: the first `row_bytes` of `rows` rows `row_stride`
-/// bytes apart from `ptr`, asked into L2 by the kernel that takes it (`prefetch_l2_rows`).
-/// `ptr`, `row_bytes` and `row_stride` are multiples of 16; `NONE` asks for nothing.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct L2Rows {
-    pub ptr: Ptr,
-    pub row_bytes: u64,
-    pub row_stride: u64,
-    pub rows: u64,
-}
-
-impl L2Rows {
-    pub const NONE: L2Rows = L2Rows { ptr: 0, row_bytes: 0, row_stride: 0, rows: 0 };
-}
-
 macro_rules! kernels {
     ($(
         $(#[$doc:meta])*
@@ -125,14 +109,13 @@ kernels! {
         (out: Ptr, gathered: Ptr, rows: i32, per_rank: i32, vocab: i32)
     /// `rmsnorm.cu`: `residual += delta` (unless null; scaled by `delta_row_scales[t] *
     /// delta_col_scales[i]` unless the column scales are null: an FP8 GEMM's unscaled output),
-    /// `out = rmsnorm(residual) * weight` (unless null), one block per token; `next` asked into L2.
+    /// `out = rmsnorm(residual) * weight` (unless null), one block per token.
     fn fused_add_rmsnorm() => "fused_add_rmsnorm";
-        (residual: Ptr, delta: Ptr, delta_row_scales: Ptr, delta_col_scales: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32,
-         next: L2Rows)
+        (residual: Ptr, delta: Ptr, delta_row_scales: Ptr, delta_col_scales: Ptr, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
     /// `rmsnorm.cu`: `fused_add_rmsnorm` of a delta in `splits` float32 partial products (split-K
     /// slices, `split_stride` floats apart, row t at `t * hidden`), summed in split order.
     fn fused_add_rmsnorm_partials() => "fused_add_rmsnorm_partials";
-        (residual: Ptr, partials: Ptr, splits: i32, split_stride: u64, weight: Ptr, out: Ptr, hidden: i32, eps: f32, next: L2Rows)
+        (residual: Ptr, partials: Ptr, splits: i32, split_stride: u64, weight: Ptr, out: Ptr, hidden: i32, eps: f32)
     /// `rmsnorm.cu`: `out[i] = bf16(sum of the splits' partials[s * split_stride + i])`, grid-stride.
     fn sum_partials_bf16() => "sum_partials_bf16";
         (out: Ptr, partials: Ptr, splits: i32, split_stride: u64, elements: u64)
@@ -156,12 +139,12 @@ kernels! {
         (x: Ptr, bias: Ptr, cols: i32)
     /// `activation.cu`: `out = silu(gate) * up` of `[gate | up]` rows (each value scaled by
     /// `row_scales[t] * col_scales[c]` first unless the column scales are null: an FP8 GEMM's
-    /// unscaled output); grid `launch::gated_config`; `next` asked into L2.
+    /// unscaled output); grid `launch::gated_config`.
     fn silu_and_mul() => "silu_and_mul";
-        (out: Ptr, gate_up: Ptr, row_scales: Ptr, col_scales: Ptr, inter: i32, next: L2Rows)
+        (out: Ptr, gate_up: Ptr, row_scales: Ptr, col_scales: Ptr, inter: i32)
     /// `activation.cu`: `out = gelu_tanh(gate) * up`, as `silu_and_mul`.
     fn gelu_tanh_and_mul() => "gelu_tanh_and_mul";
-        (out: Ptr, gate_up: Ptr, row_scales: Ptr, col_scales: Ptr, inter: i32, next: L2Rows)
+        (out: Ptr, gate_up: Ptr, row_scales: Ptr, col_scales: Ptr, inter: i32)
     /// `activation.cu`: `x = cap * tanh(x / cap)` in place, one block per row.
     fn softcap_rows() => "softcap_rows";
         (x: Ptr, cols: i32, cap: f32)
@@ -291,7 +274,6 @@ mod tests {
                         "int" => "i32".to_string(),
                         "float" => "f32".to_string(),
                         "u64" => "u64".to_string(),
-                        "L2Rows" => "L2Rows".to_string(),
                         other => panic!("unexpected parameter type `{other}` in `{cuda_name}` ({p})"),
                     }
                 }

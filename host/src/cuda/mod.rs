@@ -27,7 +27,7 @@ mod standalone;
 pub mod tuned_gemm;
 pub mod weights;
 
-pub use self::device::{FusedMerge, GpuDevice, NormPrefetch, PdlScope, SplitK, DECODE_HEAD_DIMS};
+pub use self::device::{FusedMerge, GpuDevice, PdlScope, SplitK, DECODE_HEAD_DIMS};
 pub use self::attention::{launch_attention, AttentionArgs};
 pub use self::kv_cache::GpuKvCache;
 pub use self::forward::Omit;
