@@ -14,13 +14,13 @@
 //! into the GEMV's input staging (`GemvInput::AddNorm` / `SiluMul`), the launch and the round trip
 //! through memory saved. So does a split decode attention of one token: its partials' merge is
 //! left pending for the o-projection's GEMV (`GemvInput::Merge`; `FusedMerge` says for which
-//! formats). With the skinny kernel on (`cuda::skinny`, 2 to 64 rows), a SiLU
-//! `gated_activation` stays pending for it too: it
-//! stages the activation of the down projection's input itself. A fused add+norm writes
-//! the updated residual into a fresh slot (the GEMV reads the old one in every block, so it cannot
-//! be updated in place) and the residual's handle moves there. A pending output consumed by anything but a fusable `linear` is computed first
-//! (`resolve`), so fusion never changes what an architecture can ask. Freeing an input a pending
-//! output still reads is deferred until it is resolved.
+//! formats). With the skinny kernel on (`cuda::skinny`, 2 to 64 rows), a SiLU `gated_activation`
+//! stays pending for it too: it stages the activation of the down projection's input itself. A
+//! fused add+norm writes the updated residual into a fresh slot (the GEMV reads the old one in
+//! every block, so it cannot be updated in place) and the residual's handle moves there. A
+//! pending output consumed by anything but a fusable `linear` is computed first (`resolve`), so
+//! fusion never changes what an architecture can ask. Freeing an input a pending output still
+//! reads is deferred until it is resolved.
 //!
 //! **Products left in pieces.** Outputs of products can be pending too: an FP8 GEMM's unscaled
 //! output (`Pending::Fp8Scales`), and at 2-64 rows a bf16 cuBLAS product made as float32 partials
