@@ -29,7 +29,9 @@
 // position rotates the token's key and writes it and the value into the cache slot `slots[t]`
 // before it loads a tile; no other block of a real token reads that position. (A CUDA graph's idle
 // padding rows all write and read one slot of the block no sequence is given: their outputs are
-// never used, as they were not before.) The QKV buffer is left as it is.
+// never used, as they were not before.) The QKV buffer is left as it is. Where the QKV product
+// was split over K (`qkv_partials` not null, `launch::split_k_splits`), the kernel reads its
+// float32 partials instead and sums them as it reads (`QkvRow`); the bf16 buffer is never written.
 //
 // Over an FP8 cache (`paged_attention_fp8_hd*`: E4M3 bytes at scale 1, `KvCacheDtype::Fp8E4M3`)
 // the ring holds the raw bytes, half a bf16 tile's, and there is no ldmatrix: each lane reads its
@@ -52,11 +54,13 @@
         const u32 *token_seq, const u32 *positions, const u32 *rows, int q_stride, int max_blocks,         \
         int num_heads, int num_kv_heads, int block_size, float scale, int partition, int window,          \
         const u32 *slots, const float *inv_freq, float position_scale, int rotary_dim, float magnitude,    \
-        const unsigned char *l2_prefetch, u64 l2_prefetch_bytes, int kv_evict_first
+        const float *qkv_partials, int qkv_splits, u64 qkv_split_stride, const unsigned char *l2_prefetch, \
+        u64 l2_prefetch_bytes, int kv_evict_first
 #define ATTENTION_ARGS                                                                                     \
     out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, token_seq, positions, rows,      \
         q_stride, max_blocks, num_heads, num_kv_heads, block_size, scale, partition, window, slots,        \
-        inv_freq, position_scale, rotary_dim, magnitude, l2_prefetch, l2_prefetch_bytes, kv_evict_first
+        inv_freq, position_scale, rotary_dim, magnitude, qkv_partials, qkv_splits, qkv_split_stride,        \
+        l2_prefetch, l2_prefetch_bytes, kv_evict_first
 #define DC_WARPS 4
 #define DC_THREADS (DC_WARPS * 32)
 #define DC_N (DC_WARPS * 16)  // keys per tile
@@ -68,19 +72,39 @@
 // block 42%). Head dim 64: four (74 KB, three blocks per SM), whose tiles are half as large
 // (SmolLM2 layout, batch 256, context 512: 1970 GB/s against 1700 with 2 stages).
 
+// A stretch of one token's unrotated QKV row, as the fused RoPE reads it: the QKV product's bf16
+// values, or, where that product was left as float32 partials over slices of K (`part` not null:
+// `qkv_splits` blocks `qkv_split_stride` floats apart, each laid out as the bf16 rows), their sum
+// in split order rounded to bf16, the value `sum_partials_bf16` would have written there.
+struct QkvRow {
+    const __nv_bfloat16* row;
+    const float* part;
+    int splits;
+    u64 split_stride;
+    __device__ __forceinline__ float operator[](int j) const {
+        if (part == nullptr) return __bfloat162float(row[j]);
+        float v = 0.0f;
+        for (int s = 0; s < splits; s++) v += part[(u64)s * split_stride + j];
+        return __bfloat162float(__float2bfloat16(v));
+    }
+    __device__ __forceinline__ QkvRow at(u64 offset) const {
+        return QkvRow{row + offset, part ? part + offset : nullptr, splits, split_stride};
+    }
+};
+
 // Dimension pair j (of HD / 2) of one head from `src` to `dst` (bf16, or E4M3 bytes in an FP8
 // cache): below rotary_dim / 2, RoPE's pair (j, j + rotary_dim / 2) rotated to position `pos`;
 // above, two consecutive dimensions past rotary_dim, copied.
 template <typename T>
-__device__ __forceinline__ void rope_pair(const __nv_bfloat16* src, T* dst, int j, int rotary_dim, float pos,
+__device__ __forceinline__ void rope_pair(const QkvRow& src, T* dst, int j, int rotary_dim, float pos,
                                           const float* inv_freq, float magnitude) {
     const int half = rotary_dim / 2;
     if (j < half) {
-        rope_rotate(__bfloat162float(src[j]), __bfloat162float(src[j + half]), pos * inv_freq[j], magnitude, dst[j], dst[j + half]);
+        rope_rotate(src[j], src[j + half], pos * inv_freq[j], magnitude, dst[j], dst[j + half]);
     } else {
         const int a = rotary_dim + 2 * (j - half);
-        store_cache_value(dst[a], __bfloat162float(src[a]));
-        store_cache_value(dst[a + 1], __bfloat162float(src[a + 1]));
+        store_cache_value(dst[a], src[a]);
+        store_cache_value(dst[a + 1], src[a + 1]);
     }
 }
 
@@ -168,19 +192,20 @@ __device__ void paged_decode_impl(ATTENTION_PARAMS(typename KvElement<FP8>::T)) 
     static_assert(16 * sizeof(Row) <= DC_N * K_BYTES, "the rotated queries fit in a key tile");
     if (rope) {
         const float pos = (float)positions[t] / position_scale;
+        const QkvRow qkv = {q + (u64)t * q_stride, qkv_partials ? qkv_partials + (u64)t * q_stride : nullptr, qkv_splits, qkv_split_stride};
         if (writes_token) {
             // The token's key (rotated) and value into its slot: one dimension pair per thread.
-            const __nv_bfloat16* k_row = q + (u64)t * q_stride + (u64)num_heads * HD + (u64)kv_head * HD;
-            const __nv_bfloat16* v_row = k_row + (u64)num_kv_heads * HD;
+            const QkvRow k_row = qkv.at((u64)num_heads * HD + (u64)kv_head * HD);
+            const QkvRow v_row = k_row.at((u64)num_kv_heads * HD);
             const u64 slot = slots[t];
             const u64 at = (((slot / block_size) * num_kv_heads + kv_head) * block_size + slot % block_size) * HD;
             for (int j = threadIdx.x; j < HD / 2; j += DC_THREADS) rope_pair(k_row, k_cache + at, j, rotary_dim, pos, inv_freq, magnitude);
-            for (int d = threadIdx.x; d < HD; d += DC_THREADS) store_cache_value(v_cache[at + d], __bfloat162float(v_row[d]));
+            for (int d = threadIdx.x; d < HD; d += DC_THREADS) store_cache_value(v_cache[at + d], v_row[d]);
         }
         // The group's query heads rotated, one dimension pair per thread (rows past the group
         // are never read).
         for (int p = threadIdx.x; p < group * (HD / 2); p += DC_THREADS)
-            rope_pair(q_row + (p / (HD / 2)) * HD, q_s[p / (HD / 2)], p % (HD / 2), rotary_dim, pos, inv_freq, magnitude);
+            rope_pair(qkv.at((u64)(kv_head * group + p / (HD / 2)) * HD), q_s[p / (HD / 2)], p % (HD / 2), rotary_dim, pos, inv_freq, magnitude);
         __syncthreads();  // the rotated queries, and the token's cache row for this block's copies
         if (writes_token) start_copies();
     }

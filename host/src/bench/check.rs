@@ -237,6 +237,7 @@ pub fn check_fused_rope_attention(
     cached: &[usize],
     splits: usize,
     window: usize,
+    qkv_splits: usize,
     seed: u64,
 ) -> Result<CheckRow, CudaError> {
     if let Some(row) = skipped_attention(dev, head_dim, cache) {
@@ -274,10 +275,20 @@ pub fn check_fused_rope_attention(
     };
     paged_attention(&mut want, &rotated, &batch, keys, values, &layout, &shape);
 
-    let attention =
-        StandaloneAttention::upload(dev, &batch, &to_bf16(&qkv), &keys_before, &values_before, cache, heads, kv_heads, head_dim, AttentionPath::Decode, splits)?
+    // With the QKV product in `qkv_splits` partials (random pieces, the last one what makes the
+    // sum), the bf16 rows uploaded are NaN: the kernel must read the partials alone.
+    let split_qkv = qkv_splits > 1;
+    let uploaded = if split_qkv { vec![bf16::NAN; qkv.len()] } else { to_bf16(&qkv) };
+    let mut attention =
+        StandaloneAttention::upload(dev, &batch, &uploaded, &keys_before, &values_before, cache, heads, kv_heads, head_dim, AttentionPath::Decode, splits)?
             .with_window(window)
             .with_fused_rope(dev, &batch.slot_mapping, &inv_freq, rotary_dim, magnitude)?;
+    if split_qkv {
+        let mut partials: Vec<f32> = (0..(qkv_splits - 1) * qkv.len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let last: Vec<f32> = qkv.iter().enumerate().map(|(i, &v)| (0..qkv_splits - 1).fold(v, |rest, s| rest - partials[s * qkv.len() + i])).collect();
+        partials.extend(last);
+        attention = attention.with_qkv_partials(dev, &partials, qkv_splits)?;
+    }
     attention.launch(dev)?;
     let got = attention.output(dev)?;
     let (got_k, got_v) = attention.cache(dev)?;
@@ -285,6 +296,7 @@ pub fn check_fused_rope_attention(
     let cache_got: Vec<f32> = got_k.into_iter().chain(got_v).collect();
     let error = relative_error(&got, &want).max(relative_error(&cache_got, &cache_want));
     let windowed = if window == 0 { String::new() } else { format!(" window {window}") };
+    let windowed = if split_qkv { format!("{windowed} qkv in {qkv_splits} partials") } else { windowed };
     let shown: Vec<String> = cached.iter().map(|c| format!("{c}+1")).collect();
     Ok(CheckRow::error(
         if cache == KvCacheDtype::Auto { "paged_attention +rope" } else { "paged_attn +rope fp8" },
@@ -1170,9 +1182,11 @@ pub fn check_forward_split_k(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts
     let whole = gpu.forward_logits(&decode);
     dev.set_split_k(before);
     let (split, whole) = (split?, whole?);
-    let split_products = profiler.finish()?.iter().filter(|k| k.kind == "linear split-K").map(|k| k.count).sum::<usize>();
+    let kinds = profiler.finish()?;
+    let count = |kind: &str| kinds.iter().filter(|k| k.kind == kind).map(|k| k.count).sum::<usize>();
+    let (split_products, qkv_sums) = (count("linear split-K"), count("attention +QKV sum"));
     let want = cpu.forward(&decode).map_err(|e| CudaError::Config(e.to_string()))?;
-    let detail = format!("decode logits, {sequences} sequences, {split_products} products split");
+    let detail = format!("decode logits, {sequences} sequences, {split_products} products split, {qkv_sums} attentions summed their QKV");
     Ok([("split-K fwd vs unsplit", &whole), ("split-K fwd vs bf16 CPU", &want)]
         .into_iter()
         .map(|(name, reference)| {
@@ -1285,11 +1299,14 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // RoPE and the cache write fused into the decode kernel (decode-only batches): the 8B layout
     // split in 8 (batch 1 at context 512) with sequences shorter than a split, unsplit, partial
     // rotary with a magnitude through a window, and head dim 256.
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[511], 8, 0, 110)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 111)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 112)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 113)?);
-    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 114)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[511], 8, 0, 1, 110)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 1, 111)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[300, 17], 1, 0, 1, 112)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 1, 113)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 1, 114)?);
+    // The QKV product left in K slices (`SplitK::Qkv`): the kernel sums the partials as it reads.
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 2, 117)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 1, 100, 3, 118)?);
 
     for interleaved in [false, true] {
         rows.push(check_rope(dev, KvCacheDtype::Auto, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);
@@ -1366,10 +1383,11 @@ pub fn fp8_cache_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
         rows.push(check_attention_over(dev, fp8, 16, heads, kv_heads, head_dim, &[(0, 300), (200, 130)], AttentionPath::Prefill, 1, 64, 327)?);
     }
     rows.push(check_attention_over(dev, fp8, 16, 32, 8, 128, &[(0, 70), (1500, 1), (0, 129), (700, 1), (3, 1)], AttentionPath::Mixed, 3, 0, 328)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[511], 8, 0, 330)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 331)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 332)?);
-    rows.push(check_fused_rope_attention(dev, fp8, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 333)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[511], 8, 0, 1, 330)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 1, 331)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 32, 8, 128, 128, 1.0, &[511, 40], 8, 0, 2, 338)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 3, 100, 1, 332)?);
+    rows.push(check_fused_rope_attention(dev, fp8, 8, 4, 256, 256, 1.0, &[900, 31], 4, 0, 1, 333)?);
     for interleaved in [false, true] {
         rows.push(check_rope(dev, fp8, 37, 9, 3, 64, 64, 1.0, interleaved, 334)?);
         rows.push(check_rope(dev, fp8, 5, 32, 8, 128, 128, 1.0, interleaved, 335)?);

@@ -112,6 +112,10 @@ pub struct FusedRope {
     pub position_scale: f32,
     pub rotary_dim: usize,
     pub magnitude: f32,
+    /// The QKV product left as float32 partials over slices of K (`gemm::split_k_partials`): their
+    /// address, how many slices, and the floats from one slice to the next; the kernel sums them
+    /// as it reads each row, and `q`'s bf16 rows are never read.
+    pub qkv_partials: Option<(CUdeviceptr, usize, usize)>,
 }
 
 /// One layer's attention: the prefill kernel over the tiles, then the decode kernel (and the
@@ -149,15 +153,17 @@ pub fn launch_attention(dev: &GpuDevice, a: &AttentionArgs) -> Result<(), CudaEr
         block_dim: (DECODE_THREADS, 1, 1),
         shared_mem_bytes: decode_shared_bytes(a.head_dim, a.cache) as u32,
     };
-    let rope = a.rope.unwrap_or(FusedRope { slots: 0, inv_freq: 0, position_scale: 1.0, rotary_dim: 0, magnitude: 1.0 });
+    let rope = a.rope.unwrap_or(FusedRope { slots: 0, inv_freq: 0, position_scale: 1.0, rotary_dim: 0, magnitude: 1.0, qkv_partials: None });
+    let (qkv_partials, qkv_splits, qkv_split_stride) = rope.qkv_partials.unwrap_or((0, 0, 0));
     // SAFETY: as above; with splits, the partials hold a row per (token, head, split); with RoPE
-    // fused, `q` holds whole QKV rows and the slots one entry per token.
+    // fused, `q` holds whole QKV rows (or the partials `qkv_splits` blocks of them) and the slots
+    // one entry per token.
     unsafe {
         launchers::paged_attention(
             dev, a.head_dim, a.cache, config, a.out, part_out, part_max, part_sum, a.q, a.k_cache, a.v_cache, a.block_tables,
             a.token_seq, a.positions, a.decode_rows, q_stride, max_blocks, heads, kv_heads, block_size, scale, partition,
-            window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude, a.l2_prefetch.0,
-            a.l2_prefetch.1 as u64, i32::from(a.kv_evict_first),
+            window, rope.slots, rope.inv_freq, rope.position_scale, rope.rotary_dim as i32, rope.magnitude, qkv_partials,
+            qkv_splits as i32, qkv_split_stride as u64, a.l2_prefetch.0, a.l2_prefetch.1 as u64, i32::from(a.kv_evict_first),
         )?;
     }
     match SplitMerge::of(a) {

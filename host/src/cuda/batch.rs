@@ -44,7 +44,7 @@ pub(crate) struct Scratch {
     ggml_tile_elements: usize,
     ggml_tile: Option<CudaSlice<bf16>>,
     /// A split product's float32 partials (`gemm::split_k_partials`): `SPLIT_K_SLICES` blocks of
-    /// up to `SPLIT_K_MAX_ROWS` rows of the hidden size.
+    /// up to `SPLIT_K_MAX_ROWS` rows of the hidden size or of the QKV width, the wider.
     product_partials: Option<CudaSlice<f32>>,
 }
 
@@ -59,6 +59,7 @@ impl Scratch {
         let s = self;
         if tokens > s.capacity_tokens {
             let t = tokens.next_power_of_two();
+            let partial_width = c.hidden_size.max(c.q_size() + 2 * c.kv_size());
             s.slots.clear();
             for &bytes in &s.slot_bytes {
                 s.slots.push(dev.stream.alloc_zeros(t * bytes)?);
@@ -70,7 +71,7 @@ impl Scratch {
             if s.ggml_tile_elements > 0 && s.ggml_tile.is_none() {
                 s.ggml_tile = Some(dev.stream.alloc_zeros(s.ggml_tile_elements)?);
             }
-            s.product_partials = Some(dev.stream.alloc_zeros(SPLIT_K_SLICES * t.min(SPLIT_K_MAX_ROWS) * c.hidden_size)?);
+            s.product_partials = Some(dev.stream.alloc_zeros(SPLIT_K_SLICES * t.min(SPLIT_K_MAX_ROWS) * partial_width)?);
             s.capacity_tokens = t;
         }
         if rows > s.capacity_rows {

@@ -170,18 +170,25 @@ pub enum SplitK {
     Auto = 1,
     /// Every product the partials scratch holds, in two slices (for `check`).
     Every = 2,
+    /// `Auto`'s shapes and the QKV product's (N between K and 2K), whose partials the decode
+    /// attention with RoPE fused sums as it reads them. Meant for the H200, where cuBLAS's 8B QKV
+    /// product at 32 rows fills 96 of 132 multiprocessors; on an H100 the 8B graph step took 0.9%
+    /// longer at 32 rows and 2.0% at 64, and 32 served clients 0.7% fewer tokens a second
+    /// (BENCHMARKS.md, session 40), so it is not the default.
+    Qkv = 3,
 }
 
 impl SplitK {
     /// `$PAGEDSERVE_SPLIT_K`: `auto` (the default), `off` (or `0`, which exists to measure it),
-    /// `every`. On an H100 `auto` took the 8B graph step 2.6% shorter at 8 and 16 rows and 1.3%
+    /// `qkv`, `every`. On an H100 `auto` took the 8B graph step 2.6% shorter at 8 and 16 rows and 1.3%
     /// at 32 and 64 (BENCHMARKS.md, session 30).
     pub fn from_env() -> Result<Self, super::CudaError> {
         match std::env::var("PAGEDSERVE_SPLIT_K").as_deref() {
             Ok("off" | "0") => Ok(SplitK::Off),
             Err(_) | Ok("auto" | "on" | "1") => Ok(SplitK::Auto),
             Ok("every") => Ok(SplitK::Every),
-            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_SPLIT_K is off, auto or every, not {other:?}"))),
+            Ok("qkv") => Ok(SplitK::Qkv),
+            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_SPLIT_K is off, auto, qkv or every, not {other:?}"))),
         }
     }
 }
@@ -384,7 +391,8 @@ impl GpuDevice {
         match self.split_k.load(Ordering::Relaxed) {
             0 => SplitK::Off,
             1 => SplitK::Auto,
-            _ => SplitK::Every,
+            2 => SplitK::Every,
+            _ => SplitK::Qkv,
         }
     }
 

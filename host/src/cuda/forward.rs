@@ -25,7 +25,8 @@
 //! **Products left in pieces.** Outputs of products can be pending too: an FP8 GEMM's unscaled
 //! output (`Pending::Fp8Scales`), and at 2-64 rows a bf16 cuBLAS product made as float32 partials
 //! over slices of K (`Pending::SplitSum`, `launch::split_k_splits`). `add_norm` folds either into
-//! its launch; any other consumer gets them finished first.
+//! its launch, and the decode attention that applies RoPE itself reads a split QKV product's
+//! partials; any other consumer gets them finished first.
 //!
 //! Norm weights arrive with any (1 + w) offset already folded in (`cuda::weights`).
 
@@ -112,8 +113,9 @@ enum Pending {
     /// op resolves what it does not fold before it launches).
     Fp8Scales { rows: CUdeviceptr, cols: CUdeviceptr },
     /// A bf16 product made as `splits` float32 partials over slices of K (`gemm::split_k_partials`,
-    /// in the scratch's `product_partials`): `add_norm` folds their sum into its kernel; anything
-    /// else gets `sum_partials_bf16` first. The scratch holds one product's partials, so this is
+    /// in the scratch's `product_partials`): `add_norm` folds their sum into its kernel, and so
+    /// does the decode attention that applies RoPE itself for its QKV rows; anything else gets
+    /// `sum_partials_bf16` first. The scratch holds one product's partials, so this is
     /// always resolved before the next product (every op resolves what it does not fold).
     SplitSum { partials: CUdeviceptr, splits: usize },
 }
@@ -762,17 +764,19 @@ impl Ops for GpuOps<'_> {
     }
 
     fn rope_and_cache(&mut self, qkv: Act, layer: usize, attention: &LayerAttention) -> Result<(), ModelError> {
+        // Decode tokens only (each its sequence's only token): the attention kernel does this,
+        // rotate-half as below (`FusedRope` has no interleaved form; nothing launches one here).
+        // A QKV product left split over K stays so: the attention kernel sums its partials.
+        if self.launch.as_ref().is_some_and(|launch| self.dev().fused_rope && launch.arrays.num_tiles == 0) {
+            self.resolve_all(Some(qkv))?;
+            self.fused_rope = Some((qkv, layer, attention.rope));
+            return Ok(());
+        }
         self.resolve_all(None)?;
         let x = self.ptr(qkv)?;
         let c = self.model.config();
         let Some(launch) = &self.launch else { return Ok(()) };
         let dev = self.dev();
-        // Decode tokens only (each its sequence's only token): the attention kernel does this,
-        // rotate-half as below (`FusedRope` has no interleaved form; nothing launches one here).
-        if dev.fused_rope && launch.arrays.num_tiles == 0 {
-            self.fused_rope = Some((qkv, layer, attention.rope));
-            return Ok(());
-        }
         self.mark("rope_and_cache")?;
         let rope = &self.model.ropes()[attention.rope];
         let (k_cache, v_cache) = launch.cache.layer_ptrs(dev, layer);
@@ -806,14 +810,17 @@ impl Ops for GpuOps<'_> {
     }
 
     fn attention(&mut self, qkv: Act, layer: usize, attention: &LayerAttention) -> Result<Act, ModelError> {
+        // The fused RoPE reads a split QKV product's partials itself (their sum is never written).
+        let rope_fused_here = self.fused_rope.is_some_and(|(act, l, _)| act == qkv && l == layer);
+        let qkv_partials = if rope_fused_here { self.take_split_partials(qkv) } else { None };
         self.resolve_all(None)?;
         if attention.softcap.is_some() {
             return Err(ModelError::Unsupported("attention soft-capping on the GPU".into()));
         }
-        let q = self.ptr(qkv)?;
+        let q = if qkv_partials.is_some() { self.out_ptr(qkv)? } else { self.ptr(qkv)? };
         let c = self.model.config();
         let out = self.alloc_bf16(c.q_size())?;
-        self.mark("attention")?;
+        self.mark(if qkv_partials.is_some() { "attention +QKV sum" } else { "attention" })?;
         let Some(launch) = &self.launch else { return Ok(out) };
         let dev = self.dev();
         let (k_cache, v_cache) = launch.cache.layer_ptrs(dev, layer);
@@ -830,6 +837,7 @@ impl Ops for GpuOps<'_> {
                     position_scale: rope.position_scale,
                     rotary_dim: c.rotary_dim,
                     magnitude: rope.magnitude,
+                    qkv_partials: qkv_partials.map(|(partials, splits)| (partials, splits, self.n * (c.q_size() + 2 * c.kv_size()))),
                 })
             }
             Some(_) => return Err(internal(format!("RoPE of another layer left to layer {layer}'s attention"))),

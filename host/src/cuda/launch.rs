@@ -700,13 +700,18 @@ pub const SPLIT_K_MAX_ROWS: usize = 64;
 /// rows, 44.4 → 42.1 at 32, where cuBLAS splits it itself and adds a reduce launch) at 2-64
 /// rows, and a square weight (the o projection: 16.4 → 14.0 µs) up to 16 rows, where cuBLAS's
 /// kernel covers half the GPU; elsewhere two slices were slower. Both only for products of at
-/// least 4096 by 4096, the shapes measured.
+/// least 4096 by 4096, the shapes measured. `Qkv` adds the products whose N lies between K and
+/// 2K (the 8B QKV, 6144 by 4096, on 96 blocks of 132 multiprocessors at 32 rows: BENCHMARKS.md,
+/// session 23), whose partials the decode attention sums where it applies RoPE itself.
 pub fn split_k_splits(mode: SplitK, m: usize, k: usize, n: usize) -> usize {
     let takes = (2..=SPLIT_K_MAX_ROWS).contains(&m) && k.is_multiple_of(SPLIT_K_SLICES * 64);
-    let pays = n >= 4096 && k >= 4096 && (k >= 2 * n || (k == n && m <= 16));
+    let large = n >= 4096 && k >= 4096;
+    let pays = large && (k >= 2 * n || (k == n && m <= 16));
+    let qkv_shape = large && n > k && n <= 2 * k;
     match mode {
         SplitK::Every if takes => SPLIT_K_SLICES,
         SplitK::Auto if takes && pays => SPLIT_K_SLICES,
+        SplitK::Qkv if takes && (pays || qkv_shape) => SPLIT_K_SLICES,
         _ => 1,
     }
 }
@@ -733,6 +738,16 @@ mod tests {
         assert_eq!(split_k_splits(SplitK::Off, 8, 14336, 4096), 1);
         assert_eq!(split_k_splits(SplitK::Every, 8, 1536, 576), 2);
         assert_eq!(split_k_splits(SplitK::Every, 8, 100, 576), 1, "K not a multiple of 128");
+        // Qkv: Auto's shapes and the QKV product, not gate_up, one row or past 64.
+        for m in [2, 16, 32, 64] {
+            assert_eq!(split_k_splits(SplitK::Qkv, m, 4096, 6144), 2, "QKV at {m} rows");
+            assert_eq!(split_k_splits(SplitK::Qkv, m, 14336, 4096), 2, "down at {m} rows");
+            assert_eq!(split_k_splits(SplitK::Qkv, m, 4096, 28672), 1, "gate_up at {m} rows");
+        }
+        assert_eq!(split_k_splits(SplitK::Qkv, 32, 4096, 4096), 1, "o at 32 rows");
+        assert_eq!(split_k_splits(SplitK::Qkv, 1, 4096, 6144), 1);
+        assert_eq!(split_k_splits(SplitK::Qkv, 65, 4096, 6144), 1);
+        assert_eq!(split_k_splits(SplitK::Qkv, 8, 2048, 3072), 1, "the 1B QKV, not measured");
     }
 
     use super::*;

@@ -178,15 +178,17 @@ kernels! {
         (out: Ptr, y: Ptr, weights: Ptr, k: i32, hidden: i32)
     /// `paged_attention.cu`: decode attention over the paged cache, instantiated per head
     /// dimension and cache type; grid (rows, KV heads, splits); `window` 0 sees every earlier position; RoPE and
-    /// the cache write fused when `inv_freq` is not null; `l2_prefetch_bytes` of the next product's
+    /// the cache write fused when `inv_freq` is not null, reading the QKV product's `qkv_splits`
+    /// float32 partials (`qkv_split_stride` apart) instead of `q` when `qkv_partials` is not null;
+    /// `l2_prefetch_bytes` of the next product's
     /// weights from `l2_prefetch` pulled into L2 (0: none); the cache read under an evict-first
     /// L2 policy when `kv_evict_first` is not 0.
     fn paged_attention(head_dim: usize, cache: KvCacheDtype) => decode_kernel_name(head_dim, cache);
         (out: Ptr, part_out: Ptr, part_max: Ptr, part_sum: Ptr, q: Ptr, k_cache: Ptr, v_cache: Ptr,
          block_tables: Ptr, token_seq: Ptr, positions: Ptr, rows: Ptr, q_stride: i32, max_blocks: i32,
          num_heads: i32, num_kv_heads: i32, block_size: i32, scale: f32, partition: i32, window: i32,
-         slots: Ptr, inv_freq: Ptr, position_scale: f32, rotary_dim: i32, magnitude: f32, l2_prefetch: Ptr,
-         l2_prefetch_bytes: u64, kv_evict_first: i32)
+         slots: Ptr, inv_freq: Ptr, position_scale: f32, rotary_dim: i32, magnitude: f32, qkv_partials: Ptr,
+         qkv_splits: i32, qkv_split_stride: u64, l2_prefetch: Ptr, l2_prefetch_bytes: u64, kv_evict_first: i32)
     /// `paged_attention.cu`: merges split-K partials, instantiated per head dimension; grid
     /// (rows, KV heads), a warp per query head.
     fn attention_reduce(head_dim: usize) => format!("attention_reduce_hd{head_dim}");

@@ -31,6 +31,9 @@ pub struct StandaloneAttention {
     /// RoPE fused into the decode kernel (`with_fused_rope`): each token's cache slot, the
     /// inverse frequencies, rotary dimensions and magnitude; `q` then holds whole QKV rows.
     rope: Option<(CudaSlice<u32>, CudaSlice<f32>, usize, f32)>,
+    /// With RoPE fused, the QKV rows as float32 partials over slices of K (`with_qkv_partials`)
+    /// and how many slices, read instead of `q`.
+    qkv_partials: Option<(CudaSlice<f32>, usize)>,
     q_stride: usize,
     max_blocks: usize,
     shape: (usize, usize, usize, usize, usize),
@@ -93,6 +96,7 @@ impl StandaloneAttention {
                 stream.alloc_zeros::<f32>(rows)?,
             ),
             rope: None,
+            qkv_partials: None,
             q_stride: heads * head_dim,
             max_blocks,
             shape: (n, heads, kv_heads, head_dim, batch.block_size),
@@ -134,6 +138,18 @@ impl StandaloneAttention {
         let (_, heads, kv_heads, head_dim, _) = self.shape;
         self.q_stride = (heads + 2 * kv_heads) * head_dim;
         self.rope = Some((dev.stream.clone_htod(slots)?, dev.stream.clone_htod(inv_freq)?, rotary_dim, magnitude));
+        Ok(self)
+    }
+
+    /// With RoPE fused, the kernel reads the QKV rows as `splits` float32 partials (split-major,
+    /// each `[tokens, q_stride]`, as `gemm::split_k_partials` leaves a product) and sums them,
+    /// instead of reading `q`.
+    pub fn with_qkv_partials(mut self, dev: &GpuDevice, partials: &[f32], splits: usize) -> Result<Self, CudaError> {
+        let tokens = self.shape.0;
+        if self.rope.is_none() || splits == 0 || partials.len() != splits * tokens * self.q_stride {
+            return Err(CudaError::Config(format!("{} QKV partials for {splits} slices of {tokens} fused-RoPE rows", partials.len())));
+        }
+        self.qkv_partials = Some((dev.stream.clone_htod(partials)?, splits));
         Ok(self)
     }
 
@@ -192,6 +208,7 @@ impl StandaloneAttention {
                     position_scale: 1.0,
                     rotary_dim: *rotary_dim,
                     magnitude: *magnitude,
+                    qkv_partials: self.qkv_partials.as_ref().map(|(p, splits)| (ptrf(p), *splits, num_tokens * self.q_stride)),
                 }),
             },
         )
