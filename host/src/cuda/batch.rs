@@ -59,7 +59,7 @@ impl Scratch {
         let s = self;
         if tokens > s.capacity_tokens {
             let t = tokens.next_power_of_two();
-            let partial_width = c.hidden_size.max(c.q_size() + 2 * c.kv_size());
+            let partial_width = c.hidden_size.max(c.qkv_size());
             s.slots.clear();
             for &bytes in &s.slot_bytes {
                 s.slots.push(dev.stream.alloc_zeros(t * bytes)?);

@@ -810,9 +810,14 @@ impl Ops for GpuOps<'_> {
     }
 
     fn attention(&mut self, qkv: Act, layer: usize, attention: &LayerAttention) -> Result<Act, ModelError> {
+        // RoPE left to this attention by `rope_and_cache` (only ever with a launch to run).
+        let fused_rope = match self.fused_rope.take() {
+            None => None,
+            Some((act, l, rope)) if act == qkv && l == layer => Some(rope),
+            Some(_) => return Err(internal(format!("RoPE of another layer left to layer {layer}'s attention"))),
+        };
         // The fused RoPE reads a split QKV product's partials itself (their sum is never written).
-        let rope_fused_here = self.fused_rope.is_some_and(|(act, l, _)| act == qkv && l == layer);
-        let qkv_partials = if rope_fused_here { self.take_split_partials(qkv) } else { None };
+        let qkv_partials = if fused_rope.is_some() { self.take_split_partials(qkv) } else { None };
         self.resolve_all(None)?;
         if attention.softcap.is_some() {
             return Err(ModelError::Unsupported("attention soft-capping on the GPU".into()));
@@ -827,21 +832,17 @@ impl Ops for GpuOps<'_> {
         let s = launch.scratch;
         let partials = if launch.split.splits > 1 { s.partials(dev) } else { (0, 0, 0) };
         let a = launch.arrays;
-        let rope = match self.fused_rope.take() {
-            None => None,
-            Some((act, l, rope)) if act == qkv && l == layer => {
-                let rope = &self.model.ropes()[rope];
-                Some(FusedRope {
-                    slots: a.slots,
-                    inv_freq: ptr(dev, &rope.inv_freq),
-                    position_scale: rope.position_scale,
-                    rotary_dim: c.rotary_dim,
-                    magnitude: rope.magnitude,
-                    qkv_partials: qkv_partials.map(|(partials, splits)| (partials, splits, self.n * (c.q_size() + 2 * c.kv_size()))),
-                })
+        let rope = fused_rope.map(|rope| {
+            let rope = &self.model.ropes()[rope];
+            FusedRope {
+                slots: a.slots,
+                inv_freq: ptr(dev, &rope.inv_freq),
+                position_scale: rope.position_scale,
+                rotary_dim: c.rotary_dim,
+                magnitude: rope.magnitude,
+                qkv_partials: qkv_partials.map(|(partials, splits)| (partials, splits, self.n * c.qkv_size())),
             }
-            Some(_) => return Err(internal(format!("RoPE of another layer left to layer {layer}'s attention"))),
-        };
+        });
         if launch.omit == Omit::Attention {
             return Ok(out);
         }
@@ -862,7 +863,7 @@ impl Ops for GpuOps<'_> {
         let args = AttentionArgs {
             out: self.out_ptr(out)?,
             q,
-            q_stride: c.q_size() + 2 * c.kv_size(),
+            q_stride: c.qkv_size(),
             k_cache,
             v_cache,
             block_tables: a.block_tables,

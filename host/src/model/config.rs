@@ -237,6 +237,11 @@ impl ModelConfig {
         self.num_key_value_heads * self.head_dim
     }
 
+    /// Width of a token's fused QKV projection output: its query, key and value heads.
+    pub fn qkv_size(&self) -> usize {
+        self.q_size() + 2 * self.kv_size()
+    }
+
     /// Query heads per key/value head.
     pub fn gqa_group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -273,9 +278,9 @@ impl ModelConfig {
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
         let norms = 2 + if self.sandwich_norms { 2 } else { 0 };
-        let attention = h * (self.q_size() + 2 * self.kv_size())
+        let attention = h * self.qkv_size()
             + self.q_size() * h
-            + if self.attention_bias { self.q_size() + 2 * self.kv_size() } else { 0 }
+            + if self.attention_bias { self.qkv_size() } else { 0 }
             + if self.qk_norm { 2 * self.head_dim } else { 0 };
         let mlps: usize = (0..self.num_hidden_layers)
             .map(|layer| match &self.moe {

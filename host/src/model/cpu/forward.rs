@@ -285,7 +285,7 @@ impl Ops for CpuOps<'_> {
         let mut o = self.take(out)?;
         let layout = *self.cache.layout();
         let (keys, values) = self.cache.layer(layer);
-        let shape = AttentionShape { num_heads: c.num_attention_heads, q_stride: c.q_size() + 2 * c.kv_size(), layer: *attention };
+        let shape = AttentionShape { num_heads: c.num_attention_heads, q_stride: c.qkv_size(), layer: *attention };
         paged_attention(&mut o, self.get(qkv)?, self.batch, keys, values, &layout, &shape);
         self.put(out, o);
         Ok(out)
