@@ -441,7 +441,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     use pagedserve::bench::gpu;
     use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
     let dev = GpuDevice::new(0)?;
-    println!("device: {} ({}, {} SMs)", dev.name, dev.arch, dev.num_sms);
+    println!("device: {} ({}, {} SMs, memory peak {:.0} GB/s)", dev.name, dev.arch, dev.num_sms, dev.peak_memory_gbps);
     let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
     println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
     if args.attention_sweep {

@@ -742,14 +742,13 @@ pub fn check_gemv(dev: &GpuDevice, m: usize, n: usize, k: usize, out_type: OutTy
     Ok(CheckRow::error("linear small-M", format!("{path} m {m} n {n} k {k} {out_type:?} out"), relative_error(&got, &want)))
 }
 
-/// A product split over K (`gemm::split_k_partials`, two slices into float32 partials) against
+/// A product split over K (`gemm::split_k_partials`, `splits` slices into float32 partials) against
 /// the CPU product, two ways: its partials summed by `sum_partials_bf16` (what a consumer that does
 /// not take the pieces gets), and folded into the residual add and norm after it
 /// (`fused_add_rmsnorm_partials`: the residual it leaves and the normalised rows). Outputs poisoned
 /// first.
-pub fn check_split_k(dev: &GpuDevice, m: usize, n: usize, k: usize, seed: u64) -> Result<Vec<CheckRow>, CudaError> {
+pub fn check_split_k(dev: &GpuDevice, m: usize, n: usize, k: usize, splits: usize, seed: u64) -> Result<Vec<CheckRow>, CudaError> {
     use crate::cuda::gemm::split_k_partials;
-    let splits = crate::cuda::launch::SPLIT_K_SLICES;
     let mut rng = StdRng::seed_from_u64(seed);
     let x = random_bf16_values(&mut rng, m * k, 1.0);
     let w = random_bf16_values(&mut rng, n * k, 0.1);
@@ -1157,7 +1156,8 @@ pub fn check_forward_small_batch(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, pro
 /// A decode step of more sequences than the GEMV takes (cuBLAS products) with every product
 /// split over K (`SplitK::Every`: the residual adds and norms sum the o and down projections'
 /// partials, every other consumer gets them summed first) against the same step unsplit and
-/// against the CPU. Both rows fail if no product split (the profile of the split step counts them).
+/// against the CPU, in two slices and in the most (`launch::SPLIT_K_MAX_SLICES`). Each row fails
+/// if no product split (the profile of the split step counts them).
 pub fn check_forward_split_k(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts: &[Vec<u32>]) -> Result<Vec<CheckRow>, CudaError> {
     use crate::cuda::SplitK;
     let sequences = 12;
@@ -1173,27 +1173,32 @@ pub fn check_forward_split_k(dev: &Arc<GpuDevice>, cpu_model: &CpuModel, prompts
     // `check_forward_small_batch`).
     // The split run is profiled to count the products it split: rows that compared two unsplit
     // runs (a model whose shapes never split) must not pass.
-    let before = dev.split_k();
-    dev.set_split_k(SplitK::Every);
-    gpu.swap_profiler(Some(crate::cuda::profile::StepProfiler::default()));
-    let split = gpu.forward_logits(&decode);
-    let profiler = gpu.swap_profiler(None).expect("installed above");
+    let (before, slices_before) = (dev.split_k(), dev.split_k_slices());
     dev.set_split_k(SplitK::Off);
     let whole = gpu.forward_logits(&decode);
     dev.set_split_k(before);
-    let (split, whole) = (split?, whole?);
-    let kinds = profiler.finish()?;
-    let count = |kind: &str| kinds.iter().filter(|k| k.kind == kind).map(|k| k.count).sum::<usize>();
-    let (split_products, qkv_sums) = (count("linear split-K"), count("attention +QKV sum"));
+    let whole = whole?;
     let want = cpu.forward(&decode).map_err(|e| CudaError::Config(e.to_string()))?;
-    let detail = format!("decode logits, {sequences} sequences, {split_products} products split, {qkv_sums} attentions summed their QKV");
-    Ok([("split-K fwd vs unsplit", &whole), ("split-K fwd vs bf16 CPU", &want)]
-        .into_iter()
-        .map(|(name, reference)| {
+    let mut rows = Vec::new();
+    for slices in [crate::cuda::launch::SPLIT_K_SLICES, crate::cuda::launch::SPLIT_K_MAX_SLICES] {
+        dev.set_split_k(SplitK::Every);
+        dev.set_split_k_slices(slices);
+        gpu.swap_profiler(Some(crate::cuda::profile::StepProfiler::default()));
+        let split = gpu.forward_logits(&decode);
+        let profiler = gpu.swap_profiler(None).expect("installed above");
+        dev.set_split_k(before);
+        dev.set_split_k_slices(slices_before);
+        let split = split?;
+        let kinds = profiler.finish()?;
+        let count = |kind: &str| kinds.iter().filter(|k| k.kind == kind).map(|k| k.count).sum::<usize>();
+        let (split_products, qkv_sums) = (count("linear split-K"), count("attention +QKV sum"));
+        let detail = format!("decode logits, {sequences} sequences, {slices} slices: {split_products} products split, {qkv_sums} attentions summed their QKV");
+        for (name, reference) in [("split-K fwd vs unsplit", &whole), ("split-K fwd vs bf16 CPU", &want)] {
             let error = relative_error(&split, reference);
-            CheckRow { name: name.into(), detail: detail.clone(), error: Some(error), passed: split_products > 0 && error < FORWARD_TOLERANCE }
-        })
-        .collect())
+            rows.push(CheckRow { name: name.into(), detail: detail.clone(), error: Some(error), passed: split_products > 0 && error < FORWARD_TOLERANCE });
+        }
+    }
+    Ok(rows)
 }
 
 /// Prints the table; returns whether every row passed.
@@ -1307,6 +1312,7 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // The QKV product left in K slices (`SplitK::Qkv`): the kernel sums the partials as it reads.
     rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[1500, 3, 700, 64, 0], 6, 0, 2, 117)?);
     rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 9, 3, 64, 32, 1.2, &[1100, 60, 5], 1, 100, 3, 118)?);
+    rows.push(check_fused_rope_attention(dev, KvCacheDtype::Auto, 32, 8, 128, 128, 1.0, &[255, 130, 256], 1, 0, 4, 119)?);
 
     for interleaved in [false, true] {
         rows.push(check_rope(dev, KvCacheDtype::Auto, 37, 9, 3, 64, 64, 1.0, interleaved, 7)?);
@@ -1330,10 +1336,13 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     // Products split over K into partials (`launch::split_k_splits`): the 8B down and o
     // projections at rows where they split, SmolLM2's down, and rows not 8-aligned (the norm's
     // scalar loop).
-    rows.extend(check_split_k(dev, 8, 4096, 14336, 15)?);
-    rows.extend(check_split_k(dev, 12, 4096, 4096, 16)?);
-    rows.extend(check_split_k(dev, 33, 576, 1536, 17)?);
-    rows.extend(check_split_k(dev, 5, 260, 256, 18)?);
+    rows.extend(check_split_k(dev, 8, 4096, 14336, 2, 15)?);
+    rows.extend(check_split_k(dev, 12, 4096, 4096, 2, 16)?);
+    rows.extend(check_split_k(dev, 33, 576, 1536, 2, 17)?);
+    rows.extend(check_split_k(dev, 5, 260, 256, 2, 18)?);
+    // Four slices (`PAGEDSERVE_SPLIT_K_SLICES=4`): the 8B down and o projections at 32 rows.
+    rows.extend(check_split_k(dev, 32, 4096, 14336, 4, 19)?);
+    rows.extend(check_split_k(dev, 32, 4096, 4096, 4, 20)?);
     // Experts: one token; several tiles per expert (300 tokens over 8 experts); Qwen3-30B-A3B's
     // 128 experts, top-8; widths that are not multiples of the tile.
     rows.extend(check_moe(dev, 1, 256, 8, 2, 128, true, 11)?);

@@ -6,7 +6,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, PinnedHostSlice};
 use half::bf16;
 
-use super::launch::{pack_block_tables, AttentionPlan, SPLIT_K_MAX_ROWS, SPLIT_K_SLICES};
+use super::launch::{pack_block_tables, AttentionPlan, SPLIT_K_MAX_ROWS, SPLIT_K_MAX_SLICES};
 use super::model::ptr;
 use super::{CudaError, GpuDevice};
 use crate::model::ModelConfig;
@@ -43,7 +43,7 @@ pub(crate) struct Scratch {
     /// (`gemm::ggml_linear`); 0 elements without quantized GGUF weights.
     ggml_tile_elements: usize,
     ggml_tile: Option<CudaSlice<bf16>>,
-    /// A split product's float32 partials (`gemm::split_k_partials`): `SPLIT_K_SLICES` blocks of
+    /// A split product's float32 partials (`gemm::split_k_partials`): `SPLIT_K_MAX_SLICES` blocks of
     /// up to `SPLIT_K_MAX_ROWS` rows of the hidden size or of the QKV width, the wider.
     product_partials: Option<CudaSlice<f32>>,
 }
@@ -71,7 +71,7 @@ impl Scratch {
             if s.ggml_tile_elements > 0 && s.ggml_tile.is_none() {
                 s.ggml_tile = Some(dev.stream.alloc_zeros(s.ggml_tile_elements)?);
             }
-            s.product_partials = Some(dev.stream.alloc_zeros(SPLIT_K_SLICES * t.min(SPLIT_K_MAX_ROWS) * partial_width)?);
+            s.product_partials = Some(dev.stream.alloc_zeros(SPLIT_K_MAX_SLICES * t.min(SPLIT_K_MAX_ROWS) * partial_width)?);
             s.capacity_tokens = t;
         }
         if rows > s.capacity_rows {

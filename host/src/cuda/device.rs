@@ -32,6 +32,9 @@ pub struct GpuDevice {
     pub name: String,
     pub arch: String,
     pub num_sms: usize,
+    /// The memory's peak rate in GB/s, from its clock and bus width (H100 SXM about 3,350,
+    /// H200 about 4,800); `bench gpu` measures what a copy reaches.
+    pub peak_memory_gbps: f64,
     /// The most dynamic shared memory a block may opt in to (227 KB on sm_90).
     pub max_shared_optin: usize,
     /// Resident blocks per multiprocessor of the decode attention kernel, by head dimension.
@@ -61,6 +64,9 @@ pub struct GpuDevice {
     /// Which bf16 cuBLAS products of 2-64 rows are cut into K slices whose float32 partials the
     /// residual add and norm after them sums (`launch::split_k_splits`): a `SplitK` as a byte.
     split_k: AtomicU8,
+    /// Into how many K slices such a product is cut (`$PAGEDSERVE_SPLIT_K_SLICES`, 2 to
+    /// `launch::SPLIT_K_MAX_SLICES`; `launch::SPLIT_K_SLICES` unless set).
+    split_k_slices: AtomicU8,
     /// Resident blocks per multiprocessor of each GEMV kernel, by (kernel, threads, shared
     /// bytes): sizes its grid to one wave (`launch::gemv_grid`).
     gemv_occupancy: Mutex<HashMap<(String, u32, usize), usize>>,
@@ -176,11 +182,17 @@ pub enum SplitK {
     /// longer at 32 rows and 2.0% at 64, and 32 served clients 0.7% fewer tokens a second
     /// (BENCHMARKS.md, session 40), so it is not the default.
     Qkv = 3,
+    /// Every product of at least 4096 by 4096 whose N is at most 2K at 2-64 rows, whatever the
+    /// rows: the QKV, o and down projections, each of which the next kernel sums (the o projection
+    /// past 16 rows too), and not the gate-up projection, whose partials would need a sum launch
+    /// before the activation. For the H200, whose cuBLAS products of 32 rows cover too few
+    /// multiprocessors to reach its copy rate (BENCHMARKS.md, session 23).
+    Narrow = 4,
 }
 
 impl SplitK {
     /// `$PAGEDSERVE_SPLIT_K`: `auto` (the default), `off` (or `0`, which exists to measure it),
-    /// `qkv`, `every`. On an H100 `auto` took the 8B graph step 2.6% shorter at 8 and 16 rows and 1.3%
+    /// `qkv`, `narrow`, `every`. On an H100 `auto` took the 8B graph step 2.6% shorter at 8 and 16 rows and 1.3%
     /// at 32 and 64 (BENCHMARKS.md, session 30).
     pub fn from_env() -> Result<Self, super::CudaError> {
         match std::env::var("PAGEDSERVE_SPLIT_K").as_deref() {
@@ -188,8 +200,24 @@ impl SplitK {
             Err(_) | Ok("auto" | "on" | "1") => Ok(SplitK::Auto),
             Ok("every") => Ok(SplitK::Every),
             Ok("qkv") => Ok(SplitK::Qkv),
-            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_SPLIT_K is off, auto, qkv or every, not {other:?}"))),
+            Ok("narrow") => Ok(SplitK::Narrow),
+            Ok(other) => Err(super::CudaError::Config(format!("PAGEDSERVE_SPLIT_K is off, auto, qkv, narrow or every, not {other:?}"))),
         }
+    }
+}
+
+/// `$PAGEDSERVE_SPLIT_K_SLICES`: how many K slices a split product is cut into, 2 (the default,
+/// `launch::SPLIT_K_SLICES`) to `launch::SPLIT_K_MAX_SLICES`. More slices put more blocks on the
+/// GPU for the same product, for a card with more bandwidth per multiprocessor (the H200), at the
+/// cost of more float32 partials for the consumer to read.
+fn split_k_slices_from_env() -> Result<usize, super::CudaError> {
+    use super::launch::{SPLIT_K_MAX_SLICES, SPLIT_K_SLICES};
+    match std::env::var("PAGEDSERVE_SPLIT_K_SLICES") {
+        Err(_) => Ok(SPLIT_K_SLICES),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if (2..=SPLIT_K_MAX_SLICES).contains(&n) => Ok(n),
+            _ => Err(super::CudaError::Config(format!("PAGEDSERVE_SPLIT_K_SLICES is a number from 2 to {SPLIT_K_MAX_SLICES}, not {v:?}"))),
+        },
     }
 }
 
@@ -296,6 +324,11 @@ impl GpuDevice {
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
         let fused_merge = FusedMerge::from_env()?;
         let l2_bytes = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
+        // The memory's peak rate from its clock (kHz, double data rate) and bus width (bits): the
+        // bytes a second each multiprocessor must keep moving for a kernel to reach it.
+        let memory_khz = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)?.max(0) as f64;
+        let bus_bits = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)?.max(0) as f64;
+        let peak_memory_gbps = memory_khz * 1e3 * 2.0 * bus_bits / 8.0 / 1e9;
         let l2_prefetch_limit = match std::env::var("PAGEDSERVE_L2_PREFETCH").as_deref() {
             _ if major < 9 => 0,
             Ok("off" | "0") => 0,
@@ -311,8 +344,9 @@ impl GpuDevice {
         };
         let kv_evict_first = !matches!(std::env::var("PAGEDSERVE_KV_EVICT_FIRST").as_deref(), Ok("off" | "0"));
         let split_k = SplitK::from_env()?;
+        let split_k_slices = split_k_slices_from_env()?;
         let graph_tiers = !matches!(std::env::var("PAGEDSERVE_GRAPH_TIERS").as_deref(), Ok("off" | "0"));
-        tracing::info!(gpu = %name, %arch, num_sms, ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, ?fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, ?split_k, "CUDA device ready");
+        tracing::info!(gpu = %name, %arch, num_sms, peak_memory_gbps = peak_memory_gbps.round(), ?pdl, skinny_rows = ?skinny.as_ref().map(|s| s.rows.clone()), blas_tune_rows = ?tuned_gemm.as_ref().map(|(rows, _)| rows.clone()), greedy_chunks, fused_rope, ?fused_merge, l2_bytes, l2_prefetch_limit, kv_evict_first, graph_tiers, ?split_k, split_k_slices, "CUDA device ready");
         Ok(Arc::new(GpuDevice {
             context,
             stream,
@@ -322,6 +356,7 @@ impl GpuDevice {
             name,
             arch,
             num_sms,
+            peak_memory_gbps,
             max_shared_optin: opt_in,
             decode_blocks_per_sm,
             pdl: AtomicU8::new(pdl as u8),
@@ -331,6 +366,7 @@ impl GpuDevice {
             kv_evict_first,
             graph_tiers,
             split_k: AtomicU8::new(split_k as u8),
+            split_k_slices: AtomicU8::new(split_k_slices as u8),
             gemv_occupancy: Mutex::new(HashMap::new()),
             fp8_gemm: Mutex::new(fp8_gemm),
             tuned_gemm,
@@ -392,13 +428,25 @@ impl GpuDevice {
             0 => SplitK::Off,
             1 => SplitK::Auto,
             2 => SplitK::Every,
-            _ => SplitK::Qkv,
+            3 => SplitK::Qkv,
+            _ => SplitK::Narrow,
         }
     }
 
     /// Sets which products split K (`check` forces `Every` on shapes `Auto` leaves alone).
     pub fn set_split_k(&self, mode: SplitK) {
         self.split_k.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// Into how many K slices a split product is cut.
+    pub fn split_k_slices(&self) -> usize {
+        self.split_k_slices.load(Ordering::Relaxed) as usize
+    }
+
+    /// Sets the slices of a split product (`check` runs the split forward with the most).
+    pub fn set_split_k_slices(&self, slices: usize) {
+        debug_assert!((2..=super::launch::SPLIT_K_MAX_SLICES).contains(&slices));
+        self.split_k_slices.store(slices as u8, Ordering::Relaxed);
     }
 
     /// The compute capability as a number: 90 for sm_90.

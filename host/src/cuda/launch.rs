@@ -685,10 +685,13 @@ pub fn gemv_grid(n: usize, warps: u32, num_sms: usize, blocks_per_sm: usize) -> 
     n.div_ceil(warps.max(1) as usize).clamp(1, blocks_per_sm.max(1) * num_sms.max(1)) as u32
 }
 
-/// Slices of K a split product (`gemm::split_k_partials`) is cut into: the partials scratch
-/// (`Scratch::product_partials`) holds this many.
+/// Slices of K a split product (`gemm::split_k_partials`) is cut into unless
+/// `$PAGEDSERVE_SPLIT_K_SLICES` says otherwise (`GpuDevice::split_k_slices`).
 pub const SPLIT_K_SLICES: usize = 2;
-/// The most rows of a split product: the partials scratch holds `SPLIT_K_SLICES` of this many
+/// The most slices `$PAGEDSERVE_SPLIT_K_SLICES` may ask for: the partials scratch
+/// (`Scratch::product_partials`) holds this many.
+pub const SPLIT_K_MAX_SLICES: usize = 4;
+/// The most rows of a split product: the partials scratch holds `SPLIT_K_MAX_SLICES` of this many
 /// rows of the hidden size.
 pub const SPLIT_K_MAX_ROWS: usize = 64;
 
@@ -702,16 +705,19 @@ pub const SPLIT_K_MAX_ROWS: usize = 64;
 /// kernel covers half the GPU; elsewhere two slices were slower. Both only for products of at
 /// least 4096 by 4096, the shapes measured. `Qkv` adds the products whose N lies between K and
 /// 2K (the 8B QKV, 6144 by 4096, on 96 blocks of 132 multiprocessors at 32 rows: BENCHMARKS.md,
-/// session 23), whose partials the decode attention sums where it applies RoPE itself.
-pub fn split_k_splits(mode: SplitK, m: usize, k: usize, n: usize) -> usize {
-    let takes = (2..=SPLIT_K_MAX_ROWS).contains(&m) && k.is_multiple_of(SPLIT_K_SLICES * 64);
+/// session 23), whose partials the decode attention sums where it applies RoPE itself. A split
+/// product has `slices` slices (`GpuDevice::split_k_slices`), each a multiple of 64 values of K.
+pub fn split_k_splits(mode: SplitK, slices: usize, m: usize, k: usize, n: usize) -> usize {
+    let takes = slices > 1 && (2..=SPLIT_K_MAX_ROWS).contains(&m) && k.is_multiple_of(slices * 64);
     let large = n >= 4096 && k >= 4096;
     let pays = large && (k >= 2 * n || (k == n && m <= 16));
     let qkv_shape = large && n > k && n <= 2 * k;
+    let narrow = large && n <= 2 * k;
     match mode {
-        SplitK::Every if takes => SPLIT_K_SLICES,
-        SplitK::Auto if takes && pays => SPLIT_K_SLICES,
-        SplitK::Qkv if takes && (pays || qkv_shape) => SPLIT_K_SLICES,
+        SplitK::Every if takes => slices,
+        SplitK::Auto if takes && pays => slices,
+        SplitK::Qkv if takes && (pays || qkv_shape) => slices,
+        SplitK::Narrow if takes && narrow => slices,
         _ => 1,
     }
 }
@@ -723,31 +729,45 @@ mod tests {
         use super::{split_k_splits, SplitK};
         // Llama-3.1-8B: down 4096 x 14336, o 4096 x 4096, QKV 6144 x 4096, gate_up 28672 x 4096.
         for m in [2, 8, 32, 64] {
-            assert_eq!(split_k_splits(SplitK::Auto, m, 14336, 4096), 2, "down at {m} rows");
+            assert_eq!(split_k_splits(SplitK::Auto, 2, m, 14336, 4096), 2, "down at {m} rows");
         }
         for (m, want) in [(2, 2), (16, 2), (17, 1), (32, 1)] {
-            assert_eq!(split_k_splits(SplitK::Auto, m, 4096, 4096), want, "o at {m} rows");
+            assert_eq!(split_k_splits(SplitK::Auto, 2, m, 4096, 4096), want, "o at {m} rows");
         }
-        assert_eq!(split_k_splits(SplitK::Auto, 8, 4096, 6144), 1, "QKV");
-        assert_eq!(split_k_splits(SplitK::Auto, 8, 4096, 28672), 1, "gate_up");
+        assert_eq!(split_k_splits(SplitK::Auto, 2, 8, 4096, 6144), 1, "QKV");
+        assert_eq!(split_k_splits(SplitK::Auto, 2, 8, 4096, 28672), 1, "gate_up");
         // One row is the GEMV's, more than 64 cuBLAS's own; small models are not split.
-        assert_eq!(split_k_splits(SplitK::Auto, 1, 14336, 4096), 1);
-        assert_eq!(split_k_splits(SplitK::Auto, 65, 14336, 4096), 1);
-        assert_eq!(split_k_splits(SplitK::Auto, 8, 1536, 576), 1);
+        assert_eq!(split_k_splits(SplitK::Auto, 2, 1, 14336, 4096), 1);
+        assert_eq!(split_k_splits(SplitK::Auto, 2, 65, 14336, 4096), 1);
+        assert_eq!(split_k_splits(SplitK::Auto, 2, 8, 1536, 576), 1);
         // Off splits nothing; Every splits what the slices divide, whatever the shape.
-        assert_eq!(split_k_splits(SplitK::Off, 8, 14336, 4096), 1);
-        assert_eq!(split_k_splits(SplitK::Every, 8, 1536, 576), 2);
-        assert_eq!(split_k_splits(SplitK::Every, 8, 100, 576), 1, "K not a multiple of 128");
+        assert_eq!(split_k_splits(SplitK::Off, 2, 8, 14336, 4096), 1);
+        assert_eq!(split_k_splits(SplitK::Every, 2, 8, 1536, 576), 2);
+        assert_eq!(split_k_splits(SplitK::Every, 2, 8, 100, 576), 1, "K not a multiple of 128");
         // Qkv: Auto's shapes and the QKV product, not gate_up, one row or past 64.
         for m in [2, 16, 32, 64] {
-            assert_eq!(split_k_splits(SplitK::Qkv, m, 4096, 6144), 2, "QKV at {m} rows");
-            assert_eq!(split_k_splits(SplitK::Qkv, m, 14336, 4096), 2, "down at {m} rows");
-            assert_eq!(split_k_splits(SplitK::Qkv, m, 4096, 28672), 1, "gate_up at {m} rows");
+            assert_eq!(split_k_splits(SplitK::Qkv, 2, m, 4096, 6144), 2, "QKV at {m} rows");
+            assert_eq!(split_k_splits(SplitK::Qkv, 2, m, 14336, 4096), 2, "down at {m} rows");
+            assert_eq!(split_k_splits(SplitK::Qkv, 2, m, 4096, 28672), 1, "gate_up at {m} rows");
         }
-        assert_eq!(split_k_splits(SplitK::Qkv, 32, 4096, 4096), 1, "o at 32 rows");
-        assert_eq!(split_k_splits(SplitK::Qkv, 1, 4096, 6144), 1);
-        assert_eq!(split_k_splits(SplitK::Qkv, 65, 4096, 6144), 1);
-        assert_eq!(split_k_splits(SplitK::Qkv, 8, 2048, 3072), 1, "the 1B QKV, not measured");
+        assert_eq!(split_k_splits(SplitK::Qkv, 2, 32, 4096, 4096), 1, "o at 32 rows");
+        assert_eq!(split_k_splits(SplitK::Qkv, 2, 1, 4096, 6144), 1);
+        assert_eq!(split_k_splits(SplitK::Qkv, 2, 65, 4096, 6144), 1);
+        assert_eq!(split_k_splits(SplitK::Qkv, 2, 8, 2048, 3072), 1, "the 1B QKV, not measured");
+        // Narrow: QKV, o and down at every row count of 2-64, never gate_up or small models.
+        for m in [2, 32, 64] {
+            for (k, n) in [(4096, 6144), (4096, 4096), (14336, 4096)] {
+                assert_eq!(split_k_splits(SplitK::Narrow, 2, m, k, n), 2, "{n} x {k} at {m} rows");
+            }
+            assert_eq!(split_k_splits(SplitK::Narrow, 2, m, 4096, 28672), 1, "gate_up at {m} rows");
+        }
+        assert_eq!(split_k_splits(SplitK::Narrow, 2, 8, 1536, 576), 1);
+        // Four slices where K holds four multiples of 64; none where it does not, or with one.
+        assert_eq!(split_k_splits(SplitK::Qkv, 4, 32, 4096, 6144), 4);
+        assert_eq!(split_k_splits(SplitK::Auto, 4, 32, 14336, 4096), 4);
+        assert_eq!(split_k_splits(SplitK::Every, 4, 8, 1536, 576), 4);
+        assert_eq!(split_k_splits(SplitK::Every, 3, 8, 4096, 4096), 1, "4096 is not a multiple of 3 x 64");
+        assert_eq!(split_k_splits(SplitK::Every, 1, 8, 4096, 4096), 1);
     }
 
     use super::*;
