@@ -182,11 +182,12 @@ pub enum SplitK {
     /// longer at 32 rows and 2.0% at 64, and 32 served clients 0.7% fewer tokens a second
     /// (BENCHMARKS.md, session 40), so it is not the default.
     Qkv = 3,
-    /// Every product of at least 4096 by 4096 whose N is at most 2K at 2-64 rows, whatever the
-    /// rows: the QKV, o and down projections, each of which the next kernel sums (the o projection
-    /// past 16 rows too), and not the gate-up projection, whose partials would need a sum launch
-    /// before the activation. For the H200, whose cuBLAS products of 32 rows cover too few
-    /// multiprocessors to reach its copy rate (BENCHMARKS.md, session 23).
+    /// Every product of at least 4096 by 4096 whose N is at most 2K, at any of 2-64 rows: the
+    /// QKV, o and down projections, each of which the next kernel sums (the o projection past 16
+    /// rows too), and not the gate-up projection, whose partials would need a sum launch before
+    /// the activation. Meant for the H200, whose cuBLAS products of 32 rows cover too few
+    /// multiprocessors to reach its copy rate (BENCHMARKS.md, session 23); on an H100 the 8B graph
+    /// step took 0.5-0.7% longer at 32 rows (1.0% with four slices; session 41).
     Narrow = 4,
 }
 
