@@ -32,8 +32,8 @@ pub struct GpuDevice {
     pub name: String,
     pub arch: String,
     pub num_sms: usize,
-    /// The memory's peak rate in GB/s, from its clock and bus width (H100 SXM about 3,350,
-    /// H200 about 4,800); `bench gpu` measures what a copy reaches.
+    /// The memory's peak rate in GB/s, from its clock and bus width (the H100 80GB HBM3: 3,352),
+    /// 0 where the driver does not give them; `bench gpu` measures what a copy reaches.
     pub peak_memory_gbps: f64,
     /// The most dynamic shared memory a block may opt in to (227 KB on sm_90).
     pub max_shared_optin: usize,
@@ -325,10 +325,11 @@ impl GpuDevice {
         let fused_rope = !matches!(std::env::var("PAGEDSERVE_FUSED_ROPE").as_deref(), Ok("off" | "0"));
         let fused_merge = FusedMerge::from_env()?;
         let l2_bytes = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
-        // The memory's peak rate from its clock (kHz, double data rate) and bus width (bits): the
-        // bytes a second each multiprocessor must keep moving for a kernel to reach it.
-        let memory_khz = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)?.max(0) as f64;
-        let bus_bits = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)?.max(0) as f64;
+        // The memory's peak rate from its clock (kHz, double data rate) and bus width (bits), for
+        // the log and `bench gpu`: 0 where the driver does not say (nothing depends on it).
+        let attribute = |a| context.attribute(a).map_or(0.0, |v| v.max(0) as f64);
+        let memory_khz = attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE);
+        let bus_bits = attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH);
         let peak_memory_gbps = memory_khz * 1e3 * 2.0 * bus_bits / 8.0 / 1e9;
         let l2_prefetch_limit = match std::env::var("PAGEDSERVE_L2_PREFETCH").as_deref() {
             _ if major < 9 => 0,
