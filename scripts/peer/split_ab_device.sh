@@ -6,8 +6,8 @@
 #
 #   PAGEDSERVE=/tmp/ps bash scripts/peer/split_ab_device.sh OUTDIR [MODE:SLICES ...]
 #
-# MODE:SLICES  a PAGEDSERVE_SPLIT_K mode and a PAGEDSERVE_SPLIT_K_SLICES count; default: main's
-#              auto:2 between each of qkv:2 narrow:2 narrow:4 qkv:4 every:2, twice over. Files in OUTDIR:
+# MODE:SLICES  a PAGEDSERVE_SPLIT_K mode and a PAGEDSERVE_SPLIT_K_SLICES count; default: main's auto:2,
+#              then qkv:2 narrow:2 narrow:4 qkv:4 every:2, the six in turn twice over. Files in OUTDIR:
 #              bd_split.txt (bench gpu --breakdown-8b-only --batch-sizes 16,32,64 --context 256 per
 #              setting, and once with PAGEDSERVE_BLAS_TUNE=on), bd_merge.txt (PAGEDSERVE_FUSED_MERGE=ggml
 #              and all, one row, twice), c32_split.jsonl (bench_device.sh's c32=fixed:128:128:256:32 lines,

@@ -452,7 +452,8 @@ impl<'a> GpuOps<'a> {
     /// it: `launch::split_k_splits`'s answer where the scratch has room for the partials, else 1.
     fn split_k_room(&self, m: usize, k: usize, n: usize) -> usize {
         let Some(launch) = &self.launch else { return 1 };
-        match split_k_splits(self.dev().split_k(), self.dev().split_k_slices(), m, k, n) {
+        let dev = self.dev();
+        match split_k_splits(dev.split_k(), dev.split_k_slices(), m, k, n) {
             splits if splits > 1 && launch.scratch.holds_product_partials(splits * m * n) => splits,
             _ => 1,
         }
