@@ -103,6 +103,9 @@ pub(crate) struct BenchGpuArgs {
     /// Split counts `--attention-sweep` tries beside the planned one.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,6,8,12,16")]
     sweep_splits: Vec<usize>,
+    /// Cache block sizes (positions a block, `serve --block-size`) `--attention-sweep` runs at.
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    sweep_block_sizes: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -445,7 +448,7 @@ fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
     println!("copy bandwidth (read + write)        {copy:>10.0} GB/s");
     if args.attention_sweep {
-        return Ok(gpu::print_attention_sweep(&dev, copy, &args.batch_sizes, &args.sweep_contexts, &args.sweep_splits)?);
+        return Ok(gpu::print_attention_sweep(&dev, copy, &args.batch_sizes, &args.sweep_contexts, &args.sweep_splits, &args.sweep_block_sizes)?);
     }
     if args.quantized_only {
         return print_quantized_8b_steps(&dev, copy, &args, true);

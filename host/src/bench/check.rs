@@ -1250,7 +1250,7 @@ pub fn kernel_checks(dev: &GpuDevice) -> Result<Vec<CheckRow>, CudaError> {
     rows.push(check_attention_over(dev, KvCacheDtype::Auto, 1, 32, 8, 128, &fresh(&[300, 1, 129]), AttentionPath::Decode, 1, 0, 115)?);
     rows.push(check_attention(dev, 32, 8, 128, &fresh(&[4200, 40]), AttentionPath::Decode, 1, 116)?);
     // Cache blocks other than 16 positions: a tile of keys spans many blocks, or part of one.
-    for block_size in [1, 5, 32] {
+    for block_size in [1, 5, 32, 64] {
         seed += 1;
         let seqs = fresh(&[300, 1, 129]);
         rows.push(check_attention_over(dev, KvCacheDtype::Auto, block_size, 32, 8, 128, &seqs, AttentionPath::Decode, 2, 0, seed)?);

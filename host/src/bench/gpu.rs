@@ -18,7 +18,7 @@ use crate::cuda::gemv::{gemv, Gemv, GemvInput, GemvWeight};
 use crate::cuda::launch::{decode_kernel_name, gemv_supports, prefill_kernel_name, AttentionPath, AttentionSplit, WeightFormat};
 use crate::cuda::profile::{KindTime, StepProfiler};
 use crate::cuda::{ptr, CudaError, GpuBackend, GpuDevice, GpuModel};
-use crate::kv_cache::KvCacheDtype;
+use crate::kv_cache::{KvCacheDtype, DEFAULT_BLOCK_SIZE};
 use crate::model::ModelConfig;
 use crate::runner::ForwardBatch;
 
@@ -115,21 +115,23 @@ pub fn attention_decode(
     cache: KvCacheDtype,
 ) -> Result<AttentionBench, CudaError> {
     let splits = AttentionSplit::plan(context, batch * kv_heads, dev.decode_slots(head_dim)).splits;
-    Ok(attention_decode_splits(dev, &vec![context; batch], (heads, kv_heads, head_dim), cache, &[splits], 1)?.remove(0))
+    let layout = (heads, kv_heads, head_dim);
+    Ok(attention_decode_splits(dev, &vec![context; batch], layout, cache, DEFAULT_BLOCK_SIZE, &[splits], 1)?.remove(0))
 }
 
 /// `attention_decode` at each of `splits` (each as `AttentionSplit::covering` rounds it), over
-/// one uploaded cache; each time is the median launch of bursts of `burst` back-to-back launches
-/// (a burst hides the host's launch latency, as a graph does, from kernels of a few µs).
+/// one uploaded cache of blocks of `block_size` positions (`serve --block-size`); each time is the
+/// median launch of bursts of `burst` back-to-back launches (a burst hides the host's launch
+/// latency, as a graph does, from kernels of a few µs).
 pub fn attention_decode_splits(
     dev: &GpuDevice,
     contexts: &[usize],
     (heads, kv_heads, head_dim): (usize, usize, usize),
     cache: KvCacheDtype,
+    block_size: usize,
     splits: &[usize],
     burst: usize,
 ) -> Result<Vec<AttentionBench>, CudaError> {
-    let block_size = 16;
     let batch = contexts.len();
     let (fb, num_blocks) = scattered_batch_of(contexts, 1, block_size)?;
     let cache_len = num_blocks * kv_heads * block_size * head_dim;
@@ -164,8 +166,26 @@ pub fn attention_decode_splits(
 /// it (`ramp_contexts`: shortest first, `ramp`; longest first, `desc`; shuffled, `shuf`; block x
 /// of the launch takes sequence x), at each of `splits` beside the one `AttentionSplit::plan` picks
 /// (planned, as the server plans, for the longest context): what the planner's wave model leaves
-/// on the table. Caches of more than 2^18 positions in all are skipped.
-pub fn print_attention_sweep(dev: &GpuDevice, copy_gbps: f64, batches: &[usize], contexts: &[usize], splits: &[usize]) -> Result<(), CudaError> {
+/// on the table; at each of `block_sizes` (cache blocks of that many positions, each sequence's
+/// blocks dealt out in turn over the pool, so that a block's keys are one contiguous stretch of
+/// `block_size` rows a KV head and its neighbours in the sequence are not). Caches of more than
+/// 2^18 positions in all are skipped.
+pub fn print_attention_sweep(
+    dev: &GpuDevice,
+    copy_gbps: f64,
+    batches: &[usize],
+    contexts: &[usize],
+    splits: &[usize],
+    block_sizes: &[usize],
+) -> Result<(), CudaError> {
+    for &block_size in block_sizes {
+        sweep_block_size(dev, copy_gbps, batches, contexts, splits, block_size)?;
+    }
+    Ok(())
+}
+
+/// `print_attention_sweep` over cache blocks of `block_size` positions.
+fn sweep_block_size(dev: &GpuDevice, copy_gbps: f64, batches: &[usize], contexts: &[usize], splits: &[usize], block_size: usize) -> Result<(), CudaError> {
     let (heads, kv_heads, head_dim) = (32, 8, 128);
     let slots = dev.decode_slots(head_dim);
     for &context in contexts {
@@ -184,12 +204,12 @@ pub fn print_attention_sweep(dev: &GpuDevice, copy_gbps: f64, batches: &[usize],
             let step = (step..batch.max(2)).find(|s| gcd(*s, batch) == 1).unwrap_or(1);
             let shuffled: Vec<usize> = (0..batch).map(|i| ramp[(i * step) % batch]).collect();
             for (label, lens) in [("even", vec![context; batch]), ("ramp", ramp), ("desc", descending), ("shuf", shuffled)] {
-                let runs = attention_decode_splits(dev, &lens, (heads, kv_heads, head_dim), KvCacheDtype::Auto, &candidates, 20)?;
+                let runs = attention_decode_splits(dev, &lens, (heads, kv_heads, head_dim), KvCacheDtype::Auto, block_size, &candidates, 20)?;
                 let best = runs.iter().min_by(|a, b| a.ms.total_cmp(&b.ms)).expect("at least one split");
                 let at_plan = runs.iter().find(|r| r.splits == planned).expect("the plan is a candidate");
                 let cells: Vec<String> = runs.iter().map(|r| format!("{}:{:.1}", r.splits, r.ms * 1e3)).collect();
                 println!(
-                    "attention sweep 8B {label} b{batch:<4} c{context:<5} plan {planned:<2} {:>7.1} us ({:>4.1}% of copy) | best {:<2} {:>7.1} us ({:>4.1}%) | us by splits {}",
+                    "attention sweep 8B bs{block_size:<3} {label} b{batch:<4} c{context:<5} plan {planned:<2} {:>7.1} us ({:>4.1}% of copy) | best {:<2} {:>7.1} us ({:>4.1}%) | us by splits {}",
                     at_plan.ms * 1e3,
                     100.0 * at_plan.gbps / copy_gbps,
                     best.splits,
