@@ -443,6 +443,8 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<()> {
 fn bench_gpu(args: BenchGpuArgs) -> anyhow::Result<()> {
     use pagedserve::bench::gpu;
     use pagedserve::cuda::{GpuBackend, GpuDevice, GpuModel};
+    // A block of no positions would divide by zero in the sweep's block tables (`serve` refuses it too).
+    anyhow::ensure!(!args.sweep_block_sizes.contains(&0), "--sweep-block-sizes takes block sizes of at least one position");
     let dev = GpuDevice::new(0)?;
     println!("device: {} ({}, {} SMs, memory peak {:.0} GB/s)", dev.name, dev.arch, dev.num_sms, dev.peak_memory_gbps);
     let copy = gpu::copy_bandwidth(&dev, 1 << 30)?;
